@@ -1,0 +1,12 @@
+"""compressor: recipe-driven compression of large language models.
+
+    from compressor import Recipe, apply
+    report = apply(Recipe.from_yaml("recipes/rtn-w4.yaml"), "demo", output="out/demo-w4")
+"""
+
+__version__ = "0.1.0"
+
+from compressor.api import apply  # noqa: E402
+from compressor.recipe import Recipe, RecipeError, register_step  # noqa: E402
+
+__all__ = ["Recipe", "RecipeError", "apply", "register_step", "__version__"]

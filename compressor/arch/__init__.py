@@ -1,0 +1,88 @@
+"""Architecture adapters: where each decoder-only family keeps its blocks, projections and norms.
+
+Per-architecture knowledge is a row in ``ADAPTERS``, not code: the Llama family of transformers
+models (Llama, Mistral, Qwen2, Qwen3) shares module names, and differs only in q/k/v biases (Qwen2)
+and per-head q/k RMSNorms (Qwen3). Decoder blocks are found through these paths and their inputs
+captured with hooks, so nothing is traced with torch.fx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+LLAMA_LINEARS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str = "model.layers"
+    embed_tokens: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    linears: dict = field(default_factory=lambda: dict(LLAMA_LINEARS))
+    norms: dict = field(default_factory=lambda: {"input": "input_layernorm", "post_attention": "post_attention_layernorm"})
+    qk_norms: dict = field(default_factory=dict)
+    # Layers that serving engines fuse (qkv_proj, gate_up_proj) must share one quantization scheme.
+    fused_groups: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
+
+
+ADAPTERS = (
+    ArchAdapter("llama", ("llama",)),
+    ArchAdapter("mistral", ("mistral",)),
+    ArchAdapter("qwen2", ("qwen2",)),
+    ArchAdapter("qwen3", ("qwen3",), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
+)
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def adapter_for(config) -> ArchAdapter:
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    supported = ", ".join(t for a in ADAPTERS for t in a.model_types)
+    raise UnsupportedArchitecture(f"model_type '{model_type}' is not supported; supported: {supported}")
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def attention_geometry(config) -> AttentionGeometry:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return AttentionGeometry(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
+
+
+def block_linears(adapter: ArchAdapter, block: nn.Module) -> dict[str, nn.Linear]:
+    """The canonical projections of one block, keyed by their path inside the block."""
+    modules = dict(block.named_modules())
+    found = {}
+    for role, path in adapter.linears.items():
+        module = modules.get(path)
+        if not isinstance(module, nn.Linear):
+            raise UnsupportedArchitecture(f"{adapter.family} block has no nn.Linear at '{path}' ({role} projection)")
+        found[path] = module
+    return found

@@ -1,0 +1,77 @@
+"""Calibration text -> ``samples x seq_len`` token batches, seeded and reproducible.
+
+Sources: ``demo`` (the bundled calibration text), a local ``.txt``/``.jsonl``/``.json``/``.parquet``
+file or a folder of them (read through ``datasets``' own loaders), or a ``datasets`` name. The text
+is tokenized as one stream (documents joined by the EOS token) and ``samples`` windows of
+``seq_len`` tokens are drawn at seeded random offsets, the convention of GPTQ and its successors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+def load_texts(dataset: str, split: str = "train", text_column: str = "text") -> list[str]:
+    """The documents of a calibration or evaluation source, as a list of strings."""
+    if dataset == "demo":
+        from compressor.demo import demo_text_path
+
+        return [demo_text_path("calibration").read_text()]
+    path = Path(dataset)
+    if path.is_file() and path.suffix == ".txt":
+        return [path.read_text()]
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOADERS)
+        if not files or any(f.suffix not in LOADERS for f in files):
+            raise CalibrationError(f"{path}: expected .txt, .jsonl, .json or .parquet files")
+        if all(f.suffix == ".txt" for f in files):
+            return [f.read_text() for f in files]
+        kinds = {LOADERS[f.suffix] for f in files}
+        if len(kinds) != 1:
+            raise CalibrationError(f"{path}: mixes file types {sorted(kinds)}; use one kind per folder")
+        return _dataset_column(dataset, (kinds.pop(),), {"data_files": [str(f) for f in files], "split": "train"}, text_column)
+    return _dataset_column(dataset, (dataset,), {"split": split}, text_column)
+
+
+def _dataset_column(source: str, args: tuple, kwargs: dict, text_column: str) -> list[str]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(*args, **kwargs)
+    except Exception as error:
+        raise CalibrationError(f"{source}: could not load the dataset ({type(error).__name__}: {error})") from None
+    if text_column not in data.column_names:
+        raise CalibrationError(f"{source}: no column '{text_column}' (columns: {', '.join(data.column_names)})")
+    return [t for t in data[text_column] if t]
+
+
+def tokenize_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All documents as one 1-D token stream, separated by the EOS token when there is one."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int, source: str = "text") -> torch.Tensor:
+    if stream.numel() < seq_len + 1:
+        raise CalibrationError(f"{source}: only {stream.numel()} tokens, fewer than seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len, (samples,), generator=generator)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def calibration_tokens(tokenizer, config) -> torch.Tensor:
+    """``[samples, seq_len]`` token ids for a recipe's ``calibration`` section."""
+    stream = tokenize_stream(tokenizer, load_texts(config.dataset, config.split, config.text_column))
+    return sample_windows(stream, config.samples, config.seq_len, config.seed, config.dataset)

@@ -1,0 +1,98 @@
+"""The ``compressor`` command: parsing and printing only; the work lives in the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from compressor.calibration import CalibrationError
+from compressor.arch import UnsupportedArchitecture
+from compressor.export import ExportError
+from compressor.model import ModelLoadError
+from compressor.recipe import RecipeError
+
+USER_ERRORS = (RecipeError, ModelLoadError, ExportError, CalibrationError, UnsupportedArchitecture, FileNotFoundError, MemoryError)
+
+
+def fail(error: Exception) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="compressor")
+def main():
+    """Compress large language models with recipes, export them for serving, check them."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="folder for the compressed checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu or auto")
+@click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from the hub")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def apply(recipe, model, output, overwrite, device, trust_remote_code, quiet):
+    """Compress MODEL (hub id, folder or 'demo') with RECIPE and export it to --output."""
+    from compressor.api import apply as apply_recipe
+    from compressor.recipe import Recipe
+
+    try:
+        parsed = Recipe.from_yaml(recipe)
+        report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, progress=not quiet)
+    except USER_ERRORS as error:
+        fail(error)
+    click.echo(report.table())
+    click.echo(f"wrote {output}")
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--base", help="the uncompressed model to compare with (hub id, folder or 'demo')")
+@click.option("--text", default="demo", show_default=True, help="held-out text: 'demo', a local file or folder, or a dataset")
+@click.option("--seq-len", default=512, show_default=True, help="tokens per window")
+@click.option("--max-windows", type=int, help="evaluate at most this many windows")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the numbers here")
+def evaluate(model, base, text, seq_len, max_windows, device, json_path):
+    """Perplexity of MODEL on held-out text, and with --base the gap and the KL divergence."""
+    from compressor.api import resolve_device
+    from compressor.eval import evaluate_paths
+
+    try:
+        result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device))
+    except USER_ERRORS + (ValueError,) as error:
+        fail(error)
+    click.echo(result.format(model, base))
+    if json_path:
+        json_path.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="print the recipe reference as markdown")
+def methods(markdown):
+    """Every recipe step with its parameters, defaults and one line of help."""
+    from compressor.docs import recipe_reference, steps_overview
+
+    click.echo(recipe_reference() if markdown else steps_overview())
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--device", default="auto", show_default=True)
+def validate(checkpoint, device):
+    """Check an exported CHECKPOINT's kernels against their references (and time them on a GPU)."""
+    from compressor.api import resolve_device
+    from compressor.validate import format_validation_report, validate_checkpoint
+
+    try:
+        result = validate_checkpoint(checkpoint, device=resolve_device(device))
+    except USER_ERRORS + (ValueError,) as error:
+        fail(error)
+    click.echo(format_validation_report(result))
+    if not result.get("ok", True):
+        sys.exit(1)

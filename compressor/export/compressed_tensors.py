@@ -1,0 +1,91 @@
+"""Uniform integer weights <-> compressed-tensors ``pack-quantized`` tensors and config.
+
+Layout (see ``export/FORMATS.md``): per quantized linear ``weight_packed`` int32
+[N, ceil(K*b/32)] (dense cross-element packing of compressed-tensors >= 0.17), ``weight_scale``
+[N, G], ``weight_shape`` int64 [2], and for asymmetric weights ``weight_zero_point`` packed along
+the output dim. Values are stored signed (``q = u - 2**(b-1)``); packing is done by
+compressed-tensors' own ``pack_to_int32`` so the bits are exactly what its readers expect.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+from compressor.quant.formats import UniformWeight, num_groups
+
+CT_MIN_VERSION = "0.17.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.17.0
+
+
+def uniform_to_ct_tensors(weight: UniformWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    offset = 2 ** (weight.bits - 1)
+    tensors = {
+        "weight_packed": pack_to_int32((weight.codes.to(torch.int32) - offset).to(torch.int8), weight.bits),
+        "weight_scale": weight.scales.to(scale_dtype),
+        "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
+    if weight.zeros is not None:
+        signed_zeros = (weight.zeros - offset).to(torch.int8)
+        tensors["weight_zero_point"] = pack_to_int32(signed_zeros, weight.bits, packed_dim=0)
+    return tensors
+
+
+def uniform_from_ct_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> UniformWeight:
+    n, k = (int(v) for v in tensors["weight_shape"])
+    offset = 2 ** (bits - 1)
+    signed = unpack_from_int32(tensors["weight_packed"], bits, torch.Size((n, k)))
+    zeros = None
+    if "weight_zero_point" in tensors:
+        groups = num_groups(k, group_size)
+        signed_zeros = unpack_from_int32(tensors["weight_zero_point"], bits, torch.Size((n, groups)), packed_dim=0)
+        zeros = signed_zeros.to(torch.int32) + offset
+    codes = (signed.to(torch.int32) + offset).to(torch.uint8)
+    return UniformWeight(codes=codes, scales=tensors["weight_scale"], zeros=zeros, bits=bits, group_size=group_size)
+
+
+def scheme_key(weight: UniformWeight) -> tuple:
+    return (weight.bits, weight.group_size, weight.symmetric)
+
+
+def weights_args(bits: int, group_size: int, symmetric: bool) -> dict:
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "strategy": "channel" if group_size == -1 else "group",
+        "group_size": None if group_size == -1 else group_size,
+        "dynamic": False,
+        "actorder": None,
+        "block_structure": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(schemes: dict[tuple, list[str]], ignore: list[str]) -> dict:
+    """``schemes`` maps (bits, group_size, symmetric) to the names of the linears using it."""
+    single = len(schemes) == 1
+    groups = {}
+    for number, ((bits, group_size, symmetric), names) in enumerate(sorted(schemes.items())):
+        groups[f"group_{number}"] = {
+            "targets": ["Linear"] if single else [f"re:^{re.escape(name)}$" for name in sorted(names)],
+            "weights": weights_args(bits, group_size, symmetric),
+            "input_activations": None,
+            "output_activations": None,
+        }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "kv_cache_scheme": None,
+        "ignore": sorted(ignore),
+        "config_groups": groups,
+    }
+
+
+def quantized_layers(quantization_config: dict) -> dict[str, dict]:
+    """The weights args of each config group, for reading a checkpoint back."""
+    return {name: group["weights"] for name, group in quantization_config["config_groups"].items()}

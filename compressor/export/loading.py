@@ -1,0 +1,79 @@
+"""Reading an exported checkpoint back into our modules (``QuantizedLinear`` with our kernels).
+
+``transformers.AutoModelForCausalLM.from_pretrained`` also loads our compressed-tensors exports (it
+decompresses them to dense weights through the compressed-tensors library); this loader keeps the
+weights quantized so ``compressor validate`` can run them through the kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from compressor.export import compressed_tensors as ct
+from compressor.model import safetensors_index
+from compressor.quant.linear import QuantizedLinear
+
+
+def group_args_for(name: str, quantization_config: dict) -> dict:
+    for group in quantization_config["config_groups"].values():
+        for target in group["targets"]:
+            if target == "Linear" or (target.startswith("re:") and re.match(target[3:], name)) or target == name:
+                return group["weights"]
+    raise ValueError(f"{name}: has packed weights but matches no config group")
+
+
+def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A transformers model whose quantized linears are ``QuantizedLinear`` modules."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    quantization_config = getattr(config, "quantization_config", None)
+    if quantization_config is not None and not isinstance(quantization_config, dict):
+        quantization_config = quantization_config.to_dict()
+    skeleton_config = copy.deepcopy(config)
+    if hasattr(skeleton_config, "quantization_config"):
+        del skeleton_config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(skeleton_config)
+    files = safetensors_index(path)
+    by_module: dict[str, dict[str, str]] = {}
+    for name in files:
+        module, _, tensor = name.rpartition(".")
+        by_module.setdefault(module, {})[tensor] = name
+    from safetensors import safe_open
+
+    handles = {}
+    try:
+
+        def read(name):
+            file = files[name]
+            if file not in handles:
+                handles[file] = safe_open(file, "pt")
+            return handles[file].get_tensor(name)
+
+        for module_name, tensors in by_module.items():
+            if "weight_packed" in tensors:
+                args = group_args_for(module_name, quantization_config)
+                values = {t: read(n) for t, n in tensors.items()}
+                group_size = -1 if args["strategy"] == "channel" else args["group_size"]
+                weight = ct.uniform_from_ct_tensors(values, args["num_bits"], group_size)
+                weight.scales = weight.scales.to(dtype)
+                bias = values.get("bias")
+                module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None).to(device)
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module)
+            else:
+                for tensor, name in tensors.items():
+                    set_module_tensor_to_device(model, name, device, value=read(name), dtype=dtype)
+    finally:
+        handles.clear()
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return model

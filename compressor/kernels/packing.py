@@ -1,0 +1,252 @@
+"""Bit packing for the kernels (pure torch), and the repack from compressed-tensors checkpoints.
+
+Kernel layout ("planes", packed along K, stored K-major)
+--------------------------------------------------------
+A ``bits``-wide unsigned code is split into power-of-two planes, one per set bit of ``bits``,
+high plane first: 3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1, and 2, 4, 8 are a single plane. The
+plane of width ``p`` holds bits ``[bits & (p-1), bits & (p-1) + p)`` of every code (the bits of
+the narrower planes sit below it). Each plane is packed along K, ``32 // p`` codes per int32 word,
+code ``k`` at bit ``(k % (32 // p)) * p`` of word ``k // (32 // p)``, LSB first, and stored
+K-major: ``plane[word, n]`` with N contiguous, so a warp reading consecutive ``n`` of one word is
+coalesced (the layout of GPTQ, SqueezeLLM's ``qweight`` and gemlite's ``W_q``). The planes are
+stacked into one int32 tensor ``[K_pad * bits / 32, N]`` (``K_pad`` = K rounded up to 32), so
+the kernel reads exactly ``bits / 8`` bytes per weight with no padding bits, and every plane uses
+the cheap power-of-two shift-and-mask unpack. This is gemlite's experimental 3-bit scheme
+(``A16W3_gemm.py``: a 1-bit and a 2-bit plane) generalised to every width; for 2, 4 and 8 bits it
+is the plain pow2 layout and coincides bit-for-bit with compressed-tensors' packing, transposed.
+
+Metadata is kernel-side ``[G, N]`` (N contiguous): scales in their own dtype and, for asymmetric
+weights, ``zs = -z * s`` in fp32 so the dequantization is one FMA, ``w = u * s + zs`` (gemlite's
+``W_group_mode == 4``). ``zs`` is fp32 rather than fp16 so the kernels agree with the reference
+``(u - z) * s`` to fp32 rounding; it costs 16 extra bits per group (0.125 bit/weight at group 128).
+
+compressed-tensors ``pack-quantized`` (>= 0.17, "dense" layout) is converted exactly with
+``compressed_tensors``' own ``unpack_from_int32`` / ``pack_to_int32``: it stores signed
+``q = u - 2**(bits-1)`` densely along K in ``[N, ceil(K*bits/32)]``, scales ``[N, G]`` and, for
+asymmetric weights, signed zero points packed along N; ``z_ours = z_ct + 2**(bits-1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from compressor.quant.formats import (
+    DenseAndSparseWeight,
+    LUTWeight,
+    SparseOutliers,
+    UniformWeight,
+    num_groups,
+)
+
+WORD_BITS = 32
+
+
+def plane_widths(bits: int) -> list[int]:
+    """The power-of-two planes a ``bits``-wide code is split into, high plane first."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return [width for width in (8, 4, 2, 1) if bits & width]
+
+
+def padded_k(in_features: int) -> int:
+    """K rounded up to a whole number of 32-code blocks (every plane then ends on a word)."""
+    return math.ceil(in_features / WORD_BITS) * WORD_BITS
+
+
+def _to_int32_words(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> the int32 with the same bit pattern."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, K] in [0, 2**bits) -> int32 planes [K_pad * bits / 32, N] (see module doc)."""
+    n, k = codes.shape
+    if codes.numel() and int(codes.max()) >= 2**bits:
+        raise ValueError(f"codes exceed {bits} bits (max {int(codes.max())})")
+    kp = padded_k(k)
+    values = torch.zeros(kp, n, dtype=torch.int64, device=codes.device)
+    values[:k] = codes.t().to(torch.int64)
+    planes = []
+    for width in plane_widths(bits):
+        per_word = WORD_BITS // width
+        part = (values >> (bits & (width - 1))) & ((1 << width) - 1)
+        shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * width
+        planes.append((part.view(kp // per_word, per_word, n) << shifts[None, :, None]).sum(1))
+    return _to_int32_words(torch.cat(planes)).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``pack_codes``: int32 planes -> uint8 codes [N, K]."""
+    n, k = shape
+    kp = padded_k(k)
+    if tuple(packed.shape) != (kp * bits // WORD_BITS, n):
+        raise ValueError(f"packed shape {tuple(packed.shape)} does not hold {bits}-bit codes of shape {shape}")
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    values = torch.zeros(kp, n, dtype=torch.int64, device=packed.device)
+    start = 0
+    for width in plane_widths(bits):
+        per_word = WORD_BITS // width
+        rows = kp // per_word
+        shifts = torch.arange(per_word, device=packed.device, dtype=torch.int64) * width
+        part = (words[start : start + rows, None, :] >> shifts[None, :, None]) & ((1 << width) - 1)
+        values |= part.reshape(kp, n) << (bits & (width - 1))
+        start += rows
+    return values[:k].t().to(torch.uint8).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel-side tensors of each weight kind (prepared once per layer; see dispatch.prepare)
+
+
+@dataclass
+class PackedUniform:
+    packed: torch.Tensor  # int32 [K_pad * bits / 32, N]
+    scales: torch.Tensor  # [G, N], the scales' dtype
+    zs: torch.Tensor | None  # fp32 [G, N] = -z * s; None when symmetric (z = 2**(bits-1))
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    @property
+    def rows_per_bit(self) -> int:
+        """int32 rows of one 1-bit plane (a plane of width p has p times as many)."""
+        return padded_k(self.shape[1]) // WORD_BITS
+
+    def nbytes(self) -> int:
+        """Bytes a kernel must read for the weight (codes + metadata)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zs) if t is not None)
+
+
+@dataclass
+class PackedLUT:
+    packed: torch.Tensor  # int32 [K_pad * bits / 32, N]
+    lut: torch.Tensor  # [N, 2**bits], contiguous rows
+    bits: int
+    shape: tuple[int, int]
+
+    @property
+    def rows_per_bit(self) -> int:
+        return padded_k(self.shape[1]) // WORD_BITS
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * 4 + self.lut.numel() * self.lut.element_size()
+
+
+@dataclass
+class PackedOutliers:
+    """Outliers as COO (one row index per entry), so a kernel can split them evenly by entries."""
+
+    rows: torch.Tensor  # int32 [nnz]
+    cols: torch.Tensor  # int32 [nnz]
+    vals: torch.Tensor  # float [nnz]
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return self.vals.numel()
+
+    def nbytes(self) -> int:
+        return self.nnz * (8 + self.vals.element_size())
+
+
+def pack_uniform(weight: UniformWeight) -> PackedUniform:
+    n, k = weight.shape
+    scales = weight.scales.t().contiguous()
+    zs = None
+    if weight.zeros is not None:
+        zs = (-(weight.zeros.float() * weight.scales.float())).t().contiguous()
+    return PackedUniform(pack_codes(weight.codes, weight.bits), scales, zs, weight.bits, weight.group_size, (n, k))
+
+
+def pack_lut(weight: LUTWeight) -> PackedLUT:
+    if weight.lut.shape != (weight.shape[0], 2**weight.bits):
+        raise ValueError(f"lut shape {tuple(weight.lut.shape)} != (N, 2**bits) = {(weight.shape[0], 2**weight.bits)}")
+    return PackedLUT(pack_codes(weight.codes, weight.bits), weight.lut.contiguous(), weight.bits, weight.shape)
+
+
+def pack_outliers(outliers: SparseOutliers) -> PackedOutliers:
+    crow = outliers.crow.long()
+    rows = torch.repeat_interleave(torch.arange(outliers.shape[0], device=crow.device), crow[1:] - crow[:-1])
+    return PackedOutliers(rows.to(torch.int32), outliers.col.to(torch.int32).contiguous(), outliers.val.contiguous(), outliers.shape)
+
+
+def pack_weight(weight) -> tuple[PackedUniform | PackedLUT | None, PackedOutliers | None]:
+    """Any supported value type -> (dense part, sparse part), either possibly None."""
+    if isinstance(weight, UniformWeight):
+        return pack_uniform(weight), None
+    if isinstance(weight, LUTWeight):
+        return pack_lut(weight), None
+    if isinstance(weight, SparseOutliers):
+        return None, pack_outliers(weight)
+    if isinstance(weight, DenseAndSparseWeight):
+        dense, _ = pack_weight(weight.base)
+        return dense, pack_outliers(weight.outliers)
+    raise TypeError(f"no kernel layout for {type(weight).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# compressed-tensors pack-quantized <-> UniformWeight / kernel layout (exact)
+
+
+def uniform_from_compressed_tensors(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_shape,
+    weight_zero_point: torch.Tensor | None = None,
+    *,
+    num_bits: int,
+    group_size: int | None = None,
+) -> UniformWeight:
+    """Read one layer of a compressed-tensors ``pack-quantized`` checkpoint (>= 0.17 dense layout).
+
+    ``group_size`` comes from the checkpoint's config (``weights.group_size``; -1 or None with a
+    single scale column means per-channel). If None it is inferred as ``K // G`` when that is exact.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    n, k = (int(d) for d in weight_shape)
+    groups = weight_scale.shape[1]
+    if group_size is None:
+        if groups == 1:
+            group_size = -1
+        elif k % groups == 0:
+            group_size = k // groups
+        else:
+            raise ValueError(f"cannot infer group_size from K={k} and {groups} scale columns; pass it")
+    if num_groups(k, group_size) != groups:
+        raise ValueError(f"group_size={group_size} gives {num_groups(k, group_size)} groups for K={k}, scales have {groups}")
+    offset = 1 << (num_bits - 1)
+    signed = unpack_from_int32(weight_packed, num_bits, torch.Size((n, k)))
+    codes = (signed.to(torch.int32) + offset).to(torch.uint8)
+    zeros = None
+    if weight_zero_point is not None:
+        zeros = unpack_from_int32(weight_zero_point, num_bits, torch.Size((n, groups)), packed_dim=0).to(torch.int32) + offset
+    return UniformWeight(codes=codes, scales=weight_scale, zeros=zeros, bits=num_bits, group_size=group_size)
+
+
+def uniform_to_compressed_tensors(weight: UniformWeight) -> dict[str, torch.Tensor]:
+    """The ``pack-quantized`` tensors of one layer (names without the module prefix)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    offset = 1 << (weight.bits - 1)
+    signed = (weight.codes.to(torch.int32) - offset).to(torch.int8)
+    tensors = {
+        "weight_packed": pack_to_int32(signed, weight.bits),
+        "weight_scale": weight.scales,
+        "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
+    if weight.zeros is not None:
+        zero_signed = (weight.zeros.to(torch.int32) - offset).to(torch.int8)
+        tensors["weight_zero_point"] = pack_to_int32(zero_signed, weight.bits, packed_dim=0)
+    return tensors
+
+
+def repack_compressed_tensors(weight_packed, weight_scale, weight_shape, weight_zero_point=None, *, num_bits, group_size=None) -> PackedUniform:
+    """compressed-tensors tensors straight to the kernel layout (the load-time repack)."""
+    weight = uniform_from_compressed_tensors(
+        weight_packed, weight_scale, weight_shape, weight_zero_point, num_bits=num_bits, group_size=group_size
+    )
+    return pack_uniform(weight)

@@ -1,0 +1,155 @@
+"""Loading a causal LM without holding more of it than the work needs.
+
+``ModelHandle.open`` builds the transformers model as a skeleton whose parameters live on the meta
+device (buffers such as rotary frequencies are real), and reads tensors from the checkpoint's
+safetensors files only when a module is materialized. The pipeline materializes one decoder block
+at a time; the input checkpoint is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from compressor.arch import ArchAdapter, adapter_for
+
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """``demo``, a local folder holding a transformers checkpoint, or a Hugging Face hub id."""
+    if str(model) == "demo":
+        from compressor.demo import demo_model_dir
+
+        return demo_model_dir()
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a transformers checkpoint (no config.json)")
+        return path
+    if path.exists() or str(model).startswith((".", "/")) or str(model).count("/") != 1:
+        raise ModelLoadError(f"{model}: no such model folder (nor a hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=CHECKPOINT_PATTERNS))
+    except Exception as error:  # offline, unknown repo, gated repo...
+        raise ModelLoadError(f"{model}: could not download from the hub ({type(error).__name__}: {error})") from None
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def safetensors_index(path: Path) -> dict[str, Path]:
+    """Map every tensor name in the checkpoint to the safetensors file holding it."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no .safetensors files (only safetensors checkpoints are supported)")
+    index = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            index.update({name: file for name in f.keys()})
+    return index
+
+
+@dataclass
+class ModelHandle:
+    path: Path
+    config: object
+    adapter: ArchAdapter
+    model: nn.Module  # skeleton: parameters on meta until materialized
+    tensor_files: dict[str, Path]
+    dtype: torch.dtype  # the checkpoint's dtype
+
+    @classmethod
+    def open(cls, model: str | Path, trust_remote_code: bool = False) -> ModelHandle:
+        path = resolve_model_path(model)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        adapter = adapter_for(config)
+        if getattr(config, "quantization_config", None) is not None:
+            raise ModelLoadError(f"{path}: already quantized (quantization_config in config.json); start from the unquantized model")
+        with init_empty_weights(include_buffers=False):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton.eval()
+        skeleton.requires_grad_(False)
+        return cls(path, config, adapter, skeleton, safetensors_index(path), checkpoint_dtype(config))
+
+    # --- structure -----------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.adapter.blocks)
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.adapter.blocks}.{index}"
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def outside_block_modules(self) -> dict[str, nn.Module]:
+        """Embedding, final norm and LM head: what a forward pass needs besides the blocks."""
+        names = [self.adapter.embed_tokens, self.adapter.final_norm, self.adapter.lm_head]
+        return {name: self.model.get_submodule(name) for name in names}
+
+    # --- reading tensors -----------------------------------------------------------------------
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name under which ``name`` is stored (a tied LM head is stored as the embedding)."""
+        if name not in self.tensor_files and self.tied_embeddings and name == f"{self.adapter.lm_head}.weight":
+            return f"{self.adapter.embed_tokens}.weight"
+        if name not in self.tensor_files:
+            raise ModelLoadError(f"{self.path}: tensor '{name}' is missing from the checkpoint")
+        return name
+
+    def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors by module name, opening each safetensors file once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensor_files[self.checkpoint_name(name)], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(file, "pt") as f:
+                tensors.update({name: f.get_tensor(self.checkpoint_name(name)) for name in file_names})
+        return tensors
+
+    def materialize(self, prefix: str, device, dtype: torch.dtype) -> nn.Module:
+        """Load the parameters of the module at ``prefix`` from the checkpoint onto ``device``."""
+        module = self.model.get_submodule(prefix)
+        names = [name for name, p in module.named_parameters() if p.device.type == "meta"]
+        tensors = self.read_tensors([f"{prefix}.{name}" for name in names])
+        for name in names:
+            set_module_tensor_to_device(module, name, device, value=tensors[f"{prefix}.{name}"], dtype=dtype)
+        return module
+
+    def materialize_all(self, device, dtype: torch.dtype) -> nn.Module:
+        for name in self.outside_block_modules():
+            self.materialize(name, device, dtype)
+        for index in range(len(self.blocks)):
+            self.materialize(self.block_prefix(index), device, dtype)
+        if self.tied_embeddings:
+            self.model.tie_weights()
+        return self.model
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Free a module's tensors (back to the meta device)."""
+        module.to("meta")

@@ -1,0 +1,262 @@
+"""The session: runs a recipe's steps over a model, block by block, with bounded memory.
+
+Consecutive *layer steps* form one pass over the decoder blocks. For block i the session loads its
+weights from the checkpoint (or keeps the block a previous pass produced), hands it to each step
+with the inputs produced by the already-compressed blocks 0..i-1, then runs the compressed block
+to produce the inputs of block i+1. Only that block is on the compute device at full precision.
+Data-free steps (RTN) skip every forward pass.
+
+*Model steps* get the whole model at once (for gradients or end-to-end training); the session
+checks beforehand that it fits on the device.
+
+When the last pass is a layer pass, finished blocks go straight to the exporter (``sink``) and are
+freed, so applying RTN to a model larger than memory streams it shard by shard.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.arch import block_linears
+from compressor.model import ModelHandle
+from compressor.quant.linear import QuantizedLinear
+from compressor.report import Report, peak_memory
+from compressor.recipe import Recipe, Step
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    """``re:REGEX`` searches the full module name; a plain pattern is a glob over the full name, or
+    over its last component when it has no dot (so ``lm_head`` and ``q_proj`` work as written)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern) or ("." not in pattern and fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)):
+            return True
+    return False
+
+
+def first_output(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _InputsCaptured(Exception):
+    pass
+
+
+@dataclass
+class BlockContext:
+    """What a layer step sees of block ``index``: the block, its calibration inputs, and helpers."""
+
+    session: Session
+    step: Step
+    index: int
+    prefix: str
+    block: nn.Module
+    inputs: list[torch.Tensor] | None  # hidden states entering the block, one tensor per batch
+    block_kwargs: list[dict] | None  # the keyword arguments the model passes its blocks, per batch
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.session.export_dtype
+
+    @property
+    def config(self):
+        return self.session.handle.config
+
+    def linears(self, ignore: list[str]) -> dict[str, nn.Linear]:
+        """The block's quantizable projections (path inside the block -> module), minus ``ignore``."""
+        return {
+            name: module
+            for name, module in block_linears(self.session.handle.adapter, self.block).items()
+            if not matches_any(f"{self.prefix}.{name}", ignore)
+        }
+
+    def replace_linear(self, name: str, quantized_weight) -> QuantizedLinear:
+        linear = self.block.get_submodule(name)
+        module = QuantizedLinear(quantized_weight, linear.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(self.block.get_submodule(parent) if parent else self.block, child, module)
+        return module
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module | None = None, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Run ``block`` (default: this block as it is now) on the calibration inputs."""
+        return self.session.run_block(block or self.block, inputs if inputs is not None else self.inputs, self.block_kwargs)
+
+    def record(self, module: str, **numbers) -> None:
+        self.session.report.add_row(step=self.step.name, block=self.index, module=f"{self.prefix}.{module}", **numbers)
+
+
+@dataclass
+class ModelContext:
+    """What a model step sees: the whole materialized model and the calibration tokens."""
+
+    session: Session
+    step: Step
+    model: nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
+
+    def calibration_tokens(self) -> torch.Tensor:
+        return self.session.calibration_tokens()
+
+    def record(self, module: str, **numbers) -> None:
+        self.session.report.add_row(step=self.step.name, module=module, **numbers)
+
+
+@dataclass
+class Session:
+    handle: ModelHandle
+    recipe: Recipe
+    tokenizer: object = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 8
+    progress: bool = True
+    report: Report = field(default_factory=Report)
+    live_blocks: set = field(default_factory=set)  # blocks materialized (loaded or already compressed)
+    _tokens: torch.Tensor | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Forward passes run in the checkpoint dtype on a GPU and in fp32 on the CPU."""
+        return self.handle.dtype if self.device.type == "cuda" else torch.float32
+
+    @property
+    def export_dtype(self) -> torch.dtype:
+        name = self.recipe.export.dtype
+        return self.handle.dtype if name == "auto" else getattr(torch, name)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def run(self, sink=None) -> Report:
+        """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
+        passes = step_passes(self.recipe.steps)
+        for number, (kind, steps) in enumerate(passes):
+            last = number == len(passes) - 1
+            started = time.perf_counter()
+            if kind == "layer":
+                self.run_layer_pass(steps, sink if last else None)
+            else:
+                self.run_model_step(steps[0])
+            self.report.add_step([s.name for s in steps], kind, time.perf_counter() - started, peak_memory(self.device))
+        if sink is not None and passes[-1][0] == "model":
+            for index in range(len(self.handle.blocks)):
+                sink.write_module(self.handle.block_prefix(index), self.handle.blocks[index])
+        return self.report
+
+    def load_block(self, index: int) -> nn.Module:
+        prefix = self.handle.block_prefix(index)
+        if index in self.live_blocks:
+            return self.handle.blocks[index].to(self.device)
+        self.live_blocks.add(index)
+        return self.handle.materialize(prefix, self.device, self.compute_dtype)
+
+    def run_layer_pass(self, steps: list[Step], sink=None) -> None:
+        needs_data = any(step.needs_calibration for step in steps)
+        inputs, kwargs = self.capture_block_inputs() if needs_data else (None, None)
+        names = "+".join(step.name for step in steps)
+        for index in tqdm(range(len(self.handle.blocks)), desc=names, unit="block", disable=not self.progress):
+            prefix = self.handle.block_prefix(index)
+            block = self.load_block(index)
+            for step in steps:
+                step.compress_block(BlockContext(self, step, index, prefix, block, inputs, kwargs))
+            self.report.check_fused_groups(prefix, block, self.handle.adapter)
+            if needs_data and index + 1 < len(self.handle.blocks):
+                inputs = self.run_block(block, inputs, kwargs)
+            if sink is not None:
+                sink.write_module(prefix, block)
+                self.handle.release(block)
+                self.live_blocks.discard(index)
+            else:
+                block.to("cpu")
+
+    def run_model_step(self, step: Step) -> None:
+        self.check_model_fits()
+        for name in self.handle.outside_block_modules():
+            self.handle.materialize(name, self.device, self.compute_dtype)
+        for index in range(len(self.handle.blocks)):
+            self.load_block(index)
+        if self.handle.tied_embeddings:
+            self.handle.model.tie_weights()
+        step.compress_model(ModelContext(self, step, self.handle.model))
+
+    def check_model_fits(self) -> None:
+        if self.device.type != "cuda":
+            return
+        needed = sum(p.numel() for p in self.handle.model.parameters()) * torch.tensor([], dtype=self.compute_dtype).element_size()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if needed > 0.8 * free:
+            raise MemoryError(
+                f"the model step needs about {needed / 2**30:.1f} GiB of weights on {self.device} "
+                f"but only {free / 2**30:.1f} GiB are free; run it on a larger device"
+            )
+
+    # --- calibration forward passes --------------------------------------------------------------
+
+    def calibration_tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            from compressor.calibration import calibration_tokens
+
+            if self.tokenizer is None:
+                raise ValueError("this recipe needs calibration data, so the session needs the model's tokenizer")
+            self._tokens = calibration_tokens(self.tokenizer, self.recipe.calibration)
+        return self._tokens
+
+    @torch.no_grad()
+    def capture_block_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
+        """Embed the calibration tokens and catch what the model hands its first block."""
+        embed = self.handle.adapter.embed_tokens
+        self.handle.materialize(embed, self.device, self.compute_dtype)
+        base_model = self.handle.model.get_submodule(self.handle.adapter.blocks.rpartition(".")[0])
+        for buffer_owner in base_model.modules():
+            for name, buffer in buffer_owner.named_buffers(recurse=False):
+                if buffer.device != self.device and not buffer.is_meta:
+                    setattr(buffer_owner, name, buffer.to(self.device))
+        captured_inputs, captured_kwargs = [], []
+
+        def catch(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured_inputs.append(hidden)
+            captured_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _InputsCaptured
+
+        hook = self.handle.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for batch in self.calibration_tokens().split(self.batch_size):
+                try:
+                    base_model(input_ids=batch.to(self.device), use_cache=False)
+                except _InputsCaptured:
+                    pass
+        finally:
+            hook.remove()
+        self.handle.release(self.handle.model.get_submodule(embed))
+        return captured_inputs, captured_kwargs
+
+    @torch.no_grad()
+    def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+        return [first_output(block(hidden, **kw)) for hidden, kw in zip(inputs, kwargs)]
+
+
+def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:
+    """Group consecutive layer steps into one pass; each model step is a pass of its own."""
+    passes: list[tuple[str, list[Step]]] = []
+    for step in steps:
+        if step.kind == "layer" and passes and passes[-1][0] == "layer":
+            passes[-1][1].append(step)
+        else:
+            passes.append((step.kind, [step]))
+    return passes

@@ -1,0 +1,3 @@
+"""Quantizers: each file one method, registered as a recipe step when this package is imported."""
+
+from compressor.quant import rtn  # noqa: F401

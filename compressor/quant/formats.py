@@ -1,0 +1,251 @@
+"""Quantized weight value types: what a quantizer produces and what kernels and exporters consume.
+
+Every value type is a small dataclass of tensors (marked with ``tensor_field``) plus static metadata.
+It knows its shape, its exact storage cost in bits per weight, and its torch reference
+dequantization. The bit layout for kernels lives in ``compressor.kernels`` and the checkpoint layout
+in ``compressor.export``; nothing else needs to know either.
+
+Conventions (shared with the kernels and the compressed-tensors exporter):
+
+* codes are **unsigned** integers ``u`` in ``[0, 2**bits)``, kept unpacked (uint8) in memory;
+* uniform dequantization is ``w = (u - z) * s`` per group of ``group_size`` consecutive input
+  columns; ``group_size == -1`` means one group per output row (per-channel);
+* symmetric weights store no zero tensor: their zero point is the constant ``2**(bits - 1)``
+  (the same offset compressed-tensors uses when it stores signed ints as unsigned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SCALE_BITS = 16  # scales (and float metadata) are stored in fp16/bf16 in every checkpoint we write
+
+
+def tensor_field(optional: bool = False):
+    """A dataclass field that holds a tensor (moved with the module, saved in checkpoints)."""
+    return field(default=None if optional else dataclasses.MISSING, metadata={"tensor": True})
+
+
+def tensor_names(value) -> list[str]:
+    return [f.name for f in dataclasses.fields(value) if f.metadata.get("tensor")]
+
+
+def static_fields(value) -> dict:
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if not f.metadata.get("tensor")}
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
+
+
+def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """[N, G] -> [N, K]: repeat each group's value over its columns (the last group may be short)."""
+    if group_size == -1:
+        return per_group.expand(-1, in_features)
+    return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+@dataclass
+class UniformWeight:
+    """Uniform (affine) integer weights with group-wise scales and optional zero points."""
+
+    codes: torch.Tensor = tensor_field()  # uint8 [N, K], values in [0, 2**bits)
+    scales: torch.Tensor = tensor_field()  # float [N, G]
+    zeros: torch.Tensor | None = tensor_field(optional=True)  # int32 [N, G], unsigned domain; None = symmetric
+    bits: int = 4
+    group_size: int = 128  # -1: per output channel
+
+    kind = "uniform"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    def zero_points(self) -> torch.Tensor:
+        """[N, G] zero points in the unsigned code domain (the constant mid-point when symmetric)."""
+        if self.zeros is not None:
+            return self.zeros
+        return torch.full_like(self.scales, 2 ** (self.bits - 1), dtype=torch.int32)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Reference dequantization in fp32, cast to ``dtype`` (default: the scales' dtype)."""
+        n, k = self.shape
+        scale = expand_groups(self.scales.float(), k, self.group_size)
+        zero = expand_groups(self.zero_points().float(), k, self.group_size)
+        weight = (self.codes.float() - zero) * scale
+        return weight.to(dtype or self.scales.dtype)
+
+    def bits_per_weight(self) -> float:
+        """Storage cost as exported: codes, fp16 scales, and zero points packed at ``bits`` each."""
+        n, k = self.shape
+        groups = num_groups(k, self.group_size)
+        metadata = groups * n * (SCALE_BITS + (0 if self.symmetric else self.bits))
+        return self.bits + metadata / (n * k)
+
+
+QUANTIZED_WEIGHT_TYPES = {"uniform": UniformWeight}
+
+
+@dataclass
+class LUTWeight:
+    """Non-uniform weights: every output row has its own codebook of ``2**bits`` values (SqueezeLLM).
+
+    ``w[n, k] = lut[n, codes[n, k]]``. The codebook is stored as fp16 in checkpoints (``SCALE_BITS``).
+    """
+
+    codes: torch.Tensor = tensor_field()  # uint8 [N, K], values in [0, 2**bits)
+    lut: torch.Tensor = tensor_field()  # float [N, 2**bits]
+    bits: int = 4
+
+    kind = "lut"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Reference dequantization (a gather from each row's codebook), cast to ``dtype``."""
+        weight = self.lut.float().gather(1, self.codes.long())
+        return weight.to(dtype or self.lut.dtype)
+
+    def bits_per_weight(self) -> float:
+        n, k = self.shape
+        return self.bits + SCALE_BITS * 2**self.bits / k
+
+
+def _outlier_bits_per_weight(nnz: int, shape: tuple[int, int]) -> float:
+    """CSR cost as exported: a fp16 value and an int32 column per entry, plus int32 row pointers."""
+    n, k = shape
+    return (nnz * (SCALE_BITS + 32) + 32 * (n + 1)) / (n * k)
+
+
+def _csr_to_dense(crow, col, val, shape, dtype) -> torch.Tensor:
+    n, k = shape
+    rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow[1:].long() - crow[:-1].long())
+    dense = torch.zeros(n, k, dtype=torch.float32, device=val.device)
+    dense.index_put_((rows, col.long()), val.float(), accumulate=True)
+    return dense.to(dtype)
+
+
+@dataclass
+class SparseOutliers:
+    """Full-precision outliers as a CSR matrix by output row (the sparse half of dense-and-sparse).
+
+    On its own it is a weight whose other entries are zero; attached to a uniform or LUT weight
+    (``DenseAndSparseWeight``) it is added to it: ``W = base + S``.
+    """
+
+    crow: torch.Tensor = tensor_field()  # int32 [N + 1], row pointers
+    col: torch.Tensor = tensor_field()  # int32 [nnz], column of each entry
+    val: torch.Tensor = tensor_field()  # float [nnz]
+    shape: tuple[int, int] = (0, 0)
+
+    kind = "sparse"
+
+    def __post_init__(self):
+        self.shape = tuple(int(d) for d in self.shape)
+        if self.crow.numel() != self.shape[0] + 1:
+            raise ValueError(f"crow has {self.crow.numel()} entries; a {self.shape} matrix needs {self.shape[0] + 1}")
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    @classmethod
+    def from_dense(cls, matrix: torch.Tensor, dtype: torch.dtype | None = None) -> "SparseOutliers":
+        """CSR of the nonzero entries of a dense [N, K] matrix (values cast to ``dtype``)."""
+        rows, cols = matrix.nonzero(as_tuple=True)  # row-major order, as CSR needs
+        counts = torch.bincount(rows, minlength=matrix.shape[0])
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return cls(
+            crow=crow.to(torch.int32),
+            col=cols.to(torch.int32),
+            val=matrix[rows, cols].to(dtype or matrix.dtype),
+            shape=tuple(matrix.shape),
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense [N, K] matrix with the outliers in place and zeros elsewhere."""
+        return _csr_to_dense(self.crow, self.col, self.val, self.shape, dtype or self.val.dtype)
+
+    def bits_per_weight(self) -> float:
+        return _outlier_bits_per_weight(self.nnz, self.shape)
+
+
+@dataclass
+class DenseAndSparseWeight:
+    """A uniform or LUT weight plus sparse full-precision outliers: ``W = base + S`` (SqueezeLLM).
+
+    The fields are flat (the base's tensors, then the outliers' as ``outlier_*``) because
+    ``QuantizedLinear`` registers every ``tensor_field`` of a value as a buffer: a nested value
+    would end up among the static fields and would not follow ``.to(device)`` or ``state_dict``.
+    Build one with ``DenseAndSparseWeight.from_parts(base, outliers)``; ``.base`` and ``.outliers``
+    give the two halves back as their own value types (views of the same tensors). Exactly one of
+    ``scales`` (uniform base) and ``lut`` (LUT base) is set.
+    """
+
+    codes: torch.Tensor = tensor_field()  # uint8 [N, K]
+    outlier_crow: torch.Tensor = tensor_field()  # int32 [N + 1]
+    outlier_col: torch.Tensor = tensor_field()  # int32 [nnz]
+    outlier_val: torch.Tensor = tensor_field()  # float [nnz]
+    scales: torch.Tensor | None = tensor_field(optional=True)  # uniform base: float [N, G]
+    zeros: torch.Tensor | None = tensor_field(optional=True)  # uniform base, asymmetric: int32 [N, G]
+    lut: torch.Tensor | None = tensor_field(optional=True)  # LUT base: float [N, 2**bits]
+    bits: int = 4
+    group_size: int = 128  # uniform base only
+
+    kind = "dense_and_sparse"
+
+    def __post_init__(self):
+        if (self.scales is None) == (self.lut is None):
+            raise ValueError("DenseAndSparseWeight needs exactly one of scales (uniform base) or lut (LUT base)")
+
+    @classmethod
+    def from_parts(cls, base, outliers: SparseOutliers) -> "DenseAndSparseWeight":
+        if tuple(base.shape) != tuple(outliers.shape):
+            raise ValueError(f"base shape {tuple(base.shape)} != outliers shape {tuple(outliers.shape)}")
+        tensors = dict(codes=base.codes, outlier_crow=outliers.crow, outlier_col=outliers.col, outlier_val=outliers.val)
+        if isinstance(base, UniformWeight):
+            return cls(**tensors, scales=base.scales, zeros=base.zeros, bits=base.bits, group_size=base.group_size)
+        if isinstance(base, LUTWeight):
+            return cls(**tensors, lut=base.lut, bits=base.bits)
+        raise TypeError(f"outliers attach to a uniform or LUT weight, not {type(base).__name__}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def base_kind(self) -> str:
+        return "lut" if self.lut is not None else "uniform"
+
+    @property
+    def base(self):
+        if self.lut is not None:
+            return LUTWeight(codes=self.codes, lut=self.lut, bits=self.bits)
+        return UniformWeight(codes=self.codes, scales=self.scales, zeros=self.zeros, bits=self.bits, group_size=self.group_size)
+
+    @property
+    def outliers(self) -> SparseOutliers:
+        return SparseOutliers(crow=self.outlier_crow, col=self.outlier_col, val=self.outlier_val, shape=self.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        base = self.base
+        weight = base.dequantize(torch.float32) + self.outliers.dequantize(torch.float32)
+        return weight.to(dtype or (self.lut if self.lut is not None else self.scales).dtype)
+
+    def bits_per_weight(self) -> float:
+        return self.base.bits_per_weight() + _outlier_bits_per_weight(self.outlier_col.numel(), self.shape)
+
+
+QUANTIZED_WEIGHT_TYPES.update(
+    {"lut": LUTWeight, "sparse": SparseOutliers, "dense_and_sparse": DenseAndSparseWeight}
+)

@@ -1,0 +1,76 @@
+"""Uniform (affine) group-wise quantization math, shared by every uniform quantizer.
+
+Plain functions on tensors. Conventions are those of ``formats.UniformWeight`` and of
+compressed-tensors' ``pack-quantized`` format:
+
+* asymmetric: the range ``[min(w, 0), max(w, 0)]`` of each group maps onto ``[0, 2**b - 1]``,
+  ``s = (max - min) / (2**b - 1)``, integer zero ``z = round(-min / s)``;
+* symmetric: ``s = max|w| / ((2**b - 1) / 2)`` and ``z = 2**(b - 1)`` (compressed-tensors'
+  ``calculate_qparams``), so codes ``u - z`` span ``[-2**(b-1), 2**(b-1) - 1]``;
+* scales are rounded to their storage dtype *before* codes are computed, so the stored
+  (scale, code) pairs reproduce the dequantized weight exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from compressor.quant.formats import UniformWeight, expand_groups
+
+
+def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group] with the last group zero-padded (zeros never widen a range that includes 0)."""
+    n, k = weight.shape
+    if group_size == -1:
+        return weight.reshape(n, 1, k)
+    pad = (-k) % group_size
+    return F.pad(weight, (0, pad)).reshape(n, -1, group_size)
+
+
+def storable_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round scales to their storage dtype, keeping them positive (an all-zero group gets the tiniest scale)."""
+    tiny = torch.finfo(dtype).tiny
+    return scale.clamp(min=tiny).to(dtype)
+
+
+def minmax_params(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype, clip: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Group scales [N, G] (in ``scale_dtype``) and zero points [N, G] (int32; None when symmetric).
+
+    ``clip`` < 1 shrinks the range before the scale is chosen (a clipping search tries several).
+    """
+    groups = grouped(weight.float(), group_size)
+    if symmetric:
+        scale = groups.abs().amax(dim=-1) * clip / ((2**bits - 1) / 2)
+        return storable_scale(scale, scale_dtype), None
+    low = groups.amin(dim=-1).clamp(max=0) * clip
+    high = groups.amax(dim=-1).clamp(min=0) * clip
+    scale = storable_scale((high - low) / (2**bits - 1), scale_dtype)
+    zero = torch.round(-low / scale.float()).clamp(0, 2**bits - 1).to(torch.int32)
+    return scale, zero
+
+
+def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    """Round ``weight`` [N, K] onto the grid given by per-group scales and zeros: uint8 codes."""
+    n, k = weight.shape
+    scale = expand_groups(scales.float(), k, group_size)
+    zero = expand_groups(zeros.float(), k, group_size) if zeros is not None else 2 ** (bits - 1)
+    codes = torch.round(weight.float() / scale) + zero
+    return codes.clamp(0, 2**bits - 1).to(torch.uint8)
+
+
+def quantize_uniform(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+) -> UniformWeight:
+    """Round-to-nearest with min-max group ranges."""
+    scales, zeros = minmax_params(weight, bits, group_size, symmetric, scale_dtype)
+    codes = quantize_codes(weight, scales, zeros, bits, group_size)
+    return UniformWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+
+
+def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
+    """||W - W_hat||_F / ||W||_F."""
+    weight = weight.float()
+    return float((weight - approximation.float()).norm() / weight.norm().clamp(min=1e-30))

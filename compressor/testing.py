@@ -1,0 +1,60 @@
+"""Random-weight models of each supported architecture, for tests and benchmarks (no download).
+
+``make_random_model("qwen3", folder, hidden_size=64, ...)`` writes a transformers checkpoint
+(config, safetensors, a small byte-level BPE tokenizer) built from a config alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+ARCHITECTURES = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},  # q/k/v projections carry biases
+    "qwen3": {"head_dim": 32},  # per-head q/k RMSNorm
+}
+
+TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Compression keeps the model small and fast. "
+    "Quantization rounds each weight to a grid; calibration text shows which weights matter. "
+) * 20
+
+
+def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([TOKENIZER_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def random_config(architecture: str, **overrides):
+    settings = dict(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    settings.update(ARCHITECTURES[architecture])
+    settings.update(overrides)
+    return AutoConfig.for_model(architecture, **settings)
+
+
+def make_random_model(architecture: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
+    """Write a random-weight checkpoint of ``architecture`` (llama, mistral, qwen2, qwen3) to ``folder``."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = random_config(architecture, **overrides)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # spread the norms' weights so that folding or skipping them shows
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    make_tokenizer(config.vocab_size).save_pretrained(folder)
+    return folder

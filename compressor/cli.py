@@ -44,7 +44,7 @@ def apply(recipe, model, output, overwrite, device, trust_remote_code, quiet):
     try:
         parsed = Recipe.from_yaml(recipe)
         report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, progress=not quiet)
-    except USER_ERRORS as error:
+    except USER_ERRORS + (ValueError,) as error:
         fail(error)
     click.echo(report.table())
     click.echo(f"wrote {output}")

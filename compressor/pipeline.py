@@ -76,11 +76,13 @@ class BlockContext:
         return self.session.handle.config
 
     def linears(self, ignore: list[str]) -> dict[str, nn.Linear]:
-        """The block's quantizable projections (path inside the block -> module), minus ``ignore``."""
+        """The block's still-dense projections (path inside the block -> module), minus ``ignore``.
+
+        Layers an earlier step already quantized are not offered again."""
         return {
             name: module
             for name, module in block_linears(self.session.handle.adapter, self.block).items()
-            if not matches_any(f"{self.prefix}.{name}", ignore)
+            if isinstance(module, nn.Linear) and not matches_any(f"{self.prefix}.{name}", ignore)
         }
 
     def replace_linear(self, name: str, quantized_weight) -> QuantizedLinear:

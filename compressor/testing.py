@@ -15,7 +15,7 @@ ARCHITECTURES = {
     "llama": {},
     "mistral": {"sliding_window": None},
     "qwen2": {},  # q/k/v projections carry biases
-    "qwen3": {"head_dim": 32},  # per-head q/k RMSNorm
+    "qwen3": {"head_dim": 32},  # set explicitly, as Qwen3 configs do  # per-head q/k RMSNorm
 }
 
 TOKENIZER_TEXT = (
@@ -37,7 +37,7 @@ def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 
 def random_config(architecture: str, **overrides):
     settings = dict(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=False,
     )
     settings.update(ARCHITECTURES[architecture])
@@ -58,3 +58,11 @@ def make_random_model(architecture: str, folder: str | Path, dtype: torch.dtype 
     model.save_pretrained(folder)
     make_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def folder_digest(path: str | Path) -> dict[str, str]:
+    """sha256 of every file below ``path``: proves a folder was left untouched."""
+    import hashlib
+
+    path = Path(path)
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*")) if f.is_file()}

@@ -76,13 +76,10 @@ def attention_geometry(config) -> AttentionGeometry:
     return AttentionGeometry(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
 
 
-def block_linears(adapter: ArchAdapter, block: nn.Module) -> dict[str, nn.Linear]:
-    """The canonical projections of one block, keyed by their path inside the block."""
+def block_linears(adapter: ArchAdapter, block: nn.Module) -> dict[str, nn.Module]:
+    """The canonical projections of one block (dense or already quantized), keyed by path in the block."""
     modules = dict(block.named_modules())
-    found = {}
-    for role, path in adapter.linears.items():
-        module = modules.get(path)
-        if not isinstance(module, nn.Linear):
-            raise UnsupportedArchitecture(f"{adapter.family} block has no nn.Linear at '{path}' ({role} projection)")
-        found[path] = module
-    return found
+    missing = [path for path in adapter.linears.values() if path not in modules]
+    if missing:
+        raise UnsupportedArchitecture(f"{adapter.family} block has no module at {', '.join(missing)}")
+    return {path: modules[path] for path in adapter.linears.values()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.quant.uniform import quantize_uniform, relative_error
+from compressor.quant.uniform import check_group_size, quantize_uniform, relative_error
 from compressor.recipe import Step, param, register_step
 
 
@@ -35,7 +35,10 @@ class RTN(Step):
             raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
 
     def compress_block(self, context) -> None:
-        for name, linear in context.linears(self.ignore).items():
+        linears = context.linears(self.ignore)
+        for name, linear in linears.items():
+            check_group_size(f"{context.prefix}.{name}", linear.in_features, self.group_size)
+        for name, linear in linears.items():
             weight = linear.weight.data
             quantized = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
             context.replace_linear(name, quantized)

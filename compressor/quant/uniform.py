@@ -19,6 +19,15 @@ import torch.nn.functional as F
 from compressor.quant.formats import UniformWeight, expand_groups
 
 
+def check_group_size(name: str, in_features: int, group_size: int) -> None:
+    """Checkpoint formats and serving kernels need whole groups: fail before any work is done."""
+    if group_size != -1 and in_features % group_size:
+        raise ValueError(
+            f"{name}: in_features {in_features} is not a multiple of group_size {group_size}; "
+            "choose a group size that divides it, -1 (per channel), or add the layer to ignore"
+        )
+
+
 def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N, K] -> [N, G, group] with the last group zero-padded (zeros never widen a range that includes 0)."""
     n, k = weight.shape

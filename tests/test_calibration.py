@@ -1,0 +1,58 @@
+"""Calibration sources and seeded token windows."""
+
+import json
+
+import pytest
+import torch
+
+from compressor.calibration import CalibrationError, load_texts, sample_windows, tokenize_stream
+from compressor.recipe import CalibrationConfig
+from compressor.testing import make_tokenizer
+
+DOCS = ["first document about weights.", "second document about scales and zeros.", "third one."]
+
+
+def test_local_sources_give_the_same_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text file")
+    assert load_texts(str(tmp_path / "a.txt")) == ["plain text file"]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"content": d}) for d in DOCS))
+    assert load_texts(str(jsonl), text_column="content") == DOCS
+    import pandas
+
+    parquet_dir = tmp_path / "folder"
+    parquet_dir.mkdir()
+    pandas.DataFrame({"text": DOCS}).to_parquet(parquet_dir / "part.parquet")
+    assert load_texts(str(parquet_dir)) == DOCS
+
+
+def test_errors_name_the_source(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"body": "x"}))
+    with pytest.raises(CalibrationError, match=r"d.jsonl: no column 'text' \(columns: body\)"):
+        load_texts(str(jsonl))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(CalibrationError, match="expected .txt, .jsonl"):
+        load_texts(str(tmp_path / "x.csv"))
+
+
+def test_windows_are_seeded_and_in_bounds():
+    stream = torch.arange(1000)
+    a = sample_windows(stream, samples=16, seq_len=32, seed=3)
+    assert a.shape == (16, 32)
+    assert torch.equal(a, sample_windows(stream, 16, 32, 3))
+    assert not torch.equal(a, sample_windows(stream, 16, 32, 4))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(16, 31, dtype=torch.long))  # contiguous text
+    with pytest.raises(CalibrationError, match="fewer than seq_len=2000"):
+        sample_windows(stream, 1, 2000, 0)
+
+
+def test_stream_separates_documents_with_eos():
+    tokenizer = make_tokenizer()
+    stream = tokenize_stream(tokenizer, DOCS)
+    assert (stream == tokenizer.eos_token_id).sum() == len(DOCS)
+
+
+def test_calibration_config_defaults():
+    config = CalibrationConfig()
+    assert (config.dataset, config.samples, config.seq_len, config.seed) == ("demo", 128, 512, 0)

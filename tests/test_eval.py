@@ -1,0 +1,34 @@
+"""Perplexity and KL: deterministic, equal to transformers' own loss, zero against itself."""
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from compressor.eval import evaluate, make_windows
+
+
+def test_perplexity_matches_the_models_own_loss(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    windows = make_windows(torch.randint(0, 320, (200,), generator=torch.Generator().manual_seed(0)), seq_len=48)
+    assert windows.shape == (4, 48)
+    result = evaluate(model, windows, batch_size=3)
+    with torch.no_grad():
+        loss = model(windows, labels=windows).loss  # mean over all predicted tokens
+    assert math.isclose(result.perplexity, math.exp(loss.item()), rel_tol=1e-5)
+    assert result.tokens == 4 * 47
+
+
+def test_kl_against_itself_is_zero_and_positive_against_another(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    windows = make_windows(torch.randint(0, 320, (100,), generator=torch.Generator().manual_seed(1)), seq_len=25)
+    same = evaluate(model, windows, base=model)
+    assert abs(same.kl_divergence) < 1e-6 and same.perplexity_gap == 0
+    other = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32)
+    different = evaluate(other, windows, base=model)
+    assert different.kl_divergence > 1e-3
+    assert different.base_perplexity == same.perplexity
+
+
+def test_max_windows():
+    assert make_windows(torch.arange(1000), 100, max_windows=3).shape == (3, 100)

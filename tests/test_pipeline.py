@@ -1,0 +1,113 @@
+"""The session: block inputs, sequential propagation, model steps, pass grouping."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compressor import Recipe, apply
+from compressor.export import load_quantized_model
+from compressor.model import ModelHandle
+from compressor.pipeline import Session, matches_any, step_passes
+from compressor.recipe import Step, param
+
+
+def test_captured_block_inputs_equal_the_models_hidden_states(tiny_models, registered, calibration_file):
+    """A calibrating layer step that changes nothing must see exactly the model's hidden states."""
+    seen = {}
+
+    @registered("record_inputs")
+    @dataclass
+    class RecordInputs(Step):
+        """Test step: remembers the inputs of every block."""
+
+        def compress_block(self, context):
+            seen[context.index] = torch.cat(context.inputs)
+
+    source = tiny_models["qwen3"]
+    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 16}, "steps": ["record_inputs"]})
+    handle = ModelHandle.open(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    session = Session(handle, recipe, tokenizer, batch_size=2, progress=False)
+    session.run()
+    tokens = session.calibration_tokens()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    hidden = model(tokens, output_hidden_states=True).hidden_states
+    assert sorted(seen) == [0, 1]
+    for index in (0, 1):
+        assert torch.allclose(seen[index], hidden[index], atol=1e-5), index
+
+
+def test_inputs_come_from_the_compressed_blocks_before(tiny_llama, registered, calibration_file):
+    """Block 1's inputs are block 0's outputs *after* block 0 was quantized."""
+    seen = {}
+
+    @registered("record_after_rtn")
+    @dataclass
+    class Record(Step):
+        """Test step."""
+
+        def compress_block(self, context):
+            seen[context.index] = torch.cat(context.inputs)
+
+    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16}, "steps": [{"rtn": {"bits": 2, "group_size": 32}}, "record_after_rtn"]})
+    handle = ModelHandle.open(tiny_llama)
+    session = Session(handle, recipe, AutoTokenizer.from_pretrained(tiny_llama), progress=False)
+    session.run()
+    quantized_block0 = handle.blocks[0]
+    kwargs = session.capture_block_inputs()[1]
+    expected = torch.cat(session.run_block(quantized_block0, [seen[0][:1], seen[0][1:]], [kwargs[0], kwargs[0]]))
+    assert torch.allclose(seen[1], expected, atol=1e-5)
+
+
+def test_model_step_sees_the_whole_compressed_model(tiny_llama, registered, tmp_path):
+    @registered("scale_lm_head")
+    @dataclass
+    class ScaleHead(Step):
+        """Test model step: scales the LM head, so its effect on the export is checkable."""
+
+        factor: float = param(2.0, "factor")
+        kind = "model"
+
+        def compress_model(self, context):
+            assert all(not p.is_meta for p in context.model.parameters())
+            context.model.lm_head.weight.data *= self.factor
+            context.record("lm_head", factor=self.factor)
+
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 8, "group_size": 32}}, {"scale_lm_head": {"factor": 0.5}}]})
+    report = apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    assert [p["kind"] for p in report.passes] == ["layer", "model"]
+    exported = load_quantized_model(tmp_path / "out")
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert torch.allclose(exported.lm_head.weight, original.lm_head.weight * 0.5)
+    assert type(exported.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+
+
+def test_step_passes_group_consecutive_layer_steps():
+    layer, model = Step(), Step()
+    model.kind = "model"
+    assert [(k, len(s)) for k, s in step_passes([layer, layer, model, layer])] == [("layer", 2), ("model", 1), ("layer", 1)]
+
+
+@pytest.mark.parametrize(
+    "name, patterns, expected",
+    [
+        ("lm_head", ["lm_head"], True),
+        ("model.layers.0.self_attn.q_proj", ["q_proj"], True),
+        ("model.layers.0.self_attn.q_proj", ["*.layers.0.*"], True),
+        ("model.layers.10.self_attn.q_proj", ["*.layers.1.*"], False),
+        ("model.layers.3.mlp.down_proj", ["re:layers\\.[0-3]\\.mlp"], True),
+        ("model.layers.3.mlp.down_proj", ["re:self_attn"], False),
+    ],
+)
+def test_ignore_patterns(name, patterns, expected):
+    assert matches_any(name, patterns) is expected
+
+
+def test_ignore_keeps_layers_dense(tiny_llama, tmp_path):
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*.layers.1.*"]}}]})
+    report = apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    assert {row["block"] for row in report.rows} == {0}
+    model = load_quantized_model(tmp_path / "out")
+    assert type(model.model.layers[1].mlp.up_proj).__name__ == "Linear"

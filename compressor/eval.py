@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from compressor.calibration import load_texts, tokenize_stream
 from compressor.model import resolve_model_path
@@ -45,11 +45,19 @@ class EvalResult:
 
 
 def load_causal_lm(model: str, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A model for evaluation: ``demo``, a folder (our exports included) or a hub id."""
-    import compressor  # noqa: F401  (registers our quantization formats with transformers)
+    """A model for evaluation: ``demo``, a folder (our exports included) or a hub id.
+
+    Our compressed-tensors exports load through ``load_quantized_model``, so their weights stay
+    quantized and run through our kernels (and asymmetric ones load, which transformers cannot yet).
+    """
+    from compressor.export import load_quantized_model
 
     path = resolve_model_path(model)
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        loaded = load_quantized_model(path, dtype=dtype, device=device)
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     loaded.eval()
     return loaded, AutoTokenizer.from_pretrained(path)
 

@@ -160,12 +160,12 @@ class Session:
                 sink.write_module(self.handle.block_prefix(index), self.handle.blocks[index])
         return self.report
 
-    def load_block(self, index: int) -> nn.Module:
-        prefix = self.handle.block_prefix(index)
+    def load_block(self, index: int, dtype: torch.dtype | None = None) -> nn.Module:
+        """Block ``index`` on the device: as a previous pass left it, or read from the checkpoint."""
         if index in self.live_blocks:
             return self.handle.blocks[index].to(self.device)
         self.live_blocks.add(index)
-        return self.handle.materialize(prefix, self.device, self.compute_dtype)
+        return self.handle.materialize(self.handle.block_prefix(index), self.device, dtype or self.compute_dtype)
 
     def run_layer_pass(self, steps: list[Step], sink=None) -> None:
         needs_data = any(step.needs_calibration for step in steps)
@@ -173,7 +173,8 @@ class Session:
         names = "+".join(step.name for step in steps)
         for index in tqdm(range(len(self.handle.blocks)), desc=names, unit="block", disable=not self.progress):
             prefix = self.handle.block_prefix(index)
-            block = self.load_block(index)
+            # Data-free passes never run the block: keep its weights in the checkpoint dtype.
+            block = self.load_block(index, None if needs_data else self.handle.dtype)
             for step in steps:
                 step.compress_block(BlockContext(self, step, index, prefix, block, inputs, kwargs))
             self.report.check_fused_groups(prefix, block, self.handle.adapter)

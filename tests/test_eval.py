@@ -32,3 +32,15 @@ def test_kl_against_itself_is_zero_and_positive_against_another(tiny_models):
 
 def test_max_windows():
     assert make_windows(torch.arange(1000), 100, max_windows=3).shape == (3, 100)
+
+
+def test_eval_reads_asymmetric_exports_through_our_loader(tiny_llama, tmp_path):
+    from compressor import Recipe, apply
+    from compressor.eval import load_causal_lm
+
+    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": 3, "group_size": 32, "symmetric": False}}]}), tiny_llama, tmp_path / "out", progress=False)
+    model, _ = load_causal_lm(str(tmp_path / "out"))
+    windows = make_windows(torch.randint(0, 320, (100,), generator=torch.Generator().manual_seed(2)), seq_len=25)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    result = evaluate(model, windows, base=base)
+    assert result.kl_divergence > 0 and math.isfinite(result.perplexity)

@@ -1,13 +1,14 @@
-"""Writing safetensors shards as tensors arrive, never holding more than one shard in memory."""
+"""Writing safetensors shards as tensors arrive, holding no more than one tensor in memory."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -20,37 +21,65 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2)])
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
 class ShardWriter:
-    """Collects tensors and flushes a shard file whenever the next tensor would overflow it."""
+    """Streams tensors into safetensors shards: memory stays at one tensor, whatever the shard size.
+
+    The safetensors library writes a file from a dict held in memory. Here each tensor's bytes are
+    appended to the open shard's data file as it arrives; when the shard is full, the header (JSON,
+    space-padded to 8 bytes as the format recommends) is written and the data copied after it.
+    """
 
     def __init__(self, directory: Path, max_shard_bytes: int, metadata: dict | None = None):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata or {"format": "pt"}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
         self.shard_files: list[Path] = []
         self.weight_map: dict[str, int] = {}
         self.total_bytes = 0
+        self._entries: dict[str, dict] = {}
+        self._data = None
+        self._data_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.weight_map or name in self.pending:
+        if name in self.weight_map or name in self._entries:
             raise ValueError(f"tensor '{name}' written twice")
+        tensor = tensor.detach().to("cpu").contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+        if self._entries and self._data_bytes + size > self.max_shard_bytes:
             self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
+        if self._data is None:
+            self._data = open(self.directory / f"shard-{len(self.shard_files):05d}.data", "wb")
+        self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._entries[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._data_bytes, self._data_bytes + size],
+        }
+        self._data_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
-        if not self.pending:
+        if self._data is None:
             return
+        data_path = Path(self._data.name)
+        self._data.close()
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
         path = self.directory / f"shard-{len(self.shard_files):05d}.safetensors"
-        save_file(self.pending, path, metadata=self.metadata)
-        self.weight_map.update({name: len(self.shard_files) for name in self.pending})
+        with open(path, "wb") as shard, open(data_path, "rb") as data:
+            shard.write(struct.pack("<Q", len(header)))
+            shard.write(header)
+            shutil.copyfileobj(data, shard, length=16 * 2**20)
+        data_path.unlink()
+        self.weight_map.update({name: len(self.shard_files) for name in self._entries})
         self.shard_files.append(path)
-        self.pending, self.pending_bytes = {}, 0
+        self._entries, self._data, self._data_bytes = {}, None, 0
 
     def close(self) -> list[str]:
         """Give the shards their final names and write the index; returns the file names."""

@@ -57,19 +57,24 @@ def apply(recipe, model, output, overwrite, device, trust_remote_code, quiet):
 @click.option("--seq-len", default=512, show_default=True, help="tokens per window")
 @click.option("--max-windows", type=int, help="evaluate at most this many windows")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--tasks", help="comma-separated lm-eval tasks to run as well (needs the eval extra)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the numbers here")
-def evaluate(model, base, text, seq_len, max_windows, device, json_path):
+def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path):
     """Perplexity of MODEL on held-out text, and with --base the gap and the KL divergence."""
     from compressor.api import resolve_device
-    from compressor.eval import evaluate_paths
+    from compressor.eval import evaluate_paths, load_causal_lm, run_lm_eval
 
     try:
         result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device))
+        numbers = result.to_dict()
+        click.echo(result.format(model, base))
+        if tasks:
+            numbers["tasks"] = run_lm_eval(*load_causal_lm(model, device=resolve_device(device)), tasks.split(","))
+            click.echo(json.dumps(numbers["tasks"], indent=2))
     except USER_ERRORS + (ValueError,) as error:
         fail(error)
-    click.echo(result.format(model, base))
     if json_path:
-        json_path.write_text(json.dumps(result.to_dict(), indent=2))
+        json_path.write_text(json.dumps(numbers, indent=2))
 
 
 @main.command()

@@ -109,3 +109,14 @@ def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_
     windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
     base_model = load_causal_lm(base, device=device)[0] if base is not None else None
     return evaluate(loaded, windows, base_model)
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8) -> dict:
+    """lm-evaluation-harness tasks on an already loaded model (needs the ``eval`` extra)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise ValueError("lm-eval tasks need the eval extra: pip install -e '.[eval]'") from None
+    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=tasks)
+    return results["results"]

@@ -162,10 +162,11 @@ class Session:
 
     def load_block(self, index: int, dtype: torch.dtype | None = None) -> nn.Module:
         """Block ``index`` on the device: as a previous pass left it, or read from the checkpoint."""
-        if index in self.live_blocks:
-            return self.handle.blocks[index].to(self.device)
+        dtype = dtype or self.compute_dtype
+        if index in self.live_blocks:  # .to(dtype) casts floating tensors only: codes stay integers
+            return self.handle.blocks[index].to(self.device, dtype)
         self.live_blocks.add(index)
-        return self.handle.materialize(self.handle.block_prefix(index), self.device, dtype or self.compute_dtype)
+        return self.handle.materialize(self.handle.block_prefix(index), self.device, dtype)
 
     def run_layer_pass(self, steps: list[Step], sink=None) -> None:
         needs_data = any(step.needs_calibration for step in steps)

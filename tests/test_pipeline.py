@@ -111,3 +111,35 @@ def test_ignore_keeps_layers_dense(tiny_llama, tmp_path):
     assert {row["block"] for row in report.rows} == {0}
     model = load_quantized_model(tmp_path / "out")
     assert type(model.model.layers[1].mlp.up_proj).__name__ == "Linear"
+
+
+def test_data_free_pass_then_calibrating_pass_on_a_bf16_model(tmp_path, registered, calibration_file):
+    """RTN keeps bf16 blocks as stored; a later calibrating pass must still run them in fp32 on CPU."""
+    from compressor.testing import make_random_model
+
+    seen = []
+
+    @registered("record_dtype")
+    @dataclass
+    class RecordDtype(Step):
+        """Test step."""
+
+        def compress_block(self, context):
+            out = context.forward()
+            seen.append((context.inputs[0].dtype, out[0].dtype))
+
+    @registered("model_noop")
+    @dataclass
+    class ModelNoop(Step):
+        """Test model step that forces the RTN pass to keep its blocks."""
+
+        kind = "model"
+
+        def compress_model(self, context):
+            pass
+
+    source = make_random_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
+                               "steps": [{"rtn": {"bits": 4, "group_size": 32}}, "model_noop", "record_dtype"]})
+    apply(recipe, source, tmp_path / "out", progress=False)
+    assert seen == [(torch.float32, torch.float32)] * 2

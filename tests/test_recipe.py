@@ -111,3 +111,13 @@ def test_readme_recipe_reference_is_current():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert recipe_reference() in readme
+
+
+def test_hub_ids_fail_fast_offline_with_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from compressor.model import ModelLoadError, resolve_model_path
+
+    with pytest.raises(ModelLoadError) as caught:
+        resolve_model_path("some-owner/some-model")
+    assert "some-owner/some-model: could not download from the hub" in str(caught.value)
+    assert "\n" not in str(caught.value)

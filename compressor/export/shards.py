@@ -55,7 +55,7 @@ class ShardWriter:
             self.flush()
         if self._data is None:
             self._data = open(self.directory / f"shard-{len(self.shard_files):05d}.data", "wb")
-        self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # no copy
         self._entries[name] = {
             "dtype": SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),

@@ -11,7 +11,7 @@ from compressor.quant.uniform import quantize_uniform, relative_error
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 def test_error_falls_as_bits_rise(symmetric, group_size):
     weight = torch.randn(48, 200, generator=torch.Generator().manual_seed(0))
-    errors = [relative_error(weight, quantize_uniform(weight, b, group_size, symmetric, torch.float32).dequantize()) for b in range(2, 9)]
+    errors = [relative_error(weight, quantize_uniform(weight, b, group_size, symmetric, torch.float32)) for b in range(2, 9)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.01
 
@@ -62,3 +62,15 @@ def test_bits_per_weight_counts_scales_and_zeros():
     assert quantize_uniform(weight, 4, 128, True, torch.float16).bits_per_weight() == pytest.approx(4 + 16 / 128)
     assert quantize_uniform(weight, 4, 128, False, torch.float16).bits_per_weight() == pytest.approx(4 + (16 + 4) / 128)
     assert quantize_uniform(weight, 3, -1, True, torch.float16).bits_per_weight() == pytest.approx(3 + 16 / 256)
+
+
+def test_chunked_quantization_equals_whole_matrix(monkeypatch):
+    import compressor.quant.uniform as uniform
+
+    weight = torch.randn(50, 64, generator=torch.Generator().manual_seed(5))
+    whole = quantize_uniform(weight, 3, 32, False, torch.float16)
+    monkeypatch.setattr(uniform, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows a chunk, the last one short
+    chunked = quantize_uniform(weight, 3, 32, False, torch.float16)
+    assert torch.equal(whole.codes, chunked.codes) and torch.equal(whole.scales, chunked.scales) and torch.equal(whole.zeros, chunked.zeros)
+    full_error = float((weight - whole.dequantize(torch.float32)).norm() / weight.norm())
+    assert relative_error(weight, chunked) == pytest.approx(full_error, rel=1e-5)

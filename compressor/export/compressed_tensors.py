@@ -15,14 +15,25 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from compressor.quant.formats import UniformWeight, num_groups
+from compressor.quant.uniform import row_chunks
 
 CT_MIN_VERSION = "0.17.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.17.0
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [N, K] -> ct ``weight_packed``; rows pack independently, so a chunk at a time."""
+    offset = 2 ** (bits - 1)
+    chunks = [
+        pack_to_int32((codes[rows].to(torch.int16) - offset).to(torch.int8), bits)
+        for rows in row_chunks(*codes.shape)
+    ]
+    return torch.cat(chunks)
 
 
 def uniform_to_ct_tensors(weight: UniformWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     offset = 2 ** (weight.bits - 1)
     tensors = {
-        "weight_packed": pack_to_int32((weight.codes.to(torch.int32) - offset).to(torch.int8), weight.bits),
+        "weight_packed": pack_codes(weight.codes, weight.bits),
         "weight_scale": weight.scales.to(scale_dtype),
         "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
     }

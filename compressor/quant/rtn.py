@@ -42,4 +42,4 @@ class RTN(Step):
             weight = linear.weight.data
             quantized = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
             context.replace_linear(name, quantized)
-            context.record(name, error=relative_error(weight, quantized.dequantize(weight.dtype)), bits_per_weight=quantized.bits_per_weight())
+            context.record(name, error=relative_error(weight, quantized), bits_per_weight=quantized.bits_per_weight())

@@ -13,10 +13,12 @@ compressed-tensors' ``pack-quantized`` format:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-from compressor.quant.formats import UniformWeight, expand_groups
+from compressor.quant.formats import UniformWeight, expand_groups, tensor_names
 
 
 def check_group_size(name: str, in_features: int, group_size: int) -> None:
@@ -70,16 +72,38 @@ def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return codes.clamp(0, 2**bits - 1).to(torch.uint8)
 
 
+CHUNK_ELEMENTS = 2**22  # rows are processed in chunks of ~4M weights: fp32 temporaries stay ~16 MB each
+
+
+def row_chunks(rows: int, columns: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(columns, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def quantize_uniform(
     weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
 ) -> UniformWeight:
-    """Round-to-nearest with min-max group ranges."""
-    scales, zeros = minmax_params(weight, bits, group_size, symmetric, scale_dtype)
-    codes = quantize_codes(weight, scales, zeros, bits, group_size)
-    return UniformWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+    """Round-to-nearest with min-max group ranges (rows are independent: done in chunks)."""
+    codes, scales, zeros = [], [], []
+    for rows in row_chunks(*weight.shape):
+        chunk_scales, chunk_zeros = minmax_params(weight[rows], bits, group_size, symmetric, scale_dtype)
+        codes.append(quantize_codes(weight[rows], chunk_scales, chunk_zeros, bits, group_size))
+        scales.append(chunk_scales)
+        zeros.append(chunk_zeros)
+    return UniformWeight(
+        codes=torch.cat(codes), scales=torch.cat(scales), zeros=None if symmetric else torch.cat(zeros),
+        bits=bits, group_size=group_size,
+    )
 
 
-def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
-    """||W - W_hat||_F / ||W||_F."""
-    weight = weight.float()
-    return float((weight - approximation.float()).norm() / weight.norm().clamp(min=1e-30))
+def relative_error(weight: torch.Tensor, quantized) -> float:
+    """||W - W_hat||_F / ||W||_F for a quantized value, dequantized a chunk of rows at a time."""
+    error = norm = 0.0
+    for rows in row_chunks(*weight.shape):
+        part = dataclasses.replace(
+            quantized, **{name: getattr(quantized, name)[rows] for name in tensor_names(quantized) if getattr(quantized, name) is not None}
+        )
+        original = weight[rows].float()
+        error += float((original - part.dequantize(torch.float32)).square().sum())
+        norm += float(original.square().sum())
+    return (error / max(norm, 1e-30)) ** 0.5

@@ -57,7 +57,7 @@ def tokenize_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """All documents as one 1-D token stream, separated by the EOS token when there is one."""
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)

@@ -2,14 +2,51 @@
 
 Contract used by the rest of the toolkit: ``qlinear(x, weight, bias)`` computes ``x @ W^T + bias``
 for any quantized value type from ``compressor.quant.formats``, for x of any leading shape.
+
+* ``packing.py``   planes layout (any width 1..8, K-packed, N-contiguous) and the exact repack of
+                   compressed-tensors ``pack-quantized`` tensors
+* ``uniform.py``   Triton gemv / split-K gemm / dequantize kernels for affine integer weights
+* ``lut.py``       the same schedules for per-row codebooks (SqueezeLLM)
+* ``sparse.py``    the sparse outlier add (dense-and-sparse)
+* ``reference.py`` plain torch ground truth for each kernel, and the CPU path
+* ``dispatch.py``  backend choice, per-layer cache of kernel tensors, configs and autotuning
+
+Importing this package never imports triton; the kernels are imported on first use.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from compressor.kernels.dispatch import (
+    clear_cache,
+    dequantize,
+    prepare,
+    resolve_backend,
+    triton_available,
+    triton_linear,
+    tuned_configs,
+    use_backend,
+)
+from compressor.kernels.reference import exact_linear, reference_linear
+
+__all__ = [
+    "qlinear",
+    "dequantize",
+    "triton_linear",
+    "reference_linear",
+    "exact_linear",
+    "use_backend",
+    "resolve_backend",
+    "prepare",
+    "clear_cache",
+    "tuned_configs",
+    "triton_available",
+]
 
 
 def qlinear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference path: dequantize to x's dtype and run a dense matmul."""
-    return F.linear(x, weight.dequantize(x.dtype), bias)
+    """``x @ W^T + bias``: Triton kernels on a GPU, the torch reference elsewhere (see dispatch.py)."""
+    if resolve_backend(x) == "triton":
+        return triton_linear(x, weight, bias)
+    return reference_linear(x, weight, bias)

@@ -20,10 +20,11 @@ weights, ``zs = -z * s`` in fp32 so the dequantization is one FMA, ``w = u * s +
 ``W_group_mode == 4``). ``zs`` is fp32 rather than fp16 so the kernels agree with the reference
 ``(u - z) * s`` to fp32 rounding; it costs 16 extra bits per group (0.125 bit/weight at group 128).
 
-compressed-tensors ``pack-quantized`` (>= 0.17, "dense" layout) is converted exactly with
-``compressed_tensors``' own ``unpack_from_int32`` / ``pack_to_int32``: it stores signed
-``q = u - 2**(bits-1)`` densely along K in ``[N, ceil(K*bits/32)]``, scales ``[N, G]`` and, for
-asymmetric weights, signed zero points packed along N; ``z_ours = z_ct + 2**(bits-1)``.
+compressed-tensors ``pack-quantized`` (>= 0.17, "dense" layout: signed ``q = u - 2**(bits-1)``
+packed densely along K in ``[N, ceil(K*bits/32)]``, scales ``[N, G]``, signed zero points packed
+along N) is decoded by ``compressor.export.compressed_tensors`` with compressed-tensors' own
+``unpack_from_int32`` and re-packed here (``repack_compressed_tensors``): exact, once at load time.
+The dense layout itself is not a kernel layout: its codes straddle words for 3/5/6/7 bits.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from compressor.quant.formats import (
     LUTWeight,
     SparseOutliers,
     UniformWeight,
-    num_groups,
 )
 
 WORD_BITS = 32
@@ -188,65 +188,16 @@ def pack_weight(weight) -> tuple[PackedUniform | PackedLUT | None, PackedOutlier
 
 
 # --------------------------------------------------------------------------------------------
-# compressed-tensors pack-quantized <-> UniformWeight / kernel layout (exact)
+# compressed-tensors pack-quantized -> kernel layout (exact)
 
 
-def uniform_from_compressed_tensors(
-    weight_packed: torch.Tensor,
-    weight_scale: torch.Tensor,
-    weight_shape,
-    weight_zero_point: torch.Tensor | None = None,
-    *,
-    num_bits: int,
-    group_size: int | None = None,
-) -> UniformWeight:
-    """Read one layer of a compressed-tensors ``pack-quantized`` checkpoint (>= 0.17 dense layout).
+def repack_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> PackedUniform:
+    """One layer's ``pack-quantized`` tensors (``weight_packed``, ``weight_scale``, ``weight_shape``,
+    optional ``weight_zero_point``; names without the module prefix) -> the kernel layout.
 
-    ``group_size`` comes from the checkpoint's config (``weights.group_size``; -1 or None with a
-    single scale column means per-channel). If None it is inferred as ``K // G`` when that is exact.
+    The compressed-tensors side is decoded by ``compressor.export.compressed_tensors``, which uses
+    compressed-tensors' own ``unpack_from_int32``; this only re-packs the codes into planes.
     """
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressor.export.compressed_tensors import uniform_from_ct_tensors
 
-    n, k = (int(d) for d in weight_shape)
-    groups = weight_scale.shape[1]
-    if group_size is None:
-        if groups == 1:
-            group_size = -1
-        elif k % groups == 0:
-            group_size = k // groups
-        else:
-            raise ValueError(f"cannot infer group_size from K={k} and {groups} scale columns; pass it")
-    if num_groups(k, group_size) != groups:
-        raise ValueError(f"group_size={group_size} gives {num_groups(k, group_size)} groups for K={k}, scales have {groups}")
-    offset = 1 << (num_bits - 1)
-    signed = unpack_from_int32(weight_packed, num_bits, torch.Size((n, k)))
-    codes = (signed.to(torch.int32) + offset).to(torch.uint8)
-    zeros = None
-    if weight_zero_point is not None:
-        zeros = unpack_from_int32(weight_zero_point, num_bits, torch.Size((n, groups)), packed_dim=0).to(torch.int32) + offset
-    return UniformWeight(codes=codes, scales=weight_scale, zeros=zeros, bits=num_bits, group_size=group_size)
-
-
-def uniform_to_compressed_tensors(weight: UniformWeight) -> dict[str, torch.Tensor]:
-    """The ``pack-quantized`` tensors of one layer (names without the module prefix)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-    offset = 1 << (weight.bits - 1)
-    signed = (weight.codes.to(torch.int32) - offset).to(torch.int8)
-    tensors = {
-        "weight_packed": pack_to_int32(signed, weight.bits),
-        "weight_scale": weight.scales,
-        "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
-    }
-    if weight.zeros is not None:
-        zero_signed = (weight.zeros.to(torch.int32) - offset).to(torch.int8)
-        tensors["weight_zero_point"] = pack_to_int32(zero_signed, weight.bits, packed_dim=0)
-    return tensors
-
-
-def repack_compressed_tensors(weight_packed, weight_scale, weight_shape, weight_zero_point=None, *, num_bits, group_size=None) -> PackedUniform:
-    """compressed-tensors tensors straight to the kernel layout (the load-time repack)."""
-    weight = uniform_from_compressed_tensors(
-        weight_packed, weight_scale, weight_shape, weight_zero_point, num_bits=num_bits, group_size=group_size
-    )
-    return pack_uniform(weight)
+    return pack_uniform(uniform_from_ct_tensors(tensors, bits, group_size))

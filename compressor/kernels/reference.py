@@ -15,7 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compressor.kernels.packing import PackedLUT, PackedOutliers, PackedUniform, unpack_codes
+from compressor.kernels.packing import (
+    PackedLUT,
+    PackedOutliers,
+    PackedUniform,
+    unpack_codes,
+)
 from compressor.quant.formats import expand_groups
 
 

@@ -210,14 +210,14 @@ class DenseAndSparseWeight:
 
     @classmethod
     def from_parts(cls, base, outliers: SparseOutliers) -> "DenseAndSparseWeight":
+        if not isinstance(base, (UniformWeight, LUTWeight)):
+            raise TypeError(f"outliers attach to a uniform or LUT weight, not {type(base).__name__}")
         if tuple(base.shape) != tuple(outliers.shape):
             raise ValueError(f"base shape {tuple(base.shape)} != outliers shape {tuple(outliers.shape)}")
         tensors = dict(codes=base.codes, outlier_crow=outliers.crow, outlier_col=outliers.col, outlier_val=outliers.val)
         if isinstance(base, UniformWeight):
             return cls(**tensors, scales=base.scales, zeros=base.zeros, bits=base.bits, group_size=base.group_size)
-        if isinstance(base, LUTWeight):
-            return cls(**tensors, lut=base.lut, bits=base.bits)
-        raise TypeError(f"outliers attach to a uniform or LUT weight, not {type(base).__name__}")
+        return cls(**tensors, lut=base.lut, bits=base.bits)
 
     @property
     def shape(self) -> tuple[int, int]:

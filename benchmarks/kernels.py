@@ -1,0 +1,343 @@
+"""Kernel benchmark: our low-bit kernels against fp16 cuBLAS, torchao/tinygemm int4, gemlite and the
+memory-bandwidth floor, on Llama-3 layer shapes (kernels.md section 9).
+
+    python benchmarks/kernels.py                    # GPU: Llama-3-8B and 70B shapes, M 1..128, all widths
+    python benchmarks/kernels.py --shapes 8b --m 1,16 --bits 4 --lut 4
+    python benchmarks/kernels.py --quick            # GPU: a few shapes; CPU: interpreter smoke run
+
+Every row reports the median time, the bytes a kernel must move (packed weight + metadata +
+activations + output), the bandwidth that implies, its share of the device's peak, the time
+floor = bytes / peak bandwidth, the speedup over fp16 and the kernel's max error relative to the
+fp32 reference. Results go to ``benchmarks/results/kernels-<date>-<device>.md`` (+ ``.json`` and a
+``.png`` plot when matplotlib is installed), headed by the date, device, versions and command.
+
+On a machine without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set
+below before anything imports triton) on small shapes: that proves the benchmark runs and the
+kernels are correct, and its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import triton  # noqa: E402
+
+from compressor.kernels import exact_linear, prepare, triton_linear  # noqa: E402
+from compressor.quant.formats import LUTWeight, UniformWeight  # noqa: E402
+
+SHAPES = {  # (name, N, K): the linear layers of one decoder block
+    "8b": [("q/o_proj", 4096, 4096), ("k/v_proj", 1024, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)],
+    "70b": [("q/o_proj", 8192, 8192), ("k/v_proj", 1024, 8192), ("gate/up_proj", 28672, 8192), ("down_proj", 8192, 28672)],
+    "cpu": [("small", 96, 256), ("odd", 37, 200)],
+}
+PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, spec sheets
+CPU_NOTE = ("CPU run under the Triton interpreter (TRITON_INTERPRET=1): this proves the benchmark runs and the "
+            "kernels match the reference; the timings mean nothing and no GPU numbers exist yet.")
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    for key, value in PEAK_BANDWIDTH.items():  # "H100 PCIe" before "H100"
+        if key in device_name:
+            return value
+    return None
+
+
+def measured_copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def time_us(fn, on_gpu: bool, small_m: bool) -> float:
+    """Median microseconds: CUDA graphs for small M (launch overhead would dominate), else do_bench."""
+    if on_gpu:
+        fn()  # compile / autotune outside the measurement
+        if small_m:
+            try:
+                return 1e3 * triton.testing.do_bench_cudagraph(fn, return_mode="median")
+            except Exception:  # not capturable: fall back to plain launches
+                pass
+        return 1e3 * triton.testing.do_bench(fn, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def random_uniform(n, k, bits, group, device, dtype=torch.float16) -> UniformWeight:
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, device=device)
+    groups = 1 if group == -1 else -(-k // group)
+    scales = (torch.rand(n, groups, device=device) * 0.02 + 0.001).to(dtype)
+    return UniformWeight(codes=codes, scales=scales, zeros=None, bits=bits, group_size=group)
+
+
+def random_lut(n, k, bits, device, dtype=torch.float16) -> LUTWeight:
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, device=device)
+    lut = torch.sort(torch.randn(n, 2**bits, device=device) * 0.02, dim=1).values.to(dtype)
+    return LUTWeight(codes=codes, lut=lut, bits=bits)
+
+
+def max_rel_error(y: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((y.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------------------------
+# baselines
+
+
+def tinygemm_fn(weight: UniformWeight, x: torch.Tensor):
+    """torch's int4 tinygemm (what torchao's int4 weight-only uses): (fn, error vs reference).
+
+    ``w = (u - 8) * s + z`` with a float zero z; symmetric weights have z = 0. The CUDA op takes
+    two codes per byte whose nibble order is not documented; both orders are tried and the one
+    that reproduces the reference is kept.
+    """
+    n, k = weight.shape
+    x16 = x.to(torch.bfloat16)
+    scales = weight.scales.to(torch.bfloat16)
+    zero = ((8 - weight.zero_points()).to(torch.bfloat16) * scales)
+    scales_and_zeros = torch.stack([scales, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
+    expected = exact_linear(x16, weight)
+    codes = weight.codes
+    if not x.is_cuda:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        fn = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed, weight.group_size, scales_and_zeros)  # noqa: E731
+        return fn, max_rel_error(fn(), expected)
+    best = None
+    for high_first in (True, False):
+        pairs = (codes[:, 0::2] << 4 | codes[:, 1::2]) if high_first else (codes[:, 1::2] << 4 | codes[:, 0::2])
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs.to(torch.uint8).contiguous(), 8)
+        fn = lambda packed=packed: torch.ops.aten._weight_int4pack_mm(x16, packed, weight.group_size, scales_and_zeros)  # noqa: E731
+        error = max_rel_error(fn(), expected)
+        if best is None or error < best[1]:
+            best = (fn, error)
+    return best
+
+
+def torchao_fn(weight: UniformWeight, x: torch.Tensor):
+    """torchao's Int4WeightOnlyConfig on an nn.Linear holding our dequantized weight."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    n, k = weight.shape
+    linear = torch.nn.Linear(k, n, bias=False, device=x.device, dtype=torch.bfloat16)
+    linear.weight.data = weight.dequantize(torch.bfloat16)
+    quantize_(linear, Int4WeightOnlyConfig(group_size=weight.group_size))
+    x16 = x.to(torch.bfloat16)
+    fn = lambda: linear(x16)  # noqa: E731
+    return fn, max_rel_error(fn(), exact_linear(x16, weight))
+
+
+def gemlite_fn(weight: UniformWeight, x: torch.Tensor):
+    """gemlite's GemLiteLinear (1/2/4/8-bit), dequantizing (u - z) * s like ours."""
+    from gemlite.core import DType, GemLiteLinear
+
+    n, k = weight.shape
+    layer = GemLiteLinear(weight.bits, group_size=weight.group_size, in_features=k, out_features=n,
+                          input_dtype=DType.FP16, output_dtype=DType.FP16)
+    layer.pack(weight.codes, weight.scales.half(), weight.zero_points().half(), None)
+    x16 = x.half()
+    fn = lambda: layer(x16)  # noqa: E731
+    return fn, max_rel_error(fn(), exact_linear(x16, weight))
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+
+
+def bytes_moved(weight_bytes: int, m: int, n: int, k: int) -> int:
+    return weight_bytes + m * k * 2 + m * n * 2
+
+
+def run(args) -> tuple[list[dict], dict]:
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
+    peak = peak_bandwidth(device_name) if on_gpu else None
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name,
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]) if args.command is None else args.command,
+        "torch": torch.__version__, "triton": triton.__version__, "peak_bandwidth": peak,
+        "interpreter": not on_gpu, "group_size": args.group,
+    }
+    if on_gpu:
+        meta["copy_bandwidth"] = measured_copy_bandwidth()
+        peak = peak or meta["copy_bandwidth"]
+    shapes = [s for key in args.shapes for s in SHAPES[key]]
+    rows = []
+    for shape_name, n, k in shapes:
+        dense = (torch.randn(n, k, device=device) * 0.02).half()
+        weights = [("uniform", b, random_uniform(n, k, b, args.group, device)) for b in args.bits]
+        weights += [("lut", b, random_lut(n, k, b, device)) for b in args.lut]
+        for m in args.m:
+            x = torch.randn(m, k, device=device).half()
+            small = m <= 16
+
+            def add(kernel, bits, fn, weight_bytes, error=None, note=""):
+                row = {"shape": shape_name, "N": n, "K": k, "M": m, "kernel": kernel, "bits": bits, "note": note}
+                try:
+                    row["us"] = time_us(fn, on_gpu, small)
+                except Exception as exc:  # a baseline that cannot run here is a row with a reason, not a crash
+                    row.update(us=None, note=f"{type(exc).__name__}: {str(exc)[:120]}")
+                    rows.append(row)
+                    return
+                moved = bytes_moved(weight_bytes, m, n, k)
+                row.update(bytes=moved, max_rel_err=error)
+                if peak:
+                    row.update(gbps=moved / (row["us"] * 1e-6) / 1e9, pct_peak=100 * moved / (row["us"] * 1e-6) / peak,
+                               floor_us=moved / peak * 1e6)
+                rows.append(row)
+
+            if on_gpu:
+                fp16 = lambda: torch.nn.functional.linear(x, dense)  # noqa: E731
+            else:  # CPU fp16 matmuls are emulated: compare with fp32 there
+                fp16 = lambda: torch.nn.functional.linear(x.float(), dense.float())  # noqa: E731
+            add("fp16 (cuBLAS)" if on_gpu else "fp32 torch (CPU)", 16, fp16, n * k * 2)
+            for kind, bits, weight in weights:
+                dense_part, _ = prepare(weight)
+                error = max_rel_error(triton_linear(x, weight), exact_linear(x, weight))
+                add(f"ours {kind}", bits, lambda weight=weight: triton_linear(x, weight), dense_part.nbytes(), error)
+            four_bit = next((w for kind, b, w in weights if kind == "uniform" and b == 4), None)
+            if four_bit is not None and args.group in (32, 64, 128, 256):
+                baselines = [("tinygemm int4 (aten)", tinygemm_fn)]
+                if on_gpu:
+                    baselines.append(("torchao Int4WeightOnly", torchao_fn))
+                for name, make in baselines:
+                    try:
+                        fn, error = make(four_bit, x)
+                    except Exception as exc:
+                        rows.append({"shape": shape_name, "N": n, "K": k, "M": m, "kernel": name, "bits": 4, "us": None,
+                                     "note": f"{type(exc).__name__}: {str(exc)[:120]}"})
+                        continue
+                    add(name, 4, fn, n * k // 2 + four_bit.scales.numel() * 4, error)
+            if on_gpu:
+                for kind, bits, weight in weights:
+                    if kind != "uniform" or bits not in (1, 2, 4, 8):
+                        continue
+                    try:
+                        fn, error = gemlite_fn(weight, x)
+                    except Exception as exc:
+                        rows.append({"shape": shape_name, "N": n, "K": k, "M": m, "kernel": "gemlite", "bits": bits, "us": None,
+                                     "note": f"{type(exc).__name__}: {str(exc)[:120]}"})
+                        continue
+                    add("gemlite", bits, fn, n * k * bits // 8 + weight.scales.numel() * 4, error)
+            here = [r for r in rows if (r["shape"], r["N"], r["M"]) == (shape_name, n, m)]
+            baseline = next((r.get("us") for r in here if r["bits"] == 16), None)
+            for row in here:
+                if baseline and row.get("us"):
+                    row["speedup"] = baseline / row["us"]
+            print(f"{shape_name} {n}x{k} M={m}: done", file=sys.stderr)
+    return rows, meta
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Kernel benchmark, {meta['date']}", "",
+             f"- device: {meta['device']}", f"- command: `{meta['command']}`",
+             f"- torch {meta['torch']}, triton {meta['triton']}, uniform group size {meta['group_size']} (symmetric)"]
+    if meta.get("peak_bandwidth"):
+        lines.append(f"- peak bandwidth {meta['peak_bandwidth'] / 1e12:.2f} TB/s (spec sheet); "
+                     f"measured copy {meta.get('copy_bandwidth', 0) / 1e12:.2f} TB/s")
+    if meta["interpreter"]:
+        lines += ["", f"**{CPU_NOTE}**"]
+    lines += ["", "| shape | N x K | M | kernel | bits | time (us) | GB/s | % peak | floor (us) | x fp16 | max rel err | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(value, spec):
+        return "" if value is None else format(value, spec)
+
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['kernel']} | {r['bits']} | {fmt(r.get('us'), '.1f')} | "
+                     f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('floor_us'), '.1f')} | "
+                     f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('max_rel_err'), '.1e')} | {r.get('note', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], meta: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shapes = list(dict.fromkeys((r["shape"], r["N"], r["K"]) for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    for ax, (name, n, k) in zip(axes[0], shapes):
+        mine = [r for r in rows if (r["shape"], r["N"], r["K"]) == (name, n, k) and r.get("speedup")]
+        for label in dict.fromkeys((r["kernel"], r["bits"]) for r in mine):
+            series = sorted((r["M"], r["speedup"]) for r in mine if (r["kernel"], r["bits"]) == label)
+            ax.plot(*zip(*series), marker="o", label=f"{label[0]} {label[1]}b")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{name} {n}x{k}")
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speedup over fp16")
+        ax.set_yscale("log")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{meta['device']} {meta['date']}" + (" - interpreter, timings meaningless" if meta["interpreter"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+    parser.add_argument("--shapes", default=None, help="comma list of 8b, 70b, cpu (default: 8b,70b on GPU, cpu on CPU)")
+    parser.add_argument("--m", type=ints, default=None, help="batch sizes (default 1,2,4,8,16,32,64,128)")
+    parser.add_argument("--bits", type=ints, default=None, help="uniform widths (default 2..8)")
+    parser.add_argument("--lut", type=ints, default=None, help="LUT widths (default 4,3)")
+    parser.add_argument("--group", type=int, default=128, help="uniform group size (default 128)")
+    parser.add_argument("--quick", action="store_true", help="GPU: 8B shapes, M 1,16,64, 3/4-bit; CPU: tiny shapes")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    quick = args.quick or not on_gpu
+    args.shapes = args.shapes.split(",") if args.shapes else (["8b"] if on_gpu and quick else ["8b", "70b"] if on_gpu else ["cpu"])
+    args.m = args.m or ([1, 16, 64] if on_gpu and quick else [1, 2, 4, 8, 16, 32, 64, 128] if on_gpu else [1, 4, 17])
+    args.bits = args.bits or ([3, 4] if on_gpu and quick else list(range(2, 9)))
+    args.lut = args.lut if args.lut is not None else ([4] if on_gpu and quick else [4, 3])
+    if not on_gpu:
+        args.group = min(args.group, 64)
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    rows, meta = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
+    stem = out / f"kernels-{meta['date'][:10]}-{slug}"
+    text = markdown(rows, meta)
+    if not args.no_plot and plot(rows, meta, stem.with_suffix(".png")):
+        text += f"\n![speedup over fp16]({stem.with_suffix('.png').name})\n"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(text)
+    print(f"wrote {stem}.md", file=sys.stderr)
+    return stem.with_suffix(".md")
+
+
+if __name__ == "__main__":
+    main()

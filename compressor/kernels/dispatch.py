@@ -1,0 +1,237 @@
+"""Which path computes ``qlinear``, the per-layer cache of kernel tensors, and kernel configs.
+
+Dispatch rule
+-------------
+* backend: ``use_backend(name)`` (a context manager) > env ``COMPRESSOR_KERNELS`` > ``auto``.
+  ``auto`` runs Triton for CUDA tensors when triton is importable and the torch reference
+  otherwise; ``triton`` forces the kernels (on CPU that needs ``TRITON_INTERPRET=1`` set before
+  triton is first imported, which is how the tests run them); ``reference`` forces torch.
+* schedule, by the number of rows M of x (``uniform.schedule_for``): M = 1 gemv, M <= 64 split-K
+  gemm, M <= 1024 tiled gemm, larger M dequantize + ``F.linear``.
+* config: an explicit ``config=`` wins; under the interpreter or with ``COMPRESSOR_AUTOTUNE=off``
+  the heuristic ``default_config``; otherwise (GPU, default ``on``) each (kind, shape, bits,
+  group, dtype, M bucket) is timed once over ``candidate_configs`` with ``triton.testing.do_bench``
+  and the winner is kept for the process (``tuned_configs()`` shows them).
+
+Value types without a kernel (anything not uniform / LUT / sparse / dense-and-sparse) fall back
+to the reference on every backend, so a new value type works everywhere before it is fast.
+
+The kernel tensors of a weight (``packing.pack_weight``) are built on first use and cached,
+keyed on the weight's own tensors (identity and version counter), so ``QuantizedLinear`` — which
+rebuilds its value type from buffers on each forward — packs each layer once per device, and a
+buffer replaced or modified in place is repacked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import weakref
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from compressor.kernels.reference import reference_linear
+from compressor.quant.formats import (
+    DenseAndSparseWeight,
+    LUTWeight,
+    SparseOutliers,
+    UniformWeight,
+    tensor_names,
+)
+
+BACKENDS = ("auto", "triton", "reference")
+KERNEL_TYPES = (UniformWeight, LUTWeight, SparseOutliers, DenseAndSparseWeight)
+
+_backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("compressor_kernels", default=None)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Is triton importable? (Imports it; only called when a kernel could actually run.)"""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def requested_backend() -> str:
+    choice = _backend_override.get() or os.environ.get("COMPRESSOR_KERNELS", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"COMPRESSOR_KERNELS={choice!r}; expected one of {BACKENDS}")
+    return choice
+
+
+def resolve_backend(x: torch.Tensor) -> str:
+    choice = requested_backend()
+    if choice == "auto":
+        return "triton" if x.is_cuda and triton_available() else "reference"
+    return choice
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force ``qlinear`` onto ``"triton"``, ``"reference"`` or ``"auto"`` inside the block."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r}; expected one of {BACKENDS}")
+    token = _backend_override.set(name)
+    try:
+        yield
+    finally:
+        _backend_override.reset(token)
+
+
+def has_kernel(weight) -> bool:
+    return isinstance(weight, KERNEL_TYPES)
+
+
+# --------------------------------------------------------------------------------------------
+# per-layer cache of kernel tensors
+
+_prepared = WeakIdKeyDictionary()
+
+
+def _stamp(weight):
+    tensors = [getattr(weight, name) for name in tensor_names(weight)]
+    refs = tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
+    return tensors, refs
+
+
+def _stamp_matches(refs, tensors) -> bool:
+    for ref, tensor in zip(refs, tensors):
+        if (ref is None) != (tensor is None):
+            return False
+        if ref is not None and (ref[0]() is not tensor or ref[1] != tensor._version):
+            return False
+    return True
+
+
+def prepare(weight):
+    """(dense, sparse) kernel tensors of a value type (``packing.Packed*`` or None), cached."""
+    from compressor.kernels.packing import pack_weight
+    from compressor.quant.formats import static_fields
+
+    tensors, refs = _stamp(weight)
+    anchor = next(t for t in tensors if t is not None)
+    static = repr(sorted(static_fields(weight).items()))
+    hit = _prepared.get(anchor)
+    if hit is not None and hit[0] == static and _stamp_matches(hit[1], tensors):
+        return hit[2]
+    packed = pack_weight(weight)
+    _prepared[anchor] = (static, refs, packed)
+    return packed
+
+
+def clear_cache() -> None:
+    _prepared.clear()
+    _tuned.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+
+_tuned: dict[tuple, object] = {}
+
+
+def autotune_enabled() -> bool:
+    mode = os.environ.get("COMPRESSOR_AUTOTUNE", "on")
+    if mode not in ("on", "off"):
+        raise ValueError(f"COMPRESSOR_AUTOTUNE={mode!r}; expected 'on' or 'off'")
+    return mode == "on"
+
+
+def tuned_configs() -> dict:
+    """The configs chosen by autotuning so far, keyed like the tuning cache."""
+    return dict(_tuned)
+
+
+def _m_bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def choose_config(x2d, dense, outliers, run):
+    """Explicit tuning is the caller's; here: heuristic, or tuned once per key on a GPU."""
+    from compressor.kernels import uniform
+
+    m, k = x2d.shape
+    n = dense.shape[0]
+    group = getattr(dense, "group_size", -1)
+    if uniform.INTERPRETED or not x2d.is_cuda or not autotune_enabled():
+        return uniform.default_config(m, n, k, group, x2d.device)
+    key = (type(dense).__name__, uniform.schedule_for(m), _m_bucket(m), n, k, dense.bits, group,
+           getattr(dense, "zs", None) is not None, x2d.dtype, outliers is not None, _device_name(x2d.device.index))
+    if key not in _tuned:
+        candidates = uniform.candidate_configs(m, n, k, group, x2d.device)
+        _tuned[key] = _autotune(candidates, run) or candidates[0]
+    return _tuned[key]
+
+
+@functools.cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _autotune(configs, run):
+    import triton.testing
+
+    best, best_ms = None, float("inf")
+    for config in configs:
+        try:
+            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20)
+        except Exception:  # out of shared memory / registers for this tile shape: not a candidate
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def triton_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, config=None) -> torch.Tensor:
+    """``x @ W^T + bias`` through the Triton kernels (x of any leading shape)."""
+    if not has_kernel(weight):
+        return reference_linear(x, weight, bias)
+    from compressor.kernels import uniform
+    from compressor.kernels.lut import lut_linear
+    from compressor.kernels.packing import PackedLUT
+    from compressor.kernels.sparse import outlier_linear
+
+    if not x.is_cuda and not uniform.INTERPRETED:
+        raise RuntimeError(
+            "Triton kernels need CUDA tensors; to run them on CPU set TRITON_INTERPRET=1 before triton is "
+            "imported, or use COMPRESSOR_KERNELS=reference"
+        )
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    dense, outliers = prepare(weight)
+    if dense is None:
+        y = outlier_linear(x2d, outliers, bias)
+    else:
+        linear = lut_linear if isinstance(dense, PackedLUT) else uniform.uniform_linear
+
+        def run(cfg):
+            return linear(x2d, dense, bias, cfg, outliers)
+
+        y = run(config or choose_config(x2d, dense, outliers, run))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def dequantize(weight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Dense [N, K] weight: the Triton dequantize kernel on the triton backend, torch elsewhere."""
+    device = next(t for t in (getattr(weight, name) for name in tensor_names(weight)) if t is not None).device
+    if resolve_backend(torch.empty(0, device=device)) != "triton" or not has_kernel(weight):
+        return weight.dequantize(dtype)
+    from compressor.kernels.lut import lut_dequantize
+    from compressor.kernels.packing import PackedLUT
+    from compressor.kernels.uniform import uniform_dequantize
+
+    dense, outliers = prepare(weight)
+    if dense is None:
+        return weight.dequantize(dtype)
+    kernel = lut_dequantize if isinstance(dense, PackedLUT) else uniform_dequantize
+    return kernel(dense, dtype, None, outliers)

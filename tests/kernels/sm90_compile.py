@@ -1,0 +1,99 @@
+"""Compile our kernels for an H100 (sm_90) without a GPU: Triton's NVIDIA backend and ptxas run on
+any machine, so every stage (TTIR -> TTGIR -> LLVM -> PTX -> cubin) is exercised here.
+
+Run as a script (without TRITON_INTERPRET, which would replace the compiler); prints one JSON line
+per variant: name, shared memory bytes, whether the PTX uses wgmma (Hopper tensor cores), error.
+``test_compile_sm90.py`` runs it; ``python tests/kernels/sm90_compile.py --all`` compiles more.
+"""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if "compressor" not in sys.modules:  # only the kernels are needed: skip the toolkit's heavy __init__
+    package = types.ModuleType("compressor")
+    package.__path__ = [str(ROOT / "compressor")]
+    sys.modules["compressor"] = package
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from compressor.kernels import sparse, uniform  # noqa: E402
+from compressor.kernels.lut import dequant_lut  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOAT = {"fp16": ("*fp16", tl.float16), "bf16": ("*bf16", tl.bfloat16), "fp32": ("*fp32", tl.float32)}
+
+
+def compile_variant(kernel, pointer_types: dict, constexprs: dict, num_warps=4, num_stages=2):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types[name]
+        else:
+            signature[name] = "i32"
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET,
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"]}
+
+
+def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atomic=False, block=(16, 64, 64), split_k=1,
+                   num_warps=4, num_stages=2):
+    pointer, dot = FLOAT[dtype]
+    block_m, block_n, block_k = block
+    types_ = {"x_ptr": pointer, "w_ptr": "*i32", "meta_ptr": "*fp16" if lut else pointer, "zs_ptr": "*fp32",
+              "bias_ptr": pointer, "out_ptr": "*fp32" if atomic else pointer}
+    constexprs = {"DEQUANT": dequant_lut if lut else uniform.dequant_affine, "BITS": bits, "GROUP": -1 if lut else group,
+                  "ASYM": asym, "SCALE_ROW": lut or group == -1 or group % block_k == 0}
+    if schedule == "dequant":
+        kernel = uniform._dequant_kernel
+        constexprs.update(BLOCK_N=block_n, BLOCK_K=block_k)
+    else:
+        constexprs.update(HAS_BIAS=not atomic, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
+        if schedule == "gemv":
+            kernel = uniform._gemv_kernel
+        else:
+            kernel = uniform._gemm_kernel
+            constexprs.update(DOT_DTYPE=dot, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, GROUP_M=8)
+    return kernel, types_, constexprs, num_warps, num_stages
+
+
+VARIANTS = {
+    "gemv uniform 3b asym fp16 split-K": matmul_variant("gemv", "fp16", 3, asym=True, atomic=True, block=(1, 128, 64), split_k=8),
+    "gemv uniform 4b bf16 group 32 < BLOCK_K": matmul_variant("gemv", "bf16", 4, group=32, block=(1, 256, 64)),
+    "gemv lut 4b fp16": matmul_variant("gemv", "fp16", 4, lut=True, atomic=True, block=(1, 128, 64), split_k=4),
+    "gemm uniform 4b fp16 M16 split-K": matmul_variant("gemm", "fp16", 4, atomic=True, block=(16, 64, 128), split_k=4),
+    "gemm uniform 5b bf16 tiled 64x128": matmul_variant("gemm", "bf16", 5, block=(64, 128, 64), num_stages=3),
+    "gemm uniform 7b asym fp16 tiled 128x128": matmul_variant("gemm", "fp16", 7, asym=True, block=(128, 128, 64), num_warps=8,
+                                                              num_stages=3),
+    "gemm uniform 2b fp32 (ieee)": matmul_variant("gemm", "fp32", 2, block=(16, 64, 64)),
+    "gemm lut 3b bf16 tiled": matmul_variant("gemm", "bf16", 3, lut=True, block=(64, 128, 64), num_stages=3),
+    "dequant uniform 6b fp16": matmul_variant("dequant", "fp16", 6, asym=True, block=(1, 64, 64)),
+}
+MORE_VARIANTS = {
+    f"gemv uniform {b}b fp16": matmul_variant("gemv", "fp16", b, atomic=True, block=(1, 128, 64), split_k=4) for b in range(1, 9)
+} | {
+    f"gemm uniform {b}b bf16 64x128": matmul_variant("gemm", "bf16", b, block=(64, 128, 64), num_stages=3) for b in range(1, 9)
+}
+
+
+def main(argv):
+    variants = {**VARIANTS, **(MORE_VARIANTS if "--all" in argv else {})}
+    outlier = (sparse._outlier_kernel, {"x_ptr": "*fp16", "rows_ptr": "*i32", "cols_ptr": "*i32", "vals_ptr": "*fp16", "ws_ptr": "*fp32"},
+               {"BLOCK": 256, "ROWS": 16}, 4, 1)
+    for name, (kernel, types_, constexprs, warps, stages) in {**variants, "outlier add": outlier}.items():
+        try:
+            row = {"name": name, **compile_variant(kernel, types_, constexprs, warps, stages)}
+        except Exception as exc:  # report, do not stop: the test names every failing variant
+            row = {"name": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

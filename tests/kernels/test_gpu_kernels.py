@@ -1,0 +1,73 @@
+"""GPU-only: the kernels compiled for the device at Llama-size shapes, bf16 tensor cores, autotuning,
+CUDA-graph capture and validate's speed measurement. Skipped without CUDA."""
+
+import pytest
+import torch
+from kernel_helpers import Weights, assert_matches
+
+from compressor.kernels import dispatch, exact_linear, triton_linear, tuned_configs
+from compressor.quant.formats import DenseAndSparseWeight
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+N, K = 1024, 4096  # a Llama-3-8B k/v projection
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_every_width_at_llama_size_with_autotuning(bits, symmetric, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_AUTOTUNE", "on" if bits in (3, 4) else "off")
+    weights = Weights(bits)
+    weight = weights.uniform(N, K, bits, 128, symmetric, scale_dtype=torch.bfloat16)
+    for m in (1, 16, 128, 2048):  # gemv, split-K gemm, tiled gemm, dequantize + cuBLAS
+        for dtype in (torch.float16, torch.bfloat16):
+            x = weights.x(m, K, dtype)
+            assert_matches(triton_linear(x, weight), exact_linear(x, weight), dtype, f"M={m}")
+
+
+def test_autotuning_keeps_one_config_per_shape_and_m_bucket(monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_AUTOTUNE", "on")
+    dispatch.clear_cache()
+    weights = Weights()
+    weight = weights.uniform(4096, 4096, 4, 128)
+    for m in (1, 5, 6):  # 5 and 6 share the bucket 8
+        triton_linear(weights.x(m, 4096, torch.float16), weight)
+    assert len(tuned_configs()) == 2
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_lut_and_dense_and_sparse_on_gpu(bits):
+    weights = Weights()
+    lut = weights.lut(N, K, bits, lut_dtype=torch.float16)
+    weight = DenseAndSparseWeight.from_parts(lut, weights.outliers(N, K, density=0.005))
+    for m in (1, 32, 300):
+        x = weights.x(m, K, torch.bfloat16)
+        assert_matches(triton_linear(x, lut), exact_linear(x, lut), torch.bfloat16, f"lut M={m}")
+        assert_matches(triton_linear(x, weight), exact_linear(x, weight), torch.bfloat16, f"lut+outliers M={m}")
+
+
+def test_decode_step_can_be_captured_in_a_cuda_graph():
+    weights = Weights()
+    weight = weights.uniform(N, K, 4, 128)
+    x = weights.x(1, K, torch.float16)
+    y = triton_linear(x, weight)  # prepare + tune outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = triton_linear(x, weight)
+    x.copy_(weights.x(1, K, torch.float16))
+    graph.replay()
+    assert_matches(y_graph, exact_linear(x, weight), torch.float16)
+    assert not torch.equal(y_graph, y)
+
+
+def test_validate_measures_speed_on_gpu(tmp_path):
+    from compressor import Recipe, apply
+    from compressor.testing import make_random_model
+    from compressor.validate import format_validation_report, validate_checkpoint
+
+    source = make_random_model("llama", tmp_path / "source")
+    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 64}}], "export": {}}), source, tmp_path / "w4", progress=False)
+    result = validate_checkpoint(tmp_path / "w4", "cuda", seq_len=64, max_windows=1)
+    assert result["ok"] and not result["correctness_only"]
+    assert result["speed"]["quantized"]["decode_tok_s"] > 0 and result["speed"]["dense"]["prefill_tok_s"] > 0
+    assert "decode" in format_validation_report(result)

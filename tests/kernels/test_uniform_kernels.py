@@ -1,0 +1,117 @@
+"""Uniform kernels (gemv, split-K gemm, tiled gemm, dequantize) against the fp32 reference.
+
+Every width 1..8, symmetric and asymmetric, on N = 37 (odd, not a multiple of any block) and
+K = 200 (a multiple of neither 32, 64, 128 nor the group 48), M = 1, 3, 17 and a dequantize-path M.
+"""
+
+import pytest
+import torch
+from kernel_helpers import TOLERANCE, assert_matches, rel_error
+
+from compressor.kernels.packing import pack_uniform
+from compressor.kernels.reference import exact_linear, uniform_reference
+from compressor.kernels.uniform import (
+    KernelConfig,
+    default_config,
+    uniform_dequantize,
+    uniform_linear,
+)
+
+N, K = 37, 200
+GROUPS = [32, 64, -1, 48, 128]  # 48: groups straddle blocks and words; -1: per channel
+
+SCHEDULES = [  # (M, config, dtype): each runs a different path through the kernels
+    (1, KernelConfig("gemv", block_n=32, block_k=64, split_k=2), torch.float32),  # 2 N-tiles, split-K atomics
+    (3, KernelConfig("gemm", block_m=16, block_n=64, block_k=32, split_k=3), torch.float16),  # small M, split-K tl.dot
+    (17, KernelConfig("gemm", block_m=16, block_n=32, block_k=128, split_k=1), torch.float32),  # tiled, 2 M-tiles
+    (5, KernelConfig("dequant", block_n=32, block_k=64), torch.float16),  # dequantize + F.linear
+]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_every_width_and_schedule_matches_reference(weights, bits, symmetric):
+    """fp32 activations (tolerance 1e-5: one wrong code is caught) on two schedules, fp16 on two."""
+    group = GROUPS[(bits + symmetric) % len(GROUPS)]
+    weight = weights.uniform(N, K, bits, group, symmetric)
+    packed = pack_uniform(weight)
+    for m, config, dtype in SCHEDULES:
+        x, bias = weights.x(m, K, dtype), weights.bias(N, dtype)
+        y = uniform_linear(x, packed, bias, config)
+        assert_matches(y, exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m} group={group}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("bits,symmetric,group", [(2, False, 64), (3, True, 32), (7, True, 48), (8, False, 128)])
+def test_every_schedule_in_every_activation_dtype(weights, dtype, bits, symmetric, group):
+    """bf16 / fp16 / fp32 activations with scales of the same dtype (bf16 is upcast after tl.load)."""
+    weight = weights.uniform(N, K, bits, group, symmetric, scale_dtype=dtype)
+    packed = pack_uniform(weight)
+    for m, config, _ in SCHEDULES:
+        x = weights.x(m, K, dtype)
+        bias = weights.bias(N, dtype) if m != 3 else None
+        assert_matches(uniform_linear(x, packed, bias, config), exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m}")
+
+
+def test_kernels_agree_with_the_reference_on_the_packed_tensors(weights):
+    """The torch reference that decodes the kernel layout (not the value type) agrees too."""
+    weight = weights.uniform(N, K, 6, 48, symmetric=False, scale_dtype=torch.float32)
+    packed = pack_uniform(weight)
+    x = weights.x(3, K, torch.float32)
+    expected = uniform_reference(x, packed)
+    assert rel_error(expected, exact_linear(x, weight)) < 1e-6
+    assert_matches(uniform_linear(x, packed, None, SCHEDULES[1][1]), expected, torch.float32)
+
+
+@pytest.mark.parametrize("bits", [1, 7])
+def test_blocks_smaller_than_a_packed_word_and_scale_tiles(weights, bits):
+    """BLOCK_K = 16 < the 32 codes of a 1-bit word: tiles start mid-word; group 32 > BLOCK_K and
+    group 8 < BLOCK_K exercise the one-scale-row and the scale-tile loads."""
+    for group in (32, 8):
+        weight = weights.uniform(N, K, bits, group, symmetric=group == 8)
+        x = weights.x(1, K, torch.float32)
+        config = KernelConfig("gemv", block_n=64, block_k=16, split_k=4)
+        assert_matches(uniform_linear(x, pack_uniform(weight), None, config), exact_linear(x, weight), torch.float32, f"group={group}")
+
+
+def test_non_contiguous_activations(weights):
+    weight = weights.uniform(N, K, 4, 64, symmetric=False)
+    packed = pack_uniform(weight)
+    x = weights.x(K, 17, torch.float16).t()  # [17, K] with strides (1, 17)
+    assert not x.is_contiguous()
+    for m, config, _ in SCHEDULES[1:3]:
+        assert_matches(uniform_linear(x[:m], packed, None, config), exact_linear(x[:m], weight), torch.float16, config.schedule)
+
+
+def test_default_configs_run_every_schedule(weights):
+    weight = weights.uniform(N, K, 3, 32, symmetric=True)
+    packed = pack_uniform(weight)
+    for m in (1, 17, 1030):
+        x = weights.x(m, K, torch.float16)
+        assert default_config(m, N, K, 32, x.device).schedule == ("gemv" if m == 1 else "gemm" if m < 1025 else "dequant")
+        assert_matches(uniform_linear(x, packed), exact_linear(x, weight), torch.float16, f"M={m}")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantize_kernel_is_exact_in_fp32(weights, symmetric):
+    weight = weights.uniform(N, K, 5, 48, symmetric, scale_dtype=torch.float32)
+    dense = uniform_dequantize(pack_uniform(weight), torch.float32, KernelConfig("dequant", block_n=16, block_k=32))
+    torch.testing.assert_close(dense, weight.dequantize(torch.float32), rtol=0, atol=0 if symmetric else 1e-6)
+
+
+def test_one_wrong_code_is_far_outside_the_fp32_tolerance(weights):
+    """Guard on the tolerance: flipping the low bit of a single code moves the fp32 result by
+    orders of magnitude more than the fp32 tolerance allows."""
+    weight = weights.uniform(N, K, 4, 32)
+    x = weights.x(3, K, torch.float32)
+    wrong = weight.codes.clone()
+    wrong[5, 7] ^= 1
+    broken = type(weight)(codes=wrong, scales=weight.scales, zeros=None, bits=4, group_size=32)
+    y = uniform_linear(x, pack_uniform(broken), None, SCHEDULES[1][1])
+    assert rel_error(y, exact_linear(x, weight)) > 100 * TOLERANCE[torch.float32]
+
+
+def test_shape_mismatch_is_an_error(weights):
+    packed = pack_uniform(weights.uniform(N, K, 4, 32))
+    with pytest.raises(ValueError, match="features"):
+        uniform_linear(weights.x(2, K + 1, torch.float16), packed)

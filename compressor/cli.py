@@ -89,14 +89,17 @@ def methods(markdown):
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--device", default="auto", show_default=True)
-def validate(checkpoint, device):
+@click.option("--text", default="demo", show_default=True, help="held-out text for the perplexity check")
+@click.option("--max-layers", type=int, help="check at most this many quantized layers")
+@click.option("--no-speed", is_flag=True, help="skip the tokens/s measurement on a GPU")
+def validate(checkpoint, device, text, max_layers, no_speed):
     """Check an exported CHECKPOINT's kernels against their references (and time them on a GPU)."""
     from compressor.api import resolve_device
     from compressor.validate import format_validation_report, validate_checkpoint
 
     try:
-        result = validate_checkpoint(checkpoint, device=resolve_device(device))
-    except USER_ERRORS + (ValueError,) as error:
+        result = validate_checkpoint(checkpoint, device=resolve_device(device), text=text, max_layers=max_layers, speed=False if no_speed else None)
+    except USER_ERRORS + (ValueError, RuntimeError) as error:
         fail(error)
     click.echo(format_validation_report(result))
     if not result.get("ok", True):

@@ -179,16 +179,21 @@ def load_documents(root: Path) -> list[tuple[str, str]]:
     return docs
 
 
-def split_documents(docs, split_seed, heldout_bytes, calib_bytes, max_doc_bytes):
+def split_documents(docs, split_seed, heldout_bytes, calib_bytes, min_doc_bytes=2_000,
+                    max_doc_bytes=60_000):
+    """Seeded shuffle of the (sorted) pages; held-out and calibration are filled
+    first from pages of 2-60 KB that are not table-of-contents (index.html)
+    pages; everything else is training text."""
     order = list(range(len(docs)))
     random.Random(split_seed).shuffle(order)
     held, calib, train = [], [], []
     nh = nc = 0
     for i in order:
         size = len(docs[i][1].encode())
-        if size <= max_doc_bytes and nh < heldout_bytes:
+        eligible = min_doc_bytes <= size <= max_doc_bytes and not docs[i][0].endswith("index.html")
+        if eligible and nh < heldout_bytes:
             held.append(i); nh += size
-        elif size <= max_doc_bytes and nc < calib_bytes:
+        elif eligible and nc < calib_bytes:
             calib.append(i); nc += size
         else:
             train.append(i)
@@ -226,7 +231,7 @@ def train_tokenizer(train_docs, vocab_size):
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 # --------------------------------------------------------------------------
@@ -253,30 +258,35 @@ def lr_at(step, total, peak, warmup, final_frac):
 
 
 class Batches:
-    """Epochs over a packed token stream: random shift + shuffled chunk order."""
+    """Epochs over the packed token stream, cut into blocks of ``block`` tokens
+    (the longest sequence length) after a random shift, in a seeded random
+    order. A batch of B x seq takes the next ``B*seq/block`` blocks, so changing
+    the sequence length mid-run continues through the same permutation."""
 
-    def __init__(self, stream: torch.Tensor, seed: int):
-        self.stream, self.gen = stream, torch.Generator().manual_seed(seed)
-        self.seq = None
+    def __init__(self, stream: torch.Tensor, seed: int, block: int):
+        self.stream, self.block = stream, block
+        self.gen = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.tokens_seen = 0
+        self._new_epoch()
 
-    def _new_epoch(self, seq):
-        self.seq = seq
-        shift = int(torch.randint(0, seq, (1,), generator=self.gen))
-        n = (len(self.stream) - shift) // seq
-        self.chunks = self.stream[shift: shift + n * seq].view(n, seq)
+    def _new_epoch(self):
+        shift = int(torch.randint(0, self.block, (1,), generator=self.gen))
+        n = (len(self.stream) - shift) // self.block
+        self.blocks = self.stream[shift: shift + n * self.block].view(n, self.block)
         self.order = torch.randperm(n, generator=self.gen)
         self.pos = 0
         self.epoch += 1
 
-    def next(self, bsz, seq):
-        if self.seq != seq or self.pos + bsz > len(self.order):
-            self._new_epoch(seq)
-        idx = self.order[self.pos: self.pos + bsz]
-        self.pos += bsz
-        self.tokens_seen += bsz * seq
-        return self.chunks[idx]
+    def next(self, tokens, seq):
+        k = tokens // self.block
+        assert k * self.block == tokens and self.block % seq == 0
+        if self.pos + k > len(self.order):
+            self._new_epoch()
+        idx = self.order[self.pos: self.pos + k]
+        self.pos += k
+        self.tokens_seen += tokens
+        return self.blocks[idx].reshape(-1, seq)
 
 
 @torch.no_grad()
@@ -306,16 +316,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1250, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="optimizer steps; 0 = fit the steps to --minutes (the count is fixed "
+                         "from the measured step time before warmup ends and printed)")
     ap.add_argument("--minutes", type=float, default=35.0,
-                    help="hard wall-clock cap on training (safety; the LR schedule follows --steps)")
-    ap.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step")
+                    help="training wall-clock budget (also a hard cap when --steps is given)")
+    ap.add_argument("--budget-margin", type=float, default=0.92)
+    ap.add_argument("--batch-tokens", type=int, default=2048, help="tokens per optimizer step")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--long-seq-len", type=int, default=512)
     ap.add_argument("--long-frac", type=float, default=0.15,
                     help="fraction of final steps trained at --long-seq-len (0 disables)")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--final-lr-frac", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--vocab-size", type=int, default=4096)
@@ -342,7 +355,7 @@ def main():
     root, source = find_html_root(work)
     docs = load_documents(root)
     train_docs, calib_docs, held_docs = split_documents(
-        docs, args.split_seed, args.heldout_kb * 1000, args.calib_kb * 1000, 60_000)
+        docs, args.split_seed, args.heldout_kb * 1000, args.calib_kb * 1000)
     calib_text, held_text = join_docs(calib_docs), join_docs(held_docs)
     (data_dir / "calibration.txt").write_text(calib_text, encoding="utf-8")
     (data_dir / "heldout.txt").write_text(held_text, encoding="utf-8")
@@ -394,16 +407,29 @@ def main():
         return loss.detach()
 
     step_fn = loss_fn if args.no_compile else torch.compile(loss_fn, dynamic=False)
-    batches = Batches(stream_t, args.seed)
-    long_start = args.steps - int(round(args.long_frac * args.steps)) if args.long_frac > 0 else args.steps
+    batches = Batches(stream_t, args.seed, max(args.seq_len, args.long_seq_len))
     model.train()
     t_train = time.time()
     deadline = t_train + args.minutes * 60
-    ema, step = None, 0
-    for step in range(args.steps):
-        seq = args.long_seq_len if step >= long_start else args.seq_len
-        x = batches.next(args.batch_tokens // seq, seq)
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.final_lr_frac)
+    total = args.steps  # 0: decided from the measured step time during warmup
+    probe_from, probe_to = 5, min(args.warmup - 1, 35)
+    long_start = lambda n: n - int(round(args.long_frac * n)) if args.long_frac > 0 else n
+    ema, step, t_probe = None, 0, None
+    while total == 0 or step < total:
+        if total == 0 and step == probe_from:
+            t_probe = time.time()
+        if total == 0 and step == probe_to:
+            # Fix the step count before warmup ends: the LR at every step is then
+            # exactly what `--steps <total>` gives, so the run can be replayed.
+            per_step = (time.time() - t_probe) / (probe_to - probe_from)
+            left = deadline - time.time() - (90 if args.long_frac > 0 else 0)  # 2nd compile
+            n = left / per_step / (1 + 0.15 * args.long_frac) * args.budget_margin
+            total = max(args.warmup + 10, step + int(n))
+            print(f"measured {per_step:.2f} s/step -> total steps {total} "
+                  f"(replay with --steps {total})", flush=True)
+        seq = args.long_seq_len if total and step >= long_start(total) else args.seq_len
+        x = batches.next(args.batch_tokens, seq)
+        lr = lr_at(step, max(total, args.warmup + 1), args.lr, args.warmup, args.final_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         loss = float(step_fn(x))
@@ -411,18 +437,19 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
-        if step % args.log_every == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == total - 1:
             el = time.time() - t_train
             print(f"step {step:5d} seq {seq} loss {loss:.4f} ema {ema:.4f} lr {lr:.2e} "
                   f"epoch {batches.epoch} tokens {batches.tokens_seen:,} "
                   f"{batches.tokens_seen/max(el,1e-9):,.0f} tok/s elapsed {el/60:.1f} min", flush=True)
-        if step > 0 and step % 250 == 0:
-            nll, n, _ = window_nll(model, calib_ids, args.eval_window, max_windows=40)
-            print(f"  calibration ppl (40 windows) {math.exp(nll/n):.2f}", flush=True)
-        if time.time() > deadline:
+        if step > 0 and step % 200 == 0:
+            nll, n, _ = window_nll(model, calib_ids, args.eval_window, max_windows=20)
+            print(f"  calibration ppl (first 20 windows) {math.exp(nll/n):.2f}", flush=True)
+        step += 1
+        if time.time() > deadline and step < max(total, 1):
             print(f"wall-clock cap of {args.minutes} min reached at step {step}", flush=True)
             break
-    steps_done = step + 1
+    steps_done = step
     train_s = time.time() - t_train
     print(f"training: {steps_done} steps, {batches.tokens_seen:,} tokens, {train_s/60:.1f} min "
           f"({batches.epoch} epoch starts)")

@@ -24,29 +24,18 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def methods_table() -> str:
+    """The newest quality benchmark, rendered by the benchmark's own table function."""
     import json
 
     results = sorted((ROOT / "benchmarks" / "results").glob("quality-*.json"))
     if not results:
         return "_No quality benchmark has been recorded yet: run `python benchmarks/quality.py`._\n"
+    from benchmarks.quality import describe, markdown_table
+
     latest = json.loads(results[-1].read_text())
-    lines = [
-        f"Measured by `{latest['command']}` on {latest['date']} ({latest['machine']}), model `{latest['model']}`, "
-        f"{latest['eval']['windows']} held-out windows of {latest['eval']['seq_len']} tokens.",
-        "",
-        "| method | recipe | bits/weight | perplexity | gap to fp | mean KL (nats) | time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in latest["rows"]:
-        if row.get("error"):
-            lines.append(f"| {row['method']} | {row.get('recipe') or '-'} | - | - | - | - | not run: {row['error']} |")
-            continue
-        kl = "-" if row.get("kl") is None else f"{row['kl']:.4f}"
-        gap = "-" if row.get("gap") is None else f"{row['gap']:+.3f}"
-        bits = "-" if row.get("bits_per_weight") is None else f"{row['bits_per_weight']:.3f}"
-        seconds = "-" if row.get("seconds") is None else f"{row['seconds']:.1f}"
-        lines.append(f"| {row['method']} | {row.get('recipe') or '-'} | {bits} | {row['perplexity']:.3f} | {gap} | {kl} | {seconds} |")
-    return "\n".join(lines) + "\n"
+    plot = results[-1].with_suffix(".png")
+    link = f"\n![perplexity against bits per weight]({plot.relative_to(ROOT)})\n" if plot.is_file() else ""
+    return f"{describe(latest)}\n\n{markdown_table(latest)}{link}"
 
 
 def render(text: str) -> str:

@@ -4,6 +4,11 @@ It holds the tensors of a quantized value type (see ``formats.py``) as buffers, 
 and ``state_dict`` work as for any module, and computes ``y = x W^T + b`` through
 ``compressor.kernels.qlinear``, which picks a Triton kernel on a GPU and the torch reference
 elsewhere.
+
+For quantization-aware training, ``train_tensors(["scales"])`` holds chosen value tensors as fp32
+``nn.Parameter``s (parameters keep their identity and gradients when the module moves between
+devices; buffers do not); while any is trainable, the forward dequantizes with torch, which has a
+backward (the kernels do not). ``freeze()`` turns them back into buffers of their former dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +29,24 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(name, getattr(weight, name))
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.out_features, self.in_features = weight.shape
+        self.trained_dtypes: dict[str, torch.dtype] = {}  # value tensors now held as trainable parameters
+
+    def train_tensors(self, names: list[str]) -> list[nn.Parameter]:
+        """Hold the named value tensors as trainable fp32 parameters (the rest stay frozen buffers)."""
+        parameters = []
+        for name in names:
+            tensor = self._buffers.pop(name)
+            self.trained_dtypes[name] = tensor.dtype
+            self.register_parameter(name, nn.Parameter(tensor.detach().float()))
+            parameters.append(getattr(self, name))
+        return parameters
+
+    def freeze(self) -> None:
+        """Trained tensors back to buffers in their former dtype (integer ones are rounded first)."""
+        for name, dtype in self.trained_dtypes.items():
+            value = self._parameters.pop(name).detach()
+            self.register_buffer(name, value.to(dtype) if dtype.is_floating_point else value.round().to(dtype))
+        self.trained_dtypes = {}
 
     @property
     def quantized_weight(self):
@@ -32,8 +55,10 @@ class QuantizedLinear(nn.Module):
         return self.weight_type(**tensors, **self.weight_static)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from compressor.kernels import qlinear
+        from compressor.kernels import qlinear, reference_linear
 
+        if self.trained_dtypes and torch.is_grad_enabled():
+            return reference_linear(x, self.quantized_weight, self.bias)
         return qlinear(x, self.quantized_weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,389 @@
+"""EfficientQAT: Block-AP then E2E-QP (Chen et al., "EfficientQAT: Efficient Quantization-Aware
+Training for Large Language Models", arXiv 2407.11062; official code OpenGVLab/EfficientQAT).
+
+Uniform, group-wise integer weights (``UniformWeight``, so the compressed-tensors exporter and the
+kernels take them unchanged) found by quantization-aware training in two phases:
+
+**Block-AP** (``efficientqat_block_ap``, a layer step; ``quantize/block_ap.py``). For each decoder
+block in turn, every linear gets a fake quantizer ``W_hat = (clamp(round(W/s) + z, 0, 2^b-1) - z) * s``
+with straight-through rounding (``z`` itself rounded and clamped to the grid with a STE), initialised
+from the min-max range of each group. All of the block's weights, the norm gains (the official code
+selects every parameter named ``*weight*``) and every ``s`` and ``z`` are trained together with AdamW
+(two groups: ``quant_lr`` for s and z, ``weight_lr`` for the rest; weight decay 0; each with its own
+cosine from lr to lr / ``min_lr_factor``, stepped per batch; batches in a fixed order; no gradient
+clipping) to minimise the MSE between the quantized block fed the outputs of the already-quantized
+blocks before it and the fp block fed fp inputs. So two activation streams run: the session's
+inputs are the quantized chain; the step keeps the fp chain itself (the fp block's outputs on the
+fp inputs are this block's targets and the next block's fp inputs). The trained block is then frozen
+to integer codes with its scales and zero points.
+
+**E2E-QP** (``efficientqat_e2e_qp``, a model step; ``main_e2e_qp.py``). With the integer codes (and
+zero points) frozen, only the step sizes of every quantized linear are trained, in fp32, end to end
+with the next-token loss on the calibration tokens through ``context.forward_backward`` (block by
+block, so memory is the model plus gradients and AdamW state for the scales only): AdamW, weight
+decay 0, gradients clipped to norm 0.3, cosine schedule with 3 % linear warmup. ``train_zeros: true``
+also trains the zero points (rounded and clamped with a STE, so they stay integers); the official
+code does not.
+
+Defaults are the official code's: Block-AP ``main_block_ap.py`` (4 bits, group 128, 2 epochs, batch
+2, quant_lr 1e-4, weight_lr 1e-5 with 2e-5 for 2 bits as in ``examples/block_ap/*/w2*.sh``,
+min_lr_factor 20, min-max init) on 4096 RedPajama windows of 2048 tokens (+64 for validation);
+E2E-QP ``examples/e2e_qp/Llama-2-7b/*-redpajama.sh`` (lr 2e-5 for 2 bits, 1e-5 for 3 and 4, 32
+sequences per step as 4 x 8 accumulation, 1 epoch, 4096 windows of 4096 tokens). The calibration
+set is the recipe's ``calibration`` section. The recipes in ``recipes/efficientqat-*.yaml`` scale
+the data down for the bundled demo model on a CPU (16-128 windows of 512 tokens) and make up for it
+with more epochs and smaller batches; they say so.
+
+Deviations from the official code, and why:
+
+* Init: the min-max range of each group is widened to include 0 (``uniform.minmax_params``, the
+  convention of RTN and compressed-tensors), so the untrained quantizer *is* asymmetric RTN and the
+  zero point always lies on the grid. The official init uses the raw min and max, which for a group
+  of one sign puts ``z`` off the grid, and its forward then clamps it.
+* Scales are clamped to ``[1e-8, 1e4]`` in the forward instead of ``[1e-4, 1e4]``: 1e-4 is coarser
+  than the 8-bit step of small weights, and must not change the grid RTN would choose.
+* Training runs in fp32 without AMP (the official code uses fp16 autocast with loss scaling); the
+  stored scales are rounded to the export dtype before the codes are computed, as everywhere here.
+* No validation split or early stopping in Block-AP (the official early stop is off by default);
+  the report records each block's reconstruction MSE with the min-max (RTN) init and after training.
+* ``symmetric: true`` is offered (z fixed at 2^(b-1), only s and W trained): the paper is
+  asymmetric, which is our default, but transformers cannot load packed asymmetric zero points
+  (llm-compressor#1618; vLLM and ``compressor.export.load_quantized_model`` can), see ``rtn.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compressor.quant.formats import UniformWeight
+from compressor.quant.linear import QuantizedLinear
+from compressor.quant.uniform import check_group_size, minmax_params, quantize_codes, relative_error, storable_scale
+from compressor.recipe import Step, param, register_step
+from compressor.report import peak_memory
+
+SCALE_MIN, SCALE_MAX = 1e-8, 1e4
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantizer (both phases)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward, identity in the backward (straight-through estimator)."""
+    return x + (x.round() - x).detach()
+
+
+def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return x + (x.clamp(low, high) - x).detach()
+
+
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """``W_hat`` [N, K] on the grid of per-group ``scale`` [N, G] and ``zero`` [N, G] (float, trained;
+    None: symmetric, z = 2^(b-1)), differentiable in all three: STE rounding of ``W/s`` and of ``z``,
+    a hard clamp of the codes to ``[0, 2^b - 1]`` (no gradient to W outside the range)."""
+    n, k = weight.shape
+    qmax = 2**bits - 1
+    s = clamp_ste(scale, SCALE_MIN, SCALE_MAX).unsqueeze(-1)
+    z = clamp_ste(round_ste(zero), 0, qmax).unsqueeze(-1) if zero is not None else 2 ** (bits - 1)
+    codes = (round_ste(weight.reshape(n, scale.shape[1], -1) / s) + z).clamp(0, qmax)
+    return ((codes - z) * s).reshape(n, k)
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear whose weight passes through ``fake_quantize`` while W, s and z train together (fp32).
+    The bias stays frozen, as in the official code."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int, symmetric: bool):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        self.weight = nn.Parameter(linear.weight.detach().float())
+        scale, zero = minmax_params(self.weight.detach(), bits, group_size, symmetric, torch.float32)
+        self.scale = nn.Parameter(scale)
+        self.zero = nn.Parameter(zero.float()) if zero is not None else None
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = fake_quantize(self.weight, self.scale, self.zero, self.bits)
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def freeze(self, scale_dtype: torch.dtype) -> UniformWeight:
+        """Integer codes and the stored scales and zeros; scales are rounded to ``scale_dtype`` first."""
+        scale = storable_scale(self.scale.clamp(SCALE_MIN, SCALE_MAX), scale_dtype)
+        zero = None if self.zero is None else self.zero.round().clamp(0, 2**self.bits - 1).to(torch.int32)
+        codes = quantize_codes(self.weight, scale, zero, self.bits, self.group_size)
+        return UniformWeight(codes=codes, scales=scale, zeros=zero, bits=self.bits, group_size=self.group_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-AP
+
+
+def cosine_lr(base: float, floor: float, step: int, total: int) -> float:
+    """Cosine annealing from ``base`` (step 0) towards ``floor`` (step ``total``)."""
+    return floor + (base - floor) * (1 + math.cos(math.pi * step / max(total, 1))) / 2
+
+
+def cast_floating(value, dtype: torch.dtype):
+    """``value`` (a tensor, or tuples/lists/dicts of them) with floating tensors cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floating(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floating(v, dtype) for k, v in value.items()}
+    return value
+
+
+def slice_batch(value, rows: slice, batch: int):
+    """Rows ``rows`` of every tensor in ``value`` whose first dim is the batch (masks); others as is."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(slice_batch(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: slice_batch(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def micro_batches(inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict], size: int) -> list[tuple]:
+    """(input, target, kwargs) of ``size`` samples each, cut from the session's batches, in order."""
+    batches = []
+    for x, y, kw in zip(inputs, targets, kwargs):
+        for start in range(0, len(x), size):
+            rows = slice(start, start + size)
+            batches.append((x[rows], y[rows], slice_batch(kw, rows, len(x))))
+    return batches
+
+
+def first_output(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def block_mse(block: nn.Module, batches: list[tuple]) -> float:
+    """Mean reconstruction MSE of ``block`` over ``batches`` (sample-weighted)."""
+    total = count = 0.0
+    with torch.no_grad():
+        for x, y, kw in batches:
+            dtype = next(block.parameters()).dtype
+            out = first_output(block(x.to(dtype), **cast_floating(kw, dtype)))
+            total += float(F.mse_loss(out.float(), y.float())) * len(x)
+            count += len(x)
+    return total / max(count, 1)
+
+
+def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_norms: bool) -> list[dict]:
+    """AdamW groups: s and z of every fake-quantized linear at ``quant_lr``; their weights, and with
+    ``train_norms`` every other parameter of the block (the norm gains), at ``weight_lr``. Only these
+    require grad afterwards."""
+    block.requires_grad_(False)
+    fake = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
+    quant = [p for m in fake for p in (m.scale, m.zero) if p is not None]
+    weights = [m.weight for m in fake]
+    if train_norms:
+        owned = {id(p) for m in fake for p in m.parameters()}
+        weights += [p for p in block.parameters() if id(p) not in owned and p.is_floating_point()]
+    groups = [g for g in ({"params": quant, "lr": quant_lr}, {"params": weights, "lr": weight_lr}) if g["lr"] > 0]
+    for group in groups:
+        for parameter in group["params"]:
+            parameter.requires_grad_(True)
+    return groups
+
+
+def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epochs: int, min_lr_factor: float) -> list[float]:
+    """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch; mean loss per epoch."""
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    bases = [group["lr"] for group in optimizer.param_groups]
+    total, step, epoch_losses = epochs * len(batches), 0, []
+    with torch.enable_grad():
+        for _ in range(epochs):
+            losses = []
+            for x, y, kw in batches:
+                for group, base in zip(optimizer.param_groups, bases):
+                    group["lr"] = cosine_lr(base, base / min_lr_factor, step, total)
+                out = first_output(block(x.float(), **cast_floating(kw, torch.float32)))
+                loss = F.mse_loss(out, y.float())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"efficientqat_block_ap: the reconstruction loss became {float(loss)}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss))
+                step += 1
+            epoch_losses.append(sum(losses) / len(losses))
+    block.requires_grad_(False)
+    return epoch_losses
+
+
+@register_step("efficientqat_block_ap")
+@dataclass
+class EfficientQATBlockAP(Step):
+    """EfficientQAT Block-AP: per block, train weights, scales and zero points (STE) to reconstruct its fp outputs."""
+
+    bits: int = param(4, "bits per weight", choices=range(2, 9))
+    group_size: int = param(128, "input columns sharing one scale and zero point; -1 for one per output row")
+    symmetric: bool = param(False, "fixed mid-point zero (transformers loads it); false: trained zero points, as in the paper")
+    epochs: int = param(2, "passes over the calibration samples per block (0: min-max init only, i.e. RTN)", min=0)
+    batch_size: int = param(2, "samples per optimizer step", min=1)
+    quant_lr: float = param(1e-4, "AdamW learning rate of scales and zero points (0: frozen)", min=0.0)
+    weight_lr: float | None = param(None, "AdamW learning rate of the weights and norm gains (0: frozen); default 2e-5 at 2 bits, 1e-5 otherwise", min=0.0)
+    min_lr_factor: float = param(20.0, "each cosine schedule ends at lr / min_lr_factor", min=1.0)
+    train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
+    ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
+
+    _fp_inputs = None  # the fp chain: outputs of the fp blocks so far (not a recipe key)
+
+    def check(self) -> None:
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
+        if self.epochs > 0 and self.quant_lr == 0 and self.learning_rate_of_weights == 0:
+            raise ValueError("quant_lr: quant_lr and weight_lr are both 0, so nothing would train; set epochs: 0 for the min-max init alone")
+
+    @property
+    def learning_rate_of_weights(self) -> float:
+        if self.weight_lr is not None:
+            return self.weight_lr
+        return 2e-5 if self.bits == 2 else 1e-5
+
+    def compress_block(self, context) -> None:
+        started = time.perf_counter()
+        linears = context.linears(self.ignore)
+        for name, linear in linears.items():
+            check_group_size(f"{context.prefix}.{name}", linear.in_features, self.group_size)
+        # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours.
+        fp_inputs = context.inputs if context.index == 0 else self._fp_inputs
+        targets = context.forward(inputs=fp_inputs)  # the fp block on fp inputs
+        self._fp_inputs = None if context.index == len(context.session.handle.blocks) - 1 else targets
+
+        block, dtype = context.block, next(context.block.parameters()).dtype
+        originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+        fake = {name: FakeQuantLinear(linear, self.bits, self.group_size, self.symmetric) for name, linear in linears.items()}
+        for name, module in fake.items():
+            block.set_submodule(name, module)
+        block.float()
+        batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
+        mse_init = block_mse(block, batches)
+        losses = []
+        if self.epochs > 0:
+            groups = trainable_groups(block, self.quant_lr, self.learning_rate_of_weights, self.train_norms)
+            losses = train_block(block, batches, groups, self.epochs, self.min_lr_factor)
+        quantized = {name: module.freeze(context.scale_dtype) for name, module in fake.items()}
+        block.to(dtype)  # the trained norm gains and the biases back to the pass dtype
+        for name, value in quantized.items():
+            context.replace_linear(name, value)
+            context.record(name, error=relative_error(originals[name], value), bits_per_weight=value.bits_per_weight())
+        context.record(
+            "block_ap", mse_init=mse_init, mse_final=block_mse(block, batches), loss_first_epoch=losses[0] if losses else None,
+            loss_last_epoch=losses[-1] if losses else None, steps=self.epochs * len(batches), seconds=time.perf_counter() - started,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# E2E-QP
+
+
+class RoundToGrid(nn.Module):
+    """Parametrization of trained zero points: rounded and clamped to ``[0, qmax]`` with a STE."""
+
+    def __init__(self, qmax: int):
+        super().__init__()
+        self.qmax = qmax
+
+    def forward(self, zero: torch.Tensor) -> torch.Tensor:
+        return clamp_ste(round_ste(zero), 0, self.qmax)
+
+
+def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (transformers' schedule,
+    counted so that the first step already has a nonzero rate)."""
+    if step < warmup:
+        return base * (step + 1) / (warmup + 1)
+    return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+@register_step("efficientqat_e2e_qp")
+@dataclass
+class EfficientQATE2EQP(Step):
+    """EfficientQAT E2E-QP: train only the step sizes of the quantized linears end to end, integer codes frozen."""
+
+    lr: float = param(2e-5, "AdamW learning rate of the scales (official scripts: 2e-5 at 2 bits, 1e-5 at 3 and 4)", min=0.0)
+    epochs: int = param(1, "passes over the calibration tokens", min=1)
+    batch_size: int = param(32, "sequences per optimizer step", min=1)
+    micro_batch_size: int = param(4, "sequences per forward and backward (gradients accumulate over a step)", min=1)
+    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup", min=0.0, max=1.0)
+    max_grad_norm: float | None = param(0.3, "clip the scales' gradient norm (null: no clipping)", min=0.0)
+    train_zeros: bool = param(False, "also train the zero points (integers, by STE); the official code does not")
+    zero_lr: float = param(1e-4, "AdamW learning rate of the zero points, with train_zeros", min=0.0)
+    seed: int = param(42, "seed of the sample order (shuffled every epoch)")
+    ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
+
+    kind = "model"
+
+    def compress_model(self, context) -> None:
+        from compressor.pipeline import matches_any  # (the pipeline imports the quantizers)
+
+        started = time.perf_counter()
+        modules = {
+            name: m for name, m in context.model.named_modules()
+            if isinstance(m, QuantizedLinear) and m.weight_type is UniformWeight and not matches_any(name, self.ignore)
+        }
+        if not modules:
+            raise ValueError(f"{self.name}: the model has no uniform quantized linears; put a quantizer such as efficientqat_block_ap or rtn before it")
+        scales, zeros = [], []
+        for module in modules.values():
+            scales += module.train_tensors(["scales"])
+            if self.train_zeros and module.zeros is not None:
+                zeros += module.train_tensors(["zeros"])
+                parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
+        groups = [{"params": scales, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        bases = [group["lr"] for group in optimizer.param_groups]
+
+        tokens = context.calibration_tokens()
+        steps_per_epoch = math.ceil(len(tokens) / self.batch_size)
+        total = self.epochs * steps_per_epoch
+        warmup = math.ceil(self.warmup_ratio * total)
+        generator = torch.Generator().manual_seed(self.seed)
+        losses, step = [], 0
+        try:
+            for _ in range(self.epochs):
+                order = torch.randperm(len(tokens), generator=generator)
+                for batch in tokens[order].split(self.batch_size):
+                    for group, base in zip(optimizer.param_groups, bases):
+                        group["lr"] = warmup_cosine_lr(base, step, total, warmup)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = 0.0
+                    for micro in batch.split(self.micro_batch_size):
+                        weight = len(micro) / len(batch)  # the step's loss is the mean over its sequences
+                        loss += context.forward_backward(micro.to(context.device), lambda logits, ids, w=weight: next_token_loss(logits, ids) * w)
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"{self.name}: the training loss became {loss}")
+                    if self.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(scales + zeros, self.max_grad_norm)
+                    optimizer.step()
+                    losses.append(loss)
+                    step += 1
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            for module in modules.values():
+                if parametrize.is_parametrized(module, "zeros"):
+                    parametrize.remove_parametrizations(module, "zeros", leave_parametrized=True)
+                with torch.no_grad():  # stay positive in the storage dtype (storable_scale's rule)
+                    module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
+                module.freeze()
+        context.record(
+            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=step,
+            trainable_parameters=sum(p.numel() for p in scales + zeros), seconds=time.perf_counter() - started,
+            **peak_memory(context.device),
+        )

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compressor.blockwise import first_output, next_token_loss
 from compressor.quant.formats import UniformWeight
 from compressor.quant.linear import QuantizedLinear
 from compressor.quant.uniform import check_group_size, minmax_params, quantize_codes, relative_error, storable_scale
@@ -163,10 +164,6 @@ def micro_batches(inputs: list[torch.Tensor], targets: list[torch.Tensor], kwarg
     return batches
 
 
-def first_output(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def block_mse(block: nn.Module, batches: list[tuple]) -> float:
     """Mean reconstruction MSE of ``block`` over ``batches`` (sample-weighted)."""
     total = count = 0.0
@@ -215,7 +212,7 @@ def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epoc
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 step += 1
             epoch_losses.append(sum(losses) / len(losses))
     block.requires_grad_(False)
@@ -306,10 +303,6 @@ def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / (warmup + 1)
     return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
-
-
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
 @register_step("efficientqat_e2e_qp")

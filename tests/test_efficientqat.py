@@ -68,15 +68,18 @@ def test_ste_gradients_match_the_closed_form(bits):
     weight = torch.randn(8, 64, generator=generator, dtype=torch.float64)
     scale, zero = minmax_params(weight, bits, 32, False, torch.float64)
     scale = (scale * 0.6).requires_grad_(True)  # a narrower grid: many codes clamp
-    zero = (zero.double() + torch.randint(-1, 2, zero.shape, generator=generator)).clamp(0, 2**bits - 1).requires_grad_(True)
+    zero = (zero.double() + torch.randint(-1, 2, zero.shape, generator=generator)).clamp(0, 2**bits - 1)
+    zero = (zero + torch.rand(zero.shape, generator=generator, dtype=torch.float64) * 0.8 - 0.4).requires_grad_(True)  # trained z is real
     weight.requires_grad_(True)
-    fake_quantize(weight, scale, zero, bits).sum().backward()
+    w_hat = fake_quantize(weight, scale, zero, bits)
+    w_hat.sum().backward()
 
-    s, z = scale.detach().repeat_interleave(32, 1), zero.detach().repeat_interleave(32, 1)
+    s, z = scale.detach().repeat_interleave(32, 1), zero.detach().round().repeat_interleave(32, 1)  # the forward uses round(z)
     ratio = weight.detach() / s
     value = ratio.round() + z
     inside = (value >= 0) & (value <= 2**bits - 1)
     assert inside.any() and (~inside).any()
+    torch.testing.assert_close(w_hat.detach(), (value.clamp(0, 2**bits - 1) - z) * s)
     torch.testing.assert_close(weight.grad, inside.double())
     d_scale = torch.where(inside, ratio.round() - ratio, value.clamp(0, 2**bits - 1) - z)
     torch.testing.assert_close(scale.grad, d_scale.reshape(8, 2, 32).sum(-1))

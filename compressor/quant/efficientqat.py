@@ -46,6 +46,9 @@ Deviations from the official code, and why:
   stored scales are rounded to the export dtype before the codes are computed, as everywhere here.
 * No validation split or early stopping in Block-AP (the official early stop is off by default);
   the report records each block's reconstruction MSE with the min-max (RTN) init and after training.
+* E2E-QP trains on the recipe's calibration windows (one source for both phases; the paper uses a
+  separate RedPajama or Alpaca set), reshuffled each epoch; its warmup starts at lr / (warmup + 1)
+  rather than at 0, so no step is wasted when there are only a few.
 * ``symmetric: true`` is offered (z fixed at 2^(b-1), only s and W trained): the paper is
   asymmetric, which is our default, but transformers cannot load packed asymmetric zero points
   (llm-compressor#1618; vLLM and ``compressor.export.load_quantized_model`` can), see ``rtn.py``.

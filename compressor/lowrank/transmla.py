@@ -39,9 +39,13 @@ Where DeepSeek-V3's layout cannot hold the converted model exactly:
   attention, RoPE scaling other than the default and MLP biases: refused.
 
 Defaults and deviations from the official code: ``kv_cache_ratio: 0.25`` (official: ``kv_lora_rank
-512`` + 64 rotary dims, i.e. 0.28 of Llama-3-8B's cache); ``qk_rope_head_dim`` = head_dim / 2 and
-``freqfold`` = 2 x head_dim / qk_rope_head_dim (the official defaults for head_dim 128: 64 and 4;
-no ``auto`` search, which needs whole-model evaluations). Calibration is sequential (block i sees
+512`` + 64 rotary dims, i.e. 0.28 of Llama-3-8B's cache);
+``qk_rope_head_dim`` = the largest divisor of head_dim within half the per-token cache budget
+(with ``kv_lora_rank`` given: head_dim itself), because rotary dims are where the loss is: on the
+demo model at half the cache, 32 rotary dims give perplexity 102 and 16 give 132 (fp 94.7);
+``freqfold`` = 2 x head_dim / qk_rope_head_dim (the official default for head_dim 128 and 64 rotary
+dims is 4; no ``auto`` search, which needs whole-model evaluations). For vLLM's fast MLA kernels
+choose ``kv_lora_rank: 512, qk_rope_head_dim: 64`` explicitly. Calibration is sequential (block i sees
 the outputs of the converted blocks before it; official converts all layers from the original
 model's activations). K/V balancing uses all value dims (official skips the first 64 of the value,
 an indexing slip). No ``q_lora_rank`` (DeepSeek-V2-Lite's plain ``q_proj``). Grams, not stored
@@ -270,7 +274,10 @@ def mla_sizes(config, kv_lora_rank: int | None, kv_cache_ratio: float | None, ro
     """(kv_lora_rank, rope_dim, freqfold) for this model, checked; errors name the step key."""
     geometry = attention_geometry(config)
     d, latent = geometry.head_dim, geometry.num_kv_heads * geometry.head_dim
-    r = rope_dim if rope_dim is not None else d // 2
+    if rope_dim is None:  # the largest even divisor of head_dim within half the cache budget (head_dim with a given rank)
+        budget = d if kv_lora_rank is not None else kv_cache_ratio * 2 * latent / 2
+        rope_dim = max([r for r in range(2, d + 1, 2) if d % r == 0 and r <= budget] or [2])
+    r = rope_dim
     if r < 2 or r % 2 or r > latent:
         raise ValueError(f"{where}.qk_rope_head_dim: {r} must be even and between 2 and num_key_value_heads * head_dim = {latent}")
     ff = freqfold if freqfold is not None else max(1, 2 * d // r)
@@ -310,7 +317,7 @@ class TransMLA(Step):
 
     kv_cache_ratio: float = param(0.25, "KV cache per token after / before (latent + rotary key vs all keys and values)", min=0.0, max=1.0)
     kv_lora_rank: int | None = param(None, "latent size per token and layer; overrides kv_cache_ratio", min=1)
-    qk_rope_head_dim: int | None = param(None, "dims of the shared rotary key; null: head_dim / 2 (must divide head_dim)", min=2)
+    qk_rope_head_dim: int | None = param(None, "dims of the shared rotary key (must divide head_dim); null: the largest that is at most half the cache budget", min=2)
     freqfold: int | None = param(None, "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim", min=1)
     balance_kv: bool = param(True, "equalise key and value norms before their joint PCA")
     damp: float = param(0.01, "PCA damping, a fraction of the Gram's mean diagonal", min=0.0)

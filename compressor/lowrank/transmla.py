@@ -369,3 +369,93 @@ class TransMLA(Step):
             rope_energy=round(weights.rope_energy, 5), kv_energy=round(weights.kv_energy, 5),
             block_output_error=math.sqrt(error),
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Healing: distillation towards the original model
+
+
+def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teacher_top_index: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over the teacher's top-k tokens plus one bucket holding
+    the rest of the vocabulary: exact for that coarsened distribution, and k numbers per token."""
+    logp = torch.log_softmax(student_logits.float(), -1)
+    student_top = logp.gather(-1, teacher_top_index)
+    teacher_p = teacher_top_logp.exp()
+    teacher_rest = (1 - teacher_p.sum(-1)).clamp_min(1e-12)
+    student_rest = (1 - student_top.exp().sum(-1)).clamp_min(1e-12)
+    kl = (teacher_p * (teacher_top_logp - student_top)).sum(-1) + teacher_rest * (teacher_rest.log() - student_rest.log())
+    return kl.mean()
+
+
+@torch.no_grad()
+def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k: int, batch_size: int):
+    """Top-k next-token log-probabilities of the model at ``path`` (read again from its checkpoint,
+    run block by block), on the CPU: ``k`` values and indices per token instead of the vocabulary."""
+    from compressor.blockwise import BlockwiseModel
+    from compressor.model import ModelHandle
+
+    teacher = ModelHandle.open(path)
+    for name in teacher.outside_block_modules():
+        teacher.materialize(name, device, dtype)
+    for index in range(len(teacher.blocks)):
+        teacher.materialize(teacher.block_prefix(index), "cpu" if offloaded else device, dtype)
+    if teacher.tied_embeddings:
+        teacher.model.tie_weights()
+    runner = BlockwiseModel(teacher, device, offloaded)
+    values, indices = [], []
+    for batch in tokens.split(batch_size):
+        top = torch.log_softmax(runner.logits(batch), -1).topk(k, dim=-1)
+        values.append(top.values.cpu())
+        indices.append(top.indices.cpu())
+    teacher.release(teacher.model)
+    return torch.cat(values), torch.cat(indices)
+
+
+@register_step("transmla_heal")
+@dataclass
+class TransMLAHeal(Step):
+    """Healing after transmla: distil the converted model towards the original's next-token distributions."""
+
+    kind = "model"
+
+    epochs: int = param(2, "passes over the calibration set", min=1)
+    lr: float = param(3e-4, "AdamW learning rate", min=0.0)
+    batch_size: int = param(4, "sequences per optimizer step", min=1)
+    top_k: int = param(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)", min=1)
+    train: str = param("attention", "what learns: the converted attention layers, or every block weight", choices=("attention", "all"))
+
+    def compress_model(self, context) -> None:
+        blocks = context.session.handle.blocks
+        attentions = [m for block in blocks for m in block.modules() if isinstance(m, MLAAttention)]
+        if not attentions:
+            raise ValueError("transmla_heal: the model has no converted attention; put a transmla step before it")
+        tokens = context.calibration_tokens()
+        teacher_logp, teacher_index = teacher_top_k(
+            context.session.handle.path, tokens, context.device, context.compute_dtype, context.offloaded, self.top_k, self.batch_size
+        )
+        owners = attentions if self.train == "attention" else list(blocks)
+        parameters = [p for owner in owners for p in owner.parameters() if p.is_floating_point()]
+        for p in parameters:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=0.0)
+        losses = []
+        try:
+            for epoch in range(self.epochs):
+                order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(epoch))
+                for start in range(0, len(tokens), self.batch_size):
+                    rows = order[start : start + self.batch_size]
+                    top_logp = teacher_logp[rows].to(context.device)
+                    top_index = teacher_index[rows].to(context.device)
+                    loss = context.forward_backward(tokens[rows], lambda logits, _ids: coarse_kl(logits, top_logp, top_index))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss)
+        finally:
+            for p in parameters:
+                p.requires_grad_(False)
+                p.grad = None
+        steps_per_epoch = -(-len(tokens) // self.batch_size)
+        context.record(
+            "model", first_epoch_kl=sum(losses[:steps_per_epoch]) / steps_per_epoch,
+            last_epoch_kl=sum(losses[-steps_per_epoch:]) / steps_per_epoch, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),
+        )

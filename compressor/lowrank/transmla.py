@@ -43,7 +43,7 @@ Defaults and deviations from the official code: ``kv_cache_ratio: 0.25`` (offici
 ``qk_rope_head_dim`` = the largest divisor of head_dim within half the per-token cache budget
 (with ``kv_lora_rank`` given: head_dim itself), because rotary dims are where the loss is: on the
 demo model at half the cache, 32 rotary dims give perplexity 102 and 16 give 132 (fp 94.7);
-``freqfold`` = 2 x head_dim / qk_rope_head_dim (the official default for head_dim 128 and 64 rotary
+``freqfold`` = 2 x head_dim / qk_rope_head_dim, at most head_dim / 2 (the official default for head_dim 128 and 64 rotary
 dims is 4; no ``auto`` search, which needs whole-model evaluations). For vLLM's fast MLA kernels
 choose ``kv_lora_rank: 512, qk_rope_head_dim: 64`` explicitly. Calibration is sequential (block i sees
 the outputs of the converted blocks before it; official converts all layers from the original
@@ -280,7 +280,12 @@ def mla_sizes(config, kv_lora_rank: int | None, kv_cache_ratio: float | None, ro
     r = rope_dim
     if r < 2 or r % 2 or r > latent:
         raise ValueError(f"{where}.qk_rope_head_dim: {r} must be even and between 2 and num_key_value_heads * head_dim = {latent}")
-    ff = freqfold if freqfold is not None else max(1, 2 * d // r)
+    if d % r:
+        raise ValueError(
+            f"{where}.qk_rope_head_dim: {r} does not divide head_dim {d}, so the rotary frequencies kept are not those of a "
+            "DeepSeek-V3 rotary embedding"
+        )
+    ff = freqfold if freqfold is not None else min(2 * d // r, d // 2)
     if (d // 2) % ff or (r * ff) % d or r * ff // d > geometry.num_kv_heads * ff:
         raise ValueError(
             f"{where}.freqfold: {ff} does not fit head_dim {d} and qk_rope_head_dim {r}: it must divide head_dim/2 = {d // 2} "
@@ -318,7 +323,7 @@ class TransMLA(Step):
     kv_cache_ratio: float = param(0.25, "KV cache per token after / before (latent + rotary key vs all keys and values)", min=0.0, max=1.0)
     kv_lora_rank: int | None = param(None, "latent size per token and layer; overrides kv_cache_ratio", min=1)
     qk_rope_head_dim: int | None = param(None, "dims of the shared rotary key (must divide head_dim); null: the largest that is at most half the cache budget", min=2)
-    freqfold: int | None = param(None, "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim", min=1)
+    freqfold: int | None = param(None, "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim, at most head_dim / 2", min=1)
     balance_kv: bool = param(True, "equalise key and value norms before their joint PCA")
     damp: float = param(0.01, "PCA damping, a fraction of the Gram's mean diagonal", min=0.0)
 
@@ -327,11 +332,6 @@ class TransMLA(Step):
         check_convertible(config)
         geometry = attention_geometry(config)
         rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold)
-        if geometry.head_dim % rope_dim:
-            raise ValueError(
-                f"transmla.qk_rope_head_dim: {rope_dim} does not divide head_dim {geometry.head_dim}, so its rotary frequencies "
-                "are not those of a DeepSeek-V3 rotary embedding"
-            )
         adapter = context.session.handle.adapter
         attention_path = adapter.linears["q"].rpartition(".")[0]
         attention = context.block.get_submodule(attention_path)

@@ -10,7 +10,7 @@ section (d)):
   ``q_lora_rank: null`` (a plain ``q_proj``), the MLA sizes, and a dense MLP in every layer
   (``first_k_dense_replace = num_hidden_layers``; the MoE keys must be integers in transformers 5,
   so they are 1 and never used);
-* the source's rotary base with ``rope_interleave: true``: the converter writes the rotary rows
+* the source's rotary base (as ``rope_parameters`` and the older ``rope_theta``) with ``rope_interleave: true``: the converter writes the rotary rows
   interleaved, which is the layout both transformers (``apply_rotary_pos_emb_interleave``) and vLLM
   (``is_neox_style=False``) rotate.
 """
@@ -44,8 +44,10 @@ def deepseek_v3_config(source, *, kv_lora_rank: int, qk_rope_head_dim: int, qk_n
         first_k_dense_replace=layers,
         n_routed_experts=1, n_shared_experts=1, num_experts_per_tok=1, moe_intermediate_size=1,
         n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        num_nextn_predict_layers=0,  # no multi-token-prediction layer to look for
     )
     config.architectures = ["DeepseekV3ForCausalLM"]
+    config.rope_theta = source.rope_parameters["rope_theta"]  # the pre-transformers-5 key, for older readers (vLLM's copy)
     config._attn_implementation = getattr(source, "_attn_implementation", None)
     return config
 

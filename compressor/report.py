@@ -50,8 +50,11 @@ class Report:
 
     def check_fused_groups(self, prefix: str, block: nn.Module, adapter: ArchAdapter) -> None:
         """Serving engines fuse q/k/v and gate/up: members of a group must share one scheme."""
+        modules = dict(block.named_modules())
         for group in adapter.fused_groups:
-            schemes = {scheme_of(block.get_submodule(adapter.linears[role])) for role in group}
+            if any(adapter.linears[role] not in modules for role in group):
+                continue  # a step restructured these layers (TransMLA's attention): nothing to fuse
+            schemes = {scheme_of(modules[adapter.linears[role]]) for role in group}
             if len(schemes) > 1:
                 names = ", ".join(adapter.linears[role] for role in group)
                 self.warn(f"{prefix}: {names} have different quantization schemes; vLLM fuses them and will refuse the checkpoint")

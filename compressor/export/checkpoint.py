@@ -124,7 +124,7 @@ class CheckpointWriter:
             handle.release(module)
         files = self.shards.close()
 
-        config = copy.deepcopy(handle.config)
+        config = copy.deepcopy(handle.export_config or handle.config)
         config.dtype = self.dtype
         if self.schemes:
             config.quantization_config = ct.quantization_config(self.schemes, self.dense_linears)

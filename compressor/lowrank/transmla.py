@@ -1,0 +1,467 @@
+"""TransMLA: grouped-query attention rewritten as DeepSeek-V3 multi-head latent attention (MLA).
+
+Paper: Meng et al., "TransMLA: Multi-head Latent Attention Is All You Need", arXiv 2502.07864;
+official code fxmeng/TransMLA (``transmla/partial_rope.py``, ``transmla/lora_qkv.py``). Per block:
+
+1. **GQA is MLA** (exact): the ``n_kv`` keys and values of a token form a latent; query head ``h``
+   reads the slice of its kv head (``kv_up`` below, a replicated identity).
+2. **RoRoPE + FreqFold**: rotary dims ``(j, j + d/2)`` of every kv head rotate by the same angle,
+   so an orthogonal mix *across kv heads* of the planes of one frequency commutes with RoPE. Per
+   group of ``freqfold`` neighbouring frequencies, a PCA of the calibration keys (real and imaginary
+   parts pooled) concentrates the key energy into a few components; the top ``qk_rope_head_dim / 2``
+   planes keep RoPE (frequency ``theta[j * head_dim / qk_rope_head_dim]``, exactly those of a
+   DeepSeek rotary of size ``qk_rope_head_dim`` with the same base), every other key dim drops it.
+   This is the lossy step: pooled frequencies are not equal, and the dropped dims lose position.
+3. **Balanced joint PCA**: the position-free key part (divided by ``alpha`` = mean key column norm
+   / mean value column norm, multiplied back in ``kv_b_proj``) and the values are factored
+   together, truncated to ``kv_lora_rank``. The KV cache per token and layer goes from
+   ``2 n_kv d`` to ``kv_lora_rank + qk_rope_head_dim``.
+4. **DeepSeek-V3 layout**: query = ``[q_h (d) | rotary part of the key up-projection applied to
+   q_h (r)]`` scaled by ``sqrt((d + r) / d)`` (DeepSeek divides by ``sqrt(d + r)``); keys and
+   values of head ``h`` come out of ``kv_b_proj`` as ``[k_nope (d) | v (d)]``; ``o_proj`` is kept.
+
+Only second moments are needed: one ``[2 n_kv d]^2`` Gram of the block's keys and values
+(float64, accumulated batch by batch) serves both PCAs, and one more pass over the inputs fits the
+latent norm. The converted attention *is* transformers' ``DeepseekV3Attention`` (a subclass that
+only picks its rotary frequencies out of the Llama-style ``position_embeddings`` the block
+receives), so the in-memory model and the exported ``DeepseekV3ForCausalLM`` run the same code.
+
+Where DeepSeek-V3's layout cannot hold the converted model exactly:
+
+* **Latent RMSNorm.** DeepSeek-V3 always applies ``kv_a_layernorm`` to the latent, which TransMLA's
+  rewrite does not have. We fit its weight per dimension by least squares on the calibration
+  latents (``gamma_i = sum c_i^2/rms / sum c_i^2/rms^2``, so ``gamma * c / rms(c) ~= c``); it is
+  the one approximation at full rank, and healing (``transmla_heal``) trains it further. The math
+  functions also build the norm-free (exact) attention, used by the tests.
+* **Query bias** (Qwen2, Llama with ``attention_bias``): DeepSeek-V3's ``q_proj`` has none, so the
+  step refuses such models; the functions convert them exactly in memory.
+* Qwen3's per-head q/k RMSNorm makes keys non-linear in the input: refused. Sliding-window
+  attention, RoPE scaling other than the default and MLP biases: refused.
+
+Healing (``transmla_heal``, a model step; the paper's recovery is continued pretraining, out of
+scope here): the original model is read again from its checkpoint, run block by block over the
+calibration set, and its top-``k`` next-token log-probabilities kept (k numbers per token, not the
+vocabulary); the converted model then learns, through ``ModelContext.forward_backward``, to
+minimise the KL divergence to them (the teacher's top-k tokens plus one bucket for the rest: an
+exact KL of that coarsened distribution). By default only the converted attention layers train
+(AdamW, 2 epochs, lr 3e-4); on the demo model at 1/4 of the cache it cuts the perplexity gap from
++38 to +13.
+
+Defaults and deviations from the official code: ``kv_cache_ratio: 0.25`` (official: ``kv_lora_rank
+512`` + 64 rotary dims, i.e. 0.28 of Llama-3-8B's cache);
+``qk_rope_head_dim`` = the largest divisor of head_dim within half the per-token cache budget
+(with ``kv_lora_rank`` given: head_dim itself), because rotary dims are where the loss is: on the
+demo model at half the cache, 32 rotary dims give perplexity 102 and 16 give 132 (fp 94.7);
+``freqfold`` = 2 x head_dim / qk_rope_head_dim, at most head_dim / 2 (the official default for head_dim 128 and 64 rotary
+dims is 4; no ``auto`` search, which needs whole-model evaluations). For vLLM's fast MLA kernels
+choose ``kv_lora_rank: 512, qk_rope_head_dim: 64`` explicitly. Calibration is sequential (block i sees
+the outputs of the converted blocks before it; official converts all layers from the original
+model's activations). K/V balancing uses all value dims (official skips the first 64 of the value,
+an indexing slip). No ``q_lora_rank`` (DeepSeek-V2-Lite's plain ``q_proj``). Grams, not stored
+activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RMSNorm
+
+from compressor.arch import UnsupportedArchitecture, attention_geometry
+from compressor.export.deepseek_mla import deepseek_v3_config
+from compressor.recipe import Step, param, register_step
+
+# ----------------------------------------------------------------------------------------------
+# Math on tensors
+
+
+def damped_eigh(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of ``gram + damp * mean(diag)``, largest first (float64)."""
+    gram = gram + damp * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    values, vectors = torch.linalg.eigh(gram)
+    order = torch.argsort(values, descending=True)
+    return values[order], vectors[:, order]
+
+
+def rorope_rotation(key_gram: torch.Tensor, num_kv_heads: int, head_dim: int, rope_dim: int, freqfold: int, damp: float = 0.01):
+    """RoRoPE with FreqFold: an orthogonal ``T`` [L0, L0] (L0 = num_kv_heads * head_dim) taking the
+    keys (kv-head-major, half-split rotary layout) to ``[rotary part (rope_dim, interleaved pairs) |
+    position-free part]``, the original frequency index of each rotary pair, and the share of key
+    energy the rotary part holds.
+
+    Group ``g`` pools frequencies ``g*ff .. g*ff+ff-1`` of every kv head; its PCA components are
+    planes (the same vector applied to the real and the imaginary coordinates), so with ``ff = 1``
+    ``T`` commutes with RoPE and keeping RoPE on every plane is exact."""
+    half = head_dim // 2
+    groups = half // freqfold
+    per_group = rope_dim * freqfold // head_dim  # rotary planes kept per group
+    width = num_kv_heads * freqfold
+    latent = num_kv_heads * head_dim
+    rotation = key_gram.new_zeros(latent, latent)
+    frequencies, kept, total = [], 0.0, 0.0
+    nope_row = rope_dim
+    for g in range(groups):
+        local = torch.arange(freqfold, device=key_gram.device) + g * freqfold
+        real = (torch.arange(num_kv_heads, device=key_gram.device)[:, None] * head_dim + local).reshape(-1)
+        imag = real + half
+        gram = key_gram[real][:, real] + key_gram[imag][:, imag]
+        values, vectors = damped_eigh(gram, damp)
+        kept += values[:per_group].sum().item()
+        total += values.sum().item()
+        for p in range(width):
+            if p < per_group:
+                pair = g * per_group + p
+                row_re, row_im = 2 * pair, 2 * pair + 1
+                frequencies.append(g * freqfold + (p * freqfold) // per_group)
+            else:
+                row_re, row_im = nope_row, nope_row + 1
+                nope_row += 2
+            rotation[row_re, real] = vectors[:, p]
+            rotation[row_im, imag] = vectors[:, p]
+    return rotation, torch.tensor(frequencies, dtype=torch.long), kept / total
+
+
+def kv_up_slices(num_heads: int, num_kv_heads: int, head_dim: int) -> list[slice]:
+    """The latent rows query head ``h`` reads: those of its kv head (GQA as MLA, stage 1)."""
+    group = num_heads // num_kv_heads
+    return [slice((h // group) * head_dim, (h // group + 1) * head_dim) for h in range(num_heads)]
+
+
+@dataclass
+class MLAWeights:
+    q_weight: torch.Tensor  # [n_h (d + r), D]
+    q_bias: torch.Tensor | None
+    kv_a_weight: torch.Tensor  # [R_kv + r, D]
+    kv_a_bias: torch.Tensor | None
+    kv_b_weight: torch.Tensor  # [n_h (d + d), R_kv]
+    rope_frequencies: torch.Tensor  # [r / 2] index into the source's rotary frequencies
+    rope_energy: float  # share of key energy in the rotary part
+    kv_energy: float  # share of the position-free key + value energy the latent keeps
+    alpha: float
+
+
+def transmla_weights(
+    q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, kv_gram, *,
+    num_heads: int, num_kv_heads: int, head_dim: int, rope_dim: int, freqfold: int, kv_lora_rank: int,
+    balance_kv: bool = True, damp: float = 0.01,
+) -> MLAWeights:
+    """The MLA projections of one GQA attention from its weights and the Gram of its ``[k | v]``
+    outputs (biases included) on calibration inputs. Everything is computed in float64."""
+    f64, dtype = torch.float64, q_weight.dtype
+    d, r, latent = head_dim, rope_dim, num_kv_heads * head_dim
+    q_weight, k_weight, v_weight = q_weight.to(f64), k_weight.to(f64), v_weight.to(f64)
+    # biases ride along as an extra input column
+    k_full = torch.cat([k_weight, k_bias.to(f64)[:, None]], 1) if k_bias is not None else k_weight
+    v_full = torch.cat([v_weight, v_bias.to(f64)[:, None]], 1) if v_bias is not None else v_weight
+    kv_gram = kv_gram.to(f64)
+
+    rotation, frequencies, rope_energy = rorope_rotation(kv_gram[:latent, :latent], num_kv_heads, d, r, freqfold, damp)
+    t_rope, t_nope = rotation[:r], rotation[r:]
+
+    # balance: position-free key columns vs value columns, by their mean norm on calibration data
+    nope_gram = t_nope @ kv_gram[:latent, :latent] @ t_nope.T
+    alpha = 1.0
+    if balance_kv and latent > r:
+        alpha = (nope_gram.diagonal().clamp_min(0).sqrt().mean() / kv_gram[latent:, latent:].diagonal().clamp_min(0).sqrt().mean()).item()
+    mix = torch.block_diag(t_nope / alpha, torch.eye(latent, dtype=f64, device=rotation.device))  # [k|v] -> [k_nope/alpha | v]
+    joint_gram = mix @ kv_gram @ mix.T
+    values, vectors = damped_eigh(joint_gram, damp)
+    basis = vectors[:, :kv_lora_rank]  # [2 L0 - r, R_kv]
+    kv_energy = (values[:kv_lora_rank].sum() / values.sum()).item()
+
+    down = basis.T @ mix @ torch.cat([k_full, v_full])  # [R_kv, D (+1)]
+    rope_rows = t_rope @ k_full  # [r, D (+1)]
+    kv_a = torch.cat([down, rope_rows])
+
+    scale = math.sqrt((d + r) / d)
+    slices = kv_up_slices(num_heads, num_kv_heads, d)
+    q_heads = q_weight.reshape(num_heads, d, -1)
+    q_bias_heads = q_bias.to(f64).reshape(num_heads, d) if q_bias is not None else None
+    q_rows, q_bias_rows, kv_b_rows = [], [], []
+    nope_basis, value_basis = basis[: latent - r], basis[latent - r :]
+    for h, rows in enumerate(slices):
+        read_rope = t_rope[:, rows]  # [r, d]: the rotary latent as seen by head h
+        q_rows += [q_heads[h], read_rope @ q_heads[h]]
+        if q_bias_heads is not None:
+            q_bias_rows += [q_bias_heads[h], read_rope @ q_bias_heads[h]]
+        kv_b_rows += [alpha * t_nope[:, rows].T @ nope_basis, value_basis[rows]]
+
+    has_kv_bias = k_bias is not None or v_bias is not None
+    return MLAWeights(
+        q_weight=(torch.cat(q_rows) * scale).to(dtype),
+        q_bias=(torch.cat(q_bias_rows) * scale).to(dtype) if q_bias_heads is not None else None,
+        kv_a_weight=kv_a[:, : q_weight.shape[1]].to(dtype),
+        kv_a_bias=kv_a[:, -1].to(dtype) if has_kv_bias else None,
+        kv_b_weight=torch.cat(kv_b_rows).to(dtype),
+        rope_frequencies=frequencies,
+        rope_energy=rope_energy,
+        kv_energy=kv_energy,
+        alpha=alpha,
+    )
+
+
+def least_squares_norm_weight(latents: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """Per-dimension ``gamma`` minimising ``sum_t (gamma * c_t / rms(c_t) - c_t)^2``: the weight
+    that makes DeepSeek's ``kv_a_layernorm`` closest to the identity on calibration latents."""
+    numerator = denominator = 0.0
+    for latent in latents:
+        c = latent.reshape(-1, latent.shape[-1]).double()
+        inverse_rms = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+        numerator = numerator + (c.pow(2) * inverse_rms).sum(0)
+        denominator = denominator + (c.pow(2) * inverse_rms.pow(2)).sum(0)
+    return (numerator / denominator.clamp_min(1e-30)).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention module
+
+
+class MLAAttention(DeepseekV3Attention):
+    """transformers' ``DeepseekV3Attention``, run inside a Llama-style block: it takes its rotary
+    cos/sin from the block's ``position_embeddings`` at the frequencies the conversion kept (the
+    same values DeepSeek's own rotary of size ``qk_rope_head_dim`` computes, when exportable).
+
+    ``query_bias`` and ``latent_norm=False`` build the exact variants DeepSeek-V3 cannot store."""
+
+    def __init__(self, config, layer_idx: int, rope_frequencies: torch.Tensor, query_bias: bool = False, latent_norm: bool = True):
+        super().__init__(config, layer_idx)
+        self.register_buffer("rope_frequencies", rope_frequencies, persistent=False)
+        if query_bias:
+            self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.qk_head_dim, bias=True)
+        if not latent_norm:
+            self.kv_a_layernorm = nn.Identity()
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        cos, sin = position_embeddings
+        index = torch.cat([self.rope_frequencies, self.rope_frequencies])
+        return super().forward(hidden_states, (cos[..., index], sin[..., index]), attention_mask, past_key_values, **kwargs)
+
+
+def check_convertible(config) -> None:
+    """Refuse what TransMLA cannot convert exactly (before any work)."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type == "qwen3":
+        raise UnsupportedArchitecture("transmla: qwen3 normalises each key head (k_norm), so its keys are not linear in the input and cannot share a latent; not convertible")
+    if any(t == "sliding_attention" for t in getattr(config, "layer_types", None) or []) or (
+        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    ):
+        raise UnsupportedArchitecture(f"transmla: {model_type} uses sliding-window attention, which DeepSeek-V3's latent attention has not")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedArchitecture(f"transmla: rope {rope} is not plain RoPE; only the default rotary embedding converts to DeepSeek-V3's")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedArchitecture("transmla: the MLP has biases, which DeepSeek-V3's MLP has not")
+
+
+def build_mla_attention(weights: MLAWeights, mla_config, layer_idx: int, o_proj: nn.Module, latent_norm_weight: torch.Tensor | None) -> MLAAttention:
+    """An ``MLAAttention`` holding ``weights`` (``latent_norm_weight=None``: no latent norm, exact)."""
+    with torch.device("meta"):
+        module = MLAAttention(mla_config, layer_idx, weights.rope_frequencies, weights.q_bias is not None, latent_norm_weight is not None)
+    device = weights.q_weight.device
+    module.rope_frequencies = weights.rope_frequencies.to(device)
+
+    def put(linear, weight, bias=None):
+        linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter((bias if bias is not None else weight.new_zeros(weight.shape[0])).contiguous(), requires_grad=False)
+
+    put(module.q_proj, weights.q_weight, weights.q_bias)
+    put(module.kv_a_proj_with_mqa, weights.kv_a_weight, weights.kv_a_bias)
+    put(module.kv_b_proj, weights.kv_b_weight)
+    if latent_norm_weight is not None:
+        module.kv_a_layernorm.weight = nn.Parameter(latent_norm_weight.to(device), requires_grad=False)
+    module.o_proj = o_proj
+    if mla_config.attention_bias and o_proj.bias is None:  # DeepSeek-V3 builds o_proj with a bias then
+        o_proj.bias = nn.Parameter(o_proj.weight.new_zeros(o_proj.out_features), requires_grad=False)
+    return module.eval()
+
+
+def mla_sizes(config, kv_lora_rank: int | None, kv_cache_ratio: float | None, rope_dim: int | None, freqfold: int | None, where: str = "transmla"):
+    """(kv_lora_rank, rope_dim, freqfold) for this model, checked; errors name the step key."""
+    geometry = attention_geometry(config)
+    d, latent = geometry.head_dim, geometry.num_kv_heads * geometry.head_dim
+    if rope_dim is None:  # the largest even divisor of head_dim within half the cache budget (head_dim with a given rank)
+        budget = d if kv_lora_rank is not None else kv_cache_ratio * 2 * latent / 2
+        rope_dim = max([r for r in range(2, d + 1, 2) if d % r == 0 and r <= budget] or [2])
+    r = rope_dim
+    if r < 2 or r % 2 or r > latent:
+        raise ValueError(f"{where}.qk_rope_head_dim: {r} must be even and between 2 and num_key_value_heads * head_dim = {latent}")
+    if d % r:
+        raise ValueError(
+            f"{where}.qk_rope_head_dim: {r} does not divide head_dim {d}, so the rotary frequencies kept are not those of a "
+            "DeepSeek-V3 rotary embedding"
+        )
+    ff = freqfold if freqfold is not None else min(2 * d // r, d // 2)
+    if (d // 2) % ff or (r * ff) % d or r * ff // d > geometry.num_kv_heads * ff:
+        raise ValueError(
+            f"{where}.freqfold: {ff} does not fit head_dim {d} and qk_rope_head_dim {r}: it must divide head_dim/2 = {d // 2} "
+            f"and make freqfold * qk_rope_head_dim / head_dim a whole number of rotary planes per group"
+        )
+    if kv_lora_rank is None:
+        kv_lora_rank = round(kv_cache_ratio * 2 * latent) - r
+    if not 1 <= kv_lora_rank <= 2 * latent - r:
+        raise ValueError(
+            f"{where}.kv_lora_rank: {kv_lora_rank} is outside 1..{2 * latent - r} (2 * num_key_value_heads * head_dim - qk_rope_head_dim) "
+            f"for this model; a KV cache ratio must leave room for the {r} rotary dims"
+        )
+    return kv_lora_rank, r, ff
+
+
+def kv_gram(block: nn.Module, attention: nn.Module, norm: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Float64 Gram of the ``[k | v]`` projection outputs (biases included) on the block's inputs."""
+    gram = None
+    for hidden in inputs:
+        normed = norm(hidden)
+        z = torch.cat([attention.k_proj(normed), attention.v_proj(normed)], -1).reshape(-1, attention.k_proj.out_features * 2).double()
+        gram = z.T @ z if gram is None else gram + z.T @ z
+    return gram
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+@register_step("transmla")
+@dataclass
+class TransMLA(Step):
+    """TransMLA: convert GQA attention into DeepSeek-V3 multi-head latent attention (smaller KV cache)."""
+
+    kv_cache_ratio: float = param(0.25, "KV cache per token after / before (latent + rotary key vs all keys and values)", min=0.0, max=1.0)
+    kv_lora_rank: int | None = param(None, "latent size per token and layer; overrides kv_cache_ratio", min=1)
+    qk_rope_head_dim: int | None = param(None, "dims of the shared rotary key (must divide head_dim); null: the largest that is at most half the cache budget", min=2)
+    freqfold: int | None = param(None, "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim, at most head_dim / 2", min=1)
+    balance_kv: bool = param(True, "equalise key and value norms before their joint PCA")
+    damp: float = param(0.01, "PCA damping, a fraction of the Gram's mean diagonal", min=0.0)
+
+    def compress_block(self, context) -> None:
+        config = context.config
+        check_convertible(config)
+        geometry = attention_geometry(config)
+        rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold)
+        adapter = context.session.handle.adapter
+        attention_path = adapter.linears["q"].rpartition(".")[0]
+        attention = context.block.get_submodule(attention_path)
+        if attention.q_proj.bias is not None:
+            raise UnsupportedArchitecture(
+                f"transmla: {context.prefix}.{attention_path}.q_proj has a bias, which DeepSeek-V3's q_proj cannot hold "
+                "(Qwen2, Llama with attention_bias); such models convert exactly in memory only"
+            )
+        norm = context.block.get_submodule(adapter.norms["input"])
+        mla_config = deepseek_v3_config(config, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=geometry.head_dim, v_head_dim=geometry.head_dim)
+        context.session.handle.export_config = mla_config
+
+        with torch.no_grad():
+            gram = kv_gram(context.block, attention, norm, context.inputs)
+            weights = transmla_weights(
+                attention.q_proj.weight, attention.q_proj.bias, attention.k_proj.weight, attention.k_proj.bias,
+                attention.v_proj.weight, attention.v_proj.bias, gram,
+                num_heads=geometry.num_heads, num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
+                rope_dim=rope_dim, freqfold=freqfold, kv_lora_rank=rank, balance_kv=self.balance_kv, damp=self.damp,
+            )
+            latents = [nn.functional.linear(norm(h), weights.kv_a_weight, weights.kv_a_bias)[..., :rank] for h in context.inputs]
+            gamma = least_squares_norm_weight(latents, eps=1e-6)
+            before = context.forward()
+            module = build_mla_attention(weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma)
+            parent, _, child = attention_path.rpartition(".")
+            setattr(context.block.get_submodule(parent) if parent else context.block, child, module)
+            after = context.forward()
+        error = sum((a - b).pow(2).sum().item() for a, b in zip(after, before)) / max(sum(b.pow(2).sum().item() for b in before), 1e-30)
+        context.record(
+            attention_path, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, freqfold=freqfold,
+            kv_per_token=rank + rope_dim, kv_per_token_before=2 * geometry.num_kv_heads * geometry.head_dim,
+            rope_energy=round(weights.rope_energy, 5), kv_energy=round(weights.kv_energy, 5),
+            block_output_error=math.sqrt(error),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Healing: distillation towards the original model
+
+
+def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teacher_top_index: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) over the teacher's top-k tokens plus one bucket holding
+    the rest of the vocabulary: exact for that coarsened distribution, and k numbers per token."""
+    logp = torch.log_softmax(student_logits.float(), -1)
+    student_top = logp.gather(-1, teacher_top_index)
+    teacher_p = teacher_top_logp.exp()
+    teacher_rest = (1 - teacher_p.sum(-1)).clamp_min(1e-12)
+    student_rest = (1 - student_top.exp().sum(-1)).clamp_min(1e-12)
+    kl = (teacher_p * (teacher_top_logp - student_top)).sum(-1) + teacher_rest * (teacher_rest.log() - student_rest.log())
+    return kl.mean()
+
+
+@torch.no_grad()
+def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k: int, batch_size: int):
+    """Top-k next-token log-probabilities of the model at ``path`` (read again from its checkpoint,
+    run block by block), on the CPU: ``k`` values and indices per token instead of the vocabulary."""
+    from compressor.blockwise import BlockwiseModel
+    from compressor.model import ModelHandle
+
+    teacher = ModelHandle.open(path)
+    for name in teacher.outside_block_modules():
+        teacher.materialize(name, device, dtype)
+    for index in range(len(teacher.blocks)):
+        teacher.materialize(teacher.block_prefix(index), "cpu" if offloaded else device, dtype)
+    if teacher.tied_embeddings:
+        teacher.model.tie_weights()
+    runner = BlockwiseModel(teacher, device, offloaded)
+    values, indices = [], []
+    for batch in tokens.split(batch_size):
+        top = torch.log_softmax(runner.logits(batch), -1).topk(k, dim=-1)
+        values.append(top.values.cpu())
+        indices.append(top.indices.cpu())
+    teacher.release(teacher.model)
+    return torch.cat(values), torch.cat(indices)
+
+
+@register_step("transmla_heal")
+@dataclass
+class TransMLAHeal(Step):
+    """Healing after transmla: distil the converted model towards the original's next-token distributions."""
+
+    kind = "model"
+
+    epochs: int = param(2, "passes over the calibration set", min=1)
+    lr: float = param(3e-4, "AdamW learning rate", min=0.0)
+    batch_size: int = param(4, "sequences per optimizer step", min=1)
+    top_k: int = param(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)", min=1)
+    train: str = param("attention", "what learns: the converted attention layers, or every block weight", choices=("attention", "all"))
+
+    def compress_model(self, context) -> None:
+        blocks = context.session.handle.blocks
+        attentions = [m for block in blocks for m in block.modules() if isinstance(m, MLAAttention)]
+        if not attentions:
+            raise ValueError("transmla_heal: the model has no converted attention; put a transmla step before it")
+        tokens = context.calibration_tokens()
+        teacher_logp, teacher_index = teacher_top_k(
+            context.session.handle.path, tokens, context.device, context.compute_dtype, context.offloaded, self.top_k, self.batch_size
+        )
+        owners = attentions if self.train == "attention" else list(blocks)
+        parameters = [p for owner in owners for p in owner.parameters() if p.is_floating_point()]
+        for p in parameters:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=0.0)
+        losses = []
+        try:
+            for epoch in range(self.epochs):
+                order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(epoch))
+                for start in range(0, len(tokens), self.batch_size):
+                    rows = order[start : start + self.batch_size]
+                    top_logp = teacher_logp[rows].to(context.device)
+                    top_index = teacher_index[rows].to(context.device)
+                    loss = context.forward_backward(tokens[rows], lambda logits, _ids: coarse_kl(logits, top_logp, top_index))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss)
+        finally:
+            for p in parameters:
+                p.requires_grad_(False)
+                p.grad = None
+        steps_per_epoch = -(-len(tokens) // self.batch_size)
+        context.record(
+            "model", first_epoch_kl=sum(losses[:steps_per_epoch]) / steps_per_epoch,
+            last_epoch_kl=sum(losses[-steps_per_epoch:]) / steps_per_epoch, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),
+        )

@@ -27,18 +27,21 @@ def apply(
     *,
     overwrite: bool = False,
     device: str | torch.device | None = None,
+    offload: bool | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> Report:
     """Compress ``model`` (hub id, local folder or ``demo``) with ``recipe`` and export to ``output``.
 
-    The input model is only read; the output folder appears only once it is complete.
+    The input model is only read; the output folder appears only once it is complete. ``offload``
+    (model steps only): True keeps the blocks in CPU memory and moves them to the device one at a
+    time, False keeps the whole model on the device, None (default) decides by free device memory.
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     handle = ModelHandle.open(model, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code) if recipe.needs_calibration else None
-    session = Session(handle, recipe, tokenizer, resolve_device(device), progress=progress)
+    session = Session(handle, recipe, tokenizer, resolve_device(device), progress=progress, offload=offload)
     with atomic_output_dir(output, overwrite=overwrite, protected=[handle.path]) as directory:
         writer = CheckpointWriter(directory, recipe.export, session.export_dtype)
         report = session.run(sink=writer)

@@ -34,16 +34,18 @@ def main():
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="folder for the compressed checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu or auto")
+@click.option("--offload", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="model steps: keep blocks in CPU memory and move them to the device one at a time (auto: when the model does not fit)")
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from the hub")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def apply(recipe, model, output, overwrite, device, trust_remote_code, quiet):
+def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, quiet):
     """Compress MODEL (hub id, folder or 'demo') with RECIPE and export it to --output."""
     from compressor.api import apply as apply_recipe
     from compressor.recipe import Recipe
 
     try:
         parsed = Recipe.from_yaml(recipe)
-        report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, progress=not quiet)
+        report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, offload={"auto": None, "yes": True, "no": False}[offload], trust_remote_code=trust_remote_code, progress=not quiet)
     except USER_ERRORS + (ValueError,) as error:
         fail(error)
     click.echo(report.table())

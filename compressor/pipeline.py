@@ -6,8 +6,10 @@ with the inputs produced by the already-compressed blocks 0..i-1, then runs the 
 to produce the inputs of block i+1. Only that block is on the compute device at full precision.
 Data-free steps (RTN) skip every forward pass.
 
-*Model steps* get the whole model at once (for gradients or end-to-end training); the session
-checks beforehand that it fits on the device.
+*Model steps* get the whole model at once (for gradients or end-to-end training) and run it through
+``compressor.blockwise.BlockwiseModel``: block by block, with block-level recomputation for the
+backward pass. When the weights would take more than 80% of the free device memory (or the session's
+``offload`` says so) the blocks stay in CPU memory and visit the device one at a time.
 
 When the last pass is a layer pass, finished blocks go straight to the exporter (``sink``) and are
 freed, so applying RTN to a model larger than memory streams it shard by shard.
@@ -25,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.arch import block_linears
+from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, first_output
 from compressor.model import ModelHandle
 from compressor.quant.linear import QuantizedLinear
 from compressor.report import Report, peak_memory
@@ -41,14 +44,6 @@ def matches_any(name: str, patterns: list[str]) -> bool:
         elif fnmatch.fnmatchcase(name, pattern) or ("." not in pattern and fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)):
             return True
     return False
-
-
-def first_output(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-class _InputsCaptured(Exception):
-    pass
 
 
 @dataclass
@@ -103,18 +98,38 @@ class BlockContext:
 
 @dataclass
 class ModelContext:
-    """What a model step sees: the whole materialized model and the calibration tokens."""
+    """What a model step sees: the whole materialized model, the calibration tokens, and the
+    block-by-block forward/backward (the only way to run the model when ``offloaded``)."""
 
     session: Session
     step: Step
     model: nn.Module
+    runner: BlockwiseModel
 
     @property
     def device(self) -> torch.device:
         return self.session.device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.session.compute_dtype
+
+    @property
+    def offloaded(self) -> bool:
+        """True when the blocks live in CPU memory and visit the device one at a time."""
+        return self.runner.offloaded
+
     def calibration_tokens(self) -> torch.Tensor:
         return self.session.calibration_tokens()
+
+    def forward_backward(self, input_ids: torch.Tensor, loss_fn=None) -> float:
+        """One forward + backward pass on a batch; gradients accumulate into every trainable tensor.
+        ``loss_fn(logits, input_ids)`` defaults to the mean next-token cross-entropy."""
+        return self.runner.forward_backward(input_ids, loss_fn)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """fp32 logits on the device, without autograd."""
+        return self.runner.logits(input_ids)
 
     def record(self, module: str, **numbers) -> None:
         self.session.report.add_row(step=self.step.name, module=module, **numbers)
@@ -128,6 +143,7 @@ class Session:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 8
     progress: bool = True
+    offload: bool | None = None  # model steps: None decides by free device memory
     report: Report = field(default_factory=Report)
     live_blocks: set = field(default_factory=set)  # blocks materialized (loaded or already compressed)
     _tokens: torch.Tensor | None = None
@@ -160,13 +176,13 @@ class Session:
                 sink.write_module(self.handle.block_prefix(index), self.handle.blocks[index])
         return self.report
 
-    def load_block(self, index: int, dtype: torch.dtype | None = None) -> nn.Module:
+    def load_block(self, index: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> nn.Module:
         """Block ``index`` on the device: as a previous pass left it, or read from the checkpoint."""
-        dtype = dtype or self.compute_dtype
+        dtype, device = dtype or self.compute_dtype, device or self.device
         if index in self.live_blocks:  # .to(dtype) casts floating tensors only: codes stay integers
-            return self.handle.blocks[index].to(self.device, dtype)
+            return self.handle.blocks[index].to(device, dtype)
         self.live_blocks.add(index)
-        return self.handle.materialize(self.handle.block_prefix(index), self.device, dtype)
+        return self.handle.materialize(self.handle.block_prefix(index), device, dtype)
 
     def run_layer_pass(self, steps: list[Step], sink=None) -> None:
         needs_data = any(step.needs_calibration for step in steps)
@@ -189,25 +205,26 @@ class Session:
                 block.to("cpu")
 
     def run_model_step(self, step: Step) -> None:
-        self.check_model_fits()
+        offloaded = self.should_offload() if self.offload is None else self.offload
         for name in self.handle.outside_block_modules():
             self.handle.materialize(name, self.device, self.compute_dtype)
         for index in range(len(self.handle.blocks)):
-            self.load_block(index)
+            block = self.load_block(index, device=torch.device("cpu") if offloaded else None)
+            if offloaded and self.device.type == "cuda":
+                block.to("cpu")  # an earlier pass may have left it on the device
         if self.handle.tied_embeddings:
             self.handle.model.tie_weights()
-        step.compress_model(ModelContext(self, step, self.handle.model))
+        runner = BlockwiseModel(self.handle, self.device, offloaded)
+        step.compress_model(ModelContext(self, step, self.handle.model, runner))
 
-    def check_model_fits(self) -> None:
+    def should_offload(self) -> bool:
+        """Offload the blocks when the weights would take more than 80% of the free device memory."""
         if self.device.type != "cuda":
-            return
-        needed = sum(p.numel() for p in self.handle.model.parameters()) * torch.tensor([], dtype=self.compute_dtype).element_size()
+            return False
+        element = torch.tensor([], dtype=self.compute_dtype).element_size()
+        needed = sum(p.numel() * (p.element_size() if not p.is_floating_point() else element) for p in self.handle.model.parameters())
         free, _ = torch.cuda.mem_get_info(self.device)
-        if needed > 0.8 * free:
-            raise MemoryError(
-                f"the model step needs about {needed / 2**30:.1f} GiB of weights on {self.device} "
-                f"but only {free / 2**30:.1f} GiB are free; run it on a larger device"
-            )
+        return needed > 0.8 * free
 
     # --- calibration forward passes --------------------------------------------------------------
 
@@ -231,22 +248,10 @@ class Session:
                 if buffer.device != self.device and not buffer.is_meta:
                     setattr(buffer_owner, name, buffer.to(self.device))
         captured_inputs, captured_kwargs = [], []
-
-        def catch(module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
+        for batch in self.calibration_tokens().split(self.batch_size):
+            hidden, kwargs = catch_first_block_inputs(base_model, self.handle.blocks[0], batch.to(self.device))
             captured_inputs.append(hidden)
-            captured_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            raise _InputsCaptured
-
-        hook = self.handle.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            for batch in self.calibration_tokens().split(self.batch_size):
-                try:
-                    base_model(input_ids=batch.to(self.device), use_cache=False)
-                except _InputsCaptured:
-                    pass
-        finally:
-            hook.remove()
+            captured_kwargs.append(kwargs)
         self.handle.release(self.handle.model.get_submodule(embed))
         return captured_inputs, captured_kwargs
 

@@ -291,3 +291,105 @@ def test_fisher_is_zero_where_the_loss_does_not_depend_on_a_weight():
     for name in ("gate", "up"):
         assert torch.equal(fisher[name][7], torch.zeros(64))
         assert (fisher[name].sum(1) > 0).sum() == 95
+
+
+def test_fisher_through_the_blockwise_runner_equals_plain_autograd(tiny_llama):
+    """Block-level recomputation (and offloading) fires each weight's hook once per sample."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.blockwise import BlockwiseModel
+    from compressor.model import ModelHandle
+
+    handle = ModelHandle.open(tiny_llama)
+    handle.materialize_all("cpu", torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    reference.requires_grad_(False)
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"]
+    tokens = torch.randint(0, 320, (3, 20), generator=torch.Generator().manual_seed(2))
+    expected = fisher_diagonal(FullModelContext(reference), {n: reference.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
+    got = fisher_diagonal(BlockwiseModel(handle, "cpu", offloaded=True), {n: handle.model.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# recipe, export, loading
+
+
+def test_recipe_mistakes_are_one_line_errors():
+    from compressor import Recipe, RecipeError
+
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.bits: 9 is not one of 2\.\.8"):
+        Recipe.from_dict({"steps": [{"squeezellm": {"bits": 9}}]})
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.outlier_percent: .*exceeds 100"):
+        Recipe.from_dict({"steps": [{"squeezellm": {"sensitive_percent": 60, "outlier_percent": 50}}]})
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.init: 'random' is not one of"):
+        Recipe.from_dict({"steps": [{"squeezellm": {"init": "random"}}]})
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("sparse", [False, True])
+def test_native_tensors_round_trip(bits, sparse):
+    from compressor.export import native
+
+    weight, fisher = rows_of("laplace", 37, 100, bits), fisher_of((37, 100), bits)  # odd N, K not a multiple of 32
+    value = quantize_squeezellm(weight, fisher, bits, outlier_percent=1.0 if sparse else 0.0, iterations=5)
+    tensors = native.to_tensors(value)
+    entry = native.module_entry(value)
+    assert tensors["weight_packed"].dtype == torch.int32 and tensors["weight_packed"].shape == (37, 128 * bits // 32)
+    assert tensors["weight_lut"].shape == (37, 2**bits) and tensors["weight_lut"].dtype == torch.float16
+    assert ("weight_outlier_val" in tensors) == sparse and entry["outliers"] == (37 if sparse else 0)
+    back = native.from_tensors(tensors, entry)
+    assert type(back) is type(value) and torch.equal(back.codes, value.codes)
+    assert torch.equal(back.dequantize(torch.float32), value.dequantize(torch.float32))
+    with pytest.raises(ValueError, match="weight_lut has shape"):
+        native.from_tensors({**tensors, "weight_lut": tensors["weight_lut"][:, :1]}, entry)
+
+
+def test_export_loads_in_transformers_with_the_reference_logits(tiny_llama, calibration_file, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from compressor import Recipe, apply
+    from compressor.export import load_quantized_model
+    from compressor.quant.linear import QuantizedLinear
+    from compressor.validate import dequantize_model_, validate_model
+
+    recipe = Recipe.from_dict({
+        "calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 32},
+        "steps": [{"squeezellm": {"bits": 3, "sensitive_percent": 0.05, "outlier_percent": 0.4, "iterations": 10}}],
+    })
+    out = tmp_path / "out"
+    report = apply(recipe, tiny_llama, out, progress=False)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressor" and config["format"] == "lut" and config["outliers"] is True
+    assert config["ignore"] == ["lm_head"] and len(config["modules"]) == 14
+    assert config["modules"]["model.layers.1.mlp.down_proj"] == {"kind": "lut", "bits": 3, "outliers": round(128 * 384 * 0.0005) + round(128 * 384 * 0.004)}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight_lut").dtype == torch.float16
+    assert "model.layers.0.self_attn.q_proj.weight" not in names and "model.layers.0.self_attn.q_proj.weight_outlier_crow" in names
+    fisher_row = next(row for row in report.rows if row["module"] == "fisher")
+    assert fisher_row["samples"] == 3 and fisher_row["peak_rss_gib"] > 0
+
+    x = torch.randint(0, 320, (2, 23), generator=torch.Generator().manual_seed(0))
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantizedLinear)
+    ours = load_quantized_model(out)
+    reference = load_quantized_model(out)
+    assert dequantize_model_(reference, torch.float32) == 14
+    with torch.no_grad():
+        expected = reference(x).logits
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x).logits, expected, rtol=1e-5, atol=1e-5)
+        original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(x).logits
+    assert not torch.allclose(original, expected, atol=1e-3)  # it was quantized
+    dense = loaded.dequantize()
+    assert not any(isinstance(m, QuantizedLinear) for m in dense.modules())
+    torch.testing.assert_close(dense(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+    # compressor validate: the LUT + sparse kernels against the fp32 reference, layer by layer
+    result = validate_model(ours, None, max_layers=3, batches=(1, 5))
+    assert result["ok"] and [row["kind"] for row in result["layers"]] == ["dense_and_sparse"] * 3

@@ -393,3 +393,21 @@ def test_export_loads_in_transformers_with_the_reference_logits(tiny_llama, cali
     # compressor validate: the LUT + sparse kernels against the fp32 reference, layer by layer
     result = validate_model(ours, None, max_layers=3, batches=(1, 5))
     assert result["ok"] and [row["kind"] for row in result["layers"]] == ["dense_and_sparse"] * 3
+
+
+def test_uniform_and_lut_weights_cannot_share_a_native_checkpoint(tmp_path):
+    from torch import nn
+
+    from compressor.export import ExportError
+    from compressor.export.checkpoint import CheckpointWriter
+    from compressor.quant.linear import QuantizedLinear
+    from compressor.recipe import ExportConfig
+
+    weight, fisher = rows_of("gaussian", 8, 64, 12), fisher_of((8, 64), 12)
+    block = nn.Module()
+    block.a = QuantizedLinear(quantize_uniform(weight, 4, 32, True, torch.float16))
+    block.b = QuantizedLinear(quantize_squeezellm(weight, fisher, 4, iterations=3))
+    with pytest.raises(ExportError, match=r"block\.b: uniform and lookup-table weights cannot share one checkpoint"):
+        CheckpointWriter(tmp_path, ExportConfig(), torch.float16).write_module("block", block)
+    with pytest.raises(ExportError, match=r"block\.a: no checkpoint format for 'uniform' weights in export format 'compressor'"):
+        CheckpointWriter(tmp_path, ExportConfig(format="compressor"), torch.float16).write_module("block", block)

@@ -7,6 +7,7 @@
 __version__ = "0.1.0"
 
 from compressor.api import apply  # noqa: E402
+from compressor.export import hf_quantizer  # noqa: E402,F401  (registers quant_method "compressor" with transformers)
 from compressor.recipe import Recipe, RecipeError, register_step  # noqa: E402
 
 __all__ = ["Recipe", "RecipeError", "apply", "register_step", "__version__"]

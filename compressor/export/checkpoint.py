@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compressor.export import compressed_tensors as ct
+from compressor.export import native
 from compressor.export.shards import ShardWriter, parse_size
 from compressor.quant.linear import QuantizedLinear
 
@@ -70,6 +71,7 @@ class CheckpointWriter:
         self.dtype = export_dtype
         self.shards = ShardWriter(self.directory, parse_size(export_config.max_shard_size))
         self.schemes: dict[tuple, list[str]] = {}
+        self.native_modules: dict[str, dict] = {}  # module name -> entry (export/native.py)
         self.dense_linears: list[str] = []
         self.quantized_parameters = 0
         self.quantized_bits = 0.0
@@ -98,10 +100,17 @@ class CheckpointWriter:
         if self.format == "dense":
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
-        if weight.kind != "uniform":
+        if weight.kind == "uniform" and self.format in ("auto", "compressed-tensors"):
+            self.schemes.setdefault(ct.scheme_key(weight), []).append(name)
+            tensors = ct.uniform_to_ct_tensors(weight, self.dtype)
+        elif native.supports(weight) and self.format in ("auto", "compressor"):
+            self.native_modules[name] = native.module_entry(weight)
+            tensors = native.to_tensors(weight)
+        else:
             raise ExportError(f"{name}: no checkpoint format for '{weight.kind}' weights in export format '{self.format}'")
-        self.schemes.setdefault(ct.scheme_key(weight), []).append(name)
-        for suffix, tensor in ct.uniform_to_ct_tensors(weight, self.dtype).items():
+        if self.schemes and self.native_modules:
+            raise ExportError(f"{name}: uniform and lookup-table weights cannot share one checkpoint; use export format 'dense'")
+        for suffix, tensor in tensors.items():
             self.shards.add(f"{name}.{suffix}", tensor)
 
     # --- the rest of the folder ------------------------------------------------------------------
@@ -128,13 +137,15 @@ class CheckpointWriter:
         config.dtype = self.dtype
         if self.schemes:
             config.quantization_config = ct.quantization_config(self.schemes, self.dense_linears)
+        elif self.native_modules:
+            config.quantization_config = native.quantization_config(self.native_modules, self.dense_linears)
         config.save_pretrained(self.directory)
         for file in COPIED_FILES:
             if (handle.path / file).is_file():
                 shutil.copy(handle.path / file, self.directory / file)
 
         summary = {
-            "format": "compressed-tensors" if self.schemes else "dense",
+            "format": "compressed-tensors" if self.schemes else native.QUANT_METHOD if self.native_modules else "dense",
             "files": files,
             "size_bytes": sum((self.directory / f).stat().st_size for f in files),
             "quantized_parameters": self.quantized_parameters,
@@ -145,7 +156,7 @@ class CheckpointWriter:
             "format_version": FORMAT_VERSION,
             "compressor_version": __version__,
             "source_model": str(handle.path),
-            "packing": "ct-dense-v1" if self.schemes else None,
+            "packing": "ct-dense-v1" if self.schemes else native.PACKING if self.native_modules else None,
             "compressed_tensors_min": ct.CT_MIN_VERSION if self.schemes else None,
             "versions": library_versions(),
         }

@@ -1,8 +1,9 @@
 """Reading an exported checkpoint back into our modules (``QuantizedLinear`` with our kernels).
 
 ``transformers.AutoModelForCausalLM.from_pretrained`` also loads our compressed-tensors exports (it
-decompresses them to dense weights through the compressed-tensors library); this loader keeps the
-weights quantized so ``compressor validate`` can run them through the kernels.
+decompresses them to dense weights through the compressed-tensors library) and, after ``import
+compressor``, our native ones (``export/hf_quantizer.py``); this loader keeps the weights quantized
+so ``compressor validate`` can run them through the kernels.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.export import compressed_tensors as ct
+from compressor.export import native
 from compressor.model import safetensors_index
 from compressor.quant.linear import QuantizedLinear
 
@@ -59,11 +61,14 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
 
         for module_name, tensors in by_module.items():
             if "weight_packed" in tensors:
-                args = group_args_for(module_name, quantization_config)
                 values = {t: read(n) for t, n in tensors.items()}
-                group_size = -1 if args["strategy"] == "channel" else args["group_size"]
-                weight = ct.uniform_from_ct_tensors(values, args["num_bits"], group_size)
-                weight.scales = weight.scales.to(dtype)
+                if quantization_config.get("quant_method") == native.QUANT_METHOD:
+                    weight = native.from_tensors(values, quantization_config["modules"][module_name])  # LUTs keep their dtype
+                else:
+                    args = group_args_for(module_name, quantization_config)
+                    group_size = -1 if args["strategy"] == "channel" else args["group_size"]
+                    weight = ct.uniform_from_ct_tensors(values, args["num_bits"], group_size)
+                    weight.scales = weight.scales.to(dtype)
                 bias = values.get("bias")
                 module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None).to(device)
                 parent, _, child = module_name.rpartition(".")

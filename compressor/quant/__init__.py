@@ -2,3 +2,4 @@
 
 from compressor.quant import rtn  # noqa: F401
 from compressor.quant import efficientqat  # noqa: F401
+from compressor.quant import squeezellm  # noqa: F401

@@ -160,9 +160,10 @@ class SparseOutliers:
         return self.col.numel()
 
     @classmethod
-    def from_dense(cls, matrix: torch.Tensor, dtype: torch.dtype | None = None) -> "SparseOutliers":
-        """CSR of the nonzero entries of a dense [N, K] matrix (values cast to ``dtype``)."""
-        rows, cols = matrix.nonzero(as_tuple=True)  # row-major order, as CSR needs
+    def from_dense(cls, matrix: torch.Tensor, dtype: torch.dtype | None = None, mask: torch.Tensor | None = None) -> "SparseOutliers":
+        """CSR of the nonzero entries of a dense [N, K] matrix (values cast to ``dtype``), or of the
+        entries where ``mask`` is True (zeros included)."""
+        rows, cols = (matrix != 0 if mask is None else mask).nonzero(as_tuple=True)  # row-major order, as CSR needs
         counts = torch.bincount(rows, minlength=matrix.shape[0])
         crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         return cls(

@@ -1,0 +1,138 @@
+"""Plain transformers loads our native checkpoints: ``AutoModelForCausalLM.from_pretrained(out)``.
+
+``import compressor`` registers ``quant_method: "compressor"`` with transformers
+(``register_quantization_config`` / ``register_quantizer`` from ``transformers.quantizers.auto``).
+Loading then goes:
+
+1. before the weights are read, every module named in ``quantization_config["modules"]`` is swapped
+   for a ``CheckpointLinear`` whose parameters carry exactly the checkpoint's tensor names and
+   shapes (``export/native.py``), so transformers' own loader fills them;
+2. after loading, each is replaced by our ``QuantizedLinear`` (LUT Triton kernel on a GPU, torch
+   reference on a CPU) and the packed codes are unpacked once.
+
+Without ``import compressor`` transformers does not know the method, warns, and loads random weights
+for the quantized layers: import it first. ``model.dequantize()`` gives a plain dense model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from compressor.export import native
+from compressor.quant.linear import QuantizedLinear
+
+INT_DTYPES = {"int32": torch.int32, "int64": torch.int64}
+
+
+class CompressorConfig(QuantizationConfigMixin):
+    """``quantization_config`` of our native format; keeps every key it is given (see native.py)."""
+
+    def __init__(self, format: str = "lut", version: int = native.FORMAT_VERSION, modules: dict | None = None,
+                 ignore: list | None = None, **kwargs):
+        self.quant_method = native.QUANT_METHOD
+        self.format = format
+        self.version = version
+        self.modules = dict(modules or {})
+        self.ignore = list(ignore or [])
+        for key, value in kwargs.items():
+            if key != "quant_method":
+                setattr(self, key, value)
+        self.post_init()
+
+    def post_init(self):
+        if self.version > native.FORMAT_VERSION:
+            raise ValueError(f"compressor checkpoint format version {self.version} is newer than this compressor reads ({native.FORMAT_VERSION}); upgrade compressor")
+        if self.format != "lut":
+            raise ValueError(f"compressor checkpoint format {self.format!r} is not supported (known: 'lut')")
+
+
+class CheckpointLinear(nn.Module):
+    """Holds one quantized module's checkpoint tensors while transformers loads them."""
+
+    def __init__(self, entry: dict, in_features: int, out_features: int, bias: bool, float_dtype: torch.dtype):
+        super().__init__()
+        self.entry = entry
+        for name, (shape, kind) in native.tensor_shapes(entry, (out_features, in_features)).items():
+            dtype = INT_DTYPES.get(kind, float_dtype)
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=float_dtype, device="meta"), requires_grad=False) if bias else None
+
+    def to_quantized(self, name: str) -> QuantizedLinear:
+        tensors = {key: value.data for key, value in self.named_parameters() if key != "bias"}
+        if any(t.is_meta for t in tensors.values()):
+            raise ValueError(f"{name}: the checkpoint lacks some of its tensors ({', '.join(k for k, t in tensors.items() if t.is_meta)})")
+        try:
+            weight = native.from_tensors(tensors, self.entry)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        return QuantizedLinear(weight, None if self.bias is None else self.bias.data)
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+class CompressorHfQuantizer(HfQuantizer):
+    requires_calibration = True  # only checkpoints we wrote; transformers cannot quantize into this format
+    required_packages = ["compressor"]
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        for name, entry in self.quantization_config.modules.items():
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{name}: named in quantization_config.modules but not in the model") from None
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"{name}: expected a Linear module, found {type(linear).__name__}")
+            _swap(model, name, CheckpointLinear(entry, linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype))
+        return model
+
+    def get_new_dtype(self, converter, param, dtype):
+        return None  # codebooks and outlier values keep their stored dtype (fp16); the rest arrive as the skeleton's
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name in self.quantization_config.modules:
+            placeholder = model.get_submodule(name)
+            if isinstance(placeholder, CheckpointLinear):
+                _swap(model, name, placeholder.to_quantized(name))
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantizedLinear):
+                weight = module.quantized_weight.dequantize(dtype or torch.float32)
+                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+                linear.weight.data = weight
+                if module.bias is not None:
+                    linear.bias.data = module.bias.to(weight.dtype)
+                _swap(model, name, linear)
+        return model
+
+    def is_serializable(self, *args, **kwargs):
+        return False  # write exports with compressor; a loaded model does not save back into this format
+
+    @property
+    def is_trainable(self):
+        return False
+
+
+def register() -> None:
+    """Make ``quant_method: "compressor"`` known to transformers (idempotent: the decorators raise on a
+    second registration)."""
+    if native.QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(native.QUANT_METHOD)(CompressorConfig)
+    if native.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(native.QUANT_METHOD)(CompressorHfQuantizer)
+
+
+register()

@@ -1,0 +1,95 @@
+"""Our native checkpoint format (``quant_method: "compressor"``) for weights compressed-tensors
+cannot express: per-row lookup tables (SqueezeLLM) with optional sparse full-precision outliers.
+
+Spec: ``export/FORMATS.md`` ("Lookup-table weights"). Per quantized linear ``P`` (N outputs, K
+inputs, b bits, K_pad = K rounded up to 32):
+
+* ``P.weight_packed``  int32 [N, K_pad * b / 32]: the codes in the kernels' planes layout
+  (``kernels/packing.py``), transposed to [N, .] so that a row-parallel shard is a slice;
+* ``P.weight_lut``     [N, 2**b]: each row's codebook (fp16 unless the recipe chose fp32);
+* ``P.weight_shape``   int64 [2] = (N, K);
+* with outliers: ``P.weight_outlier_crow`` int32 [N + 1], ``P.weight_outlier_col`` int32 [nnz],
+  ``P.weight_outlier_val`` [nnz] (same dtype as the LUT): W = LUT part + CSR part.
+
+``quantization_config`` lists every quantized module with its kind, bits and outlier count, so a
+loader can build the modules with the right shapes before reading any tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.kernels.packing import pack_codes, unpack_codes
+from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
+
+QUANT_METHOD = "compressor"
+FORMAT_VERSION = 1
+PACKING = "planes-v1"
+KINDS = ("lut", "dense_and_sparse")  # value kinds this format stores (dense_and_sparse with a LUT base)
+
+
+def supports(weight) -> bool:
+    return weight.kind == "lut" or (weight.kind == "dense_and_sparse" and weight.base_kind == "lut")
+
+
+def module_entry(weight) -> dict:
+    """What a loader needs to know about one module before reading its tensors."""
+    nnz = weight.outlier_col.numel() if isinstance(weight, DenseAndSparseWeight) else 0
+    return {"kind": "lut", "bits": weight.bits, "outliers": nnz}
+
+
+def to_tensors(weight) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a LUT (or LUT + outliers) weight, names without the module prefix."""
+    tensors = {
+        "weight_packed": pack_codes(weight.codes, weight.bits).t().contiguous(),
+        "weight_lut": weight.lut,
+        "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
+    if isinstance(weight, DenseAndSparseWeight):
+        tensors.update(weight_outlier_crow=weight.outlier_crow.to(torch.int32), weight_outlier_col=weight.outlier_col.to(torch.int32),
+                       weight_outlier_val=weight.outlier_val)
+    return tensors
+
+
+def tensor_shapes(entry: dict, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype class ("int32", "int64", "float") of each tensor of a module, from its entry."""
+    n, k = shape
+    bits = entry["bits"]
+    padded = -(-k // 32) * 32
+    shapes = {"weight_packed": ((n, padded * bits // 32), "int32"), "weight_lut": ((n, 2**bits), "float"), "weight_shape": ((2,), "int64")}
+    if entry.get("outliers", 0):
+        nnz = entry["outliers"]
+        shapes.update(weight_outlier_crow=((n + 1,), "int32"), weight_outlier_col=((nnz,), "int32"), weight_outlier_val=((nnz,), "float"))
+    return shapes
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], entry: dict) -> LUTWeight | DenseAndSparseWeight:
+    """Inverse of ``to_tensors`` (checks the shapes against the config entry)."""
+    n, k = (int(v) for v in tensors["weight_shape"])
+    for name, (shape, _) in tensor_shapes(entry, (n, k)).items():
+        if name not in tensors:
+            raise ValueError(f"missing tensor {name}")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    bits = entry["bits"]
+    codes = unpack_codes(tensors["weight_packed"].t(), bits, (n, k))
+    base = LUTWeight(codes=codes, lut=tensors["weight_lut"], bits=bits)
+    if not entry.get("outliers", 0):
+        return base
+    outliers = SparseOutliers(crow=tensors["weight_outlier_crow"], col=tensors["weight_outlier_col"],
+                              val=tensors["weight_outlier_val"], shape=(n, k))
+    return DenseAndSparseWeight.from_parts(base, outliers)
+
+
+def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
+    bits = sorted({entry["bits"] for entry in modules.values()})
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": "lut",
+        "version": FORMAT_VERSION,
+        "packing": PACKING,
+        "bits": bits[0] if len(bits) == 1 else bits,
+        "outliers": any(entry["outliers"] for entry in modules.values()),
+        "ignore": sorted(ignore),
+        "modules": dict(sorted(modules.items())),
+    }

@@ -1,0 +1,336 @@
+"""SqueezeLLM: Fisher-weighted non-uniform quantization with dense-and-sparse outliers.
+
+Paper: Kim, Hooper, Gholami, Dong, Li, Shen, Mahoney, Keutzer, *SqueezeLLM: Dense-and-Sparse
+Quantization*, arXiv 2306.07629 (ICML 2024). Official code: SqueezeAILab/SqueezeLLM
+(``quantization/nuq.py``, ``squeezellm/outliers.py``, ``squeezellm/quant.py``) and the gradient
+code kssteven418/SqueezeLLM-gradients (``run.py``).
+
+What it does, per block linear W [N, K] (N output rows):
+
+1. **Sensitivity** (``fisher_diagonal``): the diagonal Fisher information
+   ``F = sum_s g_s * g_s`` with ``g_s`` the gradient of sample ``s``'s mean next-token
+   cross-entropy. **Per sample**, as the official ``run.py`` (batches of one 512-token sequence, a
+   hook squaring each sample's gradient before it is summed), never the square of a batch
+   gradient. Each sample is one ``context.forward_backward`` (block-level gradient checkpointing,
+   offloading when the model is larger than the device); a ``register_post_accumulate_grad_hook``
+   on each targeted weight adds ``grad**2`` into an **fp32** accumulator and drops the grad. The
+   official hook version sums squares into a bf16 ``.grad``; fp32 is the earlier, more precise
+   variant. Accumulators live on the CPU by default (``fisher_device: cpu``: 4 bytes per weight
+   of host memory, ~28 GB for an 8B model, device memory stays one block) or on the device
+   (``fisher_device: device``: faster, needs 4 bytes per weight there).
+2. **Dense-and-sparse split** (``sparse_mask``): optionally keep ``sensitive_percent`` of each
+   matrix's entries with the largest Fisher values and ``outlier_percent`` with the largest
+   magnitudes (among the rest) exactly, as a CSR matrix. Paper setting: 0.05 % sensitive + 0.40 %
+   outliers. Deviation: the official code picks outliers with one global threshold factor on the
+   inter-quartile range that the user tunes by hand toward a target percentage, and keeps
+   Fisher values strictly above the n-th largest (fewer with ties); here both counts are exact per
+   matrix, so the sparse part holds exactly the configured fraction of every layer.
+3. **Fisher-weighted k-means per output row** (``fisher_weighted_kmeans``): 2**bits centroids per
+   row minimising ``sum_j F_j (w_j - c(w_j))**2``, all rows of a matrix at once (1-D nearest
+   centroid by ``searchsorted`` on sorted centroids, cluster sums by ``scatter_add`` in float64).
+   Official: sklearn ``KMeans(n_clusters=2**bits, random_state=0, n_init="auto", max_iter=50)``
+   with ``sample_weight=F`` (greedy weighted k-means++ seeding with ``2 + ln k`` candidates per
+   centre, one run, at most 50 Lloyd iterations). Ours, ``init: kmeans++``, is the same algorithm
+   (another random stream); it stops when no assignment changes. Default ``init: best``
+   (deviation): also run Lloyd from the per-row min-max RTN grid and keep, per row, the lower
+   objective; Lloyd from that grid never increases the objective, so the result is never worse
+   than per-row RTN at the same bits. Entries moved to the sparse part get weight 0 (they do not
+   pull a centroid toward 0); an all-zero Fisher row is clustered with unit weights, as the
+   official code does. Fisher rows are scaled by their maximum first (k-means is invariant to it).
+4. **Value**: ``LUTWeight`` (codes + one fp16 codebook per row), or ``DenseAndSparseWeight`` with
+   the sparse part. The LUT is rounded to ``lut_dtype`` before the final assignment, so the stored
+   codes are nearest to the stored centroids. At sparse positions the code is the row's centroid
+   nearest 0 and the stored value is ``W - that centroid`` (official ``QuantLinearLUT.pack2``), so
+   the dense kernel needs no mask and ``dense + sparse`` reproduces W at those positions.
+
+The step is a model step (the Fisher needs a backward pass through the whole model); it then
+clusters block by block, each matrix on ``context.device`` with its Fisher, and frees that
+Fisher. Defaults: 4 bits, dense-only (every engine that served SqueezeLLM supported only that),
+``lm_head`` and embeddings left in full precision (official scope: the seven block projections).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, tensor_names
+from compressor.quant.uniform import minmax_params, row_chunks
+from compressor.recipe import Step, param, register_step
+
+INITS = ("best", "kmeans++", "uniform")
+LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------
+# Fisher-weighted k-means, one 1-D problem per row, all rows at once
+
+
+def assign(weight: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid of each weight; ``centroids`` [R, k] sorted ascending per row."""
+    middles = ((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous()
+    return torch.searchsorted(middles, weight.contiguous())
+
+
+def weighted_error(weight: torch.Tensor, fisher: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Per-row objective ``sum_j F_j (w_j - c[code_j])**2`` in float64."""
+    error = (weight.double() - centroids.double().gather(1, codes)).square()
+    return (fisher.double() * error).sum(1)
+
+
+def uniform_grid(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The 2**bits levels ``(j - z) * s`` of per-row asymmetric min-max RTN (``quant/uniform.py``)."""
+    scale, zero = minmax_params(weight, bits, -1, symmetric=False, scale_dtype=torch.float32)
+    levels = torch.arange(2**bits, device=weight.device, dtype=torch.float32)
+    return (levels - zero.float()) * scale.float()
+
+
+def kmeans_plusplus(weight: torch.Tensor, fisher: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy weighted k-means++ seeding per row (as sklearn's ``_kmeans_plusplus`` with sample
+    weights): the first centre drawn with probability ~ F, each next one the best of
+    ``2 + ln k`` candidates drawn with probability ~ F * D**2."""
+    rows, columns = weight.shape
+    trials = 2 + int(math.log(k))
+    first = torch.multinomial(fisher, 1, generator=generator)
+    centres = [weight.gather(1, first)]
+    distance = (weight - centres[0]).square()
+    for _ in range(1, k):
+        potential = fisher * distance
+        potential = torch.where(potential.sum(1, keepdim=True) > 0, potential, fisher)  # every point sits on a centre
+        candidates = weight.gather(1, torch.multinomial(potential, trials, replacement=True, generator=generator))
+        candidate_distance = torch.minimum(distance[:, None, :], (weight[:, None, :] - candidates[:, :, None]).square())
+        best = (fisher[:, None, :] * candidate_distance).sum(-1).argmin(1, keepdim=True)
+        centres.append(candidates.gather(1, best))
+        distance = candidate_distance.gather(1, best[:, :, None].expand(-1, 1, columns)).squeeze(1)
+    return torch.cat(centres, dim=1)
+
+
+def lloyd(weight: torch.Tensor, fisher: torch.Tensor, centroids: torch.Tensor, iterations: int, history: list | None = None):
+    """Weighted Lloyd iterations from ``centroids``; stops when no assignment changes.
+
+    Returns sorted centroids [R, k] and codes [R, K] (int64). An empty cluster (or one whose
+    members all weigh 0) keeps its centroid. ``history`` (optional) receives the objective after
+    every assignment: it never increases."""
+    rows, k = centroids.shape
+    centroids = centroids.sort(1).values
+    codes = assign(weight, centroids)
+    fisher64 = fisher.double().reshape(-1)
+    moments = fisher64 * weight.double().reshape(-1)
+    offsets = torch.arange(rows, device=weight.device)[:, None] * k
+    for _ in range(iterations):
+        if history is not None:
+            history.append(weighted_error(weight, fisher, centroids, codes))
+        # per-cluster sums in float64 (index_add_ over (row, code) is much faster than a float64 scatter_add_ on CPUs)
+        index = (codes + offsets).reshape(-1)
+        mass = torch.zeros(rows * k, dtype=torch.float64, device=weight.device).index_add_(0, index, fisher64).view(rows, k)
+        moment = torch.zeros(rows * k, dtype=torch.float64, device=weight.device).index_add_(0, index, moments).view(rows, k)
+        updated = torch.where(mass > 0, moment / mass.clamp(min=1e-300), centroids.double()).float()
+        centroids = updated.sort(1).values
+        new_codes = assign(weight, centroids)
+        converged = torch.equal(new_codes, codes)
+        codes = new_codes
+        if converged:
+            break
+    if history is not None:
+        history.append(weighted_error(weight, fisher, centroids, codes))
+    return centroids, codes
+
+
+def normalized_fisher(fisher: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to max 1 (k-means is invariant to it; keeps F * D**2 in range); all-zero rows -> 1."""
+    fisher = fisher.float().clamp(min=0)
+    peak = fisher.amax(1, keepdim=True)
+    return torch.where(peak > 0, fisher / peak.clamp(min=torch.finfo(torch.float32).tiny), torch.ones_like(fisher))
+
+
+def fisher_weighted_kmeans(
+    weight: torch.Tensor, fisher: torch.Tensor, bits: int, *, iterations: int = 50, init: str = "best", seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row Fisher-weighted k-means with 2**bits centroids.
+
+    ``weight`` and ``fisher`` are [R, K] (fisher >= 0; rows whose weights are all 0 use unit
+    weights). Returns fp32 centroids [R, 2**bits] sorted per row, uint8 codes [R, K] and the fp64
+    objective per row. Rows are processed in chunks of ~4M weights (``uniform.row_chunks``); the
+    result is deterministic for a given seed and device.
+    """
+    if init not in INITS:
+        raise ValueError(f"init {init!r}; expected one of {INITS}")
+    k = 2**bits
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    all_centroids, all_codes, all_errors = [], [], []
+    for rows in row_chunks(*weight.shape):
+        w = weight[rows].float()
+        f = normalized_fisher(fisher[rows])
+        results = []
+        if init in ("best", "kmeans++"):
+            results.append(lloyd(w, f, kmeans_plusplus(w, f, k, generator), iterations))
+        if init in ("best", "uniform"):
+            results.append(lloyd(w, f, uniform_grid(w, bits), iterations))
+        errors = [weighted_error(w, f, c, codes) for c, codes in results]
+        centroids, codes = results[0]
+        error = errors[0]
+        if len(results) == 2:
+            better = errors[1] < errors[0]
+            centroids = torch.where(better[:, None], results[1][0], centroids)
+            codes = torch.where(better[:, None], results[1][1], codes)
+            error = torch.minimum(errors[0], errors[1])
+        all_centroids.append(centroids)
+        all_codes.append(codes.to(torch.uint8))
+        all_errors.append(error)
+    return torch.cat(all_centroids), torch.cat(all_codes), torch.cat(all_errors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense-and-sparse
+
+
+def exact_count(numel: int, percent: float) -> int:
+    return int(round(numel * percent / 100))
+
+
+def sparse_mask(weight: torch.Tensor, fisher: torch.Tensor, sensitive_percent: float, outlier_percent: float) -> torch.Tensor | None:
+    """Entries kept in full precision: the top ``sensitive_percent`` of the matrix by Fisher value,
+    then the top ``outlier_percent`` by magnitude among the others. Exactly
+    ``round(numel * p / 100)`` of each (ties broken by ``topk``); None when both are 0."""
+    numel = weight.numel()
+    sensitive, outliers = exact_count(numel, sensitive_percent), exact_count(numel, outlier_percent)
+    if sensitive + outliers == 0:
+        return None
+    mask = torch.zeros(numel, dtype=torch.bool, device=weight.device)
+    if sensitive:
+        mask[fisher.reshape(-1).float().topk(sensitive, sorted=False).indices] = True
+    if outliers:
+        magnitude = weight.reshape(-1).float().abs().masked_fill(mask, -1.0)
+        mask[magnitude.topk(outliers, sorted=False).indices] = True
+    return mask.view_as(weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# One matrix
+
+
+def quantize_squeezellm(
+    weight: torch.Tensor, fisher: torch.Tensor, bits: int, *, sensitive_percent: float = 0.0, outlier_percent: float = 0.0,
+    init: str = "best", iterations: int = 50, seed: int = 0, lut_dtype: torch.dtype = torch.float16,
+) -> LUTWeight | DenseAndSparseWeight:
+    """SqueezeLLM value of one weight matrix [N, K] given its Fisher diagonal (same shape)."""
+    weight = weight.float()
+    fisher = fisher.float().clamp(min=0)
+    mask = sparse_mask(weight, fisher, sensitive_percent, outlier_percent)
+    dense, fisher_dense = weight, fisher
+    if mask is not None:
+        dense = weight.masked_fill(mask, 0.0)
+        fisher_dense = fisher.masked_fill(mask, 0.0)
+        # a row with only sparse entries and zero Fisher elsewhere: unit weights on its dense entries
+        empty = fisher_dense.amax(1, keepdim=True) <= 0
+        fisher_dense = torch.where(empty & ~mask, torch.ones_like(fisher_dense), fisher_dense)
+    centroids, _, _ = fisher_weighted_kmeans(dense, fisher_dense, bits, iterations=iterations, init=init, seed=seed)
+    lut = centroids.to(lut_dtype)  # rounding keeps the order; codes are chosen for the stored values
+    codes = assign(dense, lut.float().contiguous())
+    if mask is None:
+        return LUTWeight(codes=codes.to(torch.uint8), lut=lut, bits=bits)
+    nearest_zero = lut.float().abs().argmin(1, keepdim=True)
+    codes = torch.where(mask, nearest_zero, codes)
+    residual = weight - lut.float().gather(1, codes)
+    outliers = SparseOutliers.from_dense(residual, dtype=lut_dtype, mask=mask)
+    return DenseAndSparseWeight.from_parts(LUTWeight(codes=codes.to(torch.uint8), lut=lut, bits=bits), outliers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fisher information through the model-step API
+
+
+def fisher_diagonal(context, modules: dict[str, nn.Linear], tokens: torch.Tensor, store: torch.device) -> dict[str, torch.Tensor]:
+    """``sum_s grad_s(W)**2`` in fp32 on ``store`` for each module's weight, one calibration sequence
+    per backward (``context.forward_backward``, whose gradients arrive layer by layer)."""
+    fisher = {name: torch.zeros(module.weight.shape, dtype=torch.float32, device=store) for name, module in modules.items()}
+    handles = []
+
+    def accumulate(name):
+        def hook(parameter):
+            fisher[name] += parameter.grad.detach().float().square().to(store)
+            parameter.grad = None
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            module.weight.requires_grad_(True)
+            handles.append(module.weight.register_post_accumulate_grad_hook(accumulate(name)))
+        for sample in tokens.split(1):
+            context.forward_backward(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in modules.values():
+            module.weight.requires_grad_(False)
+            module.weight.grad = None
+    return fisher
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe step
+
+
+@register_step("squeezellm")
+@dataclass
+class SqueezeLLM(Step):
+    """SqueezeLLM: Fisher-weighted per-row k-means codebooks, optionally with sparse full-precision outliers."""
+
+    bits: int = param(4, "bits per weight code (2**bits centroids per output row)", choices=range(2, 9))
+    sensitive_percent: float = param(0.0, "percent of each matrix kept exactly: the highest Fisher values (paper: 0.05)", min=0.0, max=100.0)
+    outlier_percent: float = param(0.0, "percent of each matrix kept exactly: the largest magnitudes (paper: 0.40)", min=0.0, max=100.0)
+    init: str = param("best", "k-means start: kmeans++ (official), uniform (RTN grid) or best of both per row", choices=INITS)
+    iterations: int = param(50, "most Lloyd iterations per row (official: 50)", min=1)
+    seed: int = param(0, "seed of the k-means++ draws")
+    lut_dtype: str = param("float16", "dtype of the stored codebooks and sparse values", choices=tuple(LUT_DTYPES))
+    fisher_device: str = param("cpu", "where the fp32 Fisher accumulators live: cpu (any model size) or device", choices=("cpu", "device"))
+    ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
+
+    kind = "model"
+
+    def check(self) -> None:
+        if self.sensitive_percent + self.outlier_percent > 100:
+            raise ValueError(f"outlier_percent: sensitive_percent + outlier_percent = {self.sensitive_percent + self.outlier_percent} exceeds 100")
+
+    def compress_model(self, context) -> None:
+        from compressor.pipeline import BlockContext
+        from compressor.report import peak_memory
+
+        session = context.session
+        handle = session.handle
+        blocks = [BlockContext(session, self, i, handle.block_prefix(i), handle.blocks[i], None, None) for i in range(len(handle.blocks))]
+        targets = {(b.index, name): linear for b in blocks for name, linear in b.linears(self.ignore).items()}
+        modules = {f"{blocks[i].prefix}.{name}": linear for (i, name), linear in targets.items()}
+        tokens = context.calibration_tokens()
+        store = torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
+        if context.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(context.device)
+        started = time.perf_counter()
+        fisher = fisher_diagonal(context, modules, tokens, store)
+        context.record("fisher", samples=tokens.shape[0], seq_len=tokens.shape[1], seconds=round(time.perf_counter() - started, 3),
+                       accumulators=self.fisher_device, **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
+
+        lut_dtype = LUT_DTYPES[self.lut_dtype]
+        for (index, name), linear in targets.items():
+            block = blocks[index]
+            full = f"{block.prefix}.{name}"
+            weight = linear.weight.data
+            started = time.perf_counter()
+            quantized = quantize_squeezellm(
+                weight.to(context.device), fisher.pop(full).to(context.device), self.bits, sensitive_percent=self.sensitive_percent,
+                outlier_percent=self.outlier_percent, init=self.init, iterations=self.iterations, seed=self.seed, lut_dtype=lut_dtype,
+            )
+            seconds = time.perf_counter() - started
+            quantized = dataclasses.replace(quantized, **{n: getattr(quantized, n).to(weight.device) for n in tensor_names(quantized) if getattr(quantized, n) is not None})
+            error = float((weight.float() - quantized.dequantize(torch.float32)).norm() / weight.float().norm().clamp(min=1e-30))
+            block.replace_linear(name, quantized)
+            numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
+            if isinstance(quantized, DenseAndSparseWeight):
+                numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()
+            block.record(name, **numbers)

@@ -1,0 +1,413 @@
+"""SqueezeLLM: properties that fail when the k-means, the sparse split or the Fisher is wrong."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compressor.quant.formats import DenseAndSparseWeight, LUTWeight
+from compressor.quant.squeezellm import (
+    assign,
+    fisher_diagonal,
+    fisher_weighted_kmeans,
+    lloyd,
+    kmeans_plusplus,
+    normalized_fisher,
+    quantize_squeezellm,
+    sparse_mask,
+)
+from compressor.quant.uniform import quantize_uniform
+
+
+def rows_of(kind: str, rows: int, columns: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(rows, columns, generator=generator)
+    if kind == "laplace":
+        uniform = torch.rand(rows, columns, generator=generator).clamp(1e-6, 1 - 1e-6)
+        return -torch.sign(uniform - 0.5) * torch.log1p(-2 * (uniform - 0.5).abs())
+    normal = torch.randn(4, rows, columns, generator=generator)  # Student-t with 3 degrees of freedom: heavy tails
+    return normal[0] / (normal[1:].square().mean(0)).sqrt()
+
+
+def fisher_of(shape, seed: int) -> torch.Tensor:
+    return torch.empty(shape).exponential_(generator=torch.Generator().manual_seed(seed + 100)) ** 2
+
+
+def weighted_rtn_error(weight, fisher, bits):
+    """Fisher-weighted error of per-row asymmetric min-max round-to-nearest (the shared RTN math)."""
+    rtn = quantize_uniform(weight, bits, -1, symmetric=False, scale_dtype=torch.float32).dequantize(torch.float32)
+    return (normalized_fisher(fisher).double() * (weight - rtn).double().square()).sum(1)
+
+
+def demo_rows(name: str, rows: int = 48) -> torch.Tensor:
+    from safetensors import safe_open
+
+    from compressor.demo import demo_model_dir
+
+    with safe_open(demo_model_dir() / "model.safetensors", "pt") as f:
+        return f.get_tensor(name)[:rows].float()
+
+
+# ----------------------------------------------------------------------------------------------
+# k-means
+
+
+def test_lloyd_objective_never_increases():
+    weight, fisher = rows_of("laplace", 64, 256, 0), fisher_of((64, 256), 0)
+    f = normalized_fisher(fisher)
+    history = []
+    lloyd(weight, f, kmeans_plusplus(weight, f, 8, torch.Generator().manual_seed(0)), 50, history)
+    objective = torch.stack(history)  # [steps, rows]
+    assert len(history) > 3
+    assert (objective[1:] <= objective[:-1] * (1 + 1e-9)).all()
+    assert (objective[-1] < objective[0]).float().mean() > 0.9  # it actually improves most rows
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("kind", ["gaussian", "laplace", "student-t"])
+def test_kmeans_is_never_worse_than_rtn(bits, kind):
+    for seed in range(3):
+        weight, fisher = rows_of(kind, 32, 128, seed), fisher_of((32, 128), seed)
+        rtn = weighted_rtn_error(weight, fisher, bits)
+        for init in ("best", "uniform"):
+            _, _, objective = fisher_weighted_kmeans(weight, fisher, bits, init=init, seed=seed)
+            assert (objective <= rtn * (1 + 1e-6)).all(), (init, (objective / rtn).max())
+        _, _, objective = fisher_weighted_kmeans(weight, fisher, bits, seed=seed)
+        assert (objective / rtn).mean() < 0.9  # and clearly better on average
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_kmeans_beats_rtn_on_real_weight_rows(name, bits):
+    weight = demo_rows(name)
+    fisher = fisher_of(weight.shape, 1)
+    centroids, codes, objective = fisher_weighted_kmeans(weight, fisher, bits)
+    rtn = weighted_rtn_error(weight, fisher, bits)
+    assert (objective <= rtn * (1 + 1e-6)).all()
+    assert objective.sum() < 0.5 * rtn.sum()
+    # the returned objective is the error of the returned centroids and codes
+    recomputed = (normalized_fisher(fisher).double() * (weight - centroids.gather(1, codes.long())).double().square()).sum(1)
+    assert torch.allclose(objective, recomputed, rtol=1e-9)
+
+
+def test_codes_are_nearest_centroids_and_centroids_sorted():
+    weight, fisher = rows_of("gaussian", 16, 100, 3), fisher_of((16, 100), 3)
+    centroids, codes, _ = fisher_weighted_kmeans(weight, fisher, 3)
+    assert (centroids[:, 1:] >= centroids[:, :-1]).all()
+    assert codes.dtype == torch.uint8 and int(codes.max()) < 8
+    nearest = (weight[:, :, None] - centroids[:, None, :]).abs().min(-1).values
+    chosen = (weight - centroids.gather(1, codes.long())).abs()
+    assert torch.allclose(chosen, nearest, atol=1e-6)
+
+
+def test_separated_clusters_are_found_exactly():
+    """Eight tight, well separated groups per row: the optimum is the groups' weighted means."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.linspace(-7, 7, 8)
+    members = torch.randint(0, 8, (10, 120), generator=generator)
+    members[:, :8] = torch.arange(8)  # every group present
+    weight = centres[members] + 0.01 * torch.randn(10, 120, generator=generator)
+    fisher = fisher_of((10, 120), 0)
+    centroids, codes, _ = fisher_weighted_kmeans(weight, fisher, 3, init="kmeans++")
+    assert torch.equal(codes.long(), members)
+    f = normalized_fisher(fisher).double()
+    for row in range(10):
+        for j in range(8):
+            inside = members[row] == j
+            expected = (f[row, inside] * weight[row, inside].double()).sum() / f[row, inside].sum()
+            assert centroids[row, j].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_a_sensitive_weight_is_kept_close():
+    weight = rows_of("laplace", 8, 256, 4)
+    order = weight.abs().argsort(1)
+    target = order[:, -5]  # an extreme value, but not the largest
+    fisher = torch.ones_like(weight)
+    fisher[torch.arange(8), target] = 1e6
+    weighted, _, _ = fisher_weighted_kmeans(weight, fisher, 3)
+    plain, _, _ = fisher_weighted_kmeans(weight, torch.ones_like(weight), 3)
+    value = weight[torch.arange(8), target][:, None]
+    span = weight.amax(1) - weight.amin(1)
+    weighted_error = (weighted - value).abs().min(1).values
+    plain_error = (plain - value).abs().min(1).values
+    assert (weighted_error <= 1e-3 * span).all()
+    assert (weighted_error < plain_error).all()
+
+
+def test_fisher_scale_does_not_matter():
+    weight, fisher = rows_of("student-t", 12, 96, 5), fisher_of((12, 96), 5)
+    a = fisher_weighted_kmeans(weight, fisher, 4)
+    b = fisher_weighted_kmeans(weight, fisher * 2.0**-30, 4)  # exact scaling: identical result
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c = fisher_weighted_kmeans(weight, fisher * 3e-7, 4)  # rounding may move a draw, never the quality
+    assert torch.allclose(c[2], a[2], rtol=0.05)
+
+
+def test_zero_fisher_rows_fall_back_to_unit_weights_and_seed_is_deterministic():
+    weight = rows_of("gaussian", 6, 64, 6)
+    fisher = fisher_of((6, 64), 6)
+    fisher[2] = 0
+    a = fisher_weighted_kmeans(weight, fisher, 3, seed=1)
+    b = fisher_weighted_kmeans(weight, fisher, 3, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    a = fisher_weighted_kmeans(weight, fisher, 3, init="uniform")
+    ones = fisher_weighted_kmeans(weight[2:3], torch.ones(1, 64), 3, init="uniform")
+    assert torch.isfinite(a[0]).all()
+    assert a[2][2] <= weighted_rtn_error(weight[2:3], torch.ones(1, 64), 3)[0] * (1 + 1e-6)
+    assert a[2][2].item() == pytest.approx(ones[2][0].item(), rel=1e-6)
+
+
+def test_rows_with_few_distinct_values():
+    weight = torch.tensor([[0.5, 0.5, -1.0, -1.0, 0.5, 2.0]] * 3)
+    centroids, codes, objective = fisher_weighted_kmeans(weight, torch.ones_like(weight), 3)
+    assert torch.equal(centroids.gather(1, codes.long()), weight)
+    assert (objective == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# dense-and-sparse
+
+
+def test_sparse_mask_counts_and_choice():
+    weight, fisher = rows_of("laplace", 40, 250, 7), fisher_of((40, 250), 7)  # 10000 entries
+    mask = sparse_mask(weight, fisher, 0.05, 0.40)
+    assert int(mask.sum()) == 5 + 40
+    sensitive = fisher.reshape(-1).topk(5).indices
+    assert mask.reshape(-1)[sensitive].all()
+    rest = weight.reshape(-1).abs().clone()
+    rest[sensitive] = -1
+    assert mask.reshape(-1)[rest.topk(40).indices].all()
+    assert sparse_mask(weight, fisher, 0.0, 0.0) is None
+
+
+@pytest.mark.parametrize("lut_dtype", [torch.float32, torch.float16])
+def test_dense_and_sparse_reconstruction(lut_dtype):
+    weight, fisher = rows_of("student-t", 32, 200, 8), fisher_of((32, 200), 8)
+    value = quantize_squeezellm(weight, fisher, 3, sensitive_percent=0.5, outlier_percent=2.0, lut_dtype=lut_dtype)
+    assert isinstance(value, DenseAndSparseWeight) and value.base_kind == "lut"
+    mask = sparse_mask(weight, fisher, 0.5, 2.0)
+    assert value.outlier_col.numel() == int(mask.sum()) == round(6400 * 0.025)
+    assert value.outlier_val.dtype == lut_dtype and value.lut.dtype == lut_dtype
+    # at kept positions the dense code is the row's centroid nearest 0, and dense + sparse = W
+    nearest_zero = value.lut.float().abs().argmin(1, keepdim=True).expand_as(mask)
+    assert torch.equal(value.codes.long()[mask], nearest_zero[mask])
+    rebuilt = value.dequantize(torch.float32)
+    tolerance = 1e-6 if lut_dtype == torch.float32 else 1e-3
+    assert torch.allclose(rebuilt[mask], weight[mask], rtol=tolerance, atol=1e-7)
+    # elsewhere the dense part holds the nearest stored centroid
+    dense = value.base.dequantize(torch.float32)
+    nearest = (weight[:, :, None] - value.lut.float()[:, None, :]).abs().min(-1).values
+    assert torch.allclose((weight - dense).abs()[~mask], nearest[~mask], atol=1e-6)
+    # removing outliers makes the dense part easier: its error is below the dense-only value's
+    dense_only = quantize_squeezellm(weight, fisher, 3, lut_dtype=lut_dtype)
+    assert isinstance(dense_only, LUTWeight)
+    assert (weight - rebuilt).square().sum() < (weight - dense_only.dequantize(torch.float32)).square().sum()
+
+
+def test_everything_kept_is_exact():
+    weight, fisher = rows_of("gaussian", 8, 64, 9), fisher_of((8, 64), 9)
+    value = quantize_squeezellm(weight, fisher, 2, sensitive_percent=100.0, lut_dtype=torch.float32)
+    assert value.outlier_col.numel() == weight.numel()
+    assert torch.allclose(value.dequantize(torch.float32), weight, rtol=1e-6, atol=1e-7)
+
+
+def test_removed_entries_do_not_pull_centroids():
+    """Zero-weighted zeros at the removed positions == the row with those entries deleted."""
+    weight, fisher = rows_of("laplace", 4, 120, 10), fisher_of((4, 120), 10)
+    mask = sparse_mask(weight, fisher, 0.0, 5.0)  # 6 entries
+    masked_centroids, _, _ = fisher_weighted_kmeans(weight.masked_fill(mask, 0), fisher.masked_fill(mask, 0), 3, init="uniform")
+    for row in range(4):
+        keep = ~mask[row]
+        deleted, _, _ = fisher_weighted_kmeans(weight[row, keep][None], fisher[row, keep][None], 3, init="uniform")
+        if mask[row].any():  # min-max ranges always include 0, so both start from the same grid
+            assert torch.allclose(masked_centroids[row], deleted[0], atol=1e-6)
+
+
+def test_value_bits_per_weight():
+    weight, fisher = rows_of("gaussian", 64, 256, 11), fisher_of((64, 256), 11)
+    assert quantize_squeezellm(weight, fisher, 3).bits_per_weight() == pytest.approx(3 + 16 * 8 / 256)
+    value = quantize_squeezellm(weight, fisher, 4, sensitive_percent=0.05, outlier_percent=0.40)
+    nnz = round(64 * 256 * 0.0045)
+    assert value.bits_per_weight() == pytest.approx(4 + 16 * 16 / 256 + (nnz * 48 + 32 * 65) / (64 * 256))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fisher
+
+
+class FullModelContext:
+    """Stand-in for ``ModelContext.forward_backward`` on a model held whole in memory."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward_backward(self, input_ids, loss_fn=None):
+        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        loss = loss.detach()
+        return loss.item()
+
+
+def tiny_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def test_fisher_is_the_sum_of_per_sample_squared_gradients():
+    model = tiny_model()
+    tokens = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    modules = {"q": model.model.layers[0].self_attn.q_proj, "down": model.model.layers[1].mlp.down_proj}
+    fisher = fisher_diagonal(FullModelContext(model), modules, tokens, torch.device("cpu"))
+    assert all(not m.weight.requires_grad and m.weight.grad is None for m in modules.values())
+
+    weights = [m.weight for m in modules.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    per_sample = {name: torch.zeros_like(m.weight) for name, m in modules.items()}
+    batch_sum = {name: torch.zeros_like(m.weight) for name, m in modules.items()}
+    for sample in tokens.split(1):
+        grads = torch.autograd.grad(model(input_ids=sample, labels=sample).loss, weights)
+        for name, grad in zip(modules, grads):
+            per_sample[name] += grad.square()
+            batch_sum[name] += grad
+    for name in modules:
+        assert torch.allclose(fisher[name], per_sample[name], rtol=1e-5, atol=1e-12)
+        assert not torch.allclose(fisher[name], batch_sum[name].square(), rtol=1e-2)  # squaring a batch gradient is wrong
+        assert (fisher[name] >= 0).all() and fisher[name].dtype == torch.float32
+
+
+def test_fisher_is_zero_where_the_loss_does_not_depend_on_a_weight():
+    model = tiny_model(1)
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj.weight.data[:, 7] = 0  # intermediate channel 7 is never read
+    tokens = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(1))
+    fisher = fisher_diagonal(FullModelContext(model), {"gate": mlp.gate_proj, "up": mlp.up_proj}, tokens, torch.device("cpu"))
+    for name in ("gate", "up"):
+        assert torch.equal(fisher[name][7], torch.zeros(64))
+        assert (fisher[name].sum(1) > 0).sum() == 95
+
+
+def test_fisher_through_the_blockwise_runner_equals_plain_autograd(tiny_llama):
+    """Block-level recomputation (and offloading) fires each weight's hook once per sample."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor.blockwise import BlockwiseModel
+    from compressor.model import ModelHandle
+
+    handle = ModelHandle.open(tiny_llama)
+    handle.materialize_all("cpu", torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    reference.requires_grad_(False)
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"]
+    tokens = torch.randint(0, 320, (3, 20), generator=torch.Generator().manual_seed(2))
+    expected = fisher_diagonal(FullModelContext(reference), {n: reference.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
+    got = fisher_diagonal(BlockwiseModel(handle, "cpu", offloaded=True), {n: handle.model.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# recipe, export, loading
+
+
+def test_recipe_mistakes_are_one_line_errors():
+    from compressor import Recipe, RecipeError
+
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.bits: 9 is not one of 2\.\.8"):
+        Recipe.from_dict({"steps": [{"squeezellm": {"bits": 9}}]})
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.outlier_percent: .*exceeds 100"):
+        Recipe.from_dict({"steps": [{"squeezellm": {"sensitive_percent": 60, "outlier_percent": 50}}]})
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.init: 'random' is not one of"):
+        Recipe.from_dict({"steps": [{"squeezellm": {"init": "random"}}]})
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("sparse", [False, True])
+def test_native_tensors_round_trip(bits, sparse):
+    from compressor.export import native
+
+    weight, fisher = rows_of("laplace", 37, 100, bits), fisher_of((37, 100), bits)  # odd N, K not a multiple of 32
+    value = quantize_squeezellm(weight, fisher, bits, outlier_percent=1.0 if sparse else 0.0, iterations=5)
+    tensors = native.to_tensors(value)
+    entry = native.module_entry(value)
+    assert tensors["weight_packed"].dtype == torch.int32 and tensors["weight_packed"].shape == (37, 128 * bits // 32)
+    assert tensors["weight_lut"].shape == (37, 2**bits) and tensors["weight_lut"].dtype == torch.float16
+    assert ("weight_outlier_val" in tensors) == sparse and entry["outliers"] == (37 if sparse else 0)
+    back = native.from_tensors(tensors, entry)
+    assert type(back) is type(value) and torch.equal(back.codes, value.codes)
+    assert torch.equal(back.dequantize(torch.float32), value.dequantize(torch.float32))
+    with pytest.raises(ValueError, match="weight_lut has shape"):
+        native.from_tensors({**tensors, "weight_lut": tensors["weight_lut"][:, :1]}, entry)
+
+
+def test_export_loads_in_transformers_with_the_reference_logits(tiny_llama, calibration_file, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from compressor import Recipe, apply
+    from compressor.export import load_quantized_model
+    from compressor.quant.linear import QuantizedLinear
+    from compressor.validate import dequantize_model_, validate_model
+
+    recipe = Recipe.from_dict({
+        "calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 32},
+        "steps": [{"squeezellm": {"bits": 3, "sensitive_percent": 0.05, "outlier_percent": 0.4, "iterations": 10}}],
+    })
+    out = tmp_path / "out"
+    report = apply(recipe, tiny_llama, out, progress=False)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressor" and config["format"] == "lut" and config["outliers"] is True
+    assert config["ignore"] == ["lm_head"] and len(config["modules"]) == 14
+    assert config["modules"]["model.layers.1.mlp.down_proj"] == {"kind": "lut", "bits": 3, "outliers": round(128 * 384 * 0.0005) + round(128 * 384 * 0.004)}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight_lut").dtype == torch.float16
+    assert "model.layers.0.self_attn.q_proj.weight" not in names and "model.layers.0.self_attn.q_proj.weight_outlier_crow" in names
+    fisher_row = next(row for row in report.rows if row["module"] == "fisher")
+    assert fisher_row["samples"] == 3 and fisher_row["peak_rss_gib"] > 0
+
+    x = torch.randint(0, 320, (2, 23), generator=torch.Generator().manual_seed(0))
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantizedLinear)
+    ours = load_quantized_model(out)
+    reference = load_quantized_model(out)
+    assert dequantize_model_(reference, torch.float32) == 14
+    with torch.no_grad():
+        expected = reference(x).logits
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x).logits, expected, rtol=1e-5, atol=1e-5)
+        original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(x).logits
+    assert not torch.allclose(original, expected, atol=1e-3)  # it was quantized
+    dense = loaded.dequantize()
+    assert not any(isinstance(m, QuantizedLinear) for m in dense.modules())
+    torch.testing.assert_close(dense(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+    # compressor validate: the LUT + sparse kernels against the fp32 reference, layer by layer
+    result = validate_model(ours, None, max_layers=3, batches=(1, 5))
+    assert result["ok"] and [row["kind"] for row in result["layers"]] == ["dense_and_sparse"] * 3
+
+
+def test_uniform_and_lut_weights_cannot_share_a_native_checkpoint(tmp_path):
+    from torch import nn
+
+    from compressor.export import ExportError
+    from compressor.export.checkpoint import CheckpointWriter
+    from compressor.quant.linear import QuantizedLinear
+    from compressor.recipe import ExportConfig
+
+    weight, fisher = rows_of("gaussian", 8, 64, 12), fisher_of((8, 64), 12)
+    block = nn.Module()
+    block.a = QuantizedLinear(quantize_uniform(weight, 4, 32, True, torch.float16))
+    block.b = QuantizedLinear(quantize_squeezellm(weight, fisher, 4, iterations=3))
+    with pytest.raises(ExportError, match=r"block\.b: uniform and lookup-table weights cannot share one checkpoint"):
+        CheckpointWriter(tmp_path, ExportConfig(), torch.float16).write_module("block", block)
+    with pytest.raises(ExportError, match=r"block\.a: no checkpoint format for 'uniform' weights in export format 'compressor'"):
+        CheckpointWriter(tmp_path, ExportConfig(format="compressor"), torch.float16).write_module("block", block)

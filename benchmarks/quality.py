@@ -628,7 +628,7 @@ def make_record(models: list[str], rows: list[dict], settings: Settings, command
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="'demo' (default), a local folder or a hub id; repeatable")
-    parser.add_argument("--quick", action="store_true", help="32 windows and 16 calibration samples: the demo model in ~15 minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="32 windows and 32 calibration samples: the demo model in ~15 minutes on 2 cores")
     parser.add_argument("--only", action="append", help="run only entries whose method or recipe contains this text; repeatable")
     parser.add_argument("--text", default="demo", help="held-out text: 'demo', a local file or folder")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(
         text=args.text, seq_len=args.seq_len, calibration=args.calibration, llmcompressor_python=args.llmcompressor_python,
         max_windows=args.max_windows if args.max_windows is not None else (32 if args.quick else None),
-        calibration_samples=args.calibration_samples if args.calibration_samples is not None else (16 if args.quick else None),
+        calibration_samples=args.calibration_samples if args.calibration_samples is not None else (32 if args.quick else None),
     )
     models = args.model or ["demo"]
     entries = default_entries(settings)

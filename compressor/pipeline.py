@@ -83,8 +83,7 @@ class BlockContext:
     def replace_linear(self, name: str, quantized_weight) -> QuantizedLinear:
         linear = self.block.get_submodule(name)
         module = QuantizedLinear(quantized_weight, linear.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(self.block.get_submodule(parent) if parent else self.block, child, module)
+        self.block.set_submodule(name, module)
         return module
 
     @torch.no_grad()
@@ -242,7 +241,7 @@ class Session:
         """Embed the calibration tokens and catch what the model hands its first block."""
         embed = self.handle.adapter.embed_tokens
         self.handle.materialize(embed, self.device, self.compute_dtype)
-        base_model = self.handle.model.get_submodule(self.handle.adapter.blocks.rpartition(".")[0])
+        base_model = self.handle.base_model
         for buffer_owner in base_model.modules():
             for name, buffer in buffer_owner.named_buffers(recurse=False):
                 if buffer.device != self.device and not buffer.is_meta:

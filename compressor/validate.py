@@ -186,8 +186,7 @@ def dequantize_model_(model, dtype) -> int:
         dense.weight.data = weight
         if module.bias is not None:
             dense.bias.data = module.bias.to(dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        model.set_submodule(name, dense)
     return len(targets)
 
 

@@ -77,11 +77,6 @@ class CheckpointLinear(nn.Module):
         return QuantizedLinear(weight, None if self.bias is None else self.bias.data)
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 class CompressorHfQuantizer(HfQuantizer):
     requires_calibration = True  # only checkpoints we wrote; transformers cannot quantize into this format
     required_packages = ["compressor"]
@@ -94,7 +89,7 @@ class CompressorHfQuantizer(HfQuantizer):
                 raise ValueError(f"{name}: named in quantization_config.modules but not in the model") from None
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"{name}: expected a Linear module, found {type(linear).__name__}")
-            _swap(model, name, CheckpointLinear(entry, linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype))
+            model.set_submodule(name, CheckpointLinear(entry, linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype))
         return model
 
     def get_new_dtype(self, converter, param, dtype):
@@ -104,7 +99,7 @@ class CompressorHfQuantizer(HfQuantizer):
         for name in self.quantization_config.modules:
             placeholder = model.get_submodule(name)
             if isinstance(placeholder, CheckpointLinear):
-                _swap(model, name, placeholder.to_quantized(name))
+                model.set_submodule(name, placeholder.to_quantized(name))
         return model
 
     def _dequantize(self, model, dtype=None):
@@ -115,7 +110,7 @@ class CompressorHfQuantizer(HfQuantizer):
                 linear.weight.data = weight
                 if module.bias is not None:
                     linear.bias.data = module.bias.to(weight.dtype)
-                _swap(model, name, linear)
+                model.set_submodule(name, linear)
         return model
 
     def is_serializable(self, *args, **kwargs):

@@ -71,8 +71,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
                     weight.scales = weight.scales.to(dtype)
                 bias = values.get("bias")
                 module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None).to(device)
-                parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, module)
+                model.set_submodule(module_name, module)
             else:
                 for tensor, name in tensors.items():
                     set_module_tensor_to_device(model, name, device, value=read(name), dtype=dtype)

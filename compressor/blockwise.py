@@ -82,7 +82,7 @@ class BlockwiseModel:
         self.device = torch.device(device)
         self.offloaded = offloaded
         adapter = handle.adapter
-        self.base_model = handle.model.get_submodule(adapter.blocks.rpartition(".")[0])
+        self.base_model = handle.base_model
         self.embed = handle.model.get_submodule(adapter.embed_tokens)
         self.norm = handle.model.get_submodule(adapter.final_norm)
         self.lm_head = handle.model.get_submodule(adapter.lm_head)

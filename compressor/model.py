@@ -105,6 +105,11 @@ class ModelHandle:
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.adapter.blocks)
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The module that embeds the tokens and calls the blocks (e.g. ``model`` of a Llama)."""
+        return self.model.get_submodule(self.adapter.blocks.rpartition(".")[0])
+
     def block_prefix(self, index: int) -> str:
         return f"{self.adapter.blocks}.{index}"
 
@@ -147,11 +152,12 @@ class ModelHandle:
             set_module_tensor_to_device(module, name, device, value=tensors[f"{prefix}.{name}"], dtype=dtype)
         return module
 
-    def materialize_all(self, device, dtype: torch.dtype) -> nn.Module:
+    def materialize_all(self, device, dtype: torch.dtype, block_device=None) -> nn.Module:
+        """The whole model; the blocks on ``block_device`` if given (CPU, for offloaded runs)."""
         for name in self.outside_block_modules():
             self.materialize(name, device, dtype)
         for index in range(len(self.blocks)):
-            self.materialize(self.block_prefix(index), device, dtype)
+            self.materialize(self.block_prefix(index), block_device or device, dtype)
         if self.tied_embeddings:
             self.model.tie_weights()
         return self.model

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RMSNorm
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from compressor.arch import UnsupportedArchitecture, attention_geometry
 from compressor.export.deepseek_mla import deepseek_v3_config
@@ -365,8 +365,7 @@ class TransMLA(Step):
             gamma = least_squares_norm_weight(latents, eps=1e-6)
             before = context.forward()
             module = build_mla_attention(weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma)
-            parent, _, child = attention_path.rpartition(".")
-            setattr(context.block.get_submodule(parent) if parent else context.block, child, module)
+            context.block.set_submodule(attention_path, module)
             after = context.forward()
         error = sum((a - b).pow(2).sum().item() for a, b in zip(after, before)) / max(sum(b.pow(2).sum().item() for b in before), 1e-30)
         context.record(
@@ -401,12 +400,7 @@ def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k:
     from compressor.model import ModelHandle
 
     teacher = ModelHandle.open(path)
-    for name in teacher.outside_block_modules():
-        teacher.materialize(name, device, dtype)
-    for index in range(len(teacher.blocks)):
-        teacher.materialize(teacher.block_prefix(index), "cpu" if offloaded else device, dtype)
-    if teacher.tied_embeddings:
-        teacher.model.tie_weights()
+    teacher.materialize_all(device, dtype, block_device="cpu" if offloaded else None)
     runner = BlockwiseModel(teacher, device, offloaded)
     values, indices = [], []
     for batch in tokens.split(batch_size):

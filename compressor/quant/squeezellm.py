@@ -51,7 +51,6 @@ Fisher. Defaults: 4 bits, dense-only (every engine that served SqueezeLLM suppor
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, tensor_names
+from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
 from compressor.quant.uniform import minmax_params, row_chunks
 from compressor.recipe import Step, param, register_step
 
@@ -320,16 +319,16 @@ class SqueezeLLM(Step):
         for (index, name), linear in targets.items():
             block = blocks[index]
             full = f"{block.prefix}.{name}"
-            weight = linear.weight.data
+            home = linear.weight.device
+            weight = linear.weight.data.to(context.device)
             started = time.perf_counter()
             quantized = quantize_squeezellm(
-                weight.to(context.device), fisher.pop(full).to(context.device), self.bits, sensitive_percent=self.sensitive_percent,
+                weight, fisher.pop(full).to(context.device), self.bits, sensitive_percent=self.sensitive_percent,
                 outlier_percent=self.outlier_percent, init=self.init, iterations=self.iterations, seed=self.seed, lut_dtype=lut_dtype,
             )
             seconds = time.perf_counter() - started
-            quantized = dataclasses.replace(quantized, **{n: getattr(quantized, n).to(weight.device) for n in tensor_names(quantized) if getattr(quantized, n) is not None})
             error = float((weight.float() - quantized.dequantize(torch.float32)).norm() / weight.float().norm().clamp(min=1e-30))
-            block.replace_linear(name, quantized)
+            block.replace_linear(name, quantized).to(home)
             numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
             if isinstance(quantized, DenseAndSparseWeight):
                 numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile

@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from compressor.quant.formats import DenseAndSparseWeight, LUTWeight
 from compressor.quant.squeezellm import (
-    assign,
     fisher_diagonal,
     fisher_weighted_kmeans,
     lloyd,

@@ -79,7 +79,7 @@ def main() -> None:
     command = "python benchmarks/transmla.py" + (" --quick" if args.quick else "")
     setting = (f"model `{args.model}`, {len(windows)} held-out windows of 512 tokens; calibration {samples} x {seq_len} demo tokens; "
                f"healing: {args.heal_epochs} epochs of `transmla_heal` defaults over the same calibration set")
-    date = datetime.date(2026, 11, 23).isoformat()
+    date = datetime.date.today().isoformat()
     results = {"command": command, "setting": setting, "machine": f"{platform.system()} {platform.machine()}, torch {torch.__version__}", "rows": rows}
     out = ROOT / "benchmarks" / "results"
     (out / f"transmla-{date}.json").write_text(json.dumps(results, indent=2))

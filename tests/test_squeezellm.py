@@ -305,6 +305,19 @@ def test_fisher_is_the_sum_of_per_sample_squared_gradients():
         assert (fisher[name] >= 0).all() and fisher[name].dtype == torch.float32
 
 
+def test_bfloat16_fisher_accumulators_stay_close_to_fp32():
+    model = tiny_model(2)
+    tokens = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
+    modules = {"o": model.model.layers[0].self_attn.o_proj, "up": model.model.layers[1].mlp.up_proj}
+    exact = fisher_diagonal(FullModelContext(model), modules, tokens, torch.device("cpu"))
+    half = fisher_diagonal(FullModelContext(model), modules, tokens, torch.device("cpu"), torch.bfloat16)
+    for name in modules:
+        assert half[name].dtype == torch.bfloat16
+        # six roundings of 2**-9 each at most
+        assert torch.allclose(half[name].float(), exact[name], rtol=6 * 2**-8, atol=0)
+        assert not torch.equal(half[name].float(), exact[name])
+
+
 def test_fisher_is_zero_where_the_loss_does_not_depend_on_a_weight():
     model = tiny_model(1)
     mlp = model.model.layers[0].mlp

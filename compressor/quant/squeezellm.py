@@ -15,9 +15,10 @@ What it does, per block linear W [N, K] (N output rows):
    offloading when the model is larger than the device); a ``register_post_accumulate_grad_hook``
    on each targeted weight adds ``grad**2`` into an **fp32** accumulator and drops the grad. The
    official hook version sums squares into a bf16 ``.grad``; fp32 is the earlier, more precise
-   variant. Accumulators live on the CPU by default (``fisher_device: cpu``: 4 bytes per weight
-   of host memory, ~28 GB for an 8B model, device memory stays one block) or on the device
-   (``fisher_device: device``: faster, needs 4 bytes per weight there).
+   variant (``fisher_dtype: bfloat16`` is the official one and halves the accumulators: 70B-class
+   models need 280 GB of fp32 accumulators, 140 GB in bf16). Accumulators live on the CPU by default
+   (``fisher_device: cpu``: 4 bytes per weight of host memory, ~28 GB for an 8B model, device memory
+   stays one block) or on the device (``fisher_device: device``: faster, 4 bytes per weight there).
 2. **Dense-and-sparse split** (``sparse_mask``): optionally keep ``sensitive_percent`` of each
    matrix's entries with the largest Fisher values and ``outlier_percent`` with the largest
    magnitudes (among the rest) exactly, as a CSR matrix. Paper setting: 0.05 % sensitive + 0.40 %
@@ -78,6 +79,7 @@ from compressor.recipe import Step, param, register_step
 INITS = ("best", "kmeans++", "uniform")
 RESCALES = ("unbiased", "none")
 LUT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+FISHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,15 +276,18 @@ def quantize_squeezellm(
 # Fisher information through the model-step API
 
 
-def fisher_diagonal(context, modules: dict[str, nn.Linear], tokens: torch.Tensor, store: torch.device) -> dict[str, torch.Tensor]:
-    """``sum_s grad_s(W)**2`` in fp32 on ``store`` for each module's weight, one calibration sequence
-    per backward (``context.forward_backward``, whose gradients arrive layer by layer)."""
-    fisher = {name: torch.zeros(module.weight.shape, dtype=torch.float32, device=store) for name, module in modules.items()}
+def fisher_diagonal(
+    context, modules: dict[str, nn.Linear], tokens: torch.Tensor, store: torch.device, dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """``sum_s grad_s(W)**2`` accumulated in ``dtype`` on ``store`` for each module's weight, one
+    calibration sequence per backward (``context.forward_backward``, whose gradients arrive layer by
+    layer). Each square is formed in fp32; a bf16 accumulator rounds every partial sum."""
+    fisher = {name: torch.zeros(module.weight.shape, dtype=dtype, device=store) for name, module in modules.items()}
     handles = []
 
     def accumulate(name):
         def hook(parameter):
-            fisher[name] += parameter.grad.detach().float().square().to(store)
+            fisher[name].add_(parameter.grad.detach().float().square().to(store))
             parameter.grad = None
 
         return hook
@@ -319,7 +324,9 @@ class SqueezeLLM(Step):
     seed: int = param(0, "seed of the k-means++ draws")
     rescale: str = param("unbiased", "per-row codebook scale after k-means: unbiased (<q,w> = <w,w>) or none (official)", choices=RESCALES)
     lut_dtype: str = param("float16", "dtype of the stored codebooks and sparse values", choices=tuple(LUT_DTYPES))
-    fisher_device: str = param("cpu", "where the fp32 Fisher accumulators live: cpu (any model size) or device", choices=("cpu", "device"))
+    fisher_device: str = param("cpu", "where the Fisher accumulators live: cpu (any model size) or device", choices=("cpu", "device"))
+    fisher_dtype: str = param("float32", "Fisher accumulators: float32, or bfloat16 (the official hook code; half the memory)",
+                              choices=tuple(FISHER_DTYPES))
     ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
     kind = "model"
@@ -342,9 +349,9 @@ class SqueezeLLM(Step):
         if context.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(context.device)
         started = time.perf_counter()
-        fisher = fisher_diagonal(context, modules, tokens, store)
+        fisher = fisher_diagonal(context, modules, tokens, store, FISHER_DTYPES[self.fisher_dtype])
         context.record("fisher", samples=tokens.shape[0], seq_len=tokens.shape[1], seconds=round(time.perf_counter() - started, 3),
-                       accumulators=self.fisher_device, **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
+                       accumulators=f"{self.fisher_device} {self.fisher_dtype}", **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
 
         lut_dtype = LUT_DTYPES[self.lut_dtype]
         for (index, name), linear in targets.items():

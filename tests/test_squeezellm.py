@@ -431,6 +431,31 @@ def test_export_loads_in_transformers_with_the_reference_logits(tiny_llama, cali
     assert result["ok"] and [row["kind"] for row in result["layers"]] == ["dense_and_sparse"] * 3
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_fisher_in_several_passes_gives_the_one_pass_checkpoint(tiny_llama, calibration_file, tmp_path, offload):
+    """Each pass accumulates one group of blocks on the fp model; the checkpoint is byte-identical."""
+    from safetensors.torch import load_file
+
+    from compressor import Recipe, apply
+
+    def run(passes):
+        recipe = Recipe.from_dict({
+            "calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 32},
+            "steps": [{"squeezellm": {"bits": 3, "iterations": 10, "fisher_passes": passes, "outlier_percent": 0.5}}],
+        })
+        report = apply(recipe, tiny_llama, tmp_path / f"out{passes}", progress=False, offload=offload)
+        return report, load_file(tmp_path / f"out{passes}" / "model.safetensors")
+
+    one_report, one = run(1)
+    two_report, two = run(2)
+    _, many = run(9)  # more passes than blocks: one per block
+    assert [row["blocks"] for row in two_report.rows if row["module"] == "fisher"] == ["0..0", "1..1"]
+    assert [row["blocks"] for row in one_report.rows if row["module"] == "fisher"] == ["0..1"]
+    assert one.keys() == two.keys() == many.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]) and torch.equal(one[name], many[name]), name
+
+
 def test_uniform_and_lut_weights_cannot_share_a_native_checkpoint(tmp_path):
     from torch import nn
 

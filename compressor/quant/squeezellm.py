@@ -19,6 +19,11 @@ What it does, per block linear W [N, K] (N output rows):
    models need 280 GB of fp32 accumulators, 140 GB in bf16). Accumulators live on the CPU by default
    (``fisher_device: cpu``: 4 bytes per weight of host memory, ~28 GB for an 8B model, device memory
    stays one block) or on the device (``fisher_device: device``: faster, 4 bytes per weight there).
+   ``fisher_passes: p`` splits the blocks into p contiguous groups and runs the calibration set once
+   per group, accumulating only that group's Fisher (memory / p); the backward of a pass stops below
+   its group, so the work is about (p + 1) / 2 backwards and p forwards. The layers of a group are
+   clustered right after its pass but swapped into the model only after the last pass, so every
+   pass sees the fp model and the result equals the one-pass result.
 2. **Dense-and-sparse split** (``sparse_mask``): optionally keep ``sensitive_percent`` of each
    matrix's entries with the largest Fisher values and ``outlier_percent`` with the largest
    magnitudes (among the rest) exactly, as a CSR matrix. Paper setting: 0.05 % sensitive + 0.40 %
@@ -73,6 +78,7 @@ import torch
 from torch import nn
 
 from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
+from compressor.quant.linear import QuantizedLinear
 from compressor.quant.uniform import minmax_params, row_chunks
 from compressor.recipe import Step, param, register_step
 
@@ -327,6 +333,8 @@ class SqueezeLLM(Step):
     fisher_device: str = param("cpu", "where the Fisher accumulators live: cpu (any model size) or device", choices=("cpu", "device"))
     fisher_dtype: str = param("float32", "Fisher accumulators: float32, or bfloat16 (the official hook code; half the memory)",
                               choices=tuple(FISHER_DTYPES))
+    fisher_passes: int = param(1, "blocks split into this many groups, one Fisher pass each: the same Fisher, "
+                                  "accumulator memory / passes, about (passes + 1) / 2 times the backward work", min=1)
     ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
     kind = "model"
@@ -343,32 +351,41 @@ class SqueezeLLM(Step):
         handle = session.handle
         blocks = [BlockContext(session, self, i, handle.block_prefix(i), handle.blocks[i], None, None) for i in range(len(handle.blocks))]
         targets = {(b.index, name): linear for b in blocks for name, linear in b.linears(self.ignore).items()}
-        modules = {f"{blocks[i].prefix}.{name}": linear for (i, name), linear in targets.items()}
         tokens = context.calibration_tokens()
         store = torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
-        if context.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(context.device)
-        started = time.perf_counter()
-        fisher = fisher_diagonal(context, modules, tokens, store, FISHER_DTYPES[self.fisher_dtype])
-        context.record("fisher", samples=tokens.shape[0], seq_len=tokens.shape[1], seconds=round(time.perf_counter() - started, 3),
-                       accumulators=f"{self.fisher_device} {self.fisher_dtype}", **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
-
         lut_dtype = LUT_DTYPES[self.lut_dtype]
-        for (index, name), linear in targets.items():
-            block = blocks[index]
-            full = f"{block.prefix}.{name}"
-            home = linear.weight.device
-            weight = linear.weight.data.to(context.device)
+        groups = [group.tolist() for group in torch.arange(len(blocks)).tensor_split(min(self.fisher_passes, len(blocks)))]
+        finished = []  # (block, name, module) quantized in an earlier pass: swapped in once no Fisher pass needs the fp weights
+        for number, group in enumerate(groups, start=1):
+            group_targets = {key: linear for key, linear in targets.items() if key[0] in group}
+            if context.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(context.device)
             started = time.perf_counter()
-            quantized = quantize_squeezellm(
-                weight, fisher.pop(full).to(context.device), self.bits, sensitive_percent=self.sensitive_percent,
-                outlier_percent=self.outlier_percent, init=self.init, iterations=self.iterations, seed=self.seed, lut_dtype=lut_dtype,
-                rescale=self.rescale,
-            )
-            seconds = time.perf_counter() - started
-            error = float((weight.float() - quantized.dequantize(torch.float32)).norm() / weight.float().norm().clamp(min=1e-30))
-            block.replace_linear(name, quantized).to(home)
-            numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
-            if isinstance(quantized, DenseAndSparseWeight):
-                numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()
-            block.record(name, **numbers)
+            fisher = fisher_diagonal(context, {f"{blocks[i].prefix}.{name}": linear for (i, name), linear in group_targets.items()},
+                                     tokens, store, FISHER_DTYPES[self.fisher_dtype])
+            context.record("fisher", samples=tokens.shape[0], seq_len=tokens.shape[1], seconds=round(time.perf_counter() - started, 3),
+                           accumulators=f"{self.fisher_device} {self.fisher_dtype}", blocks=f"{group[0]}..{group[-1]}",
+                           **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
+            last = number == len(groups)
+            for (index, name), linear in group_targets.items():
+                block = blocks[index]
+                home = linear.weight.device
+                weight = linear.weight.data.to(context.device)
+                started = time.perf_counter()
+                quantized = quantize_squeezellm(
+                    weight, fisher.pop(f"{block.prefix}.{name}").to(context.device), self.bits, sensitive_percent=self.sensitive_percent,
+                    outlier_percent=self.outlier_percent, init=self.init, iterations=self.iterations, seed=self.seed, lut_dtype=lut_dtype,
+                    rescale=self.rescale,
+                )
+                seconds = time.perf_counter() - started
+                error = float((weight.float() - quantized.dequantize(torch.float32)).norm() / weight.float().norm().clamp(min=1e-30))
+                if last:
+                    block.replace_linear(name, quantized).to(home)
+                else:
+                    finished.append((block, name, QuantizedLinear(quantized, linear.bias).to(home)))
+                numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
+                if isinstance(quantized, DenseAndSparseWeight):
+                    numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()
+                block.record(name, **numbers)
+        for block, name, module in finished:
+            block.block.set_submodule(name, module)

@@ -345,47 +345,55 @@ class SqueezeLLM(Step):
 
     def compress_model(self, context) -> None:
         from compressor.pipeline import BlockContext
-        from compressor.report import peak_memory
 
         session = context.session
         handle = session.handle
         blocks = [BlockContext(session, self, i, handle.block_prefix(i), handle.blocks[i], None, None) for i in range(len(handle.blocks))]
         targets = {(b.index, name): linear for b in blocks for name, linear in b.linears(self.ignore).items()}
         tokens = context.calibration_tokens()
-        store = torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
-        lut_dtype = LUT_DTYPES[self.lut_dtype]
         groups = [group.tolist() for group in torch.arange(len(blocks)).tensor_split(min(self.fisher_passes, len(blocks)))]
-        finished = []  # (block, name, module) quantized in an earlier pass: swapped in once no Fisher pass needs the fp weights
+        finished = []  # (block, name, module) from earlier passes: swapped in once no Fisher pass needs the fp weights
         for number, group in enumerate(groups, start=1):
-            group_targets = {key: linear for key, linear in targets.items() if key[0] in group}
-            if context.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(context.device)
-            started = time.perf_counter()
-            fisher = fisher_diagonal(context, {f"{blocks[i].prefix}.{name}": linear for (i, name), linear in group_targets.items()},
-                                     tokens, store, FISHER_DTYPES[self.fisher_dtype])
-            context.record("fisher", samples=tokens.shape[0], seq_len=tokens.shape[1], seconds=round(time.perf_counter() - started, 3),
-                           accumulators=f"{self.fisher_device} {self.fisher_dtype}", blocks=f"{group[0]}..{group[-1]}",
-                           **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
-            last = number == len(groups)
+            group_targets = {(index, name): linear for (index, name), linear in targets.items() if index in group}
+            fisher = self.fisher_pass(context, {f"{blocks[i].prefix}.{name}": linear for (i, name), linear in group_targets.items()},
+                                      tokens, group)
             for (index, name), linear in group_targets.items():
                 block = blocks[index]
                 home = linear.weight.device
-                weight = linear.weight.data.to(context.device)
-                started = time.perf_counter()
-                quantized = quantize_squeezellm(
-                    weight, fisher.pop(f"{block.prefix}.{name}").to(context.device), self.bits, sensitive_percent=self.sensitive_percent,
-                    outlier_percent=self.outlier_percent, init=self.init, iterations=self.iterations, seed=self.seed, lut_dtype=lut_dtype,
-                    rescale=self.rescale,
-                )
-                seconds = time.perf_counter() - started
-                error = float((weight.float() - quantized.dequantize(torch.float32)).norm() / weight.float().norm().clamp(min=1e-30))
-                if last:
+                quantized = self.quantize_layer(context, block, name, linear, fisher.pop(f"{block.prefix}.{name}"))
+                if number == len(groups):
                     block.replace_linear(name, quantized).to(home)
                 else:
                     finished.append((block, name, QuantizedLinear(quantized, linear.bias).to(home)))
-                numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
-                if isinstance(quantized, DenseAndSparseWeight):
-                    numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()
-                block.record(name, **numbers)
         for block, name, module in finished:
             block.block.set_submodule(name, module)
+
+    def fisher_pass(self, context, modules: dict[str, nn.Linear], tokens: torch.Tensor, group: list[int]) -> dict[str, torch.Tensor]:
+        """The Fisher of ``modules`` (one group of blocks), recorded with its time and peak memory."""
+        from compressor.report import peak_memory
+
+        store = torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
+        if context.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(context.device)
+        started = time.perf_counter()
+        fisher = fisher_diagonal(context, modules, tokens, store, FISHER_DTYPES[self.fisher_dtype])
+        context.record("fisher", samples=tokens.shape[0], seq_len=tokens.shape[1], seconds=round(time.perf_counter() - started, 3),
+                       accumulators=f"{self.fisher_device} {self.fisher_dtype}", blocks=f"{group[0]}..{group[-1]}",
+                       **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
+        return fisher
+
+    def quantize_layer(self, context, block, name: str, linear: nn.Linear, fisher: torch.Tensor) -> LUTWeight | DenseAndSparseWeight:
+        """One layer's SqueezeLLM value on ``context.device``, recorded with its error and k-means time."""
+        weight = linear.weight.data.to(context.device)
+        started = time.perf_counter()
+        quantized = quantize_squeezellm(
+            weight, fisher.to(context.device), self.bits, sensitive_percent=self.sensitive_percent, outlier_percent=self.outlier_percent,
+            init=self.init, iterations=self.iterations, seed=self.seed, lut_dtype=LUT_DTYPES[self.lut_dtype], rescale=self.rescale,
+        )
+        seconds = time.perf_counter() - started
+        error = float((weight.float() - quantized.dequantize(torch.float32)).norm() / weight.float().norm().clamp(min=1e-30))
+        numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
+        if isinstance(quantized, DenseAndSparseWeight):
+            numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()
+        block.record(name, **numbers)
+        return quantized

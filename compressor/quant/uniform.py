@@ -97,7 +97,8 @@ def quantize_uniform(
 
 
 def relative_error(weight: torch.Tensor, quantized) -> float:
-    """||W - W_hat||_F / ||W||_F for a quantized value, dequantized a chunk of rows at a time."""
+    """||W - W_hat||_F / ||W||_F for a value whose tensors all start with the row dimension (uniform
+    values; not a CSR part), dequantized a chunk of rows at a time."""
     error = norm = 0.0
     for rows in row_chunks(*weight.shape):
         part = dataclasses.replace(

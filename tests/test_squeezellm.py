@@ -364,6 +364,12 @@ def test_recipe_mistakes_are_one_line_errors():
         Recipe.from_dict({"steps": [{"squeezellm": {"sensitive_percent": 60, "outlier_percent": 50}}]})
     with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.init: 'random' is not one of"):
         Recipe.from_dict({"steps": [{"squeezellm": {"init": "random"}}]})
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.rescale: 'yes' is not one of"):
+        Recipe.from_dict({"steps": [{"squeezellm": {"rescale": "yes"}}]})
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.fisher_passes: 0 "):
+        Recipe.from_dict({"steps": [{"squeezellm": {"fisher_passes": 0}}]})
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.squeezellm\.fisher_dtype: 'float16' is not one of"):
+        Recipe.from_dict({"steps": [{"squeezellm": {"fisher_dtype": "float16"}}]})
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -23,6 +23,21 @@ def peak_memory(device: torch.device) -> dict:
     return numbers
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now: the CUDA allocator's free memory, or the host's MemAvailable
+    (Linux); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def scheme_of(module: nn.Module):
     """What decides whether two layers can be fused: kind, static metadata, and which tensors exist."""
     if not isinstance(module, QuantizedLinear):

@@ -465,6 +465,22 @@ def test_fisher_in_several_passes_gives_the_one_pass_checkpoint(tiny_llama, cali
         assert torch.equal(one[name], two[name]) and torch.equal(one[name], many[name]), name
 
 
+def test_accumulators_that_do_not_fit_fail_before_the_fisher_with_the_passes_to_set(tiny_llama, calibration_file, tmp_path, monkeypatch):
+    import compressor.report
+    from compressor import Recipe, apply
+
+    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
+                               "steps": [{"squeezellm": {"bits": 3, "iterations": 2}}]})
+    one_block = 4 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 384 * 128)  # fp32 accumulators of q, o, k, v, gate, up, down
+    monkeypatch.setattr(compressor.report, "free_memory", lambda device: int(1.5 * one_block))
+    with pytest.raises(ValueError, match=r"squeezellm: fisher_passes: .* set fisher_passes: 2"):
+        apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(compressor.report, "free_memory", lambda device: one_block // 2)
+    with pytest.raises(ValueError, match=r"no split fits: use fisher_dtype: bfloat16"):
+        apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+
+
 def test_uniform_and_lut_weights_cannot_share_a_native_checkpoint(tmp_path):
     from torch import nn
 

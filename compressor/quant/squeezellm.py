@@ -313,6 +313,11 @@ def fisher_diagonal(
     return fisher
 
 
+def block_groups(count: int, passes: int) -> list[list[int]]:
+    """Block indices 0..count-1 in ``passes`` contiguous groups of near-equal size (at most one per block)."""
+    return [group.tolist() for group in torch.arange(count).tensor_split(min(passes, count))]
+
+
 # ----------------------------------------------------------------------------------------------
 # The recipe step
 
@@ -351,7 +356,8 @@ class SqueezeLLM(Step):
         blocks = [BlockContext(session, self, i, handle.block_prefix(i), handle.blocks[i], None, None) for i in range(len(handle.blocks))]
         targets = {(b.index, name): linear for b in blocks for name, linear in b.linears(self.ignore).items()}
         tokens = context.calibration_tokens()
-        groups = [group.tolist() for group in torch.arange(len(blocks)).tensor_split(min(self.fisher_passes, len(blocks)))]
+        groups = block_groups(len(blocks), self.fisher_passes)
+        self.check_fisher_memory(context, targets, groups)
         finished = []  # (block, name, module) from earlier passes: swapped in once no Fisher pass needs the fp weights
         for number, group in enumerate(groups, start=1):
             group_targets = {(index, name): linear for (index, name), linear in targets.items() if index in group}
@@ -367,6 +373,28 @@ class SqueezeLLM(Step):
                     finished.append((block, name, QuantizedLinear(quantized, linear.bias).to(home)))
         for block, name, module in finished:
             block.block.set_submodule(name, module)
+
+    def check_fisher_memory(self, context, targets: dict, groups: list[list[int]]) -> None:
+        """Fail before the first pass, naming the setting to change, when one pass's accumulators
+        would not fit in 90 % of the free memory where they live."""
+        from compressor.report import free_memory
+
+        store = torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
+        element = torch.tensor([], dtype=FISHER_DTYPES[self.fisher_dtype]).element_size()
+        per_block = [0] * sum(len(group) for group in groups)
+        for (index, _), linear in targets.items():
+            per_block[index] += linear.weight.numel() * element
+
+        def largest_pass(split):
+            return max(sum(per_block[i] for i in group) for group in split)
+
+        needed, free = largest_pass(groups), free_memory(store)
+        if free is None or needed <= 0.9 * free:
+            return
+        passes = next((p for p in range(1, len(per_block) + 1) if largest_pass(block_groups(len(per_block), p)) <= 0.9 * free), None)
+        advice = f"set fisher_passes: {passes}" if passes else "no split fits: use fisher_dtype: bfloat16 or the other fisher_device"
+        raise ValueError(f"squeezellm: fisher_passes: one Fisher pass needs {needed / 2**30:.2f} GiB of {self.fisher_dtype} "
+                         f"accumulators on {store}, {free / 2**30:.2f} GiB is free; {advice}")
 
     def fisher_pass(self, context, modules: dict[str, nn.Linear], tokens: torch.Tensor, group: list[int]) -> dict[str, torch.Tensor]:
         """The Fisher of ``modules`` (one group of blocks), recorded with its time and peak memory."""

@@ -4,7 +4,8 @@ Builds a random-weight Llama-shaped model (hidden 1024, 8 layers, 111M parameter
 w2g64 asymmetric and then ``efficientqat_e2e_qp`` in one recipe, and records the peak memory of each pass
 (process RSS on the CPU; on a GPU also the device's peak allocation) beside what full quantization-aware
 training would need for its tensors alone (fp32 weights + gradients + two Adam moments = 16 bytes a
-parameter).
+parameter). E2E-QP runs with ``objective: next_token`` here, the training alone; the default
+``distill`` first runs the original model once over the calibration set (block by block when offloaded).
 
     python benchmarks/e2e_qp_memory.py            # writes benchmarks/results/e2e-qp-memory-<date>.json
 """
@@ -37,7 +38,7 @@ def main() -> None:
         "calibration": {"dataset": "demo", "samples": 4, "seq_len": 256},
         "steps": [
             {"rtn": {"bits": 2, "group_size": 64, "symmetric": False}},
-            {"efficientqat_e2e_qp": {"lr": 2e-5, "batch_size": 2, "micro_batch_size": 1, "epochs": 1}},
+            {"efficientqat_e2e_qp": {"objective": "next_token", "lr": 2e-5, "batch_size": 2, "micro_batch_size": 1, "epochs": 1}},
         ],
     })
     with tempfile.TemporaryDirectory() as work:

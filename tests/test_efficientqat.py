@@ -169,7 +169,8 @@ def snapshot(model) -> dict:
 
 @pytest.mark.parametrize("train_zeros,offload", [(False, False), (False, True), (True, False)])
 def test_e2e_qp_changes_only_scales_and_lowers_the_loss(tiny_llama, calibration_file, monkeypatch, train_zeros, offload):
-    e2e = {"efficientqat_e2e_qp": {"lr": 1e-3, "epochs": 3, "batch_size": 4, "micro_batch_size": 2, "train_zeros": train_zeros, "zero_lr": 0.5}}
+    e2e = {"efficientqat_e2e_qp": {"objective": "next_token", "lr": 1e-3, "epochs": 3, "batch_size": 4, "micro_batch_size": 2,
+                                   "train_zeros": train_zeros, "zero_lr": 0.5}}
     run = session(tiny_llama, recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}, e2e), offload=offload)
     states = {}
 
@@ -204,6 +205,34 @@ def test_e2e_qp_changes_only_scales_and_lowers_the_loss(tiny_llama, calibration_
     row = next(r for r in run.report.rows if r["step"] == "efficientqat_e2e_qp")
     assert row["trainable_parameters"] == sum(s["scales"].numel() + (s["zeros"].numel() if train_zeros else 0) for s in before.values())
     assert row["peak_rss_gib"] > 0
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_e2e_qp_distill_lowers_the_kl_to_the_original_and_keeps_the_codes(tiny_llama, calibration_file, monkeypatch, offload):
+    e2e = {"efficientqat_e2e_qp": {"top_k": 16, "lr": 1e-3, "epochs": 3, "batch_size": 4, "micro_batch_size": 2}}
+    run = session(tiny_llama, recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}, e2e), offload=offload)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    states = {}
+
+    def kl_to_teacher(context):  # the full-vocabulary KL, though training sees only the top 16 + one bucket
+        tokens = context.calibration_tokens()
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(tokens).logits.float(), -1)
+        student = torch.log_softmax(context.logits(tokens).cpu(), -1)
+        return float((target.exp() * (target - student)).sum(-1).mean())
+
+    real = EfficientQATE2EQP.compress_model
+
+    def spy(self, context):
+        states["before"], states["kl_before"] = snapshot(context.model), kl_to_teacher(context)
+        real(self, context)
+        states["after"], states["kl_after"] = snapshot(context.model), kl_to_teacher(context)
+
+    monkeypatch.setattr(EfficientQATE2EQP, "compress_model", spy)
+    run.run()
+    for name, before in states["before"].items():
+        assert torch.equal(states["after"][name]["codes"], before["codes"]), name
+    assert states["kl_after"] < 0.9 * states["kl_before"], states
 
 
 def test_e2e_qp_needs_quantized_linears(tiny_llama, calibration_file, tmp_path):

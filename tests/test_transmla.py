@@ -11,10 +11,9 @@ from compressor import Recipe, apply
 from compressor.arch import UnsupportedArchitecture, attention_geometry
 from compressor.demo import demo_model_dir
 from compressor.export import load_quantized_model
+from compressor.distill import coarse_kl
 from compressor.export.deepseek_mla import deepseek_v3_config, kv_cache_elements_per_token
-from compressor.lowrank.transmla import (
-    MLAAttention, build_mla_attention, coarse_kl, least_squares_norm_weight, transmla_weights,
-)
+from compressor.lowrank.transmla import MLAAttention, build_mla_attention, least_squares_norm_weight, transmla_weights
 from compressor.model import ModelHandle
 from compressor.pipeline import Session
 from compressor.quant.linear import QuantizedLinear

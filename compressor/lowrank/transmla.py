@@ -71,6 +71,7 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from compressor.arch import UnsupportedArchitecture, attention_geometry
+from compressor.distill import coarse_kl, teacher_top_k
 from compressor.export.deepseek_mla import deepseek_v3_config
 from compressor.recipe import Step, param, register_step
 
@@ -378,37 +379,6 @@ class TransMLA(Step):
 
 # ----------------------------------------------------------------------------------------------
 # Healing: distillation towards the original model
-
-
-def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teacher_top_index: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) over the teacher's top-k tokens plus one bucket holding
-    the rest of the vocabulary: exact for that coarsened distribution, and k numbers per token."""
-    logp = torch.log_softmax(student_logits.float(), -1)
-    student_top = logp.gather(-1, teacher_top_index)
-    teacher_p = teacher_top_logp.exp()
-    teacher_rest = (1 - teacher_p.sum(-1)).clamp_min(1e-12)
-    student_rest = (1 - student_top.exp().sum(-1)).clamp_min(1e-12)
-    kl = (teacher_p * (teacher_top_logp - student_top)).sum(-1) + teacher_rest * (teacher_rest.log() - student_rest.log())
-    return kl.mean()
-
-
-@torch.no_grad()
-def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k: int, batch_size: int):
-    """Top-k next-token log-probabilities of the model at ``path`` (read again from its checkpoint,
-    run block by block), on the CPU: ``k`` values and indices per token instead of the vocabulary."""
-    from compressor.blockwise import BlockwiseModel
-    from compressor.model import ModelHandle
-
-    teacher = ModelHandle.open(path)
-    teacher.materialize_all(device, dtype, block_device="cpu" if offloaded else None)
-    runner = BlockwiseModel(teacher, device, offloaded)
-    values, indices = [], []
-    for batch in tokens.split(batch_size):
-        top = torch.log_softmax(runner.logits(batch), -1).topk(k, dim=-1)
-        values.append(top.values.cpu())
-        indices.append(top.indices.cpu())
-    teacher.release(teacher.model)
-    return torch.cat(values), torch.cat(indices)
 
 
 @register_step("transmla_heal")

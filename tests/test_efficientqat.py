@@ -235,8 +235,46 @@ def test_e2e_qp_distill_lowers_the_kl_to_the_original_and_keeps_the_codes(tiny_l
     assert states["kl_after"] < 0.9 * states["kl_before"], states
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_e2e_qp_trains_squeezellm_codebooks_and_keeps_the_codes(tiny_llama, calibration_file, monkeypatch, sparse):
+    squeeze = {"squeezellm": {"bits": 3, "iterations": 5, "outlier_percent": 1.0 if sparse else 0.0}}
+    e2e = {"efficientqat_e2e_qp": {"top_k": 16, "lr": 1e-3, "epochs": 3, "batch_size": 4, "micro_batch_size": 2}}
+    run = session(tiny_llama, recipe(calibration_file, squeeze, e2e))
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    states = {}
+
+    def luts(model):
+        return {name: {t: getattr(m, t).clone() for t in ("codes", "lut") + (("outlier_val",) if sparse else ())}
+                for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+    def kl_to_teacher(context):
+        tokens = context.calibration_tokens()
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(tokens).logits.float(), -1)
+        student = torch.log_softmax(context.logits(tokens).cpu(), -1)
+        return float((target.exp() * (target - student)).sum(-1).mean())
+
+    real = EfficientQATE2EQP.compress_model
+
+    def spy(self, context):
+        states["before"], states["kl_before"] = luts(context.model), kl_to_teacher(context)
+        real(self, context)
+        states["after"], states["kl_after"] = luts(context.model), kl_to_teacher(context)
+
+    monkeypatch.setattr(EfficientQATE2EQP, "compress_model", spy)
+    run.run()
+    assert len(states["before"]) == 14
+    for name, before in states["before"].items():
+        after = states["after"][name]
+        assert torch.equal(after["codes"], before["codes"]), name
+        assert after["lut"].dtype == before["lut"].dtype and not torch.equal(after["lut"], before["lut"]), name
+        if sparse:  # the sparse part stays as it was
+            assert torch.equal(after["outlier_val"], before["outlier_val"]), name
+    assert states["kl_after"] < 0.9 * states["kl_before"], states
+
+
 def test_e2e_qp_needs_quantized_linears(tiny_llama, calibration_file, tmp_path):
-    with pytest.raises(ValueError, match="efficientqat_e2e_qp: the model has no uniform quantized linears"):
+    with pytest.raises(ValueError, match="efficientqat_e2e_qp: the model has no quantized linears with scales or codebooks"):
         apply(recipe(calibration_file, {"efficientqat_e2e_qp": {}}), tiny_llama, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -58,6 +58,9 @@ Deviations from the official code, and why:
   0.0004, w4 0.0001 (32 windows; GPTQ 0.0015 / 0.0004 / 0.0001 in the same benchmark). It costs one
   forward pass of the original model over the calibration set and ``top_k`` x 12 bytes per token of
   host memory (4096 x 2048 tokens, k = 64: 6.4 GB). ``objective: next_token`` is the paper's.
+* E2E-QP also trains the codebooks of lookup-table weights (SqueezeLLM's ``lut``, fp32 while
+  training, codes frozen) the way it trains step sizes (``trained_tensor``): the same end-to-end
+  phase for a non-uniform quantizer (``recipes/squeezellm-w*-e2e.yaml``). Not in the paper.
 * E2E-QP trains on the recipe's calibration windows (one source for both phases; the paper uses a
   separate RedPajama or Alpaca set), reshuffled each epoch; its warmup starts at lr / (warmup + 1)
   rather than at 0, so no step is wasted when there are only a few.
@@ -313,6 +316,12 @@ class RoundToGrid(nn.Module):
         return clamp_ste(round_ste(zero), 0, self.qmax)
 
 
+def trained_tensor(module: QuantizedLinear) -> str | None:
+    """What E2E-QP trains in a quantized linear: a uniform value's step sizes (``scales``) or a
+    lookup-table value's codebooks (``lut``, SqueezeLLM); None for anything else."""
+    return next((name for name in ("scales", "lut") if name in module.tensor_names and getattr(module, name) is not None), None)
+
+
 def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
     """Linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (transformers' schedule,
     counted so that the first step already has a nonzero rate)."""
@@ -324,7 +333,7 @@ def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
 @register_step("efficientqat_e2e_qp")
 @dataclass
 class EfficientQATE2EQP(Step):
-    """EfficientQAT E2E-QP: train only the step sizes of the quantized linears end to end, integer codes frozen."""
+    """EfficientQAT E2E-QP: train only the step sizes (or codebooks) of the quantized linears end to end, codes frozen."""
 
     lr: float = param(2e-5, "AdamW learning rate of the scales (official scripts: 2e-5 at 2 bits, 1e-5 at 3 and 4)", min=0.0)
     epochs: int = param(1, "passes over the calibration tokens", min=1)
@@ -348,13 +357,14 @@ class EfficientQATE2EQP(Step):
         started = time.perf_counter()
         modules = {
             name: m for name, m in context.model.named_modules()
-            if isinstance(m, QuantizedLinear) and m.weight_type is UniformWeight and not matches_any(name, self.ignore)
+            if isinstance(m, QuantizedLinear) and trained_tensor(m) and not matches_any(name, self.ignore)
         }
         if not modules:
-            raise ValueError(f"{self.name}: the model has no uniform quantized linears; put a quantizer such as efficientqat_block_ap or rtn before it")
+            raise ValueError(f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
+                             "efficientqat_block_ap, rtn or squeezellm before it")
         scales, zeros = [], []
         for module in modules.values():
-            scales += module.train_tensors(["scales"])
+            scales += module.train_tensors([trained_tensor(module)])
             if self.train_zeros and module.zeros is not None:
                 zeros += module.train_tensors(["zeros"])
                 parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
@@ -401,8 +411,9 @@ class EfficientQATE2EQP(Step):
             for module in modules.values():
                 if parametrize.is_parametrized(module, "zeros"):
                     parametrize.remove_parametrizations(module, "zeros", leave_parametrized=True)
-                with torch.no_grad():  # stay positive in the storage dtype (storable_scale's rule)
-                    module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
+                if "scales" in module.trained_dtypes:
+                    with torch.no_grad():  # stay positive in the storage dtype (storable_scale's rule)
+                        module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
                 module.freeze()
         context.record(
             "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=step,

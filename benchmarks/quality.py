@@ -1,7 +1,7 @@
 """Quality benchmark: how much quality each method keeps at a given size, side by side with peers.
 
     python benchmarks/quality.py                  # the demo model, every entry
-    python benchmarks/quality.py --quick          # fewer windows and calibration samples (~15 min)
+    python benchmarks/quality.py --quick          # fewer windows and calibration samples (~20 min on 2 cores)
     python benchmarks/quality.py --model PATH_OR_HUB_ID [--model ...] [--only rtn --only fp]
 
 Entries (rows): ``fp`` (the model as it is); every ``recipes/*.yaml`` whose steps are registered,
@@ -628,7 +628,7 @@ def make_record(models: list[str], rows: list[dict], settings: Settings, command
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="'demo' (default), a local folder or a hub id; repeatable")
-    parser.add_argument("--quick", action="store_true", help="32 windows and 32 calibration samples: the demo model in ~15 minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="32 windows and 32 calibration samples: the demo model in ~20 minutes on 2 cores")
     parser.add_argument("--only", action="append", help="run only entries whose method or recipe contains this text; repeatable")
     parser.add_argument("--text", default="demo", help="held-out text: 'demo', a local file or folder")
     parser.add_argument("--seq-len", type=int, default=512)

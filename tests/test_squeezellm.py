@@ -481,6 +481,19 @@ def test_accumulators_that_do_not_fit_fail_before_the_fisher_with_the_passes_to_
         apply(recipe, tiny_llama, tmp_path / "out", progress=False)
 
 
+def test_codebooks_are_exported_in_the_dtype_they_were_quantized_to():
+    """A later model step casts the session's blocks to the compute dtype (fp32 codebooks while
+    E2E-QP trains them); export writes them back in fp16, as bits_per_weight counts them."""
+    from compressor.quant.linear import QuantizedLinear
+
+    weight, fisher = rows_of("gaussian", 8, 64, 13), fisher_of((8, 64), 13)
+    module = QuantizedLinear(quantize_squeezellm(weight, fisher, 3, outlier_percent=2.0, iterations=3)).to(torch.float32)
+    assert module.lut.dtype == torch.float32
+    stored = module.stored_weight
+    assert stored.lut.dtype == stored.outlier_val.dtype == torch.float16 and stored.codes.dtype == torch.uint8
+    assert torch.equal(stored.lut, module.lut.half())
+
+
 def test_uniform_and_lut_weights_cannot_share_a_native_checkpoint(tmp_path):
     from torch import nn
 

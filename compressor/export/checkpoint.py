@@ -94,7 +94,7 @@ class CheckpointWriter:
             self.shards.add(f"{prefix}.{name}", tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
     def write_quantized(self, name: str, module: QuantizedLinear) -> None:
-        weight = module.quantized_weight
+        weight = module.stored_weight
         self.quantized_parameters += weight.shape[0] * weight.shape[1]
         self.quantized_bits += weight.shape[0] * weight.shape[1] * weight.bits_per_weight()
         if self.format == "dense":

@@ -30,6 +30,8 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.out_features, self.in_features = weight.shape
         self.trained_dtypes: dict[str, torch.dtype] = {}  # value tensors now held as trainable parameters
+        # the dtype each value tensor was quantized to: a session's ``.to(dtype)`` casts floating buffers
+        self.stored_dtypes = {name: getattr(weight, name).dtype for name in self.tensor_names if getattr(weight, name) is not None}
 
     def train_tensors(self, names: list[str]) -> list[nn.Parameter]:
         """Hold the named value tensors as trainable fp32 parameters (the rest stay frozen buffers)."""
@@ -52,6 +54,13 @@ class QuantizedLinear(nn.Module):
     def quantized_weight(self):
         """The value type, rebuilt around this module's (possibly moved) buffers; no copy."""
         tensors = {name: getattr(self, name) for name in self.tensor_names}
+        return self.weight_type(**tensors, **self.weight_static)
+
+    @property
+    def stored_weight(self):
+        """The value type with every tensor back in the dtype it was quantized to (what export writes)."""
+        tensors = {name: getattr(self, name) for name in self.tensor_names}
+        tensors = {name: t.to(self.stored_dtypes[name]) if name in self.stored_dtypes and t is not None else t for name, t in tensors.items()}
         return self.weight_type(**tensors, **self.weight_static)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -207,12 +207,16 @@ def test_e2e_qp_changes_only_scales_and_lowers_the_loss(tiny_llama, calibration_
     assert row["peak_rss_gib"] > 0
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_e2e_qp_distill_lowers_the_kl_to_the_original_and_keeps_the_codes(tiny_llama, calibration_file, monkeypatch, offload):
+def run_e2e_against_the_original(tiny_llama, calibration_file, monkeypatch, quantizer, tensors, offload=False) -> dict:
+    """Run ``quantizer`` then E2E-QP (distilling, top 16) on the tiny model; returns the named value
+    tensors of every quantized linear and the full-vocabulary KL to the original, before and after."""
     e2e = {"efficientqat_e2e_qp": {"top_k": 16, "lr": 1e-3, "epochs": 3, "batch_size": 4, "micro_batch_size": 2}}
-    run = session(tiny_llama, recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}, e2e), offload=offload)
+    run = session(tiny_llama, recipe(calibration_file, quantizer, e2e), offload=offload)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     states = {}
+
+    def values(model):
+        return {name: {t: getattr(m, t).clone() for t in tensors} for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
     def kl_to_teacher(context):  # the full-vocabulary KL, though training sees only the top 16 + one bucket
         tokens = context.calibration_tokens()
@@ -224,12 +228,19 @@ def test_e2e_qp_distill_lowers_the_kl_to_the_original_and_keeps_the_codes(tiny_l
     real = EfficientQATE2EQP.compress_model
 
     def spy(self, context):
-        states["before"], states["kl_before"] = snapshot(context.model), kl_to_teacher(context)
+        states["before"], states["kl_before"] = values(context.model), kl_to_teacher(context)
         real(self, context)
-        states["after"], states["kl_after"] = snapshot(context.model), kl_to_teacher(context)
+        states["after"], states["kl_after"] = values(context.model), kl_to_teacher(context)
 
     monkeypatch.setattr(EfficientQATE2EQP, "compress_model", spy)
     run.run()
+    return states
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_e2e_qp_distill_lowers_the_kl_to_the_original_and_keeps_the_codes(tiny_llama, calibration_file, monkeypatch, offload):
+    rtn = {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}
+    states = run_e2e_against_the_original(tiny_llama, calibration_file, monkeypatch, rtn, ("codes",), offload)
     for name, before in states["before"].items():
         assert torch.equal(states["after"][name]["codes"], before["codes"]), name
     assert states["kl_after"] < 0.9 * states["kl_before"], states
@@ -238,31 +249,8 @@ def test_e2e_qp_distill_lowers_the_kl_to_the_original_and_keeps_the_codes(tiny_l
 @pytest.mark.parametrize("sparse", [False, True])
 def test_e2e_qp_trains_squeezellm_codebooks_and_keeps_the_codes(tiny_llama, calibration_file, monkeypatch, sparse):
     squeeze = {"squeezellm": {"bits": 3, "iterations": 5, "outlier_percent": 1.0 if sparse else 0.0}}
-    e2e = {"efficientqat_e2e_qp": {"top_k": 16, "lr": 1e-3, "epochs": 3, "batch_size": 4, "micro_batch_size": 2}}
-    run = session(tiny_llama, recipe(calibration_file, squeeze, e2e))
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    states = {}
-
-    def luts(model):
-        return {name: {t: getattr(m, t).clone() for t in ("codes", "lut") + (("outlier_val",) if sparse else ())}
-                for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-
-    def kl_to_teacher(context):
-        tokens = context.calibration_tokens()
-        with torch.no_grad():
-            target = torch.log_softmax(teacher(tokens).logits.float(), -1)
-        student = torch.log_softmax(context.logits(tokens).cpu(), -1)
-        return float((target.exp() * (target - student)).sum(-1).mean())
-
-    real = EfficientQATE2EQP.compress_model
-
-    def spy(self, context):
-        states["before"], states["kl_before"] = luts(context.model), kl_to_teacher(context)
-        real(self, context)
-        states["after"], states["kl_after"] = luts(context.model), kl_to_teacher(context)
-
-    monkeypatch.setattr(EfficientQATE2EQP, "compress_model", spy)
-    run.run()
+    tensors = ("codes", "lut") + (("outlier_val",) if sparse else ())
+    states = run_e2e_against_the_original(tiny_llama, calibration_file, monkeypatch, squeeze, tensors)
     assert len(states["before"]) == 14
     for name, before in states["before"].items():
         after = states["after"][name]

@@ -38,20 +38,9 @@ from compressor.eval import evaluate, heldout_stream, load_causal_lm, make_windo
 from compressor.quant.squeezellm import fisher_diagonal, quantize_squeezellm  # noqa: E402
 from compressor.quant.uniform import quantize_uniform  # noqa: E402
 from compressor.recipe import CalibrationConfig  # noqa: E402
+from compressor.testing import WholeModelContext  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class WholeModelContext:
-    """``forward_backward`` on a model held whole in memory (the demo is small)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def forward_backward(self, input_ids, loss_fn=None):
-        loss = self.model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        return loss.item()
 
 
 def heldout_gradient(model, weights: dict[str, torch.Tensor], windows: torch.Tensor) -> dict[str, torch.Tensor]:

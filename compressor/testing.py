@@ -2,6 +2,7 @@
 
 ``make_random_model("qwen3", folder, hidden_size=64, ...)`` writes a transformers checkpoint
 (config, safetensors, a small byte-level BPE tokenizer) built from a config alone.
+``WholeModelContext`` stands in for a model step's context on a small model held whole in memory.
 """
 
 from __future__ import annotations
@@ -66,3 +67,18 @@ def folder_digest(path: str | Path) -> dict[str, str]:
 
     path = Path(path)
     return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+class WholeModelContext:
+    """``ModelContext.forward_backward`` (next-token loss, gradients into every trainable tensor) on a
+    model held whole in memory, for calling a model step's math without a session."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward_backward(self, input_ids, loss_fn=None):
+        if loss_fn is not None:
+            raise NotImplementedError("WholeModelContext computes the next-token loss only")
+        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        return loss.item()

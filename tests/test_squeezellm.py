@@ -14,6 +14,7 @@ from compressor.quant.squeezellm import (
     sparse_mask,
 )
 from compressor.quant.uniform import quantize_uniform
+from compressor.testing import WholeModelContext
 
 
 def rows_of(kind: str, rows: int, columns: int, seed: int) -> torch.Tensor:
@@ -261,19 +262,6 @@ def test_value_bits_per_weight():
 # Fisher
 
 
-class FullModelContext:
-    """Stand-in for ``ModelContext.forward_backward`` on a model held whole in memory."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def forward_backward(self, input_ids, loss_fn=None):
-        loss = self.model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        loss = loss.detach()
-        return loss.item()
-
-
 def tiny_model(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -289,7 +277,7 @@ def test_fisher_is_the_sum_of_per_sample_squared_gradients():
     model = tiny_model()
     tokens = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
     modules = {"q": model.model.layers[0].self_attn.q_proj, "down": model.model.layers[1].mlp.down_proj}
-    fisher = fisher_diagonal(FullModelContext(model), modules, tokens, torch.device("cpu"))
+    fisher = fisher_diagonal(WholeModelContext(model), modules, tokens, torch.device("cpu"))
     assert all(not m.weight.requires_grad and m.weight.grad is None for m in modules.values())
 
     weights = [m.weight for m in modules.values()]
@@ -312,8 +300,8 @@ def test_bfloat16_fisher_accumulators_stay_close_to_fp32():
     model = tiny_model(2)
     tokens = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
     modules = {"o": model.model.layers[0].self_attn.o_proj, "up": model.model.layers[1].mlp.up_proj}
-    exact = fisher_diagonal(FullModelContext(model), modules, tokens, torch.device("cpu"))
-    half = fisher_diagonal(FullModelContext(model), modules, tokens, torch.device("cpu"), torch.bfloat16)
+    exact = fisher_diagonal(WholeModelContext(model), modules, tokens, torch.device("cpu"))
+    half = fisher_diagonal(WholeModelContext(model), modules, tokens, torch.device("cpu"), torch.bfloat16)
     for name in modules:
         assert half[name].dtype == torch.bfloat16
         # six roundings of 2**-9 each at most
@@ -326,7 +314,7 @@ def test_fisher_is_zero_where_the_loss_does_not_depend_on_a_weight():
     mlp = model.model.layers[0].mlp
     mlp.down_proj.weight.data[:, 7] = 0  # intermediate channel 7 is never read
     tokens = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(1))
-    fisher = fisher_diagonal(FullModelContext(model), {"gate": mlp.gate_proj, "up": mlp.up_proj}, tokens, torch.device("cpu"))
+    fisher = fisher_diagonal(WholeModelContext(model), {"gate": mlp.gate_proj, "up": mlp.up_proj}, tokens, torch.device("cpu"))
     for name in ("gate", "up"):
         assert torch.equal(fisher[name][7], torch.zeros(64))
         assert (fisher[name].sum(1) > 0).sum() == 95
@@ -345,7 +333,7 @@ def test_fisher_through_the_blockwise_runner_equals_plain_autograd(tiny_llama):
     reference.requires_grad_(False)
     names = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"]
     tokens = torch.randint(0, 320, (3, 20), generator=torch.Generator().manual_seed(2))
-    expected = fisher_diagonal(FullModelContext(reference), {n: reference.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
+    expected = fisher_diagonal(WholeModelContext(reference), {n: reference.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
     got = fisher_diagonal(BlockwiseModel(handle, "cpu", offloaded=True), {n: handle.model.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
     for name in names:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-12)
@@ -529,7 +517,7 @@ def demo_setup():
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     modules = {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in projections}
     tokens = calibration_tokens(tokenizer, CalibrationConfig(dataset="demo", samples=16, seq_len=256, seed=0))
-    fisher = fisher_diagonal(FullModelContext(model), modules, tokens, torch.device("cpu"))
+    fisher = fisher_diagonal(WholeModelContext(model), modules, tokens, torch.device("cpu"))
     windows = make_windows(heldout_stream(tokenizer), 512, 4)
     return base, model, modules, fisher, windows
 

@@ -103,14 +103,9 @@ class CompressorHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        for name, module in list(model.named_modules()):
-            if isinstance(module, QuantizedLinear):
-                weight = module.quantized_weight.dequantize(dtype or torch.float32)
-                linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
-                linear.weight.data = weight
-                if module.bias is not None:
-                    linear.bias.data = module.bias.to(weight.dtype)
-                model.set_submodule(name, linear)
+        from compressor.validate import dequantize_model_
+
+        dequantize_model_(model, dtype or torch.float32)
         return model
 
     def is_serializable(self, *args, **kwargs):

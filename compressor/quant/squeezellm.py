@@ -374,12 +374,15 @@ class SqueezeLLM(Step):
         for block, name, module in finished:
             block.block.set_submodule(name, module)
 
+    def accumulator_device(self, context) -> torch.device:
+        return torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
+
     def check_fisher_memory(self, context, targets: dict, groups: list[list[int]]) -> None:
         """Fail before the first pass, naming the setting to change, when one pass's accumulators
         would not fit in 90 % of the free memory where they live."""
         from compressor.report import free_memory
 
-        store = torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
+        store = self.accumulator_device(context)
         element = torch.tensor([], dtype=FISHER_DTYPES[self.fisher_dtype]).element_size()
         per_block = [0] * sum(len(group) for group in groups)
         for (index, _), linear in targets.items():
@@ -400,7 +403,7 @@ class SqueezeLLM(Step):
         """The Fisher of ``modules`` (one group of blocks), recorded with its time and peak memory."""
         from compressor.report import peak_memory
 
-        store = torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
+        store = self.accumulator_device(context)
         if context.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(context.device)
         started = time.perf_counter()

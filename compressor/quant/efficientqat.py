@@ -362,13 +362,13 @@ class EfficientQATE2EQP(Step):
         if not modules:
             raise ValueError(f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
                              "efficientqat_block_ap, rtn or squeezellm before it")
-        scales, zeros = [], []
+        steps_or_codebooks, zeros = [], []
         for module in modules.values():
-            scales += module.train_tensors([trained_tensor(module)])
-            if self.train_zeros and module.zeros is not None:
+            steps_or_codebooks += module.train_tensors([trained_tensor(module)])
+            if self.train_zeros and getattr(module, "zeros", None) is not None:  # lookup tables have none
                 zeros += module.train_tensors(["zeros"])
                 parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
-        groups = [{"params": scales, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
+        groups = [{"params": steps_or_codebooks, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         bases = [group["lr"] for group in optimizer.param_groups]
 
@@ -402,7 +402,7 @@ class EfficientQATE2EQP(Step):
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"{self.name}: the training loss became {loss}")
                     if self.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(scales + zeros, self.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(steps_or_codebooks + zeros, self.max_grad_norm)
                     optimizer.step()
                     losses.append(loss)
                     step += 1
@@ -417,6 +417,6 @@ class EfficientQATE2EQP(Step):
                 module.freeze()
         context.record(
             "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=step,
-            trainable_parameters=sum(p.numel() for p in scales + zeros), seconds=time.perf_counter() - started,
+            trainable_parameters=sum(p.numel() for p in steps_or_codebooks + zeros), seconds=time.perf_counter() - started,
             **peak_memory(context.device),
         )

@@ -235,10 +235,12 @@ class MLAAttention(DeepseekV3Attention):
         if not latent_norm:
             self.kv_a_layernorm = nn.Identity()
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, *args, **kwargs):
+        # Everything but the rotary table passes through untouched, by position or by name as it came:
+        # transformers renames these arguments between releases (past_key_values -> cache in 5.24).
         cos, sin = position_embeddings
         index = torch.cat([self.rope_frequencies, self.rope_frequencies])
-        return super().forward(hidden_states, (cos[..., index], sin[..., index]), attention_mask, past_key_values, **kwargs)
+        return super().forward(hidden_states, (cos[..., index], sin[..., index]), *args, **kwargs)
 
 
 def check_convertible(config) -> None:

@@ -3,16 +3,24 @@
 Source: SqueezeLLM (arXiv 2306.07629; SqueezeAILab/SqueezeLLM ``squeezellm/quant.py``,
 ``quant_cuda_kernel.cu``): every output row has its own codebook of 2**bits centroids, and the
 kernel is a GEMV that unpacks a code and reads the row's table. Its CUDA kernel copies each
-block's table slice to shared memory; here the table of a BLOCK_N tile (BLOCK_N * 2**bits * 2
-bytes, 8 KB at 4 bits and BLOCK_N = 256) is gathered straight from global memory, where it stays
-in L1 for the whole K loop (kernels.md section 4, option 1). ``tl.gather`` from registers (option
-3) is the thing to benchmark against this on an H100; it is not used until measured.
+block's table slice to shared memory.
 
-The codes use the same planes layout as the uniform kernels (``packing.py``), and the schedules
-(gemv / split-K gemm / dequantize + cuBLAS) are the uniform ones from ``uniform.py`` with
-``dequant_lut`` plugged in as their ``DEQUANT`` constexpr function: no group metadata, one
-gathered load per weight. Outliers (``sparse.py``) add to these kernels exactly as to the uniform
-ones.
+The codes use the same planes layout as the uniform kernels (``packing.py``) and the same
+schedules (``uniform.py``: one-launch decode, gemm, dequantize + cuBLAS), with the lookup plugged in
+as their ``DEQUANT`` constexpr function. Why the first version was 4-5x slower than uniform 4-bit
+at M = 1 on an H200, and what changed (docs/KERNELS.md, "Lookup tables and 3-bit"):
+
+* it loaded the codes as a [BLOCK_K, BLOCK_N] tile of repeated word addresses (one load per code);
+  the codes now come from the compact loads shared with the uniform kernels;
+* each weight's entry is a gather. Two ways, chosen per shape by the config's ``lut`` field:
+  ``global`` gathers from the [N, 2**bits] table in global memory (L1-resident: BLOCK_N * 2**bits
+  * 2 bytes per program, 8 KB at 4 bits and BLOCK_N = 256), one address per weight;
+  ``registers`` loads the program's [BLOCK_N, 2**bits] slice once, before the K loop, and
+  gathers with ``tl.gather`` (warp shuffles or shared memory, as Triton lowers it), so the K loop
+  touches no table memory at all. Which is faster is measured by the device check
+  (``benchmarks/kernels.py --device-check``) and recorded in the shipped tables.
+
+No group metadata. Outliers (``sparse.py``) add to these kernels exactly as to the uniform ones.
 """
 
 from __future__ import annotations
@@ -22,27 +30,50 @@ import triton
 import triton.language as tl
 
 from compressor.kernels.packing import PackedLUT, PackedOutliers
-from compressor.kernels.uniform import KernelConfig, dequantize_weight, quantized_matmul
+from compressor.kernels.uniform import KernelConfig, default_config, dequantize_weight, no_table, quantized_matmul
 
 
 @triton.jit
-def dequant_lut(u, offs_k, offs_n, mask_k, mask_n, k0, lut_ptr, unused_ptr, N,
+def dequant_lut(u, offs_k, offs_n, mask_k, mask_n, k0, lut_ptr, unused_ptr, table, N,
                 BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, SCALE_ROW: tl.constexpr):
-    """fp32 weights lut[n, u[k, n]] for a [BLOCK_K, BLOCK_N] tile of codes (same signature as
+    """fp32 weights lut[n, u[k, n]] gathered from global memory (same signature as
     ``uniform.dequant_affine``; the group arguments are unused)."""
     entries = lut_ptr + offs_n[None, :] * (1 << BITS) + u
     return tl.load(entries, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
 
 
+@triton.jit
+def lut_table(lut_ptr, offs_n, mask_n, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The program's [BLOCK_N, 2**BITS] slice of the codebooks, loaded once (fp32, in registers)."""
+    entries = tl.arange(0, 1 << BITS)
+    return tl.load(lut_ptr + offs_n[:, None] * (1 << BITS) + entries[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def dequant_lut_registers(u, offs_k, offs_n, mask_k, mask_n, k0, lut_ptr, unused_ptr, table, N,
+                          BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, SCALE_ROW: tl.constexpr):
+    """fp32 weights lut[n, u[k, n]] gathered from the register table of ``lut_table``."""
+    return tl.trans(tl.gather(table, tl.trans(u), 1))
+
+
+def _kernels(config: KernelConfig | None):
+    if config is not None and config.lut == "registers":
+        return dequant_lut_registers, lut_table
+    return dequant_lut, no_table
+
+
 def lut_linear(x: torch.Tensor, packed: PackedLUT, bias=None, config: KernelConfig | None = None,
                outliers: PackedOutliers | None = None) -> torch.Tensor:
     """y = x W^T (+ S x) (+ bias) for x [M, K] and codebook weights in the kernel layout."""
+    config = config or default_config(x.shape[0], packed.shape[0], packed.shape[1], -1, x.device, packed.bits)
+    dequant, table = _kernels(config)
     return quantized_matmul(x, packed.packed, packed.rows_per_bit, packed.shape, packed.bits, packed.lut,
-                            None, -1, dequant_lut, bias, config, outliers)
+                            None, -1, dequant, bias, config, outliers, table)
 
 
 def lut_dequantize(packed: PackedLUT, dtype=torch.float16, config: KernelConfig | None = None,
                    outliers: PackedOutliers | None = None) -> torch.Tensor:
     """Dense [N, K] codebook weight through the dequantize kernel."""
+    dequant, table = _kernels(config)
     return dequantize_weight(packed.packed, packed.rows_per_bit, packed.shape, packed.bits, packed.lut,
-                             None, -1, dequant_lut, dtype, config, outliers)
+                             None, -1, dequant, dtype, config, outliers, table)

@@ -4,30 +4,42 @@ Sources: MARLIN (arXiv 2408.11743) for the memory-bound design at small batch (d
 the K loop, fp32 accumulation, split the reduction so enough SMs stream weights); Tilus (arXiv
 2504.12984) for arbitrary widths as compositions of power-of-two loads; gemlite
 (mobiusml/gemlite ``gemv_revsplitK_kernels.py``, ``gemm_splitK_kernels.py``, ``utils.py``) for
-the Triton structure: K-packed weights stored N-contiguous, the ``offs_k // per_word`` unpack
-idiom, ``w = u * s + zs`` dequantization and split-K with atomic adds.
+the Triton structure: K-packed weights stored N-contiguous, ``w = u * s + zs`` and split-K.
 
 One family, three schedules (the weight kind is a constexpr ``DEQUANT`` function, so the LUT
 kernels in ``lut.py`` are these same schedules with a codebook lookup plugged in):
 
-* ``gemv`` (M = 1, memory-bound): no tensor cores. grid = (N tiles, SPLIT_K, M); program
-  (n, s) walks K-tiles s, s + SPLIT_K, ... and reduces ``sum_k w[k, n] * x[k]`` in fp32.
-* ``gemm`` (2 <= M <= 1024): ``tl.dot`` on a dequantized [BLOCK_K, BLOCK_N] tile, grouped-M
-  tile order, optional split-K (small M: more programs streaming weights; large M: SPLIT_K = 1,
-  the tiled GEMM).
-* ``dequant`` (prefill, M > 1024): one pass writes W in x's dtype, then cuBLAS via ``F.linear``.
+* ``decode`` (M <= 16): ONE launch per linear. All M rows in one program (the weight is read
+  once), CUDA cores for BLOCK_M < 16 (``sum(x[:, :, None] * w[None], 1)``), ``tl.dot`` at
+  BLOCK_M = 16. The reduction may be split over SPLIT_K programs; the split is reduced *serially*
+  instead of with atomics into a zeroed workspace: every program stores its fp32 partial in
+  ``part[split, m, n]`` (``torch.empty``: nothing to zero), then increments a per-column arrival
+  counter; the program that arrives last for a column sums the SPLIT_K partials, adds the bias,
+  writes x's dtype and resets the counter to 0 for the next launch (CUTLASS's "serial split-K"
+  semaphore, per column). No zero-fill kernel, no cast kernel. The counters are one int32 per
+  output column, zeroed once per (device, stream) and left at zero by every launch.
+* ``gemm`` (M > 16, or any M with sparse outliers): ``tl.dot`` on the dequantized tile,
+  grouped-M tile order, optional split-K with atomic adds into an fp32 workspace.
+* ``dequant``: one pass writes W in x's dtype in the packed layout's own order ``[K, N]`` (reads
+  and writes are both N-contiguous, no transpose through shared memory), then one cuBLAS call
+  ``addmm(bias, x, W_kn)``. Chosen for large M, or wherever the shipped table says it is faster.
 
-Split-K partial sums (and the sparse outliers, ``sparse.py``) are atomically added into an fp32
-workspace, then cast to x's dtype with the bias; with SPLIT_K = 1 and no outliers the kernel
-stores the final output directly. Activations are converted right after ``tl.load``: to fp32 on
-the CUDA-core paths, and to the ``tl.dot`` operand type on the tensor-core path (fp16 stays
-fp16, bf16 stays bf16 on a GPU but becomes fp32 under ``TRITON_INTERPRET=1``, whose bf16
-arithmetic is silently wrong; fp32 uses ``input_precision="ieee"``).
+Codes are loaded compactly: each plane's ``BLOCK_K / (32 / width)`` packed words per column are
+loaded once and expanded in registers (``words[:, None, :] >> shifts[None, :, None]``, reshaped to
+``[BLOCK_K, BLOCK_N]``), instead of gemlite's ``offs_k // per_word`` tile that issues one load per
+code and relies on L1 to merge the repeats (8x the load instructions at 4 bits, 32x for the
+1-bit plane of 3/5/7-bit codes: the measured reason 3-bit was slower than 4-bit). Hence BLOCK_K is
+a multiple of 32. Codes become floats without the slow int->float conversion: ``u | 0x4B000000``
+read as fp32 is exactly ``2**23 + u`` (Marlin's exponent trick, kernels.md section 3f, in fp32), so
+one OR and one subtract replace the conversion (the subtract also removes the symmetric zero).
+
+Activations are converted right after ``tl.load``: to fp32 on the CUDA-core paths, and to the
+``tl.dot`` operand type on the tensor-core path (bf16 becomes fp32 under ``TRITON_INTERPRET=1``,
+whose bf16 arithmetic is silently wrong; fp32 uses ``input_precision="ieee"``).
 
 Scales are loaded as one [1, BLOCK_N] row per K-tile when a tile never crosses a group boundary
 (``group % BLOCK_K == 0`` or per-channel), else as a [BLOCK_K, BLOCK_N] tile indexed by
-``k // group`` (gemlite's ``load_scales_as_block`` distinction), so any group size, including
-groups that do not divide K, is exact.
+``k // group``, so any group size, including groups that do not divide K, is exact.
 """
 
 from __future__ import annotations
@@ -44,9 +56,10 @@ import triton.language as tl
 from compressor.kernels.packing import PackedOutliers, PackedUniform
 from compressor.kernels.sparse import outlier_add
 
-GEMV_MAX_M = 1  # M <= this: gemv; spec start values, to be refined by benchmarks/kernels.py on H100
-SPLITK_MAX_M = 64  # gemm with split-K up to here, tiled gemm (SPLIT_K = 1) above
-DEQUANT_MIN_M = 1025  # M* of kernels.md section 3: from here dequantize + cuBLAS
+DECODE_MAX_M = 16  # M <= this: the one-launch decode kernel (without outliers)
+DEQUANT_MIN_M = 64  # heuristic: from here dequantize + cuBLAS (the H200 run: fused tiles 0.1-0.5x fp16 there); the table decides
+MAGIC = tl.constexpr(0x4B000000)  # fp32 bits of 2**23: (u | MAGIC) read as fp32 is 2**23 + u for u < 2**23
+TWO_23 = tl.constexpr(8388608.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,35 +67,46 @@ DEQUANT_MIN_M = 1025  # M* of kernels.md section 3: from here dequantize + cuBLA
 
 
 @triton.jit
-def _load_plane(w_ptr, offs_k, offs_n, mask, rows_per_bit, N, BITS: tl.constexpr, WIDTH: tl.constexpr):
-    """The WIDTH-bit plane of codes [offs_k, offs_n], shifted to its place in the code."""
+def _load_plane(w_ptr, k0, offs_n, mask_n, rows_per_bit, N,
+                BITS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The WIDTH-bit plane of the codes of K-tile [k0, k0 + BLOCK_K), shifted to its place in the
+    code: the tile's packed words are loaded once ([BLOCK_K / PER_WORD, BLOCK_N]) and expanded."""
     PER_WORD: tl.constexpr = 32 // WIDTH
+    ROWS: tl.constexpr = BLOCK_K // PER_WORD
     first_row = rows_per_bit * (BITS - (BITS & (2 * WIDTH - 1)))  # the wider planes come first
-    rows = first_row + offs_k // PER_WORD
-    words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0, eviction_policy="evict_first")
-    shift = (offs_k % PER_WORD) * WIDTH
-    return ((words >> shift[:, None]) & ((1 << WIDTH) - 1)) << (BITS & (WIDTH - 1))
+    rows = k0 // PER_WORD + tl.arange(0, ROWS)
+    mask = (rows < rows_per_bit * WIDTH)[:, None] & mask_n[None, :]
+    words = tl.load(w_ptr + (first_row + rows)[:, None] * N + offs_n[None, :], mask=mask, other=0,
+                    eviction_policy="evict_first")
+    shifts = tl.arange(0, PER_WORD) * WIDTH
+    part = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WIDTH) - 1)
+    return tl.reshape(part << (BITS & (WIDTH - 1)), (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
-def load_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, rows_per_bit, N,
+def load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N,
                BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Unsigned codes [BLOCK_K, BLOCK_N] (int32) from the planes layout of ``packing.py``."""
-    mask = mask_k[:, None] & mask_n[None, :]
+    """Unsigned codes [BLOCK_K, BLOCK_N] (int32) of K-tile k0 from the planes layout of ``packing.py``."""
     u = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
     if BITS & 8:
-        u |= _load_plane(w_ptr, offs_k, offs_n, mask, rows_per_bit, N, BITS, 8)
+        u |= _load_plane(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, 8, BLOCK_K, BLOCK_N)
     if BITS & 4:
-        u |= _load_plane(w_ptr, offs_k, offs_n, mask, rows_per_bit, N, BITS, 4)
+        u |= _load_plane(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, 4, BLOCK_K, BLOCK_N)
     if BITS & 2:
-        u |= _load_plane(w_ptr, offs_k, offs_n, mask, rows_per_bit, N, BITS, 2)
+        u |= _load_plane(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, 2, BLOCK_K, BLOCK_N)
     if BITS & 1:
-        u |= _load_plane(w_ptr, offs_k, offs_n, mask, rows_per_bit, N, BITS, 1)
+        u |= _load_plane(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, 1, BLOCK_K, BLOCK_N)
     return u
 
 
 @triton.jit
-def dequant_affine(u, offs_k, offs_n, mask_k, mask_n, k0, scale_ptr, zs_ptr, N,
+def no_table(meta_ptr, offs_n, mask_n, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Uniform weights keep nothing in registers across the K loop (see ``lut.lut_table``)."""
+    return 0
+
+
+@triton.jit
+def dequant_affine(u, offs_k, offs_n, mask_k, mask_n, k0, scale_ptr, zs_ptr, table, N,
                    BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, SCALE_ROW: tl.constexpr):
     """fp32 weights from codes: (u - 2**(BITS-1)) * s (symmetric) or u * s + zs (zs = -z * s)."""
     if SCALE_ROW:  # the whole K-tile lies in one group: one [1, BLOCK_N] row of metadata
@@ -95,56 +119,86 @@ def dequant_affine(u, offs_k, offs_n, mask_k, mask_n, k0, scale_ptr, zs_ptr, N,
         meta = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
         meta_mask = mask_k[:, None] & mask_n[None, :]
     s = tl.load(scale_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
+    magic = (u | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + u, exactly
     if ASYM:
         zs = tl.load(zs_ptr + meta, mask=meta_mask, other=0.0)
-        return u.to(tl.float32) * s + zs
-    return (u - (1 << (BITS - 1))).to(tl.float32) * s
+        return (magic - TWO_23) * s + zs
+    return (magic - (TWO_23 + (1 << (BITS - 1)))) * s
+
+
+@triton.jit
+def _store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, mask, N, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _epilogue(out_ptr, bias_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
-    ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if ATOMIC:  # fp32 workspace; the wrapper adds the bias after the last partial sum
-        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+        tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, mask, N, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------------------------
 # the three schedules
 
+STORE, SERIAL, ATOMIC = 0, 1, 2  # decode epilogues (the kernel spells them as literals)
+
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr,
-                 N, K, rows_per_bit, stride_xm, stride_xk,
-                 DEQUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
-                 SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+                   M, N, K, rows_per_bit, stride_xm, stride_xk,
+                   DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                   ASYM: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """M <= BLOCK_M rows against one N-tile and every SPLIT_K-th K-tile (see the module doc)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    table = TABLE(meta_ptr, offs_n, mask_n, BITS, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=mask_k, other=0.0, eviction_policy="evict_last")
-        x = x.to(tl.float32)
-        u = load_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
-        w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, N, BITS, GROUP, ASYM, SCALE_ROW)
-        acc += tl.sum(w * x[:, None], axis=0)
-    offs_m = m + tl.arange(0, 1)
-    _epilogue(out_ptr, bias_ptr, acc[None, :], offs_m, offs_n, offs_m >= 0, mask_n, N, HAS_BIAS, ATOMIC)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_last")
+        u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+        w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
+        if BLOCK_M >= 16:  # tensor cores
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        else:  # CUDA cores: the weight tile is used BLOCK_M times from registers
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if EPILOGUE == 0:  # STORE
+        _store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, mask, N, HAS_BIAS)
+    elif EPILOGUE == 2:  # ATOMIC: fp32 workspace shared with the outlier kernel
+        tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask, sem="relaxed")
+    else:  # SERIAL: store the partial; the last program to arrive at a column reduces it
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask, cache_modifier=".cg")
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(count_ptr + offs_n, 1, mask=mask_n, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        last = mask_n & (arrived == SPLIT_K - 1)
+        mask_last = mask_m[:, None] & last[None, :]
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for split in range(SPLIT_K):
+            total += tl.load(part_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask_last, other=0.0,
+                             cache_modifier=".cg")
+        _store_output(out_ptr, bias_ptr, total, offs_m, offs_n, mask_last, N, HAS_BIAS)
+        tl.store(count_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=last)  # ready for the next launch
 
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr,
                  M, N, K, rows_per_bit, stride_xm, stride_xk,
-                 DEQUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
+                 DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
                  SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -164,73 +218,99 @@ def _gemm_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    table = TABLE(meta_ptr, offs_n, mask_n, BITS, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_last")
-        x = x.to(DOT_DTYPE)
-        u = load_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
-        w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, N, BITS, GROUP, ASYM, SCALE_ROW)
-        acc = tl.dot(x, w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+        w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     _epilogue(out_ptr, bias_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
 def _dequant_kernel(w_ptr, meta_ptr, zs_ptr, out_ptr, N, K, rows_per_bit,
-                    DEQUANT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
-                    SCALE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    ASYM: tl.constexpr, SCALE_ROW: tl.constexpr, OUT_KN: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W tile -> out: [K, N] (OUT_KN, the matmul path: the store runs along N like the loads) or [N, K]."""
     k0 = tl.program_id(0) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
-    u = load_codes(w_ptr, offs_k, offs_n, mask_k, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
-    w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, N, BITS, GROUP, ASYM, SCALE_ROW)
-    tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty),
-             mask=mask_k[:, None] & mask_n[None, :])
+    table = TABLE(meta_ptr, offs_n, mask_n, BITS, BLOCK_N)
+    u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+    w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
+    if OUT_KN:
+        ptrs = out_ptr + offs_k[:, None] * N + offs_n[None, :]
+    else:
+        ptrs = out_ptr + offs_n[None, :] * K + offs_k[:, None]
+    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
-INTERPRETED = type(_gemv_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
+INTERPRETED = type(_decode_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
 
 
 # --------------------------------------------------------------------------------------------
 # configs
 
+SCHEDULES = ("decode", "gemm", "dequant")
+LUT_MODES = ("global", "registers")
+
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters of one schedule (``gemv``, ``gemm`` or ``dequant``)."""
+    """Launch parameters of one schedule (``decode``, ``gemm`` or ``dequant``).
+
+    ``lut`` only matters for codebook weights: ``global`` gathers each weight's entry from the
+    L1-resident table in global memory, ``registers`` keeps the program's [BLOCK_N, 2**bits]
+    table in registers and uses ``tl.gather`` (lut.py)."""
 
     schedule: str
-    block_m: int = 16  # gemm only
+    block_m: int = 16  # decode: rows per program (all of M); gemm: the M tile
     block_n: int = 64
     block_k: int = 64
-    split_k: int = 1  # gemv / gemm
+    split_k: int = 1  # decode / gemm
     group_m: int = 8  # gemm only
     num_warps: int = 4
     num_stages: int = 2
+    lut: str = "global"
 
     def __post_init__(self):
-        if self.schedule not in ("gemv", "gemm", "dequant"):
-            raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two")
-        if self.schedule == "gemm" and min(self.block_m, self.block_n, self.block_k) < 16:
-            raise ValueError("tl.dot needs block_m, block_n, block_k >= 16")
+        if self.block_k < 32:
+            raise ValueError("block_k must be >= 32: a K-tile holds whole packed words of every plane")
+        if self.schedule == "gemm" and min(self.block_m, self.block_n) < 16:
+            raise ValueError("tl.dot needs block_m, block_n >= 16")
+        if self.schedule == "decode" and self.block_m >= 16 and self.block_n < 16:
+            raise ValueError("decode with block_m >= 16 uses tl.dot: block_n must be >= 16")
         if self.split_k < 1:
             raise ValueError("split_k must be >= 1")
+        if self.lut not in LUT_MODES:
+            raise ValueError(f"lut={self.lut!r}; expected one of {LUT_MODES}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "KernelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
 
 def schedule_for(m: int) -> str:
-    if m <= GEMV_MAX_M:
-        return "gemv"
+    """The heuristic schedule by rows of x (the shipped tables override it per shape)."""
+    if m <= DECODE_MAX_M:
+        return "decode"
     return "gemm" if m < DEQUANT_MIN_M else "dequant"
 
 
@@ -239,19 +319,30 @@ def _pow2_floor(value: float) -> int:
 
 
 def _block_k_for(group_size: int, preferred: int) -> int:
-    """``preferred``, shrunk to a power of two dividing the group so scales load as one row."""
+    """``preferred``, shrunk to a power of two >= 32 dividing the group so scales load as one row."""
     if group_size == -1:
         return preferred
     block = preferred
-    while block > 16 and group_size % block:
+    while block > 32 and group_size % block:
         block //= 2
     return block
 
 
-def _split_k(tiles: int, k: int, block_k: int, target_programs: int) -> int:
-    """Enough K-splits that tiles * split >= target_programs, never more than there are K-tiles."""
+def _split_k(tiles: int, k: int, block_k: int, target_programs: int, cap: int = 1 << 30) -> int:
+    """Enough K-splits that tiles * split >= target_programs, at most ``cap`` and the number of K-tiles."""
     k_tiles = triton.cdiv(k, block_k)
-    return max(1, min(_pow2_floor(target_programs / max(tiles, 1)), _pow2_floor(k_tiles)))
+    return max(1, min(_pow2_floor(target_programs / max(tiles, 1)), _pow2_floor(k_tiles), _pow2_floor(cap)))
+
+
+def decode_split_cap(m: int, k: int, bits: int) -> int:
+    """Most K-splits worth having at decode: the fp32 partials (written and read back, 8 bytes per
+    split, row and column) stay under 1/16 of the packed weight (K * bits / 8 bytes per column)."""
+    return max(1, min(16, (k * bits) // (1024 * max(m, 1))))
+
+
+def decode_block_m(m: int) -> int:
+    """Rows per decode program: all of M; CUDA cores up to 4 rows, tensor cores (16) above."""
+    return triton.next_power_of_2(max(m, 1)) if m <= 4 else 16
 
 
 @functools.cache
@@ -265,58 +356,70 @@ def sm_count(device: torch.device) -> int:
     return 132  # H100 SXM
 
 
-def default_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> KernelConfig:
-    """A sound config without tuning: H100-sized, split-K so that ~2 programs run per SM."""
+def default_config(m: int, n: int, k: int, group_size: int, device: torch.device, bits: int = 4) -> KernelConfig:
+    """A sound config without a table entry or tuning (the reasoning behind the shipped tables).
+
+    decode: all M rows in one program; BLOCK_N 128 (64 at tensor-core M), halved down to 32 until
+    the N-tiles times the split cap give two programs per SM; then split-K up to that many
+    programs, capped so the partials stay small (``decode_split_cap``).
+    """
     schedule = schedule_for(m)
     if INTERPRETED:  # programs run one after another in Python: the fewest, largest tiles are fastest
-        block_n, block_k = (min(128, max(16, triton.next_power_of_2(d))) for d in (n, k))
-        block_m = min(128, max(16, triton.next_power_of_2(m)))
-        return KernelConfig(schedule, block_m if schedule == "gemm" else 16, block_n, block_k)
+        block_n, block_k = min(128, max(16, triton.next_power_of_2(n))), min(128, max(32, triton.next_power_of_2(k)))
+        if schedule == "decode":
+            return KernelConfig("decode", decode_block_m(m), block_n, block_k)
+        return KernelConfig(schedule, min(128, max(16, triton.next_power_of_2(m))), block_n, block_k)
     target = 2 * sm_count(device)
-    if schedule == "gemv":
-        block_n, block_k = 128, _block_k_for(group_size, 64)
-        split = _split_k(triton.cdiv(n, block_n), k, block_k, target)
-        return KernelConfig("gemv", block_n=block_n, block_k=block_k, split_k=split, num_warps=4, num_stages=2)
+    if schedule == "decode":
+        block_m = decode_block_m(m)
+        block_k = _block_k_for(group_size, 64)
+        cap = decode_split_cap(m, k, bits)
+        block_n = 128 if block_m <= 4 else 64
+        while block_n > 32 and triton.cdiv(n, block_n) * cap < target:
+            block_n //= 2
+        split = _split_k(triton.cdiv(n, block_n), k, block_k, target, cap)
+        return KernelConfig("decode", block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=2)
     if schedule == "dequant":
-        return KernelConfig("dequant", block_n=64, block_k=64, num_warps=4, num_stages=1)
-    if m <= SPLITK_MAX_M:
-        block_m = min(64, max(16, triton.next_power_of_2(m)))
-        block_n, block_k = 64, _block_k_for(group_size, 64)
-        split = _split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k, block_k, target)
-        return KernelConfig("gemm", block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3)
-    block_m = 64 if m <= 128 else 128
-    return KernelConfig("gemm", block_m, 128, _block_k_for(group_size, 64), split_k=1, num_warps=8 if block_m == 128 else 4, num_stages=3)
+        return KernelConfig("dequant", block_n=128, block_k=64, num_warps=4, num_stages=1)
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n, block_k = 64, _block_k_for(group_size, 64)
+    split = _split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k, block_k, target)
+    return KernelConfig("gemm", block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3)
 
 
-def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[KernelConfig]:
-    """Autotuning space for H100-class GPUs (seeded from gemlite's configs/h100.json winners)."""
-    schedule = schedule_for(m)
+def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device, bits: int = 4,
+                      lut: bool = False) -> list[KernelConfig]:
+    """The pruned autotuning space (at most ~16 configs, so tuning a shape takes seconds, not minutes).
+
+    decode: BLOCK_N 64/128/256 (gemlite's Hopper GEMV winners are 128-512 wide) x the split that
+    fills the GPU, half and double of it, 2 or 4 warps; codebooks also try ``lut="registers"``.
+    M > 16: the fused tile (tiled and split-K, two tile sizes) against dequantize + cuBLAS.
+    """
+    first = default_config(m, n, k, group_size, device, bits)
+    configs = [first]
     target = 2 * sm_count(device)
-    configs = [default_config(m, n, k, group_size, device)]
-    if schedule == "gemv":
-        for block_n in (128, 256, 512):
-            for block_k in (32, 64, 128):
-                split = _split_k(triton.cdiv(n, block_n), k, block_k, target)
-                for split_k in sorted({split, max(1, split // 2), split * 2}):
-                    for warps in (2, 4):
-                        configs.append(KernelConfig("gemv", block_n=block_n, block_k=block_k, split_k=split_k,
-                                                    num_warps=warps, num_stages=1))
-    elif schedule == "dequant":
-        configs += [KernelConfig("dequant", block_n=bn, block_k=bk, num_warps=4, num_stages=1) for bn in (64, 128) for bk in (64, 128)]
-    elif m <= SPLITK_MAX_M:
-        block_m = min(64, max(16, triton.next_power_of_2(m)))
-        for block_n in (32, 64, 128):
-            for block_k in (64, 128, 256):
-                split = _split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k, block_k, target)
-                for split_k in sorted({1, split, split * 2}):
-                    for stages in (2, 3):
-                        configs.append(KernelConfig("gemm", block_m, block_n, block_k, split_k, num_warps=4, num_stages=stages))
+    block_k = _block_k_for(group_size, 64)
+    if first.schedule == "decode":
+        cap = decode_split_cap(m, k, bits)
+        for block_n in (64, 128, 256):
+            if first.block_m >= 16 and block_n > 128:
+                continue
+            split = _split_k(triton.cdiv(n, block_n), k, block_k, target, cap)
+            for split_k in sorted({max(1, split // 2), split, min(2 * split, cap)}):
+                for warps in (2, 4):
+                    configs.append(KernelConfig("decode", first.block_m, block_n, block_k, split_k, num_warps=warps))
+        configs = configs[:13]
+        if lut:
+            configs += [KernelConfig("decode", first.block_m, c.block_n, block_k, c.split_k, num_warps=4, lut="registers")
+                        for c in configs[:3]]
     else:
-        for block_m in (64, 128):
-            for block_n in (64, 128, 256):
-                for block_k in (32, 64, 128):
-                    for warps, stages in ((4, 3), (8, 3), (8, 4)):
-                        configs.append(KernelConfig("gemm", block_m, block_n, block_k, 1, num_warps=warps, num_stages=stages))
+        block_m = min(64, max(16, triton.next_power_of_2(m))) if m < 128 else 128
+        for block_n in (64, 128):
+            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+            for split_k in sorted({1, _split_k(tiles, k, block_k, target)}):
+                for warps, stages in ((4, 3), (8, 4)):
+                    configs.append(KernelConfig("gemm", block_m, block_n, block_k, split_k, num_warps=warps, num_stages=stages))
+        configs += [KernelConfig("dequant", block_n=bn, block_k=64, num_warps=w, num_stages=1) for bn, w in ((128, 4), (256, 8))]
     seen, unique = set(), []
     for config in configs:
         if config not in seen:
@@ -327,6 +430,22 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
 
 # --------------------------------------------------------------------------------------------
 # launch wrappers
+
+_counters: dict = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-column arrival counters of the serial split-K decode (all zero between launches).
+
+    One buffer per (device, stream): launches on one stream run one after another, and each leaves
+    the counters at zero. Zeroed once when created (or grown)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 16384), dtype=torch.int32, device=device)
+        _counters[key] = counters
+    return counters
 
 
 def _dot_type(dtype: torch.dtype):
@@ -340,48 +459,69 @@ def _dot_type(dtype: torch.dtype):
 
 
 def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant,
-                     bias=None, config: KernelConfig | None = None, outliers: PackedOutliers | None = None):
+                     bias=None, config: KernelConfig | None = None, outliers: PackedOutliers | None = None,
+                     table=no_table):
     """y = x W^T (+ S x) (+ bias) for x [M, K]; W given by packed codes + ``dequant`` metadata.
 
     ``meta`` is the scales [G, N] (uniform) or the LUT [N, 2**bits]; ``zs`` the fp32 [G, N]
-    zero shift or None. Used by ``uniform_linear`` and ``lut.lut_linear``.
+    zero shift or None; ``table`` what a program keeps in registers across its K loop. Used by
+    ``uniform_linear`` and ``lut.lut_linear``.
     """
     m, k = x.shape
     n = shape[0]
     if k != shape[1]:
         raise ValueError(f"x has {k} features, the weight expects {shape[1]}")
-    config = config or default_config(m, n, k, group_size, x.device)
-    block_k = config.block_k
-    scale_row = group_size == -1 or group_size % block_k == 0
-    common = dict(DEQUANT=dequant, BITS=bits, GROUP=group_size, ASYM=zs is not None, SCALE_ROW=scale_row,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    zs_arg = zs if zs is not None else meta
+    config = config or default_config(m, n, k, group_size, x.device, bits)
     if m == 0:
         return x.new_empty(0, n)
-
     if config.schedule == "dequant":
         weight = dequantize_weight(packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant,
-                                   x.dtype, config, outliers)
-        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+                                   x.dtype, config, outliers, table, kn=True)
+        if bias is None:
+            return torch.mm(x, weight)
+        return torch.addmm(bias.to(x.dtype), x, weight)
 
-    atomic = config.split_k > 1 or outliers is not None
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bias_arg = bias if bias is not None else out
-    args = (x, packed_codes, meta, zs_arg, bias_arg, out)
-    flags = dict(HAS_BIAS=bias is not None, ATOMIC=atomic, **common)
-    if config.schedule == "gemv":
-        grid = (triton.cdiv(n, config.block_n), config.split_k, m)
-        _gemv_kernel[grid](*args, n, k, rows_per_bit, x.stride(0), x.stride(1),
-                           BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k, **flags)
+    block_k = config.block_k
+    common = dict(DEQUANT=dequant, TABLE=table, BITS=bits, GROUP=group_size, ASYM=zs is not None,
+                  SCALE_ROW=group_size == -1 or group_size % block_k == 0,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    zs_arg = zs if zs is not None else meta
+    dot_dtype, precision = _dot_type(x.dtype)
+    if config.schedule == "decode":
+        if m > config.block_m:
+            raise ValueError(f"the decode schedule takes all M rows in one program: M={m} > block_m={config.block_m}")
+        if outliers is not None:
+            epilogue = ATOMIC
+        else:
+            epilogue = SERIAL if config.split_k > 1 else STORE
+        if epilogue == ATOMIC:
+            out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        else:
+            out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        part = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device) if epilogue == SERIAL else out
+        counts = arrival_counters(x.device, n) if epilogue == SERIAL else out
+        grid = (triton.cdiv(n, config.block_n), config.split_k)
+        _decode_kernel[grid](x, packed_codes, meta, zs_arg, bias if bias is not None else out, out, part, counts,
+                             m, n, k, rows_per_bit, x.stride(0), x.stride(1),
+                             HAS_BIAS=bias is not None, EPILOGUE=epilogue, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k,
+                             **common)
+        if epilogue != ATOMIC:
+            return out
     else:
-        dot_dtype, precision = _dot_type(x.dtype)
+        atomic = config.split_k > 1 or outliers is not None
+        if atomic:
+            out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        else:
+            out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
-        _gemm_kernel[grid](*args, m, n, k, rows_per_bit, x.stride(0), x.stride(1),
-                           DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+        _gemm_kernel[grid](x, packed_codes, meta, zs_arg, bias if bias is not None else out, out,
+                           m, n, k, rows_per_bit, x.stride(0), x.stride(1),
+                           HAS_BIAS=bias is not None, ATOMIC=atomic, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-                           SPLIT_K=config.split_k, GROUP_M=config.group_m, **flags)
-    if not atomic:
-        return out
+                           SPLIT_K=config.split_k, GROUP_M=config.group_m, **common)
+        if not atomic:
+            return out
     if outliers is not None:
         outlier_add(x, outliers, out)
     if bias is not None:
@@ -390,19 +530,22 @@ def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group
 
 
 def dequantize_weight(packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant, dtype,
-                      config: KernelConfig | None = None, outliers: PackedOutliers | None = None) -> torch.Tensor:
-    """Dense W [N, K] in ``dtype`` (one pass over the packed codes), outliers scattered in."""
+                      config: KernelConfig | None = None, outliers: PackedOutliers | None = None,
+                      table=no_table, kn: bool = False) -> torch.Tensor:
+    """Dense W in ``dtype`` (one pass over the packed codes), outliers scattered in: [N, K], or its
+    transpose [K, N] stored contiguously when ``kn`` (what the matmul path multiplies by)."""
     n, k = shape
     config = config if config is not None and config.schedule == "dequant" else KernelConfig("dequant", block_n=64, block_k=64)
-    weight = torch.empty(n, k, dtype=dtype, device=packed_codes.device)
+    weight = torch.empty((k, n) if kn else (n, k), dtype=dtype, device=packed_codes.device)
     grid = (triton.cdiv(k, config.block_k), triton.cdiv(n, config.block_n))
     _dequant_kernel[grid](packed_codes, meta, zs if zs is not None else meta, weight, n, k, rows_per_bit,
-                          DEQUANT=dequant, BITS=bits, GROUP=group_size, ASYM=zs is not None,
-                          SCALE_ROW=group_size == -1 or group_size % config.block_k == 0,
+                          DEQUANT=dequant, TABLE=table, BITS=bits, GROUP=group_size, ASYM=zs is not None,
+                          SCALE_ROW=group_size == -1 or group_size % config.block_k == 0, OUT_KN=kn,
                           BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                           num_warps=config.num_warps, num_stages=config.num_stages)
     if outliers is not None and outliers.nnz:
-        weight.index_put_((outliers.rows.long(), outliers.cols.long()), outliers.vals.to(dtype), accumulate=True)
+        index = (outliers.cols.long(), outliers.rows.long()) if kn else (outliers.rows.long(), outliers.cols.long())
+        weight.index_put_(index, outliers.vals.to(dtype), accumulate=True)
     return weight
 
 

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from compressor.kernels import sparse, uniform  # noqa: E402
-from compressor.kernels.lut import dequant_lut  # noqa: E402
+from compressor.kernels.lut import dequant_lut, dequant_lut_registers, lut_table  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT = {"fp16": ("*fp16", tl.float16), "bf16": ("*bf16", tl.bfloat16), "fp32": ("*fp32", tl.float32)}
@@ -44,40 +44,53 @@ def compile_variant(kernel, pointer_types: dict, constexprs: dict, num_warps=4, 
 
 
 def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atomic=False, block=(16, 64, 64), split_k=1,
-                   num_warps=4, num_stages=2):
+                   num_warps=4, num_stages=2, epilogue=0, lut_mode="global"):
     pointer, dot = FLOAT[dtype]
     block_m, block_n, block_k = block
     types_ = {"x_ptr": pointer, "w_ptr": "*i32", "meta_ptr": "*fp16" if lut else pointer, "zs_ptr": "*fp32",
-              "bias_ptr": pointer, "out_ptr": "*fp32" if atomic else pointer}
-    constexprs = {"DEQUANT": dequant_lut if lut else uniform.dequant_affine, "BITS": bits, "GROUP": -1 if lut else group,
+              "bias_ptr": pointer, "out_ptr": "*fp32" if atomic or epilogue == 2 else pointer,
+              "part_ptr": "*fp32", "count_ptr": "*i32"}
+    if lut:
+        dequant, table = (dequant_lut_registers, lut_table) if lut_mode == "registers" else (dequant_lut, uniform.no_table)
+    else:
+        dequant, table = uniform.dequant_affine, uniform.no_table
+    constexprs = {"DEQUANT": dequant, "TABLE": table, "BITS": bits, "GROUP": -1 if lut else group,
                   "ASYM": asym, "SCALE_ROW": lut or group == -1 or group % block_k == 0}
     if schedule == "dequant":
         kernel = uniform._dequant_kernel
-        constexprs.update(BLOCK_N=block_n, BLOCK_K=block_k)
+        constexprs.update(BLOCK_N=block_n, BLOCK_K=block_k, OUT_KN=True)
+    elif schedule == "decode":
+        kernel = uniform._decode_kernel
+        constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot,
+                          INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     else:
-        constexprs.update(HAS_BIAS=not atomic, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
-        if schedule == "gemv":
-            kernel = uniform._gemv_kernel
-        else:
-            kernel = uniform._gemm_kernel
-            constexprs.update(DOT_DTYPE=dot, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, GROUP_M=8)
+        kernel = uniform._gemm_kernel
+        constexprs.update(HAS_BIAS=not atomic, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                          DOT_DTYPE=dot, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, GROUP_M=8)
     return kernel, types_, constexprs, num_warps, num_stages
 
 
 VARIANTS = {
-    "gemv uniform 3b asym fp16 split-K": matmul_variant("gemv", "fp16", 3, asym=True, atomic=True, block=(1, 128, 64), split_k=8),
-    "gemv uniform 4b bf16 group 32 < BLOCK_K": matmul_variant("gemv", "bf16", 4, group=32, block=(1, 256, 64)),
-    "gemv lut 4b fp16": matmul_variant("gemv", "fp16", 4, lut=True, atomic=True, block=(1, 128, 64), split_k=4),
-    "gemm uniform 4b fp16 M16 split-K": matmul_variant("gemm", "fp16", 4, atomic=True, block=(16, 64, 128), split_k=4),
+    "decode M1 uniform 3b asym fp16 serial split-K": matmul_variant("decode", "fp16", 3, asym=True, block=(1, 128, 64), split_k=8,
+                                                                   epilogue=1),
+    "decode M1 uniform 4b bf16 group 32 store": matmul_variant("decode", "bf16", 4, group=32, block=(1, 256, 32)),
+    "decode M4 uniform 4b fp16 CUDA cores": matmul_variant("decode", "fp16", 4, block=(4, 128, 32), split_k=4, epilogue=1),
+    "decode M16 uniform 4b fp16 tl.dot": matmul_variant("decode", "fp16", 4, block=(16, 64, 64), split_k=4, epilogue=1),
+    "decode M1 lut 4b fp16 global, outliers": matmul_variant("decode", "fp16", 4, lut=True, block=(1, 128, 64), split_k=4,
+                                                             epilogue=2),
+    "decode M1 lut 4b fp16 registers": matmul_variant("decode", "fp16", 4, lut=True, block=(1, 128, 64), split_k=4, epilogue=1,
+                                                      lut_mode="registers"),
+    "gemm uniform 4b fp16 M32 split-K": matmul_variant("gemm", "fp16", 4, atomic=True, block=(32, 64, 128), split_k=4),
     "gemm uniform 5b bf16 tiled 64x128": matmul_variant("gemm", "bf16", 5, block=(64, 128, 64), num_stages=3),
     "gemm uniform 7b asym fp16 tiled 128x128": matmul_variant("gemm", "fp16", 7, asym=True, block=(128, 128, 64), num_warps=8,
                                                               num_stages=3),
     "gemm uniform 2b fp32 (ieee)": matmul_variant("gemm", "fp32", 2, block=(16, 64, 64)),
     "gemm lut 3b bf16 tiled": matmul_variant("gemm", "bf16", 3, lut=True, block=(64, 128, 64), num_stages=3),
-    "dequant uniform 6b fp16": matmul_variant("dequant", "fp16", 6, asym=True, block=(1, 64, 64)),
+    "dequant uniform 6b fp16": matmul_variant("dequant", "fp16", 6, asym=True, block=(1, 128, 64)),
 }
 MORE_VARIANTS = {
-    f"gemv uniform {b}b fp16": matmul_variant("gemv", "fp16", b, atomic=True, block=(1, 128, 64), split_k=4) for b in range(1, 9)
+    f"decode M1 uniform {b}b fp16": matmul_variant("decode", "fp16", b, block=(1, 128, 64), split_k=4, epilogue=1) for b in range(1, 9)
 } | {
     f"gemm uniform {b}b bf16 64x128": matmul_variant("gemm", "bf16", b, block=(64, 128, 64), num_stages=3) for b in range(1, 9)
 }

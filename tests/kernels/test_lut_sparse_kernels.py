@@ -13,16 +13,18 @@ from compressor.quant.formats import DenseAndSparseWeight, SparseOutliers
 
 N, K = 37, 200
 SCHEDULES = [
-    (1, KernelConfig("gemv", block_n=32, block_k=64, split_k=2), torch.float32),
+    (1, KernelConfig("decode", block_m=1, block_n=32, block_k=64, split_k=2), torch.float32),
+    (2, KernelConfig("decode", block_m=2, block_n=16, block_k=32, split_k=3, lut="registers"), torch.float32),
+    (9, KernelConfig("decode", block_m=16, block_n=32, block_k=64, split_k=2, lut="registers"), torch.float16),
     (3, KernelConfig("gemm", block_m=16, block_n=64, block_k=64, split_k=2), torch.float16),
-    (17, KernelConfig("gemm", block_m=32, block_n=64, block_k=128, split_k=1), torch.bfloat16),
+    (17, KernelConfig("gemm", block_m=32, block_n=64, block_k=128, split_k=1, lut="registers"), torch.bfloat16),
     (5, KernelConfig("dequant", block_n=64, block_k=64), torch.float32),
 ]
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_lut_every_schedule(weights, bits):
-    """Per-row codebooks of 2**bits entries, gathered inside the K loop."""
+    """Per-row codebooks of 2**bits entries, gathered from global memory or from registers."""
     weight = weights.lut(N, K, bits)
     packed = pack_lut(weight)
     for m, config, dtype in SCHEDULES:
@@ -36,12 +38,15 @@ def test_lut_with_a_low_precision_codebook_and_activations(weights, dtype):
     packed = pack_lut(weight)
     x = weights.x(3, K, dtype)
     assert rel_error(lut_reference(x, packed), exact_linear(x, weight)) < 1e-6
-    assert_matches(lut_linear(x, packed, None, SCHEDULES[1][1]), exact_linear(x, weight), dtype)
+    for config in (SCHEDULES[2][1], SCHEDULES[3][1]):  # registers (decode, tl.dot) and global (gemm)
+        assert_matches(lut_linear(x, packed, None, config), exact_linear(x, weight), dtype, config.lut)
 
 
 def test_lut_dequantize_kernel_is_exact(weights):
     weight = weights.lut(N, K, 3, lut_dtype=torch.float32)
-    assert torch.equal(lut_dequantize(pack_lut(weight), torch.float32), weight.dequantize(torch.float32))
+    for mode in ("global", "registers"):
+        config = KernelConfig("dequant", block_n=16, block_k=64, lut=mode)
+        assert torch.equal(lut_dequantize(pack_lut(weight), torch.float32, config), weight.dequantize(torch.float32)), mode
 
 
 @pytest.mark.parametrize("m", [1, 17])  # 17 > 16 rows per program: two row chunks

@@ -13,6 +13,7 @@ from compressor.kernels.reference import exact_linear, uniform_reference
 from compressor.kernels.uniform import (
     KernelConfig,
     default_config,
+    schedule_for,
     uniform_dequantize,
     uniform_linear,
 )
@@ -21,17 +22,19 @@ N, K = 37, 200
 GROUPS = [32, 64, -1, 48, 128]  # 48: groups straddle blocks and words; -1: per channel
 
 SCHEDULES = [  # (M, config, dtype): each runs a different path through the kernels
-    (1, KernelConfig("gemv", block_n=32, block_k=64, split_k=2), torch.float32),  # 2 N-tiles, split-K atomics
-    (3, KernelConfig("gemm", block_m=16, block_n=64, block_k=32, split_k=3), torch.float16),  # small M, split-K tl.dot
+    (1, KernelConfig("decode", block_m=1, block_n=32, block_k=64, split_k=2), torch.float32),  # serial split-K, 2 N-tiles
+    (3, KernelConfig("decode", block_m=4, block_n=16, block_k=32, split_k=3), torch.float16),  # CUDA-core rows, 3 splits
+    (9, KernelConfig("decode", block_m=16, block_n=32, block_k=64, split_k=1), torch.float32),  # tl.dot, direct store
+    (3, KernelConfig("gemm", block_m=16, block_n=64, block_k=32, split_k=3), torch.float16),  # split-K tl.dot, atomics
     (17, KernelConfig("gemm", block_m=16, block_n=32, block_k=128, split_k=1), torch.float32),  # tiled, 2 M-tiles
-    (5, KernelConfig("dequant", block_n=32, block_k=64), torch.float16),  # dequantize + F.linear
+    (5, KernelConfig("dequant", block_n=32, block_k=64), torch.float16),  # dequantize + cuBLAS
 ]
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_every_width_and_schedule_matches_reference(weights, bits, symmetric):
-    """fp32 activations (tolerance 1e-5: one wrong code is caught) on two schedules, fp16 on two."""
+    """fp32 activations (tolerance 1e-5: one wrong code is caught) on three schedules, fp16 on three."""
     group = GROUPS[(bits + symmetric) % len(GROUPS)]
     weight = weights.uniform(N, K, bits, group, symmetric)
     packed = pack_uniform(weight)
@@ -49,7 +52,7 @@ def test_every_schedule_in_every_activation_dtype(weights, dtype, bits, symmetri
     packed = pack_uniform(weight)
     for m, config, _ in SCHEDULES:
         x = weights.x(m, K, dtype)
-        bias = weights.bias(N, dtype) if m != 3 else None
+        bias = weights.bias(N, dtype) if config.schedule != "gemm" else None
         assert_matches(uniform_linear(x, packed, bias, config), exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m}")
 
 
@@ -60,17 +63,17 @@ def test_kernels_agree_with_the_reference_on_the_packed_tensors(weights):
     x = weights.x(3, K, torch.float32)
     expected = uniform_reference(x, packed)
     assert rel_error(expected, exact_linear(x, weight)) < 1e-6
-    assert_matches(uniform_linear(x, packed, None, SCHEDULES[1][1]), expected, torch.float32)
+    assert_matches(uniform_linear(x, packed, None, SCHEDULES[3][1]), expected, torch.float32)
 
 
 @pytest.mark.parametrize("bits", [1, 7])
-def test_blocks_smaller_than_a_packed_word_and_scale_tiles(weights, bits):
-    """BLOCK_K = 16 < the 32 codes of a 1-bit word: tiles start mid-word; group 32 > BLOCK_K and
-    group 8 < BLOCK_K exercise the one-scale-row and the scale-tile loads."""
-    for group in (32, 8):
+def test_one_word_tiles_and_scale_tiles(weights, bits):
+    """BLOCK_K = 32, one word of the 1-bit plane per tile, K = 200 ends mid-word; group 64 > BLOCK_K
+    and group 8 < BLOCK_K exercise the one-scale-row and the scale-tile loads."""
+    for group in (64, 8):
         weight = weights.uniform(N, K, bits, group, symmetric=group == 8)
         x = weights.x(1, K, torch.float32)
-        config = KernelConfig("gemv", block_n=64, block_k=16, split_k=4)
+        config = KernelConfig("decode", block_m=1, block_n=64, block_k=32, split_k=4)
         assert_matches(uniform_linear(x, pack_uniform(weight), None, config), exact_linear(x, weight), torch.float32, f"group={group}")
 
 
@@ -79,16 +82,16 @@ def test_non_contiguous_activations(weights):
     packed = pack_uniform(weight)
     x = weights.x(K, 17, torch.float16).t()  # [17, K] with strides (1, 17)
     assert not x.is_contiguous()
-    for m, config, _ in SCHEDULES[1:3]:
+    for m, config, _ in SCHEDULES[1:5]:
         assert_matches(uniform_linear(x[:m], packed, None, config), exact_linear(x[:m], weight), torch.float16, config.schedule)
 
 
 def test_default_configs_run_every_schedule(weights):
     weight = weights.uniform(N, K, 3, 32, symmetric=True)
     packed = pack_uniform(weight)
-    for m in (1, 17, 1030):
+    for m in (1, 3, 16, 17, 1030):
         x = weights.x(m, K, torch.float16)
-        assert default_config(m, N, K, 32, x.device).schedule == ("gemv" if m == 1 else "gemm" if m < 1025 else "dequant")
+        assert default_config(m, N, K, 32, x.device).schedule == schedule_for(m)
         assert_matches(uniform_linear(x, packed), exact_linear(x, weight), torch.float16, f"M={m}")
 
 
@@ -107,7 +110,7 @@ def test_one_wrong_code_is_far_outside_the_fp32_tolerance(weights):
     wrong = weight.codes.clone()
     wrong[5, 7] ^= 1
     broken = type(weight)(codes=wrong, scales=weight.scales, zeros=None, bits=4, group_size=32)
-    y = uniform_linear(x, pack_uniform(broken), None, SCHEDULES[1][1])
+    y = uniform_linear(x, pack_uniform(broken), None, SCHEDULES[3][1])
     assert rel_error(y, exact_linear(x, weight)) > 100 * TOLERANCE[torch.float32]
 
 
@@ -115,3 +118,51 @@ def test_shape_mismatch_is_an_error(weights):
     packed = pack_uniform(weights.uniform(N, K, 4, 32))
     with pytest.raises(ValueError, match="features"):
         uniform_linear(weights.x(2, K + 1, torch.float16), packed)
+
+
+class CountingLaunches:
+    """Stands in for a Triton kernel object and counts its launches."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.kernel)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("m,block_m", [(1, 1), (3, 4), (16, 16)])
+def test_decode_is_one_launch_without_zero_fill_or_cast(weights, monkeypatch, m, block_m):
+    """Serial split-K: one kernel writes x's dtype; no zeroed workspace, no cast; the arrival
+    counters are back at zero afterwards, so the next call (another layer, same N) is right too."""
+    from compressor.kernels import uniform
+
+    config = KernelConfig("decode", block_m=block_m, block_n=16, block_k=32, split_k=4)
+    x = weights.x(m, K, torch.float16)
+    layers = [weights.uniform(N, K, bits, 64, symmetric=bits == 3) for bits in (3, 4)]
+    biases = [weights.bias(N, torch.float16) for _ in layers]
+    cases = [(pack_uniform(w), b, exact_linear(x, w, b)) for w, b in zip(layers, biases)]
+    uniform.arrival_counters(x.device, N)  # created (zeroed) once, before the calls we watch
+    launches = []
+    for name in ("_decode_kernel", "_gemm_kernel", "_dequant_kernel"):
+        monkeypatch.setattr(uniform, name, CountingLaunches(getattr(uniform, name), launches))
+    monkeypatch.setattr(torch, "zeros", None)  # any zero-filled workspace would fail here
+    outputs = [uniform_linear(x, packed, bias, config) for packed, bias, _ in cases]
+    monkeypatch.undo()
+    assert len(launches) == len(layers)
+    for y, (_, _, expected) in zip(outputs, cases):
+        assert_matches(y, expected, torch.float16)
+    assert int(uniform.arrival_counters(x.device, N).abs().sum()) == 0
+
+
+def test_decode_takes_all_rows_in_one_program(weights):
+    packed = pack_uniform(weights.uniform(N, K, 4, 64))
+    with pytest.raises(ValueError, match="block_m"):
+        uniform_linear(weights.x(5, K, torch.float16), packed, None, KernelConfig("decode", block_m=4, block_k=32))
+
+
+def test_configs_reject_tiles_that_split_a_packed_word():
+    with pytest.raises(ValueError, match="block_k"):
+        KernelConfig("decode", block_m=1, block_k=16)
+    with pytest.raises(ValueError, match="lut"):
+        KernelConfig("decode", block_m=1, lut="shared")

@@ -106,3 +106,31 @@ def validate(checkpoint, device, text, max_layers, no_speed):
     click.echo(format_validation_report(result))
     if not result.get("ok", True):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="table to write or merge into (default kernel-configs-<gpu>.json)")
+@click.option("--m", "batch_sizes", default="1,16,64,256", show_default=True, help="rows of x (tokens) to tune for")
+@click.option("--device", default="cuda", show_default=True)
+def tune(checkpoint, output, batch_sizes, device):
+    """Tune the kernels for an exported CHECKPOINT's own layer shapes on this GPU and write the table.
+
+    Use it with COMPRESSOR_KERNEL_CONFIGS=<table> (it comes before the shipped tables)."""
+    import re
+
+    import torch
+
+    if not torch.cuda.is_available() or not device.startswith("cuda"):
+        fail(RuntimeError("compressor tune measures kernels on a CUDA GPU; none is available here"))
+    from compressor.kernels.tune import tune_checkpoint
+
+    name = torch.cuda.get_device_name(torch.device(device))
+    output = output or Path(f"kernel-configs-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json")
+    try:
+        ms = [int(v) for v in batch_sizes.split(",") if v]
+        summary = tune_checkpoint(checkpoint, output, ms, device, log=click.echo)
+    except USER_ERRORS + (ValueError,) as error:
+        fail(error)
+    click.echo(f"wrote {summary['entries']} entries ({summary['shapes']} layer shapes) to {summary['table']}")
+    click.echo(f"use it with: COMPRESSOR_KERNEL_CONFIGS={summary['table']}")

@@ -6,12 +6,13 @@ Dispatch rule
   ``auto`` runs Triton for CUDA tensors when triton is importable and the torch reference
   otherwise; ``triton`` forces the kernels (on CPU that needs ``TRITON_INTERPRET=1`` set before
   triton is first imported, which is how the tests run them); ``reference`` forces torch.
-* schedule, by the number of rows M of x (``uniform.schedule_for``): M = 1 gemv, M <= 64 split-K
-  gemm, M <= 1024 tiled gemm, larger M dequantize + ``F.linear``.
-* config: an explicit ``config=`` wins; under the interpreter or with ``COMPRESSOR_AUTOTUNE=off``
-  the heuristic ``default_config``; otherwise (GPU, default ``on``) each (kind, shape, bits,
-  group, dtype, M bucket) is timed once over ``candidate_configs`` with ``triton.testing.do_bench``
-  and the winner is kept for the process (``tuned_configs()`` shows them).
+* schedule and config together, per (kind, bits, group, N, K, M bucket): an explicit ``config=``
+  wins; on a GPU the table entry (``tables.py``: a user table from ``compressor tune``, then the
+  shipped table of the GPU family), which may say ``dequant`` (dequantize + cuBLAS) where that was
+  measured faster; else, only with ``COMPRESSOR_AUTOTUNE=on``, a bounded tuning over
+  ``candidate_configs`` kept for the process (``tuned_configs()``); else the heuristic
+  ``default_config`` (M <= 16 one-launch decode, M < 64 fused gemm, larger M dequantize + cuBLAS).
+  Under the interpreter the heuristic always (its tiles are sized for the interpreter).
 
 Value types without a kernel (anything not uniform / LUT / sparse / dense-and-sparse) fall back
 to the reference on every backend, so a new value type works everywhere before it is fast.
@@ -34,6 +35,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from compressor.kernels.reference import reference_linear
+from compressor.kernels.tables import m_bucket
 from compressor.quant.formats import (
     DenseAndSparseWeight,
     LUTWeight,
@@ -137,55 +139,65 @@ _tuned: dict[tuple, object] = {}
 
 
 def autotune_enabled() -> bool:
-    mode = os.environ.get("COMPRESSOR_AUTOTUNE", "on")
+    """``COMPRESSOR_AUTOTUNE=on`` tunes (bounded) the keys the tables lack; ``off`` (default) never tunes."""
+    mode = os.environ.get("COMPRESSOR_AUTOTUNE", "off")
     if mode not in ("on", "off"):
         raise ValueError(f"COMPRESSOR_AUTOTUNE={mode!r}; expected 'on' or 'off'")
     return mode == "on"
 
 
 def tuned_configs() -> dict:
-    """The configs chosen by autotuning so far, keyed like the tuning cache."""
+    """The configs chosen by autotuning in this process, keyed like the tuning cache."""
     return dict(_tuned)
 
 
-def _m_bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
+def weight_kind(dense) -> str:
+    from compressor.kernels.packing import PackedLUT
+
+    return "lut" if isinstance(dense, PackedLUT) else "uniform"
+
+
+def table_config(dense, m: int, device_name: str):
+    """The table entry (user tables, then the family's shipped one) for this weight at M rows, or None."""
+    from compressor.kernels import tables, uniform
+
+    n, k = dense.shape
+    key = tables.table_key(weight_kind(dense), dense.bits, getattr(dense, "group_size", -1), n, k, m)
+    entry = tables.lookup(device_name, key)
+    if entry is None:
+        return None
+    config = uniform.KernelConfig.from_dict(entry)
+    return config if config.schedule != "decode" or config.block_m >= m else None
 
 
 def choose_config(x2d, dense, outliers, run):
-    """Explicit tuning is the caller's; here: heuristic, or tuned once per key on a GPU."""
+    """Table entry > (opt-in) bounded autotuning > the heuristic ``default_config``."""
     from compressor.kernels import uniform
 
     m, k = x2d.shape
     n = dense.shape[0]
     group = getattr(dense, "group_size", -1)
-    if uniform.INTERPRETED or not x2d.is_cuda or not autotune_enabled():
-        return uniform.default_config(m, n, k, group, x2d.device)
-    key = (type(dense).__name__, uniform.schedule_for(m), _m_bucket(m), n, k, dense.bits, group,
-           getattr(dense, "zs", None) is not None, x2d.dtype, outliers is not None, _device_name(x2d.device.index))
-    if key not in _tuned:
-        candidates = uniform.candidate_configs(m, n, k, group, x2d.device)
-        _tuned[key] = _autotune(candidates, run) or candidates[0]
-    return _tuned[key]
+    if uniform.INTERPRETED or not x2d.is_cuda:
+        return uniform.default_config(m, n, k, group, x2d.device, dense.bits)
+    device = _device_name(x2d.device.index)
+    config = table_config(dense, m, device)
+    if config is not None:
+        return config
+    if not autotune_enabled():
+        return uniform.default_config(m, n, k, group, x2d.device, dense.bits)
+    tune_key = (weight_kind(dense), dense.bits, group, n, k, m_bucket(m), device, getattr(dense, "zs", None) is not None,
+                x2d.dtype, outliers is not None)
+    if tune_key not in _tuned:
+        from compressor.kernels.tune import best_config
+
+        candidates = uniform.candidate_configs(m, n, k, group, x2d.device, dense.bits, lut=weight_kind(dense) == "lut")
+        _tuned[tune_key] = best_config(candidates, run)
+    return _tuned[tune_key]
 
 
 @functools.cache
 def _device_name(index: int | None) -> str:
     return torch.cuda.get_device_name(index)
-
-
-def _autotune(configs, run):
-    import triton.testing
-
-    best, best_ms = None, float("inf")
-    for config in configs:
-        try:
-            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20)
-        except Exception:  # out of shared memory / registers for this tile shape: not a candidate
-            continue
-        if ms < best_ms:
-            best, best_ms = config, ms
-    return best
 
 
 # --------------------------------------------------------------------------------------------

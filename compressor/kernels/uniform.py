@@ -329,15 +329,18 @@ def _block_k_for(group_size: int, preferred: int) -> int:
 
 
 def _split_k(tiles: int, k: int, block_k: int, target_programs: int, cap: int = 1 << 30) -> int:
-    """Enough K-splits that tiles * split >= target_programs, at most ``cap`` and the number of K-tiles."""
+    """The fewest power-of-two K-splits with tiles * split >= target_programs, but at most ``cap``
+    and the number of K-tiles."""
     k_tiles = triton.cdiv(k, block_k)
-    return max(1, min(_pow2_floor(target_programs / max(tiles, 1)), _pow2_floor(k_tiles), _pow2_floor(cap)))
+    wanted = triton.next_power_of_2(max(1, -(-target_programs // max(tiles, 1))))
+    return max(1, min(wanted, _pow2_floor(k_tiles), _pow2_floor(cap)))
 
 
 def decode_split_cap(m: int, k: int, bits: int) -> int:
-    """Most K-splits worth having at decode: the fp32 partials (written and read back, 8 bytes per
-    split, row and column) stay under 1/16 of the packed weight (K * bits / 8 bytes per column)."""
-    return max(1, min(16, (k * bits) // (1024 * max(m, 1))))
+    """Most K-splits worth having at decode (at most 16): the fp32 partials, written and read back
+    (8 bytes per split, row and column; they stay in L2), under half the packed weight (K * bits / 8
+    bytes per column)."""
+    return max(1, min(16, (k * bits) // (128 * max(m, 1))))
 
 
 def decode_block_m(m: int) -> int:
@@ -357,19 +360,27 @@ def sm_count(device: torch.device) -> int:
 
 
 def default_config(m: int, n: int, k: int, group_size: int, device: torch.device, bits: int = 4) -> KernelConfig:
-    """A sound config without a table entry or tuning (the reasoning behind the shipped tables).
-
-    decode: all M rows in one program; BLOCK_N 128 (64 at tensor-core M), halved down to 32 until
-    the N-tiles times the split cap give two programs per SM; then split-K up to that many
-    programs, capped so the partials stay small (``decode_split_cap``).
-    """
-    schedule = schedule_for(m)
-    if INTERPRETED:  # programs run one after another in Python: the fewest, largest tiles are fastest
+    """A sound config without a table entry or tuning: ``gpu_config`` for this device's SM count;
+    under the interpreter the fewest, largest tiles (programs run one after another in Python)."""
+    if INTERPRETED:
+        schedule = schedule_for(m)
         block_n, block_k = min(128, max(16, triton.next_power_of_2(n))), min(128, max(32, triton.next_power_of_2(k)))
         if schedule == "decode":
             return KernelConfig("decode", decode_block_m(m), block_n, block_k)
         return KernelConfig(schedule, min(128, max(16, triton.next_power_of_2(m))), block_n, block_k)
-    target = 2 * sm_count(device)
+    return gpu_config(m, n, k, group_size, sm_count(device), bits)
+
+
+def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4) -> KernelConfig:
+    """The heuristic behind the shipped tables (the kernels' structure, before any measurement).
+
+    decode: all M rows in one program; BLOCK_N 128 (64 at tensor-core M), halved down to 32 until
+    the N-tiles times the split cap give two programs per SM; then split-K up to that many
+    programs, capped so the partials stay small (``decode_split_cap``). gemm below DEQUANT_MIN_M,
+    dequantize + cuBLAS above.
+    """
+    schedule = schedule_for(m)
+    target = 2 * sms
     if schedule == "decode":
         block_m = decode_block_m(m)
         block_k = _block_k_for(group_size, 64)

@@ -12,11 +12,13 @@ from kernel_helpers import DEVICE, assert_matches
 import compressor.kernels as kernels
 from compressor.kernels import dispatch, exact_linear, qlinear, use_backend
 from compressor.kernels.uniform import (
+    DECODE_MAX_M,
     DEQUANT_MIN_M,
-    GEMV_MAX_M,
     KernelConfig,
     candidate_configs,
+    decode_split_cap,
     default_config,
+    gpu_config,
     schedule_for,
 )
 from compressor.quant.formats import DenseAndSparseWeight
@@ -117,27 +119,36 @@ def test_dequantize_through_the_kernel(weights):
 
 
 def test_schedule_thresholds_and_configs():
-    assert schedule_for(GEMV_MAX_M) == "gemv" and schedule_for(GEMV_MAX_M + 1) == "gemm"
+    assert schedule_for(DECODE_MAX_M) == "decode" and schedule_for(DECODE_MAX_M + 1) == "gemm"
     assert schedule_for(DEQUANT_MIN_M - 1) == "gemm" and schedule_for(DEQUANT_MIN_M) == "dequant"
-    for m in (1, 2, 16, 64, 65, 512, 4096):
+    for m in (1, 2, 3, 16, 17, 64, 65, 512, 4096):
         for n, k, group in ((4096, 4096, 128), (1024, 14336, 64), (28672, 8192, -1), (37, 200, 48)):
-            configs = candidate_configs(m, n, k, group, torch.device("cpu"))
-            assert configs and len(configs) == len(set(configs))
-            assert all(c.schedule == schedule_for(m) for c in configs)
-            assert all(c.split_k == 1 for c in configs if c.schedule == "gemm" and m > 64)
-            assert configs[0] == default_config(m, n, k, group, torch.device("cpu"))
+            configs = candidate_configs(m, n, k, group, torch.device("cpu"), bits=3, lut=True)
+            assert configs and len(configs) == len(set(configs)) and len(configs) <= 16  # bounded tuning
+            assert configs[0] == default_config(m, n, k, group, torch.device("cpu"), bits=3)
+            if m <= DECODE_MAX_M:  # decode candidates take all M rows in one program
+                assert all(c.schedule == "decode" and c.block_m >= m for c in configs)
+                assert any(c.lut == "registers" for c in configs)
+            else:  # prefill: the fused tiles compete with dequantize + cuBLAS
+                assert {c.schedule for c in configs} == {"gemm", "dequant"}
     with pytest.raises(ValueError):
         KernelConfig("gemm", block_m=8)
     with pytest.raises(ValueError):
-        KernelConfig("gemv", block_k=48)
+        KernelConfig("decode", block_k=48)
 
 
-def test_gemv_split_k_fills_an_h100():
-    from compressor.kernels.uniform import _split_k
-
-    assert _split_k(tiles=32, k=4096, block_k=64, target_programs=264) == 8  # 4096x4096, BLOCK_N 128
-    assert _split_k(tiles=224, k=4096, block_k=64, target_programs=264) == 1
-    assert _split_k(tiles=1, k=128, block_k=64, target_programs=264) == 2  # never more splits than K-tiles
+@pytest.mark.parametrize("n,k,bits", [(4096, 4096, 4), (1024, 4096, 4), (14336, 4096, 3), (4096, 14336, 2), (8192, 28672, 4)])
+def test_decode_heuristic_fills_an_h100_with_small_partials(n, k, bits):
+    """Without a table entry, decode at M = 1 puts at least two programs on each of the 132 SMs
+    (or as many as the split cap allows), and the serial split-K partials stay under half the
+    packed weight."""
+    config = gpu_config(1, n, k, 128, sms=132, bits=bits)
+    programs = -(-n // config.block_n) * config.split_k
+    k_tiles = -(-k // config.block_k)
+    assert programs >= 264 or config.split_k in (decode_split_cap(1, k, bits), k_tiles)
+    weight_bytes, partial_bytes = n * k * bits / 8, config.split_k * n * 4 * 2
+    assert partial_bytes <= weight_bytes / 2
+    assert config.split_k <= k_tiles  # never more splits than K-tiles
 
 
 SUBPROCESS_ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COMPRESSOR_KERNELS")}

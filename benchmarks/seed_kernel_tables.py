@@ -1,0 +1,90 @@
+"""Write the seed of the shipped Hopper kernel-config table, ``compressor/kernels/configs/hopper.json``.
+
+The seed is what can be said without a GPU at hand, each entry saying where it came from:
+
+* every key: the heuristic ``uniform.gpu_config`` for an H100-sized GPU (132 SMs): the
+  one-launch decode kernel up to M = 16 (BLOCK_N and the serial split-K sized so that about two
+  programs run per SM while the fp32 partials stay small), the fused gemm below M = 64, and
+  dequantize + cuBLAS from M = 64 (the H200 run of 2026-11-27 measured the fused tiles at
+  0.1-0.5x fp16 there, while one dequantize pass plus cuBLAS costs about fp16's time plus a
+  write of the fp16 weight);
+* 4-bit group-128 at M = 1 on the Llama-3-8B shapes: the tile width, warps and stages of gemlite's
+  published Hopper winners (mobiusml/gemlite ``gemlite/configs/h100.json``, ``GEMV_REVSPLITK``
+  keys ``(1, N, K, 128, 8)``), with our split-K rule (gemlite splits K into 16-32 element chunks
+  and adds atomically into a zeroed output, which we do not do);
+* 4-bit group-128, 4096 x 4096, M = 2..32: gemlite's ``GEMM_SPLITK`` winners (BLOCK 16/32 x 64 x 64,
+  4 warps, 1 stage), the split capped by our partials rule.
+
+Every entry is to be replaced by a measured one: ``python benchmarks/kernels.py --device-check``
+measures and tunes the rows that decide the targets and writes a table to merge here
+(``--tune-out``), and ``compressor tune CHECKPOINT`` tunes a checkpoint's own shapes.
+
+    python benchmarks/seed_kernel_tables.py     # rewrites compressor/kernels/configs/hopper.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# this folder holds kernels.py, which some library imports as "kernels" and which switches on the
+# Triton interpreter on a CPU: keep it off the import path (the seed describes GPU configs)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+from compressor.kernels.tables import CONFIG_DIR, table_key  # noqa: E402
+from compressor.kernels.uniform import KernelConfig, decode_block_m, decode_split_cap, gpu_config  # noqa: E402
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),  # Llama-3-8B
+          (8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]  # Llama-3-70B
+KINDS = [("uniform", b, 128) for b in (2, 3, 4, 5, 6, 8)] + [("uniform", 4, 64)] + [("lut", b, -1) for b in (3, 4)]
+BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+GEMLITE_GEMV = {  # (N, K): (BLOCK_SIZE_N, num_warps, num_stages), GEMV_REVSPLITK (1, N, K, 128, 8)
+    (4096, 4096): (128, 1, 1), (1024, 4096): (512, 4, 2), (14336, 4096): (256, 2, 2), (4096, 14336): (512, 4, 2),
+}
+GEMLITE_SPLITK = {  # M: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K), GEMM_SPLITK (M, 4096, 4096, 128, 8), 4 warps, 1 stage
+    2: (16, 64, 64, 16), 4: (16, 64, 64, 16), 8: (16, 64, 64, 16), 16: (16, 64, 64, 16), 32: (32, 64, 64, 8),
+}
+HEURISTIC = "heuristic gpu_config (132 SMs), unmeasured"
+
+
+def entry(kind, bits, group, n, k, m) -> dict:
+    config, source = gpu_config(m, n, k, group, 132, bits), HEURISTIC
+    if kind == "uniform" and bits == 4 and group == 128:
+        if m == 1 and (n, k) in GEMLITE_GEMV:
+            block_n, warps, stages = GEMLITE_GEMV[n, k]
+            tiles = -(-n // block_n)
+            split = max(1, min(decode_split_cap(1, k, bits), 1 << max(0, (264 // tiles).bit_length() - 1)))
+            config = KernelConfig("decode", 1, block_n, 64, split, num_warps=warps, num_stages=stages)
+            source = f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, {warps} warps; our split rule"
+        elif m in GEMLITE_SPLITK and (n, k) == (4096, 4096):
+            block_m, block_n, block_k, split = GEMLITE_SPLITK[m]
+            if m <= 16:
+                config = KernelConfig("decode", decode_block_m(m), block_n, block_k, min(split, decode_split_cap(m, k, bits)),
+                                      num_warps=4, num_stages=1)
+            else:
+                config = KernelConfig("gemm", block_m, block_n, block_k, split, num_warps=4, num_stages=1)
+            source = f"gemlite h100.json GEMM_SPLITK ({m}, 4096, 4096, 128, 8)" + (", split capped (serial reduction)" if m <= 16 else "")
+    return {**config.as_dict(), "source": source}
+
+
+def main() -> Path:
+    entries = {table_key(kind, bits, group, n, k, m): entry(kind, bits, group, n, k, m)
+               for kind, bits, group in KINDS for n, k in SHAPES for m in BUCKETS}
+    table = {
+        "family": "hopper",
+        "devices": ["H100", "H200", "H800", "H20", "GH200"],
+        "about": "Seed table: heuristic and gemlite-derived entries, none measured yet with these kernels "
+                 "(benchmarks/seed_kernel_tables.py says how each was chosen). Replace entries with measured ones "
+                 "from `benchmarks/kernels.py --device-check --tune-out` or `compressor tune`.",
+        "entries": dict(sorted(entries.items())),
+    }
+    path = CONFIG_DIR / "hopper.json"
+    path.write_text(json.dumps(table, indent=0) + "\n")
+    print(f"wrote {len(entries)} entries to {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

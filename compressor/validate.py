@@ -70,7 +70,7 @@ def _layer_batches(device: torch.device) -> tuple[int, ...]:
     from compressor.kernels.uniform import DEQUANT_MIN_M
 
     if device.type == "cuda":
-        return (1, 16, 128, DEQUANT_MIN_M + 7)  # gemv, split-K gemm, tiled gemm, dequantize + cuBLAS
+        return (1, 16, 40, DEQUANT_MIN_M + 7)  # decode (CUDA cores), decode (tl.dot), gemm, dequantize + cuBLAS
     return (1, 3, 17)
 
 

@@ -410,19 +410,18 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
     configs = [first]
     target = 2 * sm_count(device)
     block_k = _block_k_for(group_size, 64)
-    if first.schedule == "decode":
+    if first.schedule == "decode":  # most telling first: a truncated list still spans the space
         cap = decode_split_cap(m, k, bits)
-        for block_n in (64, 128, 256):
-            if first.block_m >= 16 and block_n > 128:
-                continue
-            split = _split_k(triton.cdiv(n, block_n), k, block_k, target, cap)
-            for split_k in sorted({max(1, split // 2), split, min(2 * split, cap)}):
-                for warps in (2, 4):
-                    configs.append(KernelConfig("decode", first.block_m, block_n, block_k, split_k, num_warps=warps))
-        configs = configs[:13]
-        if lut:
-            configs += [KernelConfig("decode", first.block_m, c.block_n, block_k, c.split_k, num_warps=4, lut="registers")
-                        for c in configs[:3]]
+        widths = (128, 256, 64) if first.block_m < 16 else (64, 128, 32)
+
+        def split_for(block_n):
+            return _split_k(triton.cdiv(n, block_n), k, block_k, target, cap)
+
+        shapes = [(bn, split_for(bn), 4) for bn in widths] + [(bn, split_for(bn), 2) for bn in widths]
+        shapes += [(bn, s, 4) for bn in widths[:2] for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))]
+        for block_n, split_k, warps in shapes:
+            for mode in (("global", "registers") if lut else ("global",)):
+                configs.append(KernelConfig("decode", first.block_m, block_n, block_k, split_k, num_warps=warps, lut=mode))
     else:
         block_m = min(64, max(16, triton.next_power_of_2(m))) if m < 128 else 128
         for block_n in (64, 128):

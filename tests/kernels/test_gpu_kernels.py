@@ -1,5 +1,5 @@
 """GPU-only: the kernels compiled for the device at Llama-size shapes, bf16 tensor cores, autotuning,
-CUDA-graph capture and validate's speed measurement. Skipped without CUDA."""
+CUDA-graph capture, the shipped table's configs and validate's speed measurement. Skipped without CUDA."""
 
 import pytest
 import torch
@@ -19,17 +19,19 @@ def test_every_width_at_llama_size_with_autotuning(bits, symmetric, monkeypatch)
     monkeypatch.setenv("COMPRESSOR_AUTOTUNE", "on" if bits in (3, 4) else "off")
     weights = Weights(bits)
     weight = weights.uniform(N, K, bits, 128, symmetric, scale_dtype=torch.bfloat16)
-    for m in (1, 16, 128, 2048):  # gemv, split-K gemm, tiled gemm, dequantize + cuBLAS
+    for m in (1, 16, 40, 2048):  # decode (CUDA cores), decode (tl.dot), gemm, dequantize + cuBLAS
         for dtype in (torch.float16, torch.bfloat16):
             x = weights.x(m, K, dtype)
             assert_matches(triton_linear(x, weight), exact_linear(x, weight), dtype, f"M={m}")
 
 
 def test_autotuning_keeps_one_config_per_shape_and_m_bucket(monkeypatch):
+    """Opt-in tuning covers the keys no table has (3072 x 4096 is in no shipped table)."""
     monkeypatch.setenv("COMPRESSOR_AUTOTUNE", "on")
+    monkeypatch.delenv("COMPRESSOR_KERNEL_CONFIGS", raising=False)
     dispatch.clear_cache()
     weights = Weights()
-    weight = weights.uniform(4096, 4096, 4, 128)
+    weight = weights.uniform(3072, 4096, 4, 128)
     for m in (1, 5, 6):  # 5 and 6 share the bucket 8
         triton_linear(weights.x(m, 4096, torch.float16), weight)
     assert len(tuned_configs()) == 2
@@ -71,3 +73,22 @@ def test_validate_measures_speed_on_gpu(tmp_path):
     assert result["ok"] and not result["correctness_only"]
     assert result["speed"]["quantized"]["decode_tok_s"] > 0 and result["speed"]["dense"]["prefill_tok_s"] > 0
     assert "decode" in format_validation_report(result)
+
+
+def test_every_shipped_table_entry_for_the_8b_shapes_runs_and_is_right():
+    """The shipped configs compile on this GPU and compute the reference (4-bit, 3-bit, LUT-4)."""
+    from compressor.kernels import tables
+    from compressor.kernels.uniform import KernelConfig
+
+    weights = Weights()
+    name = torch.cuda.get_device_name()
+    if tables.family_for(name) is None:
+        pytest.skip(f"no shipped table for {name}")
+    for n, k in ((4096, 4096), (1024, 4096)):
+        for kind, bits in (("uniform", 4), ("uniform", 3), ("lut", 4)):
+            weight = weights.uniform(n, k, bits, 128) if kind == "uniform" else weights.lut(n, k, bits)
+            for m in (1, 16, 64, 256):
+                entry = tables.lookup(name, tables.table_key(kind, bits, 128 if kind == "uniform" else -1, n, k, m))
+                x = weights.x(m, k, torch.float16)
+                y = triton_linear(x, weight, None, KernelConfig.from_dict(entry))
+                assert_matches(y, exact_linear(x, weight), torch.float16, f"{kind} {bits} {n}x{k} M={m}")

@@ -4,8 +4,8 @@ computes, and (on a GPU) how fast does the model run compared with the same mode
 Three checks, in order:
 
 1. every ``QuantizedLinear`` layer: the Triton kernel against the fp32 ground truth
-   (``kernels.exact_linear``) on random activations for every schedule (M = 1 gemv, small-M
-   split-K gemm, tiled gemm and, on a GPU, dequantize + cuBLAS); max absolute error and max error
+   (``kernels.exact_linear``) on random activations for every schedule (decode on CUDA cores and
+   on tensor cores, gemm and, on a GPU, dequantize + cuBLAS); max absolute error and max error
    relative to the largest output, against a per-dtype tolerance;
 2. perplexity on a little held-out text through both paths (Triton, torch reference): they must
    agree to ``PPL_TOLERANCE``;

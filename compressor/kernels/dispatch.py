@@ -227,6 +227,13 @@ def triton_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, con
         linear = lut_linear if isinstance(dense, PackedLUT) else uniform.uniform_linear
 
         def run(cfg):
+            if cfg.schedule == "tinygemm":
+                from compressor.kernels.tinygemm import tinygemm_linear
+
+                y = tinygemm_linear(x2d, dense, bias) if outliers is None else None
+                if y is not None:
+                    return y
+                cfg = uniform.default_config(x2d.shape[0], n, k, getattr(dense, "group_size", -1), x2d.device, dense.bits)
             return linear(x2d, dense, bias, cfg, outliers)
 
         y = run(config or choose_config(x2d, dense, outliers, run))

@@ -258,13 +258,14 @@ INTERPRETED = type(_decode_kernel).__name__ == "InterpretedFunction"  # TRITON_I
 # --------------------------------------------------------------------------------------------
 # configs
 
-SCHEDULES = ("decode", "gemm", "dequant")
+SCHEDULES = ("decode", "gemm", "dequant", "tinygemm")  # tinygemm: torch's int4 kernel (tinygemm.py), via the dispatcher
 LUT_MODES = ("global", "registers")
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters of one schedule (``decode``, ``gemm`` or ``dequant``).
+    """Launch parameters of one schedule (``decode``, ``gemm`` or ``dequant``; ``tinygemm`` is torch's
+    int4 kernel, which the dispatcher runs for 4-bit group weights where a table chose it).
 
     ``lut`` only matters for codebook weights: ``global`` gathers each weight's entry from the
     L1-resident table in global memory, ``registers`` keeps the program's [BLOCK_N, 2**bits]
@@ -404,7 +405,8 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
 
     decode: BLOCK_N 64/128/256 (gemlite's Hopper GEMV winners are 128-512 wide) x the split that
     fills the GPU, half and double of it, 2 or 4 warps; codebooks also try ``lut="registers"``.
-    M > 16: the fused tile (tiled and split-K, two tile sizes) against dequantize + cuBLAS.
+    M > 16: the fused tile (tiled and split-K, two tile sizes) against dequantize + cuBLAS. On a GPU,
+    4-bit weights with groups of 32..256 also try torch's int4 tinygemm (``tinygemm.py``).
     """
     first = default_config(m, n, k, group_size, device, bits)
     configs = [first]
@@ -430,6 +432,8 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
                 for warps, stages in ((4, 3), (8, 4)):
                     configs.append(KernelConfig("gemm", block_m, block_n, block_k, split_k, num_warps=warps, num_stages=stages))
         configs += [KernelConfig("dequant", block_n=bn, block_k=64, num_warps=w, num_stages=1) for bn, w in ((128, 4), (256, 8))]
+    if device.type == "cuda" and not lut and bits == 4 and group_size in (32, 64, 128, 256):
+        configs.insert(1, KernelConfig("tinygemm"))  # torch's int4 kernel competes where it serves the format
     seen, unique = set(), []
     for config in configs:
         if config not in seen:
@@ -482,6 +486,8 @@ def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group
     if k != shape[1]:
         raise ValueError(f"x has {k} features, the weight expects {shape[1]}")
     config = config or default_config(m, n, k, group_size, x.device, bits)
+    if config.schedule == "tinygemm":
+        raise ValueError("tinygemm is not a Triton schedule: compressor.kernels.triton_linear runs it")
     if m == 0:
         return x.new_empty(0, n)
     if config.schedule == "dequant":

@@ -258,6 +258,7 @@ INTERPRETED = type(_decode_kernel).__name__ == "InterpretedFunction"  # TRITON_I
 # --------------------------------------------------------------------------------------------
 # configs
 
+MAX_CANDIDATES = 16  # bounded tuning: a key is timed over at most this many configs
 SCHEDULES = ("decode", "gemm", "dequant", "tinygemm")  # tinygemm: torch's int4 kernel (tinygemm.py), via the dispatcher
 LUT_MODES = ("global", "registers")
 
@@ -401,7 +402,7 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
 
 def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device, bits: int = 4,
                       lut: bool = False) -> list[KernelConfig]:
-    """The pruned autotuning space (at most ~16 configs, so tuning a shape takes seconds, not minutes).
+    """The pruned autotuning space (at most MAX_CANDIDATES, so tuning a shape takes seconds, not minutes).
 
     decode: BLOCK_N 64/128/256 (gemlite's Hopper GEMV winners are 128-512 wide) x the split that
     fills the GPU, half and double of it, 2 or 4 warps; codebooks also try ``lut="registers"``.
@@ -439,7 +440,7 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
         if config not in seen:
             seen.add(config)
             unique.append(config)
-    return unique
+    return unique[:MAX_CANDIDATES]
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ code and relies on L1 to merge the repeats (8x the load instructions at 4 bits, 
 a multiple of 32. Codes become floats without the slow int->float conversion: ``u | 0x4B000000``
 read as fp32 is exactly ``2**23 + u`` (Marlin's exponent trick, kernels.md section 3f, in fp32), so
 one OR and one subtract replace the conversion (the subtract also removes the symmetric zero).
+In the decode kernel a uniform K-tile that lies inside one group (``SCALE_ROW``) is not dequantized
+per weight: ``acc += s * sum_k x (u - z)`` (and ``+ zs * sum_k x`` when asymmetric) applies the
+scale once per tile and column, one multiply per weight less.
 
 Activations are converted right after ``tl.load``: to fp32 on the CUDA-core paths, and to the
 ``tl.dot`` operand type on the tensor-core path (bf16 becomes fp32 under ``TRITON_INTERPRET=1``,
@@ -127,6 +130,29 @@ def dequant_affine(u, offs_k, offs_n, mask_k, mask_n, k0, scale_ptr, zs_ptr, tab
 
 
 @triton.jit
+def affine_values(u, BITS: tl.constexpr, ASYM: tl.constexpr):
+    """fp32 code values before the group scale: u - 2**(BITS-1) (symmetric) or u (asymmetric)."""
+    magic = (u | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + u, exactly
+    if ASYM:
+        return magic - TWO_23
+    return magic - (TWO_23 + (1 << (BITS - 1)))
+
+
+@triton.jit
+def scale_row(scale_ptr, zs_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, ASYM: tl.constexpr):
+    """fp32 scale (and zero shift) [BLOCK_N] of the group holding K-tile k0 (SCALE_ROW tiles only)."""
+    if GROUP > 0:
+        meta = (k0 // GROUP) * N + offs_n
+    else:
+        meta = offs_n
+    s = tl.load(scale_ptr + meta, mask=mask_n, other=0.0).to(tl.float32)
+    zs = s
+    if ASYM:
+        zs = tl.load(zs_ptr + meta, mask=mask_n, other=0.0)
+    return s, zs
+
+
+@triton.jit
 def _store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, mask, N, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -153,7 +179,7 @@ def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, 
                    M, N, K, rows_per_bit, stride_xm, stride_xk,
                    DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                    ASYM: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FACTOR: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """M <= BLOCK_M rows against one N-tile and every SPLIT_K-th K-tile (see the module doc)."""
     pid_n = tl.program_id(0)
@@ -170,11 +196,22 @@ def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, 
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_last")
         u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
-        w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
-        if BLOCK_M >= 16:  # tensor cores
-            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        else:  # CUDA cores: the weight tile is used BLOCK_M times from registers
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+        if FACTOR:  # uniform, tile inside one group: y += s * sum_k x (u - z), the scale once per tile
+            v = affine_values(u, BITS, ASYM)
+            if BLOCK_M >= 16:
+                part = tl.dot(x.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            else:
+                part = tl.sum(x.to(tl.float32)[:, :, None] * v[None, :, :], axis=1)
+            s, zs = scale_row(meta_ptr, zs_ptr, k0, offs_n, mask_n, N, GROUP, ASYM)
+            acc += part * s[None, :]
+            if ASYM:  # zs = -z * s: + zs * sum_k x
+                acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * zs[None, :]
+        else:
+            w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
+            if BLOCK_M >= 16:  # tensor cores
+                acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            else:  # CUDA cores: the weight tile is used BLOCK_M times from registers
+                acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
     mask = mask_m[:, None] & mask_n[None, :]
     if EPILOGUE == 0:  # STORE
         _store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, mask, N, HAS_BIAS)
@@ -521,6 +558,7 @@ def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group
         _decode_kernel[grid](x, packed_codes, meta, zs_arg, bias if bias is not None else out, out, part, counts,
                              m, n, k, rows_per_bit, x.stride(0), x.stride(1),
                              HAS_BIAS=bias is not None, EPILOGUE=epilogue, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                             FACTOR=dequant is dequant_affine and common["SCALE_ROW"],
                              BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k,
                              **common)
         if epilogue != ATOMIC:

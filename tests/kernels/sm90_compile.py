@@ -61,7 +61,7 @@ def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atom
         constexprs.update(BLOCK_N=block_n, BLOCK_K=block_k, OUT_KN=True)
     elif schedule == "decode":
         kernel = uniform._decode_kernel
-        constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot,
+        constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot, FACTOR=not lut and constexprs["SCALE_ROW"],
                           INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     else:
@@ -75,6 +75,8 @@ VARIANTS = {
     "decode M1 uniform 3b asym fp16 serial split-K": matmul_variant("decode", "fp16", 3, asym=True, block=(1, 128, 64), split_k=8,
                                                                    epilogue=1),
     "decode M1 uniform 4b bf16 group 32 store": matmul_variant("decode", "bf16", 4, group=32, block=(1, 256, 32)),
+    "decode M1 uniform 5b fp16 group 48 (per-weight scales)": matmul_variant("decode", "fp16", 5, group=48, block=(1, 128, 64),
+                                                                             split_k=4, epilogue=1),
     "decode M4 uniform 4b fp16 CUDA cores": matmul_variant("decode", "fp16", 4, block=(4, 128, 32), split_k=4, epilogue=1),
     "decode M16 uniform 4b fp16 tl.dot": matmul_variant("decode", "fp16", 4, block=(16, 64, 64), split_k=4, epilogue=1),
     "decode M1 lut 4b fp16 global, outliers": matmul_variant("decode", "fp16", 4, lut=True, block=(1, 128, 64), split_k=4,

@@ -34,7 +34,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 
 from compressor.kernels.tables import CONFIG_DIR, table_key  # noqa: E402
-from compressor.kernels.uniform import KernelConfig, decode_block_m, decode_split_cap, gpu_config  # noqa: E402
+from compressor.kernels.uniform import (  # noqa: E402
+    KernelConfig,
+    decode_block_k,
+    decode_block_m,
+    decode_split_cap,
+    gpu_config,
+    split_k_for,
+)
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),  # Llama-3-8B
           (8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]  # Llama-3-70B
@@ -54,14 +61,20 @@ def entry(kind, bits, group, n, k, m) -> dict:
     if kind == "uniform" and bits == 4 and group == 128:
         if m == 1 and (n, k) in GEMLITE_GEMV:
             block_n, warps, stages = GEMLITE_GEMV[n, k]
-            tiles = -(-n // block_n)
-            split = max(1, min(decode_split_cap(1, k, bits), 1 << max(0, (264 // tiles).bit_length() - 1)))
-            config = KernelConfig("decode", 1, block_n, 64, split, num_warps=warps, num_stages=stages)
-            source = f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, {warps} warps; our split rule"
+            cap = decode_split_cap(1, k, bits)
+            while block_n > 32 and -(-n // block_n) * cap < 2 * 132:  # gemlite fills the GPU with a far deeper split
+                block_n //= 2
+            block_k = decode_block_k(1, block_n, warps, group, bits)  # 16 at gemlite's widths: its 2 x BLOCK_SIZE_K 8
+            split = split_k_for(-(-n // block_n), k, block_k, 2 * 132, cap)
+            config = KernelConfig("decode", 1, block_n, block_k, split, num_warps=warps, num_stages=stages)
+            source = (f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, {warps} warps, "
+                      f"{stages} stages; our split rule")
         elif m in GEMLITE_SPLITK and (n, k) == (4096, 4096):
             block_m, block_n, block_k, split = GEMLITE_SPLITK[m]
             if m <= 16:
-                config = KernelConfig("decode", decode_block_m(m), block_n, block_k, min(split, decode_split_cap(m, k, bits)),
+                block_m = decode_block_m(m)
+                block_k = decode_block_k(block_m, block_n, 4, group, bits)  # CUDA-core rows: keep the register budget
+                config = KernelConfig("decode", block_m, block_n, block_k, min(split, decode_split_cap(m, k, bits)),
                                       num_warps=4, num_stages=1)
             else:
                 config = KernelConfig("gemm", block_m, block_n, block_k, split, num_warps=4, num_stages=1)

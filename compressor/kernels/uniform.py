@@ -326,8 +326,8 @@ class KernelConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two")
-        if self.block_k < 32:
-            raise ValueError("block_k must be >= 32: a K-tile holds whole packed words of every plane")
+        if self.block_k < 16:
+            raise ValueError("block_k must be >= 16 (and a multiple of min_block_k(bits) for the weight it runs)")
         if self.schedule == "gemm" and min(self.block_m, self.block_n) < 16:
             raise ValueError("tl.dot needs block_m, block_n >= 16")
         if self.schedule == "decode" and self.block_m >= 16 and self.block_n < 16:
@@ -357,17 +357,38 @@ def _pow2_floor(value: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(value, 1)))))
 
 
+def min_block_k(bits: int) -> int:
+    """Smallest K-tile holding whole packed words of every plane: 32 codes when there is a 1-bit
+    plane (odd widths), 16 for 2/6-bit, 8 for 4-bit, 4 for 8-bit."""
+    return 32 // (bits & -bits)
+
+
+REGISTER_BUDGET = 64  # fp32 weight values per thread in a decode tile (BLOCK_M x BLOCK_K x BLOCK_N / threads)
+
+
+def decode_block_k(block_m: int, block_n: int, num_warps: int, group_size: int, bits: int) -> int:
+    """The deepest K-tile (<= 64, dividing the group when possible) whose CUDA-core product keeps
+    about REGISTER_BUDGET values per thread (gemlite's Hopper GEMV winners load 16 K-elements of
+    256-512 columns per program for the same reason), never below ``min_block_k(bits)``."""
+    rows = block_m if block_m < 16 else 1  # the tl.dot path keeps one weight tile
+    limit = REGISTER_BUDGET * 32 * num_warps // (rows * block_n)  # K-elements per tile within the budget
+    depth = 16
+    while depth * 2 <= min(limit, 64):
+        depth *= 2
+    return max(min_block_k(bits), min(_block_k_for(group_size, 64), depth))
+
+
 def _block_k_for(group_size: int, preferred: int) -> int:
-    """``preferred``, shrunk to a power of two >= 32 dividing the group so scales load as one row."""
+    """``preferred``, shrunk to a power of two >= 16 dividing the group so scales load as one row."""
     if group_size == -1:
         return preferred
     block = preferred
-    while block > 32 and group_size % block:
+    while block > 16 and group_size % block:
         block //= 2
     return block
 
 
-def _split_k(tiles: int, k: int, block_k: int, target_programs: int, cap: int = 1 << 30) -> int:
+def split_k_for(tiles: int, k: int, block_k: int, target_programs: int, cap: int = 1 << 30) -> int:
     """The fewest power-of-two K-splits with tiles * split >= target_programs, but at most ``cap``
     and the number of K-tiles."""
     k_tiles = triton.cdiv(k, block_k)
@@ -376,10 +397,10 @@ def _split_k(tiles: int, k: int, block_k: int, target_programs: int, cap: int = 
 
 
 def decode_split_cap(m: int, k: int, bits: int) -> int:
-    """Most K-splits worth having at decode (at most 16): the fp32 partials, written and read back
+    """Most K-splits worth having at decode (at most 64): the fp32 partials, written and read back
     (8 bytes per split, row and column; they stay in L2), under half the packed weight (K * bits / 8
     bytes per column)."""
-    return max(1, min(16, (k * bits) // (128 * max(m, 1))))
+    return max(1, min(64, (k * bits) // (128 * max(m, 1))))
 
 
 def decode_block_m(m: int) -> int:
@@ -422,18 +443,18 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
     target = 2 * sms
     if schedule == "decode":
         block_m = decode_block_m(m)
-        block_k = _block_k_for(group_size, 64)
         cap = decode_split_cap(m, k, bits)
         block_n = 128 if block_m <= 4 else 64
         while block_n > 32 and triton.cdiv(n, block_n) * cap < target:
             block_n //= 2
-        split = _split_k(triton.cdiv(n, block_n), k, block_k, target, cap)
+        block_k = decode_block_k(block_m, block_n, 4, group_size, bits)
+        split = split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
         return KernelConfig("decode", block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=2)
     if schedule == "dequant":
         return KernelConfig("dequant", block_n=128, block_k=64, num_warps=4, num_stages=1)
     block_m = min(64, max(16, triton.next_power_of_2(m)))
-    block_n, block_k = 64, _block_k_for(group_size, 64)
-    split = _split_k(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k, block_k, target)
+    block_n, block_k = 64, max(min_block_k(bits), _block_k_for(group_size, 64))
+    split = split_k_for(triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k, block_k, target)
     return KernelConfig("gemm", block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3)
 
 
@@ -449,24 +470,25 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
     first = default_config(m, n, k, group_size, device, bits)
     configs = [first]
     target = 2 * sm_count(device)
-    block_k = _block_k_for(group_size, 64)
+    block_k = max(min_block_k(bits), _block_k_for(group_size, 64))
     if first.schedule == "decode":  # most telling first: a truncated list still spans the space
         cap = decode_split_cap(m, k, bits)
         widths = (128, 256, 64) if first.block_m < 16 else (64, 128, 32)
 
         def split_for(block_n):
-            return _split_k(triton.cdiv(n, block_n), k, block_k, target, cap)
+            return split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
 
         shapes = [(bn, split_for(bn), 4) for bn in widths] + [(bn, split_for(bn), 2) for bn in widths]
         shapes += [(bn, s, 4) for bn in widths[:2] for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))]
         for block_n, split_k, warps in shapes:
+            depth = decode_block_k(first.block_m, block_n, warps, group_size, bits)
             for mode in (("global", "registers") if lut else ("global",)):
-                configs.append(KernelConfig("decode", first.block_m, block_n, block_k, split_k, num_warps=warps, lut=mode))
+                configs.append(KernelConfig("decode", first.block_m, block_n, depth, split_k, num_warps=warps, lut=mode))
     else:
         block_m = min(64, max(16, triton.next_power_of_2(m))) if m < 128 else 128
         for block_n in (64, 128):
             tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-            for split_k in sorted({1, _split_k(tiles, k, block_k, target)}):
+            for split_k in sorted({1, split_k_for(tiles, k, block_k, target)}):
                 for warps, stages in ((4, 3), (8, 4)):
                     configs.append(KernelConfig("gemm", block_m, block_n, block_k, split_k, num_warps=warps, num_stages=stages))
         configs += [KernelConfig("dequant", block_n=bn, block_k=64, num_warps=w, num_stages=1) for bn, w in ((128, 4), (256, 8))]
@@ -526,6 +548,8 @@ def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group
     config = config or default_config(m, n, k, group_size, x.device, bits)
     if config.schedule == "tinygemm":
         raise ValueError("tinygemm is not a Triton schedule: compressor.kernels.triton_linear runs it")
+    if config.block_k % min_block_k(bits):
+        raise ValueError(f"block_k={config.block_k} splits a packed word of a {bits}-bit code (min_block_k = {min_block_k(bits)})")
     if m == 0:
         return x.new_empty(0, n)
     if config.schedule == "dequant":
@@ -591,6 +615,8 @@ def dequantize_weight(packed_codes, rows_per_bit, shape, bits, meta, zs, group_s
     transpose [K, N] stored contiguously when ``kn`` (what the matmul path multiplies by)."""
     n, k = shape
     config = config if config is not None and config.schedule == "dequant" else KernelConfig("dequant", block_n=64, block_k=64)
+    if config.block_k % min_block_k(bits):
+        raise ValueError(f"block_k={config.block_k} splits a packed word of a {bits}-bit code (min_block_k = {min_block_k(bits)})")
     weight = torch.empty((k, n) if kn else (n, k), dtype=dtype, device=packed_codes.device)
     grid = (triton.cdiv(k, config.block_k), triton.cdiv(n, config.block_n))
     _dequant_kernel[grid](packed_codes, meta, zs if zs is not None else meta, weight, n, k, rows_per_bit,

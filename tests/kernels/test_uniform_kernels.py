@@ -161,8 +161,18 @@ def test_decode_takes_all_rows_in_one_program(weights):
         uniform_linear(weights.x(5, K, torch.float16), packed, None, KernelConfig("decode", block_m=4, block_k=32))
 
 
-def test_configs_reject_tiles_that_split_a_packed_word():
+def test_configs_reject_tiles_that_split_a_packed_word(weights):
+    """A K-tile holds whole words of every plane: 8 codes suffice for 4-bit, 32 for odd widths."""
+    from compressor.kernels.uniform import min_block_k
+
+    assert [min_block_k(b) for b in range(1, 9)] == [32, 16, 32, 8, 32, 16, 32, 4]
+    x = weights.x(1, K, torch.float32)
+    four, three = (weights.uniform(N, K, b, 64) for b in (4, 3))
+    config = KernelConfig("decode", block_m=1, block_n=32, block_k=16, split_k=2)
+    assert_matches(uniform_linear(x, pack_uniform(four), None, config), exact_linear(x, four), torch.float32, "4-bit, 16-deep")
+    with pytest.raises(ValueError, match="splits a packed word"):
+        uniform_linear(x, pack_uniform(three), None, config)
     with pytest.raises(ValueError, match="block_k"):
-        KernelConfig("decode", block_m=1, block_k=16)
+        KernelConfig("decode", block_m=1, block_k=8)
     with pytest.raises(ValueError, match="lut"):
         KernelConfig("decode", block_m=1, lut="shared")

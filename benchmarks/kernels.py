@@ -213,7 +213,7 @@ def should_tune(args, kind: str, bits: int, m: int) -> bool:
 
 def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
     from compressor.kernels import dispatch, tables, tune
-    from compressor.kernels.uniform import KernelConfig, candidate_configs, default_config
+    from compressor.kernels.uniform import candidate_configs, default_config
 
     start = time.monotonic()
     on_gpu = torch.cuda.is_available()
@@ -317,8 +317,7 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                     for other in ("gemm", "dequant"):
                         if config.schedule == other:
                             continue
-                        forced = KernelConfig.from_dict({**default_config(m, n, k, group, device, bits).as_dict(),
-                                                         "schedule": other, "block_m": 64 if other == "gemm" else 16})
+                        forced = next(c for c in candidate_configs(m, n, k, group, device, bits) if c.schedule == other)
                         add(f"ours {kind} ({other})", bits, lambda weight=weight, forced=forced: triton_linear(x, weight, None, forced),
                             dense_part.nbytes(), None, "forced schedule", forced)
             four_bit = next((w for kind, b, w in weights if kind == "uniform" and b == 4), None)

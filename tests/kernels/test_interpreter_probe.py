@@ -130,3 +130,71 @@ def test_atomic_add_applies_every_lane_with_duplicate_addresses():
     out = torch.zeros(3, 4, device=DEVICE)
     _atomic_rows[(3,)](out, rows, vals, 7, 2, BLOCK=8)  # entry 7 masked off; program 2 is past M
     assert out.tolist() == [[7.0, 7.0, 9.0, 5.0]] * 2 + [[0.0] * 4]
+
+
+@triton.jit
+def _expand_words(words_ptr, out_ptr, N: tl.constexpr, ROWS: tl.constexpr, PER_WORD: tl.constexpr, WIDTH: tl.constexpr):
+    offs_n = tl.arange(0, N)
+    words = tl.load(words_ptr + tl.arange(0, ROWS)[:, None] * N + offs_n[None, :])
+    codes = (words[:, None, :] >> (tl.arange(0, PER_WORD) * WIDTH)[None, :, None]) & ((1 << WIDTH) - 1)
+    codes = tl.reshape(codes, (ROWS * PER_WORD, N))  # row-major: row r, slot j -> code r * PER_WORD + j
+    values = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    tl.store(out_ptr + tl.arange(0, ROWS * PER_WORD)[:, None] * N + offs_n[None, :], values)
+
+
+def test_compact_words_expand_in_registers_and_the_exponent_trick_is_exact():
+    """The compact code loads: a [ROWS, PER_WORD, N] broadcast shift reshaped row-major, and
+    ``u | 0x4B000000`` read as fp32 equal to 2**23 + u."""
+    n, rows, per_word, width = 16, 2, 8, 4
+    codes = torch.randint(0, 16, (rows * per_word, n), generator=torch.Generator().manual_seed(0))
+    words = torch.zeros(rows, n, dtype=torch.int64)
+    for j in range(per_word):
+        words |= codes[j::per_word] << (j * width)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(DEVICE)
+    out = torch.empty(rows * per_word, n, device=DEVICE)
+    _expand_words[(1,)](words, out, N=n, ROWS=rows, PER_WORD=per_word, WIDTH=width)
+    assert torch.equal(out.cpu(), codes.float())
+
+
+@triton.jit
+def _arrive(part_ptr, count_ptr, total_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(part_ptr + tl.program_id(0) * N + offs, offs.to(tl.float32) + tl.program_id(0), cache_modifier=".cg")
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + offs, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    last = arrived == tl.num_programs(0) - 1
+    total = tl.zeros((N,), dtype=tl.float32)
+    for split in range(tl.num_programs(0)):
+        total += tl.load(part_ptr + split * N + offs, mask=last, other=0.0, cache_modifier=".cg")
+    tl.store(total_ptr + offs, total, mask=last)
+    tl.store(count_ptr + offs, tl.zeros((N,), dtype=tl.int32), mask=last)
+
+
+def test_atomic_add_returns_the_old_value_so_the_last_arrival_reduces():
+    """The serial split-K: atomics return what was there before, .cg loads/stores and barriers are accepted."""
+    n, programs = 16, 5
+    part = torch.empty(programs, n, device=DEVICE)
+    counts = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    total = torch.full((n,), -1.0, device=DEVICE)
+    _arrive[(programs,)](part, counts, total, N=n)
+    assert torch.equal(total.cpu(), programs * torch.arange(n).float() + sum(range(programs)))
+    assert int(counts.abs().sum()) == 0
+
+
+@triton.jit
+def _gather_rows(table_ptr, index_ptr, out_ptr, N: tl.constexpr, E: tl.constexpr, K: tl.constexpr):
+    offs_n = tl.arange(0, N)
+    table = tl.load(table_ptr + offs_n[:, None] * E + tl.arange(0, E)[None, :])
+    index = tl.load(index_ptr + tl.arange(0, K)[:, None] * N + offs_n[None, :])  # [K, N]
+    tl.store(out_ptr + tl.arange(0, K)[:, None] * N + offs_n[None, :], tl.trans(tl.gather(table, tl.trans(index), 1)))
+
+
+def test_gather_from_a_register_table():
+    n, entries, k = 16, 16, 32
+    generator = torch.Generator().manual_seed(1)
+    table = torch.randn(n, entries, generator=generator)
+    index = torch.randint(0, entries, (k, n), generator=generator, dtype=torch.int32)
+    out = torch.empty(k, n, device=DEVICE)
+    _gather_rows[(1,)](table.to(DEVICE), index.to(DEVICE), out, N=n, E=entries, K=k)
+    assert torch.equal(out.cpu(), table.gather(1, index.t().long()).t())

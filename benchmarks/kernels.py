@@ -28,8 +28,15 @@ kernels are correct, and its timings mean nothing.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import torch
+# Run from a checkout: its own compressor first, and this folder off the path (libraries probe for
+# an importable "kernels" package, and this file would be it).
+HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (HERE, ROOT)]
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,9 +48,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import triton  # noqa: E402
 

@@ -16,7 +16,8 @@ kernels in ``lut.py`` are these same schedules with a codebook lookup plugged in
   ``part[split, m, n]`` (``torch.empty``: nothing to zero), then increments a per-column arrival
   counter; the program that arrives last for a column sums the SPLIT_K partials, adds the bias,
   writes x's dtype and resets the counter to 0 for the next launch (CUTLASS's "serial split-K"
-  semaphore, per column). No zero-fill kernel, no cast kernel. The counters are one int32 per
+  semaphore, per column). No zero-fill kernel, no cast kernel. SPLIT_K is a runtime argument (one
+  compiled kernel serves every split; only "split or not" is compile-time). The counters are one int32 per
   output column, zeroed once per (device, stream) and left at zero by every launch.
 * ``gemm`` (M > 16, or any M with sparse outliers): ``tl.dot`` on the dequantized tile,
   grouped-M tile order, optional split-K with atomic adds into an fp32 workspace.
@@ -176,11 +177,11 @@ STORE, SERIAL, ATOMIC = 0, 1, 2  # decode epilogues (the kernel spells them as l
 
 @triton.jit
 def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
-                   M, N, K, rows_per_bit, stride_xm, stride_xk,
+                   M, N, K, rows_per_bit, stride_xm, stride_xk, SPLIT_K,
                    DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
                    ASYM: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FACTOR: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """M <= BLOCK_M rows against one N-tile and every SPLIT_K-th K-tile (see the module doc)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -234,12 +235,11 @@ def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, 
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr,
-                 M, N, K, rows_per_bit, stride_xm, stride_xk,
+                 M, N, K, rows_per_bit, stride_xm, stride_xk, SPLIT_K,
                  DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
                  SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # grouped ordering (Triton matmul tutorial): GROUP_M row tiles in a row reuse weight tiles from L2
@@ -580,11 +580,10 @@ def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group
         counts = arrival_counters(x.device, n) if epilogue == SERIAL else out
         grid = (triton.cdiv(n, config.block_n), config.split_k)
         _decode_kernel[grid](x, packed_codes, meta, zs_arg, bias if bias is not None else out, out, part, counts,
-                             m, n, k, rows_per_bit, x.stride(0), x.stride(1),
+                             m, n, k, rows_per_bit, x.stride(0), x.stride(1), config.split_k,
                              HAS_BIAS=bias is not None, EPILOGUE=epilogue, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                              FACTOR=dequant is dequant_affine and common["SCALE_ROW"],
-                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k,
-                             **common)
+                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, **common)
         if epilogue != ATOMIC:
             return out
     else:
@@ -595,10 +594,10 @@ def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group
             out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
         _gemm_kernel[grid](x, packed_codes, meta, zs_arg, bias if bias is not None else out, out,
-                           m, n, k, rows_per_bit, x.stride(0), x.stride(1),
+                           m, n, k, rows_per_bit, x.stride(0), x.stride(1), config.split_k,
                            HAS_BIAS=bias is not None, ATOMIC=atomic, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-                           SPLIT_K=config.split_k, GROUP_M=config.group_m, **common)
+                           GROUP_M=config.group_m, **common)
         if not atomic:
             return out
     if outliers is not None:

@@ -63,10 +63,10 @@ def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atom
         kernel = uniform._decode_kernel
         constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot, FACTOR=not lut and constexprs["SCALE_ROW"],
                           INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     else:
         kernel = uniform._gemm_kernel
-        constexprs.update(HAS_BIAS=not atomic, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        constexprs.update(HAS_BIAS=not atomic, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_K=block_k,
                           DOT_DTYPE=dot, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, GROUP_M=8)
     return kernel, types_, constexprs, num_warps, num_stages
 

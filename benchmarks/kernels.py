@@ -218,7 +218,7 @@ def should_tune(args, kind: str, bits: int, m: int) -> bool:
 
 def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
     from compressor.kernels import dispatch, tables, tune
-    from compressor.kernels.uniform import candidate_configs, default_config
+    from compressor.kernels.uniform import candidate_configs, default_config, dequant_affine, dequantize_weight
 
     start = time.monotonic()
     on_gpu = torch.cuda.is_available()
@@ -260,7 +260,7 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
             small = m <= 16
             here = []
 
-            def add(kernel, bits, fn, weight_bytes, error=None, note="", config=None):
+            def add(kernel, bits, fn, weight_bytes, error=None, note="", config=None, moved=None):
                 check_time()
                 row = {"shape": shape_name, "N": n, "K": k, "M": m, "kernel": kernel, "bits": bits, "note": note}
                 if config is not None:
@@ -272,7 +272,7 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                     here.append(row)
                     recorder.add(row)
                     return
-                moved = bytes_moved(weight_bytes, m, n, k)
+                moved = moved or bytes_moved(weight_bytes, m, n, k)
                 row.update(bytes=moved, max_rel_err=error)
                 if peak:
                     row.update(gbps=moved / (row["us"] * 1e-6) / 1e9, pct_peak=100 * moved / (row["us"] * 1e-6) / peak,
@@ -325,6 +325,12 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                         forced = next(c for c in candidate_configs(m, n, k, group, device, bits) if c.schedule == other)
                         add(f"ours {kind} ({other})", bits, lambda weight=weight, forced=forced: triton_linear(x, weight, None, forced),
                             dense_part.nbytes(), None, "forced schedule", forced)
+                    if m == next(v for v in args.m if v > 16):  # the dequantize pass alone: read packed, write fp16
+                        dequant = next(c for c in candidate_configs(m, n, k, group, device, bits) if c.schedule == "dequant")
+                        add("ours dequantize kernel", bits, lambda dense_part=dense_part, dequant=dequant: dequantize_weight(
+                            dense_part.packed, dense_part.rows_per_bit, dense_part.shape, bits, dense_part.scales, dense_part.zs,
+                            group, dequant_affine, torch.float16, dequant, kn=True),
+                            dense_part.nbytes(), None, "W [K, N] fp16 only, no matmul", dequant, moved=dense_part.nbytes() + n * k * 2)
             four_bit = next((w for kind, b, w in weights if kind == "uniform" and b == 4), None)
             if four_bit is not None and args.group in (32, 64, 128, 256):
                 baselines = [("tinygemm int4 (aten)", tinygemm_fn)]

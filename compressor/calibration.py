@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from compressor.errors import UserError
+
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     pass
 
 

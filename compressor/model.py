@@ -23,11 +23,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.arch import ArchAdapter, adapter_for
+from compressor.errors import UserError
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     pass
 
 

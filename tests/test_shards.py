@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from compressor.export.shards import ShardWriter, parse_size
+from compressor.export.shards import ShardWriter
+from compressor.recipe import parse_size
 
 
 def test_streamed_shards_read_back_exactly(tmp_path):

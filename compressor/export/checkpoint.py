@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.errors import UserError
 from compressor.export import compressed_tensors as ct
 from compressor.export import native
-from compressor.export.shards import ShardWriter, parse_size
+from compressor.export.shards import ShardWriter
+from compressor.recipe import parse_size
 from compressor.quant.linear import QuantizedLinear
 
 FORMAT_VERSION = "compressor-export-v1"
@@ -32,7 +34,7 @@ COPIED_FILES = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     pass
 
 

@@ -19,11 +19,25 @@ USER_ERRORS = (UserError, FileNotFoundError, MemoryError)
 
 
 def fail(error: Exception) -> None:
-    """One line on stderr and exit status 2; ``COMPRESSOR_DEBUG=1`` shows the traceback instead."""
+    """One line on stderr: a user's mistake exits with status 2; anything else is a bug in compressor,
+    said as such with where it happened (status 1). ``COMPRESSOR_DEBUG=1`` shows the traceback instead."""
     if os.environ.get("COMPRESSOR_DEBUG"):
         raise error
-    click.echo(f"error: {error}", err=True)
-    sys.exit(2)
+    if isinstance(error, USER_ERRORS):
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    where = "".join(f"{note.removeprefix('in ')}: " for note in getattr(error, "__notes__", []))
+    message = " ".join(str(error).split())
+    click.echo(f"error: {where}{type(error).__name__}: {message} (an internal error of compressor: "
+               "COMPRESSOR_DEBUG=1 shows the traceback)", err=True)
+    sys.exit(1)
+
+
+def quiet_transformers() -> None:
+    """transformers' own "Loading weights" bars: our progress lines say what runs."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def exit_on_sigterm() -> None:
@@ -57,9 +71,10 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
         from compressor.recipe import Recipe
 
         exit_on_sigterm()
+        quiet_transformers()
         parsed = Recipe.from_yaml(recipe)
         report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, offload={"auto": None, "yes": True, "no": False}[offload], trust_remote_code=trust_remote_code, progress=not quiet)
-    except USER_ERRORS as error:
+    except Exception as error:
         fail(error)
     click.echo(report.table())
     click.echo(f"wrote {output}")
@@ -81,13 +96,14 @@ def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, 
         from compressor.api import resolve_device
         from compressor.eval import evaluate_paths, load_causal_lm, run_lm_eval
 
+        quiet_transformers()
         result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device), progress=not quiet)
         numbers = result.to_dict()
         click.echo(result.format(model, base))
         if tasks:
             numbers["tasks"] = run_lm_eval(*load_causal_lm(model, device=resolve_device(device)), tasks.split(","))
             click.echo(json.dumps(numbers["tasks"], indent=2))
-    except USER_ERRORS as error:
+    except Exception as error:
         fail(error)
     if json_path:
         json_path.write_text(json.dumps(numbers, indent=2))
@@ -116,7 +132,7 @@ def validate(checkpoint, device, text, max_layers, no_speed):
         from compressor.validate import format_validation_report, validate_checkpoint
 
         result = validate_checkpoint(checkpoint, device=resolve_device(device), text=text, max_layers=max_layers, speed=False if no_speed else None)
-    except USER_ERRORS + (RuntimeError,) as error:
+    except Exception as error:
         fail(error)
     click.echo(format_validation_report(result))
     if not result.get("ok", True):

@@ -12,6 +12,7 @@ import ctypes
 import functools
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +71,21 @@ def safetensors_index(path: Path) -> dict[str, Path]:
         raise ModelLoadError(f"{path}: no .safetensors files (only safetensors checkpoints are supported)")
     index = {}
     for file in files:
-        with safe_open(file, "pt") as f:
+        with open_safetensors(file) as f:
             index.update({name: file for name in f.keys()})
     return index
+
+
+@contextmanager
+def open_safetensors(file: Path):
+    """``safe_open``, with a damaged file (truncated, not safetensors) reported in one line."""
+    try:
+        handle = safe_open(file, "pt")
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+        reason = " ".join(str(error).split())
+        raise ModelLoadError(f"{file}: not a readable safetensors file ({type(error).__name__}: {reason}); is the download complete?") from None
+    with handle as f:
+        yield f
 
 
 @dataclass
@@ -140,7 +153,7 @@ class ModelHandle:
             by_file.setdefault(self.tensor_files[self.checkpoint_name(name)], []).append(name)
         tensors = {}
         for file, file_names in by_file.items():
-            with safe_open(file, "pt") as f:
+            with open_safetensors(file) as f:
                 tensors.update({name: f.get_tensor(self.checkpoint_name(name)) for name in file_names})
         return tensors
 

@@ -189,6 +189,11 @@ class Step(Config):
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0]
 
+    def check_model(self, linears: dict) -> None:
+        """Refuse a model this step cannot work on, before any work: ``linears`` maps the full name of
+        every block linear the step would see (its ``ignore`` applied) to the module, weights on the
+        meta device. Raise ``ValueError("key: why")``."""
+
 
 STEPS: dict[str, type[Step]] = {}
 
@@ -227,6 +232,20 @@ class CalibrationConfig(Config):
     seed: int = param(0, "seed for choosing the sequences")
     split: str = param("train", "dataset split (datasets names only)")
     text_column: str = param("text", "column holding the text (jsonl, parquet and datasets names)")
+
+    def check(self) -> None:
+        # A local path that does not exist is a mistake whether or not a step needs the data; checked
+        # here so it is not taken for a hub dataset name (minutes of network retries offline).
+        if looks_local(self.dataset) and not Path(self.dataset).exists():
+            raise ValueError(f"dataset: {self.dataset}: no such file or folder")
+
+
+DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def looks_local(dataset: str) -> bool:
+    """A calibration source that is a path, not a hub dataset name: a data file's suffix, or a path's start."""
+    return Path(dataset).suffix in DATA_FILE_SUFFIXES or dataset.startswith((".", "/", "~"))
 
 
 @dataclass

@@ -461,7 +461,7 @@ def test_accumulators_that_do_not_fit_fail_before_the_fisher_with_the_passes_to_
                                "steps": [{"squeezellm": {"bits": 3, "iterations": 2}}]})
     one_block = 4 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 384 * 128)  # fp32 accumulators of q, o, k, v, gate, up, down
     monkeypatch.setattr(compressor.report, "free_memory", lambda device: int(1.5 * one_block))
-    with pytest.raises(ValueError, match=r"squeezellm: fisher_passes: .* set fisher_passes: 2"):
+    with pytest.raises(ValueError, match=r"<recipe>: steps\[0\]\.squeezellm\.fisher_passes: one Fisher pass needs .* set fisher_passes: 2"):
         apply(recipe, tiny_llama, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(compressor.report, "free_memory", lambda device: one_block // 2)

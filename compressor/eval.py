@@ -80,6 +80,34 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu"):
     return loaded, AutoTokenizer.from_pretrained(path)
 
 
+class StreamedModel:
+    """An uncompressed model run block by block (``BlockwiseModel``), as model steps run it: in its
+    checkpoint dtype on a GPU, its blocks kept in CPU memory and moved to the GPU one at a time when
+    the weights would take more than 80 % of the free device memory; fp32 on the CPU. ``compressor
+    eval`` reads the base model this way, so an 8B base costs 16 GB of GPU memory at most, not 32."""
+
+    def __init__(self, model: str, device):
+        from compressor.blockwise import BlockwiseModel
+        from compressor.model import ModelHandle
+
+        device = torch.device(device)
+        handle = ModelHandle.open(model)
+        dtype = evaluation_dtype(handle.config, device)
+        offloaded = not handle.fits_on(device, dtype)
+        handle.materialize_all(device, dtype, block_device="cpu" if offloaded else None)
+        self.runner = BlockwiseModel(handle, device, offloaded)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.runner.logits(batch)
+
+
+def logits_of(model, batch: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a transformers model or a ``StreamedModel``, on ``batch``'s device."""
+    if isinstance(model, StreamedModel):
+        return model.logits(batch).to(batch.device)
+    return model(batch.to(next(model.parameters()).device)).logits.float().to(batch.device)
+
+
 def heldout_stream(tokenizer, text: str = "demo") -> torch.Tensor:
     """The evaluation token stream: the demo's held-out split, or a local text/dataset source."""
     if text == "demo":
@@ -120,11 +148,11 @@ def evaluate(model, windows: torch.Tensor, base=None, batch_size: int = 4, progr
 def score_batch(model, base, batch: torch.Tensor) -> tuple[float, float, float]:
     """Summed next-token NLL of ``model`` (and of ``base``) on ``batch``, and the summed KL(base || model)."""
     targets = batch[:, 1:]
-    log_probs = F.log_softmax(model(batch).logits[:, :-1].float(), dim=-1)
+    log_probs = F.log_softmax(logits_of(model, batch)[:, :-1], dim=-1)
     nll = -log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
     if base is None:
         return nll, 0.0, 0.0
-    base_log_probs = F.log_softmax(base(batch.to(next(base.parameters()).device)).logits[:, :-1].float().to(batch.device), dim=-1)
+    base_log_probs = F.log_softmax(logits_of(base, batch)[:, :-1], dim=-1)
     base_nll = -base_log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
     kl = (base_log_probs.exp() * (base_log_probs - log_probs)).sum().item()
     return nll, base_nll, kl
@@ -137,8 +165,19 @@ def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_
         safetensors_index(resolve_model_path(path))  # a damaged base fails before the model loads
     loaded, tokenizer = load_causal_lm(model, device=device)
     windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
-    base_model = load_causal_lm(base, device=device)[0] if base is not None else None
+    base_model = base_for_kl(base, device) if base is not None else None
     return evaluate(loaded, windows, base_model, progress=progress)
+
+
+def base_for_kl(base: str, device):
+    """The base model, streamed block by block when it is an unquantized checkpoint we can open
+    (``StreamedModel``); otherwise (a quantized base, an architecture without an adapter) loaded whole."""
+    from compressor.arch import UnsupportedArchitecture
+
+    try:
+        return StreamedModel(base, device)
+    except (UnsupportedArchitecture, ModelLoadError):
+        return load_causal_lm(base, device=device)[0]
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8) -> dict:

@@ -136,6 +136,19 @@ class ModelHandle:
         names = [self.adapter.embed_tokens, self.adapter.final_norm, self.adapter.lm_head]
         return {name: self.model.get_submodule(name) for name in names}
 
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of every parameter with floating ones in ``dtype`` (integer codes keep their size)."""
+        element = torch.tensor([], dtype=dtype).element_size()
+        return sum(p.numel() * (element if p.is_floating_point() else p.element_size()) for p in self.model.parameters())
+
+    def fits_on(self, device: torch.device, dtype: torch.dtype, fraction: float = 0.8) -> bool:
+        """Whether the weights in ``dtype`` take at most ``fraction`` of the device's free memory
+        (always true off CUDA: there the blocks have nowhere else to go)."""
+        if torch.device(device).type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(device)
+        return self.weight_bytes(dtype) <= fraction * free
+
     # --- reading tensors -----------------------------------------------------------------------
 
     def checkpoint_name(self, name: str) -> str:

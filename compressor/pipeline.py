@@ -266,12 +266,7 @@ class Session:
 
     def should_offload(self) -> bool:
         """Offload the blocks when the weights would take more than 80% of the free device memory."""
-        if self.device.type != "cuda":
-            return False
-        element = torch.tensor([], dtype=self.compute_dtype).element_size()
-        needed = sum(p.numel() * (p.element_size() if not p.is_floating_point() else element) for p in self.handle.model.parameters())
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return needed > 0.8 * free
+        return not self.handle.fits_on(self.device, self.compute_dtype)
 
     # --- calibration forward passes --------------------------------------------------------------
 

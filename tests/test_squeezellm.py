@@ -537,13 +537,15 @@ def demo_kl(demo_setup, quantize) -> float:
 
 
 def test_on_the_demo_model_squeezellm_beats_rtn_and_the_rescale_helps(demo_setup):
-    """4 bits: below 0.8x RTN g128's KL (measured 0.68x here); 3 bits: the unbiased rescale below 0.85x
-    the plain k-means KL (measured 0.65x here, 0.63x over three seeds in the ablation benchmark)."""
+    """4 bits: below 0.8x RTN g128's KL (measured 0.69x here); 3 bits: the unbiased rescale below 0.85x
+    the plain k-means KL (measured 0.64x here, 0.63x over three seeds in the ablation benchmark).
+    k-means runs 10 iterations instead of the step's 50, a quarter of the time for the same ratios
+    (50 iterations: 0.68x and 0.65x)."""
     def rtn(bits, group_size):
         return lambda w, f: quantize_uniform(w, bits, group_size, symmetric=False, scale_dtype=torch.float16)
 
     def squeeze(bits, rescale):
-        return lambda w, f: quantize_squeezellm(w, f, bits, rescale=rescale)
+        return lambda w, f: quantize_squeezellm(w, f, bits, rescale=rescale, iterations=10)
 
     assert demo_kl(demo_setup, squeeze(4, "unbiased")) < 0.8 * demo_kl(demo_setup, rtn(4, 128))
     assert demo_kl(demo_setup, squeeze(3, "unbiased")) < 0.85 * demo_kl(demo_setup, squeeze(3, "none"))

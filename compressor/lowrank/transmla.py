@@ -405,9 +405,10 @@ class TransMLAHeal(Step):
         if not attentions:
             raise ValueError("transmla_heal: the model has no converted attention; put a transmla step before it")
         tokens = context.calibration_tokens()
-        teacher_logp, teacher_index = teacher_top_k(
-            context.session.handle.path, tokens, context.device, context.compute_dtype, context.offloaded, self.top_k, self.batch_size
-        )
+        with context.progress(len(tokens), "the original model's next-token distributions", "sequence") as progress:
+            teacher_logp, teacher_index = teacher_top_k(
+                context.session.handle.path, tokens, context.device, context.compute_dtype, context.offloaded, self.top_k, self.batch_size, progress
+            )
         owners = attentions if self.train == "attention" else list(blocks)
         parameters = [p for owner in owners for p in owner.parameters() if p.is_floating_point()]
         for p in parameters:

@@ -397,8 +397,9 @@ class EfficientQATE2EQP(Step):
 
         tokens = context.calibration_tokens()
         if self.objective == "distill":
-            teacher_logp, teacher_index = teacher_top_k(context.session.handle.path, tokens, context.device, context.compute_dtype,
-                                                        context.offloaded, self.top_k, self.micro_batch_size)
+            with context.progress(len(tokens), "the original model's next-token distributions", "sequence") as progress:
+                teacher_logp, teacher_index = teacher_top_k(context.session.handle.path, tokens, context.device, context.compute_dtype,
+                                                            context.offloaded, self.top_k, self.micro_batch_size, progress)
 
         def loss_of(rows: torch.Tensor, weight: float):
             if self.objective == "distill":

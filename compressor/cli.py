@@ -78,6 +78,11 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
         fail(error)
     click.echo(report.table())
     click.echo(f"wrote {output}")
+    from compressor.serving import check_checkpoint
+
+    click.echo("serving (compressor check):")
+    for verdict in check_checkpoint(output):
+        click.echo(f"  {verdict.line()}")
 
 
 @main.command(name="eval")
@@ -137,3 +142,23 @@ def validate(checkpoint, device, text, max_layers, no_speed):
     click.echo(format_validation_report(result))
     if not result.get("ok", True):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--engine", type=click.Choice(["all", "vllm", "transformers"]), default="all", show_default=True)
+def check(checkpoint, engine):
+    """Say whether each serving engine loads CHECKPOINT, through which path, or exactly why not.
+
+    Exit status 1 when a named engine (or, with all, any engine) cannot load some part."""
+    from compressor.serving import ENGINES, check_checkpoint
+
+    try:
+        results = check_checkpoint(checkpoint, ENGINES if engine == "all" else (engine,))
+    except Exception as error:
+        fail(error)
+    for verdict in results:
+        click.echo(verdict.line())
+    if not all(v.loads for v in results):
+        sys.exit(1)
+

@@ -25,9 +25,10 @@ def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teac
 
 
 @torch.no_grad()
-def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k: int, batch_size: int):
+def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k: int, batch_size: int, progress=None):
     """Top-k next-token log-probabilities of the model at ``path`` (read again from its checkpoint,
-    run block by block), on the CPU: ``k`` values and indices per token instead of the vocabulary."""
+    run block by block), on the CPU: ``k`` values and indices per token instead of the vocabulary.
+    ``progress`` (a ``Progress``) counts the sequences."""
     from compressor.blockwise import BlockwiseModel
     from compressor.model import ModelHandle
 
@@ -39,5 +40,7 @@ def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k:
         top = torch.log_softmax(runner.logits(batch), -1).topk(k, dim=-1)
         values.append(top.values.cpu())
         indices.append(top.indices.cpu())
+        if progress is not None:
+            progress.update(len(batch))
     teacher.release(teacher.model)
     return torch.cat(values), torch.cat(indices)

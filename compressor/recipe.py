@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,8 +30,10 @@ from typing import Any, ClassVar
 
 import yaml
 
+from compressor.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError):
     """A recipe mistake; its message is one line naming file, location and key."""
 
 
@@ -47,37 +50,45 @@ def param(default: Any, help: str, *, choices=None, min=None, max=None):
 
 
 def describe_choices(choices) -> str:
-    if isinstance(choices, range):
-        return f"{choices.start}..{choices.stop - 1}"
+    choices = list(choices)
+    if len(choices) > 2 and all(isinstance(c, int) for c in choices) and choices == list(range(choices[0], choices[-1] + 1)):
+        return f"{choices[0]}..{choices[-1]}"
     return ", ".join(str(c) for c in choices)
 
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(inner, str(inner))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+# A key's type as plain data, so the shipped catalogue (recipe_catalog.json) can say it without the
+# classes: a list of alternatives among "int", "float", "bool", "str", "null", "any" and "list[...]".
+_SCALARS = {int: "int", float: "float", bool: "bool", str: "str", type(None): "null", Any: "any"}
 
 
-def _matches_type(value, tp) -> bool:
+def type_spec(tp) -> list[str]:
     origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
     if origin in (typing.Union, types.UnionType):
-        return any(_matches_type(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
+        return [alt for arg in typing.get_args(tp) for alt in type_spec(arg)]
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
-        return isinstance(value, list) and all(_matches_type(v, inner) for v in value)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
+        return [f"list[{_SCALARS[inner]}]"]
+    return [_SCALARS[tp]]
+
+
+def _type_name(spec: list[str]) -> str:
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "any": "anything"}
+    plural = {"int": "integers", "float": "numbers", "str": "strings", "bool": "true/false values", "any": "values"}
+    words = [f"a list of {plural[alt[5:-1]]}" if alt.startswith("list[") else names[alt] for alt in spec if alt != "null"]
+    return " or ".join(words)
+
+
+def _matches_type(value, spec: list[str]) -> bool:
+    return any(_matches_one(value, alt) for alt in spec)
+
+
+def _matches_one(value, alt: str) -> bool:
+    if alt.startswith("list["):
+        return isinstance(value, list) and all(_matches_one(v, alt[5:-1]) for v in value)
+    if alt in ("float", "int"):
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return numeric and (alt == "float" or isinstance(value, int))
+    return {"any": True, "null": value is None, "bool": isinstance(value, bool), "str": isinstance(value, str)}[alt]
 
 
 def _did_you_mean(word: str, options) -> str:
@@ -85,33 +96,58 @@ def _did_you_mean(word: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def build_config(cls, raw, where: str, source: str):
-    """Validate ``raw`` (a mapping from YAML) against dataclass ``cls`` and build it."""
+def param_specs(cls) -> list[dict]:
+    """Each recipe key of a config class as plain data: key, type, default, help, choices, min, max."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        choices = f.metadata.get("choices")
+        specs.append({
+            "key": f.name,
+            "type": type_spec(hints[f.name]),
+            "default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+            "help": f.metadata.get("help", ""),
+            "choices": None if choices is None else list(choices),
+            "min": f.metadata.get("min"),
+            "max": f.metadata.get("max"),
+        })
+    return specs
+
+
+def check_keys(raw, specs: list[dict], where: str, source: str) -> dict:
+    """Validate a mapping from YAML against ``param_specs``; returns it with integers given for
+    numbers made floats. Every error is one line naming the file, the location and the key."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: {where}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    by_key = {spec["key"]: spec for spec in specs}
     for key in raw:
-        if key not in fields:
-            allowed = ", ".join(fields) or "no keys"
-            raise RecipeError(
-                f"{source}: {where}.{key}: unknown key{_did_you_mean(key, fields)}; allowed: {allowed}"
-            )
+        if key not in by_key:
+            allowed = ", ".join(by_key) or "no keys"
+            raise RecipeError(f"{source}: {where}.{key}: unknown key{_did_you_mean(key, by_key)}; allowed: {allowed}")
     for key, value in raw.items():
-        meta = fields[key].metadata
-        if not _matches_type(value, hints[key]):
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is not {_type_name(hints[key])}")
-        choices = meta.get("choices")
-        if choices is not None and value not in choices:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is not one of {describe_choices(choices)}")
-        low, high = meta.get("min"), meta.get("max")
-        if low is not None and value is not None and value < low:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is below the minimum {low}")
-        if high is not None and value is not None and value > high:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is above the maximum {high}")
-    config = cls(**{k: (float(v) if hints[k] is float and isinstance(v, int) else v) for k, v in raw.items()})
+        spec = by_key[key]
+        if not _matches_type(value, spec["type"]):
+            raise RecipeError(f"{source}: {where}.{key}: {value!r} is not {_type_name(spec['type'])}")
+        if spec["choices"] is not None and value not in spec["choices"]:
+            raise RecipeError(f"{source}: {where}.{key}: {value!r} is not one of {describe_choices(spec['choices'])}")
+        if spec["min"] is not None and value is not None and value < spec["min"]:
+            raise RecipeError(f"{source}: {where}.{key}: {value!r} is below the minimum {spec['min']}")
+        if spec["max"] is not None and value is not None and value > spec["max"]:
+            raise RecipeError(f"{source}: {where}.{key}: {value!r} is above the maximum {spec['max']}")
+    return {k: (float(v) if "float" in by_key[k]["type"] and isinstance(v, int) and not isinstance(v, bool) else v) for k, v in raw.items()}
+
+
+def build_config(cls, raw, where: str, source: str):
+    """Validate ``raw`` (a mapping from YAML) against dataclass ``cls`` and build it."""
+    return _construct(cls, check_keys(raw, param_specs(cls), where, source), where, source)
+
+
+def _construct(cls, values: dict, where: str, source: str):
+    config = cls(**values)
     try:
         config.check()
     except ValueError as error:  # cross-field checks raise ValueError("key: message")
@@ -153,6 +189,11 @@ class Step(Config):
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0]
 
+    def check_model(self, linears: dict) -> None:
+        """Refuse a model this step cannot work on, before any work: ``linears`` maps the full name of
+        every block linear the step would see (its ``ignore`` applied) to the module, weights on the
+        meta device. Raise ``ValueError("key: why")``."""
+
 
 STEPS: dict[str, type[Step]] = {}
 
@@ -192,6 +233,20 @@ class CalibrationConfig(Config):
     split: str = param("train", "dataset split (datasets names only)")
     text_column: str = param("text", "column holding the text (jsonl, parquet and datasets names)")
 
+    def check(self) -> None:
+        # A local path that does not exist is a mistake whether or not a step needs the data; checked
+        # here so it is not taken for a hub dataset name (minutes of network retries offline).
+        if looks_local(self.dataset) and not Path(self.dataset).exists():
+            raise ValueError(f"dataset: {self.dataset}: no such file or folder")
+
+
+DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def looks_local(dataset: str) -> bool:
+    """A calibration source that is a path, not a hub dataset name: a data file's suffix, or a path's start."""
+    return Path(dataset).suffix in DATA_FILE_SUFFIXES or dataset.startswith((".", "/", "~"))
+
 
 @dataclass
 class ExportConfig(Config):
@@ -201,12 +256,21 @@ class ExportConfig(Config):
     max_shard_size: str = param("5GB", "largest safetensors shard, e.g. 2GB or 500MB")
 
     def check(self) -> None:
-        from compressor.export.shards import parse_size
-
         try:
             parse_size(self.max_shard_size)
         except ValueError as error:
             raise ValueError(f"max_shard_size: {error}") from None
+
+
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*", str(text).upper())
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 2GB or 500MB")
+    return int(float(match.group(1)) * UNITS[match.group(2)])
 
 
 SECTIONS = ("calibration", "steps", "export")
@@ -221,32 +285,16 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such recipe file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark else ""
-            raise RecipeError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_recipe_yaml(path), source=str(path))
 
     @classmethod
     def from_dict(cls, data, source: str = "<recipe>") -> Recipe:
-        if not isinstance(data, dict):
-            raise RecipeError(f"{source}: a recipe is a mapping with the sections {', '.join(SECTIONS)}")
-        for key in data:
-            if key not in SECTIONS:
-                raise RecipeError(f"{source}: {key}: unknown section{_did_you_mean(key, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
-        raw_steps = data.get("steps")
-        if not isinstance(raw_steps, list) or not raw_steps:
-            raise RecipeError(f"{source}: steps: expected a non-empty list of steps, got {raw_steps!r}")
-        steps = [parse_step(entry, i, source) for i, entry in enumerate(raw_steps)]
+        steps = registered_steps()
+        checked = check_recipe(data, source, catalogue())
         return cls(
-            steps=steps,
-            calibration=build_config(CalibrationConfig, data.get("calibration"), "calibration", source),
-            export=build_config(ExportConfig, data.get("export"), "export", source),
+            steps=[_construct(steps[name], values, where, source) for where, name, values in checked["steps"]],
+            calibration=_construct(CalibrationConfig, checked["calibration"], "calibration", source),
+            export=_construct(ExportConfig, checked["export"], "export", source),
             source=source,
         )
 
@@ -265,32 +313,84 @@ class Recipe:
         return any(step.needs_calibration for step in self.steps)
 
 
-def parse_step(entry, index: int, source: str) -> Step:
-    where = f"steps[{index}]"
-    if isinstance(entry, str):
-        entry = {entry: {}}
-    if not isinstance(entry, dict) or len(entry) != 1:
-        raise RecipeError(f"{source}: {where}: a step is a one-key mapping like 'rtn: {{bits: 4}}', got {entry!r}")
-    ((name, raw),) = entry.items()
-    steps = registered_steps()
-    if name not in steps:
-        raise RecipeError(
-            f"{source}: {where}.{name}: unknown step{_did_you_mean(name, steps)}; known steps: {', '.join(steps)}"
-        )
-    return build_config(steps[name], raw, f"{where}.{name}", source)
+def read_recipe_yaml(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
 
 
-def step_reference(cls) -> list[tuple[str, str, str]]:
-    """(key, default, help) rows for one step: the source of ``compressor methods`` and the README."""
+def check_recipe(data, source: str, catalogue: dict) -> dict:
+    """Check a recipe's sections, steps and keys against a catalogue (see ``catalogue``), without
+    the step classes. Returns ``{"steps": [(where, name, values)], "calibration": values, "export": values}``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with the sections {', '.join(SECTIONS)}")
+    for key in data:
+        if key not in SECTIONS:
+            raise RecipeError(f"{source}: {key}: unknown section{_did_you_mean(key, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
+    raw_steps = data.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise RecipeError(f"{source}: steps: expected a non-empty list of steps, got {raw_steps!r}")
+    known = catalogue["steps"]
+    steps = []
+    for index, entry in enumerate(raw_steps):
+        where = f"steps[{index}]"
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise RecipeError(f"{source}: {where}: a step is a one-key mapping like 'rtn: {{bits: 4}}', got {entry!r}")
+        ((name, raw),) = entry.items()
+        if name not in known:
+            raise RecipeError(f"{source}: {where}.{name}: unknown step{_did_you_mean(name, known)}; known steps: {', '.join(known)}")
+        steps.append((f"{where}.{name}", name, check_keys(raw, known[name]["params"], f"{where}.{name}", source)))
+    sections = {name: check_keys(data.get(name), specs, name, source) for name, specs in catalogue["sections"].items()}
+    return {"steps": steps, **sections}
+
+
+# ----------------------------------------------------------------------------------------------
+# The catalogue: every section's and step's keys as plain data. ``compressor methods`` and the
+# command line's first check of a recipe read the copy shipped in recipe_catalog.json, so they answer
+# without importing torch (which every method module needs); a test keeps that copy equal to the
+# registry, and ``python scripts/update_readme.py`` rewrites it.
+
+CATALOGUE_FILE = Path(__file__).with_name("recipe_catalog.json")
+
+
+def catalogue() -> dict:
+    """The live catalogue, from the registered step classes."""
+    return {
+        "sections": {"calibration": param_specs(CalibrationConfig), "export": param_specs(ExportConfig)},
+        "steps": {
+            name: {"kind": cls.kind, "needs_calibration": cls.needs_calibration, "summary": cls.summary(), "params": param_specs(cls)}
+            for name, cls in registered_steps().items()
+        },
+    }
+
+
+def shipped_catalogue() -> dict:
+    import json
+
+    return json.loads(CATALOGUE_FILE.read_text())
+
+
+def check_recipe_file(path: str | Path) -> None:
+    """The fast check of a recipe file against the shipped catalogue (sections, steps, keys, types
+    and ranges); the cross-key checks of each step run when the recipe is built."""
+    check_recipe(read_recipe_yaml(path), str(path), shipped_catalogue())
+
+
+def reference_rows(specs: list[dict]) -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for one step or section: ``compressor methods`` and the README."""
     rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
-        if f.metadata.get("choices") is not None:
-            help_text += f" ({describe_choices(f.metadata['choices'])})"
-        shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
-        rows.append((f.name, shown, f"{help_text} [{_type_name(hints[f.name])}]"))
+    for spec in specs:
+        help_text = spec["help"]
+        if spec["choices"] is not None:
+            help_text += f" ({describe_choices(spec['choices'])})"
+        shown = yaml.safe_dump(spec["default"], default_flow_style=True).removesuffix("...\n").strip()
+        rows.append((spec["key"], shown, f"{help_text} [{_type_name(spec['type'])}]"))
     return rows

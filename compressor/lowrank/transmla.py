@@ -74,6 +74,7 @@ from compressor.arch import UnsupportedArchitecture, attention_geometry
 from compressor.distill import coarse_kl, teacher_top_k
 from compressor.export.deepseek_mla import deepseek_v3_config
 from compressor.recipe import Step, param, register_step
+from compressor.training import BestState, holdout_count
 
 # ----------------------------------------------------------------------------------------------
 # Math on tensors
@@ -395,6 +396,8 @@ class TransMLAHeal(Step):
     batch_size: int = param(4, "sequences per optimizer step", min=1)
     top_k: int = param(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)", min=1)
     train: str = param("attention", "what learns: the converted attention layers, or every block weight", choices=("attention", "all"))
+    heldout: float = param(0.1, "fraction of the calibration sequences held out: their KL is measured before training and after "
+                                "each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
 
     def compress_model(self, context) -> None:
         blocks = context.session.handle.blocks
@@ -402,32 +405,50 @@ class TransMLAHeal(Step):
         if not attentions:
             raise ValueError("transmla_heal: the model has no converted attention; put a transmla step before it")
         tokens = context.calibration_tokens()
-        teacher_logp, teacher_index = teacher_top_k(
-            context.session.handle.path, tokens, context.device, context.compute_dtype, context.offloaded, self.top_k, self.batch_size
-        )
+        with context.progress(len(tokens), "the original model's next-token distributions", "sequence") as progress:
+            teacher_logp, teacher_index = teacher_top_k(
+                context.session.handle.path, tokens, context.device, context.compute_dtype, context.offloaded, self.top_k, self.batch_size, progress
+            )
         owners = attentions if self.train == "attention" else list(blocks)
         parameters = [p for owner in owners for p in owner.parameters() if p.is_floating_point()]
         for p in parameters:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=0.0)
+        train_count = len(tokens) - holdout_count(len(tokens), self.heldout)
+
+        def kl_on(rows: torch.Tensor):
+            top_logp, top_index = teacher_logp[rows].to(context.device), teacher_index[rows].to(context.device)
+            return lambda logits, _ids: coarse_kl(logits, top_logp, top_index)
+
+        def heldout_kl() -> float:
+            heldout = torch.arange(train_count, len(tokens)).split(self.batch_size)
+            return sum(float(kl_on(rows)(context.logits(tokens[rows].to(context.device)), None)) * len(rows) for rows in heldout) / (len(tokens) - train_count)
+
+        best = BestState(parameters, heldout_kl()) if train_count < len(tokens) else None
         losses = []
+        steps_per_epoch = -(-train_count // self.batch_size)
         try:
-            for epoch in range(self.epochs):
-                order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(epoch))
-                for start in range(0, len(tokens), self.batch_size):
-                    rows = order[start : start + self.batch_size]
-                    top_logp = teacher_logp[rows].to(context.device)
-                    top_index = teacher_index[rows].to(context.device)
-                    loss = context.forward_backward(tokens[rows], lambda logits, _ids: coarse_kl(logits, top_logp, top_index))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss)
+            with context.progress(self.epochs * steps_per_epoch, "training", "step") as progress:
+                for epoch in range(self.epochs):
+                    order = torch.randperm(train_count, generator=torch.Generator().manual_seed(epoch))
+                    for start in range(0, train_count, self.batch_size):
+                        rows = order[start : start + self.batch_size]
+                        loss = context.forward_backward(tokens[rows], kl_on(rows))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        losses.append(loss)
+                        progress.update(kl=loss)
+                    if best is not None:
+                        best.consider(heldout_kl())
+                        progress.update(0, heldout_kl=best.curve[-1])
+            if best is not None:
+                best.restore()
         finally:
             for p in parameters:
                 p.requires_grad_(False)
                 p.grad = None
-        steps_per_epoch = -(-len(tokens) // self.batch_size)
         context.record(
             "model", first_epoch_kl=sum(losses[:steps_per_epoch]) / steps_per_epoch,
             last_epoch_kl=sum(losses[-steps_per_epoch:]) / steps_per_epoch, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),
+            **(best.summary() if best else {}),
         )

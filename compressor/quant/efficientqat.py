@@ -87,6 +87,7 @@ from compressor.quant.linear import QuantizedLinear
 from compressor.quant.uniform import check_group_size, minmax_params, quantize_codes, relative_error, storable_scale
 from compressor.recipe import Step, param, register_step
 from compressor.report import peak_memory
+from compressor.training import BestState, holdout_count
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
 
@@ -213,8 +214,15 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
     return groups
 
 
-def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epochs: int, min_lr_factor: float) -> list[float]:
-    """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch; mean loss per epoch."""
+def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epochs: int, min_lr_factor: float,
+                heldout: float = 0.0, progress=None) -> tuple[list[float], BestState | None]:
+    """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch. The last
+    ``heldout`` fraction of ``batches`` is not trained on: its MSE before training and after each epoch
+    decides which state the block keeps. Returns the mean training loss per epoch and that record."""
+    held = holdout_count(len(batches), heldout)
+    batches, heldout_batches = batches[: len(batches) - held], batches[len(batches) - held :]
+    trained = [p for group in groups for p in group["params"]]
+    best = BestState(trained, block_mse(block, heldout_batches)) if heldout_batches else None
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bases = [group["lr"] for group in optimizer.param_groups]
     total, step, epoch_losses = epochs * len(batches), 0, []
@@ -233,9 +241,15 @@ def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epoc
                 optimizer.step()
                 losses.append(loss.item())
                 step += 1
+                if progress is not None:
+                    progress.update(loss=losses[-1])
             epoch_losses.append(sum(losses) / len(losses))
+            if best is not None:
+                best.consider(block_mse(block, heldout_batches))
+    if best is not None:
+        best.restore()
     block.requires_grad_(False)
-    return epoch_losses
+    return epoch_losses, best
 
 
 @register_step("efficientqat_block_ap")
@@ -252,6 +266,8 @@ class EfficientQATBlockAP(Step):
     weight_lr: float | None = param(None, "AdamW learning rate of the weights and norm gains (0: frozen); default 2e-5 at 2 bits, 1e-5 otherwise", min=0.0)
     min_lr_factor: float = param(20.0, "each cosine schedule ends at lr / min_lr_factor", min=1.0)
     train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
+    heldout: float = param(0.1, "fraction of each block's calibration batches held out: their MSE before training and after each "
+                                "epoch decides which state the block keeps (0: train on all, keep the last)", min=0.0, max=0.5)
     ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
     _fp_inputs = None  # the fp chain: outputs of the fp blocks so far (not a recipe key)
@@ -268,11 +284,13 @@ class EfficientQATBlockAP(Step):
             return self.weight_lr
         return 2e-5 if self.bits == 2 else 1e-5
 
+    def check_model(self, linears: dict) -> None:
+        for name, linear in linears.items():
+            check_group_size(name, linear.in_features, self.group_size)
+
     def compress_block(self, context) -> None:
         started = time.perf_counter()
         linears = context.linears(self.ignore)
-        for name, linear in linears.items():
-            check_group_size(f"{context.prefix}.{name}", linear.in_features, self.group_size)
         # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours.
         fp_inputs = context.inputs if context.index == 0 else self._fp_inputs
         targets = context.forward(inputs=fp_inputs)  # the fp block on fp inputs
@@ -286,10 +304,12 @@ class EfficientQATBlockAP(Step):
         block.float()
         batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
         mse_init = block_mse(block, batches)
-        losses = []
+        losses, best = [], None
         if self.epochs > 0:
             groups = trainable_groups(block, self.quant_lr, self.learning_rate_of_weights, self.train_norms)
-            losses = train_block(block, batches, groups, self.epochs, self.min_lr_factor)
+            steps = self.epochs * (len(batches) - holdout_count(len(batches), self.heldout))
+            with context.progress(steps, "training", "step") as progress:
+                losses, best = train_block(block, batches, groups, self.epochs, self.min_lr_factor, self.heldout, progress)
         quantized = {name: module.freeze(context.scale_dtype) for name, module in fake.items()}
         block.to(dtype)  # the trained norm gains and the biases back to the pass dtype
         for name, value in quantized.items():
@@ -297,7 +317,8 @@ class EfficientQATBlockAP(Step):
             context.record(name, error=relative_error(originals[name], value), bits_per_weight=value.bits_per_weight())
         context.record(
             "block_ap", mse_init=mse_init, mse_final=block_mse(block, batches), loss_first_epoch=losses[0] if losses else None,
-            loss_last_epoch=losses[-1] if losses else None, steps=self.epochs * len(batches), seconds=time.perf_counter() - started,
+            loss_last_epoch=losses[-1] if losses else None, steps=self.epochs * (len(batches) - holdout_count(len(batches), self.heldout)),
+            seconds=time.perf_counter() - started, **(best.summary() if best else {}),
         )
 
 
@@ -347,6 +368,8 @@ class EfficientQATE2EQP(Step):
     objective: str = param("distill", "training loss: distill (KL to the original model's top-k next-token distribution) "
                                       "or next_token (the paper's cross-entropy on the calibration text)", choices=("distill", "next_token"))
     top_k: int = param(64, "with objective: distill, teacher log-probabilities kept per token (the rest is one bucket)", min=1)
+    heldout: float = param(0.1, "fraction of the calibration sequences held out: the loss on them is measured before training and "
+                                "after each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
     ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
 
     kind = "model"
@@ -374,8 +397,9 @@ class EfficientQATE2EQP(Step):
 
         tokens = context.calibration_tokens()
         if self.objective == "distill":
-            teacher_logp, teacher_index = teacher_top_k(context.session.handle.path, tokens, context.device, context.compute_dtype,
-                                                        context.offloaded, self.top_k, self.micro_batch_size)
+            with context.progress(len(tokens), "the original model's next-token distributions", "sequence") as progress:
+                teacher_logp, teacher_index = teacher_top_k(context.session.handle.path, tokens, context.device, context.compute_dtype,
+                                                            context.offloaded, self.top_k, self.micro_batch_size, progress)
 
         def loss_of(rows: torch.Tensor, weight: float):
             if self.objective == "distill":
@@ -383,29 +407,44 @@ class EfficientQATE2EQP(Step):
                 return lambda logits, ids: coarse_kl(logits, top_logp, top_index) * weight
             return lambda logits, ids: next_token_loss(logits, ids) * weight
 
-        steps_per_epoch = math.ceil(len(tokens) / self.batch_size)
+        train_rows = torch.arange(len(tokens) - holdout_count(len(tokens), self.heldout))
+        heldout_rows = torch.arange(len(train_rows), len(tokens))
+
+        def heldout_loss() -> float:
+            return sum(float(loss_of(rows, len(rows) / len(heldout_rows))(context.logits(tokens[rows].to(context.device)), tokens[rows].to(context.device)))
+                       for rows in heldout_rows.split(self.micro_batch_size))
+
+        steps_per_epoch = math.ceil(len(train_rows) / self.batch_size)
         total = self.epochs * steps_per_epoch
         warmup = math.ceil(self.warmup_ratio * total)
         generator = torch.Generator().manual_seed(self.seed)
         losses, step = [], 0
+        best = BestState(steps_or_codebooks + zeros, heldout_loss()) if len(heldout_rows) else None
         try:
-            for _ in range(self.epochs):
-                order = torch.randperm(len(tokens), generator=generator)
-                for batch in order.split(self.batch_size):
-                    for group, base in zip(optimizer.param_groups, bases):
-                        group["lr"] = warmup_cosine_lr(base, step, total, warmup)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = 0.0
-                    for micro in batch.split(self.micro_batch_size):
-                        weight = len(micro) / len(batch)  # the step's loss is the mean over its sequences
-                        loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, weight))
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"{self.name}: the training loss became {loss}")
-                    if self.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(steps_or_codebooks + zeros, self.max_grad_norm)
-                    optimizer.step()
-                    losses.append(loss)
-                    step += 1
+            with context.progress(total, "training", "step") as progress:
+                for _ in range(self.epochs):
+                    order = train_rows[torch.randperm(len(train_rows), generator=generator)]
+                    for batch in order.split(self.batch_size):
+                        for group, base in zip(optimizer.param_groups, bases):
+                            group["lr"] = warmup_cosine_lr(base, step, total, warmup)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss = 0.0
+                        for micro in batch.split(self.micro_batch_size):
+                            weight = len(micro) / len(batch)  # the step's loss is the mean over its sequences
+                            loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, weight))
+                        if not math.isfinite(loss):
+                            raise FloatingPointError(f"{self.name}: the training loss became {loss}")
+                        if self.max_grad_norm is not None:
+                            torch.nn.utils.clip_grad_norm_(steps_or_codebooks + zeros, self.max_grad_norm)
+                        optimizer.step()
+                        losses.append(loss)
+                        step += 1
+                        progress.update(loss=loss)
+                    if best is not None:
+                        best.consider(heldout_loss())
+                        progress.update(0, heldout=best.curve[-1])
+            if best is not None:
+                best.restore()
         finally:
             optimizer.zero_grad(set_to_none=True)
             for module in modules.values():
@@ -416,7 +455,7 @@ class EfficientQATE2EQP(Step):
                         module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
                 module.freeze()
         context.record(
-            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=step,
+            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=step, **(best.summary() if best else {}),
             trainable_parameters=sum(p.numel() for p in steps_or_codebooks + zeros), seconds=time.perf_counter() - started,
             **peak_memory(context.device),
         )

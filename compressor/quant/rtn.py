@@ -34,10 +34,12 @@ class RTN(Step):
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
 
+    def check_model(self, linears: dict) -> None:
+        for name, linear in linears.items():
+            check_group_size(name, linear.in_features, self.group_size)
+
     def compress_block(self, context) -> None:
         linears = context.linears(self.ignore)
-        for name, linear in linears.items():
-            check_group_size(f"{context.prefix}.{name}", linear.in_features, self.group_size)
         for name, linear in linears.items():
             weight = linear.weight.data
             quantized = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)

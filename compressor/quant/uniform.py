@@ -25,7 +25,7 @@ def check_group_size(name: str, in_features: int, group_size: int) -> None:
     """Checkpoint formats and serving kernels need whole groups: fail before any work is done."""
     if group_size != -1 and in_features % group_size:
         raise ValueError(
-            f"{name}: in_features {in_features} is not a multiple of group_size {group_size}; "
+            f"group_size: {name}: in_features {in_features} is not a multiple of group_size {group_size}; "
             "choose a group size that divides it, -1 (per channel), or add the layer to ignore"
         )
 

@@ -64,7 +64,7 @@ def entry(kind, bits, group, n, k, m) -> dict:
             cap = decode_split_cap(1, k, bits)
             while block_n > 32 and -(-n // block_n) * cap < 2 * 132:  # gemlite fills the GPU with a far deeper split
                 block_n //= 2
-            block_k = decode_block_k(1, block_n, warps, group, bits)  # 16 at gemlite's widths: its 2 x BLOCK_SIZE_K 8
+            block_k = decode_block_k(1, group, bits)  # 16: gemlite's 2 x BLOCK_SIZE_K 8 per program
             split = split_k_for(-(-n // block_n), k, block_k, 2 * 132, cap)
             config = KernelConfig("decode", 1, block_n, block_k, split, num_warps=warps, num_stages=stages)
             source = (f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, {warps} warps, "
@@ -73,7 +73,7 @@ def entry(kind, bits, group, n, k, m) -> dict:
             block_m, block_n, block_k, split = GEMLITE_SPLITK[m]
             if m <= 16:
                 block_m = decode_block_m(m)
-                block_k = decode_block_k(block_m, block_n, 4, group, bits)  # CUDA-core rows: keep the register budget
+                block_k = decode_block_k(block_m, group, bits) if block_m < 16 else block_k
                 config = KernelConfig("decode", block_m, block_n, block_k, min(split, decode_split_cap(m, k, bits)),
                                       num_warps=4, num_stages=1)
             else:

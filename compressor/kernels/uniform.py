@@ -363,19 +363,15 @@ def min_block_k(bits: int) -> int:
     return 32 // (bits & -bits)
 
 
-REGISTER_BUDGET = 64  # fp32 weight values per thread in a decode tile (BLOCK_M x BLOCK_K x BLOCK_N / threads)
-
-
-def decode_block_k(block_m: int, block_n: int, num_warps: int, group_size: int, bits: int) -> int:
-    """The deepest K-tile (<= 64, dividing the group when possible) whose CUDA-core product keeps
-    about REGISTER_BUDGET values per thread (gemlite's Hopper GEMV winners load 16 K-elements of
-    256-512 columns per program for the same reason), never below ``min_block_k(bits)``."""
-    rows = block_m if block_m < 16 else 1  # the tl.dot path keeps one weight tile
-    limit = REGISTER_BUDGET * 32 * num_warps // (rows * block_n)  # K-elements per tile within the budget
-    depth = 16
-    while depth * 2 <= min(limit, 64):
-        depth *= 2
-    return max(min_block_k(bits), min(_block_k_for(group_size, 64), depth))
+def decode_block_k(block_m: int, group_size: int, bits: int) -> int:
+    """K-tile of the decode kernel. CUDA-core rows (BLOCK_M < 16): lean, 16 codes (32 for odd
+    widths, whose 1-bit plane holds 32 per word) -- gemlite's Hopper GEMV winners take 16
+    K-elements per program, and ptxas (sm_90) gives our 4-bit decode 72 registers at 16 deep for
+    128..512 columns against 162 at 64 deep x 128 columns, i.e. more programs resident per SM to
+    keep loads in flight. tl.dot rows (BLOCK_M = 16): 64, dividing the group when possible."""
+    if block_m < 16:
+        return max(16, min_block_k(bits))
+    return max(min_block_k(bits), _block_k_for(group_size, 64))
 
 
 def _block_k_for(group_size: int, preferred: int) -> int:
@@ -447,7 +443,7 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
         block_n = 128 if block_m <= 4 else 64
         while block_n > 32 and triton.cdiv(n, block_n) * cap < target:
             block_n //= 2
-        block_k = decode_block_k(block_m, block_n, 4, group_size, bits)
+        block_k = decode_block_k(block_m, group_size, bits)
         split = split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
         return KernelConfig("decode", block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=2)
     if schedule == "dequant":
@@ -463,7 +459,8 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
     """The pruned autotuning space (at most MAX_CANDIDATES, so tuning a shape takes seconds, not minutes).
 
     decode: BLOCK_N 64/128/256 (gemlite's Hopper GEMV winners are 128-512 wide) x the split that
-    fills the GPU, half and double of it, 2 or 4 warps; codebooks also try ``lut="registers"``.
+    fills the GPU, half and double of it, 2 or 4 warps, the lean K-tile and one 64 deep; codebooks
+    also try ``lut="registers"``.
     M > 16: the fused tile (tiled and split-K, two tile sizes) against dequantize + cuBLAS. On a GPU,
     4-bit weights with groups of 32..256 also try torch's int4 tinygemm (``tinygemm.py``).
     """
@@ -478,10 +475,12 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
         def split_for(block_n):
             return split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
 
-        shapes = [(bn, split_for(bn), 4) for bn in widths] + [(bn, split_for(bn), 2) for bn in widths]
-        shapes += [(bn, s, 4) for bn in widths[:2] for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))]
-        for block_n, split_k, warps in shapes:
-            depth = decode_block_k(first.block_m, block_n, warps, group_size, bits)
+        lean = decode_block_k(first.block_m, group_size, bits)
+        deep = max(lean, _block_k_for(group_size, 64))
+        shapes = [(bn, split_for(bn), 4, lean) for bn in widths] + [(widths[0], split_for(widths[0]), 4, deep)]
+        shapes += [(bn, split_for(bn), 2, lean) for bn in widths]
+        shapes += [(bn, s, 4, lean) for bn in widths[:2] for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))]
+        for block_n, split_k, warps, depth in shapes:
             for mode in (("global", "registers") if lut else ("global",)):
                 configs.append(KernelConfig("decode", first.block_m, block_n, depth, split_k, num_warps=warps, lut=mode))
     else:

@@ -2,12 +2,17 @@
 any machine, so every stage (TTIR -> TTGIR -> LLVM -> PTX -> cubin) is exercised here.
 
 Run as a script (without TRITON_INTERPRET, which would replace the compiler); prints one JSON line
-per variant: name, shared memory bytes, whether the PTX uses wgmma (Hopper tensor cores), error.
+per variant: name, shared memory bytes, whether the PTX uses wgmma (Hopper tensor cores), registers
+per thread and spill bytes (ptxas -v), error. Besides fixed variants it compiles the decode configs
+the shipped Hopper table gives the Llama-3-8B shapes.
 ``test_compile_sm90.py`` runs it; ``python tests/kernels/sm90_compile.py --all`` compiles more.
 """
 
 import json
+import re
+import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -40,7 +45,41 @@ def compile_variant(kernel, pointer_types: dict, constexprs: dict, num_warps=4, 
             signature[name] = "i32"
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET,
                               options={"num_warps": num_warps, "num_stages": num_stages})
-    return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"]}
+    return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"], **registers(compiled.asm["ptx"])}
+
+
+def registers(ptx: str) -> dict:
+    """Registers per thread and spill bytes, from Triton's own ptxas run with -v on the PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        done = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
+                              capture_output=True, text=True)
+    used = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+    return {"registers": int(used.group(1)) if used else None, "spill_bytes": int(spills.group(1)) if spills else None}
+
+
+def table_variants() -> dict:
+    """The distinct decode configs the shipped Hopper table gives the Llama-3-8B shapes (4-bit, 3-bit,
+    LUT-4; M = 1 and 16), as compile variants."""
+    from compressor.kernels.tables import CONFIG_DIR, read_table, table_key
+    from compressor.kernels.uniform import KernelConfig
+
+    entries = read_table(CONFIG_DIR / "hopper.json")["entries"]
+    variants = {}
+    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        for kind, bits, group in (("uniform", 4, 128), ("uniform", 3, 128), ("lut", 4, -1)):
+            for m in (1, 16):
+                c = KernelConfig.from_dict(entries[table_key(kind, bits, group, n, k, m)])
+                name = (f"table decode M{c.block_m} {kind} {bits}b bn{c.block_n} bk{c.block_k} w{c.num_warps} "
+                        f"s{c.num_stages} {c.lut} split={c.split_k > 1}")
+                variants[name] = matmul_variant("decode", "fp16", bits, lut=kind == "lut", group=group, block=(c.block_m, c.block_n, c.block_k),
+                                                split_k=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
+                                                epilogue=1 if c.split_k > 1 else 0, lut_mode=c.lut)
+    return variants
 
 
 def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atomic=False, block=(16, 64, 64), split_k=1,
@@ -99,7 +138,7 @@ MORE_VARIANTS = {
 
 
 def main(argv):
-    variants = {**VARIANTS, **(MORE_VARIANTS if "--all" in argv else {})}
+    variants = {**VARIANTS, **table_variants(), **(MORE_VARIANTS if "--all" in argv else {})}
     outlier = (sparse._outlier_kernel, {"x_ptr": "*fp16", "rows_ptr": "*i32", "cols_ptr": "*i32", "vals_ptr": "*fp16", "ws_ptr": "*fp32"},
                {"BLOCK": 256, "ROWS": 16}, 4, 1)
     for name, (kernel, types_, constexprs, warps, stages) in {**variants, "outlier add": outlier}.items():

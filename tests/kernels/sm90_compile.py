@@ -75,15 +75,15 @@ def table_variants() -> dict:
             for m in (1, 16):
                 c = KernelConfig.from_dict(entries[table_key(kind, bits, group, n, k, m)])
                 name = (f"table decode M{c.block_m} {kind} {bits}b bn{c.block_n} bk{c.block_k} w{c.num_warps} "
-                        f"s{c.num_stages} {c.lut} split={c.split_k > 1}")
+                        f"s{c.num_stages} {c.lut} unroll{c.unroll} split={c.split_k > 1}")
                 variants[name] = matmul_variant("decode", "fp16", bits, lut=kind == "lut", group=group, block=(c.block_m, c.block_n, c.block_k),
                                                 split_k=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
-                                                epilogue=1 if c.split_k > 1 else 0, lut_mode=c.lut)
+                                                epilogue=1 if c.split_k > 1 else 0, lut_mode=c.lut, unroll=c.unroll)
     return variants
 
 
 def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atomic=False, block=(16, 64, 64), split_k=1,
-                   num_warps=4, num_stages=2, epilogue=0, lut_mode="global"):
+                   num_warps=4, num_stages=2, epilogue=0, lut_mode="global", unroll=1):
     pointer, dot = FLOAT[dtype]
     block_m, block_n, block_k = block
     types_ = {"x_ptr": pointer, "w_ptr": "*i32", "meta_ptr": "*fp16" if lut else pointer, "zs_ptr": "*fp32",
@@ -100,7 +100,7 @@ def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atom
         constexprs.update(BLOCK_N=block_n, BLOCK_K=block_k, OUT_KN=True)
     elif schedule == "decode":
         kernel = uniform._decode_kernel
-        constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot, FACTOR=not lut and constexprs["SCALE_ROW"],
+        constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot, FACTOR=not lut and constexprs["SCALE_ROW"], UNROLL=unroll,
                           INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     else:
@@ -117,6 +117,7 @@ VARIANTS = {
     "decode M1 uniform 5b fp16 group 48 (per-weight scales)": matmul_variant("decode", "fp16", 5, group=48, block=(1, 128, 64),
                                                                              split_k=4, epilogue=1),
     "decode M4 uniform 4b fp16 CUDA cores": matmul_variant("decode", "fp16", 4, block=(4, 128, 32), split_k=4, epilogue=1),
+    "decode M1 uniform 4b fp16 unroll 4": matmul_variant("decode", "fp16", 4, block=(1, 512, 16), split_k=8, epilogue=1, unroll=4),
     "decode M16 uniform 4b fp16 tl.dot": matmul_variant("decode", "fp16", 4, block=(16, 64, 64), split_k=4, epilogue=1),
     "decode M1 lut 4b fp16 global, outliers": matmul_variant("decode", "fp16", 4, lut=True, block=(1, 128, 64), split_k=4,
                                                              epilogue=2),

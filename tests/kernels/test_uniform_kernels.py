@@ -176,3 +176,18 @@ def test_configs_reject_tiles_that_split_a_packed_word(weights):
         KernelConfig("decode", block_m=1, block_k=8)
     with pytest.raises(ValueError, match="lut"):
         KernelConfig("decode", block_m=1, lut="shared")
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (3, False, 64), (2, True, -1), (8, False, 128), (5, True, 16)])
+def test_decode_unrolled_reduction_across_groups_splits_and_the_k_tail(weights, unroll, bits, symmetric, group):
+    """The CUDA-core uniform decode accumulates `unroll` tiles between reductions and gives each
+    program whole units of one group: K = 200 ends mid-tile, 3 splits, groups shorter and longer
+    than a unit, per channel; fp32 activations (1e-5)."""
+    weight = weights.uniform(N, K, bits, group, symmetric, scale_dtype=torch.float32)
+    block_k = 32 if bits % 2 else 16  # 5-bit at group 16: tiles straddle groups, the per-weight path
+    for m in (1, 2):
+        x, bias = weights.x(m, K, torch.float32), weights.bias(N, torch.float32)
+        config = KernelConfig("decode", block_m=m, block_n=16, block_k=block_k, split_k=3, unroll=unroll)
+        assert_matches(uniform_linear(x, pack_uniform(weight), bias, config), exact_linear(x, weight, bias), torch.float32,
+                       f"unroll {unroll} M={m}")

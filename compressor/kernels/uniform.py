@@ -189,18 +189,27 @@ def _uniform_rows(x_ptr, w_ptr, scale_ptr, zs_ptr, offs_m, mask_m, offs_n, mask_
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for unit in range(pid_k * per, tl.minimum(units, pid_k * per + per)):
         g0 = unit * (TILES * BLOCK_K)
-        products = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
-        x_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for tile in tl.static_range(TILES):
-            k0 = g0 + tile * BLOCK_K
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        if TILES == 1:  # reduce the tile's products directly (lets the compiler fuse them into FMAs)
+            offs_k = g0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0, eviction_policy="evict_last").to(tl.float32)
-            v = load_mantissas(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
-            products += x[:, :, None] * v[None, :, :]
-            x_sums += x
-        x_sum = tl.sum(x_sums, axis=1)[:, None]
-        xu = (tl.sum(products, axis=1) - x_sum) * (1 << BITS)  # sum_k x u
+            v = load_mantissas(w_ptr, g0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+            summed = tl.sum(x[:, :, None] * v[None, :, :], axis=1)
+            x_sum = tl.sum(x, axis=1)[:, None]
+        else:
+            products = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
+            x_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for tile in tl.static_range(TILES):
+                k0 = g0 + tile * BLOCK_K
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0, eviction_policy="evict_last").to(tl.float32)
+                v = load_mantissas(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+                products += x[:, :, None] * v[None, :, :]
+                x_sums += x
+            summed = tl.sum(products, axis=1)
+            x_sum = tl.sum(x_sums, axis=1)[:, None]
+        xu = (summed - x_sum) * (1 << BITS)  # sum_k x u
         s, zs = scale_row(scale_ptr, zs_ptr, g0, offs_n, mask_n, N, GROUP, ASYM)
         if ASYM:  # zs = -z * s
             acc += xu * s[None, :] + x_sum * zs[None, :]

@@ -1,0 +1,107 @@
+"""Instructions per weight in the K loop of our decode kernels, from their sm_90 SASS, on any machine.
+
+At M = 1 a weight-only kernel should be bound by memory bandwidth, but each weight also costs
+instructions (unpack, convert, multiply-add), and a GPU issues only so many: an H100 SXM issues
+132 SMs x 4 schedulers x 32 lanes x 1.98 GHz = 3.3e13 thread-instructions/s, so at its 3.35 TB/s a
+b-bit kernel has a budget of 3.3e13 / (3.35e12 * 8 / b) = ~1.25 b instructions per weight
+(4-bit: 5.0, 3-bit: 3.8, 2-bit: 2.5, 8-bit: 10); an H200 (4.8 TB/s, same SMs) 30 % less. Above it,
+the kernel cannot reach the bandwidth peak whatever its tiles.
+
+This compiles variants for sm_90 (Triton's backend and ptxas run without a GPU; x contiguous and
+N, K, pointers 16-divisible, as the JIT specializes them), disassembles them with the cuobjdump
+Triton ships, finds the K loop (the innermost loop holding the multiply-adds) and divides its
+instructions by the weights one thread handles per iteration. A static count: no latency, no
+memory, no occupancy -- a floor check to run before a GPU is at hand.
+
+    python benchmarks/kernel_sass.py            # prints one line per variant
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT / "tests" / "kernels"), str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import triton  # noqa: E402
+from sm90_compile import TARGET, matmul_variant  # noqa: E402  (stubs the compressor package: kernels only)
+from triton.compiler import ASTSource  # noqa: E402
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
+    ("uniform 4b, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4)),
+    ("uniform 4b, 512x16, 4 warps, unroll 4", dict(bits=4, block=(1, 512, 16), num_warps=4, unroll=4)),
+    ("uniform 4b, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1, num_stages=1)),
+    ("uniform 3b, 512x32, 4 warps", dict(bits=3, block=(1, 512, 32), num_warps=4)),
+    ("uniform 3b, 512x32, 4 warps, unroll 4", dict(bits=3, block=(1, 512, 32), num_warps=4, unroll=4)),
+    ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4)),
+    ("uniform 8b, 512x16, 4 warps", dict(bits=8, block=(1, 512, 16), num_warps=4)),
+    ("lut 4b global, 512x16, 4 warps", dict(bits=4, lut=True, block=(1, 512, 16), num_warps=4)),
+    ("lut 4b registers, 512x16, 4 warps", dict(bits=4, lut=True, lut_mode="registers", block=(1, 512, 16), num_warps=4)),
+    ("lut 3b global, 512x32, 4 warps", dict(bits=3, lut=True, block=(1, 512, 32), num_warps=4)),
+]
+
+
+def sass(kernel, types_, constexprs, num_warps, num_stages) -> list[str]:
+    constexprs = {**constexprs, "stride_xk": 1}
+    signature = {n: "constexpr" if n in constexprs else types_[n] if n.endswith("_ptr") else "i32" for n in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if n not in constexprs and (n.endswith("_ptr") or n in ("N", "K", "rows_per_bit", "stride_xm"))}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), target=TARGET,
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return [line for line in text.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+
+
+def opcode(line: str) -> str:
+    return re.sub(r"^\s+/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0].split(".")[0]
+
+
+def k_loop(lines: list[str]) -> list[str]:
+    """The innermost backward-branch loop holding the most FFMA/FMUL (the K loop, not the epilogue's)."""
+    address = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for line in lines]
+    best, best_key = [], None
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA (0x[0-9a-f]+)", line)
+        if not target or int(target.group(1), 16) >= address[i]:
+            continue
+        body = [l for l, a in zip(lines, address) if int(target.group(1), 16) <= a <= address[i]]
+        key = (-sum(opcode(l) in ("FFMA", "FMUL") for l in body), len(body))
+        if key[0] < 0 and (best_key is None or key < best_key):
+            best, best_key = body, key
+    return best
+
+
+def per_weight(name: str, options: dict) -> str:
+    options = {"split_k": 8, "epilogue": 1, **options}
+    kernel, types_, constexprs, warps, stages = matmul_variant("decode", "fp16", **options)
+    body = k_loop(sass(kernel, types_, constexprs, warps, stages))
+    _, block_n, block_k = options["block"]
+    weights_per_thread = block_n * block_k / (32 * warps)
+    tiles = max(1, round(sum(opcode(l) == "FFMA" for l in body) / weights_per_thread))  # unrolled tiles in the body
+    counts: dict[str, int] = {}
+    for line in body:
+        counts[opcode(line)] = counts.get(opcode(line), 0) + 1
+    top = ", ".join(f"{op} {n / (weights_per_thread * tiles):.2f}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
+    return f"{name}: {len(body) / (weights_per_thread * tiles):.2f} instructions per weight ({top})"
+
+
+def main():
+    for name, options in VARIANTS:
+        try:
+            print(per_weight(name, options), flush=True)
+        except Exception as exc:  # report and go on
+            print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    main()

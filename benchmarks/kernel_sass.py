@@ -37,6 +37,8 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
     ("uniform 4b, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4)),
     ("uniform 4b, 512x16, 4 warps, unroll 4", dict(bits=4, block=(1, 512, 16), num_warps=4, unroll=4)),
     ("uniform 4b, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1, num_stages=1)),
+    ("uniform 4b, 128x16, 4 warps", dict(bits=4, block=(1, 128, 16), num_warps=4)),
+    ("uniform 4b, 128x64, 4 warps", dict(bits=4, block=(1, 128, 64), num_warps=4)),
     ("uniform 3b, 512x32, 4 warps", dict(bits=3, block=(1, 512, 32), num_warps=4)),
     ("uniform 3b, 512x32, 4 warps, unroll 4", dict(bits=3, block=(1, 512, 32), num_warps=4, unroll=4)),
     ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4)),
@@ -94,8 +96,13 @@ def per_weight(name: str, options: dict) -> str:
     return f"{name}: {len(body) / (weights_per_thread * tiles):.2f} instructions per weight ({top})"
 
 
-def main():
+def main(argv=None):
+    """``--only TEXT`` keeps the variants whose name contains TEXT."""
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[argv.index("--only") + 1] if "--only" in argv else ""
     for name, options in VARIANTS:
+        if only not in name:
+            continue
         try:
             print(per_weight(name, options), flush=True)
         except Exception as exc:  # report and go on

@@ -431,6 +431,14 @@ def min_block_k(bits: int) -> int:
     return 32 // (bits & -bits)
 
 
+def decode_warps(block_m: int, block_n: int) -> int:
+    """Warps of a decode program: on CUDA cores four columns per thread (BLOCK_N / 128), so each
+    thread's x conversion and address arithmetic serve four columns -- sm_90 SASS at 4 bits: 5.7
+    instructions per weight at 512 columns x 4 warps or 128 x 1, 9.3 at 128 x 4 -- which is also
+    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps). tl.dot: 4."""
+    return max(1, min(8, block_n // 128)) if block_m < 16 else 4
+
+
 def decode_block_k(block_m: int, group_size: int, bits: int) -> int:
     """K-tile of the decode kernel. CUDA-core rows (BLOCK_M < 16): lean, 16 codes (32 for odd
     widths, whose 1-bit plane holds 32 per word) -- gemlite's Hopper GEMV winners take 16
@@ -498,22 +506,23 @@ def default_config(m: int, n: int, k: int, group_size: int, device: torch.device
 def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4) -> KernelConfig:
     """The heuristic behind the shipped tables (the kernels' structure, before any measurement).
 
-    decode: all M rows in one program; BLOCK_N 128 (64 at tensor-core M), halved down to 32 until
-    the N-tiles times the split cap give two programs per SM; then split-K up to that many
-    programs, capped so the partials stay small (``decode_split_cap``). gemm below DEQUANT_MIN_M,
-    dequantize + cuBLAS above.
+    decode: all M rows in one program; on CUDA cores BLOCK_N 512 halved down to 128 (tensor-core
+    rows: 64 down to 32) until the N-tiles times the split cap give two programs per SM, four
+    columns per thread (``decode_warps``); then split-K up to that many programs, capped so the
+    partials stay small (``decode_split_cap``). gemm below DEQUANT_MIN_M, dequantize + cuBLAS above.
     """
     schedule = schedule_for(m)
     target = 2 * sms
     if schedule == "decode":
         block_m = decode_block_m(m)
         cap = decode_split_cap(m, k, bits)
-        block_n = 128 if block_m <= 4 else 64
-        while block_n > 32 and triton.cdiv(n, block_n) * cap < target:
+        block_n = 512 if block_m < 16 else 64
+        while block_n > (128 if block_m < 16 else 32) and triton.cdiv(n, block_n) * cap < target:
             block_n //= 2
         block_k = decode_block_k(block_m, group_size, bits)
         split = split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
-        return KernelConfig("decode", block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=2)
+        return KernelConfig("decode", block_m, block_n, block_k, split_k=split, num_warps=decode_warps(block_m, block_n),
+                            num_stages=2)
     if schedule == "dequant":
         return KernelConfig("dequant", block_n=128, block_k=64, num_warps=4, num_stages=1)
     block_m = min(64, max(16, triton.next_power_of_2(m)))
@@ -526,8 +535,9 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
                       lut: bool = False) -> list[KernelConfig]:
     """The pruned autotuning space (at most MAX_CANDIDATES, so tuning a shape takes seconds, not minutes).
 
-    decode: BLOCK_N 64/128/256 (gemlite's Hopper GEMV winners are 128-512 wide) x the split that
-    fills the GPU, half and double of it, 2 or 4 warps, the lean K-tile and one 64 deep, uniform
+    decode: BLOCK_N 512/256/128 (gemlite's Hopper GEMV winners are 128-512 wide) x the split that
+    fills the GPU, half and double of it, four (or two) columns per thread, the lean K-tile and one
+    64 deep, uniform
     CUDA-core rows also 4 tiles unrolled between reductions (``unroll``); codebooks also try
     ``lut="registers"``.
     M > 16: the fused tile (tiled and split-K, two tile sizes) against dequantize + cuBLAS. On a GPU,
@@ -539,7 +549,7 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
     block_k = max(min_block_k(bits), _block_k_for(group_size, 64))
     if first.schedule == "decode":  # most telling first: a truncated list still spans the space
         cap = decode_split_cap(m, k, bits)
-        widths = (128, 256, 64) if first.block_m < 16 else (64, 128, 32)
+        widths = (512, 256, 128) if first.block_m < 16 else (64, 128, 32)
 
         def split_for(block_n):
             return split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
@@ -547,10 +557,15 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
         lean = decode_block_k(first.block_m, group_size, bits)
         deep = max(lean, _block_k_for(group_size, 64))
         unroll = 1 if lut or first.block_m >= 16 else 4
-        shapes = [(widths[0], split_for(widths[0]), 4, lean, unroll), (widths[1], split_for(widths[1]), 4, lean, unroll)]
-        shapes += [(bn, split_for(bn), 4, lean, 1) for bn in widths] + [(widths[0], split_for(widths[0]), 4, deep, 1)]
-        shapes += [(bn, split_for(bn), 2, lean, 1) for bn in widths]
-        shapes += [(bn, s, 4, lean, 1) for bn in widths[:2] for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))]
+
+        def warps(bn):
+            return decode_warps(first.block_m, bn)
+
+        shapes = [(bn, split_for(bn), warps(bn), lean, unroll) for bn in widths[:2]]
+        shapes += [(bn, split_for(bn), warps(bn), lean, 1) for bn in widths]
+        shapes += [(widths[0], split_for(widths[0]), warps(widths[0]), deep, 1)]
+        shapes += [(bn, split_for(bn), 2 * warps(bn), lean, 1) for bn in widths]
+        shapes += [(bn, s, warps(bn), lean, 1) for bn in widths[:2] for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))]
         for block_n, split_k, warps, depth, tiles in shapes:
             for mode in (("global", "registers") if lut else ("global",)):
                 configs.append(KernelConfig("decode", first.block_m, block_n, depth, split_k, num_warps=warps, lut=mode,

@@ -17,8 +17,8 @@ kernels in ``lut.py`` are these same schedules with a codebook lookup plugged in
   counter; the program that arrives last for a column sums the SPLIT_K partials, adds the bias,
   writes x's dtype and resets the counter to 0 for the next launch (CUTLASS's "serial split-K"
   semaphore, per column). No zero-fill kernel, no cast kernel. SPLIT_K is a runtime argument (one
-  compiled kernel serves every split; only "split or not" is compile-time). The counters are one int32 per
-  output column, zeroed once per (device, stream) and left at zero by every launch.
+  compiled kernel serves every split; only "split or not" is compile-time). The counters are one
+  int32 per output column, zeroed once per (device, stream) and left at zero by every launch.
 * ``gemm`` (M > 16, or any M with sparse outliers): ``tl.dot`` on the dequantized tile,
   grouped-M tile order, optional split-K with atomic adds into an fp32 workspace.
 * ``dequant``: one pass writes W in x's dtype in the packed layout's own order ``[K, N]`` (reads
@@ -29,13 +29,14 @@ Codes are loaded compactly: each plane's ``BLOCK_K / (32 / width)`` packed words
 loaded once and expanded in registers (``words[:, None, :] >> shifts[None, :, None]``, reshaped to
 ``[BLOCK_K, BLOCK_N]``), instead of gemlite's ``offs_k // per_word`` tile that issues one load per
 code and relies on L1 to merge the repeats (8x the load instructions at 4 bits, 32x for the
-1-bit plane of 3/5/7-bit codes: the measured reason 3-bit was slower than 4-bit). Hence BLOCK_K is
-a multiple of 32. Codes become floats without the slow int->float conversion: ``u | 0x4B000000``
-read as fp32 is exactly ``2**23 + u`` (Marlin's exponent trick, kernels.md section 3f, in fp32), so
-one OR and one subtract replace the conversion (the subtract also removes the symmetric zero).
-In the decode kernel a uniform K-tile that lies inside one group (``SCALE_ROW``) is not dequantized
-per weight: ``acc += s * sum_k x (u - z)`` (and ``+ zs * sum_k x`` when asymmetric) applies the
-scale once per tile and column, one multiply per weight less.
+1-bit plane of 3/5/7-bit codes). Hence BLOCK_K is a multiple of ``min_block_k(bits)``.
+
+Codes become floats without the quarter-rate int->float conversion. Uniform decode on CUDA cores
+(``_uniform_rows``, the M = 1 path): ``ONE | u << (23 - b)`` read as fp32 is ``1 + u / 2**b``, so a
+code costs a shift and a mask-or, and sum_k x u = 2**b (sum_k x v - sum_k x) exactly; the group's
+scale and zero are applied once per column. Elsewhere ``u | 0x4B000000`` read as fp32 is
+``2**23 + u`` (Marlin's exponent trick in fp32), and one subtract also removes the symmetric zero.
+``benchmarks/kernel_sass.py`` counts what this leaves per weight in the sm_90 SASS.
 
 Activations are converted right after ``tl.load``: to fp32 on the CUDA-core paths, and to the
 ``tl.dot`` operand type on the tensor-core path (bf16 becomes fp32 under ``TRITON_INTERPRET=1``,
@@ -124,11 +125,9 @@ def dequant_affine(u, offs_k, offs_n, mask_k, mask_n, k0, scale_ptr, zs_ptr, tab
         meta = (offs_k // GROUP)[:, None] * N + offs_n[None, :]
         meta_mask = mask_k[:, None] & mask_n[None, :]
     s = tl.load(scale_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
-    magic = (u | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + u, exactly
     if ASYM:
-        zs = tl.load(zs_ptr + meta, mask=meta_mask, other=0.0)
-        return (magic - TWO_23) * s + zs
-    return (magic - (TWO_23 + (1 << (BITS - 1)))) * s
+        return affine_values(u, BITS, ASYM) * s + tl.load(zs_ptr + meta, mask=meta_mask, other=0.0)
+    return affine_values(u, BITS, ASYM) * s
 
 
 @triton.jit

@@ -43,6 +43,8 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
     ("uniform 3b, 512x32, 4 warps, unroll 4", dict(bits=3, block=(1, 512, 32), num_warps=4, unroll=4)),
     ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4)),
     ("uniform 8b, 512x16, 4 warps", dict(bits=8, block=(1, 512, 16), num_warps=4)),
+    ("uniform 4b, M16 tensor cores, 64x64, 4 warps", dict(bits=4, block=(16, 64, 64), num_warps=4)),
+    ("uniform 4b, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2)),
     ("lut 4b global, 512x16, 4 warps", dict(bits=4, lut=True, block=(1, 512, 16), num_warps=4)),
     ("lut 4b registers, 512x16, 4 warps", dict(bits=4, lut=True, lut_mode="registers", block=(1, 512, 16), num_warps=4)),
     ("lut 3b global, 512x32, 4 warps", dict(bits=3, lut=True, block=(1, 512, 32), num_warps=4)),
@@ -68,7 +70,7 @@ def opcode(line: str) -> str:
 
 
 def k_loop(lines: list[str]) -> list[str]:
-    """The innermost backward-branch loop holding the most FFMA/FMUL (the K loop, not the epilogue's)."""
+    """The innermost backward-branch loop holding the most FFMA/FMUL/HMMA (the K loop, not the epilogue's)."""
     address = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for line in lines]
     best, best_key = [], None
     for i, line in enumerate(lines):
@@ -76,7 +78,7 @@ def k_loop(lines: list[str]) -> list[str]:
         if not target or int(target.group(1), 16) >= address[i]:
             continue
         body = [l for l, a in zip(lines, address) if int(target.group(1), 16) <= a <= address[i]]
-        key = (-sum(opcode(l) in ("FFMA", "FMUL") for l in body), len(body))
+        key = (-sum(opcode(l) in ("FFMA", "FMUL", "HMMA") for l in body), len(body))
         if key[0] < 0 and (best_key is None or key < best_key):
             best, best_key = body, key
     return best
@@ -86,9 +88,10 @@ def per_weight(name: str, options: dict) -> str:
     options = {"split_k": 8, "epilogue": 1, **options}
     kernel, types_, constexprs, warps, stages = matmul_variant("decode", "fp16", **options)
     body = k_loop(sass(kernel, types_, constexprs, warps, stages))
-    _, block_n, block_k = options["block"]
+    rows, block_n, block_k = options["block"]
     weights_per_thread = block_n * block_k / (32 * warps)
-    tiles = max(1, round(sum(opcode(l) == "FFMA" for l in body) / weights_per_thread))  # unrolled tiles in the body
+    products = sum(opcode(line) == "FFMA" for line in body) / (rows if rows < 16 else 1)
+    tiles = 1 if rows >= 16 else max(1, round(products / weights_per_thread))  # unrolled tiles in the body
     counts: dict[str, int] = {}
     for line in body:
         counts[opcode(line)] = counts.get(opcode(line), 0) + 1

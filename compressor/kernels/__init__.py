@@ -5,11 +5,14 @@ for any quantized value type from ``compressor.quant.formats``, for x of any lea
 
 * ``packing.py``   planes layout (any width 1..8, K-packed, N-contiguous) and the exact repack of
                    compressed-tensors ``pack-quantized`` tensors
-* ``uniform.py``   Triton gemv / split-K gemm / dequantize kernels for affine integer weights
+* ``uniform.py``   Triton decode (one launch, M <= 16) / gemm / dequantize kernels for affine weights
 * ``lut.py``       the same schedules for per-row codebooks (SqueezeLLM)
 * ``sparse.py``    the sparse outlier add (dense-and-sparse)
+* ``tinygemm.py``  torch's int4 kernel for 4-bit group weights, where a config table picks it
 * ``reference.py`` plain torch ground truth for each kernel, and the CPU path
-* ``dispatch.py``  backend choice, per-layer cache of kernel tensors, configs and autotuning
+* ``dispatch.py``  backend choice, per-layer cache of kernel tensors, config choice
+* ``tables.py``    shipped per-GPU-family config tables (``configs/*.json``) and user tables
+* ``tune.py``      the bounded tuner (``COMPRESSOR_AUTOTUNE=on``, ``compressor tune``)
 
 Importing this package never imports triton; the kernels are imported on first use.
 """

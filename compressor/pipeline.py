@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from compressor.arch import block_linears
 from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, first_output
 from compressor.model import ModelHandle
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.linear import QuantizedLinear
 from compressor.report import Report, peak_memory
 from compressor.recipe import Recipe, Step
 

@@ -16,8 +16,8 @@ from compressor.model import ModelHandle
 from compressor.pipeline import Session
 from compressor.quant import efficientqat as eqat
 from compressor.quant.efficientqat import EfficientQATE2EQP, FakeQuantLinear, fake_quantize, trainable_groups
-from compressor.quant.formats import UniformWeight
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.formats import UniformWeight
+from compressor.weights.linear import QuantizedLinear
 from compressor.quant.uniform import minmax_params, quantize_uniform
 from compressor.recipe import RecipeError
 

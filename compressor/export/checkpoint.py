@@ -22,7 +22,7 @@ from torch import nn
 from compressor.export import compressed_tensors as ct
 from compressor.export import native
 from compressor.export.shards import ShardWriter, parse_size
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.linear import QuantizedLinear
 
 FORMAT_VERSION = "compressor-export-v1"
 # Travels unchanged from the input model: tokenizer and generation settings.

@@ -14,8 +14,8 @@ import re
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from compressor.quant.formats import UniformWeight, num_groups
-from compressor.quant.uniform import row_chunks
+from compressor.kernels.packing import PackedUniform, pack_uniform
+from compressor.weights.formats import UniformWeight, num_groups, row_chunks
 
 CT_MIN_VERSION = "0.17.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.17.0
 
@@ -54,6 +54,13 @@ def uniform_from_ct_tensors(tensors: dict[str, torch.Tensor], bits: int, group_s
         zeros = signed_zeros.to(torch.int32) + offset
     codes = (signed.to(torch.int32) + offset).to(torch.uint8)
     return UniformWeight(codes=codes, scales=tensors["weight_scale"], zeros=zeros, bits=bits, group_size=group_size)
+
+
+def repack_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> PackedUniform:
+    """One layer's ``pack-quantized`` tensors (``weight_packed``, ``weight_scale``, ``weight_shape``,
+    optional ``weight_zero_point``; names without the module prefix) -> the kernels' planes layout.
+    The codes are decoded with compressed-tensors' own ``unpack_from_int32``, then re-packed."""
+    return pack_uniform(uniform_from_ct_tensors(tensors, bits, group_size))
 
 
 def scheme_key(weight: UniformWeight) -> tuple:

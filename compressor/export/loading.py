@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from compressor.export import compressed_tensors as ct
 from compressor.export import native
 from compressor.model import safetensors_index
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.linear import QuantizedLinear
 
 
 def group_args_for(name: str, quantization_config: dict) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from compressor.kernels.packing import pack_codes, unpack_codes
-from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
+from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
 
 QUANT_METHOD = "compressor"
 FORMAT_VERSION = 1

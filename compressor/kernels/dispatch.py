@@ -34,7 +34,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from compressor.kernels.reference import reference_linear
-from compressor.quant.formats import (
+from compressor.weights.formats import (
     DenseAndSparseWeight,
     LUTWeight,
     SparseOutliers,
@@ -112,7 +112,7 @@ def _stamp_matches(refs, tensors) -> bool:
 def prepare(weight):
     """(dense, sparse) kernel tensors of a value type (``packing.Packed*`` or None), cached."""
     from compressor.kernels.packing import pack_weight
-    from compressor.quant.formats import static_fields
+    from compressor.weights.formats import static_fields
 
     tensors, refs = _stamp(weight)
     anchor = next(t for t in tensors if t is not None)

@@ -72,7 +72,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 from compressor.arch import UnsupportedArchitecture, attention_geometry
 from compressor.distill import coarse_kl, teacher_top_k
-from compressor.export.deepseek_mla import deepseek_v3_config
+from compressor.arch.deepseek_mla import deepseek_v3_config
 from compressor.recipe import Step, param, register_step
 
 # ----------------------------------------------------------------------------------------------

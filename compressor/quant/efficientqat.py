@@ -82,8 +82,8 @@ from torch.nn.utils import parametrize
 
 from compressor.blockwise import first_output, next_token_loss
 from compressor.distill import coarse_kl, teacher_top_k
-from compressor.quant.formats import UniformWeight
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.formats import UniformWeight
+from compressor.weights.linear import QuantizedLinear
 from compressor.quant.uniform import check_group_size, minmax_params, quantize_codes, relative_error, storable_scale
 from compressor.recipe import Step, param, register_step
 from compressor.report import peak_memory

@@ -77,10 +77,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
-from compressor.quant.linear import QuantizedLinear
-from compressor.quant.uniform import minmax_params, row_chunks
+from compressor.quant.uniform import minmax_params
 from compressor.recipe import Step, param, register_step
+from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, row_chunks
+from compressor.weights.linear import QuantizedLinear
 
 INITS = ("best", "kmeans++", "uniform")
 RESCALES = ("unbiased", "none")
@@ -176,7 +176,7 @@ def fisher_weighted_kmeans(
 
     ``weight`` and ``fisher`` are [R, K] (fisher >= 0; rows whose weights are all 0 use unit
     weights). Returns fp32 centroids [R, 2**bits] sorted per row, uint8 codes [R, K] and the fp64
-    objective per row. Rows are processed in chunks of ~4M weights (``uniform.row_chunks``); the
+    objective per row. Rows are processed in chunks of ~4M weights (``formats.row_chunks``); the
     result is deterministic for a given seed and device.
     """
     if init not in INITS:

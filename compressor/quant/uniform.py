@@ -13,12 +13,10 @@ compressed-tensors' ``pack-quantized`` format:
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
-from compressor.quant.formats import UniformWeight, expand_groups, tensor_names
+from compressor.weights.formats import UniformWeight, expand_groups, row_chunks
 
 
 def check_group_size(name: str, in_features: int, group_size: int) -> None:
@@ -72,14 +70,6 @@ def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return codes.clamp(0, 2**bits - 1).to(torch.uint8)
 
 
-CHUNK_ELEMENTS = 2**22  # rows are processed in chunks of ~4M weights: fp32 temporaries stay ~16 MB each
-
-
-def row_chunks(rows: int, columns: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(columns, 1))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
 def quantize_uniform(
     weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
 ) -> UniformWeight:
@@ -97,13 +87,10 @@ def quantize_uniform(
 
 
 def relative_error(weight: torch.Tensor, quantized) -> float:
-    """||W - W_hat||_F / ||W||_F for a value whose tensors all start with the row dimension (uniform
-    values; not a CSR part), dequantized a chunk of rows at a time."""
+    """||W - W_hat||_F / ||W||_F for any value type, dequantized a chunk of rows at a time."""
     error = norm = 0.0
     for rows in row_chunks(*weight.shape):
-        part = dataclasses.replace(
-            quantized, **{name: getattr(quantized, name)[rows] for name in tensor_names(quantized) if getattr(quantized, name) is not None}
-        )
+        part = quantized.rows(rows)
         original = weight[rows].float()
         error += float((original - part.dequantize(torch.float32)).square().sum())
         norm += float(original.square().sum())

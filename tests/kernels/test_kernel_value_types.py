@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from compressor.quant.formats import (
+from compressor.weights.formats import (
     QUANTIZED_WEIGHT_TYPES,
     DenseAndSparseWeight,
     LUTWeight,
     SparseOutliers,
     UniformWeight,
 )
-from compressor.quant.linear import QuantizedLinear, weight_type_by_kind
+from compressor.weights.linear import QuantizedLinear, weight_type_by_kind
 
 
 def test_registered_kinds():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from compressor.recipe import CalibrationConfig, ExportConfig, registered_steps, step_reference
+from compressor.methods import registered_steps
+from compressor.recipe import CalibrationConfig, ExportConfig
+from compressor.step import step_reference
 
 
 def _sections():

@@ -17,8 +17,6 @@ freed, so applying RTN to a model larger than memory streams it shard by shard.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -26,112 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.arch import block_linears
-from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, first_output
+from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_block
+from compressor.context import BlockContext, ModelContext, RunState
 from compressor.model import ModelHandle
-from compressor.weights.linear import QuantizedLinear
+from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
-from compressor.recipe import Recipe, Step
-
-
-def matches_any(name: str, patterns: list[str]) -> bool:
-    """``re:REGEX`` searches the full module name; a plain pattern is a glob over the full name, or
-    over its last component when it has no dot (so ``lm_head`` and ``q_proj`` work as written)."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.search(pattern[3:], name):
-                return True
-        elif fnmatch.fnmatchcase(name, pattern) or ("." not in pattern and fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)):
-            return True
-    return False
-
-
-@dataclass
-class BlockContext:
-    """What a layer step sees of block ``index``: the block, its calibration inputs, and helpers."""
-
-    session: Session
-    step: Step
-    index: int
-    prefix: str
-    block: nn.Module
-    inputs: list[torch.Tensor] | None  # hidden states entering the block, one tensor per batch
-    block_kwargs: list[dict] | None  # the keyword arguments the model passes its blocks, per batch
-
-    @property
-    def device(self) -> torch.device:
-        return self.session.device
-
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        return self.session.export_dtype
-
-    @property
-    def config(self):
-        return self.session.handle.config
-
-    def linears(self, ignore: list[str]) -> dict[str, nn.Linear]:
-        """The block's still-dense projections (path inside the block -> module), minus ``ignore``.
-
-        Layers an earlier step already quantized are not offered again."""
-        return {
-            name: module
-            for name, module in block_linears(self.session.handle.adapter, self.block).items()
-            if isinstance(module, nn.Linear) and not matches_any(f"{self.prefix}.{name}", ignore)
-        }
-
-    def replace_linear(self, name: str, quantized_weight) -> QuantizedLinear:
-        linear = self.block.get_submodule(name)
-        module = QuantizedLinear(quantized_weight, linear.bias)
-        self.block.set_submodule(name, module)
-        return module
-
-    @torch.no_grad()
-    def forward(self, block: nn.Module | None = None, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Run ``block`` (default: this block as it is now) on the calibration inputs."""
-        return self.session.run_block(block or self.block, inputs if inputs is not None else self.inputs, self.block_kwargs)
-
-    def record(self, module: str, **numbers) -> None:
-        self.session.report.add_row(step=self.step.name, block=self.index, module=f"{self.prefix}.{module}", **numbers)
-
-
-@dataclass
-class ModelContext:
-    """What a model step sees: the whole materialized model, the calibration tokens, and the
-    block-by-block forward/backward (the only way to run the model when ``offloaded``)."""
-
-    session: Session
-    step: Step
-    model: nn.Module
-    runner: BlockwiseModel
-
-    @property
-    def device(self) -> torch.device:
-        return self.session.device
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.session.compute_dtype
-
-    @property
-    def offloaded(self) -> bool:
-        """True when the blocks live in CPU memory and visit the device one at a time."""
-        return self.runner.offloaded
-
-    def calibration_tokens(self) -> torch.Tensor:
-        return self.session.calibration_tokens()
-
-    def forward_backward(self, input_ids: torch.Tensor, loss_fn=None) -> float:
-        """One forward + backward pass on a batch; gradients accumulate into every trainable tensor.
-        ``loss_fn(logits, input_ids)`` defaults to the mean next-token cross-entropy."""
-        return self.runner.forward_backward(input_ids, loss_fn)
-
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """fp32 logits on the device, without autograd."""
-        return self.runner.logits(input_ids)
-
-    def record(self, module: str, **numbers) -> None:
-        self.session.report.add_row(step=self.step.name, module=module, **numbers)
+from compressor.step import Step
 
 
 @dataclass
@@ -146,6 +44,10 @@ class Session:
     report: Report = field(default_factory=Report)
     live_blocks: set = field(default_factory=set)  # blocks materialized (loaded or already compressed)
     _tokens: torch.Tensor | None = None
+    run_state: RunState = field(init=False)  # what the steps' contexts share for this run
+
+    def __post_init__(self):
+        self.run_state = RunState(self.report, self.compute_dtype, self.export_dtype, self.calibration_tokens)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -192,7 +94,10 @@ class Session:
             # Data-free passes never run the block: keep its weights in the checkpoint dtype.
             block = self.load_block(index, None if needs_data else self.handle.dtype)
             for step in steps:
-                step.compress_block(BlockContext(self, step, index, prefix, block, inputs, kwargs))
+                step.compress_block(BlockContext(
+                    handle=self.handle, device=self.device, run=self.run_state, step=step, state=self.run_state.state_of(step),
+                    index=index, block=block, inputs=inputs, block_kwargs=kwargs,
+                ))
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
             if needs_data and index + 1 < len(self.handle.blocks):
                 inputs = self.run_block(block, inputs, kwargs)
@@ -214,7 +119,9 @@ class Session:
         if self.handle.tied_embeddings:
             self.handle.model.tie_weights()
         runner = BlockwiseModel(self.handle, self.device, offloaded)
-        step.compress_model(ModelContext(self, step, self.handle.model, runner))
+        step.compress_model(ModelContext(
+            handle=self.handle, device=self.device, run=self.run_state, step=step, state=self.run_state.state_of(step), runner=runner,
+        ))
 
     def should_offload(self) -> bool:
         """Offload the blocks when the weights would take more than 80% of the free device memory."""
@@ -254,9 +161,8 @@ class Session:
         self.handle.release(self.handle.model.get_submodule(embed))
         return captured_inputs, captured_kwargs
 
-    @torch.no_grad()
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-        return [first_output(block(hidden, **kw)) for hidden, kw in zip(inputs, kwargs)]
+        return run_block(block, inputs, kwargs)
 
 
 def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:

@@ -1,4 +1,4 @@
-"""Recipes: YAML <-> typed objects, and the registry of recipe steps.
+"""Recipes: YAML <-> typed objects.
 
 A recipe is three sections::
 
@@ -7,10 +7,10 @@ A recipe is three sections::
       - rtn: {bits: 4, group_size: 128, symmetric: false, ignore: [lm_head]}
     export: {format: auto}
 
-Every step is a dataclass registered with ``@register_step("name")``; its fields, declared with
-``param(...)``, are the recipe keys, with their defaults, allowed values and one line of help. The
-same declarations drive validation, ``compressor methods`` and the README's recipe reference, so
-nothing else changes when a method is added.
+Every step is a dataclass registered with ``@register_step("name")`` (``compressor.step``); its
+fields, declared with ``param(...)``, are the recipe keys, with their defaults, allowed values and
+one line of help. The same declarations drive validation, ``compressor methods`` and the README's
+recipe reference; the method modules are listed in ``compressor.methods``.
 
 Validation is strict: unknown sections, steps and keys are errors (with a did-you-mean), and every
 error is one line naming the file, the step and the key, e.g.
@@ -19,164 +19,15 @@ error is one line naming the file, the step and the key, e.g.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
 
 import yaml
 
+from compressor.methods import registered_steps
+from compressor.step import Config, RecipeError, Step, did_you_mean, build_config, param, register_step
 
-class RecipeError(ValueError):
-    """A recipe mistake; its message is one line naming file, location and key."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Declaring parameters
-
-
-def param(default: Any, help: str, *, choices=None, min=None, max=None):
-    """A recipe key: its default, one line of help, and optionally allowed values or bounds."""
-    metadata = {"help": help, "choices": choices, "min": min, "max": max}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def describe_choices(choices) -> str:
-    if isinstance(choices, range):
-        return f"{choices.start}..{choices.stop - 1}"
-    return ", ".join(str(c) for c in choices)
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(inner, str(inner))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _matches_type(value, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches_type(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        return isinstance(value, list) and all(_matches_type(v, inner) for v in value)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def build_config(cls, raw, where: str, source: str):
-    """Validate ``raw`` (a mapping from YAML) against dataclass ``cls`` and build it."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: {where}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in raw:
-        if key not in fields:
-            allowed = ", ".join(fields) or "no keys"
-            raise RecipeError(
-                f"{source}: {where}.{key}: unknown key{_did_you_mean(key, fields)}; allowed: {allowed}"
-            )
-    for key, value in raw.items():
-        meta = fields[key].metadata
-        if not _matches_type(value, hints[key]):
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is not {_type_name(hints[key])}")
-        choices = meta.get("choices")
-        if choices is not None and value not in choices:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is not one of {describe_choices(choices)}")
-        low, high = meta.get("min"), meta.get("max")
-        if low is not None and value is not None and value < low:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is below the minimum {low}")
-        if high is not None and value is not None and value > high:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is above the maximum {high}")
-    config = cls(**{k: (float(v) if hints[k] is float and isinstance(v, int) else v) for k, v in raw.items()})
-    try:
-        config.check()
-    except ValueError as error:  # cross-field checks raise ValueError("key: message")
-        raise RecipeError(f"{source}: {where}.{error}") from None
-    return config
-
-
-class Config:
-    """Base of every recipe section and step config: cross-field checks go in ``check``."""
-
-    def check(self) -> None:
-        """Raise ``ValueError("key: what is wrong")`` for combinations of keys that cannot work."""
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-
-
-# ----------------------------------------------------------------------------------------------
-# Steps and their registry
-
-
-class Step(Config):
-    """A recipe step. Subclasses are dataclasses registered with ``@register_step``.
-
-    ``kind`` says how the session runs it:
-
-    * ``"layer"``: ``compress_block(block, context)`` is called for each decoder block in turn, with
-      the block's calibration inputs produced by the already-compressed blocks before it;
-    * ``"model"``: ``compress_model(model, context)`` is called once with the whole model.
-
-    ``needs_calibration`` is False for data-free steps (RTN), which then never run a forward pass.
-    """
-
-    name: ClassVar[str] = ""
-    kind: ClassVar[str] = "layer"
-    needs_calibration: ClassVar[bool] = True
-
-    @classmethod
-    def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0]
-
-
-STEPS: dict[str, type[Step]] = {}
-
-
-def register_step(name: str):
-    """Class decorator: make a dataclass ``Step`` available to recipes under ``name``."""
-
-    def decorate(cls):
-        if name in STEPS:
-            raise ValueError(f"step '{name}' is registered twice ({STEPS[name].__module__} and {cls.__module__})")
-        if not (dataclasses.is_dataclass(cls) and issubclass(cls, Step)):
-            raise TypeError(f"step '{name}' must be a dataclass subclass of Step")
-        cls.name = name
-        STEPS[name] = cls
-        return cls
-
-    return decorate
-
-
-def registered_steps() -> dict[str, type[Step]]:
-    import compressor.lowrank  # noqa: F401  (importing the method packages registers their steps)
-    import compressor.quant  # noqa: F401
-
-    return dict(sorted(STEPS.items()))
+__all__ = ["CalibrationConfig", "ExportConfig", "Recipe", "RecipeError", "Step", "param", "parse_step", "register_step"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +89,7 @@ class Recipe:
             raise RecipeError(f"{source}: a recipe is a mapping with the sections {', '.join(SECTIONS)}")
         for key in data:
             if key not in SECTIONS:
-                raise RecipeError(f"{source}: {key}: unknown section{_did_you_mean(key, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
+                raise RecipeError(f"{source}: {key}: unknown section{did_you_mean(key, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
         raw_steps = data.get("steps")
         if not isinstance(raw_steps, list) or not raw_steps:
             raise RecipeError(f"{source}: steps: expected a non-empty list of steps, got {raw_steps!r}")
@@ -275,22 +126,6 @@ def parse_step(entry, index: int, source: str) -> Step:
     steps = registered_steps()
     if name not in steps:
         raise RecipeError(
-            f"{source}: {where}.{name}: unknown step{_did_you_mean(name, steps)}; known steps: {', '.join(steps)}"
+            f"{source}: {where}.{name}: unknown step{did_you_mean(name, steps)}; known steps: {', '.join(steps)}"
         )
     return build_config(steps[name], raw, f"{where}.{name}", source)
-
-
-def step_reference(cls) -> list[tuple[str, str, str]]:
-    """(key, default, help) rows for one step: the source of ``compressor methods`` and the README."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
-        if f.metadata.get("choices") is not None:
-            help_text += f" ({describe_choices(f.metadata['choices'])})"
-        shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
-        rows.append((f.name, shown, f"{help_text} [{_type_name(hints[f.name])}]"))
-    return rows

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 # output error / max|output| allowed per activation dtype (kernels.md section 8, with headroom for K
 # in the thousands: fp16 and bf16 round the dequantized weight to the tl.dot operand type)

@@ -82,7 +82,7 @@ def test_a_bare_step_name_uses_the_defaults():
 def test_integers_are_accepted_for_numbers():
     from dataclasses import dataclass
 
-    from compressor.recipe import Config, build_config, param
+    from compressor.step import Config, build_config, param
 
     @dataclass
     class Example(Config):
@@ -94,7 +94,8 @@ def test_integers_are_accepted_for_numbers():
 
 
 def test_methods_lists_every_registered_step_and_key():
-    from compressor.recipe import registered_steps, step_reference
+    from compressor.methods import registered_steps
+    from compressor.step import step_reference
 
     output = CliRunner().invoke(main, ["methods"]).output
     for name, cls in registered_steps().items():

@@ -115,8 +115,12 @@ class CheckpointWriter:
 
     # --- the rest of the folder ------------------------------------------------------------------
 
-    def finish(self, handle, recipe, report) -> dict:
-        """Write the modules outside the blocks, the config, tokenizer, recipe and report."""
+    def finish(self, handle, recipe, report, architecture=None) -> dict:
+        """Write the modules outside the blocks, the config, tokenizer, recipe and report.
+
+        ``architecture`` (``compressor.arch.ExportArchitecture``), when a step changed the model's
+        architecture: its config is written instead of the input's, with its modeling files and
+        ``auto_map``."""
         from compressor import __version__
 
         skip = {f"{handle.adapter.lm_head}.weight"} if handle.tied_embeddings else set()
@@ -133,8 +137,12 @@ class CheckpointWriter:
             handle.release(module)
         files = self.shards.close()
 
-        config = copy.deepcopy(handle.export_config or handle.config)
+        config = copy.deepcopy(architecture.config if architecture is not None else handle.config)
         config.dtype = self.dtype
+        if architecture is not None and architecture.modeling_files:
+            for file, source in architecture.modeling_files.items():
+                (self.directory / file).write_text(source)
+            config.auto_map = dict(architecture.auto_map)
         if self.schemes:
             config.quantization_config = ct.quantization_config(self.schemes, self.dense_linears)
         elif self.native_modules:

@@ -71,9 +71,9 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from compressor.arch import UnsupportedArchitecture, attention_geometry
-from compressor.distill import coarse_kl, teacher_top_k
+from compressor.distill import coarse_kl
 from compressor.arch.deepseek_mla import deepseek_v3_config
-from compressor.recipe import Step, param, register_step
+from compressor.step import Step, param, register_step
 
 # ----------------------------------------------------------------------------------------------
 # Math on tensors
@@ -344,8 +344,8 @@ class TransMLA(Step):
         check_convertible(config)
         geometry = attention_geometry(config)
         rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold)
-        adapter = context.session.handle.adapter
-        attention_path = adapter.linears["q"].rpartition(".")[0]
+        adapter = context.adapter
+        attention_path = adapter.attention
         attention = context.block.get_submodule(attention_path)
         if attention.q_proj.bias is not None:
             raise UnsupportedArchitecture(
@@ -354,7 +354,7 @@ class TransMLA(Step):
             )
         norm = context.block.get_submodule(adapter.norms["input"])
         mla_config = deepseek_v3_config(config, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=geometry.head_dim, v_head_dim=geometry.head_dim)
-        context.session.handle.export_config = mla_config
+        context.declare_architecture(mla_config)  # the export is a DeepseekV3ForCausalLM
 
         with torch.no_grad():
             gram = kv_gram(context.block, attention, norm, context.inputs)
@@ -368,7 +368,7 @@ class TransMLA(Step):
             gamma = least_squares_norm_weight(latents, eps=1e-6)
             before = context.forward()
             module = build_mla_attention(weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma)
-            context.block.set_submodule(attention_path, module)
+            context.replace_module(attention_path, module)
             after = context.forward()
         error = sum((a - b).pow(2).sum().item() for a, b in zip(after, before)) / max(sum(b.pow(2).sum().item() for b in before), 1e-30)
         context.record(
@@ -397,14 +397,12 @@ class TransMLAHeal(Step):
     train: str = param("attention", "what learns: the converted attention layers, or every block weight", choices=("attention", "all"))
 
     def compress_model(self, context) -> None:
-        blocks = context.session.handle.blocks
+        blocks = context.blocks
         attentions = [m for block in blocks for m in block.modules() if isinstance(m, MLAAttention)]
         if not attentions:
             raise ValueError("transmla_heal: the model has no converted attention; put a transmla step before it")
         tokens = context.calibration_tokens()
-        teacher_logp, teacher_index = teacher_top_k(
-            context.session.handle.path, tokens, context.device, context.compute_dtype, context.offloaded, self.top_k, self.batch_size
-        )
+        teacher_logp, teacher_index = context.teacher(self.top_k, self.batch_size)
         owners = attentions if self.train == "attention" else list(blocks)
         parameters = [p for owner in owners for p in owner.parameters() if p.is_floating_point()]
         for p in parameters:

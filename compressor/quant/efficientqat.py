@@ -81,11 +81,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.blockwise import first_output, next_token_loss
-from compressor.distill import coarse_kl, teacher_top_k
+from compressor.distill import coarse_kl
 from compressor.weights.formats import UniformWeight
 from compressor.weights.linear import QuantizedLinear
 from compressor.quant.uniform import check_group_size, minmax_params, quantize_codes, relative_error, storable_scale
-from compressor.recipe import Step, param, register_step
+from compressor.step import Step, param, register_step
 from compressor.report import peak_memory
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
@@ -254,8 +254,6 @@ class EfficientQATBlockAP(Step):
     train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
     ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
-    _fp_inputs = None  # the fp chain: outputs of the fp blocks so far (not a recipe key)
-
     def check(self) -> None:
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
@@ -273,10 +271,11 @@ class EfficientQATBlockAP(Step):
         linears = context.linears(self.ignore)
         for name, linear in linears.items():
             check_group_size(f"{context.prefix}.{name}", linear.in_features, self.group_size)
-        # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours.
-        fp_inputs = context.inputs if context.index == 0 else self._fp_inputs
+        # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours,
+        # kept in the run's state for this step (the outputs of the fp blocks so far).
+        fp_inputs = context.inputs if context.index == 0 else context.state["fp_inputs"]
         targets = context.forward(inputs=fp_inputs)  # the fp block on fp inputs
-        self._fp_inputs = None if context.index == len(context.session.handle.blocks) - 1 else targets
+        context.state["fp_inputs"] = None if context.index == context.num_blocks - 1 else targets
 
         block, dtype = context.block, next(context.block.parameters()).dtype
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
@@ -352,13 +351,8 @@ class EfficientQATE2EQP(Step):
     kind = "model"
 
     def compress_model(self, context) -> None:
-        from compressor.pipeline import matches_any  # (the pipeline imports the quantizers)
-
         started = time.perf_counter()
-        modules = {
-            name: m for name, m in context.model.named_modules()
-            if isinstance(m, QuantizedLinear) and trained_tensor(m) and not matches_any(name, self.ignore)
-        }
+        modules = {name: m for name, m in context.quantized_linears(self.ignore).items() if trained_tensor(m)}
         if not modules:
             raise ValueError(f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
                              "efficientqat_block_ap, rtn or squeezellm before it")
@@ -374,8 +368,7 @@ class EfficientQATE2EQP(Step):
 
         tokens = context.calibration_tokens()
         if self.objective == "distill":
-            teacher_logp, teacher_index = teacher_top_k(context.session.handle.path, tokens, context.device, context.compute_dtype,
-                                                        context.offloaded, self.top_k, self.micro_batch_size)
+            teacher_logp, teacher_index = context.teacher(self.top_k, self.micro_batch_size)
 
         def loss_of(rows: torch.Tensor, weight: float):
             if self.objective == "distill":

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compressor.quant.uniform import check_group_size, quantize_uniform, relative_error
-from compressor.recipe import Step, param, register_step
+from compressor.step import Step, param, register_step
 
 
 @register_step("rtn")

@@ -78,7 +78,7 @@ import torch
 from torch import nn
 
 from compressor.quant.uniform import minmax_params
-from compressor.recipe import Step, param, register_step
+from compressor.step import Step, param, register_step
 from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, row_chunks
 from compressor.weights.linear import QuantizedLinear
 
@@ -349,30 +349,23 @@ class SqueezeLLM(Step):
             raise ValueError(f"outlier_percent: sensitive_percent + outlier_percent = {self.sensitive_percent + self.outlier_percent} exceeds 100")
 
     def compress_model(self, context) -> None:
-        from compressor.pipeline import BlockContext
-
-        session = context.session
-        handle = session.handle
-        blocks = [BlockContext(session, self, i, handle.block_prefix(i), handle.blocks[i], None, None) for i in range(len(handle.blocks))]
-        targets = {(b.index, name): linear for b in blocks for name, linear in b.linears(self.ignore).items()}
+        targets = {(index, name): linear for index in range(context.num_blocks) for name, linear in context.linears(self.ignore, index).items()}
         tokens = context.calibration_tokens()
-        groups = block_groups(len(blocks), self.fisher_passes)
+        groups = block_groups(context.num_blocks, self.fisher_passes)
         self.check_fisher_memory(context, targets, groups)
-        finished = []  # (block, name, module) from earlier passes: swapped in once no Fisher pass needs the fp weights
+        finished = {}  # name -> module from earlier passes: swapped in once no Fisher pass needs the fp weights
         for number, group in enumerate(groups, start=1):
             group_targets = {(index, name): linear for (index, name), linear in targets.items() if index in group}
-            fisher = self.fisher_pass(context, {f"{blocks[i].prefix}.{name}": linear for (i, name), linear in group_targets.items()},
-                                      tokens, group)
+            fisher = self.fisher_pass(context, {name: linear for (_, name), linear in group_targets.items()}, tokens, group)
             for (index, name), linear in group_targets.items():
-                block = blocks[index]
                 home = linear.weight.device
-                quantized = self.quantize_layer(context, block, name, linear, fisher.pop(f"{block.prefix}.{name}"))
+                quantized = self.quantize_layer(context, index, name, linear, fisher.pop(name))
                 if number == len(groups):
-                    block.replace_linear(name, quantized).to(home)
+                    context.replace_linear(name, quantized)
                 else:
-                    finished.append((block, name, QuantizedLinear(quantized, linear.bias).to(home)))
-        for block, name, module in finished:
-            block.block.set_submodule(name, module)
+                    finished[name] = QuantizedLinear(quantized, linear.bias).to(home)
+        for name, module in finished.items():
+            context.replace_module(name, module)
 
     def accumulator_device(self, context) -> torch.device:
         return torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
@@ -413,7 +406,7 @@ class SqueezeLLM(Step):
                        **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
         return fisher
 
-    def quantize_layer(self, context, block, name: str, linear: nn.Linear, fisher: torch.Tensor) -> LUTWeight | DenseAndSparseWeight:
+    def quantize_layer(self, context, block: int, name: str, linear: nn.Linear, fisher: torch.Tensor) -> LUTWeight | DenseAndSparseWeight:
         """One layer's SqueezeLLM value on ``context.device``, recorded with its error and k-means time."""
         weight = linear.weight.data.to(context.device)
         started = time.perf_counter()
@@ -426,5 +419,5 @@ class SqueezeLLM(Step):
         numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
         if isinstance(quantized, DenseAndSparseWeight):
             numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()
-        block.record(name, **numbers)
+        context.record(name, block=block, **numbers)
         return quantized

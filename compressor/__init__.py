@@ -4,7 +4,7 @@
     report = apply(Recipe.from_yaml("recipes/rtn-w4.yaml"), "demo", output="out/demo-w4")
 """
 
-__version__ = "0.1.0"
+from compressor.version import __version__  # noqa: E402,F401
 
 from compressor.api import apply  # noqa: E402
 from compressor.export import hf_quantizer  # noqa: E402,F401  (registers quant_method "compressor" with transformers)

@@ -121,7 +121,7 @@ class CheckpointWriter:
         ``architecture`` (``compressor.arch.ExportArchitecture``), when a step changed the model's
         architecture: its config is written instead of the input's, with its modeling files and
         ``auto_map``."""
-        from compressor import __version__
+        from compressor.version import __version__
 
         skip = {f"{handle.adapter.lm_head}.weight"} if handle.tied_embeddings else set()
         blocks_prefix = f"{handle.adapter.blocks}."

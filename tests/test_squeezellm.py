@@ -495,7 +495,7 @@ def test_uniform_and_lut_weights_cannot_share_a_native_checkpoint(tmp_path):
     block = nn.Module()
     block.a = QuantizedLinear(quantize_uniform(weight, 4, 32, True, torch.float16))
     block.b = QuantizedLinear(quantize_squeezellm(weight, fisher, 4, iterations=3))
-    with pytest.raises(ExportError, match=r"block\.b: uniform and lookup-table weights cannot share one checkpoint"):
+    with pytest.raises(ExportError, match=r"block\.b: 'lut' weights \(compressor\) cannot share one checkpoint with the compressed-tensors weights"):
         CheckpointWriter(tmp_path, ExportConfig(), torch.float16).write_module("block", block)
     with pytest.raises(ExportError, match=r"block\.a: no checkpoint format for 'uniform' weights in export format 'compressor'"):
         CheckpointWriter(tmp_path, ExportConfig(format="compressor"), torch.float16).write_module("block", block)

@@ -13,7 +13,7 @@ Dispatch rule
   group, dtype, M bucket) is timed once over ``candidate_configs`` with ``triton.testing.do_bench``
   and the winner is kept for the process (``tuned_configs()`` shows them).
 
-Value types without a kernel (anything not uniform / LUT / sparse / dense-and-sparse) fall back
+Value types whose kind has no entry in the kernel table (``packing.KERNEL_LAYOUTS``) fall back
 to the reference on every backend, so a new value type works everywhere before it is fast.
 
 The kernel tensors of a weight (``packing.pack_weight``) are built on first use and cached,
@@ -33,17 +33,11 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from compressor.kernels.packing import KERNEL_LAYOUTS
 from compressor.kernels.reference import reference_linear
-from compressor.weights.formats import (
-    DenseAndSparseWeight,
-    LUTWeight,
-    SparseOutliers,
-    UniformWeight,
-    tensor_names,
-)
+from compressor.weights.formats import tensor_names
 
 BACKENDS = ("auto", "triton", "reference")
-KERNEL_TYPES = (UniformWeight, LUTWeight, SparseOutliers, DenseAndSparseWeight)
 
 _backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("compressor_kernels", default=None)
 
@@ -85,7 +79,8 @@ def use_backend(name: str):
 
 
 def has_kernel(weight) -> bool:
-    return isinstance(weight, KERNEL_TYPES)
+    """Does the kernel table (``packing.KERNEL_LAYOUTS``) have this weight's kind?"""
+    return weight.kind in KERNEL_LAYOUTS
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,12 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.weights.formats import (
-    DenseAndSparseWeight,
-    LUTWeight,
-    SparseOutliers,
-    UniformWeight,
-)
+from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, UniformWeight
 
 WORD_BITS = 32
 
@@ -174,15 +169,23 @@ def pack_outliers(outliers: SparseOutliers) -> PackedOutliers:
     return PackedOutliers(rows.to(torch.int32), outliers.col.to(torch.int32).contiguous(), outliers.val.contiguous(), outliers.shape)
 
 
+def pack_dense_and_sparse(weight: DenseAndSparseWeight) -> tuple[PackedUniform | PackedLUT, PackedOutliers]:
+    dense, _ = pack_weight(weight.base)
+    return dense, pack_outliers(weight.outliers)
+
+
+# The kernel table: weight kind -> its kernel tensors (dense part, sparse part). A kind not listed has
+# no kernel and runs the torch reference on every backend (dispatch.py).
+KERNEL_LAYOUTS = {
+    "uniform": lambda weight: (pack_uniform(weight), None),
+    "lut": lambda weight: (pack_lut(weight), None),
+    "sparse": lambda weight: (None, pack_outliers(weight)),
+    "dense_and_sparse": pack_dense_and_sparse,
+}
+
+
 def pack_weight(weight) -> tuple[PackedUniform | PackedLUT | None, PackedOutliers | None]:
-    """Any supported value type -> (dense part, sparse part), either possibly None."""
-    if isinstance(weight, UniformWeight):
-        return pack_uniform(weight), None
-    if isinstance(weight, LUTWeight):
-        return pack_lut(weight), None
-    if isinstance(weight, SparseOutliers):
-        return None, pack_outliers(weight)
-    if isinstance(weight, DenseAndSparseWeight):
-        dense, _ = pack_weight(weight.base)
-        return dense, pack_outliers(weight.outliers)
-    raise TypeError(f"no kernel layout for {type(weight).__name__}")
+    """Any value type with a kernel layout -> (dense part, sparse part), either possibly None."""
+    if weight.kind not in KERNEL_LAYOUTS:
+        raise TypeError(f"no kernel layout for {type(weight).__name__}")
+    return KERNEL_LAYOUTS[weight.kind](weight)

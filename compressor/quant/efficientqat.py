@@ -84,7 +84,7 @@ from compressor.blockwise import first_output, next_token_loss
 from compressor.distill import coarse_kl
 from compressor.weights.formats import UniformWeight
 from compressor.weights.linear import QuantizedLinear
-from compressor.quant.uniform import check_group_size, minmax_params, quantize_codes, relative_error, storable_scale
+from compressor.quant.uniform import UniformQuantizer, minmax_params, quantize_codes, relative_error, storable_scale
 from compressor.step import Step, param, register_step
 from compressor.report import peak_memory
 
@@ -240,11 +240,9 @@ def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epoc
 
 @register_step("efficientqat_block_ap")
 @dataclass
-class EfficientQATBlockAP(Step):
+class EfficientQATBlockAP(UniformQuantizer):
     """EfficientQAT Block-AP: per block, train weights, scales and zero points (STE) to reconstruct its fp outputs."""
 
-    bits: int = param(4, "bits per weight", choices=range(2, 9))
-    group_size: int = param(128, "input columns sharing one scale and zero point; -1 for one per output row")
     symmetric: bool = param(False, "fixed mid-point zero (transformers loads it); false: trained zero points, as in the paper")
     epochs: int = param(2, "passes over the calibration samples per block (0: min-max init only, i.e. RTN)", min=0)
     batch_size: int = param(2, "samples per optimizer step", min=1)
@@ -252,11 +250,9 @@ class EfficientQATBlockAP(Step):
     weight_lr: float | None = param(None, "AdamW learning rate of the weights and norm gains (0: frozen); default 2e-5 at 2 bits, 1e-5 otherwise", min=0.0)
     min_lr_factor: float = param(20.0, "each cosine schedule ends at lr / min_lr_factor", min=1.0)
     train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
-    ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
     def check(self) -> None:
-        if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
+        super().check()
         if self.epochs > 0 and self.quant_lr == 0 and self.learning_rate_of_weights == 0:
             raise ValueError("quant_lr: quant_lr and weight_lr are both 0, so nothing would train; set epochs: 0 for the min-max init alone")
 
@@ -268,9 +264,7 @@ class EfficientQATBlockAP(Step):
 
     def compress_block(self, context) -> None:
         started = time.perf_counter()
-        linears = context.linears(self.ignore)
-        for name, linear in linears.items():
-            check_group_size(f"{context.prefix}.{name}", linear.in_features, self.group_size)
+        linears = self.quantizable_linears(context)
         # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours,
         # kept in the run's state for this step (the outputs of the fp blocks so far).
         fp_inputs = context.inputs if context.index == 0 else context.state["fp_inputs"]

@@ -1,6 +1,5 @@
-"""Uniform (affine) group-wise quantization math, shared by every uniform quantizer.
-
-Plain functions on tensors. Conventions are those of ``formats.UniformWeight`` and of
+"""Uniform (affine) group-wise quantization, shared by every uniform quantizer: their common recipe
+parameters (``UniformQuantizer``) and the math, as plain functions on tensors. Conventions are those of ``formats.UniformWeight`` and of
 compressed-tensors' ``pack-quantized`` format:
 
 * asymmetric: the range ``[min(w, 0), max(w, 0)]`` of each group maps onto ``[0, 2**b - 1]``,
@@ -13,10 +12,36 @@ compressed-tensors' ``pack-quantized`` format:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from compressor.step import Step, param
 from compressor.weights.formats import UniformWeight, expand_groups, row_chunks
+
+
+@dataclass
+class UniformQuantizer(Step):
+    """The parameters every uniform quantizer shares (RTN, EfficientQAT Block-AP), and their checks.
+    Not registered: a quantizer subclasses it (and may change a default by declaring the field again)."""
+
+    bits: int = param(4, "bits per weight", choices=range(2, 9))
+    group_size: int = param(128, "input columns sharing one scale (and zero point); -1 for one per output row")
+    symmetric: bool = param(True, "symmetric grid without zero points (false: per-group zero points)")
+    ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
+
+    def check(self) -> None:
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
+
+    def quantizable_linears(self, context) -> dict:
+        """The block's linears this quantizer takes (``context.linears(ignore)``), checked against the
+        group size before any work is done."""
+        linears = context.linears(self.ignore)
+        for name, linear in linears.items():
+            check_group_size(f"{context.prefix}.{name}", linear.in_features, self.group_size)
+        return linears
 
 
 def check_group_size(name: str, in_features: int, group_size: int) -> None:

@@ -13,6 +13,7 @@ from compressor.step import STEPS, Step
 METHOD_MODULES = (
     "compressor.quant.rtn",
     "compressor.quant.efficientqat",
+    "compressor.quant.e2e_qp",
     "compressor.quant.squeezellm",
     "compressor.lowrank.transmla",
 )

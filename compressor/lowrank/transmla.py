@@ -71,7 +71,7 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from compressor.arch import UnsupportedArchitecture, attention_geometry
-from compressor.distill import coarse_kl
+from compressor.distill import train_end_to_end
 from compressor.arch.deepseek_mla import deepseek_v3_config
 from compressor.step import Step, param, register_step
 
@@ -401,25 +401,17 @@ class TransMLAHeal(Step):
         attentions = [m for block in blocks for m in block.modules() if isinstance(m, MLAAttention)]
         if not attentions:
             raise ValueError("transmla_heal: the model has no converted attention; put a transmla step before it")
-        tokens = context.calibration_tokens()
-        teacher_logp, teacher_index = context.teacher(self.top_k, self.batch_size)
         owners = attentions if self.train == "attention" else list(blocks)
         parameters = [p for owner in owners for p in owner.parameters() if p.is_floating_point()]
         for p in parameters:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=0.0)
-        losses = []
-        try:
-            for epoch in range(self.epochs):
-                order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(epoch))
-                for start in range(0, len(tokens), self.batch_size):
-                    rows = order[start : start + self.batch_size]
-                    top_logp = teacher_logp[rows].to(context.device)
-                    top_index = teacher_index[rows].to(context.device)
-                    loss = context.forward_backward(tokens[rows], lambda logits, _ids: coarse_kl(logits, top_logp, top_index))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss)
+        tokens = context.calibration_tokens()
+        try:  # each epoch in its own seeded order; one step per batch, no micro-batches
+            losses = train_end_to_end(
+                context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs, batch_size=self.batch_size,
+                micro_batch_size=self.batch_size, top_k=self.top_k,
+                order=lambda epoch: torch.randperm(len(tokens), generator=torch.Generator().manual_seed(epoch)),
+            )
         finally:
             for p in parameters:
                 p.requires_grad_(False)

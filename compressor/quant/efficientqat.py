@@ -78,30 +78,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from compressor.blockwise import first_output, next_token_loss
-from compressor.distill import coarse_kl
+from compressor.blockwise import first_output
 from compressor.weights.formats import UniformWeight
-from compressor.weights.linear import QuantizedLinear
-from compressor.quant.uniform import UniformQuantizer, minmax_params, quantize_codes, relative_error, storable_scale
-from compressor.step import Step, param, register_step
-from compressor.report import peak_memory
+from compressor.quant.uniform import UniformQuantizer, clamp_ste, minmax_params, quantize_codes, relative_error, round_ste, storable_scale
+from compressor.step import param, register_step
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
 
 
 # ----------------------------------------------------------------------------------------------
 # The quantizer (both phases)
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward, identity in the backward (straight-through estimator)."""
-    return x + (x.round() - x).detach()
-
-
-def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    return x + (x.clamp(low, high) - x).detach()
 
 
 def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -291,119 +278,4 @@ class EfficientQATBlockAP(UniformQuantizer):
         context.record(
             "block_ap", mse_init=mse_init, mse_final=block_mse(block, batches), loss_first_epoch=losses[0] if losses else None,
             loss_last_epoch=losses[-1] if losses else None, steps=self.epochs * len(batches), seconds=time.perf_counter() - started,
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# E2E-QP
-
-
-class RoundToGrid(nn.Module):
-    """Parametrization of trained zero points: rounded and clamped to ``[0, qmax]`` with a STE."""
-
-    def __init__(self, qmax: int):
-        super().__init__()
-        self.qmax = qmax
-
-    def forward(self, zero: torch.Tensor) -> torch.Tensor:
-        return clamp_ste(round_ste(zero), 0, self.qmax)
-
-
-def trained_tensor(module: QuantizedLinear) -> str | None:
-    """What E2E-QP trains in a quantized linear: a uniform value's step sizes (``scales``) or a
-    lookup-table value's codebooks (``lut``, SqueezeLLM); None for anything else."""
-    return next((name for name in ("scales", "lut") if name in module.tensor_names and getattr(module, name) is not None), None)
-
-
-def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (transformers' schedule,
-    counted so that the first step already has a nonzero rate)."""
-    if step < warmup:
-        return base * (step + 1) / (warmup + 1)
-    return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
-
-
-@register_step("efficientqat_e2e_qp")
-@dataclass
-class EfficientQATE2EQP(Step):
-    """EfficientQAT E2E-QP: train only the step sizes (or codebooks) of the quantized linears end to end, codes frozen."""
-
-    lr: float = param(2e-5, "AdamW learning rate of the scales (official scripts: 2e-5 at 2 bits, 1e-5 at 3 and 4)", min=0.0)
-    epochs: int = param(1, "passes over the calibration tokens", min=1)
-    batch_size: int = param(32, "sequences per optimizer step", min=1)
-    micro_batch_size: int = param(4, "sequences per forward and backward (gradients accumulate over a step)", min=1)
-    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup", min=0.0, max=1.0)
-    max_grad_norm: float | None = param(0.3, "clip the scales' gradient norm (null: no clipping)", min=0.0)
-    train_zeros: bool = param(False, "also train the zero points (integers, by STE); the official code does not")
-    zero_lr: float = param(1e-4, "AdamW learning rate of the zero points, with train_zeros", min=0.0)
-    seed: int = param(42, "seed of the sample order (shuffled every epoch)")
-    objective: str = param("distill", "training loss: distill (KL to the original model's top-k next-token distribution) "
-                                      "or next_token (the paper's cross-entropy on the calibration text)", choices=("distill", "next_token"))
-    top_k: int = param(64, "with objective: distill, teacher log-probabilities kept per token (the rest is one bucket)", min=1)
-    ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
-
-    kind = "model"
-
-    def compress_model(self, context) -> None:
-        started = time.perf_counter()
-        modules = {name: m for name, m in context.quantized_linears(self.ignore).items() if trained_tensor(m)}
-        if not modules:
-            raise ValueError(f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
-                             "efficientqat_block_ap, rtn or squeezellm before it")
-        steps_or_codebooks, zeros = [], []
-        for module in modules.values():
-            steps_or_codebooks += module.train_tensors([trained_tensor(module)])
-            if self.train_zeros and getattr(module, "zeros", None) is not None:  # lookup tables have none
-                zeros += module.train_tensors(["zeros"])
-                parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
-        groups = [{"params": steps_or_codebooks, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        bases = [group["lr"] for group in optimizer.param_groups]
-
-        tokens = context.calibration_tokens()
-        if self.objective == "distill":
-            teacher_logp, teacher_index = context.teacher(self.top_k, self.micro_batch_size)
-
-        def loss_of(rows: torch.Tensor, weight: float):
-            if self.objective == "distill":
-                top_logp, top_index = teacher_logp[rows].to(context.device), teacher_index[rows].to(context.device)
-                return lambda logits, ids: coarse_kl(logits, top_logp, top_index) * weight
-            return lambda logits, ids: next_token_loss(logits, ids) * weight
-
-        steps_per_epoch = math.ceil(len(tokens) / self.batch_size)
-        total = self.epochs * steps_per_epoch
-        warmup = math.ceil(self.warmup_ratio * total)
-        generator = torch.Generator().manual_seed(self.seed)
-        losses, step = [], 0
-        try:
-            for _ in range(self.epochs):
-                order = torch.randperm(len(tokens), generator=generator)
-                for batch in order.split(self.batch_size):
-                    for group, base in zip(optimizer.param_groups, bases):
-                        group["lr"] = warmup_cosine_lr(base, step, total, warmup)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = 0.0
-                    for micro in batch.split(self.micro_batch_size):
-                        weight = len(micro) / len(batch)  # the step's loss is the mean over its sequences
-                        loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, weight))
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"{self.name}: the training loss became {loss}")
-                    if self.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(steps_or_codebooks + zeros, self.max_grad_norm)
-                    optimizer.step()
-                    losses.append(loss)
-                    step += 1
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-            for module in modules.values():
-                if parametrize.is_parametrized(module, "zeros"):
-                    parametrize.remove_parametrizations(module, "zeros", leave_parametrized=True)
-                if "scales" in module.trained_dtypes:
-                    with torch.no_grad():  # stay positive in the storage dtype (storable_scale's rule)
-                        module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
-                module.freeze()
-        context.record(
-            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=step,
-            trainable_parameters=sum(p.numel() for p in steps_or_codebooks + zeros), seconds=time.perf_counter() - started,
-            **peak_memory(context.device),
         )

@@ -86,6 +86,16 @@ def minmax_params(
     return scale, zero
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward, identity in the backward (straight-through estimator)."""
+    return x + (x.round() - x).detach()
+
+
+def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Clamp in the forward, identity in the backward (straight-through estimator)."""
+    return x + (x.clamp(low, high) - x).detach()
+
+
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
     """Round ``weight`` [N, K] onto the grid given by per-group scales and zeros: uint8 codes."""
     n, k = weight.shape

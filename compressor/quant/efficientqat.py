@@ -1,72 +1,21 @@
-"""EfficientQAT: Block-AP then E2E-QP (Chen et al., "EfficientQAT: Efficient Quantization-Aware
-Training for Large Language Models", arXiv 2407.11062; official code OpenGVLab/EfficientQAT).
+"""EfficientQAT Block-AP: block-wise training of weights, scales and zero points into uniform integers.
 
-Uniform, group-wise integer weights (``UniformWeight``, so the compressed-tensors exporter and the
-kernels take them unchanged) found by quantization-aware training in two phases:
+Paper: Chen et al., "EfficientQAT: Efficient Quantization-Aware Training for Large Language Models",
+arXiv 2407.11062; official code OpenGVLab/EfficientQAT (``quantize/block_ap.py``). Its second phase,
+E2E-QP, is ``e2e_qp.py``.
 
-**Block-AP** (``efficientqat_block_ap``, a layer step; ``quantize/block_ap.py``). For each decoder
-block in turn, every linear gets a fake quantizer ``W_hat = (clamp(round(W/s) + z, 0, 2^b-1) - z) * s``
-with straight-through rounding (``z`` itself rounded and clamped to the grid with a STE), initialised
-from the min-max range of each group. All of the block's weights, the norm gains (the official code
-selects every parameter named ``*weight*``) and every ``s`` and ``z`` are trained together with AdamW
-(two groups: ``quant_lr`` for s and z, ``weight_lr`` for the rest; weight decay 0; each with its own
-cosine from lr to lr / ``min_lr_factor``, stepped per batch; batches in a fixed order; no gradient
-clipping) to minimise the MSE between the quantized block fed the outputs of the already-quantized
-blocks before it and the fp block fed fp inputs. So two activation streams run: the session's
-inputs are the quantized chain; the step keeps the fp chain itself (the fp block's outputs on the
-fp inputs are this block's targets and the next block's fp inputs). The trained block is then frozen
-to integer codes with its scales and zero points.
+Per decoder block, every linear gets a fake quantizer ``W_hat = (clamp(round(W/s) + z, 0, 2^b-1) - z) * s``
+with straight-through rounding, initialised from each group's min-max range. The block's weights,
+norm gains and every ``s`` and ``z`` train together (AdamW, a cosine schedule per group: ``quant_lr``
+for s and z, ``weight_lr`` for the rest) so that the quantized block, fed the outputs of the
+already-quantized blocks, reproduces the fp block on fp inputs (the step keeps that fp chain in
+``context.state``). The block is then frozen to ``UniformWeight`` (exported as compressed-tensors).
 
-**E2E-QP** (``efficientqat_e2e_qp``, a model step; ``main_e2e_qp.py``). With the integer codes (and
-zero points) frozen, only the step sizes of every quantized linear are trained, in fp32, end to end
-on the calibration tokens through ``context.forward_backward`` (block by block, so memory is the
-model plus gradients and AdamW state for the scales only): AdamW, weight decay 0, gradients clipped
-to norm 0.3, cosine schedule with 3 % linear warmup. The loss (``objective``) is the paper's
-next-token cross-entropy (``next_token``) or, our default, the KL divergence to the original model's
-next-token distribution (``distill``: its top-``top_k`` log-probabilities per token plus one bucket,
-``compressor.distill``, computed once by reading the original checkpoint again and running it block
-by block). ``train_zeros: true``
-also trains the zero points (rounded and clamped with a STE, so they stay integers); the official
-code does not.
-
-Defaults are the official code's: Block-AP ``main_block_ap.py`` (4 bits, group 128, 2 epochs, batch
-2, quant_lr 1e-4, weight_lr 1e-5 with 2e-5 for 2 bits as in ``examples/block_ap/*/w2*.sh``,
-min_lr_factor 20, min-max init) on 4096 RedPajama windows of 2048 tokens (+64 for validation);
-E2E-QP ``examples/e2e_qp/Llama-2-7b/*-redpajama.sh`` (lr 2e-5 for 2 bits, 1e-5 for 3 and 4, 32
-sequences per step as 4 x 8 accumulation, 1 epoch, 4096 windows of 4096 tokens). The calibration
-set is the recipe's ``calibration`` section. The recipes in ``recipes/efficientqat-*.yaml`` scale
-the data down for the bundled demo model on a CPU (16-128 windows of 512 tokens) and make up for it
-with more epochs and smaller batches; they say so.
-
-Deviations from the official code, and why:
-
-* Init: the min-max range of each group is widened to include 0 (``uniform.minmax_params``, the
-  convention of RTN and compressed-tensors), so the untrained quantizer *is* asymmetric RTN and the
-  zero point always lies on the grid. The official init uses the raw min and max, which for a group
-  of one sign puts ``z`` off the grid, and its forward then clamps it.
-* Scales are clamped to ``[1e-8, 1e4]`` in the forward instead of ``[1e-4, 1e4]``: 1e-4 is coarser
-  than the 8-bit step of small weights, and must not change the grid RTN would choose.
-* Training runs in fp32 without AMP (the official code uses fp16 autocast with loss scaling); the
-  stored scales are rounded to the export dtype before the codes are computed, as everywhere here.
-* No validation split or early stopping in Block-AP (the official early stop is off by default);
-  the report records each block's reconstruction MSE with the min-max (RTN) init and after training.
-* E2E-QP's default loss is distillation towards the original model, not the next-token loss. The
-  paper's E2E-QP is in effect continued pretraining on 4096 x 4096 tokens of generic text; on a small
-  calibration set the next-token loss fits that text instead of the original model: on the demo,
-  perplexity falls below fp (in-domain) while the mean KL to fp *rises* (w4: 0.0019 against RTN's
-  0.0006). Distillation keeps the quantized model close to the original: mean KL w2 0.0013, w3
-  0.0004, w4 0.0001 (32 windows; GPTQ 0.0015 / 0.0004 / 0.0001 in the same benchmark). It costs one
-  forward pass of the original model over the calibration set and ``top_k`` x 12 bytes per token of
-  host memory (4096 x 2048 tokens, k = 64: 6.4 GB). ``objective: next_token`` is the paper's.
-* E2E-QP also trains the codebooks of lookup-table weights (SqueezeLLM's ``lut``, fp32 while
-  training, codes frozen) the way it trains step sizes (``trained_tensor``): the same end-to-end
-  phase for a non-uniform quantizer (``recipes/squeezellm-w*-e2e.yaml``). Not in the paper.
-* E2E-QP trains on the recipe's calibration windows (one source for both phases; the paper uses a
-  separate RedPajama or Alpaca set), reshuffled each epoch; its warmup starts at lr / (warmup + 1)
-  rather than at 0, so no step is wasted when there are only a few.
-* ``symmetric: true`` is offered (z fixed at 2^(b-1), only s and W trained): the paper is
-  asymmetric, which is our default, but transformers cannot load packed asymmetric zero points
-  (llm-compressor#1618; vLLM and ``compressor.export.load_quantized_model`` can), see ``rtn.py``.
+Defaults: the official ``main_block_ap.py`` (4 bits, group 128, 2 epochs, batch 2, quant_lr 1e-4,
+weight_lr 1e-5, 2e-5 at 2 bits, min_lr_factor 20). Deviations: the min-max init includes 0 (the
+untrained quantizer is asymmetric RTN); scales clamped to [1e-8, 1e4]; fp32 without AMP; no early
+stopping; ``symmetric: true`` offered for plain transformers. Their reasons and the measured
+numbers: docs/methods/efficientqat.md.
 """
 
 from __future__ import annotations

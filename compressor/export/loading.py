@@ -21,10 +21,11 @@ from compressor.model import safetensors_index
 from compressor.weights.linear import QuantizedLinear
 
 
-def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A transformers model whose quantized linears are ``QuantizedLinear`` modules."""
+def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False):
+    """A transformers model whose quantized linears are ``QuantizedLinear`` modules. A checkpoint whose
+    architecture ships as modeling code (``auto_map``) loads only with ``trust_remote_code=True``."""
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     quantization_config = getattr(config, "quantization_config", None)
     if quantization_config is not None and not isinstance(quantization_config, dict):
         quantization_config = quantization_config.to_dict()
@@ -32,7 +33,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
     if hasattr(skeleton_config, "quantization_config"):
         del skeleton_config.quantization_config
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(skeleton_config)
+        model = AutoModelForCausalLM.from_config(skeleton_config, trust_remote_code=trust_remote_code)
     codec = FORMATS.get(quantization_config.get("quant_method")) if quantization_config is not None else None
     files = safetensors_index(path)
     by_module: dict[str, dict[str, str]] = {}

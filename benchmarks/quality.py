@@ -543,10 +543,13 @@ def markdown_table(record: dict) -> str:
 def describe(record: dict) -> str:
     evaluation, calibration = record["eval"], record["calibration"]
     windows = ", ".join(str(w) for w in evaluation["windows"]) if isinstance(evaluation["windows"], list) else evaluation["windows"]
+    samples = (f"{calibration['samples']} samples for every method, whatever its recipe says"
+               if calibration["samples"] else "each recipe’s number of samples")
     return (
         f"Measured by `{record['command']}` on {record['date']} ({record['machine']}), model `{record['model']}`: "
-        f"{windows} held-out windows of {evaluation['seq_len']} tokens from `{evaluation['text']}`; "
-        f"calibration: {calibration['text'] or 'each recipe’s text (GPTQ: demo)'}, {calibration['samples'] or 'each recipe’s number of'} samples."
+        f"{windows} held-out windows of {evaluation['seq_len']} tokens from `{evaluation['text']}` (`compressor eval` scores every "
+        f"window of the text by default, 120 on the demo, so its perplexities differ from this table's); "
+        f"calibration: {calibration['text'] or 'each recipe’s text (GPTQ: demo)'}, {samples}."
     )
 
 

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
+from compressor.errors import UserError
+from compressor.recipe import looks_local
+
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     pass
 
 
@@ -26,6 +29,8 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
 
         return [demo_text_path("calibration").read_text()]
     path = Path(dataset)
+    if looks_local(dataset) and not path.exists():
+        raise CalibrationError(f"{dataset}: no such file or folder")
     if path.is_file() and path.suffix == ".txt":
         return [path.read_text()]
     if path.exists():

@@ -1,25 +1,48 @@
-"""The ``compressor`` command: parsing and printing only; the work lives in the library."""
+"""The ``compressor`` command: parsing and printing only; the work lives in the library.
+
+Help, ``methods`` and the first check of a recipe answer before torch is imported: the commands
+import the toolkit inside their bodies, after the cheap checks."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from compressor.calibration import CalibrationError
-from compressor.arch import UnsupportedArchitecture
-from compressor.export import ExportError
-from compressor.model import ModelLoadError
-from compressor.recipe import RecipeError
+from compressor.errors import UserError
 
-USER_ERRORS = (RecipeError, ModelLoadError, ExportError, CalibrationError, UnsupportedArchitecture, FileNotFoundError, MemoryError)
+USER_ERRORS = (UserError, FileNotFoundError, MemoryError)
 
 
 def fail(error: Exception) -> None:
-    click.echo(f"error: {error}", err=True)
-    sys.exit(2)
+    """One line on stderr: a user's mistake exits with status 2; anything else is a bug in compressor,
+    said as such with where it happened (status 1). ``COMPRESSOR_DEBUG=1`` shows the traceback instead."""
+    if os.environ.get("COMPRESSOR_DEBUG"):
+        raise error
+    if isinstance(error, USER_ERRORS):
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    where = "".join(f"{note.removeprefix('in ')}: " for note in getattr(error, "__notes__", []))
+    message = " ".join(str(error).split())
+    click.echo(f"error: {where}{type(error).__name__}: {message} (an internal error of compressor: "
+               "COMPRESSOR_DEBUG=1 shows the traceback)", err=True)
+    sys.exit(1)
+
+
+def quiet_transformers() -> None:
+    """transformers' own "Loading weights" bars: our progress lines say what runs."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def exit_on_sigterm() -> None:
+    """``kill -TERM`` unwinds like Ctrl-C, so a half-written output folder is removed."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @click.group()
@@ -37,19 +60,29 @@ def main():
 @click.option("--offload", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="model steps: keep blocks in CPU memory and move them to the device one at a time (auto: when the model does not fit)")
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from the hub")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--quiet", is_flag=True, help="no progress output")
 def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, quiet):
     """Compress MODEL (hub id, folder or 'demo') with RECIPE and export it to --output."""
-    from compressor.api import apply as apply_recipe
-    from compressor.recipe import Recipe
+    from compressor.recipe import check_recipe_file
 
     try:
+        check_recipe_file(recipe)  # typos answer here, before torch loads
+        from compressor.api import apply as apply_recipe
+        from compressor.recipe import Recipe
+
+        exit_on_sigterm()
+        quiet_transformers()
         parsed = Recipe.from_yaml(recipe)
         report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, offload={"auto": None, "yes": True, "no": False}[offload], trust_remote_code=trust_remote_code, progress=not quiet)
-    except USER_ERRORS + (ValueError,) as error:
+    except Exception as error:
         fail(error)
     click.echo(report.table())
     click.echo(f"wrote {output}")
+    from compressor.serving import check_checkpoint
+
+    click.echo("serving (compressor check):")
+    for verdict in check_checkpoint(output):
+        click.echo(f"  {verdict.line()}")
 
 
 @main.command(name="eval")
@@ -61,19 +94,21 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tasks", help="comma-separated lm-eval tasks to run as well (needs the eval extra)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the numbers here")
-def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path):
+@click.option("--quiet", is_flag=True, help="no progress output")
+def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, quiet):
     """Perplexity of MODEL on held-out text, and with --base the gap and the KL divergence."""
-    from compressor.api import resolve_device
-    from compressor.eval import evaluate_paths, load_causal_lm, run_lm_eval
-
     try:
-        result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device))
+        from compressor.api import resolve_device
+        from compressor.eval import evaluate_paths, load_causal_lm, run_lm_eval
+
+        quiet_transformers()
+        result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device), progress=not quiet)
         numbers = result.to_dict()
         click.echo(result.format(model, base))
         if tasks:
             numbers["tasks"] = run_lm_eval(*load_causal_lm(model, device=resolve_device(device)), tasks.split(","))
             click.echo(json.dumps(numbers["tasks"], indent=2))
-    except USER_ERRORS + (ValueError,) as error:
+    except Exception as error:
         fail(error)
     if json_path:
         json_path.write_text(json.dumps(numbers, indent=2))
@@ -84,8 +119,9 @@ def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path):
 def methods(markdown):
     """Every recipe step with its parameters, defaults and one line of help."""
     from compressor.docs import recipe_reference, steps_overview
+    from compressor.recipe import shipped_catalogue
 
-    click.echo(recipe_reference() if markdown else steps_overview())
+    click.echo(recipe_reference(shipped_catalogue()) if markdown else steps_overview(shipped_catalogue()))
 
 
 @main.command()
@@ -96,13 +132,33 @@ def methods(markdown):
 @click.option("--no-speed", is_flag=True, help="skip the tokens/s measurement on a GPU")
 def validate(checkpoint, device, text, max_layers, no_speed):
     """Check an exported CHECKPOINT's kernels against their references (and time them on a GPU)."""
-    from compressor.api import resolve_device
-    from compressor.validate import format_validation_report, validate_checkpoint
-
     try:
+        from compressor.api import resolve_device
+        from compressor.validate import format_validation_report, validate_checkpoint
+
         result = validate_checkpoint(checkpoint, device=resolve_device(device), text=text, max_layers=max_layers, speed=False if no_speed else None)
-    except USER_ERRORS + (ValueError, RuntimeError) as error:
+    except Exception as error:
         fail(error)
     click.echo(format_validation_report(result))
     if not result.get("ok", True):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--engine", type=click.Choice(["all", "vllm", "transformers"]), default="all", show_default=True)
+def check(checkpoint, engine):
+    """Say whether each serving engine loads CHECKPOINT, through which path, or exactly why not.
+
+    Exit status 1 when a named engine (or, with all, any engine) cannot load some part."""
+    from compressor.serving import ENGINES, check_checkpoint
+
+    try:
+        results = check_checkpoint(checkpoint, ENGINES if engine == "all" else (engine,))
+    except Exception as error:
+        fail(error)
+    for verdict in results:
+        click.echo(verdict.line())
+    if not all(v.loads for v in results):
+        sys.exit(1)
+

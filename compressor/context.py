@@ -29,6 +29,7 @@ from compressor.arch import ExportArchitecture, block_linears
 from compressor.blockwise import BlockwiseModel, run_block
 from compressor.distill import teacher_top_k
 from compressor.model import ModelHandle
+from compressor.progress import Progress
 from compressor.report import Report
 from compressor.step import Step
 from compressor.weights.linear import QuantizedLinear
@@ -54,6 +55,7 @@ class RunState:
     compute_dtype: torch.dtype  # forward passes
     export_dtype: torch.dtype  # scales and unquantized tensors in the checkpoint
     calibration_tokens: Callable[[], torch.Tensor]  # [samples, seq_len], built on first call
+    show_progress: bool = True  # progress of long work inside steps (quiet sessions: False)
     step_states: dict[int, dict] = field(default_factory=dict)  # id of a recipe step -> its state (see ``state_of``)
     teachers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # top_k -> (log-probs, token ids)
     architecture: ExportArchitecture | None = None  # declared by a step that changed the architecture
@@ -103,6 +105,14 @@ class StepContext:
     def calibration_tokens(self) -> torch.Tensor:
         return self.run.calibration_tokens()
 
+    def progress(self, total: int | None, what: str, unit: str = "it") -> Progress:
+        """Progress of a phase of this step (samples, layers, training steps), unless the session is quiet."""
+        return Progress(total, f"{self.where}: {what}", unit, enabled=self.run.show_progress)
+
+    @property
+    def where(self) -> str:
+        return self.step.name
+
     def declare_architecture(self, config, modeling_files: dict[str, str] | None = None, auto_map: dict[str, str] | None = None) -> None:
         """The export will declare ``config`` (and ship ``modeling_files`` with ``auto_map`` when
         transformers has no class for the new architecture): see ``compressor.arch.ExportArchitecture``."""
@@ -121,6 +131,10 @@ class BlockContext(StepContext):
     @property
     def prefix(self) -> str:
         return self.handle.block_prefix(self.index)
+
+    @property
+    def where(self) -> str:
+        return f"{self.step.name} block {self.index}"
 
     def linears(self, ignore: list[str]) -> dict[str, nn.Linear]:
         """The block's still-dense projections (path inside the block -> module), minus ``ignore``.
@@ -204,9 +218,11 @@ class ModelContext(StepContext):
         """The original model's top-``top_k`` next-token log-probabilities and token ids over the
         calibration tokens, on the CPU; computed once per run (``compressor.distill.teacher_top_k``)."""
         if top_k not in self.run.teachers:
-            self.run.teachers[top_k] = teacher_top_k(
-                self.source_path, self.calibration_tokens(), self.device, self.compute_dtype, self.offloaded, top_k, batch_size
-            )
+            tokens = self.calibration_tokens()
+            with self.progress(len(tokens), "the original model's next-token distributions", "sequence") as progress:
+                self.run.teachers[top_k] = teacher_top_k(
+                    self.source_path, tokens, self.device, self.compute_dtype, self.offloaded, top_k, batch_size, progress
+                )
         return self.run.teachers[top_k]
 
     def forward_backward(self, input_ids: torch.Tensor, loss_fn=None) -> float:

@@ -6,7 +6,8 @@ calibration tokens once per run (``ModelContext.teacher``), and keep ``k`` log-p
 token ids per position on the CPU instead of the vocabulary; ``coarse_kl`` is then the exact KL of
 that coarsened distribution (the top-k tokens plus one bucket for the rest of the vocabulary).
 ``train_end_to_end`` is the one training loop they share: AdamW over the calibration tokens through
-``context.forward_backward`` (block by block, offloaded when the model does not fit).
+``context.forward_backward`` (block by block, offloaded when the model does not fit), with progress
+and a held-out split whose best state is kept (``compressor.training``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 
 from compressor.blockwise import next_token_loss
+from compressor.training import BestState, holdout_count
 
 
 def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teacher_top_index: torch.Tensor) -> torch.Tensor:
@@ -32,9 +34,10 @@ def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teac
 
 
 @torch.no_grad()
-def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k: int, batch_size: int):
+def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k: int, batch_size: int, progress=None):
     """Top-k next-token log-probabilities of the model at ``path`` (read again from its checkpoint,
-    run block by block), on the CPU: ``k`` values and indices per token instead of the vocabulary."""
+    run block by block), on the CPU: ``k`` values and indices per token instead of the vocabulary.
+    ``progress`` (a ``Progress``) counts the sequences."""
     from compressor.blockwise import BlockwiseModel
     from compressor.model import ModelHandle
 
@@ -46,24 +49,29 @@ def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k:
         top = torch.log_softmax(runner.logits(batch), -1).topk(k, dim=-1)
         values.append(top.values.cpu())
         indices.append(top.indices.cpu())
+        if progress is not None:
+            progress.update(len(batch))
     teacher.release(teacher.model)
     return torch.cat(values), torch.cat(indices)
 
 
 def train_end_to_end(
-    context, groups: list[dict], *, name: str, epochs: int, batch_size: int, micro_batch_size: int, order: Callable[[int], torch.Tensor],
-    objective: str = "distill", top_k: int = 64, lr_at: Callable[[float, int, int], float] | None = None,
-    max_grad_norm: float | None = None,
-) -> list[float]:
+    context, groups: list[dict], *, name: str, epochs: int, batch_size: int, micro_batch_size: int,
+    order: Callable[[int, int], torch.Tensor], objective: str = "distill", top_k: int = 64,
+    lr_at: Callable[[float, int, int], float] | None = None, max_grad_norm: float | None = None, heldout: float = 0.0,
+) -> tuple[list[float], BestState | None]:
     """Train the parameters of ``groups`` (AdamW param groups, weight decay 0) on the calibration tokens.
 
-    Each epoch visits the sequences in ``order(epoch)`` (a permutation), one optimizer step per
+    The last ``heldout`` fraction of the sequences is not trained on: the loss on it, before training
+    and after each epoch, decides which state is kept (``training.BestState``). Each epoch visits the
+    others in ``order(epoch, count)`` (a permutation of ``range(count)``), one optimizer step per
     ``batch_size`` sequences whose gradients accumulate over micro-batches of ``micro_batch_size``
     (the step's loss is their mean). The loss is the KL to the original model's top-``top_k``
-    next-token distribution (``objective: distill``) or the next-token cross-entropy
-    (``next_token``). ``lr_at(base, step, total)`` sets each group's rate before a step (default:
-    constant); ``max_grad_norm`` clips all gradients together. Returns every step's loss. The caller
-    sets ``requires_grad`` and restores what it changed; gradients are dropped here."""
+    next-token distribution (``objective: distill``, ``context.teacher``) or the next-token
+    cross-entropy (``next_token``). ``lr_at(base, step, total)`` sets each group's rate before a step
+    (default: constant); ``max_grad_norm`` clips all gradients together. Returns every step's loss
+    and the held-out record (None without a held-out part). The caller sets ``requires_grad`` and
+    restores what it changed; gradients are dropped here."""
     tokens = context.calibration_tokens()
     if objective == "distill":
         teacher_logp, teacher_index = context.teacher(top_k, micro_batch_size)
@@ -74,27 +82,42 @@ def train_end_to_end(
             return lambda logits, ids: coarse_kl(logits, top_logp, top_index) * weight
         return lambda logits, ids: next_token_loss(logits, ids) * weight
 
+    train_count = len(tokens) - holdout_count(len(tokens), heldout)
+    heldout_rows = torch.arange(train_count, len(tokens))
+
+    def heldout_loss() -> float:
+        return sum(float(loss_of(rows, len(rows) / len(heldout_rows))(context.logits(tokens[rows].to(context.device)), tokens[rows].to(context.device)))
+                   for rows in heldout_rows.split(micro_batch_size))
+
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bases = [group["lr"] for group in optimizer.param_groups]
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    total = epochs * math.ceil(len(tokens) / batch_size)
+    best = BestState(parameters, heldout_loss()) if len(heldout_rows) else None
+    total = epochs * math.ceil(train_count / batch_size)
     losses = []
     try:
-        for epoch in range(epochs):
-            for batch in order(epoch).split(batch_size):
-                if lr_at is not None:
-                    for group, base in zip(optimizer.param_groups, bases):
-                        group["lr"] = lr_at(base, len(losses), total)
-                optimizer.zero_grad(set_to_none=True)
-                loss = 0.0
-                for micro in batch.split(micro_batch_size):
-                    loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch)))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"{name}: the training loss became {loss}")
-                if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-                optimizer.step()
-                losses.append(loss)
+        with context.progress(total, "training", "step") as progress:
+            for epoch in range(epochs):
+                for batch in order(epoch, train_count).split(batch_size):
+                    if lr_at is not None:
+                        for group, base in zip(optimizer.param_groups, bases):
+                            group["lr"] = lr_at(base, len(losses), total)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = 0.0
+                    for micro in batch.split(micro_batch_size):
+                        loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch)))
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"{name}: the training loss became {loss}")
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+                    optimizer.step()
+                    losses.append(loss)
+                    progress.update(loss=loss)
+                if best is not None:
+                    best.consider(heldout_loss())
+                    progress.update(0, heldout=best.curve[-1])
+        if best is not None:
+            best.restore()
     finally:
         optimizer.zero_grad(set_to_none=True)
-    return losses
+    return losses, best

@@ -1,40 +1,46 @@
-"""The recipe reference, generated from the step registry (``compressor methods``, README)."""
+"""The recipe reference, generated from a catalogue of the recipe keys (``compressor methods``, README).
+
+Both take the catalogue as data (``recipe.catalogue()`` live, or ``recipe.shipped_catalogue()``), so
+``compressor methods`` answers without importing the method modules."""
 
 from __future__ import annotations
 
-from compressor.methods import registered_steps
-from compressor.recipe import CalibrationConfig, ExportConfig
-from compressor.step import step_reference
+from compressor.step import reference_rows
+
+SECTION_SUMMARIES = {
+    "calibration": "where calibration text comes from and how much of it",
+    "export": "how the checkpoint is written",
+}
 
 
-def _sections():
-    yield "calibration", "where calibration text comes from and how much of it", CalibrationConfig
-    yield "export", "how the checkpoint is written", ExportConfig
-
-
-def steps_overview() -> str:
+def steps_overview(catalogue: dict) -> str:
+    """Plain text: every step with its kind and summary, then its keys; then the sections."""
+    blocks = [
+        (f"{name} ({step['kind']} step{'' if step['needs_calibration'] else ', data-free'}): {step['summary']}", reference_rows(step["params"]))
+        for name, step in catalogue["steps"].items()
+    ]
+    blocks += [(f"[{name}]: {SECTION_SUMMARIES[name]}", reference_rows(specs)) for name, specs in catalogue["sections"].items()]
+    key_width = max(len(key) for _, rows in blocks for key, _, _ in rows)
+    default_width = max(len(default) for _, rows in blocks for _, default, _ in rows)
     lines = []
-    for name, cls in registered_steps().items():
-        lines.append(f"{name} ({cls.kind} step{'' if cls.needs_calibration else ', data-free'}): {cls.summary()}")
-        lines.extend(f"    {key:<14} {default:<12} {help_text}" for key, default, help_text in step_reference(cls))
-    for name, summary, cls in _sections():
-        lines.append(f"[{name}]: {summary}")
-        lines.extend(f"    {key:<14} {default:<12} {help_text}" for key, default, help_text in step_reference(cls))
+    for title, rows in blocks:
+        lines.append(title)
+        lines.extend(f"    {key:<{key_width}}  {default:<{default_width}}  {help_text}" for key, default, help_text in rows)
     return "\n".join(lines)
 
 
-def _table(cls) -> list[str]:
+def _table(specs: list[dict]) -> list[str]:
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |" for key, default, help_text in step_reference(cls)]
+    rows += [f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |" for key, default, help_text in reference_rows(specs)]
     return rows
 
 
-def recipe_reference() -> str:
+def recipe_reference(catalogue: dict) -> str:
     """Markdown: one table per section and per step."""
     lines = []
-    for name, summary, cls in _sections():
-        lines += [f"#### `{name}`: {summary}", "", *_table(cls), ""]
-    for name, cls in registered_steps().items():
-        data = "" if cls.needs_calibration else ", data-free"
-        lines += [f"#### step `{name}` ({cls.kind} step{data})", "", cls.summary(), "", *_table(cls), ""]
+    for name, specs in catalogue["sections"].items():
+        lines += [f"#### `{name}`: {SECTION_SUMMARIES[name]}", "", *_table(specs), ""]
+    for name, step in catalogue["steps"].items():
+        data = "" if step["needs_calibration"] else ", data-free"
+        lines += [f"#### step `{name}` ({step['kind']} step{data})", "", step["summary"], "", *_table(step["params"]), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from compressor.calibration import load_texts, tokenize_stream
-from compressor.model import resolve_model_path
+from compressor.errors import UserError
+from compressor.model import ModelLoadError, checkpoint_dtype, resolve_model_path, safetensors_index
+from compressor.progress import Progress
 
 
 @dataclass
@@ -44,22 +46,66 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def load_causal_lm(model: str, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A model for evaluation: ``demo``, a folder (our exports included) or a hub id.
+def evaluation_dtype(config, device) -> torch.dtype:
+    """The checkpoint's own dtype on a GPU (an 8B bf16 base takes 16 GB, not 32); fp32 on the CPU, as
+    the session computes there (CPU half-precision matmuls are slow, and the recorded numbers are fp32)."""
+    return checkpoint_dtype(config) if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu"):
+    """A model for evaluation: ``demo``, a folder (our exports included) or a hub id, in ``dtype``
+    (default: ``evaluation_dtype``).
 
     Our compressed-tensors exports load through ``load_quantized_model``, so their weights stay
     quantized and run through our kernels (and asymmetric ones load, which transformers cannot yet).
+    A damaged or incomplete checkpoint is a one-line ``ModelLoadError``.
     """
     from compressor.export import load_quantized_model
 
     path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, "quantization_config", None) is not None:
-        loaded = load_quantized_model(path, dtype=dtype, device=device)
-    else:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        dtype = dtype or evaluation_dtype(config, device)
+        safetensors_index(path)  # names a truncated or damaged shard before transformers reads it
+        if getattr(config, "quantization_config", None) is not None:
+            loaded = load_quantized_model(path, dtype=dtype, device=device)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (ModelLoadError, MemoryError):
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        reason = " ".join(str(error).split())
+        raise ModelLoadError(f"{path}: could not load the model ({type(error).__name__}: {reason})") from None
     loaded.eval()
     return loaded, AutoTokenizer.from_pretrained(path)
+
+
+class StreamedModel:
+    """An uncompressed model run block by block (``BlockwiseModel``), as model steps run it: in its
+    checkpoint dtype on a GPU, its blocks kept in CPU memory and moved to the GPU one at a time when
+    the weights would take more than 80 % of the free device memory; fp32 on the CPU. ``compressor
+    eval`` reads the base model this way, so an 8B base costs 16 GB of GPU memory at most, not 32."""
+
+    def __init__(self, model: str, device):
+        from compressor.blockwise import BlockwiseModel
+        from compressor.model import ModelHandle
+
+        device = torch.device(device)
+        handle = ModelHandle.open(model)
+        dtype = evaluation_dtype(handle.config, device)
+        offloaded = not handle.fits_on(device, dtype)
+        handle.materialize_all(device, dtype, block_device="cpu" if offloaded else None)
+        self.runner = BlockwiseModel(handle, device, offloaded)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.runner.logits(batch)
+
+
+def logits_of(model, batch: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a transformers model or a ``StreamedModel``, on ``batch``'s device."""
+    if isinstance(model, StreamedModel):
+        return model.logits(batch).to(batch.device)
+    return model(batch.to(next(model.parameters()).device)).logits.float().to(batch.device)
 
 
 def heldout_stream(tokenizer, text: str = "demo") -> torch.Tensor:
@@ -76,26 +122,22 @@ def make_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = N
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise ValueError(f"the evaluation text has {stream.numel()} tokens, fewer than seq_len={seq_len}")
+        raise UserError(f"the evaluation text has {stream.numel()} tokens, fewer than seq_len={seq_len}")
     return stream[: count * seq_len].reshape(count, seq_len)
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, base=None, batch_size: int = 4) -> EvalResult:
+def evaluate(model, windows: torch.Tensor, base=None, batch_size: int = 4, progress: bool = False) -> EvalResult:
     """Perplexity of ``model`` on ``windows`` and, with ``base``, its perplexity and the KL from it."""
     device = next(model.parameters()).device
     nll = base_nll = kl = 0.0
     tokens = 0
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        targets = batch[:, 1:]
-        log_probs = F.log_softmax(model(batch).logits[:, :-1].float(), dim=-1)
-        nll += -log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
-        if base is not None:
-            base_log_probs = F.log_softmax(base(batch.to(next(base.parameters()).device)).logits[:, :-1].float().to(device), dim=-1)
-            base_nll += -base_log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
-            kl += (base_log_probs.exp() * (base_log_probs - log_probs)).sum().item()
-        tokens += targets.numel()
+    with Progress(len(windows), "eval", "window", enabled=progress) as shown:
+        for batch in windows.split(batch_size):
+            nll_batch, base_nll_batch, kl_batch = score_batch(model, base, batch.to(device))
+            nll, base_nll, kl = nll + nll_batch, base_nll + base_nll_batch, kl + kl_batch
+            tokens += batch[:, 1:].numel()
+            shown.update(len(batch), perplexity=math.exp(nll / tokens), **({"kl": kl / tokens} if base is not None else {}))
     result = EvalResult(perplexity=math.exp(nll / tokens), tokens=tokens, windows=len(windows))
     if base is not None:
         result.base_perplexity = math.exp(base_nll / tokens)
@@ -103,12 +145,39 @@ def evaluate(model, windows: torch.Tensor, base=None, batch_size: int = 4) -> Ev
     return result
 
 
-def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_len: int = 512, max_windows: int | None = None, device="cpu") -> EvalResult:
+def score_batch(model, base, batch: torch.Tensor) -> tuple[float, float, float]:
+    """Summed next-token NLL of ``model`` (and of ``base``) on ``batch``, and the summed KL(base || model)."""
+    targets = batch[:, 1:]
+    log_probs = F.log_softmax(logits_of(model, batch)[:, :-1], dim=-1)
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+    if base is None:
+        return nll, 0.0, 0.0
+    base_log_probs = F.log_softmax(logits_of(base, batch)[:, :-1], dim=-1)
+    base_nll = -base_log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
+    kl = (base_log_probs.exp() * (base_log_probs - log_probs)).sum().item()
+    return nll, base_nll, kl
+
+
+def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_len: int = 512, max_windows: int | None = None,
+                   device="cpu", progress: bool = False) -> EvalResult:
     """``compressor eval``: load the model (and base), build the windows once, evaluate both."""
+    for path in (model, base) if base is not None else (model,):
+        safetensors_index(resolve_model_path(path))  # a damaged base fails before the model loads
     loaded, tokenizer = load_causal_lm(model, device=device)
     windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
-    base_model = load_causal_lm(base, device=device)[0] if base is not None else None
-    return evaluate(loaded, windows, base_model)
+    base_model = base_for_kl(base, device) if base is not None else None
+    return evaluate(loaded, windows, base_model, progress=progress)
+
+
+def base_for_kl(base: str, device):
+    """The base model, streamed block by block when it is an unquantized checkpoint we can open
+    (``StreamedModel``); otherwise (a quantized base, an architecture without an adapter) loaded whole."""
+    from compressor.arch import UnsupportedArchitecture
+
+    try:
+        return StreamedModel(base, device)
+    except (UnsupportedArchitecture, ModelLoadError):
+        return load_causal_lm(base, device=device)[0]
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8) -> dict:
@@ -117,6 +186,6 @@ def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8) -> dict
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise ValueError("lm-eval tasks need the eval extra: pip install -e '.[eval]'") from None
+        raise UserError("lm-eval tasks need the eval extra: pip install -e '.[eval]'") from None
     results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=tasks)
     return results["results"]

@@ -12,6 +12,7 @@ import ctypes
 import functools
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.arch import ArchAdapter, adapter_for
+from compressor.errors import UserError
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     pass
 
 
@@ -69,9 +71,21 @@ def safetensors_index(path: Path) -> dict[str, Path]:
         raise ModelLoadError(f"{path}: no .safetensors files (only safetensors checkpoints are supported)")
     index = {}
     for file in files:
-        with safe_open(file, "pt") as f:
+        with open_safetensors(file) as f:
             index.update({name: file for name in f.keys()})
     return index
+
+
+@contextmanager
+def open_safetensors(file: Path):
+    """``safe_open``, with a damaged file (truncated, not safetensors) reported in one line."""
+    try:
+        handle = safe_open(file, "pt")
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+        reason = " ".join(str(error).split())
+        raise ModelLoadError(f"{file}: not a readable safetensors file ({type(error).__name__}: {reason}); is the download complete?") from None
+    with handle as f:
+        yield f
 
 
 @dataclass
@@ -119,6 +133,19 @@ class ModelHandle:
         names = [self.adapter.embed_tokens, self.adapter.final_norm, self.adapter.lm_head]
         return {name: self.model.get_submodule(name) for name in names}
 
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of every parameter with floating ones in ``dtype`` (integer codes keep their size)."""
+        element = torch.tensor([], dtype=dtype).element_size()
+        return sum(p.numel() * (element if p.is_floating_point() else p.element_size()) for p in self.model.parameters())
+
+    def fits_on(self, device: torch.device, dtype: torch.dtype, fraction: float = 0.8) -> bool:
+        """Whether the weights in ``dtype`` take at most ``fraction`` of the device's free memory
+        (always true off CUDA: there the blocks have nowhere else to go)."""
+        if torch.device(device).type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(device)
+        return self.weight_bytes(dtype) <= fraction * free
+
     # --- reading tensors -----------------------------------------------------------------------
 
     def checkpoint_name(self, name: str) -> str:
@@ -136,7 +163,7 @@ class ModelHandle:
             by_file.setdefault(self.tensor_files[self.checkpoint_name(name)], []).append(name)
         tensors = {}
         for file, file_names in by_file.items():
-            with safe_open(file, "pt") as f:
+            with open_safetensors(file) as f:
                 tensors.update({name: f.get_tensor(self.checkpoint_name(name)) for name in file_names})
         return tensors
 

@@ -17,20 +17,23 @@ freed, so applying RTN to a model larger than memory streams it shard by shard.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from compressor.arch import block_linears
 from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_block
-from compressor.context import BlockContext, ModelContext, RunState
+from compressor.context import BlockContext, ModelContext, RunState, matches_any
+from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
+from compressor.progress import track
 from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
 from compressor.step import Step
-
 
 @dataclass
 class Session:
@@ -47,7 +50,7 @@ class Session:
     run_state: RunState = field(init=False)  # what the steps' contexts share for this run
 
     def __post_init__(self):
-        self.run_state = RunState(self.report, self.compute_dtype, self.export_dtype, self.calibration_tokens)
+        self.run_state = RunState(self.report, self.compute_dtype, self.export_dtype, self.calibration_tokens, self.progress)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -63,6 +66,9 @@ class Session:
 
     def run(self, sink=None) -> Report:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
+        for step in self.recipe.steps:
+            with self.blame(step):
+                step.check_model(self.block_linears_of_model(getattr(step, "ignore", [])))
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
             last = number == len(passes) - 1
@@ -70,12 +76,42 @@ class Session:
             if kind == "layer":
                 self.run_layer_pass(steps, sink if last else None)
             else:
-                self.run_model_step(steps[0])
+                with self.blame(steps[0]):
+                    self.run_model_step(steps[0])
             self.report.add_step([s.name for s in steps], kind, time.perf_counter() - started, peak_memory(self.device))
         if sink is not None and passes[-1][0] == "model":
             for index in range(len(self.handle.blocks)):
                 sink.write_module(self.handle.block_prefix(index), self.handle.blocks[index])
         return self.report
+
+    @contextmanager
+    def blame(self, step: Step):
+        """Errors from inside ``step`` name the recipe file and the step: a ``ValueError`` (the step
+        refusing its settings or the model) becomes a one-line ``StepError``; anything else keeps its
+        traceback and gains a note saying where it happened."""
+        index = next(i for i, s in enumerate(self.recipe.steps) if s is step)
+        where = f"{self.recipe.source}: steps[{index}].{step.name}"
+        try:
+            yield
+        except UserError:
+            raise
+        except ValueError as error:
+            message = str(error).removeprefix(f"{step.name}: ")
+            key = message.split(":", 1)[0]
+            joined = f"{where}.{message}" if key in {f.name for f in dataclasses.fields(step)} else f"{where}: {message}"
+            raise StepError(joined) from error
+        except Exception as error:
+            error.add_note(f"in {where}")
+            raise
+
+    def block_linears_of_model(self, ignore: list[str]) -> dict[str, nn.Module]:
+        """Every block's linears by full name (weights on the meta device until loaded), minus ``ignore``."""
+        linears = {}
+        for index, block in enumerate(self.handle.blocks):
+            prefix = self.handle.block_prefix(index)
+            linears.update({f"{prefix}.{name}": module for name, module in block_linears(self.handle.adapter, block).items()
+                            if isinstance(module, nn.Linear) and not matches_any(f"{prefix}.{name}", ignore)})
+        return linears
 
     def load_block(self, index: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> nn.Module:
         """Block ``index`` on the device: as a previous pass left it, or read from the checkpoint."""
@@ -89,15 +125,16 @@ class Session:
         needs_data = any(step.needs_calibration for step in steps)
         inputs, kwargs = self.capture_block_inputs() if needs_data else (None, None)
         names = "+".join(step.name for step in steps)
-        for index in tqdm(range(len(self.handle.blocks)), desc=names, unit="block", disable=not self.progress):
+        for index in track(range(len(self.handle.blocks)), names, unit="block", enabled=self.progress):
             prefix = self.handle.block_prefix(index)
             # Data-free passes never run the block: keep its weights in the checkpoint dtype.
             block = self.load_block(index, None if needs_data else self.handle.dtype)
             for step in steps:
-                step.compress_block(BlockContext(
-                    handle=self.handle, device=self.device, run=self.run_state, step=step, state=self.run_state.state_of(step),
-                    index=index, block=block, inputs=inputs, block_kwargs=kwargs,
-                ))
+                with self.blame(step):
+                    step.compress_block(BlockContext(
+                        handle=self.handle, device=self.device, run=self.run_state, step=step, state=self.run_state.state_of(step),
+                        index=index, block=block, inputs=inputs, block_kwargs=kwargs,
+                    ))
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
             if needs_data and index + 1 < len(self.handle.blocks):
                 inputs = self.run_block(block, inputs, kwargs)
@@ -125,12 +162,7 @@ class Session:
 
     def should_offload(self) -> bool:
         """Offload the blocks when the weights would take more than 80% of the free device memory."""
-        if self.device.type != "cuda":
-            return False
-        element = torch.tensor([], dtype=self.compute_dtype).element_size()
-        needed = sum(p.numel() * (p.element_size() if not p.is_floating_point() else element) for p in self.handle.model.parameters())
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return needed > 0.8 * free
+        return not self.handle.fits_on(self.device, self.compute_dtype)
 
     # --- calibration forward passes --------------------------------------------------------------
 

@@ -19,15 +19,31 @@ error is one line naming the file, the step and the key, e.g.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from compressor.methods import registered_steps
-from compressor.step import Config, RecipeError, Step, did_you_mean, build_config, param, register_step
+from compressor.step import (
+    Config,
+    RecipeError,
+    Step,
+    build_config,
+    check_keys,
+    construct,
+    did_you_mean,
+    param,
+    param_specs,
+    reference_rows,
+    register_step,
+)
 
-__all__ = ["CalibrationConfig", "ExportConfig", "Recipe", "RecipeError", "Step", "param", "parse_step", "register_step"]
+__all__ = [
+    "CalibrationConfig", "ExportConfig", "Recipe", "RecipeError", "Step", "build_config", "catalogue", "check_recipe",
+    "param", "reference_rows", "register_step",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,6 +59,20 @@ class CalibrationConfig(Config):
     split: str = param("train", "dataset split (datasets names only)")
     text_column: str = param("text", "column holding the text (jsonl, parquet and datasets names)")
 
+    def check(self) -> None:
+        # A local path that does not exist is a mistake whether or not a step needs the data; checked
+        # here so it is not taken for a hub dataset name (minutes of network retries offline).
+        if looks_local(self.dataset) and not Path(self.dataset).exists():
+            raise ValueError(f"dataset: {self.dataset}: no such file or folder")
+
+
+DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def looks_local(dataset: str) -> bool:
+    """A calibration source that is a path, not a hub dataset name: a data file's suffix, or a path's start."""
+    return Path(dataset).suffix in DATA_FILE_SUFFIXES or dataset.startswith((".", "/", "~"))
+
 
 @dataclass
 class ExportConfig(Config):
@@ -52,12 +82,21 @@ class ExportConfig(Config):
     max_shard_size: str = param("5GB", "largest safetensors shard, e.g. 2GB or 500MB")
 
     def check(self) -> None:
-        from compressor.export.shards import parse_size
-
         try:
             parse_size(self.max_shard_size)
         except ValueError as error:
             raise ValueError(f"max_shard_size: {error}") from None
+
+
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*", str(text).upper())
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 2GB or 500MB")
+    return int(float(match.group(1)) * UNITS[match.group(2)])
 
 
 SECTIONS = ("calibration", "steps", "export")
@@ -72,32 +111,16 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"{path}: no such recipe file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark else ""
-            raise RecipeError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_recipe_yaml(path), source=str(path))
 
     @classmethod
     def from_dict(cls, data, source: str = "<recipe>") -> Recipe:
-        if not isinstance(data, dict):
-            raise RecipeError(f"{source}: a recipe is a mapping with the sections {', '.join(SECTIONS)}")
-        for key in data:
-            if key not in SECTIONS:
-                raise RecipeError(f"{source}: {key}: unknown section{did_you_mean(key, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
-        raw_steps = data.get("steps")
-        if not isinstance(raw_steps, list) or not raw_steps:
-            raise RecipeError(f"{source}: steps: expected a non-empty list of steps, got {raw_steps!r}")
-        steps = [parse_step(entry, i, source) for i, entry in enumerate(raw_steps)]
+        steps = registered_steps()
+        checked = check_recipe(data, source, catalogue())
         return cls(
-            steps=steps,
-            calibration=build_config(CalibrationConfig, data.get("calibration"), "calibration", source),
-            export=build_config(ExportConfig, data.get("export"), "export", source),
+            steps=[construct(steps[name], values, where, source) for where, name, values in checked["steps"]],
+            calibration=construct(CalibrationConfig, checked["calibration"], "calibration", source),
+            export=construct(ExportConfig, checked["export"], "export", source),
             source=source,
         )
 
@@ -116,16 +139,72 @@ class Recipe:
         return any(step.needs_calibration for step in self.steps)
 
 
-def parse_step(entry, index: int, source: str) -> Step:
-    where = f"steps[{index}]"
-    if isinstance(entry, str):
-        entry = {entry: {}}
-    if not isinstance(entry, dict) or len(entry) != 1:
-        raise RecipeError(f"{source}: {where}: a step is a one-key mapping like 'rtn: {{bits: 4}}', got {entry!r}")
-    ((name, raw),) = entry.items()
-    steps = registered_steps()
-    if name not in steps:
-        raise RecipeError(
-            f"{source}: {where}.{name}: unknown step{did_you_mean(name, steps)}; known steps: {', '.join(steps)}"
-        )
-    return build_config(steps[name], raw, f"{where}.{name}", source)
+def read_recipe_yaml(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
+
+
+def check_recipe(data, source: str, catalogue: dict) -> dict:
+    """Check a recipe's sections, steps and keys against a catalogue (see ``catalogue``), without
+    the step classes. Returns ``{"steps": [(where, name, values)], "calibration": values, "export": values}``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with the sections {', '.join(SECTIONS)}")
+    for key in data:
+        if key not in SECTIONS:
+            raise RecipeError(f"{source}: {key}: unknown section{did_you_mean(key, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
+    raw_steps = data.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise RecipeError(f"{source}: steps: expected a non-empty list of steps, got {raw_steps!r}")
+    known = catalogue["steps"]
+    steps = []
+    for index, entry in enumerate(raw_steps):
+        where = f"steps[{index}]"
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise RecipeError(f"{source}: {where}: a step is a one-key mapping like 'rtn: {{bits: 4}}', got {entry!r}")
+        ((name, raw),) = entry.items()
+        if name not in known:
+            raise RecipeError(f"{source}: {where}.{name}: unknown step{did_you_mean(name, known)}; known steps: {', '.join(known)}")
+        steps.append((f"{where}.{name}", name, check_keys(raw, known[name]["params"], f"{where}.{name}", source)))
+    sections = {name: check_keys(data.get(name), specs, name, source) for name, specs in catalogue["sections"].items()}
+    return {"steps": steps, **sections}
+
+
+# ----------------------------------------------------------------------------------------------
+# The catalogue: every section's and step's keys as plain data. ``compressor methods`` and the
+# command line's first check of a recipe read the copy shipped in recipe_catalog.json, so they answer
+# without importing torch (which every method module needs); a test keeps that copy equal to the
+# registry, and ``python scripts/update_readme.py`` rewrites it.
+
+CATALOGUE_FILE = Path(__file__).with_name("recipe_catalog.json")
+
+
+def catalogue() -> dict:
+    """The live catalogue, from the registered step classes."""
+    return {
+        "sections": {"calibration": param_specs(CalibrationConfig), "export": param_specs(ExportConfig)},
+        "steps": {
+            name: {"kind": cls.kind, "needs_calibration": cls.needs_calibration, "summary": cls.summary(), "params": param_specs(cls)}
+            for name, cls in registered_steps().items()
+        },
+    }
+
+
+def shipped_catalogue() -> dict:
+    import json
+
+    return json.loads(CATALOGUE_FILE.read_text())
+
+
+def check_recipe_file(path: str | Path) -> None:
+    """The fast check of a recipe file against the shipped catalogue (sections, steps, keys, types
+    and ranges); the cross-key checks of each step run when the recipe is built."""
+    check_recipe(read_recipe_yaml(path), str(path), shipped_catalogue())

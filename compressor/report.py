@@ -74,6 +74,22 @@ class Report:
                 names = ", ".join(adapter.linears[role] for role in group)
                 self.warn(f"{prefix}: {names} have different quantization schemes; vLLM fuses them and will refuse the checkpoint")
 
+    def training_lines(self) -> list[str]:
+        """One line per training phase: its held-out loss before and after, and how often the
+        trained state was worse than the start and so undone (``compressor.training``)."""
+        by_step: dict[str, list[dict]] = {}
+        for row in self.rows:
+            if "heldout_curve" in row:
+                by_step.setdefault(row["step"], []).append(row)
+        lines = []
+        for step, rows in by_step.items():
+            before = sum(r["heldout_curve"][0] for r in rows) / len(rows)
+            after = sum(min(r["heldout_curve"]) for r in rows) / len(rows)
+            undone = sum(r["kept_epoch"] == 0 for r in rows)
+            where = f" in {len(rows)} blocks" if len(rows) > 1 else ""
+            lines.append(f"{step}: held-out loss {before:.4g} -> {after:.4g}{where}; kept the untrained start {undone} of {len(rows)} times")
+        return lines
+
     def to_dict(self) -> dict:
         return {"summary": self.summary, "passes": self.passes, "warnings": self.warnings, "modules": self.rows}
 
@@ -85,13 +101,16 @@ class Report:
             kind = row["module"].rsplit(".", 1)[-1]
             by_step.setdefault((row["step"], kind), []).append(row)
         if by_step:
-            lines.append(f"{'step':<14}{'module':<12}{'count':>6}{'mean rel. error':>17}{'bits/weight':>13}")
+            step_width = max(len("step"), *(len(step) for step, _ in by_step)) + 2
+            kind_width = max(len("module"), *(len(kind) for _, kind in by_step)) + 2
+            lines.append(f"{'step':<{step_width}}{'module':<{kind_width}}{'count':>6}{'mean rel. error':>17}{'bits/weight':>13}")
             for (step, kind), rows in by_step.items():
                 errors = [r["error"] for r in rows if "error" in r]
                 bits = [r["bits_per_weight"] for r in rows if "bits_per_weight" in r]
                 error = f"{sum(errors) / len(errors):.4f}" if errors else "-"
                 bpw = f"{sum(bits) / len(bits):.3f}" if bits else "-"
-                lines.append(f"{step:<14}{kind:<12}{len(rows):>6}{error:>17}{bpw:>13}")
+                lines.append(f"{step:<{step_width}}{kind:<{kind_width}}{len(rows):>6}{error:>17}{bpw:>13}")
+        lines.extend(self.training_lines())
         for item in self.passes:
             memory = ", ".join(f"{k} {v}" for k, v in item.items() if k.startswith("peak"))
             lines.append(f"pass {'+'.join(item['steps'])} ({item['kind']}): {item['seconds']:.1f} s, {memory}")

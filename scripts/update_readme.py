@@ -1,13 +1,16 @@
-"""Regenerate the README's generated sections: the recipe reference (from the step registry) and the
-methods table (from the newest ``benchmarks/results/quality-*.json``).
+"""Regenerate what is generated from the code: the README's recipe reference (from the step
+registry), its methods table (from the newest ``benchmarks/results/quality-*.json``), and the shipped
+recipe catalogue ``compressor/recipe_catalog.json`` that ``compressor methods`` and the command line's
+first recipe check read without importing torch.
 
-    python scripts/update_readme.py          # rewrite README.md in place
-    python scripts/update_readme.py --check  # exit 1 if README.md is stale (used by the tests)
+    python scripts/update_readme.py          # rewrite README.md and the catalogue in place
+    python scripts/update_readme.py --check  # exit 1 if either is stale (used by the tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -25,8 +28,6 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 def methods_table() -> str:
     """The newest quality benchmark, rendered by the benchmark's own table function."""
-    import json
-
     results = sorted((ROOT / "benchmarks" / "results").glob("quality-*.json"))
     if not results:
         return "_No quality benchmark has been recorded yet: run `python benchmarks/quality.py`._\n"
@@ -40,21 +41,32 @@ def methods_table() -> str:
 
 def render(text: str) -> str:
     from compressor.docs import recipe_reference
+    from compressor.recipe import catalogue
 
-    text = replace_section(text, "recipe-reference", recipe_reference())
+    text = replace_section(text, "recipe-reference", recipe_reference(catalogue()))
     return replace_section(text, "methods-table", methods_table())
 
 
+def render_catalogue() -> str:
+    from compressor.recipe import catalogue
+
+    return json.dumps(catalogue(), indent=1) + "\n"
+
+
 def main() -> None:
+    from compressor.recipe import CATALOGUE_FILE
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    readme = ROOT / "README.md"
-    current = readme.read_text()
-    updated = render(current)
+    files = {ROOT / "README.md": render((ROOT / "README.md").read_text()), CATALOGUE_FILE: render_catalogue()}
+    stale = [path for path, text in files.items() if not path.is_file() or path.read_text() != text]
     if args.check:
-        sys.exit(0 if updated == current else 1)
-    readme.write_text(updated)
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run python scripts/update_readme.py", file=sys.stderr)
+        sys.exit(1 if stale else 0)
+    for path in stale:
+        path.write_text(files[path])
 
 
 if __name__ == "__main__":

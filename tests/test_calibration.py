@@ -53,6 +53,19 @@ def test_stream_separates_documents_with_eos():
     assert (stream == tokenizer.eos_token_id).sum() == len(DOCS)
 
 
-def test_calibration_config_defaults():
+def test_the_default_calibration_is_seeded_windows_of_the_demo_text():
+    from compressor.calibration import calibration_tokens
+    from compressor.demo import demo_model_dir
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
     config = CalibrationConfig()
-    assert (config.dataset, config.samples, config.seq_len, config.seed) == ("demo", 128, 512, 0)
+    windows = calibration_tokens(tokenizer, config)
+    assert windows.shape == (config.samples, config.seq_len) and windows.dtype == torch.long
+    assert torch.equal(windows, calibration_tokens(tokenizer, CalibrationConfig()))  # same seed, same windows
+    other = calibration_tokens(tokenizer, CalibrationConfig(seed=1))
+    assert not torch.equal(windows, other)
+    stream = tokenize_stream(tokenizer, load_texts("demo"))
+    first = windows[0]
+    starts = (stream.unfold(0, config.seq_len, 1) == first).all(1).nonzero()
+    assert len(starts) >= 1  # each window is a contiguous stretch of the demo's calibration text

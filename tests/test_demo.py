@@ -1,6 +1,7 @@
 """The README's commands on the bundled demo model, end to end through the CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -23,7 +24,8 @@ def test_demo_ships_model_tokenizer_and_text():
 def test_readme_apply_then_eval_on_demo(tmp_path):
     out = tmp_path / "demo-w4"
     runner = CliRunner()
-    applied = runner.invoke(main, ["apply", "recipes/rtn-w4.yaml", "demo", "-o", str(out), "--quiet"])
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "rtn-w4.yaml"  # whatever the working directory
+    applied = runner.invoke(main, ["apply", str(recipe), "demo", "-o", str(out), "--quiet"])
     assert applied.exit_code == 0, applied.output
     assert "bits_per_weight" in applied.output and (out / "model.safetensors").is_file()
     numbers = tmp_path / "eval.json"

@@ -160,6 +160,19 @@ def test_block_ap_with_no_epochs_is_asymmetric_rtn(tiny_llama, calibration_file)
             assert torch.equal(got.codes, expected.codes) and torch.equal(got.zeros, expected.zeros) and torch.equal(got.scales, expected.scales)
 
 
+def test_block_ap_keeps_the_untrained_start_when_training_makes_the_heldout_worse(tiny_llama, calibration_file):
+    """A learning rate far too high wrecks the block; the held-out MSE notices and Block-AP returns RTN."""
+    run = session(tiny_llama, recipe(calibration_file, block_ap(bits=3, epochs=2, quant_lr=0.05, weight_lr=0.05, heldout=0.25)))
+    run.run()
+    rows = [r for r in run.report.rows if r["module"].endswith("block_ap")]
+    assert rows and all(r["kept_epoch"] == 0 and r["heldout_curve"][0] < min(r["heldout_curve"][1:]) for r in rows), rows
+    reference = ModelHandle.open(tiny_llama)
+    fp = reference.materialize(reference.block_prefix(0), "cpu", torch.float32)
+    for name, module in block_linears(run.handle.adapter, run.handle.blocks[0]).items():
+        expected = quantize_uniform(fp.get_submodule(name).weight.data, 3, 32, False, torch.float32)
+        assert torch.equal(module.quantized_weight.codes, expected.codes) and torch.equal(module.quantized_weight.scales, expected.scales)
+
+
 # ----------------------------------------------------------------------------------------------
 # E2E-QP
 
@@ -317,3 +330,21 @@ def test_recipes_validate():
         steps = Recipe.from_yaml(ROOT / "recipes" / name).steps
         assert steps[0].name == "efficientqat_block_ap"
         assert [s.name for s in steps[1:]] == ([] if "block-ap" in name else ["efficientqat_e2e_qp"])
+
+
+@pytest.mark.parametrize("lr, kept_start", [(20.0, True), (1e-3, False)])
+def test_e2e_qp_never_returns_a_model_worse_on_its_heldout_split(tiny_llama, calibration_file, lr, kept_start):
+    e2e = {"efficientqat_e2e_qp": {"lr": lr, "epochs": 2, "batch_size": 2, "micro_batch_size": 2, "heldout": 0.25, "top_k": 16}}
+    rtn_only = session(tiny_llama, recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}))
+    rtn_only.run()
+    run = session(tiny_llama, recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}, e2e))
+    run.run()
+    row = next(r for r in run.report.rows if r["step"] == "efficientqat_e2e_qp")
+    curve = row["heldout_curve"]
+    assert len(curve) == 3 and row["kept_epoch"] == curve.index(min(curve))
+    assert (row["kept_epoch"] == 0) == kept_start, row
+    before, after = snapshot(rtn_only.handle.model), snapshot(run.handle.model)
+    same = all(torch.equal(before[name]["scales"], after[name]["scales"]) for name in before)
+    assert same == kept_start
+    assert "efficientqat_e2e_qp: held-out loss" in run.report.table()
+

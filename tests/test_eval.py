@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -44,3 +45,20 @@ def test_eval_reads_asymmetric_exports_through_our_loader(tiny_llama, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     result = evaluate(model, windows, base=base)
     assert result.kl_divergence > 0 and math.isfinite(result.perplexity)
+
+
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_the_streamed_base_gives_the_numbers_of_the_whole_model(tiny_llama, tiny_models, monkeypatch, offloaded):
+    """``compressor eval`` runs the base block by block (blocks in CPU memory when it does not fit)."""
+    from compressor.eval import StreamedModel
+    from compressor.model import ModelHandle
+
+    monkeypatch.setattr(ModelHandle, "fits_on", lambda self, device, dtype, fraction=0.8: not offloaded)
+    streamed = StreamedModel(tiny_llama, "cpu")
+    assert streamed.runner.offloaded == offloaded
+    whole = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    other = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32)
+    windows = make_windows(torch.randint(0, 320, (100,), generator=torch.Generator().manual_seed(3)), seq_len=25)
+    expected, got = evaluate(other, windows, base=whole), evaluate(other, windows, base=streamed)
+    assert math.isclose(got.kl_divergence, expected.kl_divergence, rel_tol=1e-4)
+    assert math.isclose(got.base_perplexity, expected.base_perplexity, rel_tol=1e-5)

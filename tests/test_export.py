@@ -134,7 +134,9 @@ def test_failure_mid_export_leaves_no_output(tiny_llama, tmp_path, monkeypatch):
 
 
 def test_group_size_must_divide_in_features(tiny_llama, tmp_path):
-    with pytest.raises(ValueError, match=r"q_proj: in_features 128 is not a multiple of group_size 96"):
+    from compressor.errors import StepError
+
+    with pytest.raises(StepError, match=r"steps\[0\]\.rtn\.group_size: model\.layers\.0\.self_attn\.q_proj: in_features 128 is not a multiple of group_size 96"):
         apply(rtn_recipe(4, 96), tiny_llama, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -172,3 +174,21 @@ def test_mixed_schemes_get_one_config_group_each(tiny_llama, tmp_path):
     x = tokens()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)(x).logits
     assert torch.allclose(loaded, load_quantized_model(tmp_path / "out")(x).logits, atol=1e-5)
+
+
+def test_an_older_compressed_tensors_is_refused_in_one_line(tiny_llama, tmp_path, monkeypatch):
+    """0.17 pads 3/5/6/7-bit rows while our sidecar promises dense packing: such checkpoints load nowhere."""
+    import importlib.metadata
+
+    from compressor.errors import UserError
+    from compressor.export import compressed_tensors as ct
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.17.1" if name == "compressed-tensors" else real(name))
+    ct.require_installed_version.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"compressed-tensors 0\.17\.1 is installed; exporting needs >= 0\.18\.0"):
+            apply(rtn_recipe(3, 32), tiny_llama, tmp_path / "out", progress=False)
+    finally:
+        ct.require_installed_version.cache_clear()
+    assert not (tmp_path / "out").exists()

@@ -93,25 +93,90 @@ def test_integers_are_accepted_for_numbers():
         build_config(Example, {"rate": 2}, "x", "f")
 
 
+@pytest.mark.parametrize("text, expected", MISTAKES)
+def test_the_python_api_gives_the_same_one_line_errors(text, expected, tmp_path):
+    """The command line checks against the shipped catalogue first; ``Recipe.from_yaml`` against the live registry."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as caught:
+        Recipe.from_yaml(path)
+    assert str(caught.value).startswith(str(path)) and expected in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_methods_lists_every_registered_step_and_key():
-    from compressor.methods import registered_steps
-    from compressor.step import step_reference
+    from compressor.recipe import catalogue
 
-    output = CliRunner().invoke(main, ["methods"]).output
-    for name, cls in registered_steps().items():
-        assert name in output
-        for key, _, _ in step_reference(cls):
-            assert key in output
+    lines = CliRunner().invoke(main, ["methods"]).output.splitlines()
+    titles = {line.split(" ", 1)[0]: i for i, line in enumerate(lines) if not line.startswith(" ")}
+    live = catalogue()
+    assert list(titles) == [*live["steps"], *(f"[{name}]:" for name in live["sections"])]
+    for name, step in live["steps"].items():
+        start = titles[name]
+        assert lines[start].startswith(f"{name} ({step['kind']} step") and step["summary"] in lines[start]
+        keys = [line.split()[0] for line in lines[start + 1 : start + 1 + len(step["params"])]]
+        assert keys == [spec["key"] for spec in step["params"]]
+    widths = {line.index(line.split()[1], len(line.split()[0]) + 4) for line in lines if line.startswith("    ")}
+    assert len(widths) == 1, "the defaults column is aligned whatever the longest key"
 
 
-def test_readme_recipe_reference_is_current():
-    """The README embeds the generated reference; regenerate it with scripts/update_readme.py."""
+def test_generated_files_are_current():
+    """The README's recipe reference and methods table, and the shipped recipe catalogue that the
+    command line reads without torch: regenerate them with scripts/update_readme.py."""
+    import subprocess
+    import sys
     from pathlib import Path
 
-    from compressor.docs import recipe_reference
+    root = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, str(root / "scripts" / "update_readme.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert recipe_reference() in readme
+
+LIGHT_RUN = """
+import sys
+from compressor.cli import main
+try:
+    main({args!r}, standalone_mode=False)
+except BaseException as error:
+    print("raised", type(error).__name__, error)
+print("heavy:", sorted(m for m in ("torch", "transformers", "compressed_tensors") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["methods"], ["apply", "TYPO", "demo", "-o", "out"]])
+def test_help_methods_and_recipe_typos_answer_without_importing_torch(args, tmp_path):
+    import subprocess
+    import sys
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("steps:\n  - rtn: {bitz: 4}\n")
+    args = [str(typo) if a == "TYPO" else a for a in args]
+    result = subprocess.run([sys.executable, "-c", LIGHT_RUN.format(args=args)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.strip().endswith("heavy: []"), result.stdout + result.stderr
+    if "apply" in args:
+        assert "steps[0].rtn.bitz: unknown key" in result.stderr
+
+
+@pytest.mark.parametrize("order", ["compressor first", "transformers first"])
+def test_import_compressor_registers_the_native_format_with_transformers(order):
+    import subprocess
+    import sys
+
+    imports = ["import compressor", "import transformers.quantizers.auto as table"]
+    if order == "transformers first":
+        imports.reverse()
+    code = "; ".join(imports) + "; print('compressor' in table.AUTO_QUANTIZER_MAPPING, 'compressor' in table.AUTO_QUANTIZATION_CONFIG_MAPPING)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["True", "True"], result.stderr
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 16
+    for path in recipes:
+        recipe = Recipe.from_yaml(path)
+        assert recipe.steps, path
 
 
 def test_hub_ids_fail_fast_offline_with_one_line(monkeypatch):

@@ -462,7 +462,7 @@ def test_accumulators_that_do_not_fit_fail_before_the_fisher_with_the_passes_to_
                                "steps": [{"squeezellm": {"bits": 3, "iterations": 2}}]})
     one_block = 4 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 384 * 128)  # fp32 accumulators of q, o, k, v, gate, up, down
     monkeypatch.setattr(compressor.report, "free_memory", lambda device: int(1.5 * one_block))
-    with pytest.raises(ValueError, match=r"squeezellm: fisher_passes: .* set fisher_passes: 2"):
+    with pytest.raises(ValueError, match=r"<recipe>: steps\[0\]\.squeezellm\.fisher_passes: one Fisher pass needs .* set fisher_passes: 2"):
         apply(recipe, tiny_llama, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(compressor.report, "free_memory", lambda device: one_block // 2)
@@ -538,13 +538,15 @@ def demo_kl(demo_setup, quantize) -> float:
 
 
 def test_on_the_demo_model_squeezellm_beats_rtn_and_the_rescale_helps(demo_setup):
-    """4 bits: below 0.8x RTN g128's KL (measured 0.68x here); 3 bits: the unbiased rescale below 0.85x
-    the plain k-means KL (measured 0.65x here, 0.63x over three seeds in the ablation benchmark)."""
+    """4 bits: below 0.8x RTN g128's KL (measured 0.69x here); 3 bits: the unbiased rescale below 0.85x
+    the plain k-means KL (measured 0.64x here, 0.63x over three seeds in the ablation benchmark).
+    k-means runs 10 iterations instead of the step's 50, a quarter of the time for the same ratios
+    (50 iterations: 0.68x and 0.65x)."""
     def rtn(bits, group_size):
         return lambda w, f: quantize_uniform(w, bits, group_size, symmetric=False, scale_dtype=torch.float16)
 
     def squeeze(bits, rescale):
-        return lambda w, f: quantize_squeezellm(w, f, bits, rescale=rescale)
+        return lambda w, f: quantize_squeezellm(w, f, bits, rescale=rescale, iterations=10)
 
     assert demo_kl(demo_setup, squeeze(4, "unbiased")) < 0.8 * demo_kl(demo_setup, rtn(4, 128))
     assert demo_kl(demo_setup, squeeze(3, "unbiased")) < 0.85 * demo_kl(demo_setup, squeeze(3, "none"))

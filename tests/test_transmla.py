@@ -243,13 +243,16 @@ def test_bad_sizes_are_one_line_errors(settings, message, tiny_llama, tmp_path):
 
 
 def test_healing_lowers_the_distance_to_the_original(tiny_llama, tmp_path):
+    """On the calibration text itself (heldout: 0): six epochs on eight random-model sequences overfit
+    them, and with a held-out split the step would rightly keep the unhealed start (tests/test_efficientqat.py
+    checks that rule on E2E-QP; both use compressor.training)."""
     calibration = {"dataset": "demo", "samples": 8, "seq_len": 48}
     x = Session(ModelHandle.open(tiny_llama), Recipe.from_dict({"calibration": calibration, "steps": ["transmla"]}),
                 AutoTokenizer.from_pretrained(tiny_llama)).calibration_tokens()
     reference = logits(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), x)
     kls = []
     for heal in (False, True):
-        steps = [{"transmla": {"kv_cache_ratio": 0.25}}] + ([{"transmla_heal": {"epochs": 6, "lr": 1e-3, "batch_size": 2}}] if heal else [])
+        steps = [{"transmla": {"kv_cache_ratio": 0.25}}] + ([{"transmla_heal": {"epochs": 6, "lr": 1e-3, "batch_size": 2, "heldout": 0.0}}] if heal else [])
         report = apply(Recipe.from_dict({"calibration": calibration, "steps": steps}), tiny_llama, tmp_path / str(heal), progress=False)
         kls.append(mean_kl(reference, logits(AutoModelForCausalLM.from_pretrained(tmp_path / str(heal), dtype=torch.float32), x)))
     row = next(r for r in report.rows if r["step"] == "transmla_heal")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from compressor.errors import UserError
+
 LLAMA_LINEARS = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
@@ -59,7 +61,7 @@ ADAPTERS = (
 )
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(UserError):
     pass
 
 

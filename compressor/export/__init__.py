@@ -1,6 +1,21 @@
-"""Checkpoint export (writers) and loading exported checkpoints back into our modules."""
+"""Checkpoint export (writers) and loading exported checkpoints back into our modules.
 
-from compressor.export.checkpoint import CheckpointWriter, ExportError, atomic_output_dir
-from compressor.export.loading import load_quantized_model
+The names below load their modules on first use, so that light modules (the recipe's checks of the
+export section) can import ``compressor.export.shards`` without the writers' heavy dependencies."""
 
-__all__ = ["CheckpointWriter", "ExportError", "atomic_output_dir", "load_quantized_model"]
+from importlib import import_module
+
+_WHERE = {
+    "CheckpointWriter": "compressor.export.checkpoint",
+    "ExportError": "compressor.export.checkpoint",
+    "atomic_output_dir": "compressor.export.checkpoint",
+    "load_quantized_model": "compressor.export.loading",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'compressor.export' has no attribute {name!r}")

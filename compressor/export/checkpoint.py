@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.errors import UserError
 from compressor.export.codecs import codec_for
-from compressor.export.shards import ShardWriter, parse_size
+from compressor.export.shards import ShardWriter
+from compressor.recipe import parse_size
 from compressor.weights.linear import QuantizedLinear
 
 FORMAT_VERSION = "compressor-export-v1"
@@ -32,7 +34,7 @@ COPIED_FILES = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     pass
 
 
@@ -47,6 +49,7 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: li
     if output.exists() and not overwrite:
         raise ExportError(f"{output}: already exists (pass --overwrite to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_partials(output)
     temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
@@ -62,6 +65,24 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: li
         shutil.rmtree(retired, ignore_errors=True)
     else:
         temporary.rename(output)
+
+
+def remove_abandoned_partials(output: Path) -> None:
+    """Temporary folders of earlier runs for this output whose process is gone (killed with -9, say)."""
+    for partial in output.parent.glob(f".{output.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class CheckpointWriter:

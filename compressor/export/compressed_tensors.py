@@ -1,7 +1,7 @@
 """The export codec of uniform integer weights: compressed-tensors ``pack-quantized`` tensors and config.
 
 Layout (see ``export/FORMATS.md``): per quantized linear ``weight_packed`` int32
-[N, ceil(K*b/32)] (dense cross-element packing of compressed-tensors >= 0.17), ``weight_scale``
+[N, ceil(K*b/32)] (dense cross-element packing of compressed-tensors >= 0.18), ``weight_scale``
 [N, G], ``weight_shape`` int64 [2], and for asymmetric weights ``weight_zero_point`` packed along
 the output dim. Values are stored signed (``q = u - 2**(b-1)``); packing is done by
 compressed-tensors' own ``pack_to_int32`` so the bits are exactly what its readers expect.
@@ -9,6 +9,7 @@ compressed-tensors' own ``pack_to_int32`` so the bits are exactly what its reade
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -18,8 +19,26 @@ from compressor.kernels.packing import PackedUniform, pack_uniform
 from compressor.weights.formats import UniformWeight, num_groups, row_chunks
 
 QUANT_METHOD = "compressed-tensors"  # the export format's name and the config's quant_method
-CT_MIN_VERSION = "0.17.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.17.0
+CT_MIN_VERSION = "0.18.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.18.0
 PROVENANCE = {"packing": "ct-dense-v1", "compressed_tensors_min": CT_MIN_VERSION}  # what compressor.json records
+
+
+@functools.cache
+def require_installed_version() -> None:
+    """Refuse to write with a compressed-tensors older than ``CT_MIN_VERSION``: its ``pack_to_int32``
+    pads 3/5/6/7-bit rows (0.17.1: ``[256, 77]`` instead of ``[256, 72]``), which no reader loads."""
+    from importlib.metadata import version
+
+    from compressor.errors import UserError
+
+    installed = version("compressed-tensors")
+    if _release(installed) < _release(CT_MIN_VERSION):
+        raise UserError(f"compressed-tensors {installed} is installed; exporting needs >= {CT_MIN_VERSION} "
+                        f"(pip install 'compressed-tensors>={CT_MIN_VERSION}')")
+
+
+def _release(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -33,6 +52,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def uniform_to_ct_tensors(weight: UniformWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    require_installed_version()
     offset = 2 ** (weight.bits - 1)
     tensors = {
         "weight_packed": pack_codes(weight.codes, weight.bits),

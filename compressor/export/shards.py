@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import struct
 from pathlib import Path
 
 import torch
-
-UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*", str(text).upper())
-    if not match:
-        raise ValueError(f"{text!r} is not a size like 2GB or 500MB")
-    return int(float(match.group(1)) * UNITS[match.group(2)])
-
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

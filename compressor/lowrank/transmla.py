@@ -26,8 +26,8 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from compressor.arch import UnsupportedArchitecture, attention_geometry
-from compressor.distill import train_end_to_end
 from compressor.arch.deepseek_mla import deepseek_v3_config
+from compressor.distill import train_end_to_end
 from compressor.step import Step, param, register_step
 
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +350,8 @@ class TransMLAHeal(Step):
     batch_size: int = param(4, "sequences per optimizer step", min=1)
     top_k: int = param(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)", min=1)
     train: str = param("attention", "what learns: the converted attention layers, or every block weight", choices=("attention", "all"))
+    heldout: float = param(0.1, "fraction of the calibration sequences held out: their KL is measured before training and after "
+                                "each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
 
     def compress_model(self, context) -> None:
         blocks = context.blocks
@@ -360,19 +362,19 @@ class TransMLAHeal(Step):
         parameters = [p for owner in owners for p in owner.parameters() if p.is_floating_point()]
         for p in parameters:
             p.requires_grad_(True)
-        tokens = context.calibration_tokens()
         try:  # each epoch in its own seeded order; one step per batch, no micro-batches
-            losses = train_end_to_end(
+            losses, best = train_end_to_end(
                 context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs, batch_size=self.batch_size,
-                micro_batch_size=self.batch_size, top_k=self.top_k,
-                order=lambda epoch: torch.randperm(len(tokens), generator=torch.Generator().manual_seed(epoch)),
+                micro_batch_size=self.batch_size, top_k=self.top_k, heldout=self.heldout,
+                order=lambda epoch, count: torch.randperm(count, generator=torch.Generator().manual_seed(epoch)),
             )
         finally:
             for p in parameters:
                 p.requires_grad_(False)
                 p.grad = None
-        steps_per_epoch = -(-len(tokens) // self.batch_size)
+        steps_per_epoch = len(losses) // self.epochs
         context.record(
             "model", first_epoch_kl=sum(losses[:steps_per_epoch]) / steps_per_epoch,
             last_epoch_kl=sum(losses[-steps_per_epoch:]) / steps_per_epoch, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),
+            **(best.summary() if best else {}),
         )

@@ -12,9 +12,9 @@ Defaults are the official scripts' (``examples/e2e_qp/Llama-2-7b/*-redpajama.sh`
 1e-5 at 3 and 4; 32 sequences per step as 4 x 8 accumulation; 1 epoch). Deviations: the default
 loss is the KL to the original model's top-k next-token distribution (``objective: distill``; the
 paper's next-token loss, ``next_token``, fits a small calibration set instead of the original
-model); it trains on the recipe's calibration windows, reshuffled each epoch; warmup starts at
-lr / (warmup + 1); ``train_zeros: true`` also trains zero points (STE-rounded integers). Measured
-numbers and their history: docs/methods/efficientqat.md.
+model); it trains on the recipe's calibration windows (``heldout`` of them kept aside to choose the
+best epoch), reshuffled each epoch; warmup starts at lr / (warmup + 1); ``train_zeros: true`` also
+trains zero points (STE-rounded integers). Details and measured numbers: docs/methods/efficientqat.md.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from compressor.distill import train_end_to_end
 from compressor.quant.uniform import clamp_ste, round_ste
 from compressor.report import peak_memory
 from compressor.step import Step, param, register_step
+from compressor.training import holdout_count
 from compressor.weights.linear import QuantizedLinear
 
 
@@ -76,6 +77,8 @@ class EfficientQATE2EQP(Step):
     objective: str = param("distill", "training loss: distill (KL to the original model's top-k next-token distribution) "
                                       "or next_token (the paper's cross-entropy on the calibration text)", choices=("distill", "next_token"))
     top_k: int = param(64, "with objective: distill, teacher log-probabilities kept per token (the rest is one bucket)", min=1)
+    heldout: float = param(0.1, "fraction of the calibration sequences held out: the loss on them is measured before training and "
+                                "after each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
     ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
 
     kind = "model"
@@ -94,14 +97,15 @@ class EfficientQATE2EQP(Step):
                 parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
         groups = [{"params": steps_or_codebooks, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
         tokens = context.calibration_tokens()
-        total = self.epochs * math.ceil(len(tokens) / self.batch_size)
+        total = self.epochs * math.ceil((len(tokens) - holdout_count(len(tokens), self.heldout)) / self.batch_size)
         warmup = math.ceil(self.warmup_ratio * total)
         generator = torch.Generator().manual_seed(self.seed)
         try:
-            losses = train_end_to_end(
+            losses, best = train_end_to_end(
                 context, groups, name=self.name, epochs=self.epochs, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
-                order=lambda epoch: torch.randperm(len(tokens), generator=generator), objective=self.objective, top_k=self.top_k,
+                order=lambda epoch, count: torch.randperm(count, generator=generator), objective=self.objective, top_k=self.top_k,
                 lr_at=lambda base, step, total: warmup_cosine_lr(base, step, total, warmup), max_grad_norm=self.max_grad_norm,
+                heldout=self.heldout,
             )
         finally:
             for module in modules.values():
@@ -112,7 +116,7 @@ class EfficientQATE2EQP(Step):
                         module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
                 module.freeze()
         context.record(
-            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=len(losses),
+            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=len(losses), **(best.summary() if best else {}),
             trainable_parameters=sum(p.numel() for p in steps_or_codebooks + zeros), seconds=time.perf_counter() - started,
             **peak_memory(context.device),
         )

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.blockwise import first_output
-from compressor.weights.formats import UniformWeight
 from compressor.quant.uniform import UniformQuantizer, clamp_ste, minmax_params, quantize_codes, relative_error, round_ste, storable_scale
 from compressor.step import param, register_step
+from compressor.training import BestState, holdout_count
+from compressor.weights.formats import UniformWeight
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
 
@@ -149,8 +150,15 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
     return groups
 
 
-def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epochs: int, min_lr_factor: float) -> list[float]:
-    """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch; mean loss per epoch."""
+def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epochs: int, min_lr_factor: float,
+                heldout: float = 0.0, progress=None) -> tuple[list[float], BestState | None]:
+    """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch. The last
+    ``heldout`` fraction of ``batches`` is not trained on: its MSE before training and after each epoch
+    decides which state the block keeps. Returns the mean training loss per epoch and that record."""
+    held = holdout_count(len(batches), heldout)
+    batches, heldout_batches = batches[: len(batches) - held], batches[len(batches) - held :]
+    trained = [p for group in groups for p in group["params"]]
+    best = BestState(trained, block_mse(block, heldout_batches)) if heldout_batches else None
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bases = [group["lr"] for group in optimizer.param_groups]
     total, step, epoch_losses = epochs * len(batches), 0, []
@@ -169,9 +177,15 @@ def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epoc
                 optimizer.step()
                 losses.append(loss.item())
                 step += 1
+                if progress is not None:
+                    progress.update(loss=losses[-1])
             epoch_losses.append(sum(losses) / len(losses))
+            if best is not None:
+                best.consider(block_mse(block, heldout_batches))
+    if best is not None:
+        best.restore()
     block.requires_grad_(False)
-    return epoch_losses
+    return epoch_losses, best
 
 
 @register_step("efficientqat_block_ap")
@@ -186,6 +200,8 @@ class EfficientQATBlockAP(UniformQuantizer):
     weight_lr: float | None = param(None, "AdamW learning rate of the weights and norm gains (0: frozen); default 2e-5 at 2 bits, 1e-5 otherwise", min=0.0)
     min_lr_factor: float = param(20.0, "each cosine schedule ends at lr / min_lr_factor", min=1.0)
     train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
+    heldout: float = param(0.1, "fraction of each block's calibration batches held out: their MSE before training and after each "
+                                "epoch decides which state the block keeps (0: train on all, keep the last)", min=0.0, max=0.5)
 
     def check(self) -> None:
         super().check()
@@ -200,7 +216,7 @@ class EfficientQATBlockAP(UniformQuantizer):
 
     def compress_block(self, context) -> None:
         started = time.perf_counter()
-        linears = self.quantizable_linears(context)
+        linears = context.linears(self.ignore)
         # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours,
         # kept in the run's state for this step (the outputs of the fp blocks so far).
         fp_inputs = context.inputs if context.index == 0 else context.state["fp_inputs"]
@@ -215,10 +231,12 @@ class EfficientQATBlockAP(UniformQuantizer):
         block.float()
         batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
         mse_init = block_mse(block, batches)
-        losses = []
+        losses, best = [], None
         if self.epochs > 0:
             groups = trainable_groups(block, self.quant_lr, self.learning_rate_of_weights, self.train_norms)
-            losses = train_block(block, batches, groups, self.epochs, self.min_lr_factor)
+            steps = self.epochs * (len(batches) - holdout_count(len(batches), self.heldout))
+            with context.progress(steps, "training", "step") as progress:
+                losses, best = train_block(block, batches, groups, self.epochs, self.min_lr_factor, self.heldout, progress)
         quantized = {name: module.freeze(context.scale_dtype) for name, module in fake.items()}
         block.to(dtype)  # the trained norm gains and the biases back to the pass dtype
         for name, value in quantized.items():
@@ -226,5 +244,6 @@ class EfficientQATBlockAP(UniformQuantizer):
             context.record(name, error=relative_error(originals[name], value), bits_per_weight=value.bits_per_weight())
         context.record(
             "block_ap", mse_init=mse_init, mse_final=block_mse(block, batches), loss_first_epoch=losses[0] if losses else None,
-            loss_last_epoch=losses[-1] if losses else None, steps=self.epochs * len(batches), seconds=time.perf_counter() - started,
+            loss_last_epoch=losses[-1] if losses else None, steps=self.epochs * (len(batches) - holdout_count(len(batches), self.heldout)),
+            seconds=time.perf_counter() - started, **(best.summary() if best else {}),
         )

@@ -26,7 +26,7 @@ class RTN(UniformQuantizer):
     needs_calibration = False
 
     def compress_block(self, context) -> None:
-        for name, linear in self.quantizable_linears(context).items():
+        for name, linear in context.linears(self.ignore).items():
             weight = linear.weight.data
             quantized = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
             context.replace_linear(name, quantized)

@@ -233,10 +233,12 @@ def quantize_squeezellm(
 
 def fisher_diagonal(
     context, modules: dict[str, nn.Linear], tokens: torch.Tensor, store: torch.device, dtype: torch.dtype = torch.float32,
+    progress=None,
 ) -> dict[str, torch.Tensor]:
     """``sum_s grad_s(W)**2`` accumulated in ``dtype`` on ``store`` for each module's weight, one
     calibration sequence per backward (``context.forward_backward``, whose gradients arrive layer by
-    layer). Each square is formed in fp32; a bf16 accumulator rounds every partial sum."""
+    layer). Each square is formed in fp32; a bf16 accumulator rounds every partial sum. ``progress``
+    (a ``Progress``) counts the sequences with their loss."""
     fisher = {name: torch.zeros(module.weight.shape, dtype=dtype, device=store) for name, module in modules.items()}
     handles = []
 
@@ -252,7 +254,9 @@ def fisher_diagonal(
             module.weight.requires_grad_(True)
             handles.append(module.weight.register_post_accumulate_grad_hook(accumulate(name)))
         for sample in tokens.split(1):
-            context.forward_backward(sample)
+            loss = context.forward_backward(sample)
+            if progress is not None:
+                progress.update(loss=loss)
     finally:
         for handle in handles:
             handle.remove()
@@ -306,13 +310,15 @@ class SqueezeLLM(Step):
         for number, group in enumerate(groups, start=1):
             group_targets = {(index, name): linear for (index, name), linear in targets.items() if index in group}
             fisher = self.fisher_pass(context, {name: linear for (_, name), linear in group_targets.items()}, tokens, group)
-            for (index, name), linear in group_targets.items():
-                home = linear.weight.device
-                quantized = self.quantize_layer(context, index, name, linear, fisher.pop(name))
-                if number == len(groups):
-                    context.replace_linear(name, quantized)
-                else:
-                    finished[name] = QuantizedLinear(quantized, linear.bias).to(home)
+            with context.progress(len(group_targets), "k-means", "layer") as progress:
+                for (index, name), linear in group_targets.items():
+                    home = linear.weight.device
+                    quantized = self.quantize_layer(context, index, name, linear, fisher.pop(name))
+                    if number == len(groups):
+                        context.replace_linear(name, quantized)
+                    else:
+                        finished[name] = QuantizedLinear(quantized, linear.bias).to(home)
+                    progress.update()
         for name, module in finished.items():
             context.replace_module(name, module)
 
@@ -349,7 +355,8 @@ class SqueezeLLM(Step):
         if context.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(context.device)
         started = time.perf_counter()
-        fisher = fisher_diagonal(context, modules, tokens, store, FISHER_DTYPES[self.fisher_dtype])
+        with context.progress(len(tokens), f"Fisher of blocks {group[0]}..{group[-1]}", "sample") as progress:
+            fisher = fisher_diagonal(context, modules, tokens, store, FISHER_DTYPES[self.fisher_dtype], progress)
         context.record("fisher", samples=tokens.shape[0], seq_len=tokens.shape[1], seconds=round(time.perf_counter() - started, 3),
                        accumulators=f"{self.fisher_device} {self.fisher_dtype}", blocks=f"{group[0]}..{group[-1]}",
                        **{k: round(v, 3) for k, v in peak_memory(context.device).items()})

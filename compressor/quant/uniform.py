@@ -35,20 +35,17 @@ class UniformQuantizer(Step):
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
 
-    def quantizable_linears(self, context) -> dict:
-        """The block's linears this quantizer takes (``context.linears(ignore)``), checked against the
-        group size before any work is done."""
-        linears = context.linears(self.ignore)
+    def check_model(self, linears: dict) -> None:
+        """Checkpoint formats and serving kernels need whole groups: every linear it will take, before any work."""
         for name, linear in linears.items():
-            check_group_size(f"{context.prefix}.{name}", linear.in_features, self.group_size)
-        return linears
+            check_group_size(name, linear.in_features, self.group_size)
 
 
 def check_group_size(name: str, in_features: int, group_size: int) -> None:
     """Checkpoint formats and serving kernels need whole groups: fail before any work is done."""
     if group_size != -1 and in_features % group_size:
         raise ValueError(
-            f"{name}: in_features {in_features} is not a multiple of group_size {group_size}; "
+            f"group_size: {name}: in_features {in_features} is not a multiple of group_size {group_size}; "
             "choose a group size that divides it, -1 (per channel), or add the layer to ignore"
         )
 

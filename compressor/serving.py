@@ -1,0 +1,147 @@
+"""Which serving engine loads a checkpoint, and through which path: ``compressor check``.
+
+Reads only ``config.json`` (no weights, no torch). A checkpoint is described as parts: each
+compressed-tensors config group, our native lookup-table format, a DeepSeek-V3 MLA attention, or the
+plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine
+serves it and what it requires; the verdict is the path when every requirement holds, or the first
+requirement that fails, in words. Each requirement and caveat names its source, so a rule can be
+re-read when an engine changes: the engines' code moves, and these rules describe their releases as
+read from their source in November 2026 (vLLM main, transformers 5.24).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ENGINES = ("vllm", "transformers")
+
+
+@dataclass(frozen=True)
+class Rule:
+    says: str  # the rule in words: what must hold (a requirement) or what to know (a caveat)
+    holds: Callable[[dict], bool]
+    source: str
+
+
+@dataclass(frozen=True)
+class Route:
+    engine: str
+    kind: str
+    path: str  # how the engine serves the part when every requirement holds
+    requirements: tuple[Rule, ...] = ()
+    caveats: tuple[Rule, ...] = ()  # shown when ``holds`` is False; they do not refuse
+
+
+@dataclass
+class Verdict:
+    engine: str
+    part: str
+    loads: bool
+    how: str  # the path, or why not
+    source: str = ""
+    caveats: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        state = "yes" if self.loads else "NO"
+        text = f"{self.engine}: {self.part}: {state}, {self.how}"
+        text += "".join(f"; note: {c}" for c in self.caveats)
+        return text + (f" [{self.source}]" if self.source else "")
+
+
+VLLM_WNA16 = "vllm/model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py"
+VLLM_MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py (MARLIN_SUPPORTED_GROUP_SIZES)"
+VLLM_MLA = "vllm/v1/attention/backends/mla/*.py get_supported_head_sizes (576 for FlashMLA, FlashInfer MLA, Triton MLA, CPU MLA)"
+HF_CT = "transformers/quantizers/quantizer_compressed_tensors.py"
+
+ROUTES: tuple[Route, ...] = (
+    Route("vllm", "compressed-tensors", "CompressedTensorsWNA16 (Marlin or its fallbacks)", requirements=(
+        Rule("integer weights with 16-bit activations", lambda p: p["type"] == "int" and not p["activations"], VLLM_WNA16),
+        Rule("asymmetric (zero-point) weights only at 4 or 8 bits (WNA16_ZP_SUPPORTED_TYPES_MAP)",
+             lambda p: p["symmetric"] or p["bits"] in (4, 8), VLLM_WNA16),
+        Rule("symmetric weights at 2..8 bits (WNA16_SUPPORTED_TYPES_MAP)", lambda p: 2 <= p["bits"] <= 8, VLLM_WNA16),
+    ), caveats=(
+        Rule("2, 3, 5, 6 and 7 bits are in vLLM's newest releases only (uint2b2 .. uint7b64 kernels)",
+             lambda p: p["bits"] in (4, 8), VLLM_WNA16),
+        Rule("Marlin's fast path takes group sizes -1, 32, 64, 128; others run on slower kernels where one exists",
+             lambda p: p["group_size"] in (-1, 32, 64, 128), VLLM_MARLIN),
+    )),
+    Route("vllm", "compressor", "none", requirements=(
+        Rule("a loader for quant_method 'compressor' (our vLLM plugin is not built yet)", lambda p: False,
+             "vllm/model_executor/layers/quantization/__init__.py (QUANTIZATION_METHODS)"),
+    )),
+    Route("vllm", "deepseek-mla", "DeepseekV2/V3 model with MLA attention", requirements=(
+        Rule("kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept); "
+             "TransMLA's `serving: vllm` is not built yet", lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320), VLLM_MLA),
+    )),
+    Route("vllm", "dense", "the model's own architecture, unquantized"),
+    Route("transformers", "compressed-tensors", "compressed-tensors' quantizer: the weights stay packed (weight_packed, weight_scale) "
+          "and are unpacked in each forward", requirements=(
+        Rule("integer weights with 16-bit activations", lambda p: p["type"] == "int" and not p["activations"], HF_CT),
+        Rule("symmetric weights (transformers 5.x expects unpacked zero points of shape [N, groups] and fails on packed ones; "
+             "vllm-project/llm-compressor#1618)", lambda p: p["symmetric"], "tests/test_export.py (asymmetric exports load only through ours)"),
+    ), caveats=(
+        Rule("3, 5, 6 and 7 bits need compressed-tensors >= 0.18 (dense packing)", lambda p: p["bits"] in (2, 4, 8),
+             "compressed_tensors/compressors/pack_quantized (pack_to_int32)"),
+    )),
+    Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table and sparse kernels)"),
+    Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
+    Route("transformers", "dense", "the model's own architecture, unquantized"),
+)
+
+
+def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
+    """(description, kind, facts) for each part of a checkpoint's config that an engine must serve."""
+    parts = []
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method")
+        if method == "compressed-tensors":
+            for name, group in quantization.get("config_groups", {}).items():
+                weights = group.get("weights") or {}
+                facts = {
+                    "type": weights.get("type", "int"), "bits": weights.get("num_bits"), "symmetric": weights.get("symmetric", True),
+                    "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
+                    "activations": group.get("input_activations") is not None,
+                }
+                shape = f"{facts['bits']}-bit {'symmetric' if facts['symmetric'] else 'asymmetric'}, group {facts['group_size']}"
+                parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
+        elif method == "compressor":
+            parts.append((f"compressor native format ({quantization.get('format', 'lut')})", "compressor", {}))
+        else:
+            parts.append((f"quant_method {method!r}", str(method), {}))
+    if config.get("model_type") in ("deepseek_v3", "deepseek_v2") and config.get("kv_lora_rank"):
+        facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0)}
+        parts.append((f"MLA attention (kv_lora_rank {facts['kv_lora_rank']} + qk_rope_head_dim {facts['qk_rope_head_dim']})",
+                      "deepseek-mla", facts))
+    if not parts:
+        parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))
+    return parts
+
+
+def verdicts(config: dict, engines: tuple[str, ...] = ENGINES) -> list[Verdict]:
+    results = []
+    for description, kind, facts in checkpoint_parts(config):
+        for engine in engines:
+            route = next((r for r in ROUTES if r.engine == engine and r.kind == kind), None)
+            if route is None:
+                results.append(Verdict(engine, description, False, f"no rule knows {kind!r} for {engine}"))
+                continue
+            failed = next((rule for rule in route.requirements if not rule.holds(facts)), None)
+            if failed is not None:
+                results.append(Verdict(engine, description, False, f"needs {failed.says}", failed.source))
+            else:
+                caveats = [f"{c.says} [{c.source}]" for c in route.caveats if not c.holds(facts)]
+                results.append(Verdict(engine, description, True, f"through {route.path}", caveats=caveats))
+    return results
+
+
+def check_checkpoint(path: str | Path, engines: tuple[str, ...] = ENGINES) -> list[Verdict]:
+    from compressor.errors import UserError
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path}: not a checkpoint folder (no config.json)")
+    return verdicts(json.loads(config_file.read_text()), engines)

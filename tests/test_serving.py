@@ -1,0 +1,77 @@
+"""``compressor check``: the serving verdicts follow the rules table, and for transformers they agree
+with what plain ``from_pretrained`` actually does on our exports."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from compressor import Recipe, apply
+from compressor.cli import main
+from compressor.serving import verdicts
+
+
+def ct_config(bits, symmetric, group_size=128):
+    weights = {"type": "int", "num_bits": bits, "symmetric": symmetric, "strategy": "group", "group_size": group_size}
+    return {"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors",
+                                                           "config_groups": {"group_0": {"weights": weights, "input_activations": None}}}}
+
+
+def by_engine(config):
+    return {v.engine: v for v in verdicts(config)}
+
+
+def test_symmetric_4_bit_loads_everywhere_on_the_fast_paths():
+    found = by_engine(ct_config(4, True))
+    assert found["vllm"].loads and "CompressedTensorsWNA16" in found["vllm"].how and not found["vllm"].caveats
+    assert found["transformers"].loads and not found["transformers"].caveats
+
+
+def test_asymmetric_sub_4_bit_is_refused_by_both_with_the_reason_and_source():
+    found = by_engine(ct_config(3, False))
+    assert not found["vllm"].loads and "only at 4 or 8 bits" in found["vllm"].how and "compressed_tensors_wNa16.py" in found["vllm"].source
+    assert not found["transformers"].loads and "symmetric weights" in found["transformers"].how
+
+
+def test_symmetric_3_bit_loads_with_the_caveats_that_apply():
+    found = by_engine(ct_config(3, True, group_size=96))
+    assert found["vllm"].loads and any("newest releases" in c for c in found["vllm"].caveats)
+    assert any("group sizes -1, 32, 64, 128" in c for c in found["vllm"].caveats)
+    assert found["transformers"].loads and any(">= 0.18" in c for c in found["transformers"].caveats)
+
+
+def test_native_mla_and_dense():
+    native = by_engine({"model_type": "llama", "quantization_config": {"quant_method": "compressor", "format": "lut"}})
+    assert native["transformers"].loads and "import compressor" in native["transformers"].how and not native["vllm"].loads
+    small = verdicts({"model_type": "deepseek_v3", "kv_lora_rank": 16, "qk_rope_head_dim": 16})
+    assert [v.loads for v in small] == [False, True] and "576 or 320" in small[0].how
+    assert all(v.loads for v in verdicts({"model_type": "deepseek_v3", "kv_lora_rank": 512, "qk_rope_head_dim": 64}))
+    assert all(v.loads for v in verdicts({"model_type": "qwen2"}))
+    unknown = verdicts({"model_type": "llama", "quantization_config": {"quant_method": "mystery"}})
+    assert not any(v.loads for v in unknown) and "no rule knows 'mystery'" in unknown[0].how
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (3, True), (3, False)])
+def test_the_transformers_verdict_is_what_from_pretrained_does(tiny_llama, tmp_path, bits, symmetric):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": bits, "group_size": 32, "symmetric": symmetric}}]}), tiny_llama, out, progress=False)
+    verdict = by_engine(json.loads((out / "config.json").read_text()))["transformers"]
+    try:
+        AutoModelForCausalLM.from_pretrained(out)
+        loaded = True
+    except Exception:
+        loaded = False
+    assert loaded == verdict.loads, verdict.line()
+
+
+def test_check_command_and_apply_print_the_verdicts(tiny_llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - rtn: {bits: 3, group_size: 32, symmetric: false}\n")
+    applied = CliRunner().invoke(main, ["apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out"), "--quiet"])
+    assert applied.exit_code == 0 and "serving (compressor check):" in applied.output and "vllm: compressed-tensors group_0" in applied.output
+    checked = CliRunner().invoke(main, ["check", str(tmp_path / "out"), "--engine", "vllm"])
+    assert checked.exit_code == 1 and checked.output.startswith("vllm: compressed-tensors group_0 (3-bit asymmetric, group 32): NO")
+    missing = CliRunner().invoke(main, ["check", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not a checkpoint folder" in missing.output

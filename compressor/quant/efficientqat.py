@@ -13,9 +13,9 @@ already-quantized blocks, reproduces the fp block on fp inputs (the step keeps t
 
 Defaults: the official ``main_block_ap.py`` (4 bits, group 128, 2 epochs, batch 2, quant_lr 1e-4,
 weight_lr 1e-5, 2e-5 at 2 bits, min_lr_factor 20). Deviations: the min-max init includes 0 (the
-untrained quantizer is asymmetric RTN); scales clamped to [1e-8, 1e4]; fp32 without AMP; no early
-stopping; ``symmetric: true`` offered for plain transformers. Their reasons and the measured
-numbers: docs/methods/efficientqat.md.
+untrained quantizer is asymmetric RTN); scales clamped to [1e-8, 1e4]; fp32 without AMP; a held-out
+tenth of the batches picks the epoch kept (``heldout``); ``symmetric: true`` offered for plain
+transformers. Their reasons and the measured numbers: docs/methods/efficientqat.md.
 """
 
 from __future__ import annotations

@@ -47,6 +47,24 @@ def matches_any(name: str, patterns: list[str]) -> bool:
     return False
 
 
+def dense_linears(adapter, block: nn.Module, prefix: str, ignore: list[str]) -> dict[str, nn.Linear]:
+    """A block's still-dense projections (path inside the block -> module), minus those whose full
+    name (``prefix.path``) matches ``ignore``. Layers an earlier step already quantized are not offered."""
+    return {
+        name: module for name, module in block_linears(adapter, block).items()
+        if isinstance(module, nn.Linear) and not matches_any(f"{prefix}.{name}", ignore)
+    }
+
+
+def model_dense_linears(handle: ModelHandle, ignore: list[str], indices=None) -> dict[str, nn.Linear]:
+    """``dense_linears`` of every block (or of the blocks ``indices``), by full module name."""
+    linears = {}
+    for index in range(len(handle.blocks)) if indices is None else indices:
+        prefix = handle.block_prefix(index)
+        linears.update({f"{prefix}.{name}": module for name, module in dense_linears(handle.adapter, handle.blocks[index], prefix, ignore).items()})
+    return linears
+
+
 @dataclass
 class RunState:
     """What lives as long as one run: shared by every step's context, owned by the session."""
@@ -140,11 +158,7 @@ class BlockContext(StepContext):
         """The block's still-dense projections (path inside the block -> module), minus ``ignore``.
 
         Layers an earlier step already quantized are not offered again."""
-        return {
-            name: module
-            for name, module in block_linears(self.adapter, self.block).items()
-            if isinstance(module, nn.Linear) and not matches_any(f"{self.prefix}.{name}", ignore)
-        }
+        return dense_linears(self.adapter, self.block, self.prefix, ignore)
 
     def replace_linear(self, name: str, quantized_weight) -> QuantizedLinear:
         """Swap the linear at ``name`` (path inside the block) for a ``QuantizedLinear`` of the value."""
@@ -187,14 +201,7 @@ class ModelContext(StepContext):
 
     def linears(self, ignore: list[str], block: int | None = None) -> dict[str, nn.Linear]:
         """Still-dense block projections of every block (or of block ``block``), by full module name, minus ``ignore``."""
-        indices = range(self.num_blocks) if block is None else [block]
-        linears = {}
-        for index in indices:
-            prefix = self.handle.block_prefix(index)
-            for name, module in block_linears(self.adapter, self.blocks[index]).items():
-                if isinstance(module, nn.Linear) and not matches_any(f"{prefix}.{name}", ignore):
-                    linears[f"{prefix}.{name}"] = module
-        return linears
+        return model_dense_linears(self.handle, ignore, range(self.num_blocks) if block is None else [block])
 
     def quantized_linears(self, ignore: list[str]) -> dict[str, QuantizedLinear]:
         """Every ``QuantizedLinear`` of the model (blocks and LM head), by full module name, minus ``ignore``."""

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.arch import block_linears
 from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_block
-from compressor.context import BlockContext, ModelContext, RunState, matches_any
+from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
 from compressor.progress import track
@@ -68,7 +67,7 @@ class Session:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
         for step in self.recipe.steps:
             with self.blame(step):
-                step.check_model(self.block_linears_of_model(getattr(step, "ignore", [])))
+                step.check_model(model_dense_linears(self.handle, getattr(step, "ignore", [])))
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
             last = number == len(passes) - 1
@@ -103,15 +102,6 @@ class Session:
         except Exception as error:
             error.add_note(f"in {where}")
             raise
-
-    def block_linears_of_model(self, ignore: list[str]) -> dict[str, nn.Module]:
-        """Every block's linears by full name (weights on the meta device until loaded), minus ``ignore``."""
-        linears = {}
-        for index, block in enumerate(self.handle.blocks):
-            prefix = self.handle.block_prefix(index)
-            linears.update({f"{prefix}.{name}": module for name, module in block_linears(self.handle.adapter, block).items()
-                            if isinstance(module, nn.Linear) and not matches_any(f"{prefix}.{name}", ignore)})
-        return linears
 
     def load_block(self, index: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> nn.Module:
         """Block ``index`` on the device: as a previous pass left it, or read from the checkpoint."""

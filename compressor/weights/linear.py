@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.weights.formats import QUANTIZED_WEIGHT_TYPES, static_fields, tensor_names
+from compressor.weights.formats import static_fields, tensor_names
 
 
 class QuantizedLinear(nn.Module):
@@ -74,10 +74,6 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         meta = ", ".join(f"{k}={v}" for k, v in self.weight_static.items())
         return f"{self.weight_type.kind}, in={self.in_features}, out={self.out_features}, {meta}"
-
-
-def weight_type_by_kind(kind: str):
-    return QUANTIZED_WEIGHT_TYPES[kind]
 
 
 def dequantize_model_(model, dtype) -> int:

@@ -29,7 +29,7 @@ from transformers import AutoConfig  # noqa: E402
 
 from compressor import Recipe, apply  # noqa: E402
 from compressor.eval import evaluate, heldout_stream, load_causal_lm, make_windows  # noqa: E402
-from compressor.export.deepseek_mla import kv_cache_elements_per_token  # noqa: E402
+from compressor.arch.deepseek_mla import kv_cache_elements_per_token  # noqa: E402
 from compressor.model import resolve_model_path  # noqa: E402
 
 RATIOS = [("1/2", 0.5), ("1/4", 0.25), ("1/8", 0.125)]

@@ -65,6 +65,12 @@ def catch_first_block_inputs(base_model: nn.Module, first_block: nn.Module, inpu
     return caught[0]
 
 
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """A block's outputs on a list of input batches, each with the keyword arguments caught for it."""
+    return [first_output(block(hidden, **kw)) for hidden, kw in zip(inputs, kwargs)]
+
+
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from tokens ..t (what ``labels=input_ids`` computes)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())

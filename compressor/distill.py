@@ -1,15 +1,24 @@
-"""Distillation towards the original model: its top-k next-token log-probabilities and the KL to them.
+"""Training a compressed model end to end towards the original: the teacher, the loss, the trainer.
 
-Steps that train a compressed model towards the uncompressed one (``transmla_heal``, EfficientQAT's
-E2E-QP with ``objective: distill``) read the original again from its checkpoint, run it block by
-block over the calibration tokens once, and keep ``k`` log-probabilities and token ids per position
-on the CPU instead of the vocabulary; ``coarse_kl`` is then the exact KL of that coarsened
-distribution (the top-k tokens plus one bucket for the rest of the vocabulary).
+Steps that train a compressed model towards the uncompressed one (``transmla_heal``, E2E-QP with
+``objective: distill``) read the original again from its checkpoint, run it block by block over the
+calibration tokens once per run (``ModelContext.teacher``), and keep ``k`` log-probabilities and
+token ids per position on the CPU instead of the vocabulary; ``coarse_kl`` is then the exact KL of
+that coarsened distribution (the top-k tokens plus one bucket for the rest of the vocabulary).
+``train_end_to_end`` is the one training loop they share: AdamW over the calibration tokens through
+``context.forward_backward`` (block by block, offloaded when the model does not fit), with progress
+and a held-out split whose best state is kept (``compressor.training``).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
+
+from compressor.blockwise import next_token_loss
+from compressor.training import BestState, holdout_count
 
 
 def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teacher_top_index: torch.Tensor) -> torch.Tensor:
@@ -44,3 +53,71 @@ def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k:
             progress.update(len(batch))
     teacher.release(teacher.model)
     return torch.cat(values), torch.cat(indices)
+
+
+def train_end_to_end(
+    context, groups: list[dict], *, name: str, epochs: int, batch_size: int, micro_batch_size: int,
+    order: Callable[[int, int], torch.Tensor], objective: str = "distill", top_k: int = 64,
+    lr_at: Callable[[float, int, int], float] | None = None, max_grad_norm: float | None = None, heldout: float = 0.0,
+) -> tuple[list[float], BestState | None]:
+    """Train the parameters of ``groups`` (AdamW param groups, weight decay 0) on the calibration tokens.
+
+    The last ``heldout`` fraction of the sequences is not trained on: the loss on it, before training
+    and after each epoch, decides which state is kept (``training.BestState``). Each epoch visits the
+    others in ``order(epoch, count)`` (a permutation of ``range(count)``), one optimizer step per
+    ``batch_size`` sequences whose gradients accumulate over micro-batches of ``micro_batch_size``
+    (the step's loss is their mean). The loss is the KL to the original model's top-``top_k``
+    next-token distribution (``objective: distill``, ``context.teacher``) or the next-token
+    cross-entropy (``next_token``). ``lr_at(base, step, total)`` sets each group's rate before a step
+    (default: constant); ``max_grad_norm`` clips all gradients together. Returns every step's loss
+    and the held-out record (None without a held-out part). The caller sets ``requires_grad`` and
+    restores what it changed; gradients are dropped here."""
+    tokens = context.calibration_tokens()
+    if objective == "distill":
+        teacher_logp, teacher_index = context.teacher(top_k, micro_batch_size)
+
+    def loss_of(rows: torch.Tensor, weight: float):
+        if objective == "distill":
+            top_logp, top_index = teacher_logp[rows].to(context.device), teacher_index[rows].to(context.device)
+            return lambda logits, ids: coarse_kl(logits, top_logp, top_index) * weight
+        return lambda logits, ids: next_token_loss(logits, ids) * weight
+
+    train_count = len(tokens) - holdout_count(len(tokens), heldout)
+    heldout_rows = torch.arange(train_count, len(tokens))
+
+    def heldout_loss() -> float:
+        return sum(float(loss_of(rows, len(rows) / len(heldout_rows))(context.logits(tokens[rows].to(context.device)), tokens[rows].to(context.device)))
+                   for rows in heldout_rows.split(micro_batch_size))
+
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    bases = [group["lr"] for group in optimizer.param_groups]
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    best = BestState(parameters, heldout_loss()) if len(heldout_rows) else None
+    total = epochs * math.ceil(train_count / batch_size)
+    losses = []
+    try:
+        with context.progress(total, "training", "step") as progress:
+            for epoch in range(epochs):
+                for batch in order(epoch, train_count).split(batch_size):
+                    if lr_at is not None:
+                        for group, base in zip(optimizer.param_groups, bases):
+                            group["lr"] = lr_at(base, len(losses), total)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = 0.0
+                    for micro in batch.split(micro_batch_size):
+                        loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch)))
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"{name}: the training loss became {loss}")
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+                    optimizer.step()
+                    losses.append(loss)
+                    progress.update(loss=loss)
+                if best is not None:
+                    best.consider(heldout_loss())
+                    progress.update(0, heldout=best.curve[-1])
+        if best is not None:
+            best.restore()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return losses, best

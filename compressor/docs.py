@@ -5,7 +5,7 @@ Both take the catalogue as data (``recipe.catalogue()`` live, or ``recipe.shippe
 
 from __future__ import annotations
 
-from compressor.recipe import reference_rows
+from compressor.step import reference_rows
 
 SECTION_SUMMARIES = {
     "calibration": "where calibration text comes from and how much of it",

@@ -96,9 +96,6 @@ class ModelHandle:
     model: nn.Module  # skeleton: parameters on meta until materialized
     tensor_files: dict[str, Path]
     dtype: torch.dtype  # the checkpoint's dtype
-    # The config the export declares when a step changed the architecture (TransMLA: DeepSeek-V3);
-    # None: the input's config.
-    export_config: object = None
 
     @classmethod
     def open(cls, model: str | Path, trust_remote_code: bool = False) -> ModelHandle:

@@ -18,8 +18,6 @@ freed, so applying RTN to a model larger than memory streams it shard by shard.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,123 +25,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.arch import block_linears
-from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, first_output
+from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_block
+from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
-from compressor.progress import Progress, track
-from compressor.quant.linear import QuantizedLinear
+from compressor.progress import track
+from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
-from compressor.recipe import Recipe, Step
-
-
-def matches_any(name: str, patterns: list[str]) -> bool:
-    """``re:REGEX`` searches the full module name; a plain pattern is a glob over the full name, or
-    over its last component when it has no dot (so ``lm_head`` and ``q_proj`` work as written)."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.search(pattern[3:], name):
-                return True
-        elif fnmatch.fnmatchcase(name, pattern) or ("." not in pattern and fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)):
-            return True
-    return False
-
-
-@dataclass
-class BlockContext:
-    """What a layer step sees of block ``index``: the block, its calibration inputs, and helpers."""
-
-    session: Session
-    step: Step
-    index: int
-    prefix: str
-    block: nn.Module
-    inputs: list[torch.Tensor] | None  # hidden states entering the block, one tensor per batch
-    block_kwargs: list[dict] | None  # the keyword arguments the model passes its blocks, per batch
-
-    @property
-    def device(self) -> torch.device:
-        return self.session.device
-
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        return self.session.export_dtype
-
-    @property
-    def config(self):
-        return self.session.handle.config
-
-    def linears(self, ignore: list[str]) -> dict[str, nn.Linear]:
-        """The block's still-dense projections (path inside the block -> module), minus ``ignore``.
-
-        Layers an earlier step already quantized are not offered again."""
-        return {
-            name: module
-            for name, module in block_linears(self.session.handle.adapter, self.block).items()
-            if isinstance(module, nn.Linear) and not matches_any(f"{self.prefix}.{name}", ignore)
-        }
-
-    def replace_linear(self, name: str, quantized_weight) -> QuantizedLinear:
-        linear = self.block.get_submodule(name)
-        module = QuantizedLinear(quantized_weight, linear.bias)
-        self.block.set_submodule(name, module)
-        return module
-
-    @torch.no_grad()
-    def forward(self, block: nn.Module | None = None, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Run ``block`` (default: this block as it is now) on the calibration inputs."""
-        return self.session.run_block(block or self.block, inputs if inputs is not None else self.inputs, self.block_kwargs)
-
-    def record(self, module: str, **numbers) -> None:
-        self.session.report.add_row(step=self.step.name, block=self.index, module=f"{self.prefix}.{module}", **numbers)
-
-    def progress(self, total: int | None, what: str, unit: str = "it") -> Progress:
-        """Progress of work inside this block (training steps...), shown unless the session is quiet."""
-        return self.session.progress_of(total, f"{self.step.name} block {self.index}: {what}", unit)
-
-
-@dataclass
-class ModelContext:
-    """What a model step sees: the whole materialized model, the calibration tokens, and the
-    block-by-block forward/backward (the only way to run the model when ``offloaded``)."""
-
-    session: Session
-    step: Step
-    model: nn.Module
-    runner: BlockwiseModel
-
-    @property
-    def device(self) -> torch.device:
-        return self.session.device
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.session.compute_dtype
-
-    @property
-    def offloaded(self) -> bool:
-        """True when the blocks live in CPU memory and visit the device one at a time."""
-        return self.runner.offloaded
-
-    def calibration_tokens(self) -> torch.Tensor:
-        return self.session.calibration_tokens()
-
-    def forward_backward(self, input_ids: torch.Tensor, loss_fn=None) -> float:
-        """One forward + backward pass on a batch; gradients accumulate into every trainable tensor.
-        ``loss_fn(logits, input_ids)`` defaults to the mean next-token cross-entropy."""
-        return self.runner.forward_backward(input_ids, loss_fn)
-
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """fp32 logits on the device, without autograd."""
-        return self.runner.logits(input_ids)
-
-    def record(self, module: str, **numbers) -> None:
-        self.session.report.add_row(step=self.step.name, module=module, **numbers)
-
-    def progress(self, total: int | None, what: str, unit: str = "it") -> Progress:
-        """Progress of a phase of this step (samples, layers, training steps), unless the session is quiet."""
-        return self.session.progress_of(total, f"{self.step.name}: {what}", unit)
-
+from compressor.step import Step
 
 @dataclass
 class Session:
@@ -157,6 +46,10 @@ class Session:
     report: Report = field(default_factory=Report)
     live_blocks: set = field(default_factory=set)  # blocks materialized (loaded or already compressed)
     _tokens: torch.Tensor | None = None
+    run_state: RunState = field(init=False)  # what the steps' contexts share for this run
+
+    def __post_init__(self):
+        self.run_state = RunState(self.report, self.compute_dtype, self.export_dtype, self.calibration_tokens, self.progress)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -168,16 +61,13 @@ class Session:
         name = self.recipe.export.dtype
         return self.handle.dtype if name == "auto" else getattr(torch, name)
 
-    def progress_of(self, total: int | None, description: str, unit: str = "it") -> Progress:
-        return Progress(total, description, unit, enabled=self.progress)
-
     # --- running -------------------------------------------------------------------------------
 
     def run(self, sink=None) -> Report:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
         for step in self.recipe.steps:
             with self.blame(step):
-                step.check_model(self.block_linears_of_model(getattr(step, "ignore", [])))
+                step.check_model(model_dense_linears(self.handle, getattr(step, "ignore", [])))
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
             last = number == len(passes) - 1
@@ -213,15 +103,6 @@ class Session:
             error.add_note(f"in {where}")
             raise
 
-    def block_linears_of_model(self, ignore: list[str]) -> dict[str, nn.Module]:
-        """Every block's linears by full name (weights on the meta device until loaded), minus ``ignore``."""
-        linears = {}
-        for index, block in enumerate(self.handle.blocks):
-            prefix = self.handle.block_prefix(index)
-            linears.update({f"{prefix}.{name}": module for name, module in block_linears(self.handle.adapter, block).items()
-                            if isinstance(module, nn.Linear) and not matches_any(f"{prefix}.{name}", ignore)})
-        return linears
-
     def load_block(self, index: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> nn.Module:
         """Block ``index`` on the device: as a previous pass left it, or read from the checkpoint."""
         dtype, device = dtype or self.compute_dtype, device or self.device
@@ -240,7 +121,10 @@ class Session:
             block = self.load_block(index, None if needs_data else self.handle.dtype)
             for step in steps:
                 with self.blame(step):
-                    step.compress_block(BlockContext(self, step, index, prefix, block, inputs, kwargs))
+                    step.compress_block(BlockContext(
+                        handle=self.handle, device=self.device, run=self.run_state, step=step, state=self.run_state.state_of(step),
+                        index=index, block=block, inputs=inputs, block_kwargs=kwargs,
+                    ))
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
             if needs_data and index + 1 < len(self.handle.blocks):
                 inputs = self.run_block(block, inputs, kwargs)
@@ -262,7 +146,9 @@ class Session:
         if self.handle.tied_embeddings:
             self.handle.model.tie_weights()
         runner = BlockwiseModel(self.handle, self.device, offloaded)
-        step.compress_model(ModelContext(self, step, self.handle.model, runner))
+        step.compress_model(ModelContext(
+            handle=self.handle, device=self.device, run=self.run_state, step=step, state=self.run_state.state_of(step), runner=runner,
+        ))
 
     def should_offload(self) -> bool:
         """Offload the blocks when the weights would take more than 80% of the free device memory."""
@@ -297,9 +183,8 @@ class Session:
         self.handle.release(self.handle.model.get_submodule(embed))
         return captured_inputs, captured_kwargs
 
-    @torch.no_grad()
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-        return [first_output(block(hidden, **kw)) for hidden, kw in zip(inputs, kwargs)]
+        return run_block(block, inputs, kwargs)
 
 
 def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:

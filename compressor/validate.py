@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 # output error / max|output| allowed per activation dtype (kernels.md section 8, with headroom for K
 # in the thousands: fp16 and bf16 round the dequantized weight to the tl.dot operand type)
@@ -79,7 +78,7 @@ def check_layers(model, dtype, device, max_layers=None, batches=None, seed=0, ro
     """Kernel vs fp32 ground truth on random activations, one row per quantized layer (only its
     first ``row_limit`` output rows when given: the interpreter is slow on full-size layers)."""
     from compressor.kernels import exact_linear, triton_linear
-    from compressor.quant.linear import QuantizedLinear
+    from compressor.weights.linear import QuantizedLinear
 
     batches = batches or _layer_batches(device)
     tolerance = TOLERANCE[dtype]
@@ -89,7 +88,7 @@ def check_layers(model, dtype, device, max_layers=None, batches=None, seed=0, ro
     for name, module in layers[: max_layers if max_layers is not None else len(layers)]:
         weight, bias = module.quantized_weight, module.bias
         if row_limit is not None and weight.shape[0] > row_limit:
-            weight, bias = first_rows(weight, row_limit), None if bias is None else bias[:row_limit]
+            weight, bias = weight.rows(slice(0, row_limit)), None if bias is None else bias[:row_limit]
         errors = {}
         for m in batches:
             x = torch.randn(m, module.in_features, generator=generator).to(device=device, dtype=dtype)
@@ -105,28 +104,6 @@ def check_layers(model, dtype, device, max_layers=None, batches=None, seed=0, ro
             "tolerance": tolerance, "ok": bool(worst <= tolerance and math.isfinite(worst)),
         })
     return rows
-
-
-def first_rows(weight, rows: int):
-    """The value type restricted to its first ``rows`` output rows (same tensors, sliced)."""
-    from compressor.quant.formats import (
-        DenseAndSparseWeight,
-        LUTWeight,
-        SparseOutliers,
-        UniformWeight,
-    )
-
-    if isinstance(weight, UniformWeight):
-        zeros = None if weight.zeros is None else weight.zeros[:rows]
-        return UniformWeight(weight.codes[:rows], weight.scales[:rows], zeros, weight.bits, weight.group_size)
-    if isinstance(weight, LUTWeight):
-        return LUTWeight(weight.codes[:rows], weight.lut[:rows], weight.bits)
-    if isinstance(weight, SparseOutliers):
-        end = int(weight.crow[rows])
-        return SparseOutliers(weight.crow[: rows + 1], weight.col[:end], weight.val[:end], (rows, weight.shape[1]))
-    if isinstance(weight, DenseAndSparseWeight):
-        return DenseAndSparseWeight.from_parts(first_rows(weight.base, rows), first_rows(weight.outliers, rows))
-    return weight
 
 
 def compare_perplexity(model, windows: torch.Tensor, dtype) -> dict:
@@ -173,27 +150,10 @@ def measure_speed(model, vocab_size: int, device, prompt_len=16, new_tokens=64, 
             "prompt_len": prompt_len, "new_tokens": new_tokens, "prefill_len": prefill_len}
 
 
-def dequantize_model_(model, dtype) -> int:
-    """Replace every QuantizedLinear by an nn.Linear holding its dequantized weight; returns the count."""
-    from compressor.kernels import dequantize, use_backend
-    from compressor.quant.linear import QuantizedLinear
-
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
-    for name, module in targets:
-        with use_backend("auto"):
-            weight = dequantize(module.quantized_weight, dtype)
-        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=dtype)
-        dense.weight.data = weight
-        if module.bias is not None:
-            dense.bias.data = module.bias.to(dtype)
-        model.set_submodule(name, dense)
-    return len(targets)
-
-
 def validate_model(model, windows: torch.Tensor | None, *, device=None, max_layers=None, batches=None,
                    speed: bool | None = None, seed: int = 0) -> dict:
     """The checks of ``validate_checkpoint`` on a model already holding ``QuantizedLinear`` layers."""
-    from compressor.quant.linear import QuantizedLinear
+    from compressor.weights.linear import QuantizedLinear, dequantize_model_
 
     parameter = next(model.parameters())
     device = torch.device(device) if device is not None else parameter.device

@@ -24,7 +24,7 @@ def tiny_llama(tiny_models):
 @pytest.fixture
 def registered():
     """Register test-only steps and remove them afterwards: ``registered(name)(cls)``."""
-    from compressor.recipe import STEPS, register_step
+    from compressor.step import STEPS, register_step
 
     names = []
 

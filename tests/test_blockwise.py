@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from compressor import Recipe, apply
 from compressor.blockwise import BlockwiseModel, next_token_loss
 from compressor.model import ModelHandle
-from compressor.recipe import Step
+from compressor.step import Step
 
 
 def materialized(path):

@@ -11,13 +11,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compressor import Recipe, apply
 from compressor.arch import block_linears
+from compressor.blockwise import next_token_loss
 from compressor.export import load_quantized_model
 from compressor.model import ModelHandle
 from compressor.pipeline import Session
 from compressor.quant import efficientqat as eqat
-from compressor.quant.efficientqat import EfficientQATE2EQP, FakeQuantLinear, fake_quantize, trainable_groups
-from compressor.quant.formats import UniformWeight
-from compressor.quant.linear import QuantizedLinear
+from compressor.quant.e2e_qp import EfficientQATE2EQP
+from compressor.quant.efficientqat import FakeQuantLinear, fake_quantize, trainable_groups
+from compressor.weights.formats import UniformWeight
+from compressor.weights.linear import QuantizedLinear
 from compressor.quant.uniform import minmax_params, quantize_uniform
 from compressor.recipe import RecipeError
 
@@ -189,7 +191,7 @@ def test_e2e_qp_changes_only_scales_and_lowers_the_loss(tiny_llama, calibration_
 
     def losses(context):
         tokens = context.calibration_tokens()
-        return float(eqat.next_token_loss(context.logits(tokens), tokens))
+        return float(next_token_loss(context.logits(tokens), tokens))
 
     real = EfficientQATE2EQP.compress_model
 

@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from compressor import Recipe, apply
 from compressor.export import load_quantized_model
 from compressor.model import ModelHandle
-from compressor.pipeline import Session, matches_any, step_passes
-from compressor.recipe import Step, param
+from compressor.context import matches_any
+from compressor.pipeline import Session, step_passes
+from compressor.step import Step, param
 
 
 def test_captured_block_inputs_equal_the_models_hidden_states(tiny_models, registered, calibration_file):

@@ -82,7 +82,7 @@ def test_a_bare_step_name_uses_the_defaults():
 def test_integers_are_accepted_for_numbers():
     from dataclasses import dataclass
 
-    from compressor.recipe import Config, build_config, param
+    from compressor.step import Config, build_config, param
 
     @dataclass
     class Example(Config):

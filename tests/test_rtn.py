@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compressor.quant.formats import UniformWeight
+from compressor.weights.formats import UniformWeight
 from compressor.quant.uniform import quantize_uniform, relative_error
 
 
@@ -65,11 +65,11 @@ def test_bits_per_weight_counts_scales_and_zeros():
 
 
 def test_chunked_quantization_equals_whole_matrix(monkeypatch):
-    import compressor.quant.uniform as uniform
+    import compressor.weights.formats as formats
 
     weight = torch.randn(50, 64, generator=torch.Generator().manual_seed(5))
     whole = quantize_uniform(weight, 3, 32, False, torch.float16)
-    monkeypatch.setattr(uniform, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows a chunk, the last one short
+    monkeypatch.setattr(formats, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows a chunk, the last one short
     chunked = quantize_uniform(weight, 3, 32, False, torch.float16)
     assert torch.equal(whole.codes, chunked.codes) and torch.equal(whole.scales, chunked.scales) and torch.equal(whole.zeros, chunked.zeros)
     full_error = float((weight - whole.dequantize(torch.float32)).norm() / weight.norm())

@@ -12,11 +12,11 @@ from compressor.arch import UnsupportedArchitecture, attention_geometry
 from compressor.demo import demo_model_dir
 from compressor.export import load_quantized_model
 from compressor.distill import coarse_kl
-from compressor.export.deepseek_mla import deepseek_v3_config, kv_cache_elements_per_token
+from compressor.arch.deepseek_mla import deepseek_v3_config, kv_cache_elements_per_token
 from compressor.lowrank.transmla import MLAAttention, build_mla_attention, least_squares_norm_weight, transmla_weights
 from compressor.model import ModelHandle
 from compressor.pipeline import Session
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.linear import QuantizedLinear
 
 
 def tokens(vocab=320, batch=2, length=40, seed=0):

@@ -68,7 +68,7 @@ def test_a_missing_calibration_file_is_named_not_fetched(steps, tmp_path):
 
 def test_an_internal_error_in_a_step_is_one_line_naming_the_step(registered, monkeypatch, tmp_path):
     from compressor import recipe as recipe_module
-    from compressor.recipe import Step
+    from compressor.step import Step
 
     @registered("broken")
     @dataclass

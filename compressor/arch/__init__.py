@@ -4,6 +4,14 @@ Per-architecture knowledge is a row in ``ADAPTERS``, not code: the Llama family 
 models (Llama, Mistral, Qwen2, Qwen3) shares module names, and differs only in q/k/v biases (Qwen2)
 and per-head q/k RMSNorms (Qwen3). Decoder blocks are found through these paths and their inputs
 captured with hooks, so nothing is traced with torch.fx.
+
+The architecture channel: an adapter also says which linears read which norm's output
+(``norm_linear_groups``: what a transform folding into a norm must change together), where a
+block's attention and MLP modules are, and which projections produce what the KV cache holds. A
+step that changes the architecture does not edit the model handle: it declares an
+``ExportArchitecture`` (the new config, and modeling code the writer ships beside the weights
+with ``auto_map`` where transformers has no class for it) through its context. Builders of such
+configs live beside this file (``deepseek_mla.py``: TransMLA's DeepSeek-V3).
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ class ArchAdapter:
     linears: dict = field(default_factory=lambda: dict(LLAMA_LINEARS))
     norms: dict = field(default_factory=lambda: {"input": "input_layernorm", "post_attention": "post_attention_layernorm"})
     qk_norms: dict = field(default_factory=dict)
+    # which linears (roles) read each norm's output (norm role): what a norm-folding transform changes together
+    norm_inputs: dict = field(default_factory=lambda: {"input": ("q", "k", "v"), "post_attention": ("gate", "up")})
+    attention: str = "self_attn"  # the block's attention module (the KV cache lives in its forward)
+    mlp: str = "mlp"
+    kv_cache: tuple[str, ...] = ("k", "v")  # projections whose outputs (keys after RoPE, values) the KV cache holds
     # Layers that serving engines fuse (qkv_proj, gate_up_proj) must share one quantization scheme.
     fused_groups: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
 
@@ -59,6 +72,25 @@ def adapter_for(config) -> ArchAdapter:
             return adapter
     supported = ", ".join(t for a in ADAPTERS for t in a.model_types)
     raise UnsupportedArchitecture(f"model_type '{model_type}' is not supported; supported: {supported}")
+
+
+def norm_linear_groups(adapter: ArchAdapter) -> dict[str, tuple[str, ...]]:
+    """Norm path in the block -> paths of the linears that read its output (QLLM, SmoothQuant-like folds)."""
+    return {adapter.norms[norm]: tuple(adapter.linears[role] for role in roles) for norm, roles in adapter.norm_inputs.items()}
+
+
+@dataclass
+class ExportArchitecture:
+    """What an export declares when a step changed the architecture.
+
+    ``config`` replaces the input's config in ``config.json``; ``modeling_files`` (file name ->
+    Python source) are written beside the weights and ``auto_map`` (e.g. ``{"AutoModelForCausalLM":
+    "modeling_x.XForCausalLM"}``) is set in the config, so transformers loads the checkpoint with
+    ``trust_remote_code=True`` (and only then). Leave both empty when transformers has the class."""
+
+    config: object
+    modeling_files: dict[str, str] = field(default_factory=dict)
+    auto_map: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Writing a compressed model as a checkpoint that serving engines load, atomically.
 
 The writer receives finished modules as the session produces them (``write_module``), turns each
-``QuantizedLinear`` into its checkpoint tensors and streams everything into safetensors shards in a
+``QuantizedLinear`` into its checkpoint tensors with the codec of its weight kind
+(``export/codecs.py``) and streams everything into safetensors shards in a
 temporary folder beside the output. ``finish`` adds the config (with ``quantization_config``), the
 tokenizer, the generation config, the recipe and the report, then renames the folder into place.
 A failure at any point leaves no output folder behind.
@@ -20,11 +21,10 @@ import torch
 from torch import nn
 
 from compressor.errors import UserError
-from compressor.export import compressed_tensors as ct
-from compressor.export import native
+from compressor.export.codecs import codec_for
 from compressor.export.shards import ShardWriter
 from compressor.recipe import parse_size
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.linear import QuantizedLinear
 
 FORMAT_VERSION = "compressor-export-v1"
 # Travels unchanged from the input model: tokenizer and generation settings.
@@ -91,8 +91,8 @@ class CheckpointWriter:
         self.format = export_config.format
         self.dtype = export_dtype
         self.shards = ShardWriter(self.directory, parse_size(export_config.max_shard_size))
-        self.schemes: dict[tuple, list[str]] = {}
-        self.native_modules: dict[str, dict] = {}  # module name -> entry (export/native.py)
+        self.codec = None  # the export codec of the quantized modules (export/codecs.py): one per checkpoint
+        self.entries: dict[str, dict] = {}  # quantized module name -> its codec's entry
         self.dense_linears: list[str] = []
         self.quantized_parameters = 0
         self.quantized_bits = 0.0
@@ -121,24 +121,27 @@ class CheckpointWriter:
         if self.format == "dense":
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
-        if weight.kind == "uniform" and self.format in ("auto", "compressed-tensors"):
-            self.schemes.setdefault(ct.scheme_key(weight), []).append(name)
-            tensors = ct.uniform_to_ct_tensors(weight, self.dtype)
-        elif native.supports(weight) and self.format in ("auto", "compressor"):
-            self.native_modules[name] = native.module_entry(weight)
-            tensors = native.to_tensors(weight)
-        else:
+        codec = codec_for(weight)
+        if codec is None or self.format not in ("auto", codec.QUANT_METHOD):
             raise ExportError(f"{name}: no checkpoint format for '{weight.kind}' weights in export format '{self.format}'")
-        if self.schemes and self.native_modules:
-            raise ExportError(f"{name}: uniform and lookup-table weights cannot share one checkpoint; use export format 'dense'")
+        if self.codec is not None and codec is not self.codec:
+            raise ExportError(f"{name}: '{weight.kind}' weights ({codec.QUANT_METHOD}) cannot share one checkpoint with the "
+                              f"{self.codec.QUANT_METHOD} weights before them; use export format 'dense'")
+        self.codec = codec
+        self.entries[name] = codec.module_entry(weight)
+        tensors = codec.to_tensors(weight, self.dtype)
         for suffix, tensor in tensors.items():
             self.shards.add(f"{name}.{suffix}", tensor)
 
     # --- the rest of the folder ------------------------------------------------------------------
 
-    def finish(self, handle, recipe, report) -> dict:
-        """Write the modules outside the blocks, the config, tokenizer, recipe and report."""
-        from compressor import __version__
+    def finish(self, handle, recipe, report, architecture=None) -> dict:
+        """Write the modules outside the blocks, the config, tokenizer, recipe and report.
+
+        ``architecture`` (``compressor.arch.ExportArchitecture``), when a step changed the model's
+        architecture: its config is written instead of the input's, with its modeling files and
+        ``auto_map``."""
+        from compressor.version import __version__
 
         skip = {f"{handle.adapter.lm_head}.weight"} if handle.tied_embeddings else set()
         blocks_prefix = f"{handle.adapter.blocks}."
@@ -154,19 +157,21 @@ class CheckpointWriter:
             handle.release(module)
         files = self.shards.close()
 
-        config = copy.deepcopy(handle.export_config or handle.config)
+        config = copy.deepcopy(architecture.config if architecture is not None else handle.config)
         config.dtype = self.dtype
-        if self.schemes:
-            config.quantization_config = ct.quantization_config(self.schemes, self.dense_linears)
-        elif self.native_modules:
-            config.quantization_config = native.quantization_config(self.native_modules, self.dense_linears)
+        if architecture is not None and architecture.modeling_files:
+            for file, source in architecture.modeling_files.items():
+                (self.directory / file).write_text(source)
+            config.auto_map = dict(architecture.auto_map)
+        if self.codec is not None:
+            config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears)
         config.save_pretrained(self.directory)
         for file in COPIED_FILES:
             if (handle.path / file).is_file():
                 shutil.copy(handle.path / file, self.directory / file)
 
         summary = {
-            "format": "compressed-tensors" if self.schemes else native.QUANT_METHOD if self.native_modules else "dense",
+            "format": self.codec.QUANT_METHOD if self.codec is not None else "dense",
             "files": files,
             "size_bytes": sum((self.directory / f).stat().st_size for f in files),
             "quantized_parameters": self.quantized_parameters,
@@ -177,8 +182,7 @@ class CheckpointWriter:
             "format_version": FORMAT_VERSION,
             "compressor_version": __version__,
             "source_model": str(handle.path),
-            "packing": "ct-dense-v1" if self.schemes else native.PACKING if self.native_modules else None,
-            "compressed_tensors_min": ct.CT_MIN_VERSION if self.schemes else None,
+            **(self.codec.PROVENANCE if self.codec is not None else {"packing": None, "compressed_tensors_min": None}),
             "versions": library_versions(),
         }
         (self.directory / "compressor.json").write_text(json.dumps(provenance, indent=2))

@@ -1,4 +1,4 @@
-"""Uniform integer weights <-> compressed-tensors ``pack-quantized`` tensors and config.
+"""The export codec of uniform integer weights: compressed-tensors ``pack-quantized`` tensors and config.
 
 Layout (see ``export/FORMATS.md``): per quantized linear ``weight_packed`` int32
 [N, ceil(K*b/32)] (dense cross-element packing of compressed-tensors >= 0.18), ``weight_scale``
@@ -15,10 +15,12 @@ import re
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from compressor.quant.formats import UniformWeight, num_groups
-from compressor.quant.uniform import row_chunks
+from compressor.kernels.packing import PackedUniform, pack_uniform
+from compressor.weights.formats import UniformWeight, num_groups, row_chunks
 
+QUANT_METHOD = "compressed-tensors"  # the export format's name and the config's quant_method
 CT_MIN_VERSION = "0.18.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.18.0
+PROVENANCE = {"packing": "ct-dense-v1", "compressed_tensors_min": CT_MIN_VERSION}  # what compressor.json records
 
 
 @functools.cache
@@ -76,8 +78,45 @@ def uniform_from_ct_tensors(tensors: dict[str, torch.Tensor], bits: int, group_s
     return UniformWeight(codes=codes, scales=tensors["weight_scale"], zeros=zeros, bits=bits, group_size=group_size)
 
 
-def scheme_key(weight: UniformWeight) -> tuple:
-    return (weight.bits, weight.group_size, weight.symmetric)
+def repack_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> PackedUniform:
+    """One layer's ``pack-quantized`` tensors (``weight_packed``, ``weight_scale``, ``weight_shape``,
+    optional ``weight_zero_point``; names without the module prefix) -> the kernels' planes layout.
+    The codes are decoded with compressed-tensors' own ``unpack_from_int32``, then re-packed."""
+    return pack_uniform(uniform_from_ct_tensors(tensors, bits, group_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# The codec of uniform weights (see export/codecs.py)
+
+
+def supports(weight) -> bool:
+    return weight.kind == "uniform"
+
+
+def module_entry(weight: UniformWeight) -> dict:
+    """The scheme of one module: modules sharing one are one config group."""
+    return {"bits": weight.bits, "group_size": weight.group_size, "symmetric": weight.symmetric}
+
+
+def to_tensors(weight: UniformWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return uniform_to_ct_tensors(weight, scale_dtype)
+
+
+def group_args_for(name: str, quantization_config: dict) -> dict:
+    for group in quantization_config["config_groups"].values():
+        for target in group["targets"]:
+            if target == "Linear" or (target.startswith("re:") and re.match(target[3:], name)) or target == name:
+                return group["weights"]
+    raise ValueError(f"{name}: has packed weights but matches no config group")
+
+
+def read_module(tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype) -> UniformWeight:
+    """Module ``name``'s value from its checkpoint tensors; scales in ``dtype``."""
+    args = group_args_for(name, quantization_config)
+    group_size = -1 if args["strategy"] == "channel" else args["group_size"]
+    weight = uniform_from_ct_tensors(tensors, args["num_bits"], group_size)
+    weight.scales = weight.scales.to(dtype)
+    return weight
 
 
 def weights_args(bits: int, group_size: int, symmetric: bool) -> dict:
@@ -95,8 +134,11 @@ def weights_args(bits: int, group_size: int, symmetric: bool) -> dict:
     }
 
 
-def quantization_config(schemes: dict[tuple, list[str]], ignore: list[str]) -> dict:
-    """``schemes`` maps (bits, group_size, symmetric) to the names of the linears using it."""
+def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
+    """``modules`` maps each quantized linear's name to its ``module_entry``; one group per scheme."""
+    schemes: dict[tuple, list[str]] = {}
+    for name, entry in modules.items():
+        schemes.setdefault((entry["bits"], entry["group_size"], entry["symmetric"]), []).append(name)
     single = len(schemes) == 1
     groups = {}
     for number, ((bits, group_size, symmetric), names) in enumerate(sorted(schemes.items())):
@@ -107,7 +149,7 @@ def quantization_config(schemes: dict[tuple, list[str]], ignore: list[str]) -> d
             "output_activations": None,
         }
     return {
-        "quant_method": "compressed-tensors",
+        "quant_method": QUANT_METHOD,
         "format": "pack-quantized",
         "quantization_status": "compressed",
         "global_compression_ratio": None,
@@ -115,8 +157,3 @@ def quantization_config(schemes: dict[tuple, list[str]], ignore: list[str]) -> d
         "ignore": sorted(ignore),
         "config_groups": groups,
     }
-
-
-def quantized_layers(quantization_config: dict) -> dict[str, dict]:
-    """The weights args of each config group, for reading a checkpoint back."""
-    return {name: group["weights"] for name, group in quantization_config["config_groups"].items()}

@@ -28,7 +28,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor.export import native
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.linear import QuantizedLinear, dequantize_model_
 
 INT_DTYPES = {"int32": torch.int32, "int64": torch.int64}
 
@@ -103,8 +103,6 @@ class CompressorHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        from compressor.validate import dequantize_model_
-
         dequantize_model_(model, dtype or torch.float32)
         return model
 

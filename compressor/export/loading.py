@@ -9,7 +9,6 @@ so ``compressor validate`` can run them through the kernels.
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 
 import torch
@@ -17,24 +16,16 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compressor.export import compressed_tensors as ct
-from compressor.export import native
+from compressor.export.codecs import FORMATS
 from compressor.model import safetensors_index
-from compressor.quant.linear import QuantizedLinear
+from compressor.weights.linear import QuantizedLinear
 
 
-def group_args_for(name: str, quantization_config: dict) -> dict:
-    for group in quantization_config["config_groups"].values():
-        for target in group["targets"]:
-            if target == "Linear" or (target.startswith("re:") and re.match(target[3:], name)) or target == name:
-                return group["weights"]
-    raise ValueError(f"{name}: has packed weights but matches no config group")
-
-
-def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A transformers model whose quantized linears are ``QuantizedLinear`` modules."""
+def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False):
+    """A transformers model whose quantized linears are ``QuantizedLinear`` modules. A checkpoint whose
+    architecture ships as modeling code (``auto_map``) loads only with ``trust_remote_code=True``."""
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     quantization_config = getattr(config, "quantization_config", None)
     if quantization_config is not None and not isinstance(quantization_config, dict):
         quantization_config = quantization_config.to_dict()
@@ -42,7 +33,8 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
     if hasattr(skeleton_config, "quantization_config"):
         del skeleton_config.quantization_config
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(skeleton_config)
+        model = AutoModelForCausalLM.from_config(skeleton_config, trust_remote_code=trust_remote_code)
+    codec = FORMATS.get(quantization_config.get("quant_method")) if quantization_config is not None else None
     files = safetensors_index(path)
     by_module: dict[str, dict[str, str]] = {}
     for name in files:
@@ -61,14 +53,11 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
 
         for module_name, tensors in by_module.items():
             if "weight_packed" in tensors:
+                if codec is None:
+                    raise ValueError(f"{path}: {module_name} has packed weights, but quant_method "
+                                     f"{(quantization_config or {}).get('quant_method')!r} is none of {', '.join(FORMATS)}")
                 values = {t: read(n) for t, n in tensors.items()}
-                if quantization_config.get("quant_method") == native.QUANT_METHOD:
-                    weight = native.from_tensors(values, quantization_config["modules"][module_name])  # LUTs keep their dtype
-                else:
-                    args = group_args_for(module_name, quantization_config)
-                    group_size = -1 if args["strategy"] == "channel" else args["group_size"]
-                    weight = ct.uniform_from_ct_tensors(values, args["num_bits"], group_size)
-                    weight.scales = weight.scales.to(dtype)
+                weight = codec.read_module(values, quantization_config, module_name, dtype)
                 bias = values.get("bias")
                 module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None).to(device)
                 model.set_submodule(module_name, module)

@@ -1,5 +1,6 @@
-"""Our native checkpoint format (``quant_method: "compressor"``) for weights compressed-tensors
-cannot express: per-row lookup tables (SqueezeLLM) with optional sparse full-precision outliers.
+"""Our native checkpoint format (``quant_method: "compressor"``) and the export codec of the weights
+compressed-tensors cannot express: per-row lookup tables (SqueezeLLM) with optional sparse
+full-precision outliers.
 
 Spec: ``export/FORMATS.md`` ("Lookup-table weights"). Per quantized linear ``P`` (N outputs, K
 inputs, b bits, K_pad = K rounded up to 32):
@@ -20,12 +21,13 @@ from __future__ import annotations
 import torch
 
 from compressor.kernels.packing import pack_codes, unpack_codes
-from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
+from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
 
 QUANT_METHOD = "compressor"
 FORMAT_VERSION = 1
 PACKING = "planes-v1"
 KINDS = ("lut", "dense_and_sparse")  # value kinds this format stores (dense_and_sparse with a LUT base)
+PROVENANCE = {"packing": PACKING, "compressed_tensors_min": None}  # what compressor.json records
 
 
 def supports(weight) -> bool:
@@ -34,18 +36,19 @@ def supports(weight) -> bool:
 
 def module_entry(weight) -> dict:
     """What a loader needs to know about one module before reading its tensors."""
-    nnz = weight.outlier_col.numel() if isinstance(weight, DenseAndSparseWeight) else 0
+    nnz = weight.outlier_col.numel() if weight.kind == "dense_and_sparse" else 0
     return {"kind": "lut", "bits": weight.bits, "outliers": nnz}
 
 
-def to_tensors(weight) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of a LUT (or LUT + outliers) weight, names without the module prefix."""
+def to_tensors(weight, scale_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a LUT (or LUT + outliers) weight, names without the module prefix.
+    Codebooks and outlier values keep the dtype the quantizer stored them in (``scale_dtype`` unused)."""
     tensors = {
         "weight_packed": pack_codes(weight.codes, weight.bits).t().contiguous(),
         "weight_lut": weight.lut,
         "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
     }
-    if isinstance(weight, DenseAndSparseWeight):
+    if weight.kind == "dense_and_sparse":
         tensors.update(weight_outlier_crow=weight.outlier_crow.to(torch.int32), weight_outlier_col=weight.outlier_col.to(torch.int32),
                        weight_outlier_val=weight.outlier_val)
     return tensors
@@ -79,6 +82,11 @@ def from_tensors(tensors: dict[str, torch.Tensor], entry: dict) -> LUTWeight | D
     outliers = SparseOutliers(crow=tensors["weight_outlier_crow"], col=tensors["weight_outlier_col"],
                               val=tensors["weight_outlier_val"], shape=(n, k))
     return DenseAndSparseWeight.from_parts(base, outliers)
+
+
+def read_module(tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype | None = None):
+    """Module ``name``'s value from its checkpoint tensors (LUTs keep their stored dtype)."""
+    return from_tensors(tensors, quantization_config["modules"][name])
 
 
 def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:

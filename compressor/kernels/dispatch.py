@@ -14,7 +14,7 @@ Dispatch rule
   ``default_config`` (M <= 16 one-launch decode, M < 64 fused gemm, larger M dequantize + cuBLAS).
   Under the interpreter the heuristic always (its tiles are sized for the interpreter).
 
-Value types without a kernel (anything not uniform / LUT / sparse / dense-and-sparse) fall back
+Value types whose kind has no entry in the kernel table (``packing.KERNEL_LAYOUTS``) fall back
 to the reference on every backend, so a new value type works everywhere before it is fast.
 
 The kernel tensors of a weight (``packing.pack_weight``) are built on first use and cached,
@@ -34,18 +34,12 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from compressor.kernels.packing import KERNEL_LAYOUTS
 from compressor.kernels.reference import reference_linear
 from compressor.kernels.tables import m_bucket
-from compressor.quant.formats import (
-    DenseAndSparseWeight,
-    LUTWeight,
-    SparseOutliers,
-    UniformWeight,
-    tensor_names,
-)
+from compressor.weights.formats import tensor_names
 
 BACKENDS = ("auto", "triton", "reference")
-KERNEL_TYPES = (UniformWeight, LUTWeight, SparseOutliers, DenseAndSparseWeight)
 
 _backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("compressor_kernels", default=None)
 
@@ -87,7 +81,8 @@ def use_backend(name: str):
 
 
 def has_kernel(weight) -> bool:
-    return isinstance(weight, KERNEL_TYPES)
+    """Does the kernel table (``packing.KERNEL_LAYOUTS``) have this weight's kind?"""
+    return weight.kind in KERNEL_LAYOUTS
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +109,7 @@ def _stamp_matches(refs, tensors) -> bool:
 def prepare(weight):
     """(dense, sparse) kernel tensors of a value type (``packing.Packed*`` or None), cached."""
     from compressor.kernels.packing import pack_weight
-    from compressor.quant.formats import static_fields
+    from compressor.weights.formats import static_fields
 
     tensors, refs = _stamp(weight)
     anchor = next(t for t in tensors if t is not None)

@@ -1,4 +1,4 @@
-"""Bit packing for the kernels (pure torch), and the repack from compressed-tensors checkpoints.
+"""Bit packing for the kernels (pure torch).
 
 Kernel layout ("planes", packed along K, stored K-major)
 --------------------------------------------------------
@@ -23,7 +23,8 @@ weights, ``zs = -z * s`` in fp32 so the dequantization is one FMA, ``w = u * s +
 compressed-tensors ``pack-quantized`` (>= 0.17, "dense" layout: signed ``q = u - 2**(bits-1)``
 packed densely along K in ``[N, ceil(K*bits/32)]``, scales ``[N, G]``, signed zero points packed
 along N) is decoded by ``compressor.export.compressed_tensors`` with compressed-tensors' own
-``unpack_from_int32`` and re-packed here (``repack_compressed_tensors``): exact, once at load time.
+``unpack_from_int32`` and re-packed with ``pack_uniform`` (``repack_compressed_tensors`` there):
+exact, once at load time.
 The dense layout itself is not a kernel layout: its codes straddle words for 3/5/6/7 bits.
 """
 
@@ -34,12 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.quant.formats import (
-    DenseAndSparseWeight,
-    LUTWeight,
-    SparseOutliers,
-    UniformWeight,
-)
+from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, UniformWeight
 
 WORD_BITS = 32
 
@@ -173,31 +169,23 @@ def pack_outliers(outliers: SparseOutliers) -> PackedOutliers:
     return PackedOutliers(rows.to(torch.int32), outliers.col.to(torch.int32).contiguous(), outliers.val.contiguous(), outliers.shape)
 
 
+def pack_dense_and_sparse(weight: DenseAndSparseWeight) -> tuple[PackedUniform | PackedLUT, PackedOutliers]:
+    dense, _ = pack_weight(weight.base)
+    return dense, pack_outliers(weight.outliers)
+
+
+# The kernel table: weight kind -> its kernel tensors (dense part, sparse part). A kind not listed has
+# no kernel and runs the torch reference on every backend (dispatch.py).
+KERNEL_LAYOUTS = {
+    "uniform": lambda weight: (pack_uniform(weight), None),
+    "lut": lambda weight: (pack_lut(weight), None),
+    "sparse": lambda weight: (None, pack_outliers(weight)),
+    "dense_and_sparse": pack_dense_and_sparse,
+}
+
+
 def pack_weight(weight) -> tuple[PackedUniform | PackedLUT | None, PackedOutliers | None]:
-    """Any supported value type -> (dense part, sparse part), either possibly None."""
-    if isinstance(weight, UniformWeight):
-        return pack_uniform(weight), None
-    if isinstance(weight, LUTWeight):
-        return pack_lut(weight), None
-    if isinstance(weight, SparseOutliers):
-        return None, pack_outliers(weight)
-    if isinstance(weight, DenseAndSparseWeight):
-        dense, _ = pack_weight(weight.base)
-        return dense, pack_outliers(weight.outliers)
-    raise TypeError(f"no kernel layout for {type(weight).__name__}")
-
-
-# --------------------------------------------------------------------------------------------
-# compressed-tensors pack-quantized -> kernel layout (exact)
-
-
-def repack_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int) -> PackedUniform:
-    """One layer's ``pack-quantized`` tensors (``weight_packed``, ``weight_scale``, ``weight_shape``,
-    optional ``weight_zero_point``; names without the module prefix) -> the kernel layout.
-
-    The compressed-tensors side is decoded by ``compressor.export.compressed_tensors``, which uses
-    compressed-tensors' own ``unpack_from_int32``; this only re-packs the codes into planes.
-    """
-    from compressor.export.compressed_tensors import uniform_from_ct_tensors
-
-    return pack_uniform(uniform_from_ct_tensors(tensors, bits, group_size))
+    """Any value type with a kernel layout -> (dense part, sparse part), either possibly None."""
+    if weight.kind not in KERNEL_LAYOUTS:
+        raise TypeError(f"no kernel layout for {type(weight).__name__}")
+    return KERNEL_LAYOUTS[weight.kind](weight)

@@ -1,2 +1,1 @@
-"""Structural and low-rank transforms: each file one method, registered as a recipe step on import."""
-from compressor.lowrank import transmla  # noqa: F401
+"""Structural and low-rank transforms: each file one method (listed in ``compressor.methods``)."""

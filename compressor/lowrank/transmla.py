@@ -1,64 +1,19 @@
 """TransMLA: grouped-query attention rewritten as DeepSeek-V3 multi-head latent attention (MLA).
 
 Paper: Meng et al., "TransMLA: Multi-head Latent Attention Is All You Need", arXiv 2502.07864;
-official code fxmeng/TransMLA (``transmla/partial_rope.py``, ``transmla/lora_qkv.py``). Per block:
+official code fxmeng/TransMLA. A layer step; per block, from one Gram matrix of the keys and values
+on calibration inputs: (1) GQA is MLA (exact); (2) RoRoPE + FreqFold: a PCA across kv heads per group
+of frequencies keeps RoPE on ``qk_rope_head_dim`` key dims; (3) a key/value-balanced joint PCA
+truncated to ``kv_lora_rank``; (4) the DeepSeek-V3 layout, whose ``kv_a_layernorm`` is fitted by least
+squares (the one approximation at full rank). The converted attention is transformers'
+``DeepseekV3Attention``; the step declares the DeepSeek-V3 config (``arch/deepseek_mla.py``) through
+its context, so the export loads as ``DeepseekV3ForCausalLM``. ``transmla_heal`` then distils the
+converted model towards the original (``distill.train_end_to_end``; only the attention by default).
 
-1. **GQA is MLA** (exact): the ``n_kv`` keys and values of a token form a latent; query head ``h``
-   reads the slice of its kv head (``kv_up`` below, a replicated identity).
-2. **RoRoPE + FreqFold**: rotary dims ``(j, j + d/2)`` of every kv head rotate by the same angle,
-   so an orthogonal mix *across kv heads* of the planes of one frequency commutes with RoPE. Per
-   group of ``freqfold`` neighbouring frequencies, a PCA of the calibration keys (real and imaginary
-   parts pooled) concentrates the key energy into a few components; the top ``qk_rope_head_dim / 2``
-   planes keep RoPE (frequency ``theta[j * head_dim / qk_rope_head_dim]``, exactly those of a
-   DeepSeek rotary of size ``qk_rope_head_dim`` with the same base), every other key dim drops it.
-   This is the lossy step: pooled frequencies are not equal, and the dropped dims lose position.
-3. **Balanced joint PCA**: the position-free key part (divided by ``alpha`` = mean key column norm
-   / mean value column norm, multiplied back in ``kv_b_proj``) and the values are factored
-   together, truncated to ``kv_lora_rank``. The KV cache per token and layer goes from
-   ``2 n_kv d`` to ``kv_lora_rank + qk_rope_head_dim``.
-4. **DeepSeek-V3 layout**: query = ``[q_h (d) | rotary part of the key up-projection applied to
-   q_h (r)]`` scaled by ``sqrt((d + r) / d)`` (DeepSeek divides by ``sqrt(d + r)``); keys and
-   values of head ``h`` come out of ``kv_b_proj`` as ``[k_nope (d) | v (d)]``; ``o_proj`` is kept.
-
-Only second moments are needed: one ``[2 n_kv d]^2`` Gram of the block's keys and values
-(float64, accumulated batch by batch) serves both PCAs, and one more pass over the inputs fits the
-latent norm. The converted attention *is* transformers' ``DeepseekV3Attention`` (a subclass that
-only picks its rotary frequencies out of the Llama-style ``position_embeddings`` the block
-receives), so the in-memory model and the exported ``DeepseekV3ForCausalLM`` run the same code.
-
-Where DeepSeek-V3's layout cannot hold the converted model exactly:
-
-* **Latent RMSNorm.** DeepSeek-V3 always applies ``kv_a_layernorm`` to the latent, which TransMLA's
-  rewrite does not have. We fit its weight per dimension by least squares on the calibration
-  latents (``gamma_i = sum c_i^2/rms / sum c_i^2/rms^2``, so ``gamma * c / rms(c) ~= c``); it is
-  the one approximation at full rank, and healing (``transmla_heal``) trains it further. The math
-  functions also build the norm-free (exact) attention, used by the tests.
-* **Query bias** (Qwen2, Llama with ``attention_bias``): DeepSeek-V3's ``q_proj`` has none, so the
-  step refuses such models; the functions convert them exactly in memory.
-* Qwen3's per-head q/k RMSNorm makes keys non-linear in the input: refused. Sliding-window
-  attention, RoPE scaling other than the default and MLP biases: refused.
-
-Healing (``transmla_heal``, a model step; the paper's recovery is continued pretraining, out of
-scope here): the original model is read again from its checkpoint, run block by block over the
-calibration set, and its top-``k`` next-token log-probabilities kept (k numbers per token, not the
-vocabulary); the converted model then learns, through ``ModelContext.forward_backward``, to
-minimise the KL divergence to them (the teacher's top-k tokens plus one bucket for the rest: an
-exact KL of that coarsened distribution). By default only the converted attention layers train
-(AdamW, 2 epochs, lr 3e-4); on the demo model at 1/4 of the cache it cuts the perplexity gap from
-+38 to +13.
-
-Defaults and deviations from the official code: ``kv_cache_ratio: 0.25`` (official: ``kv_lora_rank
-512`` + 64 rotary dims, i.e. 0.28 of Llama-3-8B's cache);
-``qk_rope_head_dim`` = the largest divisor of head_dim within half the per-token cache budget
-(with ``kv_lora_rank`` given: head_dim itself), because rotary dims are where the loss is: on the
-demo model at half the cache, 32 rotary dims give perplexity 102 and 16 give 132 (fp 94.7);
-``freqfold`` = 2 x head_dim / qk_rope_head_dim, at most head_dim / 2 (the official default for head_dim 128 and 64 rotary
-dims is 4; no ``auto`` search, which needs whole-model evaluations). For vLLM's fast MLA kernels
-choose ``kv_lora_rank: 512, qk_rope_head_dim: 64`` explicitly. Calibration is sequential (block i sees
-the outputs of the converted blocks before it; official converts all layers from the original
-model's activations). K/V balancing uses all value dims (official skips the first 64 of the value,
-an indexing slip). No ``q_lora_rank`` (DeepSeek-V2-Lite's plain ``q_proj``). Grams, not stored
-activations.
+Defaults: ``kv_cache_ratio: 0.25``; ``qk_rope_head_dim`` the largest divisor of head_dim within half
+the cache budget; ``freqfold`` 2 x head_dim / qk_rope_head_dim. Refused: a query bias, Qwen3's k_norm,
+sliding windows, RoPE scaling, MLP biases. Deviations from the official code, their reasons and the
+measured numbers: docs/methods/transmla.md.
 """
 
 from __future__ import annotations
@@ -71,10 +26,9 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
 from compressor.arch import UnsupportedArchitecture, attention_geometry
-from compressor.distill import coarse_kl, teacher_top_k
-from compressor.export.deepseek_mla import deepseek_v3_config
-from compressor.recipe import Step, param, register_step
-from compressor.training import BestState, holdout_count
+from compressor.arch.deepseek_mla import deepseek_v3_config
+from compressor.distill import train_end_to_end
+from compressor.step import Step, param, register_step
 
 # ----------------------------------------------------------------------------------------------
 # Math on tensors
@@ -345,8 +299,8 @@ class TransMLA(Step):
         check_convertible(config)
         geometry = attention_geometry(config)
         rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold)
-        adapter = context.session.handle.adapter
-        attention_path = adapter.linears["q"].rpartition(".")[0]
+        adapter = context.adapter
+        attention_path = adapter.attention
         attention = context.block.get_submodule(attention_path)
         if attention.q_proj.bias is not None:
             raise UnsupportedArchitecture(
@@ -355,7 +309,7 @@ class TransMLA(Step):
             )
         norm = context.block.get_submodule(adapter.norms["input"])
         mla_config = deepseek_v3_config(config, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=geometry.head_dim, v_head_dim=geometry.head_dim)
-        context.session.handle.export_config = mla_config
+        context.declare_architecture(mla_config)  # the export is a DeepseekV3ForCausalLM
 
         with torch.no_grad():
             gram = kv_gram(context.block, attention, norm, context.inputs)
@@ -369,7 +323,7 @@ class TransMLA(Step):
             gamma = least_squares_norm_weight(latents, eps=1e-6)
             before = context.forward()
             module = build_mla_attention(weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma)
-            context.block.set_submodule(attention_path, module)
+            context.replace_module(attention_path, module)
             after = context.forward()
         error = sum((a - b).pow(2).sum().item() for a, b in zip(after, before)) / max(sum(b.pow(2).sum().item() for b in before), 1e-30)
         context.record(
@@ -400,53 +354,25 @@ class TransMLAHeal(Step):
                                 "each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
 
     def compress_model(self, context) -> None:
-        blocks = context.session.handle.blocks
+        blocks = context.blocks
         attentions = [m for block in blocks for m in block.modules() if isinstance(m, MLAAttention)]
         if not attentions:
             raise ValueError("transmla_heal: the model has no converted attention; put a transmla step before it")
-        tokens = context.calibration_tokens()
-        with context.progress(len(tokens), "the original model's next-token distributions", "sequence") as progress:
-            teacher_logp, teacher_index = teacher_top_k(
-                context.session.handle.path, tokens, context.device, context.compute_dtype, context.offloaded, self.top_k, self.batch_size, progress
-            )
         owners = attentions if self.train == "attention" else list(blocks)
         parameters = [p for owner in owners for p in owner.parameters() if p.is_floating_point()]
         for p in parameters:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=0.0)
-        train_count = len(tokens) - holdout_count(len(tokens), self.heldout)
-
-        def kl_on(rows: torch.Tensor):
-            top_logp, top_index = teacher_logp[rows].to(context.device), teacher_index[rows].to(context.device)
-            return lambda logits, _ids: coarse_kl(logits, top_logp, top_index)
-
-        def heldout_kl() -> float:
-            heldout = torch.arange(train_count, len(tokens)).split(self.batch_size)
-            return sum(float(kl_on(rows)(context.logits(tokens[rows].to(context.device)), None)) * len(rows) for rows in heldout) / (len(tokens) - train_count)
-
-        best = BestState(parameters, heldout_kl()) if train_count < len(tokens) else None
-        losses = []
-        steps_per_epoch = -(-train_count // self.batch_size)
-        try:
-            with context.progress(self.epochs * steps_per_epoch, "training", "step") as progress:
-                for epoch in range(self.epochs):
-                    order = torch.randperm(train_count, generator=torch.Generator().manual_seed(epoch))
-                    for start in range(0, train_count, self.batch_size):
-                        rows = order[start : start + self.batch_size]
-                        loss = context.forward_backward(tokens[rows], kl_on(rows))
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        losses.append(loss)
-                        progress.update(kl=loss)
-                    if best is not None:
-                        best.consider(heldout_kl())
-                        progress.update(0, heldout_kl=best.curve[-1])
-            if best is not None:
-                best.restore()
+        try:  # each epoch in its own seeded order; one step per batch, no micro-batches
+            losses, best = train_end_to_end(
+                context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs, batch_size=self.batch_size,
+                micro_batch_size=self.batch_size, top_k=self.top_k, heldout=self.heldout,
+                order=lambda epoch, count: torch.randperm(count, generator=torch.Generator().manual_seed(epoch)),
+            )
         finally:
             for p in parameters:
                 p.requires_grad_(False)
                 p.grad = None
+        steps_per_epoch = len(losses) // self.epochs
         context.record(
             "model", first_epoch_kl=sum(losses[:steps_per_epoch]) / steps_per_epoch,
             last_epoch_kl=sum(losses[-steps_per_epoch:]) / steps_per_epoch, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),

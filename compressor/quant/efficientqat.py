@@ -1,72 +1,21 @@
-"""EfficientQAT: Block-AP then E2E-QP (Chen et al., "EfficientQAT: Efficient Quantization-Aware
-Training for Large Language Models", arXiv 2407.11062; official code OpenGVLab/EfficientQAT).
+"""EfficientQAT Block-AP: block-wise training of weights, scales and zero points into uniform integers.
 
-Uniform, group-wise integer weights (``UniformWeight``, so the compressed-tensors exporter and the
-kernels take them unchanged) found by quantization-aware training in two phases:
+Paper: Chen et al., "EfficientQAT: Efficient Quantization-Aware Training for Large Language Models",
+arXiv 2407.11062; official code OpenGVLab/EfficientQAT (``quantize/block_ap.py``). Its second phase,
+E2E-QP, is ``e2e_qp.py``.
 
-**Block-AP** (``efficientqat_block_ap``, a layer step; ``quantize/block_ap.py``). For each decoder
-block in turn, every linear gets a fake quantizer ``W_hat = (clamp(round(W/s) + z, 0, 2^b-1) - z) * s``
-with straight-through rounding (``z`` itself rounded and clamped to the grid with a STE), initialised
-from the min-max range of each group. All of the block's weights, the norm gains (the official code
-selects every parameter named ``*weight*``) and every ``s`` and ``z`` are trained together with AdamW
-(two groups: ``quant_lr`` for s and z, ``weight_lr`` for the rest; weight decay 0; each with its own
-cosine from lr to lr / ``min_lr_factor``, stepped per batch; batches in a fixed order; no gradient
-clipping) to minimise the MSE between the quantized block fed the outputs of the already-quantized
-blocks before it and the fp block fed fp inputs. So two activation streams run: the session's
-inputs are the quantized chain; the step keeps the fp chain itself (the fp block's outputs on the
-fp inputs are this block's targets and the next block's fp inputs). The trained block is then frozen
-to integer codes with its scales and zero points.
+Per decoder block, every linear gets a fake quantizer ``W_hat = (clamp(round(W/s) + z, 0, 2^b-1) - z) * s``
+with straight-through rounding, initialised from each group's min-max range. The block's weights,
+norm gains and every ``s`` and ``z`` train together (AdamW, a cosine schedule per group: ``quant_lr``
+for s and z, ``weight_lr`` for the rest) so that the quantized block, fed the outputs of the
+already-quantized blocks, reproduces the fp block on fp inputs (the step keeps that fp chain in
+``context.state``). The block is then frozen to ``UniformWeight`` (exported as compressed-tensors).
 
-**E2E-QP** (``efficientqat_e2e_qp``, a model step; ``main_e2e_qp.py``). With the integer codes (and
-zero points) frozen, only the step sizes of every quantized linear are trained, in fp32, end to end
-on the calibration tokens through ``context.forward_backward`` (block by block, so memory is the
-model plus gradients and AdamW state for the scales only): AdamW, weight decay 0, gradients clipped
-to norm 0.3, cosine schedule with 3 % linear warmup. The loss (``objective``) is the paper's
-next-token cross-entropy (``next_token``) or, our default, the KL divergence to the original model's
-next-token distribution (``distill``: its top-``top_k`` log-probabilities per token plus one bucket,
-``compressor.distill``, computed once by reading the original checkpoint again and running it block
-by block). ``train_zeros: true``
-also trains the zero points (rounded and clamped with a STE, so they stay integers); the official
-code does not.
-
-Defaults are the official code's: Block-AP ``main_block_ap.py`` (4 bits, group 128, 2 epochs, batch
-2, quant_lr 1e-4, weight_lr 1e-5 with 2e-5 for 2 bits as in ``examples/block_ap/*/w2*.sh``,
-min_lr_factor 20, min-max init) on 4096 RedPajama windows of 2048 tokens (+64 for validation);
-E2E-QP ``examples/e2e_qp/Llama-2-7b/*-redpajama.sh`` (lr 2e-5 for 2 bits, 1e-5 for 3 and 4, 32
-sequences per step as 4 x 8 accumulation, 1 epoch, 4096 windows of 4096 tokens). The calibration
-set is the recipe's ``calibration`` section. The recipes in ``recipes/efficientqat-*.yaml`` scale
-the data down for the bundled demo model on a CPU (16-128 windows of 512 tokens) and make up for it
-with more epochs and smaller batches; they say so.
-
-Deviations from the official code, and why:
-
-* Init: the min-max range of each group is widened to include 0 (``uniform.minmax_params``, the
-  convention of RTN and compressed-tensors), so the untrained quantizer *is* asymmetric RTN and the
-  zero point always lies on the grid. The official init uses the raw min and max, which for a group
-  of one sign puts ``z`` off the grid, and its forward then clamps it.
-* Scales are clamped to ``[1e-8, 1e4]`` in the forward instead of ``[1e-4, 1e4]``: 1e-4 is coarser
-  than the 8-bit step of small weights, and must not change the grid RTN would choose.
-* Training runs in fp32 without AMP (the official code uses fp16 autocast with loss scaling); the
-  stored scales are rounded to the export dtype before the codes are computed, as everywhere here.
-* No validation split or early stopping in Block-AP (the official early stop is off by default);
-  the report records each block's reconstruction MSE with the min-max (RTN) init and after training.
-* E2E-QP's default loss is distillation towards the original model, not the next-token loss. The
-  paper's E2E-QP is in effect continued pretraining on 4096 x 4096 tokens of generic text; on a small
-  calibration set the next-token loss fits that text instead of the original model: on the demo,
-  perplexity falls below fp (in-domain) while the mean KL to fp *rises* (w4: 0.0019 against RTN's
-  0.0006). Distillation keeps the quantized model close to the original: mean KL w2 0.0013, w3
-  0.0004, w4 0.0001 (32 windows; GPTQ 0.0015 / 0.0004 / 0.0001 in the same benchmark). It costs one
-  forward pass of the original model over the calibration set and ``top_k`` x 12 bytes per token of
-  host memory (4096 x 2048 tokens, k = 64: 6.4 GB). ``objective: next_token`` is the paper's.
-* E2E-QP also trains the codebooks of lookup-table weights (SqueezeLLM's ``lut``, fp32 while
-  training, codes frozen) the way it trains step sizes (``trained_tensor``): the same end-to-end
-  phase for a non-uniform quantizer (``recipes/squeezellm-w*-e2e.yaml``). Not in the paper.
-* E2E-QP trains on the recipe's calibration windows (one source for both phases; the paper uses a
-  separate RedPajama or Alpaca set), reshuffled each epoch; its warmup starts at lr / (warmup + 1)
-  rather than at 0, so no step is wasted when there are only a few.
-* ``symmetric: true`` is offered (z fixed at 2^(b-1), only s and W trained): the paper is
-  asymmetric, which is our default, but transformers cannot load packed asymmetric zero points
-  (llm-compressor#1618; vLLM and ``compressor.export.load_quantized_model`` can), see ``rtn.py``.
+Defaults: the official ``main_block_ap.py`` (4 bits, group 128, 2 epochs, batch 2, quant_lr 1e-4,
+weight_lr 1e-5, 2e-5 at 2 bits, min_lr_factor 20). Deviations: the min-max init includes 0 (the
+untrained quantizer is asymmetric RTN); scales clamped to [1e-8, 1e4]; fp32 without AMP; a held-out
+tenth of the batches picks the epoch kept (``heldout``); ``symmetric: true`` offered for plain
+transformers. Their reasons and the measured numbers: docs/methods/efficientqat.md.
 """
 
 from __future__ import annotations
@@ -78,31 +27,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from compressor.blockwise import first_output, next_token_loss
-from compressor.distill import coarse_kl, teacher_top_k
-from compressor.quant.formats import UniformWeight
-from compressor.quant.linear import QuantizedLinear
-from compressor.quant.uniform import check_group_size, minmax_params, quantize_codes, relative_error, storable_scale
-from compressor.recipe import Step, param, register_step
-from compressor.report import peak_memory
+from compressor.blockwise import first_output
+from compressor.quant.uniform import UniformQuantizer, clamp_ste, minmax_params, quantize_codes, relative_error, round_ste, storable_scale
+from compressor.step import param, register_step
 from compressor.training import BestState, holdout_count
+from compressor.weights.formats import UniformWeight
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
 
 
 # ----------------------------------------------------------------------------------------------
 # The quantizer (both phases)
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round in the forward, identity in the backward (straight-through estimator)."""
-    return x + (x.round() - x).detach()
-
-
-def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    return x + (x.clamp(low, high) - x).detach()
 
 
 def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -254,11 +190,9 @@ def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epoc
 
 @register_step("efficientqat_block_ap")
 @dataclass
-class EfficientQATBlockAP(Step):
+class EfficientQATBlockAP(UniformQuantizer):
     """EfficientQAT Block-AP: per block, train weights, scales and zero points (STE) to reconstruct its fp outputs."""
 
-    bits: int = param(4, "bits per weight", choices=range(2, 9))
-    group_size: int = param(128, "input columns sharing one scale and zero point; -1 for one per output row")
     symmetric: bool = param(False, "fixed mid-point zero (transformers loads it); false: trained zero points, as in the paper")
     epochs: int = param(2, "passes over the calibration samples per block (0: min-max init only, i.e. RTN)", min=0)
     batch_size: int = param(2, "samples per optimizer step", min=1)
@@ -268,13 +202,9 @@ class EfficientQATBlockAP(Step):
     train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
     heldout: float = param(0.1, "fraction of each block's calibration batches held out: their MSE before training and after each "
                                 "epoch decides which state the block keeps (0: train on all, keep the last)", min=0.0, max=0.5)
-    ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
-
-    _fp_inputs = None  # the fp chain: outputs of the fp blocks so far (not a recipe key)
 
     def check(self) -> None:
-        if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
+        super().check()
         if self.epochs > 0 and self.quant_lr == 0 and self.learning_rate_of_weights == 0:
             raise ValueError("quant_lr: quant_lr and weight_lr are both 0, so nothing would train; set epochs: 0 for the min-max init alone")
 
@@ -284,17 +214,14 @@ class EfficientQATBlockAP(Step):
             return self.weight_lr
         return 2e-5 if self.bits == 2 else 1e-5
 
-    def check_model(self, linears: dict) -> None:
-        for name, linear in linears.items():
-            check_group_size(name, linear.in_features, self.group_size)
-
     def compress_block(self, context) -> None:
         started = time.perf_counter()
         linears = context.linears(self.ignore)
-        # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours.
-        fp_inputs = context.inputs if context.index == 0 else self._fp_inputs
+        # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours,
+        # kept in the run's state for this step (the outputs of the fp blocks so far).
+        fp_inputs = context.inputs if context.index == 0 else context.state["fp_inputs"]
         targets = context.forward(inputs=fp_inputs)  # the fp block on fp inputs
-        self._fp_inputs = None if context.index == len(context.session.handle.blocks) - 1 else targets
+        context.state["fp_inputs"] = None if context.index == context.num_blocks - 1 else targets
 
         block, dtype = context.block, next(context.block.parameters()).dtype
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
@@ -319,143 +246,4 @@ class EfficientQATBlockAP(Step):
             "block_ap", mse_init=mse_init, mse_final=block_mse(block, batches), loss_first_epoch=losses[0] if losses else None,
             loss_last_epoch=losses[-1] if losses else None, steps=self.epochs * (len(batches) - holdout_count(len(batches), self.heldout)),
             seconds=time.perf_counter() - started, **(best.summary() if best else {}),
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# E2E-QP
-
-
-class RoundToGrid(nn.Module):
-    """Parametrization of trained zero points: rounded and clamped to ``[0, qmax]`` with a STE."""
-
-    def __init__(self, qmax: int):
-        super().__init__()
-        self.qmax = qmax
-
-    def forward(self, zero: torch.Tensor) -> torch.Tensor:
-        return clamp_ste(round_ste(zero), 0, self.qmax)
-
-
-def trained_tensor(module: QuantizedLinear) -> str | None:
-    """What E2E-QP trains in a quantized linear: a uniform value's step sizes (``scales``) or a
-    lookup-table value's codebooks (``lut``, SqueezeLLM); None for anything else."""
-    return next((name for name in ("scales", "lut") if name in module.tensor_names and getattr(module, name) is not None), None)
-
-
-def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (transformers' schedule,
-    counted so that the first step already has a nonzero rate)."""
-    if step < warmup:
-        return base * (step + 1) / (warmup + 1)
-    return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
-
-
-@register_step("efficientqat_e2e_qp")
-@dataclass
-class EfficientQATE2EQP(Step):
-    """EfficientQAT E2E-QP: train only the step sizes (or codebooks) of the quantized linears end to end, codes frozen."""
-
-    lr: float = param(2e-5, "AdamW learning rate of the scales (official scripts: 2e-5 at 2 bits, 1e-5 at 3 and 4)", min=0.0)
-    epochs: int = param(1, "passes over the calibration tokens", min=1)
-    batch_size: int = param(32, "sequences per optimizer step", min=1)
-    micro_batch_size: int = param(4, "sequences per forward and backward (gradients accumulate over a step)", min=1)
-    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup", min=0.0, max=1.0)
-    max_grad_norm: float | None = param(0.3, "clip the scales' gradient norm (null: no clipping)", min=0.0)
-    train_zeros: bool = param(False, "also train the zero points (integers, by STE); the official code does not")
-    zero_lr: float = param(1e-4, "AdamW learning rate of the zero points, with train_zeros", min=0.0)
-    seed: int = param(42, "seed of the sample order (shuffled every epoch)")
-    objective: str = param("distill", "training loss: distill (KL to the original model's top-k next-token distribution) "
-                                      "or next_token (the paper's cross-entropy on the calibration text)", choices=("distill", "next_token"))
-    top_k: int = param(64, "with objective: distill, teacher log-probabilities kept per token (the rest is one bucket)", min=1)
-    heldout: float = param(0.1, "fraction of the calibration sequences held out: the loss on them is measured before training and "
-                                "after each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
-    ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
-
-    kind = "model"
-
-    def compress_model(self, context) -> None:
-        from compressor.pipeline import matches_any  # (the pipeline imports the quantizers)
-
-        started = time.perf_counter()
-        modules = {
-            name: m for name, m in context.model.named_modules()
-            if isinstance(m, QuantizedLinear) and trained_tensor(m) and not matches_any(name, self.ignore)
-        }
-        if not modules:
-            raise ValueError(f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
-                             "efficientqat_block_ap, rtn or squeezellm before it")
-        steps_or_codebooks, zeros = [], []
-        for module in modules.values():
-            steps_or_codebooks += module.train_tensors([trained_tensor(module)])
-            if self.train_zeros and getattr(module, "zeros", None) is not None:  # lookup tables have none
-                zeros += module.train_tensors(["zeros"])
-                parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
-        groups = [{"params": steps_or_codebooks, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        bases = [group["lr"] for group in optimizer.param_groups]
-
-        tokens = context.calibration_tokens()
-        if self.objective == "distill":
-            with context.progress(len(tokens), "the original model's next-token distributions", "sequence") as progress:
-                teacher_logp, teacher_index = teacher_top_k(context.session.handle.path, tokens, context.device, context.compute_dtype,
-                                                            context.offloaded, self.top_k, self.micro_batch_size, progress)
-
-        def loss_of(rows: torch.Tensor, weight: float):
-            if self.objective == "distill":
-                top_logp, top_index = teacher_logp[rows].to(context.device), teacher_index[rows].to(context.device)
-                return lambda logits, ids: coarse_kl(logits, top_logp, top_index) * weight
-            return lambda logits, ids: next_token_loss(logits, ids) * weight
-
-        train_rows = torch.arange(len(tokens) - holdout_count(len(tokens), self.heldout))
-        heldout_rows = torch.arange(len(train_rows), len(tokens))
-
-        def heldout_loss() -> float:
-            return sum(float(loss_of(rows, len(rows) / len(heldout_rows))(context.logits(tokens[rows].to(context.device)), tokens[rows].to(context.device)))
-                       for rows in heldout_rows.split(self.micro_batch_size))
-
-        steps_per_epoch = math.ceil(len(train_rows) / self.batch_size)
-        total = self.epochs * steps_per_epoch
-        warmup = math.ceil(self.warmup_ratio * total)
-        generator = torch.Generator().manual_seed(self.seed)
-        losses, step = [], 0
-        best = BestState(steps_or_codebooks + zeros, heldout_loss()) if len(heldout_rows) else None
-        try:
-            with context.progress(total, "training", "step") as progress:
-                for _ in range(self.epochs):
-                    order = train_rows[torch.randperm(len(train_rows), generator=generator)]
-                    for batch in order.split(self.batch_size):
-                        for group, base in zip(optimizer.param_groups, bases):
-                            group["lr"] = warmup_cosine_lr(base, step, total, warmup)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss = 0.0
-                        for micro in batch.split(self.micro_batch_size):
-                            weight = len(micro) / len(batch)  # the step's loss is the mean over its sequences
-                            loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, weight))
-                        if not math.isfinite(loss):
-                            raise FloatingPointError(f"{self.name}: the training loss became {loss}")
-                        if self.max_grad_norm is not None:
-                            torch.nn.utils.clip_grad_norm_(steps_or_codebooks + zeros, self.max_grad_norm)
-                        optimizer.step()
-                        losses.append(loss)
-                        step += 1
-                        progress.update(loss=loss)
-                    if best is not None:
-                        best.consider(heldout_loss())
-                        progress.update(0, heldout=best.curve[-1])
-            if best is not None:
-                best.restore()
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-            for module in modules.values():
-                if parametrize.is_parametrized(module, "zeros"):
-                    parametrize.remove_parametrizations(module, "zeros", leave_parametrized=True)
-                if "scales" in module.trained_dtypes:
-                    with torch.no_grad():  # stay positive in the storage dtype (storable_scale's rule)
-                        module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
-                module.freeze()
-        context.record(
-            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=step, **(best.summary() if best else {}),
-            trainable_parameters=sum(p.numel() for p in steps_or_codebooks + zeros), seconds=time.perf_counter() - started,
-            **peak_memory(context.device),
         )

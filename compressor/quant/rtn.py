@@ -14,33 +14,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.quant.uniform import check_group_size, quantize_uniform, relative_error
-from compressor.recipe import Step, param, register_step
+from compressor.quant.uniform import UniformQuantizer, quantize_uniform, relative_error
+from compressor.step import register_step
 
 
 @register_step("rtn")
 @dataclass
-class RTN(Step):
+class RTN(UniformQuantizer):
     """Round-to-nearest uniform quantization of every block linear (the baseline)."""
-
-    bits: int = param(4, "bits per weight", choices=range(2, 9))
-    group_size: int = param(128, "input columns sharing one scale; -1 for one scale per output row")
-    symmetric: bool = param(True, "symmetric grid without zero points (false: per-group zero points)")
-    ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
     needs_calibration = False
 
-    def check(self) -> None:
-        if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
-
-    def check_model(self, linears: dict) -> None:
-        for name, linear in linears.items():
-            check_group_size(name, linear.in_features, self.group_size)
-
     def compress_block(self, context) -> None:
-        linears = context.linears(self.ignore)
-        for name, linear in linears.items():
+        for name, linear in context.linears(self.ignore).items():
             weight = linear.weight.data
             quantized = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
             context.replace_linear(name, quantized)

@@ -1,71 +1,20 @@
 """SqueezeLLM: Fisher-weighted non-uniform quantization with dense-and-sparse outliers.
 
-Paper: Kim, Hooper, Gholami, Dong, Li, Shen, Mahoney, Keutzer, *SqueezeLLM: Dense-and-Sparse
-Quantization*, arXiv 2306.07629 (ICML 2024). Official code: SqueezeAILab/SqueezeLLM
-(``quantization/nuq.py``, ``squeezellm/outliers.py``, ``squeezellm/quant.py``) and the gradient
-code kssteven418/SqueezeLLM-gradients (``run.py``).
+Paper: Kim et al., *SqueezeLLM: Dense-and-Sparse Quantization*, arXiv 2306.07629 (ICML 2024);
+official code SqueezeAILab/SqueezeLLM and kssteven418/SqueezeLLM-gradients.
 
-What it does, per block linear W [N, K] (N output rows):
+A model step. Per block linear W [N, K]: (1) the diagonal Fisher ``sum_s g_s**2``, one calibration
+sequence per backward (``fisher_diagonal``), in fp32 accumulators on the CPU by default, optionally
+one pass per group of blocks (``fisher_passes``, same result, less memory); (2) optionally
+``sensitive_percent`` (top Fisher) and ``outlier_percent`` (top magnitude) of each matrix kept
+exactly as CSR (``sparse_mask``); (3) per output row, 2**bits centroids by Fisher-weighted k-means
+(``fisher_weighted_kmeans``); (4) each row's codebook scaled by ``<w, w> / <q, w>`` so its outputs are
+not shrunk toward 0 (``unbiased_scale``); (5) a ``LUTWeight``, or a ``DenseAndSparseWeight``.
 
-1. **Sensitivity** (``fisher_diagonal``): the diagonal Fisher information
-   ``F = sum_s g_s * g_s`` with ``g_s`` the gradient of sample ``s``'s mean next-token
-   cross-entropy. **Per sample**, as the official ``run.py`` (batches of one 512-token sequence, a
-   hook squaring each sample's gradient before it is summed), never the square of a batch
-   gradient. Each sample is one ``context.forward_backward`` (block-level gradient checkpointing,
-   offloading when the model is larger than the device); a ``register_post_accumulate_grad_hook``
-   on each targeted weight adds ``grad**2`` into an **fp32** accumulator and drops the grad. The
-   official hook version sums squares into a bf16 ``.grad``; fp32 is the earlier, more precise
-   variant (``fisher_dtype: bfloat16`` is the official one and halves the accumulators: 70B-class
-   models need 280 GB of fp32 accumulators, 140 GB in bf16). Accumulators live on the CPU by default
-   (``fisher_device: cpu``: 4 bytes per weight of host memory, ~28 GB for an 8B model, device memory
-   stays one block) or on the device (``fisher_device: device``: faster, 4 bytes per weight there).
-   ``fisher_passes: p`` splits the blocks into p contiguous groups and runs the calibration set once
-   per group, accumulating only that group's Fisher (memory / p); the backward of a pass stops below
-   its group, so the work is about (p + 1) / 2 backwards and p forwards. The layers of a group are
-   clustered right after its pass but swapped into the model only after the last pass, so every
-   pass sees the fp model and the result equals the one-pass result.
-2. **Dense-and-sparse split** (``sparse_mask``): optionally keep ``sensitive_percent`` of each
-   matrix's entries with the largest Fisher values and ``outlier_percent`` with the largest
-   magnitudes (among the rest) exactly, as a CSR matrix. Paper setting: 0.05 % sensitive + 0.40 %
-   outliers. Deviation: the official code picks outliers with one global threshold factor on the
-   inter-quartile range that the user tunes by hand toward a target percentage, and keeps
-   Fisher values strictly above the n-th largest (fewer with ties); here both counts are exact per
-   matrix, so the sparse part holds exactly the configured fraction of every layer.
-3. **Fisher-weighted k-means per output row** (``fisher_weighted_kmeans``): 2**bits centroids per
-   row minimising ``sum_j F_j (w_j - c(w_j))**2``, all rows of a matrix at once (1-D nearest
-   centroid by ``searchsorted`` on sorted centroids, cluster sums by ``scatter_add`` in float64).
-   Official: sklearn ``KMeans(n_clusters=2**bits, random_state=0, n_init="auto", max_iter=50)``
-   with ``sample_weight=F`` (greedy weighted k-means++ seeding with ``2 + ln k`` candidates per
-   centre, one run, at most 50 Lloyd iterations). Ours, ``init: kmeans++``, is the same algorithm
-   (another random stream); it stops when no assignment changes. Default ``init: best``
-   (deviation): also run Lloyd from the per-row min-max RTN grid and keep, per row, the lower
-   objective; Lloyd from that grid never increases the objective, so the result is never worse
-   than per-row RTN at the same bits. Entries moved to the sparse part get weight 0 (they do not
-   pull a centroid toward 0); an all-zero Fisher row is clustered with unit weights, as the
-   official code does. Fisher rows are scaled by their maximum first (k-means is invariant to it).
-4. **Unbiased rescale** (``unbiased_scale``, ``rescale: unbiased``, default; deviation, not in the
-   paper or its code): k-means centroids are cluster means, so the quantized row ``q`` is a shrunk
-   copy of ``w`` (``<q, w> = <w, w> - error`` for unit weights): every output ``<q, x>`` regresses
-   toward 0 by the row's relative error, and the shrinkages of all layers compound along the
-   residual stream (attention logits shrink as the product of two shrunk projections). Scaling each
-   row's codebook by ``alpha = <w, w> / <q, w>`` keeps the k-means codes and makes the inner product
-   with any input unbiased in that regression sense, at a small cost in plain weight error: the
-   per-vector scale of EDEN (Vargaftik et al., ICML 2022), the bias that TurboQuant (Zandieh et al.,
-   arXiv 2504.19874) removes with a second stage. The codes are kept (re-assigning weights to the
-   nearest scaled centroid undoes part of it). Measured on the demo model
-   (``benchmarks/squeezellm_ablation.py``, three k-means seeds): mean KL -29..-44 % at 3 bits
-   (-37 % on average), 0..-9 % at 4 bits (-4 %). ``rescale: none`` is the official method.
-5. **Value**: ``LUTWeight`` (codes + one fp16 codebook per row), or ``DenseAndSparseWeight`` with
-   the sparse part. With ``rescale: none`` the LUT is rounded to ``lut_dtype`` before the final
-   assignment, so the stored codes are nearest to the stored centroids. At sparse positions the code
-   is the row's centroid nearest 0 and the stored value is ``W - that centroid`` (official
-   ``QuantLinearLUT.pack2``), so the dense kernel needs no mask and ``dense + sparse`` reproduces W
-   at those positions.
-
-The step is a model step (the Fisher needs a backward pass through the whole model); it then
-clusters matrix by matrix, each on ``context.device`` with its Fisher, and frees that Fisher. Defaults: 4 bits, dense-only (every engine that served SqueezeLLM supported only that),
-``init: best``, ``rescale: unbiased``, ``lm_head`` and embeddings left in full precision (official
-scope: the seven block projections). ``init: kmeans++, rescale: none`` is the official method.
+Defaults: 4 bits, dense-only, ``init: best`` (k-means++ and the RTN grid, the better per row),
+``rescale: unbiased``, lm_head and embeddings in full precision; ``init: kmeans++, rescale: none`` is
+the official method. Deviations (exact per-matrix sparse counts, the two starts, the rescale, fp32
+Fisher), their reasons and the measured numbers: docs/methods/squeezellm.md.
 """
 
 from __future__ import annotations
@@ -77,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.quant.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
-from compressor.quant.linear import QuantizedLinear
-from compressor.quant.uniform import minmax_params, row_chunks
-from compressor.recipe import Step, param, register_step
+from compressor.quant.uniform import minmax_params
+from compressor.step import Step, param, register_step
+from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, row_chunks
+from compressor.weights.linear import QuantizedLinear
 
 INITS = ("best", "kmeans++", "uniform")
 RESCALES = ("unbiased", "none")
@@ -176,7 +125,7 @@ def fisher_weighted_kmeans(
 
     ``weight`` and ``fisher`` are [R, K] (fisher >= 0; rows whose weights are all 0 use unit
     weights). Returns fp32 centroids [R, 2**bits] sorted per row, uint8 codes [R, K] and the fp64
-    objective per row. Rows are processed in chunks of ~4M weights (``uniform.row_chunks``); the
+    objective per row. Rows are processed in chunks of ~4M weights (``formats.row_chunks``); the
     result is deterministic for a given seed and device.
     """
     if init not in INITS:
@@ -353,32 +302,25 @@ class SqueezeLLM(Step):
             raise ValueError(f"outlier_percent: sensitive_percent + outlier_percent = {self.sensitive_percent + self.outlier_percent} exceeds 100")
 
     def compress_model(self, context) -> None:
-        from compressor.pipeline import BlockContext
-
-        session = context.session
-        handle = session.handle
-        blocks = [BlockContext(session, self, i, handle.block_prefix(i), handle.blocks[i], None, None) for i in range(len(handle.blocks))]
-        targets = {(b.index, name): linear for b in blocks for name, linear in b.linears(self.ignore).items()}
+        targets = {(index, name): linear for index in range(context.num_blocks) for name, linear in context.linears(self.ignore, index).items()}
         tokens = context.calibration_tokens()
-        groups = block_groups(len(blocks), self.fisher_passes)
+        groups = block_groups(context.num_blocks, self.fisher_passes)
         self.check_fisher_memory(context, targets, groups)
-        finished = []  # (block, name, module) from earlier passes: swapped in once no Fisher pass needs the fp weights
+        finished = {}  # name -> module from earlier passes: swapped in once no Fisher pass needs the fp weights
         for number, group in enumerate(groups, start=1):
             group_targets = {(index, name): linear for (index, name), linear in targets.items() if index in group}
-            fisher = self.fisher_pass(context, {f"{blocks[i].prefix}.{name}": linear for (i, name), linear in group_targets.items()},
-                                      tokens, group)
+            fisher = self.fisher_pass(context, {name: linear for (_, name), linear in group_targets.items()}, tokens, group)
             with context.progress(len(group_targets), "k-means", "layer") as progress:
                 for (index, name), linear in group_targets.items():
-                    block = blocks[index]
                     home = linear.weight.device
-                    quantized = self.quantize_layer(context, block, name, linear, fisher.pop(f"{block.prefix}.{name}"))
+                    quantized = self.quantize_layer(context, index, name, linear, fisher.pop(name))
                     if number == len(groups):
-                        block.replace_linear(name, quantized).to(home)
+                        context.replace_linear(name, quantized)
                     else:
-                        finished.append((block, name, QuantizedLinear(quantized, linear.bias).to(home)))
+                        finished[name] = QuantizedLinear(quantized, linear.bias).to(home)
                     progress.update()
-        for block, name, module in finished:
-            block.block.set_submodule(name, module)
+        for name, module in finished.items():
+            context.replace_module(name, module)
 
     def accumulator_device(self, context) -> torch.device:
         return torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
@@ -420,7 +362,7 @@ class SqueezeLLM(Step):
                        **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
         return fisher
 
-    def quantize_layer(self, context, block, name: str, linear: nn.Linear, fisher: torch.Tensor) -> LUTWeight | DenseAndSparseWeight:
+    def quantize_layer(self, context, block: int, name: str, linear: nn.Linear, fisher: torch.Tensor) -> LUTWeight | DenseAndSparseWeight:
         """One layer's SqueezeLLM value on ``context.device``, recorded with its error and k-means time."""
         weight = linear.weight.data.to(context.device)
         started = time.perf_counter()
@@ -433,5 +375,5 @@ class SqueezeLLM(Step):
         numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
         if isinstance(quantized, DenseAndSparseWeight):
             numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()
-        block.record(name, **numbers)
+        context.record(name, block=block, **numbers)
         return quantized

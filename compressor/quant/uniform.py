@@ -1,6 +1,5 @@
-"""Uniform (affine) group-wise quantization math, shared by every uniform quantizer.
-
-Plain functions on tensors. Conventions are those of ``formats.UniformWeight`` and of
+"""Uniform (affine) group-wise quantization, shared by every uniform quantizer: their common recipe
+parameters (``UniformQuantizer``) and the math, as plain functions on tensors. Conventions are those of ``formats.UniformWeight`` and of
 compressed-tensors' ``pack-quantized`` format:
 
 * asymmetric: the range ``[min(w, 0), max(w, 0)]`` of each group maps onto ``[0, 2**b - 1]``,
@@ -13,12 +12,33 @@ compressed-tensors' ``pack-quantized`` format:
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from compressor.quant.formats import UniformWeight, expand_groups, tensor_names
+from compressor.step import Step, param
+from compressor.weights.formats import UniformWeight, expand_groups, row_chunks
+
+
+@dataclass
+class UniformQuantizer(Step):
+    """The parameters every uniform quantizer shares (RTN, EfficientQAT Block-AP), and their checks.
+    Not registered: a quantizer subclasses it (and may change a default by declaring the field again)."""
+
+    bits: int = param(4, "bits per weight", choices=range(2, 9))
+    group_size: int = param(128, "input columns sharing one scale (and zero point); -1 for one per output row")
+    symmetric: bool = param(True, "symmetric grid without zero points (false: per-group zero points)")
+    ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
+
+    def check(self) -> None:
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
+
+    def check_model(self, linears: dict) -> None:
+        """Checkpoint formats and serving kernels need whole groups: every linear it will take, before any work."""
+        for name, linear in linears.items():
+            check_group_size(name, linear.in_features, self.group_size)
 
 
 def check_group_size(name: str, in_features: int, group_size: int) -> None:
@@ -63,6 +83,16 @@ def minmax_params(
     return scale, zero
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward, identity in the backward (straight-through estimator)."""
+    return x + (x.round() - x).detach()
+
+
+def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Clamp in the forward, identity in the backward (straight-through estimator)."""
+    return x + (x.clamp(low, high) - x).detach()
+
+
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
     """Round ``weight`` [N, K] onto the grid given by per-group scales and zeros: uint8 codes."""
     n, k = weight.shape
@@ -70,14 +100,6 @@ def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     zero = expand_groups(zeros.float(), k, group_size) if zeros is not None else 2 ** (bits - 1)
     codes = torch.round(weight.float() / scale) + zero
     return codes.clamp(0, 2**bits - 1).to(torch.uint8)
-
-
-CHUNK_ELEMENTS = 2**22  # rows are processed in chunks of ~4M weights: fp32 temporaries stay ~16 MB each
-
-
-def row_chunks(rows: int, columns: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(columns, 1))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def quantize_uniform(
@@ -97,13 +119,10 @@ def quantize_uniform(
 
 
 def relative_error(weight: torch.Tensor, quantized) -> float:
-    """||W - W_hat||_F / ||W||_F for a value whose tensors all start with the row dimension (uniform
-    values; not a CSR part), dequantized a chunk of rows at a time."""
+    """||W - W_hat||_F / ||W||_F for any value type, dequantized a chunk of rows at a time."""
     error = norm = 0.0
     for rows in row_chunks(*weight.shape):
-        part = dataclasses.replace(
-            quantized, **{name: getattr(quantized, name)[rows] for name in tensor_names(quantized) if getattr(quantized, name) is not None}
-        )
+        part = quantized.rows(rows)
         original = weight[rows].float()
         error += float((original - part.dequantize(torch.float32)).square().sum())
         norm += float(original.square().sum())

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_helpers import Weights
 
-from compressor.export.compressed_tensors import uniform_to_ct_tensors
+from compressor.export.compressed_tensors import repack_compressed_tensors, uniform_to_ct_tensors
 from compressor.kernels.packing import (
     pack_codes,
     pack_lut,
@@ -14,7 +14,6 @@ from compressor.kernels.packing import (
     pack_uniform,
     padded_k,
     plane_widths,
-    repack_compressed_tensors,
     unpack_codes,
 )
 from compressor.kernels.reference import (

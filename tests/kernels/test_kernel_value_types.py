@@ -3,20 +3,34 @@
 import pytest
 import torch
 
-from compressor.quant.formats import (
+from compressor.weights.formats import (
     QUANTIZED_WEIGHT_TYPES,
     DenseAndSparseWeight,
     LUTWeight,
     SparseOutliers,
     UniformWeight,
 )
-from compressor.quant.linear import QuantizedLinear, weight_type_by_kind
+from compressor.weights.linear import QuantizedLinear
 
 
-def test_registered_kinds():
-    for kind, cls in {"uniform": UniformWeight, "lut": LUTWeight, "sparse": SparseOutliers,
-                      "dense_and_sparse": DenseAndSparseWeight}.items():
-        assert QUANTIZED_WEIGHT_TYPES[kind] is cls and cls.kind == kind and weight_type_by_kind(kind) is cls
+def test_every_kind_a_codec_stores_survives_its_checkpoint_round_trip(weights):
+    """The kind registry and the codec registry agree, and each stored kind reads back bit-exactly."""
+    from compressor.export.codecs import CODECS, codec_for
+
+    assert all(cls.kind == kind for kind, cls in QUANTIZED_WEIGHT_TYPES.items())
+    assert set(CODECS) <= set(QUANTIZED_WEIGHT_TYPES)
+    values = [weights.uniform(6, 96, 3, symmetric=True, device="cpu"), weights.uniform(6, 96, 5, symmetric=False, device="cpu"),
+              weights.lut(6, 96, 4, device="cpu"),
+              DenseAndSparseWeight.from_parts(weights.lut(6, 96, 3, device="cpu"), weights.outliers(6, 96, device="cpu"))]
+    assert {v.kind for v in values} == set(CODECS)
+    for value in values:
+        codec = codec_for(value)
+        assert codec is CODECS[value.kind]
+        config = codec.quantization_config({"layer": codec.module_entry(value)}, [])
+        back = codec.read_module(codec.to_tensors(value, torch.float16), config, "layer", torch.float16)
+        assert type(back) is type(value) and back.kind == value.kind
+        assert torch.equal(back.dequantize(torch.float32), value.dequantize(torch.float32)), value.kind
+    assert codec_for(weights.outliers(6, 96, device="cpu")) is None  # outliers alone: no checkpoint format
 
 
 def test_lut_weight(weights):

@@ -9,7 +9,7 @@ from compressor.kernels.packing import pack_lut, pack_outliers, pack_uniform
 from compressor.kernels.reference import exact_linear, lut_reference, outlier_reference
 from compressor.kernels.sparse import outlier_add, outlier_linear
 from compressor.kernels.uniform import KernelConfig, uniform_linear
-from compressor.quant.formats import DenseAndSparseWeight, SparseOutliers
+from compressor.weights.formats import DenseAndSparseWeight, SparseOutliers
 
 N, K = 37, 200
 SCHEDULES = [

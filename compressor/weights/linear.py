@@ -3,7 +3,8 @@
 It holds the tensors of a quantized value type (see ``formats.py``) as buffers, so ``.to(device)``
 and ``state_dict`` work as for any module, and computes ``y = x W^T + b`` through
 ``compressor.kernels.qlinear``, which picks a Triton kernel on a GPU and the torch reference
-elsewhere.
+elsewhere. ``dequantize_model_`` turns every one back into a dense ``nn.Linear`` (transformers'
+``model.dequantize()``, and the dense baseline of ``compressor validate``).
 
 For quantization-aware training, ``train_tensors(["scales"])`` holds chosen value tensors as fp32
 ``nn.Parameter``s (parameters keep their identity and gradients when the module moves between
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.quant.formats import QUANTIZED_WEIGHT_TYPES, static_fields, tensor_names
+from compressor.weights.formats import static_fields, tensor_names
 
 
 class QuantizedLinear(nn.Module):
@@ -75,5 +76,17 @@ class QuantizedLinear(nn.Module):
         return f"{self.weight_type.kind}, in={self.in_features}, out={self.out_features}, {meta}"
 
 
-def weight_type_by_kind(kind: str):
-    return QUANTIZED_WEIGHT_TYPES[kind]
+def dequantize_model_(model, dtype) -> int:
+    """Replace every QuantizedLinear by an nn.Linear holding its dequantized weight; returns the count."""
+    from compressor.kernels import dequantize, use_backend
+
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    for name, module in targets:
+        with use_backend("auto"):
+            weight = dequantize(module.quantized_weight, dtype)
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=dtype)
+        dense.weight.data = weight
+        if module.bias is not None:
+            dense.bias.data = module.bias.to(dtype)
+        model.set_submodule(name, dense)
+    return len(targets)

@@ -1,8 +1,8 @@
 """Quantized weight value types: what a quantizer produces and what kernels and exporters consume.
 
 Every value type is a small dataclass of tensors (marked with ``tensor_field``) plus static metadata.
-It knows its shape, its exact storage cost in bits per weight, and its torch reference
-dequantization. The bit layout for kernels lives in ``compressor.kernels`` and the checkpoint layout
+It knows its shape, its exact storage cost in bits per weight, its torch reference
+dequantization, and how to take a slice of its output rows (``rows``). The bit layout for kernels lives in ``compressor.kernels`` and the checkpoint layout
 in ``compressor.export``; nothing else needs to know either.
 
 Conventions (shared with the kernels and the compressed-tensors exporter):
@@ -49,6 +49,14 @@ def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) ->
     return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
+CHUNK_ELEMENTS = 2**22  # rows are processed in chunks of ~4M weights: fp32 temporaries stay ~16 MB each
+
+
+def row_chunks(rows: int, columns: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(columns, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 @dataclass
 class UniformWeight:
     """Uniform (affine) integer weights with group-wise scales and optional zero points."""
@@ -74,6 +82,11 @@ class UniformWeight:
         if self.zeros is not None:
             return self.zeros
         return torch.full_like(self.scales, 2 ** (self.bits - 1), dtype=torch.int32)
+
+    def rows(self, rows: slice) -> UniformWeight:
+        """The output rows ``rows`` (a contiguous slice), as views of the same tensors."""
+        zeros = None if self.zeros is None else self.zeros[rows]
+        return UniformWeight(self.codes[rows], self.scales[rows], zeros, self.bits, self.group_size)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Reference dequantization in fp32, cast to ``dtype`` (default: the scales' dtype)."""
@@ -110,6 +123,10 @@ class LUTWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
+
+    def rows(self, rows: slice) -> LUTWeight:
+        """The output rows ``rows`` (a contiguous slice), as views of the same tensors."""
+        return LUTWeight(self.codes[rows], self.lut[rows], self.bits)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Reference dequantization (a gather from each row's codebook), cast to ``dtype``."""
@@ -172,6 +189,13 @@ class SparseOutliers:
             val=matrix[rows, cols].to(dtype or matrix.dtype),
             shape=tuple(matrix.shape),
         )
+
+    def rows(self, rows: slice) -> SparseOutliers:
+        """The output rows ``rows`` (a contiguous slice): their entries, with row pointers from 0."""
+        start, stop, _ = rows.indices(self.shape[0])
+        first, end = int(self.crow[start]), int(self.crow[stop])
+        crow = self.crow[start : stop + 1] - first if first else self.crow[start : stop + 1]
+        return SparseOutliers(crow, self.col[first:end], self.val[first:end], (stop - start, self.shape[1]))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense [N, K] matrix with the outliers in place and zeros elsewhere."""
@@ -237,6 +261,10 @@ class DenseAndSparseWeight:
     @property
     def outliers(self) -> SparseOutliers:
         return SparseOutliers(crow=self.outlier_crow, col=self.outlier_col, val=self.outlier_val, shape=self.shape)
+
+    def rows(self, rows: slice) -> DenseAndSparseWeight:
+        """The output rows ``rows`` (a contiguous slice) of both halves."""
+        return DenseAndSparseWeight.from_parts(self.base.rows(rows), self.outliers.rows(rows))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         base = self.base

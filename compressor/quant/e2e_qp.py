@@ -1,0 +1,122 @@
+"""E2E-QP: train only the step sizes (or codebooks) of an already quantized model end to end, codes frozen.
+
+Paper: the second phase of EfficientQAT (Chen et al., arXiv 2407.11062; official
+``main_e2e_qp.py``). With the integer codes (and zero points) frozen, the scales of every uniform
+``QuantizedLinear`` (or the codebooks of lookup-table ones: SqueezeLLM's ``lut``; not in the paper)
+train in fp32 through ``context.forward_backward`` with the shared trainer
+(``distill.train_end_to_end``): AdamW, weight decay 0, gradients clipped to norm 0.3, cosine schedule
+with 3 % linear warmup. It trains what any quantizer produced (put ``rtn``,
+``efficientqat_block_ap`` or ``squeezellm`` before it).
+
+Defaults are the official scripts' (``examples/e2e_qp/Llama-2-7b/*-redpajama.sh``: lr 2e-5 at 2 bits,
+1e-5 at 3 and 4; 32 sequences per step as 4 x 8 accumulation; 1 epoch). Deviations: the default
+loss is the KL to the original model's top-k next-token distribution (``objective: distill``; the
+paper's next-token loss, ``next_token``, fits a small calibration set instead of the original
+model); it trains on the recipe's calibration windows (``heldout`` of them kept aside to choose the
+best epoch), reshuffled each epoch; warmup starts at lr / (warmup + 1); ``train_zeros: true`` also
+trains zero points (STE-rounded integers). Details and measured numbers: docs/methods/efficientqat.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compressor.distill import train_end_to_end
+from compressor.quant.uniform import clamp_ste, round_ste
+from compressor.report import peak_memory
+from compressor.step import Step, param, register_step
+from compressor.training import holdout_count
+from compressor.weights.linear import QuantizedLinear
+
+
+class RoundToGrid(nn.Module):
+    """Parametrization of trained zero points: rounded and clamped to ``[0, qmax]`` with a STE."""
+
+    def __init__(self, qmax: int):
+        super().__init__()
+        self.qmax = qmax
+
+    def forward(self, zero: torch.Tensor) -> torch.Tensor:
+        return clamp_ste(round_ste(zero), 0, self.qmax)
+
+
+def trained_tensor(module: QuantizedLinear) -> str | None:
+    """What E2E-QP trains in a quantized linear: a uniform value's step sizes (``scales``) or a
+    lookup-table value's codebooks (``lut``, SqueezeLLM); None for anything else."""
+    return next((name for name in ("scales", "lut") if name in module.tensor_names and getattr(module, name) is not None), None)
+
+
+def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (transformers' schedule,
+    counted so that the first step already has a nonzero rate)."""
+    if step < warmup:
+        return base * (step + 1) / (warmup + 1)
+    return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
+
+
+@register_step("efficientqat_e2e_qp")
+@dataclass
+class EfficientQATE2EQP(Step):
+    """EfficientQAT E2E-QP: train only the step sizes (or codebooks) of the quantized linears end to end, codes frozen."""
+
+    lr: float = param(2e-5, "AdamW learning rate of the scales (official scripts: 2e-5 at 2 bits, 1e-5 at 3 and 4)", min=0.0)
+    epochs: int = param(1, "passes over the calibration tokens", min=1)
+    batch_size: int = param(32, "sequences per optimizer step", min=1)
+    micro_batch_size: int = param(4, "sequences per forward and backward (gradients accumulate over a step)", min=1)
+    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup", min=0.0, max=1.0)
+    max_grad_norm: float | None = param(0.3, "clip the scales' gradient norm (null: no clipping)", min=0.0)
+    train_zeros: bool = param(False, "also train the zero points (integers, by STE); the official code does not")
+    zero_lr: float = param(1e-4, "AdamW learning rate of the zero points, with train_zeros", min=0.0)
+    seed: int = param(42, "seed of the sample order (shuffled every epoch)")
+    objective: str = param("distill", "training loss: distill (KL to the original model's top-k next-token distribution) "
+                                      "or next_token (the paper's cross-entropy on the calibration text)", choices=("distill", "next_token"))
+    top_k: int = param(64, "with objective: distill, teacher log-probabilities kept per token (the rest is one bucket)", min=1)
+    heldout: float = param(0.1, "fraction of the calibration sequences held out: the loss on them is measured before training and "
+                                "after each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
+    ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
+
+    kind = "model"
+
+    def compress_model(self, context) -> None:
+        started = time.perf_counter()
+        modules = {name: m for name, m in context.quantized_linears(self.ignore).items() if trained_tensor(m)}
+        if not modules:
+            raise ValueError(f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
+                             "efficientqat_block_ap, rtn or squeezellm before it")
+        steps_or_codebooks, zeros = [], []
+        for module in modules.values():
+            steps_or_codebooks += module.train_tensors([trained_tensor(module)])
+            if self.train_zeros and getattr(module, "zeros", None) is not None:  # lookup tables have none
+                zeros += module.train_tensors(["zeros"])
+                parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
+        groups = [{"params": steps_or_codebooks, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
+        tokens = context.calibration_tokens()
+        total = self.epochs * math.ceil((len(tokens) - holdout_count(len(tokens), self.heldout)) / self.batch_size)
+        warmup = math.ceil(self.warmup_ratio * total)
+        generator = torch.Generator().manual_seed(self.seed)
+        try:
+            losses, best = train_end_to_end(
+                context, groups, name=self.name, epochs=self.epochs, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
+                order=lambda epoch, count: torch.randperm(count, generator=generator), objective=self.objective, top_k=self.top_k,
+                lr_at=lambda base, step, total: warmup_cosine_lr(base, step, total, warmup), max_grad_norm=self.max_grad_norm,
+                heldout=self.heldout,
+            )
+        finally:
+            for module in modules.values():
+                if parametrize.is_parametrized(module, "zeros"):
+                    parametrize.remove_parametrizations(module, "zeros", leave_parametrized=True)
+                if "scales" in module.trained_dtypes:
+                    with torch.no_grad():  # stay positive in the storage dtype (storable_scale's rule)
+                        module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
+                module.freeze()
+        context.record(
+            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=len(losses), **(best.summary() if best else {}),
+            trainable_parameters=sum(p.numel() for p in steps_or_codebooks + zeros), seconds=time.perf_counter() - started,
+            **peak_memory(context.device),
+        )

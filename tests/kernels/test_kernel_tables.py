@@ -100,8 +100,10 @@ def test_tuning_measures_candidates_and_writes_a_table_the_dispatcher_reads(weig
     assert timings[0] == (broken, None) and timings[1][1] > 0
     assert tune.best_config([broken, good], run, on_gpu=False) is good
 
-    entries = tune.tune_weights({("uniform", 3, 32, 40, 96): weight}, ms=(1, 20), dtype=torch.float32, device=DEVICE,
-                                max_candidates=2)
+    from compressor.validate import tune_weights
+
+    entries = tune_weights({("uniform", 3, 32, 40, 96): weight}, ms=(1, 20), dtype=torch.float32, device=DEVICE,
+                           max_candidates=2)
     assert set(entries) == {tables.table_key("uniform", 3, 32, 40, 96, m) for m in (1, 20)}
     assert all(e["us"] > 0 and "tuned on" in e["source"] for e in entries.values())
     path = tables.write_table(tmp_path / "tuned.json", entries, "NVIDIA H100", "test")

@@ -1,5 +1,6 @@
 """TransMLA: exact GQA -> MLA at full rank, DeepSeek-V3 export, KV cache size, composition, healing."""
 
+import inspect
 import json
 
 import pytest
@@ -190,8 +191,10 @@ def test_export_loads_as_deepseek_v3_with_in_memory_logits_and_smaller_cache(rat
 
     def cached_per_token(model):
         cache = DynamicCache(config=model.config)
+        # the keyword is `cache` from transformers 5.24 on (`past_key_values` is removed in 5.40)
+        keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         with torch.no_grad():
-            model(demo_tokens[:1], past_key_values=cache, use_cache=True)
+            model(demo_tokens[:1], use_cache=True, **{keyword: cache})
         return sum(layer.keys[0, :, 0].numel() + layer.values[0, :, 0].numel() for layer in cache.layers)
 
     assert cached_per_token(exported) == ratio * cached_per_token(original) == kv_cache_elements_per_token(exported.config)

@@ -47,12 +47,12 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import triton  # noqa: E402
 
 from compressor.kernels import exact_linear, triton_linear  # noqa: E402
+from compressor.kernels.tune import time_ms  # noqa: E402
 from compressor.weights.formats import LUTWeight, UniformWeight  # noqa: E402
 
 SHAPES = {  # (name, N, K): the linear layers of one decoder block
@@ -90,12 +90,7 @@ def time_us(fn, on_gpu: bool, small_m: bool) -> float:
                 pass
         return 1e3 * triton.testing.do_bench(fn, return_mode="median")
     fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+    return 1e3 * time_ms(fn, on_gpu=False)  # the tuner's wall-clock median
 
 
 def random_uniform(n, k, bits, group, device, dtype=torch.float16) -> UniformWeight:

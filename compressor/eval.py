@@ -161,8 +161,8 @@ def score_batch(model, base, batch: torch.Tensor) -> tuple[float, float, float]:
 def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_len: int = 512, max_windows: int | None = None,
                    device="cpu", progress: bool = False) -> EvalResult:
     """``compressor eval``: load the model (and base), build the windows once, evaluate both."""
-    for path in (model, base) if base is not None else (model,):
-        safetensors_index(resolve_model_path(path))  # a damaged base fails before the model loads
+    if base is not None:  # a damaged base fails before the model loads (load_causal_lm checks the model's own)
+        safetensors_index(resolve_model_path(base))
     loaded, tokenizer = load_causal_lm(model, device=device)
     windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
     base_model = base_for_kl(base, device) if base is not None else None

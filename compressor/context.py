@@ -123,6 +123,11 @@ class StepContext:
     def calibration_tokens(self) -> torch.Tensor:
         return self.run.calibration_tokens()
 
+    def original_block(self, index: int) -> nn.Module:
+        """Block ``index`` as the input checkpoint has it, as a new module on the device in the compute
+        dtype (MoDeGPT scores every block of the original model before compressing the first)."""
+        return self.handle.original_block(index, self.device, self.compute_dtype)
+
     def progress(self, total: int | None, what: str, unit: str = "it") -> Progress:
         """Progress of a phase of this step (samples, layers, training steps), unless the session is quiet."""
         return Progress(total, f"{self.where}: {what}", unit, enabled=self.run.show_progress)

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from compressor.calibration import load_texts, tokenize_stream
 from compressor.errors import UserError
-from compressor.model import ModelLoadError, checkpoint_dtype, resolve_model_path, safetensors_index
+from compressor.model import ModelLoadError, checkpoint_dtype, register_shipped_architectures, resolve_model_path, safetensors_index
 from compressor.progress import Progress
 
 
@@ -63,6 +63,7 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu"):
     from compressor.export import load_quantized_model
 
     path = resolve_model_path(model)
+    register_shipped_architectures()
     try:
         config = AutoConfig.from_pretrained(path)
         dtype = dtype or evaluation_dtype(config, device)

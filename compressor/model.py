@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compressor.arch import ArchAdapter, adapter_for
+from compressor.arch import ArchAdapter, adapter_for, register_shipped_architectures
 from compressor.errors import UserError
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
@@ -100,6 +100,7 @@ class ModelHandle:
     @classmethod
     def open(cls, model: str | Path, trust_remote_code: bool = False) -> ModelHandle:
         path = resolve_model_path(model)
+        register_shipped_architectures()
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         adapter = adapter_for(config)
         if getattr(config, "quantization_config", None) is not None:
@@ -166,6 +167,18 @@ class ModelHandle:
             with open_safetensors(file) as f:
                 tensors.update({name: f.get_tensor(self.checkpoint_name(name)) for name in file_names})
         return tensors
+
+    def original_block(self, index: int, device, dtype: torch.dtype) -> nn.Module:
+        """A new copy of block ``index`` with the checkpoint's weights; the model's own block (which a
+        step may have changed already) is not touched."""
+        with init_empty_weights(include_buffers=False):
+            block = type(self.blocks[index])(self.model.config, index)
+        prefix = self.block_prefix(index)
+        names = [name for name, _ in block.named_parameters()]
+        tensors = self.read_tensors([f"{prefix}.{name}" for name in names])
+        for name in names:
+            set_module_tensor_to_device(block, name, device, value=tensors[f"{prefix}.{name}"], dtype=dtype)
+        return block.eval().requires_grad_(False)
 
     def materialize(self, prefix: str, device, dtype: torch.dtype) -> nn.Module:
         """Load the parameters of the module at ``prefix`` from the checkpoint onto ``device``."""

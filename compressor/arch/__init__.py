@@ -54,11 +54,20 @@ class ArchAdapter:
 
 
 ADAPTERS = (
-    ArchAdapter("llama", ("llama",)),
-    ArchAdapter("mistral", ("mistral",)),
-    ArchAdapter("qwen2", ("qwen2",)),
-    ArchAdapter("qwen3", ("qwen3",), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
+    ArchAdapter("llama", ("llama", "modegpt_llama")),
+    ArchAdapter("mistral", ("mistral", "modegpt_mistral")),
+    ArchAdapter("qwen2", ("qwen2", "modegpt_qwen2")),
+    ArchAdapter("qwen3", ("qwen3", "modegpt_qwen3"), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
 )
+
+
+def register_shipped_architectures() -> None:
+    """Make the architectures whose modeling code we ship with checkpoints (MoDeGPT's sliced layers,
+    ``modegpt_sliced.py``) known to ``AutoConfig`` and ``AutoModelForCausalLM``, so our own loaders
+    read those checkpoints without remote code."""
+    from compressor.arch import modegpt_sliced
+
+    modegpt_sliced.register()
 
 
 class UnsupportedArchitecture(UserError):

@@ -17,7 +17,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.export.codecs import FORMATS
-from compressor.model import safetensors_index
+from compressor.model import register_shipped_architectures, safetensors_index
 from compressor.weights.linear import QuantizedLinear
 
 
@@ -25,6 +25,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
     """A transformers model whose quantized linears are ``QuantizedLinear`` modules. A checkpoint whose
     architecture ships as modeling code (``auto_map``) loads only with ``trust_remote_code=True``."""
     path = Path(path)
+    register_shipped_architectures()
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     quantization_config = getattr(config, "quantization_config", None)
     if quantization_config is not None and not isinstance(quantization_config, dict):

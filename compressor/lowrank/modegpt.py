@@ -25,7 +25,17 @@ masked exports come with the architecture channel (issue 17).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from torch import nn
+
+from compressor.arch import attention_geometry
+from compressor.arch import modegpt_sliced
+from compressor.blockwise import run_block
+from compressor.step import Step, param, register_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,3 +170,289 @@ def whitened_value_output(value: torch.Tensor, output: torch.Tensor, correlation
             new_biases.append(projection.T @ value_bias[j * d : (j + 1) * d].double())
     new_bias = torch.cat(new_biases).to(value_bias.dtype) if value_bias is not None else None
     return torch.cat(new_values).to(value.dtype), torch.cat(new_outputs, dim=1).to(output.dtype), new_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes: from a block's keep ratio to its widths
+
+
+def round_to_multiple(value: float, multiple: int, low: int, high: int) -> int:
+    """``value`` rounded to a multiple of ``multiple`` within ``[low, high]`` (``high`` is always allowed)."""
+    rounded = int(round(value / multiple)) * multiple
+    return high if rounded >= high else max(rounded, low)
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """One compressed block's widths (the original's when a module is left whole)."""
+
+    intermediate_size: int
+    qk_pairs: int  # rotary pairs kept per KV head: the q/k head dim is twice this
+    v_head_dim: int
+
+    def parameters(self, hidden: int, heads: int, kv_heads: int) -> int:
+        """Weights of the block's seven projections (biases aside)."""
+        qk = 2 * self.qk_pairs
+        return hidden * ((heads + kv_heads) * qk + kv_heads * self.v_head_dim + heads * self.v_head_dim + 3 * self.intermediate_size)
+
+
+def block_sizes(keep: float, modules: list[str], intermediate: int, head_dim: int, heads: int, round_to: int) -> BlockSizes:
+    """The widths of a block keeping ``keep`` of each compressed module: MLP neurons rounded to
+    ``round_to``, value head dims so that ``o_proj``'s input (heads x v_head_dim) is a multiple of it,
+    q/k head dims to whole rotary pairs."""
+    v_step = round_to // math.gcd(round_to, heads)
+    return BlockSizes(
+        intermediate_size=round_to_multiple(keep * intermediate, round_to, round_to, intermediate) if "mlp" in modules else intermediate,
+        qk_pairs=max(1, min(head_dim // 2, round(keep * head_dim / 2))) if "qk" in modules else head_dim // 2,
+        v_head_dim=round_to_multiple(keep * head_dim, v_step, v_step, head_dim) if "vo" in modules else head_dim,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics of one block on its calibration inputs (hooks, float64)
+
+
+@torch.no_grad()
+def attention_statistics(context, attention: nn.Module, heads: int, kv_heads: int, head_dim: int):
+    """``C_x`` (the attention's normalised inputs), the per-coordinate energy of the queries and keys
+    before RoPE (``[heads, d]``, ``[kv_heads, d]``), and the block's outputs."""
+    stats = {}
+
+    def on_query(module, args, output):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        stats["x"] = stats.get("x", 0) + x.T @ x
+        stats["q"] = stats.get("q", 0) + output.reshape(-1, heads, head_dim).double().pow(2).sum(0)
+
+    def on_key(module, args, output):
+        stats["k"] = stats.get("k", 0) + output.reshape(-1, kv_heads, head_dim).double().pow(2).sum(0)
+
+    hooks = [attention.q_proj.register_forward_hook(on_query), attention.k_proj.register_forward_hook(on_key)]
+    try:
+        outputs = context.forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats["x"], stats["q"], stats["k"], outputs
+
+
+@torch.no_grad()
+def mlp_correlation(context, mlp: nn.Module) -> torch.Tensor:
+    """``C_sigma = sum z z^T`` of the MLP's intermediate activations (``down_proj``'s inputs)."""
+    stats = {}
+
+    def on_down(module, args):
+        z = args[0].reshape(-1, args[0].shape[-1]).double()
+        stats["z"] = stats.get("z", 0) + z.T @ z
+
+    hook = mlp.down_proj.register_forward_pre_hook(on_down)
+    try:
+        context.forward()
+    finally:
+        hook.remove()
+    return stats["z"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the solutions into modules: sliced (new widths) or masked (zero-padded, stock shapes)
+
+
+def set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    linear.weight = nn.Parameter(weight.to(linear.weight.device, linear.weight.dtype).contiguous(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(bias.to(linear.weight.device, linear.weight.dtype).contiguous(), requires_grad=False)
+
+
+def padded_rows(rows: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
+    """``rows`` placed at ``positions`` of a zero tensor with ``total`` rows."""
+    out = rows.new_zeros(total, *rows.shape[1:])
+    out[positions] = rows
+    return out
+
+
+def head_positions(coordinates: torch.Tensor, heads_per_kv: int, head_dim: int) -> torch.Tensor:
+    """Row positions in a ``[heads * head_dim]`` projection of per-KV-head coordinates ``[n_kv, c]``,
+    each KV head's coordinates repeated for its ``heads_per_kv`` heads."""
+    kv_heads = coordinates.shape[0]
+    heads = torch.arange(kv_heads * heads_per_kv, device=coordinates.device)
+    return (heads[:, None] * head_dim + coordinates.repeat_interleave(heads_per_kv, 0)).reshape(-1)
+
+
+def write_attention(attention: nn.Module, sizes: BlockSizes, qk, vo, geometry, sliced: bool) -> nn.Module:
+    """The attention holding the Type II (``qk``: query, key, their biases, kept pairs) and Type III
+    (``vo``: value, output, value bias) solutions: a new ``SlicedAttention``, or the stock module
+    zero-padded in place (``sliced=False``)."""
+    heads, kv_heads, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
+    query, key, query_bias, key_bias, pairs = qk
+    value, output, value_bias = vo
+    if sliced:
+        module = modegpt_sliced.SlicedAttention(attention, 2 * sizes.qk_pairs, sizes.v_head_dim, pairs.tolist())
+        set_linear(module.q_proj, query, query_bias)
+        set_linear(module.k_proj, key, key_bias)
+        set_linear(module.v_proj, value, value_bias)
+        set_linear(module.o_proj, output, attention.o_proj.bias)
+        return module
+    coordinates = kept_coordinates(pairs, d)
+    q_rows, k_rows = head_positions(coordinates, heads // kv_heads, d), head_positions(coordinates, 1, d)
+    value_slots = torch.arange(sizes.v_head_dim).expand(kv_heads, -1)
+    v_rows, o_columns = head_positions(value_slots, 1, d), head_positions(value_slots, heads // kv_heads, d)
+    set_linear(attention.q_proj, padded_rows(query, q_rows, heads * d), None if query_bias is None else padded_rows(query_bias, q_rows, heads * d))
+    set_linear(attention.k_proj, padded_rows(key, k_rows, kv_heads * d), None if key_bias is None else padded_rows(key_bias, k_rows, kv_heads * d))
+    set_linear(attention.v_proj, padded_rows(value, v_rows, kv_heads * d), None if value_bias is None else padded_rows(value_bias, v_rows, kv_heads * d))
+    set_linear(attention.o_proj, padded_rows(output.T, o_columns, heads * d).T, attention.o_proj.bias)
+    return attention
+
+
+def write_mlp(mlp: nn.Module, gate, up, down, index: torch.Tensor, sliced: bool) -> None:
+    """The Type I solution into the MLP: narrower projections, or zero rows/columns at dropped neurons."""
+    if sliced:
+        modegpt_sliced.slice_mlp(mlp, len(index))
+        set_linear(mlp.gate_proj, gate, None if mlp.gate_proj.bias is None else mlp.gate_proj.bias)
+        set_linear(mlp.up_proj, up, None if mlp.up_proj.bias is None else mlp.up_proj.bias)
+        set_linear(mlp.down_proj, down, mlp.down_proj.bias)
+        return
+    width = mlp.gate_proj.out_features
+    set_linear(mlp.gate_proj, padded_rows(gate, index, width), mlp.gate_proj.bias)
+    set_linear(mlp.up_proj, padded_rows(up, index, width), mlp.up_proj.bias)
+    set_linear(mlp.down_proj, padded_rows(down.T, index, width).T, mlp.down_proj.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe step
+
+MODULE_TYPES = ("qk", "vo", "mlp")
+
+
+@register_step("modegpt")
+@dataclass
+class ModeGPT(Step):
+    """MoDeGPT: structured compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output), training-free."""
+
+    ratio: float = param(0.25, "fraction of the blocks' projection weights removed, spread over the blocks by importance", min=0.0, max=0.9)
+    modules: list[str] = param(list(MODULE_TYPES), "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head dims), mlp (neurons)")
+    export: str = param("sliced", "sliced: smaller weights, per-layer sizes in the config, modeling code shipped (trust_remote_code); "
+                                  "masked: zero-padded to the original shapes, loads in stock transformers and vLLM, no savings",
+                        choices=("sliced", "masked"))
+    smoothing: float = param(0.15, "allocation temperature: sparsity = L * ratio * softmax(-importance / smoothing); large = uniform", min=1e-6)
+    max_sparsity: float = param(0.8, "no block loses more than this fraction of its compressed modules", min=0.0, max=0.95)
+    ridge: float = param(1e-2, "ridge of the MLP's leverage scores, relative to the mean neuron energy", min=0.0)
+    round_to: int = param(1, "MLP widths, and o_proj's input width (heads x value head dim), rounded to a multiple of this "
+                             "(a following quantizer's group size)", min=1)
+    skip_layers: list[int] = param([], "blocks left whole (their share goes to the others)")
+
+    def check(self) -> None:
+        unknown = [m for m in self.modules if m not in MODULE_TYPES]
+        if unknown or not self.modules or len(set(self.modules)) != len(self.modules):
+            raise ValueError(f"modules: {self.modules} must be distinct names among {', '.join(MODULE_TYPES)}")
+        if self.ratio > self.max_sparsity:
+            raise ValueError(f"ratio: {self.ratio} is above max_sparsity {self.max_sparsity}")
+
+    # --- the plan: block importances and each block's keep ratio (once, before block 0) ---------
+
+    def plan(self, context) -> dict:
+        config, geometry = context.config, attention_geometry(context.config)
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"modegpt: partial rotary embeddings ({rope}) are not supported")
+        bad = [i for i in self.skip_layers if not 0 <= i < context.num_blocks]
+        if bad:
+            raise ValueError(f"skip_layers: {bad} are not blocks of this model (0..{context.num_blocks - 1})")
+        modules = list(self.modules)
+        notes = []
+        if context.adapter.qk_norms and "qk" in modules:  # per-head q/k RMSNorms need every coordinate
+            modules.remove("qk")
+            notes.append("qk left whole: the model normalises each query/key head (q_norm, k_norm) over all its dims")
+        hidden, heads, kv_heads, d = config.hidden_size, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
+        full = BlockSizes(config.intermediate_size, d // 2, d)
+        whole = full.parameters(hidden, heads, kv_heads)
+        compressible = whole - block_sizes(0.0, modules, config.intermediate_size, d, heads, 1).parameters(hidden, heads, kv_heads)
+        active = [i for i in range(context.num_blocks) if i not in self.skip_layers]
+        target = self.ratio * whole * context.num_blocks / (compressible * max(len(active), 1)) if modules else 0.0
+        if self.ratio > 0 and (not modules or not active or target > self.max_sparsity):
+            raise ValueError(
+                f"ratio: {self.ratio} of the blocks' weights cannot be removed from modules {modules} of {len(active)} blocks "
+                f"with at most {self.max_sparsity} of each removed"
+            )
+        importance = self.block_importances(context)
+        sparsity = torch.zeros(context.num_blocks, dtype=torch.float64)
+        if active and target > 0:
+            sparsity[active] = allocate_sparsity(importance[active], target, self.smoothing, self.max_sparsity)
+        sizes = [block_sizes(1 - float(s), modules if i in active else [], config.intermediate_size, d, heads, self.round_to)
+                 for i, s in enumerate(sparsity)]
+        return {"modules": modules, "importance": importance, "sparsity": sparsity, "sizes": sizes, "notes": notes,
+                "parameters": (whole * context.num_blocks, sum(s.parameters(hidden, heads, kv_heads) for s in sizes))}
+
+    def block_importances(self, context) -> torch.Tensor:
+        """1 - cos(input, output) of every block of the original model on the calibration inputs."""
+        hidden, scores = context.inputs, []
+        with context.progress(context.num_blocks, "block importance (original model)", "block") as progress:
+            for index in range(context.num_blocks):
+                block = context.original_block(index)
+                outputs = run_block(block, hidden, context.block_kwargs)
+                scores.append(block_importance(torch.cat(hidden), torch.cat(outputs)))
+                hidden = outputs
+                del block
+                progress.update(1)
+        return torch.tensor(scores, dtype=torch.float64)
+
+    # --- one block ------------------------------------------------------------------------------
+
+    def compress_block(self, context) -> None:
+        if "plan" not in context.state:
+            context.state["plan"] = self.plan(context)
+            geometry = attention_geometry(context.config)
+            whole = BlockSizes(context.config.intermediate_size, geometry.head_dim // 2, geometry.head_dim)
+            every_pair = [list(range(geometry.head_dim // 2))] * geometry.num_kv_heads
+            context.state["layers"] = [self.layer_spec(whole, every_pair) for _ in range(context.num_blocks)]
+        plan = context.state["plan"]
+        sizes, modules = plan["sizes"][context.index], plan["modules"]
+        geometry, adapter = attention_geometry(context.config), context.adapter
+        attention = context.block.get_submodule(adapter.attention)
+        mlp = context.block.get_submodule(adapter.mlp)
+        dense = [getattr(attention, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(type(linear) is nn.Linear for linear in dense):
+            raise ValueError(f"modegpt: block {context.index} is not a dense Llama-family block (put modegpt before quantizers and attention rewrites)")
+        sliced = self.export == "sliced"
+        if context.index not in self.skip_layers:
+            with torch.no_grad():
+                before, pairs = self.compress_attention(context, attention, sizes, modules, geometry, sliced)
+                if "mlp" in modules:
+                    gate, up, down, index = nystrom_mlp(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, mlp_correlation(context, mlp),
+                                                        sizes.intermediate_size, self.ridge)
+                    write_mlp(mlp, gate, up, down, index, sliced)
+                after = context.forward()
+            error = sum((a - b).double().pow(2).sum() for a, b in zip(after, before)) / sum(b.double().pow(2).sum() for b in before)
+            hidden, heads, kv_heads = context.config.hidden_size, geometry.num_heads, geometry.num_kv_heads
+            context.record(
+                "block", importance=float(plan["importance"][context.index]), sparsity=round(float(plan["sparsity"][context.index]), 5),
+                intermediate_size=sizes.intermediate_size, qk_head_dim=2 * sizes.qk_pairs, v_head_dim=sizes.v_head_dim,
+                parameters=sizes.parameters(hidden, heads, kv_heads), block_output_error=math.sqrt(float(error)),
+            )
+            if pairs is not None:
+                context.state["layers"][context.index] = self.layer_spec(sizes, pairs.tolist())
+        if sliced:
+            config = modegpt_sliced.sliced_config(context.config, context.state["layers"])
+            context.declare_architecture(config, {"modeling_modegpt.py": Path(modegpt_sliced.__file__).read_text()}, modegpt_sliced.auto_map(config))
+        if context.index == context.num_blocks - 1:
+            before_count, after_count = plan["parameters"]
+            context.record("blocks", removed=round(1 - after_count / before_count, 5), target=self.ratio, parameters=after_count,
+                           parameters_before=before_count, **({"note": "; ".join(plan["notes"])} if plan["notes"] else {}))
+
+    def compress_attention(self, context, attention, sizes: BlockSizes, modules: list[str], geometry, sliced: bool):
+        """Type II and III on the block's attention; returns the block's outputs before, and the kept pairs."""
+        heads, kv_heads, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
+        correlation, query_energy, key_energy, before = attention_statistics(context, attention, heads, kv_heads, d)
+        if "qk" not in modules and "vo" not in modules and not sliced:
+            return before, None
+        q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+        qk = cr_key_query(q.weight, k.weight, query_energy, key_energy, sizes.qk_pairs, q.bias, k.bias)
+        vo = (whitened_value_output(v.weight, o.weight, correlation, heads, kv_heads, sizes.v_head_dim, v.bias) if "vo" in modules
+              else (v.weight, o.weight, v.bias))
+        module = write_attention(attention, sizes, qk, vo, geometry, sliced)
+        if module is not attention:
+            context.replace_module(context.adapter.attention, module)
+        return before, qk[4]
+
+    @staticmethod
+    def layer_spec(sizes: BlockSizes, pairs: list[list[int]]) -> dict:
+        """A layer's entry in the sliced config (``modegpt_sliced``)."""
+        return {"intermediate_size": sizes.intermediate_size, "qk_head_dim": 2 * len(pairs[0]), "v_head_dim": sizes.v_head_dim, "rope_pairs": pairs}

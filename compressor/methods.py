@@ -17,6 +17,7 @@ METHOD_MODULES = (
     "compressor.quant.squeezellm",
     "compressor.lowrank.transmla",
     "compressor.lowrank.modegpt",
+    "compressor.lowrank.svd",
 )
 
 

@@ -76,6 +76,10 @@ ROUTES: tuple[Route, ...] = (
         Rule("kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept); "
              "TransMLA's `serving: vllm` is not built yet", lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320), VLLM_MLA),
     )),
+    Route("vllm", "shipped-code", "none", requirements=(
+        Rule("a vLLM model class for the architecture (the checkpoint ships transformers modeling code, which vLLM does not run; "
+             "MoDeGPT's `export: masked` keeps stock shapes for vLLM)", lambda p: False, "vllm/model_executor/models/registry.py (_VLLM_MODELS)"),
+    )),
     Route("vllm", "dense", "the model's own architecture, unquantized"),
     Route("transformers", "compressed-tensors", "compressed-tensors' quantizer: the weights stay packed (weight_packed, weight_scale) "
           "and are unpacked in each forward", requirements=(
@@ -88,6 +92,8 @@ ROUTES: tuple[Route, ...] = (
     )),
     Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table and sparse kernels)"),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
+    Route("transformers", "shipped-code", "the modeling code shipped with the checkpoint (`trust_remote_code=True`), or our loaders "
+          "without remote code"),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )
 
@@ -116,6 +122,8 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
         facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0)}
         parts.append((f"MLA attention (kv_lora_rank {facts['kv_lora_rank']} + qk_rope_head_dim {facts['qk_rope_head_dim']})",
                       "deepseek-mla", facts))
+    if "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        parts.append((f"{config.get('model_type')} architecture ({config['auto_map']['AutoModelForCausalLM']})", "shipped-code", {}))
     if not parts:
         parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))
     return parts

@@ -78,11 +78,17 @@ def ridge_leverage_scores(correlation: torch.Tensor, ridge: float = 1e-2) -> tor
 
 
 def refit_down(down: torch.Tensor, correlation: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The least-squares ``down`` [D, k] for the kept neurons ``index``: ``W_down C[:, S] (C[S, S])^-1``."""
-    c = correlation.double()
+    """The least-squares ``down`` [D, k] for the kept neurons ``index``: ``W_down C[:, S] (C[S, S])^-1``,
+    written ``W_S + W_R C[R, S] C[S, S]^-1`` (R the dropped neurons): the same where ``C[S, S]`` is
+    invertible, and where calibration leaves it singular the kept columns keep their own weights along
+    the unseen directions, so keeping every neuron returns ``W_down`` exactly."""
+    c, w = correlation.double(), down.double()
+    dropped = torch.ones(len(c), dtype=torch.bool, device=c.device)
+    dropped[index] = False
     kept = c[index][:, index]
     jitter = 1e-10 * kept.diagonal().mean() * torch.eye(len(index), dtype=c.dtype, device=c.device)
-    return torch.linalg.solve(kept + jitter, (down.double() @ c[:, index]).T).T
+    transfer = torch.linalg.solve(kept + jitter, c[index][:, dropped])  # [k, F - k]: C[S, S]^-1 C[S, R]
+    return w[:, index] + w[:, dropped] @ transfer.T
 
 
 def nystrom_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, correlation: torch.Tensor, keep: int,
@@ -155,6 +161,8 @@ def whitened_value_output(value: torch.Tensor, output: torch.Tensor, correlation
     Returns the new value weight [n_kv * keep, D], output weight [D, n_heads * keep] and value bias."""
     d = value.shape[0] // n_kv
     group = n_heads // n_kv
+    if keep >= d:  # nothing to drop: exact, whatever the calibration data spans
+        return value, output, value_bias
     root = correlation_root(correlation)
     new_values, new_outputs, new_biases = [], [], []
     for j in range(n_kv):

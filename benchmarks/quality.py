@@ -534,7 +534,8 @@ def markdown_table(record: dict) -> str:
             cells = [
                 row["method"], row["recipe"], number(row["bits_per_weight"], ".3f"), number(row["size_bytes"] / 2**20, ".2f"),
                 number(row["perplexity"], ".3f"), number(row["gap"], "+.3f"), number(row["kl"], ".4f"),
-                number(row.get("seconds"), ".1f"), number(row.get("peak_memory_gib"), ".2f"), "; ".join(row.get("notes") or []) or "",
+                number(row.get("seconds"), ".1f"), number(row.get("peak_memory_gib"), ".2f"),
+                "; ".join([*(row.get("notes") or []), *([f"measured {row['measured']}"] if record.get("history") else [])]),
             ]
         lines.append("| " + " | ".join(([row["model"]] if several else []) + cells) + " |")
     return "\n".join(lines) + "\n"
@@ -545,6 +546,14 @@ def describe(record: dict) -> str:
     windows = ", ".join(str(w) for w in evaluation["windows"]) if isinstance(evaluation["windows"], list) else evaluation["windows"]
     samples = (f"{calibration['samples']} samples for every method, whatever its recipe says"
                if calibration["samples"] else "each recipe’s number of samples")
+    history = record.get("history") or []
+    if len(history) > 1:
+        runs = "; then ".join(f"`{h['command']}` on {h['date']} ({h['machine']})" for h in history)
+        return (
+            f"Measured by {runs} (each row says when it was measured), model `{record['model']}`: "
+            f"{windows} held-out windows of {evaluation['seq_len']} tokens from `{evaluation['text']}`; calibration: "
+            f"{calibration['text'] or 'each recipe’s text (GPTQ: demo)'}, {samples}."
+        )
     return (
         f"Measured by `{record['command']}` on {record['date']} ({record['machine']}), model `{record['model']}`: "
         f"{windows} held-out windows of {evaluation['seq_len']} tokens from `{evaluation['text']}` (`compressor eval` scores every "
@@ -628,6 +637,29 @@ def make_record(models: list[str], rows: list[dict], settings: Settings, command
     }
 
 
+def carry_over(previous: dict, record: dict) -> dict:
+    """``record`` plus the rows of ``previous`` it did not measure again (``--update``): a new method's rows
+    join the table without re-running every other entry. Refused unless both were measured the same way on
+    the same weights; each row keeps the date it was measured, and the record its history of commands."""
+    def settings(r):
+        return r["eval"]["text"], r["eval"]["seq_len"], r["eval"]["max_windows"], r["calibration"]  # not "windows": rows may differ
+
+    if settings(previous) != settings(record):
+        raise SystemExit(f"--update: the newest record ({previous['date']}) used other settings {settings(previous)} than this run "
+                         f"{settings(record)}; run it again with those, or without --update")
+    for model, digest in record["model_sha256"].items():
+        if previous["model_sha256"].get(model, digest) != digest:
+            raise SystemExit(f"--update: model {model} has other weights than in the record of {previous['date']}; run every entry again")
+    history = previous.get("history") or [{"command": previous["command"], "date": previous["date"], "machine": previous["machine"]}]
+    fresh = {(r["model"], r["method"], r["recipe"]) for r in record["rows"]}
+    kept = [{**r, "measured": r.get("measured", previous["date"])} for r in previous["rows"] if (r["model"], r["method"], r["recipe"]) not in fresh]
+    rows = kept + [{**r, "measured": record["date"]} for r in record["rows"]]
+    models = list(dict.fromkeys([*previous["model"].split(", "), *record["model"].split(", ")]))
+    return {**record, "model": ", ".join(models), "model_sha256": {**previous["model_sha256"], **record["model_sha256"]},
+            "history": history + [{"command": record["command"], "date": record["date"], "machine": record["machine"]}],
+            "rows": sorted(rows, key=sort_key)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="'demo' (default), a local folder or a hub id; repeatable")
@@ -640,6 +672,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-samples", type=int)
     parser.add_argument("--llmcompressor-python", default=sys.executable, help="interpreter that has llmcompressor (it pins other library versions)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of the newest quality-*.json in --output-dir that this run does not measure again "
+                             "(same evaluation and calibration settings, same model weights); each row keeps its date")
     parser.add_argument("--gptq-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.gptq_worker:
@@ -660,6 +695,9 @@ def main(argv: list[str] | None = None) -> None:
     versions["llmcompressor"] = llmcompressor_version(settings.llmcompressor_python)[0]
     command = "python benchmarks/quality.py" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     record = make_record(models, rows, settings, command, versions)
+    if args.update:
+        previous = sorted(args.output_dir.glob("quality-*.json"))
+        record = carry_over(json.loads(previous[-1].read_text()), record) if previous else record
     paths = write_outputs(record, args.output_dir)
     print(markdown_table(record))
     print("wrote " + ", ".join(str(p) for p in paths) + "; refresh the README with python scripts/update_readme.py")

@@ -77,3 +77,18 @@ def test_gptq_not_beating_rtn_is_explained(quality):
     ]
     quality.compare_gptq_with_rtn(rows)
     assert "not better than RTN rtn-w3.yaml" in rows[1]["notes"][0] and rows[2]["notes"] == []
+
+
+def test_update_keeps_rows_not_measured_again_and_refuses_other_settings(quality):
+    base = {"eval": {"text": "demo", "seq_len": 512, "max_windows": 32, "windows": 32}, "calibration": {"text": None, "samples": 32, "seq_len": 512},
+            "model": "demo", "model_sha256": {"demo": "abc"}, "machine": "m"}
+    row = {"model": "demo", "bits_per_weight": 4.0, "perplexity": 1.0}
+    previous = {**base, "date": "2026-11-23", "command": "old", "rows": [{**row, "method": "rtn", "recipe": "a"}, {**row, "method": "x", "recipe": "b"}]}
+    record = {**base, "date": "2026-11-27", "command": "new", "rows": [{**row, "method": "x", "recipe": "b", "perplexity": 2.0}]}
+    merged = quality.carry_over(previous, record)
+    assert {(r["method"], r["measured"], r["perplexity"]) for r in merged["rows"]} == {("rtn", "2026-11-23", 1.0), ("x", "2026-11-27", 2.0)}
+    assert [h["command"] for h in merged["history"]] == ["old", "new"] and "then `new`" in quality.describe(merged)
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.carry_over(previous, {**record, "eval": {**base["eval"], "max_windows": 8}})
+    with pytest.raises(SystemExit, match="other weights"):
+        quality.carry_over(previous, {**record, "model_sha256": {"demo": "def"}})

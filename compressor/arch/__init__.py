@@ -79,7 +79,7 @@ def adapter_for(config) -> ArchAdapter:
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
-    supported = ", ".join(t for a in ADAPTERS for t in a.model_types)
+    supported = ", ".join(a.model_types[0] for a in ADAPTERS) + " (and their MoDeGPT-sliced modegpt_* checkpoints)"
     raise UnsupportedArchitecture(f"model_type '{model_type}' is not supported; supported: {supported}")
 
 

@@ -15,12 +15,20 @@ dimension to keep each module's output on calibration activations:
 * the keep ratio of each block from a global allocation: sparsity ``L * phi * softmax(-s / eps)`` over
   block importances ``s`` (1 - cosine of a block's input and output), capped and redistributed.
 
-Defaults and choices (``docs/methods/modegpt.md`` when the step lands): ridge ``1e-2 * mean diag``
-(scale-free; the reimplementations use absolute values), refit in float64 with a ``1e-10`` relative
-jitter, smoothing ``eps = 0.15`` and cap ``0.8`` (cbacary/MoDeGPT's defaults; the paper leaves eps a
-hyper-parameter), the inverse-free Type III form (``W_V B``, ``U_k^T C^{1/2} W_V W_O``: no
-``C_x^{-1/2}``, so no ridge). Not yet a recipe step: the step, the allocation pass and the sliced and
-masked exports come with the architecture channel (issue 17).
+The ``modegpt`` layer step scores every block of the original model first (``context.original_block``),
+allocates, then compresses each block on the inputs of the already-compressed blocks before it.
+Exports ``sliced`` (per-layer widths in the config, ``arch/modegpt_sliced.py`` shipped as modeling
+code) or ``masked`` (zero-padded stock shapes, same logits).
+
+Defaults and choices (docs/methods/modegpt.md has the measurements): ``modules: [vo, mlp]``, i.e.
+query-key compression off, a deviation from the paper: on the demo, CR query-key at 3/4 of the
+parameters errs twice as much as plain truncated SVD while value-output and MLP err 30x less, so the
+budget goes to those (``[qk, vo, mlp]`` is the paper). Ridge ``1e-2 * mean diag`` (scale-free; the
+reimplementations use absolute values); the refit written ``W_S + W_R C[R,S] C[S,S]^-1`` (equal to the
+paper's where ``C[S,S]`` is invertible, exact at full keep however little calibration data there is);
+smoothing ``eps = 0.15`` and cap ``0.8`` (cbacary/MoDeGPT's defaults; the paper leaves eps a
+hyper-parameter); the inverse-free Type III form (``W_V B``, ``U_k^T C^{1/2} W_V W_O``: no
+``C_x^{-1/2}``, so no ridge); softmax scale of the original head dim.
 """
 
 from __future__ import annotations

@@ -204,8 +204,11 @@ def test_allocation_keeps_the_mean_the_cap_and_the_order():
 
 def test_block_importance():
     h = torch.randn(2, 7, D, generator=generator(13))
-    assert block_importance(h, h) == pytest.approx(0.0, abs=1e-12)
-    assert block_importance(h, -h) == pytest.approx(2.0)
+    assert block_importance([h, h[:1]], [h, h[:1]]) == pytest.approx(0.0, abs=1e-12)
+    assert block_importance([h], [-h]) == pytest.approx(2.0)
+    half = h.clone()
+    half[0] = -half[0]  # one batch reversed: tokens weigh equally whatever the batch sizes
+    assert block_importance([h[:1], h[1:]], [half[:1], half[1:]]) == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------

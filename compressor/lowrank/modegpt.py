@@ -50,10 +50,14 @@ from compressor.step import Step, param, register_step
 # Global sparsity allocation
 
 
-def block_importance(block_input: torch.Tensor, block_output: torch.Tensor) -> float:
-    """1 - the mean cosine similarity of each token's residual stream before and after the block."""
-    cos = torch.nn.functional.cosine_similarity(block_input.flatten(0, -2).double(), block_output.flatten(0, -2).double(), dim=-1)
-    return float(1 - cos.mean())
+def block_importance(block_inputs: list[torch.Tensor], block_outputs: list[torch.Tensor]) -> float:
+    """1 - the mean cosine similarity of each token's residual stream before and after the block
+    (over batches, without concatenating them)."""
+    total, count = 0.0, 0
+    for x, y in zip(block_inputs, block_outputs, strict=True):
+        total += float(torch.nn.functional.cosine_similarity(x.flatten(0, -2).double(), y.flatten(0, -2).double(), dim=-1).sum())
+        count += x[..., 0].numel()
+    return 1 - total / count
 
 
 def allocate_sparsity(importance: torch.Tensor, target: float, smoothing: float = 0.15, cap: float = 0.8) -> torch.Tensor:
@@ -405,7 +409,7 @@ class ModeGPT(Step):
             for index in range(context.num_blocks):
                 block = context.original_block(index)
                 outputs = run_block(block, hidden, context.block_kwargs)
-                scores.append(block_importance(torch.cat(hidden), torch.cat(outputs)))
+                scores.append(block_importance(hidden, outputs))
                 hidden = outputs
                 del block
                 progress.update(1)

@@ -409,3 +409,16 @@ def test_each_module_beats_plain_truncated_svd_at_the_same_parameters_on_the_dem
     print(f"held-out relative error at 3/4 of the parameters: qk {ours_qk:.4f} (svd {svd_qk:.4f}), vo {ours_vo:.4f} (svd {svd_vo:.4f}), "
           f"mlp {ours:.4f} (svd {plain:.4f})")
     assert ours_vo < svd_vo and ours < plain, (ours_vo, svd_vo, ours, plain)
+
+
+def test_svd_baseline_keeps_the_best_rank_at_the_parameter_budget(tiny_llama, tmp_path):
+    from compressor.lowrank.svd import budget_rank
+
+    apply(Recipe.from_dict({"steps": [{"svd": {"ratio": 0.25}}]}), tiny_llama, tmp_path / "svd", progress=False)
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama).model.layers[1].mlp.down_proj.weight.detach().double()
+    approximated = load_causal_lm(str(tmp_path / "svd"))[0].model.layers[1].mlp.down_proj.weight.detach().double()
+    rank = budget_rank(*original.shape, 0.25)
+    assert rank * sum(original.shape) <= 0.75 * original.numel() < (rank + 1) * sum(original.shape)
+    assert torch.linalg.matrix_rank(approximated, rtol=1e-5) == rank  # stored in fp32
+    singular = torch.linalg.svdvals(original)
+    assert float(torch.linalg.norm(original - approximated)) == pytest.approx(float(singular[rank:].norm()), rel=1e-4)

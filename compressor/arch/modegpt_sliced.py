@@ -37,6 +37,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` with zeros appended to its last dim up to ``width``."""
+    return nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
 def rope_coordinates(pairs: list[list[int]], head_dim: int) -> torch.Tensor:
     """``[n_kv, 2p]`` coordinates of the kept rotary pairs ``(p, p + head_dim/2)`` in the half-split layout."""
     pairs = torch.tensor(pairs, dtype=torch.long)
@@ -74,14 +79,25 @@ class SlicedAttention(nn.Module):
         self.q_norm = getattr(stock, "q_norm", None)
         self.k_norm = getattr(stock, "k_norm", None)
         self.rope_pairs = [[int(p) for p in row] for row in rope_pairs]
-        self._coordinates: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.every_pair = all(row == list(range(stock.head_dim // 2)) for row in self.rope_pairs)  # RoPE as the stock layer's
+        self._key_coordinates: dict[torch.device, torch.Tensor] = {}
 
-    def coordinates(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary coordinates of each query head ``[n_h, qk]`` and key head ``[n_kv, qk]``."""
-        if device not in self._coordinates:
-            keys = rope_coordinates(self.rope_pairs, self.head_dim).to(device)
-            self._coordinates[device] = (keys.repeat_interleave(self.num_key_value_groups, 0), keys)
-        return self._coordinates[device]
+    def key_coordinates(self, device: torch.device) -> torch.Tensor:
+        """``[n_kv, qk]``: the rotary coordinate (into the original head dim) of each kept key dim."""
+        if device not in self._key_coordinates:
+            self._key_coordinates[device] = rope_coordinates(self.rope_pairs, self.head_dim).to(device)
+        return self._key_coordinates[device]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``x`` [batch, tokens, heads, qk] with each KV head's kept frequencies (its query heads'
+        too: the group is a view, so nothing is gathered per query head)."""
+        if self.every_pair:
+            cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+            return x * cos + rotate_half(x) * sin
+        index = self.key_coordinates(cos.device)
+        cos, sin = cos[..., index][:, :, :, None, :], sin[..., index][:, :, :, None, :]  # [batch, tokens, n_kv, 1, qk]
+        grouped = x.view(*x.shape[:2], index.shape[0], -1, x.shape[-1])  # [batch, tokens, n_kv, heads per kv head, qk]
+        return (grouped * cos + rotate_half(grouped) * sin).view(x.shape)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values  # the keyword was renamed in transformers 5.x
@@ -92,18 +108,23 @@ class SlicedAttention(nn.Module):
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
         cos, sin = position_embeddings  # [batch, tokens, head_dim]
-        query_index, key_index = self.coordinates(cos.device)
-        query = query * cos[..., query_index] + rotate_half(query) * sin[..., query_index]
-        key = key * cos[..., key_index] + rotate_half(key) * sin[..., key_index]
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        query, key = self.rotate(query, cos, sin).transpose(1, 2), self.rotate(key, cos, sin).transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        # Fused attention kernels (CPU and GPU flash) need one head dim for q, k and v; with two, torch
+        # falls back to a kernel 10x slower. Zero dims change neither the logits nor the kept outputs,
+        # and the cache above keeps the narrow tensors.
+        width = max(self.qk_head_dim, self.v_head_dim)
+        if self.qk_head_dim < width:
+            query, key = pad_last(query, width), pad_last(key, width)
+        if self.v_head_dim < width:
+            value = pad_last(value, width)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, weights = attention(
             self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
         )
-        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+        return self.o_proj(output[..., : self.v_head_dim].reshape(*input_shape, -1).contiguous()), weights
 
 
 def slice_mlp(mlp: nn.Module, intermediate_size: int) -> None:

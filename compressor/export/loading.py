@@ -51,8 +51,9 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
                 handles[file] = safe_open(file, "pt")
             return handles[file].get_tensor(name)
 
+        packed = codec.PACKED if codec is not None else "weight_packed"
         for module_name, tensors in by_module.items():
-            if "weight_packed" in tensors:
+            if packed in tensors:
                 if codec is None:
                     raise ValueError(f"{path}: {module_name} has packed weights, but quant_method "
                                      f"{(quantization_config or {}).get('quant_method')!r} is none of {', '.join(FORMATS)}")

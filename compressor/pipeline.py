@@ -67,6 +67,7 @@ class Session:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
         for step in self.recipe.steps:
             with self.blame(step):
+                step.check_config(self.handle.config)
                 step.check_model(model_dense_linears(self.handle, getattr(step, "ignore", [])))
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):

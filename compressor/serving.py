@@ -77,8 +77,11 @@ ROUTES: tuple[Route, ...] = (
              "vllm/model_executor/layers/quantization/__init__.py (QUANTIZATION_METHODS)"),
     )),
     Route("vllm", "deepseek-mla", "DeepseekV2/V3 model with MLA attention", requirements=(
-        Rule("kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept); "
-             "TransMLA's `serving: vllm` is not built yet", lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320), VLLM_MLA),
+        Rule("kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept; TransMLA's "
+             "`serving: vllm` picks them)", lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320), VLLM_MLA),
+        Rule("plain rotary frequencies: its DeepSeek attention turns any rope scaling into deepseek_yarn, so TransMLA's "
+             "`exact: true` export (longrope frequencies) runs in transformers only", lambda p: p["rope_type"] in ("default", None),
+             "vllm/model_executor/models/deepseek_v2.py (DeepseekV2Attention: rope_scaling['rope_type'] = 'deepseek_yarn')"),
     )),
     Route("vllm", "gptq", "its GPTQ loader on Marlin kernels", requirements=(
         Rule("4- or 8-bit symmetric weights (uint4b8, uint8b128: Marlin's only GPTQ types); 2/3-bit and asymmetric GPTQ load "
@@ -135,7 +138,8 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
         else:
             parts.append((f"quant_method {method!r}", str(method), {}))
     if config.get("model_type") in ("deepseek_v3", "deepseek_v2") and config.get("kv_lora_rank"):
-        facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0)}
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0), "rope_type": rope.get("rope_type")}
         parts.append((f"MLA attention (kv_lora_rank {facts['kv_lora_rank']} + qk_rope_head_dim {facts['qk_rope_head_dim']})",
                       "deepseek-mla", facts))
     if not parts:

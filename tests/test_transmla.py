@@ -302,3 +302,19 @@ def test_healing_lowers_the_distance_to_the_original(tiny_llama, tmp_path):
     row = next(r for r in report.rows if r["step"] == "transmla_heal")
     assert row["last_epoch_kl"] < row["first_epoch_kl"]
     assert kls[1] < 0.85 * kls[0], kls
+
+
+def test_serving_vllm_picks_sizes_vllms_mla_accepts(tmp_path):
+    from compressor.serving import check_checkpoint
+    from compressor.testing import make_random_model
+
+    source = make_random_model("llama", tmp_path / "wide", hidden_size=256, num_attention_heads=4, num_key_value_heads=4)  # 2 x 4 x 64 cached
+    apply(recipe({"transmla": {"serving": "vllm"}}), source, tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (256, 64)  # 576 does not fit under 512 numbers a token
+    assert all(v.loads for v in check_checkpoint(tmp_path / "out"))
+
+
+def test_serving_vllm_is_refused_where_no_accepted_size_saves_cache(tiny_llama, tmp_path):
+    with pytest.raises(StepError, match=r"transmla\.serving: vllm needs kv_lora_rank \+ qk_rope_head_dim of 576 or 320"):
+        apply(recipe({"transmla": {"serving": "vllm"}}), tiny_llama, tmp_path / "out", progress=False)

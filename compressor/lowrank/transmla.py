@@ -260,12 +260,38 @@ def build_mla_attention(weights: MLAWeights, mla_config, layer_idx: int, o_proj:
     return module.eval()
 
 
+VLLM_MLA_SIZES = (576, 320)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA backends accept (see compressor/serving.py)
+
+
+def vllm_sizes(d: int, latent: int, rope_dim: int | None, where: str) -> tuple[int, int]:
+    """(kv_lora_rank, rope_dim) whose sum vLLM's MLA accepts, the largest that fits this model:
+    DeepSeek's 512 + 64 where head_dim allows a rotary key of 64, else ``rope_dim`` (or the largest
+    even divisor of head_dim up to 64) with the latent filling the rest."""
+    if rope_dim is None:
+        rope_dim = max(r for r in range(2, min(d, 64) + 1, 2) if d % r == 0)
+    for total in VLLM_MLA_SIZES:
+        rank = total - rope_dim
+        if 1 <= rank <= 2 * latent - rope_dim:
+            return rank, rope_dim
+    raise ValueError(
+        f"{where}.serving: vllm needs kv_lora_rank + qk_rope_head_dim of {' or '.join(map(str, VLLM_MLA_SIZES))}, but this "
+        f"model caches {2 * latent} numbers per token and layer (2 x num_key_value_heads x head_dim), so such a latent is no "
+        "smaller than its cache; convert a larger model, or use serving: any for transformers"
+    )
+
+
 def mla_sizes(config, kv_lora_rank: int | None, kv_cache_ratio: float | None, rope_dim: int | None, freqfold: int | None,
-              where: str = "transmla", exact: bool = False):
+              where: str = "transmla", exact: bool = False, serving: str = "any"):
     """(kv_lora_rank, rope_dim, freqfold) for this model, checked; errors name the step key.
-    ``exact``: every rotary dim of every kv head keeps RoPE (rope_dim = kv heads x head_dim, freqfold 1)."""
+    ``exact``: every rotary dim of every kv head keeps RoPE (rope_dim = kv heads x head_dim, freqfold 1).
+    ``serving: vllm``: sizes vLLM's MLA accepts (``vllm_sizes``), instead of ``kv_cache_ratio``."""
     geometry = attention_geometry(config)
     d, latent = geometry.head_dim, geometry.num_kv_heads * geometry.head_dim
+    if serving == "vllm":
+        if exact or kv_lora_rank is not None:
+            raise ValueError(f"{where}.serving: vllm picks kv_lora_rank itself and serves the DeepSeek-V3 layout; "
+                             "leave kv_lora_rank unset and exact false")
+        kv_lora_rank, rope_dim = vllm_sizes(d, latent, rope_dim, where)
     if exact:
         if rope_dim not in (None, latent) or freqfold not in (None, 1):
             raise ValueError(f"{where}.exact: keeps every rotary key dim (qk_rope_head_dim {latent}, freqfold 1); "
@@ -329,12 +355,14 @@ class TransMLA(Step):
     damp: float = param(0.01, "PCA damping, a fraction of the Gram's mean diagonal", min=0.0)
     exact: bool = param(False, "exact conversion: every rotary key dim keeps RoPE (longrope frequencies) and the latent norm works "
                                "in its linear range; with kv_cache_ratio 1.0 the export equals the original; transformers only")
+    serving: str = param("any", "vllm: pick kv_lora_rank + qk_rope_head_dim that vLLM's MLA accepts (576, else 320) instead of "
+                                "kv_cache_ratio", choices=("any", "vllm"))
 
     def check_config(self, config) -> None:
         """Sizes and architecture, refused before the weights are read (the session names the recipe file and step)."""
         try:
             check_convertible(config)
-            mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold, exact=self.exact)
+            mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold, exact=self.exact, serving=self.serving)
         except (ValueError, UnsupportedArchitecture) as error:
             raise ValueError(str(error).removeprefix("transmla.").removeprefix("transmla: ")) from None
 
@@ -342,7 +370,7 @@ class TransMLA(Step):
         config = context.config
         check_convertible(config)
         geometry = attention_geometry(config)
-        rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold, exact=self.exact)
+        rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold, exact=self.exact, serving=self.serving)
         adapter = context.adapter
         attention_path = adapter.attention
         attention = context.block.get_submodule(attention_path)

@@ -76,8 +76,6 @@ def deepseek_v3_config(source, *, kv_lora_rank: int, qk_rope_head_dim: int, qk_n
     )
     config.architectures = ["DeepseekV3ForCausalLM"]
     config.rope_theta = source.rope_parameters["rope_theta"]  # the pre-transformers-5 key, for older readers (vLLM's copy)
-    if rope["rope_type"] != "default":
-        config.rope_scaling = dict(rope)
     config._attn_implementation = getattr(source, "_attn_implementation", None)
     return config
 

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from compressor import Recipe, apply
+from compressor.errors import StepError
 from compressor.export import ExportError, load_quantized_model
 from compressor.export import gptq
 from compressor.quant.uniform import quantize_uniform
@@ -99,8 +100,12 @@ def test_auto_writes_asymmetric_sub_4_bit_weights_as_gptq_and_they_load_through_
 
 
 def test_bad_gptq_exports_are_refused_in_one_line(tiny_llama, tmp_path):
-    with pytest.raises(ExportError, match=r"export format 'gptq' \(5-bit weights"):
+    with pytest.raises(StepError, match=r"steps\[0\]\.rtn\.bits: 5-bit weights have no GPTQ layout"):  # before any work
         apply(rtn(5, 32, format="gptq"), tiny_llama, tmp_path / "w5", progress=False)
+    lut = Recipe.from_dict({"calibration": {"dataset": "demo", "samples": 2, "seq_len": 32},
+                            "steps": [{"squeezellm": {"bits": 3}}], "export": {"format": "gptq"}})
+    with pytest.raises(StepError, match="squeezellm makes non-uniform weights, which GPTQ cannot hold"):
+        apply(lut, tiny_llama, tmp_path / "lut", progress=False)
     mixed = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*self_attn*"]}},
                                         {"rtn": {"bits": 8, "group_size": 32}}],
                               "export": {"format": "gptq"}})

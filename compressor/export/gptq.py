@@ -69,6 +69,23 @@ def shape_problem(weight) -> str | None:
     return None
 
 
+def step_problem(step, linears: dict) -> str | None:
+    """Why the weights a recipe step makes cannot be written as GPTQ, from its settings and the
+    linears it will see (weights on meta), before any work; None when they can (or it makes none)."""
+    bits = getattr(step, "bits", None)
+    if bits is None:
+        return None
+    if not hasattr(step, "symmetric"):
+        return f"{step.name} makes non-uniform weights, which GPTQ cannot hold"
+    if bits not in BITS:
+        return f"bits: {bits}-bit weights have no GPTQ layout ({', '.join(map(str, BITS))} bits)"
+    unit = words_multiple(bits)
+    for name, module in linears.items():
+        if module.in_features % unit or module.out_features % unit:
+            return f"{name} is {module.out_features}x{module.in_features}: GPTQ packs {unit} values at a time along both dimensions"
+    return None
+
+
 def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned values [R, C] -> int32 [R, C*b/32], each row a little-endian bit stream. This is
     compressed-tensors' dense packing (``pack_to_int32`` of ``u - 2**(b-1)``), bit for bit the

@@ -1,9 +1,10 @@
 """Reading an exported checkpoint back into our modules (``QuantizedLinear`` with our kernels).
 
-``transformers.AutoModelForCausalLM.from_pretrained`` also loads our compressed-tensors exports (it
-decompresses them to dense weights through the compressed-tensors library) and, after ``import
-compressor``, our native ones (``export/hf_quantizer.py``); this loader keeps the weights quantized
-so ``compressor validate`` can run them through the kernels.
+``transformers.AutoModelForCausalLM.from_pretrained`` also loads our symmetric compressed-tensors
+exports (the weights stay packed and compressed-tensors unpacks them in each forward), our GPTQ ones
+when optimum and gptqmodel are installed, and, after ``import compressor``, our native ones
+(``export/hf_quantizer.py``); this loader reads every format (the codec by ``quant_method``) and keeps
+the weights quantized so ``compressor validate`` can run them through the kernels.
 """
 
 from __future__ import annotations

@@ -106,3 +106,20 @@ def test_dense_export_loads_in_plain_transformers(tiny_llama, tmp_path, monkeypa
     x = tokens()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     torch.testing.assert_close(loaded(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_gptq_with_dense_block_linears_names_them_for_every_reader(tiny_llama, tmp_path, monkeypatch):
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*down_proj*"]}}],
+                               "export": {"format": "gptq"}})
+    memory = export_and_in_memory(recipe, tiny_llama, tmp_path / "out", monkeypatch)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["modules_in_block_to_quantize"] == [["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                                                       "self_attn.q_proj", "self_attn.v_proj"]]
+    assert sorted(config["dynamic"]) == [r"-:^model\.layers\.0\.mlp\.down_proj$", r"-:^model\.layers\.1\.mlp\.down_proj$"]
+    x = tokens()
+    torch.testing.assert_close(load_quantized_model(tmp_path / "out")(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
+    if HAS_GPTQ_STACK:
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
+        assert type(loaded.model.layers[0].mlp.down_proj) is torch.nn.Linear
+        torch.testing.assert_close(loaded(x).logits, memory(x).logits, rtol=0, atol=2e-2)

@@ -67,7 +67,10 @@ class Session:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
         for step in self.recipe.steps:
             with self.blame(step):
-                step.check_model(model_dense_linears(self.handle, getattr(step, "ignore", [])))
+                step.check_config(self.handle.config)
+                linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
+                step.check_model(linears)
+                self.check_export_format(step, linears)
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
             last = number == len(passes) - 1
@@ -82,6 +85,16 @@ class Session:
             for index in range(len(self.handle.blocks)):
                 sink.write_module(self.handle.block_prefix(index), self.handle.blocks[index])
         return self.report
+
+    def check_export_format(self, step: Step, linears: dict) -> None:
+        """Refuse, before any work, weights the chosen export format cannot hold (GPTQ: 2/3/4/8-bit
+        uniform weights whose layers pack whole words)."""
+        if self.recipe.export.format == "gptq":
+            from compressor.export import gptq
+
+            problem = gptq.step_problem(step, linears)
+            if problem is not None:
+                raise ValueError(f"{problem}; export format 'gptq' cannot write it (use compressed-tensors, or dense)")
 
     @contextmanager
     def blame(self, step: Step):

@@ -76,8 +76,8 @@ def looks_local(dataset: str) -> bool:
 
 @dataclass
 class ExportConfig(Config):
-    format: str = param("auto", "checkpoint format (auto: compressed-tensors for uniform weights, compressor for lookup tables)",
-                        choices=("auto", "compressed-tensors", "compressor", "dense"))
+    format: str = param("auto", "checkpoint format (auto: compressed-tensors for uniform weights but GPTQ for asymmetric 2/3-bit ones, "
+                        "compressor for lookup tables)", choices=("auto", "compressed-tensors", "gptq", "compressor", "dense"))
     dtype: str = param("auto", "dtype of unquantized tensors and scales", choices=("auto", "float16", "bfloat16", "float32"))
     max_shard_size: str = param("5GB", "largest safetensors shard, e.g. 2GB or 500MB")
 

@@ -1,8 +1,9 @@
 """Which serving engine loads a checkpoint, and through which path: ``compressor check``.
 
-Reads only ``config.json`` (no weights, no torch). A checkpoint is described as parts: each
-compressed-tensors config group, our native lookup-table format, a DeepSeek-V3 MLA attention, or the
-plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine
+Reads only ``config.json`` (no weights, no torch); for GPTQ in transformers it also looks whether
+optimum and gptqmodel are installed, which that loader needs. A checkpoint is described as parts: each
+compressed-tensors config group, a GPTQ checkpoint, our native lookup-table format, a DeepSeek-V3 MLA
+attention, or the plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine
 serves it and what it requires; the verdict is the path when every requirement holds, or the first
 requirement that fails, in words. Each requirement and caveat names its source, so a rule can be
 re-read when an engine changes: the engines' code moves, and these rules describe their releases as
@@ -55,6 +56,9 @@ VLLM_WNA16 = "vllm/model_executor/layers/quantization/compressed_tensors/schemes
 VLLM_MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py (MARLIN_SUPPORTED_GROUP_SIZES)"
 VLLM_MLA = "vllm/v1/attention/backends/mla/*.py get_supported_head_sizes (576 for FlashMLA, FlashInfer MLA, Triton MLA, CPU MLA)"
 HF_CT = "transformers/quantizers/quantizer_compressed_tensors.py"
+VLLM_GPTQ = ("vllm/model_executor/layers/quantization/auto_gptq.py (Marlin only since vllm-project/vllm#38288; 2/3-bit "
+             "requested back in vllm-project/vllm#45051)")
+HF_GPTQ = "transformers/quantizers/quantizer_gptq.py (imports optimum.gptq; validate_environment needs gptqmodel on a CPU)"
 
 ROUTES: tuple[Route, ...] = (
     Route("vllm", "compressed-tensors", "CompressedTensorsWNA16 (Marlin or its fallbacks)", requirements=(
@@ -73,8 +77,18 @@ ROUTES: tuple[Route, ...] = (
              "vllm/model_executor/layers/quantization/__init__.py (QUANTIZATION_METHODS)"),
     )),
     Route("vllm", "deepseek-mla", "DeepseekV2/V3 model with MLA attention", requirements=(
-        Rule("kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept); "
-             "TransMLA's `serving: vllm` is not built yet", lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320), VLLM_MLA),
+        Rule("kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept; TransMLA's "
+             "`serving: vllm` picks them)", lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320), VLLM_MLA),
+        Rule("plain rotary frequencies: its DeepSeek attention turns any rope scaling into deepseek_yarn, so TransMLA's "
+             "`exact: true` export (longrope frequencies) runs in transformers only", lambda p: p["rope_type"] in ("default", None),
+             "vllm/model_executor/models/deepseek_v2.py (DeepseekV2Attention: rope_scaling['rope_type'] = 'deepseek_yarn')"),
+    )),
+    Route("vllm", "gptq", "its GPTQ loader on Marlin kernels", requirements=(
+        Rule("4- or 8-bit symmetric weights (uint4b8, uint8b128: Marlin's only GPTQ types); 2/3-bit and asymmetric GPTQ load "
+             "only in vLLM releases before #38288, through gptq.py's gptq_gemm (checkpoint_format gptq_v2 from #26092 on)",
+             lambda p: p["symmetric"] and p["bits"] in (4, 8), VLLM_GPTQ),
+    ), caveats=(
+        Rule("Marlin's group sizes are -1, 32, 64, 128", lambda p: p["group_size"] in (-1, 32, 64, 128), VLLM_MARLIN),
     )),
     Route("vllm", "shipped-code", "none", requirements=(
         Rule("a vLLM model class for the architecture (the checkpoint ships transformers modeling code, which vLLM does not run; "
@@ -89,6 +103,11 @@ ROUTES: tuple[Route, ...] = (
     ), caveats=(
         Rule("3, 5, 6 and 7 bits need compressed-tensors >= 0.18 (dense packing)", lambda p: p["bits"] in (2, 4, 8),
              "compressed_tensors/compressors/pack_quantized (pack_to_int32)"),
+    )),
+    Route("transformers", "gptq", "its GPTQ quantizer with optimum and gptqmodel (gptqmodel's torch kernels on a CPU)", requirements=(
+        Rule("the optimum and gptqmodel packages, which are not installed here (pip install optimum gptqmodel; checked on the "
+             "CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which wants torch >= 2.14)",
+             lambda p: p["gptq_stack"], HF_GPTQ),
     )),
     Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table and sparse kernels)"),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
@@ -114,12 +133,19 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                 }
                 shape = f"{facts['bits']}-bit {'symmetric' if facts['symmetric'] else 'asymmetric'}, group {facts['group_size']}"
                 parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
+        elif method == "gptq":
+            facts = {"bits": quantization.get("bits"), "symmetric": quantization.get("sym", True),
+                     "group_size": quantization.get("group_size", -1), "format": quantization.get("checkpoint_format", "gptq"),
+                     "gptq_stack": gptq_stack_installed()}
+            shape = f"{facts['bits']}-bit {'symmetric' if facts['symmetric'] else 'asymmetric'}, group {facts['group_size']}, {facts['format']}"
+            parts.append((f"GPTQ ({shape})", "gptq", facts))
         elif method == "compressor":
             parts.append((f"compressor native format ({quantization.get('format', 'lut')})", "compressor", {}))
         else:
             parts.append((f"quant_method {method!r}", str(method), {}))
     if config.get("model_type") in ("deepseek_v3", "deepseek_v2") and config.get("kv_lora_rank"):
-        facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0)}
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0), "rope_type": rope.get("rope_type")}
         parts.append((f"MLA attention (kv_lora_rank {facts['kv_lora_rank']} + qk_rope_head_dim {facts['qk_rope_head_dim']})",
                       "deepseek-mla", facts))
     if "AutoModelForCausalLM" in (config.get("auto_map") or {}):
@@ -127,6 +153,13 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
     if not parts:
         parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))
     return parts
+
+
+def gptq_stack_installed() -> bool:
+    """Whether transformers can load GPTQ checkpoints here (the one verdict that depends on this machine)."""
+    from importlib.util import find_spec
+
+    return all(find_spec(name) is not None for name in ("optimum", "gptqmodel"))
 
 
 def verdicts(config: dict, engines: tuple[str, ...] = ENGINES) -> list[Verdict]:

@@ -182,6 +182,10 @@ class Step(Config):
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0]
 
+    def check_config(self, config) -> None:
+        """Refuse a model config this step cannot work on (its sizes, its architecture), before the
+        weights are read. Raise ``ValueError("key: why")``."""
+
     def check_model(self, linears: dict) -> None:
         """Refuse a model this step cannot work on, before any work: ``linears`` maps the full name of
         every block linear the step would see (its ``ignore`` applied) to the module, weights on the

@@ -81,7 +81,7 @@ def test_other_widths_load_in_transformers(bits, tiny_llama, tmp_path):
 
 
 def test_asymmetric_export_follows_the_spec_and_loads_through_our_loader(tiny_llama, tmp_path):
-    apply(rtn_recipe(3, 32, symmetric=False), tiny_llama, tmp_path / "out", progress=False)
+    apply(rtn_recipe(3, 32, symmetric=False, format="compressed-tensors"), tiny_llama, tmp_path / "out", progress=False)
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         zero_point = f.get_tensor("model.layers.0.self_attn.q_proj.weight_zero_point")
     assert zero_point.shape == (-(-128 * 3 // 32), 4)  # packed along the output dim, as vLLM reads it

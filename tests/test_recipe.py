@@ -20,7 +20,7 @@ MISTAKES = [
     ("stepz:\n  - rtn: {}\n", "stepz: unknown section (did you mean 'steps'?)"),
     ("steps:\n  - rtn: {}\n    rtn2: {}\n", "steps[0]: a step is a one-key mapping"),
     ("steps:\n  - rtn: {}\ncalibration: {samples: 0}\n", "calibration.samples: 0 is below the minimum 1"),
-    ("steps:\n  - rtn: {}\nexport: {format: gguf}\n", "export.format: 'gguf' is not one of auto, compressed-tensors, compressor, dense"),
+    ("steps:\n  - rtn: {}\nexport: {format: gguf}\n", "export.format: 'gguf' is not one of auto, compressed-tensors, gptq, compressor, dense"),
     ("steps:\n  - rtn: {}\nexport: {max_shard_size: huge}\n", "export.max_shard_size: 'huge' is not a size"),
     ("steps:\n  - rtn: {bits: 4\n", "not valid YAML"),
     ("- rtn\n", "a recipe is a mapping"),

@@ -51,12 +51,14 @@ def test_native_mla_and_dense():
     assert not any(v.loads for v in unknown) and "no rule knows 'mystery'" in unknown[0].how
 
 
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (3, True), (3, False)])
-def test_the_transformers_verdict_is_what_from_pretrained_does(tiny_llama, tmp_path, bits, symmetric):
+@pytest.mark.parametrize("bits, symmetric, format", [(4, True, "auto"), (3, True, "auto"), (3, False, "auto"),
+                                                     (3, False, "compressed-tensors"), (4, True, "gptq")])
+def test_the_transformers_verdict_is_what_from_pretrained_does(tiny_llama, tmp_path, bits, symmetric, format):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": bits, "group_size": 32, "symmetric": symmetric}}]}), tiny_llama, out, progress=False)
+    recipe = {"steps": [{"rtn": {"bits": bits, "group_size": 32, "symmetric": symmetric}}], "export": {"format": format}}
+    apply(Recipe.from_dict(recipe), tiny_llama, out, progress=False)
     verdict = by_engine(json.loads((out / "config.json").read_text()))["transformers"]
     try:
         AutoModelForCausalLM.from_pretrained(out)
@@ -70,8 +72,8 @@ def test_check_command_and_apply_print_the_verdicts(tiny_llama, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps:\n  - rtn: {bits: 3, group_size: 32, symmetric: false}\n")
     applied = CliRunner().invoke(main, ["apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out"), "--quiet"])
-    assert applied.exit_code == 0 and "serving (compressor check):" in applied.output and "vllm: compressed-tensors group_0" in applied.output
+    assert applied.exit_code == 0 and "serving (compressor check):" in applied.output and "vllm: GPTQ (3-bit asymmetric" in applied.output
     checked = CliRunner().invoke(main, ["check", str(tmp_path / "out"), "--engine", "vllm"])
-    assert checked.exit_code == 1 and checked.output.startswith("vllm: compressed-tensors group_0 (3-bit asymmetric, group 32): NO")
+    assert checked.exit_code == 1 and checked.output.startswith("vllm: GPTQ (3-bit asymmetric, group 32, gptq_v2): NO")
     missing = CliRunner().invoke(main, ["check", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not a checkpoint folder" in missing.output

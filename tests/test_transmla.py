@@ -15,6 +15,7 @@ from compressor.export import load_quantized_model
 from compressor.distill import coarse_kl
 from compressor.arch.deepseek_mla import deepseek_v3_config, kv_cache_elements_per_token
 from compressor.lowrank.transmla import MLAAttention, build_mla_attention, least_squares_norm_weight, transmla_weights
+from compressor.errors import StepError
 from compressor.model import ModelHandle
 from compressor.pipeline import Session
 from compressor.weights.linear import QuantizedLinear
@@ -227,7 +228,7 @@ def test_transmla_then_rtn_exports_and_loads(tiny_llama, tmp_path):
 
 
 def test_refuses_what_deepseek_v3_cannot_hold(tiny_models, tmp_path):
-    with pytest.raises(UnsupportedArchitecture, match="k_norm"):
+    with pytest.raises(StepError, match=r"steps\[0\]\.transmla: qwen3 normalises each key head"):
         apply(recipe({"transmla": {}}), tiny_models["qwen3"], tmp_path / "a", progress=False)
     with pytest.raises(UnsupportedArchitecture, match="q_proj has a bias"):
         apply(recipe({"transmla": {}}), tiny_models["qwen2"], tmp_path / "b", progress=False)
@@ -243,6 +244,46 @@ def test_refuses_what_deepseek_v3_cannot_hold(tiny_models, tmp_path):
 def test_bad_sizes_are_one_line_errors(settings, message, tiny_llama, tmp_path):
     with pytest.raises(ValueError, match=message):
         apply(recipe({"transmla": settings}), tiny_llama, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"qk_rope_head_dim": 64}, r"steps\[0\]\.transmla\.qk_rope_head_dim: 64 does not divide head_dim 32"),
+    ({"exact": True, "kv_cache_ratio": 0.25}, r"steps\[0\]\.transmla\.kv_cache_ratio: exact keeps all 64 rotary key dims"),
+    ({"exact": True, "qk_rope_head_dim": 32}, r"steps\[0\]\.transmla\.exact: keeps every rotary key dim"),
+])
+def test_bad_settings_are_refused_naming_the_file_and_step_before_the_weights_load(settings, message, tiny_llama, tmp_path, monkeypatch):
+    file = tmp_path / "mla.yaml"
+    file.write_text(json.dumps({"calibration": {"dataset": "demo", "samples": 2, "seq_len": 32}, "steps": [{"transmla": settings}]}))
+    monkeypatch.setattr(ModelHandle, "materialize", lambda *a, **k: pytest.fail("weights were read before the refusal"))
+    with pytest.raises(StepError, match=f"^{file}: {message}"):
+        apply(Recipe.from_yaml(file), tiny_llama, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_exact_full_rank_export_equals_the_original_in_plain_transformers(arch, tiny_models, tmp_path):
+    """Every rotary key dim of every kv head keeps RoPE (the shared rotary key is kv_heads x head_dim wide,
+    its repeated frequencies written as longrope factors) and the latent sits where kv_a_layernorm is
+    linear: stock DeepseekV3ForCausalLM then computes the original model."""
+    report = apply(recipe({"transmla": {"kv_cache_ratio": 1.0, "exact": True}}), tiny_models[arch], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["qk_rope_head_dim"] == 64 and config["kv_lora_rank"] == 64 and config["model_type"] == "deepseek_v3"
+    assert (config.get("rope_parameters") or config["rope_scaling"])["rope_type"] == "longrope"
+    rows = [row for row in report.rows if "rope_energy" in row]
+    assert len(rows) == 2 and all(row["rope_energy"] == 1.0 and row["latent_norm_error"] < 1e-6 for row in rows)
+    x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert type(exported).__name__ == "DeepseekV3ForCausalLM"
+    original = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    torch.testing.assert_close(logits(exported, x), logits(original, x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_default_layout_reports_what_it_loses(tiny_llama, tmp_path):
+    """At full rank the servable layout keeps RoPE on head_dim of the kv_heads x head_dim rotary key dims
+    and fits the latent norm: both losses are in the report, and the export is not the original."""
+    report = apply(recipe({"transmla": {"kv_cache_ratio": 1.0}}), tiny_llama, tmp_path / "out", progress=False)
+    rows = [row for row in report.rows if "rope_energy" in row]
+    assert all(row["rope_energy"] < 0.95 and row["latent_norm_error"] > 1e-3 for row in rows)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]["rope_type"] == "default"
 
 
 def test_healing_lowers_the_distance_to_the_original(tiny_llama, tmp_path):

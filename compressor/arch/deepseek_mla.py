@@ -26,10 +26,38 @@ COPIED_KEYS = (
 )
 
 
-def deepseek_v3_config(source, *, kv_lora_rank: int, qk_rope_head_dim: int, qk_nope_head_dim: int, v_head_dim: int) -> DeepseekV3Config:
+def rope_parameters(source, qk_rope_head_dim: int, rope_frequencies=None) -> dict:
+    """DeepSeek-V3's rotary settings for the frequencies the conversion kept (``rope_frequencies``:
+    for each rotary pair, the index of the source's frequency; None: DeepSeek's own, ``theta **
+    (-2i / qk_rope_head_dim)``). Frequencies a plain rotary of that size has not (every key dim of
+    every kv head keeps RoPE, so each frequency appears once per kv head) are written as ``longrope``
+    with per-pair factors and no attention scaling (``factor`` and ``attention_factor`` 1), which
+    transformers' ``DeepseekV3RotaryEmbedding`` computes exactly; vLLM's DeepSeek turns any rope
+    scaling into ``deepseek_yarn``, so such a checkpoint is for transformers only."""
+    import torch
+
+    theta = source.rope_parameters["rope_theta"]
+    plain = {"rope_type": "default", "rope_theta": theta}
+    if rope_frequencies is None:
+        return plain
+    head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
+    source_inv = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wanted = source_inv[torch.as_tensor(rope_frequencies)]
+    own = theta ** (-torch.arange(0, qk_rope_head_dim, 2, dtype=torch.float64) / qk_rope_head_dim)
+    if torch.allclose(wanted, own, rtol=1e-12, atol=0):
+        return plain
+    factors = (own / wanted).tolist()  # longrope: inv_freq = 1 / (factor * theta ** (2i / dim))
+    positions = source.max_position_embeddings
+    return {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors, "long_factor": factors, "factor": 1.0,
+            "attention_factor": 1.0, "original_max_position_embeddings": positions}
+
+
+def deepseek_v3_config(source, *, kv_lora_rank: int, qk_rope_head_dim: int, qk_nope_head_dim: int, v_head_dim: int,
+                       rope_frequencies=None) -> DeepseekV3Config:
     """The config under which ``DeepseekV3ForCausalLM`` runs the converted model."""
     settings = {key: getattr(source, key) for key in COPIED_KEYS if getattr(source, key, None) is not None}
     layers = source.num_hidden_layers
+    rope = rope_parameters(source, qk_rope_head_dim, rope_frequencies)
     config = DeepseekV3Config(
         **settings,
         num_key_value_heads=source.num_attention_heads,
@@ -39,7 +67,7 @@ def deepseek_v3_config(source, *, kv_lora_rank: int, qk_rope_head_dim: int, qk_n
         qk_nope_head_dim=qk_nope_head_dim,
         v_head_dim=v_head_dim,
         attention_bias=bool(getattr(source, "attention_bias", False)),
-        rope_parameters={"rope_type": "default", "rope_theta": source.rope_parameters["rope_theta"]},
+        rope_parameters=rope,
         rope_interleave=True,
         first_k_dense_replace=layers,
         n_routed_experts=1, n_shared_experts=1, num_experts_per_tok=1, moe_intermediate_size=1,

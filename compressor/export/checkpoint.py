@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UserError
+from compressor.export import gptq
 from compressor.export.codecs import codec_for
 from compressor.export.shards import ShardWriter
 from compressor.recipe import parse_size
@@ -121,9 +122,10 @@ class CheckpointWriter:
         if self.format == "dense":
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
-        codec = codec_for(weight)
-        if codec is None or self.format not in ("auto", codec.QUANT_METHOD):
-            raise ExportError(f"{name}: no checkpoint format for '{weight.kind}' weights in export format '{self.format}'")
+        codec = codec_for(weight, self.format)
+        if codec is None:
+            why = f" ({gptq.shape_problem(weight)})" if self.format == gptq.QUANT_METHOD and gptq.shape_problem(weight) else ""
+            raise ExportError(f"{name}: no checkpoint format for '{weight.kind}' weights in export format '{self.format}'{why}")
         if self.codec is not None and codec is not self.codec:
             raise ExportError(f"{name}: '{weight.kind}' weights ({codec.QUANT_METHOD}) cannot share one checkpoint with the "
                               f"{self.codec.QUANT_METHOD} weights before them; use export format 'dense'")
@@ -164,7 +166,10 @@ class CheckpointWriter:
                 (self.directory / file).write_text(source)
             config.auto_map = dict(architecture.auto_map)
         if self.codec is not None:
-            config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears)
+            try:
+                config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears)
+            except ValueError as error:
+                raise ExportError(f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or 'dense'") from None
         config.save_pretrained(self.directory)
         for file in COPIED_FILES:
             if (handle.path / file).is_file():
@@ -195,7 +200,7 @@ def library_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for package in ("torch", "transformers", "compressed-tensors", "safetensors"):
+    for package in ("torch", "transformers", "compressed-tensors", "safetensors", "gptqmodel", "optimum"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

@@ -10,24 +10,36 @@ A codec is the module of one checkpoint format, and offers:
 * ``to_tensors(weight, scale_dtype)`` -> checkpoint tensors (names without the module prefix), and
   ``read_module(tensors, quantization_config, name, dtype)`` -> the value again.
 
-``CheckpointWriter`` looks the codec up by the value's ``kind``; ``load_quantized_model`` by the
-checkpoint's ``quant_method``. A new weight kind registers its codec here (a format may hold several
-kinds, as ``native`` holds lookup tables with or without outliers).
+* ``PACKED``: the tensor every quantized module of the format has (how a loader finds them).
+
+``CheckpointWriter`` looks the codec up by the value's ``kind`` and the export ``format``;
+``load_quantized_model`` by the checkpoint's ``quant_method``. A new weight kind registers its codec
+here (a format may hold several kinds, as ``native`` holds lookup tables with or without outliers,
+and a kind may go to several formats, as uniform weights go to compressed-tensors or GPTQ).
+
+``auto`` picks, per value, the format that engines serve: compressed-tensors for uniform weights,
+except asymmetric 2- and 3-bit ones, which no compressed-tensors reader serves (vLLM's WNA16 takes
+zero points at 4/8 bits only, transformers' loader none) and which go to GPTQ when their shape packs.
 """
 
 from __future__ import annotations
 
-from compressor.export import compressed_tensors, native
+from compressor.export import compressed_tensors, gptq, native
 
-CODECS = {
+CODECS = {  # the codec ``auto`` uses for each kind
     "uniform": compressed_tensors,
     "lut": native,
     "dense_and_sparse": native,
 }
-FORMATS = {codec.QUANT_METHOD: codec for codec in CODECS.values()}
+FORMATS = {codec.QUANT_METHOD: codec for codec in (compressed_tensors, gptq, native)}
 
 
-def codec_for(weight):
-    """The codec that writes ``weight``, or None when no checkpoint format stores it."""
-    codec = CODECS.get(weight.kind)
+def codec_for(weight, format: str = "auto"):
+    """The codec that writes ``weight`` in export ``format``, or None when that format cannot store it."""
+    if format != "auto":
+        codec = FORMATS.get(format)
+    elif weight.kind == "uniform" and not weight.symmetric and weight.bits < 4 and gptq.supports(weight):
+        codec = gptq
+    else:
+        codec = CODECS.get(weight.kind)
     return codec if codec is not None and codec.supports(weight) else None

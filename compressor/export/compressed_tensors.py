@@ -20,6 +20,7 @@ from compressor.weights.formats import UniformWeight, num_groups, row_chunks
 
 QUANT_METHOD = "compressed-tensors"  # the export format's name and the config's quant_method
 CT_MIN_VERSION = "0.18.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.18.0
+PACKED = "weight_packed"  # the tensor every quantized module has (how a loader recognises one)
 PROVENANCE = {"packing": "ct-dense-v1", "compressed_tensors_min": CT_MIN_VERSION}  # what compressor.json records
 
 

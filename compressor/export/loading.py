@@ -1,9 +1,10 @@
 """Reading an exported checkpoint back into our modules (``QuantizedLinear`` with our kernels).
 
-``transformers.AutoModelForCausalLM.from_pretrained`` also loads our compressed-tensors exports (it
-decompresses them to dense weights through the compressed-tensors library) and, after ``import
-compressor``, our native ones (``export/hf_quantizer.py``); this loader keeps the weights quantized
-so ``compressor validate`` can run them through the kernels.
+``transformers.AutoModelForCausalLM.from_pretrained`` also loads our symmetric compressed-tensors
+exports (the weights stay packed and compressed-tensors unpacks them in each forward), our GPTQ ones
+when optimum and gptqmodel are installed, and, after ``import compressor``, our native ones
+(``export/hf_quantizer.py``); this loader reads every format (the codec by ``quant_method``) and keeps
+the weights quantized so ``compressor validate`` can run them through the kernels.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
                 handles[file] = safe_open(file, "pt")
             return handles[file].get_tensor(name)
 
+        packed = codec.PACKED if codec is not None else "weight_packed"
         for module_name, tensors in by_module.items():
-            if "weight_packed" in tensors:
+            if packed in tensors:
                 if codec is None:
                     raise ValueError(f"{path}: {module_name} has packed weights, but quant_method "
                                      f"{(quantization_config or {}).get('quant_method')!r} is none of {', '.join(FORMATS)}")

@@ -27,6 +27,7 @@ QUANT_METHOD = "compressor"
 FORMAT_VERSION = 1
 PACKING = "planes-v1"
 KINDS = ("lut", "dense_and_sparse")  # value kinds this format stores (dense_and_sparse with a LUT base)
+PACKED = "weight_packed"  # the tensor every quantized module has (how a loader recognises one)
 PROVENANCE = {"packing": PACKING, "compressed_tensors_min": None}  # what compressor.json records
 
 

@@ -10,6 +10,16 @@ squares (the one approximation at full rank). The converted attention is transfo
 its context, so the export loads as ``DeepseekV3ForCausalLM``. ``transmla_heal`` then distils the
 converted model towards the original (``distill.train_end_to_end``; only the attention by default).
 
+Two layouts. The default is the servable one (transformers and, at sizes it accepts, vLLM; ``serving:
+vllm`` picks them): RoPE on ``qk_rope_head_dim`` dims, the latent norm fitted. ``exact: true`` keeps
+RoPE on every key dim of every kv head (a shared rotary key of kv_heads x head_dim dims whose repeated
+frequencies DeepSeek-V3's config holds as ``longrope`` factors) and multiplies the latent by a tiny
+``s`` so ``kv_a_layernorm`` (eps 1e-6) is linear, its weight ``sqrt(eps) / s`` undoing both: at
+``kv_cache_ratio: 1.0`` the exported stock ``DeepseekV3ForCausalLM`` is the original model (our
+construction; the paper and official code keep the norm approximate). It runs in transformers only:
+vLLM turns rope scaling into ``deepseek_yarn`` and builds the norm with ``rms_norm_eps``. The report
+gives per block the rotary key energy kept and the latent norm's relative error.
+
 Defaults: ``kv_cache_ratio: 0.25``; ``qk_rope_head_dim`` the largest divisor of head_dim within half
 the cache budget; ``freqfold`` 2 x head_dim / qk_rope_head_dim. Refused: a query bias, Qwen3's k_norm,
 sliding windows, RoPE scaling, MLP biases. Deviations from the official code, their reasons and the
@@ -159,6 +169,29 @@ def transmla_weights(
     )
 
 
+def linear_range_scale(latents: list[torch.Tensor], eps: float, error: float = 1e-7) -> float:
+    """The factor ``s`` that puts the latents where an RMSNorm is linear: ``s * c / sqrt(s^2 mean(c^2)
+    + eps)`` is ``s * c / sqrt(eps)`` to within ``error`` (relative) on every calibration latent, so
+    DeepSeek-V3's ``kv_a_layernorm`` with weight ``sqrt(eps) / s`` returns ``c`` itself. The rows of
+    ``kv_a_proj_with_mqa`` that make the latent are multiplied by ``s``; float32 and bfloat16 hold
+    such small numbers at full relative precision (float16 does not)."""
+    largest = max(latent.double().pow(2).mean(-1).max().item() for latent in latents)
+    return math.sqrt(2 * error * eps / max(largest, 1e-30))
+
+
+def latent_norm_error(latents: list[torch.Tensor], weight: torch.Tensor, eps: float, scale: float = 1.0) -> float:
+    """Relative error of the latent norm against the identity: ``|| weight * norm(s c) - c || / || c ||``
+    over the calibration latents (0 for an exact conversion)."""
+    error = total = 0.0
+    for latent in latents:
+        c = latent.reshape(-1, latent.shape[-1]).double()
+        scaled = c * scale
+        normed = weight.double() * scaled * torch.rsqrt(scaled.pow(2).mean(-1, keepdim=True) + eps)
+        error += (normed - c).pow(2).sum().item()
+        total += c.pow(2).sum().item()
+    return math.sqrt(error / max(total, 1e-30))
+
+
 def least_squares_norm_weight(latents: list[torch.Tensor], eps: float) -> torch.Tensor:
     """Per-dimension ``gamma`` minimising ``sum_t (gamma * c_t / rms(c_t) - c_t)^2``: the weight
     that makes DeepSeek's ``kv_a_layernorm`` closest to the identity on calibration latents."""
@@ -237,10 +270,47 @@ def build_mla_attention(weights: MLAWeights, mla_config, layer_idx: int, o_proj:
     return module.eval()
 
 
-def mla_sizes(config, kv_lora_rank: int | None, kv_cache_ratio: float | None, rope_dim: int | None, freqfold: int | None, where: str = "transmla"):
-    """(kv_lora_rank, rope_dim, freqfold) for this model, checked; errors name the step key."""
+VLLM_MLA_SIZES = (576, 320)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA backends accept (see compressor/serving.py)
+
+
+def vllm_sizes(d: int, latent: int, rope_dim: int | None, where: str) -> tuple[int, int]:
+    """(kv_lora_rank, rope_dim) whose sum vLLM's MLA accepts, the largest that fits this model:
+    DeepSeek's 512 + 64 where head_dim allows a rotary key of 64, else ``rope_dim`` (or the largest
+    even divisor of head_dim up to 64) with the latent filling the rest."""
+    if rope_dim is None:
+        rope_dim = max(r for r in range(2, min(d, 64) + 1, 2) if d % r == 0)
+    for total in VLLM_MLA_SIZES:
+        rank = total - rope_dim
+        if 1 <= rank <= 2 * latent - rope_dim:
+            return rank, rope_dim
+    raise ValueError(
+        f"{where}.serving: vllm needs kv_lora_rank + qk_rope_head_dim of {' or '.join(map(str, VLLM_MLA_SIZES))}, but this "
+        f"model caches {2 * latent} numbers per token and layer (2 x num_key_value_heads x head_dim), so such a latent is no "
+        "smaller than its cache; convert a larger model, or use serving: any for transformers"
+    )
+
+
+def mla_sizes(config, kv_lora_rank: int | None, kv_cache_ratio: float | None, rope_dim: int | None, freqfold: int | None,
+              where: str = "transmla", exact: bool = False, serving: str = "any"):
+    """(kv_lora_rank, rope_dim, freqfold) for this model, checked; errors name the step key.
+    ``exact``: every rotary dim of every kv head keeps RoPE (rope_dim = kv heads x head_dim, freqfold 1).
+    ``serving: vllm``: sizes vLLM's MLA accepts (``vllm_sizes``), instead of ``kv_cache_ratio``."""
     geometry = attention_geometry(config)
     d, latent = geometry.head_dim, geometry.num_kv_heads * geometry.head_dim
+    if serving == "vllm":
+        if exact or kv_lora_rank is not None:
+            raise ValueError(f"{where}.serving: vllm picks kv_lora_rank itself and serves the DeepSeek-V3 layout; "
+                             "leave kv_lora_rank unset and exact false")
+        kv_lora_rank, rope_dim = vllm_sizes(d, latent, rope_dim, where)
+    if exact:
+        if rope_dim not in (None, latent) or freqfold not in (None, 1):
+            raise ValueError(f"{where}.exact: keeps every rotary key dim (qk_rope_head_dim {latent}, freqfold 1); "
+                             "leave qk_rope_head_dim and freqfold unset")
+        rank = kv_lora_rank if kv_lora_rank is not None else round(kv_cache_ratio * 2 * latent) - latent
+        if not 1 <= rank <= latent:
+            raise ValueError(f"{where}.kv_cache_ratio: exact keeps all {latent} rotary key dims, so the cache ratio must be above 0.5 "
+                             f"(1.0 keeps the whole latent); kv_lora_rank {rank} is outside 1..{latent}")
+        return rank, latent, 1
     if rope_dim is None:  # the largest even divisor of head_dim within half the cache budget (head_dim with a given rank)
         budget = d if kv_lora_rank is not None else kv_cache_ratio * 2 * latent / 2
         rope_dim = max([r for r in range(2, d + 1, 2) if d % r == 0 and r <= budget] or [2])
@@ -293,12 +363,24 @@ class TransMLA(Step):
     freqfold: int | None = param(None, "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim, at most head_dim / 2", min=1)
     balance_kv: bool = param(True, "equalise key and value norms before their joint PCA")
     damp: float = param(0.01, "PCA damping, a fraction of the Gram's mean diagonal", min=0.0)
+    exact: bool = param(False, "exact conversion: every rotary key dim keeps RoPE (longrope frequencies) and the latent norm works "
+                               "in its linear range; with kv_cache_ratio 1.0 the export equals the original; transformers only")
+    serving: str = param("any", "vllm: pick kv_lora_rank + qk_rope_head_dim that vLLM's MLA accepts (576, else 320) instead of "
+                                "kv_cache_ratio", choices=("any", "vllm"))
+
+    def check_config(self, config) -> None:
+        """Sizes and architecture, refused before the weights are read (the session names the recipe file and step)."""
+        try:
+            check_convertible(config)
+            mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold, exact=self.exact, serving=self.serving)
+        except (ValueError, UnsupportedArchitecture) as error:
+            raise ValueError(str(error).removeprefix("transmla.").removeprefix("transmla: ")) from None
 
     def compress_block(self, context) -> None:
         config = context.config
         check_convertible(config)
         geometry = attention_geometry(config)
-        rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold)
+        rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold, exact=self.exact, serving=self.serving)
         adapter = context.adapter
         attention_path = adapter.attention
         attention = context.block.get_submodule(attention_path)
@@ -308,8 +390,6 @@ class TransMLA(Step):
                 "(Qwen2, Llama with attention_bias); such models convert exactly in memory only"
             )
         norm = context.block.get_submodule(adapter.norms["input"])
-        mla_config = deepseek_v3_config(config, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=geometry.head_dim, v_head_dim=geometry.head_dim)
-        context.declare_architecture(mla_config)  # the export is a DeepseekV3ForCausalLM
 
         with torch.no_grad():
             gram = kv_gram(context.block, attention, norm, context.inputs)
@@ -319,8 +399,20 @@ class TransMLA(Step):
                 num_heads=geometry.num_heads, num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
                 rope_dim=rope_dim, freqfold=freqfold, kv_lora_rank=rank, balance_kv=self.balance_kv, damp=self.damp,
             )
+            mla_config = deepseek_v3_config(config, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=geometry.head_dim,
+                                            v_head_dim=geometry.head_dim, rope_frequencies=weights.rope_frequencies)
+            context.declare_architecture(mla_config)  # the export is a DeepseekV3ForCausalLM
             latents = [nn.functional.linear(norm(h), weights.kv_a_weight, weights.kv_a_bias)[..., :rank] for h in context.inputs]
-            gamma = least_squares_norm_weight(latents, eps=1e-6)
+            eps = 1e-6  # DeepseekV3RMSNorm's default, which kv_a_layernorm keeps in transformers
+            if self.exact:
+                scale = linear_range_scale(latents, eps)
+                weights.kv_a_weight[:rank] *= scale
+                if weights.kv_a_bias is not None:
+                    weights.kv_a_bias[:rank] *= scale
+                gamma = torch.full((rank,), math.sqrt(eps) / scale)
+            else:
+                scale, gamma = 1.0, least_squares_norm_weight(latents, eps=eps)
+            norm_error = latent_norm_error(latents, gamma, eps, scale)
             before = context.forward()
             module = build_mla_attention(weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma)
             context.replace_module(attention_path, module)
@@ -329,7 +421,7 @@ class TransMLA(Step):
         context.record(
             attention_path, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, freqfold=freqfold,
             kv_per_token=rank + rope_dim, kv_per_token_before=2 * geometry.num_kv_heads * geometry.head_dim,
-            rope_energy=round(weights.rope_energy, 5), kv_energy=round(weights.kv_energy, 5),
+            rope_energy=round(weights.rope_energy, 5), kv_energy=round(weights.kv_energy, 5), latent_norm_error=float(f"{norm_error:.3g}"),
             block_output_error=math.sqrt(error),
         )
 

@@ -1,0 +1,125 @@
+"""Every export format loads where the README says, with the logits of the model the session held in
+memory before export: plain ``AutoModelForCausalLM.from_pretrained`` for compressed-tensors (symmetric),
+GPTQ (with optimum + gptqmodel installed) and dense exports; after ``import compressor`` for our native
+format; our own loader for all of them."""
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compressor.api
+from compressor import Recipe, apply
+from compressor.export import load_quantized_model
+from compressor.export.checkpoint import CheckpointWriter
+from compressor.weights.linear import QuantizedLinear
+
+HAS_GPTQ_STACK = all(importlib.util.find_spec(name) is not None for name in ("optimum", "gptqmodel"))
+
+
+class RecordingWriter(CheckpointWriter):
+    """Keeps a copy of every module the session hands to the export (what it held in memory)."""
+
+    modules: dict = {}
+
+    def write_module(self, prefix, module):
+        RecordingWriter.modules[prefix] = copy.deepcopy(module)
+        super().write_module(prefix, module)
+
+
+def export_and_in_memory(recipe, source, out, monkeypatch):
+    """Export ``recipe`` of ``source`` to ``out``; return the model as the session held it (the
+    source with the finished blocks put in), in fp32."""
+    RecordingWriter.modules = {}
+    monkeypatch.setattr(compressor.api, "CheckpointWriter", RecordingWriter)
+    apply(recipe, source, out, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    for prefix, module in RecordingWriter.modules.items():
+        model.set_submodule(prefix, module.float())
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return model
+
+
+def tokens(vocab=320):
+    return torch.randint(0, vocab, (2, 23), generator=torch.Generator().manual_seed(0))
+
+
+def rtn(bits, group_size=32, symmetric=True, **export):
+    return Recipe.from_dict({"steps": [{"rtn": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}], "export": export})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bits", [4, 3])
+def test_compressed_tensors_symmetric_loads_in_plain_transformers(bits, tiny_llama, tmp_path, monkeypatch):
+    memory = export_and_in_memory(rtn(bits), tiny_llama, tmp_path / "out", monkeypatch)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    x = tokens()
+    expected = memory(x).logits
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(load_quantized_model(tmp_path / "out")(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (3, False), (2, False)])
+def test_gptq_loads_through_our_loader_with_the_in_memory_logits(bits, symmetric, tiny_llama, tmp_path, monkeypatch):
+    memory = export_and_in_memory(rtn(bits, symmetric=symmetric, format="gptq"), tiny_llama, tmp_path / "out", monkeypatch)
+    x = tokens()
+    torch.testing.assert_close(load_quantized_model(tmp_path / "out")(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not HAS_GPTQ_STACK, reason="transformers loads GPTQ through optimum + gptqmodel, not installed here")
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (3, False), (2, False)])
+def test_gptq_loads_in_plain_transformers(bits, symmetric, tiny_llama, tmp_path, monkeypatch):
+    memory = export_and_in_memory(rtn(bits, symmetric=symmetric, format="gptq"), tiny_llama, tmp_path / "out", monkeypatch)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
+    theirs = loaded.model.layers[1].mlp.down_proj
+    ours = memory.model.layers[1].mlp.down_proj.quantized_weight.dequantize(torch.float32)
+    # gptqmodel's own unpacking (qweight/qzeros, v1 -> v2 zero points), in its float16 arithmetic
+    torch.testing.assert_close(theirs.dequantize_weight().t().float(), ours, rtol=2e-3, atol=1e-4)
+    x = tokens()
+    torch.testing.assert_close(loaded(x).logits, memory(x).logits, rtol=0, atol=2e-2)  # fp16 kernels on the CPU
+
+
+@torch.no_grad()
+def test_native_format_loads_after_import_compressor(tiny_llama, calibration_file, tmp_path, monkeypatch):
+    recipe = Recipe.from_dict({
+        "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 32},
+        "steps": [{"squeezellm": {"bits": 3, "sensitive_percent": 0.05, "outlier_percent": 0.4, "iterations": 5}}],
+    })
+    memory = export_and_in_memory(recipe, tiny_llama, tmp_path / "out", monkeypatch)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"] == "compressor"
+    x = tokens()
+    expected = memory(x).logits
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)  # compressor is imported above
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, QuantizedLinear)
+    torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_dense_export_loads_in_plain_transformers(tiny_llama, tmp_path, monkeypatch):
+    memory = export_and_in_memory(rtn(3, symmetric=False, format="dense"), tiny_llama, tmp_path / "out", monkeypatch)
+    x = tokens()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    torch.testing.assert_close(loaded(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_gptq_with_dense_block_linears_names_them_for_every_reader(tiny_llama, tmp_path, monkeypatch):
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*down_proj*"]}}],
+                               "export": {"format": "gptq"}})
+    memory = export_and_in_memory(recipe, tiny_llama, tmp_path / "out", monkeypatch)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["modules_in_block_to_quantize"] == [["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                                                       "self_attn.q_proj", "self_attn.v_proj"]]
+    assert sorted(config["dynamic"]) == [r"-:^model\.layers\.0\.mlp\.down_proj$", r"-:^model\.layers\.1\.mlp\.down_proj$"]
+    x = tokens()
+    torch.testing.assert_close(load_quantized_model(tmp_path / "out")(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
+    if HAS_GPTQ_STACK:
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
+        assert type(loaded.model.layers[0].mlp.down_proj) is torch.nn.Linear
+        torch.testing.assert_close(loaded(x).logits, memory(x).logits, rtol=0, atol=2e-2)

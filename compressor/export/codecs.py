@@ -23,6 +23,7 @@ CODECS = {
     "uniform": compressed_tensors,
     "lut": native,
     "dense_and_sparse": native,
+    "bfp": native,
 }
 FORMATS = {codec.QUANT_METHOD: codec for codec in CODECS.values()}
 

@@ -3,7 +3,8 @@
 ``transformers.AutoModelForCausalLM.from_pretrained`` also loads our compressed-tensors exports (it
 decompresses them to dense weights through the compressed-tensors library) and, after ``import
 compressor``, our native ones (``export/hf_quantizer.py``); this loader keeps the weights quantized
-so ``compressor validate`` can run them through the kernels.
+so ``compressor validate`` can run them through the kernels, and installs the quantized KV cache
+an export declares (``kv_cache``: ``compressor.kvcache.bfp.install_bfp_cache``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.export.codecs import FORMATS
+from compressor.kvcache.bfp import BFPCacheSpec, add_perm_buffers, install_bfp_cache
 from compressor.model import safetensors_index
 from compressor.weights.linear import QuantizedLinear
 
@@ -35,6 +37,9 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(skeleton_config, trust_remote_code=trust_remote_code)
     codec = FORMATS.get(quantization_config.get("quant_method")) if quantization_config is not None else None
+    kv_cache = (quantization_config or {}).get("kv_cache")
+    if kv_cache:
+        add_perm_buffers(model, kv_cache, device)
     files = safetensors_index(path)
     by_module: dict[str, dict[str, str]] = {}
     for name in files:
@@ -68,5 +73,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
         handles.clear()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if kv_cache:
+        install_bfp_cache(model, BFPCacheSpec.from_dict(kv_cache))
     model.eval()
     return model

@@ -86,7 +86,7 @@ ROUTES: tuple[Route, ...] = (
         Rule("3, 5, 6 and 7 bits need compressed-tensors >= 0.18 (dense packing)", lambda p: p["bits"] in (2, 4, 8),
              "compressed_tensors/compressors/pack_quantized (pack_to_int32)"),
     )),
-    Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table and sparse kernels)"),
+    Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table, BFP and sparse kernels; the BFP KV cache where the config declares one)"),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )

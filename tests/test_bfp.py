@@ -302,3 +302,26 @@ def test_an_engine_unaware_of_the_cache_computes_the_original_attention(tiny_lla
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert float(out.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_a_weight_fold_needs_the_rotary_table_which_is_why_the_cache_permutes_after_rope(tiny_llama):
+    """Folding a permutation into W_q/W_k rows acts before RoPE: even one that moves the rotary pairs
+    (j, j + D/2) together, the same for every query head of a GQA group, gives each moved pair another
+    frequency, so attention changes (an engine unaware of it would be silently wrong). With the rotary
+    frequencies permuted the same way it is exact again; a permutation of the post-RoPE keys (the
+    cache) needs neither."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    prompt = torch.randint(0, 320, (1, 48), generator=torch.Generator().manual_seed(6))
+    reference = model(prompt).logits
+    head_dim, kv_heads, heads = 32, 2, 4
+    sigma = torch.randperm(head_dim // 2, generator=torch.Generator().manual_seed(7))
+    pi = torch.cat([sigma, sigma + head_dim // 2])  # pairs move together, first and second members keep their roles
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            attention.k_proj.weight.copy_(attention.k_proj.weight[torch.cat([h * head_dim + pi for h in range(kv_heads)])])
+            attention.q_proj.weight.copy_(attention.q_proj.weight[torch.cat([j * head_dim + pi for j in range(heads)])])
+    assert (model(prompt).logits - reference).abs().max() > 1e-2
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq[sigma]
+    torch.testing.assert_close(model(prompt).logits, reference, rtol=0, atol=1e-4)

@@ -26,3 +26,25 @@ def test_bfp_weights_through_the_kernels_match_the_reference(bits, block, n, k):
         expected = exact_linear(x, weight)
         got = triton_linear(x, weight)
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()  # validate's fp32 tolerance: summation order
+
+
+def test_validate_covers_bfp_weights_and_a_bfp_kv_cache(tmp_path):
+    """``compressor validate`` on a BFP export: every BFP layer through the kernels, perplexity through
+    both paths (with the export's BFP KV cache installed)."""
+    from compressor import Recipe, apply
+    from compressor.testing import make_random_model
+    from compressor.validate import _main
+
+    import json
+
+    source = make_random_model("llama", tmp_path / "source", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1)
+    recipe = Recipe.from_dict({"steps": [{"bfp": {"kv_bits": 4, "block_size": 16, "ksort": "weight_norm", "weight_bits": 6,
+                                                  "weight_block_size": 16}}], "export": {}})
+    apply(recipe, source, tmp_path / "bfp", progress=False)
+    out = tmp_path / "result.json"
+    _main([str(tmp_path / "bfp"), "--json", str(out), "--options", json.dumps({"seq_len": 24, "max_windows": 1})])
+    result = json.loads(out.read_text())
+    assert result["ok"] and len(result["layers"]) == 7
+    assert all(row["kind"] == "bfp" and row["bits"] == 6 and row["max_rel"] < 1e-4 for row in result["layers"])
+    assert result["perplexity"]["ok"]

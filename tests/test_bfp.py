@@ -325,3 +325,26 @@ def test_a_weight_fold_needs_the_rotary_table_which_is_why_the_cache_permutes_af
     rotary = model.model.rotary_emb
     rotary.inv_freq = rotary.inv_freq[sigma]
     torch.testing.assert_close(model(prompt).logits, reference, rtol=0, atol=1e-4)
+
+
+def test_an_exact_prompt_is_exact_and_what_follows_reads_the_bfp_cache(tiny_llama):
+    from compressor.eval import logits_of
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(8))
+    reference = model(tokens).logits
+    install_bfp_cache(model, BFPCacheSpec(k_bits=4, block_size=16, quantize_fresh=False))
+    prompt = model(tokens[:, :20])
+    torch.testing.assert_close(prompt.logits, reference[:, :20], rtol=0, atol=1e-5)  # the prompt attends to exact keys
+    assert prompt.cache.nbytes()["k"] > 0  # ... while the cache stores them in BFP
+    rest = model(tokens[:, 20:], cache=prompt.cache).logits
+    assert (rest - reference[:, 20:]).abs().max() > 1e-4
+    torch.testing.assert_close(logits_of(model, tokens), torch.cat([prompt.logits, rest], 1))  # eval's two halves
+
+
+def test_an_attention_without_cached_keys_is_refused_before_any_work():
+    from compressor.quant.bfp import BFP
+
+    with pytest.raises(ValueError, match="kv_bits: the BFP KV cache needs attention with a k_proj"):
+        BFP().check_model({"model.layers.0.self_attn.kv_a_proj_with_mqa": None, "model.layers.0.mlp.up_proj": None})
+    BFP(kv_bits=None, weight_bits=8).check_model({"model.layers.0.mlp.up_proj": None})  # weights alone need no k_proj

@@ -348,3 +348,16 @@ def test_an_attention_without_cached_keys_is_refused_before_any_work():
     with pytest.raises(ValueError, match="kv_bits: the BFP KV cache needs attention with a k_proj"):
         BFP().check_model({"model.layers.0.self_attn.kv_a_proj_with_mqa": None, "model.layers.0.mlp.up_proj": None})
     BFP(kv_bits=None, weight_bits=8).check_model({"model.layers.0.mlp.up_proj": None})  # weights alone need no k_proj
+
+
+def test_streamed_key_statistics_equal_the_statistic_of_all_keys():
+    from compressor.quant.bfp import KeyRecorder
+
+    recorder = KeyRecorder(sample_tokens=10)
+    batches = [torch.randn(2, 2, 7, 16), torch.randn(1, 2, 5, 16) * 3]  # [B, H_kv, T, D]
+    for batch in batches:
+        recorder.update(batch, None, 0)
+    keys = torch.cat([b.transpose(1, 2).reshape(-1, 32) for b in batches])
+    for stat in ("act_rms", "act_absmax"):
+        torch.testing.assert_close(recorder.stat(stat), channel_stat(keys, stat))
+    assert torch.equal(torch.cat(recorder.sample), keys[:10])

@@ -81,27 +81,46 @@ def bfp_key_error(keys: torch.Tensor, bits: int, block_size: int, perm: torch.Te
 
 
 class KeyRecorder:
-    """Stands in for the cache during a block's forward: keeps the keys the attention would cache
-    (after RoPE and, for Qwen3, its k_norm) and hands them back unchanged."""
+    """Stands in for the cache during a block's forward: accumulates per-channel statistics of the keys
+    the attention would cache (after RoPE and, for Qwen3, its k_norm), keeps up to ``sample_tokens`` of
+    them for the error report, and hands them back unchanged."""
 
-    def __init__(self):
-        self.keys: list[torch.Tensor] = []
+    def __init__(self, sample_tokens: int = 4096):
+        self.sum_squares = self.absmax = None
+        self.tokens = 0
+        self.sample: list[torch.Tensor] = []
+        self.sample_tokens = sample_tokens
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
         b, h, t, d = key_states.shape
-        self.keys.append(key_states.detach().transpose(1, 2).reshape(b * t, h * d).float().cpu())
+        flat = key_states.detach().transpose(1, 2).reshape(b * t, h * d).float()
+        squares, absmax = flat.square().sum(0).cpu(), flat.abs().amax(0).cpu()
+        self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
+        self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
+        self.tokens += b * t
+        kept = sum(len(s) for s in self.sample)
+        if kept < self.sample_tokens:
+            self.sample.append(flat[: self.sample_tokens - kept].cpu())
         return key_states, value_states
 
+    def stat(self, stat: str) -> torch.Tensor:
+        """Per-channel ``act_rms`` or ``act_absmax`` over every calibration token."""
+        if stat == "act_rms":
+            return (self.sum_squares / self.tokens).sqrt()
+        if stat == "act_absmax":
+            return self.absmax
+        raise ValueError(f"ksort: {stat!r} is not a key statistic (act_rms, act_absmax)")
 
-def calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: list[dict]) -> torch.Tensor:
-    """[tokens, H_kv * D]: the post-RoPE keys block ``block`` caches for the calibration inputs."""
+
+def record_calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: list[dict]) -> KeyRecorder:
+    """Run ``block`` on the calibration inputs with a ``KeyRecorder`` as its cache."""
     recorder = KeyRecorder()
     with torch.no_grad():
         for hidden, kwargs in zip(inputs, block_kwargs):
             block(hidden, **{**{k: v for k, v in kwargs.items() if k != "past_key_values"}, "cache": recorder, "use_cache": True})
-    if not recorder.keys:
+    if not recorder.tokens:
         raise ValueError("the attention never handed its keys to the cache: bfp needs Llama-family attention")
-    return torch.cat(recorder.keys)
+    return recorder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +184,7 @@ class BFP(Step):
         if context.index == 0:
             context.declare_kv_cache({**spec.to_dict(), "k_perm": self.ksort != "none", "v_perm": False})
         attention = context.adapter.attention
-        keys = calibration_keys(context.block, context.inputs, context.block_kwargs) if self.needs_calibration else None
+        recorder = record_calibration_keys(context.block, context.inputs, context.block_kwargs) if self.needs_calibration else None
         if self.ksort == "none":
             perm = None
         elif self.ksort == "weight_norm":
@@ -173,11 +192,12 @@ class BFP(Step):
             weight = k_proj.quantized_weight.dequantize(torch.float32) if hasattr(k_proj, "quantized_weight") else k_proj.weight
             perm = ksort_permutation(weight_norm_stat(weight.detach()), geometry.head_dim, self.scope)
         else:
-            perm = ksort_permutation(channel_stat(keys, self.ksort), geometry.head_dim, self.scope)
+            perm = ksort_permutation(recorder.stat(self.ksort), geometry.head_dim, self.scope)
         if perm is not None:
             context.attach_tensor(attention, "k_perm", perm)
         numbers = {"k_bits": self.kv_bits, "block_size": self.block_size, "ksort": self.ksort}
-        if keys is not None:
+        if recorder is not None:
+            keys = torch.cat(recorder.sample)
             unsorted = bfp_key_error(keys, self.kv_bits, self.block_size, None, self.rounding)
             numbers.update(key_error_unsorted=unsorted["relative_mse"], key_channel_error_unsorted=unsorted["channel_mse"])
             if perm is not None:

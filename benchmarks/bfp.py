@@ -97,7 +97,7 @@ def markdown(rows: list[dict]) -> str:
         relative = f"{row['kl'] / unsorted['kl']:.3f}" if unsorted and unsorted["kl"] > 0 else "-"
         lines.append(f"| {row['model']} | {row['k_bits']} | {row['block_size']} | {row['ksort']} | {row['scope']} | "
                      f"{row['k_bytes_per_token']} ({row['dense_bytes_per_token']}) | {row['k_ratio']:.3f} | "
-                     f"{row['perplexity']:.3f} ({row['base_perplexity']:.3f}) | {row['gap']:+.4f} | {row['kl']:.6f} | {relative} |")
+                     f"{row['perplexity']:.3f} ({row['base_perplexity']:.3f}) | {row['gap']:+.4f} | {row['kl']:.3g} | {relative} |")
     return "\n".join(lines)
 
 
@@ -129,7 +129,10 @@ def main(argv=None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])])
     (args.output_dir / f"bfp-{date}.json").write_text(json.dumps({"command": command, "date": date, "rows": rows}, indent=1))
-    (args.output_dir / f"bfp-{date}.md").write_text(f"# BFP KV cache with and without K-sort ({date})\n\nMeasured by `{command}`.\n\n{markdown(rows)}\n")
+    (args.output_dir / f"bfp-{date}.md").write_text(f"# BFP KV cache with and without K-sort ({date})\n\nMeasured by `{command}`. Demo: {args.max_windows} held-out "
+        f"windows of {args.seq_len} tokens, calibration {args.samples} x {args.seq_len}; planted-outlier tiny Llamas: 16 windows of 128 "
+        f"tokens, calibration 16 x 128. KL: mean per-token KL to the same weights with an unquantized cache; values unquantized.\n\n"
+        f"{markdown(rows)}\n")
     print(markdown(rows))
 
 

@@ -435,7 +435,7 @@ def default_entries(settings: Settings) -> list[Entry]:
 
 
 def run_entry(entry: Entry, model: str, windows, settings: Settings, work: Path) -> dict:
-    from compressor.eval import evaluate, load_causal_lm
+    from compressor.eval import evaluate, kv_cache_summary, load_causal_lm
 
     row = {"method": entry.method, "recipe": entry.recipe, "model": model}
     if entry.error:
@@ -449,6 +449,11 @@ def run_entry(entry: Entry, model: str, windows, settings: Settings, work: Path)
         peak = compressed.peak_gib if compressed.peak_gib is not None else peak_memory_gib()
         loaded = compressed.model if compressed.model is not None else load_causal_lm(str(compressed.path))[0]
         result = evaluate(loaded, windows, load_causal_lm(model)[0])
+        kv_cache = kv_cache_summary(loaded)
+        if kv_cache is not None:  # a quantized KV cache (BFP): bits/weight are the weights'; the cache has its own size
+            values = "V fp" if kv_cache["v_bits"] is None else f"V {kv_cache['v_bits']}-bit"
+            compressed.notes.append(f"KV cache: K {kv_cache['k_bits']}-bit BFP block {kv_cache['block_size']}, {values}; "
+                                    f"K {kv_cache['k_bytes_per_token']} B/token = {kv_cache['k_ratio']:.3f}x bf16")
     except CannotRunHere as error:
         return {**row, "error": f"not run: {error}"}
     except Exception as error:  # a benchmark reports a failing entry and goes on
@@ -466,6 +471,7 @@ def run_entry(entry: Entry, model: str, windows, settings: Settings, work: Path)
         "peak_memory_gib": peak if entry.method != "fp" else None,
         "windows": result.windows,
         "tokens": result.tokens,
+        "kv_cache": kv_cache,
         "notes": compressed.notes,
     }
 

@@ -94,15 +94,18 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tasks", help="comma-separated lm-eval tasks to run as well (needs the eval extra)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the numbers here")
+@click.option("--kv-cache", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+              help="auto: run with the quantized KV cache the export declares (bfp); off: with a full-precision cache")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, quiet):
+def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, kv_cache, quiet):
     """Perplexity of MODEL on held-out text, and with --base the gap and the KL divergence."""
     try:
         from compressor.api import resolve_device
         from compressor.eval import evaluate_paths, load_causal_lm, run_lm_eval
 
         quiet_transformers()
-        result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device), progress=not quiet)
+        result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device), progress=not quiet,
+                                kv_cache=kv_cache == "auto")
         numbers = result.to_dict()
         click.echo(result.format(model, base))
         if tasks:

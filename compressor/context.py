@@ -77,6 +77,7 @@ class RunState:
     step_states: dict[int, dict] = field(default_factory=dict)  # id of a recipe step -> its state (see ``state_of``)
     teachers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # top_k -> (log-probs, token ids)
     architecture: ExportArchitecture | None = None  # declared by a step that changed the architecture
+    kv_cache: dict | None = None  # the quantized KV cache the export declares (BFP's ``kv_cache`` entry)
 
     def state_of(self, step: Step) -> dict:
         """The state dict of one step of the recipe (by identity: a recipe may hold two equal steps)."""
@@ -141,6 +142,11 @@ class StepContext:
         transformers has no class for the new architecture): see ``compressor.arch.ExportArchitecture``."""
         self.run.architecture = ExportArchitecture(config, dict(modeling_files or {}), dict(auto_map or {}))
 
+    def declare_kv_cache(self, entry: dict) -> None:
+        """The export will say that the model runs with this quantized KV cache (the ``kv_cache`` entry of
+        its ``quantization_config``; ``compressor.kvcache``), so our loaders install it."""
+        self.run.kv_cache = dict(entry)
+
 
 @dataclass(kw_only=True)
 class BlockContext(StepContext):
@@ -175,6 +181,11 @@ class BlockContext(StepContext):
     def replace_module(self, name: str, module: nn.Module) -> None:
         """Swap any module of the block, e.g. its whole attention (``adapter.attention``) or MLP (``adapter.mlp``)."""
         self.block.set_submodule(name, module)
+
+    def attach_tensor(self, module: str, name: str, tensor: torch.Tensor) -> None:
+        """Give the block's module ``module`` a buffer ``name`` (K-sort's ``k_perm``): the export writes it
+        beside the module's weights, as ``prefix.module.name``."""
+        self.block.get_submodule(module).register_buffer(name, tensor)
 
     def forward(self, block: nn.Module | None = None, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run ``block`` (default: this block as it is now) on the calibration inputs (default: this block's)."""

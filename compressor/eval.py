@@ -29,6 +29,7 @@ class EvalResult:
     windows: int
     base_perplexity: float | None = None
     kl_divergence: float | None = None
+    kv_cache: dict | None = None  # the quantized KV cache the model ran with (spec and bytes per token), if any
 
     @property
     def perplexity_gap(self) -> float | None:
@@ -43,6 +44,12 @@ class EvalResult:
             gap = self.perplexity_gap
             lines.append(f"{base_name}: perplexity {self.base_perplexity:.4f}")
             lines.append(f"gap: {gap:+.4f} ({100 * gap / self.base_perplexity:+.2f}%), mean per-token KL: {self.kl_divergence:.5f} nats")
+        if self.kv_cache is not None:
+            kv = self.kv_cache
+            values = "values unquantized" if kv["v_bits"] is None else f"values {kv['v_bits']}-bit mantissas"
+            lines.append(f"KV cache: BFP keys {kv['k_bits']}-bit mantissas, block {kv['block_size']} ({kv['scope']}), {values}, "
+                         f"{'prompt included' if kv['quantize_fresh'] else 'prompt (first half of each window) exact'}; "
+                         f"K-cache {kv['k_bytes_per_token']} bytes/token vs {kv['dense_bytes_per_token']} in bf16 ({kv['k_ratio']:.3f}x)")
         return "\n".join(lines)
 
 
@@ -103,10 +110,35 @@ class StreamedModel:
 
 
 def logits_of(model, batch: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of a transformers model or a ``StreamedModel``, on ``batch``'s device."""
+    """fp32 logits of a transformers model or a ``StreamedModel``, on ``batch``'s device.
+
+    A model with a quantized KV cache that leaves the prompt exact (``quantize_fresh: false``) reads
+    each window as a prompt (its first half, attending to exact keys while the cache stores them
+    quantized) and a continuation that attends to the cached prompt."""
+    from compressor.kvcache.bfp import installed_spec
+
     if isinstance(model, StreamedModel):
         return model.logits(batch).to(batch.device)
-    return model(batch.to(next(model.parameters()).device)).logits.float().to(batch.device)
+    batch_on_model = batch.to(next(model.parameters()).device)
+    spec = installed_spec(model)
+    if spec is not None and not spec.quantize_fresh and batch.shape[1] > 1:
+        half = batch.shape[1] // 2
+        prompt = model(batch_on_model[:, :half])
+        rest = model(batch_on_model[:, half:], cache=prompt.cache)
+        return torch.cat([prompt.logits, rest.logits], dim=1).float().to(batch.device)
+    return model(batch_on_model).logits.float().to(batch.device)
+
+
+def kv_cache_summary(model) -> dict | None:
+    """The quantized KV cache installed on ``model`` (its spec and bytes per token), or None."""
+    from compressor.arch import attention_geometry
+    from compressor.kvcache.bfp import cache_bytes_per_token, installed_spec
+
+    spec = installed_spec(model)
+    if spec is None:
+        return None
+    geometry = attention_geometry(model.config)
+    return {**spec.to_dict(), **cache_bytes_per_token(spec, model.config.num_hidden_layers, geometry.num_kv_heads, geometry.head_dim)}
 
 
 def heldout_stream(tokenizer, text: str = "demo") -> torch.Tensor:
@@ -160,14 +192,23 @@ def score_batch(model, base, batch: torch.Tensor) -> tuple[float, float, float]:
 
 
 def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_len: int = 512, max_windows: int | None = None,
-                   device="cpu", progress: bool = False) -> EvalResult:
-    """``compressor eval``: load the model (and base), build the windows once, evaluate both."""
+                   device="cpu", progress: bool = False, kv_cache: bool = True) -> EvalResult:
+    """``compressor eval``: load the model (and base), build the windows once, evaluate both.
+
+    An export that declares a quantized KV cache runs with it (and the result says its bytes per
+    token); ``kv_cache=False`` runs it with an ordinary full-precision cache instead."""
+    from compressor.kvcache.bfp import remove_bfp_cache
+
     if base is not None:  # a damaged base fails before the model loads (load_causal_lm checks the model's own)
         safetensors_index(resolve_model_path(base))
     loaded, tokenizer = load_causal_lm(model, device=device)
+    if not kv_cache:
+        remove_bfp_cache(loaded)
     windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
     base_model = base_for_kl(base, device) if base is not None else None
-    return evaluate(loaded, windows, base_model, progress=progress)
+    result = evaluate(loaded, windows, base_model, progress=progress)
+    result.kv_cache = kv_cache_summary(loaded)
+    return result
 
 
 def base_for_kl(base: str, device):

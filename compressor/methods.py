@@ -18,6 +18,7 @@ METHOD_MODULES = (
     "compressor.lowrank.transmla",
     "compressor.lowrank.modegpt",
     "compressor.lowrank.svd",
+    "compressor.quant.bfp",
 )
 
 

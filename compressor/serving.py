@@ -109,7 +109,7 @@ ROUTES: tuple[Route, ...] = (
              "CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which wants torch >= 2.14)",
              lambda p: p["gptq_stack"], HF_GPTQ),
     )),
-    Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table and sparse kernels)"),
+    Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table, BFP and sparse kernels; the BFP KV cache where the config declares one)"),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
     Route("transformers", "shipped-code", "the modeling code shipped with the checkpoint (`trust_remote_code=True`), or our loaders "
           "without remote code"),

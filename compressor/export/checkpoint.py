@@ -22,6 +22,7 @@ from torch import nn
 
 from compressor.errors import UserError
 from compressor.export import gptq
+from compressor.export import native
 from compressor.export.codecs import codec_for
 from compressor.export.shards import ShardWriter
 from compressor.recipe import parse_size
@@ -137,12 +138,14 @@ class CheckpointWriter:
 
     # --- the rest of the folder ------------------------------------------------------------------
 
-    def finish(self, handle, recipe, report, architecture=None) -> dict:
+    def finish(self, handle, recipe, report, architecture=None, kv_cache: dict | None = None) -> dict:
         """Write the modules outside the blocks, the config, tokenizer, recipe and report.
 
         ``architecture`` (``compressor.arch.ExportArchitecture``), when a step changed the model's
         architecture: its config is written instead of the input's, with its modeling files and
-        ``auto_map``."""
+        ``auto_map``. ``kv_cache``, when a step declared a quantized KV cache: the ``kv_cache`` entry of
+        the native format's ``quantization_config`` (which a checkpoint of dense or native weights then
+        has; compressed-tensors weights cannot share a checkpoint with it)."""
         from compressor.version import __version__
 
         skip = {f"{handle.adapter.lm_head}.weight"} if handle.tied_embeddings else set()
@@ -165,11 +168,18 @@ class CheckpointWriter:
             for file, source in architecture.modeling_files.items():
                 (self.directory / file).write_text(source)
             config.auto_map = dict(architecture.auto_map)
+        if kv_cache is not None:
+            if self.codec is not None and self.codec is not native:
+                raise ExportError(f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "
+                                  "share its checkpoint (use export format 'dense', or quantize the weights with a native-format method)")
+            self.codec = native
         if self.codec is not None:
             try:
                 config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears)
             except ValueError as error:
                 raise ExportError(f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or 'dense'") from None
+            if kv_cache is not None:
+                config.quantization_config["kv_cache"] = dict(kv_cache)
         config.save_pretrained(self.directory)
         for file in COPIED_FILES:
             if (handle.path / file).is_file():

@@ -30,6 +30,7 @@ CODECS = {  # the codec ``auto`` uses for each kind
     "uniform": compressed_tensors,
     "lut": native,
     "dense_and_sparse": native,
+    "bfp": native,
 }
 FORMATS = {codec.QUANT_METHOD: codec for codec in (compressed_tensors, gptq, native)}
 

@@ -10,6 +10,10 @@ Loading then goes:
 2. after loading, each is replaced by our ``QuantizedLinear`` (LUT Triton kernel on a GPU, torch
    reference on a CPU) and the packed codes are unpacked once.
 
+3. with a ``kv_cache`` entry (BFP KV cache, ``kvcache/bfp.py``): the attention modules get ``k_perm``
+   buffers before loading, and after it ``install_bfp_cache`` makes every forward and ``generate``
+   that starts a cache start a ``BFPQuantizedCache``.
+
 Without ``import compressor`` transformers does not know the method, warns, and loads random weights
 for the quantized layers: import it first. ``model.dequantize()`` gives a plain dense model.
 """
@@ -28,9 +32,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor.export import native
+from compressor.kvcache.bfp import BFPCacheSpec, add_perm_buffers, install_bfp_cache
 from compressor.weights.linear import QuantizedLinear, dequantize_model_
 
-INT_DTYPES = {"int32": torch.int32, "int64": torch.int64}
+INT_DTYPES = {"int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
 
 
 class CompressorConfig(QuantizationConfigMixin):
@@ -51,8 +56,8 @@ class CompressorConfig(QuantizationConfigMixin):
     def post_init(self):
         if self.version > native.FORMAT_VERSION:
             raise ValueError(f"compressor checkpoint format version {self.version} is newer than this compressor reads ({native.FORMAT_VERSION}); upgrade compressor")
-        if self.format != "lut":
-            raise ValueError(f"compressor checkpoint format {self.format!r} is not supported (known: 'lut')")
+        if self.format not in native.FORMATS:
+            raise ValueError(f"compressor checkpoint format {self.format!r} is not supported (known: {', '.join(native.FORMATS)})")
 
 
 class CheckpointLinear(nn.Module):
@@ -82,6 +87,9 @@ class CompressorHfQuantizer(HfQuantizer):
     required_packages = ["compressor"]
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        kv_cache = getattr(self.quantization_config, "kv_cache", None)
+        if kv_cache:
+            add_perm_buffers(model, kv_cache)
         for name, entry in self.quantization_config.modules.items():
             try:
                 linear = model.get_submodule(name)
@@ -100,6 +108,9 @@ class CompressorHfQuantizer(HfQuantizer):
             placeholder = model.get_submodule(name)
             if isinstance(placeholder, CheckpointLinear):
                 model.set_submodule(name, placeholder.to_quantized(name))
+        kv_cache = getattr(self.quantization_config, "kv_cache", None)
+        if kv_cache:
+            install_bfp_cache(model, BFPCacheSpec.from_dict(kv_cache))
         return model
 
     def _dequantize(self, model, dtype=None):

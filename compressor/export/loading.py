@@ -4,7 +4,8 @@
 exports (the weights stay packed and compressed-tensors unpacks them in each forward), our GPTQ ones
 when optimum and gptqmodel are installed, and, after ``import compressor``, our native ones
 (``export/hf_quantizer.py``); this loader reads every format (the codec by ``quant_method``) and keeps
-the weights quantized so ``compressor validate`` can run them through the kernels.
+the weights quantized so ``compressor validate`` can run them through the kernels; it also
+installs the quantized KV cache an export declares (``kv_cache``: ``compressor.kvcache.bfp.install_bfp_cache``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.export.codecs import FORMATS
+from compressor.kvcache.bfp import BFPCacheSpec, add_perm_buffers, install_bfp_cache
 from compressor.model import register_shipped_architectures, safetensors_index
 from compressor.weights.linear import QuantizedLinear
 
@@ -37,6 +39,9 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(skeleton_config, trust_remote_code=trust_remote_code)
     codec = FORMATS.get(quantization_config.get("quant_method")) if quantization_config is not None else None
+    kv_cache = (quantization_config or {}).get("kv_cache")
+    if kv_cache:
+        add_perm_buffers(model, kv_cache, device)
     files = safetensors_index(path)
     by_module: dict[str, dict[str, str]] = {}
     for name in files:
@@ -71,5 +76,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
         handles.clear()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if kv_cache:
+        install_bfp_cache(model, BFPCacheSpec.from_dict(kv_cache))
     model.eval()
     return model

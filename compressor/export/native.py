@@ -1,6 +1,7 @@
 """Our native checkpoint format (``quant_method: "compressor"``) and the export codec of the weights
 compressed-tensors cannot express: per-row lookup tables (SqueezeLLM) with optional sparse
-full-precision outliers.
+full-precision outliers, and block floating point (BFP); it also carries a quantized KV cache's
+description (``kv_cache``, see ``compressor/kvcache/bfp.py``).
 
 Spec: ``export/FORMATS.md`` ("Lookup-table weights"). Per quantized linear ``P`` (N outputs, K
 inputs, b bits, K_pad = K rounded up to 32):
@@ -12,6 +13,10 @@ inputs, b bits, K_pad = K rounded up to 32):
 * with outliers: ``P.weight_outlier_crow`` int32 [N + 1], ``P.weight_outlier_col`` int32 [nnz],
   ``P.weight_outlier_val`` [nnz] (same dtype as the LUT): W = LUT part + CSR part.
 
+BFP weights (``export/FORMATS.md``, "Block floating point"): ``P.weight_packed`` int32 the unsigned
+mantissas ``u = M + 2**(m-1)`` in the same planes layout, transposed; ``P.weight_exponent`` uint8
+[N, ceil(K / n)] (``e = E + 127``, 0 = all-zero block); ``P.weight_shape``.
+
 ``quantization_config`` lists every quantized module with its kind, bits and outlier count, so a
 loader can build the modules with the right shapes before reading any tensor.
 """
@@ -21,22 +26,24 @@ from __future__ import annotations
 import torch
 
 from compressor.kernels.packing import pack_codes, unpack_codes
-from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
+from compressor.weights.formats import BFPWeight, DenseAndSparseWeight, LUTWeight, SparseOutliers
 
 QUANT_METHOD = "compressor"
 FORMAT_VERSION = 1
 PACKING = "planes-v1"
-KINDS = ("lut", "dense_and_sparse")  # value kinds this format stores (dense_and_sparse with a LUT base)
+KINDS = ("lut", "dense_and_sparse", "bfp")  # value kinds this format stores (dense_and_sparse with a LUT base)
 PACKED = "weight_packed"  # the tensor every quantized module has (how a loader recognises one)
 PROVENANCE = {"packing": PACKING, "compressed_tensors_min": None}  # what compressor.json records
 
 
 def supports(weight) -> bool:
-    return weight.kind == "lut" or (weight.kind == "dense_and_sparse" and weight.base_kind == "lut")
+    return weight.kind in ("lut", "bfp") or (weight.kind == "dense_and_sparse" and weight.base_kind == "lut")
 
 
 def module_entry(weight) -> dict:
     """What a loader needs to know about one module before reading its tensors."""
+    if weight.kind == "bfp":
+        return {"kind": "bfp", "bits": weight.mantissa_bits, "block_size": weight.block_size}
     nnz = weight.outlier_col.numel() if weight.kind == "dense_and_sparse" else 0
     return {"kind": "lut", "bits": weight.bits, "outliers": nnz}
 
@@ -44,6 +51,10 @@ def module_entry(weight) -> dict:
 def to_tensors(weight, scale_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of a LUT (or LUT + outliers) weight, names without the module prefix.
     Codebooks and outlier values keep the dtype the quantizer stored them in (``scale_dtype`` unused)."""
+    if weight.kind == "bfp":
+        return {"weight_packed": pack_codes(weight.mantissas, weight.mantissa_bits).t().contiguous(),
+                "weight_exponent": weight.exponents.to(torch.uint8).contiguous(),
+                "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
     tensors = {
         "weight_packed": pack_codes(weight.codes, weight.bits).t().contiguous(),
         "weight_lut": weight.lut,
@@ -56,10 +67,13 @@ def to_tensors(weight, scale_dtype: torch.dtype | None = None) -> dict[str, torc
 
 
 def tensor_shapes(entry: dict, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape and dtype class ("int32", "int64", "float") of each tensor of a module, from its entry."""
+    """Shape and dtype class ("int32", "int64", "uint8", "float") of each tensor of a module, from its entry."""
     n, k = shape
     bits = entry["bits"]
     padded = -(-k // 32) * 32
+    if entry.get("kind") == "bfp":
+        return {"weight_packed": ((n, padded * bits // 32), "int32"), "weight_exponent": ((n, -(-k // entry["block_size"])), "uint8"),
+                "weight_shape": ((2,), "int64")}
     shapes = {"weight_packed": ((n, padded * bits // 32), "int32"), "weight_lut": ((n, 2**bits), "float"), "weight_shape": ((2,), "int64")}
     if entry.get("outliers", 0):
         nnz = entry["outliers"]
@@ -67,7 +81,7 @@ def tensor_shapes(entry: dict, shape: tuple[int, int]) -> dict[str, tuple[tuple[
     return shapes
 
 
-def from_tensors(tensors: dict[str, torch.Tensor], entry: dict) -> LUTWeight | DenseAndSparseWeight:
+def from_tensors(tensors: dict[str, torch.Tensor], entry: dict) -> LUTWeight | DenseAndSparseWeight | BFPWeight:
     """Inverse of ``to_tensors`` (checks the shapes against the config entry)."""
     n, k = (int(v) for v in tensors["weight_shape"])
     for name, (shape, _) in tensor_shapes(entry, (n, k)).items():
@@ -77,6 +91,8 @@ def from_tensors(tensors: dict[str, torch.Tensor], entry: dict) -> LUTWeight | D
             raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}")
     bits = entry["bits"]
     codes = unpack_codes(tensors["weight_packed"].t(), bits, (n, k))
+    if entry.get("kind") == "bfp":
+        return BFPWeight(codes, tensors["weight_exponent"].to(torch.uint8), bits, entry["block_size"])
     base = LUTWeight(codes=codes, lut=tensors["weight_lut"], bits=bits)
     if not entry.get("outliers", 0):
         return base
@@ -90,15 +106,24 @@ def read_module(tensors: dict[str, torch.Tensor], quantization_config: dict, nam
     return from_tensors(tensors, quantization_config["modules"][name])
 
 
+def checkpoint_format(modules: dict[str, dict]) -> str:
+    """The config's ``format``: the kind of every module ("lut", "bfp"), "mixed", or "kv_cache" with no module."""
+    kinds = {entry.get("kind", "lut") for entry in modules.values()}
+    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "kv_cache"
+
+
+FORMATS = ("lut", "bfp", "mixed", "kv_cache")
+
+
 def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
     bits = sorted({entry["bits"] for entry in modules.values()})
     return {
         "quant_method": QUANT_METHOD,
-        "format": "lut",
+        "format": checkpoint_format(modules),
         "version": FORMAT_VERSION,
         "packing": PACKING,
         "bits": bits[0] if len(bits) == 1 else bits,
-        "outliers": any(entry["outliers"] for entry in modules.values()),
+        "outliers": any(entry.get("outliers", 0) for entry in modules.values()),
         "ignore": sorted(ignore),
         "modules": dict(sorted(modules.items())),
     }

@@ -35,7 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, UniformWeight
+from compressor.weights.formats import (
+    BFP_EXPONENT_BIAS,
+    BFPWeight,
+    DenseAndSparseWeight,
+    LUTWeight,
+    SparseOutliers,
+    UniformWeight,
+)
 
 WORD_BITS = 32
 
@@ -169,6 +176,20 @@ def pack_outliers(outliers: SparseOutliers) -> PackedOutliers:
     return PackedOutliers(rows.to(torch.int32), outliers.col.to(torch.int32).contiguous(), outliers.val.contiguous(), outliers.shape)
 
 
+def pack_bfp(weight: BFPWeight) -> PackedUniform:
+    """BFP weights are symmetric uniform weights whose group scale is a power of two:
+    ``w = (u - 2**(m-1)) * 2**(e - 127 - (m - 2))`` with groups of ``block_size`` input columns. The
+    kernel layout is therefore the uniform one (mantissas as ``m``-bit codes in planes, the fp32 power
+    of two of each exponent byte as the group scale, exact), and the uniform Triton kernels run it.
+    Reading fp32 scales costs 32 / block_size bits per weight of traffic where the exponent byte is 8."""
+    n, k = weight.shape
+    shift = weight.exponents.to(torch.int32) - BFP_EXPONENT_BIAS - (weight.mantissa_bits - 2)
+    half = torch.div(shift, 2, rounding_mode="floor")  # 2**shift in two halves: exact down to the subnormals
+    scales = torch.ldexp(torch.ldexp(torch.ones_like(shift, dtype=torch.float32), half.float()), (shift - half).float())
+    return PackedUniform(pack_codes(weight.mantissas, weight.mantissa_bits), scales.t().contiguous(), None,
+                         weight.mantissa_bits, weight.block_size, (n, k))
+
+
 def pack_dense_and_sparse(weight: DenseAndSparseWeight) -> tuple[PackedUniform | PackedLUT, PackedOutliers]:
     dense, _ = pack_weight(weight.base)
     return dense, pack_outliers(weight.outliers)
@@ -181,6 +202,7 @@ KERNEL_LAYOUTS = {
     "lut": lambda weight: (pack_lut(weight), None),
     "sparse": lambda weight: (None, pack_outliers(weight)),
     "dense_and_sparse": pack_dense_and_sparse,
+    "bfp": lambda weight: (pack_bfp(weight), None),
 }
 
 

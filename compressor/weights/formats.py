@@ -278,3 +278,122 @@ class DenseAndSparseWeight:
 QUANTIZED_WEIGHT_TYPES.update(
     {"lut": LUTWeight, "sparse": SparseOutliers, "dense_and_sparse": DenseAndSparseWeight}
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Block floating point (BFP): blocks of ``block_size`` consecutive values share one 8-bit exponent,
+# each value keeps an ``m``-bit signed mantissa. The one definition of the number format, used by
+# BFP weights (``BFPWeight``) and by the BFP KV cache (``compressor.kvcache``). Spec:
+# export/FORMATS.md ("Block floating point"); the rule is microxcaling's MXINT emulation
+# (MXINT8 = m 8, block 32) and dmx-compressor's BFP[m|8]:
+#
+#   E = floor(log2(max|x| over the block)),  step = 2**(E - (m - 2)),
+#   M = clamp(round(x / step), -(2**(m-1) - 1), 2**(m-1) - 1),   x_hat = M * step.
+#
+# Stored as unsigned bytes: exponent e = E + 127 (e = 0 marks an all-zero block; 255 is never
+# written), mantissa u = M + 2**(m-1) in [1, 2**m - 1]. Dequantization:
+# x_hat = (u - 2**(m-1)) * 2**(e - 127 - (m - 2)).
+
+BFP_MANTISSA_BITS = (4, 5, 6, 7, 8)
+BFP_BLOCK_SIZES = (8, 16, 32, 64, 128)
+BFP_ROUNDING = ("nearest_even", "nearest_away")
+BFP_EXPONENT_BITS = 8
+BFP_EXPONENT_BIAS = 127
+
+
+def bfp_blocks(length: int, block_size: int) -> int:
+    return math.ceil(length / block_size)
+
+
+def _times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``x * 2**exponent`` exactly (fp32): in two halves, so 2**exponent itself never overflows to inf."""
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    return torch.ldexp(torch.ldexp(x, half.float()), (exponent - half).float())
+
+
+def bfp_encode(x: torch.Tensor, mantissa_bits: int, block_size: int, rounding: str = "nearest_even") -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of ``block_size`` along the last dim of ``x`` [..., K] -> (mantissas uint8 [..., K],
+    exponents uint8 [..., ceil(K / block_size)]); a short last block is padded with zeros (which never
+    change a block's maximum). Computed in fp32; the exponent comes from ``frexp`` (exact)."""
+    if mantissa_bits not in BFP_MANTISSA_BITS:
+        raise ValueError(f"mantissa_bits {mantissa_bits} is not one of {BFP_MANTISSA_BITS}")
+    if rounding not in BFP_ROUNDING:
+        raise ValueError(f"rounding {rounding!r} is not one of {BFP_ROUNDING}")
+    k = x.shape[-1]
+    blocks = bfp_blocks(k, block_size)
+    values = x.float()
+    if not torch.isfinite(values).all():
+        raise ValueError("BFP cannot encode inf or NaN")
+    padded = torch.nn.functional.pad(values, (0, blocks * block_size - k)).reshape(*x.shape[:-1], blocks, block_size)
+    amax = padded.abs().amax(dim=-1)
+    _, exp2 = torch.frexp(amax)  # amax = f * 2**exp2 with f in [0.5, 1): floor(log2 amax) = exp2 - 1
+    exponent = (exp2 - 1).clamp(1 - BFP_EXPONENT_BIAS, BFP_EXPONENT_BIAS)
+    exponent = torch.where(amax > 0, exponent, torch.full_like(exponent, -BFP_EXPONENT_BIAS))
+    scaled = _times_power_of_two(padded, (mantissa_bits - 2 - exponent).unsqueeze(-1))  # x / step, exact
+    if rounding == "nearest_even":
+        rounded = torch.round(scaled)
+    else:
+        rounded = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
+    limit = 2 ** (mantissa_bits - 1) - 1
+    mantissas = (rounded.clamp(-limit, limit) + 2 ** (mantissa_bits - 1)).reshape(*x.shape[:-1], blocks * block_size)[..., :k]
+    return mantissas.to(torch.uint8), (exponent + BFP_EXPONENT_BIAS).to(torch.uint8)
+
+
+def bfp_decode(mantissas: torch.Tensor, exponents: torch.Tensor, mantissa_bits: int, block_size: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of ``bfp_encode``: (u - 2**(m-1)) * 2**(e - 127 - (m - 2)), in fp32, cast to ``dtype``."""
+    k = mantissas.shape[-1]
+    signed = mantissas.float() - 2 ** (mantissa_bits - 1)
+    shift = exponents.to(torch.int32) - BFP_EXPONENT_BIAS - (mantissa_bits - 2)
+    shift = shift.repeat_interleave(block_size, dim=-1)[..., :k]
+    return _times_power_of_two(signed, shift).to(dtype)
+
+
+def bfp_quantize(x: torch.Tensor, mantissa_bits: int, block_size: int, rounding: str = "nearest_even") -> torch.Tensor:
+    """``x`` through BFP and back (fp32, then ``x``'s dtype): what a BFP store followed by a load gives."""
+    return bfp_decode(*bfp_encode(x, mantissa_bits, block_size, rounding), mantissa_bits, block_size, x.dtype)
+
+
+def bfp_bits_per_value(length: int, mantissa_bits: int, block_size: int) -> float:
+    """Storage per value of a BFP vector of ``length`` values: m bits plus its share of the exponents."""
+    return mantissa_bits + BFP_EXPONENT_BITS * bfp_blocks(length, block_size) / length
+
+
+@dataclass
+class BFPWeight:
+    """Block-floating-point weights: each output row in blocks of ``block_size`` input columns, every
+    block one shared 8-bit exponent, every weight an ``mantissa_bits``-bit signed mantissa (stored
+    unsigned, ``u = M + 2**(m-1)``). ``w = (u - 2**(m-1)) * 2**(e - 127 - (m - 2))``."""
+
+    mantissas: torch.Tensor = tensor_field()  # uint8 [N, K], values in [1, 2**m)
+    exponents: torch.Tensor = tensor_field()  # uint8 [N, ceil(K / block_size)]
+    mantissa_bits: int = 8
+    block_size: int = 32
+
+    kind = "bfp"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mantissas.shape)
+
+    @property
+    def bits(self) -> int:
+        return self.mantissa_bits
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, mantissa_bits: int, block_size: int, rounding: str = "nearest_even") -> "BFPWeight":
+        """Round an [N, K] weight to BFP (rows in chunks: fp32 temporaries stay small)."""
+        parts = [bfp_encode(weight[rows], mantissa_bits, block_size, rounding) for rows in row_chunks(*weight.shape)]
+        return cls(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), mantissa_bits, block_size)
+
+    def rows(self, rows: slice) -> BFPWeight:
+        return BFPWeight(self.mantissas[rows], self.exponents[rows], self.mantissa_bits, self.block_size)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return bfp_decode(self.mantissas, self.exponents, self.mantissa_bits, self.block_size, dtype or torch.float32)
+
+    def bits_per_weight(self) -> float:
+        return bfp_bits_per_value(self.shape[1], self.mantissa_bits, self.block_size)
+
+
+QUANTIZED_WEIGHT_TYPES["bfp"] = BFPWeight

@@ -5,6 +5,7 @@ import torch
 
 from compressor.weights.formats import (
     QUANTIZED_WEIGHT_TYPES,
+    BFPWeight,
     DenseAndSparseWeight,
     LUTWeight,
     SparseOutliers,
@@ -21,7 +22,8 @@ def test_every_kind_a_codec_stores_survives_its_checkpoint_round_trip(weights):
     assert set(CODECS) <= set(QUANTIZED_WEIGHT_TYPES)
     values = [weights.uniform(6, 96, 3, symmetric=True, device="cpu"), weights.uniform(6, 96, 5, symmetric=False, device="cpu"),
               weights.lut(6, 96, 4, device="cpu"),
-              DenseAndSparseWeight.from_parts(weights.lut(6, 96, 3, device="cpu"), weights.outliers(6, 96, device="cpu"))]
+              DenseAndSparseWeight.from_parts(weights.lut(6, 96, 3, device="cpu"), weights.outliers(6, 96, device="cpu")),
+              BFPWeight.quantize(torch.randn(6, 96), 5, 32)]
     assert {v.kind for v in values} == set(CODECS)
     for value in values:
         codec = codec_for(value)

@@ -1,0 +1,206 @@
+"""BFP: block floating point with outlier-channel rearrangement ("K-sort"), for the KV cache and weights.
+
+Paper: Trukhanov & Soloveychik, *Accurate Block Quantization in LLMs with Outliers*, arXiv 2403.20137
+(no official code). Format: blocks of ``n`` values share one 8-bit exponent, each value an
+``m``-bit signed mantissa (``weights.formats.bfp_encode``; microxcaling's MXINT rule, MXINT8 = m 8,
+n 32). K-sort: a few key channels are large for almost every token; gathering channels of similar
+magnitude into the same blocks stops the large ones from flushing the small ones to zero. The
+permutation is applied to the post-RoPE keys as they enter the cache and undone when they leave
+(``kvcache/bfp.py``), so attention is exact for any permutation and the weights stay untouched: an
+engine that ignores it computes correct attention with an unquantized cache.
+
+Defaults and deviations: keys at 4-bit mantissas (the paper's BFP12), n 32, values unquantized
+(the paper quantizes keys); the sort statistic is the per-channel RMS of the calibration keys after
+RoPE (``act_rms``), not the paper's data-free W_k row norms (``weight_norm``, available), because the
+row norm bounds the pre-RoPE key and ignores the input's massive dimensions; ``scope: token`` cuts
+blocks over the layer's whole key vector (all KV heads), which the paper does not: with n = head_dim
+(the demo: 32) a per-head sort provably changes nothing, and a cross-head order is as cheap in our
+cache. ``scope: head`` is the paper's layout. BFP weights (``weight_bits``): blocks along the input
+dimension of every linear not in ``ignore``. Measured numbers: docs/methods/bfp.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compressor.arch import attention_geometry
+from compressor.kvcache.bfp import SCOPES, BFPCacheSpec
+from compressor.step import Step, param, register_step
+from compressor.weights.formats import BFP_BLOCK_SIZES, BFP_MANTISSA_BITS, BFP_ROUNDING, BFPWeight, bfp_quantize
+
+STATS = ("act_rms", "act_absmax", "weight_norm", "none")
+OPTIONAL_BITS = [None, *BFP_MANTISSA_BITS]
+
+
+# ----------------------------------------------------------------------------------------------
+# K-sort: channel statistics and the permutation
+
+
+def channel_stat(keys: torch.Tensor, stat: str) -> torch.Tensor:
+    """Per-channel magnitude [C] of keys [..., C] over every token: RMS or max |k|."""
+    flat = keys.reshape(-1, keys.shape[-1]).float()
+    if stat == "act_rms":
+        return flat.square().mean(0).sqrt()
+    if stat == "act_absmax":
+        return flat.abs().amax(0)
+    raise ValueError(f"ksort: {stat!r} is not a key statistic (act_rms, act_absmax)")
+
+
+def weight_norm_stat(k_weight: torch.Tensor) -> torch.Tensor:
+    """The paper's data-free statistic: the L2 norm of each row of W_k [H_kv * D, hidden]."""
+    return k_weight.float().norm(dim=1)
+
+
+def ksort_permutation(stat: torch.Tensor, head_dim: int, scope: str = "token") -> torch.Tensor:
+    """int32 [C]: the order of the layer's key channels, largest statistic first (stable, so ties keep
+    their order); position a of the stored vector holds channel perm[a]. ``scope: head`` sorts within
+    each head (channels never leave their head); ``token`` sorts all C channels together."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope: {scope!r} is not one of {', '.join(SCOPES)}")
+    if scope == "token":
+        return torch.sort(stat, descending=True, stable=True).indices.to(torch.int32)
+    heads = stat.numel() // head_dim
+    order = torch.sort(stat.reshape(heads, head_dim), dim=1, descending=True, stable=True).indices
+    return (order + torch.arange(heads).unsqueeze(1) * head_dim).flatten().to(torch.int32)
+
+
+def bfp_key_error(keys: torch.Tensor, bits: int, block_size: int, perm: torch.Tensor | None = None, rounding: str = "nearest_even") -> dict:
+    """Error of BFP-stored keys [..., C] (after ``perm``, compared in the original order): relative
+    MSE and the channel-normalised MSE (each channel's error over its own mean square)."""
+    keys = keys.reshape(-1, keys.shape[-1]).float()
+    stored = keys if perm is None else keys[:, perm.long()]
+    restored = bfp_quantize(stored, bits, block_size, rounding)
+    if perm is not None:
+        restored = restored[:, torch.argsort(perm.long())]
+    error = (restored - keys).square()
+    power = keys.square().mean(0).clamp(min=1e-30)
+    return {"relative_mse": float(error.sum() / keys.square().sum().clamp(min=1e-30)),
+            "channel_mse": float((error.mean(0) / power).mean())}
+
+
+class KeyRecorder:
+    """Stands in for the cache during a block's forward: accumulates per-channel statistics of the keys
+    the attention would cache (after RoPE and, for Qwen3, its k_norm), keeps up to ``sample_tokens`` of
+    them for the error report, and hands them back unchanged."""
+
+    def __init__(self, sample_tokens: int = 4096):
+        self.sum_squares = self.absmax = None
+        self.tokens = 0
+        self.sample: list[torch.Tensor] = []
+        self.sample_tokens = sample_tokens
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        b, h, t, d = key_states.shape
+        flat = key_states.detach().transpose(1, 2).reshape(b * t, h * d).float()
+        squares, absmax = flat.square().sum(0).cpu(), flat.abs().amax(0).cpu()
+        self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
+        self.absmax = absmax if self.absmax is None else torch.maximum(self.absmax, absmax)
+        self.tokens += b * t
+        kept = sum(len(s) for s in self.sample)
+        if kept < self.sample_tokens:
+            self.sample.append(flat[: self.sample_tokens - kept].cpu())
+        return key_states, value_states
+
+    def stat(self, stat: str) -> torch.Tensor:
+        """Per-channel ``act_rms`` or ``act_absmax`` over every calibration token."""
+        if stat == "act_rms":
+            return (self.sum_squares / self.tokens).sqrt()
+        if stat == "act_absmax":
+            return self.absmax
+        raise ValueError(f"ksort: {stat!r} is not a key statistic (act_rms, act_absmax)")
+
+
+def record_calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: list[dict]) -> KeyRecorder:
+    """Run ``block`` on the calibration inputs with a ``KeyRecorder`` as its cache."""
+    recorder = KeyRecorder()
+    with torch.no_grad():
+        for hidden, kwargs in zip(inputs, block_kwargs):
+            block(hidden, **{**{k: v for k, v in kwargs.items() if k != "past_key_values"}, "cache": recorder, "use_cache": True})
+    if not recorder.tokens:
+        raise ValueError("the attention never handed its keys to the cache: bfp needs Llama-family attention")
+    return recorder
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe step
+
+
+@register_step("bfp")
+@dataclass
+class BFP(Step):
+    """Block floating point: a BFP KV cache with K-sort (keys grouped by channel magnitude), and/or BFP weights."""
+
+    kv_bits: int | None = param(4, "key mantissa bits (sign included) of the BFP KV cache; null: the cache stays unquantized", choices=OPTIONAL_BITS)
+    v_bits: int | None = param(None, "value mantissa bits; null keeps values in the model dtype", choices=OPTIONAL_BITS)
+    block_size: int = param(32, "cache values sharing one 8-bit exponent", choices=BFP_BLOCK_SIZES)
+    ksort: str = param("act_rms", "key-channel order: act_rms / act_absmax of the calibration keys after RoPE, weight_norm "
+                       "(the paper's data-free W_k row norms), none", choices=STATS)
+    scope: str = param("token", "cache blocks over the layer's whole key vector (token) or within each KV head (head)", choices=SCOPES)
+    quantize_prompt: bool = param(True, "tokens of the current forward (the prompt) attend to their own BFP keys too")
+    weight_bits: int | None = param(None, "mantissa bits of BFP weights; null leaves the linears as they are", choices=OPTIONAL_BITS)
+    weight_block_size: int = param(32, "weights (along the input dimension) sharing one exponent", choices=BFP_BLOCK_SIZES)
+    rounding: str = param("nearest_even", "mantissa rounding (nearest_away: microxcaling's MX emulation)", choices=BFP_ROUNDING)
+    ignore: list[str] = param(["lm_head"], "linears left unquantized by weight_bits (glob, or re:REGEX)")
+
+    def __post_init__(self):
+        self.needs_calibration = self.kv_bits is not None and self.ksort.startswith("act")
+
+    def check(self) -> None:
+        if self.kv_bits is None and self.weight_bits is None:
+            raise ValueError("kv_bits: both kv_bits and weight_bits are null, so the step would do nothing")
+        if self.kv_bits is None and self.v_bits is not None:
+            raise ValueError("v_bits: values are stored in BFP only with the keys (set kv_bits)")
+
+    @property
+    def cache_spec(self) -> BFPCacheSpec:
+        return BFPCacheSpec(k_bits=self.kv_bits, v_bits=self.v_bits, block_size=self.block_size, scope=self.scope,
+                            rounding=self.rounding, quantize_fresh=self.quantize_prompt)
+
+    def check_model(self, linears: dict) -> None:
+        if self.kv_bits is not None and not any(name.endswith("self_attn.k_proj") for name in linears):
+            raise ValueError("kv_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE "
+                             "(Llama, Mistral, Qwen2, Qwen3); this model's blocks have none")
+
+    def compress_block(self, context) -> None:
+        if self.weight_bits is not None:
+            self.quantize_weights(context)
+        if self.kv_bits is not None:
+            self.sort_keys(context)
+
+    def quantize_weights(self, context) -> None:
+        for name, linear in context.linears(self.ignore).items():
+            weight = linear.weight.data
+            quantized = BFPWeight.quantize(weight, self.weight_bits, self.weight_block_size, self.rounding)
+            context.replace_linear(name, quantized)
+            error = (quantized.dequantize(torch.float32) - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
+            context.record(name, error=float(error), bits_per_weight=quantized.bits_per_weight())
+
+    def sort_keys(self, context) -> None:
+        geometry = attention_geometry(context.config)
+        spec = self.cache_spec
+        spec.check_geometry(geometry.head_dim)
+        if context.index == 0:
+            context.declare_kv_cache({**spec.to_dict(), "k_perm": self.ksort != "none", "v_perm": False})
+        attention = context.adapter.attention
+        recorder = record_calibration_keys(context.block, context.inputs, context.block_kwargs) if self.needs_calibration else None
+        if self.ksort == "none":
+            perm = None
+        elif self.ksort == "weight_norm":
+            k_proj = context.block.get_submodule(f"{attention}.k_proj")
+            weight = k_proj.quantized_weight.dequantize(torch.float32) if hasattr(k_proj, "quantized_weight") else k_proj.weight
+            perm = ksort_permutation(weight_norm_stat(weight.detach()), geometry.head_dim, self.scope)
+        else:
+            perm = ksort_permutation(recorder.stat(self.ksort), geometry.head_dim, self.scope)
+        if perm is not None:
+            context.attach_tensor(attention, "k_perm", perm)
+        numbers = {"k_bits": self.kv_bits, "block_size": self.block_size, "ksort": self.ksort}
+        if recorder is not None:
+            keys = torch.cat(recorder.sample)
+            unsorted = bfp_key_error(keys, self.kv_bits, self.block_size, None, self.rounding)
+            numbers.update(key_error_unsorted=unsorted["relative_mse"], key_channel_error_unsorted=unsorted["channel_mse"])
+            if perm is not None:
+                sorted_ = bfp_key_error(keys, self.kv_bits, self.block_size, perm, self.rounding)
+                numbers.update(key_error=sorted_["relative_mse"], key_channel_error=sorted_["channel_mse"])
+        context.record(f"{attention}.k_cache", **numbers)

@@ -2,7 +2,7 @@
 
 Reads only ``config.json`` (no weights, no torch). A checkpoint is described as parts: each
 compressed-tensors config group, our native lookup-table format, a DeepSeek-V3 MLA attention, or the
-plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine
+plain architecture (a SwiftKV model is a part of its own). For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine
 serves it and what it requires; the verdict is the path when every requirement holds, or the first
 requirement that fails, in words. Each requirement and caveat names its source, so a rule can be
 re-read when an engine changes: the engines' code moves, and these rules describe their releases as
@@ -55,6 +55,7 @@ VLLM_WNA16 = "vllm/model_executor/layers/quantization/compressed_tensors/schemes
 VLLM_MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py (MARLIN_SUPPORTED_GROUP_SIZES)"
 VLLM_MLA = "vllm/v1/attention/backends/mla/*.py get_supported_head_sizes (576 for FlashMLA, FlashInfer MLA, Triton MLA, CPU MLA)"
 HF_CT = "transformers/quantizers/quantizer_compressed_tensors.py"
+ARCTIC_SWIFTKV = "arctic_inference/vllm/swiftkv/llama_swiftkv.py, arctic_inference/common/swiftkv/configs.py"
 
 ROUTES: tuple[Route, ...] = (
     Route("vllm", "compressed-tensors", "CompressedTensorsWNA16 (Marlin or its fallbacks)", requirements=(
@@ -76,6 +77,11 @@ ROUTES: tuple[Route, ...] = (
         Rule("kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept); "
              "TransMLA's `serving: vllm` is not built yet", lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320), VLLM_MLA),
     )),
+    Route("vllm", "swiftkv", "arctic-inference's LlamaSwiftKVForCausalLM (pip install arctic-inference; ARCTIC_INFERENCE_ENABLED=1)", requirements=(
+        Rule("a Llama base (the plugin has no Qwen2 SwiftKV model)", lambda p: p["model_type"] == "llama_swiftkv", ARCTIC_SWIFTKV),
+        Rule("key_value_group_size 1: the plugin ignores AcrossKV (its config lacks the key, or marks it deprecated) and "
+             "expects k/v_proj_swiftkv in every upper layer", lambda p: p["group_size"] == 1, ARCTIC_SWIFTKV),
+    )),
     Route("vllm", "dense", "the model's own architecture, unquantized"),
     Route("transformers", "compressed-tensors", "compressed-tensors' quantizer: the weights stay packed (weight_packed, weight_scale) "
           "and are unpacked in each forward", requirements=(
@@ -88,6 +94,8 @@ ROUTES: tuple[Route, ...] = (
     )),
     Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table and sparse kernels)"),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
+    Route("transformers", "swiftkv", "the modeling code shipped with the checkpoint (trust_remote_code=True), or without it "
+          "after `import compressor`"),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )
 
@@ -116,6 +124,10 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
         facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0)}
         parts.append((f"MLA attention (kv_lora_rank {facts['kv_lora_rank']} + qk_rope_head_dim {facts['qk_rope_head_dim']})",
                       "deepseek-mla", facts))
+    if config.get("model_type") in ("llama_swiftkv", "qwen2_swiftkv"):
+        facts = {"model_type": config["model_type"], "group_size": config.get("key_value_group_size", 1)}
+        parts.append((f"SwiftKV attention (num_key_value_layers {config.get('num_key_value_layers')}, key_value_group_size "
+                      f"{facts['group_size']})", "swiftkv", facts))
     if not parts:
         parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))
     return parts

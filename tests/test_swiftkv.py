@@ -271,12 +271,24 @@ def test_export_has_the_released_layout_and_loads_three_ways(demo_swiftkv):
     assert torch.allclose(torch.load(saved), plain, atol=1e-5)
 
 
+def test_check_says_which_engines_serve_swiftkv_exports(demo_swiftkv):
+    from compressor.serving import check_checkpoint, verdicts
+
+    out, _ = demo_swiftkv
+    by_engine = {v.engine: v for v in check_checkpoint(out) if "SwiftKV" in v.part}
+    assert by_engine["transformers"].loads
+    assert not by_engine["vllm"].loads and "key_value_group_size 1" in by_engine["vllm"].how  # AcrossKV: not the plugin
+    single = {v.engine: v.loads for v in verdicts({"model_type": "llama_swiftkv", "num_key_value_layers": 3, "key_value_group_size": 1})}
+    assert single == {"vllm": True, "transformers": True}
+    assert not any(v.loads for v in verdicts({"model_type": "qwen2_swiftkv", "key_value_group_size": 1}) if v.engine == "vllm")
+
+
 def test_distillation_lowers_the_heldout_kl_and_trains_only_the_new_tensors(demo_swiftkv):
     _, report = demo_swiftkv
     row = next(r for r in report.rows if r["step"] == "swiftkv")
     assert row["kv_cache_layers"] == 4 + 1 and row["kv_cache_reduction"] == pytest.approx(2 / 6 * (1 - 1 / 2), abs=1e-6)
     before, after = row["heldout_curve"][0], min(row["heldout_curve"])
-    assert before > 0.05 and after < 0.7 * before
+    assert before > 1e-3 and after < 0.7 * before
     # the leader's q, k, v (256 -> 256, 64, 64), the follower's q, and the norm
     assert row["trained_parameters"] == 256 * (256 + 2 * 64) + 256 * 256 + 256
 

@@ -149,7 +149,7 @@ def main() -> None:
         f"Command: `{command}` (machine: {record['machine']}). {len(windows)} held-out windows of 512 tokens; "
         "perplexity and mean per-token KL from the original by `compressor.eval.evaluate` (every token's logits: no skipping). "
         f"KV bytes per token counted from the cache a {args.prompt}-token prefill filled (fp32).", "",
-        "| entry | recipe | perplexity | gap | KL | KV bytes/token | KV vs fp (configured) | held-out KL curve (trainer, top-64) | time |",
+        "| entry | recipe | perplexity | gap | KL | KV bytes/token | KV vs fp (configured) | held-out KL curve (trainer, top-k) | time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -234,7 +234,7 @@ def demo_swiftkv(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("swiftkv") / "demo"
     recipe = swiftkv_recipe(str(demo_text_path("calibration")), key_value_group_size=2, epochs=3, lr=2e-3)
-    recipe.calibration.samples, recipe.calibration.seq_len = 12, 64
+    recipe.calibration.samples, recipe.calibration.seq_len = 8, 64
     report = apply(recipe, "demo", out, progress=False)
     return out, report
 

@@ -92,8 +92,12 @@ class BlockwiseModel:
         self.embed = handle.model.get_submodule(adapter.embed_tokens)
         self.norm = handle.model.get_submodule(adapter.final_norm)
         self.lm_head = handle.model.get_submodule(adapter.lm_head)
-        self.blocks = list(handle.blocks)
         self.on_device: set[int] = set()  # indices of blocks currently visiting the device (offloaded mode)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The model's blocks as they are now (a model step may have swapped some: SwiftKV's upper layers)."""
+        return list(self.handle.blocks)
 
     @contextmanager
     def resident(self, index: int):

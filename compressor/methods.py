@@ -19,6 +19,7 @@ METHOD_MODULES = (
     "compressor.lowrank.modegpt",
     "compressor.lowrank.svd",
     "compressor.quant.bfp",
+    "compressor.lowrank.swiftkv",
 )
 
 

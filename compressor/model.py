@@ -130,8 +130,14 @@ class ModelHandle:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def outside_block_modules(self) -> dict[str, nn.Module]:
-        """Embedding, final norm and LM head: what a forward pass needs besides the blocks."""
+        """Embedding, final norm and LM head: what a forward pass needs besides the blocks; and any
+        other module with parameters that a step added beside the blocks (SwiftKV's ``norm_swiftkv``)."""
         names = [self.adapter.embed_tokens, self.adapter.final_norm, self.adapter.lm_head]
+        base = self.adapter.blocks.rpartition(".")[0]
+        for name, child in self.base_model.named_children():
+            full = f"{base}.{name}" if base else name
+            if full not in names and full != self.adapter.blocks and next(child.parameters(), None) is not None:
+                names.append(full)
         return {name: self.model.get_submodule(name) for name in names}
 
     def weight_bytes(self, dtype: torch.dtype) -> int:

@@ -3,7 +3,7 @@
 Reads only ``config.json`` (no weights, no torch); for GPTQ in transformers it also looks whether
 optimum and gptqmodel are installed, which that loader needs. A checkpoint is described as parts: each
 compressed-tensors config group, a GPTQ checkpoint, our native lookup-table format, a DeepSeek-V3 MLA
-attention, or the plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine
+attention, a SwiftKV model, an architecture whose modeling code ships with the checkpoint, or the plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine
 serves it and what it requires; the verdict is the path when every requirement holds, or the first
 requirement that fails, in words. Each requirement and caveat names its source, so a rule can be
 re-read when an engine changes: the engines' code moves, and these rules describe their releases as
@@ -59,6 +59,7 @@ HF_CT = "transformers/quantizers/quantizer_compressed_tensors.py"
 VLLM_GPTQ = ("vllm/model_executor/layers/quantization/auto_gptq.py (Marlin only since vllm-project/vllm#38288; 2/3-bit "
              "requested back in vllm-project/vllm#45051)")
 HF_GPTQ = "transformers/quantizers/quantizer_gptq.py (imports optimum.gptq; validate_environment needs gptqmodel on a CPU)"
+ARCTIC_SWIFTKV = "arctic_inference/vllm/swiftkv/llama_swiftkv.py, arctic_inference/common/swiftkv/configs.py"
 
 ROUTES: tuple[Route, ...] = (
     Route("vllm", "compressed-tensors", "CompressedTensorsWNA16 (Marlin or its fallbacks)", requirements=(
@@ -94,6 +95,11 @@ ROUTES: tuple[Route, ...] = (
         Rule("a vLLM model class for the architecture (the checkpoint ships transformers modeling code, which vLLM does not run; "
              "MoDeGPT's `export: masked` keeps stock shapes for vLLM)", lambda p: False, "vllm/model_executor/models/registry.py (_VLLM_MODELS)"),
     )),
+    Route("vllm", "swiftkv", "arctic-inference's LlamaSwiftKVForCausalLM (pip install arctic-inference; ARCTIC_INFERENCE_ENABLED=1)", requirements=(
+        Rule("a Llama base (the plugin has no Qwen2 SwiftKV model)", lambda p: p["model_type"] == "llama_swiftkv", ARCTIC_SWIFTKV),
+        Rule("key_value_group_size 1: the plugin ignores AcrossKV (its config lacks the key, or marks it deprecated) and "
+             "expects k/v_proj_swiftkv in every upper layer", lambda p: p["group_size"] == 1, ARCTIC_SWIFTKV),
+    )),
     Route("vllm", "dense", "the model's own architecture, unquantized"),
     Route("transformers", "compressed-tensors", "compressed-tensors' quantizer: the weights stay packed (weight_packed, weight_scale) "
           "and are unpacked in each forward", requirements=(
@@ -113,6 +119,8 @@ ROUTES: tuple[Route, ...] = (
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
     Route("transformers", "shipped-code", "the modeling code shipped with the checkpoint (`trust_remote_code=True`), or our loaders "
           "without remote code"),
+    Route("transformers", "swiftkv", "the modeling code shipped with the checkpoint (trust_remote_code=True), or without it "
+          "after `import compressor`"),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )
 
@@ -148,7 +156,11 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
         facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0), "rope_type": rope.get("rope_type")}
         parts.append((f"MLA attention (kv_lora_rank {facts['kv_lora_rank']} + qk_rope_head_dim {facts['qk_rope_head_dim']})",
                       "deepseek-mla", facts))
-    if "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+    if config.get("model_type") in ("llama_swiftkv", "qwen2_swiftkv"):
+        facts = {"model_type": config["model_type"], "group_size": config.get("key_value_group_size", 1)}
+        parts.append((f"SwiftKV attention (num_key_value_layers {config.get('num_key_value_layers')}, key_value_group_size "
+                      f"{facts['group_size']})", "swiftkv", facts))
+    elif "AutoModelForCausalLM" in (config.get("auto_map") or {}):
         parts.append((f"{config.get('model_type')} architecture ({config['auto_map']['AutoModelForCausalLM']})", "shipped-code", {}))
     if not parts:
         parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))

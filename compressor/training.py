@@ -8,6 +8,8 @@ held-out losses form the curve the report records beside the training losses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -50,3 +52,11 @@ class BestState:
     def summary(self) -> dict:
         """The report's view: the held-out curve, which epoch was kept (0: the untrained start)."""
         return {"heldout_curve": [round(v, 6) for v in self.curve], "kept_epoch": self.best_epoch}
+
+
+def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (transformers' schedule,
+    counted so that the first step already has a nonzero rate)."""
+    if step < warmup:
+        return base * (step + 1) / (warmup + 1)
+    return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2

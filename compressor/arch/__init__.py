@@ -120,19 +120,21 @@ def attention_geometry(config) -> AttentionGeometry:
 
 
 def block_linears(adapter: ArchAdapter, block: nn.Module) -> dict[str, nn.Module]:
-    """The canonical projections of one block (dense or already quantized), keyed by path in the block.
+    """The canonical projections of one block (dense or already quantized), keyed by path in the block,
+    then any other linear a step added beside them (SwiftKV's ``*_swiftkv`` projections).
 
     A block whose layout a step changed (TransMLA's latent attention) has other projections: then
     every linear layer it holds (``nn.Linear`` or one with ``in_features`` and ``out_features``, as
     quantized linears have), in module order."""
     modules = dict(block.named_modules())
     missing = [path for path in adapter.linears.values() if path not in modules]
-    if not missing:
-        return {path: modules[path] for path in adapter.linears.values()}
     linears = {
         path: module for path, module in modules.items()
         if isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "tensor_names"))
     }
+    if not missing:
+        canonical = {path: modules[path] for path in adapter.linears.values()}
+        return canonical | {path: module for path, module in linears.items() if path not in canonical}
     if not linears:
         raise UnsupportedArchitecture(f"{adapter.family} block has no module at {', '.join(missing)}")
     return linears

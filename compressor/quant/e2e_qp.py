@@ -31,7 +31,7 @@ from compressor.distill import train_end_to_end
 from compressor.quant.uniform import clamp_ste, round_ste
 from compressor.report import peak_memory
 from compressor.step import Step, param, register_step
-from compressor.training import holdout_count
+from compressor.training import holdout_count, warmup_cosine_lr
 from compressor.weights.linear import QuantizedLinear
 
 
@@ -50,14 +50,6 @@ def trained_tensor(module: QuantizedLinear) -> str | None:
     """What E2E-QP trains in a quantized linear: a uniform value's step sizes (``scales``) or a
     lookup-table value's codebooks (``lut``, SqueezeLLM); None for anything else."""
     return next((name for name in ("scales", "lut") if name in module.tensor_names and getattr(module, name) is not None), None)
-
-
-def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine to 0 at ``total`` (transformers' schedule,
-    counted so that the first step already has a nonzero rate)."""
-    if step < warmup:
-        return base * (step + 1) / (warmup + 1)
-    return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
 
 
 @register_step("efficientqat_e2e_qp")

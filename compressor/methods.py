@@ -16,6 +16,7 @@ METHOD_MODULES = (
     "compressor.quant.e2e_qp",
     "compressor.quant.squeezellm",
     "compressor.lowrank.transmla",
+    "compressor.quant.qllm",
 )
 
 

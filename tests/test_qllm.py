@@ -1,0 +1,239 @@
+"""QLLM: the reassembly identities (shared/methods/qllm.md section 7), its exactness on every
+architecture, the quality properties on planted outliers, error correction, the activation quantizer,
+bad keys, and export round trips (native W+A and compressed-tensors weight-only)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compressor import Recipe, apply
+from compressor.model import ModelHandle
+from compressor.pipeline import Session
+from compressor.quant import qllm
+from compressor.quant.qllm import (
+    QLLMLinear,
+    channel_magnitudes,
+    choose_merges,
+    disassemble,
+    fake_quantize_weight,
+    merge_scores,
+    reassemble,
+    search_threshold,
+    split_counts,
+    threshold_candidates,
+)
+from compressor.quant.uniform import quantize_uniform
+from compressor.recipe import RecipeError
+from compressor.weights.activations import ActivationSpec, ChannelMap, fake_quantize_tokens
+
+TOKENS = 37
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reassembly math (fp64)
+
+
+@pytest.mark.parametrize("channels", [15, 16])
+def test_disassembly_is_exact_and_bounds_every_channel(channels):
+    x = torch.randn(TOKENS, channels, generator=gen(channels), dtype=torch.float64)
+    x[:, 3] *= 40
+    w = torch.randn(9, channels, generator=gen(1), dtype=torch.float64)
+    counts = torch.randint(1, 6, (channels,), generator=gen(2))
+    x_split, w_split = disassemble(x, w, counts)
+    torch.testing.assert_close(x_split @ w_split.t(), x @ w.t(), rtol=1e-12, atol=1e-12)
+    theta = 7.0
+    counts = split_counts(channel_magnitudes(x), theta)
+    x_split, _ = disassemble(x, w, counts)
+    assert float(x_split.abs().amax()) <= theta + 1e-12
+    assert int(counts[3]) > 1
+
+
+def test_merging_equal_channels_is_exact_and_the_merge_error_formula_holds():
+    x = torch.randn(TOKENS, 2, generator=gen(0), dtype=torch.float64)
+    w = torch.randn(5, 2, generator=gen(1), dtype=torch.float64)
+    merged = (w[:, 0] + w[:, 1])[:, None] * ((x[:, 0] + x[:, 1]) / 2)[None, :]  # W'' x'' for the pair
+    error = (x @ w.t()).t() - merged
+    expected = ((w[:, 0] - w[:, 1])[:, None] * (x[:, 0] - x[:, 1])[None, :]) / 2
+    torch.testing.assert_close(error, expected, rtol=1e-12, atol=1e-12)
+    x[:, 1] = x[:, 0]
+    merged = (w[:, 0] + w[:, 1])[:, None] * ((x[:, 0] + x[:, 1]) / 2)[None, :]
+    torch.testing.assert_close(merged, (x @ w.t()).t(), rtol=1e-12, atol=1e-12)
+
+
+def literal_scores(x, w, movable):
+    """The official double loop (reassembly/ca_module.py), all a-channels included, ported for the test."""
+    a, b = list(range(0, x.shape[1], 2)), list(range(1, x.shape[1], 2))
+    scores = torch.zeros(len(a), len(b), dtype=torch.float64)
+    for i, ai in enumerate(a):
+        for j, bj in enumerate(b):
+            d = torch.linalg.norm(x[:, ai] - x[:, bj])
+            u, v = w[:, ai].sum(), w[:, bj].sum()
+            scores[i, j] = math.inf if not (movable[ai] and movable[bj]) else float(((u + v) * d) ** 2)
+    return scores
+
+
+@pytest.mark.parametrize("channels", [15, 16])
+def test_vectorised_scores_equal_the_official_double_loop(channels):
+    x = torch.randn(TOKENS, channels, generator=gen(3), dtype=torch.float64)
+    w = torch.randn(7, channels, generator=gen(4), dtype=torch.float64)
+    movable = torch.ones(channels, dtype=torch.bool)
+    movable[[2, 5]] = False
+    torch.testing.assert_close(merge_scores(x, w, movable, "code").double(), literal_scores(x, w, movable), rtol=1e-5, atol=1e-6)
+    paper = merge_scores(x, w, movable, "paper")
+    i, j = 1, 2  # a-channel 2, b-channel 5 are masked; pair (a=2 -> index 1 of a) is masked, check an unmasked one
+    i, j = 3, 3  # a = channel 6, b = channel 7
+    exact = float(torch.linalg.norm(x[:, 6] - x[:, 7]) ** 2 * torch.linalg.norm(w[:, 6] - w[:, 7]) ** 2 / 4)
+    assert paper[i, j].item() == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize("channels", [15, 16])
+def test_reassembly_keeps_the_width_never_merges_sub_channels_and_p_is_the_bookkeeping(channels):
+    x = torch.randn(TOKENS, channels, generator=gen(5), dtype=torch.float64)
+    x[:, 1] *= 30
+    x[:, 8] *= 12
+    weights = [torch.randn(6, channels, generator=gen(6), dtype=torch.float64), torch.randn(4, channels, generator=gen(7), dtype=torch.float64)]
+    m = channel_magnitudes(x)
+    theta = max(float(m[1]) / 3, float(m[8]) / 2, float(m.sort().values[-3])) * 1.01  # splits the two outliers only
+    plan = reassemble(x, weights, m, theta)
+    assert plan.extra > 0
+    p = plan.channel_map
+    assert (p.channels, p.in_channels) == (channels, channels)
+    assert p.nnz <= channels + plan.extra
+    # the bookkeeping: disassemble, then merge the chosen pairs explicitly
+    counts = split_counts(m, theta)
+    owner = torch.repeat_interleave(torch.arange(channels), counts)
+    x_split, w_split = disassemble(x, torch.cat(weights), counts)
+    movable = counts[owner] == 1
+    sources, destinations = choose_merges(merge_scores(x_split, w_split, movable), plan.extra)
+    assert bool(movable[sources].all()) and bool(movable[destinations].all())  # sub-channels never merge
+    keep = [k for k in range(len(owner)) if k not in set(sources.tolist())]
+    members = {d: [d] for d in keep}
+    for s, d in zip(sources.tolist(), destinations.tolist()):
+        members[d].append(s)
+    x_merged = torch.stack([x_split[:, members[k]].mean(1) for k in keep], 1)
+    w_merged = torch.stack([w_split[:, members[k]].sum(1) for k in keep], 1)
+    torch.testing.assert_close(p.apply(x.float()).double(), x_merged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(plan.weights).double(), w_merged, rtol=1e-6, atol=1e-6)
+    assert float(p.apply(x.float()).abs().amax()) <= theta * (1 + 1e-6)  # every channel now bounded by theta
+
+
+def test_duplicated_channels_are_matched_and_the_transform_is_then_lossless():
+    channels = 16
+    x = torch.randn(TOKENS, channels, generator=gen(8), dtype=torch.float64)
+    x[:, 0] *= 25  # one outlier: split into several copies, so that many pairs must merge
+    for i in (2, 4, 6, 8, 10):
+        x[:, i + 1] = x[:, i]
+    weights = [torch.randn(5, channels, generator=gen(9), dtype=torch.float64)]
+    m = channel_magnitudes(x)
+    theta = float(m[0]) / 3.5  # channel 0 -> 4 copies: A = 3 pairs to merge
+    plan = reassemble(x, weights, m, theta)
+    assert plan.extra == 3
+    fresh = torch.randn(11, channels, generator=gen(10), dtype=torch.float64)
+    for i in (2, 4, 6, 8, 10):
+        fresh[:, i + 1] = fresh[:, i]
+    # disassembly shifts the indices of channels after 0 by 3, so duplicates sit at (odd, even) pairs... any
+    # zero-score pairs the matcher finds are exact; check the result rather than the indices
+    out = (plan.channel_map.dense().double() @ fresh.t()).t() @ plan.weights[0].double().t()
+    torch.testing.assert_close(out, fresh @ weights[0].t(), rtol=1e-6, atol=1e-6)
+
+
+def test_threshold_search_is_monotone_within_budget_and_never_worse_than_none():
+    x = torch.randn(64, 24, generator=gen(11))
+    x[:, [3, 17]] *= 100
+    w = torch.randn(32, 24, generator=gen(12))
+    m = channel_magnitudes(x)
+    candidates = threshold_candidates(m, budget=math.floor(0.2 * 24))
+    thetas, extras = zip(*candidates)
+    assert list(thetas) == sorted(thetas, reverse=True) and list(extras) == sorted(extras)
+    assert max(extras) <= math.floor(0.2 * 24)
+    spec = ActivationSpec(4)
+    quantizer = dict(bits=4, group_size=-1, symmetric=False, scale_dtype=torch.float32)
+    reference = x @ w.t()
+
+    def loss_of(plan):
+        module = QLLMLinear(w if plan is None else plan.weights[0], None, quantizer, spec, None if plan is None else plan.channel_map)
+        return float((module(x) - reference).square().mean())
+
+    result = search_threshold(x, [w], m, loss_of, 0.2)
+    assert result.loss <= result.loss_without
+    assert all(extra <= 4 for _, extra, _ in result.evaluated)
+    assert result.loss == min(loss for _, _, loss in result.evaluated)
+    official = search_threshold(x, [w], m, loss_of, 0.2, consider_no_reassembly=False)
+    assert all(extra > 0 for _, extra, _ in official.evaluated)
+
+
+def test_reassembly_halves_the_w4a4_error_of_planted_100x_outliers():
+    x = torch.randn(256, 64, generator=gen(13))
+    x[:, [5, 40]] *= 100
+    w = torch.randn(48, 64, generator=gen(14)) / 8
+    spec = ActivationSpec(4)
+    quantizer = dict(bits=4, group_size=-1, symmetric=False, scale_dtype=torch.float32)
+    reference = x @ w.t()
+    plain = float((QLLMLinear(w, None, quantizer, spec)(x) - reference).square().mean())
+
+    def loss_of(plan):
+        module = QLLMLinear(w if plan is None else plan.weights[0], None, quantizer, spec, None if plan is None else plan.channel_map)
+        return float((module(x) - reference).square().mean())
+
+    result = search_threshold(x[:64], [w], channel_magnitudes(x), loss_of, 0.2)
+    assert result.best is not None
+    assert loss_of(result.best) * 2 <= plain
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantizers
+
+
+def test_activation_quantizer_matches_the_official_formulas_and_passes_gradients():
+    x = torch.tensor([[-1.0, 0.0, 0.5, 2.0], [3.0, 3.0, 3.0, 3.0]], requires_grad=True)
+    out = fake_quantize_tokens(x, 4)
+    s = 3.0 / 15
+    z = round(1.0 / s)
+    expected = (torch.clamp(torch.round(x[0].detach() / s) + z, 0, 15) - z) * s
+    torch.testing.assert_close(out[0].detach(), expected)
+    assert torch.isfinite(out).all()  # a constant token: the scale clamps to 1e-5, no NaN
+    torch.testing.assert_close(out[1].detach(), x[1].detach(), atol=1e-4, rtol=0)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    sym = fake_quantize_tokens(torch.tensor([[-7.0, 3.5, 1.0]]), 4, symmetric=True)
+    torch.testing.assert_close(sym, torch.tensor([[-7.0, 4.0, 1.0]]))
+
+
+def test_weight_fake_quantizer_equals_the_exported_rtn_grid():
+    w = torch.randn(12, 40, generator=gen(15))
+    w[3] = 0.25  # a constant row
+    for scale_dtype in (torch.float32, torch.bfloat16):
+        rtn = quantize_uniform(w, 4, -1, False, scale_dtype)
+        assert torch.equal(fake_quantize_weight(w, 4, -1, False, scale_dtype), rtn.dequantize(torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Error correction
+
+
+def test_lora_starts_at_zero_merges_exactly_and_has_rank_r():
+    w = torch.randn(20, 32, generator=gen(16))
+    quantizer = dict(bits=4, group_size=-1, symmetric=False, scale_dtype=torch.float32)
+    module = QLLMLinear(w, torch.randn(20), quantizer, ActivationSpec(8))
+    x = torch.randn(5, 32, generator=gen(17))
+    before = module(x)
+    module.add_lora(4, 1.0, "post_quant", gen(18))
+    assert torch.equal(module(x), before)  # B = 0: bit-exact at step 0
+    with torch.no_grad():
+        module.lora_b.normal_(generator=gen(19))
+    delta = module.merged_weight() - w
+    assert torch.linalg.matrix_rank(delta).item() <= 4
+    full = QLLMLinear(w, None, {**quantizer, "bits": 8}, None)
+    full.add_lora(4, 1.0, "pre_quant", gen(18))
+    with torch.no_grad():
+        full.lora_b.copy_(module.lora_b)
+    merged = QLLMLinear(full.merged_weight().detach(), None, {**quantizer, "bits": 8}, None)
+    assert torch.equal(full(x), merged(x))  # pre_quant is exactly what the merge deploys

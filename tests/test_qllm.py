@@ -171,9 +171,10 @@ def test_threshold_search_is_monotone_within_budget_and_never_worse_than_none():
 
 
 def test_reassembly_halves_the_w4a4_error_of_planted_100x_outliers():
-    x = torch.randn(256, 64, generator=gen(13))
+    # Splitting must bring a 100x outlier near the others within the budget (0.2 C), hence C = 1024.
+    x = torch.randn(256, 1024, generator=gen(13))
     x[:, [5, 40]] *= 100
-    w = torch.randn(48, 64, generator=gen(14)) / 8
+    w = torch.randn(48, 1024, generator=gen(14)) / 8
     spec = ActivationSpec(4)
     quantizer = dict(bits=4, group_size=-1, symmetric=False, scale_dtype=torch.float32)
     reference = x @ w.t()
@@ -183,7 +184,7 @@ def test_reassembly_halves_the_w4a4_error_of_planted_100x_outliers():
         module = QLLMLinear(w if plan is None else plan.weights[0], None, quantizer, spec, None if plan is None else plan.channel_map)
         return float((module(x) - reference).square().mean())
 
-    result = search_threshold(x[:64], [w], channel_magnitudes(x), loss_of, 0.2)
+    result = search_threshold(x[:64], [w], channel_magnitudes(x), loss_of, 0.2, mode="paper", max_candidates=12)
     assert result.best is not None
     assert loss_of(result.best) * 2 <= plain
 

@@ -7,7 +7,8 @@ eval``, and after loading an export through our loader or transformers after ``i
   ``fake_quantize_tokens`` is its math (the last dim is the token's channels; ranges are taken from
   the tensor itself at every call, as W4A4 / W4A8 papers simulate it). Asymmetric:
   ``s = (max - min) / (2**b - 1)``, ``z = round(-min / s)``, ``x_hat = (clamp(round(x/s) + z, 0, 2**b-1) - z) * s``
-  with ``s`` clamped to [1e-5, 1e4] (a constant token does not divide by zero). Symmetric:
+  with ``s`` clamped to [1e-5, 1e4] (a constant token does not divide by zero, and since ``z`` is not
+  clamped as in OmniQuant/QLLM's code, it comes back unchanged instead of shifted). Symmetric:
   ``s = max|x| / (2**(b-1) - 1)``. Rounding is straight-through, so the quantizer can sit in training.
 * ``ChannelMap``: a fixed sparse linear map ``x'' = P x`` on a linear's input channels (CSR: row =
   new channel, col = original channel), applied before the activation quantizer. QLLM's channel
@@ -72,7 +73,7 @@ def fake_quantize_tokens(x: torch.Tensor, bits: int, symmetric: bool = False) ->
         return (codes * scale).to(original)
     low, high = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
     scale = ((high - low) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-    zero = _round_ste(-low / scale).clamp(-SCALE_MAX, SCALE_MAX)
+    zero = _round_ste(-low / scale)  # unclamped (official: +-1e4), so a constant token comes back as itself
     codes = (_round_ste(x / scale) + zero).clamp(0, qmax)
     return ((codes - zero) * scale).to(original)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compressor.errors import UserError
+from compressor.export import native
 from compressor.export.codecs import codec_for
 from compressor.export.shards import ShardWriter
 from compressor.recipe import parse_size
@@ -93,6 +94,7 @@ class CheckpointWriter:
         self.shards = ShardWriter(self.directory, parse_size(export_config.max_shard_size))
         self.codec = None  # the export codec of the quantized modules (export/codecs.py): one per checkpoint
         self.entries: dict[str, dict] = {}  # quantized module name -> its codec's entry
+        self.attention: dict[str, dict] = {}  # attention modules whose Q, K, V are quantized -> spec
         self.dense_linears: list[str] = []
         self.quantized_parameters = 0
         self.quantized_bits = 0.0
@@ -104,6 +106,8 @@ class CheckpointWriter:
         quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
         for name, child in module.named_modules():
             full = f"{prefix}.{name}" if name else prefix
+            if getattr(child, "activation_quantization", None) is not None:
+                self.attention[full] = child.activation_quantization.to_config()
             if name in quantized:
                 self.write_quantized(full, child)
             elif isinstance(child, nn.Linear) and not any(name.startswith(f"{q}.") for q in quantized):
@@ -119,9 +123,11 @@ class CheckpointWriter:
         self.quantized_parameters += weight.shape[0] * weight.shape[1]
         self.quantized_bits += weight.shape[0] * weight.shape[1] * weight.bits_per_weight()
         if self.format == "dense":
+            if module.quantizes_inputs:
+                raise ExportError(f"{name}: its inputs are quantized or channel-mapped, which export format 'dense' cannot record; use 'auto'")
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
-        codec = codec_for(weight)
+        codec = codec_for(weight, module.quantizes_inputs)
         if codec is None or self.format not in ("auto", codec.QUANT_METHOD):
             raise ExportError(f"{name}: no checkpoint format for '{weight.kind}' weights in export format '{self.format}'")
         if self.codec is not None and codec is not self.codec:
@@ -130,6 +136,9 @@ class CheckpointWriter:
         self.codec = codec
         self.entries[name] = codec.module_entry(weight)
         tensors = codec.to_tensors(weight, self.dtype)
+        if module.quantizes_inputs:
+            self.entries[name].update(native.inputs_entry(module))
+            tensors.update(native.input_tensors(module))
         for suffix, tensor in tensors.items():
             self.shards.add(f"{name}.{suffix}", tensor)
 
@@ -163,8 +172,11 @@ class CheckpointWriter:
             for file, source in architecture.modeling_files.items():
                 (self.directory / file).write_text(source)
             config.auto_map = dict(architecture.auto_map)
+        if self.attention and self.codec is not native:
+            raise ExportError(f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it for W+A layers)")
         if self.codec is not None:
-            config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears)
+            extra = {"attention": self.attention} if self.attention else {}
+            config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears, **extra)
         config.save_pretrained(self.directory)
         for file in COPIED_FILES:
             if (handle.path / file).is_file():

@@ -27,7 +27,10 @@ CODECS = {
 FORMATS = {codec.QUANT_METHOD: codec for codec in CODECS.values()}
 
 
-def codec_for(weight):
-    """The codec that writes ``weight``, or None when no checkpoint format stores it."""
+def codec_for(weight, quantized_inputs: bool = False):
+    """The codec that writes ``weight``, or None when no checkpoint format stores it. A layer whose
+    inputs are quantized or channel-mapped (W+A) goes to the native format, which records that."""
+    if quantized_inputs:
+        return native if native.supports(weight) else None
     codec = CODECS.get(weight.kind)
     return codec if codec is not None and codec.supports(weight) else None

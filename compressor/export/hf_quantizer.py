@@ -30,7 +30,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from compressor.export import native
 from compressor.weights.linear import QuantizedLinear, dequantize_model_
 
-INT_DTYPES = {"int32": torch.int32, "int64": torch.int64}
+INT_DTYPES = {"int32": torch.int32, "int64": torch.int64, "float32": torch.float32}  # fixed dtypes; "float" follows the model
 
 
 class CompressorConfig(QuantizationConfigMixin):
@@ -51,8 +51,8 @@ class CompressorConfig(QuantizationConfigMixin):
     def post_init(self):
         if self.version > native.FORMAT_VERSION:
             raise ValueError(f"compressor checkpoint format version {self.version} is newer than this compressor reads ({native.FORMAT_VERSION}); upgrade compressor")
-        if self.format != "lut":
-            raise ValueError(f"compressor checkpoint format {self.format!r} is not supported (known: 'lut')")
+        if self.format not in ("lut", "uniform", "mixed"):
+            raise ValueError(f"compressor checkpoint format {self.format!r} is not supported (known: 'lut', 'uniform', 'mixed')")
 
 
 class CheckpointLinear(nn.Module):
@@ -74,7 +74,9 @@ class CheckpointLinear(nn.Module):
             weight = native.from_tensors(tensors, self.entry)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
-        return QuantizedLinear(weight, None if self.bias is None else self.bias.data)
+        module = QuantizedLinear(weight, None if self.bias is None else self.bias.data)
+        native.attach_inputs(module, tensors, self.entry)
+        return module
 
 
 class CompressorHfQuantizer(HfQuantizer):
@@ -100,6 +102,7 @@ class CompressorHfQuantizer(HfQuantizer):
             placeholder = model.get_submodule(name)
             if isinstance(placeholder, CheckpointLinear):
                 model.set_submodule(name, placeholder.to_quantized(name))
+        native.install_attention(model, self.quantization_config.to_dict())
         return model
 
     def _dequantize(self, model, dtype=None):

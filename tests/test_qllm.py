@@ -238,3 +238,61 @@ def test_lora_starts_at_zero_merges_exactly_and_has_rank_r():
         full.lora_b.copy_(module.lora_b)
     merged = QLLMLinear(full.merged_weight().detach(), None, {**quantizer, "bits": 8}, None)
     assert torch.equal(full(x), merged(x))  # pre_quant is exactly what the merge deploys
+
+
+# ----------------------------------------------------------------------------------------------
+# Reassembly on real architectures: exact in fp32
+
+
+class MappedLinear(nn.Module):
+    """W'' (P x) + b, unquantized: what reassembly alone computes."""
+
+    def __init__(self, weight, bias, channel_map):
+        super().__init__()
+        self.weight, self.bias, self.channel_map = weight, bias, channel_map
+
+    def forward(self, x):
+        return nn.functional.linear(self.channel_map.apply(x), self.weight.to(x.dtype), self.bias)
+
+
+def plant(model, duplicates=range(40, 72)):
+    """Outlier channels at the three points of every block, and a run of consumer columns made equal,
+    so that merging any two of them is exact: reassembly must then leave the logits unchanged."""
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.input_layernorm.weight[3] *= 40
+            block.post_attention_layernorm.weight[9] *= 40
+            block.mlp.up_proj.weight[11] *= 40
+            for module in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj):
+                module.weight[:, list(duplicates)] = module.weight[:, duplicates[0]][:, None]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "qwen3"])
+def test_reassembly_alone_is_exact_in_fp32(tiny_models, architecture):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[architecture], dtype=torch.float32).eval()
+    plant(model)
+    ids = torch.randint(0, 320, (3, 21), generator=gen(20))
+    with torch.no_grad():
+        reference = model(ids).logits
+    points = {"attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "mlp_in": ("mlp.gate_proj", "mlp.up_proj"), "down_in": ("mlp.down_proj",)}
+    features, hooks = {}, []
+    for index, block in enumerate(model.model.layers):
+        for point, names in points.items():
+            hooks.append(block.get_submodule(names[0]).register_forward_pre_hook(
+                lambda m, args, key=(index, point): features.__setitem__(key, args[0].detach().reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    extras = []
+    for index, block in enumerate(model.model.layers):
+        for point, names in points.items():
+            x = features[(index, point)]
+            m = channel_magnitudes(x)
+            plan = reassemble(x, [block.get_submodule(n).weight.detach() for n in names], m, float(m.max()) / 3.5, mode="paper")
+            extras.append(plan.extra)
+            for name, weight in zip(names, plan.weights):
+                block.set_submodule(name, MappedLinear(weight, block.get_submodule(name).bias, plan.channel_map))
+    assert min(extras) >= 3  # every point split its outlier and merged as many pairs
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compressor import Recipe, apply
+from compressor.export import load_quantized_model
 from compressor.model import ModelHandle
 from compressor.pipeline import Session
 from compressor.quant import qllm
@@ -296,3 +297,143 @@ def test_reassembly_alone_is_exact_in_fp32(tiny_models, architecture):
     assert min(extras) >= 3  # every point split its outlier and merged as many pairs
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step: planted outliers, error correction, export and load
+
+
+def recipe(calibration_file, step, samples=4, **export):
+    return Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": samples, "seq_len": 32, "seed": 0},
+                             "steps": [step], "export": export or {"format": "auto"}})
+
+
+def run_session(path, chosen):
+    session = Session(ModelHandle.open(path), chosen, AutoTokenizer.from_pretrained(path), progress=False, batch_size=4)
+    report = session.run()
+    return session, {row["module"].split(".", 3)[-1]: row for row in report.rows if row["step"] == "qllm"}
+
+
+@pytest.fixture(scope="module")
+def planted_model(tmp_path_factory):
+    """One block (hidden 256) whose three reassembly points carry two 100x activation channels each;
+    their consumers' columns are divided by 100, so the fp function is a normal one (as in real LLMs,
+    where the massive channels meet small weights) and only activation quantization suffers."""
+    from compressor.testing import make_random_model
+
+    path = make_random_model("llama", tmp_path_factory.mktemp("planted") / "model", hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=4)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.input_layernorm.weight[[3, 70]] *= 100
+            block.post_attention_layernorm.weight[[9, 80]] *= 100
+            block.mlp.up_proj.weight[[11, 90]] *= 100
+            for module in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+                module.weight[:, [3, 70]] /= 100
+            for module in (block.mlp.gate_proj, block.mlp.up_proj):
+                module.weight[:, [9, 80]] /= 100
+            block.mlp.down_proj.weight[:, [11, 90]] /= 100
+    model.save_pretrained(path)
+    return path
+
+
+QUICK = {"feature_samples": 2, "search_candidates": 8, "merge_score": "paper"}
+
+
+def test_planted_outliers_reassembly_halves_the_block_error_and_error_correction_lowers_it_again(planted_model, calibration_file, tmp_path):
+    _, plain = run_session(planted_model, recipe(calibration_file, {"qllm": {"reassembly": False, "rank": 0, **QUICK}}))
+    corrected = {"qllm": {"epochs": 3, "lr": 1e-3, "heldout": 0.0, **QUICK}}
+    session, rows = run_session(planted_model, recipe(calibration_file, corrected))
+    assert all(rows[f"reassembly.{p}"]["extra_channels"] > 0 for p in ("attn_in", "mlp_in", "down_in"))
+    assert rows["error_correction"]["mse_init"] * 2 <= plain["error_correction"]["mse_init"]  # reassembly alone
+    assert rows["error_correction"]["mse_final"] < rows["error_correction"]["mse_init"]  # then error correction, merged
+    assert rows["error_correction"]["peak_memory_mib"] > 0
+
+    # the model in memory, exported (same run again: deterministic), loaded by us and by transformers
+    handle = session.handle
+    for name in handle.outside_block_modules():
+        handle.materialize(name, "cpu", torch.float32)
+    ids = torch.randint(0, 320, (2, 19), generator=gen(21))
+    with torch.no_grad():
+        in_memory = handle.model(ids).logits
+    apply(recipe(calibration_file, corrected), planted_model, tmp_path / "out", progress=False)
+    config = __import__("json").loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressor" and config["format"] == "uniform"
+    assert set(config["attention_activations"]) == {"model.layers.0.self_attn"}
+    assert config["modules"]["model.layers.0.mlp.down_proj"]["input_map"] > 0
+    assert config["modules"]["model.layers.0.self_attn.o_proj"]["input_map"] == 0
+    ours = load_quantized_model(tmp_path / "out")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, in_memory, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(theirs(ids).logits, in_memory, rtol=1e-4, atol=1e-4)
+    down = ours.get_submodule("model.layers.0.mlp.down_proj")
+    assert down.channel_map is not None and down.input_activations == ActivationSpec(4)
+
+
+def test_weight_only_exports_compressed_tensors_that_plain_transformers_loads(tiny_llama, calibration_file, tmp_path):
+    step = {"qllm": {"weight_only": True, "symmetric": True, "epochs": 1, "rank": 2}}
+    apply(recipe(calibration_file, step), tiny_llama, tmp_path / "out", progress=False)
+    config = __import__("json").loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    ids = torch.randint(0, 320, (2, 19), generator=gen(22))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)(ids).logits
+        ours = load_quantized_model(tmp_path / "out")(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_error_correction_trains_only_the_branches_and_norms_and_lowers_the_loss(tiny_llama):
+    from compressor.training import micro_batches, train_block
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    block = model.model.layers[0]
+    ids = torch.randint(0, 320, (4, 16), generator=gen(23))
+    captured = {}
+    hook = block.register_forward_hook(lambda m, args, kwargs, out: captured.update(x=args[0] if args else kwargs["hidden_states"], kwargs=kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    hook.remove()
+    x, kwargs = captured["x"], {k: v for k, v in captured["kwargs"].items() if k != "hidden_states"}
+    with torch.no_grad():
+        target = block(x, **kwargs)
+        target = target[0] if isinstance(target, tuple) else target
+    quantizer = dict(bits=3, group_size=-1, symmetric=False, scale_dtype=torch.float32)
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            block.set_submodule(name, QLLMLinear(module.weight, module.bias, quantizer, ActivationSpec(6)))
+    frozen_before = {n: b.clone() for n, b in block.named_buffers()}
+    generator = gen(24)
+    for module in block.modules():
+        if isinstance(module, QLLMLinear):
+            module.add_lora(4, 1.0, "post_quant", generator)
+    parameters = qllm.trainable_parameters(block, True)
+    names = {n for n, p in block.named_parameters() if p.requires_grad}
+    assert names and all(n.endswith(("lora_a", "lora_b")) or "norm" in n for n in names)
+    batches = micro_batches([x], [target], [kwargs], 1)
+    losses, _ = train_block(block, batches, [{"params": parameters, "lr": 2e-3}], 6, 1.0, schedule=qllm.linear_decay, where="qllm")
+    assert losses[-1] < losses[0]
+    for name, buffer in block.named_buffers():  # the frozen weights are untouched
+        assert torch.equal(buffer, frozen_before[name]), name
+
+
+@pytest.mark.parametrize("step,message", [
+    ({"qllm": {"activation_bits": 16, "reassembly": True}}, "steps[0].qllm.reassembly: channel reassembly only serves activation quantization"),
+    ({"qllm": {"weight_only": True, "activation_bits": 4}}, "steps[0].qllm.activation_bits: 4 contradicts weight_only: true"),
+    ({"qllm": {"activation_bits": 9}}, "steps[0].qllm.activation_bits: 9 is not one of"),
+    ({"qllm": {"merge_score": "fast"}}, "steps[0].qllm.merge_score: 'fast' is not one of code, paper"),
+    ({"qllm": {"channel_ratio": 0.9}}, "steps[0].qllm.channel_ratio: 0.9 is above the maximum 0.5"),
+    ({"rtn": {"activation_bits": 1}}, "steps[0].rtn.activation_bits: 1 is not one of"),
+])
+def test_bad_keys_are_one_line_errors(step, message):
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_dict({"steps": [step]})
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_recipes_validate():
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for name in ("qllm-w4a4.yaml", "qllm-w4a8.yaml", "qllm-w4.yaml", "rtn-w4a4.yaml", "rtn-w4a8.yaml"):
+        Recipe.from_yaml(root / name)

@@ -437,3 +437,29 @@ def test_recipes_validate():
     root = Path(__file__).resolve().parents[1] / "recipes"
     for name in ("qllm-w4a4.yaml", "qllm-w4a8.yaml", "qllm-w4.yaml", "rtn-w4a4.yaml", "rtn-w4a8.yaml"):
         Recipe.from_yaml(root / name)
+
+
+def test_activation_bits_on_lookup_table_weights_stop_before_the_step_works(tiny_llama, calibration_file, tmp_path, registered):
+    from dataclasses import dataclass
+
+    from compressor.errors import StepError
+    from compressor.step import Step
+    from compressor.weights.formats import LUTWeight
+
+    @registered("test_lut_maker")
+    @dataclass
+    class LUTMaker(Step):
+        needs_calibration = False
+
+        def compress_block(self, context):
+            for name, linear in context.linears([]).items():
+                n, k = linear.weight.shape
+                context.replace_linear(name, LUTWeight(codes=torch.zeros(n, k, dtype=torch.uint8), lut=torch.zeros(n, 4), bits=2))
+
+    for step in ({"rtn": {"activation_bits": 4}}, {"qllm": {}}):
+        chosen = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
+                                   "steps": [{"test_lut_maker": {}}, step]})
+        with pytest.raises(StepError) as error:
+            apply(chosen, tiny_llama, tmp_path / "out", progress=False)
+        assert "activation_bits" in str(error.value) and "'lut' weights from an earlier step" in str(error.value)
+        assert "\n" not in str(error.value) and not (tmp_path / "out").exists()

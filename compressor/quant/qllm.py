@@ -329,6 +329,7 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
     def compress_block(self, context) -> None:
+        self.refuse_other_weight_kinds(context)
         started = time.perf_counter()
         quantizer = {**self.weight_quantizer, "scale_dtype": context.scale_dtype}
         spec = self.activation_spec

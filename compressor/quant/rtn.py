@@ -30,6 +30,7 @@ class RTN(ActivationQuantization, UniformQuantizer):
     needs_calibration = False
 
     def compress_block(self, context) -> None:
+        self.refuse_other_weight_kinds(context)
         modules = {}
         for name, linear in context.linears(self.ignore).items():
             weight = linear.weight.data

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from compressor.arch import block_linears
 from compressor.step import Step, param
 from compressor.weights.activations import ActivationSpec, install_attention_quantization
 from compressor.weights.formats import UniformWeight, expand_groups, row_chunks
@@ -58,6 +59,18 @@ class ActivationQuantization(Step):
     @property
     def activation_spec(self) -> ActivationSpec | None:
         return None if self.activation_bits == 16 else ActivationSpec(self.activation_bits, self.activation_symmetric)
+
+    def refuse_other_weight_kinds(self, context) -> None:
+        """Activation quantization here is for uniform weights (the W+A grid our native format records): an
+        earlier step's lookup-table or other weights on this block are a one-line error, raised at block 0
+        before this step does any work."""
+        if self.activation_spec is None:
+            return
+        for name, module in block_linears(context.adapter, context.block).items():
+            kind = getattr(getattr(module, "weight_type", None), "kind", None)
+            if kind is not None and kind != "uniform":
+                raise ValueError(f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} already holds "
+                                 f"'{kind}' weights from an earlier step; drop activation_bits or run this step on other layers")
 
     def quantize_block_activations(self, context, quantized: dict, channel_maps: dict | None = None) -> None:
         """Attach the activation spec (and each linear's channel map) to the block's new ``QuantizedLinear``

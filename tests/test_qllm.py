@@ -343,21 +343,28 @@ QUICK = {"feature_samples": 2, "search_candidates": 8, "merge_score": "paper"}
 
 def test_planted_outliers_reassembly_halves_the_block_error_and_error_correction_lowers_it_again(planted_model, calibration_file, tmp_path):
     _, plain = run_session(planted_model, recipe(calibration_file, {"qllm": {"reassembly": False, "rank": 0, **QUICK}}))
-    corrected = {"qllm": {"epochs": 3, "lr": 1e-3, "heldout": 0.0, **QUICK}}
+    corrected = {"qllm": {"epochs": 2, "lr": 1e-3, "heldout": 0.0, **QUICK}}
     session, rows = run_session(planted_model, recipe(calibration_file, corrected))
     assert all(rows[f"reassembly.{p}"]["extra_channels"] > 0 for p in ("attn_in", "mlp_in", "down_in"))
     assert rows["error_correction"]["mse_init"] * 2 <= plain["error_correction"]["mse_init"]  # reassembly alone
     assert rows["error_correction"]["mse_final"] < rows["error_correction"]["mse_init"]  # then error correction, merged
     assert rows["error_correction"]["peak_memory_mib"] > 0
 
-    # the model in memory, exported (same run again: deterministic), loaded by us and by transformers
+    # the model in memory, exported by the writer apply uses, loaded by us and by transformers
+    from compressor.export import CheckpointWriter
+
     handle = session.handle
     for name in handle.outside_block_modules():
         handle.materialize(name, "cpu", torch.float32)
     ids = torch.randint(0, 320, (2, 19), generator=gen(21))
     with torch.no_grad():
         in_memory = handle.model(ids).logits
-    apply(recipe(calibration_file, corrected), planted_model, tmp_path / "out", progress=False)
+    chosen = recipe(calibration_file, corrected)
+    (tmp_path / "out").mkdir()
+    writer = CheckpointWriter(tmp_path / "out", chosen.export, torch.float32)
+    for index in range(len(handle.blocks)):
+        writer.write_module(handle.block_prefix(index), handle.blocks[index])
+    writer.finish(handle, chosen, session.report)
     config = __import__("json").loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressor" and config["format"] == "uniform"
     assert set(config["attention_activations"]) == {"model.layers.0.self_attn"}
@@ -413,7 +420,7 @@ def test_error_correction_trains_only_the_branches_and_norms_and_lowers_the_loss
     names = {n for n, p in block.named_parameters() if p.requires_grad}
     assert names and all(n.endswith(("lora_a", "lora_b")) or "norm" in n for n in names)
     batches = micro_batches([x], [target], [kwargs], 1)
-    losses, _ = train_block(block, batches, [{"params": parameters, "lr": 2e-3}], 6, 1.0, schedule=qllm.linear_decay, where="qllm")
+    losses, _ = train_block(block, batches, [{"params": parameters, "lr": 2e-3}], 4, 1.0, schedule=qllm.linear_decay, where="qllm")
     assert losses[-1] < losses[0]
     for name, buffer in block.named_buffers():  # the frozen weights are untouched
         assert torch.equal(buffer, frozen_before[name]), name

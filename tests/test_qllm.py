@@ -470,3 +470,20 @@ def test_activation_bits_on_lookup_table_weights_stop_before_the_step_works(tiny
             apply(chosen, tiny_llama, tmp_path / "out", progress=False)
         assert "activation_bits" in str(error.value) and "'lut' weights from an earlier step" in str(error.value)
         assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_dequantizing_folds_the_channel_map_into_the_dense_weight():
+    from compressor.weights.linear import QuantizedLinear, dequantize_model_
+
+    x = torch.randn(40, 24, generator=gen(25))
+    x[:, 2] *= 30
+    w = torch.randn(10, 24, generator=gen(26))
+    m = channel_magnitudes(x)
+    plan = reassemble(x, [w], m, float(m.max()) / 3)
+    assert plan.extra > 0
+    module = QuantizedLinear(quantize_uniform(plan.weights[0], 4, -1, False, torch.float32), torch.randn(10, generator=gen(27)))
+    module.quantize_inputs(None, plan.channel_map)
+    holder = nn.Sequential(module)
+    expected = holder(x)
+    assert dequantize_model_(holder, torch.float32) == 1 and isinstance(holder[0], nn.Linear)
+    torch.testing.assert_close(holder(x), expected, rtol=1e-5, atol=1e-4)

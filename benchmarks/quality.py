@@ -234,11 +234,23 @@ def recipe_runner(recipe):
         report = apply(chosen, model, out, progress=False)
         bits = report.summary.get("bits_per_weight") or dtype_bits(checkpoint_dtype(AutoConfig.from_pretrained(out)))
         notes = [f"calibration {chosen.calibration.samples}x{chosen.calibration.seq_len}"] if chosen.needs_calibration else []
+        notes += activation_notes(out)
         if report.summary.get("format") == "compressed-tensors" and abs(ct_bits_per_weight(out) - bits) > 1e-3:
             notes.append(f"{ct_bits_per_weight(out):.3f} bits/weight as stored on disk; the report counts differently")
         return Compressed(bits, report.summary["size_bytes"], path=out, notes=notes)
 
     return run
+
+
+def activation_notes(out: Path) -> list[str]:
+    """W+A exports (QLLM, RTN with activation_bits): the activation bits, which bits/weight does not show."""
+    config = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
+    bits = sorted({entry["input_activations"]["num_bits"] for entry in (config.get("modules") or {}).values() if entry.get("input_activations")})
+    if not bits:
+        return []
+    operands = ", attention Q/K/V too" if config.get("attention_activations") else ""
+    mapped = ", channel reassembly" if any(entry.get("input_map") for entry in config["modules"].values()) else ""
+    return [f"activations {'/'.join(map(str, bits))}-bit per token{operands}{mapped}"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ METHOD_MODULES = (
     "compressor.lowrank.svd",
     "compressor.quant.bfp",
     "compressor.lowrank.swiftkv",
+    "compressor.quant.qllm",
 )
 
 

@@ -1,6 +1,10 @@
 """What every training phase shares: a held-out part of the calibration data, and the rule that a
 phase never returns a model worse on it than the one it started from.
 
+Block-wise reconstruction training (EfficientQAT's Block-AP, QLLM's error correction) shares the loop
+at the end: ``micro_batches`` of (quantized-stream input, fp target, block kwargs), ``block_mse``, and
+``train_block`` (AdamW on the block's MSE, per-group learning-rate schedules, held-out best state).
+
 A phase measures its loss on the held-out sequences before training and after each epoch, keeps a
 copy of its trained tensors at the best point (``BestState``), and puts that copy back at the end. The
 held-out losses form the curve the report records beside the training losses.
@@ -11,6 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.blockwise import first_output
 
 
 def holdout_count(total: int, fraction: float) -> int:
@@ -60,3 +68,95 @@ def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / (warmup + 1)
     return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-wise reconstruction training
+
+
+def cosine_lr(base: float, floor: float, step: int, total: int) -> float:
+    """Cosine annealing from ``base`` (step 0) towards ``floor`` (step ``total``)."""
+    return floor + (base - floor) * (1 + math.cos(math.pi * step / max(total, 1))) / 2
+
+
+def cast_floating(value, dtype: torch.dtype):
+    """``value`` (a tensor, or tuples/lists/dicts of them) with floating tensors cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floating(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floating(v, dtype) for k, v in value.items()}
+    return value
+
+
+def slice_batch(value, rows: slice, batch: int):
+    """Rows ``rows`` of every tensor in ``value`` whose first dim is the batch (masks); others as is."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() and value.shape[0] == batch and batch > 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(slice_batch(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: slice_batch(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def micro_batches(inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict], size: int) -> list[tuple]:
+    """(input, target, kwargs) of ``size`` samples each, cut from the session's batches, in order."""
+    batches = []
+    for x, y, kw in zip(inputs, targets, kwargs):
+        for start in range(0, len(x), size):
+            rows = slice(start, start + size)
+            batches.append((x[rows], y[rows], slice_batch(kw, rows, len(x))))
+    return batches
+
+
+def block_mse(block: nn.Module, batches: list[tuple]) -> float:
+    """Mean reconstruction MSE of ``block`` over ``batches`` (sample-weighted)."""
+    total = count = 0.0
+    with torch.no_grad():
+        for x, y, kw in batches:
+            dtype = next(block.parameters()).dtype
+            out = first_output(block(x.to(dtype), **cast_floating(kw, dtype)))
+            total += float(F.mse_loss(out.float(), y.float())) * len(x)
+            count += len(x)
+    return total / max(count, 1)
+
+
+def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epochs: int, min_lr_factor: float,
+                heldout: float = 0.0, progress=None, schedule=None, where: str = "efficientqat_block_ap") -> tuple[list[float], BestState | None]:
+    """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch (``schedule(base,
+    step, total)`` replaces the cosine towards ``base / min_lr_factor``; ``where`` names the step in errors). The last
+    ``heldout`` fraction of ``batches`` is not trained on: its MSE before training and after each epoch
+    decides which state the block keeps. Returns the mean training loss per epoch and that record."""
+    held = holdout_count(len(batches), heldout)
+    batches, heldout_batches = batches[: len(batches) - held], batches[len(batches) - held :]
+    trained = [p for group in groups for p in group["params"]]
+    best = BestState(trained, block_mse(block, heldout_batches)) if heldout_batches else None
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    bases = [group["lr"] for group in optimizer.param_groups]
+    total, step, epoch_losses = epochs * len(batches), 0, []
+    with torch.enable_grad():
+        for _ in range(epochs):
+            losses = []
+            for x, y, kw in batches:
+                for group, base in zip(optimizer.param_groups, bases):
+                    group["lr"] = schedule(base, step, total) if schedule else cosine_lr(base, base / min_lr_factor, step, total)
+                out = first_output(block(x.float(), **cast_floating(kw, torch.float32)))
+                loss = F.mse_loss(out, y.float())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{where}: the reconstruction loss became {float(loss)}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
+                if progress is not None:
+                    progress.update(loss=losses[-1])
+            epoch_losses.append(sum(losses) / len(losses))
+            if best is not None:
+                best.consider(block_mse(block, heldout_batches))
+    if best is not None:
+        best.restore()
+    block.requires_grad_(False)
+    return epoch_losses, best

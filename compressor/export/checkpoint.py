@@ -95,6 +95,7 @@ class CheckpointWriter:
         self.shards = ShardWriter(self.directory, parse_size(export_config.max_shard_size))
         self.codec = None  # the export codec of the quantized modules (export/codecs.py): one per checkpoint
         self.entries: dict[str, dict] = {}  # quantized module name -> its codec's entry
+        self.attention: dict[str, dict] = {}  # attention modules whose Q, K, V are quantized -> spec
         self.dense_linears: list[str] = []
         self.quantized_parameters = 0
         self.quantized_bits = 0.0
@@ -106,6 +107,8 @@ class CheckpointWriter:
         quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
         for name, child in module.named_modules():
             full = f"{prefix}.{name}" if name else prefix
+            if getattr(child, "activation_quantization", None) is not None:
+                self.attention[full] = child.activation_quantization.to_config()
             if name in quantized:
                 self.write_quantized(full, child)
             elif isinstance(child, nn.Linear) and not any(name.startswith(f"{q}.") for q in quantized):
@@ -121,9 +124,11 @@ class CheckpointWriter:
         self.quantized_parameters += weight.shape[0] * weight.shape[1]
         self.quantized_bits += weight.shape[0] * weight.shape[1] * weight.bits_per_weight()
         if self.format == "dense":
+            if module.quantizes_inputs:
+                raise ExportError(f"{name}: its inputs are quantized or channel-mapped, which export format 'dense' cannot record; use 'auto'")
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
-        codec = codec_for(weight, self.format)
+        codec = codec_for(weight, self.format, module.quantizes_inputs)
         if codec is None:
             why = f" ({gptq.shape_problem(weight)})" if self.format == gptq.QUANT_METHOD and gptq.shape_problem(weight) else ""
             raise ExportError(f"{name}: no checkpoint format for '{weight.kind}' weights in export format '{self.format}'{why}")
@@ -133,6 +138,9 @@ class CheckpointWriter:
         self.codec = codec
         self.entries[name] = codec.module_entry(weight)
         tensors = codec.to_tensors(weight, self.dtype)
+        if module.quantizes_inputs:
+            self.entries[name].update(native.inputs_entry(module))
+            tensors.update(native.input_tensors(module))
         for suffix, tensor in tensors.items():
             self.shards.add(f"{name}.{suffix}", tensor)
 
@@ -173,9 +181,12 @@ class CheckpointWriter:
                 raise ExportError(f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "
                                   "share its checkpoint (use export format 'dense', or quantize the weights with a native-format method)")
             self.codec = native
+        if self.attention and self.codec is not native:
+            raise ExportError(f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it for W+A layers)")
         if self.codec is not None:
+            extra = {"attention": self.attention} if self.attention else {}
             try:
-                config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears)
+                config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears, **extra)
             except ValueError as error:
                 raise ExportError(f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or 'dense'") from None
             if kv_cache is not None:

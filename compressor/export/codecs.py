@@ -35,9 +35,12 @@ CODECS = {  # the codec ``auto`` uses for each kind
 FORMATS = {codec.QUANT_METHOD: codec for codec in (compressed_tensors, gptq, native)}
 
 
-def codec_for(weight, format: str = "auto"):
-    """The codec that writes ``weight`` in export ``format``, or None when that format cannot store it."""
-    if format != "auto":
+def codec_for(weight, format: str = "auto", quantized_inputs: bool = False):
+    """The codec that writes ``weight`` in export ``format``, or None when that format cannot store it. A
+    layer whose inputs are quantized or channel-mapped (W+A) goes to the native format, which records that."""
+    if quantized_inputs:
+        codec = native if format in ("auto", native.QUANT_METHOD) else None
+    elif format != "auto":
         codec = FORMATS.get(format)
     elif weight.kind == "uniform" and not weight.symmetric and weight.bits < 4 and gptq.supports(weight):
         codec = gptq

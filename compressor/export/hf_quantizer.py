@@ -35,7 +35,7 @@ from compressor.export import native
 from compressor.kvcache.bfp import BFPCacheSpec, add_perm_buffers, install_bfp_cache
 from compressor.weights.linear import QuantizedLinear, dequantize_model_
 
-INT_DTYPES = {"int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
+INT_DTYPES = {"int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8, "float32": torch.float32}  # fixed dtypes; "float" follows the model
 
 
 class CompressorConfig(QuantizationConfigMixin):
@@ -79,7 +79,9 @@ class CheckpointLinear(nn.Module):
             weight = native.from_tensors(tensors, self.entry)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
-        return QuantizedLinear(weight, None if self.bias is None else self.bias.data)
+        module = QuantizedLinear(weight, None if self.bias is None else self.bias.data)
+        native.attach_inputs(module, tensors, self.entry)
+        return module
 
 
 class CompressorHfQuantizer(HfQuantizer):
@@ -111,6 +113,7 @@ class CompressorHfQuantizer(HfQuantizer):
         kv_cache = getattr(self.quantization_config, "kv_cache", None)
         if kv_cache:
             install_bfp_cache(model, BFPCacheSpec.from_dict(kv_cache))
+        native.install_attention(model, self.quantization_config.to_dict())
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -67,13 +67,18 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
                 values = {t: read(n) for t, n in tensors.items()}
                 weight = codec.read_module(values, quantization_config, module_name, dtype)
                 bias = values.get("bias")
-                module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None).to(device)
+                module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None)
+                if hasattr(codec, "attach_inputs"):
+                    codec.attach_inputs(module, values, quantization_config["modules"][module_name])
+                module = module.to(device)
                 model.set_submodule(module_name, module)
             else:
                 for tensor, name in tensors.items():
                     set_module_tensor_to_device(model, name, device, value=read(name), dtype=dtype)
     finally:
         handles.clear()
+    if codec is not None and hasattr(codec, "install_attention"):
+        codec.install_attention(model, quantization_config)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     if kv_cache:

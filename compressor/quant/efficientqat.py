@@ -20,7 +20,6 @@ transformers. Their reasons and the measured numbers: docs/methods/efficientqat.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -28,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.blockwise import first_output
 from compressor.quant.uniform import UniformQuantizer, clamp_ste, minmax_params, quantize_codes, relative_error, round_ste, storable_scale
 from compressor.step import param, register_step
-from compressor.training import BestState, holdout_count
+from compressor.training import block_mse, holdout_count, micro_batches, train_block
 from compressor.weights.formats import UniformWeight
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
@@ -83,55 +81,6 @@ class FakeQuantLinear(nn.Module):
 # Block-AP
 
 
-def cosine_lr(base: float, floor: float, step: int, total: int) -> float:
-    """Cosine annealing from ``base`` (step 0) towards ``floor`` (step ``total``)."""
-    return floor + (base - floor) * (1 + math.cos(math.pi * step / max(total, 1))) / 2
-
-
-def cast_floating(value, dtype: torch.dtype):
-    """``value`` (a tensor, or tuples/lists/dicts of them) with floating tensors cast to ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(cast_floating(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: cast_floating(v, dtype) for k, v in value.items()}
-    return value
-
-
-def slice_batch(value, rows: slice, batch: int):
-    """Rows ``rows`` of every tensor in ``value`` whose first dim is the batch (masks); others as is."""
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() and value.shape[0] == batch and batch > 1 else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(slice_batch(v, rows, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: slice_batch(v, rows, batch) for k, v in value.items()}
-    return value
-
-
-def micro_batches(inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict], size: int) -> list[tuple]:
-    """(input, target, kwargs) of ``size`` samples each, cut from the session's batches, in order."""
-    batches = []
-    for x, y, kw in zip(inputs, targets, kwargs):
-        for start in range(0, len(x), size):
-            rows = slice(start, start + size)
-            batches.append((x[rows], y[rows], slice_batch(kw, rows, len(x))))
-    return batches
-
-
-def block_mse(block: nn.Module, batches: list[tuple]) -> float:
-    """Mean reconstruction MSE of ``block`` over ``batches`` (sample-weighted)."""
-    total = count = 0.0
-    with torch.no_grad():
-        for x, y, kw in batches:
-            dtype = next(block.parameters()).dtype
-            out = first_output(block(x.to(dtype), **cast_floating(kw, dtype)))
-            total += float(F.mse_loss(out.float(), y.float())) * len(x)
-            count += len(x)
-    return total / max(count, 1)
-
-
 def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_norms: bool) -> list[dict]:
     """AdamW groups: s and z of every fake-quantized linear at ``quant_lr``; their weights, and with
     ``train_norms`` every other parameter of the block (the norm gains), at ``weight_lr``. Only these
@@ -148,44 +97,6 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
         for parameter in group["params"]:
             parameter.requires_grad_(True)
     return groups
-
-
-def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epochs: int, min_lr_factor: float,
-                heldout: float = 0.0, progress=None) -> tuple[list[float], BestState | None]:
-    """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch. The last
-    ``heldout`` fraction of ``batches`` is not trained on: its MSE before training and after each epoch
-    decides which state the block keeps. Returns the mean training loss per epoch and that record."""
-    held = holdout_count(len(batches), heldout)
-    batches, heldout_batches = batches[: len(batches) - held], batches[len(batches) - held :]
-    trained = [p for group in groups for p in group["params"]]
-    best = BestState(trained, block_mse(block, heldout_batches)) if heldout_batches else None
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    bases = [group["lr"] for group in optimizer.param_groups]
-    total, step, epoch_losses = epochs * len(batches), 0, []
-    with torch.enable_grad():
-        for _ in range(epochs):
-            losses = []
-            for x, y, kw in batches:
-                for group, base in zip(optimizer.param_groups, bases):
-                    group["lr"] = cosine_lr(base, base / min_lr_factor, step, total)
-                out = first_output(block(x.float(), **cast_floating(kw, torch.float32)))
-                loss = F.mse_loss(out, y.float())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"efficientqat_block_ap: the reconstruction loss became {float(loss)}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                step += 1
-                if progress is not None:
-                    progress.update(loss=losses[-1])
-            epoch_losses.append(sum(losses) / len(losses))
-            if best is not None:
-                best.consider(block_mse(block, heldout_batches))
-    if best is not None:
-        best.restore()
-    block.requires_grad_(False)
-    return epoch_losses, best
 
 
 @register_step("efficientqat_block_ap")

@@ -8,26 +8,33 @@ packed zero points yet: llm-compressor#1618, #1704). Asymmetric grids (``symmetr
 ``bits/group_size`` more bits per weight and give clearly lower error at 2-3 bits; they export
 in the same format and load through ``compressor.export.load_quantized_model`` and vLLM.
 Data-free: it never runs the model.
+
+With ``activation_bits`` < 16 it is also the W+A baseline ("RTN W4A4 / W4A8"): every quantized
+linear fake-quantizes its input per token (dynamic min-max, ``weights/activations.py``) and, with
+``quantize_attention``, attention's Q, K and V; such checkpoints export in our native format.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compressor.quant.uniform import UniformQuantizer, quantize_uniform, relative_error
+from compressor.quant.uniform import ActivationQuantization, UniformQuantizer, quantize_uniform, relative_error
 from compressor.step import register_step
 
 
 @register_step("rtn")
 @dataclass
-class RTN(UniformQuantizer):
+class RTN(ActivationQuantization, UniformQuantizer):
     """Round-to-nearest uniform quantization of every block linear (the baseline)."""
 
     needs_calibration = False
 
     def compress_block(self, context) -> None:
+        self.refuse_other_weight_kinds(context)
+        modules = {}
         for name, linear in context.linears(self.ignore).items():
             weight = linear.weight.data
             quantized = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
-            context.replace_linear(name, quantized)
+            modules[name] = context.replace_linear(name, quantized)
             context.record(name, error=relative_error(weight, quantized), bits_per_weight=quantized.bits_per_weight())
+        self.quantize_block_activations(context, modules)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from compressor.arch import block_linears
 from compressor.step import Step, param
+from compressor.weights.activations import ActivationSpec, install_attention_quantization
 from compressor.weights.formats import UniformWeight, expand_groups, row_chunks
 
 
@@ -39,6 +41,45 @@ class UniformQuantizer(Step):
         """Checkpoint formats and serving kernels need whole groups: every linear it will take, before any work."""
         for name, linear in linears.items():
             check_group_size(name, linear.in_features, self.group_size)
+
+
+ACTIVATION_BITS = (*range(2, 9), 16)
+
+
+@dataclass
+class ActivationQuantization(Step):
+    """The activation keys of a W+A quantizer (RTN, QLLM): per-token dynamic fake-quantization of every
+    quantized linear's input and, with ``quantize_attention``, of attention's Q, K and V. Not registered:
+    a quantizer lists it first among its bases (before ``UniformQuantizer``: its keys then come after the weights')."""
+
+    activation_bits: int = param(16, "bits of the per-token dynamic quantization of each quantized linear's input (16: off)", choices=ACTIVATION_BITS)
+    activation_symmetric: bool = param(False, "symmetric activation grid (false: per-token min-max with a zero point)")
+    quantize_attention: bool = param(True, "with activation_bits < 16, also quantize attention's Q, K (after RoPE) and V per token")
+
+    @property
+    def activation_spec(self) -> ActivationSpec | None:
+        return None if self.activation_bits == 16 else ActivationSpec(self.activation_bits, self.activation_symmetric)
+
+    def refuse_other_weight_kinds(self, context) -> None:
+        """Activation quantization here is for uniform weights (the W+A grid our native format records): an
+        earlier step's lookup-table or other weights on this block are a one-line error, raised at block 0
+        before this step does any work."""
+        if self.activation_spec is None:
+            return
+        for name, module in block_linears(context.adapter, context.block).items():
+            kind = getattr(getattr(module, "weight_type", None), "kind", None)
+            if kind is not None and kind != "uniform":
+                raise ValueError(f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} already holds "
+                                 f"'{kind}' weights from an earlier step; drop activation_bits or run this step on other layers")
+
+    def quantize_block_activations(self, context, quantized: dict, channel_maps: dict | None = None) -> None:
+        """Attach the activation spec (and each linear's channel map) to the block's new ``QuantizedLinear``
+        modules ``quantized`` (path -> module), and quantize its attention operands."""
+        spec = self.activation_spec
+        for name, module in quantized.items():
+            module.quantize_inputs(spec, (channel_maps or {}).get(name))
+        if spec is not None and self.quantize_attention:
+            install_attention_quantization(context.block.get_submodule(context.adapter.attention), spec)
 
 
 def check_group_size(name: str, in_features: int, group_size: int) -> None:

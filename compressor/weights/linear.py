@@ -10,6 +10,10 @@ For quantization-aware training, ``train_tensors(["scales"])`` holds chosen valu
 ``nn.Parameter``s (parameters keep their identity and gradients when the module moves between
 devices; buffers do not); while any is trainable, the forward dequantizes with torch, which has a
 backward (the kernels do not). ``freeze()`` turns them back into buffers of their former dtype.
+
+W+A quantization: ``quantize_inputs(spec, channel_map)`` makes the layer fake-quantize its input per
+token (``activations.ActivationSpec``), after an optional fixed channel map ``P`` (held as the
+buffers ``input_map_crow/col/val``), so ``y = W_hat Q_a(P x) + b``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compressor.weights.activations import ActivationSpec, ChannelMap, apply_channel_map, fake_quantize_tokens
 from compressor.weights.formats import static_fields, tensor_names
 
 
@@ -33,6 +38,27 @@ class QuantizedLinear(nn.Module):
         self.trained_dtypes: dict[str, torch.dtype] = {}  # value tensors now held as trainable parameters
         # the dtype each value tensor was quantized to: a session's ``.to(dtype)`` casts floating buffers
         self.stored_dtypes = {name: getattr(weight, name).dtype for name in self.tensor_names if getattr(weight, name) is not None}
+        self.input_activations: ActivationSpec | None = None  # per-token fake-quantization of the input
+        for part in ("crow", "col", "val"):  # CSR of a channel map applied first (None: none)
+            self.register_buffer(f"input_map_{part}", None)
+
+    def quantize_inputs(self, spec: ActivationSpec | None, channel_map: ChannelMap | None = None) -> None:
+        """Fake-quantize the input per token at ``spec`` (None: not), after ``channel_map`` (None: none)."""
+        if channel_map is not None and (channel_map.channels, channel_map.in_channels) != (self.in_features, self.in_features):
+            raise ValueError(f"channel map {channel_map.channels}x{channel_map.in_channels} does not fit {self.in_features} input features")
+        self.input_activations = spec
+        for part in ("crow", "col", "val"):
+            self.register_buffer(f"input_map_{part}", None if channel_map is None else getattr(channel_map, part))
+
+    @property
+    def channel_map(self) -> ChannelMap | None:
+        if self.input_map_crow is None:
+            return None
+        return ChannelMap(self.input_map_crow, self.input_map_col, self.input_map_val, self.in_features)
+
+    @property
+    def quantizes_inputs(self) -> bool:
+        return self.input_activations is not None or self.input_map_crow is not None
 
     def train_tensors(self, names: list[str]) -> list[nn.Parameter]:
         """Hold the named value tensors as trainable fp32 parameters (the rest stay frozen buffers)."""
@@ -67,23 +93,32 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from compressor.kernels import qlinear, reference_linear
 
+        if self.input_map_crow is not None:
+            x = apply_channel_map(x, self.input_map_crow, self.input_map_col, self.input_map_val)
+        if self.input_activations is not None:
+            x = fake_quantize_tokens(x, self.input_activations.bits, self.input_activations.symmetric)
         if self.trained_dtypes and torch.is_grad_enabled():
             return reference_linear(x, self.quantized_weight, self.bias)
         return qlinear(x, self.quantized_weight, self.bias)
 
     def extra_repr(self) -> str:
         meta = ", ".join(f"{k}={v}" for k, v in self.weight_static.items())
-        return f"{self.weight_type.kind}, in={self.in_features}, out={self.out_features}, {meta}"
+        inputs = "" if self.input_activations is None else f", input_bits={self.input_activations.bits}"
+        mapped = "" if self.input_map_crow is None else f", input_map_nnz={self.input_map_col.numel()}"
+        return f"{self.weight_type.kind}, in={self.in_features}, out={self.out_features}, {meta}{inputs}{mapped}"
 
 
 def dequantize_model_(model, dtype) -> int:
-    """Replace every QuantizedLinear by an nn.Linear holding its dequantized weight; returns the count."""
+    """Replace every QuantizedLinear by an nn.Linear holding its dequantized weight (a channel map folded
+    in; activation quantization dropped); returns the count."""
     from compressor.kernels import dequantize, use_backend
 
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
     for name, module in targets:
         with use_backend("auto"):
             weight = dequantize(module.quantized_weight, dtype)
+            if module.channel_map is not None:  # W (P x) = (W P) x: the map folds into a dense weight
+                weight = (weight.float() @ module.channel_map.dense().to(weight.device)).to(dtype)
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=dtype)
         dense.weight.data = weight
         if module.bias is not None:

@@ -1,0 +1,533 @@
+"""QLLM: adaptive channel reassembly + low-rank error correction, for W4A4 / W4A8 (and weight-only).
+
+Paper: Liu et al., "QLLM: Accurate and Efficient Low-Bitwidth Quantization for Large Language Models",
+ICLR 2024, arXiv 2310.08041; official code ModelTC/QLLM. Per decoder block: (1) at the attention
+input, the MLP input and down_proj's input, outlier channels of the activation are split into T
+copies of x/T (the consumers' weight columns copied), and as many pairs of similar channels are
+merged (activations averaged, columns summed), so the width stays C: a fixed sparse map x'' = P x
+before the per-token activation quantizer; the number of channels reassembled is searched per point
+(grid on the threshold theta, quantized output MSE on calibration features). (2) A rank-r LoRA branch
+on every linear and the norm gains train so the quantized block fed the quantized stream reproduces
+the fp block on the fp stream; the branch is merged into the weights, which are re-quantized.
+
+Defaults (official scripts): weights 4-bit per output channel asymmetric min-max, activations
+per-token asymmetric dynamic (Q, K, V too), channel_ratio 0.2, rank 4, alpha 1, AdamW with linear
+decay, lr 5e-4 (paper; scripts use 1e-4 for most W4A4 runs), 10 epochs, batch 1, 4 feature samples.
+Deviations: blocks are corrected one at a time (official groups of 4; the paper's Table 4 runs 1),
+no final-norm tuning; the search scores each candidate with the exact split-then-merge transform it
+will apply (official: a merge-then-split approximation) and also evaluates A = 0; merge scores are
+the code's signed column sums (``merge_score: code``) or the paper's Eq. 5 (``paper``); weight ranges
+include 0 (the compressed-tensors grid); a held-out tenth keeps the best epoch. See
+docs/methods/qllm.md.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.blockwise import first_output
+from compressor.quant.uniform import (
+    ACTIVATION_BITS,
+    ActivationQuantization,
+    UniformQuantizer,
+    minmax_params,
+    quantize_uniform,
+    relative_error,
+    round_ste,
+)
+from compressor.step import param, register_step
+from compressor.training import block_mse, cast_floating, holdout_count, micro_batches, slice_batch, train_block
+from compressor.weights.activations import ActivationSpec, ChannelMap, apply_channel_map, install_attention_quantization, quantize_activations
+from compressor.weights.formats import expand_groups
+
+# The three reassembly points of a block: the norm (or op) whose output is reassembled, its consumers.
+POINTS = {"attn_in": ("q", "k", "v"), "mlp_in": ("gate", "up"), "down_in": ("down",)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel reassembly: the math on tensors (features x: [tokens, C]; weights W: [N, C])
+
+
+def channel_magnitudes(x: torch.Tensor) -> torch.Tensor:
+    """m_c = max(|min_c|, max_c) over every token: [C]."""
+    return x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+
+
+def split_counts(magnitudes: torch.Tensor, threshold: float) -> torch.Tensor:
+    """T_c = max(1, ceil(m_c / theta)): how many sub-channels channel c becomes."""
+    return torch.ceil(magnitudes / threshold).clamp(min=1).long()
+
+
+def disassemble(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split channel c into T_c adjacent copies of x_c / T_c, and W's column c into T_c copies: W' x' = W x."""
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    return x[..., owner] / counts[owner].to(x.dtype), weight[:, owner]
+
+
+def merge_scores(x: torch.Tensor, weight: torch.Tensor, movable: torch.Tensor, mode: str = "code") -> torch.Tensor:
+    """Bipartite merge costs [|a|, |b|] between channels a = even indices and b = odd indices of the
+    (disassembled) features ``x`` [tokens, C'] and weights ``weight`` [N, C'] (all consumers' rows).
+    ``code``: ((u_i + v_j) * ||x_a_i - x_b_j||)^2 with u, v the signed column sums (official code);
+    ``paper``: ||x_a_i - x_b_j||^2 * ||W_a_i - W_b_j||^2 / 4, the exact merge error (Eq. 5).
+    Channels not ``movable`` (sub-channels of a split) get +inf: they are never merged."""
+    x, weight = x.reshape(-1, x.shape[-1]).float(), weight.float()
+    a, b = torch.arange(0, x.shape[1], 2), torch.arange(1, x.shape[1], 2)
+    distance = torch.cdist(x[:, a].t().contiguous(), x[:, b].t().contiguous())
+    if mode == "code":
+        sums = weight.sum(dim=0)
+        scores = ((sums[a, None] + sums[None, b]) * distance).square()
+    elif mode == "paper":
+        scores = (distance * torch.cdist(weight[:, a].t().contiguous(), weight[:, b].t().contiguous()) / 2).square()
+    else:
+        raise ValueError(f"merge_score: {mode!r} is not one of code, paper")
+    scores[~movable[a]] = math.inf
+    scores[:, ~movable[b]] = math.inf
+    return scores
+
+
+def choose_merges(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``count`` cheapest (source in a, destination in b) pairs, as channel indices: each a-channel's
+    best partner, a-channels by that cost. Several sources may share a destination. None when fewer
+    than ``count`` a-channels have a finite partner (there is not enough to merge)."""
+    best, partner = scores.min(dim=1) if scores.numel() else (scores.new_zeros(0), scores.new_zeros(0, dtype=torch.long))
+    if count > int(torch.isfinite(best).sum()):
+        return None
+    chosen = torch.argsort(best, stable=True)[:count]
+    return 2 * chosen, 2 * partner[chosen] + 1
+
+
+@dataclass
+class Reassembly:
+    """One point's transform: the map P (x'' = P x), the consumers' rewritten weights, and its sizes."""
+
+    channel_map: ChannelMap
+    weights: list[torch.Tensor]  # each consumer's [N, C] weight in the new channel basis
+    counts: torch.Tensor  # T_c
+    threshold: float
+
+    @property
+    def extra(self) -> int:
+        """A: channels created by disassembly (= pairs merged)."""
+        return int(self.counts.sum()) - len(self.counts)
+
+
+def reassemble(features: torch.Tensor, weights: list[torch.Tensor], magnitudes: torch.Tensor, threshold: float,
+               mode: str = "code") -> Reassembly | None:
+    """Split channels above ``threshold``, then merge as many pairs as were created (similarity on the
+    disassembled ``features`` and concatenated consumer ``weights``). None when too few pairs can merge."""
+    channels = len(magnitudes)
+    counts = split_counts(magnitudes, threshold)
+    extra = int(counts.sum()) - channels
+    owner = torch.repeat_interleave(torch.arange(channels), counts)
+    x_split, w_split = disassemble(features.reshape(-1, channels).float(), torch.cat(weights).float(), counts)
+    movable = counts[owner] == 1
+    merges = choose_merges(merge_scores(x_split, w_split, movable, mode), extra) if extra else (owner[:0], owner[:0])
+    if merges is None:
+        return None
+    sources, destinations = merges
+    keep = torch.ones(len(owner), dtype=torch.bool)
+    keep[sources] = False
+    new_index = torch.cumsum(keep, 0) - 1  # channel order: the old order with the sources removed
+    group = new_index.clone()
+    group[sources] = new_index[destinations]
+    sizes = torch.bincount(group, minlength=channels).float()
+    coefficient = 1.0 / counts[owner].float() / sizes[group]
+    channel_map = ChannelMap.from_entries(group, owner, coefficient, channels, channels)
+    rewritten = [torch.zeros(w.shape[0], channels, dtype=torch.float32).index_add_(1, group, w.float()[:, owner]) for w in weights]
+    return Reassembly(channel_map, rewritten, counts, float(threshold))
+
+
+def threshold_candidates(magnitudes: torch.Tensor, budget: int) -> list[tuple[float, int]]:
+    """(theta, A) walking theta down from max(m) in (max - min) / max(100, max/0.5) steps, one theta per
+    distinct A (the first met), stopping once A exceeds ``budget`` (official ``find_threshold``)."""
+    high, low = float(magnitudes.max()), float(magnitudes.min())
+    steps = max(100, int(high / 0.5))
+    step = (high - low) / steps
+    candidates, last = [], None
+    for i in range(steps):
+        theta = high - i * step
+        if theta < low or theta <= 0:
+            break
+        extra = int(split_counts(magnitudes, theta).sum()) - len(magnitudes)
+        if extra > budget:
+            break
+        if extra != last:
+            candidates.append((theta, extra))
+            last = extra
+    return candidates
+
+
+@dataclass
+class SearchResult:
+    best: Reassembly | None  # None: no reassembly (A = 0) was best
+    loss: float
+    loss_without: float | None  # the A = 0 loss, when evaluated
+    evaluated: list[tuple[float, int, float]]  # (theta, A, loss) in search order
+
+
+def search_threshold(features: torch.Tensor, weights: list[torch.Tensor], magnitudes: torch.Tensor, loss_of, channel_ratio: float,
+                     consider_no_reassembly: bool = True, mode: str = "code", max_candidates: int = 0) -> SearchResult:
+    """The theta (equivalently A) of smallest quantized output loss ``loss_of(reassembly or None)``,
+    among ``threshold_candidates`` with A <= floor(channel_ratio * C) (``max_candidates`` > 0: that many
+    of them, evenly spread, always including the largest A)."""
+    budget = math.floor(channel_ratio * len(magnitudes))
+    best, best_loss, without, evaluated = None, math.inf, None, []
+    if consider_no_reassembly:
+        without = best_loss = float(loss_of(None))
+        evaluated.append((float(magnitudes.max()), 0, best_loss))
+    candidates = [(theta, extra) for theta, extra in threshold_candidates(magnitudes, budget) if extra > 0]
+    if 0 < max_candidates < len(candidates):
+        picks = torch.linspace(len(candidates) - 1, 0, max_candidates).round().long().flip(0).unique().tolist()
+        candidates = [candidates[i] for i in picks]
+    for theta, extra in candidates:
+        plan = reassemble(features, weights, magnitudes, theta, mode)
+        if plan is None:  # not enough channels left to merge: a lower theta would need even more
+            break
+        loss = float(loss_of(plan))
+        evaluated.append((theta, extra, loss))
+        if loss < best_loss:
+            best, best_loss = plan, loss
+    return SearchResult(best, best_loss, without, evaluated)
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantized linear of the search and of error correction
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Min-max RTN of ``weight`` with straight-through rounding; the forward equals
+    ``quantize_uniform(weight, ...).dequantize()`` exactly (ranges recomputed from the weight each call)."""
+    n, k = weight.shape
+    scale, zero = minmax_params(weight.detach(), bits, group_size, symmetric, scale_dtype)
+    s = expand_groups(scale.float(), k, group_size)
+    z = expand_groups(zero.float(), k, group_size) if zero is not None else 2 ** (bits - 1)
+    codes = (round_ste(weight.float() / s) + z).clamp(0, 2**bits - 1)
+    return (codes - z) * s
+
+
+class QLLMLinear(nn.Module):
+    """``y = Q_w(W) Q_a(P x) + b`` with an optional LoRA branch: ``Q_w(W) + (alpha/r) B A`` (``post_quant``,
+    the official form) or ``Q_w(W + (alpha/r) B A)`` (``pre_quant``, what is deployed after the merge)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantizer: dict, activations: ActivationSpec | None,
+                 channel_map: ChannelMap | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.quantizer, self.activations, self.channel_map = quantizer, activations, channel_map
+        self.out_features, self.in_features = weight.shape
+        self.lora_a = self.lora_b = None
+        self.scaling, self.placement = 0.0, "post_quant"
+        self._quantized = None  # Q_w(W), cached: W is frozen
+
+    def add_lora(self, rank: int, alpha: float, placement: str, generator: torch.Generator | None = None) -> None:
+        """A [r, K] Kaiming-uniform (a = sqrt 5, as nn.Linear), B [N, r] zeros: the branch starts at zero."""
+        a = torch.empty(rank, self.in_features)
+        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on a [r, K] matrix
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_a = nn.Parameter(a.to(self.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+        self.scaling, self.placement = alpha / rank, placement
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.lora_a is not None and self.placement == "pre_quant":
+            return fake_quantize_weight(self.merged_weight(), **self.quantizer)
+        if self._quantized is None or self._quantized.device != self.weight.device:
+            self._quantized = fake_quantize_weight(self.weight, **self.quantizer)
+        if self.lora_a is None:
+            return self._quantized
+        return self._quantized + self.scaling * (self.lora_b @ self.lora_a)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha/r) B A in fp32 (W alone without a branch)."""
+        if self.lora_a is None:
+            return self.weight
+        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_map is not None:
+            m = self.channel_map
+            x = apply_channel_map(x, m.crow, m.col, m.val)
+        x = quantize_activations(x, self.activations)
+        weight = self.quantized_weight()
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+def linear_decay(base: float, step: int, total: int) -> float:
+    """The official schedule: linear from ``base`` to 0, no warm-up."""
+    return base * max(0.0, 1 - step / max(total, 1))
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The high-water mark of device memory (CUDA) or of the process's resident memory (CPU), MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@register_step("qllm")
+@dataclass
+class QLLM(ActivationQuantization, UniformQuantizer):
+    """QLLM: channel reassembly of activation outliers + low-rank error correction, per block (W4A4, W4A8, weight-only)."""
+
+    group_size: int = param(-1, "input columns sharing one weight scale; -1 (the paper's): one per output row")
+    symmetric: bool = param(False, "symmetric weight grid (false: per-row zero points, as the paper)")
+    activation_bits: int | None = param(None, "per-token dynamic quantization of every linear's input (and Q, K, V); default 4, "
+                                              "16 (off) with weight_only", choices=(None, *ACTIVATION_BITS))
+    weight_only: bool = param(False, "activations stay 16-bit: reassembly off, error correction kept; exports as compressed-tensors")
+    reassembly: bool | None = param(None, "channel reassembly at the three points of each block (default: on unless activations are 16-bit)")
+    channel_ratio: float = param(0.2, "at most this fraction of a point's channels is reassembled (A <= floor(ratio * C))", min=0.0, max=0.5)
+    merge_score: str = param("code", "channel-pair merge cost: the official code's signed column sums, or the paper's Eq. 5", choices=("code", "paper"))
+    consider_no_reassembly: bool = param(True, "the search also scores A = 0 (the official search never does)")
+    search_candidates: int = param(0, "at most this many thresholds scored per point, spread over the candidates (0: all, as the official search)", min=0)
+    feature_samples: int = param(4, "calibration samples whose activations the search and the pair similarity use", min=1)
+    rank: int = param(4, "rank of the error-correction branch of every linear (0: no error correction)", min=0)
+    alpha: float = param(1.0, "the branch is scaled by alpha / rank", min=0.0)
+    lora_placement: str = param("post_quant", "training form: Q(W) + BA (official) or Q(W + BA) (what is deployed)", choices=("post_quant", "pre_quant"))
+    epochs: int = param(10, "passes over the calibration samples per block for error correction", min=0)
+    lr: float = param(5e-4, "AdamW learning rate of the branches and norm gains (linear decay to 0)", min=0.0)
+    batch_size: int = param(1, "samples per optimizer step", min=1)
+    train_norms: bool = param(True, "also train the block's norm gains and biases (the official code does)")
+    heldout: float = param(0.1, "fraction of each block's calibration batches held out to keep the best epoch (0: keep the last)", min=0.0, max=0.5)
+    seed: int = param(0, "seed of the branches' initialisation", min=0)
+
+    def check(self) -> None:
+        super().check()
+        if self.weight_only and self.activation_bits not in (None, 16):
+            raise ValueError(f"activation_bits: {self.activation_bits} contradicts weight_only: true (activations stay 16-bit)")
+        if self.reassembly and self.bits_of_activations == 16:
+            raise ValueError("reassembly: channel reassembly only serves activation quantization; it needs activation_bits below 16")
+
+    @property
+    def bits_of_activations(self) -> int:
+        if self.activation_bits is not None:
+            return self.activation_bits
+        return 16 if self.weight_only else 4
+
+    @property
+    def activation_spec(self) -> ActivationSpec | None:
+        bits = self.bits_of_activations
+        return None if bits == 16 else ActivationSpec(bits, self.activation_symmetric)
+
+    @property
+    def reassembles(self) -> bool:
+        return self.bits_of_activations < 16 if self.reassembly is None else self.reassembly
+
+    @property
+    def weight_quantizer(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def compress_block(self, context) -> None:
+        self.refuse_other_weight_kinds(context)
+        started = time.perf_counter()
+        quantizer = {**self.weight_quantizer, "scale_dtype": context.scale_dtype}
+        spec = self.activation_spec
+        adapter, block = context.adapter, context.block
+        roles = {role: adapter.linears[role] for role in adapter.linears}
+        linears = context.linears(self.ignore)
+
+        # Teacher pass: the fp block on the fp stream gives the targets and the statistics of each point.
+        fp_inputs = context.inputs if context.index == 0 else context.state["fp_inputs"]
+        points = {point: [roles[r] for r in consumers if roles[r] in linears] for point, consumers in POINTS.items()}
+        points = {point: names for point, names in points.items() if names and len(names) == len(POINTS[point])} if self.reassembles else {}
+        stats = PointStatistics(block, {point: names[0] for point, names in points.items()}, self.feature_samples)
+        with stats:
+            targets = context.forward(inputs=fp_inputs)
+        context.state["fp_inputs"] = None if context.index == context.num_blocks - 1 else targets
+        dtype = next(block.parameters()).dtype
+        block.float()  # search and training in fp32
+
+        # Channel reassembly, point by point, on the fp features.
+        channel_maps, rewritten = {}, {}
+        for point, names in points.items():
+            weights = [linears[name].weight.detach().float() for name in names]
+            loss_of = point_loss(point, block, adapter, names, linears, stats, context.block_kwargs, quantizer, spec, self.quantize_attention)
+            result = search_threshold(stats.features[point], weights, stats.magnitudes[point], loss_of, self.channel_ratio,
+                                      self.consider_no_reassembly, self.merge_score, self.search_candidates)
+            if result.best is not None:
+                for name, weight in zip(names, result.best.weights):
+                    channel_maps[name], rewritten[name] = result.best.channel_map, weight
+            context.record(f"reassembly.{point}", extra_channels=0 if result.best is None else result.best.extra,
+                           threshold=None if result.best is None else result.best.threshold, max_magnitude=float(stats.magnitudes[point].max()),
+                           loss=result.loss, loss_without=result.loss_without, candidates=len(result.evaluated))
+        stats.release()
+
+        # Error correction: every linear becomes Q_w(W) Q_a(P x) (+ LoRA); branches and norms train.
+        originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+        modules = {}
+        for name, linear in linears.items():
+            weight = rewritten.get(name, linear.weight.detach())
+            modules[name] = QLLMLinear(weight, linear.bias, quantizer, spec, channel_maps.get(name))
+            block.set_submodule(name, modules[name])
+        attention = block.get_submodule(adapter.attention)
+        if spec is not None and self.quantize_attention:
+            install_attention_quantization(attention, spec)
+        batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
+        if context.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(context.device)
+        mse_init = block_mse(block, batches)
+        losses, best, steps = [], None, 0
+        if self.rank > 0 and self.epochs > 0:
+            generator = torch.Generator().manual_seed(self.seed + context.index)
+            for module in modules.values():
+                module.add_lora(self.rank, self.alpha, self.lora_placement, generator)
+            groups = [{"params": trainable_parameters(block, self.train_norms), "lr": self.lr}]
+            steps = self.epochs * (len(batches) - holdout_count(len(batches), self.heldout))
+            with context.progress(steps, "error correction", "step") as progress:
+                losses, best = train_block(block, batches, groups, self.epochs, 1.0, self.heldout, progress, schedule=linear_decay, where="qllm")
+        mse_trained = block_mse(block, batches)
+        peak = peak_memory_mib(context.device)
+
+        # Merge each branch into its weight and quantize the result: no extra matmul at inference.
+        values = {name: quantize_uniform(module.merged_weight().detach(), self.bits, self.group_size, self.symmetric, context.scale_dtype)
+                  for name, module in modules.items()}
+        block.to(dtype)
+        quantized = {}
+        for name, value in values.items():
+            quantized[name] = context.replace_linear(name, value)
+            reference = originals[name] if name not in rewritten else rewritten[name]
+            context.record(name, error=relative_error(reference, value), bits_per_weight=value.bits_per_weight())
+        self.quantize_block_activations(context, quantized, channel_maps)
+        context.record(
+            "error_correction", mse_init=mse_init, mse_trained=mse_trained, mse_final=block_mse(block, batches), steps=steps,
+            loss_first_epoch=losses[0] if losses else None, loss_last_epoch=losses[-1] if losses else None,
+            peak_memory_mib=round(peak, 1), seconds=time.perf_counter() - started, **(best.summary() if best else {}),
+        )
+
+
+def trainable_parameters(block: nn.Module, train_norms: bool) -> list[nn.Parameter]:
+    """The LoRA factors, and with ``train_norms`` the norm gains and biases (the official trainable set);
+    nothing else of the block requires grad afterwards."""
+    block.requires_grad_(False)
+    chosen = []
+    for name, parameter in block.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("lora_a", "lora_b") or (train_norms and ("norm" in name or leaf == "bias")):
+            parameter.requires_grad_(True)
+            chosen.append(parameter)
+    return chosen
+
+
+class PointStatistics:
+    """Forward pre-hooks on the first consumer of each point: per-channel magnitudes over every sample,
+    and the activations (with their batch index and rows) of the first ``samples`` samples."""
+
+    def __init__(self, block: nn.Module, first_consumers: dict[str, str], samples: int):
+        self.block, self.first, self.samples = block, first_consumers, samples
+        self.magnitudes: dict[str, torch.Tensor] = {}
+        self.chunks: dict[str, list[tuple[int, int, torch.Tensor]]] = {p: [] for p in first_consumers}  # (batch, its size, rows kept)
+        self.batch = 0
+        self.hooks = []
+
+    def __enter__(self):
+        for point, name in self.first.items():
+            self.hooks.append(self.block.get_submodule(name).register_forward_pre_hook(self.catcher(point)))
+        self.hooks.append(self.block.register_forward_hook(lambda *args: setattr(self, "batch", self.batch + 1)))
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def catcher(self, point: str):
+        def catch(module, args):
+            x = args[0].detach()
+            m = channel_magnitudes(x)
+            self.magnitudes[point] = m if point not in self.magnitudes else torch.maximum(self.magnitudes[point], m)
+            kept = sum(len(chunk) for _, _, chunk in self.chunks[point])
+            if kept < self.samples:
+                take = min(self.samples - kept, x.shape[0])
+                self.chunks[point].append((self.batch, x.shape[0], x[:take].float().clone()))
+        return catch
+
+    @property
+    def features(self) -> dict[str, torch.Tensor]:
+        """Each point's stored activations, flattened to [tokens, C]."""
+        return {p: torch.cat([c.reshape(-1, c.shape[-1]) for _, _, c in chunks]) for p, chunks in self.chunks.items()}
+
+    def release(self) -> None:
+        self.chunks = {}
+
+
+def point_loss(point: str, block: nn.Module, adapter, names: list[str], linears: dict, stats: PointStatistics, block_kwargs,
+               quantizer: dict, spec: ActivationSpec | None, quantize_attention: bool):
+    """``loss_of(reassembly or None)``: MSE between the fp function of the point on its stored features
+    and the same function with the consumers quantized (weights and activations) after the transform."""
+    chunks = stats.chunks[point]
+
+    def quantized_consumers(plan):
+        weights = plan.weights if plan is not None else [linears[n].weight.detach() for n in names]
+        cmap = plan.channel_map if plan is not None else None
+        return [QLLMLinear(w, linears[n].bias, quantizer, spec, cmap) for n, w in zip(names, weights)]
+
+    if point == "attn_in":
+        attention = block.get_submodule(adapter.attention)
+        prefix = f"{adapter.attention}."
+        paths = [n[len(prefix):] for n in names]
+
+        def run(consumers, quantized):
+            saved = [attention.get_submodule(p) for p in paths]
+            o_path = adapter.linears["o"][len(prefix):]
+            saved_o = attention.get_submodule(o_path)
+            try:
+                for p, module in zip(paths, consumers):
+                    attention.set_submodule(p, module)
+                attention.set_submodule(o_path, nn.Identity())
+                if quantized and spec is not None and quantize_attention:
+                    install_attention_quantization(attention, spec)
+                outputs = []
+                with torch.no_grad():
+                    for batch, size, x in chunks:
+                        kwargs = cast_floating(slice_batch(block_kwargs[batch], slice(0, len(x)), size), torch.float32)
+                        outputs.append(first_output(attention(hidden_states=x, **kwargs)).float())
+                return outputs
+            finally:
+                install_attention_quantization(attention, None)
+                for p, module in zip(paths, saved):
+                    attention.set_submodule(p, module)
+                attention.set_submodule(o_path, saved_o)
+
+        reference = run([linears[n] for n in names], quantized=False)
+        return lambda plan: mse_of(run(quantized_consumers(plan), quantized=True), reference)
+
+    features = [x for _, _, x in chunks]
+    if point == "mlp_in":
+        act = block.get_submodule(adapter.mlp).act_fn
+
+        def swiglu(gate, up):
+            with torch.no_grad():
+                return [act(gate(x)) * up(x) for x in features]
+
+        reference = swiglu(*(float_linear(linears[n]) for n in names))
+        return lambda plan: mse_of(swiglu(*quantized_consumers(plan)), reference)
+
+    reference = [float_linear(linears[names[0]])(x).detach() for x in features]
+
+    def down(plan):
+        (consumer,) = quantized_consumers(plan)
+        with torch.no_grad():
+            return mse_of([consumer(x) for x in features], reference)
+
+    return down
+
+
+def float_linear(linear: nn.Linear):
+    weight, bias = linear.weight.detach().float(), None if linear.bias is None else linear.bias.detach().float()
+    return lambda x: F.linear(x.float(), weight, bias)
+
+
+def mse_of(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    total = sum(float((o.float() - r.float()).square().sum()) for o, r in zip(outputs, reference))
+    return total / sum(r.numel() for r in reference)

@@ -42,6 +42,8 @@ def codec_for(weight, format: str = "auto", quantized_inputs: bool = False):
         codec = native if format in ("auto", native.QUANT_METHOD) else None
     elif format != "auto":
         codec = FORMATS.get(format)
+        if codec is native and weight.kind == "uniform":  # plain uniform weights: compressed-tensors or GPTQ, which engines read
+            codec = None
     elif weight.kind == "uniform" and not weight.symmetric and weight.bits < 4 and gptq.supports(weight):
         codec = gptq
     else:

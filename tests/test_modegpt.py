@@ -422,3 +422,23 @@ def test_svd_baseline_keeps_the_best_rank_at_the_parameter_budget(tiny_llama, tm
     assert torch.linalg.matrix_rank(approximated, rtol=1e-5) == rank  # stored in fp32
     singular = torch.linalg.svdvals(original)
     assert float(torch.linalg.norm(original - approximated)) == pytest.approx(float(singular[rank:].norm()), rel=1e-4)
+
+
+def test_sliced_mlp_keeps_the_kept_neurons_biases(tmp_path):
+    from compressor.testing import make_random_model
+
+    source = make_random_model("llama", tmp_path / "biased", mlp_bias=True)
+    with torch.no_grad():  # make the biases matter
+        model = AutoModelForCausalLM.from_pretrained(source)
+        for name, parameter in model.named_parameters():
+            if "mlp" in name and name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+        model.save_pretrained(source)
+    tokens = sample_tokens()
+    apply(modegpt_recipe({"modegpt": {"ratio": 0.0}}), source, tmp_path / "zero", progress=False)
+    torch.testing.assert_close(logits(load_causal_lm(str(tmp_path / "zero"))[0], tokens), logits(model, tokens), rtol=0, atol=1e-5)
+    outputs = {}
+    for export in ("sliced", "masked"):
+        apply(modegpt_recipe({"modegpt": {"ratio": 0.3, "export": export}}), source, tmp_path / export, progress=False)
+        outputs[export] = logits(load_causal_lm(str(tmp_path / export))[0], tokens)
+    torch.testing.assert_close(outputs["sliced"], outputs["masked"], rtol=0, atol=2e-4)

@@ -325,10 +325,11 @@ def write_attention(attention: nn.Module, sizes: BlockSizes, qk, vo, geometry, s
 def write_mlp(mlp: nn.Module, gate, up, down, index: torch.Tensor, sliced: bool) -> None:
     """The Type I solution into the MLP: narrower projections, or zero rows/columns at dropped neurons."""
     if sliced:
-        modegpt_sliced.slice_mlp(mlp, len(index))
-        set_linear(mlp.gate_proj, gate, None if mlp.gate_proj.bias is None else mlp.gate_proj.bias)
-        set_linear(mlp.up_proj, up, None if mlp.up_proj.bias is None else mlp.up_proj.bias)
-        set_linear(mlp.down_proj, down, mlp.down_proj.bias)
+        biases = [linear.bias for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        modegpt_sliced.slice_mlp(mlp, len(index))  # new, uninitialised projections: every tensor is set below
+        set_linear(mlp.gate_proj, gate, None if biases[0] is None else biases[0][index])
+        set_linear(mlp.up_proj, up, None if biases[1] is None else biases[1][index])
+        set_linear(mlp.down_proj, down, biases[2])
         return
     width = mlp.gate_proj.out_features
     set_linear(mlp.gate_proj, padded_rows(gate, index, width), mlp.gate_proj.bias)

@@ -142,52 +142,44 @@ def slice_layers(model: nn.Module, spec: dict) -> None:
         slice_mlp(layer.mlp, sizes["intermediate_size"])
 
 
-class ModeGPTLlamaConfig(LlamaConfig):
-    model_type = "modegpt_llama"
-
-
-class ModeGPTLlamaForCausalLM(LlamaForCausalLM):
-    config_class = ModeGPTLlamaConfig
+class SlicedLayers:
+    """Mixed in before a stock causal LM: builds it, then resizes its layers as ``config.modegpt`` says."""
 
     def __init__(self, config):
         super().__init__(config)
         slice_layers(self, config.modegpt)
+
+
+class ModeGPTLlamaConfig(LlamaConfig):
+    model_type = "modegpt_llama"
+
+
+class ModeGPTLlamaForCausalLM(SlicedLayers, LlamaForCausalLM):
+    config_class = ModeGPTLlamaConfig
 
 
 class ModeGPTMistralConfig(MistralConfig):
     model_type = "modegpt_mistral"
 
 
-class ModeGPTMistralForCausalLM(MistralForCausalLM):
+class ModeGPTMistralForCausalLM(SlicedLayers, MistralForCausalLM):
     config_class = ModeGPTMistralConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        slice_layers(self, config.modegpt)
 
 
 class ModeGPTQwen2Config(Qwen2Config):
     model_type = "modegpt_qwen2"
 
 
-class ModeGPTQwen2ForCausalLM(Qwen2ForCausalLM):
+class ModeGPTQwen2ForCausalLM(SlicedLayers, Qwen2ForCausalLM):
     config_class = ModeGPTQwen2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        slice_layers(self, config.modegpt)
 
 
 class ModeGPTQwen3Config(Qwen3Config):
     model_type = "modegpt_qwen3"
 
 
-class ModeGPTQwen3ForCausalLM(Qwen3ForCausalLM):
+class ModeGPTQwen3ForCausalLM(SlicedLayers, Qwen3ForCausalLM):
     config_class = ModeGPTQwen3Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        slice_layers(self, config.modegpt)
 
 
 # base model_type -> (config class, model class)

@@ -24,7 +24,6 @@ schedule decays by cosine. lr 2e-4 is the official rate for 1.5M samples; the de
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ from compressor.arch.modeling_llama_swiftkv import add_swiftkv_projections, grou
 from compressor.arch.swiftkv import auto_map, check_family, modeling_files, swiftkv_config
 from compressor.distill import train_end_to_end
 from compressor.step import Step, param, register_step
-from compressor.training import holdout_count, warmup_cosine_lr
+from compressor.training import warmup_cosine_schedule
 
 # ----------------------------------------------------------------------------------------------
 # Math on tensors
@@ -218,15 +217,14 @@ class SwiftKV(Step):
             for p in parameters:
                 p.requires_grad_(True)
             tokens = context.calibration_tokens()
-            total = self.epochs * math.ceil((len(tokens) - holdout_count(len(tokens), self.heldout)) / self.batch_size)
-            warmup = math.ceil(self.warmup_ratio * total)
+            lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, self.batch_size, self.warmup_ratio)
             generator = torch.Generator().manual_seed(self.seed)
             try:
                 losses, best = train_end_to_end(
                     context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs, batch_size=self.batch_size,
                     micro_batch_size=self.micro_batch_size or self.batch_size, top_k=self.top_k, heldout=self.heldout,
                     order=lambda epoch, count: torch.randperm(count, generator=generator),
-                    lr_at=lambda base, step, total: warmup_cosine_lr(base, step, total, warmup),
+                    lr_at=lr_at,
                 )
             finally:
                 for p in parameters:

@@ -19,7 +19,6 @@ trains zero points (STE-rounded integers). Details and measured numbers: docs/me
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from compressor.distill import train_end_to_end
 from compressor.quant.uniform import clamp_ste, round_ste
 from compressor.report import peak_memory
 from compressor.step import Step, param, register_step
-from compressor.training import holdout_count, warmup_cosine_lr
+from compressor.training import warmup_cosine_schedule
 from compressor.weights.linear import QuantizedLinear
 
 
@@ -89,14 +88,13 @@ class EfficientQATE2EQP(Step):
                 parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
         groups = [{"params": steps_or_codebooks, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
         tokens = context.calibration_tokens()
-        total = self.epochs * math.ceil((len(tokens) - holdout_count(len(tokens), self.heldout)) / self.batch_size)
-        warmup = math.ceil(self.warmup_ratio * total)
+        lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, self.batch_size, self.warmup_ratio)
         generator = torch.Generator().manual_seed(self.seed)
         try:
             losses, best = train_end_to_end(
                 context, groups, name=self.name, epochs=self.epochs, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
                 order=lambda epoch, count: torch.randperm(count, generator=generator), objective=self.objective, top_k=self.top_k,
-                lr_at=lambda base, step, total: warmup_cosine_lr(base, step, total, warmup), max_grad_norm=self.max_grad_norm,
+                lr_at=lr_at, max_grad_norm=self.max_grad_norm,
                 heldout=self.heldout,
             )
         finally:

@@ -9,8 +9,11 @@ extends is imported: at once if it already is, else through a finder on ``sys.me
 
 transformers imports its tables half way through other modules (``modeling_utils`` imports
 ``modeling_auto``, which imports ``configuration_auto``), and our classes import transformers modules
-that may be the ones half done. So the finder follows every ``transformers.*`` module imported while
-a registration is due, and runs the due registrations only when none of them is still running.
+that may be the ones half done; and the registrations import our own ``compressor.arch`` modules,
+which may themselves be half done (``compressor.arch.modeling_llama_swiftkv`` imports
+``transformers.modeling_utils``, which imports the model table). So the finder follows every
+``transformers.*`` and ``compressor.arch.*`` module imported while a registration is due, and runs the
+due registrations only when none of them is still running.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import sys
 QUANTIZER_TABLE = "transformers.quantizers.auto"
 CONFIG_TABLE = "transformers.models.auto.configuration_auto"
 MODEL_TABLE = "transformers.models.auto.modeling_auto"
+# modules whose import the finder follows: transformers, and ours that the registrations import
+FOLLOWED = ("transformers", "compressor.arch")
 
 
 def register_quantizer() -> None:
@@ -51,18 +56,18 @@ REGISTRATIONS = {
 
 
 class RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: it wraps the loading of each ``transformers.*`` module the other finders
-    find, and once no such module is half imported runs the registrations whose table has loaded."""
+    """Finds nothing itself: it wraps the loading of each ``FOLLOWED`` module the other finders find,
+    and once no such module is half imported runs the registrations whose table has loaded."""
 
     def __init__(self, pending: dict):
         self.pending = dict(pending)  # table not imported yet -> registration
         self.due: list = []  # tables imported, registration waiting for the imports around it to finish
-        self.running: list[str] = []  # transformers modules whose code is running now
+        self.running: list[str] = []  # followed modules whose code is running now
         self.finding: set[str] = set()
         self.registering = False  # a registration imports transformers modules too: no nested runs
 
     def find_spec(self, name, path, target=None):
-        if not name.startswith("transformers") or name in self.finding:
+        if not name.startswith(FOLLOWED) or name in self.finding:
             return None
         self.finding.add(name)
         try:

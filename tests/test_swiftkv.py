@@ -327,3 +327,19 @@ def test_unsupported_family_is_refused(tmp_path, calibration_file, tiny_models):
 
     with pytest.raises(UnsupportedArchitecture, match="qwen3"):
         apply(swiftkv_recipe(calibration_file), tiny_models["qwen3"], tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("first_import", [
+    "from compressor.lowrank.swiftkv import SwiftKV",
+    "from compressor.arch.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM",
+    "import transformers; from compressor import apply",
+    "from transformers import AutoModelForCausalLM; import compressor",
+])
+def test_swiftkv_models_register_whatever_is_imported_first(first_import):
+    """The registration waits for our own half-imported modeling module too (it imports the
+    transformers table whose import triggers the registration)."""
+    script = (f"{first_import}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+              "config = AutoConfig.for_model('llama_swiftkv')\n"
+              "assert type(config).__name__ == 'LlamaSwiftKVConfig', config\n"
+              "assert AutoModelForCausalLM._model_mapping[type(config)].__name__ == 'LlamaSwiftKVForCausalLM'\n")
+    subprocess.run([sys.executable, "-c", script], check=True)

@@ -13,10 +13,7 @@ from pathlib import Path
 import torch
 
 from compressor.errors import UserError
-from compressor.recipe import looks_local
-
-LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
+from compressor.recipe import DATA_FILE_LOADERS, looks_local
 
 class CalibrationError(UserError):
     pass
@@ -34,12 +31,12 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
     if path.is_file() and path.suffix == ".txt":
         return [path.read_text()]
     if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOADERS)
-        if not files or any(f.suffix not in LOADERS for f in files):
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_FILE_LOADERS)
+        if not files or any(f.suffix not in DATA_FILE_LOADERS for f in files):
             raise CalibrationError(f"{path}: expected .txt, .jsonl, .json or .parquet files")
         if all(f.suffix == ".txt" for f in files):
             return [f.read_text() for f in files]
-        kinds = {LOADERS[f.suffix] for f in files}
+        kinds = {DATA_FILE_LOADERS[f.suffix] for f in files}
         if len(kinds) != 1:
             raise CalibrationError(f"{path}: mixes file types {sorted(kinds)}; use one kind per folder")
         return _dataset_column(dataset, (kinds.pop(),), {"data_files": [str(f) for f in files], "split": "train"}, text_column)

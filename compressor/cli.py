@@ -96,8 +96,9 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the numbers here")
 @click.option("--kv-cache", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
               help="auto: run with the quantized KV cache the export declares (bfp); off: with a full-precision cache")
+@click.option("--trust-remote-code", is_flag=True, help="allow the model's (and base's) own code from the hub")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, kv_cache, quiet):
+def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, kv_cache, trust_remote_code, quiet):
     """Perplexity of MODEL on held-out text, and with --base the gap and the KL divergence."""
     try:
         from compressor.api import resolve_device
@@ -105,11 +106,12 @@ def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, 
 
         quiet_transformers()
         result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device), progress=not quiet,
-                                kv_cache=kv_cache == "auto")
+                                kv_cache=kv_cache == "auto", trust_remote_code=trust_remote_code)
         numbers = result.to_dict()
         click.echo(result.format(model, base))
         if tasks:
-            numbers["tasks"] = run_lm_eval(*load_causal_lm(model, device=resolve_device(device)), tasks.split(","))
+            numbers["tasks"] = run_lm_eval(*load_causal_lm(model, device=resolve_device(device), trust_remote_code=trust_remote_code),
+                                           tasks.split(","))
             click.echo(json.dumps(numbers["tasks"], indent=2))
     except Exception as error:
         fail(error)
@@ -133,13 +135,15 @@ def methods(markdown):
 @click.option("--text", default="demo", show_default=True, help="held-out text for the perplexity check")
 @click.option("--max-layers", type=int, help="check at most this many quantized layers")
 @click.option("--no-speed", is_flag=True, help="skip the tokens/s measurement on a GPU")
-def validate(checkpoint, device, text, max_layers, no_speed):
+@click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own modeling code")
+def validate(checkpoint, device, text, max_layers, no_speed, trust_remote_code):
     """Check an exported CHECKPOINT's kernels against their references (and time them on a GPU)."""
     try:
         from compressor.api import resolve_device
         from compressor.validate import format_validation_report, validate_checkpoint
 
-        result = validate_checkpoint(checkpoint, device=resolve_device(device), text=text, max_layers=max_layers, speed=False if no_speed else None)
+        result = validate_checkpoint(checkpoint, device=resolve_device(device), text=text, max_layers=max_layers,
+                                     speed=False if no_speed else None, trust_remote_code=trust_remote_code)
     except Exception as error:
         fail(error)
     click.echo(format_validation_report(result))

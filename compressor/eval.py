@@ -59,9 +59,10 @@ def evaluation_dtype(config, device) -> torch.dtype:
     return checkpoint_dtype(config) if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu"):
+def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu", trust_remote_code: bool = False):
     """A model for evaluation: ``demo``, a folder (our exports included) or a hub id, in ``dtype``
-    (default: ``evaluation_dtype``).
+    (default: ``evaluation_dtype``). ``trust_remote_code``: allow a model's own code (an ``auto_map``
+    our shipped architectures do not cover).
 
     Our compressed-tensors exports load through ``load_quantized_model``, so their weights stay
     quantized and run through our kernels (and asymmetric ones load, which transformers cannot yet).
@@ -72,13 +73,13 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu"):
     path = resolve_model_path(model)
     register_shipped_architectures()
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         dtype = dtype or evaluation_dtype(config, device)
         safetensors_index(path)  # names a truncated or damaged shard before transformers reads it
         if getattr(config, "quantization_config", None) is not None:
-            loaded = load_quantized_model(path, dtype=dtype, device=device)
+            loaded = load_quantized_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         else:
-            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
     except (ModelLoadError, MemoryError):
         raise
     except (OSError, ValueError, KeyError) as error:
@@ -94,12 +95,12 @@ class StreamedModel:
     the weights would take more than 80 % of the free device memory; fp32 on the CPU. ``compressor
     eval`` reads the base model this way, so an 8B base costs 16 GB of GPU memory at most, not 32."""
 
-    def __init__(self, model: str, device):
+    def __init__(self, model: str, device, trust_remote_code: bool = False):
         from compressor.blockwise import BlockwiseModel
         from compressor.model import ModelHandle
 
         device = torch.device(device)
-        handle = ModelHandle.open(model)
+        handle = ModelHandle.open(model, trust_remote_code=trust_remote_code)
         dtype = evaluation_dtype(handle.config, device)
         offloaded = not handle.fits_on(device, dtype)
         handle.materialize_all(device, dtype, block_device="cpu" if offloaded else None)
@@ -192,7 +193,7 @@ def score_batch(model, base, batch: torch.Tensor) -> tuple[float, float, float]:
 
 
 def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_len: int = 512, max_windows: int | None = None,
-                   device="cpu", progress: bool = False, kv_cache: bool = True) -> EvalResult:
+                   device="cpu", progress: bool = False, kv_cache: bool = True, trust_remote_code: bool = False) -> EvalResult:
     """``compressor eval``: load the model (and base), build the windows once, evaluate both.
 
     An export that declares a quantized KV cache runs with it (and the result says its bytes per
@@ -201,25 +202,25 @@ def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_
 
     if base is not None:  # a damaged base fails before the model loads (load_causal_lm checks the model's own)
         safetensors_index(resolve_model_path(base))
-    loaded, tokenizer = load_causal_lm(model, device=device)
+    loaded, tokenizer = load_causal_lm(model, device=device, trust_remote_code=trust_remote_code)
     if not kv_cache:
         remove_bfp_cache(loaded)
     windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
-    base_model = base_for_kl(base, device) if base is not None else None
+    base_model = base_for_kl(base, device, trust_remote_code) if base is not None else None
     result = evaluate(loaded, windows, base_model, progress=progress)
     result.kv_cache = kv_cache_summary(loaded)
     return result
 
 
-def base_for_kl(base: str, device):
+def base_for_kl(base: str, device, trust_remote_code: bool = False):
     """The base model, streamed block by block when it is an unquantized checkpoint we can open
     (``StreamedModel``); otherwise (a quantized base, an architecture without an adapter) loaded whole."""
     from compressor.arch import UnsupportedArchitecture
 
     try:
-        return StreamedModel(base, device)
+        return StreamedModel(base, device, trust_remote_code)
     except (UnsupportedArchitecture, ModelLoadError):
-        return load_causal_lm(base, device=device)[0]
+        return load_causal_lm(base, device=device, trust_remote_code=trust_remote_code)[0]
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8) -> dict:

@@ -66,12 +66,13 @@ class CalibrationConfig(Config):
             raise ValueError(f"dataset: {self.dataset}: no such file or folder")
 
 
-DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# a local data file's suffix -> the `datasets` builder that reads it (calibration.py loads them)
+DATA_FILE_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def looks_local(dataset: str) -> bool:
     """A calibration source that is a path, not a hub dataset name: a data file's suffix, or a path's start."""
-    return Path(dataset).suffix in DATA_FILE_SUFFIXES or dataset.startswith((".", "/", "~"))
+    return Path(dataset).suffix in DATA_FILE_LOADERS or dataset.startswith((".", "/", "~"))
 
 
 @dataclass

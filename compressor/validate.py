@@ -215,7 +215,8 @@ def _model_dtype(path: Path, device: torch.device) -> torch.dtype:
 
 
 def validate_checkpoint(path, device=None, *, dtype: torch.dtype | None = None, text: str = "demo", seq_len: int = 128,
-                        max_windows: int = 2, max_layers: int | None = None, speed: bool | None = None, seed: int = 0) -> dict:
+                        max_windows: int = 2, max_layers: int | None = None, speed: bool | None = None, seed: int = 0,
+                        trust_remote_code: bool = False) -> dict:
     """Load an exported checkpoint into ``QuantizedLinear`` modules and run the three checks.
 
     ``text``: held-out text for the perplexity check (``demo``, a .txt file or a dataset source as in
@@ -229,10 +230,11 @@ def validate_checkpoint(path, device=None, *, dtype: torch.dtype | None = None, 
     path = Path(path)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not kernels_runnable(device)[0] and os.environ.get("TRITON_INTERPRET") != "1":
-        options = dict(dtype=dtype, text=text, seq_len=seq_len, max_windows=max_windows, max_layers=max_layers, speed=speed, seed=seed)
+        options = dict(dtype=dtype, text=text, seq_len=seq_len, max_windows=max_windows, max_layers=max_layers, speed=speed, seed=seed,
+                       trust_remote_code=trust_remote_code)
         return _validate_in_interpreter(path, options)
     dtype = dtype or _model_dtype(path, device)
-    model = load_quantized_model(path, dtype=dtype, device=device)
+    model = load_quantized_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path)
     text_note = None
     try:

@@ -62,3 +62,32 @@ def test_the_streamed_base_gives_the_numbers_of_the_whole_model(tiny_llama, tiny
     expected, got = evaluate(other, windows, base=whole), evaluate(other, windows, base=streamed)
     assert math.isclose(got.kl_divergence, expected.kl_divergence, rel_tol=1e-4)
     assert math.isclose(got.base_perplexity, expected.base_perplexity, rel_tol=1e-5)
+
+
+def test_eval_loads_a_model_with_its_own_code_only_when_trusted(tiny_llama, tmp_path):
+    """A checkpoint whose architecture ships as modeling code (``auto_map``) that compressor does not
+    register: ``compressor eval`` refuses it with one line, and scores it with --trust-remote-code."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from compressor.cli import main
+
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="toy_remote_llama", architectures=["ToyForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_toy.ToyConfig", "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_toy.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass ToyConfig(LlamaConfig):\n    model_type = 'toy_remote_llama'\n")
+    (folder / "modeling_toy.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_toy import ToyConfig\n\n\n"
+        "class ToyForCausalLM(LlamaForCausalLM):\n    config_class = ToyConfig\n")
+    refused = CliRunner().invoke(main, ["eval", str(folder), "--max-windows", "1", "--seq-len", "64", "--quiet"])
+    assert refused.exit_code != 0 and "trust_remote_code" in refused.output, refused.output
+    trusted = CliRunner().invoke(main, ["eval", str(folder), "--base", str(tiny_llama), "--max-windows", "1", "--seq-len", "64",
+                                        "--quiet", "--trust-remote-code"])
+    assert trusted.exit_code == 0, trusted.output
+    assert "KL" in trusted.output

@@ -73,6 +73,35 @@ def time_alternately(models: dict, prompt: torch.Tensor, repeats: int) -> dict[s
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def markdown(record: dict) -> str:
+    """The results page of one run (``record`` as written to the JSON)."""
+    rows, speed = record["rows"], record["prefill"]
+    lines = [
+        f"# SwiftKV on `{record['model']}` ({record['date']})", "",
+        f"Command: `{record['command']}` (machine: {record['machine']}). {record['windows']} held-out windows of 512 tokens; "
+        "perplexity and mean per-token KL from the original by `compressor.eval.evaluate` (every token's logits: no skipping). "
+        f"KV bytes per token counted from the cache a {speed['prompt_tokens']}-token prefill filled (fp32).", "",
+        "| entry | recipe | perplexity | gap | KL | KL / before distillation | KV bytes/token | KV vs fp (configured) | "
+        "held-out KL curve (trainer, top-k) | time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    before = {}
+    for r in rows:
+        curve = " -> ".join(f"{v:.4f}" for v in r.get("heldout_curve") or []) or "-"
+        configured = f" ({r['kv_ratio_configured']:.4f})" if "kv_ratio_configured" in r else ""
+        setting = r["entry"].rsplit(",", 1)[0]
+        if r["entry"].endswith("before distillation"):
+            before[setting] = r["kl"]
+        relative = f"{r['kl'] / before[setting]:.3f}" if r["entry"].endswith("distilled") and before.get(setting) else "-"
+        lines.append(f"| {r['entry']} | {r['recipe']} | {r['perplexity']:.3f} | {r['gap']:+.3f} | {r['kl']:.6f} | {relative} | "
+                     f"{r['kv_bytes_per_token']:.0f} | {r['kv_ratio']:.4f}{configured} | {curve} | "
+                     f"{seconds_text(r['seconds'])} |")
+    lines += ["", f"Prefill of a {speed['prompt_tokens']}-token prompt (`use_cache=True, logits_to_keep=1`, batch 1, median of "
+                  f"{speed['repeats']}, alternating, {speed['threads']} threads): original {speed['fp_seconds'] * 1e3:.1f} ms, swiftkv-50 "
+                  f"{speed['swiftkv_seconds'] * 1e3:.1f} ms: **{speed['speedup']:.2f}x**.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
@@ -144,24 +173,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"swiftkv-{record['date']}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    lines = [
-        f"# SwiftKV on `{args.model}` ({record['date']})", "",
-        f"Command: `{command}` (machine: {record['machine']}). {len(windows)} held-out windows of 512 tokens; "
-        "perplexity and mean per-token KL from the original by `compressor.eval.evaluate` (every token's logits: no skipping). "
-        f"KV bytes per token counted from the cache a {args.prompt}-token prefill filled (fp32).", "",
-        "| entry | recipe | perplexity | gap | KL | KV bytes/token | KV vs fp (configured) | held-out KL curve (trainer, top-k) | time |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        curve = " -> ".join(f"{v:.4f}" for v in r.get("heldout_curve") or []) or "-"
-        configured = f" ({r['kv_ratio_configured']:.4f})" if "kv_ratio_configured" in r else ""
-        lines.append(f"| {r['entry']} | {r['recipe']} | {r['perplexity']:.3f} | {r['gap']:+.3f} | {r['kl']:.4f} | "
-                     f"{r['kv_bytes_per_token']:.0f} | {r['kv_ratio']:.4f}{configured} | {curve} | "
-                     f"{seconds_text(r['seconds'])} |")
-    lines += ["", f"Prefill of a {args.prompt}-token prompt (`use_cache=True, logits_to_keep=1`, batch 1, median of {args.repeats}, "
-                  f"alternating, {speed['threads']} threads): original {speed['fp_seconds'] * 1e3:.1f} ms, swiftkv-50 "
-                  f"{speed['swiftkv_seconds'] * 1e3:.1f} ms: **{speed['speedup']:.2f}x**.", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    stem.with_suffix(".md").write_text(markdown(record))
     print(f"wrote {stem}.md and .json")
 
 

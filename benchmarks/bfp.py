@@ -9,6 +9,12 @@ weights are the base's, so the KL is the KV cache's alone. The planted-outlier m
 Llama (head_dim 32, 2 KV heads) whose W_k rows are scaled by per-rotary-pair factors
 exp(0.7 N(0, 1)), two pairs per head by 10 more, and W_q rows by the inverse factors: q·k, hence the
 model's function, is unchanged (checked), but its keys have outlier channels as real LLMs' do.
+
+The bound rows (``--bound``, on the first model): the same cache with every key value given its own
+exponent (block 1, then blocks of 2 and 4, no permutation). A value's own exponent is never above its
+block's and the finer power-of-two grid contains the coarser one, so no element is quantized worse at
+block 1 than in any block of 32 under any channel order: the block-1 KL is (up to the KL's own
+non-monotonicity) the floor that K-sort at n = 32 can approach and never pass.
 Results: benchmarks/results/bfp/bfp-<date>.md.
 """
 
@@ -88,12 +94,64 @@ def measure(model: str, settings, work: Path, max_windows: int | None, seq_len: 
     return rows
 
 
+class SmallBlockKeyCache:
+    """A ``DynamicCache`` whose keys go through BFP at blocks smaller than the format allows (the bound
+    rows only): each token's flattened keys encoded and decoded with ``bfp_encode``/``bfp_decode``."""
+
+    def __new__(cls, config, bits: int, block_size: int):
+        from transformers import DynamicCache
+
+        from compressor.weights.formats import bfp_decode, bfp_encode
+
+        class Cache(DynamicCache):
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                b, h, t, d = key_states.shape
+                flat = key_states.transpose(1, 2).reshape(b, t, h * d)
+                decoded = bfp_decode(*bfp_encode(flat, bits, block_size), bits, block_size).to(key_states.dtype)
+                return super().update(decoded.reshape(b, t, h, d).transpose(1, 2), value_states, layer_idx, *args, **kwargs)
+
+        return Cache(config=config)
+
+
+def measure_bound(model: str, block_sizes, max_windows: int | None, seq_len: int, text: str) -> list[dict]:
+    """KL with keys quantized at 4-bit mantissas in blocks of ``block_sizes`` (1, 2, 4), no permutation."""
+    from compressor.arch import attention_geometry
+    from compressor.eval import evaluate, heldout_stream, load_causal_lm, make_windows
+
+    base, tokenizer = load_causal_lm(model)
+    quantized, _ = load_causal_lm(model)
+    windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
+    rows = []
+    for block_size in block_sizes:
+        def start_cache(module, args, kwargs, block_size=block_size):
+            kwargs["cache"] = SmallBlockKeyCache(module.config, 4, block_size)
+            kwargs["use_cache"] = True
+            return args, kwargs
+
+        hook = quantized.register_forward_pre_hook(start_cache, with_kwargs=True)
+        try:
+            result = evaluate(quantized, windows, base)
+        finally:
+            hook.remove()
+        geometry = attention_geometry(quantized.config)
+        channels = geometry.num_kv_heads * geometry.head_dim
+        k_bytes = (channels * 4 + 7) // 8 + -(-channels // block_size)  # mantissas + one exponent byte per block, per layer
+        rows.append({"model": model, "k_bits": 4, "block_size": block_size, "ksort": "none (bound)", "scope": "token",
+                     "kl": result.kl_divergence, "gap": result.perplexity - result.base_perplexity, "perplexity": result.perplexity,
+                     "base_perplexity": result.base_perplexity, "windows": result.windows, "tokens": result.tokens,
+                     "k_bytes_per_token": k_bytes * quantized.config.num_hidden_layers,
+                     "dense_bytes_per_token": 2 * channels * quantized.config.num_hidden_layers,
+                     "k_ratio": k_bytes / (2 * channels)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | K mantissa bits | block | K-sort | scope | K bytes/token (bf16) | ratio | perplexity (base) | gap | mean KL (nats) | KL / KL without K-sort |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        unsorted = next((r for r in rows if r["model"] == row["model"] and r["block_size"] == row["block_size"]
-                         and r["scope"] == row["scope"] and r["ksort"] == "none"), None)
+        unsorted = next((r for r in rows if r["model"] == row["model"] and r["scope"] == row["scope"] and r["ksort"] == "none"
+                         and (r["block_size"] == row["block_size"] or (row["ksort"].endswith("(bound)") and r["block_size"] == 32))), None)
         relative = f"{row['kl'] / unsorted['kl']:.3f}" if unsorted and unsorted["kl"] > 0 else "-"
         lines.append(f"| {row['model']} | {row['k_bits']} | {row['block_size']} | {row['ksort']} | {row['scope']} | "
                      f"{row['k_bytes_per_token']} ({row['dense_bytes_per_token']}) | {row['k_ratio']:.3f} | "
@@ -108,6 +166,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--samples", type=int, default=32, help="calibration sequences (act_rms)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    parser.add_argument("--bound", action="store_true", help="also the per-value-exponent rows (blocks 1, 2, 4) on the first model: "
+                                                             "the floor any channel order at n = 32 stays above")
+    parser.add_argument("--no-planted", action="store_true", help="skip the planted-outlier tiny Llamas")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     rows = []
@@ -116,7 +177,9 @@ def main(argv=None) -> None:
         models = args.model or ["demo"]
         for model in models:
             rows += measure(model, SETTINGS, work / "demo", args.max_windows, args.seq_len, "demo", args.samples)
-        if not args.model:
+        if args.bound:
+            rows += measure_bound(models[0], (1, 2, 4), args.max_windows, args.seq_len, "demo")
+        if not args.model and not args.no_planted:
             for seed in (0, 1, 2):
                 planted = planted_outlier_model(work / f"planted{seed}", seed)
                 planted_rows = measure(str(planted), [(32, "act_rms", "token"), (32, "weight_norm", "token"), (32, "none", "token"),

@@ -7,6 +7,7 @@ only imports the toolkit (the fixed cost of Python, torch and transformers), so 
 both the total and what the model itself adds. Goal: peak RSS <= 0.3 x model size.
 
     python benchmarks/memory.py [--hidden 2560 --layers 24 --intermediate 6912] [--keep DIR]
+    python benchmarks/memory.py --recipe R.yaml ...   # the same for another recipe (e.g. a training step's)
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--intermediate", type=int, default=6912)
     parser.add_argument("--keep", type=Path, help="build the model here and keep it")
+    parser.add_argument("--recipe", type=Path, help="apply this recipe instead of RTN w4 g128 (writes memory-<date>-<recipe name>.json)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="compressor-memory-"))
@@ -60,8 +62,9 @@ def main() -> None:
     if not (model / "config.json").exists():
         build_model(model, args.hidden, args.layers, args.intermediate)
     model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    recipe = work / "rtn-w4.yaml"
-    recipe.write_text("steps:\n  - rtn: {bits: 4, group_size: 128, symmetric: true}\n")
+    recipe = args.recipe.resolve() if args.recipe else work / "rtn-w4.yaml"
+    if not args.recipe:
+        recipe.write_text("steps:\n  - rtn: {bits: 4, group_size: 128, symmetric: true}\n")
 
     baseline, _ = child_peak_rss([sys.executable, "-c", "import compressor, compressor.api, compressor.cli"])
     peak, seconds = child_peak_rss(["compressor", "apply", str(recipe), str(model), "-o", str(work / "out"), "--quiet"])
@@ -70,6 +73,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'})",
         "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
+        "recipe": recipe.read_text() if args.recipe else "rtn w4 g128 symmetric",
         "model_shape": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate, "vocab": 32000},
         "model_gb": round(model_bytes / 1e9, 3),
         "output_gb": round(out_bytes / 1e9, 3),
@@ -80,7 +84,7 @@ def main() -> None:
         "peak_rss_above_imports_over_model": round((peak - baseline) / model_bytes, 3),
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"memory-{result['date']}.json"
+    path = RESULTS / (f"memory-{result['date']}" + (f"-{args.recipe.stem}" if args.recipe else "") + ".json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if not args.keep:

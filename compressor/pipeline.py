@@ -65,12 +65,7 @@ class Session:
 
     def run(self, sink=None) -> Report:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
-        for step in self.recipe.steps:
-            with self.blame(step):
-                step.check_config(self.handle.config)
-                linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
-                step.check_model(linears)
-                self.check_export_format(step, linears)
+        self.check_steps()
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
             last = number == len(passes) - 1
@@ -85,6 +80,17 @@ class Session:
             for index in range(len(self.handle.blocks)):
                 sink.write_module(self.handle.block_prefix(index), self.handle.blocks[index])
         return self.report
+
+    def check_steps(self) -> None:
+        """Every step's refusals, before any work. (A method of its own: the table of the skeleton's
+        linears it builds must not outlive the checks, or each block's weights, loaded into those very
+        modules, would stay alive after the block is compressed and written.)"""
+        for step in self.recipe.steps:
+            with self.blame(step):
+                step.check_config(self.handle.config)
+                linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
+                step.check_model(linears)
+                self.check_export_format(step, linears)
 
     def check_export_format(self, step: Step, linears: dict) -> None:
         """Refuse, before any work, weights the chosen export format cannot hold (GPTQ: 2/3/4/8-bit

@@ -144,3 +144,28 @@ def test_data_free_pass_then_calibrating_pass_on_a_bf16_model(tmp_path, register
                                "steps": [{"rtn": {"bits": 4, "group_size": 32}}, "model_noop", "record_dtype"]})
     apply(recipe, source, tmp_path / "out", progress=False)
     assert seen == [(torch.float32, torch.float32)] * 2
+
+
+def test_a_compressed_blocks_original_weights_are_released_during_the_run(tiny_llama, tmp_path, monkeypatch):
+    """Once a block is compressed and written, nothing keeps its original linears (and the weights
+    loaded into them) alive: a run's memory stays at about one block, not the whole model. (The
+    session's pre-run checks once kept a table of every skeleton linear alive for the whole run.)"""
+    import gc
+    import weakref
+
+    from compressor.quant.rtn import RTN
+
+    originals, alive_later = {}, []
+    compress = RTN.compress_block
+
+    def watching(self, context):
+        originals[context.index] = [weakref.ref(m) for m in context.linears([]).values()]
+        compress(self, context)
+        if context.index >= 1:
+            gc.collect()
+            earlier = [ref() for refs in list(originals.values())[: context.index] for ref in refs]
+            alive_later.append(sum(1 for m in earlier if m is not None and m.weight.device.type != "meta"))
+
+    monkeypatch.setattr(RTN, "compress_block", watching)
+    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}]}), tiny_llama, tmp_path / "out", progress=False)
+    assert len(alive_later) >= 1 and alive_later == [0] * len(alive_later), alive_later

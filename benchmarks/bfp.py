@@ -29,9 +29,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from compressor.weights.formats import bfp_decode, bfp_encode  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "bfp"
 
 SETTINGS = [  # (block_size, ksort, scope)
@@ -94,23 +98,20 @@ def measure(model: str, settings, work: Path, max_windows: int | None, seq_len: 
     return rows
 
 
-class SmallBlockKeyCache:
+class SmallBlockKeyCache(DynamicCache):
     """A ``DynamicCache`` whose keys go through BFP at blocks smaller than the format allows (the bound
     rows only): each token's flattened keys encoded and decoded with ``bfp_encode``/``bfp_decode``."""
 
-    def __new__(cls, config, bits: int, block_size: int):
-        from transformers import DynamicCache
+    def __init__(self, config, bits: int, block_size: int):
+        super().__init__(config=config)
+        self.bits, self.block_size = bits, block_size
 
-        from compressor.weights.formats import bfp_decode, bfp_encode
-
-        class Cache(DynamicCache):
-            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-                b, h, t, d = key_states.shape
-                flat = key_states.transpose(1, 2).reshape(b, t, h * d)
-                decoded = bfp_decode(*bfp_encode(flat, bits, block_size), bits, block_size).to(key_states.dtype)
-                return super().update(decoded.reshape(b, t, h, d).transpose(1, 2), value_states, layer_idx, *args, **kwargs)
-
-        return Cache(config=config)
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        b, h, t, d = key_states.shape
+        flat = key_states.transpose(1, 2).reshape(b, t, h * d)
+        encoded = bfp_encode(flat, self.bits, self.block_size)
+        decoded = bfp_decode(*encoded, self.bits, self.block_size).to(key_states.dtype)
+        return super().update(decoded.reshape(b, t, h, d).transpose(1, 2), value_states, layer_idx, *args, **kwargs)
 
 
 def measure_bound(model: str, block_sizes, max_windows: int | None, seq_len: int, text: str) -> list[dict]:

@@ -23,7 +23,15 @@ from compressor.kvcache.bfp import (
     remove_bfp_cache,
     unpack_mantissas,
 )
-from compressor.quant.bfp import bfp_key_error, channel_stat, ksort_permutation, weight_norm_stat
+from compressor.quant.bfp import (
+    block_errors,
+    bfp_key_error,
+    channel_stat,
+    ksort_permutation,
+    query_weights,
+    refine_permutation,
+    weight_norm_stat,
+)
 from compressor.weights.formats import BFPWeight, bfp_decode, bfp_encode, bfp_quantize
 
 
@@ -271,6 +279,7 @@ def test_bfp_weights_export_and_load_exactly(tiny_llama, tmp_path):
     ({"weight_bits": 9}, "weight_bits: 9 is not one of"),
     ({"kv_bits": None}, "kv_bits: both kv_bits and weight_bits are null"),
     ({"ksort": "sorted"}, "ksort: 'sorted' is not one of"),
+    ({"ksort": "none", "refine": "greedy"}, "refine: greedy refines a K-sort order"),
 ])
 def test_bad_settings_are_one_line_errors(step, message):
     with pytest.raises(UserError, match=message) as error:
@@ -361,3 +370,41 @@ def test_streamed_key_statistics_equal_the_statistic_of_all_keys():
     for stat in ("act_rms", "act_absmax"):
         torch.testing.assert_close(recorder.stat(stat), channel_stat(keys, stat))
     assert torch.equal(torch.cat(recorder.sample), keys[:10])
+
+
+# ----------------------------------------------------------------------------------------------
+# refine: greedy
+
+
+def test_query_weights_sum_a_gqa_group_and_share_each_rotary_pair():
+    energy = torch.arange(2 * 2 * 4, dtype=torch.float32)  # 4 query heads of dim 4, 2 KV heads
+    weights = query_weights(energy, kv_heads=2, head_dim=4)
+    group = energy.reshape(2, 2, 4).sum(1)  # [kv, d]
+    pair = (group[:, :2] + group[:, 2:]) / 2
+    assert torch.equal(weights, torch.cat([pair, pair], 1).flatten())
+
+
+@pytest.mark.parametrize("scope", ["token", "head"])
+def test_greedy_refinement_lowers_the_weighted_error_and_stays_a_legal_permutation(scope):
+    """Keys whose large channels barely meet the queries: sorting by magnitude puts the channels that
+    matter with the large ones; swaps that lower the query-weighted error find a better order."""
+    generator = torch.Generator().manual_seed(0)
+    channels, head_dim, block = 128, 64, 16
+    scale = torch.exp(1.5 * torch.randn(channels, generator=generator))
+    keys = torch.randn(2048, channels, generator=generator) * scale
+    weights = torch.where(scale > scale.median(), 0.01, 1.0)  # queries weigh the small channels
+    sorted_perm = ksort_permutation(keys.square().mean(0).sqrt(), head_dim, scope)
+    perm, before, after = refine_permutation(keys, weights, sorted_perm, 4, block, head_dim, scope, trials=600)
+    assert torch.equal(torch.sort(perm.long()).values, torch.arange(channels))
+    if scope == "head":  # every channel stays in its head
+        assert torch.equal(perm.long().reshape(-1, head_dim) // head_dim, torch.arange(channels // head_dim)[:, None].expand(-1, head_dim))
+    assert before == pytest.approx(float(block_errors(keys, weights, sorted_perm, 4, block, "nearest_even").sum()), rel=1e-5)
+    assert after == pytest.approx(float(block_errors(keys, weights, perm, 4, block, "nearest_even").sum()), rel=1e-4)
+    assert after < 0.9 * before
+
+
+def test_refine_step_reports_the_objective_before_and_after(tiny_llama, tmp_path):
+    report = apply(recipe({"kv_bits": 4, "block_size": 16, "refine": "greedy", "refine_trials": 50}, dtype="float32"),
+                   tiny_llama, tmp_path / "out", progress=False)
+    rows = [r for r in report.rows if "logit_error_refined" in r]
+    assert rows and all(r["logit_error_refined"] <= r["logit_error_sorted"] for r in rows)

@@ -15,7 +15,9 @@ RoPE (``act_rms``), not the paper's data-free W_k row norms (``weight_norm``, av
 row norm bounds the pre-RoPE key and ignores the input's massive dimensions; ``scope: token`` cuts
 blocks over the layer's whole key vector (all KV heads), which the paper does not: with n = head_dim
 (the demo: 32) a per-head sort provably changes nothing, and a cross-head order is as cheap in our
-cache. ``scope: head`` is the paper's layout. BFP weights (``weight_bits``): blocks along the input
+cache. ``scope: head`` is the paper's layout. ``refine: greedy`` (off by default; the notes' ablation,
+not the paper's) swaps channels between blocks from the sorted order while the query-weighted error
+of the calibration keys falls. BFP weights (``weight_bits``): blocks along the input
 dimension of every linear not in ``ignore``. Measured numbers: docs/methods/bfp.md.
 """
 
@@ -80,6 +82,57 @@ def bfp_key_error(keys: torch.Tensor, bits: int, block_size: int, perm: torch.Te
             "channel_mse": float((error.mean(0) / power).mean())}
 
 
+def query_weights(query_energy: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[C] weight of each key channel in the attention logits: the mean square of the (pre-RoPE)
+    queries that meet it, summed over the query heads of its GQA group, each rotary pair's energy
+    shared by its two channels (RoPE mixes them by the position; over many positions each gets about
+    half). ``query_energy``: [heads * head_dim] per-channel mean squares of ``q_proj``'s output."""
+    heads = query_energy.numel() // head_dim
+    energy = query_energy.float().reshape(kv_heads, heads // kv_heads, head_dim).sum(1)
+    half = head_dim // 2
+    pair = (energy[:, :half] + energy[:, half:]) / 2
+    return torch.cat([pair, pair], dim=1).flatten()
+
+
+def block_errors(keys: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, bits: int, block_size: int,
+                 rounding: str) -> torch.Tensor:
+    """[C / n] query-weighted squared BFP error of each stored block: sum over tokens and the block's
+    channels of ``w_c (k_c - k^_c)^2`` (``keys`` [T, C] in the original channel order)."""
+    stored, w = keys[:, perm.long()], weights[perm.long()]
+    error = (bfp_quantize(stored, bits, block_size, rounding) - stored).square().sum(0) * w
+    return error.reshape(-1, block_size).sum(1)
+
+
+def refine_permutation(keys: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, bits: int, block_size: int, head_dim: int,
+                       scope: str, trials: int, seed: int = 0, rounding: str = "nearest_even") -> tuple[torch.Tensor, float, float]:
+    """Greedy swaps between blocks from ``perm`` (the notes' ``refine: greedy``): ``trials`` times, swap
+    two channels of two different blocks (of the same head with ``scope: head``) and keep the swap when
+    the query-weighted BFP error of the two blocks (``block_errors``, the first-order error of the
+    attention logits) falls. Returns the permutation and the objective before and after; the result
+    is never worse than ``perm`` on ``keys``."""
+    keys, perm = keys.float(), perm.clone().long()
+    blocks = perm.numel() // block_size
+    per_group = head_dim // block_size if scope == "head" else blocks  # blocks a swap may choose between
+    if per_group < 2:
+        errors = block_errors(keys, weights, perm, bits, block_size, rounding)
+        return perm.to(torch.int32), float(errors.sum()), float(errors.sum())
+    errors = block_errors(keys, weights, perm, bits, block_size, rounding)
+    before = float(errors.sum())
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(trials):
+        group = int(torch.randint(blocks // per_group, (1,), generator=generator))
+        first, second = (group * per_group + torch.randperm(per_group, generator=generator)[:2]).tolist()
+        a = first * block_size + int(torch.randint(block_size, (1,), generator=generator))
+        b = second * block_size + int(torch.randint(block_size, (1,), generator=generator))
+        trial = perm.clone()
+        trial[a], trial[b] = perm[b], perm[a]
+        touched = torch.cat([trial[first * block_size:(first + 1) * block_size], trial[second * block_size:(second + 1) * block_size]])
+        new = block_errors(keys, weights, touched, bits, block_size, rounding)
+        if float(new.sum()) < float(errors[first] + errors[second]):
+            perm, errors[first], errors[second] = trial, new[0], new[1]
+    return perm.to(torch.int32), before, float(errors.sum())
+
+
 class KeyRecorder:
     """Stands in for the cache during a block's forward: accumulates per-channel statistics of the keys
     the attention would cache (after RoPE and, for Qwen3, its k_norm), keeps up to ``sample_tokens`` of
@@ -87,6 +140,7 @@ class KeyRecorder:
 
     def __init__(self, sample_tokens: int = 4096):
         self.sum_squares = self.absmax = None
+        self.query_squares = None  # per-channel sum of squares of q_proj's output, when hooked
         self.tokens = 0
         self.sample: list[torch.Tensor] = []
         self.sample_tokens = sample_tokens
@@ -112,12 +166,27 @@ class KeyRecorder:
         raise ValueError(f"ksort: {stat!r} is not a key statistic (act_rms, act_absmax)")
 
 
-def record_calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: list[dict]) -> KeyRecorder:
-    """Run ``block`` on the calibration inputs with a ``KeyRecorder`` as its cache."""
+    def record_queries(self, module, args, output) -> None:
+        squares = output.detach().reshape(-1, output.shape[-1]).float().square().sum(0).cpu()
+        self.query_squares = squares if self.query_squares is None else self.query_squares + squares
+
+    def query_energy(self) -> torch.Tensor:
+        """Per-channel mean square of the recorded queries (pre-RoPE)."""
+        return self.query_squares / self.tokens
+
+
+def record_calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: list[dict], q_proj=None) -> KeyRecorder:
+    """Run ``block`` on the calibration inputs with a ``KeyRecorder`` as its cache (and, given
+    ``q_proj``, the mean squares of its output)."""
     recorder = KeyRecorder()
-    with torch.no_grad():
-        for hidden, kwargs in zip(inputs, block_kwargs):
-            block(hidden, **{**{k: v for k, v in kwargs.items() if k != "past_key_values"}, "cache": recorder, "use_cache": True})
+    hook = q_proj.register_forward_hook(recorder.record_queries) if q_proj is not None else None
+    try:
+        with torch.no_grad():
+            for hidden, kwargs in zip(inputs, block_kwargs):
+                block(hidden, **{**{k: v for k, v in kwargs.items() if k != "past_key_values"}, "cache": recorder, "use_cache": True})
+    finally:
+        if hook is not None:
+            hook.remove()
     if not recorder.tokens:
         raise ValueError("the attention never handed its keys to the cache: bfp needs Llama-family attention")
     return recorder
@@ -138,6 +207,9 @@ class BFP(Step):
     ksort: str = param("act_rms", "key-channel order: act_rms / act_absmax of the calibration keys after RoPE, weight_norm "
                        "(the paper's data-free W_k row norms), none", choices=STATS)
     scope: str = param("token", "cache blocks over the layer's whole key vector (token) or within each KV head (head)", choices=SCOPES)
+    refine: str = param("none", "greedy: from the K-sort order, swap channels between blocks while the query-weighted BFP error of "
+                                "the calibration keys falls (an ablation of the notes; the paper only sorts)", choices=("none", "greedy"))
+    refine_trials: int = param(2000, "swaps tried per layer by refine: greedy", min=1)
     quantize_prompt: bool = param(True, "tokens of the current forward (the prompt) attend to their own BFP keys too")
     weight_bits: int | None = param(None, "mantissa bits of BFP weights; null leaves the linears as they are", choices=OPTIONAL_BITS)
     weight_block_size: int = param(32, "weights (along the input dimension) sharing one exponent", choices=BFP_BLOCK_SIZES)
@@ -145,13 +217,15 @@ class BFP(Step):
     ignore: list[str] = param(["lm_head"], "linears left unquantized by weight_bits (glob, or re:REGEX)")
 
     def __post_init__(self):
-        self.needs_calibration = self.kv_bits is not None and self.ksort.startswith("act")
+        self.needs_calibration = self.kv_bits is not None and (self.ksort.startswith("act") or self.refine == "greedy")
 
     def check(self) -> None:
         if self.kv_bits is None and self.weight_bits is None:
             raise ValueError("kv_bits: both kv_bits and weight_bits are null, so the step would do nothing")
         if self.kv_bits is None and self.v_bits is not None:
             raise ValueError("v_bits: values are stored in BFP only with the keys (set kv_bits)")
+        if self.refine == "greedy" and (self.kv_bits is None or self.ksort == "none"):
+            raise ValueError("refine: greedy refines a K-sort order; it needs kv_bits and a ksort other than none")
 
     @property
     def cache_spec(self) -> BFPCacheSpec:
@@ -184,7 +258,8 @@ class BFP(Step):
         if context.index == 0:
             context.declare_kv_cache({**spec.to_dict(), "k_perm": self.ksort != "none", "v_perm": False})
         attention = context.adapter.attention
-        recorder = record_calibration_keys(context.block, context.inputs, context.block_kwargs) if self.needs_calibration else None
+        q_proj = context.block.get_submodule(f"{attention}.q_proj") if self.refine == "greedy" else None
+        recorder = record_calibration_keys(context.block, context.inputs, context.block_kwargs, q_proj) if self.needs_calibration else None
         if self.ksort == "none":
             perm = None
         elif self.ksort == "weight_norm":
@@ -193,9 +268,14 @@ class BFP(Step):
             perm = ksort_permutation(weight_norm_stat(weight.detach()), geometry.head_dim, self.scope)
         else:
             perm = ksort_permutation(recorder.stat(self.ksort), geometry.head_dim, self.scope)
+        numbers = {"k_bits": self.kv_bits, "block_size": self.block_size, "ksort": self.ksort}
+        if self.refine == "greedy":
+            weights = query_weights(recorder.query_energy(), geometry.num_kv_heads, geometry.head_dim)
+            perm, before, after = refine_permutation(torch.cat(recorder.sample), weights, perm, self.kv_bits, self.block_size,
+                                                     geometry.head_dim, self.scope, self.refine_trials, context.index, self.rounding)
+            numbers.update(logit_error_sorted=before, logit_error_refined=after)
         if perm is not None:
             context.attach_tensor(attention, "k_perm", perm)
-        numbers = {"k_bits": self.kv_bits, "block_size": self.block_size, "ksort": self.ksort}
         if recorder is not None:
             keys = torch.cat(recorder.sample)
             unsorted = bfp_key_error(keys, self.kv_bits, self.block_size, None, self.rounding)

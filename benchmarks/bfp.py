@@ -3,7 +3,7 @@
     python benchmarks/bfp.py                       # the demo model, and a tiny Llama with planted outlier key channels
     python benchmarks/bfp.py --model PATH --max-windows 32
 
-Every row applies the ``bfp`` step with ``compressor.apply`` and scores the export with
+Every row applies the ``bfp`` step (K-sort ``act_rms+greedy``: ``act_rms`` then ``refine: greedy``) with ``compressor.apply`` and scores the export with
 ``compressor.eval.evaluate_paths`` (what ``compressor eval OUT --base MODEL`` prints): the export's
 weights are the base's, so the KL is the KV cache's alone. The planted-outlier model is a random tiny
 Llama (head_dim 32, 2 KV heads) whose W_k rows are scaled by per-rotary-pair factors
@@ -38,8 +38,8 @@ from compressor.weights.formats import bfp_decode, bfp_encode  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bfp"
 
-SETTINGS = [  # (block_size, ksort, scope)
-    (32, "act_rms", "token"), (32, "weight_norm", "token"), (32, "none", "token"),
+SETTINGS = [  # (block_size, ksort, scope); ksort "act_rms+greedy": act_rms then refine: greedy
+    (32, "act_rms", "token"), (32, "act_rms+greedy", "token"), (32, "weight_norm", "token"), (32, "none", "token"),
     (128, "act_rms", "token"), (128, "none", "token"),
     (16, "act_rms", "head"), (16, "none", "head"),
 ]
@@ -82,9 +82,10 @@ def measure(model: str, settings, work: Path, max_windows: int | None, seq_len: 
 
     rows = []
     for block_size, ksort, scope in settings:
+        order, _, refine = ksort.partition("+")
         recipe = Recipe.from_dict({
             "calibration": {"dataset": text, "samples": samples, "seq_len": seq_len},
-            "steps": [{"bfp": {"kv_bits": 4, "block_size": block_size, "ksort": ksort, "scope": scope}}],
+            "steps": [{"bfp": {"kv_bits": 4, "block_size": block_size, "ksort": order, "scope": scope, "refine": refine or "none"}}],
         })
         out = work / f"kv4-n{block_size}-{ksort}-{scope}"
         apply(recipe, model, out, progress=False)

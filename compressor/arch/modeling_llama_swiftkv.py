@@ -125,7 +125,8 @@ class SwiftKVModelMixin:
     norm_class = LlamaRMSNorm
     rotary_class = LlamaRotaryEmbedding
 
-    def build(self, config) -> None:
+    def __init__(self, config):
+        super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -136,6 +137,7 @@ class SwiftKVModelMixin:
         self.norm_swiftkv = self.norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = self.rotary_class(config=config)
         self.gradient_checkpointing = False
+        self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> BaseModelOutputWithPast:
@@ -185,7 +187,17 @@ class SwiftKVModelMixin:
 
 
 class SwiftKVForCausalLMMixin:
+    """The causal LM around a SwiftKV decoder stack; subclasses name it (``model_class``)."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    model_class: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
@@ -208,22 +220,11 @@ class LlamaSwiftKVModel(SwiftKVModelMixin, LlamaPreTrainedModel):
     config_class = LlamaSwiftKVConfig
     config: LlamaSwiftKVConfig
 
-    def __init__(self, config: LlamaSwiftKVConfig):
-        super().__init__(config)
-        self.build(config)
-        self.post_init()
-
 
 class LlamaSwiftKVForCausalLM(SwiftKVForCausalLMMixin, LlamaPreTrainedModel, GenerationMixin):
     config_class = LlamaSwiftKVConfig
     config: LlamaSwiftKVConfig
-
-    def __init__(self, config: LlamaSwiftKVConfig):
-        super().__init__(config)
-        self.model = LlamaSwiftKVModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    model_class = LlamaSwiftKVModel
 
 
 class Qwen2SwiftKVModel(SwiftKVModelMixin, Qwen2PreTrainedModel):
@@ -233,22 +234,11 @@ class Qwen2SwiftKVModel(SwiftKVModelMixin, Qwen2PreTrainedModel):
     norm_class = Qwen2RMSNorm
     rotary_class = Qwen2RotaryEmbedding
 
-    def __init__(self, config: Qwen2SwiftKVConfig):
-        super().__init__(config)
-        self.build(config)
-        self.post_init()
-
 
 class Qwen2SwiftKVForCausalLM(SwiftKVForCausalLMMixin, Qwen2PreTrainedModel, GenerationMixin):
     config_class = Qwen2SwiftKVConfig
     config: Qwen2SwiftKVConfig
-
-    def __init__(self, config: Qwen2SwiftKVConfig):
-        super().__init__(config)
-        self.model = Qwen2SwiftKVModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    model_class = Qwen2SwiftKVModel
 
 
 __all__ = ["LlamaSwiftKVForCausalLM", "LlamaSwiftKVModel", "Qwen2SwiftKVForCausalLM", "Qwen2SwiftKVModel"]

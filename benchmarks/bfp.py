@@ -3,9 +3,9 @@
     python benchmarks/bfp.py                       # the demo model, and a tiny Llama with planted outlier key channels
     python benchmarks/bfp.py --model PATH --max-windows 32
 
-Every row applies the ``bfp`` step (K-sort ``act_rms+greedy``: ``act_rms`` then ``refine: greedy``) with ``compressor.apply`` and scores the export with
-``compressor.eval.evaluate_paths`` (what ``compressor eval OUT --base MODEL`` prints): the export's
-weights are the base's, so the KL is the KV cache's alone. The planted-outlier model is a random tiny
+Every row applies the ``bfp`` step (K-sort ``act_rms+greedy``: ``act_rms`` then ``refine: greedy``) with
+``compressor.apply`` and scores the export with ``compressor.eval.evaluate_paths`` (what ``compressor eval
+OUT --base MODEL`` prints): the export's weights are the base's, so the KL is the KV cache's alone. The planted-outlier model is a random tiny
 Llama (head_dim 32, 2 KV heads) whose W_k rows are scaled by per-rotary-pair factors
 exp(0.7 N(0, 1)), two pairs per head by 10 more, and W_q rows by the inverse factors: q·k, hence the
 model's function, is unchanged (checked), but its keys have outlier channels as real LLMs' do.
@@ -119,6 +119,7 @@ def measure_bound(model: str, block_sizes, max_windows: int | None, seq_len: int
     """KL with keys quantized at 4-bit mantissas in blocks of ``block_sizes`` (1, 2, 4), no permutation."""
     from compressor.arch import attention_geometry
     from compressor.eval import evaluate, heldout_stream, load_causal_lm, make_windows
+    from compressor.kvcache.bfp import stored_bytes
 
     base, tokenizer = load_causal_lm(model)
     quantized, _ = load_causal_lm(model)
@@ -137,7 +138,7 @@ def measure_bound(model: str, block_sizes, max_windows: int | None, seq_len: int
             hook.remove()
         geometry = attention_geometry(quantized.config)
         channels = geometry.num_kv_heads * geometry.head_dim
-        k_bytes = (channels * 4 + 7) // 8 + -(-channels // block_size)  # mantissas + one exponent byte per block, per layer
+        k_bytes = stored_bytes(channels, 4, block_size)  # one token, one layer
         rows.append({"model": model, "k_bits": 4, "block_size": block_size, "ksort": "none (bound)", "scope": "token",
                      "kl": result.kl_divergence, "gap": result.perplexity - result.base_perplexity, "perplexity": result.perplexity,
                      "base_perplexity": result.base_perplexity, "windows": result.windows, "tokens": result.tokens,

@@ -15,6 +15,7 @@ import torch
 from compressor.errors import UserError
 from compressor.recipe import DATA_FILE_LOADERS, looks_local
 
+
 class CalibrationError(UserError):
     pass
 

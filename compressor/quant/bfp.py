@@ -113,11 +113,10 @@ def refine_permutation(keys: torch.Tensor, weights: torch.Tensor, perm: torch.Te
     keys, perm = keys.float(), perm.clone().long()
     blocks = perm.numel() // block_size
     per_group = head_dim // block_size if scope == "head" else blocks  # blocks a swap may choose between
-    if per_group < 2:
-        errors = block_errors(keys, weights, perm, bits, block_size, rounding)
-        return perm.to(torch.int32), float(errors.sum()), float(errors.sum())
     errors = block_errors(keys, weights, perm, bits, block_size, rounding)
     before = float(errors.sum())
+    if per_group < 2:  # one block per head: no swap is legal
+        return perm.to(torch.int32), before, before
     generator = torch.Generator().manual_seed(seed)
     for _ in range(trials):
         group = int(torch.randint(blocks // per_group, (1,), generator=generator))
@@ -164,7 +163,6 @@ class KeyRecorder:
         if stat == "act_absmax":
             return self.absmax
         raise ValueError(f"ksort: {stat!r} is not a key statistic (act_rms, act_absmax)")
-
 
     def record_queries(self, module, args, output) -> None:
         squares = output.detach().reshape(-1, output.shape[-1]).float().square().sum(0).cpu()

@@ -35,7 +35,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noq
 
 from compressor.arch import attention_geometry  # noqa: E402
 from compressor.eval import heldout_stream, load_causal_lm, make_windows  # noqa: E402
-from compressor.lowrank.modegpt import BlockSizes, cr_key_query, kept_coordinates, write_attention  # noqa: E402
+from compressor.lowrank.modegpt import BlockSizes, cr_key_query, key_query_keeping, write_attention  # noqa: E402
 from compressor.lowrank.svd import budget_rank, truncated_svd  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "modegpt"
@@ -78,19 +78,6 @@ def logit_optimal_pairs(attention, inputs: dict, geometry, keep: int) -> torch.T
     return torch.tensor(chosen)
 
 
-def pairs_solution(attention, pairs: torch.Tensor, geometry):
-    """The Type II weights keeping ``pairs`` (the layout ``cr_key_query`` returns)."""
-    heads, kv_heads, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
-    coordinates = kept_coordinates(pairs, d)
-
-    def take(weight: torch.Tensor, per_kv: int) -> torch.Tensor:
-        shaped = weight.reshape(kv_heads, per_kv, d, weight.shape[1])
-        index = coordinates[:, None, :, None].expand(kv_heads, per_kv, coordinates.shape[1], weight.shape[1])
-        return shaped.gather(2, index).reshape(-1, weight.shape[1])
-
-    return take(attention.q_proj.weight, heads // kv_heads), take(attention.k_proj.weight, 1), None, None, pairs
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
@@ -119,7 +106,8 @@ def main() -> None:
             query_diag = attention.q_proj(x).pow(2).reshape(-1, geometry.num_heads, d).sum(0).double()
             key_diag = attention.k_proj(x).pow(2).reshape(-1, geometry.num_kv_heads, d).sum(0).double()
             cr = cr_key_query(attention.q_proj.weight, attention.k_proj.weight, query_diag, key_diag, keep)
-            best = pairs_solution(attention, logit_optimal_pairs(attention, statistics, geometry, keep), geometry)
+            best = key_query_keeping(attention.q_proj.weight, attention.k_proj.weight,
+                                     logit_optimal_pairs(attention, statistics, geometry, keep), geometry.num_heads)
             whole_vo = (attention.v_proj.weight, attention.o_proj.weight, None)
             sizes = BlockSizes(0, keep, d)
             svd = copy.deepcopy(attention)

@@ -135,9 +135,16 @@ def cr_key_query(query: torch.Tensor, key: torch.Tensor, query_diag: torch.Tenso
     """Type II. ``query`` [n_heads * d, D] and ``key`` [n_kv * d, D] weights. Returns the new query and
     key weights ``[heads * 2 * keep_pairs, D]`` (and biases), and the kept pair indices ``[n_kv,
     keep_pairs]`` (ascending): the rotary frequencies each kept pair must keep using."""
-    n_heads, d = query_diag.shape
-    n_kv = len(key_diag)
     pairs = rotary_pair_scores(query_diag, key_diag).topk(keep_pairs, dim=1).indices.sort(dim=1).values
+    return key_query_keeping(query, key, pairs, query_diag.shape[0], query_bias, key_bias)
+
+
+def key_query_keeping(query: torch.Tensor, key: torch.Tensor, pairs: torch.Tensor, n_heads: int,
+                      query_bias: torch.Tensor | None = None, key_bias: torch.Tensor | None = None):
+    """The query and key weights (and biases) keeping the rotary ``pairs`` ``[n_kv, p]`` of each KV head,
+    for every query head of its group; returns them with ``pairs``, as ``cr_key_query`` does."""
+    n_kv = pairs.shape[0]
+    d = key.shape[0] // n_kv
     coords = kept_coordinates(pairs, d)  # [n_kv, 2p]
     group = n_heads // n_kv
 

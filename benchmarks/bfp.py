@@ -85,7 +85,7 @@ def measure(model: str, settings, work: Path, max_windows: int | None, seq_len: 
         order, _, refine = ksort.partition("+")
         recipe = Recipe.from_dict({
             "calibration": {"dataset": text, "samples": samples, "seq_len": seq_len},
-            "steps": [{"bfp": {"kv_bits": 4, "block_size": block_size, "ksort": order, "scope": scope, "refine": refine or "none"}}],
+            "steps": [{"bfp": {"k_bits": 4, "block_size": block_size, "ksort": order, "scope": scope, "refine": refine or "none"}}],
         })
         out = work / f"kv4-n{block_size}-{ksort}-{scope}"
         apply(recipe, model, out, progress=False)

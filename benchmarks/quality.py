@@ -447,7 +447,8 @@ def default_entries(settings: Settings) -> list[Entry]:
 
 
 def run_entry(entry: Entry, model: str, windows, settings: Settings, work: Path) -> dict:
-    from compressor.eval import evaluate, kv_cache_summary, load_causal_lm
+    from compressor import kvcache
+    from compressor.eval import evaluate, load_causal_lm
 
     row = {"method": entry.method, "recipe": entry.recipe, "model": model}
     if entry.error:
@@ -461,7 +462,7 @@ def run_entry(entry: Entry, model: str, windows, settings: Settings, work: Path)
         peak = compressed.peak_gib if compressed.peak_gib is not None else peak_memory_gib()
         loaded = compressed.model if compressed.model is not None else load_causal_lm(str(compressed.path))[0]
         result = evaluate(loaded, windows, load_causal_lm(model)[0])
-        kv_cache = kv_cache_summary(loaded)
+        kv_cache = kvcache.summary(loaded)
         if kv_cache is not None:  # a quantized KV cache (BFP): bits/weight are the weights'; the cache has its own size
             values = "V fp" if kv_cache["v_bits"] is None else f"V {kv_cache['v_bits']}-bit"
             compressed.notes.append(f"KV cache: K {kv_cache['k_bits']}-bit BFP block {kv_cache['block_size']}, {values}; "

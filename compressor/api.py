@@ -45,5 +45,5 @@ def apply(
     with atomic_output_dir(output, overwrite=overwrite, protected=[handle.path]) as directory:
         writer = CheckpointWriter(directory, recipe.export, session.export_dtype)
         report = session.run(sink=writer)
-        writer.finish(handle, recipe, report, session.run_state.architecture, session.run_state.kv_cache)
+        writer.finish(handle, recipe, report, session.run_state.export)
     return report

@@ -10,8 +10,8 @@ steps need instead of letting them reach around it:
   ``replace_linear`` / ``replace_module`` (a linear, or a block's whole ``attention`` or ``mlp``);
 * ``state``: a dict that lives for the run, one per recipe step (Block-AP's fp activation chain);
 * ``teacher``: the original model's top-k next-token distribution, computed once per run;
-* ``declare_architecture``: a step that changes the architecture says what the export declares
-  (config, and modeling code where transformers has no class for it) instead of editing the handle.
+* ``declare_architecture`` / ``declare_kv_cache``: a step that changes the architecture or quantizes the
+  KV cache says what the export declares (``ExportDeclaration``) instead of editing the handle.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 from compressor.arch import ExportArchitecture, block_linears
 from compressor.blockwise import BlockwiseModel, run_block
+from compressor.declaration import ExportDeclaration
 from compressor.distill import teacher_top_k
 from compressor.model import ModelHandle
 from compressor.progress import Progress
@@ -76,8 +77,7 @@ class RunState:
     show_progress: bool = True  # progress of long work inside steps (quiet sessions: False)
     step_states: dict[int, dict] = field(default_factory=dict)  # id of a recipe step -> its state (see ``state_of``)
     teachers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # top_k -> (log-probs, token ids)
-    architecture: ExportArchitecture | None = None  # declared by a step that changed the architecture
-    kv_cache: dict | None = None  # the quantized KV cache the export declares (BFP's ``kv_cache`` entry)
+    export: ExportDeclaration = field(default_factory=ExportDeclaration)  # what the steps declared about the export
 
     def state_of(self, step: Step) -> dict:
         """The state dict of one step of the recipe (by identity: a recipe may hold two equal steps)."""
@@ -137,15 +137,15 @@ class StepContext:
     def where(self) -> str:
         return self.step.name
 
-    def declare_architecture(self, config, modeling_files: dict[str, str] | None = None, auto_map: dict[str, str] | None = None) -> None:
-        """The export will declare ``config`` (and ship ``modeling_files`` with ``auto_map`` when
-        transformers has no class for the new architecture): see ``compressor.arch.ExportArchitecture``."""
-        self.run.architecture = ExportArchitecture(config, dict(modeling_files or {}), dict(auto_map or {}))
+    def declare_architecture(self, config) -> None:
+        """The export will declare ``config`` (a shipped architecture: ``compressor.arch.shipped``, whose row
+        says which modeling code ships with it), instead of the input's."""
+        self.run.export.architecture = ExportArchitecture.declared(config)
 
-    def declare_kv_cache(self, entry: dict) -> None:
-        """The export will say that the model runs with this quantized KV cache (the ``kv_cache`` entry of
-        its ``quantization_config``; ``compressor.kvcache``), so our loaders install it."""
-        self.run.kv_cache = dict(entry)
+    def declare_kv_cache(self, spec) -> None:
+        """The export will say that the model runs with this quantized KV cache (a cache method's spec,
+        ``compressor.kvcache``; the ``kv_cache`` entry of its ``quantization_config``), so loaders install it."""
+        self.run.export.kv_cache = spec
 
 
 @dataclass(kw_only=True)

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from compressor import kvcache
 from compressor.calibration import load_texts, tokenize_stream
 from compressor.errors import UserError
-from compressor.model import ModelLoadError, checkpoint_dtype, register_shipped_architectures, resolve_model_path, safetensors_index
+from compressor.model import ModelLoadError, checkpoint_dtype, resolve_model_path, safetensors_index
 from compressor.progress import Progress
 
 
@@ -45,11 +46,7 @@ class EvalResult:
             lines.append(f"{base_name}: perplexity {self.base_perplexity:.4f}")
             lines.append(f"gap: {gap:+.4f} ({100 * gap / self.base_perplexity:+.2f}%), mean per-token KL: {self.kl_divergence:.5f} nats")
         if self.kv_cache is not None:
-            kv = self.kv_cache
-            values = "values unquantized" if kv["v_bits"] is None else f"values {kv['v_bits']}-bit mantissas"
-            lines.append(f"KV cache: BFP keys {kv['k_bits']}-bit mantissas, block {kv['block_size']} ({kv['scope']}), {values}, "
-                         f"{'prompt included' if kv['quantize_fresh'] else 'prompt (first half of each window) exact'}; "
-                         f"K-cache {kv['k_bytes_per_token']} bytes/token vs {kv['dense_bytes_per_token']} in bf16 ({kv['k_ratio']:.3f}x)")
+            lines.append(f"KV cache: {kvcache.describe(self.kv_cache)}")
         return "\n".join(lines)
 
 
@@ -71,7 +68,6 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu", t
     from compressor.export import load_quantized_model
 
     path = resolve_model_path(model)
-    register_shipped_architectures()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         dtype = dtype or evaluation_dtype(config, device)
@@ -116,30 +112,16 @@ def logits_of(model, batch: torch.Tensor) -> torch.Tensor:
     A model with a quantized KV cache that leaves the prompt exact (``quantize_fresh: false``) reads
     each window as a prompt (its first half, attending to exact keys while the cache stores them
     quantized) and a continuation that attends to the cached prompt."""
-    from compressor.kvcache.bfp import installed_spec
-
     if isinstance(model, StreamedModel):
         return model.logits(batch).to(batch.device)
     batch_on_model = batch.to(next(model.parameters()).device)
-    spec = installed_spec(model)
+    spec = kvcache.installed_spec(model)
     if spec is not None and not spec.quantize_fresh and batch.shape[1] > 1:
         half = batch.shape[1] // 2
         prompt = model(batch_on_model[:, :half])
         rest = model(batch_on_model[:, half:], cache=prompt.cache)
         return torch.cat([prompt.logits, rest.logits], dim=1).float().to(batch.device)
     return model(batch_on_model).logits.float().to(batch.device)
-
-
-def kv_cache_summary(model) -> dict | None:
-    """The quantized KV cache installed on ``model`` (its spec and bytes per token), or None."""
-    from compressor.arch import attention_geometry
-    from compressor.kvcache.bfp import cache_bytes_per_token, installed_spec
-
-    spec = installed_spec(model)
-    if spec is None:
-        return None
-    geometry = attention_geometry(model.config)
-    return {**spec.to_dict(), **cache_bytes_per_token(spec, model.config.num_hidden_layers, geometry.num_kv_heads, geometry.head_dim)}
 
 
 def heldout_stream(tokenizer, text: str = "demo") -> torch.Tensor:
@@ -198,17 +180,15 @@ def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_
 
     An export that declares a quantized KV cache runs with it (and the result says its bytes per
     token); ``kv_cache=False`` runs it with an ordinary full-precision cache instead."""
-    from compressor.kvcache.bfp import remove_bfp_cache
-
     if base is not None:  # a damaged base fails before the model loads (load_causal_lm checks the model's own)
         safetensors_index(resolve_model_path(base))
     loaded, tokenizer = load_causal_lm(model, device=device, trust_remote_code=trust_remote_code)
     if not kv_cache:
-        remove_bfp_cache(loaded)
+        kvcache.remove(loaded)
     windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
     base_model = base_for_kl(base, device, trust_remote_code) if base is not None else None
     result = evaluate(loaded, windows, base_model, progress=progress)
-    result.kv_cache = kv_cache_summary(loaded)
+    result.kv_cache = kvcache.summary(loaded)
     return result
 
 

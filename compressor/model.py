@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compressor.arch import ArchAdapter, adapter_for, register_shipped_architectures
+from compressor.arch import ArchAdapter, adapter_for
 from compressor.errors import UserError
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
@@ -100,7 +100,6 @@ class ModelHandle:
     @classmethod
     def open(cls, model: str | Path, trust_remote_code: bool = False) -> ModelHandle:
         path = resolve_model_path(model)
-        register_shipped_architectures()
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         adapter = adapter_for(config)
         if getattr(config, "quantization_config", None) is not None:

@@ -1,16 +1,16 @@
 """``import compressor`` teaches transformers our native format and our architectures without
 importing transformers.
 
-Registering ``quant_method: "compressor"`` (``export/hf_quantizer.py``) and the SwiftKV models
-(``arch/swiftkv.py``: ``AutoConfig`` and ``AutoModelForCausalLM`` learn ``llama_swiftkv`` and
-``qwen2_swiftkv``) needs transformers and torch imported, seconds of work that ``compressor --help``
+Registering ``quant_method: "compressor"`` (``export/hf_quantizer.py``) and the architectures our
+exports declare (``arch/shipped.py``: ``AutoConfig`` and ``AutoModelForCausalLM`` learn ``llama_swiftkv``,
+``modegpt_llama`` and the rest) needs transformers and torch imported, seconds of work that ``compressor --help``
 or ``compressor methods`` should not pay. So each registration happens once the transformers table it
 extends is imported: at once if it already is, else through a finder on ``sys.meta_path``.
 
 transformers imports its tables half way through other modules (``modeling_utils`` imports
 ``modeling_auto``, which imports ``configuration_auto``), and our classes import transformers modules
 that may be the ones half done; and the registrations import our own ``compressor.arch`` modules,
-which may themselves be half done (``compressor.arch.modeling_llama_swiftkv`` imports
+which may themselves be half done (``compressor.arch.swiftkv.modeling_llama_swiftkv`` imports
 ``transformers.modeling_utils``, which imports the model table). So the finder follows every
 ``transformers.*`` and ``compressor.arch.*`` module imported while a registration is due, and runs the
 due registrations only when none of them is still running.
@@ -36,13 +36,13 @@ def register_quantizer() -> None:
 
 
 def register_architecture_configs() -> None:
-    from compressor.arch.swiftkv import register_configs
+    from compressor.arch.shipped import register_configs
 
     register_configs()
 
 
 def register_architecture_models() -> None:
-    from compressor.arch.swiftkv import register_models
+    from compressor.arch.shipped import register_models
 
     register_models()
 

@@ -1,29 +1,13 @@
-"""The architecture channel: adapters name norm -> linear groups and the attention/KV modules; a step
-that changes the architecture declares the export's config and modeling code through its context."""
-
-from dataclasses import dataclass
+"""The architecture channel: adapters name norm -> linear groups and the attention/KV modules; every
+architecture an export declares is one row of ``arch/shipped.py``."""
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compressor import Recipe, apply
-from compressor.arch import ADAPTERS, adapter_for, norm_linear_groups
-from compressor.export import load_quantized_model
-from compressor.step import Step
-
-MODELING = '''
-from transformers import LlamaConfig, LlamaForCausalLM
-
-
-class ShippedConfig(LlamaConfig):
-    model_type = "shipped_llama"
-
-
-class ShippedForCausalLM(LlamaForCausalLM):
-    config_class = ShippedConfig
-'''
-
+from compressor.arch import ADAPTERS, ExportArchitecture, adapter_for, norm_linear_groups
+from compressor.arch.shipped import SHIPPED
+from compressor.errors import UserError
 
 def test_every_adapter_names_its_norm_groups_and_attention_modules(tiny_models):
     for adapter in ADAPTERS:
@@ -40,33 +24,34 @@ def test_every_adapter_names_its_norm_groups_and_attention_modules(tiny_models):
         assert all(adapter.linears[role].startswith(adapter.attention + ".") for role in adapter.kv_cache)
 
 
-def test_a_declared_architecture_ships_its_modeling_code_with_auto_map(tiny_llama, registered, tmp_path):
-    @registered("declare_shipped")
-    @dataclass
-    class DeclareShipped(Step):
-        """Test step: changes nothing but declares the export as a ShippedForCausalLM."""
+def test_every_shipped_architecture_declares_its_files_auto_map_and_registration():
+    """One shape for every architecture our exports declare: its files exist, its ``auto_map`` points into
+    them, and ``import compressor`` registered its classes, so its exports load without remote code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        needs_calibration = False
+    for row in SHIPPED:
+        sources = row.modeling_sources()
+        assert set(sources) == set(row.modeling_files)
+        assert all(f"class {name.rpartition('.')[2]}(" in sources[f"{name.partition('.')[0]}.py"]
+                   for classes in row.classes.values() for name in classes)
+        for model_type in row.model_types:
+            config_class = CONFIG_MAPPING[model_type]
+            assert config_class.model_type == model_type
+            if model_type in row.classes:
+                assert row.auto_map(model_type)["AutoModelForCausalLM"].endswith(MODEL_FOR_CAUSAL_LM_MAPPING[config_class].__name__)
+                declared = ExportArchitecture.declared(config_class())
+                assert declared.modeling_files == sources and declared.auto_map == row.auto_map(model_type)
 
-        def compress_block(self, context):
-            shipped = {}
-            exec(MODELING, shipped)  # the class the export will ship, as its step would import it
-            config = shipped["ShippedConfig"](**{k: v for k, v in context.config.to_dict().items() if k != "model_type"})
-            config.architectures = ["ShippedForCausalLM"]
-            context.declare_architecture(
-                config,
-                {"modeling_shipped.py": MODELING},
-                {"AutoConfig": "modeling_shipped.ShippedConfig", "AutoModelForCausalLM": "modeling_shipped.ShippedForCausalLM"},
-            )
 
-    out = tmp_path / "shipped"
-    apply(Recipe.from_dict({"steps": ["declare_shipped"], "export": {"dtype": "float32"}}), tiny_llama, out, progress=False)
-    assert (out / "modeling_shipped.py").read_text() == MODELING
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        AutoModelForCausalLM.from_pretrained(out)
-    shipped = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    assert type(shipped).__name__ == "ShippedForCausalLM"
-    ids = torch.randint(0, shipped.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
-    original = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    torch.testing.assert_close(shipped(ids).logits, original(ids).logits)
-    assert type(load_quantized_model(out, trust_remote_code=True)).__name__ == "ShippedForCausalLM"
+def test_an_architecture_without_a_shipped_row_cannot_be_declared():
+    config = AutoConfig.for_model("llama")
+    config.model_type = "homemade_llama"
+    with pytest.raises(ValueError, match="not a shipped architecture"):
+        ExportArchitecture.declared(config)
+
+
+def test_a_compressible_shipped_architecture_reads_through_its_base_adapter():
+    assert adapter_for(AutoConfig.for_model("modegpt_qwen3")).family == "qwen3"
+    with pytest.raises(UserError, match="llama_swiftkv"):
+        adapter_for(AutoConfig.for_model("llama_swiftkv"))

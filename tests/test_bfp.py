@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compressor import Recipe, apply
+from compressor import Recipe, apply, kvcache
 from compressor.errors import UserError
 from compressor.export import load_quantized_model
 from compressor.export.native import from_tensors, module_entry, to_tensors
@@ -18,9 +18,7 @@ from compressor.kvcache.bfp import (
     BFPLayer,
     BFPQuantizedCache,
     cache_bytes_per_token,
-    install_bfp_cache,
     pack_mantissas,
-    remove_bfp_cache,
     unpack_mantissas,
 )
 from compressor.quant.bfp import (
@@ -207,7 +205,7 @@ def test_installed_cache_quantizes_prefill_and_generation_and_counts_bytes(tiny_
     prompt = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(2))
     reference = model(prompt).logits
     spec = BFPCacheSpec(k_bits=4, block_size=16)
-    install_bfp_cache(model, spec)
+    kvcache.install(model, spec.to_dict())
     out = model(prompt)
     assert isinstance(out.cache, BFPQuantizedCache) and not torch.allclose(out.logits, reference, atol=1e-5)
     channels = 2 * 32  # 2 KV heads of 32 channels
@@ -220,7 +218,7 @@ def test_installed_cache_quantizes_prefill_and_generation_and_counts_bytes(tiny_
     finally:
         BFPLayer.update = original_update
     assert len(seen) == 2 * 4  # generate's own cache was swapped: every step of both layers went through BFP
-    remove_bfp_cache(model)
+    kvcache.remove(model)
     assert torch.equal(model(prompt).logits, reference)
 
 
@@ -243,7 +241,7 @@ def test_kv_export_records_the_permutation_and_transformers_loads_it_with_the_ca
     import compressor  # noqa: F401  (registers the native format with transformers)
 
     source = tiny_models["qwen3"]
-    apply(recipe({"kv_bits": 4, "block_size": 16, "scope": "head"}, dtype="float32"), source, tmp_path / "out", progress=False)
+    apply(recipe({"k_bits": 4, "block_size": 16, "scope": "head"}, dtype="float32"), source, tmp_path / "out", progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["kv_cache"]["k_bits"] == 4 and config["kv_cache"]["k_perm"] and config["modules"] == {}
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -254,12 +252,12 @@ def test_kv_export_records_the_permutation_and_transformers_loads_it_with_the_ca
         assert not torch.equal(perms[0], torch.arange(perms[0].numel(), dtype=torch.int32))
         out = loaded(prompt)
         assert isinstance(out.cache, BFPQuantizedCache)
-        remove_bfp_cache(loaded)  # the weights are untouched: without the cache the logits are the original's
+        kvcache.remove(loaded)  # the weights are untouched: without the cache the logits are the original's
         torch.testing.assert_close(loaded(prompt).logits, original(prompt).logits, rtol=0, atol=1e-5)
 
 
 def test_bfp_weights_export_and_load_exactly(tiny_llama, tmp_path):
-    apply(recipe({"kv_bits": None, "weight_bits": 8, "weight_block_size": 32}, dtype="float32"), tiny_llama, tmp_path / "w8", progress=False)
+    apply(recipe({"k_bits": None, "weight_bits": 8, "weight_block_size": 32}, dtype="float32"), tiny_llama, tmp_path / "w8", progress=False)
     config = json.loads((tmp_path / "w8" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "bfp" and "kv_cache" not in config
     loaded = load_quantized_model(tmp_path / "w8")
@@ -275,9 +273,9 @@ def test_bfp_weights_export_and_load_exactly(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("step, message", [
     ({"block_size": 48}, "block_size: 48 is not one of"),
-    ({"kv_bits": 3}, "kv_bits: 3 is not one of"),
+    ({"k_bits": 3}, "k_bits: 3 is not one of"),
     ({"weight_bits": 9}, "weight_bits: 9 is not one of"),
-    ({"kv_bits": None}, "kv_bits: both kv_bits and weight_bits are null"),
+    ({"k_bits": None}, "k_bits: both k_bits and weight_bits are null"),
     ({"ksort": "sorted"}, "ksort: 'sorted' is not one of"),
     ({"ksort": "none", "refine": "greedy"}, "refine: greedy refines a K-sort order"),
 ])
@@ -289,7 +287,7 @@ def test_bad_settings_are_one_line_errors(step, message):
 
 def test_head_scope_blocks_wider_than_the_head_and_unsupported_blocks_are_refused(tiny_llama, tmp_path):
     with pytest.raises(UserError, match=r"steps\[0\]\.bfp\.block_size: 64 does not divide head_dim 32") as error:
-        apply(recipe({"kv_bits": 4, "block_size": 64, "scope": "head", "ksort": "weight_norm"}), tiny_llama, tmp_path / "x", progress=False)
+        apply(recipe({"k_bits": 4, "block_size": 64, "scope": "head", "ksort": "weight_norm"}), tiny_llama, tmp_path / "x", progress=False)
     assert "\n" not in str(error.value) and not (tmp_path / "x").exists()
 
 
@@ -299,7 +297,7 @@ def test_an_engine_unaware_of_the_cache_computes_the_original_attention(tiny_lla
     import subprocess
     import sys
 
-    apply(recipe({"kv_bits": 4, "block_size": 16, "ksort": "weight_norm"}, dtype="float32"), tiny_llama, tmp_path / "kv", progress=False)
+    apply(recipe({"k_bits": 4, "block_size": 16, "ksort": "weight_norm"}, dtype="float32"), tiny_llama, tmp_path / "kv", progress=False)
     code = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -342,7 +340,7 @@ def test_an_exact_prompt_is_exact_and_what_follows_reads_the_bfp_cache(tiny_llam
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     tokens = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(8))
     reference = model(tokens).logits
-    install_bfp_cache(model, BFPCacheSpec(k_bits=4, block_size=16, quantize_fresh=False))
+    kvcache.install(model, BFPCacheSpec(k_bits=4, block_size=16, quantize_fresh=False).to_dict())
     prompt = model(tokens[:, :20])
     torch.testing.assert_close(prompt.logits, reference[:, :20], rtol=0, atol=1e-5)  # the prompt attends to exact keys
     assert prompt.cache.nbytes()["k"] > 0  # ... while the cache stores them in BFP
@@ -354,9 +352,9 @@ def test_an_exact_prompt_is_exact_and_what_follows_reads_the_bfp_cache(tiny_llam
 def test_an_attention_without_cached_keys_is_refused_before_any_work():
     from compressor.quant.bfp import BFP
 
-    with pytest.raises(ValueError, match="kv_bits: the BFP KV cache needs attention with a k_proj"):
+    with pytest.raises(ValueError, match="k_bits: the BFP KV cache needs attention with a k_proj"):
         BFP().check_model({"model.layers.0.self_attn.kv_a_proj_with_mqa": None, "model.layers.0.mlp.up_proj": None})
-    BFP(kv_bits=None, weight_bits=8).check_model({"model.layers.0.mlp.up_proj": None})  # weights alone need no k_proj
+    BFP(k_bits=None, weight_bits=8).check_model({"model.layers.0.mlp.up_proj": None})  # weights alone need no k_proj
 
 
 def test_streamed_key_statistics_equal_the_statistic_of_all_keys():
@@ -404,7 +402,7 @@ def test_greedy_refinement_lowers_the_weighted_error_and_stays_a_legal_permutati
 
 
 def test_refine_step_reports_the_objective_before_and_after(tiny_llama, tmp_path):
-    report = apply(recipe({"kv_bits": 4, "block_size": 16, "refine": "greedy", "refine_trials": 50}, dtype="float32"),
+    report = apply(recipe({"k_bits": 4, "block_size": 16, "refine": "greedy", "refine_trials": 50}, dtype="float32"),
                    tiny_llama, tmp_path / "out", progress=False)
     rows = [r for r in report.rows if "logit_error_refined" in r]
     assert rows and all(r["logit_error_refined"] <= r["logit_error_sorted"] for r in rows)

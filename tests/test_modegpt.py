@@ -299,6 +299,8 @@ def test_sliced_checkpoint_says_its_widths_and_loads_with_remote_code_in_a_fresh
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stock refused" in result.stdout and "transformers_modules" in result.stdout, result.stdout
     torch.testing.assert_close(torch.load(saved), ours, rtol=0, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # no remote code: registered by import compressor
+    torch.testing.assert_close(logits(plain, sample_tokens()), ours, rtol=0, atol=1e-5)
 
 
 def test_sliced_model_generates_the_same_tokens_with_and_without_the_cache(sliced_llama):

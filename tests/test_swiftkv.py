@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from compressor import Recipe, apply
 from compressor.arch import adapter_for
-from compressor.arch.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM, Qwen2SwiftKVForCausalLM
+from compressor.arch.swiftkv.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM, Qwen2SwiftKVForCausalLM
 from compressor.arch.swiftkv import kv_cache_bytes, swiftkv_config
 from compressor.blockwise import BlockwiseModel
 from compressor.errors import StepError
@@ -331,7 +331,7 @@ def test_unsupported_family_is_refused(tmp_path, calibration_file, tiny_models):
 
 @pytest.mark.parametrize("first_import", [
     "from compressor.lowrank.swiftkv import SwiftKV",
-    "from compressor.arch.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM",
+    "from compressor.arch.swiftkv.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM",
     "import transformers; from compressor import apply",
     "from transformers import AutoModelForCausalLM; import compressor",
 ])

@@ -10,8 +10,9 @@ The architecture channel: an adapter also says which linears read which norm's o
 block's attention and MLP modules are, and which projections produce what the KV cache holds. A
 step that changes the architecture does not edit the model handle: it declares an
 ``ExportArchitecture`` (the new config, and modeling code the writer ships beside the weights
-with ``auto_map`` where transformers has no class for it) through its context. Builders of such
-configs live beside this file (``deepseek_mla.py``: TransMLA's DeepSeek-V3).
+with ``auto_map`` where transformers has no class for it) through its context. Each such architecture
+is a package beside this file (``deepseek_mla``, ``swiftkv``, ``modegpt``: config builders and shipped
+modeling code) and a row in ``shipped.SHIPPED``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from compressor.arch.shipped import SHIPPED, shipped_for
 from compressor.errors import UserError
 
 LLAMA_LINEARS = {
@@ -54,20 +56,11 @@ class ArchAdapter:
 
 
 ADAPTERS = (
-    ArchAdapter("llama", ("llama", "modegpt_llama")),
-    ArchAdapter("mistral", ("mistral", "modegpt_mistral")),
-    ArchAdapter("qwen2", ("qwen2", "modegpt_qwen2")),
-    ArchAdapter("qwen3", ("qwen3", "modegpt_qwen3"), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
+    ArchAdapter("llama", ("llama",)),
+    ArchAdapter("mistral", ("mistral",)),
+    ArchAdapter("qwen2", ("qwen2",)),
+    ArchAdapter("qwen3", ("qwen3",), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
 )
-
-
-def register_shipped_architectures() -> None:
-    """Make the architectures whose modeling code we ship with checkpoints (MoDeGPT's sliced layers,
-    ``modegpt_sliced.py``) known to ``AutoConfig`` and ``AutoModelForCausalLM``, so our own loaders
-    read those checkpoints without remote code."""
-    from compressor.arch import modegpt_sliced
-
-    modegpt_sliced.register()
 
 
 class UnsupportedArchitecture(UserError):
@@ -75,11 +68,17 @@ class UnsupportedArchitecture(UserError):
 
 
 def adapter_for(config) -> ArchAdapter:
+    """The adapter of ``config``'s family; a shipped architecture that can be compressed again (MoDeGPT's
+    sliced layers) is read through its base family's."""
     model_type = getattr(config, "model_type", None)
+    shipped = shipped_for(model_type)
+    if shipped is not None and shipped.compressible:
+        model_type = shipped.model_types[model_type]
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
-    supported = ", ".join(a.model_types[0] for a in ADAPTERS) + " (and their MoDeGPT-sliced modegpt_* checkpoints)"
+    again = [t for a in SHIPPED if a.compressible for t in a.model_types]
+    supported = ", ".join(a.model_types[0] for a in ADAPTERS) + f" (and our exports {', '.join(again)})"
     raise UnsupportedArchitecture(f"model_type '{model_type}' is not supported; supported: {supported}")
 
 
@@ -95,11 +94,19 @@ class ExportArchitecture:
     ``config`` replaces the input's config in ``config.json``; ``modeling_files`` (file name ->
     Python source) are written beside the weights and ``auto_map`` (e.g. ``{"AutoModelForCausalLM":
     "modeling_x.XForCausalLM"}``) is set in the config, so transformers loads the checkpoint with
-    ``trust_remote_code=True`` (and only then). Leave both empty when transformers has the class."""
+    ``trust_remote_code=True``. Both come from the config's row in ``shipped.SHIPPED`` (``declared``)."""
 
     config: object
     modeling_files: dict[str, str] = field(default_factory=dict)
     auto_map: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def declared(cls, config) -> ExportArchitecture:
+        """The export of ``config``, whose ``model_type`` must be a row of ``shipped.SHIPPED``."""
+        shipped = shipped_for(config.model_type)
+        if shipped is None:
+            raise ValueError(f"model_type {config.model_type!r} is not a shipped architecture (compressor/arch/shipped.py)")
+        return cls(config, shipped.modeling_sources(), shipped.auto_map(config.model_type))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.declaration import ExportDeclaration
 from compressor.errors import UserError
 from compressor.export import gptq
 from compressor.export import native
@@ -139,23 +140,41 @@ class CheckpointWriter:
         self.entries[name] = codec.module_entry(weight)
         tensors = codec.to_tensors(weight, self.dtype)
         if module.quantizes_inputs:
-            self.entries[name].update(native.inputs_entry(module))
-            tensors.update(native.input_tensors(module))
+            self.entries[name].update(codec.INPUTS.entry(module))
+            tensors.update(codec.INPUTS.tensors(module))
         for suffix, tensor in tensors.items():
             self.shards.add(f"{name}.{suffix}", tensor)
 
     # --- the rest of the folder ------------------------------------------------------------------
 
-    def finish(self, handle, recipe, report, architecture=None, kv_cache: dict | None = None) -> dict:
+    def finish(self, handle, recipe, report, declared: ExportDeclaration | None = None) -> dict:
         """Write the modules outside the blocks, the config, tokenizer, recipe and report.
 
-        ``architecture`` (``compressor.arch.ExportArchitecture``), when a step changed the model's
-        architecture: its config is written instead of the input's, with its modeling files and
-        ``auto_map``. ``kv_cache``, when a step declared a quantized KV cache: the ``kv_cache`` entry of
-        the native format's ``quantization_config`` (which a checkpoint of dense or native weights then
-        has; compressed-tensors weights cannot share a checkpoint with it)."""
-        from compressor.version import __version__
+        ``declared``: what the steps declared besides the weights. Its ``architecture``, when a step
+        changed it, is written instead of the input's config, with its modeling files and ``auto_map``;
+        its ``kv_cache``, a quantized KV cache, becomes the ``kv_cache`` entry of the native format's
+        ``quantization_config`` (which a checkpoint of dense or native weights then has;
+        compressed-tensors weights cannot share a checkpoint with it)."""
+        declared = declared or ExportDeclaration()
+        files = self.write_outside_blocks(handle)
+        config = self.export_config(handle, declared)
+        config.save_pretrained(self.directory)
+        for file in COPIED_FILES:
+            if (handle.path / file).is_file():
+                shutil.copy(handle.path / file, self.directory / file)
+        summary = {
+            "format": self.codec.QUANT_METHOD if self.codec is not None else "dense",
+            "files": files,
+            "size_bytes": sum((self.directory / f).stat().st_size for f in files),
+            "quantized_parameters": self.quantized_parameters,
+            "bits_per_weight": round(self.quantized_bits / self.quantized_parameters, 4) if self.quantized_parameters else None,
+        }
+        report.summary.update(summary)
+        self.write_records(handle, recipe, report)
+        return summary
 
+    def write_outside_blocks(self, handle) -> list[str]:
+        """The embeddings, final norm and head (tied heads once); closes the shards and returns their files."""
         skip = {f"{handle.adapter.lm_head}.weight"} if handle.tied_embeddings else set()
         blocks_prefix = f"{handle.adapter.blocks}."
         for name, module in handle.outside_block_modules().items():
@@ -168,14 +187,19 @@ class CheckpointWriter:
                 if full not in skip and not full.startswith(blocks_prefix):
                     self.shards.add(full, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
             handle.release(module)
-        files = self.shards.close()
+        return self.shards.close()
 
+    def export_config(self, handle, declared: ExportDeclaration):
+        """The checkpoint's transformers config: the declared architecture's or the input's, with the
+        modeling files written beside it and the ``quantization_config`` of the weights and KV cache."""
+        architecture = declared.architecture
         config = copy.deepcopy(architecture.config if architecture is not None else handle.config)
         config.dtype = self.dtype
         if architecture is not None and architecture.modeling_files:
             for file, source in architecture.modeling_files.items():
                 (self.directory / file).write_text(source)
             config.auto_map = dict(architecture.auto_map)
+        kv_cache = declared.kv_cache_entry()
         if kv_cache is not None:
             if self.codec is not None and self.codec is not native:
                 raise ExportError(f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "
@@ -190,20 +214,13 @@ class CheckpointWriter:
             except ValueError as error:
                 raise ExportError(f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or 'dense'") from None
             if kv_cache is not None:
-                config.quantization_config["kv_cache"] = dict(kv_cache)
-        config.save_pretrained(self.directory)
-        for file in COPIED_FILES:
-            if (handle.path / file).is_file():
-                shutil.copy(handle.path / file, self.directory / file)
+                config.quantization_config["kv_cache"] = kv_cache
+        return config
 
-        summary = {
-            "format": self.codec.QUANT_METHOD if self.codec is not None else "dense",
-            "files": files,
-            "size_bytes": sum((self.directory / f).stat().st_size for f in files),
-            "quantized_parameters": self.quantized_parameters,
-            "bits_per_weight": round(self.quantized_bits / self.quantized_parameters, 4) if self.quantized_parameters else None,
-        }
-        report.summary.update(summary)
+    def write_records(self, handle, recipe, report) -> None:
+        """``compressor.json`` (versions and packing), the recipe and the report beside the weights."""
+        from compressor.version import __version__
+
         provenance = {
             "format_version": FORMAT_VERSION,
             "compressor_version": __version__,
@@ -214,7 +231,6 @@ class CheckpointWriter:
         (self.directory / "compressor.json").write_text(json.dumps(provenance, indent=2))
         (self.directory / "recipe.yaml").write_text(recipe.to_yaml())
         (self.directory / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        return summary
 
 
 def library_versions() -> dict:

@@ -90,8 +90,11 @@ def repack_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int, group
 # The codec of uniform weights (see export/codecs.py)
 
 
-def supports(weight) -> bool:
-    return weight.kind == "uniform"
+INPUTS = None  # no input side: W+A layers go to the native format
+
+
+def supports(weight, quantized_inputs: bool = False) -> bool:
+    return not quantized_inputs and weight.kind == "uniform"
 
 
 def module_entry(weight: UniformWeight) -> dict:

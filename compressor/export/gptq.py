@@ -148,8 +148,11 @@ def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: i
 # The codec (see export/codecs.py)
 
 
-def supports(weight) -> bool:
-    return shape_problem(weight) is None
+INPUTS = None  # no input side: W+A layers go to the native format
+
+
+def supports(weight, quantized_inputs: bool = False) -> bool:
+    return not quantized_inputs and shape_problem(weight) is None
 
 
 def module_entry(weight: UniformWeight) -> dict:

@@ -6,13 +6,13 @@ Loading then goes:
 
 1. before the weights are read, every module named in ``quantization_config["modules"]`` is swapped
    for a ``CheckpointLinear`` whose parameters carry exactly the checkpoint's tensor names and
-   shapes (``export/native.py``), so transformers' own loader fills them;
+   shapes (``export/native.py``, its layouts), so transformers' own loader fills them;
 2. after loading, each is replaced by our ``QuantizedLinear`` (LUT Triton kernel on a GPU, torch
    reference on a CPU) and the packed codes are unpacked once.
 
-3. with a ``kv_cache`` entry (BFP KV cache, ``kvcache/bfp.py``): the attention modules get ``k_perm``
-   buffers before loading, and after it ``install_bfp_cache`` makes every forward and ``generate``
-   that starts a cache start a ``BFPQuantizedCache``.
+3. with a ``kv_cache`` entry (``compressor/kvcache``): the cache method prepares the model before
+   loading (BFP: ``k_perm`` buffers), and after it every forward and ``generate`` that starts a cache
+   starts the declared one.
 
 Without ``import compressor`` transformers does not know the method, warns, and loads random weights
 for the quantized layers: import it first. ``model.dequantize()`` gives a plain dense model.
@@ -32,16 +32,13 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor.export import native
-from compressor.kvcache.bfp import BFPCacheSpec, add_perm_buffers, install_bfp_cache
+from compressor import kvcache
 from compressor.weights.linear import QuantizedLinear, dequantize_model_
-
-INT_DTYPES = {"int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8, "float32": torch.float32}  # fixed dtypes; "float" follows the model
-
 
 class CompressorConfig(QuantizationConfigMixin):
     """``quantization_config`` of our native format; keeps every key it is given (see native.py)."""
 
-    def __init__(self, format: str = "lut", version: int = native.FORMAT_VERSION, modules: dict | None = None,
+    def __init__(self, format: str = native.UNKINDED_ENTRY, version: int = native.FORMAT_VERSION, modules: dict | None = None,
                  ignore: list | None = None, **kwargs):
         self.quant_method = native.QUANT_METHOD
         self.format = format
@@ -66,9 +63,9 @@ class CheckpointLinear(nn.Module):
     def __init__(self, entry: dict, in_features: int, out_features: int, bias: bool, float_dtype: torch.dtype):
         super().__init__()
         self.entry = entry
-        for name, (shape, kind) in native.tensor_shapes(entry, (out_features, in_features)).items():
-            dtype = INT_DTYPES.get(kind, float_dtype)
-            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False))
+        for name, spec in native.tensor_specs(entry, (out_features, in_features)).items():
+            dtype = spec.dtype or float_dtype
+            self.register_parameter(name, nn.Parameter(torch.empty(spec.shape, dtype=dtype, device="meta"), requires_grad=False))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=float_dtype, device="meta"), requires_grad=False) if bias else None
 
     def to_quantized(self, name: str) -> QuantizedLinear:
@@ -80,7 +77,7 @@ class CheckpointLinear(nn.Module):
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
         module = QuantizedLinear(weight, None if self.bias is None else self.bias.data)
-        native.attach_inputs(module, tensors, self.entry)
+        native.INPUTS.attach(module, tensors, self.entry)
         return module
 
 
@@ -91,7 +88,7 @@ class CompressorHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         kv_cache = getattr(self.quantization_config, "kv_cache", None)
         if kv_cache:
-            add_perm_buffers(model, kv_cache)
+            kvcache.prepare(model, kv_cache)
         for name, entry in self.quantization_config.modules.items():
             try:
                 linear = model.get_submodule(name)
@@ -112,8 +109,8 @@ class CompressorHfQuantizer(HfQuantizer):
                 model.set_submodule(name, placeholder.to_quantized(name))
         kv_cache = getattr(self.quantization_config, "kv_cache", None)
         if kv_cache:
-            install_bfp_cache(model, BFPCacheSpec.from_dict(kv_cache))
-        native.install_attention(model, self.quantization_config.to_dict())
+            kvcache.install(model, kv_cache)
+        native.INPUTS.install_attention(model, self.quantization_config.to_dict())
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -5,7 +5,7 @@ exports (the weights stay packed and compressed-tensors unpacks them in each for
 when optimum and gptqmodel are installed, and, after ``import compressor``, our native ones
 (``export/hf_quantizer.py``); this loader reads every format (the codec by ``quant_method``) and keeps
 the weights quantized so ``compressor validate`` can run them through the kernels; it also
-installs the quantized KV cache an export declares (``kv_cache``: ``compressor.kvcache.bfp.install_bfp_cache``).
+installs the quantized KV cache an export declares (``kv_cache``, through ``compressor.kvcache``).
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.export.codecs import FORMATS
-from compressor.kvcache.bfp import BFPCacheSpec, add_perm_buffers, install_bfp_cache
-from compressor.model import register_shipped_architectures, safetensors_index
+from compressor import kvcache
+from compressor.model import safetensors_index
 from compressor.weights.linear import QuantizedLinear
 
 
 def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False):
-    """A transformers model whose quantized linears are ``QuantizedLinear`` modules. A checkpoint whose
-    architecture ships as modeling code (``auto_map``) loads only with ``trust_remote_code=True``."""
+    """A transformers model whose quantized linears are ``QuantizedLinear`` modules. Our shipped
+    architectures (``compressor.arch.shipped``) load without remote code; another ``auto_map`` needs
+    ``trust_remote_code=True``."""
     path = Path(path)
-    register_shipped_architectures()
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     quantization_config = getattr(config, "quantization_config", None)
     if quantization_config is not None and not isinstance(quantization_config, dict):
@@ -41,7 +41,7 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
     codec = FORMATS.get(quantization_config.get("quant_method")) if quantization_config is not None else None
     kv_cache = (quantization_config or {}).get("kv_cache")
     if kv_cache:
-        add_perm_buffers(model, kv_cache, device)
+        kvcache.prepare(model, kv_cache, device)
     files = safetensors_index(path)
     by_module: dict[str, dict[str, str]] = {}
     for name in files:
@@ -68,8 +68,8 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
                 weight = codec.read_module(values, quantization_config, module_name, dtype)
                 bias = values.get("bias")
                 module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None)
-                if hasattr(codec, "attach_inputs"):
-                    codec.attach_inputs(module, values, quantization_config["modules"][module_name])
+                if codec.INPUTS is not None:
+                    codec.INPUTS.attach(module, values, quantization_config["modules"][module_name])
                 module = module.to(device)
                 model.set_submodule(module_name, module)
             else:
@@ -77,11 +77,11 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
                     set_module_tensor_to_device(model, name, device, value=read(name), dtype=dtype)
     finally:
         handles.clear()
-    if codec is not None and hasattr(codec, "install_attention"):
-        codec.install_attention(model, quantization_config)
+    if codec is not None and codec.INPUTS is not None:
+        codec.INPUTS.install_attention(model, quantization_config)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     if kv_cache:
-        install_bfp_cache(model, BFPCacheSpec.from_dict(kv_cache))
+        kvcache.install(model, kv_cache)
     model.eval()
     return model

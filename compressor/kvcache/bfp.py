@@ -17,8 +17,8 @@ its own, so appending never re-quantizes and there is no full-precision window.
 keys too, so a prefill (and ``compressor eval``) measures the quantized cache on the prompt as well;
 False hands the fresh tokens back exact and only what was cached earlier is quantized.
 
-``install_bfp_cache(model, spec, perms)`` makes every forward (and ``generate``) that would start
-an empty cache start this one instead: how an export with a ``kv_cache`` entry loads.
+``install(model, spec)`` makes every forward (and ``generate``) that would start an empty cache start
+this one instead: how an export with a ``kv_cache`` entry loads (through ``compressor.kvcache``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class BFPCacheSpec:
     scope: str = "token"
     rounding: str = "nearest_even"
     quantize_fresh: bool = True
+    k_perm: bool = False  # the checkpoint holds each layer's key-channel permutation (``k_perm`` buffers)
+    v_perm: bool = False
 
     method = "bfp"
 
@@ -276,26 +278,26 @@ def model_kv_perms(model) -> tuple[list, list]:
     return [getattr(a, "k_perm", None) for a in attentions], [getattr(a, "v_perm", None) for a in attentions]
 
 
-def add_perm_buffers(model, entry: dict, device="meta") -> list[str]:
+def prepare(model, spec: BFPCacheSpec, device="meta") -> list[str]:
     """Empty int32 ``k_perm`` (and ``v_perm``) buffers [H_kv * D] on every attention module, for a
-    loader to fill from a checkpoint whose ``kv_cache`` entry says it has them; their full names."""
+    loader to fill from a checkpoint whose spec says it has them; their full names."""
     geometry = attention_geometry(model.config)
     channels = geometry.num_kv_heads * geometry.head_dim
     names = []
     adapter = adapter_for(model.config)
     for index, attention in enumerate(attention_modules(model)):
         for key in ("k_perm", "v_perm"):
-            if entry.get(key):
+            if getattr(spec, key):
                 attention.register_buffer(key, torch.empty(channels, dtype=torch.int32, device=device))
                 names.append(f"{adapter.blocks}.{index}.{adapter.attention}.{key}")
     return names
 
 
-def install_bfp_cache(model, spec: BFPCacheSpec) -> None:
+def install(model, spec: BFPCacheSpec):
     """From now on, every forward of ``model`` (a transformers causal LM) that would start an empty
     cache starts a ``BFPQuantizedCache`` with the layers' ``k_perm`` buffers instead; ``generate``'s
-    own empty ``DynamicCache`` is swapped too. A cache the caller passes that holds tokens is kept."""
-    remove_bfp_cache(model)
+    own empty ``DynamicCache`` is swapped too. A cache the caller passes that holds tokens is kept.
+    Returns the hook's handle (``compressor.kvcache.install`` keeps it)."""
 
     def start_bfp_cache(module, args, kwargs):
         name = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
@@ -310,16 +312,20 @@ def install_bfp_cache(model, spec: BFPCacheSpec) -> None:
             return args, kwargs
         return None
 
-    model._compressor_kv_cache = (spec, model.register_forward_pre_hook(start_bfp_cache, with_kwargs=True))
+    return model.register_forward_pre_hook(start_bfp_cache, with_kwargs=True)
 
 
-def remove_bfp_cache(model) -> None:
-    installed = getattr(model, "_compressor_kv_cache", None)
-    if installed is not None:
-        installed[1].remove()
-        model._compressor_kv_cache = None
+def bytes_per_token(model, spec: BFPCacheSpec) -> dict:
+    geometry = attention_geometry(model.config)
+    return cache_bytes_per_token(spec, model.config.num_hidden_layers, geometry.num_kv_heads, geometry.head_dim)
 
 
-def installed_spec(model) -> BFPCacheSpec | None:
-    installed = getattr(model, "_compressor_kv_cache", None)
-    return None if installed is None else installed[0]
+def describe(summary: dict) -> str:
+    values = "values unquantized" if summary["v_bits"] is None else f"values {summary['v_bits']}-bit mantissas"
+    prompt = "prompt included" if summary["quantize_fresh"] else "prompt (first half of each window) exact"
+    return (f"BFP keys {summary['k_bits']}-bit mantissas, block {summary['block_size']} ({summary['scope']}), {values}, "
+            f"{prompt}; K-cache {summary['k_bytes_per_token']} bytes/token vs {summary['dense_bytes_per_token']} in bf16 "
+            f"({summary['k_ratio']:.3f}x)")
+
+
+Spec = BFPCacheSpec  # the channel's name for this method's spec (``compressor/kvcache/__init__.py``)

@@ -17,7 +17,7 @@ dimension to keep each module's output on calibration activations:
 
 The ``modegpt`` layer step scores every block of the original model first (``context.original_block``),
 allocates, then compresses each block on the inputs of the already-compressed blocks before it.
-Exports ``sliced`` (per-layer widths in the config, ``arch/modegpt_sliced.py`` shipped as modeling
+Exports ``sliced`` (per-layer widths in the config, ``arch/modegpt/modeling_modegpt.py`` shipped as modeling
 code) or ``masked`` (zero-padded stock shapes, same logits).
 
 Defaults and choices (docs/methods/modegpt.md has the measurements): ``modules: [vo, mlp]``, i.e.
@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from compressor.arch import attention_geometry
-from compressor.arch import modegpt_sliced
+from compressor.arch.modegpt import modeling_modegpt, sliced_config
 from compressor.blockwise import run_block
 from compressor.step import Step, param, register_step
 
@@ -312,7 +311,7 @@ def write_attention(attention: nn.Module, sizes: BlockSizes, qk, vo, geometry, s
     query, key, query_bias, key_bias, pairs = qk
     value, output, value_bias = vo
     if sliced:
-        module = modegpt_sliced.SlicedAttention(attention, 2 * sizes.qk_pairs, sizes.v_head_dim, pairs.tolist())
+        module = modeling_modegpt.SlicedAttention(attention, 2 * sizes.qk_pairs, sizes.v_head_dim, pairs.tolist())
         set_linear(module.q_proj, query, query_bias)
         set_linear(module.k_proj, key, key_bias)
         set_linear(module.v_proj, value, value_bias)
@@ -333,7 +332,7 @@ def write_mlp(mlp: nn.Module, gate, up, down, index: torch.Tensor, sliced: bool)
     """The Type I solution into the MLP: narrower projections, or zero rows/columns at dropped neurons."""
     if sliced:
         biases = [linear.bias for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-        modegpt_sliced.slice_mlp(mlp, len(index))  # new, uninitialised projections: every tensor is set below
+        modeling_modegpt.slice_mlp(mlp, len(index))  # new, uninitialised projections: every tensor is set below
         set_linear(mlp.gate_proj, gate, None if biases[0] is None else biases[0][index])
         set_linear(mlp.up_proj, up, None if biases[1] is None else biases[1][index])
         set_linear(mlp.down_proj, down, biases[2])
@@ -459,8 +458,7 @@ class ModeGPT(Step):
             if pairs is not None:
                 context.state["layers"][context.index] = self.layer_spec(sizes, pairs.tolist())
         if sliced:
-            config = modegpt_sliced.sliced_config(context.config, context.state["layers"])
-            context.declare_architecture(config, {"modeling_modegpt.py": Path(modegpt_sliced.__file__).read_text()}, modegpt_sliced.auto_map(config))
+            context.declare_architecture(sliced_config(context.config, context.state["layers"]))
         if context.index == context.num_blocks - 1:
             before_count, after_count = plan["parameters"]
             context.record("blocks", removed=round(1 - after_count / before_count, 5), target=self.ratio, parameters=after_count,
@@ -483,5 +481,5 @@ class ModeGPT(Step):
 
     @staticmethod
     def layer_spec(sizes: BlockSizes, pairs: list[list[int]]) -> dict:
-        """A layer's entry in the sliced config (``modegpt_sliced``)."""
+        """A layer's entry in the sliced config (``arch/modegpt``)."""
         return {"intermediate_size": sizes.intermediate_size, "qk_head_dim": 2 * len(pairs[0]), "v_head_dim": sizes.v_head_dim, "rope_pairs": pairs}

@@ -7,7 +7,7 @@ every layer ``l >= M`` (``num_key_value_layers``) come from ``s = norm_swiftkv(h
 entering layer M, through new ``k/v_proj_swiftkv`` (one per group of ``key_value_group_size`` = G
 layers: AcrossKV), and each upper layer gets a new ``q_proj_swiftkv``; only those and ``norm_swiftkv``
 train, towards the unchanged original, everything else frozen. Prefill then runs the upper layers
-only for the tokens whose output is needed (``arch/modeling_llama_swiftkv.py``, shipped with the export
+only for the tokens whose output is needed (``arch/swiftkv/modeling_llama_swiftkv.py``, shipped with the export
 in the released checkpoints' layout).
 
 Defaults (official ``llama-3.1-swiftkv-8b-instruct.yaml`` and ``train.py``): M = N/2, G = 1;
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compressor.arch.modeling_llama_swiftkv import add_swiftkv_projections, group_leader, rotate, swiftkv_layer
-from compressor.arch.swiftkv import auto_map, check_family, modeling_files, swiftkv_config
+from compressor.arch.swiftkv.modeling_llama_swiftkv import add_swiftkv_projections, group_leader, rotate, swiftkv_layer
+from compressor.arch.swiftkv import swiftkv_config, swiftkv_model_type
 from compressor.distill import train_end_to_end
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
@@ -181,12 +181,12 @@ class SwiftKV(Step):
 
     def compress_model(self, context) -> None:
         config = context.config
-        check_family(config)
+        swiftkv_model_type(config)
         num_layers = context.num_blocks
         first = self.layers_for(num_layers)
         group = self.key_value_group_size
         new_config = swiftkv_config(config, first, group)
-        context.declare_architecture(new_config, modeling_files(), auto_map(new_config))
+        context.declare_architecture(new_config)
         summary = dict(num_key_value_layers=first, key_value_group_size=group,
                        kv_cache_layers=kv_cache_layers(num_layers, first, group), num_layers=num_layers,
                        kv_cache_reduction=round(kv_cache_reduction(num_layers, first, group), 6))

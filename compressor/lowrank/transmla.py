@@ -6,7 +6,7 @@ on calibration inputs: (1) GQA is MLA (exact); (2) RoRoPE + FreqFold: a PCA acro
 of frequencies keeps RoPE on ``qk_rope_head_dim`` key dims; (3) a key/value-balanced joint PCA
 truncated to ``kv_lora_rank``; (4) the DeepSeek-V3 layout, whose ``kv_a_layernorm`` is fitted by least
 squares (the one approximation at full rank). The converted attention is transformers'
-``DeepseekV3Attention``; the step declares the DeepSeek-V3 config (``arch/deepseek_mla.py``) through
+``DeepseekV3Attention``; the step declares the DeepSeek-V3 config (``arch/deepseek_mla``) through
 its context, so the export loads as ``DeepseekV3ForCausalLM``. ``transmla_heal`` then distils the
 converted model towards the original (``distill.train_end_to_end``; only the attention by default).
 

@@ -199,7 +199,7 @@ def record_calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: lis
 class BFP(Step):
     """Block floating point: a BFP KV cache with K-sort (keys grouped by channel magnitude), and/or BFP weights."""
 
-    kv_bits: int | None = param(4, "key mantissa bits (sign included) of the BFP KV cache; null: the cache stays unquantized", choices=OPTIONAL_BITS)
+    k_bits: int | None = param(4, "key mantissa bits (sign included) of the BFP KV cache; null: the cache stays unquantized", choices=OPTIONAL_BITS)
     v_bits: int | None = param(None, "value mantissa bits; null keeps values in the model dtype", choices=OPTIONAL_BITS)
     block_size: int = param(32, "cache values sharing one 8-bit exponent", choices=BFP_BLOCK_SIZES)
     ksort: str = param("act_rms", "key-channel order: act_rms / act_absmax of the calibration keys after RoPE, weight_norm "
@@ -208,37 +208,37 @@ class BFP(Step):
     refine: str = param("none", "greedy: from the K-sort order, swap channels between blocks while the query-weighted BFP error of "
                                 "the calibration keys falls (an ablation of the notes; the paper only sorts)", choices=("none", "greedy"))
     refine_trials: int = param(2000, "swaps tried per layer by refine: greedy", min=1)
-    quantize_prompt: bool = param(True, "tokens of the current forward (the prompt) attend to their own BFP keys too")
+    quantize_fresh: bool = param(True, "tokens of the current forward (the prompt) attend to their own BFP keys too")
     weight_bits: int | None = param(None, "mantissa bits of BFP weights; null leaves the linears as they are", choices=OPTIONAL_BITS)
     weight_block_size: int = param(32, "weights (along the input dimension) sharing one exponent", choices=BFP_BLOCK_SIZES)
     rounding: str = param("nearest_even", "mantissa rounding (nearest_away: microxcaling's MX emulation)", choices=BFP_ROUNDING)
     ignore: list[str] = param(["lm_head"], "linears left unquantized by weight_bits (glob, or re:REGEX)")
 
     def __post_init__(self):
-        self.needs_calibration = self.kv_bits is not None and (self.ksort.startswith("act") or self.refine == "greedy")
+        self.needs_calibration = self.k_bits is not None and (self.ksort.startswith("act") or self.refine == "greedy")
 
     def check(self) -> None:
-        if self.kv_bits is None and self.weight_bits is None:
-            raise ValueError("kv_bits: both kv_bits and weight_bits are null, so the step would do nothing")
-        if self.kv_bits is None and self.v_bits is not None:
-            raise ValueError("v_bits: values are stored in BFP only with the keys (set kv_bits)")
-        if self.refine == "greedy" and (self.kv_bits is None or self.ksort == "none"):
-            raise ValueError("refine: greedy refines a K-sort order; it needs kv_bits and a ksort other than none")
+        if self.k_bits is None and self.weight_bits is None:
+            raise ValueError("k_bits: both k_bits and weight_bits are null, so the step would do nothing")
+        if self.k_bits is None and self.v_bits is not None:
+            raise ValueError("v_bits: values are stored in BFP only with the keys (set k_bits)")
+        if self.refine == "greedy" and (self.k_bits is None or self.ksort == "none"):
+            raise ValueError("refine: greedy refines a K-sort order; it needs k_bits and a ksort other than none")
 
     @property
     def cache_spec(self) -> BFPCacheSpec:
-        return BFPCacheSpec(k_bits=self.kv_bits, v_bits=self.v_bits, block_size=self.block_size, scope=self.scope,
-                            rounding=self.rounding, quantize_fresh=self.quantize_prompt)
+        return BFPCacheSpec(k_bits=self.k_bits, v_bits=self.v_bits, block_size=self.block_size, scope=self.scope,
+                            rounding=self.rounding, quantize_fresh=self.quantize_fresh, k_perm=self.ksort != "none")
 
     def check_model(self, linears: dict) -> None:
-        if self.kv_bits is not None and not any(name.endswith("self_attn.k_proj") for name in linears):
-            raise ValueError("kv_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE "
+        if self.k_bits is not None and not any(name.endswith("self_attn.k_proj") for name in linears):
+            raise ValueError("k_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE "
                              "(Llama, Mistral, Qwen2, Qwen3); this model's blocks have none")
 
     def compress_block(self, context) -> None:
         if self.weight_bits is not None:
             self.quantize_weights(context)
-        if self.kv_bits is not None:
+        if self.k_bits is not None:
             self.sort_keys(context)
 
     def quantize_weights(self, context) -> None:
@@ -254,7 +254,7 @@ class BFP(Step):
         spec = self.cache_spec
         spec.check_geometry(geometry.head_dim)
         if context.index == 0:
-            context.declare_kv_cache({**spec.to_dict(), "k_perm": self.ksort != "none", "v_perm": False})
+            context.declare_kv_cache(spec)
         attention = context.adapter.attention
         q_proj = context.block.get_submodule(f"{attention}.q_proj") if self.refine == "greedy" else None
         recorder = record_calibration_keys(context.block, context.inputs, context.block_kwargs, q_proj) if self.needs_calibration else None
@@ -266,19 +266,19 @@ class BFP(Step):
             perm = ksort_permutation(weight_norm_stat(weight.detach()), geometry.head_dim, self.scope)
         else:
             perm = ksort_permutation(recorder.stat(self.ksort), geometry.head_dim, self.scope)
-        numbers = {"k_bits": self.kv_bits, "block_size": self.block_size, "ksort": self.ksort}
+        numbers = {"k_bits": self.k_bits, "block_size": self.block_size, "ksort": self.ksort}
         if self.refine == "greedy":
             weights = query_weights(recorder.query_energy(), geometry.num_kv_heads, geometry.head_dim)
-            perm, before, after = refine_permutation(torch.cat(recorder.sample), weights, perm, self.kv_bits, self.block_size,
+            perm, before, after = refine_permutation(torch.cat(recorder.sample), weights, perm, self.k_bits, self.block_size,
                                                      geometry.head_dim, self.scope, self.refine_trials, context.index, self.rounding)
             numbers.update(logit_error_sorted=before, logit_error_refined=after)
         if perm is not None:
             context.attach_tensor(attention, "k_perm", perm)
         if recorder is not None:
             keys = torch.cat(recorder.sample)
-            unsorted = bfp_key_error(keys, self.kv_bits, self.block_size, None, self.rounding)
+            unsorted = bfp_key_error(keys, self.k_bits, self.block_size, None, self.rounding)
             numbers.update(key_error_unsorted=unsorted["relative_mse"], key_channel_error_unsorted=unsorted["channel_mse"])
             if perm is not None:
-                sorted_ = bfp_key_error(keys, self.kv_bits, self.block_size, perm, self.rounding)
+                sorted_ = bfp_key_error(keys, self.k_bits, self.block_size, perm, self.rounding)
                 numbers.update(key_error=sorted_["relative_mse"], key_channel_error=sorted_["channel_mse"])
         context.record(f"{attention}.k_cache", **numbers)

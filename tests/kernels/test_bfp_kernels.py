@@ -39,7 +39,7 @@ def test_validate_covers_bfp_weights_and_a_bfp_kv_cache(tmp_path):
 
     source = make_random_model("llama", tmp_path / "source", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                num_attention_heads=2, num_key_value_heads=1)
-    recipe = Recipe.from_dict({"steps": [{"bfp": {"kv_bits": 4, "block_size": 16, "ksort": "weight_norm", "weight_bits": 6,
+    recipe = Recipe.from_dict({"steps": [{"bfp": {"k_bits": 4, "block_size": 16, "ksort": "weight_norm", "weight_bits": 6,
                                                   "weight_block_size": 16}}], "export": {}})
     apply(recipe, source, tmp_path / "bfp", progress=False)
     out = tmp_path / "result.json"

@@ -4,8 +4,8 @@ After MoDeGPT (``compressor/lowrank/modegpt.py``) each decoder layer ``i`` keeps
 has its own MLP width, query/key head dim (whole rotary pairs, each keeping its original frequency,
 chosen per KV head) and value head dim; the softmax scale stays that of the original head dim. No
 transformers class expresses that, so sliced checkpoints ship this file as ``modeling_modegpt.py``
-with ``auto_map`` (``trust_remote_code=True``), and our own loaders register the same classes, so
-they need no remote code. It imports only torch and transformers, as shipped modeling code must.
+with ``auto_map`` (``trust_remote_code=True``), and ``import compressor`` registers the same classes
+(``compressor/arch/shipped.py``), so they need no remote code there. It imports only torch and transformers, as shipped modeling code must.
 
 The config is the base family's plus one key, ``modegpt``: ``{"version": 1, "layers": [{
 "intermediate_size", "qk_head_dim", "v_head_dim", "rope_pairs": [[p, ...] per KV head]}, ...]}``.
@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -180,34 +178,3 @@ class ModeGPTQwen3Config(Qwen3Config):
 
 class ModeGPTQwen3ForCausalLM(SlicedLayers, Qwen3ForCausalLM):
     config_class = ModeGPTQwen3Config
-
-
-# base model_type -> (config class, model class)
-SLICED_CLASSES = {
-    "llama": (ModeGPTLlamaConfig, ModeGPTLlamaForCausalLM),
-    "mistral": (ModeGPTMistralConfig, ModeGPTMistralForCausalLM),
-    "qwen2": (ModeGPTQwen2Config, ModeGPTQwen2ForCausalLM),
-    "qwen3": (ModeGPTQwen3Config, ModeGPTQwen3ForCausalLM),
-}
-
-
-def sliced_config(base_config, layers: list[dict]):
-    """The sliced model's config: ``base_config`` (a stock family config) plus the per-layer sizes."""
-    config_class, _ = SLICED_CLASSES[base_config.model_type]
-    values = {k: v for k, v in base_config.to_dict().items() if k not in ("model_type", "auto_map", "architectures")}
-    config = config_class.from_dict({**values, "modegpt": {"version": 1, "layers": layers}})
-    config.architectures = [SLICED_CLASSES[base_config.model_type][1].__name__]
-    return config
-
-
-def auto_map(config) -> dict[str, str]:
-    """``auto_map`` entries pointing transformers at the shipped ``modeling_modegpt.py``."""
-    config_class, model_class = next(classes for classes in SLICED_CLASSES.values() if isinstance(config, classes[0]))
-    return {"AutoConfig": f"modeling_modegpt.{config_class.__name__}", "AutoModelForCausalLM": f"modeling_modegpt.{model_class.__name__}"}
-
-
-def register() -> None:
-    """Let ``AutoConfig`` / ``AutoModelForCausalLM`` build sliced checkpoints without remote code."""
-    for config_class, model_class in SLICED_CLASSES.values():
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)

@@ -27,11 +27,11 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def methods_table() -> str:
-    """The newest quality benchmark, rendered by the benchmark's own table function."""
+    """The newest quality benchmark, rendered by the table functions the benchmark itself uses."""
     results = sorted((ROOT / "benchmarks" / "results").glob("quality-*.json"))
     if not results:
         return "_No quality benchmark has been recorded yet: run `python benchmarks/quality.py`._\n"
-    from benchmarks.quality import describe, markdown_table
+    from compressor.docs import describe, markdown_table
 
     latest = json.loads(results[-1].read_text())
     plot = results[-1].with_suffix(".png")

@@ -53,8 +53,8 @@ def recipe_reference(catalogue: dict) -> str:
 # The quality benchmark's table (benchmarks/quality.py prints and writes it; docs/QUALITY.md holds the newest)
 
 QUALITY_COLUMNS = [
-    "method", "recipe", "bits/weight", "size (MiB)", "perplexity", "gap to fp", "mean KL (nats)", "time (s)", "peak mem (GiB)",
-    "notes",
+    "method", "recipe", "bits/weight", "size (MiB)", "perplexity", "gap to fp", "mean KL (nats)", "time (s)",
+    "peak mem (GiB)", "notes",
 ]
 
 

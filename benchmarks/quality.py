@@ -57,12 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from compressor.docs import describe, markdown_table, sort_key
+
 ROOT = Path(__file__).resolve().parents[1]
 # run as a script, this folder is sys.path[0]; its benchmarks/kernels.py would then shadow the `kernels`
 # package that transformers probes for at import time
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = ROOT / "benchmarks" / "results"
-COLUMNS = ["method", "recipe", "bits/weight", "size (MiB)", "perplexity", "gap to fp", "mean KL (nats)", "time (s)", "peak mem (GiB)", "notes"]
 # (bits, group size, symmetric): the schemes of recipes/rtn-w4, -w3 and -w2, so peers are compared at the same size
 GPTQ_SCHEMES = [(4, 128, True), (3, 128, False), (2, 64, False)]
 HQQ_SCHEMES = [(4, 128), (3, 128), (2, 64)]
@@ -532,55 +533,6 @@ def machine_description() -> str:
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
-def sort_key(row: dict):
-    return (row.get("bits_per_weight") is None, row.get("bits_per_weight") or 0, row["method"], row["recipe"])
-
-
-def markdown_table(record: dict) -> str:
-    """The results table, sorted by bits per weight (rows that did not run last, with the reason).
-    ``scripts/update_readme.py`` renders the README's methods table with this function."""
-    several = len({row["model"] for row in record["rows"]}) > 1
-    columns = (["model"] if several else []) + COLUMNS
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-
-    def number(value, spec):
-        return "-" if value is None else format(value, spec)
-
-    for row in sorted(record["rows"], key=sort_key):
-        if row.get("error"):
-            cells = [row["method"], row["recipe"]] + ["-"] * 7 + [row["error"].replace("|", "/")]
-        else:
-            cells = [
-                row["method"], row["recipe"], number(row["bits_per_weight"], ".3f"), number(row["size_bytes"] / 2**20, ".2f"),
-                number(row["perplexity"], ".3f"), number(row["gap"], "+.3f"), number(row["kl"], ".4f"),
-                number(row.get("seconds"), ".1f"), number(row.get("peak_memory_gib"), ".2f"),
-                "; ".join([*(row.get("notes") or []), *([f"measured {row['measured']}"] if record.get("history") else [])]),
-            ]
-        lines.append("| " + " | ".join(([row["model"]] if several else []) + cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def describe(record: dict) -> str:
-    evaluation, calibration = record["eval"], record["calibration"]
-    windows = ", ".join(str(w) for w in evaluation["windows"]) if isinstance(evaluation["windows"], list) else evaluation["windows"]
-    samples = (f"{calibration['samples']} samples for every method, whatever its recipe says"
-               if calibration["samples"] else "each recipe’s number of samples")
-    history = record.get("history") or []
-    if len(history) > 1:
-        runs = "; then ".join(f"`{h['command']}` on {h['date']} ({h['machine']})" for h in history)
-        return (
-            f"Measured by {runs} (each row says when it was measured), model `{record['model']}`: "
-            f"{windows} held-out windows of {evaluation['seq_len']} tokens from `{evaluation['text']}`; calibration: "
-            f"{calibration['text'] or 'each recipe’s text (GPTQ: demo)'}, {samples}."
-        )
-    return (
-        f"Measured by `{record['command']}` on {record['date']} ({record['machine']}), model `{record['model']}`: "
-        f"{windows} held-out windows of {evaluation['seq_len']} tokens from `{evaluation['text']}` (`compressor eval` scores every "
-        f"window of the text by default, 120 on the demo, so its perplexities differ from this table's); "
-        f"calibration: {calibration['text'] or 'each recipe’s text (GPTQ: demo)'}, {samples}."
-    )
-
-
 def plot(record: dict, path: Path) -> None:
     import matplotlib
 
@@ -719,7 +671,7 @@ def main(argv: list[str] | None = None) -> None:
         record = carry_over(json.loads(previous[-1].read_text()), record) if previous else record
     paths = write_outputs(record, args.output_dir)
     print(markdown_table(record))
-    print("wrote " + ", ".join(str(p) for p in paths) + "; refresh the README with python scripts/update_readme.py")
+    print("wrote " + ", ".join(str(p) for p in paths) + "; refresh docs/QUALITY.md with python scripts/update_docs.py")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ A recipe is three sections::
 
 Every step is a dataclass registered with ``@register_step("name")`` (``compressor.step``); its
 fields, declared with ``param(...)``, are the recipe keys, with their defaults, allowed values and
-one line of help. The same declarations drive validation, ``compressor methods`` and the README's
-recipe reference; the method modules are listed in ``compressor.methods``.
+one line of help. The same declarations drive validation, ``compressor methods`` and the recipe
+reference (docs/RECIPES.md); the method modules are listed in ``compressor.methods``.
 
 Validation is strict: unknown sections, steps and keys are errors (with a did-you-mean), and every
 error is one line naming the file, the step and the key, e.g.
@@ -183,7 +183,7 @@ def check_recipe(data, source: str, catalogue: dict) -> dict:
 # The catalogue: every section's and step's keys as plain data. ``compressor methods`` and the
 # command line's first check of a recipe read the copy shipped in recipe_catalog.json, so they answer
 # without importing torch (which every method module needs); a test keeps that copy equal to the
-# registry, and ``python scripts/update_readme.py`` rewrites it.
+# registry, and ``python scripts/update_docs.py`` rewrites it.
 
 CATALOGUE_FILE = Path(__file__).with_name("recipe_catalog.json")
 

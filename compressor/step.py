@@ -3,7 +3,7 @@
 Every step is a dataclass registered with ``@register_step("name")``; its fields, declared with
 ``param(...)``, are the recipe keys, with their defaults, allowed values and one line of help. The
 same declarations drive validation (``check_keys``, ``build_config``), the shipped catalogue,
-``compressor methods`` and the README's recipe reference (``reference_rows``). This module imports
+``compressor methods`` and the recipe reference, docs/RECIPES.md (``reference_rows``). This module imports
 no method and no torch, so method modules import it and ``compressor.recipe`` sits above them
 (``compressor.methods`` lists them).
 
@@ -211,7 +211,7 @@ def register_step(name: str):
 
 
 def reference_rows(specs: list[dict]) -> list[tuple[str, str, str]]:
-    """(key, default, help) rows for one step or section: ``compressor methods`` and the README."""
+    """(key, default, help) rows for one step or section: ``compressor methods`` and docs/RECIPES.md."""
     rows = []
     for spec in specs:
         help_text = spec["help"]

@@ -1,4 +1,4 @@
-"""Every export format loads where the README says, with the logits of the model the session held in
+"""Every export format loads where docs/EXPORT.md says, with the logits of the model the session held in
 memory before export: plain ``AutoModelForCausalLM.from_pretrained`` for compressed-tensors (symmetric),
 GPTQ (with optimum + gptqmodel installed) and dense exports; after ``import compressor`` for our native
 format; our own loader for all of them."""

@@ -106,13 +106,14 @@ class RegisterAfterImport(importlib.abc.MetaPathFinder):
 
 
 def register_with_transformers() -> None:
+    """Run each registration whose table is imported; follow imports for the others. A registration
+    imports transformers modules itself (the shipped architectures import ``modeling_utils``, which
+    imports the quantizer table), so the tables are looked at again until none is newly imported."""
     if any(isinstance(finder, RegisterAfterImport) for finder in sys.meta_path):
         return
-    pending = {}
-    for name, registration in REGISTRATIONS.items():
-        if name in sys.modules:
-            registration()
-        else:
-            pending[name] = registration
+    pending = dict(REGISTRATIONS)
+    while imported := [name for name in pending if name in sys.modules]:
+        for name in imported:
+            pending.pop(name)()
     if pending:
         sys.meta_path.insert(0, RegisterAfterImport(pending))

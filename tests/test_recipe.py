@@ -157,17 +157,25 @@ def test_help_methods_and_recipe_typos_answer_without_importing_torch(args, tmp_
         assert "steps[0].rtn.bitz: unknown key" in result.stderr
 
 
-@pytest.mark.parametrize("order", ["compressor first", "transformers first"])
-def test_import_compressor_registers_the_native_format_with_transformers(order):
+@pytest.mark.parametrize("before", [
+    "",
+    "import transformers.quantizers.auto",
+    "from transformers import AutoModelForCausalLM",
+    "import transformers; from transformers import AutoModelForCausalLM",
+    "from transformers import AutoConfig",
+])
+def test_import_compressor_registers_the_native_format_and_architectures_in_any_import_order(before):
     import subprocess
     import sys
 
-    imports = ["import compressor", "import transformers.quantizers.auto as table"]
-    if order == "transformers first":
-        imports.reverse()
-    code = "; ".join(imports) + "; print('compressor' in table.AUTO_QUANTIZER_MAPPING, 'compressor' in table.AUTO_QUANTIZATION_CONFIG_MAPPING)"
+    code = (f"{before}\nimport compressor\nimport transformers.quantizers.auto as table\n"
+            "from transformers import AutoConfig, AutoModelForCausalLM\n"
+            "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as models\n"
+            "print('compressor' in table.AUTO_QUANTIZER_MAPPING, 'compressor' in table.AUTO_QUANTIZATION_CONFIG_MAPPING,\n"
+            "      type(AutoConfig.for_model('modegpt_llama')).__name__ in str(models.keys()),\n"
+            "      type(AutoConfig.for_model('llama_swiftkv')).__name__ in str(models.keys()))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.split() == ["True", "True"], result.stderr
+    assert result.stdout.split() == ["True", "True", "True", "True"], result.stderr[-2000:]
 
 
 def test_every_shipped_recipe_loads():

@@ -100,7 +100,7 @@ def test_tuning_measures_candidates_and_writes_a_table_the_dispatcher_reads(weig
     assert timings[0] == (broken, None) and timings[1][1] > 0
     assert tune.best_config([broken, good], run, on_gpu=False) is good
 
-    from compressor.validate import tune_weights
+    from compressor.kernel_tuning import tune_weights
 
     entries = tune_weights({("uniform", 3, 32, 40, 96): weight}, ms=(1, 20), dtype=torch.float32, device=DEVICE,
                            max_candidates=2)

@@ -2,7 +2,7 @@
 
 The seed is what can be said without a GPU at hand, each entry saying where it came from:
 
-* every key: the heuristic ``uniform.gpu_config`` for an H100-sized GPU (132 SMs): the
+* every key: the heuristic ``heuristics.gpu_config`` for an H100-sized GPU (132 SMs): the
   one-launch decode kernel up to M = 16 (BLOCK_N and the serial split-K sized so that about two
   programs run per SM while the fp32 partials stay small), the fused gemm below M = 64, and
   dequantize + cuBLAS from M = 64 (the H200 run of 2026-11-27 measured the fused tiles at
@@ -34,9 +34,8 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-from compressor.kernels.tables import CONFIG_DIR, table_key  # noqa: E402
-from compressor.kernels.uniform import (  # noqa: E402
-    KernelConfig,
+from compressor.kernels.tables import CONFIG_DIR, KernelConfig, table_key  # noqa: E402
+from compressor.kernels.heuristics import (  # noqa: E402
     decode_block_k,
     decode_block_m,
     decode_split_cap,

@@ -37,7 +37,7 @@ def layer_signatures(model) -> dict:
 def tune_weights(weights: dict, ms=(1, 16, 64, 256), dtype=torch.float16, device="cuda",
                  max_candidates: int | None = None, log=None) -> dict:
     """Table entries ``{key: config + provenance}`` for ``{signature: weight}`` at each M."""
-    from compressor.kernels import uniform
+    from compressor.kernels.heuristics import candidate_configs
     from compressor.kernels.dispatch import prepare, triton_linear
     from compressor.kernels.tables import table_key
     from compressor.kernels.tune import measure
@@ -52,7 +52,7 @@ def tune_weights(weights: dict, ms=(1, 16, 64, 256), dtype=torch.float16, device
         dense, outliers = prepare(weight)
         for m in ms:
             x = torch.randn(m, k, generator=generator, device=device).to(dtype)
-            candidates = uniform.candidate_configs(m, n, k, group, device, bits, lut=kind == "lut")[:max_candidates]
+            candidates = candidate_configs(m, n, k, group, device, bits, lut=kind == "lut")[:max_candidates]
             timings = measure(candidates, lambda config: triton_linear(x, weight, None, config), on_gpu)
             ok = [(ms_, i, config) for i, (config, ms_) in enumerate(timings) if ms_ is not None]
             if not ok:

@@ -58,15 +58,15 @@ def kernels_runnable(device: torch.device) -> tuple[bool, str]:
         return False, "triton is not installed"
     if device.type == "cuda":
         return True, "triton (CUDA)"
-    from compressor.kernels import uniform
+    from compressor.kernels import codes
 
-    if uniform.INTERPRETED:
+    if codes.INTERPRETED:
         return True, "triton interpreter (CPU)"
     return False, "no CUDA device and TRITON_INTERPRET=1 was not set before triton was imported"
 
 
 def _layer_batches(device: torch.device) -> tuple[int, ...]:
-    from compressor.kernels.uniform import DEQUANT_MIN_M
+    from compressor.kernels.heuristics import DEQUANT_MIN_M
 
     if device.type == "cuda":
         return (1, 16, 40, DEQUANT_MIN_M + 7)  # decode (CUDA cores), decode (tl.dot), gemm, dequantize + cuBLAS

@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from compressor.kernels import sparse, uniform  # noqa: E402
+from compressor.kernels import codes, decode, dequant, gemm, sparse  # noqa: E402
 from compressor.kernels.lut import dequant_lut, dequant_lut_registers, lut_table  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -66,7 +66,7 @@ def table_variants() -> dict:
     """The distinct decode configs the shipped Hopper table gives the Llama-3-8B shapes (4-bit, 3-bit,
     LUT-4; M = 1 and 16), as compile variants."""
     from compressor.kernels.tables import CONFIG_DIR, read_table, table_key
-    from compressor.kernels.uniform import KernelConfig
+    from compressor.kernels.tables import KernelConfig
 
     entries = read_table(CONFIG_DIR / "hopper.json")["entries"]
     variants = {}
@@ -90,21 +90,21 @@ def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atom
               "bias_ptr": pointer, "out_ptr": "*fp32" if atomic or epilogue == 2 else pointer,
               "part_ptr": "*fp32", "count_ptr": "*i32"}
     if lut:
-        dequant, table = (dequant_lut_registers, lut_table) if lut_mode == "registers" else (dequant_lut, uniform.no_table)
+        dequant_fn, table = (dequant_lut_registers, lut_table) if lut_mode == "registers" else (dequant_lut, codes.no_table)
     else:
-        dequant, table = uniform.dequant_affine, uniform.no_table
-    constexprs = {"DEQUANT": dequant, "TABLE": table, "BITS": bits, "GROUP": -1 if lut else group,
+        dequant_fn, table = codes.dequant_affine, codes.no_table
+    constexprs = {"DEQUANT": dequant_fn, "TABLE": table, "BITS": bits, "GROUP": -1 if lut else group,
                   "ASYM": asym, "SCALE_ROW": lut or group == -1 or group % block_k == 0}
     if schedule == "dequant":
-        kernel = uniform._dequant_kernel
+        kernel = dequant._dequant_kernel
         constexprs.update(BLOCK_N=block_n, BLOCK_K=block_k, OUT_KN=True)
     elif schedule == "decode":
-        kernel = uniform._decode_kernel
+        kernel = decode._decode_kernel
         constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot, FACTOR=not lut and constexprs["SCALE_ROW"], UNROLL=unroll,
                           INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     else:
-        kernel = uniform._gemm_kernel
+        kernel = gemm._gemm_kernel
         constexprs.update(HAS_BIAS=not atomic, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_K=block_k,
                           DOT_DTYPE=dot, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, GROUP_M=8)
     return kernel, types_, constexprs, num_warps, num_stages

@@ -8,8 +8,9 @@ from click.testing import CliRunner
 from kernel_helpers import DEVICE, assert_matches
 
 from compressor.kernels import dispatch, exact_linear, tables, triton_linear, tune
+from compressor.kernels.heuristics import DEQUANT_MIN_M
 from compressor.kernels.packing import pack_uniform
-from compressor.kernels.uniform import DEQUANT_MIN_M, KernelConfig
+from compressor.kernels.tables import KernelConfig
 
 LLAMA_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 

@@ -58,9 +58,6 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-# run as a script, this folder is sys.path[0]; its benchmarks/kernels.py would then shadow the `kernels`
-# package that transformers probes for at import time
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = ROOT / "benchmarks" / "results"
 COLUMNS = ["method", "recipe", "bits/weight", "size (MiB)", "perplexity", "gap to fp", "mean KL (nats)", "time (s)", "peak mem (GiB)", "notes"]
 # (bits, group size, symmetric): the schemes of recipes/rtn-w4, -w3 and -w2, so peers are compared at the same size

@@ -16,7 +16,7 @@ The seed is what can be said without a GPU at hand, each entry saying where it c
   4 warps, 1 stage; tensor-core tiles, so not for our CUDA-core rows at M <= 4), the split capped
   by our partials rule.
 
-Every entry is to be replaced by a measured one: ``python benchmarks/kernels.py --device-check``
+Every entry is to be replaced by a measured one: ``python benchmarks/kernel_speed.py --device-check``
 measures and tunes the rows that decide the targets and writes a table to merge here
 (``--tune-out``), and ``compressor tune CHECKPOINT`` tunes a checkpoint's own shapes.
 
@@ -26,16 +26,9 @@ measures and tunes the rows that decide the targets and writes a table to merge 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-# this folder holds kernels.py, which some library imports as "kernels" and which switches on the
-# Triton interpreter on a CPU: keep it off the import path (the seed describes GPU configs)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-
-from compressor.kernels.tables import CONFIG_DIR, KernelConfig, table_key  # noqa: E402
-from compressor.kernels.heuristics import (  # noqa: E402
+from compressor.kernels.heuristics import (
     decode_block_k,
     decode_block_m,
     decode_split_cap,
@@ -43,6 +36,7 @@ from compressor.kernels.heuristics import (  # noqa: E402
     gpu_config,
     split_k_for,
 )
+from compressor.kernels.tables import CONFIG_DIR, KernelConfig, table_key
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),  # Llama-3-8B
           (8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]  # Llama-3-70B
@@ -92,7 +86,7 @@ def main() -> Path:
         "devices": ["H100", "H200", "H800", "H20", "GH200"],
         "about": "Seed table: heuristic and gemlite-derived entries, none measured yet with these kernels "
                  "(benchmarks/seed_kernel_tables.py says how each was chosen). Replace entries with measured ones "
-                 "from `benchmarks/kernels.py --device-check --tune-out` or `compressor tune`.",
+                 "from `benchmarks/kernel_speed.py --device-check --tune-out` or `compressor tune`.",
         "entries": dict(sorted(entries.items())),
     }
     path = CONFIG_DIR / "hopper.json"

@@ -19,7 +19,7 @@ and 3-bit"):
   ``registers`` loads the program's [BLOCK_N, 2**bits] slice once, before the K loop, and
   gathers with ``tl.gather`` (warp shuffles or shared memory, as Triton lowers it), so the K loop
   touches no table memory at all. Which is faster is measured by the device check
-  (``benchmarks/kernels.py --device-check``) and recorded in the shipped tables.
+  (``benchmarks/kernel_speed.py --device-check``) and recorded in the shipped tables.
 
 No group metadata. Outliers (``sparse.py``) add to these kernels exactly as to the uniform ones.
 """

@@ -1,5 +1,5 @@
 """Measuring configs: the bounded autotuner behind ``COMPRESSOR_AUTOTUNE=on``, ``compressor tune``
-and ``benchmarks/kernels.py --tune``.
+and ``benchmarks/kernel_speed.py --tune``.
 
 Bounded by construction: ``uniform.candidate_configs`` is a pruned list (at most ~16 configs per
 key: the heuristic, a few tile widths and splits around it, and for M > 16 dequantize + cuBLAS),

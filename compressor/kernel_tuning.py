@@ -37,8 +37,8 @@ def layer_signatures(model) -> dict:
 def tune_weights(weights: dict, ms=(1, 16, 64, 256), dtype=torch.float16, device="cuda",
                  max_candidates: int | None = None, log=None) -> dict:
     """Table entries ``{key: config + provenance}`` for ``{signature: weight}`` at each M."""
-    from compressor.kernels.heuristics import candidate_configs
     from compressor.kernels.dispatch import prepare, triton_linear
+    from compressor.kernels.heuristics import candidate_configs
     from compressor.kernels.tables import table_key
     from compressor.kernels.tune import measure
 

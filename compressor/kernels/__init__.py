@@ -18,6 +18,7 @@ for any quantized value type from ``compressor.weights.formats``, for x of any l
 * ``dispatch.py``  backend choice, per-layer cache of kernel tensors, config choice
 * ``tables.py``    ``KernelConfig``; shipped per-GPU-family config tables (``configs/*.json``) and user tables
 * ``tune.py``      the bounded tuner (``COMPRESSOR_AUTOTUNE=on``, ``compressor tune``)
+* ``variants.py``  the schedules' kernels and constexprs for compiling ahead of time (sm_90, no GPU)
 
 Importing this package never imports triton; the kernels are imported on first use.
 """

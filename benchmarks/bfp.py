@@ -31,11 +31,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from compressor.weights.formats import bfp_decode, bfp_encode
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from compressor.weights.formats import bfp_decode, bfp_encode  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results" / "bfp"
 
 SETTINGS = [  # (block_size, ksort, scope); ksort "act_rms+greedy": act_rms then refine: greedy

@@ -25,12 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(ROOT / "tests" / "kernels"), str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import triton
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from sm90_compile import TARGET, matmul_variant  # noqa: E402  (stubs the compressor package: kernels only)
-from triton.compiler import ASTSource  # noqa: E402
+from compressor.kernels.variants import TARGET, matmul_variant
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)

@@ -60,9 +60,6 @@ from typing import Callable
 from compressor.docs import describe, markdown_table, sort_key
 
 ROOT = Path(__file__).resolve().parents[1]
-# run as a script, this folder is sys.path[0]; its benchmarks/kernels.py would then shadow the `kernels`
-# package that transformers probes for at import time
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = ROOT / "benchmarks" / "results"
 # (bits, group size, symmetric): the schemes of recipes/rtn-w4, -w3 and -w2, so peers are compared at the same size
 GPTQ_SCHEMES = [(4, 128, True), (3, 128, False), (2, 64, False)]

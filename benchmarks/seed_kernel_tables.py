@@ -2,7 +2,7 @@
 
 The seed is what can be said without a GPU at hand, each entry saying where it came from:
 
-* every key: the heuristic ``uniform.gpu_config`` for an H100-sized GPU (132 SMs): the
+* every key: the heuristic ``heuristics.gpu_config`` for an H100-sized GPU (132 SMs): the
   one-launch decode kernel up to M = 16 (BLOCK_N and the serial split-K sized so that about two
   programs run per SM while the fp32 partials stay small), the fused gemm below M = 64, and
   dequantize + cuBLAS from M = 64 (the H200 run of 2026-11-27 measured the fused tiles at
@@ -16,7 +16,7 @@ The seed is what can be said without a GPU at hand, each entry saying where it c
   4 warps, 1 stage; tensor-core tiles, so not for our CUDA-core rows at M <= 4), the split capped
   by our partials rule.
 
-Every entry is to be replaced by a measured one: ``python benchmarks/kernels.py --device-check``
+Every entry is to be replaced by a measured one: ``python benchmarks/kernel_speed.py --device-check``
 measures and tunes the rows that decide the targets and writes a table to merge here
 (``--tune-out``), and ``compressor tune CHECKPOINT`` tunes a checkpoint's own shapes.
 
@@ -26,17 +26,9 @@ measures and tunes the rows that decide the targets and writes a table to merge 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-# this folder holds kernels.py, which some library imports as "kernels" and which switches on the
-# Triton interpreter on a CPU: keep it off the import path (the seed describes GPU configs)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-
-from compressor.kernels.tables import CONFIG_DIR, table_key  # noqa: E402
-from compressor.kernels.uniform import (  # noqa: E402
-    KernelConfig,
+from compressor.kernels.heuristics import (
     decode_block_k,
     decode_block_m,
     decode_split_cap,
@@ -44,6 +36,7 @@ from compressor.kernels.uniform import (  # noqa: E402
     gpu_config,
     split_k_for,
 )
+from compressor.kernels.tables import CONFIG_DIR, KernelConfig, table_key
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),  # Llama-3-8B
           (8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]  # Llama-3-70B
@@ -93,7 +86,7 @@ def main() -> Path:
         "devices": ["H100", "H200", "H800", "H20", "GH200"],
         "about": "Seed table: heuristic and gemlite-derived entries, none measured yet with these kernels "
                  "(benchmarks/seed_kernel_tables.py says how each was chosen). Replace entries with measured ones "
-                 "from `benchmarks/kernels.py --device-check --tune-out` or `compressor tune`.",
+                 "from `benchmarks/kernel_speed.py --device-check --tune-out` or `compressor tune`.",
         "entries": dict(sorted(entries.items())),
     }
     path = CONFIG_DIR / "hopper.json"

@@ -190,7 +190,7 @@ def tune(checkpoint, output, batch_sizes, device):
     if not torch.cuda.is_available() or not device.startswith("cuda"):
         fail(UserError("compressor tune measures kernels on a CUDA GPU; none is available here"))
     try:
-        from compressor.validate import tune_checkpoint
+        from compressor.kernel_tuning import tune_checkpoint
 
         name = torch.cuda.get_device_name(torch.device(device))
         output = output or Path(f"kernel-configs-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json")

@@ -5,14 +5,20 @@ for any quantized value type from ``compressor.weights.formats``, for x of any l
 
 * ``packing.py``   planes layout (any width 1..8, K-packed, N-contiguous) and the exact repack of
                    compressed-tensors ``pack-quantized`` tensors
-* ``uniform.py``   Triton decode (one launch, M <= 16) / gemm / dequantize kernels for affine weights
+* ``uniform.py``   launch of the Triton schedules for affine weights (``quantized_matmul``)
+* ``decode.py``    the one-launch decode schedule (M <= 16, serial split-K)
+* ``gemm.py``      the fused tile schedule (``tl.dot``, grouped-M order, split-K)
+* ``dequant.py``   dequantize to [K, N], then one cuBLAS call
+* ``codes.py``     device helpers the schedules share: code loads, affine dequantization
+* ``heuristics.py`` the config without a table entry (``gpu_config``), the tuning candidates
 * ``lut.py``       the same schedules for per-row codebooks (SqueezeLLM)
 * ``sparse.py``    the sparse outlier add (dense-and-sparse)
 * ``tinygemm.py``  torch's int4 kernel for 4-bit group weights, where a config table picks it
 * ``reference.py`` plain torch ground truth for each kernel, and the CPU path
 * ``dispatch.py``  backend choice, per-layer cache of kernel tensors, config choice
-* ``tables.py``    shipped per-GPU-family config tables (``configs/*.json``) and user tables
+* ``tables.py``    ``KernelConfig``; shipped per-GPU-family config tables (``configs/*.json``) and user tables
 * ``tune.py``      the bounded tuner (``COMPRESSOR_AUTOTUNE=on``, ``compressor tune``)
+* ``variants.py``  the schedules' kernels and constexprs for compiling ahead of time (sm_90, no GPU)
 
 Importing this package never imports triton; the kernels are imported on first use.
 """

@@ -154,38 +154,39 @@ def weight_kind(dense) -> str:
 
 def table_config(dense, m: int, device_name: str):
     """The table entry (user tables, then the family's shipped one) for this weight at M rows, or None."""
-    from compressor.kernels import tables, uniform
+    from compressor.kernels import tables
 
     n, k = dense.shape
     key = tables.table_key(weight_kind(dense), dense.bits, getattr(dense, "group_size", -1), n, k, m)
     entry = tables.lookup(device_name, key)
     if entry is None:
         return None
-    config = uniform.KernelConfig.from_dict(entry)
+    config = tables.KernelConfig.from_dict(entry)
     return config if config.schedule != "decode" or config.block_m >= m else None
 
 
 def choose_config(x2d, dense, outliers, run):
     """Table entry > (opt-in) bounded autotuning > the heuristic ``default_config``."""
-    from compressor.kernels import uniform
+    from compressor.kernels import codes, heuristics
 
     m, k = x2d.shape
     n = dense.shape[0]
     group = getattr(dense, "group_size", -1)
-    if uniform.INTERPRETED or not x2d.is_cuda:
-        return uniform.default_config(m, n, k, group, x2d.device, dense.bits)
+    if codes.INTERPRETED or not x2d.is_cuda:
+        return heuristics.default_config(m, n, k, group, x2d.device, dense.bits)
     device = _device_name(x2d.device.index)
     config = table_config(dense, m, device)
     if config is not None:
         return config
     if not autotune_enabled():
-        return uniform.default_config(m, n, k, group, x2d.device, dense.bits)
+        return heuristics.default_config(m, n, k, group, x2d.device, dense.bits)
     tune_key = (weight_kind(dense), dense.bits, group, n, k, m_bucket(m), device, getattr(dense, "zs", None) is not None,
                 x2d.dtype, outliers is not None)
     if tune_key not in _tuned:
         from compressor.kernels.tune import best_config
 
-        candidates = uniform.candidate_configs(m, n, k, group, x2d.device, dense.bits, lut=weight_kind(dense) == "lut")
+        candidates = heuristics.candidate_configs(m, n, k, group, x2d.device, dense.bits,
+                                                  lut=weight_kind(dense) == "lut")
         _tuned[tune_key] = best_config(candidates, run)
     return _tuned[tune_key]
 
@@ -203,12 +204,13 @@ def triton_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, con
     """``x @ W^T + bias`` through the Triton kernels (x of any leading shape)."""
     if not has_kernel(weight):
         return reference_linear(x, weight, bias)
-    from compressor.kernels import uniform
+    from compressor.kernels import codes, heuristics
     from compressor.kernels.lut import lut_linear
     from compressor.kernels.packing import PackedLUT
     from compressor.kernels.sparse import outlier_linear
+    from compressor.kernels.uniform import uniform_linear
 
-    if not x.is_cuda and not uniform.INTERPRETED:
+    if not x.is_cuda and not codes.INTERPRETED:
         raise RuntimeError(
             "Triton kernels need CUDA tensors; to run them on CPU set TRITON_INTERPRET=1 before triton is "
             "imported, or use COMPRESSOR_KERNELS=reference"
@@ -219,7 +221,7 @@ def triton_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, con
     if dense is None:
         y = outlier_linear(x2d, outliers, bias)
     else:
-        linear = lut_linear if isinstance(dense, PackedLUT) else uniform.uniform_linear
+        linear = lut_linear if isinstance(dense, PackedLUT) else uniform_linear
 
         def run(cfg):
             if cfg.schedule == "tinygemm":
@@ -228,7 +230,8 @@ def triton_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, con
                 y = tinygemm_linear(x2d, dense, bias) if outliers is None else None
                 if y is not None:
                     return y
-                cfg = uniform.default_config(x2d.shape[0], n, k, getattr(dense, "group_size", -1), x2d.device, dense.bits)
+                cfg = heuristics.default_config(x2d.shape[0], n, k, getattr(dense, "group_size", -1), x2d.device,
+                                                dense.bits)
             return linear(x2d, dense, bias, cfg, outliers)
 
         y = run(config or choose_config(x2d, dense, outliers, run))

@@ -6,9 +6,10 @@ kernel is a GEMV that unpacks a code and reads the row's table. Its CUDA kernel 
 block's table slice to shared memory.
 
 The codes use the same planes layout as the uniform kernels (``packing.py``) and the same
-schedules (``uniform.py``: one-launch decode, gemm, dequantize + cuBLAS), with the lookup plugged in
-as their ``DEQUANT`` constexpr function. Why the first version was 4-5x slower than uniform 4-bit
-at M = 1 on an H200, and what changed (docs/KERNELS.md, "Lookup tables and 3-bit"):
+schedules (``decode.py``, ``gemm.py``, ``dequant.py``, launched by ``uniform.quantized_matmul``),
+with the lookup plugged in as their ``DEQUANT`` constexpr function. Why the first version was 4-5x
+slower than uniform 4-bit at M = 1 on an H200, and what changed (docs/KERNELS.md, "Lookup tables
+and 3-bit"):
 
 * it loaded the codes as a [BLOCK_K, BLOCK_N] tile of repeated word addresses (one load per code);
   the codes now come from the compact loads shared with the uniform kernels;
@@ -18,7 +19,7 @@ at M = 1 on an H200, and what changed (docs/KERNELS.md, "Lookup tables and 3-bit
   ``registers`` loads the program's [BLOCK_N, 2**bits] slice once, before the K loop, and
   gathers with ``tl.gather`` (warp shuffles or shared memory, as Triton lowers it), so the K loop
   touches no table memory at all. Which is faster is measured by the device check
-  (``benchmarks/kernels.py --device-check``) and recorded in the shipped tables.
+  (``benchmarks/kernel_speed.py --device-check``) and recorded in the shipped tables.
 
 No group metadata. Outliers (``sparse.py``) add to these kernels exactly as to the uniform ones.
 """
@@ -29,15 +30,19 @@ import torch
 import triton
 import triton.language as tl
 
+from compressor.kernels.codes import no_table
+from compressor.kernels.dequant import dequantize_weight
+from compressor.kernels.heuristics import default_config
 from compressor.kernels.packing import PackedLUT, PackedOutliers
-from compressor.kernels.uniform import KernelConfig, default_config, dequantize_weight, no_table, quantized_matmul
+from compressor.kernels.tables import KernelConfig
+from compressor.kernels.uniform import quantized_matmul
 
 
 @triton.jit
 def dequant_lut(u, offs_k, offs_n, mask_k, mask_n, k0, lut_ptr, unused_ptr, table, N,
                 BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, SCALE_ROW: tl.constexpr):
     """fp32 weights lut[n, u[k, n]] gathered from global memory (same signature as
-    ``uniform.dequant_affine``; the group arguments are unused)."""
+    ``codes.dequant_affine``; the group arguments are unused)."""
     entries = lut_ptr + offs_n[None, :] * (1 << BITS) + u
     return tl.load(entries, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
 

@@ -9,7 +9,7 @@ consecutive entries and up to 16 activation rows and atomically adds ``val * x[m
 workspace the dense kernel accumulates into (duplicate rows within a block are fine: every lane's
 atomic is applied). The dense kernels call ``outlier_add`` after their own split-K partial sums
 and before the final cast, so the result is one fp32 sum. Large M goes through the dequantize
-path instead, where the outliers are scattered into the dense weight (``uniform.py``).
+path instead, where the outliers are scattered into the dense weight (``dequant.py``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ JSON file::
 
 Keys are ``table_key(kind, bits, group, n, k, m)``: the kind (``uniform`` or ``lut``), the width,
 the group size (-1 per channel; codebooks use -1), the layer shape N x K and the M bucket (the next
-power of two of M, at most 1024). An entry is a ``uniform.KernelConfig`` as a dict, whose
+power of two of M, at most 1024). An entry is a ``KernelConfig`` (below) as a dict, whose
 ``schedule`` may be ``dequant``: that is how the dispatcher takes dequantize + cuBLAS wherever it
 was measured faster. Extra fields (``source``, ``us``) are provenance and are ignored.
 
@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -33,6 +34,57 @@ FAMILIES = {  # family -> device-name patterns (torch.cuda.get_device_name)
     "hopper": r"\b(GH200|H100|H200|H800|H20)\b",
 }
 MAX_BUCKET = 1024
+SCHEDULES = ("decode", "gemm", "dequant", "tinygemm")  # tinygemm: torch's int4 kernel (tinygemm.py), via the dispatcher
+LUT_MODES = ("global", "registers")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of one schedule (``decode``, ``gemm`` or ``dequant``; ``tinygemm`` is torch's
+    int4 kernel, which the dispatcher runs for 4-bit group weights where a table chose it).
+
+    ``lut`` only matters for codebook weights: ``global`` gathers each weight's entry from the
+    L1-resident table in global memory, ``registers`` keeps the program's [BLOCK_N, 2**bits]
+    table in registers and uses ``tl.gather`` (lut.py)."""
+
+    schedule: str
+    block_m: int = 16  # decode: rows per program (all of M); gemm: the M tile
+    block_n: int = 64
+    block_k: int = 64
+    split_k: int = 1  # decode / gemm
+    group_m: int = 8  # gemm only
+    num_warps: int = 4
+    num_stages: int = 2
+    lut: str = "global"
+    unroll: int = 1  # decode, uniform on CUDA cores: K-tiles accumulated between reductions (decode._uniform_rows)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name}={value} must be a power of two")
+        if self.block_k < 16:
+            raise ValueError("block_k must be >= 16 (and a multiple of min_block_k(bits) for the weight it runs)")
+        if self.schedule == "gemm" and min(self.block_m, self.block_n) < 16:
+            raise ValueError("tl.dot needs block_m, block_n >= 16")
+        if self.schedule == "decode" and self.block_m >= 16 and self.block_n < 16:
+            raise ValueError("decode with block_m >= 16 uses tl.dot: block_n must be >= 16")
+        if self.split_k < 1:
+            raise ValueError("split_k must be >= 1")
+        if self.lut not in LUT_MODES:
+            raise ValueError(f"lut={self.lut!r}; expected one of {LUT_MODES}")
+        if self.unroll not in (1, 2, 4, 8):
+            raise ValueError(f"unroll={self.unroll}; expected 1, 2, 4 or 8")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "KernelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def family_for(device_name: str) -> str | None:

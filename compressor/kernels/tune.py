@@ -1,10 +1,10 @@
 """Measuring configs: the bounded autotuner behind ``COMPRESSOR_AUTOTUNE=on``, ``compressor tune``
-and ``benchmarks/kernels.py --tune``.
+and ``benchmarks/kernel_speed.py --tune``.
 
 Bounded by construction: ``uniform.candidate_configs`` is a pruned list (at most ~16 configs per
 key: the heuristic, a few tile widths and splits around it, and for M > 16 dequantize + cuBLAS),
 each timed with a short ``do_bench`` (5 ms warm-up, 20 ms of repetitions). A config that fails to
-compile or launch (shared memory, registers) is skipped. ``compressor.validate.tune_weights`` /
+compile or launch (shared memory, registers) is skipped. ``compressor.kernel_tuning.tune_weights`` /
 ``tune_checkpoint`` use it on a checkpoint's own layer shapes and write a table (``tables.py``);
 this module imports nothing of the toolkit, so the dispatcher can use it.
 """

@@ -4,7 +4,8 @@ any machine, so every stage (TTIR -> TTGIR -> LLVM -> PTX -> cubin) is exercised
 Run as a script (without TRITON_INTERPRET, which would replace the compiler); prints one JSON line
 per variant: name, shared memory bytes, whether the PTX uses wgmma (Hopper tensor cores), registers
 per thread and spill bytes (ptxas -v), error. Besides fixed variants it compiles the decode configs
-the shipped Hopper table gives the Llama-3-8B shapes.
+the shipped Hopper table gives the Llama-3-8B shapes. The variants themselves (kernel, pointer types,
+constexprs) come from ``compressor.kernels.variants``, which ``benchmarks/kernel_sass.py`` shares.
 ``test_compile_sm90.py`` runs it; ``python tests/kernels/sm90_compile.py --all`` compiles more.
 """
 
@@ -23,15 +24,10 @@ if "compressor" not in sys.modules:  # only the kernels are needed: skip the too
     sys.modules["compressor"] = package
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from compressor.kernels import sparse, uniform  # noqa: E402
-from compressor.kernels.lut import dequant_lut, dequant_lut_registers, lut_table  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
-FLOAT = {"fp16": ("*fp16", tl.float16), "bf16": ("*bf16", tl.bfloat16), "fp32": ("*fp32", tl.float32)}
+from compressor.kernels import sparse  # noqa: E402
+from compressor.kernels.variants import TARGET, matmul_variant  # noqa: E402
 
 
 def compile_variant(kernel, pointer_types: dict, constexprs: dict, num_warps=4, num_stages=2):
@@ -65,8 +61,7 @@ def registers(ptx: str) -> dict:
 def table_variants() -> dict:
     """The distinct decode configs the shipped Hopper table gives the Llama-3-8B shapes (4-bit, 3-bit,
     LUT-4; M = 1 and 16), as compile variants."""
-    from compressor.kernels.tables import CONFIG_DIR, read_table, table_key
-    from compressor.kernels.uniform import KernelConfig
+    from compressor.kernels.tables import CONFIG_DIR, KernelConfig, read_table, table_key
 
     entries = read_table(CONFIG_DIR / "hopper.json")["entries"]
     variants = {}
@@ -80,34 +75,6 @@ def table_variants() -> dict:
                                                 split_k=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
                                                 epilogue=1 if c.split_k > 1 else 0, lut_mode=c.lut, unroll=c.unroll)
     return variants
-
-
-def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atomic=False, block=(16, 64, 64), split_k=1,
-                   num_warps=4, num_stages=2, epilogue=0, lut_mode="global", unroll=1):
-    pointer, dot = FLOAT[dtype]
-    block_m, block_n, block_k = block
-    types_ = {"x_ptr": pointer, "w_ptr": "*i32", "meta_ptr": "*fp16" if lut else pointer, "zs_ptr": "*fp32",
-              "bias_ptr": pointer, "out_ptr": "*fp32" if atomic or epilogue == 2 else pointer,
-              "part_ptr": "*fp32", "count_ptr": "*i32"}
-    if lut:
-        dequant, table = (dequant_lut_registers, lut_table) if lut_mode == "registers" else (dequant_lut, uniform.no_table)
-    else:
-        dequant, table = uniform.dequant_affine, uniform.no_table
-    constexprs = {"DEQUANT": dequant, "TABLE": table, "BITS": bits, "GROUP": -1 if lut else group,
-                  "ASYM": asym, "SCALE_ROW": lut or group == -1 or group % block_k == 0}
-    if schedule == "dequant":
-        kernel = uniform._dequant_kernel
-        constexprs.update(BLOCK_N=block_n, BLOCK_K=block_k, OUT_KN=True)
-    elif schedule == "decode":
-        kernel = uniform._decode_kernel
-        constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot, FACTOR=not lut and constexprs["SCALE_ROW"], UNROLL=unroll,
-                          INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    else:
-        kernel = uniform._gemm_kernel
-        constexprs.update(HAS_BIAS=not atomic, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_K=block_k,
-                          DOT_DTYPE=dot, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=block_m, GROUP_M=8)
-    return kernel, types_, constexprs, num_warps, num_stages
 
 
 VARIANTS = {

@@ -56,8 +56,10 @@ def test_uniform_decode_stays_within_the_h100_instruction_budget():
     in its sm_90 SASS, stays near it: the first version took 8.5-11 (one load per code, I2F, a
     zero subtracted and a scale multiplied per weight), and a change that brings any of that back
     shows here."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_sass.py"
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / "kernel_sass.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)  # this checkout's kernels
     done = subprocess.run([sys.executable, str(script), "--only", "uniform 4b, 512x16"], env=env, capture_output=True,
                           text=True, timeout=600)
     counts = dict(re.findall(r"^(.*?): ([\d.]+) instructions per weight", done.stdout, re.M))

@@ -78,7 +78,7 @@ def test_validate_measures_speed_on_gpu(tmp_path):
 def test_every_shipped_table_entry_for_the_8b_shapes_runs_and_is_right():
     """The shipped configs compile on this GPU and compute the reference (4-bit, 3-bit, LUT-4)."""
     from compressor.kernels import tables
-    from compressor.kernels.uniform import KernelConfig
+    from compressor.kernels.tables import KernelConfig
 
     weights = Weights()
     name = torch.cuda.get_device_name()

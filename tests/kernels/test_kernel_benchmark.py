@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: runs (under the interpreter on a CPU), writes rows as they finish, stops on
+"""benchmarks/kernel_speed.py: runs (under the interpreter on a CPU), writes rows as they finish, stops on
 time, knows the device check, and reads issue 19's targets off its rows."""
 
 import importlib.util
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
 
 
 def load_benchmark():

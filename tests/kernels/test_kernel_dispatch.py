@@ -11,16 +11,16 @@ from kernel_helpers import DEVICE, assert_matches
 
 import compressor.kernels as kernels
 from compressor.kernels import dispatch, exact_linear, qlinear, use_backend
-from compressor.kernels.uniform import (
+from compressor.kernels.heuristics import (
     DECODE_MAX_M,
     DEQUANT_MIN_M,
-    KernelConfig,
     candidate_configs,
     decode_split_cap,
     default_config,
     gpu_config,
     schedule_for,
 )
+from compressor.kernels.tables import KernelConfig
 from compressor.weights.formats import DenseAndSparseWeight
 from compressor.weights.linear import QuantizedLinear
 
@@ -177,8 +177,8 @@ print("ok")
 
 
 def test_forcing_triton_on_cpu_without_the_interpreter_explains_how(weights, monkeypatch):
-    from compressor.kernels import uniform
+    from compressor.kernels import codes
 
-    monkeypatch.setattr(uniform, "INTERPRETED", False)  # as if triton had been imported without it
+    monkeypatch.setattr(codes, "INTERPRETED", False)  # as if triton had been imported without it
     with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         qlinear(torch.ones(1, K), weights.uniform(N, K, 4, 32, device="cpu"))

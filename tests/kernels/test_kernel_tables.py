@@ -8,8 +8,9 @@ from click.testing import CliRunner
 from kernel_helpers import DEVICE, assert_matches
 
 from compressor.kernels import dispatch, exact_linear, tables, triton_linear, tune
+from compressor.kernels.heuristics import DEQUANT_MIN_M
 from compressor.kernels.packing import pack_uniform
-from compressor.kernels.uniform import DEQUANT_MIN_M, KernelConfig
+from compressor.kernels.tables import KernelConfig
 
 LLAMA_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 
@@ -100,7 +101,7 @@ def test_tuning_measures_candidates_and_writes_a_table_the_dispatcher_reads(weig
     assert timings[0] == (broken, None) and timings[1][1] > 0
     assert tune.best_config([broken, good], run, on_gpu=False) is good
 
-    from compressor.validate import tune_weights
+    from compressor.kernel_tuning import tune_weights
 
     entries = tune_weights({("uniform", 3, 32, 40, 96): weight}, ms=(1, 20), dtype=torch.float32, device=DEVICE,
                            max_candidates=2)

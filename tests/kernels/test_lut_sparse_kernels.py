@@ -8,7 +8,8 @@ from compressor.kernels.lut import lut_dequantize, lut_linear
 from compressor.kernels.packing import pack_lut, pack_outliers, pack_uniform
 from compressor.kernels.reference import exact_linear, lut_reference, outlier_reference
 from compressor.kernels.sparse import outlier_add, outlier_linear
-from compressor.kernels.uniform import KernelConfig, uniform_linear
+from compressor.kernels.tables import KernelConfig
+from compressor.kernels.uniform import uniform_linear
 from compressor.weights.formats import DenseAndSparseWeight, SparseOutliers
 
 N, K = 37, 200

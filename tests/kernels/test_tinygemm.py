@@ -7,8 +7,8 @@ from kernel_helpers import assert_matches
 from compressor.kernels import triton_linear
 from compressor.kernels.packing import pack_uniform
 from compressor.kernels.reference import exact_linear
+from compressor.kernels.tables import KernelConfig
 from compressor.kernels.tinygemm import supported, tinygemm_linear
-from compressor.kernels.uniform import KernelConfig
 from compressor.weights.formats import DenseAndSparseWeight
 
 N, K = 48, 256

@@ -8,15 +8,11 @@ import pytest
 import torch
 from kernel_helpers import TOLERANCE, assert_matches, rel_error
 
+from compressor.kernels.heuristics import default_config, schedule_for
 from compressor.kernels.packing import pack_uniform
 from compressor.kernels.reference import exact_linear, uniform_reference
-from compressor.kernels.uniform import (
-    KernelConfig,
-    default_config,
-    schedule_for,
-    uniform_dequantize,
-    uniform_linear,
-)
+from compressor.kernels.tables import KernelConfig
+from compressor.kernels.uniform import uniform_dequantize, uniform_linear
 
 N, K = 37, 200
 GROUPS = [32, 64, -1, 48, 128]  # 48: groups straddle blocks and words; -1: per channel
@@ -135,24 +131,24 @@ class CountingLaunches:
 def test_decode_is_one_launch_without_zero_fill_or_cast(weights, monkeypatch, m, block_m):
     """Serial split-K: one kernel writes x's dtype; no zeroed workspace, no cast; the arrival
     counters are back at zero afterwards, so the next call (another layer, same N) is right too."""
-    from compressor.kernels import uniform
+    from compressor.kernels import decode, dequant, gemm
 
     config = KernelConfig("decode", block_m=block_m, block_n=16, block_k=32, split_k=4)
     x = weights.x(m, K, torch.float16)
     layers = [weights.uniform(N, K, bits, 64, symmetric=bits == 3) for bits in (3, 4)]
     biases = [weights.bias(N, torch.float16) for _ in layers]
     cases = [(pack_uniform(w), b, exact_linear(x, w, b)) for w, b in zip(layers, biases)]
-    uniform.arrival_counters(x.device, N)  # created (zeroed) once, before the calls we watch
+    decode.arrival_counters(x.device, N)  # created (zeroed) once, before the calls we watch
     launches = []
-    for name in ("_decode_kernel", "_gemm_kernel", "_dequant_kernel"):
-        monkeypatch.setattr(uniform, name, CountingLaunches(getattr(uniform, name), launches))
+    for module, name in ((decode, "_decode_kernel"), (gemm, "_gemm_kernel"), (dequant, "_dequant_kernel")):
+        monkeypatch.setattr(module, name, CountingLaunches(getattr(module, name), launches))
     monkeypatch.setattr(torch, "zeros", None)  # any zero-filled workspace would fail here
     outputs = [uniform_linear(x, packed, bias, config) for packed, bias, _ in cases]
     monkeypatch.undo()
     assert len(launches) == len(layers)
     for y, (_, _, expected) in zip(outputs, cases):
         assert_matches(y, expected, torch.float16)
-    assert int(uniform.arrival_counters(x.device, N).abs().sum()) == 0
+    assert int(decode.arrival_counters(x.device, N).abs().sum()) == 0
 
 
 def test_decode_takes_all_rows_in_one_program(weights):
@@ -163,7 +159,7 @@ def test_decode_takes_all_rows_in_one_program(weights):
 
 def test_configs_reject_tiles_that_split_a_packed_word(weights):
     """A K-tile holds whole words of every plane: 8 codes suffice for 4-bit, 32 for odd widths."""
-    from compressor.kernels.uniform import min_block_k
+    from compressor.kernels.heuristics import min_block_k
 
     assert [min_block_k(b) for b in range(1, 9)] == [32, 16, 32, 8, 32, 16, 32, 4]
     x = weights.x(1, K, torch.float32)

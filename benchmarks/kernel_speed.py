@@ -1,10 +1,10 @@
 """Kernel benchmark: our low-bit kernels against fp16 cuBLAS, torch's int4 tinygemm, gemlite and the
 memory-bandwidth floor, on Llama-3 layer shapes (kernels.md section 9).
 
-    python benchmarks/kernels.py --device-check     # GPU, at most ~6 minutes: the rows that decide issue 19's targets
-    python benchmarks/kernels.py                    # GPU: Llama-3-8B and 70B shapes, M 1..128, all widths
-    python benchmarks/kernels.py --shapes 8b --m 1,16 --bits 4 --lut 4 --tune --max-seconds 120
-    python benchmarks/kernels.py --quick            # GPU: a few shapes; CPU: interpreter smoke run
+    python benchmarks/kernel_speed.py --device-check # GPU, at most ~6 minutes: the rows that decide issue 19's targets
+    python benchmarks/kernel_speed.py                # GPU: Llama-3-8B and 70B shapes, M 1..128, all widths
+    python benchmarks/kernel_speed.py --shapes 8b --m 1,16 --bits 4 --lut 4 --tune --max-seconds 120
+    python benchmarks/kernel_speed.py --quick        # GPU: a few shapes; CPU: interpreter smoke run
 
 Every row reports the median time, the bytes a kernel must move (packed weight + metadata +
 activations + output), the bandwidth that implies, its share of the device's peak, the time
@@ -31,12 +31,7 @@ import os
 import sys
 from pathlib import Path
 
-# Run from a checkout: its own compressor first, and this folder off the path (libraries probe for
-# an importable "kernels" package, and this file would be it).
-HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not in (HERE, ROOT)]
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -213,7 +208,9 @@ def should_tune(args, kind: str, bits: int, m: int) -> bool:
 
 def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
     from compressor.kernels import dispatch, tables, tune
-    from compressor.kernels.uniform import candidate_configs, default_config, dequant_affine, dequantize_weight
+    from compressor.kernels.codes import dequant_affine
+    from compressor.kernels.dequant import dequantize_weight
+    from compressor.kernels.heuristics import candidate_configs, default_config
 
     start = time.monotonic()
     on_gpu = torch.cuda.is_available()
@@ -309,7 +306,7 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                         note = f"tuned ({len(ok)} of {len(candidates)} candidates ran)"
                         tuned_entries[tables.table_key(kind, bits, group, n, k, m)] = {
                             **config.as_dict(), "us": round(best_ms * 1e3, 2),
-                            "source": f"benchmarks/kernels.py --tune on {device_name}, {meta['date'][:10]}"}
+                            "source": f"benchmarks/kernel_speed.py --tune on {device_name}, {meta['date'][:10]}"}
                 error = max_rel_error(triton_linear(x, weight, None, config), exact_linear(x, weight))
                 add(f"ours {kind}", bits, lambda weight=weight, config=config: triton_linear(x, weight, None, config),
                     dense_part.nbytes(), error, note, config)
@@ -357,7 +354,8 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
     meta["seconds"] = round(time.monotonic() - start, 1)
     if tuned_entries:
         out = Path(args.tune_out) if args.tune_out else stem.parent / f"{stem.name}-configs.json"
-        tables.write_table(out, tuned_entries, device_name, f"benchmarks/kernels.py --tune: {meta['command']}", merge=False)
+        tables.write_table(out, tuned_entries, device_name, f"benchmarks/kernel_speed.py --tune: {meta['command']}",
+                           merge=False)
         meta["tuned_table"] = str(out)
     return recorder.rows, meta
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from compressor.weights.formats import bfp_decode, bfp_encode
+from compressor.weights.values import bfp_decode, bfp_encode
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bfp"

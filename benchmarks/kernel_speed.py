@@ -48,7 +48,7 @@ import triton  # noqa: E402
 
 from compressor.kernels import exact_linear, triton_linear  # noqa: E402
 from compressor.kernels.tune import time_ms  # noqa: E402
-from compressor.weights.formats import LUTWeight, UniformWeight  # noqa: E402
+from compressor.weights.values import LUTWeight, UniformWeight  # noqa: E402
 
 SHAPES = {  # (name, N, K): the linear layers of one decoder block
     "8b": [("q/o_proj", 4096, 4096), ("k/v_proj", 1024, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)],

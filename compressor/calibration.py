@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from compressor.data_files import DATA_FILE_LOADERS, looks_local
 from compressor.errors import UserError
-from compressor.recipe import DATA_FILE_LOADERS, looks_local
 
 
 class CalibrationError(UserError):

@@ -33,7 +33,7 @@ from compressor.model import ModelHandle
 from compressor.progress import Progress
 from compressor.report import Report
 from compressor.step import Step
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:

@@ -18,7 +18,7 @@ def layer_signatures(model) -> dict:
     """One quantized weight per distinct (kind, bits, group, N, K) among a model's QuantizedLinears."""
     from compressor.kernels.dispatch import has_kernel, prepare
     from compressor.kernels.packing import PackedLUT
-    from compressor.weights.linear import QuantizedLinear
+    from compressor.modules.linear import QuantizedLinear
 
     found = {}
     for module in model.modules():

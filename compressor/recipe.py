@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from compressor.data_files import looks_local
 from compressor.methods import registered_steps
 from compressor.step import (
     Config,
@@ -66,15 +67,6 @@ class CalibrationConfig(Config):
             raise ValueError(f"dataset: {self.dataset}: no such file or folder")
 
 
-# a local data file's suffix -> the `datasets` builder that reads it (calibration.py loads them)
-DATA_FILE_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def looks_local(dataset: str) -> bool:
-    """A calibration source that is a path, not a hub dataset name: a data file's suffix, or a path's start."""
-    return Path(dataset).suffix in DATA_FILE_LOADERS or dataset.startswith((".", "/", "~"))
-
-
 @dataclass
 class ExportConfig(Config):
     format: str = param("auto", "checkpoint format (auto: compressed-tensors for uniform weights but GPTQ for asymmetric 2/3-bit ones, "
@@ -87,6 +79,10 @@ class ExportConfig(Config):
             parse_size(self.max_shard_size)
         except ValueError as error:
             raise ValueError(f"max_shard_size: {error}") from None
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
 
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

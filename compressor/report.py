@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compressor.arch import ArchAdapter
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 
 
 def peak_memory(device: torch.device) -> dict:

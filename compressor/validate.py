@@ -78,7 +78,7 @@ def check_layers(model, dtype, device, max_layers=None, batches=None, seed=0, ro
     """Kernel vs fp32 ground truth on random activations, one row per quantized layer (only its
     first ``row_limit`` output rows when given: the interpreter is slow on full-size layers)."""
     from compressor.kernels import exact_linear, triton_linear
-    from compressor.weights.linear import QuantizedLinear
+    from compressor.modules.linear import QuantizedLinear
 
     batches = batches or _layer_batches(device)
     tolerance = TOLERANCE[dtype]
@@ -153,7 +153,7 @@ def measure_speed(model, vocab_size: int, device, prompt_len=16, new_tokens=64, 
 def validate_model(model, windows: torch.Tensor | None, *, device=None, max_layers=None, batches=None,
                    speed: bool | None = None, seed: int = 0) -> dict:
     """The checks of ``validate_checkpoint`` on a model already holding ``QuantizedLinear`` layers."""
-    from compressor.weights.linear import QuantizedLinear, dequantize_model_
+    from compressor.modules.linear import QuantizedLinear, dequantize_model_
 
     parameter = next(model.parameters())
     device = torch.device(device) if device is not None else parameter.device

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-REDUCED = ("efficientqat-*", "squeezellm-*-e2e", "transmla*")
+REDUCED = ("efficientqat-*", "squeezellm-*-e2e", "transmla*", "qllm-*", "swiftkv-*")
 REDUCED_SAMPLES = 8
 THREADS = "2"
 

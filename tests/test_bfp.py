@@ -30,7 +30,7 @@ from compressor.quant.bfp import (
     refine_permutation,
     weight_norm_stat,
 )
-from compressor.weights.formats import BFPWeight, bfp_decode, bfp_encode, bfp_quantize
+from compressor.weights.values import BFPWeight, bfp_decode, bfp_encode, bfp_quantize
 
 
 # ----------------------------------------------------------------------------------------------

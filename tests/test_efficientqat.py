@@ -18,8 +18,8 @@ from compressor.pipeline import Session
 from compressor.quant import efficientqat as eqat
 from compressor.quant.e2e_qp import EfficientQATE2EQP
 from compressor.quant.efficientqat import FakeQuantLinear, fake_quantize, trainable_groups
-from compressor.weights.formats import UniformWeight
-from compressor.weights.linear import QuantizedLinear
+from compressor.weights.values import UniformWeight
+from compressor.modules.linear import QuantizedLinear
 from compressor.quant.uniform import minmax_params, quantize_uniform
 from compressor.recipe import RecipeError
 

@@ -11,7 +11,7 @@ from compressor import Recipe, apply
 from compressor.export import ExportError, load_quantized_model
 from compressor.export.checkpoint import CheckpointWriter
 from compressor.export.compressed_tensors import uniform_from_ct_tensors, uniform_to_ct_tensors
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 from compressor.quant.uniform import quantize_uniform
 from compressor.testing import folder_digest
 

@@ -90,7 +90,7 @@ def test_lower_layers_import_no_method(layer):
 def test_kernels_import_no_export_and_the_value_types_nothing():
     kernels = {m: sorted(e for e in edges if e.startswith("compressor.export")) for m, edges in imports_of("compressor.kernels").items()}
     assert {m: e for m, e in kernels.items() if e} == {}
-    assert GRAPH["compressor.weights.formats"] == set()
+    assert GRAPH["compressor.weights.values"] == set()
 
 
 def test_methods_import_neither_the_pipeline_nor_the_recipe_nor_export_nor_another_method():

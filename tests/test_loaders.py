@@ -15,7 +15,7 @@ import compressor.api
 from compressor import Recipe, apply
 from compressor.export import load_quantized_model
 from compressor.export.checkpoint import CheckpointWriter
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 
 HAS_GPTQ_STACK = all(importlib.util.find_spec(name) is not None for name in ("optimum", "gptqmodel"))
 

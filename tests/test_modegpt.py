@@ -224,7 +224,7 @@ from compressor import Recipe, apply  # noqa: E402
 from compressor.errors import UserError  # noqa: E402
 from compressor.eval import load_causal_lm  # noqa: E402
 from compressor.export import load_quantized_model  # noqa: E402
-from compressor.weights.linear import QuantizedLinear  # noqa: E402
+from compressor.modules.linear import QuantizedLinear  # noqa: E402
 
 CALIBRATION = {"dataset": "demo", "samples": 4, "seq_len": 64}
 

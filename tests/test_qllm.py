@@ -29,7 +29,7 @@ from compressor.quant.qllm import (
 )
 from compressor.quant.uniform import quantize_uniform
 from compressor.recipe import RecipeError
-from compressor.weights.activations import ActivationSpec, ChannelMap, fake_quantize_tokens
+from compressor.modules.activations import ActivationSpec, ChannelMap, fake_quantize_tokens
 
 TOKENS = 37
 
@@ -451,7 +451,7 @@ def test_activation_bits_on_lookup_table_weights_stop_before_the_step_works(tiny
 
     from compressor.errors import StepError
     from compressor.step import Step
-    from compressor.weights.formats import LUTWeight
+    from compressor.weights.values import LUTWeight
 
     @registered("test_lut_maker")
     @dataclass
@@ -473,7 +473,7 @@ def test_activation_bits_on_lookup_table_weights_stop_before_the_step_works(tiny
 
 
 def test_dequantizing_folds_the_channel_map_into_the_dense_weight():
-    from compressor.weights.linear import QuantizedLinear, dequantize_model_
+    from compressor.modules.linear import QuantizedLinear, dequantize_model_
 
     x = torch.randn(40, 24, generator=gen(25))
     x[:, 2] *= 30

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compressor.weights.formats import UniformWeight
+from compressor.weights.values import UniformWeight
 from compressor.quant.uniform import quantize_uniform, relative_error
 
 
@@ -65,7 +65,7 @@ def test_bits_per_weight_counts_scales_and_zeros():
 
 
 def test_chunked_quantization_equals_whole_matrix(monkeypatch):
-    import compressor.weights.formats as formats
+    import compressor.weights.values as formats
 
     weight = torch.randn(50, 64, generator=torch.Generator().manual_seed(5))
     whole = quantize_uniform(weight, 3, 32, False, torch.float16)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compressor.weights.formats import DenseAndSparseWeight, LUTWeight
+from compressor.weights.values import DenseAndSparseWeight, LUTWeight
 from compressor.quant.squeezellm import (
     fisher_diagonal,
     fisher_weighted_kmeans,
@@ -387,9 +387,9 @@ def test_export_loads_in_transformers_with_the_reference_logits(tiny_llama, cali
 
     from compressor import Recipe, apply
     from compressor.export import load_quantized_model
-    from compressor.weights.linear import QuantizedLinear
+    from compressor.modules.linear import QuantizedLinear
     from compressor.validate import validate_model
-    from compressor.weights.linear import dequantize_model_
+    from compressor.modules.linear import dequantize_model_
 
     recipe = Recipe.from_dict({
         "calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 32},
@@ -473,7 +473,7 @@ def test_accumulators_that_do_not_fit_fail_before_the_fisher_with_the_passes_to_
 def test_codebooks_are_exported_in_the_dtype_they_were_quantized_to():
     """A later model step casts the session's blocks to the compute dtype (fp32 codebooks while
     E2E-QP trains them); export writes them back in fp16, as bits_per_weight counts them."""
-    from compressor.weights.linear import QuantizedLinear
+    from compressor.modules.linear import QuantizedLinear
 
     weight, fisher = rows_of("gaussian", 8, 64, 13), fisher_of((8, 64), 13)
     module = QuantizedLinear(quantize_squeezellm(weight, fisher, 3, outlier_percent=2.0, iterations=3)).to(torch.float32)
@@ -488,7 +488,7 @@ def test_uniform_and_lut_weights_cannot_share_a_native_checkpoint(tmp_path):
 
     from compressor.export import ExportError
     from compressor.export.checkpoint import CheckpointWriter
-    from compressor.weights.linear import QuantizedLinear
+    from compressor.modules.linear import QuantizedLinear
     from compressor.recipe import ExportConfig
 
     weight, fisher = rows_of("gaussian", 8, 64, 12), fisher_of((8, 64), 12)

@@ -21,7 +21,7 @@ from compressor.errors import StepError
 from compressor.export import load_quantized_model
 from compressor.lowrank.swiftkv import SwiftKVCarryLayer, initialise_swiftkv, kv_cache_layers, kv_cache_reduction
 from compressor.testing import random_config
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 
 CLASSES = {"llama": LlamaSwiftKVForCausalLM, "qwen2": Qwen2SwiftKVForCausalLM}
 

@@ -18,7 +18,7 @@ from compressor.lowrank.transmla import MLAAttention, build_mla_attention, least
 from compressor.errors import StepError
 from compressor.model import ModelHandle
 from compressor.pipeline import Session
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 
 
 def tokens(vocab=320, batch=2, length=40, seed=0):

@@ -115,10 +115,6 @@ class AttentionGeometry:
     num_kv_heads: int
     head_dim: int
 
-    @property
-    def kv_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
 
 def attention_geometry(config) -> AttentionGeometry:
     heads = config.num_attention_heads

@@ -26,8 +26,7 @@ from compressor.export import gptq
 from compressor.export import native
 from compressor.export.codecs import codec_for
 from compressor.export.shards import ShardWriter
-from compressor.recipe import parse_size
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 
 FORMAT_VERSION = "compressor-export-v1"
 # Travels unchanged from the input model: tokenizer and generation settings.
@@ -93,7 +92,7 @@ class CheckpointWriter:
         self.directory = Path(directory)
         self.format = export_config.format
         self.dtype = export_dtype
-        self.shards = ShardWriter(self.directory, parse_size(export_config.max_shard_size))
+        self.shards = ShardWriter(self.directory, export_config.max_shard_bytes)
         self.codec = None  # the export codec of the quantized modules (export/codecs.py): one per checkpoint
         self.entries: dict[str, dict] = {}  # quantized module name -> its codec's entry
         self.attention: dict[str, dict] = {}  # attention modules whose Q, K, V are quantized -> spec

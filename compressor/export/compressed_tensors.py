@@ -16,7 +16,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from compressor.kernels.packing import PackedUniform, pack_uniform
-from compressor.weights.formats import UniformWeight, num_groups, row_chunks
+from compressor.weights.values import UniformWeight, num_groups, row_chunks
 
 QUANT_METHOD = "compressed-tensors"  # the export format's name and the config's quant_method
 CT_MIN_VERSION = "0.18.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.18.0

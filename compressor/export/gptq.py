@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from compressor.weights.formats import UniformWeight, row_chunks
+from compressor.weights.values import UniformWeight, row_chunks
 
 QUANT_METHOD = "gptq"  # the export format's name and the config's quant_method
 BITS = (2, 3, 4, 8)

@@ -33,7 +33,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor.export import native
 from compressor import kvcache
-from compressor.weights.linear import QuantizedLinear, dequantize_model_
+from compressor.modules.linear import QuantizedLinear, dequantize_model_
 
 class CompressorConfig(QuantizationConfigMixin):
     """``quantization_config`` of our native format; keeps every key it is given (see native.py)."""

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from compressor.export.codecs import FORMATS
 from compressor import kvcache
 from compressor.model import safetensors_index
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 
 
 def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False):

@@ -1,7 +1,7 @@
 """Low-bit weight GEMM kernels (Triton) with torch references and a dispatcher.
 
 Contract used by the rest of the toolkit: ``qlinear(x, weight, bias)`` computes ``x @ W^T + bias``
-for any quantized value type from ``compressor.weights.formats``, for x of any leading shape.
+for any quantized value type from ``compressor.weights.values``, for x of any leading shape.
 
 * ``packing.py``   planes layout (any width 1..8, K-packed, N-contiguous) and the exact repack of
                    compressed-tensors ``pack-quantized`` tensors

@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from compressor.kernels.packing import KERNEL_LAYOUTS
 from compressor.kernels.reference import reference_linear
 from compressor.kernels.tables import m_bucket
-from compressor.weights.formats import tensor_names
+from compressor.weights.values import tensor_names
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -109,7 +109,7 @@ def _stamp_matches(refs, tensors) -> bool:
 def prepare(weight):
     """(dense, sparse) kernel tensors of a value type (``packing.Packed*`` or None), cached."""
     from compressor.kernels.packing import pack_weight
-    from compressor.weights.formats import static_fields
+    from compressor.weights.values import static_fields
 
     tensors, refs = _stamp(weight)
     anchor = next(t for t in tensors if t is not None)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.weights.formats import (
+from compressor.weights.values import (
     BFP_EXPONENT_BIAS,
     BFPWeight,
     DenseAndSparseWeight,

@@ -5,7 +5,7 @@ Two kinds of reference live here:
 * ``*_reference(x, packed, ...)`` read the *kernel-side* tensors (``packing.Packed*``), so a
   kernel test compares the Triton result with the same bits decoded by torch, and a packing bug
   cannot hide behind a matching value type. They compute in fp32 and return fp32.
-* ``reference_linear(x, weight, bias)`` works on a value type from ``compressor.weights.formats``
+* ``reference_linear(x, weight, bias)`` works on a value type from ``compressor.weights.values``
   (``weight.dequantize(x.dtype)`` then ``F.linear``). It is the CPU path of ``qlinear`` and
   needs no packing at all; ``exact_linear`` is the same in fp32, the ground truth for tests.
 """
@@ -21,7 +21,7 @@ from compressor.kernels.packing import (
     PackedUniform,
     unpack_codes,
 )
-from compressor.weights.formats import expand_groups
+from compressor.weights.values import expand_groups
 
 
 def dequantize_uniform(packed: PackedUniform) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Each token's key vector of one layer (``H_kv * head_dim`` channels, post-RoPE, as the attention
 hands it to ``cache.update``) is gathered by the layer's channel permutation ``perm`` (K-sort,
 ``compressor/quant/bfp.py``), cut into blocks of ``block_size`` channels that share one 8-bit
-exponent (``weights.formats.bfp_encode``), and stored as mantissas (two per byte at 4 bits) plus
+exponent (``weights.values.bfp_encode``), and stored as mantissas (two per byte at 4 bits) plus
 exponent bytes. ``update`` returns the whole cache dequantized and put back in the original
 channel order, so the attention code runs unmodified with the original queries; the scores are
 those of permuted queries against permuted keys (a permutation of both sides of a dot product
@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from compressor.arch import adapter_for, attention_geometry
-from compressor.weights.formats import (
+from compressor.weights.values import (
     BFP_BLOCK_SIZES,
     BFP_EXPONENT_BITS,
     BFP_MANTISSA_BITS,

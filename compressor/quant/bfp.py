@@ -2,7 +2,7 @@
 
 Paper: Trukhanov & Soloveychik, *Accurate Block Quantization in LLMs with Outliers*, arXiv 2403.20137
 (no official code). Format: blocks of ``n`` values share one 8-bit exponent, each value an
-``m``-bit signed mantissa (``weights.formats.bfp_encode``; microxcaling's MXINT rule, MXINT8 = m 8,
+``m``-bit signed mantissa (``weights.values.bfp_encode``; microxcaling's MXINT rule, MXINT8 = m 8,
 n 32). K-sort: a few key channels are large for almost every token; gathering channels of similar
 magnitude into the same blocks stops the large ones from flushing the small ones to zero. The
 permutation is applied to the post-RoPE keys as they enter the cache and undone when they leave
@@ -30,7 +30,7 @@ import torch
 from compressor.arch import attention_geometry
 from compressor.kvcache.bfp import SCOPES, BFPCacheSpec
 from compressor.step import Step, param, register_step
-from compressor.weights.formats import BFP_BLOCK_SIZES, BFP_MANTISSA_BITS, BFP_ROUNDING, BFPWeight, bfp_quantize
+from compressor.weights.values import BFP_BLOCK_SIZES, BFP_MANTISSA_BITS, BFP_ROUNDING, BFPWeight, bfp_quantize
 
 STATS = ("act_rms", "act_absmax", "weight_norm", "none")
 OPTIONAL_BITS = [None, *BFP_MANTISSA_BITS]

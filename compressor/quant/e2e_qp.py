@@ -31,7 +31,7 @@ from compressor.quant.uniform import clamp_ste, round_ste
 from compressor.report import peak_memory
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
-from compressor.weights.linear import QuantizedLinear
+from compressor.modules.linear import QuantizedLinear
 
 
 class RoundToGrid(nn.Module):

@@ -30,7 +30,7 @@ from torch import nn
 from compressor.quant.uniform import UniformQuantizer, clamp_ste, minmax_params, quantize_codes, relative_error, round_ste, storable_scale
 from compressor.step import param, register_step
 from compressor.training import block_mse, holdout_count, micro_batches, train_block
-from compressor.weights.formats import UniformWeight
+from compressor.weights.values import UniformWeight
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
 

@@ -44,8 +44,8 @@ from compressor.quant.uniform import (
 )
 from compressor.step import param, register_step
 from compressor.training import block_mse, cast_floating, holdout_count, micro_batches, slice_batch, train_block
-from compressor.weights.activations import ActivationSpec, ChannelMap, apply_channel_map, install_attention_quantization, quantize_activations
-from compressor.weights.formats import expand_groups
+from compressor.modules.activations import ActivationSpec, ChannelMap, apply_channel_map, install_attention_quantization, quantize_activations
+from compressor.weights.values import expand_groups
 
 # The three reassembly points of a block: the norm (or op) whose output is reassembled, its consumers.
 POINTS = {"attn_in": ("q", "k", "v"), "mlp_in": ("gate", "up"), "down_in": ("down",)}

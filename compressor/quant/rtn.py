@@ -10,7 +10,7 @@ in the same format and load through ``compressor.export.load_quantized_model`` a
 Data-free: it never runs the model.
 
 With ``activation_bits`` < 16 it is also the W+A baseline ("RTN W4A4 / W4A8"): every quantized
-linear fake-quantizes its input per token (dynamic min-max, ``weights/activations.py``) and, with
+linear fake-quantizes its input per token (dynamic min-max, ``modules/activations.py``) and, with
 ``quantize_attention``, attention's Q, K and V; such checkpoints export in our native format.
 """
 

@@ -28,8 +28,8 @@ from torch import nn
 
 from compressor.quant.uniform import minmax_params
 from compressor.step import Step, param, register_step
-from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers, row_chunks
-from compressor.weights.linear import QuantizedLinear
+from compressor.weights.values import DenseAndSparseWeight, LUTWeight, SparseOutliers, row_chunks
+from compressor.modules.linear import QuantizedLinear
 
 INITS = ("best", "kmeans++", "uniform")
 RESCALES = ("unbiased", "none")

@@ -1,5 +1,5 @@
 """Uniform (affine) group-wise quantization, shared by every uniform quantizer: their common recipe
-parameters (``UniformQuantizer``) and the math, as plain functions on tensors. Conventions are those of ``formats.UniformWeight`` and of
+parameters (``UniformQuantizer``) and the math, as plain functions on tensors. Conventions are those of ``values.UniformWeight`` and of
 compressed-tensors' ``pack-quantized`` format:
 
 * asymmetric: the range ``[min(w, 0), max(w, 0)]`` of each group maps onto ``[0, 2**b - 1]``,
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from compressor.arch import block_linears
 from compressor.step import Step, param
-from compressor.weights.activations import ActivationSpec, install_attention_quantization
-from compressor.weights.formats import UniformWeight, expand_groups, row_chunks
+from compressor.modules.activations import ActivationSpec, install_attention_quantization
+from compressor.weights.values import UniformWeight, expand_groups, row_chunks
 
 
 @dataclass

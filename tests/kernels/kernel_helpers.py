@@ -2,7 +2,7 @@
 
 import torch
 
-from compressor.weights.formats import LUTWeight, SparseOutliers, UniformWeight
+from compressor.weights.values import LUTWeight, SparseOutliers, UniformWeight
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

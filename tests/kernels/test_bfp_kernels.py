@@ -8,7 +8,7 @@ import torch
 from compressor.kernels import dequantize, exact_linear, triton_linear, use_backend
 from compressor.kernels.packing import KERNEL_LAYOUTS, pack_bfp
 from compressor.kernels.reference import dequantize_uniform
-from compressor.weights.formats import BFPWeight
+from compressor.weights.values import BFPWeight
 
 
 @pytest.mark.parametrize("bits, block, n, k", [(8, 32, 48, 96), (4, 16, 40, 72), (5, 128, 24, 200), (6, 8, 33, 50), (7, 64, 17, 130)])

@@ -6,7 +6,7 @@ import torch
 from kernel_helpers import Weights, assert_matches
 
 from compressor.kernels import dispatch, exact_linear, triton_linear, tuned_configs
-from compressor.weights.formats import DenseAndSparseWeight
+from compressor.weights.values import DenseAndSparseWeight
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

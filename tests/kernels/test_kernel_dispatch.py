@@ -21,8 +21,8 @@ from compressor.kernels.heuristics import (
     schedule_for,
 )
 from compressor.kernels.tables import KernelConfig
-from compressor.weights.formats import DenseAndSparseWeight
-from compressor.weights.linear import QuantizedLinear
+from compressor.weights.values import DenseAndSparseWeight
+from compressor.modules.linear import QuantizedLinear
 
 N, K = 37, 200
 
@@ -163,8 +163,8 @@ class NoTriton(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError("No module named 'triton'")
 sys.meta_path.insert(0, NoTriton())
 import torch, compressor, compressor.kernels
-from compressor.weights.formats import UniformWeight
-from compressor.weights.linear import QuantizedLinear
+from compressor.weights.values import UniformWeight
+from compressor.modules.linear import QuantizedLinear
 w = UniformWeight(codes=torch.full((4, 8), 9, dtype=torch.uint8), scales=torch.ones(4, 1), bits=4, group_size=-1)
 y = QuantizedLinear(w)(torch.ones(2, 8))
 assert torch.equal(y, torch.full((2, 4), 8.0)), y

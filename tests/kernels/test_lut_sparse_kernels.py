@@ -10,7 +10,7 @@ from compressor.kernels.reference import exact_linear, lut_reference, outlier_re
 from compressor.kernels.sparse import outlier_add, outlier_linear
 from compressor.kernels.tables import KernelConfig
 from compressor.kernels.uniform import uniform_linear
-from compressor.weights.formats import DenseAndSparseWeight, SparseOutliers
+from compressor.weights.values import DenseAndSparseWeight, SparseOutliers
 
 N, K = 37, 200
 SCHEDULES = [

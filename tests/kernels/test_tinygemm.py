@@ -9,7 +9,7 @@ from compressor.kernels.packing import pack_uniform
 from compressor.kernels.reference import exact_linear
 from compressor.kernels.tables import KernelConfig
 from compressor.kernels.tinygemm import supported, tinygemm_linear
-from compressor.weights.formats import DenseAndSparseWeight
+from compressor.weights.values import DenseAndSparseWeight
 
 N, K = 48, 256
 

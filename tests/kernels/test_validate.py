@@ -9,8 +9,8 @@ import torch
 import compressor.kernels
 from compressor import Recipe, apply
 from compressor.export import load_quantized_model
-from compressor.weights.formats import DenseAndSparseWeight
-from compressor.weights.linear import QuantizedLinear
+from compressor.weights.values import DenseAndSparseWeight
+from compressor.modules.linear import QuantizedLinear
 from compressor.testing import make_random_model
 from compressor.validate import (
     _main,

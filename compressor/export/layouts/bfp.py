@@ -11,7 +11,7 @@ import torch
 
 from compressor.export.layouts import TensorSpec, padded_columns
 from compressor.kernels.packing import pack_codes, unpack_codes
-from compressor.weights.formats import BFPWeight
+from compressor.weights.values import BFPWeight
 
 
 class BFPLayout:

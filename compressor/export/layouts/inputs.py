@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from compressor.export.layouts import TensorSpec
-from compressor.weights.activations import ActivationSpec, ChannelMap, install_attention_quantization
+from compressor.modules.activations import ActivationSpec, ChannelMap, install_attention_quantization
 
 
 class InputLayout:

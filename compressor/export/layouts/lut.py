@@ -17,7 +17,7 @@ import torch
 
 from compressor.export.layouts import TensorSpec, padded_columns
 from compressor.kernels.packing import pack_codes, unpack_codes
-from compressor.weights.formats import DenseAndSparseWeight, LUTWeight, SparseOutliers
+from compressor.weights.values import DenseAndSparseWeight, LUTWeight, SparseOutliers
 
 
 class LUTLayout:

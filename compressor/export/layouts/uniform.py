@@ -12,7 +12,7 @@ import torch
 
 from compressor.export.layouts import TensorSpec, padded_columns
 from compressor.kernels.packing import pack_codes, unpack_codes
-from compressor.weights.formats import UniformWeight, num_groups
+from compressor.weights.values import UniformWeight, num_groups
 
 
 class UniformLayout:

@@ -104,9 +104,6 @@ class UniformWeight:
         return self.bits + metadata / (n * k)
 
 
-QUANTIZED_WEIGHT_TYPES = {"uniform": UniformWeight}
-
-
 @dataclass
 class LUTWeight:
     """Non-uniform weights: every output row has its own codebook of ``2**bits`` values (SqueezeLLM).
@@ -275,11 +272,6 @@ class DenseAndSparseWeight:
         return self.base.bits_per_weight() + _outlier_bits_per_weight(self.outlier_col.numel(), self.shape)
 
 
-QUANTIZED_WEIGHT_TYPES.update(
-    {"lut": LUTWeight, "sparse": SparseOutliers, "dense_and_sparse": DenseAndSparseWeight}
-)
-
-
 # --------------------------------------------------------------------------------------------
 # Block floating point (BFP): blocks of ``block_size`` consecutive values share one 8-bit exponent,
 # each value keeps an ``m``-bit signed mantissa. The one definition of the number format, used by
@@ -395,5 +387,3 @@ class BFPWeight:
     def bits_per_weight(self) -> float:
         return bfp_bits_per_value(self.shape[1], self.mantissa_bits, self.block_size)
 
-
-QUANTIZED_WEIGHT_TYPES["bfp"] = BFPWeight

@@ -179,7 +179,3 @@ def install_attention_quantization(attention, spec: ActivationSpec | None) -> No
         config = copy.copy(attention.config)
         config._attn_implementation_internal = QUANTIZED_ATTENTION
         attention.config = config
-
-
-def attention_quantization(attention) -> ActivationSpec | None:
-    return getattr(attention, "activation_quantization", None)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.weights.activations import ActivationSpec, ChannelMap, apply_channel_map, fake_quantize_tokens
-from compressor.weights.formats import static_fields, tensor_names
+from compressor.modules.activations import ActivationSpec, ChannelMap, apply_channel_map, fake_quantize_tokens
+from compressor.weights.values import static_fields, tensor_names
 
 
 class QuantizedLinear(nn.Module):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +36,10 @@ from compressor.arch.swiftkv import auto_map, check_family, modeling_files, swif
 from compressor.distill import train_end_to_end
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
+
+if TYPE_CHECKING:
+    from compressor.context import ModelContext
+    from compressor.training import BestState
 
 # ----------------------------------------------------------------------------------------------
 # Math on tensors
@@ -194,42 +199,12 @@ class SwiftKV(Step):
             context.record("model", **summary, steps=0)
             return
 
-        blocks_path = context.adapter.blocks
-        blocks = context.blocks
-        source_norm = blocks[first].get_submodule(context.adapter.norms["input"])
-        norm = copy.deepcopy(source_norm).to(context.device)  # initialised as layer M's input norm
-        context.replace_module(f"{blocks_path.rpartition('.')[0]}.norm_swiftkv", norm)
-        attentions = {}
-        for index in range(first, num_layers):
-            attention = blocks[index].get_submodule(context.adapter.attention)
-            add_swiftkv_projections(attention, new_config, index)
-            attentions[index] = attention
-        initialise_swiftkv(attentions, new_config)
-        for index in range(first, num_layers):
-            context.replace_module(f"{blocks_path}.{index}", SwiftKVCarryLayer(blocks[index], new_config, index, norm))
-
+        norm, attentions = self.rewire(context, new_config, first)
         parameters = [norm.weight] + [
             p for attention in attentions.values() for name, p in attention.named_parameters()
             if name.split(".")[0].endswith("_swiftkv")
         ]
-        losses, best = [], None
-        if self.epochs:
-            for p in parameters:
-                p.requires_grad_(True)
-            tokens = context.calibration_tokens()
-            lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, self.batch_size, self.warmup_ratio)
-            generator = torch.Generator().manual_seed(self.seed)
-            try:
-                losses, best = train_end_to_end(
-                    context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs, batch_size=self.batch_size,
-                    micro_batch_size=self.micro_batch_size or self.batch_size, top_k=self.top_k, heldout=self.heldout,
-                    order=lambda epoch, count: torch.randperm(count, generator=generator),
-                    lr_at=lr_at,
-                )
-            finally:
-                for p in parameters:
-                    p.requires_grad_(False)
-                    p.grad = None
+        losses, best = self.distill(context, parameters) if self.epochs else ([], None)
         steps_per_epoch = max(len(losses) // max(self.epochs, 1), 1)
         context.record(
             "model", **summary, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),
@@ -237,3 +212,42 @@ class SwiftKV(Step):
                 "last_epoch_kl": sum(losses[-steps_per_epoch:]) / steps_per_epoch} if losses else {}),
             **(best.summary() if best else {}),
         )
+
+    def rewire(self, context: ModelContext, new_config, first: int) -> tuple[nn.Module, dict[int, nn.Module]]:
+        """SingleInputKV and AcrossKV in place: ``norm_swiftkv`` (layer M's input norm), the new projections of
+        every upper layer, initialised, and each upper layer wrapped to read the stream entering layer M.
+        Returns the norm and the upper layers' attentions (by layer)."""
+        blocks_path = context.adapter.blocks
+        blocks = context.blocks
+        source_norm = blocks[first].get_submodule(context.adapter.norms["input"])
+        norm = copy.deepcopy(source_norm).to(context.device)  # initialised as layer M's input norm
+        context.replace_module(f"{blocks_path.rpartition('.')[0]}.norm_swiftkv", norm)
+        attentions = {}
+        for index in range(first, context.num_blocks):
+            attention = blocks[index].get_submodule(context.adapter.attention)
+            add_swiftkv_projections(attention, new_config, index)
+            attentions[index] = attention
+        initialise_swiftkv(attentions, new_config)
+        for index in range(first, context.num_blocks):
+            context.replace_module(f"{blocks_path}.{index}", SwiftKVCarryLayer(blocks[index], new_config, index, norm))
+        return norm, attentions
+
+    def distill(self, context: ModelContext, parameters: list[nn.Parameter]) -> tuple[list[float], BestState | None]:
+        """Train ``parameters`` (the rest stays frozen) towards the original's next-token distributions; the
+        per-step KL and the held-out record."""
+        for p in parameters:
+            p.requires_grad_(True)
+        tokens = context.calibration_tokens()
+        lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, self.batch_size, self.warmup_ratio)
+        generator = torch.Generator().manual_seed(self.seed)
+        try:
+            return train_end_to_end(
+                context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs,
+                batch_size=self.batch_size, micro_batch_size=self.micro_batch_size or self.batch_size, top_k=self.top_k,
+                heldout=self.heldout, order=lambda epoch, count: torch.randperm(count, generator=generator),
+                lr_at=lr_at,
+            )
+        finally:
+            for p in parameters:
+                p.requires_grad_(False)
+                p.grad = None

@@ -126,39 +126,20 @@ def transmla_weights(
 
     rotation, frequencies, rope_energy = rorope_rotation(kv_gram[:latent, :latent], num_kv_heads, d, r, freqfold, damp)
     t_rope, t_nope = rotation[:r], rotation[r:]
-
-    # balance: position-free key columns vs value columns, by their mean norm on calibration data
-    nope_gram = t_nope @ kv_gram[:latent, :latent] @ t_nope.T
-    alpha = 1.0
-    if balance_kv and latent > r:
-        alpha = (nope_gram.diagonal().clamp_min(0).sqrt().mean() / kv_gram[latent:, latent:].diagonal().clamp_min(0).sqrt().mean()).item()
-    mix = torch.block_diag(t_nope / alpha, torch.eye(latent, dtype=f64, device=rotation.device))  # [k|v] -> [k_nope/alpha | v]
-    joint_gram = mix @ kv_gram @ mix.T
-    values, vectors = damped_eigh(joint_gram, damp)
-    basis = vectors[:, :kv_lora_rank]  # [2 L0 - r, R_kv]
-    kv_energy = (values[:kv_lora_rank].sum() / values.sum()).item()
+    mix, basis, alpha, kv_energy = balanced_joint_pca(kv_gram, t_nope, latent, r, kv_lora_rank, balance_kv, damp)
 
     down = basis.T @ mix @ torch.cat([k_full, v_full])  # [R_kv, D (+1)]
     rope_rows = t_rope @ k_full  # [r, D (+1)]
     kv_a = torch.cat([down, rope_rows])
 
     scale = math.sqrt((d + r) / d)
-    slices = kv_up_slices(num_heads, num_kv_heads, d)
-    q_heads = q_weight.reshape(num_heads, d, -1)
-    q_bias_heads = q_bias.to(f64).reshape(num_heads, d) if q_bias is not None else None
-    q_rows, q_bias_rows, kv_b_rows = [], [], []
-    nope_basis, value_basis = basis[: latent - r], basis[latent - r :]
-    for h, rows in enumerate(slices):
-        read_rope = t_rope[:, rows]  # [r, d]: the rotary latent as seen by head h
-        q_rows += [q_heads[h], read_rope @ q_heads[h]]
-        if q_bias_heads is not None:
-            q_bias_rows += [q_bias_heads[h], read_rope @ q_bias_heads[h]]
-        kv_b_rows += [alpha * t_nope[:, rows].T @ nope_basis, value_basis[rows]]
+    q_rows, q_bias_rows, kv_b_rows = deepseek_head_rows(q_weight, q_bias, t_rope, t_nope, basis, alpha,
+                                                        num_heads, num_kv_heads, d)
 
     has_kv_bias = k_bias is not None or v_bias is not None
     return MLAWeights(
         q_weight=(torch.cat(q_rows) * scale).to(dtype),
-        q_bias=(torch.cat(q_bias_rows) * scale).to(dtype) if q_bias_heads is not None else None,
+        q_bias=(torch.cat(q_bias_rows) * scale).to(dtype) if q_bias is not None else None,
         kv_a_weight=kv_a[:, : q_weight.shape[1]].to(dtype),
         kv_a_bias=kv_a[:, -1].to(dtype) if has_kv_bias else None,
         kv_b_weight=torch.cat(kv_b_rows).to(dtype),
@@ -167,6 +148,47 @@ def transmla_weights(
         kv_energy=kv_energy,
         alpha=alpha,
     )
+
+
+def balanced_joint_pca(kv_gram: torch.Tensor, t_nope: torch.Tensor, latent: int, rope_dim: int, kv_lora_rank: int,
+                       balance_kv: bool, damp: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Stage 3 on the float64 Gram of ``[k | v]``: the position-free key part, divided by ``alpha`` (mean
+    key column norm / mean value column norm on calibration data), and the values factored together.
+    Returns the map ``mix`` ([k | v] -> [k_nope / alpha | v]), the top-``kv_lora_rank`` basis of the
+    joint Gram, ``alpha`` and the share of the joint energy the basis keeps."""
+    f64 = torch.float64
+    nope_gram = t_nope @ kv_gram[:latent, :latent] @ t_nope.T
+    alpha = 1.0
+    if balance_kv and latent > rope_dim:
+        key_norm = nope_gram.diagonal().clamp_min(0).sqrt().mean()
+        alpha = (key_norm / kv_gram[latent:, latent:].diagonal().clamp_min(0).sqrt().mean()).item()
+    identity = torch.eye(latent, dtype=f64, device=t_nope.device)
+    mix = torch.block_diag(t_nope / alpha, identity)  # [k|v] -> [k_nope/alpha | v]
+    joint_gram = mix @ kv_gram @ mix.T
+    values, vectors = damped_eigh(joint_gram, damp)
+    basis = vectors[:, :kv_lora_rank]  # [2 L0 - r, R_kv]
+    kv_energy = (values[:kv_lora_rank].sum() / values.sum()).item()
+    return mix, basis, alpha, kv_energy
+
+
+def deepseek_head_rows(q_weight: torch.Tensor, q_bias: torch.Tensor | None, t_rope: torch.Tensor, t_nope: torch.Tensor,
+                       basis: torch.Tensor, alpha: float, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Stage 4, per query head (float64): its query rows ``[q_h | rotary latent read by head h applied to
+    q_h]`` (and bias rows), and its ``kv_b_proj`` rows ``[k_nope | v]``, unscaled."""
+    d = head_dim
+    r = t_rope.shape[0]
+    latent = num_kv_heads * d
+    q_heads = q_weight.reshape(num_heads, d, -1)
+    q_bias_heads = q_bias.to(torch.float64).reshape(num_heads, d) if q_bias is not None else None
+    q_rows, q_bias_rows, kv_b_rows = [], [], []
+    nope_basis, value_basis = basis[: latent - r], basis[latent - r :]
+    for h, rows in enumerate(kv_up_slices(num_heads, num_kv_heads, d)):
+        read_rope = t_rope[:, rows]  # [r, d]: the rotary latent as seen by head h
+        q_rows += [q_heads[h], read_rope @ q_heads[h]]
+        if q_bias_heads is not None:
+            q_bias_rows += [q_bias_heads[h], read_rope @ q_bias_heads[h]]
+        kv_b_rows += [alpha * t_nope[:, rows].T @ nope_basis, value_basis[rows]]
+    return q_rows, q_bias_rows, kv_b_rows
 
 
 def linear_range_scale(latents: list[torch.Tensor], eps: float, error: float = 1e-7) -> float:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -44,6 +45,9 @@ from compressor.arch import attention_geometry
 from compressor.arch import modegpt_sliced
 from compressor.blockwise import run_block
 from compressor.step import Step, param, register_step
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +244,7 @@ def block_sizes(keep: float, modules: list[str], intermediate: int, head_dim: in
 
 
 @torch.no_grad()
-def attention_statistics(context, attention: nn.Module, heads: int, kv_heads: int, head_dim: int):
+def attention_statistics(context: BlockContext, attention: nn.Module, heads: int, kv_heads: int, head_dim: int):
     """``C_x`` (the attention's normalised inputs), the per-coordinate energy of the queries and keys
     before RoPE (``[heads, d]``, ``[kv_heads, d]``), and the block's outputs."""
     stats = {}
@@ -263,7 +267,7 @@ def attention_statistics(context, attention: nn.Module, heads: int, kv_heads: in
 
 
 @torch.no_grad()
-def mlp_correlation(context, mlp: nn.Module) -> torch.Tensor:
+def mlp_correlation(context: BlockContext, mlp: nn.Module) -> torch.Tensor:
     """``C_sigma = sum z z^T`` of the MLP's intermediate activations (``down_proj``'s inputs)."""
     stats = {}
 
@@ -377,7 +381,7 @@ class ModeGPT(Step):
 
     # --- the plan: block importances and each block's keep ratio (once, before block 0) ---------
 
-    def plan(self, context) -> dict:
+    def plan(self, context: BlockContext) -> dict:
         config, geometry = context.config, attention_geometry(context.config)
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
@@ -410,7 +414,7 @@ class ModeGPT(Step):
         return {"modules": modules, "importance": importance, "sparsity": sparsity, "sizes": sizes, "notes": notes,
                 "parameters": (whole * context.num_blocks, sum(s.parameters(hidden, heads, kv_heads) for s in sizes))}
 
-    def block_importances(self, context) -> torch.Tensor:
+    def block_importances(self, context: BlockContext) -> torch.Tensor:
         """1 - cos(input, output) of every block of the original model on the calibration inputs."""
         hidden, scores = context.inputs, []
         with context.progress(context.num_blocks, "block importance (original model)", "block") as progress:
@@ -425,7 +429,7 @@ class ModeGPT(Step):
 
     # --- one block ------------------------------------------------------------------------------
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         if "plan" not in context.state:
             context.state["plan"] = self.plan(context)
             geometry = attention_geometry(context.config)
@@ -466,7 +470,8 @@ class ModeGPT(Step):
             context.record("blocks", removed=round(1 - after_count / before_count, 5), target=self.ratio, parameters=after_count,
                            parameters_before=before_count, **({"note": "; ".join(plan["notes"])} if plan["notes"] else {}))
 
-    def compress_attention(self, context, attention, sizes: BlockSizes, modules: list[str], geometry, sliced: bool):
+    def compress_attention(self, context: BlockContext, attention, sizes: BlockSizes, modules: list[str], geometry,
+                           sliced: bool):
         """Type II and III on the block's attention; returns the block's outputs before, and the kept pairs."""
         heads, kv_heads, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
         correlation, query_energy, key_energy, before = attention_statistics(context, attention, heads, kv_heads, d)

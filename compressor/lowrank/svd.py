@@ -12,10 +12,14 @@ to ship.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from compressor.step import Step, param, register_step
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 
 def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
@@ -41,7 +45,7 @@ class TruncatedSVD(Step):
     ignore: list[str] = param([], "module name patterns left whole (glob, or re:REGEX)")
 
     @torch.no_grad()
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         for name, linear in context.linears(self.ignore).items():
             rank = budget_rank(linear.out_features, linear.in_features, self.ratio)
             approximation, energy = truncated_svd(linear.weight, rank)

@@ -184,7 +184,7 @@ class SwiftKV(Step):
         if count is not None:
             self.layers_for(count)
 
-    def compress_model(self, context) -> None:
+    def compress_model(self, context: ModelContext) -> None:
         config = context.config
         check_family(config)
         num_layers = context.num_blocks

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from compressor.arch import UnsupportedArchitecture, attention_geometry
 from compressor.arch.deepseek_mla import deepseek_v3_config
 from compressor.distill import train_end_to_end
 from compressor.step import Step, param, register_step
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext, ModelContext
 
 # ----------------------------------------------------------------------------------------------
 # Math on tensors
@@ -398,7 +402,7 @@ class TransMLA(Step):
         except (ValueError, UnsupportedArchitecture) as error:
             raise ValueError(str(error).removeprefix("transmla.").removeprefix("transmla: ")) from None
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         config = context.config
         check_convertible(config)
         geometry = attention_geometry(config)
@@ -467,7 +471,7 @@ class TransMLAHeal(Step):
     heldout: float = param(0.1, "fraction of the calibration sequences held out: their KL is measured before training and after "
                                 "each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
 
-    def compress_model(self, context) -> None:
+    def compress_model(self, context: ModelContext) -> None:
         blocks = context.blocks
         attentions = [m for block in blocks for m in block.modules() if isinstance(m, MLAAttention)]
         if not attentions:

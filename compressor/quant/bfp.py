@@ -24,6 +24,7 @@ dimension of every linear not in ``ignore``. Measured numbers: docs/methods/bfp.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from compressor.arch import attention_geometry
 from compressor.kvcache.bfp import SCOPES, BFPCacheSpec
 from compressor.step import Step, param, register_step
 from compressor.weights.formats import BFP_BLOCK_SIZES, BFP_MANTISSA_BITS, BFP_ROUNDING, BFPWeight, bfp_quantize
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 STATS = ("act_rms", "act_absmax", "weight_norm", "none")
 OPTIONAL_BITS = [None, *BFP_MANTISSA_BITS]
@@ -235,13 +239,13 @@ class BFP(Step):
             raise ValueError("kv_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE "
                              "(Llama, Mistral, Qwen2, Qwen3); this model's blocks have none")
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         if self.weight_bits is not None:
             self.quantize_weights(context)
         if self.kv_bits is not None:
             self.sort_keys(context)
 
-    def quantize_weights(self, context) -> None:
+    def quantize_weights(self, context: BlockContext) -> None:
         for name, linear in context.linears(self.ignore).items():
             weight = linear.weight.data
             quantized = BFPWeight.quantize(weight, self.weight_bits, self.weight_block_size, self.rounding)
@@ -249,7 +253,7 @@ class BFP(Step):
             error = (quantized.dequantize(torch.float32) - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
             context.record(name, error=float(error), bits_per_weight=quantized.bits_per_weight())
 
-    def sort_keys(self, context) -> None:
+    def sort_keys(self, context: BlockContext) -> None:
         geometry = attention_geometry(context.config)
         spec = self.cache_spec
         spec.check_geometry(geometry.head_dim)

@@ -17,9 +17,13 @@ linear fake-quantizes its input per token (dynamic min-max, ``weights/activation
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from compressor.quant.uniform import ActivationQuantization, UniformQuantizer, quantize_uniform, relative_error
 from compressor.step import register_step
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 
 @register_step("rtn")
@@ -29,7 +33,7 @@ class RTN(ActivationQuantization, UniformQuantizer):
 
     needs_calibration = False
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
         modules = {}
         for name, linear in context.linears(self.ignore).items():

@@ -360,8 +360,10 @@ class ModeGPT(Step):
     """MoDeGPT: structured compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output), training-free."""
 
     ratio: float = param(0.25, "fraction of the blocks' projection weights removed, spread over the blocks by importance", min=0.0, max=0.9)
-    modules: list[str] = param(["vo", "mlp"], "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head dims), "
-                                              "mlp (neurons); qk is off by default: on the demo it errs 2x plain SVD (docs/methods/modegpt.md)")
+    modules: list[str] = param(["vo", "mlp"],
+                               "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head "
+                               "dims), mlp (neurons); qk is off by default: measured worse than plain SVD on the demo "
+                               "(docs/methods/modegpt.md)")
     export: str = param("sliced", "sliced: smaller weights, per-layer sizes in the config, modeling code shipped (trust_remote_code); "
                                   "masked: zero-padded to the original shapes, loads in stock transformers and vLLM, no savings",
                         choices=("sliced", "masked"))

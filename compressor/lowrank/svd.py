@@ -3,10 +3,10 @@
 Each weight ``W [out, in]`` becomes its best rank-``r`` approximation in the Frobenius norm
 (Eckart-Young; no data), with ``r = floor((1 - ratio) * out * in / (out + in))`` so that the two
 factors would hold ``1 - ratio`` of its parameters. It is what "compress by low rank" means without
-MoDeGPT's activation-aware modules, at the same parameter count as ``modegpt`` at the same ratio
-(issue 17 asks MoDeGPT to halve its perplexity gap and KL). The product is stored dense at the
-original shape, so the export loads anywhere but is not smaller: a quality baseline, not a method
-to ship.
+MoDeGPT's activation-aware modules, at the same parameter count as ``modegpt`` at the same ratio:
+the baseline MoDeGPT is measured against (docs/methods/modegpt.md). The product is stored dense at
+the original shape, so the export loads anywhere but is not smaller: a quality baseline, not a
+method to ship.
 """
 
 from __future__ import annotations

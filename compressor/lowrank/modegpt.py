@@ -1,34 +1,21 @@
 """MoDeGPT (Lin et al., "Modular Decomposition for Large Language Model Compression", arXiv 2408.09632):
-the solvers, as plain functions on tensors.
+the solvers, as plain functions on tensors, and the ``modegpt`` layer step.
 
 MoDeGPT compresses the pairs of matrices multiplied inside a block, choosing their shared inner
-dimension to keep each module's output on calibration activations:
+dimension to keep each module's output on calibration activations: Type I, the MLP (keep neurons by
+ridge leverage scores of ``C_sigma``, refit ``down`` in closed form: Nystrom); Type II, query-key (keep
+whole rotary pairs per KV head by the CR score, shared by a GQA group); Type III, value-output (per KV
+head, the truncated SVD of ``C_x^{1/2} W_V [W_O,h1 .. W_O,hg]``); the keep ratio of each block from a
+global allocation over block importances (1 - cosine of a block's input and output), capped. The step
+scores every block of the original model first (``context.original_block``), allocates, then compresses
+each block on the inputs of the already-compressed blocks before it. Exports ``sliced`` (per-layer
+widths, ``arch/modegpt_sliced.py`` shipped as modeling code) or ``masked`` (zero-padded stock shapes).
 
-* Type I, the MLP ``down(silu(gate x) * up x)``: keep ``k`` intermediate neurons by ridge leverage
-  scores of their activation correlation ``C_sigma`` and refit ``down`` in closed form (Nystrom);
-* Type II, query-key: keep whole rotary pairs ``(p, p + d/2)`` per KV head by the CR score
-  ``sqrt(sum C_q[c,c] C_k[c,c])`` (column norms of the query and key activations), shared by the query
-  heads of a GQA group;
-* Type III, value-output: per KV head, the truncated SVD of ``C_x^{1/2} W_V [W_O,h1 .. W_O,hg]``, the
-  value-output maps of the group's query heads taken jointly (exact at full rank, Eckart-Young optimal
-  in the whitened norm);
-* the keep ratio of each block from a global allocation: sparsity ``L * phi * softmax(-s / eps)`` over
-  block importances ``s`` (1 - cosine of a block's input and output), capped and redistributed.
-
-The ``modegpt`` layer step scores every block of the original model first (``context.original_block``),
-allocates, then compresses each block on the inputs of the already-compressed blocks before it.
-Exports ``sliced`` (per-layer widths in the config, ``arch/modegpt_sliced.py`` shipped as modeling
-code) or ``masked`` (zero-padded stock shapes, same logits).
-
-Defaults and choices (docs/methods/modegpt.md has the measurements): ``modules: [vo, mlp]``, i.e.
-query-key compression off, a deviation from the paper: on the demo, CR query-key at 3/4 of the
-parameters errs twice as much as plain truncated SVD while value-output and MLP err 30x less, so the
-budget goes to those (``[qk, vo, mlp]`` is the paper). Ridge ``1e-2 * mean diag`` (scale-free; the
-reimplementations use absolute values); the refit written ``W_S + W_R C[R,S] C[S,S]^-1`` (equal to the
-paper's where ``C[S,S]`` is invertible, exact at full keep however little calibration data there is);
-smoothing ``eps = 0.15`` and cap ``0.8`` (cbacary/MoDeGPT's defaults; the paper leaves eps a
-hyper-parameter); the inverse-free Type III form (``W_V B``, ``U_k^T C^{1/2} W_V W_O``: no
-``C_x^{-1/2}``, so no ridge); softmax scale of the original head dim.
+Defaults: ``modules: [vo, mlp]``, i.e. query-key compression off, a deviation from the paper (it
+measured worse than plain truncated SVD on the demo; ``[qk, vo, mlp]`` is the paper). Other choices:
+ridge ``1e-2 * mean diag`` (scale-free); the refit ``W_S + W_R C[R,S] C[S,S]^-1`` (exact at full keep);
+smoothing ``eps = 0.15`` and cap ``0.8`` (cbacary/MoDeGPT's); the inverse-free Type III form (no
+ridge); softmax scale of the original head dim. Reasons and measured numbers: docs/methods/modegpt.md.
 """
 
 from __future__ import annotations

@@ -6,19 +6,17 @@ Model Transformation", arXiv 2410.03960; official training code snowflakedb/Arct
 every layer ``l >= M`` (``num_key_value_layers``) come from ``s = norm_swiftkv(h_M)``, the stream
 entering layer M, through new ``k/v_proj_swiftkv`` (one per group of ``key_value_group_size`` = G
 layers: AcrossKV), and each upper layer gets a new ``q_proj_swiftkv``; only those and ``norm_swiftkv``
-train, towards the unchanged original, everything else frozen. Prefill then runs the upper layers
-only for the tokens whose output is needed (``arch/modeling_llama_swiftkv.py``, shipped with the export
-in the released checkpoints' layout).
+train, towards the unchanged original. Prefill then runs the upper layers only for the tokens whose
+output is needed (``arch/modeling_llama_swiftkv.py``, shipped with the export in the released layout).
 
 Defaults (official ``llama-3.1-swiftkv-8b-instruct.yaml`` and ``train.py``): M = N/2, G = 1;
 ``norm_swiftkv`` <- layer M's input norm, ``q_proj_swiftkv`` <- ``q_proj``, a leader's
 ``k/v_proj_swiftkv`` <- the mean of its group's ``k/v_proj`` (biases too); AdamW, weight decay 0, 5 %
-warmup. Deviations: training goes through the shared trainer (``distill.train_end_to_end``, block by
-block with offload), so the loss is the KL to the original's top-k next-token distribution at
-temperature 1 (official: full-vocabulary KL at temperature 2 plus an MSE on the stream entering the
-last layer), on the recipe's calibration windows with a held-out part choosing the best epoch; the
-schedule decays by cosine. lr 2e-4 is the official rate for 1.5M samples; the demo recipes use more
-(docs/methods/swiftkv.md, with measured numbers).
+warmup. Deviations: training goes through the shared trainer (``distill.train_end_to_end``), so the
+loss is the KL to the original's top-k next-token distribution at temperature 1 (official: full-vocabulary
+KL at temperature 2 plus an MSE on the stream entering the last layer), on the calibration windows with a
+held-out part choosing the best epoch; cosine decay. lr 2e-4 is the official rate for 1.5M samples; the
+demo recipes use more. Details and measured numbers: docs/methods/swiftkv.md.
 """
 
 from __future__ import annotations

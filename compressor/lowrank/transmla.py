@@ -6,24 +6,17 @@ on calibration inputs: (1) GQA is MLA (exact); (2) RoRoPE + FreqFold: a PCA acro
 of frequencies keeps RoPE on ``qk_rope_head_dim`` key dims; (3) a key/value-balanced joint PCA
 truncated to ``kv_lora_rank``; (4) the DeepSeek-V3 layout, whose ``kv_a_layernorm`` is fitted by least
 squares (the one approximation at full rank). The converted attention is transformers'
-``DeepseekV3Attention``; the step declares the DeepSeek-V3 config (``arch/deepseek_mla.py``) through
-its context, so the export loads as ``DeepseekV3ForCausalLM``. ``transmla_heal`` then distils the
-converted model towards the original (``distill.train_end_to_end``; only the attention by default).
+``DeepseekV3Attention``; the step declares the DeepSeek-V3 config (``arch/deepseek_mla.py``), so the
+export loads as ``DeepseekV3ForCausalLM``. ``transmla_heal`` then distils the converted model towards
+the original (``distill.train_end_to_end``; only the attention by default).
 
-Two layouts. The default is the servable one (transformers and, at sizes it accepts, vLLM; ``serving:
-vllm`` picks them): RoPE on ``qk_rope_head_dim`` dims, the latent norm fitted. ``exact: true`` keeps
-RoPE on every key dim of every kv head (a shared rotary key of kv_heads x head_dim dims whose repeated
-frequencies DeepSeek-V3's config holds as ``longrope`` factors) and multiplies the latent by a tiny
-``s`` so ``kv_a_layernorm`` (eps 1e-6) is linear, its weight ``sqrt(eps) / s`` undoing both: at
-``kv_cache_ratio: 1.0`` the exported stock ``DeepseekV3ForCausalLM`` is the original model (our
-construction; the paper and official code keep the norm approximate). It runs in transformers only:
-vLLM turns rope scaling into ``deepseek_yarn`` and builds the norm with ``rms_norm_eps``. The report
-gives per block the rotary key energy kept and the latent norm's relative error.
+The default layout is the servable one (transformers and, at sizes it accepts, vLLM). ``exact: true``
+(our construction) keeps RoPE on every key dim of every kv head and puts the latent in the linear range
+of ``kv_a_layernorm``: at ``kv_cache_ratio: 1.0`` the stock export is the original; transformers only.
 
 Defaults: ``kv_cache_ratio: 0.25``; ``qk_rope_head_dim`` the largest divisor of head_dim within half
 the cache budget; ``freqfold`` 2 x head_dim / qk_rope_head_dim. Refused: a query bias, Qwen3's k_norm,
-sliding windows, RoPE scaling, MLP biases. Deviations from the official code, their reasons and the
-measured numbers: docs/methods/transmla.md.
+sliding windows, RoPE scaling, MLP biases. Deviations and measured numbers: docs/methods/transmla.md.
 """
 
 from __future__ import annotations

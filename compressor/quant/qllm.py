@@ -2,13 +2,12 @@
 
 Paper: Liu et al., "QLLM: Accurate and Efficient Low-Bitwidth Quantization for Large Language Models",
 ICLR 2024, arXiv 2310.08041; official code ModelTC/QLLM. Per decoder block: (1) at the attention
-input, the MLP input and down_proj's input, outlier channels of the activation are split into T
-copies of x/T (the consumers' weight columns copied), and as many pairs of similar channels are
-merged (activations averaged, columns summed), so the width stays C: a fixed sparse map x'' = P x
-before the per-token activation quantizer; the number of channels reassembled is searched per point
-(grid on the threshold theta, quantized output MSE on calibration features). (2) A rank-r LoRA branch
-on every linear and the norm gains train so the quantized block fed the quantized stream reproduces
-the fp block on the fp stream; the branch is merged into the weights, which are re-quantized.
+input, the MLP input and down_proj's input, outlier channels are split into T copies of x/T (weight
+columns copied) and as many pairs of similar channels merged (activations averaged, columns summed):
+a fixed sparse map x'' = P x of width C before the per-token activation quantizer, its size searched
+per point (threshold grid, quantized output MSE on calibration features). (2) A rank-r LoRA branch on
+every linear and the norm gains train so the quantized block fed the quantized stream reproduces the
+fp block on the fp stream; the branch is merged into the weights, which are re-quantized.
 
 Defaults (official scripts): weights 4-bit per output channel asymmetric min-max, activations
 per-token asymmetric dynamic (Q, K, V too), channel_ratio 0.2, rank 4, alpha 1, AdamW with linear
@@ -17,8 +16,7 @@ Deviations: blocks are corrected one at a time (official groups of 4; the paper'
 no final-norm tuning; the search scores each candidate with the exact split-then-merge transform it
 will apply (official: a merge-then-split approximation) and also evaluates A = 0; merge scores are
 the code's signed column sums (``merge_score: code``) or the paper's Eq. 5 (``paper``); weight ranges
-include 0 (the compressed-tensors grid); a held-out tenth keeps the best epoch. See
-docs/methods/qllm.md.
+include 0 (the compressed-tensors grid); a held-out tenth keeps the best epoch (docs/methods/qllm.md).
 """
 
 from __future__ import annotations

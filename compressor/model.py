@@ -221,6 +221,6 @@ def _libc():
 
 def return_freed_memory() -> None:
     """glibc keeps freed heap pages in its arenas, so a process that frees one block and then loads
-    the next still grows: measured 30 MB per Llama-2B block without this, flat with it."""
+    the next still grows with every block; trimming the arenas keeps it flat."""
     if sys.platform.startswith("linux") and _libc() is not None:
         _libc().malloc_trim(0)

@@ -1,11 +1,11 @@
 """torch's int4 "tinygemm" (``torch.ops.aten._weight_int4pack_mm``, what torchao's int4 weight-only
 layout calls) as one more schedule for the format it serves: uniform 4-bit, groups of 32/64/128/256.
 
-Why: on the H200 (2026-11-27) it ran 4-bit decode at 1.50-1.91x fp16 where our first kernels did
-1.0-1.4x; a well-kept kernel that already wins for a format we export may serve it (issue 19, item
-6). It is chosen only where a kernel-config table says ``schedule: tinygemm`` (the device check and
-``compressor tune`` put it among the 4-bit candidates), never by default; our own kernels stay the
-only ones for 3/5/6/7-bit, codebooks and dense-and-sparse.
+Why: a well-kept kernel that already wins for a format we export may serve it, and at 4-bit decode
+it measured faster than our first kernels (the numbers: docs/KERNELS.md). It is chosen only where a
+kernel-config table says ``schedule: tinygemm`` (the device check and ``compressor tune`` put it
+among the 4-bit candidates), never by default; our own kernels stay the only ones for 3/5/6/7-bit,
+codebooks and dense-and-sparse.
 
 Its math: ``w = (u - 8) * s + z`` with a float zero z, so ours (``w = u * s + zs``, ``zs = -z_int * s``)
 maps to ``z = zs + 8 * s`` (symmetric: z = 0). It takes bf16 activations (x is cast; y cast back)

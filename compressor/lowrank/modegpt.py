@@ -1,40 +1,28 @@
 """MoDeGPT (Lin et al., "Modular Decomposition for Large Language Model Compression", arXiv 2408.09632):
-the solvers, as plain functions on tensors.
+the solvers, as plain functions on tensors, and the ``modegpt`` layer step.
 
 MoDeGPT compresses the pairs of matrices multiplied inside a block, choosing their shared inner
-dimension to keep each module's output on calibration activations:
+dimension to keep each module's output on calibration activations: Type I, the MLP (keep neurons by
+ridge leverage scores of ``C_sigma``, refit ``down`` in closed form: Nystrom); Type II, query-key (keep
+whole rotary pairs per KV head by the CR score, shared by a GQA group); Type III, value-output (per KV
+head, the truncated SVD of ``C_x^{1/2} W_V [W_O,h1 .. W_O,hg]``); the keep ratio of each block from a
+global allocation over block importances (1 - cosine of a block's input and output), capped. The step
+scores every block of the original model first (``context.original_block``), allocates, then compresses
+each block on the inputs of the already-compressed blocks before it. Exports ``sliced`` (per-layer
+widths, ``arch/modegpt/modeling_modegpt.py`` shipped) or ``masked`` (zero-padded stock shapes).
 
-* Type I, the MLP ``down(silu(gate x) * up x)``: keep ``k`` intermediate neurons by ridge leverage
-  scores of their activation correlation ``C_sigma`` and refit ``down`` in closed form (Nystrom);
-* Type II, query-key: keep whole rotary pairs ``(p, p + d/2)`` per KV head by the CR score
-  ``sqrt(sum C_q[c,c] C_k[c,c])`` (column norms of the query and key activations), shared by the query
-  heads of a GQA group;
-* Type III, value-output: per KV head, the truncated SVD of ``C_x^{1/2} W_V [W_O,h1 .. W_O,hg]``, the
-  value-output maps of the group's query heads taken jointly (exact at full rank, Eckart-Young optimal
-  in the whitened norm);
-* the keep ratio of each block from a global allocation: sparsity ``L * phi * softmax(-s / eps)`` over
-  block importances ``s`` (1 - cosine of a block's input and output), capped and redistributed.
-
-The ``modegpt`` layer step scores every block of the original model first (``context.original_block``),
-allocates, then compresses each block on the inputs of the already-compressed blocks before it.
-Exports ``sliced`` (per-layer widths in the config, ``arch/modegpt/modeling_modegpt.py`` shipped as modeling
-code) or ``masked`` (zero-padded stock shapes, same logits).
-
-Defaults and choices (docs/methods/modegpt.md has the measurements): ``modules: [vo, mlp]``, i.e.
-query-key compression off, a deviation from the paper: on the demo, CR query-key at 3/4 of the
-parameters errs twice as much as plain truncated SVD while value-output and MLP err 30x less, so the
-budget goes to those (``[qk, vo, mlp]`` is the paper). Ridge ``1e-2 * mean diag`` (scale-free; the
-reimplementations use absolute values); the refit written ``W_S + W_R C[R,S] C[S,S]^-1`` (equal to the
-paper's where ``C[S,S]`` is invertible, exact at full keep however little calibration data there is);
-smoothing ``eps = 0.15`` and cap ``0.8`` (cbacary/MoDeGPT's defaults; the paper leaves eps a
-hyper-parameter); the inverse-free Type III form (``W_V B``, ``U_k^T C^{1/2} W_V W_O``: no
-``C_x^{-1/2}``, so no ridge); softmax scale of the original head dim.
+Defaults: ``modules: [vo, mlp]``, i.e. query-key compression off, a deviation from the paper (it
+measured worse than plain truncated SVD on the demo; ``[qk, vo, mlp]`` is the paper). Other choices:
+ridge ``1e-2 * mean diag`` (scale-free); the refit ``W_S + W_R C[R,S] C[S,S]^-1`` (exact at full keep);
+smoothing ``eps = 0.15`` and cap ``0.8`` (cbacary/MoDeGPT's); the inverse-free Type III form (no
+ridge); softmax scale of the original head dim. Reasons and measured numbers: docs/methods/modegpt.md.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -43,6 +31,9 @@ from compressor.arch import attention_geometry
 from compressor.arch.modegpt import modeling_modegpt, sliced_config
 from compressor.blockwise import run_block
 from compressor.step import Step, param, register_step
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +230,7 @@ def block_sizes(keep: float, modules: list[str], intermediate: int, head_dim: in
 
 
 @torch.no_grad()
-def attention_statistics(context, attention: nn.Module, heads: int, kv_heads: int, head_dim: int):
+def attention_statistics(context: BlockContext, attention: nn.Module, heads: int, kv_heads: int, head_dim: int):
     """``C_x`` (the attention's normalised inputs), the per-coordinate energy of the queries and keys
     before RoPE (``[heads, d]``, ``[kv_heads, d]``), and the block's outputs."""
     stats = {}
@@ -262,7 +253,7 @@ def attention_statistics(context, attention: nn.Module, heads: int, kv_heads: in
 
 
 @torch.no_grad()
-def mlp_correlation(context, mlp: nn.Module) -> torch.Tensor:
+def mlp_correlation(context: BlockContext, mlp: nn.Module) -> torch.Tensor:
     """``C_sigma = sum z z^T`` of the MLP's intermediate activations (``down_proj``'s inputs)."""
     stats = {}
 
@@ -355,8 +346,10 @@ class ModeGPT(Step):
     """MoDeGPT: structured compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output), training-free."""
 
     ratio: float = param(0.25, "fraction of the blocks' projection weights removed, spread over the blocks by importance", min=0.0, max=0.9)
-    modules: list[str] = param(["vo", "mlp"], "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head dims), "
-                                              "mlp (neurons); qk is off by default: on the demo it errs 2x plain SVD (docs/methods/modegpt.md)")
+    modules: list[str] = param(["vo", "mlp"],
+                               "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head "
+                               "dims), mlp (neurons); qk is off by default: measured worse than plain SVD on the demo "
+                               "(docs/methods/modegpt.md)")
     export: str = param("sliced", "sliced: smaller weights, per-layer sizes in the config, modeling code shipped (trust_remote_code); "
                                   "masked: zero-padded to the original shapes, loads in stock transformers and vLLM, no savings",
                         choices=("sliced", "masked"))
@@ -376,7 +369,7 @@ class ModeGPT(Step):
 
     # --- the plan: block importances and each block's keep ratio (once, before block 0) ---------
 
-    def plan(self, context) -> dict:
+    def plan(self, context: BlockContext) -> dict:
         config, geometry = context.config, attention_geometry(context.config)
         rope = getattr(config, "rope_parameters", None) or {}
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
@@ -409,7 +402,7 @@ class ModeGPT(Step):
         return {"modules": modules, "importance": importance, "sparsity": sparsity, "sizes": sizes, "notes": notes,
                 "parameters": (whole * context.num_blocks, sum(s.parameters(hidden, heads, kv_heads) for s in sizes))}
 
-    def block_importances(self, context) -> torch.Tensor:
+    def block_importances(self, context: BlockContext) -> torch.Tensor:
         """1 - cos(input, output) of every block of the original model on the calibration inputs."""
         hidden, scores = context.inputs, []
         with context.progress(context.num_blocks, "block importance (original model)", "block") as progress:
@@ -424,7 +417,7 @@ class ModeGPT(Step):
 
     # --- one block ------------------------------------------------------------------------------
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         if "plan" not in context.state:
             context.state["plan"] = self.plan(context)
             geometry = attention_geometry(context.config)
@@ -464,7 +457,8 @@ class ModeGPT(Step):
             context.record("blocks", removed=round(1 - after_count / before_count, 5), target=self.ratio, parameters=after_count,
                            parameters_before=before_count, **({"note": "; ".join(plan["notes"])} if plan["notes"] else {}))
 
-    def compress_attention(self, context, attention, sizes: BlockSizes, modules: list[str], geometry, sliced: bool):
+    def compress_attention(self, context: BlockContext, attention, sizes: BlockSizes, modules: list[str], geometry,
+                           sliced: bool):
         """Type II and III on the block's attention; returns the block's outputs before, and the kept pairs."""
         heads, kv_heads, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
         correlation, query_energy, key_energy, before = attention_statistics(context, attention, heads, kv_heads, d)

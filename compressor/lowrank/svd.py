@@ -3,19 +3,23 @@
 Each weight ``W [out, in]`` becomes its best rank-``r`` approximation in the Frobenius norm
 (Eckart-Young; no data), with ``r = floor((1 - ratio) * out * in / (out + in))`` so that the two
 factors would hold ``1 - ratio`` of its parameters. It is what "compress by low rank" means without
-MoDeGPT's activation-aware modules, at the same parameter count as ``modegpt`` at the same ratio
-(issue 17 asks MoDeGPT to halve its perplexity gap and KL). The product is stored dense at the
-original shape, so the export loads anywhere but is not smaller: a quality baseline, not a method
-to ship.
+MoDeGPT's activation-aware modules, at the same parameter count as ``modegpt`` at the same ratio:
+the baseline MoDeGPT is measured against (docs/methods/modegpt.md). The product is stored dense at
+the original shape, so the export loads anywhere but is not smaller: a quality baseline, not a
+method to ship.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from compressor.step import Step, param, register_step
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 
 def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
@@ -41,7 +45,7 @@ class TruncatedSVD(Step):
     ignore: list[str] = param([], "module name patterns left whole (glob, or re:REGEX)")
 
     @torch.no_grad()
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         for name, linear in context.linears(self.ignore).items():
             rank = budget_rank(linear.out_features, linear.in_features, self.ratio)
             approximation, energy = truncated_svd(linear.weight, rank)

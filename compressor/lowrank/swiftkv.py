@@ -6,19 +6,17 @@ Model Transformation", arXiv 2410.03960; official training code snowflakedb/Arct
 every layer ``l >= M`` (``num_key_value_layers``) come from ``s = norm_swiftkv(h_M)``, the stream
 entering layer M, through new ``k/v_proj_swiftkv`` (one per group of ``key_value_group_size`` = G
 layers: AcrossKV), and each upper layer gets a new ``q_proj_swiftkv``; only those and ``norm_swiftkv``
-train, towards the unchanged original, everything else frozen. Prefill then runs the upper layers
-only for the tokens whose output is needed (``arch/swiftkv/modeling_llama_swiftkv.py``, shipped with the export
-in the released checkpoints' layout).
+train, towards the unchanged original. Prefill then runs the upper layers only for the tokens whose
+output is needed (``arch/swiftkv/modeling_llama_swiftkv.py``, shipped with the export in the released layout).
 
 Defaults (official ``llama-3.1-swiftkv-8b-instruct.yaml`` and ``train.py``): M = N/2, G = 1;
 ``norm_swiftkv`` <- layer M's input norm, ``q_proj_swiftkv`` <- ``q_proj``, a leader's
 ``k/v_proj_swiftkv`` <- the mean of its group's ``k/v_proj`` (biases too); AdamW, weight decay 0, 5 %
-warmup. Deviations: training goes through the shared trainer (``distill.train_end_to_end``, block by
-block with offload), so the loss is the KL to the original's top-k next-token distribution at
-temperature 1 (official: full-vocabulary KL at temperature 2 plus an MSE on the stream entering the
-last layer), on the recipe's calibration windows with a held-out part choosing the best epoch; the
-schedule decays by cosine. lr 2e-4 is the official rate for 1.5M samples; the demo recipes use more
-(docs/methods/swiftkv.md, with measured numbers).
+warmup. Deviations: training goes through the shared trainer (``distill.train_end_to_end``), so the
+loss is the KL to the original's top-k next-token distribution at temperature 1 (official: full-vocabulary
+KL at temperature 2 plus an MSE on the stream entering the last layer), on the calibration windows with a
+held-out part choosing the best epoch; cosine decay. lr 2e-4 is the official rate for 1.5M samples; the
+demo recipes use more. Details and measured numbers: docs/methods/swiftkv.md.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +34,10 @@ from compressor.arch.swiftkv import swiftkv_config, swiftkv_model_type
 from compressor.distill import train_end_to_end
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
+
+if TYPE_CHECKING:
+    from compressor.context import ModelContext
+    from compressor.training import BestState
 
 # ----------------------------------------------------------------------------------------------
 # Math on tensors
@@ -179,7 +182,7 @@ class SwiftKV(Step):
         if count is not None:
             self.layers_for(count)
 
-    def compress_model(self, context) -> None:
+    def compress_model(self, context: ModelContext) -> None:
         config = context.config
         swiftkv_model_type(config)
         num_layers = context.num_blocks
@@ -194,42 +197,12 @@ class SwiftKV(Step):
             context.record("model", **summary, steps=0)
             return
 
-        blocks_path = context.adapter.blocks
-        blocks = context.blocks
-        source_norm = blocks[first].get_submodule(context.adapter.norms["input"])
-        norm = copy.deepcopy(source_norm).to(context.device)  # initialised as layer M's input norm
-        context.replace_module(f"{blocks_path.rpartition('.')[0]}.norm_swiftkv", norm)
-        attentions = {}
-        for index in range(first, num_layers):
-            attention = blocks[index].get_submodule(context.adapter.attention)
-            add_swiftkv_projections(attention, new_config, index)
-            attentions[index] = attention
-        initialise_swiftkv(attentions, new_config)
-        for index in range(first, num_layers):
-            context.replace_module(f"{blocks_path}.{index}", SwiftKVCarryLayer(blocks[index], new_config, index, norm))
-
+        norm, attentions = self.rewire(context, new_config, first)
         parameters = [norm.weight] + [
             p for attention in attentions.values() for name, p in attention.named_parameters()
             if name.split(".")[0].endswith("_swiftkv")
         ]
-        losses, best = [], None
-        if self.epochs:
-            for p in parameters:
-                p.requires_grad_(True)
-            tokens = context.calibration_tokens()
-            lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, self.batch_size, self.warmup_ratio)
-            generator = torch.Generator().manual_seed(self.seed)
-            try:
-                losses, best = train_end_to_end(
-                    context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs, batch_size=self.batch_size,
-                    micro_batch_size=self.micro_batch_size or self.batch_size, top_k=self.top_k, heldout=self.heldout,
-                    order=lambda epoch, count: torch.randperm(count, generator=generator),
-                    lr_at=lr_at,
-                )
-            finally:
-                for p in parameters:
-                    p.requires_grad_(False)
-                    p.grad = None
+        losses, best = self.distill(context, parameters) if self.epochs else ([], None)
         steps_per_epoch = max(len(losses) // max(self.epochs, 1), 1)
         context.record(
             "model", **summary, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),
@@ -237,3 +210,42 @@ class SwiftKV(Step):
                 "last_epoch_kl": sum(losses[-steps_per_epoch:]) / steps_per_epoch} if losses else {}),
             **(best.summary() if best else {}),
         )
+
+    def rewire(self, context: ModelContext, new_config, first: int) -> tuple[nn.Module, dict[int, nn.Module]]:
+        """SingleInputKV and AcrossKV in place: ``norm_swiftkv`` (layer M's input norm), the new projections of
+        every upper layer, initialised, and each upper layer wrapped to read the stream entering layer M.
+        Returns the norm and the upper layers' attentions (by layer)."""
+        blocks_path = context.adapter.blocks
+        blocks = context.blocks
+        source_norm = blocks[first].get_submodule(context.adapter.norms["input"])
+        norm = copy.deepcopy(source_norm).to(context.device)  # initialised as layer M's input norm
+        context.replace_module(f"{blocks_path.rpartition('.')[0]}.norm_swiftkv", norm)
+        attentions = {}
+        for index in range(first, context.num_blocks):
+            attention = blocks[index].get_submodule(context.adapter.attention)
+            add_swiftkv_projections(attention, new_config, index)
+            attentions[index] = attention
+        initialise_swiftkv(attentions, new_config)
+        for index in range(first, context.num_blocks):
+            context.replace_module(f"{blocks_path}.{index}", SwiftKVCarryLayer(blocks[index], new_config, index, norm))
+        return norm, attentions
+
+    def distill(self, context: ModelContext, parameters: list[nn.Parameter]) -> tuple[list[float], BestState | None]:
+        """Train ``parameters`` (the rest stays frozen) towards the original's next-token distributions; the
+        per-step KL and the held-out record."""
+        for p in parameters:
+            p.requires_grad_(True)
+        tokens = context.calibration_tokens()
+        lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, self.batch_size, self.warmup_ratio)
+        generator = torch.Generator().manual_seed(self.seed)
+        try:
+            return train_end_to_end(
+                context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs,
+                batch_size=self.batch_size, micro_batch_size=self.micro_batch_size or self.batch_size, top_k=self.top_k,
+                heldout=self.heldout, order=lambda epoch, count: torch.randperm(count, generator=generator),
+                lr_at=lr_at,
+            )
+        finally:
+            for p in parameters:
+                p.requires_grad_(False)
+                p.grad = None

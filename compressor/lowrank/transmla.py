@@ -6,30 +6,24 @@ on calibration inputs: (1) GQA is MLA (exact); (2) RoRoPE + FreqFold: a PCA acro
 of frequencies keeps RoPE on ``qk_rope_head_dim`` key dims; (3) a key/value-balanced joint PCA
 truncated to ``kv_lora_rank``; (4) the DeepSeek-V3 layout, whose ``kv_a_layernorm`` is fitted by least
 squares (the one approximation at full rank). The converted attention is transformers'
-``DeepseekV3Attention``; the step declares the DeepSeek-V3 config (``arch/deepseek_mla``) through
-its context, so the export loads as ``DeepseekV3ForCausalLM``. ``transmla_heal`` then distils the
-converted model towards the original (``distill.train_end_to_end``; only the attention by default).
+``DeepseekV3Attention``; the step declares the DeepSeek-V3 config (``arch/deepseek_mla``), so the
+export loads as ``DeepseekV3ForCausalLM``. ``transmla_heal`` then distils the converted model towards
+the original (``distill.train_end_to_end``; only the attention by default).
 
-Two layouts. The default is the servable one (transformers and, at sizes it accepts, vLLM; ``serving:
-vllm`` picks them): RoPE on ``qk_rope_head_dim`` dims, the latent norm fitted. ``exact: true`` keeps
-RoPE on every key dim of every kv head (a shared rotary key of kv_heads x head_dim dims whose repeated
-frequencies DeepSeek-V3's config holds as ``longrope`` factors) and multiplies the latent by a tiny
-``s`` so ``kv_a_layernorm`` (eps 1e-6) is linear, its weight ``sqrt(eps) / s`` undoing both: at
-``kv_cache_ratio: 1.0`` the exported stock ``DeepseekV3ForCausalLM`` is the original model (our
-construction; the paper and official code keep the norm approximate). It runs in transformers only:
-vLLM turns rope scaling into ``deepseek_yarn`` and builds the norm with ``rms_norm_eps``. The report
-gives per block the rotary key energy kept and the latent norm's relative error.
+The default layout is the servable one (transformers and, at sizes it accepts, vLLM). ``exact: true``
+(our construction) keeps RoPE on every key dim of every kv head and puts the latent in the linear range
+of ``kv_a_layernorm``: at ``kv_cache_ratio: 1.0`` the stock export is the original; transformers only.
 
 Defaults: ``kv_cache_ratio: 0.25``; ``qk_rope_head_dim`` the largest divisor of head_dim within half
 the cache budget; ``freqfold`` 2 x head_dim / qk_rope_head_dim. Refused: a query bias, Qwen3's k_norm,
-sliding windows, RoPE scaling, MLP biases. Deviations from the official code, their reasons and the
-measured numbers: docs/methods/transmla.md.
+sliding windows, RoPE scaling, MLP biases. Deviations and measured numbers: docs/methods/transmla.md.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +33,9 @@ from compressor.arch import UnsupportedArchitecture, attention_geometry
 from compressor.arch.deepseek_mla import deepseek_v3_config
 from compressor.distill import train_end_to_end
 from compressor.step import Step, param, register_step
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext, ModelContext
 
 # ----------------------------------------------------------------------------------------------
 # Math on tensors
@@ -126,39 +123,20 @@ def transmla_weights(
 
     rotation, frequencies, rope_energy = rorope_rotation(kv_gram[:latent, :latent], num_kv_heads, d, r, freqfold, damp)
     t_rope, t_nope = rotation[:r], rotation[r:]
-
-    # balance: position-free key columns vs value columns, by their mean norm on calibration data
-    nope_gram = t_nope @ kv_gram[:latent, :latent] @ t_nope.T
-    alpha = 1.0
-    if balance_kv and latent > r:
-        alpha = (nope_gram.diagonal().clamp_min(0).sqrt().mean() / kv_gram[latent:, latent:].diagonal().clamp_min(0).sqrt().mean()).item()
-    mix = torch.block_diag(t_nope / alpha, torch.eye(latent, dtype=f64, device=rotation.device))  # [k|v] -> [k_nope/alpha | v]
-    joint_gram = mix @ kv_gram @ mix.T
-    values, vectors = damped_eigh(joint_gram, damp)
-    basis = vectors[:, :kv_lora_rank]  # [2 L0 - r, R_kv]
-    kv_energy = (values[:kv_lora_rank].sum() / values.sum()).item()
+    mix, basis, alpha, kv_energy = balanced_joint_pca(kv_gram, t_nope, latent, r, kv_lora_rank, balance_kv, damp)
 
     down = basis.T @ mix @ torch.cat([k_full, v_full])  # [R_kv, D (+1)]
     rope_rows = t_rope @ k_full  # [r, D (+1)]
     kv_a = torch.cat([down, rope_rows])
 
     scale = math.sqrt((d + r) / d)
-    slices = kv_up_slices(num_heads, num_kv_heads, d)
-    q_heads = q_weight.reshape(num_heads, d, -1)
-    q_bias_heads = q_bias.to(f64).reshape(num_heads, d) if q_bias is not None else None
-    q_rows, q_bias_rows, kv_b_rows = [], [], []
-    nope_basis, value_basis = basis[: latent - r], basis[latent - r :]
-    for h, rows in enumerate(slices):
-        read_rope = t_rope[:, rows]  # [r, d]: the rotary latent as seen by head h
-        q_rows += [q_heads[h], read_rope @ q_heads[h]]
-        if q_bias_heads is not None:
-            q_bias_rows += [q_bias_heads[h], read_rope @ q_bias_heads[h]]
-        kv_b_rows += [alpha * t_nope[:, rows].T @ nope_basis, value_basis[rows]]
+    q_rows, q_bias_rows, kv_b_rows = deepseek_head_rows(q_weight, q_bias, t_rope, t_nope, basis, alpha,
+                                                        num_heads, num_kv_heads, d)
 
     has_kv_bias = k_bias is not None or v_bias is not None
     return MLAWeights(
         q_weight=(torch.cat(q_rows) * scale).to(dtype),
-        q_bias=(torch.cat(q_bias_rows) * scale).to(dtype) if q_bias_heads is not None else None,
+        q_bias=(torch.cat(q_bias_rows) * scale).to(dtype) if q_bias is not None else None,
         kv_a_weight=kv_a[:, : q_weight.shape[1]].to(dtype),
         kv_a_bias=kv_a[:, -1].to(dtype) if has_kv_bias else None,
         kv_b_weight=torch.cat(kv_b_rows).to(dtype),
@@ -167,6 +145,47 @@ def transmla_weights(
         kv_energy=kv_energy,
         alpha=alpha,
     )
+
+
+def balanced_joint_pca(kv_gram: torch.Tensor, t_nope: torch.Tensor, latent: int, rope_dim: int, kv_lora_rank: int,
+                       balance_kv: bool, damp: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Stage 3 on the float64 Gram of ``[k | v]``: the position-free key part, divided by ``alpha`` (mean
+    key column norm / mean value column norm on calibration data), and the values factored together.
+    Returns the map ``mix`` ([k | v] -> [k_nope / alpha | v]), the top-``kv_lora_rank`` basis of the
+    joint Gram, ``alpha`` and the share of the joint energy the basis keeps."""
+    f64 = torch.float64
+    nope_gram = t_nope @ kv_gram[:latent, :latent] @ t_nope.T
+    alpha = 1.0
+    if balance_kv and latent > rope_dim:
+        key_norm = nope_gram.diagonal().clamp_min(0).sqrt().mean()
+        alpha = (key_norm / kv_gram[latent:, latent:].diagonal().clamp_min(0).sqrt().mean()).item()
+    identity = torch.eye(latent, dtype=f64, device=t_nope.device)
+    mix = torch.block_diag(t_nope / alpha, identity)  # [k|v] -> [k_nope/alpha | v]
+    joint_gram = mix @ kv_gram @ mix.T
+    values, vectors = damped_eigh(joint_gram, damp)
+    basis = vectors[:, :kv_lora_rank]  # [2 L0 - r, R_kv]
+    kv_energy = (values[:kv_lora_rank].sum() / values.sum()).item()
+    return mix, basis, alpha, kv_energy
+
+
+def deepseek_head_rows(q_weight: torch.Tensor, q_bias: torch.Tensor | None, t_rope: torch.Tensor, t_nope: torch.Tensor,
+                       basis: torch.Tensor, alpha: float, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Stage 4, per query head (float64): its query rows ``[q_h | rotary latent read by head h applied to
+    q_h]`` (and bias rows), and its ``kv_b_proj`` rows ``[k_nope | v]``, unscaled."""
+    d = head_dim
+    r = t_rope.shape[0]
+    latent = num_kv_heads * d
+    q_heads = q_weight.reshape(num_heads, d, -1)
+    q_bias_heads = q_bias.to(torch.float64).reshape(num_heads, d) if q_bias is not None else None
+    q_rows, q_bias_rows, kv_b_rows = [], [], []
+    nope_basis, value_basis = basis[: latent - r], basis[latent - r :]
+    for h, rows in enumerate(kv_up_slices(num_heads, num_kv_heads, d)):
+        read_rope = t_rope[:, rows]  # [r, d]: the rotary latent as seen by head h
+        q_rows += [q_heads[h], read_rope @ q_heads[h]]
+        if q_bias_heads is not None:
+            q_bias_rows += [q_bias_heads[h], read_rope @ q_bias_heads[h]]
+        kv_b_rows += [alpha * t_nope[:, rows].T @ nope_basis, value_basis[rows]]
+    return q_rows, q_bias_rows, kv_b_rows
 
 
 def linear_range_scale(latents: list[torch.Tensor], eps: float, error: float = 1e-7) -> float:
@@ -376,7 +395,7 @@ class TransMLA(Step):
         except (ValueError, UnsupportedArchitecture) as error:
             raise ValueError(str(error).removeprefix("transmla.").removeprefix("transmla: ")) from None
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         config = context.config
         check_convertible(config)
         geometry = attention_geometry(config)
@@ -445,7 +464,7 @@ class TransMLAHeal(Step):
     heldout: float = param(0.1, "fraction of the calibration sequences held out: their KL is measured before training and after "
                                 "each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
 
-    def compress_model(self, context) -> None:
+    def compress_model(self, context: ModelContext) -> None:
         blocks = context.blocks
         attentions = [m for block in blocks for m in block.modules() if isinstance(m, MLAAttention)]
         if not attentions:

@@ -5,25 +5,24 @@ Paper: Trukhanov & Soloveychik, *Accurate Block Quantization in LLMs with Outlie
 ``m``-bit signed mantissa (``weights.values.bfp_encode``; microxcaling's MXINT rule, MXINT8 = m 8,
 n 32). K-sort: a few key channels are large for almost every token; gathering channels of similar
 magnitude into the same blocks stops the large ones from flushing the small ones to zero. The
-permutation is applied to the post-RoPE keys as they enter the cache and undone when they leave
-(``kvcache/bfp.py``), so attention is exact for any permutation and the weights stay untouched: an
-engine that ignores it computes correct attention with an unquantized cache.
+permutation is applied to the post-RoPE keys entering the cache and undone as they leave
+(``kvcache/bfp.py``): attention is exact for any permutation, and the weights stay untouched.
 
 Defaults and deviations: keys at 4-bit mantissas (the paper's BFP12), n 32, values unquantized
 (the paper quantizes keys); the sort statistic is the per-channel RMS of the calibration keys after
 RoPE (``act_rms``), not the paper's data-free W_k row norms (``weight_norm``, available), because the
 row norm bounds the pre-RoPE key and ignores the input's massive dimensions; ``scope: token`` cuts
-blocks over the layer's whole key vector (all KV heads), which the paper does not: with n = head_dim
-(the demo: 32) a per-head sort provably changes nothing, and a cross-head order is as cheap in our
-cache. ``scope: head`` is the paper's layout. ``refine: greedy`` (off by default; the notes' ablation,
-not the paper's) swaps channels between blocks from the sorted order while the query-weighted error
-of the calibration keys falls. BFP weights (``weight_bits``): blocks along the input
-dimension of every linear not in ``ignore``. Measured numbers: docs/methods/bfp.md.
+blocks over the layer's whole key vector (all KV heads), not per head (``scope: head``, the paper's):
+with n >= head_dim a per-head sort changes nothing. ``refine: greedy`` (off; the notes' ablation) swaps
+channels between blocks from the sorted order while the query-weighted error of the calibration keys
+falls. BFP weights (``weight_bits``): blocks along the input dimension of every linear not in
+``ignore``. Reasons and measured numbers: docs/methods/bfp.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +30,9 @@ from compressor.arch import attention_geometry
 from compressor.kvcache.bfp import SCOPES, BFPCacheSpec
 from compressor.step import Step, param, register_step
 from compressor.weights.values import BFP_BLOCK_SIZES, BFP_MANTISSA_BITS, BFP_ROUNDING, BFPWeight, bfp_quantize
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 STATS = ("act_rms", "act_absmax", "weight_norm", "none")
 OPTIONAL_BITS = [None, *BFP_MANTISSA_BITS]
@@ -235,13 +237,13 @@ class BFP(Step):
             raise ValueError("k_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE "
                              "(Llama, Mistral, Qwen2, Qwen3); this model's blocks have none")
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         if self.weight_bits is not None:
             self.quantize_weights(context)
         if self.k_bits is not None:
             self.sort_keys(context)
 
-    def quantize_weights(self, context) -> None:
+    def quantize_weights(self, context: BlockContext) -> None:
         for name, linear in context.linears(self.ignore).items():
             weight = linear.weight.data
             quantized = BFPWeight.quantize(weight, self.weight_bits, self.weight_block_size, self.rounding)
@@ -249,7 +251,7 @@ class BFP(Step):
             error = (quantized.dequantize(torch.float32) - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
             context.record(name, error=float(error), bits_per_weight=quantized.bits_per_weight())
 
-    def sort_keys(self, context) -> None:
+    def sort_keys(self, context: BlockContext) -> None:
         geometry = attention_geometry(context.config)
         spec = self.cache_spec
         spec.check_geometry(geometry.head_dim)

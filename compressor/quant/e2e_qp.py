@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from compressor.report import peak_memory
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
 from compressor.modules.linear import QuantizedLinear
+
+if TYPE_CHECKING:
+    from compressor.context import ModelContext
 
 
 class RoundToGrid(nn.Module):
@@ -74,7 +78,7 @@ class EfficientQATE2EQP(Step):
 
     kind = "model"
 
-    def compress_model(self, context) -> None:
+    def compress_model(self, context: ModelContext) -> None:
         started = time.perf_counter()
         modules = {name: m for name, m in context.quantized_linears(self.ignore).items() if trained_tensor(m)}
         if not modules:

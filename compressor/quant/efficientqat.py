@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from compressor.quant.uniform import UniformQuantizer, clamp_ste, minmax_params,
 from compressor.step import param, register_step
 from compressor.training import block_mse, holdout_count, micro_batches, train_block
 from compressor.weights.values import UniformWeight
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
 
@@ -125,7 +129,7 @@ class EfficientQATBlockAP(UniformQuantizer):
             return self.weight_lr
         return 2e-5 if self.bits == 2 else 1e-5
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         started = time.perf_counter()
         linears = context.linears(self.ignore)
         # Two streams: context.inputs come from the already-quantized blocks; the fp chain is ours,

@@ -2,13 +2,12 @@
 
 Paper: Liu et al., "QLLM: Accurate and Efficient Low-Bitwidth Quantization for Large Language Models",
 ICLR 2024, arXiv 2310.08041; official code ModelTC/QLLM. Per decoder block: (1) at the attention
-input, the MLP input and down_proj's input, outlier channels of the activation are split into T
-copies of x/T (the consumers' weight columns copied), and as many pairs of similar channels are
-merged (activations averaged, columns summed), so the width stays C: a fixed sparse map x'' = P x
-before the per-token activation quantizer; the number of channels reassembled is searched per point
-(grid on the threshold theta, quantized output MSE on calibration features). (2) A rank-r LoRA branch
-on every linear and the norm gains train so the quantized block fed the quantized stream reproduces
-the fp block on the fp stream; the branch is merged into the weights, which are re-quantized.
+input, the MLP input and down_proj's input, outlier channels are split into T copies of x/T (weight
+columns copied) and as many pairs of similar channels merged (activations averaged, columns summed):
+a fixed sparse map x'' = P x of width C before the per-token activation quantizer, its size searched
+per point (threshold grid, quantized output MSE on calibration features). (2) A rank-r LoRA branch on
+every linear and the norm gains train so the quantized block fed the quantized stream reproduces the
+fp block on the fp stream; the branch is merged into the weights, which are re-quantized.
 
 Defaults (official scripts): weights 4-bit per output channel asymmetric min-max, activations
 per-token asymmetric dynamic (Q, K, V too), channel_ratio 0.2, rank 4, alpha 1, AdamW with linear
@@ -17,8 +16,7 @@ Deviations: blocks are corrected one at a time (official groups of 4; the paper'
 no final-norm tuning; the search scores each candidate with the exact split-then-merge transform it
 will apply (official: a merge-then-split approximation) and also evaluates A = 0; merge scores are
 the code's signed column sums (``merge_score: code``) or the paper's Eq. 5 (``paper``); weight ranges
-include 0 (the compressed-tensors grid); a held-out tenth keeps the best epoch. See
-docs/methods/qllm.md.
+include 0 (the compressed-tensors grid); a held-out tenth keeps the best epoch (docs/methods/qllm.md).
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +45,10 @@ from compressor.step import param, register_step
 from compressor.training import block_mse, cast_floating, holdout_count, micro_batches, slice_batch, train_block
 from compressor.modules.activations import ActivationSpec, ChannelMap, apply_channel_map, install_attention_quantization, quantize_activations
 from compressor.weights.values import expand_groups
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
+    from compressor.training import BestState
 
 # The three reassembly points of a block: the norm (or op) whose output is reassembled, its consumers.
 POINTS = {"attn_in": ("q", "k", "v"), "mlp_in": ("gate", "up"), "down_in": ("down",)}
@@ -276,6 +279,19 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass
+class Correction:
+    """What a block's error correction leaves for its report row."""
+
+    batches: list[tuple]  # (input, target, kwargs): the final quantized block is measured on them too
+    mse_init: float
+    mse_trained: float
+    steps: int
+    losses: list[float]  # mean training loss per epoch
+    best: BestState | None
+    peak_memory_mib: float
+
+
 @register_step("qllm")
 @dataclass
 class QLLM(ActivationQuantization, UniformQuantizer):
@@ -328,49 +344,74 @@ class QLLM(ActivationQuantization, UniformQuantizer):
     def weight_quantizer(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
         started = time.perf_counter()
         quantizer = {**self.weight_quantizer, "scale_dtype": context.scale_dtype}
         spec = self.activation_spec
-        adapter, block = context.adapter, context.block
-        roles = {role: adapter.linears[role] for role in adapter.linears}
         linears = context.linears(self.ignore)
+        points = self.reassembly_points(context.adapter, linears)
+        stats, targets = self.teacher_pass(context, points)
+        dtype = next(context.block.parameters()).dtype
+        context.block.float()  # search and training in fp32
+        channel_maps, rewritten = self.search_reassembly(context, points, linears, stats, quantizer, spec)
+        originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+        modules, correction = self.correct_errors(context, linears, channel_maps, rewritten, targets, quantizer, spec)
+        self.merge_and_quantize(context, modules, originals, rewritten, channel_maps, dtype)
+        self.record_correction(context, correction, started)
 
-        # Teacher pass: the fp block on the fp stream gives the targets and the statistics of each point.
-        fp_inputs = context.inputs if context.index == 0 else context.state["fp_inputs"]
+    def reassembly_points(self, adapter, linears: dict[str, nn.Linear]) -> dict[str, list[str]]:
+        """Each reassembly point whose consumers are all in ``linears`` -> their paths (none without reassembly)."""
+        if not self.reassembles:
+            return {}
+        roles = {role: adapter.linears[role] for role in adapter.linears}
         points = {point: [roles[r] for r in consumers if roles[r] in linears] for point, consumers in POINTS.items()}
-        points = {point: names for point, names in points.items() if names and len(names) == len(POINTS[point])} if self.reassembles else {}
-        stats = PointStatistics(block, {point: names[0] for point, names in points.items()}, self.feature_samples)
+        return {point: names for point, names in points.items() if names and len(names) == len(POINTS[point])}
+
+    def teacher_pass(self, context: BlockContext,
+                     points: dict[str, list[str]]) -> tuple[PointStatistics, list[torch.Tensor]]:
+        """The fp block on the fp stream: the targets (and the next block's fp inputs), and the statistics
+        of each point."""
+        fp_inputs = context.inputs if context.index == 0 else context.state["fp_inputs"]
+        first_consumers = {point: names[0] for point, names in points.items()}
+        stats = PointStatistics(context.block, first_consumers, self.feature_samples)
         with stats:
             targets = context.forward(inputs=fp_inputs)
         context.state["fp_inputs"] = None if context.index == context.num_blocks - 1 else targets
-        dtype = next(block.parameters()).dtype
-        block.float()  # search and training in fp32
+        return stats, targets
 
-        # Channel reassembly, point by point, on the fp features.
+    def search_reassembly(self, context: BlockContext, points: dict[str, list[str]], linears: dict[str, nn.Linear],
+                          stats: PointStatistics, quantizer: dict, spec: ActivationSpec | None) -> tuple[dict, dict]:
+        """Channel reassembly, point by point, on the fp features: each consumer's channel map and
+        rewritten weight (path -> tensor), for the points where reassembling beat leaving them."""
         channel_maps, rewritten = {}, {}
         for point, names in points.items():
             weights = [linears[name].weight.detach().float() for name in names]
-            loss_of = point_loss(point, block, adapter, names, linears, stats, context.block_kwargs, quantizer, spec, self.quantize_attention)
+            loss_of = point_loss(point, context.block, context.adapter, names, linears, stats, context.block_kwargs,
+                                 quantizer, spec, self.quantize_attention)
             result = search_threshold(stats.features[point], weights, stats.magnitudes[point], loss_of, self.channel_ratio,
                                       self.consider_no_reassembly, self.merge_score, self.search_candidates)
             if result.best is not None:
                 for name, weight in zip(names, result.best.weights):
                     channel_maps[name], rewritten[name] = result.best.channel_map, weight
             context.record(f"reassembly.{point}", extra_channels=0 if result.best is None else result.best.extra,
-                           threshold=None if result.best is None else result.best.threshold, max_magnitude=float(stats.magnitudes[point].max()),
+                           threshold=None if result.best is None else result.best.threshold,
+                           max_magnitude=float(stats.magnitudes[point].max()),
                            loss=result.loss, loss_without=result.loss_without, candidates=len(result.evaluated))
         stats.release()
+        return channel_maps, rewritten
 
-        # Error correction: every linear becomes Q_w(W) Q_a(P x) (+ LoRA); branches and norms train.
-        originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    def correct_errors(self, context: BlockContext, linears: dict[str, nn.Linear], channel_maps: dict, rewritten: dict,
+                       targets: list[torch.Tensor], quantizer: dict,
+                       spec: ActivationSpec | None) -> tuple[dict[str, QLLMLinear], Correction]:
+        """Every linear becomes Q_w(W) Q_a(P x) (+ LoRA); the branches and norms train towards ``targets``."""
+        block = context.block
         modules = {}
         for name, linear in linears.items():
             weight = rewritten.get(name, linear.weight.detach())
             modules[name] = QLLMLinear(weight, linear.bias, quantizer, spec, channel_maps.get(name))
             block.set_submodule(name, modules[name])
-        attention = block.get_submodule(adapter.attention)
+        attention = block.get_submodule(context.adapter.attention)
         if spec is not None and self.quantize_attention:
             install_attention_quantization(attention, spec)
         batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
@@ -385,24 +426,35 @@ class QLLM(ActivationQuantization, UniformQuantizer):
             groups = [{"params": trainable_parameters(block, self.train_norms), "lr": self.lr}]
             steps = self.epochs * (len(batches) - holdout_count(len(batches), self.heldout))
             with context.progress(steps, "error correction", "step") as progress:
-                losses, best = train_block(block, batches, groups, self.epochs, 1.0, self.heldout, progress, schedule=linear_decay, where="qllm")
+                losses, best = train_block(block, batches, groups, self.epochs, 1.0, self.heldout, progress,
+                                           schedule=linear_decay, where="qllm")
         mse_trained = block_mse(block, batches)
-        peak = peak_memory_mib(context.device)
+        return modules, Correction(batches, mse_init, mse_trained, steps, losses, best, peak_memory_mib(context.device))
 
-        # Merge each branch into its weight and quantize the result: no extra matmul at inference.
-        values = {name: quantize_uniform(module.merged_weight().detach(), self.bits, self.group_size, self.symmetric, context.scale_dtype)
+    def merge_and_quantize(self, context: BlockContext, modules: dict[str, QLLMLinear], originals: dict,
+                           rewritten: dict, channel_maps: dict, dtype: torch.dtype) -> None:
+        """Merge each branch into its weight and quantize the result: no extra matmul at inference."""
+        values = {name: quantize_uniform(module.merged_weight().detach(), self.bits, self.group_size, self.symmetric,
+                                         context.scale_dtype)
                   for name, module in modules.items()}
-        block.to(dtype)
+        context.block.to(dtype)
         quantized = {}
         for name, value in values.items():
             quantized[name] = context.replace_linear(name, value)
             reference = originals[name] if name not in rewritten else rewritten[name]
             context.record(name, error=relative_error(reference, value), bits_per_weight=value.bits_per_weight())
         self.quantize_block_activations(context, quantized, channel_maps)
+
+    @staticmethod
+    def record_correction(context: BlockContext, correction: Correction, started: float) -> None:
+        """The block's ``error_correction`` row: its MSE before and after training and once quantized."""
+        losses, best = correction.losses, correction.best
         context.record(
-            "error_correction", mse_init=mse_init, mse_trained=mse_trained, mse_final=block_mse(block, batches), steps=steps,
+            "error_correction", mse_init=correction.mse_init, mse_trained=correction.mse_trained,
+            mse_final=block_mse(context.block, correction.batches), steps=correction.steps,
             loss_first_epoch=losses[0] if losses else None, loss_last_epoch=losses[-1] if losses else None,
-            peak_memory_mib=round(peak, 1), seconds=time.perf_counter() - started, **(best.summary() if best else {}),
+            peak_memory_mib=round(correction.peak_memory_mib, 1), seconds=time.perf_counter() - started,
+            **(best.summary() if best else {}),
         )
 
 
@@ -473,32 +525,7 @@ def point_loss(point: str, block: nn.Module, adapter, names: list[str], linears:
         return [QLLMLinear(w, linears[n].bias, quantizer, spec, cmap) for n, w in zip(names, weights)]
 
     if point == "attn_in":
-        attention = block.get_submodule(adapter.attention)
-        prefix = f"{adapter.attention}."
-        paths = [n[len(prefix):] for n in names]
-
-        def run(consumers, quantized):
-            saved = [attention.get_submodule(p) for p in paths]
-            o_path = adapter.linears["o"][len(prefix):]
-            saved_o = attention.get_submodule(o_path)
-            try:
-                for p, module in zip(paths, consumers):
-                    attention.set_submodule(p, module)
-                attention.set_submodule(o_path, nn.Identity())
-                if quantized and spec is not None and quantize_attention:
-                    install_attention_quantization(attention, spec)
-                outputs = []
-                with torch.no_grad():
-                    for batch, size, x in chunks:
-                        kwargs = cast_floating(slice_batch(block_kwargs[batch], slice(0, len(x)), size), torch.float32)
-                        outputs.append(first_output(attention(hidden_states=x, **kwargs)).float())
-                return outputs
-            finally:
-                install_attention_quantization(attention, None)
-                for p, module in zip(paths, saved):
-                    attention.set_submodule(p, module)
-                attention.set_submodule(o_path, saved_o)
-
+        run = attention_runner(block, adapter, names, chunks, block_kwargs, spec, quantize_attention)
         reference = run([linears[n] for n in names], quantized=False)
         return lambda plan: mse_of(run(quantized_consumers(plan), quantized=True), reference)
 
@@ -521,6 +548,40 @@ def point_loss(point: str, block: nn.Module, adapter, names: list[str], linears:
             return mse_of([consumer(x) for x in features], reference)
 
     return down
+
+
+def attention_runner(block: nn.Module, adapter, names: list[str], chunks: list, block_kwargs,
+                     spec: ActivationSpec | None, quantize_attention: bool):
+    """``run(consumers, quantized)``: the block's attention output before o_proj on the stored ``chunks``,
+    with ``consumers`` in place of q, k and v (Q, K, V quantized at ``spec`` when ``quantized``); the
+    attention is restored afterwards."""
+    attention = block.get_submodule(adapter.attention)
+    prefix = f"{adapter.attention}."
+    paths = [n[len(prefix):] for n in names]
+
+    def run(consumers, quantized):
+        saved = [attention.get_submodule(p) for p in paths]
+        o_path = adapter.linears["o"][len(prefix):]
+        saved_o = attention.get_submodule(o_path)
+        try:
+            for p, module in zip(paths, consumers):
+                attention.set_submodule(p, module)
+            attention.set_submodule(o_path, nn.Identity())
+            if quantized and spec is not None and quantize_attention:
+                install_attention_quantization(attention, spec)
+            outputs = []
+            with torch.no_grad():
+                for batch, size, x in chunks:
+                    kwargs = cast_floating(slice_batch(block_kwargs[batch], slice(0, len(x)), size), torch.float32)
+                    outputs.append(first_output(attention(hidden_states=x, **kwargs)).float())
+            return outputs
+        finally:
+            install_attention_quantization(attention, None)
+            for p, module in zip(paths, saved):
+                attention.set_submodule(p, module)
+            attention.set_submodule(o_path, saved_o)
+
+    return run
 
 
 def float_linear(linear: nn.Linear):

@@ -4,7 +4,7 @@ No paper: this is the textbook scheme (min-max ranges per group of ``group_size`
 round each weight to the nearest grid point) in the convention of compressed-tensors, so the
 result exports losslessly to its ``pack-quantized`` format. Defaults: 4 bits, group 128, symmetric: the scheme
 vLLM serves with Marlin, and the one transformers loads (its compressed-tensors loader cannot read
-packed zero points yet: llm-compressor#1618, #1704). Asymmetric grids (``symmetric: false``) cost
+packed zero points; the upstream issues: docs/methods/rtn.md). Asymmetric grids (``symmetric: false``) cost
 ``bits/group_size`` more bits per weight and give clearly lower error at 2-3 bits; they export
 in the same format and load through ``compressor.export.load_quantized_model`` and vLLM.
 Data-free: it never runs the model.
@@ -17,9 +17,13 @@ linear fake-quantizes its input per token (dynamic min-max, ``modules/activation
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from compressor.quant.uniform import ActivationQuantization, UniformQuantizer, quantize_uniform, relative_error
 from compressor.step import register_step
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 
 @register_step("rtn")
@@ -29,7 +33,7 @@ class RTN(ActivationQuantization, UniformQuantizer):
 
     needs_calibration = False
 
-    def compress_block(self, context) -> None:
+    def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
         modules = {}
         for name, linear in context.linears(self.ignore).items():

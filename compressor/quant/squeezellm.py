@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from compressor.quant.uniform import minmax_params
 from compressor.step import Step, param, register_step
 from compressor.weights.values import DenseAndSparseWeight, LUTWeight, SparseOutliers, row_chunks
 from compressor.modules.linear import QuantizedLinear
+
+if TYPE_CHECKING:
+    from compressor.context import ModelContext
 
 INITS = ("best", "kmeans++", "uniform")
 RESCALES = ("unbiased", "none")
@@ -301,7 +305,7 @@ class SqueezeLLM(Step):
         if self.sensitive_percent + self.outlier_percent > 100:
             raise ValueError(f"outlier_percent: sensitive_percent + outlier_percent = {self.sensitive_percent + self.outlier_percent} exceeds 100")
 
-    def compress_model(self, context) -> None:
+    def compress_model(self, context: ModelContext) -> None:
         targets = {(index, name): linear for index in range(context.num_blocks) for name, linear in context.linears(self.ignore, index).items()}
         tokens = context.calibration_tokens()
         groups = block_groups(context.num_blocks, self.fisher_passes)
@@ -322,10 +326,10 @@ class SqueezeLLM(Step):
         for name, module in finished.items():
             context.replace_module(name, module)
 
-    def accumulator_device(self, context) -> torch.device:
+    def accumulator_device(self, context: ModelContext) -> torch.device:
         return torch.device("cpu") if self.fisher_device == "cpu" else torch.device(context.device)
 
-    def check_fisher_memory(self, context, targets: dict, groups: list[list[int]]) -> None:
+    def check_fisher_memory(self, context: ModelContext, targets: dict, groups: list[list[int]]) -> None:
         """Fail before the first pass, naming the setting to change, when one pass's accumulators
         would not fit in 90 % of the free memory where they live."""
         from compressor.report import free_memory
@@ -347,7 +351,8 @@ class SqueezeLLM(Step):
         raise ValueError(f"squeezellm: fisher_passes: one Fisher pass needs {needed / 2**30:.2f} GiB of {self.fisher_dtype} "
                          f"accumulators on {store}, {free / 2**30:.2f} GiB is free; {advice}")
 
-    def fisher_pass(self, context, modules: dict[str, nn.Linear], tokens: torch.Tensor, group: list[int]) -> dict[str, torch.Tensor]:
+    def fisher_pass(self, context: ModelContext, modules: dict[str, nn.Linear], tokens: torch.Tensor,
+                    group: list[int]) -> dict[str, torch.Tensor]:
         """The Fisher of ``modules`` (one group of blocks), recorded with its time and peak memory."""
         from compressor.report import peak_memory
 
@@ -362,7 +367,8 @@ class SqueezeLLM(Step):
                        **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
         return fisher
 
-    def quantize_layer(self, context, block: int, name: str, linear: nn.Linear, fisher: torch.Tensor) -> LUTWeight | DenseAndSparseWeight:
+    def quantize_layer(self, context: ModelContext, block: int, name: str, linear: nn.Linear,
+                       fisher: torch.Tensor) -> LUTWeight | DenseAndSparseWeight:
         """One layer's SqueezeLLM value on ``context.device``, recorded with its error and k-means time."""
         weight = linear.weight.data.to(context.device)
         started = time.perf_counter()

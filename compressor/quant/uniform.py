@@ -13,6 +13,7 @@ compressed-tensors' ``pack-quantized`` format:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from compressor.arch import block_linears
 from compressor.step import Step, param
 from compressor.modules.activations import ActivationSpec, install_attention_quantization
 from compressor.weights.values import UniformWeight, expand_groups, row_chunks
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
 
 
 @dataclass
@@ -60,7 +64,7 @@ class ActivationQuantization(Step):
     def activation_spec(self) -> ActivationSpec | None:
         return None if self.activation_bits == 16 else ActivationSpec(self.activation_bits, self.activation_symmetric)
 
-    def refuse_other_weight_kinds(self, context) -> None:
+    def refuse_other_weight_kinds(self, context: BlockContext) -> None:
         """Activation quantization here is for uniform weights (the W+A grid our native format records): an
         earlier step's lookup-table or other weights on this block are a one-line error, raised at block 0
         before this step does any work."""
@@ -72,7 +76,8 @@ class ActivationQuantization(Step):
                 raise ValueError(f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} already holds "
                                  f"'{kind}' weights from an earlier step; drop activation_bits or run this step on other layers")
 
-    def quantize_block_activations(self, context, quantized: dict, channel_maps: dict | None = None) -> None:
+    def quantize_block_activations(self, context: BlockContext, quantized: dict,
+                                   channel_maps: dict | None = None) -> None:
         """Attach the activation spec (and each linear's channel map) to the block's new ``QuantizedLinear``
         modules ``quantized`` (path -> module), and quantize its attention operands."""
         spec = self.activation_spec

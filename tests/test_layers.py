@@ -81,16 +81,51 @@ def test_there_is_no_import_cycle():
     assert cycles(GRAPH) == []
 
 
-@pytest.mark.parametrize("layer", ["compressor.weights", "compressor.kernels", "compressor.export", "compressor.arch"])
-def test_lower_layers_import_no_method(layer):
-    offending = {m: sorted(e for e in edges if e.startswith(METHODS)) for m, edges in imports_of(layer).items()}
-    assert {m: e for m, e in offending.items() if e} == {}
+# docs/ARCHITECTURE.md's layers, from the bottom up: a module imports only its own layer and those before it
+LAYERS = (
+    ("foundations", ("compressor.errors", "compressor.version", "compressor.step", "compressor.progress",
+                     "compressor.data_files", "compressor.demo")),
+    ("value types", ("compressor.weights",)),
+    ("kernels", ("compressor.kernels",)),
+    ("quantized modules", ("compressor.modules",)),
+    ("architecture", ("compressor.arch",)),
+    ("KV caches", ("compressor.kvcache",)),
+    ("model and runners", ("compressor.model", "compressor.blockwise", "compressor.calibration", "compressor.report",
+                           "compressor.distill", "compressor.training", "compressor.declaration")),
+    ("export", ("compressor.export",)),
+    ("step contract", ("compressor.context",)),
+    ("methods", METHODS),
+    ("method list and recipe", ("compressor.methods", "compressor.recipe")),
+    ("session and entry points", ("compressor",)),  # pipeline, api, eval, validate, cli, ... and the package root
+)
+
+
+def layer_of(module: str) -> int:
+    """The index in ``LAYERS`` of the longest prefix naming ``module``."""
+    matches = [(len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    return max(matches)[1]
+
+
+def test_every_import_goes_down_the_layers():
+    upward = sorted(f"{module} ({LAYERS[layer_of(module)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+                    for module, edges in GRAPH.items() for target in edges if layer_of(target) > layer_of(module))
+    assert upward == []
 
 
 def test_kernels_import_no_export_and_the_value_types_nothing():
     kernels = {m: sorted(e for e in edges if e.startswith("compressor.export")) for m, edges in imports_of("compressor.kernels").items()}
     assert {m: e for m, e in kernels.items() if e} == {}
     assert GRAPH["compressor.weights.values"] == set()
+
+
+def test_the_step_contract_imports_no_export():
+    assert not [e for e in GRAPH["compressor.context"] if e.startswith("compressor.export")]
+
+
+def test_readers_of_the_kv_cache_use_its_channel_never_a_method():
+    for module in ("compressor.eval", "compressor.export.loading", "compressor.export.hf_quantizer"):
+        assert not [e for e in GRAPH[module] if e.startswith("compressor.kvcache.")], module
 
 
 def test_methods_import_neither_the_pipeline_nor_the_recipe_nor_export_nor_another_method():

@@ -24,31 +24,18 @@ from __future__ import annotations
 
 import torch
 
-from compressor.kernels.codes import INTERPRETED, dequant_affine, dot_type, no_table
-from compressor.kernels.decode import arrival_counters, decode_matmul
+from compressor.kernels.codes import dequant_affine, dot_type, no_table
+from compressor.kernels.decode import decode_matmul
 from compressor.kernels.dequant import dequant_matmul, dequantize_weight
 from compressor.kernels.gemm import gemm_matmul
 from compressor.kernels.heuristics import (
-    DECODE_MAX_M,
-    DEQUANT_MIN_M,
-    candidate_configs,
     check_block_k,
-    decode_split_cap,
     default_config,
-    gpu_config,
-    min_block_k,
-    schedule_for,
 )
 from compressor.kernels.packing import PackedOutliers, PackedUniform
 from compressor.kernels.sparse import outlier_add
 from compressor.kernels.tables import KernelConfig
 
-# names code written against the one-file version imported from here
-__all__ = [
-    "DECODE_MAX_M", "DEQUANT_MIN_M", "INTERPRETED", "KernelConfig", "arrival_counters", "candidate_configs",
-    "decode_split_cap", "default_config", "dequant_affine", "dequantize_weight", "gpu_config", "min_block_k",
-    "no_table", "quantized_matmul", "schedule_for", "uniform_dequantize", "uniform_linear",
-]
 
 
 def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant,

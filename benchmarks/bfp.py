@@ -37,9 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bfp"
 
 SETTINGS = [  # (block_size, ksort, scope); ksort "act_rms+greedy": act_rms then refine: greedy
-    (32, "act_rms", "token"), (32, "act_rms+greedy", "token"), (32, "weight_norm", "token"), (32, "none", "token"),
-    (128, "act_rms", "token"), (128, "none", "token"),
-    (16, "act_rms", "head"), (16, "none", "head"),
+    (32, "act_rms", "token"),
+    (32, "act_rms+greedy", "token"),
+    (32, "weight_norm", "token"),
+    (32, "none", "token"),
+    (128, "act_rms", "token"),
+    (128, "none", "token"),
+    (16, "act_rms", "head"),
+    (16, "none", "head"),
 ]
 
 
@@ -49,7 +54,9 @@ def planted_outlier_model(folder: Path, seed: int) -> Path:
 
     from compressor.testing import make_random_model
 
-    source = make_random_model("llama", folder / "source", seed=seed, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    source = make_random_model(
+        "llama", folder / "source", seed=seed, hidden_size=128, num_attention_heads=4, num_key_value_heads=2
+    )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     heads, kv_heads, head_dim = 4, 2, 32
@@ -74,25 +81,53 @@ def planted_outlier_model(folder: Path, seed: int) -> Path:
     return out
 
 
-def measure(model: str, settings, work: Path, max_windows: int | None, seq_len: int, text: str, samples: int) -> list[dict]:
+def measure(
+    model: str, settings, work: Path, max_windows: int | None, seq_len: int, text: str, samples: int
+) -> list[dict]:
     from compressor import Recipe, apply
     from compressor.eval import evaluate_paths
 
     rows = []
     for block_size, ksort, scope in settings:
         order, _, refine = ksort.partition("+")
-        recipe = Recipe.from_dict({
-            "calibration": {"dataset": text, "samples": samples, "seq_len": seq_len},
-            "steps": [{"bfp": {"k_bits": 4, "block_size": block_size, "ksort": order, "scope": scope, "refine": refine or "none"}}],
-        })
+        recipe = Recipe.from_dict(
+            {
+                "calibration": {"dataset": text, "samples": samples, "seq_len": seq_len},
+                "steps": [
+                    {
+                        "bfp": {
+                            "k_bits": 4,
+                            "block_size": block_size,
+                            "ksort": order,
+                            "scope": scope,
+                            "refine": refine or "none",
+                        }
+                    }
+                ],
+            }
+        )
         out = work / f"kv4-n{block_size}-{ksort}-{scope}"
         apply(recipe, model, out, progress=False)
         result = evaluate_paths(str(out), model, text=text, seq_len=seq_len, max_windows=max_windows)
         kv = result.kv_cache
-        rows.append({"model": model, "k_bits": 4, "block_size": block_size, "ksort": ksort, "scope": scope,
-                     "kl": result.kl_divergence, "gap": result.perplexity_gap, "perplexity": result.perplexity,
-                     "base_perplexity": result.base_perplexity, "windows": result.windows, "tokens": result.tokens,
-                     "k_bytes_per_token": kv["k_bytes_per_token"], "dense_bytes_per_token": kv["dense_bytes_per_token"], "k_ratio": kv["k_ratio"]})
+        rows.append(
+            {
+                "model": model,
+                "k_bits": 4,
+                "block_size": block_size,
+                "ksort": ksort,
+                "scope": scope,
+                "kl": result.kl_divergence,
+                "gap": result.perplexity_gap,
+                "perplexity": result.perplexity,
+                "base_perplexity": result.base_perplexity,
+                "windows": result.windows,
+                "tokens": result.tokens,
+                "k_bytes_per_token": kv["k_bytes_per_token"],
+                "dense_bytes_per_token": kv["dense_bytes_per_token"],
+                "k_ratio": kv["k_ratio"],
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -124,6 +159,7 @@ def measure_bound(model: str, block_sizes, max_windows: int | None, seq_len: int
     windows = make_windows(heldout_stream(tokenizer, text), seq_len, max_windows)
     rows = []
     for block_size in block_sizes:
+
         def start_cache(module, args, kwargs, block_size=block_size):
             kwargs["cache"] = SmallBlockKeyCache(module.config, 4, block_size)
             kwargs["use_cache"] = True
@@ -137,38 +173,71 @@ def measure_bound(model: str, block_sizes, max_windows: int | None, seq_len: int
         geometry = attention_geometry(quantized.config)
         channels = geometry.num_kv_heads * geometry.head_dim
         k_bytes = stored_bytes(channels, 4, block_size)  # one token, one layer
-        rows.append({"model": model, "k_bits": 4, "block_size": block_size, "ksort": "none (bound)", "scope": "token",
-                     "kl": result.kl_divergence, "gap": result.perplexity - result.base_perplexity, "perplexity": result.perplexity,
-                     "base_perplexity": result.base_perplexity, "windows": result.windows, "tokens": result.tokens,
-                     "k_bytes_per_token": k_bytes * quantized.config.num_hidden_layers,
-                     "dense_bytes_per_token": 2 * channels * quantized.config.num_hidden_layers,
-                     "k_ratio": k_bytes / (2 * channels)})
+        rows.append(
+            {
+                "model": model,
+                "k_bits": 4,
+                "block_size": block_size,
+                "ksort": "none (bound)",
+                "scope": "token",
+                "kl": result.kl_divergence,
+                "gap": result.perplexity - result.base_perplexity,
+                "perplexity": result.perplexity,
+                "base_perplexity": result.base_perplexity,
+                "windows": result.windows,
+                "tokens": result.tokens,
+                "k_bytes_per_token": k_bytes * quantized.config.num_hidden_layers,
+                "dense_bytes_per_token": 2 * channels * quantized.config.num_hidden_layers,
+                "k_ratio": k_bytes / (2 * channels),
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | K mantissa bits | block | K-sort | scope | K bytes/token (bf16) | ratio | perplexity (base) | gap | mean KL (nats) | KL / KL without K-sort |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | K mantissa bits | block | K-sort | scope | K bytes/token (bf16) | ratio | perplexity (base) | gap | mean KL (nats) | KL / KL without K-sort |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        unsorted = next((r for r in rows if r["model"] == row["model"] and r["scope"] == row["scope"] and r["ksort"] == "none"
-                         and (r["block_size"] == row["block_size"] or (row["ksort"].endswith("(bound)") and r["block_size"] == 32))), None)
+        unsorted = next(
+            (
+                r
+                for r in rows
+                if r["model"] == row["model"]
+                and r["scope"] == row["scope"]
+                and r["ksort"] == "none"
+                and (
+                    r["block_size"] == row["block_size"] or (row["ksort"].endswith("(bound)") and r["block_size"] == 32)
+                )
+            ),
+            None,
+        )
         relative = f"{row['kl'] / unsorted['kl']:.3f}" if unsorted and unsorted["kl"] > 0 else "-"
-        lines.append(f"| {row['model']} | {row['k_bits']} | {row['block_size']} | {row['ksort']} | {row['scope']} | "
-                     f"{row['k_bytes_per_token']} ({row['dense_bytes_per_token']}) | {row['k_ratio']:.3f} | "
-                     f"{row['perplexity']:.3f} ({row['base_perplexity']:.3f}) | {row['gap']:+.4f} | {row['kl']:.3g} | {relative} |")
+        lines.append(
+            f"| {row['model']} | {row['k_bits']} | {row['block_size']} | {row['ksort']} | {row['scope']} | "
+            f"{row['k_bytes_per_token']} ({row['dense_bytes_per_token']}) | {row['k_ratio']:.3f} | "
+            f"{row['perplexity']:.3f} ({row['base_perplexity']:.3f}) | {row['gap']:+.4f} | {row['kl']:.3g} | {relative} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", help="default: demo and the planted-outlier tiny Llama (seeds 0, 1, 2)")
+    parser.add_argument(
+        "--model", action="append", help="default: demo and the planted-outlier tiny Llama (seeds 0, 1, 2)"
+    )
     parser.add_argument("--max-windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--samples", type=int, default=32, help="calibration sequences (act_rms)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
-    parser.add_argument("--bound", action="store_true", help="also the per-value-exponent rows (blocks 1, 2, 4) on the first model: "
-                                                             "the floor any channel order at n = 32 stays above")
+    parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="also the per-value-exponent rows (blocks 1, 2, 4) on the first model: "
+        "the floor any channel order at n = 32 stays above",
+    )
     parser.add_argument("--no-planted", action="store_true", help="skip the planted-outlier tiny Llamas")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -183,20 +252,38 @@ def main(argv=None) -> None:
         if not args.model and not args.no_planted:
             for seed in (0, 1, 2):
                 planted = planted_outlier_model(work / f"planted{seed}", seed)
-                planted_rows = measure(str(planted), [(32, "act_rms", "token"), (32, "weight_norm", "token"), (32, "none", "token"),
-                                                      (16, "act_rms", "head"), (16, "none", "head")],
-                                       work / f"p{seed}", 16, 128, "demo", 16)
+                planted_rows = measure(
+                    str(planted),
+                    [
+                        (32, "act_rms", "token"),
+                        (32, "weight_norm", "token"),
+                        (32, "none", "token"),
+                        (16, "act_rms", "head"),
+                        (16, "none", "head"),
+                    ],
+                    work / f"p{seed}",
+                    16,
+                    128,
+                    "demo",
+                    16,
+                )
                 for row in planted_rows:
                     row["model"] = f"planted-outliers seed {seed}"
                 rows += planted_rows
     date = datetime.date.today().isoformat()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])])
-    (args.output_dir / f"bfp-{date}.json").write_text(json.dumps({"command": command, "date": date, "rows": rows}, indent=1))
-    (args.output_dir / f"bfp-{date}.md").write_text(f"# BFP KV cache with and without K-sort ({date})\n\nMeasured by `{command}`. Demo: {args.max_windows} held-out "
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *(argv if argv is not None else sys.argv[1:])]
+    )
+    (args.output_dir / f"bfp-{date}.json").write_text(
+        json.dumps({"command": command, "date": date, "rows": rows}, indent=1)
+    )
+    (args.output_dir / f"bfp-{date}.md").write_text(
+        f"# BFP KV cache with and without K-sort ({date})\n\nMeasured by `{command}`. Demo: {args.max_windows} held-out "
         f"windows of {args.seq_len} tokens, calibration {args.samples} x {args.seq_len}; planted-outlier tiny Llamas: 16 windows of 128 "
         f"tokens, calibration 16 x 128. KL: mean per-token KL to the same weights with an unquantized cache; values unquantized.\n\n"
-        f"{markdown(rows)}\n")
+        f"{markdown(rows)}\n"
+    )
     print(markdown(rows))
 
 

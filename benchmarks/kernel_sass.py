@@ -44,18 +44,29 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
     ("uniform 4b, M16 tensor cores, 64x64, 4 warps", dict(bits=4, block=(16, 64, 64), num_warps=4)),
     ("uniform 4b, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2)),
     ("lut 4b global, 512x16, 4 warps", dict(bits=4, lut=True, block=(1, 512, 16), num_warps=4)),
-    ("lut 4b registers, 512x16, 4 warps", dict(bits=4, lut=True, lut_mode="registers", block=(1, 512, 16), num_warps=4)),
+    (
+        "lut 4b registers, 512x16, 4 warps",
+        dict(bits=4, lut=True, lut_mode="registers", block=(1, 512, 16), num_warps=4),
+    ),
     ("lut 3b global, 512x32, 4 warps", dict(bits=3, lut=True, block=(1, 512, 32), num_warps=4)),
 ]
 
 
 def sass(kernel, types_, constexprs, num_warps, num_stages) -> list[str]:
     constexprs = {**constexprs, "stride_xk": 1}
-    signature = {n: "constexpr" if n in constexprs else types_[n] if n.endswith("_ptr") else "i32" for n in kernel.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if n not in constexprs and (n.endswith("_ptr") or n in ("N", "K", "rows_per_bit", "stride_xm"))}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), target=TARGET,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    signature = {
+        n: "constexpr" if n in constexprs else types_[n] if n.endswith("_ptr") else "i32" for n in kernel.arg_names
+    }
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(kernel.arg_names)
+        if n not in constexprs and (n.endswith("_ptr") or n in ("N", "K", "rows_per_bit", "stride_xm"))
+    }
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=TARGET,
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -93,7 +104,9 @@ def per_weight(name: str, options: dict) -> str:
     counts: dict[str, int] = {}
     for line in body:
         counts[opcode(line)] = counts.get(opcode(line), 0) + 1
-    top = ", ".join(f"{op} {n / (weights_per_thread * tiles):.2f}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
+    top = ", ".join(
+        f"{op} {n / (weights_per_thread * tiles):.2f}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6]
+    )
     return f"{name}: {len(body) / (weights_per_thread * tiles):.2f} instructions per weight ({top})"
 
 

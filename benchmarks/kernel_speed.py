@@ -51,13 +51,25 @@ from compressor.kernels.tune import time_ms  # noqa: E402
 from compressor.weights.values import LUTWeight, UniformWeight  # noqa: E402
 
 SHAPES = {  # (name, N, K): the linear layers of one decoder block
-    "8b": [("q/o_proj", 4096, 4096), ("k/v_proj", 1024, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)],
-    "70b": [("q/o_proj", 8192, 8192), ("k/v_proj", 1024, 8192), ("gate/up_proj", 28672, 8192), ("down_proj", 8192, 28672)],
+    "8b": [
+        ("q/o_proj", 4096, 4096),
+        ("k/v_proj", 1024, 4096),
+        ("gate/up_proj", 14336, 4096),
+        ("down_proj", 4096, 14336),
+    ],
+    "70b": [
+        ("q/o_proj", 8192, 8192),
+        ("k/v_proj", 1024, 8192),
+        ("gate/up_proj", 28672, 8192),
+        ("down_proj", 8192, 28672),
+    ],
     "cpu": [("small", 96, 256), ("odd", 37, 200)],
 }
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, spec sheets
-CPU_NOTE = ("CPU run under the Triton interpreter (TRITON_INTERPRET=1): this proves the benchmark runs and the "
-            "kernels match the reference; the timings mean nothing and no GPU numbers exist yet.")
+CPU_NOTE = (
+    "CPU run under the Triton interpreter (TRITON_INTERPRET=1): this proves the benchmark runs and the "
+    "kernels match the reference; the timings mean nothing and no GPU numbers exist yet."
+)
 
 
 def peak_bandwidth(device_name: str) -> float | None:
@@ -119,7 +131,7 @@ def tinygemm_fn(weight: UniformWeight, x: torch.Tensor):
     n, k = weight.shape
     x16 = x.to(torch.bfloat16)
     scales = weight.scales.to(torch.bfloat16)
-    zero = ((8 - weight.zero_points()).to(torch.bfloat16) * scales)
+    zero = (8 - weight.zero_points()).to(torch.bfloat16) * scales
     scales_and_zeros = torch.stack([scales, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
     expected = exact_linear(x16, weight)
     codes = weight.codes
@@ -156,8 +168,14 @@ def gemlite_fn(weight: UniformWeight, x: torch.Tensor):
     from gemlite.core import DType, GemLiteLinear
 
     n, k = weight.shape
-    layer = GemLiteLinear(weight.bits, group_size=weight.group_size, in_features=k, out_features=n,
-                          input_dtype=DType.FP16, output_dtype=DType.FP16)
+    layer = GemLiteLinear(
+        weight.bits,
+        group_size=weight.group_size,
+        in_features=k,
+        out_features=n,
+        input_dtype=DType.FP16,
+        output_dtype=DType.FP16,
+    )
     layer.pack(weight.codes, weight.scales.half(), weight.zero_points().half(), None)
     x16 = x.half()
     fn = lambda: layer(x16)  # noqa: E731
@@ -203,7 +221,9 @@ def should_tune(args, kind: str, bits: int, m: int) -> bool:
         return False
     if not args.device_check:
         return True
-    return (kind, bits) == ("uniform", 4) or ((kind, bits) in (("uniform", 3), ("lut", 4)) and m == 1)  # the target rows
+    return (kind, bits) == ("uniform", 4) or (
+        (kind, bits) in (("uniform", 3), ("lut", 4)) and m == 1
+    )  # the target rows
 
 
 def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
@@ -218,10 +238,16 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
     peak = peak_bandwidth(device_name) if on_gpu else None
     meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name,
         "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]) if args.command is None else args.command,
-        "torch": torch.__version__, "triton": triton.__version__, "peak_bandwidth": peak,
-        "interpreter": not on_gpu, "group_size": args.group, "max_seconds": args.max_seconds, "stopped": None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "peak_bandwidth": peak,
+        "interpreter": not on_gpu,
+        "group_size": args.group,
+        "max_seconds": args.max_seconds,
+        "stopped": None,
     }
     if on_gpu:
         meta["copy_bandwidth"] = measured_copy_bandwidth()
@@ -241,7 +267,9 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
             dense = (torch.randn(n, k, device=device) * 0.02).half()
             weights = [("uniform", b, random_uniform(n, k, b, args.group, device)) for b in args.bits]
             weights += [("lut", b, random_lut(n, k, b, device)) for b in args.lut]
-            weights.sort(key=lambda item: (item[:2] != ("uniform", 4), item[0] != "uniform" or item[1] != 3))  # target rows first
+            weights.sort(
+                key=lambda item: (item[:2] != ("uniform", 4), item[0] != "uniform" or item[1] != 3)
+            )  # target rows first
             weights_by_shape[(n, k)] = dense, weights
         return weights_by_shape[(n, k)]
 
@@ -267,8 +295,11 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                 moved = moved or bytes_moved(weight_bytes, m, n, k)
                 row.update(bytes=moved, max_rel_err=error)
                 if peak:
-                    row.update(gbps=moved / (row["us"] * 1e-6) / 1e9, pct_peak=100 * moved / (row["us"] * 1e-6) / peak,
-                               floor_us=moved / peak * 1e6)
+                    row.update(
+                        gbps=moved / (row["us"] * 1e-6) / 1e9,
+                        pct_peak=100 * moved / (row["us"] * 1e-6) / peak,
+                        floor_us=moved / peak * 1e6,
+                    )
                 baseline = row["us"] if bits == 16 else next((r.get("us") for r in here if r["bits"] == 16), None)
                 if baseline and row.get("us"):
                     row["speedup"] = baseline / row["us"]
@@ -276,8 +307,16 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                 recorder.add(row)
 
             def failed(kernel, bits, exc):
-                row = {"shape": shape_name, "N": n, "K": k, "M": m, "kernel": kernel, "bits": bits, "us": None,
-                       "note": f"{type(exc).__name__}: {str(exc)[:120]}"}
+                row = {
+                    "shape": shape_name,
+                    "N": n,
+                    "K": k,
+                    "M": m,
+                    "kernel": kernel,
+                    "bits": bits,
+                    "us": None,
+                    "note": f"{type(exc).__name__}: {str(exc)[:120]}",
+                }
                 here.append(row)
                 recorder.add(row)
 
@@ -289,13 +328,15 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
             for kind, bits, weight in weights:
                 dense_part, _ = dispatch.prepare(weight)
                 group = args.group if kind == "uniform" else -1
-                config = (dispatch.table_config(dense_part, m, device_name) if on_gpu else None) \
-                    or default_config(m, n, k, group, device, bits)
+                config = (dispatch.table_config(dense_part, m, device_name) if on_gpu else None) or default_config(
+                    m, n, k, group, device, bits
+                )
                 note = "table" if on_gpu and dispatch.table_config(dense_part, m, device_name) else "heuristic"
                 if should_tune(args, kind, bits, m):
-                    candidates = [config] + [c for c in candidate_configs(m, n, k, group, device, bits, lut=kind == "lut")
-                                             if c != config]
-                    candidates = candidates[:args.tune_candidates]
+                    candidates = [config] + [
+                        c for c in candidate_configs(m, n, k, group, device, bits, lut=kind == "lut") if c != config
+                    ]
+                    candidates = candidates[: args.tune_candidates]
                     timings = []
                     for candidate in candidates:
                         check_time()
@@ -305,24 +346,60 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                         best_ms, _, config = min(ok)
                         note = f"tuned ({len(ok)} of {len(candidates)} candidates ran)"
                         tuned_entries[tables.table_key(kind, bits, group, n, k, m)] = {
-                            **config.as_dict(), "us": round(best_ms * 1e3, 2),
-                            "source": f"benchmarks/kernel_speed.py --tune on {device_name}, {meta['date'][:10]}"}
+                            **config.as_dict(),
+                            "us": round(best_ms * 1e3, 2),
+                            "source": f"benchmarks/kernel_speed.py --tune on {device_name}, {meta['date'][:10]}",
+                        }
                 error = max_rel_error(triton_linear(x, weight, None, config), exact_linear(x, weight))
-                add(f"ours {kind}", bits, lambda weight=weight, config=config: triton_linear(x, weight, None, config),
-                    dense_part.nbytes(), error, note, config)
+                add(
+                    f"ours {kind}",
+                    bits,
+                    lambda weight=weight, config=config: triton_linear(x, weight, None, config),
+                    dense_part.nbytes(),
+                    error,
+                    note,
+                    config,
+                )
                 if m > 16 and (kind, bits) == ("uniform", 4):  # prefill: both ways, so the table can pick
                     for other in ("gemm", "dequant"):
                         if config.schedule == other:
                             continue
                         forced = next(c for c in candidate_configs(m, n, k, group, device, bits) if c.schedule == other)
-                        add(f"ours {kind} ({other})", bits, lambda weight=weight, forced=forced: triton_linear(x, weight, None, forced),
-                            dense_part.nbytes(), None, "forced schedule", forced)
+                        add(
+                            f"ours {kind} ({other})",
+                            bits,
+                            lambda weight=weight, forced=forced: triton_linear(x, weight, None, forced),
+                            dense_part.nbytes(),
+                            None,
+                            "forced schedule",
+                            forced,
+                        )
                     if m == next(v for v in args.m if v > 16):  # the dequantize pass alone: read packed, write fp16
-                        dequant = next(c for c in candidate_configs(m, n, k, group, device, bits) if c.schedule == "dequant")
-                        add("ours dequantize kernel", bits, lambda dense_part=dense_part, dequant=dequant: dequantize_weight(
-                            dense_part.packed, dense_part.rows_per_bit, dense_part.shape, bits, dense_part.scales, dense_part.zs,
-                            group, dequant_affine, torch.float16, dequant, kn=True),
-                            dense_part.nbytes(), None, "W [K, N] fp16 only, no matmul", dequant, moved=dense_part.nbytes() + n * k * 2)
+                        dequant = next(
+                            c for c in candidate_configs(m, n, k, group, device, bits) if c.schedule == "dequant"
+                        )
+                        add(
+                            "ours dequantize kernel",
+                            bits,
+                            lambda dense_part=dense_part, dequant=dequant: dequantize_weight(
+                                dense_part.packed,
+                                dense_part.rows_per_bit,
+                                dense_part.shape,
+                                bits,
+                                dense_part.scales,
+                                dense_part.zs,
+                                group,
+                                dequant_affine,
+                                torch.float16,
+                                dequant,
+                                kn=True,
+                            ),
+                            dense_part.nbytes(),
+                            None,
+                            "W [K, N] fp16 only, no matmul",
+                            dequant,
+                            moved=dense_part.nbytes() + n * k * 2,
+                        )
             four_bit = next((w for kind, b, w in weights if kind == "uniform" and b == 4), None)
             if four_bit is not None and args.group in (32, 64, 128, 256):
                 baselines = [("tinygemm int4 (aten)", tinygemm_fn)]
@@ -354,8 +431,9 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
     meta["seconds"] = round(time.monotonic() - start, 1)
     if tuned_entries:
         out = Path(args.tune_out) if args.tune_out else stem.parent / f"{stem.name}-configs.json"
-        tables.write_table(out, tuned_entries, device_name, f"benchmarks/kernel_speed.py --tune: {meta['command']}",
-                           merge=False)
+        tables.write_table(
+            out, tuned_entries, device_name, f"benchmarks/kernel_speed.py --tune: {meta['command']}", merge=False
+        )
         meta["tuned_table"] = str(out)
     return recorder.rows, meta
 
@@ -378,9 +456,16 @@ TARGETS = [  # (what, kind of check) -- ratios from one run, 8B shapes
 def targets(rows: list[dict]) -> list[dict]:
     """Each target: the worst value over the shapes measured, the threshold, and met / missed /
     unmeasured (no row for it, e.g. no GPU, no gemlite, or the run was cut short)."""
+
     def find(shape, m, kernel, bits):
-        return next((r for r in rows if (r["shape"], r["M"], r["kernel"], r["bits"]) == (shape, m, kernel, bits)
-                     and r.get("us")), None)
+        return next(
+            (
+                r
+                for r in rows
+                if (r["shape"], r["M"], r["kernel"], r["bits"]) == (shape, m, kernel, bits) and r.get("us")
+            ),
+            None,
+        )
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     results = []
@@ -403,8 +488,16 @@ def targets(rows: list[dict]) -> list[dict]:
                 other = find(shape, 1, "ours uniform", 3) if check == "w3" else find(shape, 1, "ours lut", 4)
                 if ours4 and other:
                     values.append(ours4["us"] / other["us"])
-        threshold = {"vs_tinygemm": 1.2, "vs_gemlite": 1.2, "pct_peak": 60.0, "m16": 2.5, "m64": 1.2, "m256": 1.0,
-                     "w3": 1.0, "lut4": 1.0}[check]
+        threshold = {
+            "vs_tinygemm": 1.2,
+            "vs_gemlite": 1.2,
+            "pct_peak": 60.0,
+            "m16": 2.5,
+            "m64": 1.2,
+            "m256": 1.0,
+            "w3": 1.0,
+            "lut4": 1.0,
+        }[check]
         worst = min(values) if values else None
         if worst is None:
             status = "unmeasured"
@@ -412,17 +505,25 @@ def targets(rows: list[dict]) -> list[dict]:
             status = "met" if worst > threshold else "missed"
         else:
             status = "met" if worst >= threshold else "missed"
-        results.append({"target": what, "worst": worst, "threshold": threshold, "shapes": len(values), "status": status})
+        results.append(
+            {"target": what, "worst": worst, "threshold": threshold, "shapes": len(values), "status": status}
+        )
     return results
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# Kernel benchmark, {meta['date']}", "",
-             f"- device: {meta['device']}", f"- command: `{meta['command']}`",
-             f"- torch {meta['torch']}, triton {meta['triton']}, uniform group size {meta['group_size']} (symmetric)"]
+    lines = [
+        f"# Kernel benchmark, {meta['date']}",
+        "",
+        f"- device: {meta['device']}",
+        f"- command: `{meta['command']}`",
+        f"- torch {meta['torch']}, triton {meta['triton']}, uniform group size {meta['group_size']} (symmetric)",
+    ]
     if meta.get("peak_bandwidth"):
-        lines.append(f"- peak bandwidth {meta['peak_bandwidth'] / 1e12:.2f} TB/s (spec sheet); "
-                     f"measured copy {meta.get('copy_bandwidth', 0) / 1e12:.2f} TB/s")
+        lines.append(
+            f"- peak bandwidth {meta['peak_bandwidth'] / 1e12:.2f} TB/s (spec sheet); "
+            f"measured copy {meta.get('copy_bandwidth', 0) / 1e12:.2f} TB/s"
+        )
     if meta.get("stopped"):
         lines.append(f"- **stopped early**: {meta['stopped']}")
     if meta.get("tuned_table"):
@@ -433,16 +534,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for t in targets(rows):
         worst = "" if t["worst"] is None else f"{t['worst']:.2f}"
         lines.append(f"| {t['target']} | {worst} | {t['threshold']} | {t['shapes']} | {t['status']} |")
-    lines += ["", "| shape | N x K | M | kernel | bits | time (us) | GB/s | % peak | floor (us) | x fp16 | max rel err | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| shape | N x K | M | kernel | bits | time (us) | GB/s | % peak | floor (us) | x fp16 | max rel err | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['kernel']} | {r['bits']} | {fmt(r.get('us'), '.1f')} | "
-                     f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('floor_us'), '.1f')} | "
-                     f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('max_rel_err'), '.1e')} | {r.get('note', '')} |")
+        lines.append(
+            f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['kernel']} | {r['bits']} | {fmt(r.get('us'), '.1f')} | "
+            f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('floor_us'), '.1f')} | "
+            f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('max_rel_err'), '.1e')} | {r.get('note', '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -469,7 +575,9 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
         ax.set_ylabel("speedup over fp16")
         ax.set_yscale("log")
     axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"{meta['device']} {meta['date']}" + (" - interpreter, timings meaningless" if meta["interpreter"] else ""))
+    fig.suptitle(
+        f"{meta['device']} {meta['date']}" + (" - interpreter, timings meaningless" if meta["interpreter"] else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -477,20 +585,38 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
-    parser.add_argument("--shapes", default=None, help="comma list of 8b, 70b, cpu (default: 8b,70b on GPU, cpu on CPU)")
+    parser.add_argument(
+        "--shapes", default=None, help="comma list of 8b, 70b, cpu (default: 8b,70b on GPU, cpu on CPU)"
+    )
     parser.add_argument("--m", type=ints, default=None, help="batch sizes (default 1,2,4,8,16,32,64,128)")
     parser.add_argument("--bits", type=ints, default=None, help="uniform widths (default 2..8)")
     parser.add_argument("--lut", type=ints, default=None, help="LUT widths (default 4,3)")
     parser.add_argument("--group", type=int, default=128, help="uniform group size (default 128)")
     parser.add_argument("--quick", action="store_true", help="GPU: 8B shapes, M 1,16,64, 3/4-bit; CPU: tiny shapes")
-    parser.add_argument("--device-check", action="store_true",
-                        help="the rows that decide issue 19's targets, tuned, within --max-seconds (default 330)")
-    parser.add_argument("--max-seconds", type=float, default=None, help="stop cleanly after this long, keeping every finished row")
-    parser.add_argument("--tune", action="store_true", help="tune our kernels per row (bounded candidates) and write the winners")
-    parser.add_argument("--tune-candidates", type=int, default=None, help="at most this many configs per tuned row (default 8; 6 with --device-check)")
-    parser.add_argument("--tune-out", default=None, help="kernel-config table for the tuned winners (default <stem>-configs.json)")
+    parser.add_argument(
+        "--device-check",
+        action="store_true",
+        help="the rows that decide issue 19's targets, tuned, within --max-seconds (default 330)",
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, default=None, help="stop cleanly after this long, keeping every finished row"
+    )
+    parser.add_argument(
+        "--tune", action="store_true", help="tune our kernels per row (bounded candidates) and write the winners"
+    )
+    parser.add_argument(
+        "--tune-candidates",
+        type=int,
+        default=None,
+        help="at most this many configs per tuned row (default 8; 6 with --device-check)",
+    )
+    parser.add_argument(
+        "--tune-out", default=None, help="kernel-config table for the tuned winners (default <stem>-configs.json)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--command", default=None, help=argparse.SUPPRESS)
@@ -506,7 +632,11 @@ def parse_args(argv=None):
         args.tune_candidates = args.tune_candidates or 6
     args.tune_candidates = args.tune_candidates or 8
     quick = args.quick or not on_gpu
-    args.shapes = args.shapes.split(",") if args.shapes else (["8b"] if on_gpu and quick else ["8b", "70b"] if on_gpu else ["cpu"])
+    args.shapes = (
+        args.shapes.split(",")
+        if args.shapes
+        else (["8b"] if on_gpu and quick else ["8b", "70b"] if on_gpu else ["cpu"])
+    )
     args.m = args.m or ([1, 16, 64] if on_gpu and quick else [1, 2, 4, 8, 16, 32, 64, 128] if on_gpu else [1, 4, 17])
     args.bits = args.bits or ([3, 4] if on_gpu and quick else list(range(2, 9)))
     args.lut = args.lut if args.lut is not None else ([4] if on_gpu and quick else [4, 3])

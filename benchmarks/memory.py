@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--intermediate", type=int, default=6912)
     parser.add_argument("--keep", type=Path, help="build the model here and keep it")
-    parser.add_argument("--recipe", type=Path, help="apply this recipe instead of RTN w4 g128 (writes memory-<date>-<recipe name>.json)")
+    parser.add_argument(
+        "--recipe", type=Path, help="apply this recipe instead of RTN w4 g128 (writes memory-<date>-<recipe name>.json)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="compressor-memory-"))
@@ -74,7 +76,12 @@ def main() -> None:
         "machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'})",
         "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
         "recipe": recipe.read_text() if args.recipe else "rtn w4 g128 symmetric",
-        "model_shape": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate, "vocab": 32000},
+        "model_shape": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "intermediate": args.intermediate,
+            "vocab": 32000,
+        },
         "model_gb": round(model_bytes / 1e9, 3),
         "output_gb": round(out_bytes / 1e9, 3),
         "apply_seconds": round(seconds, 1),

@@ -66,12 +66,19 @@ def logit_optimal_pairs(attention, inputs: dict, geometry, keep: int) -> torch.T
     for kv in range(kv_heads):
         gram = torch.zeros(half, half, dtype=torch.float64)
         for head in range(kv * heads // kv_heads, (kv + 1) * heads // kv_heads):
-            contributions = torch.stack([
-                (q[:, head][..., [p, p + half]] @ k[:, kv][..., [p, p + half]].transpose(-1, -2))[:, causal].reshape(-1).double()
-                for p in range(half)
-            ])
+            contributions = torch.stack(
+                [
+                    (q[:, head][..., [p, p + half]] @ k[:, kv][..., [p, p + half]].transpose(-1, -2))[:, causal]
+                    .reshape(-1)
+                    .double()
+                    for p in range(half)
+                ]
+            )
             gram += contributions @ contributions.T
-        dropped = min(itertools.combinations(range(half), half - keep), key=lambda drop: float(gram[list(drop)][:, list(drop)].sum()))
+        dropped = min(
+            itertools.combinations(range(half), half - keep),
+            key=lambda drop: float(gram[list(drop)][:, list(drop)].sum()),
+        )
         chosen.append(sorted(set(range(half)) - set(dropped)))
     return torch.tensor(chosen)
 
@@ -92,7 +99,10 @@ def main() -> None:
     rows = []
     for index, layer in enumerate(model.model.layers):
         attention = layer.self_attn
-        statistics, held_out = attention_inputs(model, attention, windows[:4]), attention_inputs(model, attention, windows[4:])
+        statistics, held_out = (
+            attention_inputs(model, attention, windows[:4]),
+            attention_inputs(model, attention, windows[4:]),
+        )
 
         def error(module) -> float:
             with torch.no_grad():
@@ -104,31 +114,62 @@ def main() -> None:
             query_diag = attention.q_proj(x).pow(2).reshape(-1, geometry.num_heads, d).sum(0).double()
             key_diag = attention.k_proj(x).pow(2).reshape(-1, geometry.num_kv_heads, d).sum(0).double()
             cr = cr_key_query(attention.q_proj.weight, attention.k_proj.weight, query_diag, key_diag, keep)
-            best = key_query_keeping(attention.q_proj.weight, attention.k_proj.weight,
-                                     logit_optimal_pairs(attention, statistics, geometry, keep), geometry.num_heads)
+            best = key_query_keeping(
+                attention.q_proj.weight,
+                attention.k_proj.weight,
+                logit_optimal_pairs(attention, statistics, geometry, keep),
+                geometry.num_heads,
+            )
             whole_vo = (attention.v_proj.weight, attention.o_proj.weight, None)
             sizes = BlockSizes(0, keep, d)
             svd = copy.deepcopy(attention)
             for name in ("q_proj", "k_proj"):
                 linear = getattr(svd, name)
                 linear.weight.copy_(truncated_svd(linear.weight, budget_rank(*linear.weight.shape, 1 - args.keep))[0])
-            row = {"layer": index, "cr": error(write_attention(attention, sizes, cr, whole_vo, geometry, sliced=True)),
-                   "logit_optimal": error(write_attention(attention, sizes, best, whole_vo, geometry, sliced=True)),
-                   "svd": error(svd), "cr_pairs": cr[4].tolist(), "logit_optimal_pairs": best[4].tolist()}
+            row = {
+                "layer": index,
+                "cr": error(write_attention(attention, sizes, cr, whole_vo, geometry, sliced=True)),
+                "logit_optimal": error(write_attention(attention, sizes, best, whole_vo, geometry, sliced=True)),
+                "svd": error(svd),
+                "cr_pairs": cr[4].tolist(),
+                "logit_optimal_pairs": best[4].tolist(),
+            }
         rows.append(row)
-        print(f"layer {index}: CR {row['cr']:.4f}, logit-optimal pairs {row['logit_optimal']:.4f}, plain SVD {row['svd']:.4f}", flush=True)
+        print(
+            f"layer {index}: CR {row['cr']:.4f}, logit-optimal pairs {row['logit_optimal']:.4f}, plain SVD {row['svd']:.4f}",
+            flush=True,
+        )
 
     date = datetime.date.today().isoformat()
-    command = "python benchmarks/modegpt_qk.py" + (f" --model {args.model}" if args.model != "demo" else "") + (
-        f" --keep {args.keep}" if args.keep != 0.75 else "")
+    command = (
+        "python benchmarks/modegpt_qk.py"
+        + (f" --model {args.model}" if args.model != "demo" else "")
+        + (f" --keep {args.keep}" if args.keep != 0.75 else "")
+    )
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"qk-{date}.json").write_text(json.dumps({"date": date, "command": command, "model": args.model, "keep": args.keep,
-                                                      "kept_pairs": keep, "rows": rows}, indent=1))
-    lines = [f"# MoDeGPT query-key: CR pairs, the best pairs, plain SVD ({date})", "",
-             f"Measured by `{command}` on `{args.model}`: {keep} of {d // 2} rotary pairs per KV head kept ({args.keep:.0%} of the "
-             "query-key parameters), against `q_proj`/`k_proj` truncated SVD at the same parameter count. Relative error of the "
-             "attention output on 2 held-out windows; statistics and the logit-optimal search on 4 others.", "",
-             "| layer | CR pairs (the step) | logit-optimal pairs (exhaustive) | plain SVD |", "|---|---|---|---|"]
+    (OUT / f"qk-{date}.json").write_text(
+        json.dumps(
+            {
+                "date": date,
+                "command": command,
+                "model": args.model,
+                "keep": args.keep,
+                "kept_pairs": keep,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    lines = [
+        f"# MoDeGPT query-key: CR pairs, the best pairs, plain SVD ({date})",
+        "",
+        f"Measured by `{command}` on `{args.model}`: {keep} of {d // 2} rotary pairs per KV head kept ({args.keep:.0%} of the "
+        "query-key parameters), against `q_proj`/`k_proj` truncated SVD at the same parameter count. Relative error of the "
+        "attention output on 2 held-out windows; statistics and the logit-optimal search on 4 others.",
+        "",
+        "| layer | CR pairs (the step) | logit-optimal pairs (exhaustive) | plain SVD |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['layer']} | {r['cr']:.4f} | {r['logit_optimal']:.4f} | {r['svd']:.4f} |" for r in rows]
     (OUT / f"qk-{date}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT / f'qk-{date}.md'}")

@@ -53,9 +53,9 @@ import tempfile
 import textwrap
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from compressor.docs import describe, markdown_table, sort_key
 
@@ -172,8 +172,9 @@ def ct_bits_per_weight(folder: Path) -> float:
 
 def stored_dtype(model: str):
     """The checkpoint's own dtype (``load_causal_lm`` loads in fp32 and says so in the config)."""
-    from compressor.model import checkpoint_dtype, resolve_model_path
     from transformers import AutoConfig
+
+    from compressor.model import checkpoint_dtype, resolve_model_path
 
     return checkpoint_dtype(AutoConfig.from_pretrained(resolve_model_path(model)))
 
@@ -209,7 +210,9 @@ def recipe_entries(folder: Path = ROOT / "recipes") -> list[Entry]:
         except RecipeError as error:
             entries.append(Entry("compressor", path.name, error=f"not run: {error}"))
             continue
-        entries.append(Entry("compressor " + "+".join(step.name for step in recipe.steps), path.name, recipe_runner(recipe)))
+        entries.append(
+            Entry("compressor " + "+".join(step.name for step in recipe.steps), path.name, recipe_runner(recipe))
+        )
     return entries
 
 
@@ -217,9 +220,10 @@ def recipe_runner(recipe):
     def run(model, work, settings):
         import copy
 
+        from transformers import AutoConfig
+
         from compressor import apply
         from compressor.model import checkpoint_dtype
-        from transformers import AutoConfig
 
         chosen = copy.deepcopy(recipe)
         if settings.calibration_samples is not None:
@@ -231,7 +235,11 @@ def recipe_runner(recipe):
         out = work / "out"
         report = apply(chosen, model, out, progress=False)
         bits = report.summary.get("bits_per_weight") or dtype_bits(checkpoint_dtype(AutoConfig.from_pretrained(out)))
-        notes = [f"calibration {chosen.calibration.samples}x{chosen.calibration.seq_len}"] if chosen.needs_calibration else []
+        notes = (
+            [f"calibration {chosen.calibration.samples}x{chosen.calibration.seq_len}"]
+            if chosen.needs_calibration
+            else []
+        )
         notes += activation_notes(out)
         if report.summary.get("format") == "compressed-tensors" and abs(ct_bits_per_weight(out) - bits) > 1e-3:
             notes.append(f"{ct_bits_per_weight(out):.3f} bits/weight as stored on disk; the report counts differently")
@@ -243,7 +251,13 @@ def recipe_runner(recipe):
 def activation_notes(out: Path) -> list[str]:
     """W+A exports (QLLM, RTN with activation_bits): the activation bits, which bits/weight does not show."""
     config = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
-    bits = sorted({entry["input_activations"]["num_bits"] for entry in (config.get("modules") or {}).values() if entry.get("input_activations")})
+    bits = sorted(
+        {
+            entry["input_activations"]["num_bits"]
+            for entry in (config.get("modules") or {}).values()
+            if entry.get("input_activations")
+        }
+    )
     if not bits:
         return []
     operands = ", attention Q/K/V too" if config.get("attention_activations") else ""
@@ -257,10 +271,11 @@ def activation_notes(out: Path) -> list[str]:
 
 def calibration_batch(model: str, settings: Settings):
     """The calibration tokens our recipes would draw, for peers that calibrate."""
+    from transformers import AutoTokenizer
+
     from compressor.calibration import calibration_tokens
     from compressor.model import resolve_model_path
     from compressor.recipe import CalibrationConfig
-    from transformers import AutoTokenizer
 
     config = CalibrationConfig()
     if settings.calibration is not None:
@@ -275,7 +290,12 @@ def calibration_batch(model: str, settings: Settings):
 @functools.cache
 def llmcompressor_version(python: str) -> tuple[str | None, str | None]:
     """(version, None) when ``python`` can import llmcompressor, else (None, why not)."""
-    probe = subprocess.run([python, "-c", "import llmcompressor; print(llmcompressor.__version__)"], capture_output=True, text=True, env=offline_env())
+    probe = subprocess.run(
+        [python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+    )
     if probe.returncode == 0:
         return probe.stdout.strip().splitlines()[-1], None
     last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
@@ -302,20 +322,39 @@ def gptq_entries(settings: Settings) -> list[Entry]:
 def gptq_runner(bits: int, group_size: int, symmetric: bool):
     def run(model, work, settings):
         import torch
+
         from compressor.model import resolve_model_path
 
         tokens = calibration_batch(model, settings)
         torch.save(tokens, work / "calibration.pt")
-        spec = {"model": str(resolve_model_path(model)), "output": str(work / "out"), "calibration": str(work / "calibration.pt"),
-                "bits": bits, "group_size": group_size, "symmetric": symmetric}
+        spec = {
+            "model": str(resolve_model_path(model)),
+            "output": str(work / "out"),
+            "calibration": str(work / "calibration.pt"),
+            "bits": bits,
+            "group_size": group_size,
+            "symmetric": symmetric,
+        }
         (work / "spec.json").write_text(json.dumps(spec))
-        done = subprocess.run([settings.llmcompressor_python, __file__, "--gptq-worker", str(work / "spec.json")], capture_output=True, text=True, env=offline_env())
+        done = subprocess.run(
+            [settings.llmcompressor_python, __file__, "--gptq-worker", str(work / "spec.json")],
+            capture_output=True,
+            text=True,
+            env=offline_env(),
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"the llm-compressor worker failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+            raise RuntimeError(
+                f"the llm-compressor worker failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+            )
         worker = json.loads(done.stdout.strip().splitlines()[-1])
         out = work / "out"
-        return Compressed(ct_bits_per_weight(out), safetensors_size(out), path=out, peak_gib=worker["peak_rss_gib"],
-                          notes=[f"calibration {tokens.shape[0]}x{tokens.shape[1]}, actorder {worker['actorder']}"])
+        return Compressed(
+            ct_bits_per_weight(out),
+            safetensors_size(out),
+            path=out,
+            peak_gib=worker["peak_rss_gib"],
+            notes=[f"calibration {tokens.shape[0]}x{tokens.shape[1]}, actorder {worker['actorder']}"],
+        )
 
     return run
 
@@ -335,12 +374,30 @@ def gptq_worker(spec_path: str) -> None:
     tokens = torch.load(spec["calibration"])
     data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="auto")  # scales are stored in this dtype
-    weights = QuantizationArgs(num_bits=spec["bits"], type="int", symmetric=spec["symmetric"], strategy="group", group_size=spec["group_size"])
-    modifier = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"])
-    oneshot(model=model, dataset=data, recipe=modifier, num_calibration_samples=len(tokens), max_seq_length=tokens.shape[1], shuffle_calibration_samples=False)
+    weights = QuantizationArgs(
+        num_bits=spec["bits"], type="int", symmetric=spec["symmetric"], strategy="group", group_size=spec["group_size"]
+    )
+    modifier = GPTQModifier(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]
+    )
+    oneshot(
+        model=model,
+        dataset=data,
+        recipe=modifier,
+        num_calibration_samples=len(tokens),
+        max_seq_length=tokens.shape[1],
+        shuffle_calibration_samples=False,
+    )
     model.save_pretrained(spec["output"], save_compressed=True)
     AutoTokenizer.from_pretrained(spec["model"]).save_pretrained(spec["output"])
-    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "actorder": str(modifier.actorder)}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "actorder": str(modifier.actorder),
+            }
+        )
+    )
 
 
 def package_version(name: str) -> str | None:
@@ -355,21 +412,30 @@ def package_version(name: str) -> str | None:
 def hqq_entries() -> list[Entry]:
     version = package_version("hqq")
     why_not = None if version else "not run: the hqq package is not installed (pip install hqq)"
-    return [Entry(f"hqq {version or ''}".strip(), f"W{bits} g{group} asym", hqq_runner(bits, group), error=why_not) for bits, group in HQQ_SCHEMES]
+    return [
+        Entry(f"hqq {version or ''}".strip(), f"W{bits} g{group} asym", hqq_runner(bits, group), error=why_not)
+        for bits, group in HQQ_SCHEMES
+    ]
 
 
 def hqq_runner(bits: int, group_size: int):
     def run(model, work, settings):
         import torch
-        from compressor.eval import load_causal_lm
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
         from hqq.models.hf.base import AutoHQQHFModel
+
+        from compressor.eval import load_causal_lm
 
         loaded, _ = load_causal_lm(model)
         meta_dtype = stored_dtype(model)  # HQQ keeps its scales and zeros (and the other layers) in this dtype
         if meta_dtype == torch.float32:
             meta_dtype = torch.float16
-        AutoHQQHFModel.quantize_model(loaded, quant_config=BaseQuantizeConfig(nbits=bits, group_size=group_size), compute_dtype=meta_dtype, device="cpu")
+        AutoHQQHFModel.quantize_model(
+            loaded,
+            quant_config=BaseQuantizeConfig(nbits=bits, group_size=group_size),
+            compute_dtype=meta_dtype,
+            device="cpu",
+        )
         AutoHQQHFModel.save_quantized(loaded, str(work / "out"))
         size = sum(f.stat().st_size for f in (work / "out").iterdir())
         stored = weights = 0
@@ -384,7 +450,12 @@ def hqq_runner(bits: int, group_size: int):
             else:
                 for parameter in module.parameters(recurse=False):
                     parameter.data = parameter.data.float()
-        return Compressed(stored / weights, size, model=loaded, notes=[f"scales and zeros in {str(meta_dtype).removeprefix('torch.')}"])
+        return Compressed(
+            stored / weights,
+            size,
+            model=loaded,
+            notes=[f"scales and zeros in {str(meta_dtype).removeprefix('torch.')}"],
+        )
 
     return run
 
@@ -402,9 +473,10 @@ def torchao_entries() -> list[Entry]:
 def torchao_runner(kind: str):
     def run(model, work, settings):
         import torch
-        from compressor.eval import load_causal_lm
         from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
         from torchao.quantization.granularity import PerGroup
+
+        from compressor.eval import load_causal_lm
 
         loaded, _ = load_causal_lm(model)
         scale_dtype = stored_dtype(model)
@@ -418,9 +490,14 @@ def torchao_runner(kind: str):
             with torch.no_grad():  # fail here, not in the evaluation, when the layout cannot run on this device
                 loaded(torch.zeros(1, 8, dtype=torch.long))
         except (ImportError, NotImplementedError, AssertionError, ValueError, RuntimeError) as error:
-            raise CannotRunHere(f"{type(config).__name__} does not run on this machine's CPU ({one_line(error)})") from None
+            raise CannotRunHere(
+                f"{type(config).__name__} does not run on this machine's CPU ({one_line(error)})"
+            ) from None
         # saved with the unquantized tensors in the checkpoint dtype, as every other entry stores them
-        state = {k: v.to(scale_dtype) if type(v) in (torch.Tensor, torch.nn.Parameter) and v.is_floating_point() else v for k, v in loaded.state_dict().items()}
+        state = {
+            k: v.to(scale_dtype) if type(v) in (torch.Tensor, torch.nn.Parameter) and v.is_floating_point() else v
+            for k, v in loaded.state_dict().items()
+        }
         torch.save(state, work / "model.pt")
         stored = weights = 0
         for name, module in loaded.named_modules():
@@ -463,8 +540,10 @@ def run_entry(entry: Entry, model: str, windows, settings: Settings, work: Path)
         kv_cache = kvcache.summary(loaded)
         if kv_cache is not None:  # a quantized KV cache (BFP): bits/weight are the weights'; the cache has its own size
             values = "V fp" if kv_cache["v_bits"] is None else f"V {kv_cache['v_bits']}-bit"
-            compressed.notes.append(f"KV cache: K {kv_cache['k_bits']}-bit BFP block {kv_cache['block_size']}, {values}; "
-                                    f"K {kv_cache['k_bytes_per_token']} B/token = {kv_cache['k_ratio']:.3f}x bf16")
+            compressed.notes.append(
+                f"KV cache: K {kv_cache['k_bits']}-bit BFP block {kv_cache['block_size']}, {values}; "
+                f"K {kv_cache['k_bytes_per_token']} B/token = {kv_cache['k_ratio']:.3f}x bf16"
+            )
     except CannotRunHere as error:
         return {**row, "error": f"not run: {error}"}
     except Exception as error:  # a benchmark reports a failing entry and goes on
@@ -489,9 +568,10 @@ def run_entry(entry: Entry, model: str, windows, settings: Settings, work: Path)
 
 def run_benchmark(models: list[str], entries: list[Entry], settings: Settings) -> list[dict]:
     """Every entry on every model; the held-out windows are built once per model."""
+    from transformers import AutoTokenizer
+
     from compressor.eval import heldout_stream, make_windows
     from compressor.model import resolve_model_path
-    from transformers import AutoTokenizer
 
     rows = []
     for model in models:
@@ -509,9 +589,15 @@ def compare_gptq_with_rtn(rows: list[dict]) -> None:
         if "gptq" not in gptq["method"] or gptq.get("perplexity") is None:
             continue
         for rtn in rows:
-            same = rtn["model"] == gptq["model"] and rtn["method"] == "compressor rtn" and rtn.get("bits_per_weight") == gptq["bits_per_weight"]
+            same = (
+                rtn["model"] == gptq["model"]
+                and rtn["method"] == "compressor rtn"
+                and rtn.get("bits_per_weight") == gptq["bits_per_weight"]
+            )
             if same and rtn.get("perplexity") is not None and gptq["perplexity"] >= rtn["perplexity"]:
-                gptq["notes"].append(f"not better than RTN {rtn['recipe']} at the same size ({gptq['perplexity']:.3f} vs {rtn['perplexity']:.3f})")
+                gptq["notes"].append(
+                    f"not better than RTN {rtn['recipe']} at the same size ({gptq['perplexity']:.3f} vs {rtn['perplexity']:.3f})"
+                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,11 +609,17 @@ def machine_description() -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+    return (
+        f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+    )
 
 
 def plot(record: dict, path: Path) -> None:
@@ -543,9 +635,19 @@ def plot(record: dict, path: Path) -> None:
     for axis, model in zip(axes[0], models):
         for row in record["rows"]:
             if row["model"] == model and row["method"] == "fp" and not row.get("error"):
-                axis.axhline(row["perplexity"], color="gray", linestyle="--", linewidth=1, label=f"fp ({row['bits_per_weight']:g} bits)")
+                axis.axhline(
+                    row["perplexity"],
+                    color="gray",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"fp ({row['bits_per_weight']:g} bits)",
+                )
         for index, method in enumerate(m for m in methods if m != "fp"):
-            points = sorted((r["bits_per_weight"], r["perplexity"]) for r in record["rows"] if r["model"] == model and r["method"] == method and not r.get("error"))
+            points = sorted(
+                (r["bits_per_weight"], r["perplexity"])
+                for r in record["rows"]
+                if r["model"] == model and r["method"] == method and not r.get("error")
+            )
             if points:
                 axis.plot(*zip(*points), marker=markers[index % len(markers)], label=method, alpha=0.85)
         axis.set_xlabel("bits per weight (codes + scales + zero points)")
@@ -597,8 +699,17 @@ def make_record(models: list[str], rows: list[dict], settings: Settings, command
         "machine": machine_description(),
         "model": ", ".join(models),
         "model_sha256": {model: weights_digest(model) for model in models},  # which checkpoint was measured
-        "eval": {"text": settings.text, "seq_len": settings.seq_len, "max_windows": settings.max_windows, "windows": windows[0] if len(windows) == 1 else windows},
-        "calibration": {"text": settings.calibration, "samples": settings.calibration_samples, "seq_len": settings.calibration_seq_len},
+        "eval": {
+            "text": settings.text,
+            "seq_len": settings.seq_len,
+            "max_windows": settings.max_windows,
+            "windows": windows[0] if len(windows) == 1 else windows,
+        },
+        "calibration": {
+            "text": settings.calibration,
+            "samples": settings.calibration_samples,
+            "seq_len": settings.calibration_seq_len,
+        },
         "python": sys.executable,
         "versions": versions,
         "rows": sorted(rows, key=sort_key),
@@ -609,49 +720,90 @@ def carry_over(previous: dict, record: dict) -> dict:
     """``record`` plus the rows of ``previous`` it did not measure again (``--update``): a new method's rows
     join the table without re-running every other entry. Refused unless both were measured the same way on
     the same weights; each row keeps the date it was measured, and the record its history of commands."""
+
     def settings(r):
-        return r["eval"]["text"], r["eval"]["seq_len"], r["eval"]["max_windows"], r["calibration"]  # not "windows": rows may differ
+        return (
+            r["eval"]["text"],
+            r["eval"]["seq_len"],
+            r["eval"]["max_windows"],
+            r["calibration"],
+        )  # not "windows": rows may differ
 
     if settings(previous) != settings(record):
-        raise SystemExit(f"--update: the newest record ({previous['date']}) used other settings {settings(previous)} than this run "
-                         f"{settings(record)}; run it again with those, or without --update")
+        raise SystemExit(
+            f"--update: the newest record ({previous['date']}) used other settings {settings(previous)} than this run "
+            f"{settings(record)}; run it again with those, or without --update"
+        )
     for model, digest in record["model_sha256"].items():
         if previous["model_sha256"].get(model, digest) != digest:
-            raise SystemExit(f"--update: model {model} has other weights than in the record of {previous['date']}; run every entry again")
-    history = previous.get("history") or [{"command": previous["command"], "date": previous["date"], "machine": previous["machine"]}]
+            raise SystemExit(
+                f"--update: model {model} has other weights than in the record of {previous['date']}; run every entry again"
+            )
+    history = previous.get("history") or [
+        {"command": previous["command"], "date": previous["date"], "machine": previous["machine"]}
+    ]
     fresh = {(r["model"], r["method"], r["recipe"]) for r in record["rows"]}
-    kept = [{**r, "measured": r.get("measured", previous["date"])} for r in previous["rows"] if (r["model"], r["method"], r["recipe"]) not in fresh]
+    kept = [
+        {**r, "measured": r.get("measured", previous["date"])}
+        for r in previous["rows"]
+        if (r["model"], r["method"], r["recipe"]) not in fresh
+    ]
     rows = kept + [{**r, "measured": record["date"]} for r in record["rows"]]
     models = list(dict.fromkeys([*previous["model"].split(", "), *record["model"].split(", ")]))
-    return {**record, "model": ", ".join(models), "model_sha256": {**previous["model_sha256"], **record["model_sha256"]},
-            "history": history + [{"command": record["command"], "date": record["date"], "machine": record["machine"]}],
-            "rows": sorted(rows, key=sort_key)}
+    return {
+        **record,
+        "model": ", ".join(models),
+        "model_sha256": {**previous["model_sha256"], **record["model_sha256"]},
+        "history": history + [{"command": record["command"], "date": record["date"], "machine": record["machine"]}],
+        "rows": sorted(rows, key=sort_key),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="'demo' (default), a local folder or a hub id; repeatable")
-    parser.add_argument("--quick", action="store_true", help="32 windows and 32 calibration samples: the demo model in ~20 minutes on 2 cores")
-    parser.add_argument("--only", action="append", help="run only entries whose method or recipe contains this text; repeatable")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="32 windows and 32 calibration samples: the demo model in ~20 minutes on 2 cores",
+    )
+    parser.add_argument(
+        "--only", action="append", help="run only entries whose method or recipe contains this text; repeatable"
+    )
     parser.add_argument("--text", default="demo", help="held-out text: 'demo', a local file or folder")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-windows", type=int)
-    parser.add_argument("--calibration", help="calibration text for every calibrated entry (default: each recipe's own; 'demo' for GPTQ)")
+    parser.add_argument(
+        "--calibration",
+        help="calibration text for every calibrated entry (default: each recipe's own; 'demo' for GPTQ)",
+    )
     parser.add_argument("--calibration-samples", type=int)
-    parser.add_argument("--llmcompressor-python", default=sys.executable, help="interpreter that has llmcompressor (it pins other library versions)")
+    parser.add_argument(
+        "--llmcompressor-python",
+        default=sys.executable,
+        help="interpreter that has llmcompressor (it pins other library versions)",
+    )
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
-    parser.add_argument("--update", action="store_true",
-                        help="keep the rows of the newest quality-*.json in --output-dir that this run does not measure again "
-                             "(same evaluation and calibration settings, same model weights); each row keeps its date")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the rows of the newest quality-*.json in --output-dir that this run does not measure again "
+        "(same evaluation and calibration settings, same model weights); each row keeps its date",
+    )
     parser.add_argument("--gptq-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.gptq_worker:
         return gptq_worker(args.gptq_worker)
     os.environ.update({key: "1" for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")})
     settings = Settings(
-        text=args.text, seq_len=args.seq_len, calibration=args.calibration, llmcompressor_python=args.llmcompressor_python,
+        text=args.text,
+        seq_len=args.seq_len,
+        calibration=args.calibration,
+        llmcompressor_python=args.llmcompressor_python,
         max_windows=args.max_windows if args.max_windows is not None else (32 if args.quick else None),
-        calibration_samples=args.calibration_samples if args.calibration_samples is not None else (32 if args.quick else None),
+        calibration_samples=args.calibration_samples
+        if args.calibration_samples is not None
+        else (32 if args.quick else None),
     )
     models = args.model or ["demo"]
     entries = default_entries(settings)
@@ -659,9 +811,14 @@ def main(argv: list[str] | None = None) -> None:
         entries = [e for e in entries if any(text in f"{e.method} {e.recipe}" for text in args.only)]
     rows = run_benchmark(models, entries, settings)
     compare_gptq_with_rtn(rows)
-    versions = {name: package_version(name) for name in ("compressor", "torch", "transformers", "compressed-tensors", "hqq", "torchao")}
+    versions = {
+        name: package_version(name)
+        for name in ("compressor", "torch", "transformers", "compressed-tensors", "hqq", "torchao")
+    }
     versions["llmcompressor"] = llmcompressor_version(settings.llmcompressor_python)[0]
-    command = "python benchmarks/quality.py" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/quality.py" + "".join(
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
+    )
     record = make_record(models, rows, settings, command, versions)
     if args.update:
         previous = sorted(args.output_dir.glob("quality-*.json"))

@@ -38,15 +38,30 @@ from compressor.kernels.heuristics import (
 )
 from compressor.kernels.tables import CONFIG_DIR, KernelConfig, table_key
 
-SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),  # Llama-3-8B
-          (8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]  # Llama-3-70B
+SHAPES = [
+    (4096, 4096),
+    (1024, 4096),
+    (14336, 4096),
+    (4096, 14336),  # Llama-3-8B
+    (8192, 8192),
+    (1024, 8192),
+    (28672, 8192),
+    (8192, 28672),
+]  # Llama-3-70B
 KINDS = [("uniform", b, 128) for b in (2, 3, 4, 5, 6, 8)] + [("uniform", 4, 64)] + [("lut", b, -1) for b in (3, 4)]
 BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 GEMLITE_GEMV = {  # (N, K): (BLOCK_SIZE_N, num_warps, num_stages), GEMV_REVSPLITK (1, N, K, 128, 8)
-    (4096, 4096): (128, 1, 1), (1024, 4096): (512, 4, 2), (14336, 4096): (256, 2, 2), (4096, 14336): (512, 4, 2),
+    (4096, 4096): (128, 1, 1),
+    (1024, 4096): (512, 4, 2),
+    (14336, 4096): (256, 2, 2),
+    (4096, 14336): (512, 4, 2),
 }
 GEMLITE_SPLITK = {  # M: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K), GEMM_SPLITK (M, 4096, 4096, 128, 8), 4 warps, 1 stage
-    2: (16, 64, 64, 16), 4: (16, 64, 64, 16), 8: (16, 64, 64, 16), 16: (16, 64, 64, 16), 32: (32, 64, 64, 8),
+    2: (16, 64, 64, 16),
+    4: (16, 64, 64, 16),
+    8: (16, 64, 64, 16),
+    16: (16, 64, 64, 16),
+    32: (32, 64, 64, 8),
 }
 HEURISTIC = "heuristic gpu_config (132 SMs), unmeasured"
 
@@ -63,30 +78,45 @@ def entry(kind, bits, group, n, k, m) -> dict:
             block_k = decode_block_k(1, group, bits)  # 16: gemlite's 2 x BLOCK_SIZE_K 8 per program
             split = split_k_for(-(-n // block_n), k, block_k, 2 * 132, cap)
             config = KernelConfig("decode", 1, block_n, block_k, split, num_warps=warps, num_stages=stages)
-            source = (f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, {warps} warps, "
-                      f"{stages} stages; our split rule")
+            source = (
+                f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, {warps} warps, "
+                f"{stages} stages; our split rule"
+            )
         elif m in GEMLITE_SPLITK and m >= 8 and (n, k) == (4096, 4096):  # its tl.dot tiles: our tensor-core rows
             block_m, block_n, block_k, split = GEMLITE_SPLITK[m]
             if m <= 16:
                 block_m = decode_block_m(m)
                 block_k = decode_block_k(block_m, group, bits) if block_m < 16 else block_k
-                config = KernelConfig("decode", block_m, block_n, block_k, min(split, decode_split_cap(m, k, bits)),
-                                      num_warps=4, num_stages=1)
+                config = KernelConfig(
+                    "decode",
+                    block_m,
+                    block_n,
+                    block_k,
+                    min(split, decode_split_cap(m, k, bits)),
+                    num_warps=4,
+                    num_stages=1,
+                )
             else:
                 config = KernelConfig("gemm", block_m, block_n, block_k, split, num_warps=4, num_stages=1)
-            source = f"gemlite h100.json GEMM_SPLITK ({m}, 4096, 4096, 128, 8)" + (", split capped (serial reduction)" if m <= 16 else "")
+            source = f"gemlite h100.json GEMM_SPLITK ({m}, 4096, 4096, 128, 8)" + (
+                ", split capped (serial reduction)" if m <= 16 else ""
+            )
     return {**config.as_dict(), "source": source}
 
 
 def main() -> Path:
-    entries = {table_key(kind, bits, group, n, k, m): entry(kind, bits, group, n, k, m)
-               for kind, bits, group in KINDS for n, k in SHAPES for m in BUCKETS}
+    entries = {
+        table_key(kind, bits, group, n, k, m): entry(kind, bits, group, n, k, m)
+        for kind, bits, group in KINDS
+        for n, k in SHAPES
+        for m in BUCKETS
+    }
     table = {
         "family": "hopper",
         "devices": ["H100", "H200", "H800", "H20", "GH200"],
         "about": "Seed table: heuristic and gemlite-derived entries, none measured yet with these kernels "
-                 "(benchmarks/seed_kernel_tables.py says how each was chosen). Replace entries with measured ones "
-                 "from `benchmarks/kernel_speed.py --device-check --tune-out` or `compressor tune`.",
+        "(benchmarks/seed_kernel_tables.py says how each was chosen). Replace entries with measured ones "
+        "from `benchmarks/kernel_speed.py --device-check --tune-out` or `compressor tune`.",
         "entries": dict(sorted(entries.items())),
     }
     path = CONFIG_DIR / "hopper.json"

@@ -57,13 +57,19 @@ def heldout_gradient(model, weights: dict[str, torch.Tensor], windows: torch.Ten
 
 def variants(bits: int, seeds: int):
     """(label, group, function(weight, fisher) -> dequantized weight)."""
+
     def rtn(group_size):
-        return lambda w, f: quantize_uniform(w, bits, group_size, symmetric=False, scale_dtype=torch.float16).dequantize(torch.float32)
+        return lambda w, f: quantize_uniform(
+            w, bits, group_size, symmetric=False, scale_dtype=torch.float16
+        ).dequantize(torch.float32)
 
     def squeeze(weighting, rescale, seed):
         def run(w, f):
             weights = f if weighting == "fisher" else torch.ones_like(w)
-            return quantize_squeezellm(w, weights, bits, init="kmeans++", seed=seed, rescale=rescale).dequantize(torch.float32)
+            return quantize_squeezellm(w, weights, bits, init="kmeans++", seed=seed, rescale=rescale).dequantize(
+                torch.float32
+            )
+
         return run
 
     yield f"RTN w{bits} g128", "rtn g128", rtn(128)
@@ -108,12 +114,22 @@ def main() -> None:
             result = evaluate(model, windows, base)
             for name, module in modules.items():
                 module.weight.data = original[name]
-            row = {"bits": bits, "entry": label, "group": group, "gap": result.perplexity_gap, "kl": result.kl_divergence,
-                   "first_order_gap": result.base_perplexity * first_order, "seconds": time.perf_counter() - started}
+            row = {
+                "bits": bits,
+                "entry": label,
+                "group": group,
+                "gap": result.perplexity_gap,
+                "kl": result.kl_divergence,
+                "first_order_gap": result.base_perplexity * first_order,
+                "seconds": time.perf_counter() - started,
+            }
             row["rest_of_gap"] = row["gap"] - row["first_order_gap"]
             rows.append(row)
-            print(f"{label}: gap {row['gap']:+.3f} (first order {row['first_order_gap']:+.3f}, rest {row['rest_of_gap']:+.3f}), "
-                  f"KL {row['kl']:.5f}", flush=True)
+            print(
+                f"{label}: gap {row['gap']:+.3f} (first order {row['first_order_gap']:+.3f}, rest {row['rest_of_gap']:+.3f}), "
+                f"KL {row['kl']:.5f}",
+                flush=True,
+            )
     write(rows, args, samples, len(windows), base_perplexity=result.base_perplexity)
 
 
@@ -138,25 +154,42 @@ def write(rows: list[dict], args, samples: int, windows: int, base_perplexity: f
         command += " --bits " + " ".join(map(str, args.bits))
     date = datetime.date.today().isoformat()
     machine = f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    setting = (f"model `{args.model}` (fp perplexity {base_perplexity:.3f}), fp32 compute, {windows} held-out windows of 512 tokens, "
-               f"Fisher from {samples} demo calibration sequences of 512 tokens; k-means `init: kmeans++` (the official start)")
+    setting = (
+        f"model `{args.model}` (fp perplexity {base_perplexity:.3f}), fp32 compute, {windows} held-out windows of 512 tokens, "
+        f"Fisher from {samples} demo calibration sequences of 512 tokens; k-means `init: kmeans++` (the official start)"
+    )
     summary = summarize(rows)
     out = ROOT / "benchmarks" / "results" / "squeezellm"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"ablation-{date}.json").write_text(json.dumps({"command": command, "machine": machine, "setting": setting,
-                                                           "rows": rows, "summary": summary}, indent=2))
+    (out / f"ablation-{date}.json").write_text(
+        json.dumps(
+            {"command": command, "machine": machine, "setting": setting, "rows": rows, "summary": summary}, indent=2
+        )
+    )
 
     def cell(stat, digits, sign=""):
-        return f"{stat['mean']:{sign}.{digits}f}" if stat["min"] == stat["max"] else \
-            f"{stat['mean']:{sign}.{digits}f} ({stat['min']:{sign}.{digits}f}..{stat['max']:{sign}.{digits}f})"
+        return (
+            f"{stat['mean']:{sign}.{digits}f}"
+            if stat["min"] == stat["max"]
+            else f"{stat['mean']:{sign}.{digits}f} ({stat['min']:{sign}.{digits}f}..{stat['max']:{sign}.{digits}f})"
+        )
 
-    lines = [f"# SqueezeLLM ablation on the demo model, {date}", "", f"Measured by `{command}` on {date} ({machine}): {setting}.", "",
-             "Mean over k-means seeds (min..max). *first order*: `ppl_fp * <g, W_q - W>`, `g` the gradient of the mean held-out "
-             "NLL at the fp weights; *rest*: gap minus first order (second and higher order, what the KL tracks).", "",
-             "| bits | quantizer | runs | mean KL (nats) | perplexity gap | first order | rest |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# SqueezeLLM ablation on the demo model, {date}",
+        "",
+        f"Measured by `{command}` on {date} ({machine}): {setting}.",
+        "",
+        "Mean over k-means seeds (min..max). *first order*: `ppl_fp * <g, W_q - W>`, `g` the gradient of the mean held-out "
+        "NLL at the fp weights; *rest*: gap minus first order (second and higher order, what the KL tracks).",
+        "",
+        "| bits | quantizer | runs | mean KL (nats) | perplexity gap | first order | rest |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
-        lines.append(f"| {s['bits']} | {s['group']} | {s['runs']} | {cell(s['kl'], 5)} | {cell(s['gap'], 3, '+')} | "
-                     f"{cell(s['first_order_gap'], 3, '+')} | {cell(s['rest_of_gap'], 3, '+')} |")
+        lines.append(
+            f"| {s['bits']} | {s['group']} | {s['runs']} | {cell(s['kl'], 5)} | {cell(s['gap'], 3, '+')} | "
+            f"{cell(s['first_order_gap'], 3, '+')} | {cell(s['rest_of_gap'], 3, '+')} |"
+        )
     (out / f"ablation-{date}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

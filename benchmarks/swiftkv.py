@@ -75,10 +75,12 @@ def markdown(record: dict) -> str:
     """The results page of one run (``record`` as written to the JSON)."""
     rows, speed = record["rows"], record["prefill"]
     lines = [
-        f"# SwiftKV on `{record['model']}` ({record['date']})", "",
+        f"# SwiftKV on `{record['model']}` ({record['date']})",
+        "",
         f"Command: `{record['command']}` (machine: {record['machine']}). {record['windows']} held-out windows of 512 tokens; "
         "perplexity and mean per-token KL from the original by `compressor.eval.evaluate` (every token's logits: no skipping). "
-        f"KV bytes per token counted from the cache a {speed['prompt_tokens']}-token prefill filled (fp32).", "",
+        f"KV bytes per token counted from the cache a {speed['prompt_tokens']}-token prefill filled (fp32).",
+        "",
         "| entry | recipe | perplexity | gap | KL | KL / before distillation | KV bytes/token | KV vs fp (configured) | "
         "held-out KL curve (trainer, top-k) | time |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -90,13 +92,21 @@ def markdown(record: dict) -> str:
         setting = r["entry"].rsplit(",", 1)[0]
         if r["entry"].endswith("before distillation"):
             before[setting] = r["kl"]
-        relative = f"{r['kl'] / before[setting]:.3f}" if r["entry"].endswith("distilled") and before.get(setting) else "-"
-        lines.append(f"| {r['entry']} | {r['recipe']} | {r['perplexity']:.3f} | {r['gap']:+.3f} | {r['kl']:.6f} | {relative} | "
-                     f"{r['kv_bytes_per_token']:.0f} | {r['kv_ratio']:.4f}{configured} | {curve} | "
-                     f"{seconds_text(r['seconds'])} |")
-    lines += ["", f"Prefill of a {speed['prompt_tokens']}-token prompt (`use_cache=True, logits_to_keep=1`, batch 1, median of "
-                  f"{speed['repeats']}, alternating, {speed['threads']} threads): original {speed['fp_seconds'] * 1e3:.1f} ms, swiftkv-50 "
-                  f"{speed['swiftkv_seconds'] * 1e3:.1f} ms: **{speed['speedup']:.2f}x**.", ""]
+        relative = (
+            f"{r['kl'] / before[setting]:.3f}" if r["entry"].endswith("distilled") and before.get(setting) else "-"
+        )
+        lines.append(
+            f"| {r['entry']} | {r['recipe']} | {r['perplexity']:.3f} | {r['gap']:+.3f} | {r['kl']:.6f} | {relative} | "
+            f"{r['kv_bytes_per_token']:.0f} | {r['kv_ratio']:.4f}{configured} | {curve} | "
+            f"{seconds_text(r['seconds'])} |"
+        )
+    lines += [
+        "",
+        f"Prefill of a {speed['prompt_tokens']}-token prompt (`use_cache=True, logits_to_keep=1`, batch 1, median of "
+        f"{speed['repeats']}, alternating, {speed['threads']} threads): original {speed['fp_seconds'] * 1e3:.1f} ms, swiftkv-50 "
+        f"{speed['swiftkv_seconds'] * 1e3:.1f} ms: **{speed['speedup']:.2f}x**.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -106,8 +116,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--prompt", type=int, default=1024, help="tokens of the long prompt timed")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--all", action="store_true", help="also distil the AcrossKV recipe (by default only its initialisation "
-                                                           "is exported: the KV cache it fills does not depend on training)")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="also distil the AcrossKV recipe (by default only its initialisation "
+        "is exported: the KV cache it fills does not depend on training)",
+    )
     args = parser.parse_args()
     windows_count = 8 if args.quick else 32
     torch.manual_seed(0)
@@ -118,8 +132,18 @@ def main() -> None:
     prompt = stream[: args.prompt][None]
     fp = evaluate(base, windows)
     base_kv = kv_bytes_per_token(base, prompt)
-    rows = [{"entry": "fp", "recipe": "-", "perplexity": fp.perplexity, "gap": 0.0, "kl": 0.0, "kv_bytes_per_token": base_kv,
-             "kv_ratio": 1.0, "seconds": None}]
+    rows = [
+        {
+            "entry": "fp",
+            "recipe": "-",
+            "perplexity": fp.perplexity,
+            "gap": 0.0,
+            "kl": 0.0,
+            "kv_bytes_per_token": base_kv,
+            "kv_ratio": 1.0,
+            "seconds": None,
+        }
+    ]
     print(f"fp: perplexity {fp.perplexity:.3f}, KV {base_kv:.0f} bytes/token", flush=True)
     timed = {}
     with tempfile.TemporaryDirectory() as work:
@@ -141,31 +165,52 @@ def main() -> None:
                 kv = kv_bytes_per_token(model, prompt)
                 row = {
                     "entry": f"swiftkv M={step['num_key_value_layers']} G={step['key_value_group_size']}"
-                             + (" + rtn w8" if len(recipe.steps) > 1 else "") + f", {label}",
+                    + (" + rtn w8" if len(recipe.steps) > 1 else "")
+                    + f", {label}",
                     "recipe": name + (" (epochs: 0)" if label == "before distillation" else ""),
-                    "perplexity": result.perplexity, "gap": result.perplexity - fp.perplexity, "kl": result.kl_divergence,
-                    "kv_bytes_per_token": kv, "kv_ratio": kv / base_kv,
-                    "kv_ratio_configured": 1 - step["kv_cache_reduction"], "seconds": seconds,
+                    "perplexity": result.perplexity,
+                    "gap": result.perplexity - fp.perplexity,
+                    "kl": result.kl_divergence,
+                    "kv_bytes_per_token": kv,
+                    "kv_ratio": kv / base_kv,
+                    "kv_ratio_configured": 1 - step["kv_cache_reduction"],
+                    "seconds": seconds,
                     "heldout_curve": step.get("heldout_curve"),
                 }
                 rows.append(row)
-                print(f"{row['entry']}: perplexity {row['perplexity']:.3f} (gap {row['gap']:+.3f}, KL {row['kl']:.4f}), "
-                      f"KV {kv:.0f} bytes/token ({row['kv_ratio']:.4f} of fp; configured {row['kv_ratio_configured']:.4f}), "
-                      f"{seconds:.0f} s", flush=True)
+                print(
+                    f"{row['entry']}: perplexity {row['perplexity']:.3f} (gap {row['gap']:+.3f}, KL {row['kl']:.4f}), "
+                    f"KV {kv:.0f} bytes/token ({row['kv_ratio']:.4f} of fp; configured {row['kv_ratio_configured']:.4f}), "
+                    f"{seconds:.0f} s",
+                    flush=True,
+                )
                 if name == "swiftkv-50.yaml" and label == "distilled":
                     timed["swiftkv"] = model
         timed = {"fp": base, **timed}
         medians = time_alternately(timed, prompt, args.repeats)
-    speed = {"prompt_tokens": args.prompt, "repeats": args.repeats, "threads": torch.get_num_threads(),
-             "fp_seconds": medians["fp"], "swiftkv_seconds": medians["swiftkv"], "speedup": medians["fp"] / medians["swiftkv"]}
-    print(f"prefill of {args.prompt} tokens: fp {medians['fp'] * 1e3:.1f} ms, swiftkv-50 {medians['swiftkv'] * 1e3:.1f} ms, "
-          f"{speed['speedup']:.2f}x", flush=True)
+    speed = {
+        "prompt_tokens": args.prompt,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "fp_seconds": medians["fp"],
+        "swiftkv_seconds": medians["swiftkv"],
+        "speedup": medians["fp"] / medians["swiftkv"],
+    }
+    print(
+        f"prefill of {args.prompt} tokens: fp {medians['fp'] * 1e3:.1f} ms, swiftkv-50 {medians['swiftkv'] * 1e3:.1f} ms, "
+        f"{speed['speedup']:.2f}x",
+        flush=True,
+    )
 
     command = "python benchmarks/swiftkv.py" + (" --quick" if args.quick else "") + (" --all" if args.all else "")
     record = {
-        "date": datetime.date.today().isoformat(), "command": command, "model": args.model, "windows": len(windows),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "model": args.model,
+        "windows": len(windows),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "rows": rows, "prefill": speed,
+        "rows": rows,
+        "prefill": speed,
     }
     folder = ROOT / "benchmarks" / "results" / "swiftkv"
     folder.mkdir(parents=True, exist_ok=True)

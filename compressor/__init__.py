@@ -7,10 +7,9 @@ Importing the package is light (no torch): ``apply`` loads the toolkit on first 
 checkpoint format is registered with transformers when transformers loads (``transformers_hook.py``).
 """
 
-from compressor.version import __version__  # noqa: E402,F401
-
 from compressor.recipe import Recipe, RecipeError, register_step  # noqa: E402
 from compressor.transformers_hook import register_with_transformers  # noqa: E402
+from compressor.version import __version__  # noqa: E402,F401
 
 register_with_transformers()
 

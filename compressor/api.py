@@ -40,7 +40,11 @@ def apply(
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     handle = ModelHandle.open(model, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code) if recipe.needs_calibration else None
+    tokenizer = (
+        AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code)
+        if recipe.needs_calibration
+        else None
+    )
     session = Session(handle, recipe, tokenizer, resolve_device(device), progress=progress, offload=offload)
     with atomic_output_dir(output, overwrite=overwrite, protected=[handle.path]) as directory:
         writer = CheckpointWriter(directory, recipe.export, session.export_dtype)

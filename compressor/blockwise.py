@@ -43,7 +43,9 @@ def first_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def catch_first_block_inputs(base_model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def catch_first_block_inputs(
+    base_model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, dict]:
     """Run the base model until its first block is called; return that call's hidden states and keyword
     arguments (the rest of the model is never run, so it may live anywhere, even on meta)."""
     caught: list = []
@@ -120,7 +122,9 @@ class BlockwiseModel:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()
 
-    def run_blocks(self, hidden: torch.Tensor, kwargs: dict, keep_inputs: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run_blocks(
+        self, hidden: torch.Tensor, kwargs: dict, keep_inputs: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         inputs = []
         with torch.no_grad():
             for index in range(len(self.blocks)):

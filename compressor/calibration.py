@@ -40,7 +40,9 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         kinds = {DATA_FILE_LOADERS[f.suffix] for f in files}
         if len(kinds) != 1:
             raise CalibrationError(f"{path}: mixes file types {sorted(kinds)}; use one kind per folder")
-        return _dataset_column(dataset, (kinds.pop(),), {"data_files": [str(f) for f in files], "split": "train"}, text_column)
+        return _dataset_column(
+            dataset, (kinds.pop(),), {"data_files": [str(f) for f in files], "split": "train"}, text_column
+        )
     return _dataset_column(dataset, (dataset,), {"split": split}, text_column)
 
 

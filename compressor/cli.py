@@ -28,8 +28,11 @@ def fail(error: Exception) -> None:
         sys.exit(2)
     where = "".join(f"{note.removeprefix('in ')}: " for note in getattr(error, "__notes__", []))
     message = " ".join(str(error).split())
-    click.echo(f"error: {where}{type(error).__name__}: {message} (an internal error of compressor: "
-               "COMPRESSOR_DEBUG=1 shows the traceback)", err=True)
+    click.echo(
+        f"error: {where}{type(error).__name__}: {message} (an internal error of compressor: "
+        "COMPRESSOR_DEBUG=1 shows the traceback)",
+        err=True,
+    )
     sys.exit(1)
 
 
@@ -54,11 +57,18 @@ def main():
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="folder for the compressed checkpoint")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="folder for the compressed checkpoint"
+)
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu or auto")
-@click.option("--offload", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="model steps: keep blocks in CPU memory and move them to the device one at a time (auto: when the model does not fit)")
+@click.option(
+    "--offload",
+    type=click.Choice(["auto", "yes", "no"]),
+    default="auto",
+    show_default=True,
+    help="model steps: keep blocks in CPU memory and move them to the device one at a time (auto: when the model does not fit)",
+)
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from the hub")
 @click.option("--quiet", is_flag=True, help="no progress output")
 def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, quiet):
@@ -73,7 +83,16 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
         exit_on_sigterm()
         quiet_transformers()
         parsed = Recipe.from_yaml(recipe)
-        report = apply_recipe(parsed, model, output, overwrite=overwrite, device=device, offload={"auto": None, "yes": True, "no": False}[offload], trust_remote_code=trust_remote_code, progress=not quiet)
+        report = apply_recipe(
+            parsed,
+            model,
+            output,
+            overwrite=overwrite,
+            device=device,
+            offload={"auto": None, "yes": True, "no": False}[offload],
+            trust_remote_code=trust_remote_code,
+            progress=not quiet,
+        )
     except Exception as error:
         fail(error)
     click.echo(report.table())
@@ -88,14 +107,21 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
 @main.command(name="eval")
 @click.argument("model")
 @click.option("--base", help="the uncompressed model to compare with (hub id, folder or 'demo')")
-@click.option("--text", default="demo", show_default=True, help="held-out text: 'demo', a local file or folder, or a dataset")
+@click.option(
+    "--text", default="demo", show_default=True, help="held-out text: 'demo', a local file or folder, or a dataset"
+)
 @click.option("--seq-len", default=512, show_default=True, help="tokens per window")
 @click.option("--max-windows", type=int, help="evaluate at most this many windows")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tasks", help="comma-separated lm-eval tasks to run as well (needs the eval extra)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the numbers here")
-@click.option("--kv-cache", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
-              help="auto: run with the quantized KV cache the export declares (bfp); off: with a full-precision cache")
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="auto: run with the quantized KV cache the export declares (bfp); off: with a full-precision cache",
+)
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's (and base's) own code from the hub")
 @click.option("--quiet", is_flag=True, help="no progress output")
 def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, kv_cache, trust_remote_code, quiet):
@@ -105,13 +131,24 @@ def evaluate(model, base, text, seq_len, max_windows, device, tasks, json_path, 
         from compressor.eval import evaluate_paths, load_causal_lm, run_lm_eval
 
         quiet_transformers()
-        result = evaluate_paths(model, base, text, seq_len, max_windows, resolve_device(device), progress=not quiet,
-                                kv_cache=kv_cache == "auto", trust_remote_code=trust_remote_code)
+        result = evaluate_paths(
+            model,
+            base,
+            text,
+            seq_len,
+            max_windows,
+            resolve_device(device),
+            progress=not quiet,
+            kv_cache=kv_cache == "auto",
+            trust_remote_code=trust_remote_code,
+        )
         numbers = result.to_dict()
         click.echo(result.format(model, base))
         if tasks:
-            numbers["tasks"] = run_lm_eval(*load_causal_lm(model, device=resolve_device(device), trust_remote_code=trust_remote_code),
-                                           tasks.split(","))
+            numbers["tasks"] = run_lm_eval(
+                *load_causal_lm(model, device=resolve_device(device), trust_remote_code=trust_remote_code),
+                tasks.split(","),
+            )
             click.echo(json.dumps(numbers["tasks"], indent=2))
     except Exception as error:
         fail(error)
@@ -142,8 +179,14 @@ def validate(checkpoint, device, text, max_layers, no_speed, trust_remote_code):
         from compressor.api import resolve_device
         from compressor.validate import format_validation_report, validate_checkpoint
 
-        result = validate_checkpoint(checkpoint, device=resolve_device(device), text=text, max_layers=max_layers,
-                                     speed=False if no_speed else None, trust_remote_code=trust_remote_code)
+        result = validate_checkpoint(
+            checkpoint,
+            device=resolve_device(device),
+            text=text,
+            max_layers=max_layers,
+            speed=False if no_speed else None,
+            trust_remote_code=trust_remote_code,
+        )
     except Exception as error:
         fail(error)
     click.echo(format_validation_report(result))
@@ -172,7 +215,12 @@ def check(checkpoint, engine):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="table to write or merge into (default kernel-configs-<gpu>.json)")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="table to write or merge into (default kernel-configs-<gpu>.json)",
+)
 @click.option("--m", "batch_sizes", default="1,16,64,256", show_default=True, help="rows of x (tokens) to tune for")
 @click.option("--device", default="cuda", show_default=True)
 def tune(checkpoint, output, batch_sizes, device):

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -30,10 +30,10 @@ from compressor.blockwise import BlockwiseModel, run_block
 from compressor.declaration import ExportDeclaration
 from compressor.distill import teacher_top_k
 from compressor.model import ModelHandle
+from compressor.modules.linear import QuantizedLinear
 from compressor.progress import Progress
 from compressor.report import Report
 from compressor.step import Step
-from compressor.modules.linear import QuantizedLinear
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:
@@ -43,7 +43,9 @@ def matches_any(name: str, patterns: list[str]) -> bool:
         if pattern.startswith("re:"):
             if re.search(pattern[3:], name):
                 return True
-        elif fnmatch.fnmatchcase(name, pattern) or ("." not in pattern and fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)):
+        elif fnmatch.fnmatchcase(name, pattern) or (
+            "." not in pattern and fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
+        ):
             return True
     return False
 
@@ -52,7 +54,8 @@ def dense_linears(adapter, block: nn.Module, prefix: str, ignore: list[str]) -> 
     """A block's still-dense projections (path inside the block -> module), minus those whose full
     name (``prefix.path``) matches ``ignore``. Layers an earlier step already quantized are not offered."""
     return {
-        name: module for name, module in block_linears(adapter, block).items()
+        name: module
+        for name, module in block_linears(adapter, block).items()
         if isinstance(module, nn.Linear) and not matches_any(f"{prefix}.{name}", ignore)
     }
 
@@ -62,7 +65,12 @@ def model_dense_linears(handle: ModelHandle, ignore: list[str], indices=None) ->
     linears = {}
     for index in range(len(handle.blocks)) if indices is None else indices:
         prefix = handle.block_prefix(index)
-        linears.update({f"{prefix}.{name}": module for name, module in dense_linears(handle.adapter, handle.blocks[index], prefix, ignore).items()})
+        linears.update(
+            {
+                f"{prefix}.{name}": module
+                for name, module in dense_linears(handle.adapter, handle.blocks[index], prefix, ignore).items()
+            }
+        )
     return linears
 
 
@@ -76,7 +84,9 @@ class RunState:
     calibration_tokens: Callable[[], torch.Tensor]  # [samples, seq_len], built on first call
     show_progress: bool = True  # progress of long work inside steps (quiet sessions: False)
     step_states: dict[int, dict] = field(default_factory=dict)  # id of a recipe step -> its state (see ``state_of``)
-    teachers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # top_k -> (log-probs, token ids)
+    teachers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )  # top_k -> (log-probs, token ids)
     export: ExportDeclaration = field(default_factory=ExportDeclaration)  # what the steps declared about the export
 
     def state_of(self, step: Step) -> dict:
@@ -222,7 +232,8 @@ class ModelContext(StepContext):
     def quantized_linears(self, ignore: list[str]) -> dict[str, QuantizedLinear]:
         """Every ``QuantizedLinear`` of the model (blocks and LM head), by full module name, minus ``ignore``."""
         return {
-            name: module for name, module in self.model.named_modules()
+            name: module
+            for name, module in self.model.named_modules()
             if isinstance(module, QuantizedLinear) and not matches_any(name, ignore)
         }
 
@@ -244,7 +255,14 @@ class ModelContext(StepContext):
             tokens = self.calibration_tokens()
             with self.progress(len(tokens), "the original model's next-token distributions", "sequence") as progress:
                 self.run.teachers[top_k] = teacher_top_k(
-                    self.source_path, tokens, self.device, self.compute_dtype, self.offloaded, top_k, batch_size, progress
+                    self.source_path,
+                    tokens,
+                    self.device,
+                    self.compute_dtype,
+                    self.offloaded,
+                    top_k,
+                    batch_size,
+                    progress,
                 )
         return self.run.teachers[top_k]
 

@@ -13,7 +13,7 @@ and a held-out split whose best state is kept (``compressor.training``).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -21,7 +21,9 @@ from compressor.blockwise import next_token_loss
 from compressor.training import BestState, holdout_count
 
 
-def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teacher_top_index: torch.Tensor) -> torch.Tensor:
+def coarse_kl(
+    student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teacher_top_index: torch.Tensor
+) -> torch.Tensor:
     """Mean per-token KL(teacher || student) over the teacher's top-k tokens plus one bucket holding
     the rest of the vocabulary: exact for that coarsened distribution, and k numbers per token."""
     logp = torch.log_softmax(student_logits.float(), -1)
@@ -29,7 +31,9 @@ def coarse_kl(student_logits: torch.Tensor, teacher_top_logp: torch.Tensor, teac
     teacher_p = teacher_top_logp.exp()
     teacher_rest = (1 - teacher_p.sum(-1)).clamp_min(1e-12)
     student_rest = (1 - student_top.exp().sum(-1)).clamp_min(1e-12)
-    kl = (teacher_p * (teacher_top_logp - student_top)).sum(-1) + teacher_rest * (teacher_rest.log() - student_rest.log())
+    kl = (teacher_p * (teacher_top_logp - student_top)).sum(-1) + teacher_rest * (
+        teacher_rest.log() - student_rest.log()
+    )
     return kl.mean()
 
 
@@ -56,9 +60,19 @@ def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k:
 
 
 def train_end_to_end(
-    context, groups: list[dict], *, name: str, epochs: int, batch_size: int, micro_batch_size: int,
-    order: Callable[[int, int], torch.Tensor], objective: str = "distill", top_k: int = 64,
-    lr_at: Callable[[float, int, int], float] | None = None, max_grad_norm: float | None = None, heldout: float = 0.0,
+    context,
+    groups: list[dict],
+    *,
+    name: str,
+    epochs: int,
+    batch_size: int,
+    micro_batch_size: int,
+    order: Callable[[int, int], torch.Tensor],
+    objective: str = "distill",
+    top_k: int = 64,
+    lr_at: Callable[[float, int, int], float] | None = None,
+    max_grad_norm: float | None = None,
+    heldout: float = 0.0,
 ) -> tuple[list[float], BestState | None]:
     """Train the parameters of ``groups`` (AdamW param groups, weight decay 0) on the calibration tokens.
 
@@ -86,8 +100,14 @@ def train_end_to_end(
     heldout_rows = torch.arange(train_count, len(tokens))
 
     def heldout_loss() -> float:
-        return sum(float(loss_of(rows, len(rows) / len(heldout_rows))(context.logits(tokens[rows].to(context.device)), tokens[rows].to(context.device)))
-                   for rows in heldout_rows.split(micro_batch_size))
+        return sum(
+            float(
+                loss_of(rows, len(rows) / len(heldout_rows))(
+                    context.logits(tokens[rows].to(context.device)), tokens[rows].to(context.device)
+                )
+            )
+            for rows in heldout_rows.split(micro_batch_size)
+        )
 
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bases = [group["lr"] for group in optimizer.param_groups]
@@ -105,7 +125,9 @@ def train_end_to_end(
                     optimizer.zero_grad(set_to_none=True)
                     loss = 0.0
                     for micro in batch.split(micro_batch_size):
-                        loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch)))
+                        loss += context.forward_backward(
+                            tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch))
+                        )
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"{name}: the training loss became {loss}")
                     if max_grad_norm is not None:

@@ -19,22 +19,32 @@ SECTION_SUMMARIES = {
 def steps_overview(catalogue: dict) -> str:
     """Plain text: every step with its kind and summary, then its keys; then the sections."""
     blocks = [
-        (f"{name} ({step['kind']} step{'' if step['needs_calibration'] else ', data-free'}): {step['summary']}", reference_rows(step["params"]))
+        (
+            f"{name} ({step['kind']} step{'' if step['needs_calibration'] else ', data-free'}): {step['summary']}",
+            reference_rows(step["params"]),
+        )
         for name, step in catalogue["steps"].items()
     ]
-    blocks += [(f"[{name}]: {SECTION_SUMMARIES[name]}", reference_rows(specs)) for name, specs in catalogue["sections"].items()]
+    blocks += [
+        (f"[{name}]: {SECTION_SUMMARIES[name]}", reference_rows(specs)) for name, specs in catalogue["sections"].items()
+    ]
     key_width = max(len(key) for _, rows in blocks for key, _, _ in rows)
     default_width = max(len(default) for _, rows in blocks for _, default, _ in rows)
     lines = []
     for title, rows in blocks:
         lines.append(title)
-        lines.extend(f"    {key:<{key_width}}  {default:<{default_width}}  {help_text}" for key, default, help_text in rows)
+        lines.extend(
+            f"    {key:<{key_width}}  {default:<{default_width}}  {help_text}" for key, default, help_text in rows
+        )
     return "\n".join(lines)
 
 
 def _table(specs: list[dict]) -> list[str]:
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |" for key, default, help_text in reference_rows(specs)]
+    rows += [
+        f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |"
+        for key, default, help_text in reference_rows(specs)
+    ]
     return rows
 
 
@@ -45,7 +55,14 @@ def recipe_reference(catalogue: dict) -> str:
         lines += [f"#### `{name}`: {SECTION_SUMMARIES[name]}", "", *_table(specs), ""]
     for name, step in catalogue["steps"].items():
         data = "" if step["needs_calibration"] else ", data-free"
-        lines += [f"#### step `{name}` ({step['kind']} step{data})", "", step["summary"], "", *_table(step["params"]), ""]
+        lines += [
+            f"#### step `{name}` ({step['kind']} step{data})",
+            "",
+            step["summary"],
+            "",
+            *_table(step["params"]),
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -53,8 +70,16 @@ def recipe_reference(catalogue: dict) -> str:
 # The quality benchmark's table (benchmarks/quality.py prints and writes it; docs/QUALITY.md holds the newest)
 
 QUALITY_COLUMNS = [
-    "method", "recipe", "bits/weight", "size (MiB)", "perplexity", "gap to fp", "mean KL (nats)", "time (s)",
-    "peak mem (GiB)", "notes",
+    "method",
+    "recipe",
+    "bits/weight",
+    "size (MiB)",
+    "perplexity",
+    "gap to fp",
+    "mean KL (nats)",
+    "time (s)",
+    "peak mem (GiB)",
+    "notes",
 ]
 
 
@@ -79,10 +104,15 @@ def markdown_table(record: dict) -> str:
             cells = [row["method"], row["recipe"]] + ["-"] * 7 + [row["error"].replace("|", "/")]
         else:
             cells = [
-                row["method"], row["recipe"],
-                number(row["bits_per_weight"], ".3f"), number(row["size_bytes"] / 2**20, ".2f"),
-                number(row["perplexity"], ".3f"), number(row["gap"], "+.3f"), number(row["kl"], ".4f"),
-                number(row.get("seconds"), ".1f"), number(row.get("peak_memory_gib"), ".2f"),
+                row["method"],
+                row["recipe"],
+                number(row["bits_per_weight"], ".3f"),
+                number(row["size_bytes"] / 2**20, ".2f"),
+                number(row["perplexity"], ".3f"),
+                number(row["gap"], "+.3f"),
+                number(row["kl"], ".4f"),
+                number(row.get("seconds"), ".1f"),
+                number(row.get("peak_memory_gib"), ".2f"),
                 "; ".join([*(row.get("notes") or []), *measured(row)]),
             ]
         lines.append("| " + " | ".join(([row["model"]] if several else []) + cells) + " |")
@@ -94,8 +124,11 @@ def describe(record: dict) -> str:
     evaluation, calibration = record["eval"], record["calibration"]
     windows = evaluation["windows"]
     windows = ", ".join(str(w) for w in windows) if isinstance(windows, list) else windows
-    samples = (f"{calibration['samples']} samples for every method, whatever its recipe says"
-               if calibration["samples"] else "each recipe’s number of samples")
+    samples = (
+        f"{calibration['samples']} samples for every method, whatever its recipe says"
+        if calibration["samples"]
+        else "each recipe’s number of samples"
+    )
     history = record.get("history") or []
     if len(history) > 1:
         runs = "; then ".join(f"`{h['command']}` on {h['date']} ({h['machine']})" for h in history)

@@ -44,7 +44,9 @@ class EvalResult:
         if self.base_perplexity is not None:
             gap = self.perplexity_gap
             lines.append(f"{base_name}: perplexity {self.base_perplexity:.4f}")
-            lines.append(f"gap: {gap:+.4f} ({100 * gap / self.base_perplexity:+.2f}%), mean per-token KL: {self.kl_divergence:.5f} nats")
+            lines.append(
+                f"gap: {gap:+.4f} ({100 * gap / self.base_perplexity:+.2f}%), mean per-token KL: {self.kl_divergence:.5f} nats"
+            )
         if self.kv_cache is not None:
             lines.append(f"KV cache: {kvcache.describe(self.kv_cache)}")
         return "\n".join(lines)
@@ -75,7 +77,9 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu", t
         if getattr(config, "quantization_config", None) is not None:
             loaded = load_quantized_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         else:
-            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(
+                device
+            )
     except (ModelLoadError, MemoryError):
         raise
     except (OSError, ValueError, KeyError) as error:
@@ -153,7 +157,9 @@ def evaluate(model, windows: torch.Tensor, base=None, batch_size: int = 4, progr
             nll_batch, base_nll_batch, kl_batch = score_batch(model, base, batch.to(device))
             nll, base_nll, kl = nll + nll_batch, base_nll + base_nll_batch, kl + kl_batch
             tokens += batch[:, 1:].numel()
-            shown.update(len(batch), perplexity=math.exp(nll / tokens), **({"kl": kl / tokens} if base is not None else {}))
+            shown.update(
+                len(batch), perplexity=math.exp(nll / tokens), **({"kl": kl / tokens} if base is not None else {})
+            )
     result = EvalResult(perplexity=math.exp(nll / tokens), tokens=tokens, windows=len(windows))
     if base is not None:
         result.base_perplexity = math.exp(base_nll / tokens)
@@ -174,8 +180,17 @@ def score_batch(model, base, batch: torch.Tensor) -> tuple[float, float, float]:
     return nll, base_nll, kl
 
 
-def evaluate_paths(model: str, base: str | None = None, text: str = "demo", seq_len: int = 512, max_windows: int | None = None,
-                   device="cpu", progress: bool = False, kv_cache: bool = True, trust_remote_code: bool = False) -> EvalResult:
+def evaluate_paths(
+    model: str,
+    base: str | None = None,
+    text: str = "demo",
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    device="cpu",
+    progress: bool = False,
+    kv_cache: bool = True,
+    trust_remote_code: bool = False,
+) -> EvalResult:
     """``compressor eval``: load the model (and base), build the windows once, evaluate both.
 
     An export that declares a quantized KV cache runs with it (and the result says its bytes per
@@ -210,5 +225,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8) -> dict
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise UserError("lm-eval tasks need the eval extra: pip install -e '.[eval]'") from None
-    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=tasks)
+    results = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks=tasks
+    )
     return results["results"]

@@ -34,8 +34,9 @@ def layer_signatures(model) -> dict:
     return found
 
 
-def tune_weights(weights: dict, ms=(1, 16, 64, 256), dtype=torch.float16, device="cuda",
-                 max_candidates: int | None = None, log=None) -> dict:
+def tune_weights(
+    weights: dict, ms=(1, 16, 64, 256), dtype=torch.float16, device="cuda", max_candidates: int | None = None, log=None
+) -> dict:
     """Table entries ``{key: config + provenance}`` for ``{signature: weight}`` at each M."""
     from compressor.kernels.dispatch import prepare, triton_linear
     from compressor.kernels.heuristics import candidate_configs
@@ -59,15 +60,19 @@ def tune_weights(weights: dict, ms=(1, 16, 64, 256), dtype=torch.float16, device
                 continue
             best_ms, _, best = min(ok)
             key = table_key(kind, bits, group, n, k, m)
-            entries[key] = {**best.as_dict(), "us": round(best_ms * 1e3, 2),
-                            "source": f"tuned on {name}, {today}, {len(ok)} candidates, {dtype}".replace("torch.", "")}
+            entries[key] = {
+                **best.as_dict(),
+                "us": round(best_ms * 1e3, 2),
+                "source": f"tuned on {name}, {today}, {len(ok)} candidates, {dtype}".replace("torch.", ""),
+            }
             if log:
                 log(f"{key}: {best.schedule} {best_ms * 1e3:.1f} us")
     return entries
 
 
-def tune_checkpoint(path, output, ms=(1, 16, 64, 256), device="cuda", dtype=torch.float16,
-                    max_candidates: int | None = None, log=None) -> dict:
+def tune_checkpoint(
+    path, output, ms=(1, 16, 64, 256), device="cuda", dtype=torch.float16, max_candidates: int | None = None, log=None
+) -> dict:
     """Tune an exported checkpoint's own layer shapes and write (merge) the table at ``output``."""
     from compressor.export import load_quantized_model
     from compressor.kernels.tables import write_table

@@ -83,7 +83,9 @@ def open_safetensors(file: Path):
         handle = safe_open(file, "pt")
     except Exception as error:  # safetensors raises its own SafetensorError, or OSError
         reason = " ".join(str(error).split())
-        raise ModelLoadError(f"{file}: not a readable safetensors file ({type(error).__name__}: {reason}); is the download complete?") from None
+        raise ModelLoadError(
+            f"{file}: not a readable safetensors file ({type(error).__name__}: {reason}); is the download complete?"
+        ) from None
     with handle as f:
         yield f
 
@@ -103,7 +105,9 @@ class ModelHandle:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         adapter = adapter_for(config)
         if getattr(config, "quantization_config", None) is not None:
-            raise ModelLoadError(f"{path}: already quantized (quantization_config in config.json); start from the unquantized model")
+            raise ModelLoadError(
+                f"{path}: already quantized (quantization_config in config.json); start from the unquantized model"
+            )
         with init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         skeleton.eval()
@@ -142,7 +146,9 @@ class ModelHandle:
     def weight_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of every parameter with floating ones in ``dtype`` (integer codes keep their size)."""
         element = torch.tensor([], dtype=dtype).element_size()
-        return sum(p.numel() * (element if p.is_floating_point() else p.element_size()) for p in self.model.parameters())
+        return sum(
+            p.numel() * (element if p.is_floating_point() else p.element_size()) for p in self.model.parameters()
+        )
 
     def fits_on(self, device: torch.device, dtype: torch.dtype, fraction: float = 0.8) -> bool:
         """Whether the weights in ``dtype`` take at most ``fraction`` of the device's free memory

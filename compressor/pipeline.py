@@ -34,6 +34,7 @@ from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
 from compressor.step import Step
 
+
 @dataclass
 class Session:
     handle: ModelHandle
@@ -49,7 +50,9 @@ class Session:
     run_state: RunState = field(init=False)  # what the steps' contexts share for this run
 
     def __post_init__(self):
-        self.run_state = RunState(self.report, self.compute_dtype, self.export_dtype, self.calibration_tokens, self.progress)
+        self.run_state = RunState(
+            self.report, self.compute_dtype, self.export_dtype, self.calibration_tokens, self.progress
+        )
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -116,7 +119,9 @@ class Session:
         except ValueError as error:
             message = str(error).removeprefix(f"{step.name}: ")
             key = message.split(":", 1)[0]
-            joined = f"{where}.{message}" if key in {f.name for f in dataclasses.fields(step)} else f"{where}: {message}"
+            joined = (
+                f"{where}.{message}" if key in {f.name for f in dataclasses.fields(step)} else f"{where}: {message}"
+            )
             raise StepError(joined) from error
         except Exception as error:
             error.add_note(f"in {where}")
@@ -140,10 +145,19 @@ class Session:
             block = self.load_block(index, None if needs_data else self.handle.dtype)
             for step in steps:
                 with self.blame(step):
-                    step.compress_block(BlockContext(
-                        handle=self.handle, device=self.device, run=self.run_state, step=step, state=self.run_state.state_of(step),
-                        index=index, block=block, inputs=inputs, block_kwargs=kwargs,
-                    ))
+                    step.compress_block(
+                        BlockContext(
+                            handle=self.handle,
+                            device=self.device,
+                            run=self.run_state,
+                            step=step,
+                            state=self.run_state.state_of(step),
+                            index=index,
+                            block=block,
+                            inputs=inputs,
+                            block_kwargs=kwargs,
+                        )
+                    )
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
             if needs_data and index + 1 < len(self.handle.blocks):
                 inputs = self.run_block(block, inputs, kwargs)
@@ -165,9 +179,16 @@ class Session:
         if self.handle.tied_embeddings:
             self.handle.model.tie_weights()
         runner = BlockwiseModel(self.handle, self.device, offloaded)
-        step.compress_model(ModelContext(
-            handle=self.handle, device=self.device, run=self.run_state, step=step, state=self.run_state.state_of(step), runner=runner,
-        ))
+        step.compress_model(
+            ModelContext(
+                handle=self.handle,
+                device=self.device,
+                run=self.run_state,
+                step=step,
+                state=self.run_state.state_of(step),
+                runner=runner,
+            )
+        )
 
     def should_offload(self) -> bool:
         """Offload the blocks when the weights would take more than 80% of the free device memory."""

@@ -13,17 +13,30 @@ import time
 
 
 def _format_numbers(numbers: dict) -> str:
-    return ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in numbers.items())
+    return ", ".join(
+        f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in numbers.items()
+    )
 
 
 def _format_seconds(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class Progress:
-    def __init__(self, total: int | None, description: str, unit: str = "it", enabled: bool = True,
-                 interval: float = 30.0, stream=None):
+    def __init__(
+        self,
+        total: int | None,
+        description: str,
+        unit: str = "it",
+        enabled: bool = True,
+        interval: float = 30.0,
+        stream=None,
+    ):
         self.total, self.description, self.unit = total, description, unit
         self.enabled, self.interval = enabled, interval
         self.stream = stream if stream is not None else sys.stderr

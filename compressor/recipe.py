@@ -42,8 +42,17 @@ from compressor.step import (
 )
 
 __all__ = [
-    "CalibrationConfig", "ExportConfig", "Recipe", "RecipeError", "Step", "build_config", "catalogue", "check_recipe",
-    "param", "reference_rows", "register_step",
+    "CalibrationConfig",
+    "ExportConfig",
+    "Recipe",
+    "RecipeError",
+    "Step",
+    "build_config",
+    "catalogue",
+    "check_recipe",
+    "param",
+    "reference_rows",
+    "register_step",
 ]
 
 
@@ -53,7 +62,9 @@ __all__ = [
 
 @dataclass
 class CalibrationConfig(Config):
-    dataset: str = param("demo", "calibration text: 'demo', a local .txt/.jsonl/.parquet file or folder, or a datasets name")
+    dataset: str = param(
+        "demo", "calibration text: 'demo', a local .txt/.jsonl/.parquet file or folder, or a datasets name"
+    )
     samples: int = param(128, "number of calibration sequences", min=1)
     seq_len: int = param(512, "tokens per calibration sequence", min=8)
     seed: int = param(0, "seed for choosing the sequences")
@@ -69,9 +80,15 @@ class CalibrationConfig(Config):
 
 @dataclass
 class ExportConfig(Config):
-    format: str = param("auto", "checkpoint format (auto: compressed-tensors for uniform weights but GPTQ for asymmetric 2/3-bit ones, "
-                        "compressor for lookup tables)", choices=("auto", "compressed-tensors", "gptq", "compressor", "dense"))
-    dtype: str = param("auto", "dtype of unquantized tensors and scales", choices=("auto", "float16", "bfloat16", "float32"))
+    format: str = param(
+        "auto",
+        "checkpoint format (auto: compressed-tensors for uniform weights but GPTQ for asymmetric 2/3-bit ones, "
+        "compressor for lookup tables)",
+        choices=("auto", "compressed-tensors", "gptq", "compressor", "dense"),
+    )
+    dtype: str = param(
+        "auto", "dtype of unquantized tensors and scales", choices=("auto", "float16", "bfloat16", "float32")
+    )
     max_shard_size: str = param("5GB", "largest safetensors shard, e.g. 2GB or 500MB")
 
     def check(self) -> None:
@@ -155,7 +172,9 @@ def check_recipe(data, source: str, catalogue: dict) -> dict:
         raise RecipeError(f"{source}: a recipe is a mapping with the sections {', '.join(SECTIONS)}")
     for key in data:
         if key not in SECTIONS:
-            raise RecipeError(f"{source}: {key}: unknown section{did_you_mean(key, SECTIONS)}; allowed: {', '.join(SECTIONS)}")
+            raise RecipeError(
+                f"{source}: {key}: unknown section{did_you_mean(key, SECTIONS)}; allowed: {', '.join(SECTIONS)}"
+            )
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
         raise RecipeError(f"{source}: steps: expected a non-empty list of steps, got {raw_steps!r}")
@@ -169,7 +188,9 @@ def check_recipe(data, source: str, catalogue: dict) -> dict:
             raise RecipeError(f"{source}: {where}: a step is a one-key mapping like 'rtn: {{bits: 4}}', got {entry!r}")
         ((name, raw),) = entry.items()
         if name not in known:
-            raise RecipeError(f"{source}: {where}.{name}: unknown step{did_you_mean(name, known)}; known steps: {', '.join(known)}")
+            raise RecipeError(
+                f"{source}: {where}.{name}: unknown step{did_you_mean(name, known)}; known steps: {', '.join(known)}"
+            )
         steps.append((f"{where}.{name}", name, check_keys(raw, known[name]["params"], f"{where}.{name}", source)))
     sections = {name: check_keys(data.get(name), specs, name, source) for name, specs in catalogue["sections"].items()}
     return {"steps": steps, **sections}
@@ -189,7 +210,12 @@ def catalogue() -> dict:
     return {
         "sections": {"calibration": param_specs(CalibrationConfig), "export": param_specs(ExportConfig)},
         "steps": {
-            name: {"kind": cls.kind, "needs_calibration": cls.needs_calibration, "summary": cls.summary(), "params": param_specs(cls)}
+            name: {
+                "kind": cls.kind,
+                "needs_calibration": cls.needs_calibration,
+                "summary": cls.summary(),
+                "params": param_specs(cls),
+            }
             for name, cls in registered_steps().items()
         },
     }

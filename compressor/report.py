@@ -57,7 +57,9 @@ class Report:
         self.rows.append(row)
 
     def add_step(self, steps: list[str], kind: str, seconds: float, memory: dict) -> None:
-        self.passes.append({"steps": steps, "kind": kind, "seconds": round(seconds, 3), **{k: round(v, 3) for k, v in memory.items()}})
+        self.passes.append(
+            {"steps": steps, "kind": kind, "seconds": round(seconds, 3), **{k: round(v, 3) for k, v in memory.items()}}
+        )
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:
@@ -72,7 +74,9 @@ class Report:
             schemes = {scheme_of(modules[adapter.linears[role]]) for role in group}
             if len(schemes) > 1:
                 names = ", ".join(adapter.linears[role] for role in group)
-                self.warn(f"{prefix}: {names} have different quantization schemes; vLLM fuses them and will refuse the checkpoint")
+                self.warn(
+                    f"{prefix}: {names} have different quantization schemes; vLLM fuses them and will refuse the checkpoint"
+                )
 
     def training_lines(self) -> list[str]:
         """One line per training phase: its held-out loss before and after, and how often the
@@ -87,7 +91,9 @@ class Report:
             after = sum(min(r["heldout_curve"]) for r in rows) / len(rows)
             undone = sum(r["kept_epoch"] == 0 for r in rows)
             where = f" in {len(rows)} blocks" if len(rows) > 1 else ""
-            lines.append(f"{step}: held-out loss {before:.4g} -> {after:.4g}{where}; kept the untrained start {undone} of {len(rows)} times")
+            lines.append(
+                f"{step}: held-out loss {before:.4g} -> {after:.4g}{where}; kept the untrained start {undone} of {len(rows)} times"
+            )
         return lines
 
     def to_dict(self) -> dict:
@@ -103,7 +109,9 @@ class Report:
         if by_step:
             step_width = max(len("step"), *(len(step) for step, _ in by_step)) + 2
             kind_width = max(len("module"), *(len(kind) for _, kind in by_step)) + 2
-            lines.append(f"{'step':<{step_width}}{'module':<{kind_width}}{'count':>6}{'mean rel. error':>17}{'bits/weight':>13}")
+            lines.append(
+                f"{'step':<{step_width}}{'module':<{kind_width}}{'count':>6}{'mean rel. error':>17}{'bits/weight':>13}"
+            )
             for (step, kind), rows in by_step.items():
                 errors = [r["error"] for r in rows if "error" in r]
                 bits = [r["bits_per_weight"] for r in rows if "bits_per_weight" in r]

@@ -13,9 +13,9 @@ read from their source in November 2026 (vLLM main, transformers 5.24).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ENGINES = ("vllm", "transformers")
 
@@ -56,71 +56,183 @@ VLLM_WNA16 = "vllm/model_executor/layers/quantization/compressed_tensors/schemes
 VLLM_MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py (MARLIN_SUPPORTED_GROUP_SIZES)"
 VLLM_MLA = "vllm/v1/attention/backends/mla/*.py get_supported_head_sizes (576 for FlashMLA, FlashInfer MLA, Triton MLA, CPU MLA)"
 HF_CT = "transformers/quantizers/quantizer_compressed_tensors.py"
-VLLM_GPTQ = ("vllm/model_executor/layers/quantization/auto_gptq.py (Marlin only since vllm-project/vllm#38288; 2/3-bit "
-             "requested back in vllm-project/vllm#45051)")
-HF_GPTQ = "transformers/quantizers/quantizer_gptq.py (imports optimum.gptq; validate_environment needs gptqmodel on a CPU)"
+VLLM_GPTQ = (
+    "vllm/model_executor/layers/quantization/auto_gptq.py (Marlin only since vllm-project/vllm#38288; 2/3-bit "
+    "requested back in vllm-project/vllm#45051)"
+)
+HF_GPTQ = (
+    "transformers/quantizers/quantizer_gptq.py (imports optimum.gptq; validate_environment needs gptqmodel on a CPU)"
+)
 ARCTIC_SWIFTKV = "arctic_inference/vllm/swiftkv/llama_swiftkv.py, arctic_inference/common/swiftkv/configs.py"
 
 ROUTES: tuple[Route, ...] = (
-    Route("vllm", "compressed-tensors", "CompressedTensorsWNA16 (Marlin or its fallbacks)", requirements=(
-        Rule("integer weights with 16-bit activations", lambda p: p["type"] == "int" and not p["activations"], VLLM_WNA16),
-        Rule("asymmetric (zero-point) weights only at 4 or 8 bits (WNA16_ZP_SUPPORTED_TYPES_MAP)",
-             lambda p: p["symmetric"] or p["bits"] in (4, 8), VLLM_WNA16),
-        Rule("symmetric weights at 2..8 bits (WNA16_SUPPORTED_TYPES_MAP)", lambda p: 2 <= p["bits"] <= 8, VLLM_WNA16),
-    ), caveats=(
-        Rule("2, 3, 5, 6 and 7 bits are in vLLM's newest releases only (uint2b2 .. uint7b64 kernels)",
-             lambda p: p["bits"] in (4, 8), VLLM_WNA16),
-        Rule("Marlin's fast path takes group sizes -1, 32, 64, 128; others run on slower kernels where one exists",
-             lambda p: p["group_size"] in (-1, 32, 64, 128), VLLM_MARLIN),
-    )),
-    Route("vllm", "compressor", "none", requirements=(
-        Rule("a loader for quant_method 'compressor' (our vLLM plugin is not built yet)", lambda p: False,
-             "vllm/model_executor/layers/quantization/__init__.py (QUANTIZATION_METHODS)"),
-    )),
-    Route("vllm", "deepseek-mla", "DeepseekV2/V3 model with MLA attention", requirements=(
-        Rule("kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept; TransMLA's "
-             "`serving: vllm` picks them)", lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320), VLLM_MLA),
-        Rule("plain rotary frequencies: its DeepSeek attention turns any rope scaling into deepseek_yarn, so TransMLA's "
-             "`exact: true` export (longrope frequencies) runs in transformers only", lambda p: p["rope_type"] in ("default", None),
-             "vllm/model_executor/models/deepseek_v2.py (DeepseekV2Attention: rope_scaling['rope_type'] = 'deepseek_yarn')"),
-    )),
-    Route("vllm", "gptq", "its GPTQ loader on Marlin kernels", requirements=(
-        Rule("4- or 8-bit symmetric weights (uint4b8, uint8b128: Marlin's only GPTQ types); 2/3-bit and asymmetric GPTQ load "
-             "only in vLLM releases before #38288, through gptq.py's gptq_gemm (checkpoint_format gptq_v2 from #26092 on)",
-             lambda p: p["symmetric"] and p["bits"] in (4, 8), VLLM_GPTQ),
-    ), caveats=(
-        Rule("Marlin's group sizes are -1, 32, 64, 128", lambda p: p["group_size"] in (-1, 32, 64, 128), VLLM_MARLIN),
-    )),
-    Route("vllm", "shipped-code", "none", requirements=(
-        Rule("a vLLM model class for the architecture (the checkpoint ships transformers modeling code, which vLLM does not run; "
-             "MoDeGPT's `export: masked` keeps stock shapes for vLLM)", lambda p: False, "vllm/model_executor/models/registry.py (_VLLM_MODELS)"),
-    )),
-    Route("vllm", "swiftkv", "arctic-inference's LlamaSwiftKVForCausalLM (pip install arctic-inference; ARCTIC_INFERENCE_ENABLED=1)", requirements=(
-        Rule("a Llama base (the plugin has no Qwen2 SwiftKV model)", lambda p: p["model_type"] == "llama_swiftkv", ARCTIC_SWIFTKV),
-        Rule("key_value_group_size 1: the plugin ignores AcrossKV (its config lacks the key, or marks it deprecated) and "
-             "expects k/v_proj_swiftkv in every upper layer", lambda p: p["group_size"] == 1, ARCTIC_SWIFTKV),
-    )),
+    Route(
+        "vllm",
+        "compressed-tensors",
+        "CompressedTensorsWNA16 (Marlin or its fallbacks)",
+        requirements=(
+            Rule(
+                "integer weights with 16-bit activations",
+                lambda p: p["type"] == "int" and not p["activations"],
+                VLLM_WNA16,
+            ),
+            Rule(
+                "asymmetric (zero-point) weights only at 4 or 8 bits (WNA16_ZP_SUPPORTED_TYPES_MAP)",
+                lambda p: p["symmetric"] or p["bits"] in (4, 8),
+                VLLM_WNA16,
+            ),
+            Rule(
+                "symmetric weights at 2..8 bits (WNA16_SUPPORTED_TYPES_MAP)", lambda p: 2 <= p["bits"] <= 8, VLLM_WNA16
+            ),
+        ),
+        caveats=(
+            Rule(
+                "2, 3, 5, 6 and 7 bits are in vLLM's newest releases only (uint2b2 .. uint7b64 kernels)",
+                lambda p: p["bits"] in (4, 8),
+                VLLM_WNA16,
+            ),
+            Rule(
+                "Marlin's fast path takes group sizes -1, 32, 64, 128; others run on slower kernels where one exists",
+                lambda p: p["group_size"] in (-1, 32, 64, 128),
+                VLLM_MARLIN,
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "compressor",
+        "none",
+        requirements=(
+            Rule(
+                "a loader for quant_method 'compressor' (our vLLM plugin is not built yet)",
+                lambda p: False,
+                "vllm/model_executor/layers/quantization/__init__.py (QUANTIZATION_METHODS)",
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "deepseek-mla",
+        "DeepseekV2/V3 model with MLA attention",
+        requirements=(
+            Rule(
+                "kv_lora_rank + qk_rope_head_dim of 576 or 320 (the head sizes its MLA backends accept; TransMLA's "
+                "`serving: vllm` picks them)",
+                lambda p: p["kv_lora_rank"] + p["qk_rope_head_dim"] in (576, 320),
+                VLLM_MLA,
+            ),
+            Rule(
+                "plain rotary frequencies: its DeepSeek attention turns any rope scaling into deepseek_yarn, so TransMLA's "
+                "`exact: true` export (longrope frequencies) runs in transformers only",
+                lambda p: p["rope_type"] in ("default", None),
+                "vllm/model_executor/models/deepseek_v2.py (DeepseekV2Attention: rope_scaling['rope_type'] = 'deepseek_yarn')",
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "gptq",
+        "its GPTQ loader on Marlin kernels",
+        requirements=(
+            Rule(
+                "4- or 8-bit symmetric weights (uint4b8, uint8b128: Marlin's only GPTQ types); 2/3-bit and asymmetric GPTQ load "
+                "only in vLLM releases before #38288, through gptq.py's gptq_gemm (checkpoint_format gptq_v2 from #26092 on)",
+                lambda p: p["symmetric"] and p["bits"] in (4, 8),
+                VLLM_GPTQ,
+            ),
+        ),
+        caveats=(
+            Rule(
+                "Marlin's group sizes are -1, 32, 64, 128", lambda p: p["group_size"] in (-1, 32, 64, 128), VLLM_MARLIN
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "shipped-code",
+        "none",
+        requirements=(
+            Rule(
+                "a vLLM model class for the architecture (the checkpoint ships transformers modeling code, which vLLM does not run; "
+                "MoDeGPT's `export: masked` keeps stock shapes for vLLM)",
+                lambda p: False,
+                "vllm/model_executor/models/registry.py (_VLLM_MODELS)",
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "swiftkv",
+        "arctic-inference's LlamaSwiftKVForCausalLM (pip install arctic-inference; ARCTIC_INFERENCE_ENABLED=1)",
+        requirements=(
+            Rule(
+                "a Llama base (the plugin has no Qwen2 SwiftKV model)",
+                lambda p: p["model_type"] == "llama_swiftkv",
+                ARCTIC_SWIFTKV,
+            ),
+            Rule(
+                "key_value_group_size 1: the plugin ignores AcrossKV (its config lacks the key, or marks it deprecated) and "
+                "expects k/v_proj_swiftkv in every upper layer",
+                lambda p: p["group_size"] == 1,
+                ARCTIC_SWIFTKV,
+            ),
+        ),
+    ),
     Route("vllm", "dense", "the model's own architecture, unquantized"),
-    Route("transformers", "compressed-tensors", "compressed-tensors' quantizer: the weights stay packed (weight_packed, weight_scale) "
-          "and are unpacked in each forward", requirements=(
-        Rule("integer weights with 16-bit activations", lambda p: p["type"] == "int" and not p["activations"], HF_CT),
-        Rule("symmetric weights (transformers 5.x expects unpacked zero points of shape [N, groups] and fails on packed ones; "
-             "vllm-project/llm-compressor#1618)", lambda p: p["symmetric"], "tests/test_export.py (asymmetric exports load only through ours)"),
-    ), caveats=(
-        Rule("3, 5, 6 and 7 bits need compressed-tensors >= 0.18 (dense packing)", lambda p: p["bits"] in (2, 4, 8),
-             "compressed_tensors/compressors/pack_quantized (pack_to_int32)"),
-    )),
-    Route("transformers", "gptq", "its GPTQ quantizer with optimum and gptqmodel (gptqmodel's torch kernels on a CPU)", requirements=(
-        Rule("the optimum and gptqmodel packages, which are not installed here (pip install optimum gptqmodel; checked on the "
-             "CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which wants torch >= 2.14)",
-             lambda p: p["gptq_stack"], HF_GPTQ),
-    )),
-    Route("transformers", "compressor", "our registered quantizer, after `import compressor` (lookup-table, BFP and sparse kernels; the BFP KV cache where the config declares one)"),
+    Route(
+        "transformers",
+        "compressed-tensors",
+        "compressed-tensors' quantizer: the weights stay packed (weight_packed, weight_scale) "
+        "and are unpacked in each forward",
+        requirements=(
+            Rule(
+                "integer weights with 16-bit activations", lambda p: p["type"] == "int" and not p["activations"], HF_CT
+            ),
+            Rule(
+                "symmetric weights (transformers 5.x expects unpacked zero points of shape [N, groups] and fails on packed ones; "
+                "vllm-project/llm-compressor#1618)",
+                lambda p: p["symmetric"],
+                "tests/test_export.py (asymmetric exports load only through ours)",
+            ),
+        ),
+        caveats=(
+            Rule(
+                "3, 5, 6 and 7 bits need compressed-tensors >= 0.18 (dense packing)",
+                lambda p: p["bits"] in (2, 4, 8),
+                "compressed_tensors/compressors/pack_quantized (pack_to_int32)",
+            ),
+        ),
+    ),
+    Route(
+        "transformers",
+        "gptq",
+        "its GPTQ quantizer with optimum and gptqmodel (gptqmodel's torch kernels on a CPU)",
+        requirements=(
+            Rule(
+                "the optimum and gptqmodel packages, which are not installed here (pip install optimum gptqmodel; checked on the "
+                "CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which wants torch >= 2.14)",
+                lambda p: p["gptq_stack"],
+                HF_GPTQ,
+            ),
+        ),
+    ),
+    Route(
+        "transformers",
+        "compressor",
+        "our registered quantizer, after `import compressor` (lookup-table, BFP and sparse kernels; the BFP KV cache where the config declares one)",
+    ),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
-    Route("transformers", "shipped-code", "the modeling code shipped with the checkpoint (`trust_remote_code=True`), or our loaders "
-          "without remote code"),
-    Route("transformers", "swiftkv", "the modeling code shipped with the checkpoint (trust_remote_code=True), or without it "
-          "after `import compressor`"),
+    Route(
+        "transformers",
+        "shipped-code",
+        "the modeling code shipped with the checkpoint (`trust_remote_code=True`), or our loaders without remote code",
+    ),
+    Route(
+        "transformers",
+        "swiftkv",
+        "the modeling code shipped with the checkpoint (trust_remote_code=True), or without it "
+        "after `import compressor`",
+    ),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )
 
@@ -135,16 +247,22 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
             for name, group in quantization.get("config_groups", {}).items():
                 weights = group.get("weights") or {}
                 facts = {
-                    "type": weights.get("type", "int"), "bits": weights.get("num_bits"), "symmetric": weights.get("symmetric", True),
+                    "type": weights.get("type", "int"),
+                    "bits": weights.get("num_bits"),
+                    "symmetric": weights.get("symmetric", True),
                     "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
                     "activations": group.get("input_activations") is not None,
                 }
                 shape = f"{facts['bits']}-bit {'symmetric' if facts['symmetric'] else 'asymmetric'}, group {facts['group_size']}"
                 parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
         elif method == "gptq":
-            facts = {"bits": quantization.get("bits"), "symmetric": quantization.get("sym", True),
-                     "group_size": quantization.get("group_size", -1), "format": quantization.get("checkpoint_format", "gptq"),
-                     "gptq_stack": gptq_stack_installed()}
+            facts = {
+                "bits": quantization.get("bits"),
+                "symmetric": quantization.get("sym", True),
+                "group_size": quantization.get("group_size", -1),
+                "format": quantization.get("checkpoint_format", "gptq"),
+                "gptq_stack": gptq_stack_installed(),
+            }
             shape = f"{facts['bits']}-bit {'symmetric' if facts['symmetric'] else 'asymmetric'}, group {facts['group_size']}, {facts['format']}"
             parts.append((f"GPTQ ({shape})", "gptq", facts))
         elif method == "compressor":
@@ -153,15 +271,36 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
             parts.append((f"quant_method {method!r}", str(method), {}))
     if config.get("model_type") in ("deepseek_v3", "deepseek_v2") and config.get("kv_lora_rank"):
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        facts = {"kv_lora_rank": config["kv_lora_rank"], "qk_rope_head_dim": config.get("qk_rope_head_dim", 0), "rope_type": rope.get("rope_type")}
-        parts.append((f"MLA attention (kv_lora_rank {facts['kv_lora_rank']} + qk_rope_head_dim {facts['qk_rope_head_dim']})",
-                      "deepseek-mla", facts))
+        facts = {
+            "kv_lora_rank": config["kv_lora_rank"],
+            "qk_rope_head_dim": config.get("qk_rope_head_dim", 0),
+            "rope_type": rope.get("rope_type"),
+        }
+        parts.append(
+            (
+                f"MLA attention (kv_lora_rank {facts['kv_lora_rank']} + qk_rope_head_dim {facts['qk_rope_head_dim']})",
+                "deepseek-mla",
+                facts,
+            )
+        )
     if config.get("model_type") in ("llama_swiftkv", "qwen2_swiftkv"):
         facts = {"model_type": config["model_type"], "group_size": config.get("key_value_group_size", 1)}
-        parts.append((f"SwiftKV attention (num_key_value_layers {config.get('num_key_value_layers')}, key_value_group_size "
-                      f"{facts['group_size']})", "swiftkv", facts))
+        parts.append(
+            (
+                f"SwiftKV attention (num_key_value_layers {config.get('num_key_value_layers')}, key_value_group_size "
+                f"{facts['group_size']})",
+                "swiftkv",
+                facts,
+            )
+        )
     elif "AutoModelForCausalLM" in (config.get("auto_map") or {}):
-        parts.append((f"{config.get('model_type')} architecture ({config['auto_map']['AutoModelForCausalLM']})", "shipped-code", {}))
+        parts.append(
+            (
+                f"{config.get('model_type')} architecture ({config['auto_map']['AutoModelForCausalLM']})",
+                "shipped-code",
+                {},
+            )
+        )
     if not parts:
         parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))
     return parts

@@ -43,7 +43,11 @@ def param(default: Any, help: str, *, choices=None, min=None, max=None):
 
 def describe_choices(choices) -> str:
     choices = list(choices)
-    if len(choices) > 2 and all(isinstance(c, int) for c in choices) and choices == list(range(choices[0], choices[-1] + 1)):
+    if (
+        len(choices) > 2
+        and all(isinstance(c, int) for c in choices)
+        and choices == list(range(choices[0], choices[-1] + 1))
+    ):
         return f"{choices[0]}..{choices[-1]}"
     return ", ".join(str(c) for c in choices)
 
@@ -66,7 +70,9 @@ def type_spec(tp) -> list[str]:
 def _type_name(spec: list[str]) -> str:
     names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "any": "anything"}
     plural = {"int": "integers", "float": "numbers", "str": "strings", "bool": "true/false values", "any": "values"}
-    words = [f"a list of {plural[alt[5:-1]]}" if alt.startswith("list[") else names[alt] for alt in spec if alt != "null"]
+    words = [
+        f"a list of {plural[alt[5:-1]]}" if alt.startswith("list[") else names[alt] for alt in spec if alt != "null"
+    ]
     return " or ".join(words)
 
 
@@ -96,15 +102,17 @@ def param_specs(cls) -> list[dict]:
         if not f.init:
             continue
         choices = f.metadata.get("choices")
-        specs.append({
-            "key": f.name,
-            "type": type_spec(hints[f.name]),
-            "default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
-            "help": f.metadata.get("help", ""),
-            "choices": None if choices is None else list(choices),
-            "min": f.metadata.get("min"),
-            "max": f.metadata.get("max"),
-        })
+        specs.append(
+            {
+                "key": f.name,
+                "type": type_spec(hints[f.name]),
+                "default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                "help": f.metadata.get("help", ""),
+                "choices": None if choices is None else list(choices),
+                "min": f.metadata.get("min"),
+                "max": f.metadata.get("max"),
+            }
+        )
     return specs
 
 
@@ -130,7 +138,10 @@ def check_keys(raw, specs: list[dict], where: str, source: str) -> dict:
             raise RecipeError(f"{source}: {where}.{key}: {value!r} is below the minimum {spec['min']}")
         if spec["max"] is not None and value is not None and value > spec["max"]:
             raise RecipeError(f"{source}: {where}.{key}: {value!r} is above the maximum {spec['max']}")
-    return {k: (float(v) if "float" in by_key[k]["type"] and isinstance(v, int) and not isinstance(v, bool) else v) for k, v in raw.items()}
+    return {
+        k: (float(v) if "float" in by_key[k]["type"] and isinstance(v, int) and not isinstance(v, bool) else v)
+        for k, v in raw.items()
+    }
 
 
 def build_config(cls, raw, where: str, source: str):

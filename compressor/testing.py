@@ -31,22 +31,32 @@ def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator([TOKENIZER_TEXT], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def random_config(architecture: str, **overrides):
     settings = dict(
-        hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=False,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     )
     settings.update(ARCHITECTURES[architecture])
     settings.update(overrides)
     return AutoConfig.for_model(architecture, **settings)
 
 
-def make_random_model(architecture: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
+def make_random_model(
+    architecture: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
+) -> Path:
     """Write a random-weight checkpoint of ``architecture`` (llama, mistral, qwen2, qwen3) to ``folder``."""
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -66,7 +76,11 @@ def folder_digest(path: str | Path) -> dict[str, str]:
     import hashlib
 
     path = Path(path)
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
 
 
 class WholeModelContext:

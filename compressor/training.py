@@ -109,7 +109,9 @@ def slice_batch(value, rows: slice, batch: int):
     return value
 
 
-def micro_batches(inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict], size: int) -> list[tuple]:
+def micro_batches(
+    inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict], size: int
+) -> list[tuple]:
     """(input, target, kwargs) of ``size`` samples each, cut from the session's batches, in order."""
     batches = []
     for x, y, kw in zip(inputs, targets, kwargs):
@@ -131,8 +133,17 @@ def block_mse(block: nn.Module, batches: list[tuple]) -> float:
     return total / max(count, 1)
 
 
-def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epochs: int, min_lr_factor: float,
-                heldout: float = 0.0, progress=None, schedule=None, where: str = "efficientqat_block_ap") -> tuple[list[float], BestState | None]:
+def train_block(
+    block: nn.Module,
+    batches: list[tuple],
+    groups: list[dict],
+    epochs: int,
+    min_lr_factor: float,
+    heldout: float = 0.0,
+    progress=None,
+    schedule=None,
+    where: str = "efficientqat_block_ap",
+) -> tuple[list[float], BestState | None]:
     """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch (``schedule(base,
     step, total)`` replaces the cosine towards ``base / min_lr_factor``; ``where`` names the step in errors). The last
     ``heldout`` fraction of ``batches`` is not trained on: its MSE before training and after each epoch
@@ -149,7 +160,9 @@ def train_block(block: nn.Module, batches: list[tuple], groups: list[dict], epoc
             losses = []
             for x, y, kw in batches:
                 for group, base in zip(optimizer.param_groups, bases):
-                    group["lr"] = schedule(base, step, total) if schedule else cosine_lr(base, base / min_lr_factor, step, total)
+                    group["lr"] = (
+                        schedule(base, step, total) if schedule else cosine_lr(base, base / min_lr_factor, step, total)
+                    )
                 out = first_output(block(x.float(), **cast_floating(kw, torch.float32)))
                 loss = F.mse_loss(out, y.float())
                 if not torch.isfinite(loss):

@@ -97,12 +97,20 @@ def check_layers(model, dtype, device, max_layers=None, batches=None, seed=0, ro
             abs_err = (got - expected).abs().max().item()
             errors[m] = {"max_abs": abs_err, "max_rel": abs_err / max(expected.abs().max().item(), 1e-30)}
         worst = max(e["max_rel"] for e in errors.values())
-        rows.append({
-            "name": name, "kind": weight.kind, "shape": list(module.quantized_weight.shape), "rows_checked": weight.shape[0],
-            "bits": getattr(weight, "bits", None),
-            "errors": errors, "max_rel": worst, "max_abs": max(e["max_abs"] for e in errors.values()),
-            "tolerance": tolerance, "ok": bool(worst <= tolerance and math.isfinite(worst)),
-        })
+        rows.append(
+            {
+                "name": name,
+                "kind": weight.kind,
+                "shape": list(module.quantized_weight.shape),
+                "rows_checked": weight.shape[0],
+                "bits": getattr(weight, "bits", None),
+                "errors": errors,
+                "max_rel": worst,
+                "max_abs": max(e["max_abs"] for e in errors.values()),
+                "tolerance": tolerance,
+                "ok": bool(worst <= tolerance and math.isfinite(worst)),
+            }
+        )
     return rows
 
 
@@ -117,8 +125,13 @@ def compare_perplexity(model, windows: torch.Tensor, dtype) -> dict:
         reference = evaluate(model, windows)
     diff = abs(triton_ppl - reference.perplexity) / reference.perplexity
     return {
-        "triton": triton_ppl, "reference": reference.perplexity, "rel_diff": diff, "tokens": reference.tokens,
-        "windows": reference.windows, "tolerance": PPL_TOLERANCE[dtype], "ok": bool(diff <= PPL_TOLERANCE[dtype]),
+        "triton": triton_ppl,
+        "reference": reference.perplexity,
+        "rel_diff": diff,
+        "tokens": reference.tokens,
+        "windows": reference.windows,
+        "tolerance": PPL_TOLERANCE[dtype],
+        "ok": bool(diff <= PPL_TOLERANCE[dtype]),
     }
 
 
@@ -141,17 +154,36 @@ def measure_speed(model, vocab_size: int, device, prompt_len=16, new_tokens=64, 
     long_input = torch.randint(0, vocab_size, (1, prefill_len), generator=generator).to(device)
 
     def decode():
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=0, attention_mask=torch.ones_like(prompt))
+        model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            attention_mask=torch.ones_like(prompt),
+        )
 
     decode_s = _timed(decode, repeats)
     prefill_s = _timed(lambda: model(long_input), repeats)
-    return {"decode_tok_s": new_tokens / decode_s, "prefill_tok_s": prefill_len / prefill_s,
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "prefill_len": prefill_len}
+    return {
+        "decode_tok_s": new_tokens / decode_s,
+        "prefill_tok_s": prefill_len / prefill_s,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_len": prefill_len,
+    }
 
 
-def validate_model(model, windows: torch.Tensor | None, *, device=None, max_layers=None, batches=None,
-                   speed: bool | None = None, seed: int = 0) -> dict:
+def validate_model(
+    model,
+    windows: torch.Tensor | None,
+    *,
+    device=None,
+    max_layers=None,
+    batches=None,
+    speed: bool | None = None,
+    seed: int = 0,
+) -> dict:
     """The checks of ``validate_checkpoint`` on a model already holding ``QuantizedLinear`` layers."""
     from compressor.modules.linear import QuantizedLinear, dequantize_model_
 
@@ -162,9 +194,15 @@ def validate_model(model, windows: torch.Tensor | None, *, device=None, max_laye
     runnable, backend = kernels_runnable(device)
     layers_total = sum(isinstance(m, QuantizedLinear) for m in model.modules())
     result = {
-        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "dtype": str(dtype).removeprefix("torch."),
-        "backend": backend, "quantized_layers": layers_total, "layers": [], "perplexity": None, "speed": None,
-        "correctness_only": not on_gpu, "notes": [],
+        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": backend,
+        "quantized_layers": layers_total,
+        "layers": [],
+        "perplexity": None,
+        "speed": None,
+        "correctness_only": not on_gpu,
+        "notes": [],
     }
     if layers_total == 0:
         result["notes"].append("no quantized layers: nothing to validate")
@@ -173,7 +211,9 @@ def validate_model(model, windows: torch.Tensor | None, *, device=None, max_laye
         result["ok"] = False
         return result
     if not on_gpu:
-        result["notes"].append("no GPU: the kernels ran in the Triton interpreter; only correctness was checked, no speed was measured")
+        result["notes"].append(
+            "no GPU: the kernels ran in the Triton interpreter; only correctness was checked, no speed was measured"
+        )
         max_layers = CPU_MAX_LAYERS if max_layers is None else max_layers
     row_limit = None if on_gpu else CPU_ROWS
     result["layers"] = check_layers(model, dtype, device, max_layers, batches, seed, row_limit)
@@ -186,7 +226,9 @@ def validate_model(model, windows: torch.Tensor | None, *, device=None, max_laye
     if windows is not None and (on_gpu or params <= CPU_PPL_MAX_PARAMS):
         result["perplexity"] = compare_perplexity(model, windows, dtype)
     elif windows is not None:
-        result["notes"].append(f"perplexity through the interpreter skipped: {params / 1e6:.0f}M parameters is too slow on a CPU")
+        result["notes"].append(
+            f"perplexity through the interpreter skipped: {params / 1e6:.0f}M parameters is too slow on a CPU"
+        )
 
     if speed if speed is not None else on_gpu:
         vocab = model.config.vocab_size
@@ -195,7 +237,8 @@ def validate_model(model, windows: torch.Tensor | None, *, device=None, max_laye
         torch.cuda.empty_cache()
         dense = measure_speed(model, vocab, device)
         result["speed"] = {
-            "quantized": quantized, "dense": dense,
+            "quantized": quantized,
+            "dense": dense,
             "decode_speedup": quantized["decode_tok_s"] / dense["decode_tok_s"],
             "prefill_speedup": quantized["prefill_tok_s"] / dense["prefill_tok_s"],
         }
@@ -213,9 +256,19 @@ def _model_dtype(path: Path, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if name == "bfloat16" else torch.float16
 
 
-def validate_checkpoint(path, device=None, *, dtype: torch.dtype | None = None, text: str = "demo", seq_len: int = 128,
-                        max_windows: int = 2, max_layers: int | None = None, speed: bool | None = None, seed: int = 0,
-                        trust_remote_code: bool = False) -> dict:
+def validate_checkpoint(
+    path,
+    device=None,
+    *,
+    dtype: torch.dtype | None = None,
+    text: str = "demo",
+    seq_len: int = 128,
+    max_windows: int = 2,
+    max_layers: int | None = None,
+    speed: bool | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> dict:
     """Load an exported checkpoint into ``QuantizedLinear`` modules and run the three checks.
 
     ``text``: held-out text for the perplexity check (``demo``, a .txt file or a dataset source as in
@@ -227,10 +280,20 @@ def validate_checkpoint(path, device=None, *, dtype: torch.dtype | None = None, 
     from compressor.export import load_quantized_model
 
     path = Path(path)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if device.type == "cpu" and not kernels_runnable(device)[0] and os.environ.get("TRITON_INTERPRET") != "1":
-        options = dict(dtype=dtype, text=text, seq_len=seq_len, max_windows=max_windows, max_layers=max_layers, speed=speed, seed=seed,
-                       trust_remote_code=trust_remote_code)
+        options = dict(
+            dtype=dtype,
+            text=text,
+            seq_len=seq_len,
+            max_windows=max_windows,
+            max_layers=max_layers,
+            speed=speed,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        )
         return _validate_in_interpreter(path, options)
     dtype = dtype or _model_dtype(path, device)
     model = load_quantized_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -241,7 +304,10 @@ def validate_checkpoint(path, device=None, *, dtype: torch.dtype | None = None, 
     except FileNotFoundError:
         from compressor.calibration import tokenize_stream
 
-        stream, text_note = tokenize_stream(tokenizer, [FALLBACK_TEXT]), f"held-out text {text!r} not found; used a built-in passage"
+        stream, text_note = (
+            tokenize_stream(tokenizer, [FALLBACK_TEXT]),
+            f"held-out text {text!r} not found; used a built-in passage",
+        )
     seq_len = min(seq_len, stream.numel())
     windows = make_windows(stream, seq_len, max_windows)
     result = validate_model(model, windows, device=device, max_layers=max_layers, speed=speed, seed=seed)
@@ -262,29 +328,39 @@ def format_validation_report(result: dict) -> str:
         worst = max(layers, key=lambda row: row["max_rel"])
         failed = [row for row in layers if not row["ok"]]
         batches = sorted({int(m) for row in layers for m in row["errors"]})
-        lines.append(f"kernels vs fp32 reference: {len(layers)} of {result['quantized_layers']} layers, M in {batches}; "
-                     f"worst max error/max|y| {worst['max_rel']:.2e} ({worst['name']}), tolerance {worst['tolerance']:.0e}: "
-                     + ("OK" if not failed else f"{len(failed)} FAILED"))
+        lines.append(
+            f"kernels vs fp32 reference: {len(layers)} of {result['quantized_layers']} layers, M in {batches}; "
+            f"worst max error/max|y| {worst['max_rel']:.2e} ({worst['name']}), tolerance {worst['tolerance']:.0e}: "
+            + ("OK" if not failed else f"{len(failed)} FAILED")
+        )
         shown = failed or sorted(layers, key=lambda row: -row["max_rel"])[:8]
         lines.append(f"  {'layer':<44} {'kind':<16} {'N x K':>13} {'bits':>4} {'max rel':>9} {'max abs':>9}")
         for row in shown:
             shape = "x".join(str(d) for d in row["shape"])
-            lines.append(f"  {row['name'][-44:]:<44} {row['kind']:<16} {shape:>13} {row['bits'] or '':>4} "
-                         f"{row['max_rel']:>9.2e} {row['max_abs']:>9.2e}" + ("" if row["ok"] else "  FAILED"))
+            lines.append(
+                f"  {row['name'][-44:]:<44} {row['kind']:<16} {shape:>13} {row['bits'] or '':>4} "
+                f"{row['max_rel']:>9.2e} {row['max_abs']:>9.2e}" + ("" if row["ok"] else "  FAILED")
+            )
         if not failed and len(layers) > len(shown):
             lines.append(f"  ... {len(layers) - len(shown)} more layers, all within tolerance")
     ppl = result["perplexity"]
     if ppl:
-        lines.append(f"perplexity on {ppl['windows']} held-out windows ({ppl['tokens']} predicted tokens): triton {ppl['triton']:.4f}, "
-                     f"reference {ppl['reference']:.4f}, relative difference {ppl['rel_diff']:.1e} "
-                     f"(tolerance {ppl['tolerance']:.0e}): " + ("OK" if ppl["ok"] else "FAILED"))
+        lines.append(
+            f"perplexity on {ppl['windows']} held-out windows ({ppl['tokens']} predicted tokens): triton {ppl['triton']:.4f}, "
+            f"reference {ppl['reference']:.4f}, relative difference {ppl['rel_diff']:.1e} "
+            f"(tolerance {ppl['tolerance']:.0e}): " + ("OK" if ppl["ok"] else "FAILED")
+        )
     speed = result["speed"]
     if speed:
         q, d = speed["quantized"], speed["dense"]
-        lines.append(f"decode (batch 1, {q['new_tokens']} new tokens): quantized {q['decode_tok_s']:.1f} tok/s, "
-                     f"dense {d['decode_tok_s']:.1f} tok/s, speedup {speed['decode_speedup']:.2f}x")
-        lines.append(f"prefill ({q['prefill_len']} tokens): quantized {q['prefill_tok_s']:.0f} tok/s, "
-                     f"dense {d['prefill_tok_s']:.0f} tok/s, speedup {speed['prefill_speedup']:.2f}x")
+        lines.append(
+            f"decode (batch 1, {q['new_tokens']} new tokens): quantized {q['decode_tok_s']:.1f} tok/s, "
+            f"dense {d['decode_tok_s']:.1f} tok/s, speedup {speed['decode_speedup']:.2f}x"
+        )
+        lines.append(
+            f"prefill ({q['prefill_len']} tokens): quantized {q['prefill_tok_s']:.0f} tok/s, "
+            f"dense {d['prefill_tok_s']:.0f} tok/s, speedup {speed['prefill_speedup']:.2f}x"
+        )
     for note in result["notes"]:
         lines.append(f"note: {note}")
     lines.append("result: " + ("OK" if result.get("ok") else "FAILED"))
@@ -298,8 +374,18 @@ def _validate_in_interpreter(path: Path, options: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "compressor.validate", str(path), "--json", str(out), "--options", json.dumps(
-            {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in options.items()})]
+        command = [
+            sys.executable,
+            "-m",
+            "compressor.validate",
+            str(path),
+            "--json",
+            str(out),
+            "--options",
+            json.dumps(
+                {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in options.items()}
+            ),
+        ]
         done = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
         if done.returncode != 0 or not out.is_file():
             raise RuntimeError(f"validation in the Triton interpreter failed:\n{done.stderr[-4000:]}")

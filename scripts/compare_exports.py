@@ -54,8 +54,20 @@ def export(tree: Path, out: Path, names: list[str], reduce: bool) -> None:
             path = out / f"{recipe.stem}.reduced.yaml"
             path.write_text(yaml.safe_dump(reduced(yaml.safe_load(recipe.read_text())), sort_keys=False))
         target = (out / recipe.stem).resolve()
-        command = [sys.executable, "-c", "from compressor.cli import main; main()", "apply", str(path.resolve()), "demo",
-                   "-o", str(target), "--overwrite", "--quiet", "--device", "cpu"]
+        command = [
+            sys.executable,
+            "-c",
+            "from compressor.cli import main; main()",
+            "apply",
+            str(path.resolve()),
+            "demo",
+            "-o",
+            str(target),
+            "--overwrite",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
         print(f"{recipe.stem}: {path.name}", flush=True)
         subprocess.run(command, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
 
@@ -82,10 +94,17 @@ def compare(before: Path, after: Path) -> bool:
             a, b = shard_tensors(old), shard_tensors(new)
             problems += [f"only before: {n}" for n in sorted(a.keys() - b.keys())]
             problems += [f"only after: {n}" for n in sorted(b.keys() - a.keys())]
-            problems += [f"differs: {n}" for n in sorted(a.keys() & b.keys())
-                         if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape or not torch.equal(a[n], b[n])]
+            problems += [
+                f"differs: {n}"
+                for n in sorted(a.keys() & b.keys())
+                if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape or not torch.equal(a[n], b[n])
+            ]
             config_a, config_b = (json.loads((d / "config.json").read_text()) for d in (old, new))
-            problems += [f"config.json: {k}" for k in sorted(config_a.keys() | config_b.keys()) if config_a.get(k) != config_b.get(k)]
+            problems += [
+                f"config.json: {k}"
+                for k in sorted(config_a.keys() | config_b.keys())
+                if config_a.get(k) != config_b.get(k)
+            ]
             count = len(a)
         print(f"{old.name}: " + ("; ".join(problems[:5]) if problems else f"{count} tensors equal, config.json equal"))
         same &= not problems

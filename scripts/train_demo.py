@@ -43,20 +43,18 @@ script measured 7.65 s/step on the shared, busy machine and fixed the count at
 wall (39.4 min for the whole script, mostly the evaluation); on an idle
 2-core machine the same 235 steps take roughly 7 minutes.
 """
+
 from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import html.parser
 import json
 import math
 import os
 import random
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -70,8 +68,31 @@ EOS = "<|endoftext|>"
 # 1. text extraction
 # --------------------------------------------------------------------------
 _VOID = {"br", "img", "hr", "meta", "link", "input", "wbr", "col", "area", "base", "source"}
-_BLOCK = {"p", "div", "section", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "pre",
-          "br", "tr", "table", "blockquote", "ul", "ol", "dl", "figure", "caption", "hr"}
+_BLOCK = {
+    "p",
+    "div",
+    "section",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "li",
+    "dt",
+    "dd",
+    "pre",
+    "br",
+    "tr",
+    "table",
+    "blockquote",
+    "ul",
+    "ol",
+    "dl",
+    "figure",
+    "caption",
+    "hr",
+}
 _PARA = {"p", "pre", "h1", "h2", "h3", "h4", "dl", "section"}
 
 
@@ -182,8 +203,7 @@ def load_documents(root: Path) -> list[tuple[str, str]]:
     return docs
 
 
-def split_documents(docs, split_seed, heldout_bytes, calib_bytes, min_doc_bytes=2_000,
-                    max_doc_bytes=60_000):
+def split_documents(docs, split_seed, heldout_bytes, calib_bytes, min_doc_bytes=2_000, max_doc_bytes=60_000):
     """Seeded shuffle of the (sorted) pages; held-out and calibration are filled
     first from pages of 2-60 KB that are not table-of-contents (index.html)
     pages; everything else is training text."""
@@ -195,9 +215,11 @@ def split_documents(docs, split_seed, heldout_bytes, calib_bytes, min_doc_bytes=
         size = len(docs[i][1].encode())
         eligible = min_doc_bytes <= size <= max_doc_bytes and not docs[i][0].endswith("index.html")
         if eligible and nh < heldout_bytes:
-            held.append(i); nh += size
+            held.append(i)
+            nh += size
         elif eligible and nc < calib_bytes:
-            calib.append(i); nc += size
+            calib.append(i)
+            nc += size
         else:
             train.append(i)
     pick = lambda idx: [docs[i] for i in sorted(idx)]
@@ -228,8 +250,13 @@ def train_tokenizer(train_docs, vocab_size):
     tok.train_from_iterator((t for _, t in train_docs), trainer=trainer)
     assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=None,
-        model_max_length=1024, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=None,
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -244,11 +271,24 @@ def make_config(vocab_size, eos_id):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_act="silu",
-        max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, initializer_range=0.02, attention_bias=False,
-        mlp_bias=False, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        hidden_act="silu",
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
         use_cache=True,
     )
 
@@ -274,7 +314,7 @@ class Batches:
         self.seq = seq
         shift = int(torch.randint(0, seq, (1,), generator=self.gen))
         n = (len(self.stream) - shift) // seq
-        self.chunks = self.stream[shift: shift + n * seq].view(n, seq)
+        self.chunks = self.stream[shift : shift + n * seq].view(n, seq)
         self.order = torch.randperm(n, generator=self.gen)
         self.pos = 0
         self.epoch += 1
@@ -282,7 +322,7 @@ class Batches:
     def next(self, bsz, seq):
         if self.seq != seq or self.pos + bsz > len(self.order):
             self._new_epoch(seq)
-        idx = self.order[self.pos: self.pos + bsz]
+        idx = self.order[self.pos : self.pos + bsz]
         self.pos += bsz
         self.tokens_seen += bsz * seq
         return self.chunks[idx]
@@ -298,7 +338,7 @@ def window_nll(model, ids: list[int], window: int, max_windows: int | None = Non
     if max_windows:
         starts = starts[:max_windows]
     for s in starts:
-        chunk = ids[s: s + window]
+        chunk = ids[s : s + window]
         if len(chunk) < 2:
             continue
         x = torch.tensor(chunk).unsqueeze(0)
@@ -315,17 +355,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=0,
-                    help="optimizer steps; 0 = fit the steps to --minutes (the count is fixed "
-                         "from the measured step time before warmup ends and printed)")
-    ap.add_argument("--minutes", type=float, default=35.0,
-                    help="training wall-clock budget (also a hard cap when --steps is given)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="optimizer steps; 0 = fit the steps to --minutes (the count is fixed "
+        "from the measured step time before warmup ends and printed)",
+    )
+    ap.add_argument(
+        "--minutes", type=float, default=35.0, help="training wall-clock budget (also a hard cap when --steps is given)"
+    )
     ap.add_argument("--budget-margin", type=float, default=0.92)
     ap.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--long-seq-len", type=int, default=512)
-    ap.add_argument("--long-frac", type=float, default=0.15,
-                    help="fraction of final steps trained at --long-seq-len (0 disables)")
+    ap.add_argument(
+        "--long-frac", type=float, default=0.15, help="fraction of final steps trained at --long-seq-len (0 disables)"
+    )
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--final-lr-frac", type=float, default=0.1)
@@ -354,19 +400,29 @@ def main():
     root, source = find_html_root(work)
     docs = load_documents(root)
     train_docs, calib_docs, held_docs = split_documents(
-        docs, args.split_seed, args.heldout_kb * 1000, args.calib_kb * 1000)
+        docs, args.split_seed, args.heldout_kb * 1000, args.calib_kb * 1000
+    )
     calib_text, held_text = join_docs(calib_docs), join_docs(held_docs)
     (data_dir / "calibration.txt").write_text(calib_text, encoding="utf-8")
     (data_dir / "heldout.txt").write_text(held_text, encoding="utf-8")
     nbytes = lambda ds: sum(len(t.encode()) for _, t in ds)
     print(f"source: {source} ({root})")
-    print(f"documents: {len(docs)} -> train {len(train_docs)} ({nbytes(train_docs)/1e6:.2f} MB), "
-          f"calibration {len(calib_docs)} ({len(calib_text.encode())/1e3:.0f} KB), "
-          f"held-out {len(held_docs)} ({len(held_text.encode())/1e3:.0f} KB)")
+    print(
+        f"documents: {len(docs)} -> train {len(train_docs)} ({nbytes(train_docs) / 1e6:.2f} MB), "
+        f"calibration {len(calib_docs)} ({len(calib_text.encode()) / 1e3:.0f} KB), "
+        f"held-out {len(held_docs)} ({len(held_text.encode()) / 1e3:.0f} KB)"
+    )
     (work / "split.json").parent.mkdir(parents=True, exist_ok=True)
-    (work / "split.json").write_text(json.dumps(
-        {"train": [d for d, _ in train_docs], "calibration": [d for d, _ in calib_docs],
-         "heldout": [d for d, _ in held_docs]}, indent=1))
+    (work / "split.json").write_text(
+        json.dumps(
+            {
+                "train": [d for d, _ in train_docs],
+                "calibration": [d for d, _ in calib_docs],
+                "heldout": [d for d, _ in held_docs],
+            },
+            indent=1,
+        )
+    )
 
     # ---- tokenizer
     t0 = time.time()
@@ -379,9 +435,11 @@ def main():
     stream_t = torch.tensor(stream, dtype=torch.long)
     held_ids = encode(tokenizer, held_text)
     calib_ids = encode(tokenizer, calib_text)
-    print(f"tokenizer: {time.time()-t0:.0f}s; train tokens {len(stream):,} "
-          f"({nbytes(train_docs)/len(stream):.2f} bytes/token), calibration {len(calib_ids):,}, "
-          f"held-out {len(held_ids):,}")
+    print(
+        f"tokenizer: {time.time() - t0:.0f}s; train tokens {len(stream):,} "
+        f"({nbytes(train_docs) / len(stream):.2f} bytes/token), calibration {len(calib_ids):,}, "
+        f"held-out {len(held_ids):,}"
+    )
 
     # ---- model
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -396,12 +454,14 @@ def main():
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
     def loss_fn(x):
         logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
         loss.backward()
         return loss.detach()
 
@@ -424,8 +484,7 @@ def main():
             left = deadline - time.time() - (90 if args.long_frac > 0 else 0)  # 2nd compile
             n = left / per_step / (1 + 0.15 * args.long_frac) * args.budget_margin
             total = max(args.warmup + 10, step + int(n))
-            print(f"measured {per_step:.2f} s/step -> total steps {total} "
-                  f"(replay with --steps {total})", flush=True)
+            print(f"measured {per_step:.2f} s/step -> total steps {total} (replay with --steps {total})", flush=True)
         seq = args.long_seq_len if total and step >= long_start(total) else args.seq_len
         x = batches.next(args.batch_tokens // seq, seq)
         lr = lr_at(step, max(total, args.warmup + 1), args.lr, args.warmup, args.final_lr_frac)
@@ -438,27 +497,32 @@ def main():
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         if step % args.log_every == 0 or step == total - 1:
             el = time.time() - t_train
-            print(f"step {step:5d} seq {seq} loss {loss:.4f} ema {ema:.4f} lr {lr:.2e} "
-                  f"epoch {batches.epoch} tokens {batches.tokens_seen:,} "
-                  f"{batches.tokens_seen/max(el,1e-9):,.0f} tok/s elapsed {el/60:.1f} min", flush=True)
+            print(
+                f"step {step:5d} seq {seq} loss {loss:.4f} ema {ema:.4f} lr {lr:.2e} "
+                f"epoch {batches.epoch} tokens {batches.tokens_seen:,} "
+                f"{batches.tokens_seen / max(el, 1e-9):,.0f} tok/s elapsed {el / 60:.1f} min",
+                flush=True,
+            )
         if step > 0 and step % 200 == 0:
             nll, n, _ = window_nll(model, calib_ids, args.eval_window, max_windows=20)
-            print(f"  calibration ppl (first 20 windows) {math.exp(nll/n):.2f}", flush=True)
+            print(f"  calibration ppl (first 20 windows) {math.exp(nll / n):.2f}", flush=True)
         step += 1
         if time.time() > deadline and step < max(total, 1):
             print(f"wall-clock cap of {args.minutes} min reached at step {step}", flush=True)
             break
     steps_done = step
     train_s = time.time() - t_train
-    print(f"training: {steps_done} steps, {batches.tokens_seen:,} tokens, {train_s/60:.1f} min "
-          f"({batches.epoch} epoch starts)")
+    print(
+        f"training: {steps_done} steps, {batches.tokens_seen:,} tokens, {train_s / 60:.1f} min "
+        f"({batches.epoch} epoch starts)"
+    )
 
     # ---- save (bf16 weights)
     model.eval()
     model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
-        do_sample=False, max_new_tokens=64)
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False, max_new_tokens=64
+    )
     for f in model_dir.iterdir():
         if f.is_file():
             f.unlink()
@@ -484,12 +548,20 @@ def main():
     sizes = {f.name: f.stat().st_size for f in sorted(model_dir.iterdir())}
     sizes.update({f"data/{f.name}": f.stat().st_size for f in sorted(data_dir.iterdir())})
     report = {
-        "source": source, "parameters": n_params, "steps": steps_done,
-        "tokens_seen": batches.tokens_seen, "train_tokens": len(stream),
-        "train_minutes": round(train_s / 60, 2), "total_minutes": round((time.time() - t_start) / 60, 2),
-        "heldout_tokens_scored": n, "heldout_ppl": round(ppl, 3), "unigram_ppl": round(uni_ppl, 3),
-        "calibration_ppl": round(math.exp(cnll / cn), 3), "file_sizes": sizes,
-        "sample": sample, "args": vars(args),
+        "source": source,
+        "parameters": n_params,
+        "steps": steps_done,
+        "tokens_seen": batches.tokens_seen,
+        "train_tokens": len(stream),
+        "train_minutes": round(train_s / 60, 2),
+        "total_minutes": round((time.time() - t_start) / 60, 2),
+        "heldout_tokens_scored": n,
+        "heldout_ppl": round(ppl, 3),
+        "unigram_ppl": round(uni_ppl, 3),
+        "calibration_ppl": round(math.exp(cnll / cn), 3),
+        "file_sizes": sizes,
+        "sample": sample,
+        "args": vars(args),
     }
     (work / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

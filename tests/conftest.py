@@ -37,7 +37,6 @@ def registered():
         STEPS.pop(name, None)
 
 
-
 @pytest.fixture(scope="session")
 def calibration_file(tmp_path_factory):
     from compressor.testing import TOKENIZER_TEXT

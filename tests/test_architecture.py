@@ -2,18 +2,20 @@
 architecture an export declares is one row of ``arch/shipped.py``."""
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.arch import ADAPTERS, ExportArchitecture, adapter_for, norm_linear_groups
 from compressor.arch.shipped import SHIPPED
 from compressor.errors import UserError
 
+
 def test_every_adapter_names_its_norm_groups_and_attention_modules(tiny_models):
     for adapter in ADAPTERS:
         groups = norm_linear_groups(adapter)
-        assert groups == {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                          "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+        assert groups == {
+            "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+        }
     for path in tiny_models.values():
         config = AutoConfig.from_pretrained(path)
         adapter = adapter_for(config)
@@ -33,13 +35,18 @@ def test_every_shipped_architecture_declares_its_files_auto_map_and_registration
     for row in SHIPPED:
         sources = row.modeling_sources()
         assert set(sources) == set(row.modeling_files)
-        assert all(f"class {name.rpartition('.')[2]}(" in sources[f"{name.partition('.')[0]}.py"]
-                   for classes in row.classes.values() for name in classes)
+        assert all(
+            f"class {name.rpartition('.')[2]}(" in sources[f"{name.partition('.')[0]}.py"]
+            for classes in row.classes.values()
+            for name in classes
+        )
         for model_type in row.model_types:
             config_class = CONFIG_MAPPING[model_type]
             assert config_class.model_type == model_type
             if model_type in row.classes:
-                assert row.auto_map(model_type)["AutoModelForCausalLM"].endswith(MODEL_FOR_CAUSAL_LM_MAPPING[config_class].__name__)
+                assert row.auto_map(model_type)["AutoModelForCausalLM"].endswith(
+                    MODEL_FOR_CAUSAL_LM_MAPPING[config_class].__name__
+                )
                 declared = ExportArchitecture.declared(config_class())
                 assert declared.modeling_files == sources and declared.auto_map == row.auto_map(model_type)
 

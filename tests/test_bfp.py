@@ -22,8 +22,8 @@ from compressor.kvcache.bfp import (
     unpack_mantissas,
 )
 from compressor.quant.bfp import (
-    block_errors,
     bfp_key_error,
+    block_errors,
     channel_stat,
     ksort_permutation,
     query_weights,
@@ -31,7 +31,6 @@ from compressor.quant.bfp import (
     weight_norm_stat,
 )
 from compressor.weights.values import BFPWeight, bfp_decode, bfp_encode, bfp_quantize
-
 
 # ----------------------------------------------------------------------------------------------
 # The format
@@ -188,14 +187,20 @@ def test_the_cache_with_lossless_storage_is_exact_over_prefill_and_generation(ar
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     prompt = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    expected = model.generate(prompt, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = model.generate(
+        prompt, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     for scope in ("token", "head"):
         perms = random_perms(model, head_dim, scope)
-        cache = BFPQuantizedCache(BFPCacheSpec(k_bits=4, v_bits=4, block_size=16, scope=scope), len(perms), perms, perms)
+        cache = BFPQuantizedCache(
+            BFPCacheSpec(k_bits=4, v_bits=4, block_size=16, scope=scope), len(perms), perms, perms
+        )
         for layer, perm in zip(cache.layers, perms):
             layer.lazy_initialization(torch.zeros(1, model.config.num_key_value_heads, 1, head_dim), None)
             layer._keys, layer._values = LosslessVectors(perm.long()), LosslessVectors(perm.long())
-        got = model.generate(prompt, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True, cache=cache)
+        got = model.generate(
+            prompt, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True, cache=cache
+        )
         assert torch.equal(got.sequences, expected.sequences)
         assert max((a - b).abs().max().item() for a, b in zip(got.logits, expected.logits)) < 1e-5
 
@@ -233,22 +238,38 @@ def test_bytes_per_token():
 
 
 def recipe(step, samples=4, seq_len=64, **export):
-    return Recipe.from_dict({"calibration": {"dataset": "demo", "samples": samples, "seq_len": seq_len},
-                             "steps": [{"bfp": step}], "export": export})
+    return Recipe.from_dict(
+        {
+            "calibration": {"dataset": "demo", "samples": samples, "seq_len": seq_len},
+            "steps": [{"bfp": step}],
+            "export": export,
+        }
+    )
 
 
 def test_kv_export_records_the_permutation_and_transformers_loads_it_with_the_cache(tiny_models, tmp_path):
     import compressor  # noqa: F401  (registers the native format with transformers)
 
     source = tiny_models["qwen3"]
-    apply(recipe({"k_bits": 4, "block_size": 16, "scope": "head"}, dtype="float32"), source, tmp_path / "out", progress=False)
+    apply(
+        recipe({"k_bits": 4, "block_size": 16, "scope": "head"}, dtype="float32"),
+        source,
+        tmp_path / "out",
+        progress=False,
+    )
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["kv_cache"]["k_bits"] == 4 and config["kv_cache"]["k_perm"] and config["modules"] == {}
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     prompt = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(4))
-    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32), load_quantized_model(tmp_path / "out")):
+    for loaded in (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32),
+        load_quantized_model(tmp_path / "out"),
+    ):
         perms = [layer.self_attn.k_perm for layer in loaded.model.layers]
-        assert all(torch.equal(p.long().sort().values, torch.arange(p.numel())) for p in perms) and perms[0].dtype == torch.int32
+        assert (
+            all(torch.equal(p.long().sort().values, torch.arange(p.numel())) for p in perms)
+            and perms[0].dtype == torch.int32
+        )
         assert not torch.equal(perms[0], torch.arange(perms[0].numel(), dtype=torch.int32))
         out = loaded(prompt)
         assert isinstance(out.cache, BFPQuantizedCache)
@@ -257,7 +278,12 @@ def test_kv_export_records_the_permutation_and_transformers_loads_it_with_the_ca
 
 
 def test_bfp_weights_export_and_load_exactly(tiny_llama, tmp_path):
-    apply(recipe({"k_bits": None, "weight_bits": 8, "weight_block_size": 32}, dtype="float32"), tiny_llama, tmp_path / "w8", progress=False)
+    apply(
+        recipe({"k_bits": None, "weight_bits": 8, "weight_block_size": 32}, dtype="float32"),
+        tiny_llama,
+        tmp_path / "w8",
+        progress=False,
+    )
     config = json.loads((tmp_path / "w8" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "bfp" and "kv_cache" not in config
     loaded = load_quantized_model(tmp_path / "w8")
@@ -271,14 +297,17 @@ def test_bfp_weights_export_and_load_exactly(tiny_llama, tmp_path):
     assert 0 < error < 0.02
 
 
-@pytest.mark.parametrize("step, message", [
-    ({"block_size": 48}, "block_size: 48 is not one of"),
-    ({"k_bits": 3}, "k_bits: 3 is not one of"),
-    ({"weight_bits": 9}, "weight_bits: 9 is not one of"),
-    ({"k_bits": None}, "k_bits: both k_bits and weight_bits are null"),
-    ({"ksort": "sorted"}, "ksort: 'sorted' is not one of"),
-    ({"ksort": "none", "refine": "greedy"}, "refine: greedy refines a K-sort order"),
-])
+@pytest.mark.parametrize(
+    "step, message",
+    [
+        ({"block_size": 48}, "block_size: 48 is not one of"),
+        ({"k_bits": 3}, "k_bits: 3 is not one of"),
+        ({"weight_bits": 9}, "weight_bits: 9 is not one of"),
+        ({"k_bits": None}, "k_bits: both k_bits and weight_bits are null"),
+        ({"ksort": "sorted"}, "ksort: 'sorted' is not one of"),
+        ({"ksort": "none", "refine": "greedy"}, "refine: greedy refines a K-sort order"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(step, message):
     with pytest.raises(UserError, match=message) as error:
         recipe(step)
@@ -287,7 +316,12 @@ def test_bad_settings_are_one_line_errors(step, message):
 
 def test_head_scope_blocks_wider_than_the_head_and_unsupported_blocks_are_refused(tiny_llama, tmp_path):
     with pytest.raises(UserError, match=r"steps\[0\]\.bfp\.block_size: 64 does not divide head_dim 32") as error:
-        apply(recipe({"k_bits": 4, "block_size": 64, "scope": "head", "ksort": "weight_norm"}), tiny_llama, tmp_path / "x", progress=False)
+        apply(
+            recipe({"k_bits": 4, "block_size": 64, "scope": "head", "ksort": "weight_norm"}),
+            tiny_llama,
+            tmp_path / "x",
+            progress=False,
+        )
     assert "\n" not in str(error.value) and not (tmp_path / "x").exists()
 
 
@@ -297,7 +331,12 @@ def test_an_engine_unaware_of_the_cache_computes_the_original_attention(tiny_lla
     import subprocess
     import sys
 
-    apply(recipe({"k_bits": 4, "block_size": 16, "ksort": "weight_norm"}, dtype="float32"), tiny_llama, tmp_path / "kv", progress=False)
+    apply(
+        recipe({"k_bits": 4, "block_size": 16, "ksort": "weight_norm"}, dtype="float32"),
+        tiny_llama,
+        tmp_path / "kv",
+        progress=False,
+    )
     code = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -326,7 +365,9 @@ def test_a_weight_fold_needs_the_rotary_table_which_is_why_the_cache_permutes_af
     with torch.no_grad():
         for layer in model.model.layers:
             attention = layer.self_attn
-            attention.k_proj.weight.copy_(attention.k_proj.weight[torch.cat([h * head_dim + pi for h in range(kv_heads)])])
+            attention.k_proj.weight.copy_(
+                attention.k_proj.weight[torch.cat([h * head_dim + pi for h in range(kv_heads)])]
+            )
             attention.q_proj.weight.copy_(attention.q_proj.weight[torch.cat([j * head_dim + pi for j in range(heads)])])
     assert (model(prompt).logits - reference).abs().max() > 1e-2
     rotary = model.model.rotary_emb
@@ -395,14 +436,23 @@ def test_greedy_refinement_lowers_the_weighted_error_and_stays_a_legal_permutati
     perm, before, after = refine_permutation(keys, weights, sorted_perm, 4, block, head_dim, scope, trials=600)
     assert torch.equal(torch.sort(perm.long()).values, torch.arange(channels))
     if scope == "head":  # every channel stays in its head
-        assert torch.equal(perm.long().reshape(-1, head_dim) // head_dim, torch.arange(channels // head_dim)[:, None].expand(-1, head_dim))
-    assert before == pytest.approx(float(block_errors(keys, weights, sorted_perm, 4, block, "nearest_even").sum()), rel=1e-5)
+        assert torch.equal(
+            perm.long().reshape(-1, head_dim) // head_dim,
+            torch.arange(channels // head_dim)[:, None].expand(-1, head_dim),
+        )
+    assert before == pytest.approx(
+        float(block_errors(keys, weights, sorted_perm, 4, block, "nearest_even").sum()), rel=1e-5
+    )
     assert after == pytest.approx(float(block_errors(keys, weights, perm, 4, block, "nearest_even").sum()), rel=1e-4)
     assert after < 0.9 * before
 
 
 def test_refine_step_reports_the_objective_before_and_after(tiny_llama, tmp_path):
-    report = apply(recipe({"k_bits": 4, "block_size": 16, "refine": "greedy", "refine_trials": 50}, dtype="float32"),
-                   tiny_llama, tmp_path / "out", progress=False)
+    report = apply(
+        recipe({"k_bits": 4, "block_size": 16, "refine": "greedy", "refine_trials": 50}, dtype="float32"),
+        tiny_llama,
+        tmp_path / "out",
+        progress=False,
+    )
     rows = [r for r in report.rows if "logit_error_refined" in r]
     assert rows and all(r["logit_error_refined"] <= r["logit_error_sorted"] for r in rows)

@@ -43,7 +43,9 @@ def test_blockwise_gradients_equal_plain_autograd(tiny_models, arch, offloaded):
 
     assert loss == pytest.approx(expected_loss.item(), rel=1e-5)
     for name in trainable:
-        torch.testing.assert_close(handle.model.get_parameter(name).grad, reference.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            handle.model.get_parameter(name).grad, reference.get_parameter(name).grad, rtol=1e-4, atol=1e-6
+        )
     torch.testing.assert_close(runner.logits(ids), reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -81,7 +83,9 @@ def test_offloaded_runs_hold_one_block_on_the_device_at_a_time(tiny_llama):
     runner = BlockwiseModel(handle, "cpu", offloaded=True)
     calls = []
     for index, block in enumerate(runner.blocks):
-        block.register_forward_hook(lambda module, args, output, index=index: calls.append((index, set(runner.on_device))))
+        block.register_forward_hook(
+            lambda module, args, output, index=index: calls.append((index, set(runner.on_device)))
+        )
     runner.forward_backward(tokens(handle.config.vocab_size))
     # forward over both blocks, then recomputation of block 1 only: block 0 has nothing to train
     assert [index for index, _ in calls] == [0, 1, 1]
@@ -111,7 +115,9 @@ def test_model_step_in_a_recipe_gets_gradients(tiny_llama, registered, tmp_path)
 
     text = tmp_path / "calibration.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    recipe = Recipe.from_dict({"calibration": {"dataset": str(text), "samples": 4, "seq_len": 32}, "steps": [{"grad_probe": {}}]})
+    recipe = Recipe.from_dict(
+        {"calibration": {"dataset": str(text), "samples": 4, "seq_len": 32}, "steps": [{"grad_probe": {}}]}
+    )
     apply(recipe, tiny_llama, tmp_path / "out", progress=False, offload=True)
     assert seen["offloaded"] is True
     assert seen["loss"] > 0 and all(norm > 0 for norm in seen["norms"])

@@ -54,9 +54,10 @@ def test_stream_separates_documents_with_eos():
 
 
 def test_the_default_calibration_is_seeded_windows_of_the_demo_text():
+    from transformers import AutoTokenizer
+
     from compressor.calibration import calibration_tokens
     from compressor.demo import demo_model_dir
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
     config = CalibrationConfig()

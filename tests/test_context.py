@@ -48,9 +48,11 @@ def test_the_teacher_is_computed_once_per_run(tiny_llama, calibration_file, monk
     real = compressor.context.teacher_top_k
     monkeypatch.setattr(compressor.context, "teacher_top_k", lambda *args: calls.append(args[5]) or real(*args))
     e2e = {"efficientqat_e2e_qp": {"epochs": 1, "batch_size": 2, "micro_batch_size": 2, "top_k": 8, "heldout": 0.0}}
-    recipe = Recipe.from_dict({
-        "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 16, "seed": 0},
-        "steps": [{"rtn": {"bits": 4, "group_size": 32}}, e2e, e2e],
-    })
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 16, "seed": 0},
+            "steps": [{"rtn": {"bits": 4, "group_size": 32}}, e2e, e2e],
+        }
+    )
     run(tiny_llama, recipe)
     assert calls == [8]

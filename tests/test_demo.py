@@ -15,7 +15,9 @@ def test_demo_ships_model_tokenizer_and_text():
     config = AutoConfig.from_pretrained(demo_model_dir())
     assert config.model_type == "llama" and config.num_key_value_heads < config.num_attention_heads
     assert (demo_model_dir() / "tokenizer.json").is_file()
-    assert len(demo_text_path("heldout").read_text()) > 50_000 and len(demo_text_path("calibration").read_text()) > 50_000
+    assert (
+        len(demo_text_path("heldout").read_text()) > 50_000 and len(demo_text_path("calibration").read_text()) > 50_000
+    )
     size = sum(f.stat().st_size for f in DEMO_DIR.rglob("*") if f.is_file())
     assert size <= 30 * 2**20
 

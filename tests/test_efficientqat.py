@@ -14,23 +14,26 @@ from compressor.arch import block_linears
 from compressor.blockwise import next_token_loss
 from compressor.export import load_quantized_model
 from compressor.model import ModelHandle
+from compressor.modules.linear import QuantizedLinear
 from compressor.pipeline import Session
 from compressor.quant import efficientqat as eqat
 from compressor.quant.e2e_qp import EfficientQATE2EQP
 from compressor.quant.efficientqat import FakeQuantLinear, fake_quantize, trainable_groups
-from compressor.weights.values import UniformWeight
-from compressor.modules.linear import QuantizedLinear
 from compressor.quant.uniform import minmax_params, quantize_uniform
 from compressor.recipe import RecipeError
+from compressor.weights.values import UniformWeight
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe(calibration_file, *steps, samples=8, **export):
-    return Recipe.from_dict({
-        "calibration": {"dataset": calibration_file, "samples": samples, "seq_len": 32, "seed": 0},
-        "steps": list(steps), "export": export or {"format": "auto"},
-    })
+    return Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": samples, "seq_len": 32, "seed": 0},
+            "steps": list(steps),
+            "export": export or {"format": "auto"},
+        }
+    )
 
 
 def session(path, chosen, **kwargs):
@@ -56,7 +59,9 @@ def test_untrained_quantizer_is_rtn_and_on_the_grid(bits, symmetric):
     w_hat = fake_quantize(weight, scale, zero, bits)  # the straight-through rounding is exact in the forward
     rtn = quantize_uniform(weight, bits, 32, symmetric, torch.float32)
     assert torch.equal(w_hat, rtn.dequantize(torch.float32))
-    codes = w_hat / scale.repeat_interleave(32, 1) + (2 ** (bits - 1) if zero is None else zero.repeat_interleave(32, 1))
+    codes = w_hat / scale.repeat_interleave(32, 1) + (
+        2 ** (bits - 1) if zero is None else zero.repeat_interleave(32, 1)
+    )
     assert (codes - codes.round()).abs().max() < 1e-4
     assert torch.equal(codes.round().to(torch.uint8), rtn.codes)
     torch.testing.assert_close(fake_quantize(w_hat, scale, zero, bits), w_hat, rtol=0, atol=1e-7)  # idempotent
@@ -71,12 +76,17 @@ def test_ste_gradients_match_the_closed_form(bits):
     scale, zero = minmax_params(weight, bits, 32, False, torch.float64)
     scale = (scale * 0.6).requires_grad_(True)  # a narrower grid: many codes clamp
     zero = (zero.double() + torch.randint(-1, 2, zero.shape, generator=generator)).clamp(0, 2**bits - 1)
-    zero = (zero + torch.rand(zero.shape, generator=generator, dtype=torch.float64) * 0.8 - 0.4).requires_grad_(True)  # trained z is real
+    zero = (zero + torch.rand(zero.shape, generator=generator, dtype=torch.float64) * 0.8 - 0.4).requires_grad_(
+        True
+    )  # trained z is real
     weight.requires_grad_(True)
     w_hat = fake_quantize(weight, scale, zero, bits)
     w_hat.sum().backward()
 
-    s, z = scale.detach().repeat_interleave(32, 1), zero.detach().round().repeat_interleave(32, 1)  # the forward uses round(z)
+    s, z = (
+        scale.detach().repeat_interleave(32, 1),
+        zero.detach().round().repeat_interleave(32, 1),
+    )  # the forward uses round(z)
     ratio = weight.detach() / s
     value = ratio.round() + z
     inside = (value >= 0) & (value <= 2**bits - 1)
@@ -96,12 +106,19 @@ def test_trainable_set_is_weights_scales_zeros_and_norm_gains(tiny_models):
     for name, linear in block_linears(handle.adapter, block).items():
         block.set_submodule(name, FakeQuantLinear(linear, 2, 32, symmetric=False))
     names = {id(p): n for n, p in block.named_parameters()}
-    quant, weights = (sorted(names[id(p)] for p in g["params"]) for g in trainable_groups(block, 1e-4, 2e-5, train_norms=True))
+    quant, weights = (
+        sorted(names[id(p)] for p in g["params"]) for g in trainable_groups(block, 1e-4, 2e-5, train_norms=True)
+    )
     assert len(quant) == 14 and all(n.endswith((".scale", ".zero")) for n in quant)
-    assert weights == sorted(["input_layernorm.weight", "post_attention_layernorm.weight"] + [f"{n}.weight" for n in block_linears(handle.adapter, block)])
+    assert weights == sorted(
+        ["input_layernorm.weight", "post_attention_layernorm.weight"]
+        + [f"{n}.weight" for n in block_linears(handle.adapter, block)]
+    )
     assert {n for n, p in block.named_parameters() if p.requires_grad} == set(quant + weights)
     assert all(not b.requires_grad for b in block.buffers())  # the biases
-    (quant,), (weights,) = [[sorted(names[id(p)] for p in g["params"])] for g in trainable_groups(block, 1e-4, 2e-5, train_norms=False)]
+    (quant,), (weights,) = [
+        [sorted(names[id(p)] for p in g["params"])] for g in trainable_groups(block, 1e-4, 2e-5, train_norms=False)
+    ]
     assert not any("layernorm" in n for n in weights)
 
 
@@ -126,7 +143,9 @@ def test_block_ap_reconstructs_below_rtn_and_trains_on_the_quantized_stream(tiny
     inputs, kwargs, fp_blocks, fp_out0, fp_out1 = fp_activations(tiny_llama, calibration_file)
     seen = []
     real_train = eqat.train_block
-    monkeypatch.setattr(eqat, "train_block", lambda block, batches, *a, **k: seen.append(batches) or real_train(block, batches, *a, **k))
+    monkeypatch.setattr(
+        eqat, "train_block", lambda block, batches, *a, **k: seen.append(batches) or real_train(block, batches, *a, **k)
+    )
     run = session(tiny_llama, recipe(calibration_file, block_ap()))
     run.run()
     quantized0 = run.handle.blocks[0]
@@ -134,11 +153,18 @@ def test_block_ap_reconstructs_below_rtn_and_trains_on_the_quantized_stream(tiny
     rtn0 = copy.deepcopy(fp_blocks[0])
     for name, linear in block_linears(run.handle.adapter, rtn0).items():
         rtn0.set_submodule(name, QuantizedLinear(quantize_uniform(linear.weight.data, 2, 32, False, torch.float32)))
-    ours, rtn = mse(run.run_block(quantized0, inputs, kwargs), fp_out0), mse(run.run_block(rtn0, inputs, kwargs), fp_out0)
+    ours, rtn = (
+        mse(run.run_block(quantized0, inputs, kwargs), fp_out0),
+        mse(run.run_block(rtn0, inputs, kwargs), fp_out0),
+    )
     assert ours < 0.8 * rtn, (ours, rtn)
     for module in block_linears(run.handle.adapter, quantized0).values():
         weight = module.quantized_weight
-        assert isinstance(weight, UniformWeight) and (weight.bits, weight.group_size) == (2, 32) and weight.zeros is not None
+        assert (
+            isinstance(weight, UniformWeight)
+            and (weight.bits, weight.group_size) == (2, 32)
+            and weight.zeros is not None
+        )
 
     # Block 1 learns from the quantized chain (what frozen block 0 outputs) against fp targets (fp block 1 on fp inputs).
     trained_inputs = torch.cat([x for x, _, _ in seen[1]])
@@ -157,20 +183,30 @@ def test_block_ap_with_no_epochs_is_asymmetric_rtn(tiny_llama, calibration_file)
         for name, module in block_linears(run.handle.adapter, block).items():
             expected = quantize_uniform(fp.get_submodule(name).weight.data, 3, 32, False, torch.float32)
             got = module.quantized_weight
-            assert torch.equal(got.codes, expected.codes) and torch.equal(got.zeros, expected.zeros) and torch.equal(got.scales, expected.scales)
+            assert (
+                torch.equal(got.codes, expected.codes)
+                and torch.equal(got.zeros, expected.zeros)
+                and torch.equal(got.scales, expected.scales)
+            )
 
 
 def test_block_ap_keeps_the_untrained_start_when_training_makes_the_heldout_worse(tiny_llama, calibration_file):
     """A learning rate far too high wrecks the block; the held-out MSE notices and Block-AP returns RTN."""
-    run = session(tiny_llama, recipe(calibration_file, block_ap(bits=3, epochs=2, quant_lr=0.05, weight_lr=0.05, heldout=0.25)))
+    run = session(
+        tiny_llama, recipe(calibration_file, block_ap(bits=3, epochs=2, quant_lr=0.05, weight_lr=0.05, heldout=0.25))
+    )
     run.run()
     rows = [r for r in run.report.rows if r["module"].endswith("block_ap")]
-    assert rows and all(r["kept_epoch"] == 0 and r["heldout_curve"][0] < min(r["heldout_curve"][1:]) for r in rows), rows
+    assert rows and all(r["kept_epoch"] == 0 and r["heldout_curve"][0] < min(r["heldout_curve"][1:]) for r in rows), (
+        rows
+    )
     reference = ModelHandle.open(tiny_llama)
     fp = reference.materialize(reference.block_prefix(0), "cpu", torch.float32)
     for name, module in block_linears(run.handle.adapter, run.handle.blocks[0]).items():
         expected = quantize_uniform(fp.get_submodule(name).weight.data, 3, 32, False, torch.float32)
-        assert torch.equal(module.quantized_weight.codes, expected.codes) and torch.equal(module.quantized_weight.scales, expected.scales)
+        assert torch.equal(module.quantized_weight.codes, expected.codes) and torch.equal(
+            module.quantized_weight.scales, expected.scales
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,15 +214,33 @@ def test_block_ap_keeps_the_untrained_start_when_training_makes_the_heldout_wors
 
 
 def snapshot(model) -> dict:
-    return {name: {t: getattr(m, t).clone() for t in ("codes", "scales", "zeros") if getattr(m, t) is not None}
-            for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    return {
+        name: {t: getattr(m, t).clone() for t in ("codes", "scales", "zeros") if getattr(m, t) is not None}
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }
 
 
 @pytest.mark.parametrize("train_zeros,offload", [(False, False), (False, True), (True, False)])
-def test_e2e_qp_changes_only_scales_and_lowers_the_loss(tiny_llama, calibration_file, monkeypatch, train_zeros, offload):
-    e2e = {"efficientqat_e2e_qp": {"objective": "next_token", "lr": 1e-3, "epochs": 3, "batch_size": 4, "micro_batch_size": 2,
-                                   "train_zeros": train_zeros, "zero_lr": 0.5}}
-    run = session(tiny_llama, recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}, e2e), offload=offload)
+def test_e2e_qp_changes_only_scales_and_lowers_the_loss(
+    tiny_llama, calibration_file, monkeypatch, train_zeros, offload
+):
+    e2e = {
+        "efficientqat_e2e_qp": {
+            "objective": "next_token",
+            "lr": 1e-3,
+            "epochs": 3,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "train_zeros": train_zeros,
+            "zero_lr": 0.5,
+        }
+    }
+    run = session(
+        tiny_llama,
+        recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}, e2e),
+        offload=offload,
+    )
     states = {}
 
     def losses(context):
@@ -210,7 +264,11 @@ def test_e2e_qp_changes_only_scales_and_lowers_the_loss(tiny_llama, calibration_
         assert torch.equal(after[name]["codes"], before[name]["codes"]), name
         assert after[name]["scales"].dtype == before[name]["scales"].dtype
         assert (after[name]["scales"] != before[name]["scales"]).float().mean() > 0.5, name
-        assert after[name]["zeros"].dtype == torch.int32 and 0 <= after[name]["zeros"].min() and after[name]["zeros"].max() <= 3
+        assert (
+            after[name]["zeros"].dtype == torch.int32
+            and 0 <= after[name]["zeros"].min()
+            and after[name]["zeros"].max() <= 3
+        )
         changed_zeros += int((after[name]["zeros"] != before[name]["zeros"]).sum())
     assert (changed_zeros > 0) == train_zeros
     assert states["loss_after"] < states["loss_before"] - 0.01, states
@@ -218,7 +276,9 @@ def test_e2e_qp_changes_only_scales_and_lowers_the_loss(tiny_llama, calibration_
         if isinstance(module, QuantizedLinear):
             assert module.trained_dtypes == {} and [n for n, _ in module.named_parameters()] == []
     row = next(r for r in run.report.rows if r["step"] == "efficientqat_e2e_qp")
-    assert row["trainable_parameters"] == sum(s["scales"].numel() + (s["zeros"].numel() if train_zeros else 0) for s in before.values())
+    assert row["trainable_parameters"] == sum(
+        s["scales"].numel() + (s["zeros"].numel() if train_zeros else 0) for s in before.values()
+    )
     assert row["peak_rss_gib"] > 0
 
 
@@ -231,7 +291,11 @@ def run_e2e_against_the_original(tiny_llama, calibration_file, monkeypatch, quan
     states = {}
 
     def values(model):
-        return {name: {t: getattr(m, t).clone() for t in tensors} for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+        return {
+            name: {t: getattr(m, t).clone() for t in tensors}
+            for name, m in model.named_modules()
+            if isinstance(m, QuantizedLinear)
+        }
 
     def kl_to_teacher(context):  # the full-vocabulary KL, though training sees only the top 16 + one bucket
         tokens = context.calibration_tokens()
@@ -253,7 +317,9 @@ def run_e2e_against_the_original(tiny_llama, calibration_file, monkeypatch, quan
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_e2e_qp_distill_lowers_the_kl_to_the_original_and_keeps_the_codes(tiny_llama, calibration_file, monkeypatch, offload):
+def test_e2e_qp_distill_lowers_the_kl_to_the_original_and_keeps_the_codes(
+    tiny_llama, calibration_file, monkeypatch, offload
+):
     rtn = {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}
     states = run_e2e_against_the_original(tiny_llama, calibration_file, monkeypatch, rtn, ("codes",), offload)
     for name, before in states["before"].items():
@@ -277,7 +343,9 @@ def test_e2e_qp_trains_squeezellm_codebooks_and_keeps_the_codes(tiny_llama, cali
 
 
 def test_e2e_qp_needs_quantized_linears(tiny_llama, calibration_file, tmp_path):
-    with pytest.raises(ValueError, match="efficientqat_e2e_qp: the model has no quantized linears with scales or codebooks"):
+    with pytest.raises(
+        ValueError, match="efficientqat_e2e_qp: the model has no quantized linears with scales or codebooks"
+    ):
         apply(recipe(calibration_file, {"efficientqat_e2e_qp": {}}), tiny_llama, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -304,19 +372,30 @@ def test_export_then_load_gives_the_logits_of_the_compressed_model(tiny_llama, c
 
 
 def test_symmetric_block_ap_loads_in_plain_transformers(tiny_llama, calibration_file, tmp_path):
-    apply(recipe(calibration_file, block_ap(bits=4, symmetric=True, epochs=1)), tiny_llama, tmp_path / "out", progress=False)
+    apply(
+        recipe(calibration_file, block_ap(bits=4, symmetric=True, epochs=1)),
+        tiny_llama,
+        tmp_path / "out",
+        progress=False,
+    )
     x = torch.randint(0, 320, (2, 19), generator=torch.Generator().manual_seed(1))
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)(x).logits
     ours = load_quantized_model(tmp_path / "out")(x).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("step,message", [
-    ({"efficientqat_block_ap": {"bits": 9}}, "steps[0].efficientqat_block_ap.bits: 9 is not one of 2..8"),
-    ({"efficientqat_block_ap": {"quant_lr": 0, "weight_lr": 0}}, "steps[0].efficientqat_block_ap.quant_lr: quant_lr and weight_lr are both 0"),
-    ({"efficientqat_block_ap": {"group_size": 0}}, "steps[0].efficientqat_block_ap.group_size"),
-    ({"efficientqat_e2e_qp": {"lr": -1}}, "steps[0].efficientqat_e2e_qp.lr: -1 is below the minimum"),
-])
+@pytest.mark.parametrize(
+    "step,message",
+    [
+        ({"efficientqat_block_ap": {"bits": 9}}, "steps[0].efficientqat_block_ap.bits: 9 is not one of 2..8"),
+        (
+            {"efficientqat_block_ap": {"quant_lr": 0, "weight_lr": 0}},
+            "steps[0].efficientqat_block_ap.quant_lr: quant_lr and weight_lr are both 0",
+        ),
+        ({"efficientqat_block_ap": {"group_size": 0}}, "steps[0].efficientqat_block_ap.group_size"),
+        ({"efficientqat_e2e_qp": {"lr": -1}}, "steps[0].efficientqat_e2e_qp.lr: -1 is below the minimum"),
+    ],
+)
 def test_bad_keys_are_one_line_errors(step, message):
     with pytest.raises(RecipeError) as error:
         Recipe.from_dict({"steps": [step]})
@@ -325,7 +404,12 @@ def test_bad_keys_are_one_line_errors(step, message):
 
 def test_recipes_validate():
     names = sorted(p.name for p in (ROOT / "recipes").glob("efficientqat-*.yaml"))
-    assert names == ["efficientqat-block-ap-w2g64.yaml", "efficientqat-w2g64.yaml", "efficientqat-w3g128.yaml", "efficientqat-w4g128.yaml"]
+    assert names == [
+        "efficientqat-block-ap-w2g64.yaml",
+        "efficientqat-w2g64.yaml",
+        "efficientqat-w3g128.yaml",
+        "efficientqat-w4g128.yaml",
+    ]
     for name in names:
         steps = Recipe.from_yaml(ROOT / "recipes" / name).steps
         assert steps[0].name == "efficientqat_block_ap"
@@ -334,7 +418,16 @@ def test_recipes_validate():
 
 @pytest.mark.parametrize("lr, kept_start", [(20.0, True), (1e-3, False)])
 def test_e2e_qp_never_returns_a_model_worse_on_its_heldout_split(tiny_llama, calibration_file, lr, kept_start):
-    e2e = {"efficientqat_e2e_qp": {"lr": lr, "epochs": 2, "batch_size": 2, "micro_batch_size": 2, "heldout": 0.25, "top_k": 16}}
+    e2e = {
+        "efficientqat_e2e_qp": {
+            "lr": lr,
+            "epochs": 2,
+            "batch_size": 2,
+            "micro_batch_size": 2,
+            "heldout": 0.25,
+            "top_k": 16,
+        }
+    }
     rtn_only = session(tiny_llama, recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}))
     rtn_only.run()
     run = session(tiny_llama, recipe(calibration_file, {"rtn": {"bits": 2, "group_size": 32, "symmetric": False}}, e2e))
@@ -347,4 +440,3 @@ def test_e2e_qp_never_returns_a_model_worse_on_its_heldout_split(tiny_llama, cal
     same = all(torch.equal(before[name]["scales"], after[name]["scales"]) for name in before)
     assert same == kept_start
     assert "efficientqat_e2e_qp: held-out loss" in run.report.table()
-

@@ -39,7 +39,12 @@ def test_eval_reads_asymmetric_exports_through_our_loader(tiny_llama, tmp_path):
     from compressor import Recipe, apply
     from compressor.eval import load_causal_lm
 
-    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": 3, "group_size": 32, "symmetric": False}}]}), tiny_llama, tmp_path / "out", progress=False)
+    apply(
+        Recipe.from_dict({"steps": [{"rtn": {"bits": 3, "group_size": 32, "symmetric": False}}]}),
+        tiny_llama,
+        tmp_path / "out",
+        progress=False,
+    )
     model, _ = load_causal_lm(str(tmp_path / "out"))
     windows = make_windows(torch.randint(0, 320, (100,), generator=torch.Generator().manual_seed(2)), seq_len=25)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -77,17 +82,35 @@ def test_eval_loads_a_model_with_its_own_code_only_when_trusted(tiny_llama, tmp_
     folder = tmp_path / "remote"
     shutil.copytree(tiny_llama, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="toy_remote_llama", architectures=["ToyForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_toy.ToyConfig", "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"})
+    config.update(
+        model_type="toy_remote_llama",
+        architectures=["ToyForCausalLM"],
+        auto_map={"AutoConfig": "configuration_toy.ToyConfig", "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"},
+    )
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "configuration_toy.py").write_text(
-        "from transformers import LlamaConfig\n\n\nclass ToyConfig(LlamaConfig):\n    model_type = 'toy_remote_llama'\n")
+        "from transformers import LlamaConfig\n\n\nclass ToyConfig(LlamaConfig):\n    model_type = 'toy_remote_llama'\n"
+    )
     (folder / "modeling_toy.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_toy import ToyConfig\n\n\n"
-        "class ToyForCausalLM(LlamaForCausalLM):\n    config_class = ToyConfig\n")
+        "class ToyForCausalLM(LlamaForCausalLM):\n    config_class = ToyConfig\n"
+    )
     refused = CliRunner().invoke(main, ["eval", str(folder), "--max-windows", "1", "--seq-len", "64", "--quiet"])
     assert refused.exit_code != 0 and "trust_remote_code" in refused.output, refused.output
-    trusted = CliRunner().invoke(main, ["eval", str(folder), "--base", str(tiny_llama), "--max-windows", "1", "--seq-len", "64",
-                                        "--quiet", "--trust-remote-code"])
+    trusted = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(folder),
+            "--base",
+            str(tiny_llama),
+            "--max-windows",
+            "1",
+            "--seq-len",
+            "64",
+            "--quiet",
+            "--trust-remote-code",
+        ],
+    )
     assert trusted.exit_code == 0, trusted.output
     assert "KL" in trusted.output

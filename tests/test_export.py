@@ -17,7 +17,9 @@ from compressor.testing import folder_digest
 
 
 def rtn_recipe(bits=4, group_size=128, symmetric=True, **export):
-    return Recipe.from_dict({"steps": [{"rtn": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}], "export": export})
+    return Recipe.from_dict(
+        {"steps": [{"rtn": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}], "export": export}
+    )
 
 
 def tokens(vocab=320):
@@ -89,7 +91,9 @@ def test_asymmetric_export_follows_the_spec_and_loads_through_our_loader(tiny_ll
     assert model.model.layers[0].self_attn.q_proj.quantized_weight.zeros is not None
 
 
-@pytest.mark.xfail(strict=True, reason="transformers' compressed-tensors loader cannot read packed zero points (llm-compressor#1618)")
+@pytest.mark.xfail(
+    strict=True, reason="transformers' compressed-tensors loader cannot read packed zero points (llm-compressor#1618)"
+)
 def test_transformers_loads_asymmetric_exports(tiny_llama, tmp_path):
     apply(rtn_recipe(4, 32, symmetric=False), tiny_llama, tmp_path / "out", progress=False)
     AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
@@ -136,7 +140,10 @@ def test_failure_mid_export_leaves_no_output(tiny_llama, tmp_path, monkeypatch):
 def test_group_size_must_divide_in_features(tiny_llama, tmp_path):
     from compressor.errors import StepError
 
-    with pytest.raises(StepError, match=r"steps\[0\]\.rtn\.group_size: model\.layers\.0\.self_attn\.q_proj: in_features 128 is not a multiple of group_size 96"):
+    with pytest.raises(
+        StepError,
+        match=r"steps\[0\]\.rtn\.group_size: model\.layers\.0\.self_attn\.q_proj: in_features 128 is not a multiple of group_size 96",
+    ):
         apply(rtn_recipe(4, 96), tiny_llama, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -147,7 +154,12 @@ def test_output_rules(tiny_llama, tmp_path):
     with pytest.raises(ExportError, match="already exists"):
         apply(rtn_recipe(), tiny_llama, out, progress=False)
     apply(rtn_recipe(8), tiny_llama, out, overwrite=True, progress=False)
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+    assert (
+        json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"][
+            "num_bits"
+        ]
+        == 8
+    )
     with pytest.raises(ExportError, match="input model"):
         apply(rtn_recipe(), tiny_llama, tiny_llama, overwrite=True, progress=False)
     with pytest.raises(ExportError, match="input model"):
@@ -164,10 +176,14 @@ def test_small_shards_and_index(tiny_llama, tmp_path):
 
 
 def test_mixed_schemes_get_one_config_group_each(tiny_llama, tmp_path):
-    recipe = Recipe.from_dict({"steps": [
-        {"rtn": {"bits": 8, "group_size": 32, "ignore": ["re:mlp"]}},
-        {"rtn": {"bits": 4, "group_size": 32, "ignore": ["re:self_attn"]}},
-    ]})
+    recipe = Recipe.from_dict(
+        {
+            "steps": [
+                {"rtn": {"bits": 8, "group_size": 32, "ignore": ["re:mlp"]}},
+                {"rtn": {"bits": 4, "group_size": 32, "ignore": ["re:self_attn"]}},
+            ]
+        }
+    )
     apply(recipe, tiny_llama, tmp_path / "out", progress=False)
     groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
     assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [4, 8]
@@ -184,7 +200,9 @@ def test_an_older_compressed_tensors_is_refused_in_one_line(tiny_llama, tmp_path
     from compressor.export import compressed_tensors as ct
 
     real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.17.1" if name == "compressed-tensors" else real(name))
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "0.17.1" if name == "compressed-tensors" else real(name)
+    )
     ct.require_installed_version.cache_clear()
     try:
         with pytest.raises(UserError, match=r"compressed-tensors 0\.17\.1 is installed; exporting needs >= 0\.18\.0"):

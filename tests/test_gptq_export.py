@@ -10,8 +10,7 @@ from safetensors import safe_open
 
 from compressor import Recipe, apply
 from compressor.errors import StepError
-from compressor.export import ExportError, load_quantized_model
-from compressor.export import gptq
+from compressor.export import ExportError, gptq, load_quantized_model
 from compressor.quant.uniform import quantize_uniform
 from compressor.serving import gptq_stack_installed, verdicts
 
@@ -39,7 +38,9 @@ def reference_unpack(packed: torch.Tensor, bits: int, values: int, dim: int) -> 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_written_tensors_decode_to_our_weights_by_the_layouts_rule(bits, symmetric):
     n, k, group = 96, 128, 32
-    weight = quantize_uniform(torch.randn(n, k, generator=torch.Generator().manual_seed(bits)), bits, group, symmetric, torch.float16)
+    weight = quantize_uniform(
+        torch.randn(n, k, generator=torch.Generator().manual_seed(bits)), bits, group, symmetric, torch.float16
+    )
     if not symmetric:
         weight.zeros[0, 0] = 0  # a zero point of 0, which v1 cannot hold
     tensors = gptq.to_tensors(weight, torch.float16)
@@ -69,13 +70,17 @@ def test_symmetric_zero_points_are_stored_minus_one():
 
 
 def test_shapes_that_do_not_pack_are_not_supported():
-    assert gptq.shape_problem(quantize_uniform(torch.randn(32, 48), 3, -1, False, torch.float16))  # K not a multiple of 32
+    assert gptq.shape_problem(
+        quantize_uniform(torch.randn(32, 48), 3, -1, False, torch.float16)
+    )  # K not a multiple of 32
     assert gptq.shape_problem(quantize_uniform(torch.randn(32, 64), 5, 32, True, torch.float16))  # no 5-bit GPTQ
     assert gptq.shape_problem(quantize_uniform(torch.randn(32, 64), 4, 32, True, torch.float16)) is None
 
 
 def rtn(bits, group_size=32, symmetric=True, **export):
-    return Recipe.from_dict({"steps": [{"rtn": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}], "export": export})
+    return Recipe.from_dict(
+        {"steps": [{"rtn": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}], "export": export}
+    )
 
 
 def tokens(vocab=320):
@@ -89,26 +94,46 @@ def test_auto_writes_asymmetric_sub_4_bit_weights_as_gptq_and_they_load_through_
     assert config["group_size"] == 32 and config["desc_act"] is False and config["checkpoint_format"] == "gptq_v2"
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         names = set(f.keys())
-    assert {"model.layers.0.mlp.down_proj.qweight", "model.layers.0.mlp.down_proj.qzeros",
-            "model.layers.0.mlp.down_proj.scales", "model.layers.0.mlp.down_proj.g_idx"} <= names
+    assert {
+        "model.layers.0.mlp.down_proj.qweight",
+        "model.layers.0.mlp.down_proj.qzeros",
+        "model.layers.0.mlp.down_proj.scales",
+        "model.layers.0.mlp.down_proj.g_idx",
+    } <= names
     assert "model.layers.0.mlp.down_proj.weight" not in names
     model = load_quantized_model(tmp_path / "out")
     assert model.model.layers[0].mlp.down_proj.quantized_weight.zeros is not None
 
-    apply(rtn(4, 32, symmetric=False), tiny_llama, tmp_path / "w4", progress=False)  # vLLM serves these from compressed-tensors
-    assert json.loads((tmp_path / "w4" / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    apply(
+        rtn(4, 32, symmetric=False), tiny_llama, tmp_path / "w4", progress=False
+    )  # vLLM serves these from compressed-tensors
+    assert (
+        json.loads((tmp_path / "w4" / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "compressed-tensors"
+    )
 
 
 def test_bad_gptq_exports_are_refused_in_one_line(tiny_llama, tmp_path):
     with pytest.raises(StepError, match=r"steps\[0\]\.rtn\.bits: 5-bit weights have no GPTQ layout"):  # before any work
         apply(rtn(5, 32, format="gptq"), tiny_llama, tmp_path / "w5", progress=False)
-    lut = Recipe.from_dict({"calibration": {"dataset": "demo", "samples": 2, "seq_len": 32},
-                            "steps": [{"squeezellm": {"bits": 3}}], "export": {"format": "gptq"}})
+    lut = Recipe.from_dict(
+        {
+            "calibration": {"dataset": "demo", "samples": 2, "seq_len": 32},
+            "steps": [{"squeezellm": {"bits": 3}}],
+            "export": {"format": "gptq"},
+        }
+    )
     with pytest.raises(StepError, match="squeezellm makes non-uniform weights, which GPTQ cannot hold"):
         apply(lut, tiny_llama, tmp_path / "lut", progress=False)
-    mixed = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*self_attn*"]}},
-                                        {"rtn": {"bits": 8, "group_size": 32}}],
-                              "export": {"format": "gptq"}})
+    mixed = Recipe.from_dict(
+        {
+            "steps": [
+                {"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*self_attn*"]}},
+                {"rtn": {"bits": 8, "group_size": 32}},
+            ],
+            "export": {"format": "gptq"},
+        }
+    )
     with pytest.raises(ExportError, match="one bit width"):
         apply(mixed, tiny_llama, tmp_path / "mixed", progress=False)
     assert not (tmp_path / "w5").exists() and not (tmp_path / "mixed").exists()
@@ -121,6 +146,8 @@ def test_the_serving_check_knows_gptq():
     sym4 = by_engine({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "checkpoint_format": "gptq"})
     assert sym4["vllm"].loads and "Marlin" in sym4["vllm"].how
     assert sym4["transformers"].loads == gptq_stack_installed() and "gptqmodel" in sym4["transformers"].line()
-    asym3 = by_engine({"quant_method": "gptq", "bits": 3, "group_size": 32, "sym": False, "checkpoint_format": "gptq_v2"})
+    asym3 = by_engine(
+        {"quant_method": "gptq", "bits": 3, "group_size": 32, "sym": False, "checkpoint_format": "gptq_v2"}
+    )
     assert not asym3["vllm"].loads and "#38288" in asym3["vllm"].how
     assert asym3["transformers"].loads == gptq_stack_installed()

@@ -9,8 +9,6 @@ else to ``compressor.a``.
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "compressor"
 
 
@@ -33,7 +31,9 @@ def import_graph() -> dict[str, set[str]]:
                 edges |= {alias.name for alias in node.names if alias.name.startswith("compressor")}
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("compressor"):
                 for alias in node.names:
-                    edges.add(f"{node.module}.{alias.name}" if is_module(f"{node.module}.{alias.name}") else node.module)
+                    edges.add(
+                        f"{node.module}.{alias.name}" if is_module(f"{node.module}.{alias.name}") else node.module
+                    )
         graph[module_name(path)] = edges
     return graph
 
@@ -83,15 +83,34 @@ def test_there_is_no_import_cycle():
 
 # docs/ARCHITECTURE.md's layers, from the bottom up: a module imports only its own layer and those before it
 LAYERS = (
-    ("foundations", ("compressor.errors", "compressor.version", "compressor.step", "compressor.progress",
-                     "compressor.data_files", "compressor.demo")),
+    (
+        "foundations",
+        (
+            "compressor.errors",
+            "compressor.version",
+            "compressor.step",
+            "compressor.progress",
+            "compressor.data_files",
+            "compressor.demo",
+        ),
+    ),
     ("value types", ("compressor.weights",)),
     ("kernels", ("compressor.kernels",)),
     ("quantized modules", ("compressor.modules",)),
     ("architecture", ("compressor.arch",)),
     ("KV caches", ("compressor.kvcache",)),
-    ("model and runners", ("compressor.model", "compressor.blockwise", "compressor.calibration", "compressor.report",
-                           "compressor.distill", "compressor.training", "compressor.declaration")),
+    (
+        "model and runners",
+        (
+            "compressor.model",
+            "compressor.blockwise",
+            "compressor.calibration",
+            "compressor.report",
+            "compressor.distill",
+            "compressor.training",
+            "compressor.declaration",
+        ),
+    ),
     ("export", ("compressor.export",)),
     ("step contract", ("compressor.context",)),
     ("methods", METHODS),
@@ -102,19 +121,30 @@ LAYERS = (
 
 def layer_of(module: str) -> int:
     """The index in ``LAYERS`` of the longest prefix naming ``module``."""
-    matches = [(len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
-               if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), index)
+        for index, (_, prefixes) in enumerate(LAYERS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     return max(matches)[1]
 
 
 def test_every_import_goes_down_the_layers():
-    upward = sorted(f"{module} ({LAYERS[layer_of(module)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
-                    for module, edges in GRAPH.items() for target in edges if layer_of(target) > layer_of(module))
+    upward = sorted(
+        f"{module} ({LAYERS[layer_of(module)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+        for module, edges in GRAPH.items()
+        for target in edges
+        if layer_of(target) > layer_of(module)
+    )
     assert upward == []
 
 
 def test_kernels_import_no_export_and_the_value_types_nothing():
-    kernels = {m: sorted(e for e in edges if e.startswith("compressor.export")) for m, edges in imports_of("compressor.kernels").items()}
+    kernels = {
+        m: sorted(e for e in edges if e.startswith("compressor.export"))
+        for m, edges in imports_of("compressor.kernels").items()
+    }
     assert {m: e for m, e in kernels.items() if e} == {}
     assert GRAPH["compressor.weights.values"] == set()
 
@@ -129,7 +159,14 @@ def test_readers_of_the_kv_cache_use_its_channel_never_a_method():
 
 
 def test_methods_import_neither_the_pipeline_nor_the_recipe_nor_export_nor_another_method():
-    above = ("compressor.pipeline", "compressor.api", "compressor.recipe", "compressor.methods", "compressor.export", "compressor.cli")
+    above = (
+        "compressor.pipeline",
+        "compressor.api",
+        "compressor.recipe",
+        "compressor.methods",
+        "compressor.export",
+        "compressor.cli",
+    )
     for module, edges in GRAPH.items():
         if module.startswith(METHODS) and module not in METHODS:
             assert not [e for e in edges if e.startswith(above)], module

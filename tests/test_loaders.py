@@ -48,14 +48,19 @@ def tokens(vocab=320):
 
 
 def rtn(bits, group_size=32, symmetric=True, **export):
-    return Recipe.from_dict({"steps": [{"rtn": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}], "export": export})
+    return Recipe.from_dict(
+        {"steps": [{"rtn": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}], "export": export}
+    )
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("bits", [4, 3])
 def test_compressed_tensors_symmetric_loads_in_plain_transformers(bits, tiny_llama, tmp_path, monkeypatch):
     memory = export_and_in_memory(rtn(bits), tiny_llama, tmp_path / "out", monkeypatch)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert (
+        json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "compressed-tensors"
+    )
     x = tokens()
     expected = memory(x).logits
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
@@ -66,16 +71,22 @@ def test_compressed_tensors_symmetric_loads_in_plain_transformers(bits, tiny_lla
 @torch.no_grad()
 @pytest.mark.parametrize("bits, symmetric", [(4, True), (3, False), (2, False)])
 def test_gptq_loads_through_our_loader_with_the_in_memory_logits(bits, symmetric, tiny_llama, tmp_path, monkeypatch):
-    memory = export_and_in_memory(rtn(bits, symmetric=symmetric, format="gptq"), tiny_llama, tmp_path / "out", monkeypatch)
+    memory = export_and_in_memory(
+        rtn(bits, symmetric=symmetric, format="gptq"), tiny_llama, tmp_path / "out", monkeypatch
+    )
     x = tokens()
     torch.testing.assert_close(load_quantized_model(tmp_path / "out")(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
-@pytest.mark.skipif(not HAS_GPTQ_STACK, reason="transformers loads GPTQ through optimum + gptqmodel, not installed here")
+@pytest.mark.skipif(
+    not HAS_GPTQ_STACK, reason="transformers loads GPTQ through optimum + gptqmodel, not installed here"
+)
 @pytest.mark.parametrize("bits, symmetric", [(4, True), (8, True), (3, False), (2, False)])
 def test_gptq_loads_in_plain_transformers(bits, symmetric, tiny_llama, tmp_path, monkeypatch):
-    memory = export_and_in_memory(rtn(bits, symmetric=symmetric, format="gptq"), tiny_llama, tmp_path / "out", monkeypatch)
+    memory = export_and_in_memory(
+        rtn(bits, symmetric=symmetric, format="gptq"), tiny_llama, tmp_path / "out", monkeypatch
+    )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
     theirs = loaded.model.layers[1].mlp.down_proj
     ours = memory.model.layers[1].mlp.down_proj.quantized_weight.dequantize(torch.float32)
@@ -87,12 +98,17 @@ def test_gptq_loads_in_plain_transformers(bits, symmetric, tiny_llama, tmp_path,
 
 @torch.no_grad()
 def test_native_format_loads_after_import_compressor(tiny_llama, calibration_file, tmp_path, monkeypatch):
-    recipe = Recipe.from_dict({
-        "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 32},
-        "steps": [{"squeezellm": {"bits": 3, "sensitive_percent": 0.05, "outlier_percent": 0.4, "iterations": 5}}],
-    })
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 32},
+            "steps": [{"squeezellm": {"bits": 3, "sensitive_percent": 0.05, "outlier_percent": 0.4, "iterations": 5}}],
+        }
+    )
     memory = export_and_in_memory(recipe, tiny_llama, tmp_path / "out", monkeypatch)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"] == "compressor"
+    assert (
+        json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "compressor"
+    )
     x = tokens()
     expected = memory(x).logits
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)  # compressor is imported above
@@ -110,13 +126,21 @@ def test_dense_export_loads_in_plain_transformers(tiny_llama, tmp_path, monkeypa
 
 @torch.no_grad()
 def test_gptq_with_dense_block_linears_names_them_for_every_reader(tiny_llama, tmp_path, monkeypatch):
-    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*down_proj*"]}}],
-                               "export": {"format": "gptq"}})
+    recipe = Recipe.from_dict(
+        {
+            "steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*down_proj*"]}}],
+            "export": {"format": "gptq"},
+        }
+    )
     memory = export_and_in_memory(recipe, tiny_llama, tmp_path / "out", monkeypatch)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert config["modules_in_block_to_quantize"] == [["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-                                                       "self_attn.q_proj", "self_attn.v_proj"]]
-    assert sorted(config["dynamic"]) == [r"-:^model\.layers\.0\.mlp\.down_proj$", r"-:^model\.layers\.1\.mlp\.down_proj$"]
+    assert config["modules_in_block_to_quantize"] == [
+        ["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    ]
+    assert sorted(config["dynamic"]) == [
+        r"-:^model\.layers\.0\.mlp\.down_proj$",
+        r"-:^model\.layers\.1\.mlp\.down_proj$",
+    ]
     x = tokens()
     torch.testing.assert_close(load_quantized_model(tmp_path / "out")(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
     if HAS_GPTQ_STACK:

@@ -40,7 +40,9 @@ def mlp():
 
 def mlp_error(x, z, down, gate, up, new_down):
     reference = z @ down.T
-    return float(torch.linalg.norm(reference - (F.silu(x @ gate.T) * (x @ up.T)) @ new_down.T) / torch.linalg.norm(reference))
+    return float(
+        torch.linalg.norm(reference - (F.silu(x @ gate.T) * (x @ up.T)) @ new_down.T) / torch.linalg.norm(reference)
+    )
 
 
 def test_type_one_at_full_keep_is_exact(mlp):
@@ -114,15 +116,21 @@ def test_type_two_keeps_the_kept_pairs_logits_exactly_with_their_own_frequencies
         dropped[j, pairs[j]] = False
         dropped[j, pairs[j] + HEAD_DIM // 2] = False
     keep_q = (~dropped).repeat_interleave(N_HEADS // N_KV, 0).reshape(-1, 1).double()
-    masked = attention_logits(hidden, query * keep_q, key * (~dropped).reshape(-1, 1).double(), positions, frequencies, HEAD_DIM)
+    masked = attention_logits(
+        hidden, query * keep_q, key * (~dropped).reshape(-1, 1).double(), positions, frequencies, HEAD_DIM
+    )
     full = attention_logits(hidden, query, key, positions, frequencies, HEAD_DIM)
-    only_dropped = attention_logits(hidden, query * (1 - keep_q), key * dropped.reshape(-1, 1).double(), positions, frequencies, HEAD_DIM)
+    only_dropped = attention_logits(
+        hidden, query * (1 - keep_q), key * dropped.reshape(-1, 1).double(), positions, frequencies, HEAD_DIM
+    )
     torch.testing.assert_close(masked, full - only_dropped, rtol=0, atol=1e-10)
 
     # sliced: each KV head's kept pairs keep their own frequencies
     q = (hidden @ new_query.T).view(len(hidden), N_HEADS, 2 * keep)
     k = (hidden @ new_key.T).view(len(hidden), N_KV, 2 * keep)
-    q = torch.stack([rope(q[:, h : h + 1], positions, frequencies[pairs[h // (N_HEADS // N_KV)]])[:, 0] for h in range(N_HEADS)], 1)
+    q = torch.stack(
+        [rope(q[:, h : h + 1], positions, frequencies[pairs[h // (N_HEADS // N_KV)]])[:, 0] for h in range(N_HEADS)], 1
+    )
     k = torch.stack([rope(k[:, j : j + 1], positions, frequencies[pairs[j]])[:, 0] for j in range(N_KV)], 1)
     sliced = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(N_HEADS // N_KV, dim=1))
     torch.testing.assert_close(sliced, masked, rtol=0, atol=1e-10)
@@ -181,7 +189,9 @@ def test_type_three_is_eckart_young_optimal_and_beats_plain_svd(attention):
     assert error == pytest.approx(float(singular[keep:].norm()), rel=1e-6)
     # GQA: whitened joint SVD below plain (unwhitened) SVD of each head's W_V W_O at the same k
     new_value, new_output, _ = whitened_value_output(value, output, x.T @ x, N_HEADS, N_KV, keep)
-    plain_value, plain_output, _ = whitened_value_output(value, output, torch.eye(D, dtype=torch.float64), N_HEADS, N_KV, keep)
+    plain_value, plain_output, _ = whitened_value_output(
+        value, output, torch.eye(D, dtype=torch.float64), N_HEADS, N_KV, keep
+    )
     group = N_HEADS // N_KV
     ours = value_output_error(x, value, output, new_value, new_output, group)
     plain = value_output_error(x, value, output, plain_value, plain_output, group)
@@ -252,7 +262,12 @@ def test_step_is_exact_at_ratio_zero_and_sliced_equals_masked(arch, tiny_models,
 
     outputs = {}
     for export in ("sliced", "masked"):
-        apply(modegpt_recipe({"modegpt": {"ratio": 0.3, "export": export, "modules": ["qk", "vo", "mlp"]}}), tiny_models[arch], tmp_path / export, progress=False)
+        apply(
+            modegpt_recipe({"modegpt": {"ratio": 0.3, "export": export, "modules": ["qk", "vo", "mlp"]}}),
+            tiny_models[arch],
+            tmp_path / export,
+            progress=False,
+        )
         outputs[export] = logits(load_causal_lm(str(tmp_path / export))[0], tokens)
     # Same weights, other layout: block 1's statistics come from block 0's outputs, which the two layouts
     # round differently in fp32, and the refit on 256 calibration tokens for 384 neurons amplifies that.
@@ -268,7 +283,12 @@ def test_step_is_exact_at_ratio_zero_and_sliced_equals_masked(arch, tiny_models,
 @pytest.fixture(scope="module")
 def sliced_llama(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("modegpt") / "sliced"
-    report = apply(modegpt_recipe({"modegpt": {"ratio": 0.3, "modules": ["qk", "vo", "mlp"]}}), tiny_models["llama"], out, progress=False)
+    report = apply(
+        modegpt_recipe({"modegpt": {"ratio": 0.3, "modules": ["qk", "vo", "mlp"]}}),
+        tiny_models["llama"],
+        out,
+        progress=False,
+    )
     return out, report
 
 
@@ -279,7 +299,9 @@ def test_sliced_checkpoint_says_its_widths_and_loads_with_remote_code_in_a_fresh
     layers = config["modegpt"]["layers"]
     rows = [r for r in report.to_dict()["modules"] if r["module"].endswith(".block")]
     assert [layer["intermediate_size"] for layer in layers] == [r["intermediate_size"] for r in rows]
-    assert all(len(layer["rope_pairs"]) == 2 and len(layer["rope_pairs"][0]) * 2 == layer["qk_head_dim"] for layer in layers)
+    assert all(
+        len(layer["rope_pairs"]) == 2 and len(layer["rope_pairs"][0]) * 2 == layer["qk_head_dim"] for layer in layers
+    )
     summary = [r for r in report.to_dict()["modules"] if r["module"].endswith(".blocks")][0]
     assert summary["removed"] == pytest.approx(0.3, abs=0.03)
 
@@ -294,12 +316,19 @@ def test_sliced_checkpoint_says_its_widths_and_loads_with_remote_code_in_a_fresh
         "print(type(model).__module__)\n"
     )
     saved = out.parent / "remote_logits.pt"
-    result = subprocess.run([sys.executable, "-c", script, str(out), str(saved)], capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(out), str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stock refused" in result.stdout and "transformers_modules" in result.stdout, result.stdout
     torch.testing.assert_close(torch.load(saved), ours, rtol=0, atol=1e-5)
-    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # no remote code: registered by import compressor
+    plain = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32
+    )  # no remote code: registered by import compressor
     torch.testing.assert_close(logits(plain, sample_tokens()), ours, rtol=0, atol=1e-5)
 
 
@@ -312,25 +341,37 @@ def test_sliced_model_generates_the_same_tokens_with_and_without_the_cache(slice
 
 
 def test_modegpt_then_rtn_exports_quantized_sliced_weights_that_load(tiny_models, tmp_path):
-    recipe = modegpt_recipe({"modegpt": {"ratio": 0.25, "round_to": 32}}, {"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head"]}})
+    recipe = modegpt_recipe(
+        {"modegpt": {"ratio": 0.25, "round_to": 32}}, {"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head"]}}
+    )
     apply(recipe, tiny_models["llama"], tmp_path / "q", progress=False)
-    apply(modegpt_recipe({"modegpt": {"ratio": 0.25, "round_to": 32}}), tiny_models["llama"], tmp_path / "d", progress=False)
+    apply(
+        modegpt_recipe({"modegpt": {"ratio": 0.25, "round_to": 32}}),
+        tiny_models["llama"],
+        tmp_path / "d",
+        progress=False,
+    )
     quantized = load_quantized_model(tmp_path / "q")
     down = quantized.model.layers[1].mlp.down_proj
     assert isinstance(down, QuantizedLinear) and down.in_features % 32 == 0 and down.in_features < 384
     tokens = sample_tokens()
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32, trust_remote_code=True)  # compressed-tensors
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "q", dtype=torch.float32, trust_remote_code=True
+    )  # compressed-tensors
     ours = logits(quantized, tokens)
     torch.testing.assert_close(logits(theirs, tokens), ours, rtol=1e-5, atol=1e-5)
     dense = logits(load_causal_lm(str(tmp_path / "d"))[0], tokens)
     assert not torch.allclose(ours, dense, atol=1e-3)  # RTN did quantize the sliced layers
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"modules": ["mlp", "attention"]}, "steps[0].modegpt.modules"),
-    ({"ratio": 0.9, "max_sparsity": 0.8}, "steps[0].modegpt.ratio"),
-    ({"skip_layers": [7]}, "steps[0].modegpt.skip_layers: [7] are not blocks"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"modules": ["mlp", "attention"]}, "steps[0].modegpt.modules"),
+        ({"ratio": 0.9, "max_sparsity": 0.8}, "steps[0].modegpt.ratio"),
+        ({"skip_layers": [7]}, "steps[0].modegpt.skip_layers: [7] are not blocks"),
+    ],
+)
 def test_bad_settings_stop_with_one_line_naming_the_key(settings, message, tiny_llama, tmp_path):
     with pytest.raises(UserError) as error:
         apply(modegpt_recipe({"modegpt": settings}), tiny_llama, tmp_path / "out", progress=False)
@@ -340,7 +381,12 @@ def test_bad_settings_stop_with_one_line_naming_the_key(settings, message, tiny_
 
 def test_modegpt_after_a_quantizer_is_refused(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="not a dense Llama-family block"):
-        apply(modegpt_recipe({"rtn": {"bits": 4, "group_size": 32}}, {"modegpt": {}}), tiny_llama, tmp_path / "out", progress=False)
+        apply(
+            modegpt_recipe({"rtn": {"bits": 4, "group_size": 32}}, {"modegpt": {}}),
+            tiny_llama,
+            tmp_path / "out",
+            progress=False,
+        )
 
 
 def test_each_module_beats_plain_truncated_svd_at_the_same_parameters_on_the_demo():
@@ -359,15 +405,23 @@ def test_each_module_beats_plain_truncated_svd_at_the_same_parameters_on_the_dem
 
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32).eval()
     geometry = attention_geometry(model.config)
-    d, heads, kv, hidden, width = geometry.head_dim, geometry.num_heads, geometry.num_kv_heads, model.config.hidden_size, model.config.intermediate_size
+    d, heads, kv, hidden, width = (
+        geometry.head_dim,
+        geometry.num_heads,
+        geometry.num_kv_heads,
+        model.config.hidden_size,
+        model.config.intermediate_size,
+    )
     windows = make_windows(heldout_stream(AutoTokenizer.from_pretrained(demo_model_dir())), 512, 6)
     layer = model.model.layers[2]
     attention, mlp = layer.self_attn, layer.mlp
 
     def capture(tokens):
         caught = {}
-        hooks = [attention.register_forward_pre_hook(lambda m, a, kw: caught.update(attention=dict(kw)), with_kwargs=True),
-                 mlp.register_forward_pre_hook(lambda m, a: caught.update(mlp=a[0]))]
+        hooks = [
+            attention.register_forward_pre_hook(lambda m, a, kw: caught.update(attention=dict(kw)), with_kwargs=True),
+            mlp.register_forward_pre_hook(lambda m, a: caught.update(mlp=a[0])),
+        ]
         with torch.no_grad():
             model(tokens, use_cache=False)
         for hook in hooks:
@@ -399,17 +453,41 @@ def test_each_module_beats_plain_truncated_svd_at_the_same_parameters_on_the_dem
         every_pair = cr_key_query(attention.q_proj.weight, attention.k_proj.weight, q, k, d // 2)
         vo = whitened_value_output(attention.v_proj.weight, attention.o_proj.weight, a.T @ a, heads, kv, d * 3 // 4)
         whole_vo = (attention.v_proj.weight, attention.o_proj.weight, None)
-        ours_qk = relative_error(write_attention(attention, BlockSizes(0, d * 3 // 8, d), qk, whole_vo, geometry, sliced=True), attention)
-        ours_vo = relative_error(write_attention(attention, BlockSizes(0, d // 2, d * 3 // 4), every_pair, vo, geometry, sliced=True), attention)
-        assert relative_error(write_attention(attention, BlockSizes(0, d // 2, d), every_pair, whole_vo, geometry, sliced=True), attention) < 1e-5
-        z = (torch.nn.functional.silu(mlp.gate_proj(x_calibration)) * mlp.up_proj(x_calibration)).reshape(-1, width).double()
+        ours_qk = relative_error(
+            write_attention(attention, BlockSizes(0, d * 3 // 8, d), qk, whole_vo, geometry, sliced=True), attention
+        )
+        ours_vo = relative_error(
+            write_attention(attention, BlockSizes(0, d // 2, d * 3 // 4), every_pair, vo, geometry, sliced=True),
+            attention,
+        )
+        assert (
+            relative_error(
+                write_attention(attention, BlockSizes(0, d // 2, d), every_pair, whole_vo, geometry, sliced=True),
+                attention,
+            )
+            < 1e-5
+        )
+        z = (
+            (torch.nn.functional.silu(mlp.gate_proj(x_calibration)) * mlp.up_proj(x_calibration))
+            .reshape(-1, width)
+            .double()
+        )
         ours_mlp = copy.deepcopy(mlp)
-        write_mlp(ours_mlp, *nystrom_mlp(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, z.T @ z, width * 3 // 4), sliced=True)
+        write_mlp(
+            ours_mlp,
+            *nystrom_mlp(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, z.T @ z, width * 3 // 4),
+            sliced=True,
+        )
     svd_qk = relative_error(svd_copy(attention, ["q_proj", "k_proj"]), attention)
     svd_vo = relative_error(svd_copy(attention, ["v_proj", "o_proj"]), attention)
-    ours, plain = relative_error(ours_mlp, mlp, x), relative_error(svd_copy(mlp, ["gate_proj", "up_proj", "down_proj"]), mlp, x)
-    print(f"held-out relative error at 3/4 of the parameters: qk {ours_qk:.4f} (svd {svd_qk:.4f}), vo {ours_vo:.4f} (svd {svd_vo:.4f}), "
-          f"mlp {ours:.4f} (svd {plain:.4f})")
+    ours, plain = (
+        relative_error(ours_mlp, mlp, x),
+        relative_error(svd_copy(mlp, ["gate_proj", "up_proj", "down_proj"]), mlp, x),
+    )
+    print(
+        f"held-out relative error at 3/4 of the parameters: qk {ours_qk:.4f} (svd {svd_qk:.4f}), vo {ours_vo:.4f} (svd {svd_vo:.4f}), "
+        f"mlp {ours:.4f} (svd {plain:.4f})"
+    )
     assert ours_vo < svd_vo and ours < plain, (ours_vo, svd_vo, ours, plain)
 
 
@@ -438,7 +516,9 @@ def test_sliced_mlp_keeps_the_kept_neurons_biases(tmp_path):
         model.save_pretrained(source)
     tokens = sample_tokens()
     apply(modegpt_recipe({"modegpt": {"ratio": 0.0}}), source, tmp_path / "zero", progress=False)
-    torch.testing.assert_close(logits(load_causal_lm(str(tmp_path / "zero"))[0], tokens), logits(model, tokens), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits(load_causal_lm(str(tmp_path / "zero"))[0], tokens), logits(model, tokens), rtol=0, atol=1e-5
+    )
     outputs = {}
     for export in ("sliced", "masked"):
         apply(modegpt_recipe({"modegpt": {"ratio": 0.3, "export": export}}), source, tmp_path / export, progress=False)

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compressor import Recipe, apply
+from compressor.context import matches_any
 from compressor.export import load_quantized_model
 from compressor.model import ModelHandle
-from compressor.context import matches_any
 from compressor.pipeline import Session, step_passes
 from compressor.step import Step, param
 
@@ -27,7 +27,9 @@ def test_captured_block_inputs_equal_the_models_hidden_states(tiny_models, regis
             seen[context.index] = torch.cat(context.inputs)
 
     source = tiny_models["qwen3"]
-    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 16}, "steps": ["record_inputs"]})
+    recipe = Recipe.from_dict(
+        {"calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 16}, "steps": ["record_inputs"]}
+    )
     handle = ModelHandle.open(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     session = Session(handle, recipe, tokenizer, batch_size=2, progress=False)
@@ -52,7 +54,12 @@ def test_inputs_come_from_the_compressed_blocks_before(tiny_llama, registered, c
         def compress_block(self, context):
             seen[context.index] = torch.cat(context.inputs)
 
-    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16}, "steps": [{"rtn": {"bits": 2, "group_size": 32}}, "record_after_rtn"]})
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
+            "steps": [{"rtn": {"bits": 2, "group_size": 32}}, "record_after_rtn"],
+        }
+    )
     handle = ModelHandle.open(tiny_llama)
     session = Session(handle, recipe, AutoTokenizer.from_pretrained(tiny_llama), progress=False)
     session.run()
@@ -88,7 +95,11 @@ def test_model_step_sees_the_whole_compressed_model(tiny_llama, registered, tmp_
 def test_step_passes_group_consecutive_layer_steps():
     layer, model = Step(), Step()
     model.kind = "model"
-    assert [(k, len(s)) for k, s in step_passes([layer, layer, model, layer])] == [("layer", 2), ("model", 1), ("layer", 1)]
+    assert [(k, len(s)) for k, s in step_passes([layer, layer, model, layer])] == [
+        ("layer", 2),
+        ("model", 1),
+        ("layer", 1),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -107,7 +118,9 @@ def test_ignore_patterns(name, patterns, expected):
 
 
 def test_ignore_keeps_layers_dense(tiny_llama, tmp_path):
-    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*.layers.1.*"]}}]})
+    recipe = Recipe.from_dict(
+        {"steps": [{"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*.layers.1.*"]}}]}
+    )
     report = apply(recipe, tiny_llama, tmp_path / "out", progress=False)
     assert {row["block"] for row in report.rows} == {0}
     model = load_quantized_model(tmp_path / "out")
@@ -140,8 +153,12 @@ def test_data_free_pass_then_calibrating_pass_on_a_bf16_model(tmp_path, register
             pass
 
     source = make_random_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
-    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
-                               "steps": [{"rtn": {"bits": 4, "group_size": 32}}, "model_noop", "record_dtype"]})
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
+            "steps": [{"rtn": {"bits": 4, "group_size": 32}}, "model_noop", "record_dtype"],
+        }
+    )
     apply(recipe, source, tmp_path / "out", progress=False)
     assert seen == [(torch.float32, torch.float32)] * 2
 
@@ -167,5 +184,10 @@ def test_a_compressed_blocks_original_weights_are_released_during_the_run(tiny_l
             alive_later.append(sum(1 for m in earlier if m is not None and m.weight.device.type != "meta"))
 
     monkeypatch.setattr(RTN, "compress_block", watching)
-    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}]}), tiny_llama, tmp_path / "out", progress=False)
+    apply(
+        Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}]}),
+        tiny_llama,
+        tmp_path / "out",
+        progress=False,
+    )
     assert len(alive_later) >= 1 and alive_later == [0] * len(alive_later), alive_later

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from compressor import Recipe, apply
 from compressor.export import load_quantized_model
 from compressor.model import ModelHandle
+from compressor.modules.activations import ActivationSpec, fake_quantize_tokens
 from compressor.pipeline import Session
 from compressor.quant import qllm
 from compressor.quant.qllm import (
@@ -29,7 +30,6 @@ from compressor.quant.qllm import (
 )
 from compressor.quant.uniform import quantize_uniform
 from compressor.recipe import RecipeError
-from compressor.modules.activations import ActivationSpec, ChannelMap, fake_quantize_tokens
 
 TOKENS = 37
 
@@ -87,7 +87,9 @@ def test_vectorised_scores_equal_the_official_double_loop(channels):
     w = torch.randn(7, channels, generator=gen(4), dtype=torch.float64)
     movable = torch.ones(channels, dtype=torch.bool)
     movable[[2, 5]] = False
-    torch.testing.assert_close(merge_scores(x, w, movable, "code").double(), literal_scores(x, w, movable), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        merge_scores(x, w, movable, "code").double(), literal_scores(x, w, movable), rtol=1e-5, atol=1e-6
+    )
     paper = merge_scores(x, w, movable, "paper")
     i, j = 1, 2  # a-channel 2, b-channel 5 are masked; pair (a=2 -> index 1 of a) is masked, check an unmasked one
     i, j = 3, 3  # a = channel 6, b = channel 7
@@ -100,7 +102,10 @@ def test_reassembly_keeps_the_width_never_merges_sub_channels_and_p_is_the_bookk
     x = torch.randn(TOKENS, channels, generator=gen(5), dtype=torch.float64)
     x[:, 1] *= 30
     x[:, 8] *= 12
-    weights = [torch.randn(6, channels, generator=gen(6), dtype=torch.float64), torch.randn(4, channels, generator=gen(7), dtype=torch.float64)]
+    weights = [
+        torch.randn(6, channels, generator=gen(6), dtype=torch.float64),
+        torch.randn(4, channels, generator=gen(7), dtype=torch.float64),
+    ]
     m = channel_magnitudes(x)
     theta = max(float(m[1]) / 3, float(m[8]) / 2, float(m.sort().values[-3])) * 1.01  # splits the two outliers only
     plan = reassemble(x, weights, m, theta)
@@ -160,7 +165,9 @@ def test_threshold_search_is_monotone_within_budget_and_never_worse_than_none():
     reference = x @ w.t()
 
     def loss_of(plan):
-        module = QLLMLinear(w if plan is None else plan.weights[0], None, quantizer, spec, None if plan is None else plan.channel_map)
+        module = QLLMLinear(
+            w if plan is None else plan.weights[0], None, quantizer, spec, None if plan is None else plan.channel_map
+        )
         return float((module(x) - reference).square().mean())
 
     result = search_threshold(x, [w], m, loss_of, 0.2)
@@ -182,7 +189,9 @@ def test_reassembly_halves_the_w4a4_error_of_planted_100x_outliers():
     plain = float((QLLMLinear(w, None, quantizer, spec)(x) - reference).square().mean())
 
     def loss_of(plan):
-        module = QLLMLinear(w if plan is None else plan.weights[0], None, quantizer, spec, None if plan is None else plan.channel_map)
+        module = QLLMLinear(
+            w if plan is None else plan.weights[0], None, quantizer, spec, None if plan is None else plan.channel_map
+        )
         return float((module(x) - reference).square().mean())
 
     result = search_threshold(x[:64], [w], channel_magnitudes(x), loss_of, 0.2, mode="paper", max_candidates=12)
@@ -264,7 +273,14 @@ def plant(model, duplicates=range(40, 72)):
             block.input_layernorm.weight[3] *= 40
             block.post_attention_layernorm.weight[9] *= 40
             block.mlp.up_proj.weight[11] *= 40
-            for module in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj):
+            for module in (
+                block.self_attn.q_proj,
+                block.self_attn.k_proj,
+                block.self_attn.v_proj,
+                block.mlp.gate_proj,
+                block.mlp.up_proj,
+                block.mlp.down_proj,
+            ):
                 module.weight[:, list(duplicates)] = module.weight[:, duplicates[0]][:, None]
 
 
@@ -275,12 +291,21 @@ def test_reassembly_alone_is_exact_in_fp32(tiny_models, architecture):
     ids = torch.randint(0, 320, (3, 21), generator=gen(20))
     with torch.no_grad():
         reference = model(ids).logits
-    points = {"attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "mlp_in": ("mlp.gate_proj", "mlp.up_proj"), "down_in": ("mlp.down_proj",)}
+    points = {
+        "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+        "down_in": ("mlp.down_proj",),
+    }
     features, hooks = {}, []
     for index, block in enumerate(model.model.layers):
         for point, names in points.items():
-            hooks.append(block.get_submodule(names[0]).register_forward_pre_hook(
-                lambda m, args, key=(index, point): features.__setitem__(key, args[0].detach().reshape(-1, args[0].shape[-1]))))
+            hooks.append(
+                block.get_submodule(names[0]).register_forward_pre_hook(
+                    lambda m, args, key=(index, point): features.__setitem__(
+                        key, args[0].detach().reshape(-1, args[0].shape[-1])
+                    )
+                )
+            )
     with torch.no_grad():
         model(ids)
     for hook in hooks:
@@ -290,7 +315,9 @@ def test_reassembly_alone_is_exact_in_fp32(tiny_models, architecture):
         for point, names in points.items():
             x = features[(index, point)]
             m = channel_magnitudes(x)
-            plan = reassemble(x, [block.get_submodule(n).weight.detach() for n in names], m, float(m.max()) / 3.5, mode="paper")
+            plan = reassemble(
+                x, [block.get_submodule(n).weight.detach() for n in names], m, float(m.max()) / 3.5, mode="paper"
+            )
             extras.append(plan.extra)
             for name, weight in zip(names, plan.weights):
                 block.set_submodule(name, MappedLinear(weight, block.get_submodule(name).bias, plan.channel_map))
@@ -304,8 +331,13 @@ def test_reassembly_alone_is_exact_in_fp32(tiny_models, architecture):
 
 
 def recipe(calibration_file, step, samples=4, **export):
-    return Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": samples, "seq_len": 32, "seed": 0},
-                             "steps": [step], "export": export or {"format": "auto"}})
+    return Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": samples, "seq_len": 32, "seed": 0},
+            "steps": [step],
+            "export": export or {"format": "auto"},
+        }
+    )
 
 
 def run_session(path, chosen):
@@ -321,8 +353,15 @@ def planted_model(tmp_path_factory):
     where the massive channels meet small weights) and only activation quantization suffers."""
     from compressor.testing import make_random_model
 
-    path = make_random_model("llama", tmp_path_factory.mktemp("planted") / "model", hidden_size=256, intermediate_size=512,
-                             num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=4)
+    path = make_random_model(
+        "llama",
+        tmp_path_factory.mktemp("planted") / "model",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         for block in model.model.layers:
@@ -341,7 +380,9 @@ def planted_model(tmp_path_factory):
 QUICK = {"feature_samples": 2, "search_candidates": 8, "merge_score": "paper"}
 
 
-def test_planted_outliers_reassembly_halves_the_block_error_and_error_correction_lowers_it_again(planted_model, calibration_file, tmp_path):
+def test_planted_outliers_reassembly_halves_the_block_error_and_error_correction_lowers_it_again(
+    planted_model, calibration_file, tmp_path
+):
     _, plain = run_session(planted_model, recipe(calibration_file, {"qllm": {"reassembly": False, "rank": 0, **QUICK}}))
     corrected = {"qllm": {"epochs": 2, "lr": 1e-3, "heldout": 0.0, **QUICK}}
     session, rows = run_session(planted_model, recipe(calibration_file, corrected))
@@ -399,7 +440,10 @@ def test_error_correction_trains_only_the_branches_and_norms_and_lowers_the_loss
     block = model.model.layers[0]
     ids = torch.randint(0, 320, (4, 16), generator=gen(23))
     captured = {}
-    hook = block.register_forward_hook(lambda m, args, kwargs, out: captured.update(x=args[0] if args else kwargs["hidden_states"], kwargs=kwargs), with_kwargs=True)
+    hook = block.register_forward_hook(
+        lambda m, args, kwargs, out: captured.update(x=args[0] if args else kwargs["hidden_states"], kwargs=kwargs),
+        with_kwargs=True,
+    )
     with torch.no_grad():
         model(ids, use_cache=False)
     hook.remove()
@@ -420,20 +464,31 @@ def test_error_correction_trains_only_the_branches_and_norms_and_lowers_the_loss
     names = {n for n, p in block.named_parameters() if p.requires_grad}
     assert names and all(n.endswith(("lora_a", "lora_b")) or "norm" in n for n in names)
     batches = micro_batches([x], [target], [kwargs], 1)
-    losses, _ = train_block(block, batches, [{"params": parameters, "lr": 2e-3}], 4, 1.0, schedule=qllm.linear_decay, where="qllm")
+    losses, _ = train_block(
+        block, batches, [{"params": parameters, "lr": 2e-3}], 4, 1.0, schedule=qllm.linear_decay, where="qllm"
+    )
     assert losses[-1] < losses[0]
     for name, buffer in block.named_buffers():  # the frozen weights are untouched
         assert torch.equal(buffer, frozen_before[name]), name
 
 
-@pytest.mark.parametrize("step,message", [
-    ({"qllm": {"activation_bits": 16, "reassembly": True}}, "steps[0].qllm.reassembly: channel reassembly only serves activation quantization"),
-    ({"qllm": {"weight_only": True, "activation_bits": 4}}, "steps[0].qllm.activation_bits: 4 contradicts weight_only: true"),
-    ({"qllm": {"activation_bits": 9}}, "steps[0].qllm.activation_bits: 9 is not one of"),
-    ({"qllm": {"merge_score": "fast"}}, "steps[0].qllm.merge_score: 'fast' is not one of code, paper"),
-    ({"qllm": {"channel_ratio": 0.9}}, "steps[0].qllm.channel_ratio: 0.9 is above the maximum 0.5"),
-    ({"rtn": {"activation_bits": 1}}, "steps[0].rtn.activation_bits: 1 is not one of"),
-])
+@pytest.mark.parametrize(
+    "step,message",
+    [
+        (
+            {"qllm": {"activation_bits": 16, "reassembly": True}},
+            "steps[0].qllm.reassembly: channel reassembly only serves activation quantization",
+        ),
+        (
+            {"qllm": {"weight_only": True, "activation_bits": 4}},
+            "steps[0].qllm.activation_bits: 4 contradicts weight_only: true",
+        ),
+        ({"qllm": {"activation_bits": 9}}, "steps[0].qllm.activation_bits: 9 is not one of"),
+        ({"qllm": {"merge_score": "fast"}}, "steps[0].qllm.merge_score: 'fast' is not one of code, paper"),
+        ({"qllm": {"channel_ratio": 0.9}}, "steps[0].qllm.channel_ratio: 0.9 is above the maximum 0.5"),
+        ({"rtn": {"activation_bits": 1}}, "steps[0].rtn.activation_bits: 1 is not one of"),
+    ],
+)
 def test_bad_keys_are_one_line_errors(step, message):
     with pytest.raises(RecipeError) as error:
         Recipe.from_dict({"steps": [step]})
@@ -446,7 +501,9 @@ def test_recipes_validate():
         Recipe.from_yaml(root / name)
 
 
-def test_activation_bits_on_lookup_table_weights_stop_before_the_step_works(tiny_llama, calibration_file, tmp_path, registered):
+def test_activation_bits_on_lookup_table_weights_stop_before_the_step_works(
+    tiny_llama, calibration_file, tmp_path, registered
+):
     from dataclasses import dataclass
 
     from compressor.errors import StepError
@@ -461,11 +518,17 @@ def test_activation_bits_on_lookup_table_weights_stop_before_the_step_works(tiny
         def compress_block(self, context):
             for name, linear in context.linears([]).items():
                 n, k = linear.weight.shape
-                context.replace_linear(name, LUTWeight(codes=torch.zeros(n, k, dtype=torch.uint8), lut=torch.zeros(n, 4), bits=2))
+                context.replace_linear(
+                    name, LUTWeight(codes=torch.zeros(n, k, dtype=torch.uint8), lut=torch.zeros(n, 4), bits=2)
+                )
 
     for step in ({"rtn": {"activation_bits": 4}}, {"qllm": {}}):
-        chosen = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
-                                   "steps": [{"test_lut_maker": {}}, step]})
+        chosen = Recipe.from_dict(
+            {
+                "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
+                "steps": [{"test_lut_maker": {}}, step],
+            }
+        )
         with pytest.raises(StepError) as error:
             apply(chosen, tiny_llama, tmp_path / "out", progress=False)
         assert "activation_bits" in str(error.value) and "'lut' weights from an earlier step" in str(error.value)
@@ -481,7 +544,9 @@ def test_dequantizing_folds_the_channel_map_into_the_dense_weight():
     m = channel_magnitudes(x)
     plan = reassemble(x, [w], m, float(m.max()) / 3)
     assert plan.extra > 0
-    module = QuantizedLinear(quantize_uniform(plan.weights[0], 4, -1, False, torch.float32), torch.randn(10, generator=gen(27)))
+    module = QuantizedLinear(
+        quantize_uniform(plan.weights[0], 4, -1, False, torch.float32), torch.randn(10, generator=gen(27))
+    )
     module.quantize_inputs(None, plan.channel_map)
     holder = nn.Sequential(module)
     expected = holder(x)

@@ -49,22 +49,34 @@ def test_runner_table_bits_and_eval_agree(quality, fp16_llama, calibration_file,
 
     assert by_recipe["-"]["bits_per_weight"] == 16 and by_recipe["-"]["gap"] == 0 and abs(by_recipe["-"]["kl"]) < 1e-9
     assert by_recipe["w4-sym.yaml"]["bits_per_weight"] == 4 + 16 / 128  # codes + fp16 scales
-    assert by_recipe["w4-asym.yaml"]["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 128, abs=1e-4)  # + zeros packed at 4 bits
+    assert by_recipe["w4-asym.yaml"]["bits_per_weight"] == pytest.approx(
+        4 + (16 + 4) / 128, abs=1e-4
+    )  # + zeros packed at 4 bits
     assert by_recipe["w4-sym.yaml"]["kl"] > 0 and by_recipe["w4-sym.yaml"]["size_bytes"] < by_recipe["-"]["size_bytes"]
-    assert by_recipe["later.yaml"]["error"].startswith("not run:") and "some_future_method" in by_recipe["later.yaml"]["error"]
+    assert (
+        by_recipe["later.yaml"]["error"].startswith("not run:")
+        and "some_future_method" in by_recipe["later.yaml"]["error"]
+    )
 
     # the same windows and code path as `compressor eval OUT --base MODEL`: identical numbers
     out = tmp_path / "out"
     apply(Recipe.from_yaml(tmp_path / "w4-asym.yaml"), fp16_llama, out, progress=False)
     direct = evaluate_paths(str(out), str(fp16_llama), text=calibration_file, seq_len=32, max_windows=4)
-    assert (direct.perplexity, direct.kl_divergence, direct.windows) == tuple(by_recipe["w4-asym.yaml"][k] for k in ("perplexity", "kl", "windows"))
+    assert (direct.perplexity, direct.kl_divergence, direct.windows) == tuple(
+        by_recipe["w4-asym.yaml"][k] for k in ("perplexity", "kl", "windows")
+    )
     assert quality.ct_bits_per_weight(out) == 4 + (16 + 4) / 128  # counted from the stored tensors
 
     record = quality.make_record([str(fp16_llama)], rows, settings, "python benchmarks/quality.py", {})
     lines = quality.markdown_table(record).splitlines()
     assert [c.strip() for c in lines[0].strip("|").split("|")] == QUALITY_COLUMNS
     assert all(line.count("|") == len(QUALITY_COLUMNS) + 1 for line in lines)
-    assert [line.split("|")[2].strip() for line in lines[2:]] == ["w4-sym.yaml", "w4-asym.yaml", "-", "later.yaml"]  # by bits, not-run last
+    assert [line.split("|")[2].strip() for line in lines[2:]] == [
+        "w4-sym.yaml",
+        "w4-asym.yaml",
+        "-",
+        "later.yaml",
+    ]  # by bits, not-run last
     paths = quality.write_outputs(record, tmp_path / "results")
     plotted = importlib.util.find_spec("matplotlib") is not None
     assert [p.suffix for p in paths if p.stat().st_size > 0] == [".json", ".md"] + [".png"] * plotted
@@ -72,22 +84,61 @@ def test_runner_table_bits_and_eval_agree(quality, fp16_llama, calibration_file,
 
 def test_gptq_not_beating_rtn_is_explained(quality):
     rows = [
-        {"model": "m", "method": "compressor rtn", "recipe": "rtn-w3.yaml", "bits_per_weight": 3.1484, "perplexity": 10.0, "notes": []},
-        {"model": "m", "method": "llm-compressor 0.14 gptq", "recipe": "W3", "bits_per_weight": 3.1484, "perplexity": 10.5, "notes": []},
-        {"model": "m", "method": "llm-compressor 0.14 gptq", "recipe": "W4", "bits_per_weight": 4.125, "perplexity": 9.0, "notes": []},
+        {
+            "model": "m",
+            "method": "compressor rtn",
+            "recipe": "rtn-w3.yaml",
+            "bits_per_weight": 3.1484,
+            "perplexity": 10.0,
+            "notes": [],
+        },
+        {
+            "model": "m",
+            "method": "llm-compressor 0.14 gptq",
+            "recipe": "W3",
+            "bits_per_weight": 3.1484,
+            "perplexity": 10.5,
+            "notes": [],
+        },
+        {
+            "model": "m",
+            "method": "llm-compressor 0.14 gptq",
+            "recipe": "W4",
+            "bits_per_weight": 4.125,
+            "perplexity": 9.0,
+            "notes": [],
+        },
     ]
     quality.compare_gptq_with_rtn(rows)
     assert "not better than RTN rtn-w3.yaml" in rows[1]["notes"][0] and rows[2]["notes"] == []
 
 
 def test_update_keeps_rows_not_measured_again_and_refuses_other_settings(quality):
-    base = {"eval": {"text": "demo", "seq_len": 512, "max_windows": 32, "windows": 32}, "calibration": {"text": None, "samples": 32, "seq_len": 512},
-            "model": "demo", "model_sha256": {"demo": "abc"}, "machine": "m"}
+    base = {
+        "eval": {"text": "demo", "seq_len": 512, "max_windows": 32, "windows": 32},
+        "calibration": {"text": None, "samples": 32, "seq_len": 512},
+        "model": "demo",
+        "model_sha256": {"demo": "abc"},
+        "machine": "m",
+    }
     row = {"model": "demo", "bits_per_weight": 4.0, "perplexity": 1.0}
-    previous = {**base, "date": "2026-11-23", "command": "old", "rows": [{**row, "method": "rtn", "recipe": "a"}, {**row, "method": "x", "recipe": "b"}]}
-    record = {**base, "date": "2026-11-27", "command": "new", "rows": [{**row, "method": "x", "recipe": "b", "perplexity": 2.0}]}
+    previous = {
+        **base,
+        "date": "2026-11-23",
+        "command": "old",
+        "rows": [{**row, "method": "rtn", "recipe": "a"}, {**row, "method": "x", "recipe": "b"}],
+    }
+    record = {
+        **base,
+        "date": "2026-11-27",
+        "command": "new",
+        "rows": [{**row, "method": "x", "recipe": "b", "perplexity": 2.0}],
+    }
     merged = quality.carry_over(previous, record)
-    assert {(r["method"], r["measured"], r["perplexity"]) for r in merged["rows"]} == {("rtn", "2026-11-23", 1.0), ("x", "2026-11-27", 2.0)}
+    assert {(r["method"], r["measured"], r["perplexity"]) for r in merged["rows"]} == {
+        ("rtn", "2026-11-23", 1.0),
+        ("x", "2026-11-27", 2.0),
+    }
     assert [h["command"] for h in merged["history"]] == ["old", "new"] and "then `new`" in quality.describe(merged)
     with pytest.raises(SystemExit, match="other settings"):
         quality.carry_over(previous, {**record, "eval": {**base["eval"], "max_windows": 8}})

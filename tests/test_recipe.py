@@ -20,7 +20,10 @@ MISTAKES = [
     ("stepz:\n  - rtn: {}\n", "stepz: unknown section (did you mean 'steps'?)"),
     ("steps:\n  - rtn: {}\n    rtn2: {}\n", "steps[0]: a step is a one-key mapping"),
     ("steps:\n  - rtn: {}\ncalibration: {samples: 0}\n", "calibration.samples: 0 is below the minimum 1"),
-    ("steps:\n  - rtn: {}\nexport: {format: gguf}\n", "export.format: 'gguf' is not one of auto, compressed-tensors, gptq, compressor, dense"),
+    (
+        "steps:\n  - rtn: {}\nexport: {format: gguf}\n",
+        "export.format: 'gguf' is not one of auto, compressed-tensors, gptq, compressor, dense",
+    ),
     ("steps:\n  - rtn: {}\nexport: {max_shard_size: huge}\n", "export.max_shard_size: 'huge' is not a size"),
     ("steps:\n  - rtn: {bits: 4\n", "not valid YAML"),
     ("- rtn\n", "a recipe is a mapping"),
@@ -49,7 +52,9 @@ def test_missing_recipe_file(tmp_path):
 def test_unknown_model_is_one_line(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("steps: [rtn]\n")
-    result = CliRunner().invoke(main, ["apply", str(path), str(tmp_path / "missing-model"), "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["apply", str(path), str(tmp_path / "missing-model"), "-o", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "no such model folder" in result.output
 
@@ -151,29 +156,36 @@ def test_help_methods_and_recipe_typos_answer_without_importing_torch(args, tmp_
     typo = tmp_path / "typo.yaml"
     typo.write_text("steps:\n  - rtn: {bitz: 4}\n")
     args = [str(typo) if a == "TYPO" else a for a in args]
-    result = subprocess.run([sys.executable, "-c", LIGHT_RUN.format(args=args)], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", LIGHT_RUN.format(args=args)], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.stdout.strip().endswith("heavy: []"), result.stdout + result.stderr
     if "apply" in args:
         assert "steps[0].rtn.bitz: unknown key" in result.stderr
 
 
-@pytest.mark.parametrize("before", [
-    "",
-    "import transformers.quantizers.auto",
-    "from transformers import AutoModelForCausalLM",
-    "import transformers; from transformers import AutoModelForCausalLM",
-    "from transformers import AutoConfig",
-])
+@pytest.mark.parametrize(
+    "before",
+    [
+        "",
+        "import transformers.quantizers.auto",
+        "from transformers import AutoModelForCausalLM",
+        "import transformers; from transformers import AutoModelForCausalLM",
+        "from transformers import AutoConfig",
+    ],
+)
 def test_import_compressor_registers_the_native_format_and_architectures_in_any_import_order(before):
     import subprocess
     import sys
 
-    code = (f"{before}\nimport compressor\nimport transformers.quantizers.auto as table\n"
-            "from transformers import AutoConfig, AutoModelForCausalLM\n"
-            "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as models\n"
-            "print('compressor' in table.AUTO_QUANTIZER_MAPPING, 'compressor' in table.AUTO_QUANTIZATION_CONFIG_MAPPING,\n"
-            "      type(AutoConfig.for_model('modegpt_llama')).__name__ in str(models.keys()),\n"
-            "      type(AutoConfig.for_model('llama_swiftkv')).__name__ in str(models.keys()))\n")
+    code = (
+        f"{before}\nimport compressor\nimport transformers.quantizers.auto as table\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as models\n"
+        "print('compressor' in table.AUTO_QUANTIZER_MAPPING, 'compressor' in table.AUTO_QUANTIZATION_CONFIG_MAPPING,\n"
+        "      type(AutoConfig.for_model('modegpt_llama')).__name__ in str(models.keys()),\n"
+        "      type(AutoConfig.for_model('llama_swiftkv')).__name__ in str(models.keys()))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["True", "True", "True", "True"], result.stderr[-2000:]
 

@@ -3,15 +3,17 @@
 import pytest
 import torch
 
-from compressor.weights.values import UniformWeight
 from compressor.quant.uniform import quantize_uniform, relative_error
+from compressor.weights.values import UniformWeight
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 def test_error_falls_as_bits_rise(symmetric, group_size):
     weight = torch.randn(48, 200, generator=torch.Generator().manual_seed(0))
-    errors = [relative_error(weight, quantize_uniform(weight, b, group_size, symmetric, torch.float32)) for b in range(2, 9)]
+    errors = [
+        relative_error(weight, quantize_uniform(weight, b, group_size, symmetric, torch.float32)) for b in range(2, 9)
+    ]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.01
 
@@ -71,6 +73,10 @@ def test_chunked_quantization_equals_whole_matrix(monkeypatch):
     whole = quantize_uniform(weight, 3, 32, False, torch.float16)
     monkeypatch.setattr(formats, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows a chunk, the last one short
     chunked = quantize_uniform(weight, 3, 32, False, torch.float16)
-    assert torch.equal(whole.codes, chunked.codes) and torch.equal(whole.scales, chunked.scales) and torch.equal(whole.zeros, chunked.zeros)
+    assert (
+        torch.equal(whole.codes, chunked.codes)
+        and torch.equal(whole.scales, chunked.scales)
+        and torch.equal(whole.zeros, chunked.zeros)
+    )
     full_error = float((weight - whole.dequantize(torch.float32)).norm() / weight.norm())
     assert relative_error(weight, chunked) == pytest.approx(full_error, rel=1e-5)

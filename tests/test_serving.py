@@ -13,8 +13,13 @@ from compressor.serving import verdicts
 
 def ct_config(bits, symmetric, group_size=128):
     weights = {"type": "int", "num_bits": bits, "symmetric": symmetric, "strategy": "group", "group_size": group_size}
-    return {"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors",
-                                                           "config_groups": {"group_0": {"weights": weights, "input_activations": None}}}}
+    return {
+        "model_type": "llama",
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "config_groups": {"group_0": {"weights": weights, "input_activations": None}},
+        },
+    }
 
 
 def by_engine(config):
@@ -29,7 +34,11 @@ def test_symmetric_4_bit_loads_everywhere_on_the_fast_paths():
 
 def test_asymmetric_sub_4_bit_is_refused_by_both_with_the_reason_and_source():
     found = by_engine(ct_config(3, False))
-    assert not found["vllm"].loads and "only at 4 or 8 bits" in found["vllm"].how and "compressed_tensors_wNa16.py" in found["vllm"].source
+    assert (
+        not found["vllm"].loads
+        and "only at 4 or 8 bits" in found["vllm"].how
+        and "compressed_tensors_wNa16.py" in found["vllm"].source
+    )
     assert not found["transformers"].loads and "symmetric weights" in found["transformers"].how
 
 
@@ -42,7 +51,9 @@ def test_symmetric_3_bit_loads_with_the_caveats_that_apply():
 
 def test_native_mla_and_dense():
     native = by_engine({"model_type": "llama", "quantization_config": {"quant_method": "compressor", "format": "lut"}})
-    assert native["transformers"].loads and "import compressor" in native["transformers"].how and not native["vllm"].loads
+    assert (
+        native["transformers"].loads and "import compressor" in native["transformers"].how and not native["vllm"].loads
+    )
     small = verdicts({"model_type": "deepseek_v3", "kv_lora_rank": 16, "qk_rope_head_dim": 16})
     assert [v.loads for v in small] == [False, True] and "576 or 320" in small[0].how
     assert all(v.loads for v in verdicts({"model_type": "deepseek_v3", "kv_lora_rank": 512, "qk_rope_head_dim": 64}))
@@ -51,13 +62,18 @@ def test_native_mla_and_dense():
     assert not any(v.loads for v in unknown) and "no rule knows 'mystery'" in unknown[0].how
 
 
-@pytest.mark.parametrize("bits, symmetric, format", [(4, True, "auto"), (3, True, "auto"), (3, False, "auto"),
-                                                     (3, False, "compressed-tensors"), (4, True, "gptq")])
+@pytest.mark.parametrize(
+    "bits, symmetric, format",
+    [(4, True, "auto"), (3, True, "auto"), (3, False, "auto"), (3, False, "compressed-tensors"), (4, True, "gptq")],
+)
 def test_the_transformers_verdict_is_what_from_pretrained_does(tiny_llama, tmp_path, bits, symmetric, format):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    recipe = {"steps": [{"rtn": {"bits": bits, "group_size": 32, "symmetric": symmetric}}], "export": {"format": format}}
+    recipe = {
+        "steps": [{"rtn": {"bits": bits, "group_size": 32, "symmetric": symmetric}}],
+        "export": {"format": format},
+    }
     apply(Recipe.from_dict(recipe), tiny_llama, out, progress=False)
     verdict = by_engine(json.loads((out / "config.json").read_text()))["transformers"]
     try:
@@ -72,7 +88,11 @@ def test_check_command_and_apply_print_the_verdicts(tiny_llama, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps:\n  - rtn: {bits: 3, group_size: 32, symmetric: false}\n")
     applied = CliRunner().invoke(main, ["apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out"), "--quiet"])
-    assert applied.exit_code == 0 and "serving (compressor check):" in applied.output and "vllm: GPTQ (3-bit asymmetric" in applied.output
+    assert (
+        applied.exit_code == 0
+        and "serving (compressor check):" in applied.output
+        and "vllm: GPTQ (3-bit asymmetric" in applied.output
+    )
     checked = CliRunner().invoke(main, ["check", str(tmp_path / "out"), "--engine", "vllm"])
     assert checked.exit_code == 1 and checked.output.startswith("vllm: GPTQ (3-bit asymmetric, group 32, gptq_v2): NO")
     missing = CliRunner().invoke(main, ["check", str(tmp_path / "nothing")])

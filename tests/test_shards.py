@@ -45,7 +45,10 @@ def test_one_shard_is_model_safetensors(tmp_path):
     assert not (tmp_path / "model.safetensors.index.json").exists()
     from safetensors.torch import load_file
 
-    assert {name: t.tolist() for name, t in load_file(tmp_path / "model.safetensors").items()} == {"x": [1.0] * 3, "y": [0.0] * 2}
+    assert {name: t.tolist() for name, t in load_file(tmp_path / "model.safetensors").items()} == {
+        "x": [1.0] * 3,
+        "y": [0.0] * 2,
+    }
 
 
 def test_parse_size():

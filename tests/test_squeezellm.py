@@ -3,18 +3,18 @@
 import pytest
 import torch
 
-from compressor.weights.values import DenseAndSparseWeight, LUTWeight
 from compressor.quant.squeezellm import (
     fisher_diagonal,
     fisher_weighted_kmeans,
-    lloyd,
     kmeans_plusplus,
+    lloyd,
     normalized_fisher,
     quantize_squeezellm,
     sparse_mask,
 )
 from compressor.quant.uniform import quantize_uniform
 from compressor.testing import WholeModelContext
+from compressor.weights.values import DenseAndSparseWeight, LUTWeight
 
 
 def rows_of(kind: str, rows: int, columns: int, seed: int) -> torch.Tensor:
@@ -85,7 +85,9 @@ def test_kmeans_beats_rtn_on_real_weight_rows(name, bits):
     assert (objective <= rtn * (1 + 1e-6)).all()
     assert objective.sum() < 0.5 * rtn.sum()
     # the returned objective is the error of the returned centroids and codes
-    recomputed = (normalized_fisher(fisher).double() * (weight - centroids.gather(1, codes.long())).double().square()).sum(1)
+    recomputed = (
+        normalized_fisher(fisher).double() * (weight - centroids.gather(1, codes.long())).double().square()
+    ).sum(1)
     assert torch.allclose(objective, recomputed, rtol=1e-9)
 
 
@@ -194,7 +196,9 @@ def test_dense_and_sparse_reconstruction(lut_dtype):
     tolerance = 1e-6 if lut_dtype == torch.float32 else 1e-3
     assert torch.allclose(rebuilt[mask], weight[mask], rtol=tolerance, atol=1e-7)
     # without the rescale, the dense part holds the nearest stored centroid elsewhere
-    value = quantize_squeezellm(weight, fisher, 3, sensitive_percent=0.5, outlier_percent=2.0, lut_dtype=lut_dtype, rescale="none")
+    value = quantize_squeezellm(
+        weight, fisher, 3, sensitive_percent=0.5, outlier_percent=2.0, lut_dtype=lut_dtype, rescale="none"
+    )
     rebuilt = value.dequantize(torch.float32)
     assert torch.allclose(rebuilt[mask], weight[mask], rtol=tolerance, atol=1e-7)
     dense = value.base.dequantize(torch.float32)
@@ -227,7 +231,9 @@ def test_unbiased_rescale_keeps_codes_and_removes_the_shrinkage(sparse):
     if sparse:
         assert torch.allclose(scaled.dequantize(torch.float32)[mask], weight[mask], rtol=1e-6, atol=1e-7)
     else:  # the scale costs a little weighted error: still far below per-row RTN's on every row
-        scaled_error = (normalized_fisher(fisher).double() * (weight - scaled.dequantize(torch.float32)).double().square()).sum(1)
+        scaled_error = (
+            normalized_fisher(fisher).double() * (weight - scaled.dequantize(torch.float32)).double().square()
+        ).sum(1)
         assert (scaled_error < 0.8 * weighted_rtn_error(weight, fisher, 3)).all()
 
 
@@ -242,7 +248,9 @@ def test_removed_entries_do_not_pull_centroids():
     """Zero-weighted zeros at the removed positions == the row with those entries deleted."""
     weight, fisher = rows_of("laplace", 4, 120, 10), fisher_of((4, 120), 10)
     mask = sparse_mask(weight, fisher, 0.0, 5.0)  # 6 entries
-    masked_centroids, _, _ = fisher_weighted_kmeans(weight.masked_fill(mask, 0), fisher.masked_fill(mask, 0), 3, init="uniform")
+    masked_centroids, _, _ = fisher_weighted_kmeans(
+        weight.masked_fill(mask, 0), fisher.masked_fill(mask, 0), 3, init="uniform"
+    )
     for row in range(4):
         keep = ~mask[row]
         deleted, _, _ = fisher_weighted_kmeans(weight[row, keep][None], fisher[row, keep][None], 3, init="uniform")
@@ -266,8 +274,15 @@ def tiny_model(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)
     return model
@@ -292,7 +307,9 @@ def test_fisher_is_the_sum_of_per_sample_squared_gradients():
             batch_sum[name] += grad
     for name in modules:
         assert torch.allclose(fisher[name], per_sample[name], rtol=1e-5, atol=1e-12)
-        assert not torch.allclose(fisher[name], batch_sum[name].square(), rtol=1e-2)  # squaring a batch gradient is wrong
+        assert not torch.allclose(
+            fisher[name], batch_sum[name].square(), rtol=1e-2
+        )  # squaring a batch gradient is wrong
         assert (fisher[name] >= 0).all() and fisher[name].dtype == torch.float32
 
 
@@ -314,7 +331,9 @@ def test_fisher_is_zero_where_the_loss_does_not_depend_on_a_weight():
     mlp = model.model.layers[0].mlp
     mlp.down_proj.weight.data[:, 7] = 0  # intermediate channel 7 is never read
     tokens = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(1))
-    fisher = fisher_diagonal(WholeModelContext(model), {"gate": mlp.gate_proj, "up": mlp.up_proj}, tokens, torch.device("cpu"))
+    fisher = fisher_diagonal(
+        WholeModelContext(model), {"gate": mlp.gate_proj, "up": mlp.up_proj}, tokens, torch.device("cpu")
+    )
     for name in ("gate", "up"):
         assert torch.equal(fisher[name][7], torch.zeros(64))
         assert (fisher[name].sum(1) > 0).sum() == 95
@@ -333,8 +352,15 @@ def test_fisher_through_the_blockwise_runner_equals_plain_autograd(tiny_llama):
     reference.requires_grad_(False)
     names = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"]
     tokens = torch.randint(0, 320, (3, 20), generator=torch.Generator().manual_seed(2))
-    expected = fisher_diagonal(WholeModelContext(reference), {n: reference.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
-    got = fisher_diagonal(BlockwiseModel(handle, "cpu", offloaded=True), {n: handle.model.get_submodule(n) for n in names}, tokens, torch.device("cpu"))
+    expected = fisher_diagonal(
+        WholeModelContext(reference), {n: reference.get_submodule(n) for n in names}, tokens, torch.device("cpu")
+    )
+    got = fisher_diagonal(
+        BlockwiseModel(handle, "cpu", offloaded=True),
+        {n: handle.model.get_submodule(n) for n in names},
+        tokens,
+        torch.device("cpu"),
+    )
     for name in names:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-12)
 
@@ -387,24 +413,32 @@ def test_export_loads_in_transformers_with_the_reference_logits(tiny_llama, cali
 
     from compressor import Recipe, apply
     from compressor.export import load_quantized_model
-    from compressor.modules.linear import QuantizedLinear
+    from compressor.modules.linear import QuantizedLinear, dequantize_model_
     from compressor.validate import validate_model
-    from compressor.modules.linear import dequantize_model_
 
-    recipe = Recipe.from_dict({
-        "calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 32},
-        "steps": [{"squeezellm": {"bits": 3, "sensitive_percent": 0.05, "outlier_percent": 0.4, "iterations": 10}}],
-    })
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 32},
+            "steps": [{"squeezellm": {"bits": 3, "sensitive_percent": 0.05, "outlier_percent": 0.4, "iterations": 10}}],
+        }
+    )
     out = tmp_path / "out"
     report = apply(recipe, tiny_llama, out, progress=False)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressor" and config["format"] == "lut" and config["outliers"] is True
     assert config["ignore"] == ["lm_head"] and len(config["modules"]) == 14
-    assert config["modules"]["model.layers.1.mlp.down_proj"] == {"kind": "lut", "bits": 3, "outliers": round(128 * 384 * 0.0005) + round(128 * 384 * 0.004)}
+    assert config["modules"]["model.layers.1.mlp.down_proj"] == {
+        "kind": "lut",
+        "bits": 3,
+        "outliers": round(128 * 384 * 0.0005) + round(128 * 384 * 0.004),
+    }
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight_lut").dtype == torch.float16
-    assert "model.layers.0.self_attn.q_proj.weight" not in names and "model.layers.0.self_attn.q_proj.weight_outlier_crow" in names
+    assert (
+        "model.layers.0.self_attn.q_proj.weight" not in names
+        and "model.layers.0.self_attn.q_proj.weight_outlier_crow" in names
+    )
     fisher_row = next(row for row in report.rows if row["module"] == "fisher")
     assert fisher_row["samples"] == 3 and fisher_row["peak_rss_gib"] > 0
 
@@ -437,10 +471,14 @@ def test_fisher_in_several_passes_gives_the_one_pass_checkpoint(tiny_llama, cali
     from compressor import Recipe, apply
 
     def run(passes):
-        recipe = Recipe.from_dict({
-            "calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 32},
-            "steps": [{"squeezellm": {"bits": 3, "iterations": 10, "fisher_passes": passes, "outlier_percent": 0.5}}],
-        })
+        recipe = Recipe.from_dict(
+            {
+                "calibration": {"dataset": calibration_file, "samples": 3, "seq_len": 32},
+                "steps": [
+                    {"squeezellm": {"bits": 3, "iterations": 10, "fisher_passes": passes, "outlier_percent": 0.5}}
+                ],
+            }
+        )
         report = apply(recipe, tiny_llama, tmp_path / f"out{passes}", progress=False, offload=offload)
         return report, load_file(tmp_path / f"out{passes}" / "model.safetensors")
 
@@ -454,15 +492,24 @@ def test_fisher_in_several_passes_gives_the_one_pass_checkpoint(tiny_llama, cali
         assert torch.equal(one[name], two[name]) and torch.equal(one[name], many[name]), name
 
 
-def test_accumulators_that_do_not_fit_fail_before_the_fisher_with_the_passes_to_set(tiny_llama, calibration_file, tmp_path, monkeypatch):
+def test_accumulators_that_do_not_fit_fail_before_the_fisher_with_the_passes_to_set(
+    tiny_llama, calibration_file, tmp_path, monkeypatch
+):
     import compressor.report
     from compressor import Recipe, apply
 
-    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
-                               "steps": [{"squeezellm": {"bits": 3, "iterations": 2}}]})
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16},
+            "steps": [{"squeezellm": {"bits": 3, "iterations": 2}}],
+        }
+    )
     one_block = 4 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 384 * 128)  # fp32 accumulators of q, o, k, v, gate, up, down
     monkeypatch.setattr(compressor.report, "free_memory", lambda device: int(1.5 * one_block))
-    with pytest.raises(ValueError, match=r"<recipe>: steps\[0\]\.squeezellm\.fisher_passes: one Fisher pass needs .* set fisher_passes: 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"<recipe>: steps\[0\]\.squeezellm\.fisher_passes: one Fisher pass needs .* set fisher_passes: 2",
+    ):
         apply(recipe, tiny_llama, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(compressor.report, "free_memory", lambda device: one_block // 2)
@@ -476,7 +523,9 @@ def test_codebooks_are_exported_in_the_dtype_they_were_quantized_to():
     from compressor.modules.linear import QuantizedLinear
 
     weight, fisher = rows_of("gaussian", 8, 64, 13), fisher_of((8, 64), 13)
-    module = QuantizedLinear(quantize_squeezellm(weight, fisher, 3, outlier_percent=2.0, iterations=3)).to(torch.float32)
+    module = QuantizedLinear(quantize_squeezellm(weight, fisher, 3, outlier_percent=2.0, iterations=3)).to(
+        torch.float32
+    )
     assert module.lut.dtype == torch.float32
     stored = module.stored_weight
     assert stored.lut.dtype == stored.outlier_val.dtype == torch.float16 and stored.codes.dtype == torch.uint8
@@ -495,9 +544,14 @@ def test_uniform_and_lut_weights_cannot_share_a_native_checkpoint(tmp_path):
     block = nn.Module()
     block.a = QuantizedLinear(quantize_uniform(weight, 4, 32, True, torch.float16))
     block.b = QuantizedLinear(quantize_squeezellm(weight, fisher, 4, iterations=3))
-    with pytest.raises(ExportError, match=r"block\.b: 'lut' weights \(compressor\) cannot share one checkpoint with the compressed-tensors weights"):
+    with pytest.raises(
+        ExportError,
+        match=r"block\.b: 'lut' weights \(compressor\) cannot share one checkpoint with the compressed-tensors weights",
+    ):
         CheckpointWriter(tmp_path, ExportConfig(), torch.float16).write_module("block", block)
-    with pytest.raises(ExportError, match=r"block\.a: no checkpoint format for 'uniform' weights in export format 'compressor'"):
+    with pytest.raises(
+        ExportError, match=r"block\.a: no checkpoint format for 'uniform' weights in export format 'compressor'"
+    ):
         CheckpointWriter(tmp_path, ExportConfig(format="compressor"), torch.float16).write_module("block", block)
 
 
@@ -542,6 +596,7 @@ def test_on_the_demo_model_squeezellm_beats_rtn_and_the_rescale_helps(demo_setup
     the plain k-means KL (measured 0.64x here, 0.63x over three seeds in the ablation benchmark).
     k-means runs 10 iterations instead of the step's 50, a quarter of the time for the same ratios
     (50 iterations: 0.68x and 0.65x)."""
+
     def rtn(bits, group_size):
         return lambda w, f: quantize_uniform(w, bits, group_size, symmetric=False, scale_dtype=torch.float16)
 

@@ -14,14 +14,14 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from compressor import Recipe, apply
 from compressor.arch import adapter_for
-from compressor.arch.swiftkv.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM, Qwen2SwiftKVForCausalLM
 from compressor.arch.swiftkv import kv_cache_bytes, swiftkv_config
+from compressor.arch.swiftkv.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM, Qwen2SwiftKVForCausalLM
 from compressor.blockwise import BlockwiseModel
 from compressor.errors import StepError
 from compressor.export import load_quantized_model
 from compressor.lowrank.swiftkv import SwiftKVCarryLayer, initialise_swiftkv, kv_cache_layers, kv_cache_reduction
-from compressor.testing import random_config
 from compressor.modules.linear import QuantizedLinear
+from compressor.testing import random_config
 
 CLASSES = {"llama": LlamaSwiftKVForCausalLM, "qwen2": Qwen2SwiftKVForCausalLM}
 
@@ -29,7 +29,14 @@ CLASSES = {"llama": LlamaSwiftKVForCausalLM, "qwen2": Qwen2SwiftKVForCausalLM}
 def sensitive_base(arch="llama", layers=4, seed=0):
     """A random model whose weights are large enough that every path changes the logits visibly."""
     torch.manual_seed(seed)
-    config = random_config(arch, num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    config = random_config(
+        arch,
+        num_hidden_layers=layers,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -55,7 +62,9 @@ def swiftkv_of(base, first, group=1, init=True, seed=1):
             parameter.copy_(torch.randn_like(parameter) / (parameter.shape[-1] ** 0.5 if parameter.dim() == 2 else 10))
         if init and first < config.num_hidden_layers:
             model.model.norm_swiftkv.weight.copy_(model.model.layers[first].input_layernorm.weight)
-            initialise_swiftkv({i: model.model.layers[i].self_attn for i in range(first, config.num_hidden_layers)}, config)
+            initialise_swiftkv(
+                {i: model.model.layers[i].self_attn for i in range(first, config.num_hidden_layers)}, config
+            )
     return model
 
 
@@ -89,7 +98,10 @@ def test_layers_before_m_see_the_base_model_streams():
     seen = {}
     # h_M: what the base's layer M receives, and what SwiftKV normalises for every upper layer's keys and values
     for name, module in (("base", base.model.layers[2]), ("swiftkv", model.model.norm_swiftkv)):
-        hook = module.register_forward_pre_hook(lambda mod, args, kw, name=name: seen.__setitem__(name, (args or (kw["hidden_states"],))[0]), with_kwargs=True)
+        hook = module.register_forward_pre_hook(
+            lambda mod, args, kw, name=name: seen.__setitem__(name, (args or (kw["hidden_states"],))[0]),
+            with_kwargs=True,
+        )
         logits(base if name == "base" else model, ids())
         hook.remove()
     assert torch.equal(seen["base"], seen["swiftkv"])  # h_M: the stream SwiftKV takes keys and values from
@@ -111,7 +123,10 @@ def test_acrosskv_initialises_leaders_with_the_group_mean_and_stores_one_entry_p
     layers = model.model.layers
     for leader in (2, 4):
         for role in ("k_proj", "v_proj"):
-            mean = (getattr(base.model.layers[leader].self_attn, role).weight + getattr(base.model.layers[leader + 1].self_attn, role).weight) / 2
+            mean = (
+                getattr(base.model.layers[leader].self_attn, role).weight
+                + getattr(base.model.layers[leader + 1].self_attn, role).weight
+            ) / 2
             assert torch.allclose(getattr(layers[leader].self_attn, f"{role}_swiftkv").weight, mean)
         assert not hasattr(layers[leader + 1].self_attn, "k_proj_swiftkv")
     cache, base_cache = DynamicCache(config=model.config), DynamicCache(config=base.config)
@@ -119,7 +134,9 @@ def test_acrosskv_initialises_leaders_with_the_group_mean_and_stores_one_entry_p
     with torch.no_grad():
         model(tokens, cache=cache, use_cache=True)
         base(tokens, cache=base_cache, use_cache=True)
-    filled = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    filled = [
+        i for i, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None and layer.keys.numel()
+    ]
     assert filled == [0, 1, 2, 4]
     assert len(filled) == kv_cache_layers(6, 2, 2)
     assert kv_cache_bytes(cache) == pytest.approx(kv_cache_bytes(base_cache) * (1 - kv_cache_reduction(6, 2, 2)))
@@ -169,7 +186,12 @@ def test_left_padded_batch_matches_each_prompt_alone():
     model = swiftkv_of(sensitive_base(), 2, init=False)
     short, long = ids(batch=1, length=6, seed=3), ids(batch=1, length=9, seed=4)
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
-    mask = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1), torch.ones(1, 9, dtype=torch.long)])
+    mask = torch.cat(
+        [
+            torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1),
+            torch.ones(1, 9, dtype=torch.long),
+        ]
+    )
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     together = logits(model, batch, attention_mask=mask, position_ids=positions, logits_to_keep=1)
     assert (together[0, -1] - logits(model, short)[0, -1]).abs().max() < 1e-4
@@ -187,7 +209,9 @@ def carried(swiftkv_model, base):
     norm = copy.deepcopy(swiftkv_model.model.norm_swiftkv)
     model.model.norm_swiftkv = norm
     for index in range(config.num_key_value_layers, config.num_hidden_layers):
-        model.model.layers[index] = SwiftKVCarryLayer(copy.deepcopy(swiftkv_model.model.layers[index]), config, index, norm)
+        model.model.layers[index] = SwiftKVCarryLayer(
+            copy.deepcopy(swiftkv_model.model.layers[index]), config, index, norm
+        )
     return model
 
 
@@ -196,7 +220,9 @@ def test_block_by_block_forward_and_gradients_equal_the_model_level_ones(group):
     base = sensitive_base(layers=6)
     reference = swiftkv_of(base, 2, group=group, init=False)
     model = carried(reference, base)
-    handle = types.SimpleNamespace(adapter=adapter_for(base.config), base_model=model.model, model=model, blocks=model.model.layers)
+    handle = types.SimpleNamespace(
+        adapter=adapter_for(base.config), base_model=model.model, model=model, blocks=model.model.layers
+    )
     runner = BlockwiseModel(handle, "cpu")
     tokens = ids(length=10)
     assert (runner.logits(tokens) - logits(reference, tokens)).abs().max() < 1e-5
@@ -223,8 +249,12 @@ def test_block_by_block_forward_and_gradients_equal_the_model_level_ones(group):
 
 def swiftkv_recipe(calibration, **settings):
     settings = {"epochs": 2, "lr": 3e-3, "batch_size": 2, **settings}
-    return Recipe.from_dict({"calibration": {"dataset": calibration, "samples": 10, "seq_len": 32, "seed": 0},
-                             "steps": [{"swiftkv": settings}]})
+    return Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration, "samples": 10, "seq_len": 32, "seed": 0},
+            "steps": [{"swiftkv": settings}],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -252,12 +282,15 @@ def test_export_has_the_released_layout_and_loads_three_ways(demo_swiftkv):
         with safe_open(demo_model_dir() / "model.safetensors", "pt") as g:
             assert all(torch.equal(f.get_tensor(n), g.get_tensor(n)) for n in g.keys())  # base weights kept, unchanged
     assert {n for n in names if "swiftkv" in n} == {
-        "model.norm_swiftkv.weight", *(f"model.layers.{l}.self_attn.q_proj_swiftkv.weight" for l in (4, 5)),
+        "model.norm_swiftkv.weight",
+        *(f"model.layers.{l}.self_attn.q_proj_swiftkv.weight" for l in (4, 5)),
         *(f"model.layers.4.self_attn.{r}_proj_swiftkv.weight" for r in "kv"),
     }
     tokens = ids(length=24, vocab=4096)
     ours = logits(load_quantized_model(out), tokens)  # our loader, no remote code
-    plain = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), tokens)  # registered by import compressor
+    plain = logits(
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), tokens
+    )  # registered by import compressor
     assert torch.allclose(ours, plain, atol=1e-5)
     script = (
         "import sys, torch; assert 'compressor' not in sys.modules\n"
@@ -278,9 +311,14 @@ def test_check_says_which_engines_serve_swiftkv_exports(demo_swiftkv):
     by_engine = {v.engine: v for v in check_checkpoint(out) if "SwiftKV" in v.part}
     assert by_engine["transformers"].loads
     assert not by_engine["vllm"].loads and "key_value_group_size 1" in by_engine["vllm"].how  # AcrossKV: not the plugin
-    single = {v.engine: v.loads for v in verdicts({"model_type": "llama_swiftkv", "num_key_value_layers": 3, "key_value_group_size": 1})}
+    single = {
+        v.engine: v.loads
+        for v in verdicts({"model_type": "llama_swiftkv", "num_key_value_layers": 3, "key_value_group_size": 1})
+    }
     assert single == {"vllm": True, "transformers": True}
-    assert not any(v.loads for v in verdicts({"model_type": "qwen2_swiftkv", "key_value_group_size": 1}) if v.engine == "vllm")
+    assert not any(
+        v.loads for v in verdicts({"model_type": "qwen2_swiftkv", "key_value_group_size": 1}) if v.engine == "vllm"
+    )
 
 
 def test_distillation_lowers_the_heldout_kl_and_trains_only_the_new_tensors(demo_swiftkv):
@@ -294,26 +332,40 @@ def test_distillation_lowers_the_heldout_kl_and_trains_only_the_new_tensors(demo
 
 
 def test_swiftkv_then_rtn_quantizes_the_new_projections_and_loads(tmp_path, calibration_file, tiny_models):
-    recipe = Recipe.from_dict({"calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 32, "seed": 0},
-                               "steps": [{"swiftkv": {"epochs": 1, "batch_size": 2}}, {"rtn": {"bits": 8, "group_size": 32}}]})
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 32, "seed": 0},
+            "steps": [{"swiftkv": {"epochs": 1, "batch_size": 2}}, {"rtn": {"bits": 8, "group_size": 32}}],
+        }
+    )
     apply(recipe, tiny_models["qwen2"], tmp_path / "out", progress=False)
     model = load_quantized_model(tmp_path / "out")
     attention = model.model.layers[1].self_attn
     assert type(model).__name__ == "Qwen2SwiftKVForCausalLM"
-    assert all(isinstance(getattr(attention, n), QuantizedLinear) for n in ("q_proj_swiftkv", "k_proj_swiftkv", "v_proj_swiftkv"))
+    assert all(
+        isinstance(getattr(attention, n), QuantizedLinear)
+        for n in ("q_proj_swiftkv", "k_proj_swiftkv", "v_proj_swiftkv")
+    )
     assert attention.q_proj_swiftkv.bias is not None
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)  # dequantized by transformers
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=torch.float32
+    )  # dequantized by transformers
     tokens = ids(length=16)
     assert torch.isfinite(logits(model, tokens)).all()
     assert (logits(model, tokens) - logits(reference, tokens)).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("settings, key", [
-    ({"num_key_value_layers": 3}, "num_key_value_layers"),  # tiny models have 2 layers
-    ({"num_key_value_layers": 0}, "num_key_value_layers"),
-    ({"num_key_value_layers": 1, "key_value_group_size": 2}, "key_value_group_size"),
-])
-def test_bad_layer_counts_stop_with_one_line_errors_before_any_work(tmp_path, calibration_file, tiny_llama, settings, key):
+@pytest.mark.parametrize(
+    "settings, key",
+    [
+        ({"num_key_value_layers": 3}, "num_key_value_layers"),  # tiny models have 2 layers
+        ({"num_key_value_layers": 0}, "num_key_value_layers"),
+        ({"num_key_value_layers": 1, "key_value_group_size": 2}, "key_value_group_size"),
+    ],
+)
+def test_bad_layer_counts_stop_with_one_line_errors_before_any_work(
+    tmp_path, calibration_file, tiny_llama, settings, key
+):
     with pytest.raises(Exception) as caught:
         recipe = swiftkv_recipe(calibration_file, **settings)
         apply(recipe, tiny_llama, tmp_path / "out", progress=False)
@@ -329,17 +381,22 @@ def test_unsupported_family_is_refused(tmp_path, calibration_file, tiny_models):
         apply(swiftkv_recipe(calibration_file), tiny_models["qwen3"], tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("first_import", [
-    "from compressor.lowrank.swiftkv import SwiftKV",
-    "from compressor.arch.swiftkv.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM",
-    "import transformers; from compressor import apply",
-    "from transformers import AutoModelForCausalLM; import compressor",
-])
+@pytest.mark.parametrize(
+    "first_import",
+    [
+        "from compressor.lowrank.swiftkv import SwiftKV",
+        "from compressor.arch.swiftkv.modeling_llama_swiftkv import LlamaSwiftKVForCausalLM",
+        "import transformers; from compressor import apply",
+        "from transformers import AutoModelForCausalLM; import compressor",
+    ],
+)
 def test_swiftkv_models_register_whatever_is_imported_first(first_import):
     """The registration waits for our own half-imported modeling module too (it imports the
     transformers table whose import triggers the registration)."""
-    script = (f"{first_import}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
-              "config = AutoConfig.for_model('llama_swiftkv')\n"
-              "assert type(config).__name__ == 'LlamaSwiftKVConfig', config\n"
-              "assert AutoModelForCausalLM._model_mapping[type(config)].__name__ == 'LlamaSwiftKVForCausalLM'\n")
+    script = (
+        f"{first_import}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+        "config = AutoConfig.for_model('llama_swiftkv')\n"
+        "assert type(config).__name__ == 'LlamaSwiftKVConfig', config\n"
+        "assert AutoModelForCausalLM._model_mapping[type(config)].__name__ == 'LlamaSwiftKVForCausalLM'\n"
+    )
     subprocess.run([sys.executable, "-c", script], check=True)

@@ -38,7 +38,9 @@ def truncated_demo(tmp_path):
 
 
 def test_a_truncated_checkpoint_is_one_line_from_apply_and_eval(truncated_demo, tmp_path):
-    applied = CliRunner().invoke(main, ["apply", str(ROOT / "recipes" / "rtn-w4.yaml"), str(truncated_demo), "-o", str(tmp_path / "out")])
+    applied = CliRunner().invoke(
+        main, ["apply", str(ROOT / "recipes" / "rtn-w4.yaml"), str(truncated_demo), "-o", str(tmp_path / "out")]
+    )
     line = one_line_error(applied)
     assert f"{truncated_demo / 'model.safetensors'}: not a readable safetensors file" in line and "incomplete" in line
     evaluated = CliRunner().invoke(main, ["eval", str(truncated_demo), "--max-windows", "1"])
@@ -52,7 +54,9 @@ def test_a_group_size_the_model_cannot_take_stops_before_any_work(tmp_path):
     recipe.write_text("steps:\n  - rtn: {group_size: 96}\n")
     result = CliRunner().invoke(main, ["apply", str(recipe), "demo", "-o", str(tmp_path / "out")])  # progress on
     line = one_line_error(result)
-    assert line.startswith(f"error: {recipe}: steps[0].rtn.group_size: model.layers.0.self_attn.q_proj: in_features 256")
+    assert line.startswith(
+        f"error: {recipe}: steps[0].rtn.group_size: model.layers.0.self_attn.q_proj: in_features 256"
+    )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
@@ -85,7 +89,10 @@ def test_an_internal_error_in_a_step_is_one_line_naming_the_step(registered, mon
     path.write_text("steps: [rtn, broken]\n")
     result = CliRunner().invoke(main, ["apply", str(path), "demo", "-o", str(tmp_path / "out"), "--quiet"])
     line = one_line_error(result, code=1)
-    assert line.startswith(f"error: {path}: steps[1].broken: TypeError: unsupported operand") and "COMPRESSOR_DEBUG=1" in line
+    assert (
+        line.startswith(f"error: {path}: steps[1].broken: TypeError: unsupported operand")
+        and "COMPRESSOR_DEBUG=1" in line
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -96,8 +103,22 @@ def test_sigterm_removes_the_partial_output_and_abandoned_ones_are_cleaned(tmp_p
     recipe = tmp_path / "slow.yaml"
     recipe.write_text("calibration: {samples: 64, seq_len: 256}\nsteps:\n  - efficientqat_block_ap: {epochs: 20}\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-c", "from compressor.cli import main; main()", "apply", str(recipe), "demo",
-                                "-o", str(out), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from compressor.cli import main; main()",
+            "apply",
+            str(recipe),
+            "demo",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     partial = tmp_path / f".out.partial-{process.pid}"
     while not partial.exists() and time.monotonic() < deadline and process.poll() is None:
@@ -117,8 +138,12 @@ def test_progress_in_a_log_is_plain_lines_with_the_numbers():
             progress.update(loss=loss)
     lines = stream.getvalue().splitlines()
     assert lines[0] == "efficientqat_e2e_qp: training: started, 0/4 step"
-    assert lines[1].startswith("efficientqat_e2e_qp: training: 1/4 step, 0:00, ") and lines[1].endswith("left, loss 0.5")
-    assert lines[-1].startswith("efficientqat_e2e_qp: training: done, 4/4 step, 0:00") and lines[-1].endswith("loss 0.2")
+    assert lines[1].startswith("efficientqat_e2e_qp: training: 1/4 step, 0:00, ") and lines[1].endswith(
+        "left, loss 0.5"
+    )
+    assert lines[-1].startswith("efficientqat_e2e_qp: training: done, 4/4 step, 0:00") and lines[-1].endswith(
+        "loss 0.2"
+    )
     assert "\r" not in stream.getvalue()
     quiet = io.StringIO()
     with Progress(4, "x", enabled=False, stream=quiet) as progress:
@@ -128,8 +153,10 @@ def test_progress_in_a_log_is_plain_lines_with_the_numbers():
 
 def test_apply_shows_each_phase_in_a_log(tmp_path, calibration_file):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"calibration: {{dataset: {calibration_file}, samples: 4, seq_len: 32}}\n"
-                      "steps:\n  - rtn: {bits: 4, group_size: 32}\n  - efficientqat_e2e_qp: {batch_size: 2, micro_batch_size: 2, epochs: 2}\n")
+    recipe.write_text(
+        f"calibration: {{dataset: {calibration_file}, samples: 4, seq_len: 32}}\n"
+        "steps:\n  - rtn: {bits: 4, group_size: 32}\n  - efficientqat_e2e_qp: {batch_size: 2, micro_batch_size: 2, epochs: 2}\n"
+    )
     from compressor.testing import make_random_model
 
     model = make_random_model("llama", tmp_path / "tiny")

@@ -44,7 +44,9 @@ class ArchAdapter:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     linears: dict = field(default_factory=lambda: dict(LLAMA_LINEARS))
-    norms: dict = field(default_factory=lambda: {"input": "input_layernorm", "post_attention": "post_attention_layernorm"})
+    norms: dict = field(
+        default_factory=lambda: {"input": "input_layernorm", "post_attention": "post_attention_layernorm"}
+    )
     qk_norms: dict = field(default_factory=dict)
     # which linears (roles) read each norm's output (norm role): what a norm-folding transform changes together
     norm_inputs: dict = field(default_factory=lambda: {"input": ("q", "k", "v"), "post_attention": ("gate", "up")})
@@ -84,7 +86,10 @@ def adapter_for(config) -> ArchAdapter:
 
 def norm_linear_groups(adapter: ArchAdapter) -> dict[str, tuple[str, ...]]:
     """Norm path in the block -> paths of the linears that read its output (QLLM, SmoothQuant-like folds)."""
-    return {adapter.norms[norm]: tuple(adapter.linears[role] for role in roles) for norm, roles in adapter.norm_inputs.items()}
+    return {
+        adapter.norms[norm]: tuple(adapter.linears[role] for role in roles)
+        for norm, roles in adapter.norm_inputs.items()
+    }
 
 
 @dataclass
@@ -105,7 +110,9 @@ class ExportArchitecture:
         """The export of ``config``, whose ``model_type`` must be a row of ``shipped.SHIPPED``."""
         shipped = shipped_for(config.model_type)
         if shipped is None:
-            raise ValueError(f"model_type {config.model_type!r} is not a shipped architecture (compressor/arch/shipped.py)")
+            raise ValueError(
+                f"model_type {config.model_type!r} is not a shipped architecture (compressor/arch/shipped.py)"
+            )
         return cls(config, shipped.modeling_sources(), shipped.auto_map(config.model_type))
 
 
@@ -132,8 +139,10 @@ def block_linears(adapter: ArchAdapter, block: nn.Module) -> dict[str, nn.Module
     modules = dict(block.named_modules())
     missing = [path for path in adapter.linears.values() if path not in modules]
     linears = {
-        path: module for path, module in modules.items()
-        if isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "tensor_names"))
+        path: module
+        for path, module in modules.items()
+        if isinstance(module, nn.Linear)
+        or (hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "tensor_names"))
     }
     if not missing:
         canonical = {path: modules[path] for path in adapter.linears.values()}

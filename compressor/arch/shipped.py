@@ -30,7 +30,9 @@ class ShippedArchitecture:
     package: str  # the package beside this file
     model_types: dict[str, str]  # model_type of its checkpoints -> the base family's model_type
     modeling_files: tuple[str, ...] = ()
-    classes: dict[str, tuple[str, str]] = field(default_factory=dict)  # model_type -> ("file.Config", "file.ForCausalLM")
+    classes: dict[str, tuple[str, str]] = field(
+        default_factory=dict
+    )  # model_type -> ("file.Config", "file.ForCausalLM")
     compressible: bool = False
 
     def modeling_sources(self) -> dict[str, str]:
@@ -58,7 +60,9 @@ class ShippedArchitecture:
         from transformers import AutoModelForCausalLM
 
         for config_class, model_class in self.classes.values():
-            AutoModelForCausalLM.register(self.shipped_class(config_class), self.shipped_class(model_class), exist_ok=True)
+            AutoModelForCausalLM.register(
+                self.shipped_class(config_class), self.shipped_class(model_class), exist_ok=True
+            )
 
 
 SHIPPED = (
@@ -71,13 +75,24 @@ SHIPPED = (
         model_types={"llama_swiftkv": "llama", "qwen2_swiftkv": "qwen2"},
         modeling_files=("configuration_llama_swiftkv.py", "modeling_llama_swiftkv.py"),
         classes={
-            "llama_swiftkv": ("configuration_llama_swiftkv.LlamaSwiftKVConfig", "modeling_llama_swiftkv.LlamaSwiftKVForCausalLM"),
-            "qwen2_swiftkv": ("configuration_llama_swiftkv.Qwen2SwiftKVConfig", "modeling_llama_swiftkv.Qwen2SwiftKVForCausalLM"),
+            "llama_swiftkv": (
+                "configuration_llama_swiftkv.LlamaSwiftKVConfig",
+                "modeling_llama_swiftkv.LlamaSwiftKVForCausalLM",
+            ),
+            "qwen2_swiftkv": (
+                "configuration_llama_swiftkv.Qwen2SwiftKVConfig",
+                "modeling_llama_swiftkv.Qwen2SwiftKVForCausalLM",
+            ),
         },
     ),
     ShippedArchitecture(  # MoDeGPT's sliced layers: per-layer widths of the base family
         package="modegpt",
-        model_types={"modegpt_llama": "llama", "modegpt_mistral": "mistral", "modegpt_qwen2": "qwen2", "modegpt_qwen3": "qwen3"},
+        model_types={
+            "modegpt_llama": "llama",
+            "modegpt_mistral": "mistral",
+            "modegpt_qwen2": "qwen2",
+            "modegpt_qwen3": "qwen3",
+        },
         modeling_files=("modeling_modegpt.py",),
         classes={
             "modegpt_llama": ("modeling_modegpt.ModeGPTLlamaConfig", "modeling_modegpt.ModeGPTLlamaForCausalLM"),

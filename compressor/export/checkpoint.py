@@ -22,8 +22,7 @@ from torch import nn
 
 from compressor.declaration import ExportDeclaration
 from compressor.errors import UserError
-from compressor.export import gptq
-from compressor.export import native
+from compressor.export import gptq, native
 from compressor.export.codecs import codec_for
 from compressor.export.shards import ShardWriter
 from compressor.modules.linear import QuantizedLinear
@@ -31,8 +30,15 @@ from compressor.modules.linear import QuantizedLinear
 FORMAT_VERSION = "compressor-export-v1"
 # Travels unchanged from the input model: tokenizer and generation settings.
 COPIED_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
 )
 
 
@@ -125,16 +131,26 @@ class CheckpointWriter:
         self.quantized_bits += weight.shape[0] * weight.shape[1] * weight.bits_per_weight()
         if self.format == "dense":
             if module.quantizes_inputs:
-                raise ExportError(f"{name}: its inputs are quantized or channel-mapped, which export format 'dense' cannot record; use 'auto'")
+                raise ExportError(
+                    f"{name}: its inputs are quantized or channel-mapped, which export format 'dense' cannot record; use 'auto'"
+                )
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
         codec = codec_for(weight, self.format, module.quantizes_inputs)
         if codec is None:
-            why = f" ({gptq.shape_problem(weight)})" if self.format == gptq.QUANT_METHOD and gptq.shape_problem(weight) else ""
-            raise ExportError(f"{name}: no checkpoint format for '{weight.kind}' weights in export format '{self.format}'{why}")
+            why = (
+                f" ({gptq.shape_problem(weight)})"
+                if self.format == gptq.QUANT_METHOD and gptq.shape_problem(weight)
+                else ""
+            )
+            raise ExportError(
+                f"{name}: no checkpoint format for '{weight.kind}' weights in export format '{self.format}'{why}"
+            )
         if self.codec is not None and codec is not self.codec:
-            raise ExportError(f"{name}: '{weight.kind}' weights ({codec.QUANT_METHOD}) cannot share one checkpoint with the "
-                              f"{self.codec.QUANT_METHOD} weights before them; use export format 'dense'")
+            raise ExportError(
+                f"{name}: '{weight.kind}' weights ({codec.QUANT_METHOD}) cannot share one checkpoint with the "
+                f"{self.codec.QUANT_METHOD} weights before them; use export format 'dense'"
+            )
         self.codec = codec
         self.entries[name] = codec.module_entry(weight)
         tensors = codec.to_tensors(weight, self.dtype)
@@ -166,7 +182,9 @@ class CheckpointWriter:
             "files": files,
             "size_bytes": sum((self.directory / f).stat().st_size for f in files),
             "quantized_parameters": self.quantized_parameters,
-            "bits_per_weight": round(self.quantized_bits / self.quantized_parameters, 4) if self.quantized_parameters else None,
+            "bits_per_weight": round(self.quantized_bits / self.quantized_parameters, 4)
+            if self.quantized_parameters
+            else None,
         }
         report.summary.update(summary)
         self.write_records(handle, recipe, report)
@@ -201,17 +219,23 @@ class CheckpointWriter:
         kv_cache = declared.kv_cache_entry()
         if kv_cache is not None:
             if self.codec is not None and self.codec is not native:
-                raise ExportError(f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "
-                                  "share its checkpoint (use export format 'dense', or quantize the weights with a native-format method)")
+                raise ExportError(
+                    f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "
+                    "share its checkpoint (use export format 'dense', or quantize the weights with a native-format method)"
+                )
             self.codec = native
         if self.attention and self.codec is not native:
-            raise ExportError(f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it for W+A layers)")
+            raise ExportError(
+                f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it for W+A layers)"
+            )
         if self.codec is not None:
             extra = {"attention": self.attention} if self.attention else {}
             try:
                 config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears, **extra)
             except ValueError as error:
-                raise ExportError(f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or 'dense'") from None
+                raise ExportError(
+                    f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or 'dense'"
+                ) from None
             if kv_cache is not None:
                 config.quantization_config["kv_cache"] = kv_cache
         return config

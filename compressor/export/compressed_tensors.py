@@ -34,8 +34,10 @@ def require_installed_version() -> None:
 
     installed = version("compressed-tensors")
     if _release(installed) < _release(CT_MIN_VERSION):
-        raise UserError(f"compressed-tensors {installed} is installed; exporting needs >= {CT_MIN_VERSION} "
-                        f"(pip install 'compressed-tensors>={CT_MIN_VERSION}')")
+        raise UserError(
+            f"compressed-tensors {installed} is installed; exporting needs >= {CT_MIN_VERSION} "
+            f"(pip install 'compressed-tensors>={CT_MIN_VERSION}')"
+        )
 
 
 def _release(text: str) -> tuple[int, ...]:
@@ -46,8 +48,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes [N, K] -> ct ``weight_packed``; rows pack independently, so a chunk at a time."""
     offset = 2 ** (bits - 1)
     chunks = [
-        pack_to_int32((codes[rows].to(torch.int16) - offset).to(torch.int8), bits)
-        for rows in row_chunks(*codes.shape)
+        pack_to_int32((codes[rows].to(torch.int16) - offset).to(torch.int8), bits) for rows in row_chunks(*codes.shape)
     ]
     return torch.cat(chunks)
 
@@ -114,7 +115,9 @@ def group_args_for(name: str, quantization_config: dict) -> dict:
     raise ValueError(f"{name}: has packed weights but matches no config group")
 
 
-def read_module(tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype) -> UniformWeight:
+def read_module(
+    tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype
+) -> UniformWeight:
     """Module ``name``'s value from its checkpoint tensors; scales in ``dtype``."""
     args = group_args_for(name, quantization_config)
     group_size = -1 if args["strategy"] == "channel" else args["group_size"]

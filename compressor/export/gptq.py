@@ -91,7 +91,10 @@ def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
     compressed-tensors' dense packing (``pack_to_int32`` of ``u - 2**(b-1)``), bit for bit the
     GPTQ word layout when C is a multiple of 32/b (of 32 at 3 bits)."""
     offset = 2 ** (bits - 1)
-    chunks = [pack_to_int32((values[rows].to(torch.int16) - offset).to(torch.int8), bits) for rows in row_chunks(*values.shape)]
+    chunks = [
+        pack_to_int32((values[rows].to(torch.int16) - offset).to(torch.int8), bits)
+        for rows in row_chunks(*values.shape)
+    ]
     return torch.cat(chunks)
 
 
@@ -110,7 +113,9 @@ def checkpoint_format_for(weight: UniformWeight) -> str:
     return "gptq" if weight.symmetric else "gptq_v2"
 
 
-def to_gptq_tensors(weight: UniformWeight, checkpoint_format: str = "gptq", scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def to_gptq_tensors(
+    weight: UniformWeight, checkpoint_format: str = "gptq", scale_dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
     problem = shape_problem(weight)
     if problem is not None:
         raise ValueError(f"no GPTQ layout for {problem}")
@@ -127,8 +132,9 @@ def to_gptq_tensors(weight: UniformWeight, checkpoint_format: str = "gptq", scal
     }
 
 
-def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool,
-                      checkpoint_format: str = "gptq") -> UniformWeight:
+def from_gptq_tensors(
+    tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool, checkpoint_format: str = "gptq"
+) -> UniformWeight:
     packed_k, n = tensors["qweight"].shape
     k = packed_k * 32 // bits
     if "g_idx" in tensors:
@@ -156,17 +162,28 @@ def supports(weight, quantized_inputs: bool = False) -> bool:
 
 
 def module_entry(weight: UniformWeight) -> dict:
-    return {"bits": weight.bits, "group_size": weight.group_size, "symmetric": weight.symmetric,
-            "checkpoint_format": checkpoint_format_for(weight)}
+    return {
+        "bits": weight.bits,
+        "group_size": weight.group_size,
+        "symmetric": weight.symmetric,
+        "checkpoint_format": checkpoint_format_for(weight),
+    }
 
 
 def to_tensors(weight: UniformWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return to_gptq_tensors(weight, checkpoint_format_for(weight), scale_dtype)
 
 
-def read_module(tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype) -> UniformWeight:
-    weight = from_gptq_tensors(tensors, quantization_config["bits"], quantization_config["group_size"],
-                               quantization_config["sym"], quantization_config.get("checkpoint_format", "gptq"))
+def read_module(
+    tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype
+) -> UniformWeight:
+    weight = from_gptq_tensors(
+        tensors,
+        quantization_config["bits"],
+        quantization_config["group_size"],
+        quantization_config["sym"],
+        quantization_config.get("checkpoint_format", "gptq"),
+    )
     weight.scales = weight.scales.to(dtype)
     return weight
 
@@ -210,8 +227,10 @@ def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
     if dense_in_blocks:
         mixed = sorted({block_suffix(name) for name in dense_in_blocks} & set(suffixes))
         if mixed:
-            raise ValueError(f"{', '.join(mixed)} is quantized in some blocks and dense in others, which optimum's "
-                             "modules_in_block_to_quantize cannot say")
+            raise ValueError(
+                f"{', '.join(mixed)} is quantized in some blocks and dense in others, which optimum's "
+                "modules_in_block_to_quantize cannot say"
+            )
         config["modules_in_block_to_quantize"] = [suffixes]
         config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in sorted(dense_in_blocks)}
     return config

@@ -31,15 +31,22 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from compressor.export import native
 from compressor import kvcache
+from compressor.export import native
 from compressor.modules.linear import QuantizedLinear, dequantize_model_
+
 
 class CompressorConfig(QuantizationConfigMixin):
     """``quantization_config`` of our native format; keeps every key it is given (see native.py)."""
 
-    def __init__(self, format: str = native.UNKINDED_ENTRY, version: int = native.FORMAT_VERSION, modules: dict | None = None,
-                 ignore: list | None = None, **kwargs):
+    def __init__(
+        self,
+        format: str = native.UNKINDED_ENTRY,
+        version: int = native.FORMAT_VERSION,
+        modules: dict | None = None,
+        ignore: list | None = None,
+        **kwargs,
+    ):
         self.quant_method = native.QUANT_METHOD
         self.format = format
         self.version = version
@@ -52,9 +59,13 @@ class CompressorConfig(QuantizationConfigMixin):
 
     def post_init(self):
         if self.version > native.FORMAT_VERSION:
-            raise ValueError(f"compressor checkpoint format version {self.version} is newer than this compressor reads ({native.FORMAT_VERSION}); upgrade compressor")
+            raise ValueError(
+                f"compressor checkpoint format version {self.version} is newer than this compressor reads ({native.FORMAT_VERSION}); upgrade compressor"
+            )
         if self.format not in native.FORMATS:
-            raise ValueError(f"compressor checkpoint format {self.format!r} is not supported (known: {', '.join(native.FORMATS)})")
+            raise ValueError(
+                f"compressor checkpoint format {self.format!r} is not supported (known: {', '.join(native.FORMATS)})"
+            )
 
 
 class CheckpointLinear(nn.Module):
@@ -65,13 +76,21 @@ class CheckpointLinear(nn.Module):
         self.entry = entry
         for name, spec in native.tensor_specs(entry, (out_features, in_features)).items():
             dtype = spec.dtype or float_dtype
-            self.register_parameter(name, nn.Parameter(torch.empty(spec.shape, dtype=dtype, device="meta"), requires_grad=False))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=float_dtype, device="meta"), requires_grad=False) if bias else None
+            self.register_parameter(
+                name, nn.Parameter(torch.empty(spec.shape, dtype=dtype, device="meta"), requires_grad=False)
+            )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=float_dtype, device="meta"), requires_grad=False)
+            if bias
+            else None
+        )
 
     def to_quantized(self, name: str) -> QuantizedLinear:
         tensors = {key: value.data for key, value in self.named_parameters() if key != "bias"}
         if any(t.is_meta for t in tensors.values()):
-            raise ValueError(f"{name}: the checkpoint lacks some of its tensors ({', '.join(k for k, t in tensors.items() if t.is_meta)})")
+            raise ValueError(
+                f"{name}: the checkpoint lacks some of its tensors ({', '.join(k for k, t in tensors.items() if t.is_meta)})"
+            )
         try:
             weight = native.from_tensors(tensors, self.entry)
         except ValueError as error:
@@ -96,7 +115,12 @@ class CompressorHfQuantizer(HfQuantizer):
                 raise ValueError(f"{name}: named in quantization_config.modules but not in the model") from None
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"{name}: expected a Linear module, found {type(linear).__name__}")
-            model.set_submodule(name, CheckpointLinear(entry, linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype))
+            model.set_submodule(
+                name,
+                CheckpointLinear(
+                    entry, linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype
+                ),
+            )
         return model
 
     def get_new_dtype(self, converter, param, dtype):

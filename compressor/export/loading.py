@@ -18,13 +18,15 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compressor.export.codecs import FORMATS
 from compressor import kvcache
+from compressor.export.codecs import FORMATS
 from compressor.model import safetensors_index
 from compressor.modules.linear import QuantizedLinear
 
 
-def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False):
+def load_quantized_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False
+):
     """A transformers model whose quantized linears are ``QuantizedLinear`` modules. Our shipped
     architectures (``compressor.arch.shipped``) load without remote code; another ``auto_map`` needs
     ``trust_remote_code=True``."""
@@ -62,8 +64,10 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.float32, d
         for module_name, tensors in by_module.items():
             if packed in tensors:
                 if codec is None:
-                    raise ValueError(f"{path}: {module_name} has packed weights, but quant_method "
-                                     f"{(quantization_config or {}).get('quant_method')!r} is none of {', '.join(FORMATS)}")
+                    raise ValueError(
+                        f"{path}: {module_name} has packed weights, but quant_method "
+                        f"{(quantization_config or {}).get('quant_method')!r} is none of {', '.join(FORMATS)}"
+                    )
                 values = {t: read(n) for t, n in tensors.items()}
                 weight = codec.read_module(values, quantization_config, module_name, dtype)
                 bias = values.get("bias")

@@ -39,7 +39,9 @@ def supports(weight, quantized_inputs: bool = False) -> bool:
 def entry_layout(entry: dict):
     kind = entry.get("kind", UNKINDED_ENTRY)
     if kind not in LAYOUTS:
-        raise ValueError(f"weight kind {kind!r} is not one this compressor reads ({', '.join(LAYOUTS)}); upgrade compressor")
+        raise ValueError(
+            f"weight kind {kind!r} is not one this compressor reads ({', '.join(LAYOUTS)}); upgrade compressor"
+        )
     return LAYOUTS[kind]
 
 
@@ -66,7 +68,9 @@ def from_tensors(tensors: dict[str, torch.Tensor], entry: dict):
     return entry_layout(entry).read(tensors, entry)
 
 
-def read_module(tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype | None = None):
+def read_module(
+    tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype | None = None
+):
     """Module ``name``'s value from its checkpoint tensors (LUTs keep their stored dtype)."""
     return from_tensors(tensors, quantization_config["modules"][name])
 

@@ -35,8 +35,18 @@ ONE = tl.constexpr(0x3F800000)  # fp32 bits of 1.0: (ONE | m << (23 - b)) read a
 
 
 @triton.jit
-def _load_plane(w_ptr, k0, offs_n, mask_n, rows_per_bit, N,
-                BITS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _load_plane(
+    w_ptr,
+    k0,
+    offs_n,
+    mask_n,
+    rows_per_bit,
+    N,
+    BITS: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The WIDTH-bit plane of the codes of K-tile [k0, k0 + BLOCK_K), shifted to its place in the
     code: the tile's packed words are loaded once ([BLOCK_K / PER_WORD, BLOCK_N]) and expanded."""
     PER_WORD: tl.constexpr = 32 // WIDTH
@@ -44,16 +54,18 @@ def _load_plane(w_ptr, k0, offs_n, mask_n, rows_per_bit, N,
     first_row = rows_per_bit * (BITS - (BITS & (2 * WIDTH - 1)))  # the wider planes come first
     rows = k0 // PER_WORD + tl.arange(0, ROWS)
     mask = (rows < rows_per_bit * WIDTH)[:, None] & mask_n[None, :]
-    words = tl.load(w_ptr + (first_row + rows)[:, None] * N + offs_n[None, :], mask=mask, other=0,
-                    eviction_policy="evict_first")
+    words = tl.load(
+        w_ptr + (first_row + rows)[:, None] * N + offs_n[None, :], mask=mask, other=0, eviction_policy="evict_first"
+    )
     shifts = tl.arange(0, PER_WORD) * WIDTH
     part = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WIDTH) - 1)
     return tl.reshape(part << (BITS & (WIDTH - 1)), (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
-def load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N,
-               BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def load_codes(
+    w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Unsigned codes [BLOCK_K, BLOCK_N] (int32) of K-tile k0 from the planes layout of ``packing.py``."""
     u = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
     if BITS & 8:
@@ -74,8 +86,22 @@ def no_table(meta_ptr, offs_n, mask_n, BITS: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def dequant_affine(u, offs_k, offs_n, mask_k, mask_n, k0, scale_ptr, zs_ptr, table, N,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, SCALE_ROW: tl.constexpr):
+def dequant_affine(
+    u,
+    offs_k,
+    offs_n,
+    mask_k,
+    mask_n,
+    k0,
+    scale_ptr,
+    zs_ptr,
+    table,
+    N,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ASYM: tl.constexpr,
+    SCALE_ROW: tl.constexpr,
+):
     """fp32 weights from codes: (u - 2**(BITS-1)) * s (symmetric) or u * s + zs (zs = -z * s)."""
     if SCALE_ROW:  # the whole K-tile lies in one group: one [1, BLOCK_N] row of metadata
         if GROUP > 0:
@@ -116,8 +142,9 @@ def scale_row(scale_ptr, zs_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, ASY
 
 
 @triton.jit
-def load_mantissas(w_ptr, k0, offs_n, mask_n, rows_per_bit, N,
-                   BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def load_mantissas(
+    w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """fp32 numbers 1 + u * 2**-BITS [BLOCK_K, BLOCK_N] for the codes u of K-tile k0: each plane's
     bits are shifted straight to the top of the mantissa under the exponent of 1.0 (0x3F800000), so a
     code costs a shift and a mask-or per plane, and no conversion or subtraction at all."""
@@ -125,13 +152,11 @@ def load_mantissas(w_ptr, k0, offs_n, mask_n, rows_per_bit, N,
     return (bits | ONE).to(tl.float32, bitcast=True)
 
 
-
 @triton.jit
 def store_output(out_ptr, bias_ptr, acc, offs_m, offs_n, mask, N, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
 
 
 INTERPRETED = type(load_codes).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import

@@ -24,9 +24,30 @@ from compressor.kernels.codes import affine_values, dequant_affine, load_codes, 
 
 
 @triton.jit
-def _uniform_rows(x_ptr, w_ptr, scale_ptr, zs_ptr, offs_m, mask_m, offs_n, mask_n, pid_k, SPLIT_K, K, N,
-                  rows_per_bit, stride_xm, stride_xk, BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+def _uniform_rows(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    zs_ptr,
+    offs_m,
+    mask_m,
+    offs_n,
+    mask_n,
+    pid_k,
+    SPLIT_K,
+    K,
+    N,
+    rows_per_bit,
+    stride_xm,
+    stride_xk,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ASYM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
     """The decode reduction on CUDA cores for uniform weights whose K-tiles lie inside one group.
 
     Per weight: a shift and a mask-or give v = 1 + u / 2**BITS (``load_mantissas``: no int->float
@@ -50,9 +71,12 @@ def _uniform_rows(x_ptr, w_ptr, scale_ptr, zs_ptr, offs_m, mask_m, offs_n, mask_
         g0 = unit * (TILES * BLOCK_K)
         if TILES == 1:  # reduce the tile's products directly (lets the compiler fuse them into FMAs)
             offs_k = g0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0,
-                        eviction_policy="evict_last").to(tl.float32)
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & (offs_k < K)[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            ).to(tl.float32)
             v = load_mantissas(w_ptr, g0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
             summed = tl.sum(x[:, :, None] * v[None, :, :], axis=1)
             x_sum = tl.sum(x, axis=1)[:, None]
@@ -62,9 +86,12 @@ def _uniform_rows(x_ptr, w_ptr, scale_ptr, zs_ptr, offs_m, mask_m, offs_n, mask_
             for tile in tl.static_range(TILES):
                 k0 = g0 + tile * BLOCK_K
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                            mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0,
-                            eviction_policy="evict_last").to(tl.float32)
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0,
+                    eviction_policy="evict_last",
+                ).to(tl.float32)
                 v = load_mantissas(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
                 products += x[:, :, None] * v[None, :, :]
                 x_sums += x
@@ -79,18 +106,42 @@ def _uniform_rows(x_ptr, w_ptr, scale_ptr, zs_ptr, offs_m, mask_m, offs_n, mask_
     return acc
 
 
-
 STORE, SERIAL, ATOMIC = 0, 1, 2  # decode epilogues (the kernel spells them as literals)
 
 
-
 @triton.jit
-def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
-                   M, N, K, rows_per_bit, stride_xm, stride_xk, SPLIT_K,
-                   DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                   ASYM: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, FACTOR: tl.constexpr, UNROLL: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _decode_kernel(
+    x_ptr,
+    w_ptr,
+    meta_ptr,
+    zs_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    count_ptr,
+    M,
+    N,
+    K,
+    rows_per_bit,
+    stride_xm,
+    stride_xk,
+    SPLIT_K,
+    DEQUANT: tl.constexpr,
+    TABLE: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ASYM: tl.constexpr,
+    SCALE_ROW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    FACTOR: tl.constexpr,
+    UNROLL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """M <= BLOCK_M rows against one N-tile and every SPLIT_K-th K-tile (see the module doc)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -99,16 +150,42 @@ def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, 
     mask_m = offs_m < M
     mask_n = offs_n < N
     if FACTOR and BLOCK_M < 16:  # uniform on CUDA cores: ~3 instructions per weight (``_uniform_rows``)
-        acc = _uniform_rows(x_ptr, w_ptr, meta_ptr, zs_ptr, offs_m, mask_m, offs_n, mask_n, pid_k, SPLIT_K, K, N,
-                            rows_per_bit, stride_xm, stride_xk, BITS, GROUP, ASYM, BLOCK_M, BLOCK_N, BLOCK_K, UNROLL)
+        acc = _uniform_rows(
+            x_ptr,
+            w_ptr,
+            meta_ptr,
+            zs_ptr,
+            offs_m,
+            mask_m,
+            offs_n,
+            mask_n,
+            pid_k,
+            SPLIT_K,
+            K,
+            N,
+            rows_per_bit,
+            stride_xm,
+            stride_xk,
+            BITS,
+            GROUP,
+            ASYM,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            UNROLL,
+        )
     else:
         table = TABLE(meta_ptr, offs_n, mask_n, BITS, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_last")
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            )
             u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
             if FACTOR:  # uniform on tensor cores, tile inside one group: y += s * (x @ (u - z)), scale once per tile
                 v = affine_values(u, BITS, ASYM)
@@ -117,8 +194,9 @@ def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, 
                 if ASYM:  # zs = -z * s: + zs * sum_k x
                     acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * zs[None, :]
             else:
-                w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N,
-                            BITS, GROUP, ASYM, SCALE_ROW)
+                w = DEQUANT(
+                    u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW
+                )
                 if BLOCK_M >= 16:  # tensor cores
                     acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
                 else:  # CUDA cores: the weight tile is used BLOCK_M times from registers
@@ -137,11 +215,14 @@ def _decode_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr, part_ptr, 
         mask_last = mask_m[:, None] & last[None, :]
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for split in range(SPLIT_K):
-            total += tl.load(part_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask_last, other=0.0,
-                             cache_modifier=".cg")
+            total += tl.load(
+                part_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :],
+                mask=mask_last,
+                other=0.0,
+                cache_modifier=".cg",
+            )
         store_output(out_ptr, bias_ptr, total, offs_m, offs_n, mask_last, N, HAS_BIAS)
         tl.store(count_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=last)  # ready for the next launch
-
 
 
 _counters: dict = {}
@@ -179,9 +260,29 @@ def decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, comm
     part = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device) if epilogue == SERIAL else out
     counts = arrival_counters(x.device, n) if epilogue == SERIAL else out
     grid = (triton.cdiv(n, config.block_n), config.split_k)
-    _decode_kernel[grid](x, packed_codes, meta, zs, bias if bias is not None else out, out, part, counts,
-                         m, n, k, rows_per_bit, x.stride(0), x.stride(1), config.split_k,
-                         HAS_BIAS=bias is not None, EPILOGUE=epilogue,
-                         FACTOR=common["DEQUANT"] is dequant_affine and common["SCALE_ROW"], UNROLL=config.unroll,
-                         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, **common)
+    _decode_kernel[grid](
+        x,
+        packed_codes,
+        meta,
+        zs,
+        bias if bias is not None else out,
+        out,
+        part,
+        counts,
+        m,
+        n,
+        k,
+        rows_per_bit,
+        x.stride(0),
+        x.stride(1),
+        config.split_k,
+        HAS_BIAS=bias is not None,
+        EPILOGUE=epilogue,
+        FACTOR=common["DEQUANT"] is dequant_affine and common["SCALE_ROW"],
+        UNROLL=config.unroll,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        **common,
+    )
     return out

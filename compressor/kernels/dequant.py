@@ -18,10 +18,24 @@ from compressor.kernels.tables import KernelConfig
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, meta_ptr, zs_ptr, out_ptr, N, K, rows_per_bit,
-                    DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                    ASYM: tl.constexpr, SCALE_ROW: tl.constexpr, OUT_KN: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(
+    w_ptr,
+    meta_ptr,
+    zs_ptr,
+    out_ptr,
+    N,
+    K,
+    rows_per_bit,
+    DEQUANT: tl.constexpr,
+    TABLE: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ASYM: tl.constexpr,
+    SCALE_ROW: tl.constexpr,
+    OUT_KN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """W tile -> out: [K, N] (OUT_KN, the matmul path: the store runs along N like the loads) or [N, K]."""
     k0 = tl.program_id(0) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -38,10 +52,21 @@ def _dequant_kernel(w_ptr, meta_ptr, zs_ptr, out_ptr, N, K, rows_per_bit,
     tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
-
-def dequantize_weight(packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant, dtype,
-                      config: KernelConfig | None = None, outliers: PackedOutliers | None = None,
-                      table=no_table, kn: bool = False) -> torch.Tensor:
+def dequantize_weight(
+    packed_codes,
+    rows_per_bit,
+    shape,
+    bits,
+    meta,
+    zs,
+    group_size,
+    dequant,
+    dtype,
+    config: KernelConfig | None = None,
+    outliers: PackedOutliers | None = None,
+    table=no_table,
+    kn: bool = False,
+) -> torch.Tensor:
     """Dense W in ``dtype`` (one pass over the packed codes), outliers scattered in: [N, K], or its
     transpose [K, N] stored contiguously when ``kn`` (what the matmul path multiplies by)."""
     n, k = shape
@@ -50,22 +75,63 @@ def dequantize_weight(packed_codes, rows_per_bit, shape, bits, meta, zs, group_s
     check_block_k(config, bits)
     weight = torch.empty((k, n) if kn else (n, k), dtype=dtype, device=packed_codes.device)
     grid = (triton.cdiv(k, config.block_k), triton.cdiv(n, config.block_n))
-    _dequant_kernel[grid](packed_codes, meta, zs if zs is not None else meta, weight, n, k, rows_per_bit,
-                          DEQUANT=dequant, TABLE=table, BITS=bits, GROUP=group_size, ASYM=zs is not None,
-                          SCALE_ROW=group_size == -1 or group_size % config.block_k == 0, OUT_KN=kn,
-                          BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                          num_warps=config.num_warps, num_stages=config.num_stages)
+    _dequant_kernel[grid](
+        packed_codes,
+        meta,
+        zs if zs is not None else meta,
+        weight,
+        n,
+        k,
+        rows_per_bit,
+        DEQUANT=dequant,
+        TABLE=table,
+        BITS=bits,
+        GROUP=group_size,
+        ASYM=zs is not None,
+        SCALE_ROW=group_size == -1 or group_size % config.block_k == 0,
+        OUT_KN=kn,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     if outliers is not None and outliers.nnz:
         index = (outliers.cols.long(), outliers.rows.long()) if kn else (outliers.rows.long(), outliers.cols.long())
         weight.index_put_(index, outliers.vals.to(dtype), accumulate=True)
     return weight
 
 
-def dequant_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant, bias, config,
-                   outliers: PackedOutliers | None, table) -> torch.Tensor:
+def dequant_matmul(
+    x,
+    packed_codes,
+    rows_per_bit,
+    shape,
+    bits,
+    meta,
+    zs,
+    group_size,
+    dequant,
+    bias,
+    config,
+    outliers: PackedOutliers | None,
+    table,
+) -> torch.Tensor:
     """y = x W^T (+ bias) through the dense W [K, N] (outliers scattered in) and one cuBLAS call."""
-    weight = dequantize_weight(packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant,
-                               x.dtype, config, outliers, table, kn=True)
+    weight = dequantize_weight(
+        packed_codes,
+        rows_per_bit,
+        shape,
+        bits,
+        meta,
+        zs,
+        group_size,
+        dequant,
+        x.dtype,
+        config,
+        outliers,
+        table,
+        kn=True,
+    )
     if bias is None:
         return torch.mm(x, weight)
     return torch.addmm(bias.to(x.dtype), x, weight)

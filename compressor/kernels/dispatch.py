@@ -180,13 +180,24 @@ def choose_config(x2d, dense, outliers, run):
         return config
     if not autotune_enabled():
         return heuristics.default_config(m, n, k, group, x2d.device, dense.bits)
-    tune_key = (weight_kind(dense), dense.bits, group, n, k, m_bucket(m), device, getattr(dense, "zs", None) is not None,
-                x2d.dtype, outliers is not None)
+    tune_key = (
+        weight_kind(dense),
+        dense.bits,
+        group,
+        n,
+        k,
+        m_bucket(m),
+        device,
+        getattr(dense, "zs", None) is not None,
+        x2d.dtype,
+        outliers is not None,
+    )
     if tune_key not in _tuned:
         from compressor.kernels.tune import best_config
 
-        candidates = heuristics.candidate_configs(m, n, k, group, x2d.device, dense.bits,
-                                                  lut=weight_kind(dense) == "lut")
+        candidates = heuristics.candidate_configs(
+            m, n, k, group, x2d.device, dense.bits, lut=weight_kind(dense) == "lut"
+        )
         _tuned[tune_key] = best_config(candidates, run)
     return _tuned[tune_key]
 
@@ -230,8 +241,9 @@ def triton_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, con
                 y = tinygemm_linear(x2d, dense, bias) if outliers is None else None
                 if y is not None:
                     return y
-                cfg = heuristics.default_config(x2d.shape[0], n, k, getattr(dense, "group_size", -1), x2d.device,
-                                                dense.bits)
+                cfg = heuristics.default_config(
+                    x2d.shape[0], n, k, getattr(dense, "group_size", -1), x2d.device, dense.bits
+                )
             return linear(x2d, dense, bias, cfg, outliers)
 
         y = run(config or choose_config(x2d, dense, outliers, run))

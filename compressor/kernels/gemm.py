@@ -23,13 +23,35 @@ def _epilogue(out_ptr, bias_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, HAS_BIA
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr,
-                 M, N, K, rows_per_bit, stride_xm, stride_xk, SPLIT_K,
-                 DEQUANT: tl.constexpr, TABLE: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                 ASYM: tl.constexpr,
-                 SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _gemm_kernel(
+    x_ptr,
+    w_ptr,
+    meta_ptr,
+    zs_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    rows_per_bit,
+    stride_xm,
+    stride_xk,
+    SPLIT_K,
+    DEQUANT: tl.constexpr,
+    TABLE: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ASYM: tl.constexpr,
+    SCALE_ROW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # grouped ordering (Triton matmul tutorial): GROUP_M row tiles in a row reuse weight tiles from L2
@@ -50,13 +72,16 @@ def _gemm_kernel(x_ptr, w_ptr, meta_ptr, zs_ptr, bias_ptr, out_ptr,
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_last")
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+            eviction_policy="evict_last",
+        )
         u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
         w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
         acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     _epilogue(out_ptr, bias_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS, ATOMIC)
-
 
 
 def gemm_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common: dict, atomic: bool) -> torch.Tensor:
@@ -68,9 +93,26 @@ def gemm_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common
     else:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
-    _gemm_kernel[grid](x, packed_codes, meta, zs, bias if bias is not None else out, out,
-                       m, n, k, rows_per_bit, x.stride(0), x.stride(1), config.split_k,
-                       HAS_BIAS=bias is not None, ATOMIC=atomic,
-                       BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                       GROUP_M=config.group_m, **common)
+    _gemm_kernel[grid](
+        x,
+        packed_codes,
+        meta,
+        zs,
+        bias if bias is not None else out,
+        out,
+        m,
+        n,
+        k,
+        rows_per_bit,
+        x.stride(0),
+        x.stride(1),
+        config.split_k,
+        HAS_BIAS=bias is not None,
+        ATOMIC=atomic,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        **common,
+    )
     return out

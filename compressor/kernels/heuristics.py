@@ -44,8 +44,9 @@ def min_block_k(bits: int) -> int:
 def check_block_k(config: KernelConfig, bits: int) -> None:
     """Refuse a K-tile that would split a packed word of a ``bits``-bit code."""
     if config.block_k % min_block_k(bits):
-        raise ValueError(f"block_k={config.block_k} splits a packed word of a {bits}-bit code "
-                         f"(min_block_k = {min_block_k(bits)})")
+        raise ValueError(
+            f"block_k={config.block_k} splits a packed word of a {bits}-bit code (min_block_k = {min_block_k(bits)})"
+        )
 
 
 def decode_warps(block_m: int, block_n: int) -> int:
@@ -138,9 +139,9 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
             block_n //= 2
         block_k = decode_block_k(block_m, group_size, bits)
         split = split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
-        return KernelConfig("decode", block_m, block_n, block_k, split_k=split,
-                            num_warps=decode_warps(block_m, block_n),
-                            num_stages=2)
+        return KernelConfig(
+            "decode", block_m, block_n, block_k, split_k=split, num_warps=decode_warps(block_m, block_n), num_stages=2
+        )
     if schedule == "dequant":
         return KernelConfig("dequant", block_n=128, block_k=64, num_warps=4, num_stages=1)
     block_m = min(64, max(16, triton.next_power_of_2(m)))
@@ -149,8 +150,9 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
     return KernelConfig("gemm", block_m, block_n, block_k, split_k=split, num_warps=4, num_stages=3)
 
 
-def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device, bits: int = 4,
-                      lut: bool = False) -> list[KernelConfig]:
+def candidate_configs(
+    m: int, n: int, k: int, group_size: int, device: torch.device, bits: int = 4, lut: bool = False
+) -> list[KernelConfig]:
     """The pruned autotuning space (at most MAX_CANDIDATES, so tuning a shape takes seconds, not minutes).
 
     decode: BLOCK_N 512/256/128 (gemlite's Hopper GEMV winners are 128-512 wide) x the split that
@@ -183,22 +185,30 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
         shapes += [(bn, split_for(bn), warps(bn), lean, 1) for bn in widths]
         shapes += [(widths[0], split_for(widths[0]), warps(widths[0]), deep, 1)]
         shapes += [(bn, split_for(bn), 2 * warps(bn), lean, 1) for bn in widths]
-        shapes += [(bn, s, warps(bn), lean, 1) for bn in widths[:2]
-                   for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))]
+        shapes += [
+            (bn, s, warps(bn), lean, 1)
+            for bn in widths[:2]
+            for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))
+        ]
         for block_n, split_k, warps, depth, tiles in shapes:
-            for mode in (("global", "registers") if lut else ("global",)):
-                configs.append(KernelConfig("decode", first.block_m, block_n, depth, split_k, num_warps=warps, lut=mode,
-                                            unroll=tiles))
+            for mode in ("global", "registers") if lut else ("global",):
+                configs.append(
+                    KernelConfig(
+                        "decode", first.block_m, block_n, depth, split_k, num_warps=warps, lut=mode, unroll=tiles
+                    )
+                )
     else:
         block_m = min(64, max(16, triton.next_power_of_2(m))) if m < 128 else 128
         for block_n in (64, 128):
             tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
             for split_k in sorted({1, split_k_for(tiles, k, block_k, target)}):
                 for warps, stages in ((4, 3), (8, 4)):
-                    configs.append(KernelConfig("gemm", block_m, block_n, block_k, split_k, num_warps=warps,
-                                                num_stages=stages))
-        configs += [KernelConfig("dequant", block_n=bn, block_k=64, num_warps=w, num_stages=1)
-                    for bn, w in ((128, 4), (256, 8))]
+                    configs.append(
+                        KernelConfig("gemm", block_m, block_n, block_k, split_k, num_warps=warps, num_stages=stages)
+                    )
+        configs += [
+            KernelConfig("dequant", block_n=bn, block_k=64, num_warps=w, num_stages=1) for bn, w in ((128, 4), (256, 8))
+        ]
     if device.type == "cuda" and not lut and bits == 4 and group_size in (32, 64, 128, 256):
         configs.insert(1, KernelConfig("tinygemm"))  # torch's int4 kernel competes where it serves the format
     seen, unique = set(), []

@@ -39,8 +39,22 @@ from compressor.kernels.uniform import quantized_matmul
 
 
 @triton.jit
-def dequant_lut(u, offs_k, offs_n, mask_k, mask_n, k0, lut_ptr, unused_ptr, table, N,
-                BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, SCALE_ROW: tl.constexpr):
+def dequant_lut(
+    u,
+    offs_k,
+    offs_n,
+    mask_k,
+    mask_n,
+    k0,
+    lut_ptr,
+    unused_ptr,
+    table,
+    N,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ASYM: tl.constexpr,
+    SCALE_ROW: tl.constexpr,
+):
     """fp32 weights lut[n, u[k, n]] gathered from global memory (same signature as
     ``codes.dequant_affine``; the group arguments are unused)."""
     entries = lut_ptr + offs_n[None, :] * (1 << BITS) + u
@@ -51,12 +65,28 @@ def dequant_lut(u, offs_k, offs_n, mask_k, mask_n, k0, lut_ptr, unused_ptr, tabl
 def lut_table(lut_ptr, offs_n, mask_n, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """The program's [BLOCK_N, 2**BITS] slice of the codebooks, loaded once (fp32, in registers)."""
     entries = tl.arange(0, 1 << BITS)
-    return tl.load(lut_ptr + offs_n[:, None] * (1 << BITS) + entries[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+    return tl.load(lut_ptr + offs_n[:, None] * (1 << BITS) + entries[None, :], mask=mask_n[:, None], other=0.0).to(
+        tl.float32
+    )
 
 
 @triton.jit
-def dequant_lut_registers(u, offs_k, offs_n, mask_k, mask_n, k0, lut_ptr, unused_ptr, table, N,
-                          BITS: tl.constexpr, GROUP: tl.constexpr, ASYM: tl.constexpr, SCALE_ROW: tl.constexpr):
+def dequant_lut_registers(
+    u,
+    offs_k,
+    offs_n,
+    mask_k,
+    mask_n,
+    k0,
+    lut_ptr,
+    unused_ptr,
+    table,
+    N,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ASYM: tl.constexpr,
+    SCALE_ROW: tl.constexpr,
+):
     """fp32 weights lut[n, u[k, n]] gathered from the register table of ``lut_table``."""
     return tl.trans(tl.gather(table, tl.trans(u), 1))
 
@@ -67,18 +97,49 @@ def _kernels(config: KernelConfig | None):
     return dequant_lut, no_table
 
 
-def lut_linear(x: torch.Tensor, packed: PackedLUT, bias=None, config: KernelConfig | None = None,
-               outliers: PackedOutliers | None = None) -> torch.Tensor:
+def lut_linear(
+    x: torch.Tensor,
+    packed: PackedLUT,
+    bias=None,
+    config: KernelConfig | None = None,
+    outliers: PackedOutliers | None = None,
+) -> torch.Tensor:
     """y = x W^T (+ S x) (+ bias) for x [M, K] and codebook weights in the kernel layout."""
     config = config or default_config(x.shape[0], packed.shape[0], packed.shape[1], -1, x.device, packed.bits)
     dequant, table = _kernels(config)
-    return quantized_matmul(x, packed.packed, packed.rows_per_bit, packed.shape, packed.bits, packed.lut,
-                            None, -1, dequant, bias, config, outliers, table)
+    return quantized_matmul(
+        x,
+        packed.packed,
+        packed.rows_per_bit,
+        packed.shape,
+        packed.bits,
+        packed.lut,
+        None,
+        -1,
+        dequant,
+        bias,
+        config,
+        outliers,
+        table,
+    )
 
 
-def lut_dequantize(packed: PackedLUT, dtype=torch.float16, config: KernelConfig | None = None,
-                   outliers: PackedOutliers | None = None) -> torch.Tensor:
+def lut_dequantize(
+    packed: PackedLUT, dtype=torch.float16, config: KernelConfig | None = None, outliers: PackedOutliers | None = None
+) -> torch.Tensor:
     """Dense [N, K] codebook weight through the dequantize kernel."""
     dequant, table = _kernels(config)
-    return dequantize_weight(packed.packed, packed.rows_per_bit, packed.shape, packed.bits, packed.lut,
-                             None, -1, dequant, dtype, config, outliers, table)
+    return dequantize_weight(
+        packed.packed,
+        packed.rows_per_bit,
+        packed.shape,
+        packed.bits,
+        packed.lut,
+        None,
+        -1,
+        dequant,
+        dtype,
+        config,
+        outliers,
+        table,
+    )

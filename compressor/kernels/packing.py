@@ -173,7 +173,9 @@ def pack_lut(weight: LUTWeight) -> PackedLUT:
 def pack_outliers(outliers: SparseOutliers) -> PackedOutliers:
     crow = outliers.crow.long()
     rows = torch.repeat_interleave(torch.arange(outliers.shape[0], device=crow.device), crow[1:] - crow[:-1])
-    return PackedOutliers(rows.to(torch.int32), outliers.col.to(torch.int32).contiguous(), outliers.val.contiguous(), outliers.shape)
+    return PackedOutliers(
+        rows.to(torch.int32), outliers.col.to(torch.int32).contiguous(), outliers.val.contiguous(), outliers.shape
+    )
 
 
 def pack_bfp(weight: BFPWeight) -> PackedUniform:
@@ -186,8 +188,14 @@ def pack_bfp(weight: BFPWeight) -> PackedUniform:
     shift = weight.exponents.to(torch.int32) - BFP_EXPONENT_BIAS - (weight.mantissa_bits - 2)
     half = torch.div(shift, 2, rounding_mode="floor")  # 2**shift in two halves: exact down to the subnormals
     scales = torch.ldexp(torch.ldexp(torch.ones_like(shift, dtype=torch.float32), half.float()), (shift - half).float())
-    return PackedUniform(pack_codes(weight.mantissas, weight.mantissa_bits), scales.t().contiguous(), None,
-                         weight.mantissa_bits, weight.block_size, (n, k))
+    return PackedUniform(
+        pack_codes(weight.mantissas, weight.mantissa_bits),
+        scales.t().contiguous(),
+        None,
+        weight.mantissa_bits,
+        weight.block_size,
+        (n, k),
+    )
 
 
 def pack_dense_and_sparse(weight: DenseAndSparseWeight) -> tuple[PackedUniform | PackedLUT, PackedOutliers]:

@@ -27,8 +27,20 @@ DENSE_MIN_M = 1024  # standalone sparse weights: above this M, scatter to dense 
 
 
 @triton.jit
-def _outlier_kernel(x_ptr, rows_ptr, cols_ptr, vals_ptr, ws_ptr, M, nnz, N, stride_xm, stride_xk,
-                    BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _outlier_kernel(
+    x_ptr,
+    rows_ptr,
+    cols_ptr,
+    vals_ptr,
+    ws_ptr,
+    M,
+    nnz,
+    N,
+    stride_xm,
+    stride_xk,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     """BLOCK entries of S times ROWS rows of x: the entries' indices are loaded once per program."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < nnz
@@ -50,8 +62,20 @@ def outlier_add(x: torch.Tensor, outliers: PackedOutliers, ws: torch.Tensor, blo
     if outliers.nnz and m:
         rows = min(MAX_ROWS, triton.next_power_of_2(m))
         grid = (triton.cdiv(outliers.nnz, block), triton.cdiv(m, rows))
-        _outlier_kernel[grid](x, outliers.rows, outliers.cols, outliers.vals, ws, m, outliers.nnz, outliers.shape[0],
-                              x.stride(0), x.stride(1), BLOCK=block, ROWS=rows)
+        _outlier_kernel[grid](
+            x,
+            outliers.rows,
+            outliers.cols,
+            outliers.vals,
+            ws,
+            m,
+            outliers.nnz,
+            outliers.shape[0],
+            x.stride(0),
+            x.stride(1),
+            BLOCK=block,
+            ROWS=rows,
+        )
     return ws
 
 

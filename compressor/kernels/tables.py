@@ -82,7 +82,7 @@ class KernelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "KernelConfig":
+    def from_dict(cls, values: dict) -> KernelConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in values.items() if k in known})
 

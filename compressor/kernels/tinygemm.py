@@ -40,8 +40,14 @@ class TinygemmWeight:
 
 def supported(dense, x: torch.Tensor) -> bool:
     n, k = getattr(dense, "shape", (0, 0))
-    return (isinstance(dense, PackedUniform) and dense.bits == 4 and dense.group_size in GROUPS
-            and n % 8 == 0 and k % (INNER_K_TILES * 16) == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
+    return (
+        isinstance(dense, PackedUniform)
+        and dense.bits == 4
+        and dense.group_size in GROUPS
+        and n % 8 == 0
+        and k % (INNER_K_TILES * 16) == 0
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+    )
 
 
 def _mm(x: torch.Tensor, weight: TinygemmWeight) -> torch.Tensor:
@@ -57,8 +63,10 @@ def pack(dense: PackedUniform) -> TinygemmWeight | None:
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
     device = codes.device
     if device.type == "cuda":
-        candidates = [torch.ops.aten._convert_weight_to_int4pack((hi << 4 | lo).contiguous(), INNER_K_TILES)
-                      for hi, lo in ((codes[:, 0::2], codes[:, 1::2]), (codes[:, 1::2], codes[:, 0::2]))]
+        candidates = [
+            torch.ops.aten._convert_weight_to_int4pack((hi << 4 | lo).contiguous(), INNER_K_TILES)
+            for hi, lo in ((codes[:, 0::2], codes[:, 1::2]), (codes[:, 1::2], codes[:, 0::2]))
+        ]
     else:
         candidates = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)]
     probe = torch.randn(4, dense.shape[1], generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)

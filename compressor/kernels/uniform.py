@@ -37,10 +37,21 @@ from compressor.kernels.sparse import outlier_add
 from compressor.kernels.tables import KernelConfig
 
 
-
-def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant,
-                     bias=None, config: KernelConfig | None = None, outliers: PackedOutliers | None = None,
-                     table=no_table):
+def quantized_matmul(
+    x,
+    packed_codes,
+    rows_per_bit,
+    shape,
+    bits,
+    meta,
+    zs,
+    group_size,
+    dequant,
+    bias=None,
+    config: KernelConfig | None = None,
+    outliers: PackedOutliers | None = None,
+    table=no_table,
+):
     """y = x W^T (+ S x) (+ bias) for x [M, K]; W given by packed codes + ``dequant`` metadata.
 
     ``meta`` is the scales [G, N] (uniform) or the LUT [N, 2**bits]; ``zs`` the fp32 [G, N]
@@ -58,14 +69,23 @@ def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group
     if m == 0:
         return x.new_empty(0, n)
     if config.schedule == "dequant":
-        return dequant_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant,
-                              bias, config, outliers, table)
+        return dequant_matmul(
+            x, packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant, bias, config, outliers, table
+        )
 
     dot_dtype, precision = dot_type(x.dtype)
-    common = {"DEQUANT": dequant, "TABLE": table, "BITS": bits, "GROUP": group_size, "ASYM": zs is not None,
-              "SCALE_ROW": group_size == -1 or group_size % config.block_k == 0,
-              "DOT_DTYPE": dot_dtype, "INPUT_PRECISION": precision,
-              "num_warps": config.num_warps, "num_stages": config.num_stages}
+    common = {
+        "DEQUANT": dequant,
+        "TABLE": table,
+        "BITS": bits,
+        "GROUP": group_size,
+        "ASYM": zs is not None,
+        "SCALE_ROW": group_size == -1 or group_size % config.block_k == 0,
+        "DOT_DTYPE": dot_dtype,
+        "INPUT_PRECISION": precision,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
     zs_arg = zs if zs is not None else meta
     if config.schedule == "decode":
         atomic = outliers is not None
@@ -82,15 +102,47 @@ def quantized_matmul(x, packed_codes, rows_per_bit, shape, bits, meta, zs, group
     return out.to(x.dtype)
 
 
-def uniform_dequantize(packed: PackedUniform, dtype=torch.float16, config: KernelConfig | None = None,
-                       outliers: PackedOutliers | None = None) -> torch.Tensor:
+def uniform_dequantize(
+    packed: PackedUniform,
+    dtype=torch.float16,
+    config: KernelConfig | None = None,
+    outliers: PackedOutliers | None = None,
+) -> torch.Tensor:
     """Dense [N, K] uniform weight through the dequantize kernel."""
-    return dequantize_weight(packed.packed, packed.rows_per_bit, packed.shape, packed.bits, packed.scales,
-                             packed.zs, packed.group_size, dequant_affine, dtype, config, outliers)
+    return dequantize_weight(
+        packed.packed,
+        packed.rows_per_bit,
+        packed.shape,
+        packed.bits,
+        packed.scales,
+        packed.zs,
+        packed.group_size,
+        dequant_affine,
+        dtype,
+        config,
+        outliers,
+    )
 
 
-def uniform_linear(x: torch.Tensor, packed: PackedUniform, bias=None, config: KernelConfig | None = None,
-                   outliers: PackedOutliers | None = None) -> torch.Tensor:
+def uniform_linear(
+    x: torch.Tensor,
+    packed: PackedUniform,
+    bias=None,
+    config: KernelConfig | None = None,
+    outliers: PackedOutliers | None = None,
+) -> torch.Tensor:
     """y = x W^T (+ S x) (+ bias) for x [M, K] and uniform weights in the kernel layout."""
-    return quantized_matmul(x, packed.packed, packed.rows_per_bit, packed.shape, packed.bits, packed.scales,
-                            packed.zs, packed.group_size, dequant_affine, bias, config, outliers)
+    return quantized_matmul(
+        x,
+        packed.packed,
+        packed.rows_per_bit,
+        packed.shape,
+        packed.bits,
+        packed.scales,
+        packed.zs,
+        packed.group_size,
+        dequant_affine,
+        bias,
+        config,
+        outliers,
+    )

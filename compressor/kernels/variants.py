@@ -17,33 +17,76 @@ TARGET = GPUTarget("cuda", 90, 32)
 FLOAT = {"fp16": ("*fp16", tl.float16), "bf16": ("*bf16", tl.bfloat16), "fp32": ("*fp32", tl.float32)}
 
 
-def matmul_variant(schedule, dtype, bits, lut=False, asym=False, group=128, atomic=False, block=(16, 64, 64), split_k=1,
-                   num_warps=4, num_stages=2, epilogue=0, lut_mode="global", unroll=1):
+def matmul_variant(
+    schedule,
+    dtype,
+    bits,
+    lut=False,
+    asym=False,
+    group=128,
+    atomic=False,
+    block=(16, 64, 64),
+    split_k=1,
+    num_warps=4,
+    num_stages=2,
+    epilogue=0,
+    lut_mode="global",
+    unroll=1,
+):
     """(kernel, pointer types, constexprs, num_warps, num_stages) of one ``decode``, ``gemm`` or
     ``dequant`` variant; ``epilogue`` is the decode kernel's (0 store, 1 serial split-K, 2 atomic)."""
     pointer, dot = FLOAT[dtype]
     block_m, block_n, block_k = block
-    types_ = {"x_ptr": pointer, "w_ptr": "*i32", "meta_ptr": "*fp16" if lut else pointer, "zs_ptr": "*fp32",
-              "bias_ptr": pointer, "out_ptr": "*fp32" if atomic or epilogue == 2 else pointer,
-              "part_ptr": "*fp32", "count_ptr": "*i32"}
+    types_ = {
+        "x_ptr": pointer,
+        "w_ptr": "*i32",
+        "meta_ptr": "*fp16" if lut else pointer,
+        "zs_ptr": "*fp32",
+        "bias_ptr": pointer,
+        "out_ptr": "*fp32" if atomic or epilogue == 2 else pointer,
+        "part_ptr": "*fp32",
+        "count_ptr": "*i32",
+    }
     if lut:
         registers = lut_mode == "registers"
         dequant_fn, table = (dequant_lut_registers, lut_table) if registers else (dequant_lut, codes.no_table)
     else:
         dequant_fn, table = codes.dequant_affine, codes.no_table
-    constexprs = {"DEQUANT": dequant_fn, "TABLE": table, "BITS": bits, "GROUP": -1 if lut else group,
-                  "ASYM": asym, "SCALE_ROW": lut or group == -1 or group % block_k == 0}
+    constexprs = {
+        "DEQUANT": dequant_fn,
+        "TABLE": table,
+        "BITS": bits,
+        "GROUP": -1 if lut else group,
+        "ASYM": asym,
+        "SCALE_ROW": lut or group == -1 or group % block_k == 0,
+    }
     precision = "ieee" if dtype == "fp32" else "tf32"
     if schedule == "dequant":
         kernel = dequant._dequant_kernel
         constexprs.update(BLOCK_N=block_n, BLOCK_K=block_k, OUT_KN=True)
     elif schedule == "decode":
         kernel = decode._decode_kernel
-        constexprs.update(HAS_BIAS=epilogue != 2, EPILOGUE=epilogue, DOT_DTYPE=dot,
-                          FACTOR=not lut and constexprs["SCALE_ROW"], UNROLL=unroll, INPUT_PRECISION=precision,
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        constexprs.update(
+            HAS_BIAS=epilogue != 2,
+            EPILOGUE=epilogue,
+            DOT_DTYPE=dot,
+            FACTOR=not lut and constexprs["SCALE_ROW"],
+            UNROLL=unroll,
+            INPUT_PRECISION=precision,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+        )
     else:
         kernel = gemm._gemm_kernel
-        constexprs.update(HAS_BIAS=not atomic, ATOMIC=atomic, BLOCK_N=block_n, BLOCK_K=block_k,
-                          DOT_DTYPE=dot, INPUT_PRECISION=precision, BLOCK_M=block_m, GROUP_M=8)
+        constexprs.update(
+            HAS_BIAS=not atomic,
+            ATOMIC=atomic,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            DOT_DTYPE=dot,
+            INPUT_PRECISION=precision,
+            BLOCK_M=block_m,
+            GROUP_M=8,
+        )
     return kernel, types_, constexprs, num_warps, num_stages

@@ -71,14 +71,16 @@ class BFPCacheSpec:
 
     def check_geometry(self, head_dim: int) -> None:
         if self.scope == "head" and head_dim % self.block_size:
-            raise ValueError(f"block_size: {self.block_size} does not divide head_dim {head_dim}, so blocks would straddle heads; "
-                             "use scope 'token' or a block size that divides head_dim")
+            raise ValueError(
+                f"block_size: {self.block_size} does not divide head_dim {head_dim}, so blocks would straddle heads; "
+                "use scope 'token' or a block size that divides head_dim"
+            )
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, entry: dict) -> "BFPCacheSpec":
+    def from_dict(cls, entry: dict) -> BFPCacheSpec:
         entry = dict(entry)
         method = entry.pop("method", cls.method)
         if method != cls.method:
@@ -96,14 +98,21 @@ def mantissa_bytes(channels: int, bits: int) -> int:
     return (channels + 1) // 2 if bits == 4 else channels  # 4 bits: two a byte; wider: one a byte
 
 
-def cache_bytes_per_token(spec: BFPCacheSpec, num_layers: int, kv_heads: int, head_dim: int, baseline_bytes: int = 2) -> dict:
+def cache_bytes_per_token(
+    spec: BFPCacheSpec, num_layers: int, kv_heads: int, head_dim: int, baseline_bytes: int = 2
+) -> dict:
     """K (and V) bytes per token over all layers, against ``baseline_bytes`` per value (bf16: 2)."""
     channels = kv_heads * head_dim
     dense = num_layers * channels * baseline_bytes
     k = num_layers * stored_bytes(channels, spec.k_bits, spec.block_size)
     v = dense if spec.v_bits is None else num_layers * stored_bytes(channels, spec.v_bits, spec.block_size)
-    return {"k_bytes_per_token": k, "v_bytes_per_token": v, "dense_bytes_per_token": dense,
-            "k_ratio": k / dense, "kv_ratio": (k + v) / (2 * dense)}
+    return {
+        "k_bytes_per_token": k,
+        "v_bytes_per_token": v,
+        "dense_bytes_per_token": dense,
+        "k_ratio": k / dense,
+        "kv_ratio": (k + v) / (2 * dense),
+    }
 
 
 def pack_mantissas(mantissas: torch.Tensor, bits: int) -> torch.Tensor:
@@ -144,7 +153,9 @@ class BFPVectors:
 
     def decode(self, channels: int, dtype: torch.dtype) -> torch.Tensor:
         """[B, T, C] dequantized, back in the model's channel order."""
-        values = bfp_decode(unpack_mantissas(self.mantissas, self.bits, channels), self.exponents, self.bits, self.block_size, dtype)
+        values = bfp_decode(
+            unpack_mantissas(self.mantissas, self.bits, channels), self.exponents, self.bits, self.block_size, dtype
+        )
         return values if self.inverse is None else values[..., self.inverse.to(values.device)]
 
     def nbytes(self) -> int:
@@ -184,15 +195,24 @@ class BFPLayer(DynamicLayer):
         self.spec.check_geometry(self.head_dim)
         channels = self.heads * self.head_dim
         for name, perm in (("k_perm", self.k_perm), ("v_perm", self.v_perm)):
-            if perm is not None and (perm.numel() != channels or not torch.equal(torch.sort(perm.flatten().long()).values, torch.arange(channels, device=perm.device))):
+            if perm is not None and (
+                perm.numel() != channels
+                or not torch.equal(torch.sort(perm.flatten().long()).values, torch.arange(channels, device=perm.device))
+            ):
                 raise ValueError(f"{name} is not a permutation of the layer's {channels} key channels")
         flat = lambda p: None if p is None else p.flatten().long()  # noqa: E731
         self._keys = BFPVectors(self.spec.k_bits, self.spec.block_size, self.spec.rounding, flat(self.k_perm))
-        self._values = None if self.spec.v_bits is None else BFPVectors(self.spec.v_bits, self.spec.block_size, self.spec.rounding, flat(self.v_perm))
+        self._values = (
+            None
+            if self.spec.v_bits is None
+            else BFPVectors(self.spec.v_bits, self.spec.block_size, self.spec.rounding, flat(self.v_perm))
+        )
         self.values = None
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         fresh = key_states.shape[-2]
@@ -219,7 +239,11 @@ class BFPLayer(DynamicLayer):
 
     def nbytes(self) -> dict:
         """Bytes this layer holds for keys and values."""
-        values = self._values.nbytes() if self._values is not None else (0 if self.values is None else self.values.numel() * self.values.element_size())
+        values = (
+            self._values.nbytes()
+            if self._values is not None
+            else (0 if self.values is None else self.values.numel() * self.values.element_size())
+        )
         return {"k": self._keys.nbytes() if self.is_initialized else 0, "v": values if self.is_initialized else 0}
 
     def reset(self) -> None:
@@ -254,7 +278,9 @@ class BFPQuantizedCache(Cache):
         k_perms = list(k_perms) if k_perms is not None else [None] * num_layers
         v_perms = list(v_perms) if v_perms is not None else [None] * num_layers
         if len(k_perms) != num_layers or len(v_perms) != num_layers:
-            raise ValueError(f"one permutation per layer is needed: {num_layers} layers, {len(k_perms)} key and {len(v_perms)} value permutations")
+            raise ValueError(
+                f"one permutation per layer is needed: {num_layers} layers, {len(k_perms)} key and {len(v_perms)} value permutations"
+            )
         self.spec = spec
         super().__init__(layers=[BFPLayer(spec, k, v) for k, v in zip(k_perms, v_perms)])
 
@@ -323,9 +349,11 @@ def bytes_per_token(model, spec: BFPCacheSpec) -> dict:
 def describe(summary: dict) -> str:
     values = "values unquantized" if summary["v_bits"] is None else f"values {summary['v_bits']}-bit mantissas"
     prompt = "prompt included" if summary["quantize_fresh"] else "prompt (first half of each window) exact"
-    return (f"BFP keys {summary['k_bits']}-bit mantissas, block {summary['block_size']} ({summary['scope']}), {values}, "
-            f"{prompt}; K-cache {summary['k_bytes_per_token']} bytes/token vs {summary['dense_bytes_per_token']} in bf16 "
-            f"({summary['k_ratio']:.3f}x)")
+    return (
+        f"BFP keys {summary['k_bits']}-bit mantissas, block {summary['block_size']} ({summary['scope']}), {values}, "
+        f"{prompt}; K-cache {summary['k_bytes_per_token']} bytes/token vs {summary['dense_bytes_per_token']} in bf16 "
+        f"({summary['k_ratio']:.3f}x)"
+    )
 
 
 Spec = BFPCacheSpec  # the channel's name for this method's spec (``compressor/kvcache/__init__.py``)

@@ -45,12 +45,16 @@ def block_importance(block_inputs: list[torch.Tensor], block_outputs: list[torch
     (over batches, without concatenating them)."""
     total, count = 0.0, 0
     for x, y in zip(block_inputs, block_outputs, strict=True):
-        total += float(torch.nn.functional.cosine_similarity(x.flatten(0, -2).double(), y.flatten(0, -2).double(), dim=-1).sum())
+        total += float(
+            torch.nn.functional.cosine_similarity(x.flatten(0, -2).double(), y.flatten(0, -2).double(), dim=-1).sum()
+        )
         count += x[..., 0].numel()
     return 1 - total / count
 
 
-def allocate_sparsity(importance: torch.Tensor, target: float, smoothing: float = 0.15, cap: float = 0.8) -> torch.Tensor:
+def allocate_sparsity(
+    importance: torch.Tensor, target: float, smoothing: float = 0.15, cap: float = 0.8
+) -> torch.Tensor:
     """Per-block sparsity with mean ``target``: ``L * target * softmax(-importance / smoothing)``, each
     at most ``cap``; the excess of capped blocks goes to the others in proportion to their weights."""
     count = len(importance)
@@ -93,8 +97,9 @@ def refit_down(down: torch.Tensor, correlation: torch.Tensor, index: torch.Tenso
     return w[:, index] + w[:, dropped] @ transfer.T
 
 
-def nystrom_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, correlation: torch.Tensor, keep: int,
-                ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def nystrom_mlp(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, correlation: torch.Tensor, keep: int, ridge: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Type I. ``gate``, ``up`` [F, D], ``down`` [D, F] (``nn.Linear`` weights), ``correlation`` the
     ``[F, F]`` sum of ``z z^T`` over calibration tokens, ``z = silu(gate x) * up x``. Returns the kept
     rows of gate and up, the refitted down [D, keep] and the kept neuron indices (ascending)."""
@@ -120,8 +125,15 @@ def kept_coordinates(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat([pairs, pairs + head_dim // 2], dim=1)
 
 
-def cr_key_query(query: torch.Tensor, key: torch.Tensor, query_diag: torch.Tensor, key_diag: torch.Tensor, keep_pairs: int,
-                 query_bias: torch.Tensor | None = None, key_bias: torch.Tensor | None = None):
+def cr_key_query(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_diag: torch.Tensor,
+    key_diag: torch.Tensor,
+    keep_pairs: int,
+    query_bias: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+):
     """Type II. ``query`` [n_heads * d, D] and ``key`` [n_kv * d, D] weights. Returns the new query and
     key weights ``[heads * 2 * keep_pairs, D]`` (and biases), and the kept pair indices ``[n_kv,
     keep_pairs]`` (ascending): the rotary frequencies each kept pair must keep using."""
@@ -129,8 +141,14 @@ def cr_key_query(query: torch.Tensor, key: torch.Tensor, query_diag: torch.Tenso
     return key_query_keeping(query, key, pairs, query_diag.shape[0], query_bias, key_bias)
 
 
-def key_query_keeping(query: torch.Tensor, key: torch.Tensor, pairs: torch.Tensor, n_heads: int,
-                      query_bias: torch.Tensor | None = None, key_bias: torch.Tensor | None = None):
+def key_query_keeping(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pairs: torch.Tensor,
+    n_heads: int,
+    query_bias: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+):
     """The query and key weights (and biases) keeping the rotary ``pairs`` ``[n_kv, p]`` of each KV head,
     for every query head of its group; returns them with ``pairs``, as ``cr_key_query`` does."""
     n_kv = pairs.shape[0]
@@ -161,8 +179,15 @@ def correlation_root(correlation: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
 
 
-def whitened_value_output(value: torch.Tensor, output: torch.Tensor, correlation: torch.Tensor, n_heads: int, n_kv: int, keep: int,
-                          value_bias: torch.Tensor | None = None):
+def whitened_value_output(
+    value: torch.Tensor,
+    output: torch.Tensor,
+    correlation: torch.Tensor,
+    n_heads: int,
+    n_kv: int,
+    keep: int,
+    value_bias: torch.Tensor | None = None,
+):
     """Type III. ``value`` [n_kv * d, D], ``output`` [D, n_heads * d] (``nn.Linear`` weights),
     ``correlation`` ``C_x`` [D, D] of the attention's (normalised) inputs. Per KV head j with query
     heads h of its group: the top-``keep`` left singular vectors ``U_k`` of ``C^{1/2} W_V,j [W_O,h ..]``,
@@ -210,16 +235,22 @@ class BlockSizes:
     def parameters(self, hidden: int, heads: int, kv_heads: int) -> int:
         """Weights of the block's seven projections (biases aside)."""
         qk = 2 * self.qk_pairs
-        return hidden * ((heads + kv_heads) * qk + kv_heads * self.v_head_dim + heads * self.v_head_dim + 3 * self.intermediate_size)
+        return hidden * (
+            (heads + kv_heads) * qk + kv_heads * self.v_head_dim + heads * self.v_head_dim + 3 * self.intermediate_size
+        )
 
 
-def block_sizes(keep: float, modules: list[str], intermediate: int, head_dim: int, heads: int, round_to: int) -> BlockSizes:
+def block_sizes(
+    keep: float, modules: list[str], intermediate: int, head_dim: int, heads: int, round_to: int
+) -> BlockSizes:
     """The widths of a block keeping ``keep`` of each compressed module: MLP neurons rounded to
     ``round_to``, value head dims so that ``o_proj``'s input (heads x v_head_dim) is a multiple of it,
     q/k head dims to whole rotary pairs."""
     v_step = round_to // math.gcd(round_to, heads)
     return BlockSizes(
-        intermediate_size=round_to_multiple(keep * intermediate, round_to, round_to, intermediate) if "mlp" in modules else intermediate,
+        intermediate_size=round_to_multiple(keep * intermediate, round_to, round_to, intermediate)
+        if "mlp" in modules
+        else intermediate,
         qk_pairs=max(1, min(head_dim // 2, round(keep * head_dim / 2))) if "qk" in modules else head_dim // 2,
         v_head_dim=round_to_multiple(keep * head_dim, v_step, v_step, head_dim) if "vo" in modules else head_dim,
     )
@@ -312,9 +343,21 @@ def write_attention(attention: nn.Module, sizes: BlockSizes, qk, vo, geometry, s
     q_rows, k_rows = head_positions(coordinates, heads // kv_heads, d), head_positions(coordinates, 1, d)
     value_slots = torch.arange(sizes.v_head_dim).expand(kv_heads, -1)
     v_rows, o_columns = head_positions(value_slots, 1, d), head_positions(value_slots, heads // kv_heads, d)
-    set_linear(attention.q_proj, padded_rows(query, q_rows, heads * d), None if query_bias is None else padded_rows(query_bias, q_rows, heads * d))
-    set_linear(attention.k_proj, padded_rows(key, k_rows, kv_heads * d), None if key_bias is None else padded_rows(key_bias, k_rows, kv_heads * d))
-    set_linear(attention.v_proj, padded_rows(value, v_rows, kv_heads * d), None if value_bias is None else padded_rows(value_bias, v_rows, kv_heads * d))
+    set_linear(
+        attention.q_proj,
+        padded_rows(query, q_rows, heads * d),
+        None if query_bias is None else padded_rows(query_bias, q_rows, heads * d),
+    )
+    set_linear(
+        attention.k_proj,
+        padded_rows(key, k_rows, kv_heads * d),
+        None if key_bias is None else padded_rows(key_bias, k_rows, kv_heads * d),
+    )
+    set_linear(
+        attention.v_proj,
+        padded_rows(value, v_rows, kv_heads * d),
+        None if value_bias is None else padded_rows(value_bias, v_rows, kv_heads * d),
+    )
     set_linear(attention.o_proj, padded_rows(output.T, o_columns, heads * d).T, attention.o_proj.bias)
     return attention
 
@@ -345,19 +388,39 @@ MODULE_TYPES = ("qk", "vo", "mlp")
 class ModeGPT(Step):
     """MoDeGPT: structured compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output), training-free."""
 
-    ratio: float = param(0.25, "fraction of the blocks' projection weights removed, spread over the blocks by importance", min=0.0, max=0.9)
-    modules: list[str] = param(["vo", "mlp"],
-                               "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head "
-                               "dims), mlp (neurons); qk is off by default: measured worse than plain SVD on the demo "
-                               "(docs/methods/modegpt.md)")
-    export: str = param("sliced", "sliced: smaller weights, per-layer sizes in the config, modeling code shipped (trust_remote_code); "
-                                  "masked: zero-padded to the original shapes, loads in stock transformers and vLLM, no savings",
-                        choices=("sliced", "masked"))
-    smoothing: float = param(0.15, "allocation temperature: sparsity = L * ratio * softmax(-importance / smoothing); large = uniform", min=1e-6)
-    max_sparsity: float = param(0.8, "no block loses more than this fraction of its compressed modules", min=0.0, max=0.95)
+    ratio: float = param(
+        0.25,
+        "fraction of the blocks' projection weights removed, spread over the blocks by importance",
+        min=0.0,
+        max=0.9,
+    )
+    modules: list[str] = param(
+        ["vo", "mlp"],
+        "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head "
+        "dims), mlp (neurons); qk is off by default: measured worse than plain SVD on the demo "
+        "(docs/methods/modegpt.md)",
+    )
+    export: str = param(
+        "sliced",
+        "sliced: smaller weights, per-layer sizes in the config, modeling code shipped (trust_remote_code); "
+        "masked: zero-padded to the original shapes, loads in stock transformers and vLLM, no savings",
+        choices=("sliced", "masked"),
+    )
+    smoothing: float = param(
+        0.15,
+        "allocation temperature: sparsity = L * ratio * softmax(-importance / smoothing); large = uniform",
+        min=1e-6,
+    )
+    max_sparsity: float = param(
+        0.8, "no block loses more than this fraction of its compressed modules", min=0.0, max=0.95
+    )
     ridge: float = param(1e-2, "ridge of the MLP's leverage scores, relative to the mean neuron energy", min=0.0)
-    round_to: int = param(1, "MLP widths, and o_proj's input width (heads x value head dim), rounded to a multiple of this "
-                             "(a following quantizer's group size)", min=1)
+    round_to: int = param(
+        1,
+        "MLP widths, and o_proj's input width (heads x value head dim), rounded to a multiple of this "
+        "(a following quantizer's group size)",
+        min=1,
+    )
     skip_layers: list[int] = param([], "blocks left whole (their share goes to the others)")
 
     def check(self) -> None:
@@ -385,7 +448,9 @@ class ModeGPT(Step):
         hidden, heads, kv_heads, d = config.hidden_size, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
         full = BlockSizes(config.intermediate_size, d // 2, d)
         whole = full.parameters(hidden, heads, kv_heads)
-        compressible = whole - block_sizes(0.0, modules, config.intermediate_size, d, heads, 1).parameters(hidden, heads, kv_heads)
+        compressible = whole - block_sizes(0.0, modules, config.intermediate_size, d, heads, 1).parameters(
+            hidden, heads, kv_heads
+        )
         active = [i for i in range(context.num_blocks) if i not in self.skip_layers]
         target = self.ratio * whole * context.num_blocks / (compressible * max(len(active), 1)) if modules else 0.0
         if self.ratio > 0 and (not modules or not active or target > self.max_sparsity):
@@ -397,10 +462,18 @@ class ModeGPT(Step):
         sparsity = torch.zeros(context.num_blocks, dtype=torch.float64)
         if active and target > 0:
             sparsity[active] = allocate_sparsity(importance[active], target, self.smoothing, self.max_sparsity)
-        sizes = [block_sizes(1 - float(s), modules if i in active else [], config.intermediate_size, d, heads, self.round_to)
-                 for i, s in enumerate(sparsity)]
-        return {"modules": modules, "importance": importance, "sparsity": sparsity, "sizes": sizes, "notes": notes,
-                "parameters": (whole * context.num_blocks, sum(s.parameters(hidden, heads, kv_heads) for s in sizes))}
+        sizes = [
+            block_sizes(1 - float(s), modules if i in active else [], config.intermediate_size, d, heads, self.round_to)
+            for i, s in enumerate(sparsity)
+        ]
+        return {
+            "modules": modules,
+            "importance": importance,
+            "sparsity": sparsity,
+            "sizes": sizes,
+            "notes": notes,
+            "parameters": (whole * context.num_blocks, sum(s.parameters(hidden, heads, kv_heads) for s in sizes)),
+        }
 
     def block_importances(self, context: BlockContext) -> torch.Tensor:
         """1 - cos(input, output) of every block of the original model on the calibration inputs."""
@@ -429,24 +502,41 @@ class ModeGPT(Step):
         geometry, adapter = attention_geometry(context.config), context.adapter
         attention = context.block.get_submodule(adapter.attention)
         mlp = context.block.get_submodule(adapter.mlp)
-        dense = [getattr(attention, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        dense = [getattr(attention, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+            getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")
+        ]
         if not all(type(linear) is nn.Linear for linear in dense):
-            raise ValueError(f"modegpt: block {context.index} is not a dense Llama-family block (put modegpt before quantizers and attention rewrites)")
+            raise ValueError(
+                f"modegpt: block {context.index} is not a dense Llama-family block (put modegpt before quantizers and attention rewrites)"
+            )
         sliced = self.export == "sliced"
         if context.index not in self.skip_layers:
             with torch.no_grad():
                 before, pairs = self.compress_attention(context, attention, sizes, modules, geometry, sliced)
                 if "mlp" in modules:
-                    gate, up, down, index = nystrom_mlp(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, mlp_correlation(context, mlp),
-                                                        sizes.intermediate_size, self.ridge)
+                    gate, up, down, index = nystrom_mlp(
+                        mlp.gate_proj.weight,
+                        mlp.up_proj.weight,
+                        mlp.down_proj.weight,
+                        mlp_correlation(context, mlp),
+                        sizes.intermediate_size,
+                        self.ridge,
+                    )
                     write_mlp(mlp, gate, up, down, index, sliced)
                 after = context.forward()
-            error = sum((a - b).double().pow(2).sum() for a, b in zip(after, before)) / sum(b.double().pow(2).sum() for b in before)
+            error = sum((a - b).double().pow(2).sum() for a, b in zip(after, before)) / sum(
+                b.double().pow(2).sum() for b in before
+            )
             hidden, heads, kv_heads = context.config.hidden_size, geometry.num_heads, geometry.num_kv_heads
             context.record(
-                "block", importance=float(plan["importance"][context.index]), sparsity=round(float(plan["sparsity"][context.index]), 5),
-                intermediate_size=sizes.intermediate_size, qk_head_dim=2 * sizes.qk_pairs, v_head_dim=sizes.v_head_dim,
-                parameters=sizes.parameters(hidden, heads, kv_heads), block_output_error=math.sqrt(float(error)),
+                "block",
+                importance=float(plan["importance"][context.index]),
+                sparsity=round(float(plan["sparsity"][context.index]), 5),
+                intermediate_size=sizes.intermediate_size,
+                qk_head_dim=2 * sizes.qk_pairs,
+                v_head_dim=sizes.v_head_dim,
+                parameters=sizes.parameters(hidden, heads, kv_heads),
+                block_output_error=math.sqrt(float(error)),
             )
             if pairs is not None:
                 context.state["layers"][context.index] = self.layer_spec(sizes, pairs.tolist())
@@ -454,11 +544,18 @@ class ModeGPT(Step):
             context.declare_architecture(sliced_config(context.config, context.state["layers"]))
         if context.index == context.num_blocks - 1:
             before_count, after_count = plan["parameters"]
-            context.record("blocks", removed=round(1 - after_count / before_count, 5), target=self.ratio, parameters=after_count,
-                           parameters_before=before_count, **({"note": "; ".join(plan["notes"])} if plan["notes"] else {}))
+            context.record(
+                "blocks",
+                removed=round(1 - after_count / before_count, 5),
+                target=self.ratio,
+                parameters=after_count,
+                parameters_before=before_count,
+                **({"note": "; ".join(plan["notes"])} if plan["notes"] else {}),
+            )
 
-    def compress_attention(self, context: BlockContext, attention, sizes: BlockSizes, modules: list[str], geometry,
-                           sliced: bool):
+    def compress_attention(
+        self, context: BlockContext, attention, sizes: BlockSizes, modules: list[str], geometry, sliced: bool
+    ):
         """Type II and III on the block's attention; returns the block's outputs before, and the kept pairs."""
         heads, kv_heads, d = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
         correlation, query_energy, key_energy, before = attention_statistics(context, attention, heads, kv_heads, d)
@@ -466,8 +563,11 @@ class ModeGPT(Step):
             return before, None
         q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
         qk = cr_key_query(q.weight, k.weight, query_energy, key_energy, sizes.qk_pairs, q.bias, k.bias)
-        vo = (whitened_value_output(v.weight, o.weight, correlation, heads, kv_heads, sizes.v_head_dim, v.bias) if "vo" in modules
-              else (v.weight, o.weight, v.bias))
+        vo = (
+            whitened_value_output(v.weight, o.weight, correlation, heads, kv_heads, sizes.v_head_dim, v.bias)
+            if "vo" in modules
+            else (v.weight, o.weight, v.bias)
+        )
         module = write_attention(attention, sizes, qk, vo, geometry, sliced)
         if module is not attention:
             context.replace_module(context.adapter.attention, module)
@@ -476,4 +576,9 @@ class ModeGPT(Step):
     @staticmethod
     def layer_spec(sizes: BlockSizes, pairs: list[list[int]]) -> dict:
         """A layer's entry in the sliced config (``arch/modegpt``)."""
-        return {"intermediate_size": sizes.intermediate_size, "qk_head_dim": 2 * len(pairs[0]), "v_head_dim": sizes.v_head_dim, "rope_pairs": pairs}
+        return {
+            "intermediate_size": sizes.intermediate_size,
+            "qk_head_dim": 2 * len(pairs[0]),
+            "v_head_dim": sizes.v_head_dim,
+            "rope_pairs": pairs,
+        }

@@ -41,7 +41,9 @@ class TruncatedSVD(Step):
 
     needs_calibration = False
 
-    ratio: float = param(0.25, "fraction of each projection's parameters the two rank-r factors would save", min=0.0, max=0.95)
+    ratio: float = param(
+        0.25, "fraction of each projection's parameters the two rank-r factors would save", min=0.0, max=0.95
+    )
     ignore: list[str] = param([], "module name patterns left whole (glob, or re:REGEX)")
 
     @torch.no_grad()
@@ -50,4 +52,9 @@ class TruncatedSVD(Step):
             rank = budget_rank(linear.out_features, linear.in_features, self.ratio)
             approximation, energy = truncated_svd(linear.weight, rank)
             linear.weight.copy_(approximation)
-            context.record(name, rank=rank, energy_kept=round(energy, 6), parameters=rank * (linear.out_features + linear.in_features))
+            context.record(
+                name,
+                rank=rank,
+                energy_kept=round(energy, 6),
+                parameters=rank * (linear.out_features + linear.in_features),
+            )

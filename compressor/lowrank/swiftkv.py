@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from compressor.arch.swiftkv.modeling_llama_swiftkv import add_swiftkv_projections, group_leader, rotate, swiftkv_layer
 from compressor.arch.swiftkv import swiftkv_config, swiftkv_model_type
+from compressor.arch.swiftkv.modeling_llama_swiftkv import add_swiftkv_projections, group_leader, rotate, swiftkv_layer
 from compressor.distill import train_end_to_end
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
@@ -112,12 +112,12 @@ class SwiftKVCarryLayer(nn.Module):
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         width = self.hidden_size
         hidden = hidden_states[..., :width]
-        entering = hidden if self.first else hidden_states[..., width: 2 * width]
+        entering = hidden if self.first else hidden_states[..., width : 2 * width]
         if self.leader:
             states = self.shared[0](entering)
             key_value = torch.cat([self.self_attn.k_proj_swiftkv(states), self.self_attn.v_proj_swiftkv(states)], -1)
         else:
-            key_value = hidden_states[..., 2 * width:]
+            key_value = hidden_states[..., 2 * width :]
         keys, values = key_value.split(key_value.shape[-1] // 2, -1)
         shape = (*keys.shape[:-1], -1, self.head_dim)
         cos, sin = position_embeddings
@@ -147,18 +147,32 @@ class SwiftKV(Step):
 
     kind = "model"
 
-    num_key_value_layers: int | None = param(None, "M: layers 0..M-1 stay as they are; the keys and values of every later layer come "
-                                                   "from the stream entering layer M (null: N // 2, raised to the next M that leaves whole groups of G above it)", min=1)
-    key_value_group_size: int = param(1, "G (AcrossKV): consecutive upper layers sharing one key/value projection and KV-cache "
-                                         "entry; must divide N - M", min=1)
+    num_key_value_layers: int | None = param(
+        None,
+        "M: layers 0..M-1 stay as they are; the keys and values of every later layer come "
+        "from the stream entering layer M (null: N // 2, raised to the next M that leaves whole groups of G above it)",
+        min=1,
+    )
+    key_value_group_size: int = param(
+        1,
+        "G (AcrossKV): consecutive upper layers sharing one key/value projection and KV-cache entry; must divide N - M",
+        min=1,
+    )
     epochs: int = param(2, "passes over the calibration set (0: the initialisation only, no distillation)", min=0)
     lr: float = param(2e-4, "AdamW learning rate of the new projections and norm (official: 2e-4)", min=0.0)
     batch_size: int = param(4, "sequences per optimizer step", min=1)
     micro_batch_size: int | None = param(None, "sequences per forward and backward (null: batch_size)", min=1)
-    warmup_ratio: float = param(0.05, "fraction of the steps with linear warmup (official: 0.05), then cosine decay", min=0.0, max=1.0)
+    warmup_ratio: float = param(
+        0.05, "fraction of the steps with linear warmup (official: 0.05), then cosine decay", min=0.0, max=1.0
+    )
     top_k: int = param(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)", min=1)
-    heldout: float = param(0.1, "fraction of the calibration sequences held out: their KL is measured before training and "
-                                "after each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
+    heldout: float = param(
+        0.1,
+        "fraction of the calibration sequences held out: their KL is measured before training and "
+        "after each epoch, and the best state is kept (0: train on all, keep the last)",
+        min=0.0,
+        max=0.5,
+    )
     seed: int = param(0, "seed of the sample order (shuffled every epoch)")
 
     def layers_for(self, num_layers: int) -> int:
@@ -169,7 +183,9 @@ class SwiftKV(Step):
             while (num_layers - layers) % self.key_value_group_size:
                 layers += 1
         if not 1 <= layers <= num_layers:
-            raise ValueError(f"num_key_value_layers: {layers} is outside 1..{num_layers} (the model has {num_layers} layers)")
+            raise ValueError(
+                f"num_key_value_layers: {layers} is outside 1..{num_layers} (the model has {num_layers} layers)"
+            )
         if (num_layers - layers) % self.key_value_group_size:
             raise ValueError(
                 f"key_value_group_size: {self.key_value_group_size} does not divide the {num_layers - layers} layers from "
@@ -190,24 +206,39 @@ class SwiftKV(Step):
         group = self.key_value_group_size
         new_config = swiftkv_config(config, first, group)
         context.declare_architecture(new_config)
-        summary = dict(num_key_value_layers=first, key_value_group_size=group,
-                       kv_cache_layers=kv_cache_layers(num_layers, first, group), num_layers=num_layers,
-                       kv_cache_reduction=round(kv_cache_reduction(num_layers, first, group), 6))
+        summary = dict(
+            num_key_value_layers=first,
+            key_value_group_size=group,
+            kv_cache_layers=kv_cache_layers(num_layers, first, group),
+            num_layers=num_layers,
+            kv_cache_reduction=round(kv_cache_reduction(num_layers, first, group), 6),
+        )
         if first == num_layers:  # nothing is rewired: the model is the original
             context.record("model", **summary, steps=0)
             return
 
         norm, attentions = self.rewire(context, new_config, first)
         parameters = [norm.weight] + [
-            p for attention in attentions.values() for name, p in attention.named_parameters()
+            p
+            for attention in attentions.values()
+            for name, p in attention.named_parameters()
             if name.split(".")[0].endswith("_swiftkv")
         ]
         losses, best = self.distill(context, parameters) if self.epochs else ([], None)
         steps_per_epoch = max(len(losses) // max(self.epochs, 1), 1)
         context.record(
-            "model", **summary, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),
-            **({"first_epoch_kl": sum(losses[:steps_per_epoch]) / steps_per_epoch,
-                "last_epoch_kl": sum(losses[-steps_per_epoch:]) / steps_per_epoch} if losses else {}),
+            "model",
+            **summary,
+            steps=len(losses),
+            trained_parameters=sum(p.numel() for p in parameters),
+            **(
+                {
+                    "first_epoch_kl": sum(losses[:steps_per_epoch]) / steps_per_epoch,
+                    "last_epoch_kl": sum(losses[-steps_per_epoch:]) / steps_per_epoch,
+                }
+                if losses
+                else {}
+            ),
             **(best.summary() if best else {}),
         )
 
@@ -240,9 +271,15 @@ class SwiftKV(Step):
         generator = torch.Generator().manual_seed(self.seed)
         try:
             return train_end_to_end(
-                context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs,
-                batch_size=self.batch_size, micro_batch_size=self.micro_batch_size or self.batch_size, top_k=self.top_k,
-                heldout=self.heldout, order=lambda epoch, count: torch.randperm(count, generator=generator),
+                context,
+                [{"params": parameters, "lr": self.lr}],
+                name=self.name,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                micro_batch_size=self.micro_batch_size or self.batch_size,
+                top_k=self.top_k,
+                heldout=self.heldout,
+                order=lambda epoch, count: torch.randperm(count, generator=generator),
                 lr_at=lr_at,
             )
         finally:

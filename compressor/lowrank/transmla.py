@@ -49,7 +49,9 @@ def damped_eigh(gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Te
     return values[order], vectors[:, order]
 
 
-def rorope_rotation(key_gram: torch.Tensor, num_kv_heads: int, head_dim: int, rope_dim: int, freqfold: int, damp: float = 0.01):
+def rorope_rotation(
+    key_gram: torch.Tensor, num_kv_heads: int, head_dim: int, rope_dim: int, freqfold: int, damp: float = 0.01
+):
     """RoRoPE with FreqFold: an orthogonal ``T`` [L0, L0] (L0 = num_kv_heads * head_dim) taking the
     keys (kv-head-major, half-split rotary layout) to ``[rotary part (rope_dim, interleaved pairs) |
     position-free part]``, the original frequency index of each rotary pair, and the share of key
@@ -107,9 +109,22 @@ class MLAWeights:
 
 
 def transmla_weights(
-    q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, kv_gram, *,
-    num_heads: int, num_kv_heads: int, head_dim: int, rope_dim: int, freqfold: int, kv_lora_rank: int,
-    balance_kv: bool = True, damp: float = 0.01,
+    q_weight,
+    q_bias,
+    k_weight,
+    k_bias,
+    v_weight,
+    v_bias,
+    kv_gram,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rope_dim: int,
+    freqfold: int,
+    kv_lora_rank: int,
+    balance_kv: bool = True,
+    damp: float = 0.01,
 ) -> MLAWeights:
     """The MLA projections of one GQA attention from its weights and the Gram of its ``[k | v]``
     outputs (biases included) on calibration inputs. Everything is computed in float64."""
@@ -130,8 +145,9 @@ def transmla_weights(
     kv_a = torch.cat([down, rope_rows])
 
     scale = math.sqrt((d + r) / d)
-    q_rows, q_bias_rows, kv_b_rows = deepseek_head_rows(q_weight, q_bias, t_rope, t_nope, basis, alpha,
-                                                        num_heads, num_kv_heads, d)
+    q_rows, q_bias_rows, kv_b_rows = deepseek_head_rows(
+        q_weight, q_bias, t_rope, t_nope, basis, alpha, num_heads, num_kv_heads, d
+    )
 
     has_kv_bias = k_bias is not None or v_bias is not None
     return MLAWeights(
@@ -147,8 +163,15 @@ def transmla_weights(
     )
 
 
-def balanced_joint_pca(kv_gram: torch.Tensor, t_nope: torch.Tensor, latent: int, rope_dim: int, kv_lora_rank: int,
-                       balance_kv: bool, damp: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def balanced_joint_pca(
+    kv_gram: torch.Tensor,
+    t_nope: torch.Tensor,
+    latent: int,
+    rope_dim: int,
+    kv_lora_rank: int,
+    balance_kv: bool,
+    damp: float,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Stage 3 on the float64 Gram of ``[k | v]``: the position-free key part, divided by ``alpha`` (mean
     key column norm / mean value column norm on calibration data), and the values factored together.
     Returns the map ``mix`` ([k | v] -> [k_nope / alpha | v]), the top-``kv_lora_rank`` basis of the
@@ -168,8 +191,17 @@ def balanced_joint_pca(kv_gram: torch.Tensor, t_nope: torch.Tensor, latent: int,
     return mix, basis, alpha, kv_energy
 
 
-def deepseek_head_rows(q_weight: torch.Tensor, q_bias: torch.Tensor | None, t_rope: torch.Tensor, t_nope: torch.Tensor,
-                       basis: torch.Tensor, alpha: float, num_heads: int, num_kv_heads: int, head_dim: int):
+def deepseek_head_rows(
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    t_rope: torch.Tensor,
+    t_nope: torch.Tensor,
+    basis: torch.Tensor,
+    alpha: float,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+):
     """Stage 4, per query head (float64): its query rows ``[q_h | rotary latent read by head h applied to
     q_h]`` (and bias rows), and its ``kv_b_proj`` rows ``[k_nope | v]``, unscaled."""
     d = head_dim
@@ -234,7 +266,9 @@ class MLAAttention(DeepseekV3Attention):
 
     ``query_bias`` and ``latent_norm=False`` build the exact variants DeepSeek-V3 cannot store."""
 
-    def __init__(self, config, layer_idx: int, rope_frequencies: torch.Tensor, query_bias: bool = False, latent_norm: bool = True):
+    def __init__(
+        self, config, layer_idx: int, rope_frequencies: torch.Tensor, query_bias: bool = False, latent_norm: bool = True
+    ):
         super().__init__(config, layer_idx)
         self.register_buffer("rope_frequencies", rope_frequencies, persistent=False)
         if query_bias:
@@ -254,29 +288,41 @@ def check_convertible(config) -> None:
     """Refuse what TransMLA cannot convert exactly (before any work)."""
     model_type = getattr(config, "model_type", "?")
     if model_type == "qwen3":
-        raise UnsupportedArchitecture("transmla: qwen3 normalises each key head (k_norm), so its keys are not linear in the input and cannot share a latent; not convertible")
+        raise UnsupportedArchitecture(
+            "transmla: qwen3 normalises each key head (k_norm), so its keys are not linear in the input and cannot share a latent; not convertible"
+        )
     if any(t == "sliding_attention" for t in getattr(config, "layer_types", None) or []) or (
         getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     ):
-        raise UnsupportedArchitecture(f"transmla: {model_type} uses sliding-window attention, which DeepSeek-V3's latent attention has not")
+        raise UnsupportedArchitecture(
+            f"transmla: {model_type} uses sliding-window attention, which DeepSeek-V3's latent attention has not"
+        )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedArchitecture(f"transmla: rope {rope} is not plain RoPE; only the default rotary embedding converts to DeepSeek-V3's")
+        raise UnsupportedArchitecture(
+            f"transmla: rope {rope} is not plain RoPE; only the default rotary embedding converts to DeepSeek-V3's"
+        )
     if getattr(config, "mlp_bias", False):
         raise UnsupportedArchitecture("transmla: the MLP has biases, which DeepSeek-V3's MLP has not")
 
 
-def build_mla_attention(weights: MLAWeights, mla_config, layer_idx: int, o_proj: nn.Module, latent_norm_weight: torch.Tensor | None) -> MLAAttention:
+def build_mla_attention(
+    weights: MLAWeights, mla_config, layer_idx: int, o_proj: nn.Module, latent_norm_weight: torch.Tensor | None
+) -> MLAAttention:
     """An ``MLAAttention`` holding ``weights`` (``latent_norm_weight=None``: no latent norm, exact)."""
     with torch.device("meta"):
-        module = MLAAttention(mla_config, layer_idx, weights.rope_frequencies, weights.q_bias is not None, latent_norm_weight is not None)
+        module = MLAAttention(
+            mla_config, layer_idx, weights.rope_frequencies, weights.q_bias is not None, latent_norm_weight is not None
+        )
     device = weights.q_weight.device
     module.rope_frequencies = weights.rope_frequencies.to(device)
 
     def put(linear, weight, bias=None):
         linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
         if linear.bias is not None:
-            linear.bias = nn.Parameter((bias if bias is not None else weight.new_zeros(weight.shape[0])).contiguous(), requires_grad=False)
+            linear.bias = nn.Parameter(
+                (bias if bias is not None else weight.new_zeros(weight.shape[0])).contiguous(), requires_grad=False
+            )
 
     put(module.q_proj, weights.q_weight, weights.q_bias)
     put(module.kv_a_proj_with_mqa, weights.kv_a_weight, weights.kv_a_bias)
@@ -289,7 +335,10 @@ def build_mla_attention(weights: MLAWeights, mla_config, layer_idx: int, o_proj:
     return module.eval()
 
 
-VLLM_MLA_SIZES = (576, 320)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA backends accept (see compressor/serving.py)
+VLLM_MLA_SIZES = (
+    576,
+    320,
+)  # kv_lora_rank + qk_rope_head_dim that vLLM's MLA backends accept (see compressor/serving.py)
 
 
 def vllm_sizes(d: int, latent: int, rope_dim: int | None, where: str) -> tuple[int, int]:
@@ -309,8 +358,16 @@ def vllm_sizes(d: int, latent: int, rope_dim: int | None, where: str) -> tuple[i
     )
 
 
-def mla_sizes(config, kv_lora_rank: int | None, kv_cache_ratio: float | None, rope_dim: int | None, freqfold: int | None,
-              where: str = "transmla", exact: bool = False, serving: str = "any"):
+def mla_sizes(
+    config,
+    kv_lora_rank: int | None,
+    kv_cache_ratio: float | None,
+    rope_dim: int | None,
+    freqfold: int | None,
+    where: str = "transmla",
+    exact: bool = False,
+    serving: str = "any",
+):
     """(kv_lora_rank, rope_dim, freqfold) for this model, checked; errors name the step key.
     ``exact``: every rotary dim of every kv head keeps RoPE (rope_dim = kv heads x head_dim, freqfold 1).
     ``serving: vllm``: sizes vLLM's MLA accepts (``vllm_sizes``), instead of ``kv_cache_ratio``."""
@@ -318,24 +375,34 @@ def mla_sizes(config, kv_lora_rank: int | None, kv_cache_ratio: float | None, ro
     d, latent = geometry.head_dim, geometry.num_kv_heads * geometry.head_dim
     if serving == "vllm":
         if exact or kv_lora_rank is not None:
-            raise ValueError(f"{where}.serving: vllm picks kv_lora_rank itself and serves the DeepSeek-V3 layout; "
-                             "leave kv_lora_rank unset and exact false")
+            raise ValueError(
+                f"{where}.serving: vllm picks kv_lora_rank itself and serves the DeepSeek-V3 layout; "
+                "leave kv_lora_rank unset and exact false"
+            )
         kv_lora_rank, rope_dim = vllm_sizes(d, latent, rope_dim, where)
     if exact:
         if rope_dim not in (None, latent) or freqfold not in (None, 1):
-            raise ValueError(f"{where}.exact: keeps every rotary key dim (qk_rope_head_dim {latent}, freqfold 1); "
-                             "leave qk_rope_head_dim and freqfold unset")
+            raise ValueError(
+                f"{where}.exact: keeps every rotary key dim (qk_rope_head_dim {latent}, freqfold 1); "
+                "leave qk_rope_head_dim and freqfold unset"
+            )
         rank = kv_lora_rank if kv_lora_rank is not None else round(kv_cache_ratio * 2 * latent) - latent
         if not 1 <= rank <= latent:
-            raise ValueError(f"{where}.kv_cache_ratio: exact keeps all {latent} rotary key dims, so the cache ratio must be above 0.5 "
-                             f"(1.0 keeps the whole latent); kv_lora_rank {rank} is outside 1..{latent}")
+            raise ValueError(
+                f"{where}.kv_cache_ratio: exact keeps all {latent} rotary key dims, so the cache ratio must be above 0.5 "
+                f"(1.0 keeps the whole latent); kv_lora_rank {rank} is outside 1..{latent}"
+            )
         return rank, latent, 1
-    if rope_dim is None:  # the largest even divisor of head_dim within half the cache budget (head_dim with a given rank)
+    if (
+        rope_dim is None
+    ):  # the largest even divisor of head_dim within half the cache budget (head_dim with a given rank)
         budget = d if kv_lora_rank is not None else kv_cache_ratio * 2 * latent / 2
         rope_dim = max([r for r in range(2, d + 1, 2) if d % r == 0 and r <= budget] or [2])
     r = rope_dim
     if r < 2 or r % 2 or r > latent:
-        raise ValueError(f"{where}.qk_rope_head_dim: {r} must be even and between 2 and num_key_value_heads * head_dim = {latent}")
+        raise ValueError(
+            f"{where}.qk_rope_head_dim: {r} must be even and between 2 and num_key_value_heads * head_dim = {latent}"
+        )
     if d % r:
         raise ValueError(
             f"{where}.qk_rope_head_dim: {r} does not divide head_dim {d}, so the rotary frequencies kept are not those of a "
@@ -362,7 +429,11 @@ def kv_gram(block: nn.Module, attention: nn.Module, norm: nn.Module, inputs: lis
     gram = None
     for hidden in inputs:
         normed = norm(hidden)
-        z = torch.cat([attention.k_proj(normed), attention.v_proj(normed)], -1).reshape(-1, attention.k_proj.out_features * 2).double()
+        z = (
+            torch.cat([attention.k_proj(normed), attention.v_proj(normed)], -1)
+            .reshape(-1, attention.k_proj.out_features * 2)
+            .double()
+        )
         gram = z.T @ z if gram is None else gram + z.T @ z
     return gram
 
@@ -376,22 +447,46 @@ def kv_gram(block: nn.Module, attention: nn.Module, norm: nn.Module, inputs: lis
 class TransMLA(Step):
     """TransMLA: convert GQA attention into DeepSeek-V3 multi-head latent attention (smaller KV cache)."""
 
-    kv_cache_ratio: float = param(0.25, "KV cache per token after / before (latent + rotary key vs all keys and values)", min=0.0, max=1.0)
+    kv_cache_ratio: float = param(
+        0.25, "KV cache per token after / before (latent + rotary key vs all keys and values)", min=0.0, max=1.0
+    )
     kv_lora_rank: int | None = param(None, "latent size per token and layer; overrides kv_cache_ratio", min=1)
-    qk_rope_head_dim: int | None = param(None, "dims of the shared rotary key (must divide head_dim); null: the largest that is at most half the cache budget", min=2)
-    freqfold: int | None = param(None, "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim, at most head_dim / 2", min=1)
+    qk_rope_head_dim: int | None = param(
+        None,
+        "dims of the shared rotary key (must divide head_dim); null: the largest that is at most half the cache budget",
+        min=2,
+    )
+    freqfold: int | None = param(
+        None,
+        "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim, at most head_dim / 2",
+        min=1,
+    )
     balance_kv: bool = param(True, "equalise key and value norms before their joint PCA")
     damp: float = param(0.01, "PCA damping, a fraction of the Gram's mean diagonal", min=0.0)
-    exact: bool = param(False, "exact conversion: every rotary key dim keeps RoPE (longrope frequencies) and the latent norm works "
-                               "in its linear range; with kv_cache_ratio 1.0 the export equals the original; transformers only")
-    serving: str = param("any", "vllm: pick kv_lora_rank + qk_rope_head_dim that vLLM's MLA accepts (576, else 320) instead of "
-                                "kv_cache_ratio", choices=("any", "vllm"))
+    exact: bool = param(
+        False,
+        "exact conversion: every rotary key dim keeps RoPE (longrope frequencies) and the latent norm works "
+        "in its linear range; with kv_cache_ratio 1.0 the export equals the original; transformers only",
+    )
+    serving: str = param(
+        "any",
+        "vllm: pick kv_lora_rank + qk_rope_head_dim that vLLM's MLA accepts (576, else 320) instead of kv_cache_ratio",
+        choices=("any", "vllm"),
+    )
 
     def check_config(self, config) -> None:
         """Sizes and architecture, refused before the weights are read (the session names the recipe file and step)."""
         try:
             check_convertible(config)
-            mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold, exact=self.exact, serving=self.serving)
+            mla_sizes(
+                config,
+                self.kv_lora_rank,
+                self.kv_cache_ratio,
+                self.qk_rope_head_dim,
+                self.freqfold,
+                exact=self.exact,
+                serving=self.serving,
+            )
         except (ValueError, UnsupportedArchitecture) as error:
             raise ValueError(str(error).removeprefix("transmla.").removeprefix("transmla: ")) from None
 
@@ -399,7 +494,15 @@ class TransMLA(Step):
         config = context.config
         check_convertible(config)
         geometry = attention_geometry(config)
-        rank, rope_dim, freqfold = mla_sizes(config, self.kv_lora_rank, self.kv_cache_ratio, self.qk_rope_head_dim, self.freqfold, exact=self.exact, serving=self.serving)
+        rank, rope_dim, freqfold = mla_sizes(
+            config,
+            self.kv_lora_rank,
+            self.kv_cache_ratio,
+            self.qk_rope_head_dim,
+            self.freqfold,
+            exact=self.exact,
+            serving=self.serving,
+        )
         adapter = context.adapter
         attention_path = adapter.attention
         attention = context.block.get_submodule(attention_path)
@@ -413,15 +516,35 @@ class TransMLA(Step):
         with torch.no_grad():
             gram = kv_gram(context.block, attention, norm, context.inputs)
             weights = transmla_weights(
-                attention.q_proj.weight, attention.q_proj.bias, attention.k_proj.weight, attention.k_proj.bias,
-                attention.v_proj.weight, attention.v_proj.bias, gram,
-                num_heads=geometry.num_heads, num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
-                rope_dim=rope_dim, freqfold=freqfold, kv_lora_rank=rank, balance_kv=self.balance_kv, damp=self.damp,
+                attention.q_proj.weight,
+                attention.q_proj.bias,
+                attention.k_proj.weight,
+                attention.k_proj.bias,
+                attention.v_proj.weight,
+                attention.v_proj.bias,
+                gram,
+                num_heads=geometry.num_heads,
+                num_kv_heads=geometry.num_kv_heads,
+                head_dim=geometry.head_dim,
+                rope_dim=rope_dim,
+                freqfold=freqfold,
+                kv_lora_rank=rank,
+                balance_kv=self.balance_kv,
+                damp=self.damp,
             )
-            mla_config = deepseek_v3_config(config, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=geometry.head_dim,
-                                            v_head_dim=geometry.head_dim, rope_frequencies=weights.rope_frequencies)
+            mla_config = deepseek_v3_config(
+                config,
+                kv_lora_rank=rank,
+                qk_rope_head_dim=rope_dim,
+                qk_nope_head_dim=geometry.head_dim,
+                v_head_dim=geometry.head_dim,
+                rope_frequencies=weights.rope_frequencies,
+            )
             context.declare_architecture(mla_config)  # the export is a DeepseekV3ForCausalLM
-            latents = [nn.functional.linear(norm(h), weights.kv_a_weight, weights.kv_a_bias)[..., :rank] for h in context.inputs]
+            latents = [
+                nn.functional.linear(norm(h), weights.kv_a_weight, weights.kv_a_bias)[..., :rank]
+                for h in context.inputs
+            ]
             eps = 1e-6  # DeepseekV3RMSNorm's default, which kv_a_layernorm keeps in transformers
             if self.exact:
                 scale = linear_range_scale(latents, eps)
@@ -433,14 +556,24 @@ class TransMLA(Step):
                 scale, gamma = 1.0, least_squares_norm_weight(latents, eps=eps)
             norm_error = latent_norm_error(latents, gamma, eps, scale)
             before = context.forward()
-            module = build_mla_attention(weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma)
+            module = build_mla_attention(
+                weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma
+            )
             context.replace_module(attention_path, module)
             after = context.forward()
-        error = sum((a - b).pow(2).sum().item() for a, b in zip(after, before)) / max(sum(b.pow(2).sum().item() for b in before), 1e-30)
+        error = sum((a - b).pow(2).sum().item() for a, b in zip(after, before)) / max(
+            sum(b.pow(2).sum().item() for b in before), 1e-30
+        )
         context.record(
-            attention_path, kv_lora_rank=rank, qk_rope_head_dim=rope_dim, freqfold=freqfold,
-            kv_per_token=rank + rope_dim, kv_per_token_before=2 * geometry.num_kv_heads * geometry.head_dim,
-            rope_energy=round(weights.rope_energy, 5), kv_energy=round(weights.kv_energy, 5), latent_norm_error=float(f"{norm_error:.3g}"),
+            attention_path,
+            kv_lora_rank=rank,
+            qk_rope_head_dim=rope_dim,
+            freqfold=freqfold,
+            kv_per_token=rank + rope_dim,
+            kv_per_token_before=2 * geometry.num_kv_heads * geometry.head_dim,
+            rope_energy=round(weights.rope_energy, 5),
+            kv_energy=round(weights.kv_energy, 5),
+            latent_norm_error=float(f"{norm_error:.3g}"),
             block_output_error=math.sqrt(error),
         )
 
@@ -460,9 +593,16 @@ class TransMLAHeal(Step):
     lr: float = param(3e-4, "AdamW learning rate", min=0.0)
     batch_size: int = param(4, "sequences per optimizer step", min=1)
     top_k: int = param(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)", min=1)
-    train: str = param("attention", "what learns: the converted attention layers, or every block weight", choices=("attention", "all"))
-    heldout: float = param(0.1, "fraction of the calibration sequences held out: their KL is measured before training and after "
-                                "each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
+    train: str = param(
+        "attention", "what learns: the converted attention layers, or every block weight", choices=("attention", "all")
+    )
+    heldout: float = param(
+        0.1,
+        "fraction of the calibration sequences held out: their KL is measured before training and after "
+        "each epoch, and the best state is kept (0: train on all, keep the last)",
+        min=0.0,
+        max=0.5,
+    )
 
     def compress_model(self, context: ModelContext) -> None:
         blocks = context.blocks
@@ -475,8 +615,14 @@ class TransMLAHeal(Step):
             p.requires_grad_(True)
         try:  # each epoch in its own seeded order; one step per batch, no micro-batches
             losses, best = train_end_to_end(
-                context, [{"params": parameters, "lr": self.lr}], name=self.name, epochs=self.epochs, batch_size=self.batch_size,
-                micro_batch_size=self.batch_size, top_k=self.top_k, heldout=self.heldout,
+                context,
+                [{"params": parameters, "lr": self.lr}],
+                name=self.name,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                micro_batch_size=self.batch_size,
+                top_k=self.top_k,
+                heldout=self.heldout,
                 order=lambda epoch, count: torch.randperm(count, generator=torch.Generator().manual_seed(epoch)),
             )
         finally:
@@ -485,7 +631,10 @@ class TransMLAHeal(Step):
                 p.grad = None
         steps_per_epoch = len(losses) // self.epochs
         context.record(
-            "model", first_epoch_kl=sum(losses[:steps_per_epoch]) / steps_per_epoch,
-            last_epoch_kl=sum(losses[-steps_per_epoch:]) / steps_per_epoch, steps=len(losses), trained_parameters=sum(p.numel() for p in parameters),
+            "model",
+            first_epoch_kl=sum(losses[:steps_per_epoch]) / steps_per_epoch,
+            last_epoch_kl=sum(losses[-steps_per_epoch:]) / steps_per_epoch,
+            steps=len(losses),
+            trained_parameters=sum(p.numel() for p in parameters),
             **(best.summary() if best else {}),
         )

@@ -49,7 +49,7 @@ class ActivationSpec:
         return {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric, "strategy": "token", "dynamic": True}
 
     @classmethod
-    def from_config(cls, entry: dict | None) -> "ActivationSpec | None":
+    def from_config(cls, entry: dict | None) -> ActivationSpec | None:
         if entry is None:
             return None
         if entry.get("strategy", "token") != "token" or not entry.get("dynamic", True):
@@ -104,7 +104,9 @@ class ChannelMap:
         return self.col.numel()
 
     @classmethod
-    def from_entries(cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, channels: int, in_channels: int) -> "ChannelMap":
+    def from_entries(
+        cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, channels: int, in_channels: int
+    ) -> ChannelMap:
         """CSR from (row, col, value) triples in any order (a (row, col) pair must appear once)."""
         order = torch.argsort(rows * in_channels + cols)
         rows, cols, values = rows[order], cols[order], values[order]
@@ -113,7 +115,9 @@ class ChannelMap:
         return cls(crow.to(torch.int32), cols.to(torch.int32), values.float(), in_channels)
 
     def row_index(self) -> torch.Tensor:
-        return torch.repeat_interleave(torch.arange(self.channels, device=self.crow.device), (self.crow[1:] - self.crow[:-1]).long())
+        return torch.repeat_interleave(
+            torch.arange(self.channels, device=self.crow.device), (self.crow[1:] - self.crow[:-1]).long()
+        )
 
     def dense(self) -> torch.Tensor:
         matrix = torch.zeros(self.channels, self.in_channels, dtype=torch.float32, device=self.val.device)
@@ -150,7 +154,7 @@ def base_attention_function(module):
 
     name = module.base_attention
     if name in (None, "eager"):
-        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[name]
 
 

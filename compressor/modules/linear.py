@@ -37,15 +37,22 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.trained_dtypes: dict[str, torch.dtype] = {}  # value tensors now held as trainable parameters
         # the dtype each value tensor was quantized to: a session's ``.to(dtype)`` casts floating buffers
-        self.stored_dtypes = {name: getattr(weight, name).dtype for name in self.tensor_names if getattr(weight, name) is not None}
+        self.stored_dtypes = {
+            name: getattr(weight, name).dtype for name in self.tensor_names if getattr(weight, name) is not None
+        }
         self.input_activations: ActivationSpec | None = None  # per-token fake-quantization of the input
         for part in ("crow", "col", "val"):  # CSR of a channel map applied first (None: none)
             self.register_buffer(f"input_map_{part}", None)
 
     def quantize_inputs(self, spec: ActivationSpec | None, channel_map: ChannelMap | None = None) -> None:
         """Fake-quantize the input per token at ``spec`` (None: not), after ``channel_map`` (None: none)."""
-        if channel_map is not None and (channel_map.channels, channel_map.in_channels) != (self.in_features, self.in_features):
-            raise ValueError(f"channel map {channel_map.channels}x{channel_map.in_channels} does not fit {self.in_features} input features")
+        if channel_map is not None and (channel_map.channels, channel_map.in_channels) != (
+            self.in_features,
+            self.in_features,
+        ):
+            raise ValueError(
+                f"channel map {channel_map.channels}x{channel_map.in_channels} does not fit {self.in_features} input features"
+            )
         self.input_activations = spec
         for part in ("crow", "col", "val"):
             self.register_buffer(f"input_map_{part}", None if channel_map is None else getattr(channel_map, part))
@@ -87,7 +94,10 @@ class QuantizedLinear(nn.Module):
     def stored_weight(self):
         """The value type with every tensor back in the dtype it was quantized to (what export writes)."""
         tensors = {name: getattr(self, name) for name in self.tensor_names}
-        tensors = {name: t.to(self.stored_dtypes[name]) if name in self.stored_dtypes and t is not None else t for name, t in tensors.items()}
+        tensors = {
+            name: t.to(self.stored_dtypes[name]) if name in self.stored_dtypes and t is not None else t
+            for name, t in tensors.items()
+        }
         return self.weight_type(**tensors, **self.weight_static)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +129,9 @@ def dequantize_model_(model, dtype) -> int:
             weight = dequantize(module.quantized_weight, dtype)
             if module.channel_map is not None:  # W (P x) = (W P) x: the map folds into a dense weight
                 weight = (weight.float() @ module.channel_map.dense().to(weight.device)).to(dtype)
-        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=dtype)
+        dense = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=dtype
+        )
         dense.weight.data = weight
         if module.bias is not None:
             dense.bias.data = module.bias.to(dtype)

@@ -70,7 +70,9 @@ def ksort_permutation(stat: torch.Tensor, head_dim: int, scope: str = "token") -
     return (order + torch.arange(heads).unsqueeze(1) * head_dim).flatten().to(torch.int32)
 
 
-def bfp_key_error(keys: torch.Tensor, bits: int, block_size: int, perm: torch.Tensor | None = None, rounding: str = "nearest_even") -> dict:
+def bfp_key_error(
+    keys: torch.Tensor, bits: int, block_size: int, perm: torch.Tensor | None = None, rounding: str = "nearest_even"
+) -> dict:
     """Error of BFP-stored keys [..., C] (after ``perm``, compared in the original order): relative
     MSE and the channel-normalised MSE (each channel's error over its own mean square)."""
     keys = keys.reshape(-1, keys.shape[-1]).float()
@@ -80,8 +82,10 @@ def bfp_key_error(keys: torch.Tensor, bits: int, block_size: int, perm: torch.Te
         restored = restored[:, torch.argsort(perm.long())]
     error = (restored - keys).square()
     power = keys.square().mean(0).clamp(min=1e-30)
-    return {"relative_mse": float(error.sum() / keys.square().sum().clamp(min=1e-30)),
-            "channel_mse": float((error.mean(0) / power).mean())}
+    return {
+        "relative_mse": float(error.sum() / keys.square().sum().clamp(min=1e-30)),
+        "channel_mse": float((error.mean(0) / power).mean()),
+    }
 
 
 def query_weights(query_energy: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -96,8 +100,9 @@ def query_weights(query_energy: torch.Tensor, kv_heads: int, head_dim: int) -> t
     return torch.cat([pair, pair], dim=1).flatten()
 
 
-def block_errors(keys: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, bits: int, block_size: int,
-                 rounding: str) -> torch.Tensor:
+def block_errors(
+    keys: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, bits: int, block_size: int, rounding: str
+) -> torch.Tensor:
     """[C / n] query-weighted squared BFP error of each stored block: sum over tokens and the block's
     channels of ``w_c (k_c - k^_c)^2`` (``keys`` [T, C] in the original channel order)."""
     stored, w = keys[:, perm.long()], weights[perm.long()]
@@ -105,8 +110,18 @@ def block_errors(keys: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, 
     return error.reshape(-1, block_size).sum(1)
 
 
-def refine_permutation(keys: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, bits: int, block_size: int, head_dim: int,
-                       scope: str, trials: int, seed: int = 0, rounding: str = "nearest_even") -> tuple[torch.Tensor, float, float]:
+def refine_permutation(
+    keys: torch.Tensor,
+    weights: torch.Tensor,
+    perm: torch.Tensor,
+    bits: int,
+    block_size: int,
+    head_dim: int,
+    scope: str,
+    trials: int,
+    seed: int = 0,
+    rounding: str = "nearest_even",
+) -> tuple[torch.Tensor, float, float]:
     """Greedy swaps between blocks from ``perm`` (the notes' ``refine: greedy``): ``trials`` times, swap
     two channels of two different blocks (of the same head with ``scope: head``) and keep the swap when
     the query-weighted BFP error of the two blocks (``block_errors``, the first-order error of the
@@ -127,7 +142,12 @@ def refine_permutation(keys: torch.Tensor, weights: torch.Tensor, perm: torch.Te
         b = second * block_size + int(torch.randint(block_size, (1,), generator=generator))
         trial = perm.clone()
         trial[a], trial[b] = perm[b], perm[a]
-        touched = torch.cat([trial[first * block_size:(first + 1) * block_size], trial[second * block_size:(second + 1) * block_size]])
+        touched = torch.cat(
+            [
+                trial[first * block_size : (first + 1) * block_size],
+                trial[second * block_size : (second + 1) * block_size],
+            ]
+        )
         new = block_errors(keys, weights, touched, bits, block_size, rounding)
         if float(new.sum()) < float(errors[first] + errors[second]):
             perm, errors[first], errors[second] = trial, new[0], new[1]
@@ -183,7 +203,14 @@ def record_calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: lis
     try:
         with torch.no_grad():
             for hidden, kwargs in zip(inputs, block_kwargs):
-                block(hidden, **{**{k: v for k, v in kwargs.items() if k != "past_key_values"}, "cache": recorder, "use_cache": True})
+                block(
+                    hidden,
+                    **{
+                        **{k: v for k, v in kwargs.items() if k != "past_key_values"},
+                        "cache": recorder,
+                        "use_cache": True,
+                    },
+                )
     finally:
         if hook is not None:
             hook.remove()
@@ -201,19 +228,39 @@ def record_calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: lis
 class BFP(Step):
     """Block floating point: a BFP KV cache with K-sort (keys grouped by channel magnitude), and/or BFP weights."""
 
-    k_bits: int | None = param(4, "key mantissa bits (sign included) of the BFP KV cache; null: the cache stays unquantized", choices=OPTIONAL_BITS)
+    k_bits: int | None = param(
+        4,
+        "key mantissa bits (sign included) of the BFP KV cache; null: the cache stays unquantized",
+        choices=OPTIONAL_BITS,
+    )
     v_bits: int | None = param(None, "value mantissa bits; null keeps values in the model dtype", choices=OPTIONAL_BITS)
     block_size: int = param(32, "cache values sharing one 8-bit exponent", choices=BFP_BLOCK_SIZES)
-    ksort: str = param("act_rms", "key-channel order: act_rms / act_absmax of the calibration keys after RoPE, weight_norm "
-                       "(the paper's data-free W_k row norms), none", choices=STATS)
-    scope: str = param("token", "cache blocks over the layer's whole key vector (token) or within each KV head (head)", choices=SCOPES)
-    refine: str = param("none", "greedy: from the K-sort order, swap channels between blocks while the query-weighted BFP error of "
-                                "the calibration keys falls (an ablation of the notes; the paper only sorts)", choices=("none", "greedy"))
+    ksort: str = param(
+        "act_rms",
+        "key-channel order: act_rms / act_absmax of the calibration keys after RoPE, weight_norm "
+        "(the paper's data-free W_k row norms), none",
+        choices=STATS,
+    )
+    scope: str = param(
+        "token", "cache blocks over the layer's whole key vector (token) or within each KV head (head)", choices=SCOPES
+    )
+    refine: str = param(
+        "none",
+        "greedy: from the K-sort order, swap channels between blocks while the query-weighted BFP error of "
+        "the calibration keys falls (an ablation of the notes; the paper only sorts)",
+        choices=("none", "greedy"),
+    )
     refine_trials: int = param(2000, "swaps tried per layer by refine: greedy", min=1)
     quantize_fresh: bool = param(True, "tokens of the current forward (the prompt) attend to their own BFP keys too")
-    weight_bits: int | None = param(None, "mantissa bits of BFP weights; null leaves the linears as they are", choices=OPTIONAL_BITS)
-    weight_block_size: int = param(32, "weights (along the input dimension) sharing one exponent", choices=BFP_BLOCK_SIZES)
-    rounding: str = param("nearest_even", "mantissa rounding (nearest_away: microxcaling's MX emulation)", choices=BFP_ROUNDING)
+    weight_bits: int | None = param(
+        None, "mantissa bits of BFP weights; null leaves the linears as they are", choices=OPTIONAL_BITS
+    )
+    weight_block_size: int = param(
+        32, "weights (along the input dimension) sharing one exponent", choices=BFP_BLOCK_SIZES
+    )
+    rounding: str = param(
+        "nearest_even", "mantissa rounding (nearest_away: microxcaling's MX emulation)", choices=BFP_ROUNDING
+    )
     ignore: list[str] = param(["lm_head"], "linears left unquantized by weight_bits (glob, or re:REGEX)")
 
     def __post_init__(self):
@@ -229,13 +276,22 @@ class BFP(Step):
 
     @property
     def cache_spec(self) -> BFPCacheSpec:
-        return BFPCacheSpec(k_bits=self.k_bits, v_bits=self.v_bits, block_size=self.block_size, scope=self.scope,
-                            rounding=self.rounding, quantize_fresh=self.quantize_fresh, k_perm=self.ksort != "none")
+        return BFPCacheSpec(
+            k_bits=self.k_bits,
+            v_bits=self.v_bits,
+            block_size=self.block_size,
+            scope=self.scope,
+            rounding=self.rounding,
+            quantize_fresh=self.quantize_fresh,
+            k_perm=self.ksort != "none",
+        )
 
     def check_model(self, linears: dict) -> None:
         if self.k_bits is not None and not any(name.endswith("self_attn.k_proj") for name in linears):
-            raise ValueError("k_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE "
-                             "(Llama, Mistral, Qwen2, Qwen3); this model's blocks have none")
+            raise ValueError(
+                "k_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE "
+                "(Llama, Mistral, Qwen2, Qwen3); this model's blocks have none"
+            )
 
     def compress_block(self, context: BlockContext) -> None:
         if self.weight_bits is not None:
@@ -248,7 +304,9 @@ class BFP(Step):
             weight = linear.weight.data
             quantized = BFPWeight.quantize(weight, self.weight_bits, self.weight_block_size, self.rounding)
             context.replace_linear(name, quantized)
-            error = (quantized.dequantize(torch.float32) - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
+            error = (quantized.dequantize(torch.float32) - weight.float()).norm() / weight.float().norm().clamp(
+                min=1e-30
+            )
             context.record(name, error=float(error), bits_per_weight=quantized.bits_per_weight())
 
     def sort_keys(self, context: BlockContext) -> None:
@@ -259,27 +317,47 @@ class BFP(Step):
             context.declare_kv_cache(spec)
         attention = context.adapter.attention
         q_proj = context.block.get_submodule(f"{attention}.q_proj") if self.refine == "greedy" else None
-        recorder = record_calibration_keys(context.block, context.inputs, context.block_kwargs, q_proj) if self.needs_calibration else None
+        recorder = (
+            record_calibration_keys(context.block, context.inputs, context.block_kwargs, q_proj)
+            if self.needs_calibration
+            else None
+        )
         if self.ksort == "none":
             perm = None
         elif self.ksort == "weight_norm":
             k_proj = context.block.get_submodule(f"{attention}.k_proj")
-            weight = k_proj.quantized_weight.dequantize(torch.float32) if hasattr(k_proj, "quantized_weight") else k_proj.weight
+            weight = (
+                k_proj.quantized_weight.dequantize(torch.float32)
+                if hasattr(k_proj, "quantized_weight")
+                else k_proj.weight
+            )
             perm = ksort_permutation(weight_norm_stat(weight.detach()), geometry.head_dim, self.scope)
         else:
             perm = ksort_permutation(recorder.stat(self.ksort), geometry.head_dim, self.scope)
         numbers = {"k_bits": self.k_bits, "block_size": self.block_size, "ksort": self.ksort}
         if self.refine == "greedy":
             weights = query_weights(recorder.query_energy(), geometry.num_kv_heads, geometry.head_dim)
-            perm, before, after = refine_permutation(torch.cat(recorder.sample), weights, perm, self.k_bits, self.block_size,
-                                                     geometry.head_dim, self.scope, self.refine_trials, context.index, self.rounding)
+            perm, before, after = refine_permutation(
+                torch.cat(recorder.sample),
+                weights,
+                perm,
+                self.k_bits,
+                self.block_size,
+                geometry.head_dim,
+                self.scope,
+                self.refine_trials,
+                context.index,
+                self.rounding,
+            )
             numbers.update(logit_error_sorted=before, logit_error_refined=after)
         if perm is not None:
             context.attach_tensor(attention, "k_perm", perm)
         if recorder is not None:
             keys = torch.cat(recorder.sample)
             unsorted = bfp_key_error(keys, self.k_bits, self.block_size, None, self.rounding)
-            numbers.update(key_error_unsorted=unsorted["relative_mse"], key_channel_error_unsorted=unsorted["channel_mse"])
+            numbers.update(
+                key_error_unsorted=unsorted["relative_mse"], key_channel_error_unsorted=unsorted["channel_mse"]
+            )
             if perm is not None:
                 sorted_ = bfp_key_error(keys, self.k_bits, self.block_size, perm, self.rounding)
                 numbers.update(key_error=sorted_["relative_mse"], key_channel_error=sorted_["channel_mse"])

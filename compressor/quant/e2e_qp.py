@@ -28,11 +28,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.distill import train_end_to_end
+from compressor.modules.linear import QuantizedLinear
 from compressor.quant.uniform import clamp_ste, round_ste
 from compressor.report import peak_memory
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
-from compressor.modules.linear import QuantizedLinear
 
 if TYPE_CHECKING:
     from compressor.context import ModelContext
@@ -52,7 +52,9 @@ class RoundToGrid(nn.Module):
 def trained_tensor(module: QuantizedLinear) -> str | None:
     """What E2E-QP trains in a quantized linear: a uniform value's step sizes (``scales``) or a
     lookup-table value's codebooks (``lut``, SqueezeLLM); None for anything else."""
-    return next((name for name in ("scales", "lut") if name in module.tensor_names and getattr(module, name) is not None), None)
+    return next(
+        (name for name in ("scales", "lut") if name in module.tensor_names and getattr(module, name) is not None), None
+    )
 
 
 @register_step("efficientqat_e2e_qp")
@@ -60,7 +62,9 @@ def trained_tensor(module: QuantizedLinear) -> str | None:
 class EfficientQATE2EQP(Step):
     """EfficientQAT E2E-QP: train only the step sizes (or codebooks) of the quantized linears end to end, codes frozen."""
 
-    lr: float = param(2e-5, "AdamW learning rate of the scales (official scripts: 2e-5 at 2 bits, 1e-5 at 3 and 4)", min=0.0)
+    lr: float = param(
+        2e-5, "AdamW learning rate of the scales (official scripts: 2e-5 at 2 bits, 1e-5 at 3 and 4)", min=0.0
+    )
     epochs: int = param(1, "passes over the calibration tokens", min=1)
     batch_size: int = param(32, "sequences per optimizer step", min=1)
     micro_batch_size: int = param(4, "sequences per forward and backward (gradients accumulate over a step)", min=1)
@@ -69,11 +73,22 @@ class EfficientQATE2EQP(Step):
     train_zeros: bool = param(False, "also train the zero points (integers, by STE); the official code does not")
     zero_lr: float = param(1e-4, "AdamW learning rate of the zero points, with train_zeros", min=0.0)
     seed: int = param(42, "seed of the sample order (shuffled every epoch)")
-    objective: str = param("distill", "training loss: distill (KL to the original model's top-k next-token distribution) "
-                                      "or next_token (the paper's cross-entropy on the calibration text)", choices=("distill", "next_token"))
-    top_k: int = param(64, "with objective: distill, teacher log-probabilities kept per token (the rest is one bucket)", min=1)
-    heldout: float = param(0.1, "fraction of the calibration sequences held out: the loss on them is measured before training and "
-                                "after each epoch, and the best state is kept (0: train on all, keep the last)", min=0.0, max=0.5)
+    objective: str = param(
+        "distill",
+        "training loss: distill (KL to the original model's top-k next-token distribution) "
+        "or next_token (the paper's cross-entropy on the calibration text)",
+        choices=("distill", "next_token"),
+    )
+    top_k: int = param(
+        64, "with objective: distill, teacher log-probabilities kept per token (the rest is one bucket)", min=1
+    )
+    heldout: float = param(
+        0.1,
+        "fraction of the calibration sequences held out: the loss on them is measured before training and "
+        "after each epoch, and the best state is kept (0: train on all, keep the last)",
+        min=0.0,
+        max=0.5,
+    )
     ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
 
     kind = "model"
@@ -82,23 +97,37 @@ class EfficientQATE2EQP(Step):
         started = time.perf_counter()
         modules = {name: m for name, m in context.quantized_linears(self.ignore).items() if trained_tensor(m)}
         if not modules:
-            raise ValueError(f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
-                             "efficientqat_block_ap, rtn or squeezellm before it")
+            raise ValueError(
+                f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
+                "efficientqat_block_ap, rtn or squeezellm before it"
+            )
         steps_or_codebooks, zeros = [], []
         for module in modules.values():
             steps_or_codebooks += module.train_tensors([trained_tensor(module)])
             if self.train_zeros and getattr(module, "zeros", None) is not None:  # lookup tables have none
                 zeros += module.train_tensors(["zeros"])
-                parametrize.register_parametrization(module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1))
-        groups = [{"params": steps_or_codebooks, "lr": self.lr}] + ([{"params": zeros, "lr": self.zero_lr}] if zeros else [])
+                parametrize.register_parametrization(
+                    module, "zeros", RoundToGrid(2 ** module.weight_static["bits"] - 1)
+                )
+        groups = [{"params": steps_or_codebooks, "lr": self.lr}] + (
+            [{"params": zeros, "lr": self.zero_lr}] if zeros else []
+        )
         tokens = context.calibration_tokens()
         lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, self.batch_size, self.warmup_ratio)
         generator = torch.Generator().manual_seed(self.seed)
         try:
             losses, best = train_end_to_end(
-                context, groups, name=self.name, epochs=self.epochs, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
-                order=lambda epoch, count: torch.randperm(count, generator=generator), objective=self.objective, top_k=self.top_k,
-                lr_at=lr_at, max_grad_norm=self.max_grad_norm,
+                context,
+                groups,
+                name=self.name,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                micro_batch_size=self.micro_batch_size,
+                order=lambda epoch, count: torch.randperm(count, generator=generator),
+                objective=self.objective,
+                top_k=self.top_k,
+                lr_at=lr_at,
+                max_grad_norm=self.max_grad_norm,
                 heldout=self.heldout,
             )
         finally:
@@ -110,7 +139,12 @@ class EfficientQATE2EQP(Step):
                         module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
                 module.freeze()
         context.record(
-            "e2e_qp", loss_first_step=losses[0], loss_last_step=losses[-1], steps=len(losses), **(best.summary() if best else {}),
-            trainable_parameters=sum(p.numel() for p in steps_or_codebooks + zeros), seconds=time.perf_counter() - started,
+            "e2e_qp",
+            loss_first_step=losses[0],
+            loss_last_step=losses[-1],
+            steps=len(losses),
+            **(best.summary() if best else {}),
+            trainable_parameters=sum(p.numel() for p in steps_or_codebooks + zeros),
+            seconds=time.perf_counter() - started,
             **peak_memory(context.device),
         )

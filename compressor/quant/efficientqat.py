@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.quant.uniform import UniformQuantizer, clamp_ste, minmax_params, quantize_codes, relative_error, round_ste, storable_scale
+from compressor.quant.uniform import (
+    UniformQuantizer,
+    clamp_ste,
+    minmax_params,
+    quantize_codes,
+    relative_error,
+    round_ste,
+    storable_scale,
+)
 from compressor.step import param, register_step
 from compressor.training import block_mse, holdout_count, micro_batches, train_block
 from compressor.weights.values import UniformWeight
@@ -108,20 +116,33 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
 class EfficientQATBlockAP(UniformQuantizer):
     """EfficientQAT Block-AP: per block, train weights, scales and zero points (STE) to reconstruct its fp outputs."""
 
-    symmetric: bool = param(False, "fixed mid-point zero (transformers loads it); false: trained zero points, as in the paper")
+    symmetric: bool = param(
+        False, "fixed mid-point zero (transformers loads it); false: trained zero points, as in the paper"
+    )
     epochs: int = param(2, "passes over the calibration samples per block (0: min-max init only, i.e. RTN)", min=0)
     batch_size: int = param(2, "samples per optimizer step", min=1)
     quant_lr: float = param(1e-4, "AdamW learning rate of scales and zero points (0: frozen)", min=0.0)
-    weight_lr: float | None = param(None, "AdamW learning rate of the weights and norm gains (0: frozen); default 2e-5 at 2 bits, 1e-5 otherwise", min=0.0)
+    weight_lr: float | None = param(
+        None,
+        "AdamW learning rate of the weights and norm gains (0: frozen); default 2e-5 at 2 bits, 1e-5 otherwise",
+        min=0.0,
+    )
     min_lr_factor: float = param(20.0, "each cosine schedule ends at lr / min_lr_factor", min=1.0)
     train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
-    heldout: float = param(0.1, "fraction of each block's calibration batches held out: their MSE before training and after each "
-                                "epoch decides which state the block keeps (0: train on all, keep the last)", min=0.0, max=0.5)
+    heldout: float = param(
+        0.1,
+        "fraction of each block's calibration batches held out: their MSE before training and after each "
+        "epoch decides which state the block keeps (0: train on all, keep the last)",
+        min=0.0,
+        max=0.5,
+    )
 
     def check(self) -> None:
         super().check()
         if self.epochs > 0 and self.quant_lr == 0 and self.learning_rate_of_weights == 0:
-            raise ValueError("quant_lr: quant_lr and weight_lr are both 0, so nothing would train; set epochs: 0 for the min-max init alone")
+            raise ValueError(
+                "quant_lr: quant_lr and weight_lr are both 0, so nothing would train; set epochs: 0 for the min-max init alone"
+            )
 
     @property
     def learning_rate_of_weights(self) -> float:
@@ -140,7 +161,10 @@ class EfficientQATBlockAP(UniformQuantizer):
 
         block, dtype = context.block, next(context.block.parameters()).dtype
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
-        fake = {name: FakeQuantLinear(linear, self.bits, self.group_size, self.symmetric) for name, linear in linears.items()}
+        fake = {
+            name: FakeQuantLinear(linear, self.bits, self.group_size, self.symmetric)
+            for name, linear in linears.items()
+        }
         for name, module in fake.items():
             block.set_submodule(name, module)
         block.float()
@@ -151,14 +175,21 @@ class EfficientQATBlockAP(UniformQuantizer):
             groups = trainable_groups(block, self.quant_lr, self.learning_rate_of_weights, self.train_norms)
             steps = self.epochs * (len(batches) - holdout_count(len(batches), self.heldout))
             with context.progress(steps, "training", "step") as progress:
-                losses, best = train_block(block, batches, groups, self.epochs, self.min_lr_factor, self.heldout, progress)
+                losses, best = train_block(
+                    block, batches, groups, self.epochs, self.min_lr_factor, self.heldout, progress
+                )
         quantized = {name: module.freeze(context.scale_dtype) for name, module in fake.items()}
         block.to(dtype)  # the trained norm gains and the biases back to the pass dtype
         for name, value in quantized.items():
             context.replace_linear(name, value)
             context.record(name, error=relative_error(originals[name], value), bits_per_weight=value.bits_per_weight())
         context.record(
-            "block_ap", mse_init=mse_init, mse_final=block_mse(block, batches), loss_first_epoch=losses[0] if losses else None,
-            loss_last_epoch=losses[-1] if losses else None, steps=self.epochs * (len(batches) - holdout_count(len(batches), self.heldout)),
-            seconds=time.perf_counter() - started, **(best.summary() if best else {}),
+            "block_ap",
+            mse_init=mse_init,
+            mse_final=block_mse(block, batches),
+            loss_first_epoch=losses[0] if losses else None,
+            loss_last_epoch=losses[-1] if losses else None,
+            steps=self.epochs * (len(batches) - holdout_count(len(batches), self.heldout)),
+            seconds=time.perf_counter() - started,
+            **(best.summary() if best else {}),
         )

@@ -32,6 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.blockwise import first_output
+from compressor.modules.activations import (
+    ActivationSpec,
+    ChannelMap,
+    apply_channel_map,
+    install_attention_quantization,
+    quantize_activations,
+)
 from compressor.quant.uniform import (
     ACTIVATION_BITS,
     ActivationQuantization,
@@ -43,7 +50,6 @@ from compressor.quant.uniform import (
 )
 from compressor.step import param, register_step
 from compressor.training import block_mse, cast_floating, holdout_count, micro_batches, slice_batch, train_block
-from compressor.modules.activations import ActivationSpec, ChannelMap, apply_channel_map, install_attention_quantization, quantize_activations
 from compressor.weights.values import expand_groups
 
 if TYPE_CHECKING:
@@ -99,7 +105,9 @@ def choose_merges(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
     """The ``count`` cheapest (source in a, destination in b) pairs, as channel indices: each a-channel's
     best partner, a-channels by that cost. Several sources may share a destination. None when fewer
     than ``count`` a-channels have a finite partner (there is not enough to merge)."""
-    best, partner = scores.min(dim=1) if scores.numel() else (scores.new_zeros(0), scores.new_zeros(0, dtype=torch.long))
+    best, partner = (
+        scores.min(dim=1) if scores.numel() else (scores.new_zeros(0), scores.new_zeros(0, dtype=torch.long))
+    )
     if count > int(torch.isfinite(best).sum()):
         return None
     chosen = torch.argsort(best, stable=True)[:count]
@@ -121,8 +129,9 @@ class Reassembly:
         return int(self.counts.sum()) - len(self.counts)
 
 
-def reassemble(features: torch.Tensor, weights: list[torch.Tensor], magnitudes: torch.Tensor, threshold: float,
-               mode: str = "code") -> Reassembly | None:
+def reassemble(
+    features: torch.Tensor, weights: list[torch.Tensor], magnitudes: torch.Tensor, threshold: float, mode: str = "code"
+) -> Reassembly | None:
     """Split channels above ``threshold``, then merge as many pairs as were created (similarity on the
     disassembled ``features`` and concatenated consumer ``weights``). None when too few pairs can merge."""
     channels = len(magnitudes)
@@ -143,7 +152,10 @@ def reassemble(features: torch.Tensor, weights: list[torch.Tensor], magnitudes: 
     sizes = torch.bincount(group, minlength=channels).float()
     coefficient = 1.0 / counts[owner].float() / sizes[group]
     channel_map = ChannelMap.from_entries(group, owner, coefficient, channels, channels)
-    rewritten = [torch.zeros(w.shape[0], channels, dtype=torch.float32).index_add_(1, group, w.float()[:, owner]) for w in weights]
+    rewritten = [
+        torch.zeros(w.shape[0], channels, dtype=torch.float32).index_add_(1, group, w.float()[:, owner])
+        for w in weights
+    ]
     return Reassembly(channel_map, rewritten, counts, float(threshold))
 
 
@@ -175,8 +187,16 @@ class SearchResult:
     evaluated: list[tuple[float, int, float]]  # (theta, A, loss) in search order
 
 
-def search_threshold(features: torch.Tensor, weights: list[torch.Tensor], magnitudes: torch.Tensor, loss_of, channel_ratio: float,
-                     consider_no_reassembly: bool = True, mode: str = "code", max_candidates: int = 0) -> SearchResult:
+def search_threshold(
+    features: torch.Tensor,
+    weights: list[torch.Tensor],
+    magnitudes: torch.Tensor,
+    loss_of,
+    channel_ratio: float,
+    consider_no_reassembly: bool = True,
+    mode: str = "code",
+    max_candidates: int = 0,
+) -> SearchResult:
     """The theta (equivalently A) of smallest quantized output loss ``loss_of(reassembly or None)``,
     among ``threshold_candidates`` with A <= floor(channel_ratio * C) (``max_candidates`` > 0: that many
     of them, evenly spread, always including the largest A)."""
@@ -204,7 +224,9 @@ def search_threshold(features: torch.Tensor, weights: list[torch.Tensor], magnit
 # The quantized linear of the search and of error correction
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype) -> torch.Tensor:
+def fake_quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+) -> torch.Tensor:
     """Min-max RTN of ``weight`` with straight-through rounding; the forward equals
     ``quantize_uniform(weight, ...).dequantize()`` exactly (ranges recomputed from the weight each call)."""
     n, k = weight.shape
@@ -219,8 +241,14 @@ class QLLMLinear(nn.Module):
     """``y = Q_w(W) Q_a(P x) + b`` with an optional LoRA branch: ``Q_w(W) + (alpha/r) B A`` (``post_quant``,
     the official form) or ``Q_w(W + (alpha/r) B A)`` (``pre_quant``, what is deployed after the merge)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantizer: dict, activations: ActivationSpec | None,
-                 channel_map: ChannelMap | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        quantizer: dict,
+        activations: ActivationSpec | None,
+        channel_map: ChannelMap | None = None,
+    ):
         super().__init__()
         self.register_buffer("weight", weight.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
@@ -299,31 +327,63 @@ class QLLM(ActivationQuantization, UniformQuantizer):
 
     group_size: int = param(-1, "input columns sharing one weight scale; -1 (the paper's): one per output row")
     symmetric: bool = param(False, "symmetric weight grid (false: per-row zero points, as the paper)")
-    activation_bits: int | None = param(None, "per-token dynamic quantization of every linear's input (and Q, K, V); default 4, "
-                                              "16 (off) with weight_only", choices=(None, *ACTIVATION_BITS))
-    weight_only: bool = param(False, "activations stay 16-bit: reassembly off, error correction kept; exports as compressed-tensors")
-    reassembly: bool | None = param(None, "channel reassembly at the three points of each block (default: on unless activations are 16-bit)")
-    channel_ratio: float = param(0.2, "at most this fraction of a point's channels is reassembled (A <= floor(ratio * C))", min=0.0, max=0.5)
-    merge_score: str = param("code", "channel-pair merge cost: the official code's signed column sums, or the paper's Eq. 5", choices=("code", "paper"))
+    activation_bits: int | None = param(
+        None,
+        "per-token dynamic quantization of every linear's input (and Q, K, V); default 4, 16 (off) with weight_only",
+        choices=(None, *ACTIVATION_BITS),
+    )
+    weight_only: bool = param(
+        False, "activations stay 16-bit: reassembly off, error correction kept; exports as compressed-tensors"
+    )
+    reassembly: bool | None = param(
+        None, "channel reassembly at the three points of each block (default: on unless activations are 16-bit)"
+    )
+    channel_ratio: float = param(
+        0.2, "at most this fraction of a point's channels is reassembled (A <= floor(ratio * C))", min=0.0, max=0.5
+    )
+    merge_score: str = param(
+        "code",
+        "channel-pair merge cost: the official code's signed column sums, or the paper's Eq. 5",
+        choices=("code", "paper"),
+    )
     consider_no_reassembly: bool = param(True, "the search also scores A = 0 (the official search never does)")
-    search_candidates: int = param(0, "at most this many thresholds scored per point, spread over the candidates (0: all, as the official search)", min=0)
-    feature_samples: int = param(4, "calibration samples whose activations the search and the pair similarity use", min=1)
+    search_candidates: int = param(
+        0,
+        "at most this many thresholds scored per point, spread over the candidates (0: all, as the official search)",
+        min=0,
+    )
+    feature_samples: int = param(
+        4, "calibration samples whose activations the search and the pair similarity use", min=1
+    )
     rank: int = param(4, "rank of the error-correction branch of every linear (0: no error correction)", min=0)
     alpha: float = param(1.0, "the branch is scaled by alpha / rank", min=0.0)
-    lora_placement: str = param("post_quant", "training form: Q(W) + BA (official) or Q(W + BA) (what is deployed)", choices=("post_quant", "pre_quant"))
+    lora_placement: str = param(
+        "post_quant",
+        "training form: Q(W) + BA (official) or Q(W + BA) (what is deployed)",
+        choices=("post_quant", "pre_quant"),
+    )
     epochs: int = param(10, "passes over the calibration samples per block for error correction", min=0)
     lr: float = param(5e-4, "AdamW learning rate of the branches and norm gains (linear decay to 0)", min=0.0)
     batch_size: int = param(1, "samples per optimizer step", min=1)
     train_norms: bool = param(True, "also train the block's norm gains and biases (the official code does)")
-    heldout: float = param(0.1, "fraction of each block's calibration batches held out to keep the best epoch (0: keep the last)", min=0.0, max=0.5)
+    heldout: float = param(
+        0.1,
+        "fraction of each block's calibration batches held out to keep the best epoch (0: keep the last)",
+        min=0.0,
+        max=0.5,
+    )
     seed: int = param(0, "seed of the branches' initialisation", min=0)
 
     def check(self) -> None:
         super().check()
         if self.weight_only and self.activation_bits not in (None, 16):
-            raise ValueError(f"activation_bits: {self.activation_bits} contradicts weight_only: true (activations stay 16-bit)")
+            raise ValueError(
+                f"activation_bits: {self.activation_bits} contradicts weight_only: true (activations stay 16-bit)"
+            )
         if self.reassembly and self.bits_of_activations == 16:
-            raise ValueError("reassembly: channel reassembly only serves activation quantization; it needs activation_bits below 16")
+            raise ValueError(
+                "reassembly: channel reassembly only serves activation quantization; it needs activation_bits below 16"
+            )
 
     @property
     def bits_of_activations(self) -> int:
@@ -368,8 +428,9 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         points = {point: [roles[r] for r in consumers if roles[r] in linears] for point, consumers in POINTS.items()}
         return {point: names for point, names in points.items() if names and len(names) == len(POINTS[point])}
 
-    def teacher_pass(self, context: BlockContext,
-                     points: dict[str, list[str]]) -> tuple[PointStatistics, list[torch.Tensor]]:
+    def teacher_pass(
+        self, context: BlockContext, points: dict[str, list[str]]
+    ) -> tuple[PointStatistics, list[torch.Tensor]]:
         """The fp block on the fp stream: the targets (and the next block's fp inputs), and the statistics
         of each point."""
         fp_inputs = context.inputs if context.index == 0 else context.state["fp_inputs"]
@@ -380,30 +441,67 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         context.state["fp_inputs"] = None if context.index == context.num_blocks - 1 else targets
         return stats, targets
 
-    def search_reassembly(self, context: BlockContext, points: dict[str, list[str]], linears: dict[str, nn.Linear],
-                          stats: PointStatistics, quantizer: dict, spec: ActivationSpec | None) -> tuple[dict, dict]:
+    def search_reassembly(
+        self,
+        context: BlockContext,
+        points: dict[str, list[str]],
+        linears: dict[str, nn.Linear],
+        stats: PointStatistics,
+        quantizer: dict,
+        spec: ActivationSpec | None,
+    ) -> tuple[dict, dict]:
         """Channel reassembly, point by point, on the fp features: each consumer's channel map and
         rewritten weight (path -> tensor), for the points where reassembling beat leaving them."""
         channel_maps, rewritten = {}, {}
         for point, names in points.items():
             weights = [linears[name].weight.detach().float() for name in names]
-            loss_of = point_loss(point, context.block, context.adapter, names, linears, stats, context.block_kwargs,
-                                 quantizer, spec, self.quantize_attention)
-            result = search_threshold(stats.features[point], weights, stats.magnitudes[point], loss_of, self.channel_ratio,
-                                      self.consider_no_reassembly, self.merge_score, self.search_candidates)
+            loss_of = point_loss(
+                point,
+                context.block,
+                context.adapter,
+                names,
+                linears,
+                stats,
+                context.block_kwargs,
+                quantizer,
+                spec,
+                self.quantize_attention,
+            )
+            result = search_threshold(
+                stats.features[point],
+                weights,
+                stats.magnitudes[point],
+                loss_of,
+                self.channel_ratio,
+                self.consider_no_reassembly,
+                self.merge_score,
+                self.search_candidates,
+            )
             if result.best is not None:
                 for name, weight in zip(names, result.best.weights):
                     channel_maps[name], rewritten[name] = result.best.channel_map, weight
-            context.record(f"reassembly.{point}", extra_channels=0 if result.best is None else result.best.extra,
-                           threshold=None if result.best is None else result.best.threshold,
-                           max_magnitude=float(stats.magnitudes[point].max()),
-                           loss=result.loss, loss_without=result.loss_without, candidates=len(result.evaluated))
+            context.record(
+                f"reassembly.{point}",
+                extra_channels=0 if result.best is None else result.best.extra,
+                threshold=None if result.best is None else result.best.threshold,
+                max_magnitude=float(stats.magnitudes[point].max()),
+                loss=result.loss,
+                loss_without=result.loss_without,
+                candidates=len(result.evaluated),
+            )
         stats.release()
         return channel_maps, rewritten
 
-    def correct_errors(self, context: BlockContext, linears: dict[str, nn.Linear], channel_maps: dict, rewritten: dict,
-                       targets: list[torch.Tensor], quantizer: dict,
-                       spec: ActivationSpec | None) -> tuple[dict[str, QLLMLinear], Correction]:
+    def correct_errors(
+        self,
+        context: BlockContext,
+        linears: dict[str, nn.Linear],
+        channel_maps: dict,
+        rewritten: dict,
+        targets: list[torch.Tensor],
+        quantizer: dict,
+        spec: ActivationSpec | None,
+    ) -> tuple[dict[str, QLLMLinear], Correction]:
         """Every linear becomes Q_w(W) Q_a(P x) (+ LoRA); the branches and norms train towards ``targets``."""
         block = context.block
         modules = {}
@@ -426,17 +524,36 @@ class QLLM(ActivationQuantization, UniformQuantizer):
             groups = [{"params": trainable_parameters(block, self.train_norms), "lr": self.lr}]
             steps = self.epochs * (len(batches) - holdout_count(len(batches), self.heldout))
             with context.progress(steps, "error correction", "step") as progress:
-                losses, best = train_block(block, batches, groups, self.epochs, 1.0, self.heldout, progress,
-                                           schedule=linear_decay, where="qllm")
+                losses, best = train_block(
+                    block,
+                    batches,
+                    groups,
+                    self.epochs,
+                    1.0,
+                    self.heldout,
+                    progress,
+                    schedule=linear_decay,
+                    where="qllm",
+                )
         mse_trained = block_mse(block, batches)
         return modules, Correction(batches, mse_init, mse_trained, steps, losses, best, peak_memory_mib(context.device))
 
-    def merge_and_quantize(self, context: BlockContext, modules: dict[str, QLLMLinear], originals: dict,
-                           rewritten: dict, channel_maps: dict, dtype: torch.dtype) -> None:
+    def merge_and_quantize(
+        self,
+        context: BlockContext,
+        modules: dict[str, QLLMLinear],
+        originals: dict,
+        rewritten: dict,
+        channel_maps: dict,
+        dtype: torch.dtype,
+    ) -> None:
         """Merge each branch into its weight and quantize the result: no extra matmul at inference."""
-        values = {name: quantize_uniform(module.merged_weight().detach(), self.bits, self.group_size, self.symmetric,
-                                         context.scale_dtype)
-                  for name, module in modules.items()}
+        values = {
+            name: quantize_uniform(
+                module.merged_weight().detach(), self.bits, self.group_size, self.symmetric, context.scale_dtype
+            )
+            for name, module in modules.items()
+        }
         context.block.to(dtype)
         quantized = {}
         for name, value in values.items():
@@ -450,10 +567,15 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         """The block's ``error_correction`` row: its MSE before and after training and once quantized."""
         losses, best = correction.losses, correction.best
         context.record(
-            "error_correction", mse_init=correction.mse_init, mse_trained=correction.mse_trained,
-            mse_final=block_mse(context.block, correction.batches), steps=correction.steps,
-            loss_first_epoch=losses[0] if losses else None, loss_last_epoch=losses[-1] if losses else None,
-            peak_memory_mib=round(correction.peak_memory_mib, 1), seconds=time.perf_counter() - started,
+            "error_correction",
+            mse_init=correction.mse_init,
+            mse_trained=correction.mse_trained,
+            mse_final=block_mse(context.block, correction.batches),
+            steps=correction.steps,
+            loss_first_epoch=losses[0] if losses else None,
+            loss_last_epoch=losses[-1] if losses else None,
+            peak_memory_mib=round(correction.peak_memory_mib, 1),
+            seconds=time.perf_counter() - started,
             **(best.summary() if best else {}),
         )
 
@@ -478,7 +600,9 @@ class PointStatistics:
     def __init__(self, block: nn.Module, first_consumers: dict[str, str], samples: int):
         self.block, self.first, self.samples = block, first_consumers, samples
         self.magnitudes: dict[str, torch.Tensor] = {}
-        self.chunks: dict[str, list[tuple[int, int, torch.Tensor]]] = {p: [] for p in first_consumers}  # (batch, its size, rows kept)
+        self.chunks: dict[str, list[tuple[int, int, torch.Tensor]]] = {
+            p: [] for p in first_consumers
+        }  # (batch, its size, rows kept)
         self.batch = 0
         self.hooks = []
 
@@ -502,6 +626,7 @@ class PointStatistics:
             if kept < self.samples:
                 take = min(self.samples - kept, x.shape[0])
                 self.chunks[point].append((self.batch, x.shape[0], x[:take].float().clone()))
+
         return catch
 
     @property
@@ -513,8 +638,18 @@ class PointStatistics:
         self.chunks = {}
 
 
-def point_loss(point: str, block: nn.Module, adapter, names: list[str], linears: dict, stats: PointStatistics, block_kwargs,
-               quantizer: dict, spec: ActivationSpec | None, quantize_attention: bool):
+def point_loss(
+    point: str,
+    block: nn.Module,
+    adapter,
+    names: list[str],
+    linears: dict,
+    stats: PointStatistics,
+    block_kwargs,
+    quantizer: dict,
+    spec: ActivationSpec | None,
+    quantize_attention: bool,
+):
     """``loss_of(reassembly or None)``: MSE between the fp function of the point on its stored features
     and the same function with the consumers quantized (weights and activations) after the transform."""
     chunks = stats.chunks[point]
@@ -550,18 +685,25 @@ def point_loss(point: str, block: nn.Module, adapter, names: list[str], linears:
     return down
 
 
-def attention_runner(block: nn.Module, adapter, names: list[str], chunks: list, block_kwargs,
-                     spec: ActivationSpec | None, quantize_attention: bool):
+def attention_runner(
+    block: nn.Module,
+    adapter,
+    names: list[str],
+    chunks: list,
+    block_kwargs,
+    spec: ActivationSpec | None,
+    quantize_attention: bool,
+):
     """``run(consumers, quantized)``: the block's attention output before o_proj on the stored ``chunks``,
     with ``consumers`` in place of q, k and v (Q, K, V quantized at ``spec`` when ``quantized``); the
     attention is restored afterwards."""
     attention = block.get_submodule(adapter.attention)
     prefix = f"{adapter.attention}."
-    paths = [n[len(prefix):] for n in names]
+    paths = [n[len(prefix) :] for n in names]
 
     def run(consumers, quantized):
         saved = [attention.get_submodule(p) for p in paths]
-        o_path = adapter.linears["o"][len(prefix):]
+        o_path = adapter.linears["o"][len(prefix) :]
         saved_o = attention.get_submodule(o_path)
         try:
             for p, module in zip(paths, consumers):

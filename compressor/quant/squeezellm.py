@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from compressor.modules.linear import QuantizedLinear
 from compressor.quant.uniform import minmax_params
 from compressor.step import Step, param, register_step
 from compressor.weights.values import DenseAndSparseWeight, LUTWeight, SparseOutliers, row_chunks
-from compressor.modules.linear import QuantizedLinear
 
 if TYPE_CHECKING:
     from compressor.context import ModelContext
@@ -51,7 +51,9 @@ def assign(weight: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(middles, weight.contiguous())
 
 
-def weighted_error(weight: torch.Tensor, fisher: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def weighted_error(
+    weight: torch.Tensor, fisher: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor
+) -> torch.Tensor:
     """Per-row objective ``sum_j F_j (w_j - c[code_j])**2`` in float64."""
     error = (weight.double() - centroids.double().gather(1, codes)).square()
     return (fisher.double() * error).sum(1)
@@ -84,7 +86,9 @@ def kmeans_plusplus(weight: torch.Tensor, fisher: torch.Tensor, k: int, generato
     return torch.cat(centres, dim=1)
 
 
-def lloyd(weight: torch.Tensor, fisher: torch.Tensor, centroids: torch.Tensor, iterations: int, history: list | None = None):
+def lloyd(
+    weight: torch.Tensor, fisher: torch.Tensor, centroids: torch.Tensor, iterations: int, history: list | None = None
+):
     """Weighted Lloyd iterations from ``centroids``; stops when no assignment changes.
 
     Returns sorted centroids [R, k] and codes [R, K] (int64). An empty cluster (or one whose
@@ -101,8 +105,14 @@ def lloyd(weight: torch.Tensor, fisher: torch.Tensor, centroids: torch.Tensor, i
             history.append(weighted_error(weight, fisher, centroids, codes))
         # per-cluster sums in float64 (index_add_ over (row, code) is much faster than a float64 scatter_add_ on CPUs)
         index = (codes + offsets).reshape(-1)
-        mass = torch.zeros(rows * k, dtype=torch.float64, device=weight.device).index_add_(0, index, fisher64).view(rows, k)
-        moment = torch.zeros(rows * k, dtype=torch.float64, device=weight.device).index_add_(0, index, moments).view(rows, k)
+        mass = (
+            torch.zeros(rows * k, dtype=torch.float64, device=weight.device)
+            .index_add_(0, index, fisher64)
+            .view(rows, k)
+        )
+        moment = (
+            torch.zeros(rows * k, dtype=torch.float64, device=weight.device).index_add_(0, index, moments).view(rows, k)
+        )
         updated = torch.where(mass > 0, moment / mass.clamp(min=1e-300), centroids.double()).float()
         centroids = updated.sort(1).values
         new_codes = assign(weight, centroids)
@@ -123,7 +133,13 @@ def normalized_fisher(fisher: torch.Tensor) -> torch.Tensor:
 
 
 def fisher_weighted_kmeans(
-    weight: torch.Tensor, fisher: torch.Tensor, bits: int, *, iterations: int = 50, init: str = "best", seed: int = 0,
+    weight: torch.Tensor,
+    fisher: torch.Tensor,
+    bits: int,
+    *,
+    iterations: int = 50,
+    init: str = "best",
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row Fisher-weighted k-means with 2**bits centroids.
 
@@ -177,7 +193,9 @@ def exact_count(numel: int, percent: float) -> int:
     return int(round(numel * percent / 100))
 
 
-def sparse_mask(weight: torch.Tensor, fisher: torch.Tensor, sensitive_percent: float, outlier_percent: float) -> torch.Tensor | None:
+def sparse_mask(
+    weight: torch.Tensor, fisher: torch.Tensor, sensitive_percent: float, outlier_percent: float
+) -> torch.Tensor | None:
     """Entries kept in full precision: the top ``sensitive_percent`` of the matrix by Fisher value,
     then the top ``outlier_percent`` by magnitude among the others. Exactly
     ``round(numel * p / 100)`` of each (ties broken by ``topk``); None when both are 0."""
@@ -199,8 +217,17 @@ def sparse_mask(weight: torch.Tensor, fisher: torch.Tensor, sensitive_percent: f
 
 
 def quantize_squeezellm(
-    weight: torch.Tensor, fisher: torch.Tensor, bits: int, *, sensitive_percent: float = 0.0, outlier_percent: float = 0.0,
-    init: str = "best", iterations: int = 50, seed: int = 0, lut_dtype: torch.dtype = torch.float16, rescale: str = "unbiased",
+    weight: torch.Tensor,
+    fisher: torch.Tensor,
+    bits: int,
+    *,
+    sensitive_percent: float = 0.0,
+    outlier_percent: float = 0.0,
+    init: str = "best",
+    iterations: int = 50,
+    seed: int = 0,
+    lut_dtype: torch.dtype = torch.float16,
+    rescale: str = "unbiased",
 ) -> LUTWeight | DenseAndSparseWeight:
     """SqueezeLLM value of one weight matrix [N, K] given its Fisher diagonal (same shape)."""
     if rescale not in RESCALES:
@@ -236,7 +263,11 @@ def quantize_squeezellm(
 
 
 def fisher_diagonal(
-    context, modules: dict[str, nn.Linear], tokens: torch.Tensor, store: torch.device, dtype: torch.dtype = torch.float32,
+    context,
+    modules: dict[str, nn.Linear],
+    tokens: torch.Tensor,
+    store: torch.device,
+    dtype: torch.dtype = torch.float32,
     progress=None,
 ) -> dict[str, torch.Tensor]:
     """``sum_s grad_s(W)**2`` accumulated in ``dtype`` on ``store`` for each module's weight, one
@@ -285,35 +316,62 @@ class SqueezeLLM(Step):
     """SqueezeLLM: Fisher-weighted per-row k-means codebooks, optionally with sparse full-precision outliers."""
 
     bits: int = param(4, "bits per weight code (2**bits centroids per output row)", choices=range(2, 9))
-    sensitive_percent: float = param(0.0, "percent of each matrix kept exactly: the highest Fisher values (paper: 0.05)", min=0.0, max=100.0)
-    outlier_percent: float = param(0.0, "percent of each matrix kept exactly: the largest magnitudes (paper: 0.40)", min=0.0, max=100.0)
-    init: str = param("best", "k-means start: kmeans++ (official), uniform (RTN grid) or best of both per row", choices=INITS)
+    sensitive_percent: float = param(
+        0.0, "percent of each matrix kept exactly: the highest Fisher values (paper: 0.05)", min=0.0, max=100.0
+    )
+    outlier_percent: float = param(
+        0.0, "percent of each matrix kept exactly: the largest magnitudes (paper: 0.40)", min=0.0, max=100.0
+    )
+    init: str = param(
+        "best", "k-means start: kmeans++ (official), uniform (RTN grid) or best of both per row", choices=INITS
+    )
     iterations: int = param(50, "most Lloyd iterations per row (official: 50)", min=1)
     seed: int = param(0, "seed of the k-means++ draws")
-    rescale: str = param("unbiased", "per-row codebook scale after k-means: unbiased (<q,w> = <w,w>) or none (official)", choices=RESCALES)
+    rescale: str = param(
+        "unbiased",
+        "per-row codebook scale after k-means: unbiased (<q,w> = <w,w>) or none (official)",
+        choices=RESCALES,
+    )
     lut_dtype: str = param("float16", "dtype of the stored codebooks and sparse values", choices=tuple(LUT_DTYPES))
-    fisher_device: str = param("cpu", "where the Fisher accumulators live: cpu (any model size) or device", choices=("cpu", "device"))
-    fisher_dtype: str = param("float32", "Fisher accumulators: float32, or bfloat16 (the official hook code; half the memory)",
-                              choices=tuple(FISHER_DTYPES))
-    fisher_passes: int = param(1, "blocks split into this many groups, one Fisher pass each: the same Fisher, "
-                                  "accumulator memory / passes, about (passes + 1) / 2 times the backward work", min=1)
+    fisher_device: str = param(
+        "cpu", "where the Fisher accumulators live: cpu (any model size) or device", choices=("cpu", "device")
+    )
+    fisher_dtype: str = param(
+        "float32",
+        "Fisher accumulators: float32, or bfloat16 (the official hook code; half the memory)",
+        choices=tuple(FISHER_DTYPES),
+    )
+    fisher_passes: int = param(
+        1,
+        "blocks split into this many groups, one Fisher pass each: the same Fisher, "
+        "accumulator memory / passes, about (passes + 1) / 2 times the backward work",
+        min=1,
+    )
     ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
     kind = "model"
 
     def check(self) -> None:
         if self.sensitive_percent + self.outlier_percent > 100:
-            raise ValueError(f"outlier_percent: sensitive_percent + outlier_percent = {self.sensitive_percent + self.outlier_percent} exceeds 100")
+            raise ValueError(
+                f"outlier_percent: sensitive_percent + outlier_percent = {self.sensitive_percent + self.outlier_percent} exceeds 100"
+            )
 
     def compress_model(self, context: ModelContext) -> None:
-        targets = {(index, name): linear for index in range(context.num_blocks) for name, linear in context.linears(self.ignore, index).items()}
+        targets = {
+            (index, name): linear
+            for index in range(context.num_blocks)
+            for name, linear in context.linears(self.ignore, index).items()
+        }
         tokens = context.calibration_tokens()
         groups = block_groups(context.num_blocks, self.fisher_passes)
         self.check_fisher_memory(context, targets, groups)
         finished = {}  # name -> module from earlier passes: swapped in once no Fisher pass needs the fp weights
         for number, group in enumerate(groups, start=1):
             group_targets = {(index, name): linear for (index, name), linear in targets.items() if index in group}
-            fisher = self.fisher_pass(context, {name: linear for (_, name), linear in group_targets.items()}, tokens, group)
+            fisher = self.fisher_pass(
+                context, {name: linear for (_, name), linear in group_targets.items()}, tokens, group
+            )
             with context.progress(len(group_targets), "k-means", "layer") as progress:
                 for (index, name), linear in group_targets.items():
                     home = linear.weight.device
@@ -346,13 +404,23 @@ class SqueezeLLM(Step):
         needed, free = largest_pass(groups), free_memory(store)
         if free is None or needed <= 0.9 * free:
             return
-        passes = next((p for p in range(1, len(per_block) + 1) if largest_pass(block_groups(len(per_block), p)) <= 0.9 * free), None)
-        advice = f"set fisher_passes: {passes}" if passes else "no split fits: use fisher_dtype: bfloat16 or the other fisher_device"
-        raise ValueError(f"squeezellm: fisher_passes: one Fisher pass needs {needed / 2**30:.2f} GiB of {self.fisher_dtype} "
-                         f"accumulators on {store}, {free / 2**30:.2f} GiB is free; {advice}")
+        passes = next(
+            (p for p in range(1, len(per_block) + 1) if largest_pass(block_groups(len(per_block), p)) <= 0.9 * free),
+            None,
+        )
+        advice = (
+            f"set fisher_passes: {passes}"
+            if passes
+            else "no split fits: use fisher_dtype: bfloat16 or the other fisher_device"
+        )
+        raise ValueError(
+            f"squeezellm: fisher_passes: one Fisher pass needs {needed / 2**30:.2f} GiB of {self.fisher_dtype} "
+            f"accumulators on {store}, {free / 2**30:.2f} GiB is free; {advice}"
+        )
 
-    def fisher_pass(self, context: ModelContext, modules: dict[str, nn.Linear], tokens: torch.Tensor,
-                    group: list[int]) -> dict[str, torch.Tensor]:
+    def fisher_pass(
+        self, context: ModelContext, modules: dict[str, nn.Linear], tokens: torch.Tensor, group: list[int]
+    ) -> dict[str, torch.Tensor]:
         """The Fisher of ``modules`` (one group of blocks), recorded with its time and peak memory."""
         from compressor.report import peak_memory
 
@@ -362,22 +430,39 @@ class SqueezeLLM(Step):
         started = time.perf_counter()
         with context.progress(len(tokens), f"Fisher of blocks {group[0]}..{group[-1]}", "sample") as progress:
             fisher = fisher_diagonal(context, modules, tokens, store, FISHER_DTYPES[self.fisher_dtype], progress)
-        context.record("fisher", samples=tokens.shape[0], seq_len=tokens.shape[1], seconds=round(time.perf_counter() - started, 3),
-                       accumulators=f"{self.fisher_device} {self.fisher_dtype}", blocks=f"{group[0]}..{group[-1]}",
-                       **{k: round(v, 3) for k, v in peak_memory(context.device).items()})
+        context.record(
+            "fisher",
+            samples=tokens.shape[0],
+            seq_len=tokens.shape[1],
+            seconds=round(time.perf_counter() - started, 3),
+            accumulators=f"{self.fisher_device} {self.fisher_dtype}",
+            blocks=f"{group[0]}..{group[-1]}",
+            **{k: round(v, 3) for k, v in peak_memory(context.device).items()},
+        )
         return fisher
 
-    def quantize_layer(self, context: ModelContext, block: int, name: str, linear: nn.Linear,
-                       fisher: torch.Tensor) -> LUTWeight | DenseAndSparseWeight:
+    def quantize_layer(
+        self, context: ModelContext, block: int, name: str, linear: nn.Linear, fisher: torch.Tensor
+    ) -> LUTWeight | DenseAndSparseWeight:
         """One layer's SqueezeLLM value on ``context.device``, recorded with its error and k-means time."""
         weight = linear.weight.data.to(context.device)
         started = time.perf_counter()
         quantized = quantize_squeezellm(
-            weight, fisher.to(context.device), self.bits, sensitive_percent=self.sensitive_percent, outlier_percent=self.outlier_percent,
-            init=self.init, iterations=self.iterations, seed=self.seed, lut_dtype=LUT_DTYPES[self.lut_dtype], rescale=self.rescale,
+            weight,
+            fisher.to(context.device),
+            self.bits,
+            sensitive_percent=self.sensitive_percent,
+            outlier_percent=self.outlier_percent,
+            init=self.init,
+            iterations=self.iterations,
+            seed=self.seed,
+            lut_dtype=LUT_DTYPES[self.lut_dtype],
+            rescale=self.rescale,
         )
         seconds = time.perf_counter() - started
-        error = float((weight.float() - quantized.dequantize(torch.float32)).norm() / weight.float().norm().clamp(min=1e-30))
+        error = float(
+            (weight.float() - quantized.dequantize(torch.float32)).norm() / weight.float().norm().clamp(min=1e-30)
+        )
         numbers = dict(error=error, bits_per_weight=quantized.bits_per_weight(), kmeans_seconds=round(seconds, 4))
         if isinstance(quantized, DenseAndSparseWeight):
             numbers["sparse_fraction"] = quantized.outlier_col.numel() / weight.numel()

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from compressor.arch import block_linears
-from compressor.step import Step, param
 from compressor.modules.activations import ActivationSpec, install_attention_quantization
+from compressor.step import Step, param
 from compressor.weights.values import UniformWeight, expand_groups, row_chunks
 
 if TYPE_CHECKING:
@@ -56,9 +56,15 @@ class ActivationQuantization(Step):
     quantized linear's input and, with ``quantize_attention``, of attention's Q, K and V. Not registered:
     a quantizer lists it first among its bases (before ``UniformQuantizer``: its keys then come after the weights')."""
 
-    activation_bits: int = param(16, "bits of the per-token dynamic quantization of each quantized linear's input (16: off)", choices=ACTIVATION_BITS)
+    activation_bits: int = param(
+        16,
+        "bits of the per-token dynamic quantization of each quantized linear's input (16: off)",
+        choices=ACTIVATION_BITS,
+    )
     activation_symmetric: bool = param(False, "symmetric activation grid (false: per-token min-max with a zero point)")
-    quantize_attention: bool = param(True, "with activation_bits < 16, also quantize attention's Q, K (after RoPE) and V per token")
+    quantize_attention: bool = param(
+        True, "with activation_bits < 16, also quantize attention's Q, K (after RoPE) and V per token"
+    )
 
     @property
     def activation_spec(self) -> ActivationSpec | None:
@@ -73,11 +79,14 @@ class ActivationQuantization(Step):
         for name, module in block_linears(context.adapter, context.block).items():
             kind = getattr(getattr(module, "weight_type", None), "kind", None)
             if kind is not None and kind != "uniform":
-                raise ValueError(f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} already holds "
-                                 f"'{kind}' weights from an earlier step; drop activation_bits or run this step on other layers")
+                raise ValueError(
+                    f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} already holds "
+                    f"'{kind}' weights from an earlier step; drop activation_bits or run this step on other layers"
+                )
 
-    def quantize_block_activations(self, context: BlockContext, quantized: dict,
-                                   channel_maps: dict | None = None) -> None:
+    def quantize_block_activations(
+        self, context: BlockContext, quantized: dict, channel_maps: dict | None = None
+    ) -> None:
         """Attach the activation spec (and each linear's channel map) to the block's new ``QuantizedLinear``
         modules ``quantized`` (path -> module), and quantize its attention operands."""
         spec = self.activation_spec
@@ -139,7 +148,9 @@ def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return x + (x.clamp(low, high) - x).detach()
 
 
-def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+def quantize_codes(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int
+) -> torch.Tensor:
     """Round ``weight`` [N, K] onto the grid given by per-group scales and zeros: uint8 codes."""
     n, k = weight.shape
     scale = expand_groups(scales.float(), k, group_size)
@@ -159,8 +170,11 @@ def quantize_uniform(
         scales.append(chunk_scales)
         zeros.append(chunk_zeros)
     return UniformWeight(
-        codes=torch.cat(codes), scales=torch.cat(scales), zeros=None if symmetric else torch.cat(zeros),
-        bits=bits, group_size=group_size,
+        codes=torch.cat(codes),
+        scales=torch.cat(scales),
+        zeros=None if symmetric else torch.cat(zeros),
+        bits=bits,
+        group_size=group_size,
     )
 
 

@@ -174,7 +174,9 @@ class SparseOutliers:
         return self.col.numel()
 
     @classmethod
-    def from_dense(cls, matrix: torch.Tensor, dtype: torch.dtype | None = None, mask: torch.Tensor | None = None) -> "SparseOutliers":
+    def from_dense(
+        cls, matrix: torch.Tensor, dtype: torch.dtype | None = None, mask: torch.Tensor | None = None
+    ) -> SparseOutliers:
         """CSR of the nonzero entries of a dense [N, K] matrix (values cast to ``dtype``), or of the
         entries where ``mask`` is True (zeros included)."""
         rows, cols = (matrix != 0 if mask is None else mask).nonzero(as_tuple=True)  # row-major order, as CSR needs
@@ -231,7 +233,7 @@ class DenseAndSparseWeight:
             raise ValueError("DenseAndSparseWeight needs exactly one of scales (uniform base) or lut (LUT base)")
 
     @classmethod
-    def from_parts(cls, base, outliers: SparseOutliers) -> "DenseAndSparseWeight":
+    def from_parts(cls, base, outliers: SparseOutliers) -> DenseAndSparseWeight:
         if not isinstance(base, (UniformWeight, LUTWeight)):
             raise TypeError(f"outliers attach to a uniform or LUT weight, not {type(base).__name__}")
         if tuple(base.shape) != tuple(outliers.shape):
@@ -253,7 +255,9 @@ class DenseAndSparseWeight:
     def base(self):
         if self.lut is not None:
             return LUTWeight(codes=self.codes, lut=self.lut, bits=self.bits)
-        return UniformWeight(codes=self.codes, scales=self.scales, zeros=self.zeros, bits=self.bits, group_size=self.group_size)
+        return UniformWeight(
+            codes=self.codes, scales=self.scales, zeros=self.zeros, bits=self.bits, group_size=self.group_size
+        )
 
     @property
     def outliers(self) -> SparseOutliers:
@@ -303,7 +307,9 @@ def _times_power_of_two(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor
     return torch.ldexp(torch.ldexp(x, half.float()), (exponent - half).float())
 
 
-def bfp_encode(x: torch.Tensor, mantissa_bits: int, block_size: int, rounding: str = "nearest_even") -> tuple[torch.Tensor, torch.Tensor]:
+def bfp_encode(
+    x: torch.Tensor, mantissa_bits: int, block_size: int, rounding: str = "nearest_even"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks of ``block_size`` along the last dim of ``x`` [..., K] -> (mantissas uint8 [..., K],
     exponents uint8 [..., ceil(K / block_size)]); a short last block is padded with zeros (which never
     change a block's maximum). Computed in fp32; the exponent comes from ``frexp`` (exact)."""
@@ -327,12 +333,19 @@ def bfp_encode(x: torch.Tensor, mantissa_bits: int, block_size: int, rounding: s
     else:
         rounded = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
     limit = 2 ** (mantissa_bits - 1) - 1
-    mantissas = (rounded.clamp(-limit, limit) + 2 ** (mantissa_bits - 1)).reshape(*x.shape[:-1], blocks * block_size)[..., :k]
+    mantissas = (rounded.clamp(-limit, limit) + 2 ** (mantissa_bits - 1)).reshape(*x.shape[:-1], blocks * block_size)[
+        ..., :k
+    ]
     return mantissas.to(torch.uint8), (exponent + BFP_EXPONENT_BIAS).to(torch.uint8)
 
 
-def bfp_decode(mantissas: torch.Tensor, exponents: torch.Tensor, mantissa_bits: int, block_size: int,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def bfp_decode(
+    mantissas: torch.Tensor,
+    exponents: torch.Tensor,
+    mantissa_bits: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Inverse of ``bfp_encode``: (u - 2**(m-1)) * 2**(e - 127 - (m - 2)), in fp32, cast to ``dtype``."""
     k = mantissas.shape[-1]
     signed = mantissas.float() - 2 ** (mantissa_bits - 1)
@@ -373,7 +386,9 @@ class BFPWeight:
         return self.mantissa_bits
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, mantissa_bits: int, block_size: int, rounding: str = "nearest_even") -> "BFPWeight":
+    def quantize(
+        cls, weight: torch.Tensor, mantissa_bits: int, block_size: int, rounding: str = "nearest_even"
+    ) -> BFPWeight:
         """Round an [N, K] weight to BFP (rows in chunks: fp32 temporaries stay small)."""
         parts = [bfp_encode(weight[rows], mantissa_bits, block_size, rounding) for rows in row_chunks(*weight.shape)]
         return cls(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), mantissa_bits, block_size)
@@ -386,4 +401,3 @@ class BFPWeight:
 
     def bits_per_weight(self) -> float:
         return bfp_bits_per_value(self.shape[1], self.mantissa_bits, self.block_size)
-

@@ -31,8 +31,12 @@ class Weights:
     def uniform(self, n, k, bits, group_size=32, symmetric=True, scale_dtype=torch.float16, device=DEVICE):
         groups = 1 if group_size == -1 else -(-k // group_size)
         scales = (torch.rand(n, groups, generator=self.generator) * 0.1 + 0.01).to(scale_dtype)
-        zeros = None if symmetric else torch.randint(0, 2**bits, (n, groups), generator=self.generator, dtype=torch.int32)
-        weight = UniformWeight(codes=self.codes(n, k, bits), scales=scales, zeros=zeros, bits=bits, group_size=group_size)
+        zeros = (
+            None if symmetric else torch.randint(0, 2**bits, (n, groups), generator=self.generator, dtype=torch.int32)
+        )
+        weight = UniformWeight(
+            codes=self.codes(n, k, bits), scales=scales, zeros=zeros, bits=bits, group_size=group_size
+        )
         return to_device(weight, device)
 
     def lut(self, n, k, bits, lut_dtype=torch.float16, device=DEVICE):
@@ -56,6 +60,9 @@ class Weights:
 def to_device(weight, device):
     from dataclasses import fields, replace
 
-    moved = {f.name: getattr(weight, f.name).to(device) for f in fields(weight)
-             if f.metadata.get("tensor") and getattr(weight, f.name) is not None}
+    moved = {
+        f.name: getattr(weight, f.name).to(device)
+        for f in fields(weight)
+        if f.metadata.get("tensor") and getattr(weight, f.name) is not None
+    }
     return replace(weight, **moved)

@@ -39,9 +39,16 @@ def compile_variant(kernel, pointer_types: dict, constexprs: dict, num_warps=4, 
             signature[name] = pointer_types[name]
         else:
             signature[name] = "i32"
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET,
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"], **registers(compiled.asm["ptx"])}
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        target=TARGET,
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    return {
+        "shared": compiled.metadata.shared,
+        "wgmma": "wgmma" in compiled.asm["ptx"],
+        **registers(compiled.asm["ptx"]),
+    }
 
 
 def registers(ptx: str) -> dict:
@@ -51,8 +58,11 @@ def registers(ptx: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(ptx)
-        done = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [get_ptxas(90).path, "-arch=sm_90a", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
+            capture_output=True,
+            text=True,
+        )
     used = re.search(r"Used (\d+) registers", done.stderr)
     spills = re.search(r"(\d+) bytes spill stores", done.stderr)
     return {"registers": int(used.group(1)) if used else None, "spill_bytes": int(spills.group(1)) if spills else None}
@@ -69,46 +79,75 @@ def table_variants() -> dict:
         for kind, bits, group in (("uniform", 4, 128), ("uniform", 3, 128), ("lut", 4, -1)):
             for m in (1, 16):
                 c = KernelConfig.from_dict(entries[table_key(kind, bits, group, n, k, m)])
-                name = (f"table decode M{c.block_m} {kind} {bits}b bn{c.block_n} bk{c.block_k} w{c.num_warps} "
-                        f"s{c.num_stages} {c.lut} unroll{c.unroll} split={c.split_k > 1}")
-                variants[name] = matmul_variant("decode", "fp16", bits, lut=kind == "lut", group=group, block=(c.block_m, c.block_n, c.block_k),
-                                                split_k=c.split_k, num_warps=c.num_warps, num_stages=c.num_stages,
-                                                epilogue=1 if c.split_k > 1 else 0, lut_mode=c.lut, unroll=c.unroll)
+                name = (
+                    f"table decode M{c.block_m} {kind} {bits}b bn{c.block_n} bk{c.block_k} w{c.num_warps} "
+                    f"s{c.num_stages} {c.lut} unroll{c.unroll} split={c.split_k > 1}"
+                )
+                variants[name] = matmul_variant(
+                    "decode",
+                    "fp16",
+                    bits,
+                    lut=kind == "lut",
+                    group=group,
+                    block=(c.block_m, c.block_n, c.block_k),
+                    split_k=c.split_k,
+                    num_warps=c.num_warps,
+                    num_stages=c.num_stages,
+                    epilogue=1 if c.split_k > 1 else 0,
+                    lut_mode=c.lut,
+                    unroll=c.unroll,
+                )
     return variants
 
 
 VARIANTS = {
-    "decode M1 uniform 3b asym fp16 serial split-K": matmul_variant("decode", "fp16", 3, asym=True, block=(1, 128, 64), split_k=8,
-                                                                   epilogue=1),
+    "decode M1 uniform 3b asym fp16 serial split-K": matmul_variant(
+        "decode", "fp16", 3, asym=True, block=(1, 128, 64), split_k=8, epilogue=1
+    ),
     "decode M1 uniform 4b bf16 group 32 store": matmul_variant("decode", "bf16", 4, group=32, block=(1, 256, 32)),
-    "decode M1 uniform 5b fp16 group 48 (per-weight scales)": matmul_variant("decode", "fp16", 5, group=48, block=(1, 128, 64),
-                                                                             split_k=4, epilogue=1),
-    "decode M4 uniform 4b fp16 CUDA cores": matmul_variant("decode", "fp16", 4, block=(4, 128, 32), split_k=4, epilogue=1),
-    "decode M1 uniform 4b fp16 unroll 4": matmul_variant("decode", "fp16", 4, block=(1, 512, 16), split_k=8, epilogue=1, unroll=4),
+    "decode M1 uniform 5b fp16 group 48 (per-weight scales)": matmul_variant(
+        "decode", "fp16", 5, group=48, block=(1, 128, 64), split_k=4, epilogue=1
+    ),
+    "decode M4 uniform 4b fp16 CUDA cores": matmul_variant(
+        "decode", "fp16", 4, block=(4, 128, 32), split_k=4, epilogue=1
+    ),
+    "decode M1 uniform 4b fp16 unroll 4": matmul_variant(
+        "decode", "fp16", 4, block=(1, 512, 16), split_k=8, epilogue=1, unroll=4
+    ),
     "decode M16 uniform 4b fp16 tl.dot": matmul_variant("decode", "fp16", 4, block=(16, 64, 64), split_k=4, epilogue=1),
-    "decode M1 lut 4b fp16 global, outliers": matmul_variant("decode", "fp16", 4, lut=True, block=(1, 128, 64), split_k=4,
-                                                             epilogue=2),
-    "decode M1 lut 4b fp16 registers": matmul_variant("decode", "fp16", 4, lut=True, block=(1, 128, 64), split_k=4, epilogue=1,
-                                                      lut_mode="registers"),
+    "decode M1 lut 4b fp16 global, outliers": matmul_variant(
+        "decode", "fp16", 4, lut=True, block=(1, 128, 64), split_k=4, epilogue=2
+    ),
+    "decode M1 lut 4b fp16 registers": matmul_variant(
+        "decode", "fp16", 4, lut=True, block=(1, 128, 64), split_k=4, epilogue=1, lut_mode="registers"
+    ),
     "gemm uniform 4b fp16 M32 split-K": matmul_variant("gemm", "fp16", 4, atomic=True, block=(32, 64, 128), split_k=4),
     "gemm uniform 5b bf16 tiled 64x128": matmul_variant("gemm", "bf16", 5, block=(64, 128, 64), num_stages=3),
-    "gemm uniform 7b asym fp16 tiled 128x128": matmul_variant("gemm", "fp16", 7, asym=True, block=(128, 128, 64), num_warps=8,
-                                                              num_stages=3),
+    "gemm uniform 7b asym fp16 tiled 128x128": matmul_variant(
+        "gemm", "fp16", 7, asym=True, block=(128, 128, 64), num_warps=8, num_stages=3
+    ),
     "gemm uniform 2b fp32 (ieee)": matmul_variant("gemm", "fp32", 2, block=(16, 64, 64)),
     "gemm lut 3b bf16 tiled": matmul_variant("gemm", "bf16", 3, lut=True, block=(64, 128, 64), num_stages=3),
     "dequant uniform 6b fp16": matmul_variant("dequant", "fp16", 6, asym=True, block=(1, 128, 64)),
 }
 MORE_VARIANTS = {
-    f"decode M1 uniform {b}b fp16": matmul_variant("decode", "fp16", b, block=(1, 128, 64), split_k=4, epilogue=1) for b in range(1, 9)
+    f"decode M1 uniform {b}b fp16": matmul_variant("decode", "fp16", b, block=(1, 128, 64), split_k=4, epilogue=1)
+    for b in range(1, 9)
 } | {
-    f"gemm uniform {b}b bf16 64x128": matmul_variant("gemm", "bf16", b, block=(64, 128, 64), num_stages=3) for b in range(1, 9)
+    f"gemm uniform {b}b bf16 64x128": matmul_variant("gemm", "bf16", b, block=(64, 128, 64), num_stages=3)
+    for b in range(1, 9)
 }
 
 
 def main(argv):
     variants = {**VARIANTS, **table_variants(), **(MORE_VARIANTS if "--all" in argv else {})}
-    outlier = (sparse._outlier_kernel, {"x_ptr": "*fp16", "rows_ptr": "*i32", "cols_ptr": "*i32", "vals_ptr": "*fp16", "ws_ptr": "*fp32"},
-               {"BLOCK": 256, "ROWS": 16}, 4, 1)
+    outlier = (
+        sparse._outlier_kernel,
+        {"x_ptr": "*fp16", "rows_ptr": "*i32", "cols_ptr": "*i32", "vals_ptr": "*fp16", "ws_ptr": "*fp32"},
+        {"BLOCK": 256, "ROWS": 16},
+        4,
+        1,
+    )
     for name, (kernel, types_, constexprs, warps, stages) in {**variants, "outlier add": outlier}.items():
         try:
             row = {"name": name, **compile_variant(kernel, types_, constexprs, warps, stages)}

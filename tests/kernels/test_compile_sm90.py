@@ -60,8 +60,13 @@ def test_uniform_decode_stays_within_the_h100_instruction_budget():
     script = root / "benchmarks" / "kernel_sass.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)  # this checkout's kernels
-    done = subprocess.run([sys.executable, str(script), "--only", "uniform 4b, 512x16"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script), "--only", "uniform 4b, 512x16"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     counts = dict(re.findall(r"^(.*?): ([\d.]+) instructions per weight", done.stdout, re.M))
     assert len(counts) == 2, done.stdout + done.stderr[-2000:]
     assert float(counts["uniform 4b, 512x16, 4 warps"]) < 6.5

@@ -68,7 +68,12 @@ def test_validate_measures_speed_on_gpu(tmp_path):
     from compressor.validate import format_validation_report, validate_checkpoint
 
     source = make_random_model("llama", tmp_path / "source")
-    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 64}}], "export": {}}), source, tmp_path / "w4", progress=False)
+    apply(
+        Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 64}}], "export": {}}),
+        source,
+        tmp_path / "w4",
+        progress=False,
+    )
     result = validate_checkpoint(tmp_path / "w4", "cuda", seq_len=64, max_windows=1)
     assert result["ok"] and not result["correctness_only"]
     assert result["speed"]["quantized"]["decode_tok_s"] > 0 and result["speed"]["dense"]["prefill_tok_s"] > 0

@@ -60,7 +60,9 @@ def _gemv_k_packed(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: 
     for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
-        words = tl.load(w_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :], mask=mask, other=0, eviction_policy="evict_first")
+        words = tl.load(
+            w_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :], mask=mask, other=0, eviction_policy="evict_first"
+        )
         codes = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         acc += tl.sum(codes.to(tl.float32) * x[:, None], axis=0)
@@ -82,7 +84,9 @@ def test_k_packed_unpack_idiom_with_split_k_atomics():
 def _gather_through_loaded_codes(lut_ptr, codes_ptr, out_ptr, BITS: tl.constexpr):
     rows = tl.arange(0, 4)
     codes = tl.load(codes_ptr + rows[:, None] * 8 + tl.arange(0, 8)[None, :])
-    tl.store(out_ptr + rows[:, None] * 8 + tl.arange(0, 8)[None, :], tl.load(lut_ptr + rows[:, None] * (1 << BITS) + codes))
+    tl.store(
+        out_ptr + rows[:, None] * 8 + tl.arange(0, 8)[None, :], tl.load(lut_ptr + rows[:, None] * (1 << BITS) + codes)
+    )
 
 
 def test_gather_from_a_table_through_loaded_integer_offsets():
@@ -106,13 +110,18 @@ def _dot_in_a_loop(a_ptr, b_ptr, c_ptr, K, DOT_DTYPE: tl.constexpr, PRECISION: t
 
 def test_dot_with_fp16_and_fp32_operands_and_bf16_upcast_after_load():
     a, b = torch.randn(16, 48, device=DEVICE), torch.randn(48, 16, device=DEVICE)
-    for dtype, dot_dtype, precision, tolerance in ((torch.float16, tl.float16, "tf32", 1e-2), (torch.float32, tl.float32, "ieee", 1e-5),
-                                                   (torch.bfloat16, tl.float32, "ieee", 1e-5)):
+    for dtype, dot_dtype, precision, tolerance in (
+        (torch.float16, tl.float16, "tf32", 1e-2),
+        (torch.float32, tl.float32, "ieee", 1e-5),
+        (torch.bfloat16, tl.float32, "ieee", 1e-5),
+    ):
         a_cast, b_cast = a.to(dtype), b.to(dtype)
         c = torch.empty(16, 16, device=DEVICE, dtype=dtype)
         _dot_in_a_loop[(1,)](a_cast, b_cast, c, 48, DOT_DTYPE=dot_dtype, PRECISION=precision)
         expected = a_cast.float() @ b_cast.float()
-        assert ((c.float() - expected).abs().max() / expected.abs().max()).item() < max(tolerance, 2 * torch.finfo(dtype).eps)
+        assert ((c.float() - expected).abs().max() / expected.abs().max()).item() < max(
+            tolerance, 2 * torch.finfo(dtype).eps
+        )
 
 
 @triton.jit

@@ -20,7 +20,20 @@ def load_benchmark():
 
 def test_benchmark_smoke_run_writes_markdown_json_rows_and_plot(tmp_path):
     bench = load_benchmark()
-    args = ["--shapes", "cpu", "--m", "1", "--bits", "3", "--lut", "4", "--out", str(tmp_path), "--command", "pytest smoke"]
+    args = [
+        "--shapes",
+        "cpu",
+        "--m",
+        "1",
+        "--bits",
+        "3",
+        "--lut",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--command",
+        "pytest smoke",
+    ]
     if torch.cuda.is_available():
         args[1] = "8b"
     table = bench.main(args)
@@ -52,8 +65,23 @@ def test_rows_reach_the_disk_as_they_finish_and_max_seconds_stops_cleanly(tmp_pa
     monkeypatch.setattr(bench.Recorder, "add", add_and_look)
     clock = iter(range(0, 10**6, 10))  # every look at the clock advances it 10 s
     monkeypatch.setattr(bench.time, "monotonic", lambda: next(clock))
-    table = bench.main(["--shapes", "cpu", "--m", "1", "--bits", "4", "--lut", "", "--out", str(tmp_path),
-                        "--max-seconds", "35", "--no-plot"])
+    table = bench.main(
+        [
+            "--shapes",
+            "cpu",
+            "--m",
+            "1",
+            "--bits",
+            "4",
+            "--lut",
+            "",
+            "--out",
+            str(tmp_path),
+            "--max-seconds",
+            "35",
+            "--no-plot",
+        ]
+    )
     result = json.loads(table.with_suffix(".json").read_text())
     rows = result["rows"]
     assert 0 < len(rows) < 6  # 2 shapes x (fp32, ours, tinygemm) would be 6
@@ -82,9 +110,13 @@ def test_targets_are_read_off_the_worst_shape():
     bench = load_benchmark()
     rows = []
     for shape, slow in (("gate/up_proj", 1.0), ("down_proj", 1.5)):  # down_proj: ours 1.5x slower
-        rows += [row(shape, 1, "ours uniform", 4, 10 * slow, pct_peak=70 / slow), row(shape, 1, "tinygemm int4 (aten)", 4, 13),
-                 row(shape, 1, "ours uniform", 3, 9 * slow), row(shape, 1, "ours lut", 4, 10 * slow),
-                 row(shape, 16, "ours uniform", 4, 5, speedup=2.6)]
+        rows += [
+            row(shape, 1, "ours uniform", 4, 10 * slow, pct_peak=70 / slow),
+            row(shape, 1, "tinygemm int4 (aten)", 4, 13),
+            row(shape, 1, "ours uniform", 3, 9 * slow),
+            row(shape, 1, "ours lut", 4, 10 * slow),
+            row(shape, 16, "ours uniform", 4, 5, speedup=2.6),
+        ]
     status = {t["target"]: t for t in bench.targets(rows)}
     tinygemm = status["4-bit M=1 >= 1.2x tinygemm"]
     assert tinygemm["status"] == "missed" and tinygemm["worst"] == pytest.approx(13 / 15) and tinygemm["shapes"] == 2

@@ -21,8 +21,8 @@ from compressor.kernels.heuristics import (
     schedule_for,
 )
 from compressor.kernels.tables import KernelConfig
-from compressor.weights.values import DenseAndSparseWeight
 from compressor.modules.linear import QuantizedLinear
+from compressor.weights.values import DenseAndSparseWeight
 
 N, K = 37, 200
 
@@ -32,7 +32,9 @@ def all_kinds(weights):
     lut = weights.lut(N, K, 3)
     outliers = weights.outliers(N, K)
     return {
-        "uniform": uniform, "lut": lut, "sparse": outliers,
+        "uniform": uniform,
+        "lut": lut,
+        "sparse": outliers,
         "uniform+outliers": DenseAndSparseWeight.from_parts(uniform, outliers),
         "lut+outliers": DenseAndSparseWeight.from_parts(lut, outliers),
     }
@@ -137,7 +139,9 @@ def test_schedule_thresholds_and_configs():
         KernelConfig("decode", block_k=48)
 
 
-@pytest.mark.parametrize("n,k,bits", [(4096, 4096, 4), (1024, 4096, 4), (14336, 4096, 3), (4096, 14336, 2), (8192, 28672, 4)])
+@pytest.mark.parametrize(
+    "n,k,bits", [(4096, 4096, 4), (1024, 4096, 4), (14336, 4096, 3), (4096, 14336, 2), (8192, 28672, 4)]
+)
 def test_decode_heuristic_fills_an_h100_with_small_partials(n, k, bits):
     """Without a table entry, decode at M = 1 puts at least two programs on each of the 132 SMs
     (or as many as the split cap allows), and the serial split-K partials stay under half the

@@ -38,7 +38,15 @@ def test_pack_unpack_round_trip_is_exact_and_reads_bits_over_8_bytes_per_weight(
 
 def test_plane_decomposition():
     assert {b: plane_widths(b) for b in range(1, 9)} == {
-        1: [1], 2: [2], 3: [2, 1], 4: [4], 5: [4, 1], 6: [4, 2], 7: [4, 2, 1], 8: [8]}
+        1: [1],
+        2: [2],
+        3: [2, 1],
+        4: [4],
+        5: [4, 1],
+        6: [4, 2],
+        7: [4, 2, 1],
+        8: [8],
+    }
     with pytest.raises(ValueError):
         plane_widths(9)
 
@@ -115,7 +123,9 @@ def test_compressed_tensors_repack_reproduces_the_weights_exactly(bits, symmetri
     assert torch.equal(packed.scales, weight.scales.t())
 
     strategy = {"strategy": "channel"} if group_size == -1 else {"strategy": "group", "group_size": group_size}
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=bits, symmetric=symmetric, **strategy))
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=bits, symmetric=symmetric, **strategy)
+    )
     state = dict(tensors)
     if not symmetric:  # compressed-tensors' decompressor expects its own zero point tensor name and layout
         state["weight_zero_point"] = tensors["weight_zero_point"]
@@ -128,7 +138,13 @@ def test_compressed_tensors_repack_reproduces_the_weights_exactly(bits, symmetri
 
 
 @HYPOTHESIS
-@given(bits=st.integers(2, 8), n=st.integers(1, 20), k=st.integers(1, 160), symmetric=st.booleans(), seed=st.integers(0, 999))
+@given(
+    bits=st.integers(2, 8),
+    n=st.integers(1, 20),
+    k=st.integers(1, 160),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 999),
+)
 def test_compressed_tensors_repack_round_trips_over_random_shapes(bits, n, k, symmetric, seed):
     weight = Weights(seed).uniform(n, k, bits, -1, symmetric, device="cpu")
     packed = repack_compressed_tensors(uniform_to_ct_tensors(weight, torch.float16), bits, -1)

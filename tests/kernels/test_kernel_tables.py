@@ -56,7 +56,10 @@ def test_user_tables_come_before_the_shipped_one(tmp_path, monkeypatch):
     assert tables.lookup("NVIDIA H100 80GB HBM3", key) == mine
     assert tables.lookup("NVIDIA A100-SXM4-80GB", key) == mine  # a user table serves any device
     other = tables.table_key("uniform", 4, 128, 1024, 4096, 1)
-    assert tables.lookup("NVIDIA H100 80GB HBM3", other) == tables.read_table(tables.CONFIG_DIR / "hopper.json")["entries"][other]
+    assert (
+        tables.lookup("NVIDIA H100 80GB HBM3", other)
+        == tables.read_table(tables.CONFIG_DIR / "hopper.json")["entries"][other]
+    )
 
 
 def test_table_config_follows_the_entry_and_never_gives_decode_fewer_rows_than_m(weights, tmp_path, monkeypatch):
@@ -70,7 +73,9 @@ def test_table_config_follows_the_entry_and_never_gives_decode_fewer_rows_than_m
     tables.write_table(path, {key: wrong}, "NVIDIA H100", "test")
     assert dispatch.table_config(dense, 3, "NVIDIA H100") is None  # falls back to tuning / the heuristic
     dequant = tables.table_key("uniform", 4, 128, 64, 256, 100)
-    tables.write_table(path, {dequant: KernelConfig("dequant", block_n=64, block_k=64).as_dict()}, "NVIDIA H100", "test")
+    tables.write_table(
+        path, {dequant: KernelConfig("dequant", block_n=64, block_k=64).as_dict()}, "NVIDIA H100", "test"
+    )
     assert dispatch.table_config(dense, 100, "NVIDIA H100").schedule == "dequant"
 
 
@@ -103,8 +108,9 @@ def test_tuning_measures_candidates_and_writes_a_table_the_dispatcher_reads(weig
 
     from compressor.kernel_tuning import tune_weights
 
-    entries = tune_weights({("uniform", 3, 32, 40, 96): weight}, ms=(1, 20), dtype=torch.float32, device=DEVICE,
-                           max_candidates=2)
+    entries = tune_weights(
+        {("uniform", 3, 32, 40, 96): weight}, ms=(1, 20), dtype=torch.float32, device=DEVICE, max_candidates=2
+    )
     assert set(entries) == {tables.table_key("uniform", 3, 32, 40, 96, m) for m in (1, 20)}
     assert all(e["us"] > 0 and "tuned on" in e["source"] for e in entries.values())
     path = tables.write_table(tmp_path / "tuned.json", entries, "NVIDIA H100", "test")

@@ -3,14 +3,13 @@
 import pytest
 import torch
 
+from compressor.modules.linear import QuantizedLinear
 from compressor.weights.values import (
     BFPWeight,
     DenseAndSparseWeight,
     LUTWeight,
     SparseOutliers,
-    UniformWeight,
 )
-from compressor.modules.linear import QuantizedLinear
 
 
 def test_every_kind_a_codec_stores_survives_its_checkpoint_round_trip(weights):
@@ -18,10 +17,13 @@ def test_every_kind_a_codec_stores_survives_its_checkpoint_round_trip(weights):
     from compressor.export import native
     from compressor.export.codecs import codec_for
 
-    values = [weights.uniform(6, 96, 3, symmetric=True, device="cpu"), weights.uniform(6, 96, 5, symmetric=False, device="cpu"),
-              weights.lut(6, 96, 4, device="cpu"),
-              DenseAndSparseWeight.from_parts(weights.lut(6, 96, 3, device="cpu"), weights.outliers(6, 96, device="cpu")),
-              BFPWeight.quantize(torch.randn(6, 96), 5, 32)]
+    values = [
+        weights.uniform(6, 96, 3, symmetric=True, device="cpu"),
+        weights.uniform(6, 96, 5, symmetric=False, device="cpu"),
+        weights.lut(6, 96, 4, device="cpu"),
+        DenseAndSparseWeight.from_parts(weights.lut(6, 96, 3, device="cpu"), weights.outliers(6, 96, device="cpu")),
+        BFPWeight.quantize(torch.randn(6, 96), 5, 32),
+    ]
     for value in values:
         codec = codec_for(value)
         if codec is native:
@@ -61,13 +63,17 @@ def test_dense_and_sparse(weights):
     outliers = weights.outliers(8, 64, device="cpu")
     weight = DenseAndSparseWeight.from_parts(base, outliers)
     assert weight.base_kind == "uniform" and weight.shape == (8, 64)
-    assert torch.equal(weight.dequantize(torch.float32), base.dequantize(torch.float32) + outliers.dequantize(torch.float32))
+    assert torch.equal(
+        weight.dequantize(torch.float32), base.dequantize(torch.float32) + outliers.dequantize(torch.float32)
+    )
     assert weight.bits_per_weight() == pytest.approx(base.bits_per_weight() + outliers.bits_per_weight())
     assert torch.equal(weight.base.dequantize(), base.dequantize()) and torch.equal(weight.outliers.val, outliers.val)
     lut_weight = DenseAndSparseWeight.from_parts(weights.lut(8, 64, 4, device="cpu"), outliers)
     assert lut_weight.base_kind == "lut" and isinstance(lut_weight.base, LUTWeight)
     with pytest.raises(ValueError, match="exactly one"):
-        DenseAndSparseWeight(codes=base.codes, outlier_crow=outliers.crow, outlier_col=outliers.col, outlier_val=outliers.val)
+        DenseAndSparseWeight(
+            codes=base.codes, outlier_crow=outliers.crow, outlier_col=outliers.col, outlier_val=outliers.val
+        )
     with pytest.raises(ValueError, match="shape"):
         DenseAndSparseWeight.from_parts(weights.uniform(8, 32, 3, 32, device="cpu"), outliers)
     with pytest.raises(TypeError):

@@ -30,7 +30,9 @@ def test_lut_every_schedule(weights, bits):
     packed = pack_lut(weight)
     for m, config, dtype in SCHEDULES:
         x, bias = weights.x(m, K, dtype), weights.bias(N, dtype)
-        assert_matches(lut_linear(x, packed, bias, config), exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m}")
+        assert_matches(
+            lut_linear(x, packed, bias, config), exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -47,7 +49,9 @@ def test_lut_dequantize_kernel_is_exact(weights):
     weight = weights.lut(N, K, 3, lut_dtype=torch.float32)
     for mode in ("global", "registers"):
         config = KernelConfig("dequant", block_n=16, block_k=64, lut=mode)
-        assert torch.equal(lut_dequantize(pack_lut(weight), torch.float32, config), weight.dequantize(torch.float32)), mode
+        assert torch.equal(lut_dequantize(pack_lut(weight), torch.float32, config), weight.dequantize(torch.float32)), (
+            mode
+        )
 
 
 @pytest.mark.parametrize("m", [1, 17])  # 17 > 16 rows per program: two row chunks
@@ -85,4 +89,6 @@ def test_dense_and_sparse_every_schedule(weights, base_kind):
     outliers = pack_outliers(weight.outliers)
     for m, config, dtype in SCHEDULES:
         x, bias = weights.x(m, K, dtype), weights.bias(N, dtype)
-        assert_matches(linear(x, dense, bias, config, outliers), exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m}")
+        assert_matches(
+            linear(x, dense, bias, config, outliers), exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m}"
+        )

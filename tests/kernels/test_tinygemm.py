@@ -29,8 +29,14 @@ def test_the_dispatcher_runs_tinygemm_only_where_it_serves_the_weight(weights):
     four = weights.uniform(N, K, 4, 64, symmetric=False)
     assert supported(pack_uniform(four), x)
     y = triton_linear(x, four, None, config)
-    assert y.dtype == torch.float16 and (y.float() - exact_linear(x, four)).abs().max() / exact_linear(x, four).abs().max() < 1e-2
-    for other in (weights.uniform(N, K, 3, 64), weights.uniform(N, K, 4, 48),  # width, group it does not serve
-                  DenseAndSparseWeight.from_parts(four, weights.outliers(N, K))):  # outliers: our kernels
+    assert (
+        y.dtype == torch.float16
+        and (y.float() - exact_linear(x, four)).abs().max() / exact_linear(x, four).abs().max() < 1e-2
+    )
+    for other in (
+        weights.uniform(N, K, 3, 64),
+        weights.uniform(N, K, 4, 48),  # width, group it does not serve
+        DenseAndSparseWeight.from_parts(four, weights.outliers(N, K)),
+    ):  # outliers: our kernels
         assert_matches(triton_linear(x, other, None, config), exact_linear(x, other), torch.float16)
     assert not supported(pack_uniform(weights.uniform(N, 200, 4, 64)), x)  # K not a multiple of 128

@@ -18,8 +18,16 @@ N, K = 37, 200
 GROUPS = [32, 64, -1, 48, 128]  # 48: groups straddle blocks and words; -1: per channel
 
 SCHEDULES = [  # (M, config, dtype): each runs a different path through the kernels
-    (1, KernelConfig("decode", block_m=1, block_n=32, block_k=64, split_k=2), torch.float32),  # serial split-K, 2 N-tiles
-    (3, KernelConfig("decode", block_m=4, block_n=16, block_k=32, split_k=3), torch.float16),  # CUDA-core rows, 3 splits
+    (
+        1,
+        KernelConfig("decode", block_m=1, block_n=32, block_k=64, split_k=2),
+        torch.float32,
+    ),  # serial split-K, 2 N-tiles
+    (
+        3,
+        KernelConfig("decode", block_m=4, block_n=16, block_k=32, split_k=3),
+        torch.float16,
+    ),  # CUDA-core rows, 3 splits
     (9, KernelConfig("decode", block_m=16, block_n=32, block_k=64, split_k=1), torch.float32),  # tl.dot, direct store
     (3, KernelConfig("gemm", block_m=16, block_n=64, block_k=32, split_k=3), torch.float16),  # split-K tl.dot, atomics
     (17, KernelConfig("gemm", block_m=16, block_n=32, block_k=128, split_k=1), torch.float32),  # tiled, 2 M-tiles
@@ -49,7 +57,9 @@ def test_every_schedule_in_every_activation_dtype(weights, dtype, bits, symmetri
     for m, config, _ in SCHEDULES:
         x = weights.x(m, K, dtype)
         bias = weights.bias(N, dtype) if config.schedule != "gemm" else None
-        assert_matches(uniform_linear(x, packed, bias, config), exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m}")
+        assert_matches(
+            uniform_linear(x, packed, bias, config), exact_linear(x, weight, bias), dtype, f"{config.schedule} M={m}"
+        )
 
 
 def test_kernels_agree_with_the_reference_on_the_packed_tensors(weights):
@@ -70,7 +80,12 @@ def test_one_word_tiles_and_scale_tiles(weights, bits):
         weight = weights.uniform(N, K, bits, group, symmetric=group == 8)
         x = weights.x(1, K, torch.float32)
         config = KernelConfig("decode", block_m=1, block_n=64, block_k=32, split_k=4)
-        assert_matches(uniform_linear(x, pack_uniform(weight), None, config), exact_linear(x, weight), torch.float32, f"group={group}")
+        assert_matches(
+            uniform_linear(x, pack_uniform(weight), None, config),
+            exact_linear(x, weight),
+            torch.float32,
+            f"group={group}",
+        )
 
 
 def test_non_contiguous_activations(weights):
@@ -79,7 +94,9 @@ def test_non_contiguous_activations(weights):
     x = weights.x(K, 17, torch.float16).t()  # [17, K] with strides (1, 17)
     assert not x.is_contiguous()
     for m, config, _ in SCHEDULES[1:5]:
-        assert_matches(uniform_linear(x[:m], packed, None, config), exact_linear(x[:m], weight), torch.float16, config.schedule)
+        assert_matches(
+            uniform_linear(x[:m], packed, None, config), exact_linear(x[:m], weight), torch.float16, config.schedule
+        )
 
 
 def test_default_configs_run_every_schedule(weights):
@@ -165,7 +182,9 @@ def test_configs_reject_tiles_that_split_a_packed_word(weights):
     x = weights.x(1, K, torch.float32)
     four, three = (weights.uniform(N, K, b, 64) for b in (4, 3))
     config = KernelConfig("decode", block_m=1, block_n=32, block_k=16, split_k=2)
-    assert_matches(uniform_linear(x, pack_uniform(four), None, config), exact_linear(x, four), torch.float32, "4-bit, 16-deep")
+    assert_matches(
+        uniform_linear(x, pack_uniform(four), None, config), exact_linear(x, four), torch.float32, "4-bit, 16-deep"
+    )
     with pytest.raises(ValueError, match="splits a packed word"):
         uniform_linear(x, pack_uniform(three), None, config)
     with pytest.raises(ValueError, match="block_k"):
@@ -175,7 +194,9 @@ def test_configs_reject_tiles_that_split_a_packed_word(weights):
 
 
 @pytest.mark.parametrize("unroll", [1, 2, 4])
-@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 32), (3, False, 64), (2, True, -1), (8, False, 128), (5, True, 16)])
+@pytest.mark.parametrize(
+    "bits,symmetric,group", [(4, True, 32), (3, False, 64), (2, True, -1), (8, False, 128), (5, True, 16)]
+)
 def test_decode_unrolled_reduction_across_groups_splits_and_the_k_tail(weights, unroll, bits, symmetric, group):
     """The CUDA-core uniform decode accumulates `unroll` tiles between reductions and gives each
     program whole units of one group: K = 200 ends mid-tile, 3 splits, groups shorter and longer
@@ -185,5 +206,9 @@ def test_decode_unrolled_reduction_across_groups_splits_and_the_k_tail(weights, 
     for m in (1, 2):
         x, bias = weights.x(m, K, torch.float32), weights.bias(N, torch.float32)
         config = KernelConfig("decode", block_m=m, block_n=16, block_k=block_k, split_k=3, unroll=unroll)
-        assert_matches(uniform_linear(x, pack_uniform(weight), bias, config), exact_linear(x, weight, bias), torch.float32,
-                       f"unroll {unroll} M={m}")
+        assert_matches(
+            uniform_linear(x, pack_uniform(weight), bias, config),
+            exact_linear(x, weight, bias),
+            torch.float32,
+            f"unroll {unroll} M={m}",
+        )

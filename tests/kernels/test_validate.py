@@ -9,7 +9,6 @@ import torch
 import compressor.kernels
 from compressor import Recipe, apply
 from compressor.export import load_quantized_model
-from compressor.weights.values import DenseAndSparseWeight
 from compressor.modules.linear import QuantizedLinear
 from compressor.testing import make_random_model
 from compressor.validate import (
@@ -18,6 +17,7 @@ from compressor.validate import (
     validate_checkpoint,
     validate_model,
 )
+from compressor.weights.values import DenseAndSparseWeight
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
 

@@ -20,9 +20,20 @@ from __future__ import annotations
 from transformers import DeepseekV3Config
 
 COPIED_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
-    "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_dropout",
 )
 
 
@@ -48,12 +59,20 @@ def rope_parameters(source, qk_rope_head_dim: int, rope_frequencies=None) -> dic
         return plain
     factors = (own / wanted).tolist()  # longrope: inv_freq = 1 / (factor * theta ** (2i / dim))
     positions = source.max_position_embeddings
-    return {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors, "long_factor": factors, "factor": 1.0,
-            "attention_factor": 1.0, "original_max_position_embeddings": positions}
+    return {
+        "rope_type": "longrope",
+        "rope_theta": theta,
+        "short_factor": factors,
+        "long_factor": factors,
+        "factor": 1.0,
+        "attention_factor": 1.0,
+        "original_max_position_embeddings": positions,
+    }
 
 
-def deepseek_v3_config(source, *, kv_lora_rank: int, qk_rope_head_dim: int, qk_nope_head_dim: int, v_head_dim: int,
-                       rope_frequencies=None) -> DeepseekV3Config:
+def deepseek_v3_config(
+    source, *, kv_lora_rank: int, qk_rope_head_dim: int, qk_nope_head_dim: int, v_head_dim: int, rope_frequencies=None
+) -> DeepseekV3Config:
     """The config under which ``DeepseekV3ForCausalLM`` runs the converted model."""
     settings = {key: getattr(source, key) for key in COPIED_KEYS if getattr(source, key, None) is not None}
     layers = source.num_hidden_layers
@@ -70,12 +89,19 @@ def deepseek_v3_config(source, *, kv_lora_rank: int, qk_rope_head_dim: int, qk_n
         rope_parameters=rope,
         rope_interleave=True,
         first_k_dense_replace=layers,
-        n_routed_experts=1, n_shared_experts=1, num_experts_per_tok=1, moe_intermediate_size=1,
-        n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        n_routed_experts=1,
+        n_shared_experts=1,
+        num_experts_per_tok=1,
+        moe_intermediate_size=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
         num_nextn_predict_layers=0,  # no multi-token-prediction layer to look for
     )
     config.architectures = ["DeepseekV3ForCausalLM"]
-    config.rope_theta = source.rope_parameters["rope_theta"]  # the pre-transformers-5 key, for older readers (vLLM's copy)
+    config.rope_theta = source.rope_parameters[
+        "rope_theta"
+    ]  # the pre-transformers-5 key, for older readers (vLLM's copy)
     config._attn_implementation = getattr(source, "_attn_implementation", None)
     return config
 

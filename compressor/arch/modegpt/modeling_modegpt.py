@@ -68,7 +68,13 @@ class SlicedAttention(nn.Module):
         hidden = config.hidden_size
 
         def linear(reference: nn.Linear, inputs: int, outputs: int) -> nn.Linear:
-            return nn.Linear(inputs, outputs, bias=reference.bias is not None, device=reference.weight.device, dtype=reference.weight.dtype)
+            return nn.Linear(
+                inputs,
+                outputs,
+                bias=reference.bias is not None,
+                device=reference.weight.device,
+                dtype=reference.weight.dtype,
+            )
 
         self.q_proj = linear(stock.q_proj, hidden, heads * qk_head_dim)
         self.k_proj = linear(stock.k_proj, hidden, kv_heads * qk_head_dim)
@@ -77,7 +83,9 @@ class SlicedAttention(nn.Module):
         self.q_norm = getattr(stock, "q_norm", None)
         self.k_norm = getattr(stock, "k_norm", None)
         self.rope_pairs = [[int(p) for p in row] for row in rope_pairs]
-        self.every_pair = all(row == list(range(stock.head_dim // 2)) for row in self.rope_pairs)  # RoPE as the stock layer's
+        self.every_pair = all(
+            row == list(range(stock.head_dim // 2)) for row in self.rope_pairs
+        )  # RoPE as the stock layer's
         self._key_coordinates: dict[torch.device, torch.Tensor] = {}
 
     def key_coordinates(self, device: torch.device) -> torch.Tensor:
@@ -97,7 +105,9 @@ class SlicedAttention(nn.Module):
         grouped = x.view(*x.shape[:2], index.shape[0], -1, x.shape[-1])  # [batch, tokens, n_kv, heads per kv head, qk]
         return (grouped * cos + rotate_half(grouped) * sin).view(x.shape)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None, **kwargs):
+    def forward(
+        self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None, **kwargs
+    ):
         cache = cache if cache is not None else past_key_values  # the keyword was renamed in transformers 5.x
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim)
@@ -119,8 +129,15 @@ class SlicedAttention(nn.Module):
             value = pad_last(value, width)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, weights = attention(
-            self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
         )
         return self.o_proj(output[..., : self.v_head_dim].reshape(*input_shape, -1).contiguous()), weights
 
@@ -129,14 +146,22 @@ def slice_mlp(mlp: nn.Module, intermediate_size: int) -> None:
     """Give a Llama-family MLP ``intermediate_size`` neurons (new, uninitialised projections)."""
     for name, shape in (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in")):
         old = getattr(mlp, name)
-        inputs, outputs = (old.in_features, intermediate_size) if shape == "out" else (intermediate_size, old.out_features)
-        setattr(mlp, name, nn.Linear(inputs, outputs, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype))
+        inputs, outputs = (
+            (old.in_features, intermediate_size) if shape == "out" else (intermediate_size, old.out_features)
+        )
+        setattr(
+            mlp,
+            name,
+            nn.Linear(inputs, outputs, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype),
+        )
 
 
 def slice_layers(model: nn.Module, spec: dict) -> None:
     """Resize every decoder layer of a stock model as ``spec`` (the config's ``modegpt``) says."""
     for layer, sizes in zip(model.model.layers, spec["layers"], strict=True):
-        layer.self_attn = SlicedAttention(layer.self_attn, sizes["qk_head_dim"], sizes["v_head_dim"], sizes["rope_pairs"])
+        layer.self_attn = SlicedAttention(
+            layer.self_attn, sizes["qk_head_dim"], sizes["v_head_dim"], sizes["rope_pairs"]
+        )
         slice_mlp(layer.mlp, sizes["intermediate_size"])
 
 

@@ -15,7 +15,15 @@ from __future__ import annotations
 from compressor.arch import UnsupportedArchitecture
 from compressor.arch.shipped import architecture
 
-DROPPED_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "num_key_value_layers", "key_value_group_size", "swiftkv")
+DROPPED_KEYS = (
+    "model_type",
+    "architectures",
+    "auto_map",
+    "transformers_version",
+    "num_key_value_layers",
+    "key_value_group_size",
+    "swiftkv",
+)
 
 
 def swiftkv_model_type(config) -> str:
@@ -28,7 +36,9 @@ def swiftkv_model_type(config) -> str:
             f"swiftkv: model_type '{base}' has no SwiftKV model; supported: {', '.join(row.model_types.values())}"
         )
     if any(t == "sliding_attention" for t in getattr(config, "layer_types", None) or []):
-        raise UnsupportedArchitecture("swiftkv: sliding-window layers are not supported (the upper layers attend over the whole cache)")
+        raise UnsupportedArchitecture(
+            "swiftkv: sliding-window layers are not supported (the upper layers attend over the whole cache)"
+        )
     return model_type
 
 
@@ -39,7 +49,10 @@ def swiftkv_config(source, num_key_value_layers: int, key_value_group_size: int)
     config_class, model_class = row.classes[model_type]
     settings = {k: v for k, v in source.to_dict().items() if k not in DROPPED_KEYS}
     config = row.shipped_class(config_class)(
-        **settings, num_key_value_layers=num_key_value_layers, key_value_group_size=key_value_group_size, swiftkv=True,
+        **settings,
+        num_key_value_layers=num_key_value_layers,
+        key_value_group_size=key_value_group_size,
+        swiftkv=True,
     )
     config.architectures = [model_class.rpartition(".")[2]]
     config._attn_implementation = getattr(source, "_attn_implementation", None)

@@ -39,7 +39,9 @@ class LlamaSwiftKVConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.num_key_value_layers = check_swiftkv_layers(self.num_hidden_layers, self.num_key_value_layers, self.key_value_group_size)
+        self.num_key_value_layers = check_swiftkv_layers(
+            self.num_hidden_layers, self.num_key_value_layers, self.key_value_group_size
+        )
 
 
 @strict
@@ -52,7 +54,9 @@ class Qwen2SwiftKVConfig(Qwen2Config):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.num_key_value_layers = check_swiftkv_layers(self.num_hidden_layers, self.num_key_value_layers, self.key_value_group_size)
+        self.num_key_value_layers = check_swiftkv_layers(
+            self.num_hidden_layers, self.num_key_value_layers, self.key_value_group_size
+        )
 
 
 __all__ = ["LlamaSwiftKVConfig", "Qwen2SwiftKVConfig"]

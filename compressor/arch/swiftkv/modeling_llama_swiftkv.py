@@ -59,8 +59,13 @@ def add_swiftkv_projections(attention: nn.Module, config, layer_idx: int) -> Non
     ``k_proj_swiftkv`` / ``v_proj_swiftkv``), shaped and biased like the originals."""
 
     def like(linear: nn.Linear) -> nn.Linear:
-        return nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                         device=linear.weight.device, dtype=linear.weight.dtype)
+        return nn.Linear(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
 
     attention.q_proj_swiftkv = like(attention.q_proj)
     if group_leader(config, layer_idx) == layer_idx:
@@ -89,8 +94,12 @@ def swiftkv_attention(attention: nn.Module, x: torch.Tensor, keys, values, cos, 
     queries = rotate(attention.q_proj_swiftkv(x).view(shape).transpose(1, 2), cos, sin)
     groups = queries.shape[1] // keys.shape[1]
     out = F.scaled_dot_product_attention(
-        queries, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=mask,
-        is_causal=mask is None and queries.shape[2] > 1, scale=attention.scaling,
+        queries,
+        repeat_kv(keys, groups),
+        repeat_kv(values, groups),
+        attn_mask=mask,
+        is_causal=mask is None and queries.shape[2] > 1,
+        scale=attention.scaling,
     )
     return attention.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
@@ -106,7 +115,7 @@ def upper_layer_mask(query_count: int, key_count: int, attention_mask: torch.Ten
     (causal, and the 2-D padding mask if given). A query row with nothing to attend to (a left pad)
     attends to everything, to stay finite; its output is never used."""
     key_positions = torch.arange(key_count, device=device)
-    query_positions = key_positions[key_count - query_count:]
+    query_positions = key_positions[key_count - query_count :]
     allowed = (key_positions[None, :] <= query_positions[:, None])[None]
     if attention_mask is not None and attention_mask.dim() == 2:
         allowed = allowed & attention_mask[:, None, -key_count:].bool()
@@ -139,14 +148,25 @@ class SwiftKVModelMixin:
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         kwargs.pop("cache_position", None)
         kwargs.pop("return_dict", None)
         for flag in ("output_hidden_states", "output_attentions"):
             if kwargs.pop(flag, False):
-                raise ValueError(f"{type(self).__name__}: {flag} is not supported (the upper layers may run on a subset of the tokens)")
+                raise ValueError(
+                    f"{type(self).__name__}: {flag} is not supported (the upper layers may run on a subset of the tokens)"
+                )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -158,22 +178,34 @@ class SwiftKVModelMixin:
         length = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = (torch.arange(length, device=inputs_embeds.device) + past).unsqueeze(0)
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                         cache=cache, position_ids=position_ids)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
         hidden = inputs_embeds
         cos, sin = self.rotary_emb(hidden, position_ids=position_ids)
         config = self.config
         first_upper = config.num_key_value_layers if config.swiftkv else config.num_hidden_layers
         for layer in self.layers[:first_upper]:
-            hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=(cos, sin), position_ids=position_ids,
-                           cache=cache, use_cache=use_cache, **kwargs)
+            hidden = layer(
+                hidden,
+                attention_mask=causal_mask,
+                position_embeddings=(cos, sin),
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
         if first_upper < config.num_hidden_layers:
             # SingleInputKV: every upper layer's keys and values from the stream entering layer M, for all tokens;
             # the upper layers themselves only for the tokens whose output is needed.
             states = self.norm_swiftkv(hidden)
             keep = logits_to_keep if isinstance(logits_to_keep, int) and 0 < logits_to_keep < length else length
-            hidden = hidden[:, length - keep:]
-            query_cos, query_sin = cos[:, length - keep:], sin[:, length - keep:]
+            hidden = hidden[:, length - keep :]
+            query_cos, query_sin = cos[:, length - keep :], sin[:, length - keep :]
             mask = upper_layer_mask(keep, past + length, attention_mask, hidden.device)
             for index in range(first_upper, config.num_hidden_layers):
                 layer = self.layers[index]
@@ -199,13 +231,30 @@ class SwiftKVForCausalLMMixin:
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, labels=None,
-                use_cache=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         """As the base model's; ``logits_to_keep`` (0: every token) also says which tokens the upper
         layers run on, so a perplexity (logits for every token) skips nothing."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             logits_to_keep=0 if labels is not None else logits_to_keep, **kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            logits_to_keep=0 if labels is not None else logits_to_keep,
+            **kwargs,
+        )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > hidden.shape[1]:
             logits_to_keep = 0

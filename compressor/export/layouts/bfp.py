@@ -25,15 +25,19 @@ class BFPLayout:
         return {"kind": self.kind, "bits": weight.mantissa_bits, "block_size": weight.block_size}
 
     def tensors(self, weight: BFPWeight, scale_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return {"weight_packed": pack_codes(weight.mantissas, weight.mantissa_bits).t().contiguous(),
-                "weight_exponent": weight.exponents.to(torch.uint8).contiguous(),
-                "weight_shape": torch.tensor(weight.shape, dtype=torch.int64)}
+        return {
+            "weight_packed": pack_codes(weight.mantissas, weight.mantissa_bits).t().contiguous(),
+            "weight_exponent": weight.exponents.to(torch.uint8).contiguous(),
+            "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+        }
 
     def tensor_specs(self, entry: dict, shape: tuple[int, int]) -> dict[str, TensorSpec]:
         n, k = shape
-        return {"weight_packed": TensorSpec((n, padded_columns(k) * entry["bits"] // 32), torch.int32),
-                "weight_exponent": TensorSpec((n, -(-k // entry["block_size"])), torch.uint8),
-                "weight_shape": TensorSpec((2,), torch.int64)}
+        return {
+            "weight_packed": TensorSpec((n, padded_columns(k) * entry["bits"] // 32), torch.int32),
+            "weight_exponent": TensorSpec((n, -(-k // entry["block_size"])), torch.uint8),
+            "weight_shape": TensorSpec((2,), torch.int64),
+        }
 
     def read(self, tensors: dict[str, torch.Tensor], entry: dict) -> BFPWeight:
         n, k = (int(v) for v in tensors["weight_shape"])

@@ -20,31 +20,43 @@ class InputLayout:
     def entry(self, module) -> dict:
         """The entry keys of a ``QuantizedLinear``'s input side: its activation spec and channel-map size."""
         spec, channel_map = module.input_activations, module.channel_map
-        return {"input_activations": None if spec is None else spec.to_config(),
-                "input_map": 0 if channel_map is None else channel_map.nnz}
+        return {
+            "input_activations": None if spec is None else spec.to_config(),
+            "input_map": 0 if channel_map is None else channel_map.nnz,
+        }
 
     def tensors(self, module) -> dict[str, torch.Tensor]:
         channel_map = module.channel_map
         if channel_map is None:
             return {}
-        return {"input_map_crow": channel_map.crow.to(torch.int32), "input_map_col": channel_map.col.to(torch.int32),
-                "input_map_val": channel_map.val.to(torch.float32)}
+        return {
+            "input_map_crow": channel_map.crow.to(torch.int32),
+            "input_map_col": channel_map.col.to(torch.int32),
+            "input_map_val": channel_map.val.to(torch.float32),
+        }
 
     def tensor_specs(self, entry: dict, shape: tuple[int, int]) -> dict[str, TensorSpec]:
         nnz = entry.get("input_map", 0)
         if not nnz:
             return {}
         k = shape[1]
-        return {"input_map_crow": TensorSpec((k + 1,), torch.int32), "input_map_col": TensorSpec((nnz,), torch.int32),
-                "input_map_val": TensorSpec((nnz,), torch.float32)}
+        return {
+            "input_map_crow": TensorSpec((k + 1,), torch.int32),
+            "input_map_col": TensorSpec((nnz,), torch.int32),
+            "input_map_val": TensorSpec((nnz,), torch.float32),
+        }
 
     def attach(self, module, tensors: dict[str, torch.Tensor], entry: dict) -> None:
         """Give a loaded ``QuantizedLinear`` its input side back (spec and channel map)."""
         spec = ActivationSpec.from_config(entry.get("input_activations"))
         channel_map = None
         if entry.get("input_map", 0):
-            channel_map = ChannelMap(tensors["input_map_crow"].to(torch.int32), tensors["input_map_col"].to(torch.int32),
-                                     tensors["input_map_val"].float(), module.in_features)
+            channel_map = ChannelMap(
+                tensors["input_map_crow"].to(torch.int32),
+                tensors["input_map_col"].to(torch.int32),
+                tensors["input_map_val"].float(),
+                module.in_features,
+            )
         if spec is not None or channel_map is not None:
             module.quantize_inputs(spec, channel_map)
 

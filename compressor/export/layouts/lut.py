@@ -38,8 +38,11 @@ class LUTLayout:
             "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
         }
         if weight.kind == "dense_and_sparse":
-            tensors.update(weight_outlier_crow=weight.outlier_crow.to(torch.int32),
-                           weight_outlier_col=weight.outlier_col.to(torch.int32), weight_outlier_val=weight.outlier_val)
+            tensors.update(
+                weight_outlier_crow=weight.outlier_crow.to(torch.int32),
+                weight_outlier_col=weight.outlier_col.to(torch.int32),
+                weight_outlier_val=weight.outlier_val,
+            )
         return tensors
 
     def tensor_specs(self, entry: dict, shape: tuple[int, int]) -> dict[str, TensorSpec]:
@@ -52,8 +55,11 @@ class LUTLayout:
         }
         nnz = entry.get("outliers", 0)
         if nnz:
-            specs.update(weight_outlier_crow=TensorSpec((n + 1,), torch.int32),
-                         weight_outlier_col=TensorSpec((nnz,), torch.int32), weight_outlier_val=TensorSpec((nnz,)))
+            specs.update(
+                weight_outlier_crow=TensorSpec((n + 1,), torch.int32),
+                weight_outlier_col=TensorSpec((nnz,), torch.int32),
+                weight_outlier_val=TensorSpec((nnz,)),
+            )
         return specs
 
     def read(self, tensors: dict[str, torch.Tensor], entry: dict) -> LUTWeight | DenseAndSparseWeight:
@@ -62,8 +68,12 @@ class LUTLayout:
         base = LUTWeight(codes=codes, lut=tensors["weight_lut"], bits=entry["bits"])
         if not entry.get("outliers", 0):
             return base
-        outliers = SparseOutliers(crow=tensors["weight_outlier_crow"], col=tensors["weight_outlier_col"],
-                                  val=tensors["weight_outlier_val"], shape=(n, k))
+        outliers = SparseOutliers(
+            crow=tensors["weight_outlier_crow"],
+            col=tensors["weight_outlier_col"],
+            val=tensors["weight_outlier_val"],
+            shape=(n, k),
+        )
         return DenseAndSparseWeight.from_parts(base, outliers)
 
 

@@ -23,8 +23,13 @@ class UniformLayout:
         return weight.kind == "uniform"
 
     def entry(self, weight: UniformWeight) -> dict:
-        return {"kind": self.kind, "bits": weight.bits, "group_size": weight.group_size,
-                "symmetric": weight.symmetric, "outliers": 0}
+        return {
+            "kind": self.kind,
+            "bits": weight.bits,
+            "group_size": weight.group_size,
+            "symmetric": weight.symmetric,
+            "outliers": 0,
+        }
 
     def tensors(self, weight: UniformWeight, scale_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         tensors = {
@@ -52,8 +57,13 @@ class UniformLayout:
         n, k = (int(v) for v in tensors["weight_shape"])
         codes = unpack_codes(tensors["weight_packed"].t(), entry["bits"], (n, k))
         zeros = tensors.get("weight_zero_point")
-        return UniformWeight(codes=codes, scales=tensors["weight_scale"], zeros=None if zeros is None else zeros.to(torch.int32),
-                             bits=entry["bits"], group_size=entry["group_size"])
+        return UniformWeight(
+            codes=codes,
+            scales=tensors["weight_scale"],
+            zeros=None if zeros is None else zeros.to(torch.int32),
+            bits=entry["bits"],
+            group_size=entry["group_size"],
+        )
 
 
 LAYOUT = UniformLayout()

@@ -67,7 +67,8 @@ def main():
     type=click.Choice(["auto", "yes", "no"]),
     default="auto",
     show_default=True,
-    help="model steps: keep blocks in CPU memory and move them to the device one at a time (auto: when the model does not fit)",
+    help="model steps: keep blocks in CPU memory and move them to the device one at a time "
+    "(auto: when the model does not fit)",
 )
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from the hub")
 @click.option("--quiet", is_flag=True, help="no progress output")

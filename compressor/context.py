@@ -226,7 +226,7 @@ class ModelContext(StepContext):
         return self.runner.offloaded
 
     def linears(self, ignore: list[str], block: int | None = None) -> dict[str, nn.Linear]:
-        """Still-dense block projections of every block (or of block ``block``), by full module name, minus ``ignore``."""
+        """Still-dense projections of every block (or of block ``block``), by full module name, minus ``ignore``."""
         return model_dense_linears(self.handle, ignore, range(self.num_blocks) if block is None else [block])
 
     def quantized_linears(self, ignore: list[str]) -> dict[str, QuantizedLinear]:

@@ -45,7 +45,8 @@ class EvalResult:
             gap = self.perplexity_gap
             lines.append(f"{base_name}: perplexity {self.base_perplexity:.4f}")
             lines.append(
-                f"gap: {gap:+.4f} ({100 * gap / self.base_perplexity:+.2f}%), mean per-token KL: {self.kl_divergence:.5f} nats"
+                f"gap: {gap:+.4f} ({100 * gap / self.base_perplexity:+.2f}%), mean per-token KL: "
+                f"{self.kl_divergence:.5f} nats"
             )
         if self.kv_cache is not None:
             lines.append(f"KV cache: {kvcache.describe(self.kv_cache)}")

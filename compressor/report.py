@@ -75,7 +75,8 @@ class Report:
             if len(schemes) > 1:
                 names = ", ".join(adapter.linears[role] for role in group)
                 self.warn(
-                    f"{prefix}: {names} have different quantization schemes; vLLM fuses them and will refuse the checkpoint"
+                    f"{prefix}: {names} have different quantization schemes; vLLM fuses them and will refuse the "
+                    "checkpoint"
                 )
 
     def training_lines(self) -> list[str]:
@@ -92,7 +93,8 @@ class Report:
             undone = sum(r["kept_epoch"] == 0 for r in rows)
             where = f" in {len(rows)} blocks" if len(rows) > 1 else ""
             lines.append(
-                f"{step}: held-out loss {before:.4g} -> {after:.4g}{where}; kept the untrained start {undone} of {len(rows)} times"
+                f"{step}: held-out loss {before:.4g} -> {after:.4g}{where}; kept the untrained start {undone} of "
+                f"{len(rows)} times"
             )
         return lines
 

@@ -2,12 +2,12 @@
 
 Reads only ``config.json`` (no weights, no torch); for GPTQ in transformers it also looks whether
 optimum and gptqmodel are installed, which that loader needs. A checkpoint is described as parts: each
-compressed-tensors config group, a GPTQ checkpoint, our native lookup-table format, a DeepSeek-V3 MLA
-attention, a SwiftKV model, an architecture whose modeling code ships with the checkpoint, or the plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine
-serves it and what it requires; the verdict is the path when every requirement holds, or the first
-requirement that fails, in words. Each requirement and caveat names its source, so a rule can be
-re-read when an engine changes: the engines' code moves, and these rules describe their releases as
-read from their source in November 2026 (vLLM main, transformers 5.24).
+compressed-tensors config group, a GPTQ checkpoint, our native lookup-table format, a DeepSeek-V3 MLA attention, a
+SwiftKV model, an architecture whose modeling code ships with the checkpoint, or the plain architecture. For every
+(engine, part kind) one ``Route`` in ``ROUTES`` says how the engine serves it and what it requires; the verdict is the
+path when every requirement holds, or the first requirement that fails, in words. Each requirement and caveat names its
+source, so a rule can be re-read when an engine changes: the engines' code moves, and these rules describe their
+releases as read from their source in November 2026 (vLLM main, transformers 5.24).
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ class Verdict:
 
 VLLM_WNA16 = "vllm/model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py"
 VLLM_MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py (MARLIN_SUPPORTED_GROUP_SIZES)"
-VLLM_MLA = "vllm/v1/attention/backends/mla/*.py get_supported_head_sizes (576 for FlashMLA, FlashInfer MLA, Triton MLA, CPU MLA)"
+VLLM_MLA = (
+    "vllm/v1/attention/backends/mla/*.py get_supported_head_sizes "
+    "(576 for FlashMLA, FlashInfer MLA, Triton MLA, CPU MLA)"
+)
 HF_CT = "transformers/quantizers/quantizer_compressed_tensors.py"
 VLLM_GPTQ = (
     "vllm/model_executor/layers/quantization/auto_gptq.py (Marlin only since vllm-project/vllm#38288; 2/3-bit "
@@ -122,10 +125,12 @@ ROUTES: tuple[Route, ...] = (
                 VLLM_MLA,
             ),
             Rule(
-                "plain rotary frequencies: its DeepSeek attention turns any rope scaling into deepseek_yarn, so TransMLA's "
+                "plain rotary frequencies: its DeepSeek attention turns any rope scaling into deepseek_yarn, so "
+                "TransMLA's "
                 "`exact: true` export (longrope frequencies) runs in transformers only",
                 lambda p: p["rope_type"] in ("default", None),
-                "vllm/model_executor/models/deepseek_v2.py (DeepseekV2Attention: rope_scaling['rope_type'] = 'deepseek_yarn')",
+                "vllm/model_executor/models/deepseek_v2.py (DeepseekV2Attention: rope_scaling['rope_type'] = "
+                "'deepseek_yarn')",
             ),
         ),
     ),
@@ -135,8 +140,10 @@ ROUTES: tuple[Route, ...] = (
         "its GPTQ loader on Marlin kernels",
         requirements=(
             Rule(
-                "4- or 8-bit symmetric weights (uint4b8, uint8b128: Marlin's only GPTQ types); 2/3-bit and asymmetric GPTQ load "
-                "only in vLLM releases before #38288, through gptq.py's gptq_gemm (checkpoint_format gptq_v2 from #26092 on)",
+                "4- or 8-bit symmetric weights (uint4b8, uint8b128: Marlin's only GPTQ types); 2/3-bit and asymmetric "
+                "GPTQ load "
+                "only in vLLM releases before #38288, through gptq.py's gptq_gemm (checkpoint_format gptq_v2 from "
+                "#26092 on)",
                 lambda p: p["symmetric"] and p["bits"] in (4, 8),
                 VLLM_GPTQ,
             ),
@@ -153,7 +160,8 @@ ROUTES: tuple[Route, ...] = (
         "none",
         requirements=(
             Rule(
-                "a vLLM model class for the architecture (the checkpoint ships transformers modeling code, which vLLM does not run; "
+                "a vLLM model class for the architecture (the checkpoint ships transformers modeling code, which vLLM "
+                "does not run; "
                 "MoDeGPT's `export: masked` keeps stock shapes for vLLM)",
                 lambda p: False,
                 "vllm/model_executor/models/registry.py (_VLLM_MODELS)",
@@ -171,7 +179,8 @@ ROUTES: tuple[Route, ...] = (
                 ARCTIC_SWIFTKV,
             ),
             Rule(
-                "key_value_group_size 1: the plugin ignores AcrossKV (its config lacks the key, or marks it deprecated) and "
+                "key_value_group_size 1: the plugin ignores AcrossKV (its config lacks the key, or marks it "
+                "deprecated) and "
                 "expects k/v_proj_swiftkv in every upper layer",
                 lambda p: p["group_size"] == 1,
                 ARCTIC_SWIFTKV,
@@ -189,7 +198,8 @@ ROUTES: tuple[Route, ...] = (
                 "integer weights with 16-bit activations", lambda p: p["type"] == "int" and not p["activations"], HF_CT
             ),
             Rule(
-                "symmetric weights (transformers 5.x expects unpacked zero points of shape [N, groups] and fails on packed ones; "
+                "symmetric weights (transformers 5.x expects unpacked zero points of shape [N, groups] and fails on "
+                "packed ones; "
                 "vllm-project/llm-compressor#1618)",
                 lambda p: p["symmetric"],
                 "tests/test_export.py (asymmetric exports load only through ours)",
@@ -209,8 +219,10 @@ ROUTES: tuple[Route, ...] = (
         "its GPTQ quantizer with optimum and gptqmodel (gptqmodel's torch kernels on a CPU)",
         requirements=(
             Rule(
-                "the optimum and gptqmodel packages, which are not installed here (pip install optimum gptqmodel; checked on the "
-                "CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which wants torch >= 2.14)",
+                "the optimum and gptqmodel packages, which are not installed here (pip install optimum gptqmodel; "
+                "checked on the "
+                "CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which wants torch >= "
+                "2.14)",
                 lambda p: p["gptq_stack"],
                 HF_GPTQ,
             ),
@@ -219,7 +231,8 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "transformers",
         "compressor",
-        "our registered quantizer, after `import compressor` (lookup-table, BFP and sparse kernels; the BFP KV cache where the config declares one)",
+        "our registered quantizer, after `import compressor` (lookup-table, BFP and sparse kernels; the BFP KV cache "
+        "where the config declares one)",
     ),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
     Route(
@@ -235,6 +248,12 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )
+
+
+def scheme_words(facts: dict) -> str:
+    """ "4-bit symmetric, group 128" for a part's report line."""
+    symmetry = "symmetric" if facts["symmetric"] else "asymmetric"
+    return f"{facts['bits']}-bit {symmetry}, group {facts['group_size']}"
 
 
 def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
@@ -253,7 +272,7 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                     "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
                     "activations": group.get("input_activations") is not None,
                 }
-                shape = f"{facts['bits']}-bit {'symmetric' if facts['symmetric'] else 'asymmetric'}, group {facts['group_size']}"
+                shape = scheme_words(facts)
                 parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
         elif method == "gptq":
             facts = {
@@ -263,7 +282,7 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                 "format": quantization.get("checkpoint_format", "gptq"),
                 "gptq_stack": gptq_stack_installed(),
             }
-            shape = f"{facts['bits']}-bit {'symmetric' if facts['symmetric'] else 'asymmetric'}, group {facts['group_size']}, {facts['format']}"
+            shape = f"{scheme_words(facts)}, {facts['format']}"
             parts.append((f"GPTQ ({shape})", "gptq", facts))
         elif method == "compressor":
             parts.append((f"compressor native format ({quantization.get('format', 'lut')})", "compressor", {}))

@@ -346,7 +346,8 @@ def format_validation_report(result: dict) -> str:
     ppl = result["perplexity"]
     if ppl:
         lines.append(
-            f"perplexity on {ppl['windows']} held-out windows ({ppl['tokens']} predicted tokens): triton {ppl['triton']:.4f}, "
+            f"perplexity on {ppl['windows']} held-out windows ({ppl['tokens']} predicted tokens): triton "
+            f"{ppl['triton']:.4f}, "
             f"reference {ppl['reference']:.4f}, relative difference {ppl['rel_diff']:.1e} "
             f"(tolerance {ppl['tolerance']:.0e}): " + ("OK" if ppl["ok"] else "FAILED")
         )

@@ -132,7 +132,8 @@ class CheckpointWriter:
         if self.format == "dense":
             if module.quantizes_inputs:
                 raise ExportError(
-                    f"{name}: its inputs are quantized or channel-mapped, which export format 'dense' cannot record; use 'auto'"
+                    f"{name}: its inputs are quantized or channel-mapped, which export format 'dense' cannot record; "
+                    "use 'auto'"
                 )
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
@@ -221,12 +222,14 @@ class CheckpointWriter:
             if self.codec is not None and self.codec is not native:
                 raise ExportError(
                     f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "
-                    "share its checkpoint (use export format 'dense', or quantize the weights with a native-format method)"
+                    "share its checkpoint (use export format 'dense', or quantize the weights with a native-format "
+                    "method)"
                 )
             self.codec = native
         if self.attention and self.codec is not native:
             raise ExportError(
-                f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it for W+A layers)"
+                f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it "
+                "for W+A layers)"
             )
         if self.codec is not None:
             extra = {"attention": self.attention} if self.attention else {}
@@ -234,7 +237,8 @@ class CheckpointWriter:
                 config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears, **extra)
             except ValueError as error:
                 raise ExportError(
-                    f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or 'dense'"
+                    f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or "
+                    "'dense'"
                 ) from None
             if kv_cache is not None:
                 config.quantization_config["kv_cache"] = kv_cache

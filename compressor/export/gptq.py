@@ -82,7 +82,8 @@ def step_problem(step, linears: dict) -> str | None:
     unit = words_multiple(bits)
     for name, module in linears.items():
         if module.in_features % unit or module.out_features % unit:
-            return f"{name} is {module.out_features}x{module.in_features}: GPTQ packs {unit} values at a time along both dimensions"
+            size = f"{module.out_features}x{module.in_features}"
+            return f"{name} is {size}: GPTQ packs {unit} values at a time along both dimensions"
     return None
 
 

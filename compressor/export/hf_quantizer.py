@@ -60,7 +60,8 @@ class CompressorConfig(QuantizationConfigMixin):
     def post_init(self):
         if self.version > native.FORMAT_VERSION:
             raise ValueError(
-                f"compressor checkpoint format version {self.version} is newer than this compressor reads ({native.FORMAT_VERSION}); upgrade compressor"
+                f"compressor checkpoint format version {self.version} is newer than this compressor reads "
+                f"({native.FORMAT_VERSION}); upgrade compressor"
             )
         if self.format not in native.FORMATS:
             raise ValueError(
@@ -89,7 +90,8 @@ class CheckpointLinear(nn.Module):
         tensors = {key: value.data for key, value in self.named_parameters() if key != "bias"}
         if any(t.is_meta for t in tensors.values()):
             raise ValueError(
-                f"{name}: the checkpoint lacks some of its tensors ({', '.join(k for k, t in tensors.items() if t.is_meta)})"
+                f"{name}: the checkpoint lacks some of its tensors "
+                f"({', '.join(k for k, t in tensors.items() if t.is_meta)})"
             )
         try:
             weight = native.from_tensors(tensors, self.entry)

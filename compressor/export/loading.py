@@ -77,7 +77,7 @@ def load_quantized_model(
                 module = module.to(device)
                 model.set_submodule(module_name, module)
             else:
-                for tensor, name in tensors.items():
+                for name in tensors.values():
                     set_module_tensor_to_device(model, name, device, value=read(name), dtype=dtype)
     finally:
         handles.clear()

@@ -279,7 +279,8 @@ class BFPQuantizedCache(Cache):
         v_perms = list(v_perms) if v_perms is not None else [None] * num_layers
         if len(k_perms) != num_layers or len(v_perms) != num_layers:
             raise ValueError(
-                f"one permutation per layer is needed: {num_layers} layers, {len(k_perms)} key and {len(v_perms)} value permutations"
+                f"one permutation per layer is needed: {num_layers} layers, {len(k_perms)} key and {len(v_perms)} "
+                "value permutations"
             )
         self.spec = spec
         super().__init__(layers=[BFPLayer(spec, k, v) for k, v in zip(k_perms, v_perms)])

@@ -386,7 +386,7 @@ MODULE_TYPES = ("qk", "vo", "mlp")
 @register_step("modegpt")
 @dataclass
 class ModeGPT(Step):
-    """MoDeGPT: structured compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output), training-free."""
+    """MoDeGPT: training-free compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output)."""
 
     ratio: float = param(
         0.25,
@@ -455,7 +455,8 @@ class ModeGPT(Step):
         target = self.ratio * whole * context.num_blocks / (compressible * max(len(active), 1)) if modules else 0.0
         if self.ratio > 0 and (not modules or not active or target > self.max_sparsity):
             raise ValueError(
-                f"ratio: {self.ratio} of the blocks' weights cannot be removed from modules {modules} of {len(active)} blocks "
+                f"ratio: {self.ratio} of the blocks' weights cannot be removed from modules {modules} of "
+                f"{len(active)} blocks "
                 f"with at most {self.max_sparsity} of each removed"
             )
         importance = self.block_importances(context)
@@ -507,7 +508,8 @@ class ModeGPT(Step):
         ]
         if not all(type(linear) is nn.Linear for linear in dense):
             raise ValueError(
-                f"modegpt: block {context.index} is not a dense Llama-family block (put modegpt before quantizers and attention rewrites)"
+                f"modegpt: block {context.index} is not a dense Llama-family block (put modegpt before quantizers and "
+                "attention rewrites)"
             )
         sliced = self.export == "sliced"
         if context.index not in self.skip_layers:

@@ -143,7 +143,7 @@ def block_count(linears: dict) -> int | None:
 @register_step("swiftkv")
 @dataclass
 class SwiftKV(Step):
-    """SwiftKV: upper layers' keys/values from the stream entering layer M (SingleInputKV, AcrossKV), distilled from the original."""
+    """SwiftKV: upper layers' keys/values from the stream entering layer M (SingleInputKV, AcrossKV), distilled."""
 
     kind = "model"
 
@@ -188,7 +188,8 @@ class SwiftKV(Step):
             )
         if (num_layers - layers) % self.key_value_group_size:
             raise ValueError(
-                f"key_value_group_size: {self.key_value_group_size} does not divide the {num_layers - layers} layers from "
+                f"key_value_group_size: {self.key_value_group_size} does not divide the {num_layers - layers} layers "
+                "from "
                 f"num_key_value_layers = {layers} to the model's {num_layers}"
             )
         return layers

@@ -289,7 +289,8 @@ def check_convertible(config) -> None:
     model_type = getattr(config, "model_type", "?")
     if model_type == "qwen3":
         raise UnsupportedArchitecture(
-            "transmla: qwen3 normalises each key head (k_norm), so its keys are not linear in the input and cannot share a latent; not convertible"
+            "transmla: qwen3 normalises each key head (k_norm), so its keys are not linear in the input and cannot "
+            "share a latent; not convertible"
         )
     if any(t == "sliding_attention" for t in getattr(config, "layer_types", None) or []) or (
         getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
@@ -352,8 +353,10 @@ def vllm_sizes(d: int, latent: int, rope_dim: int | None, where: str) -> tuple[i
         if 1 <= rank <= 2 * latent - rope_dim:
             return rank, rope_dim
     raise ValueError(
-        f"{where}.serving: vllm needs kv_lora_rank + qk_rope_head_dim of {' or '.join(map(str, VLLM_MLA_SIZES))}, but this "
-        f"model caches {2 * latent} numbers per token and layer (2 x num_key_value_heads x head_dim), so such a latent is no "
+        f"{where}.serving: vllm needs kv_lora_rank + qk_rope_head_dim of {' or '.join(map(str, VLLM_MLA_SIZES))}, but "
+        "this "
+        f"model caches {2 * latent} numbers per token and layer (2 x num_key_value_heads x head_dim), so such a "
+        "latent is no "
         "smaller than its cache; convert a larger model, or use serving: any for transformers"
     )
 
@@ -389,7 +392,8 @@ def mla_sizes(
         rank = kv_lora_rank if kv_lora_rank is not None else round(kv_cache_ratio * 2 * latent) - latent
         if not 1 <= rank <= latent:
             raise ValueError(
-                f"{where}.kv_cache_ratio: exact keeps all {latent} rotary key dims, so the cache ratio must be above 0.5 "
+                f"{where}.kv_cache_ratio: exact keeps all {latent} rotary key dims, so the cache ratio must be above "
+                "0.5 "
                 f"(1.0 keeps the whole latent); kv_lora_rank {rank} is outside 1..{latent}"
             )
         return rank, latent, 1
@@ -405,20 +409,23 @@ def mla_sizes(
         )
     if d % r:
         raise ValueError(
-            f"{where}.qk_rope_head_dim: {r} does not divide head_dim {d}, so the rotary frequencies kept are not those of a "
+            f"{where}.qk_rope_head_dim: {r} does not divide head_dim {d}, so the rotary frequencies kept are not "
+            "those of a "
             "DeepSeek-V3 rotary embedding"
         )
     ff = freqfold if freqfold is not None else min(2 * d // r, d // 2)
     if (d // 2) % ff or (r * ff) % d or r * ff // d > geometry.num_kv_heads * ff:
         raise ValueError(
-            f"{where}.freqfold: {ff} does not fit head_dim {d} and qk_rope_head_dim {r}: it must divide head_dim/2 = {d // 2} "
+            f"{where}.freqfold: {ff} does not fit head_dim {d} and qk_rope_head_dim {r}: it must divide head_dim/2 = "
+            f"{d // 2} "
             f"and make freqfold * qk_rope_head_dim / head_dim a whole number of rotary planes per group"
         )
     if kv_lora_rank is None:
         kv_lora_rank = round(kv_cache_ratio * 2 * latent) - r
     if not 1 <= kv_lora_rank <= 2 * latent - r:
         raise ValueError(
-            f"{where}.kv_lora_rank: {kv_lora_rank} is outside 1..{2 * latent - r} (2 * num_key_value_heads * head_dim - qk_rope_head_dim) "
+            f"{where}.kv_lora_rank: {kv_lora_rank} is outside 1..{2 * latent - r} (2 * num_key_value_heads * head_dim "
+            "- qk_rope_head_dim) "
             f"for this model; a KV cache ratio must leave room for the {r} rotary dims"
         )
     return kv_lora_rank, r, ff
@@ -458,7 +465,8 @@ class TransMLA(Step):
     )
     freqfold: int | None = param(
         None,
-        "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim, at most head_dim / 2",
+        "neighbouring RoPE frequencies pooled in one RoRoPE PCA; null: 2 * head_dim / qk_rope_head_dim, at most "
+        "head_dim / 2",
         min=1,
     )
     balance_kv: bool = param(True, "equalise key and value norms before their joint PCA")
@@ -508,7 +516,8 @@ class TransMLA(Step):
         attention = context.block.get_submodule(attention_path)
         if attention.q_proj.bias is not None:
             raise UnsupportedArchitecture(
-                f"transmla: {context.prefix}.{attention_path}.q_proj has a bias, which DeepSeek-V3's q_proj cannot hold "
+                f"transmla: {context.prefix}.{attention_path}.q_proj has a bias, which DeepSeek-V3's q_proj cannot "
+                "hold "
                 "(Qwen2, Llama with attention_bias); such models convert exactly in memory only"
             )
         norm = context.block.get_submodule(adapter.norms["input"])

@@ -51,7 +51,8 @@ class QuantizedLinear(nn.Module):
             self.in_features,
         ):
             raise ValueError(
-                f"channel map {channel_map.channels}x{channel_map.in_channels} does not fit {self.in_features} input features"
+                f"channel map {channel_map.channels}x{channel_map.in_channels} does not fit {self.in_features} input "
+                "features"
             )
         self.input_activations = spec
         for part in ("crow", "col", "val"):

@@ -60,7 +60,7 @@ def trained_tensor(module: QuantizedLinear) -> str | None:
 @register_step("efficientqat_e2e_qp")
 @dataclass
 class EfficientQATE2EQP(Step):
-    """EfficientQAT E2E-QP: train only the step sizes (or codebooks) of the quantized linears end to end, codes frozen."""
+    """EfficientQAT E2E-QP: train the step sizes (or codebooks) of quantized linears end to end, codes frozen."""
 
     lr: float = param(
         2e-5, "AdamW learning rate of the scales (official scripts: 2e-5 at 2 bits, 1e-5 at 3 and 4)", min=0.0

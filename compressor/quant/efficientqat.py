@@ -141,7 +141,8 @@ class EfficientQATBlockAP(UniformQuantizer):
         super().check()
         if self.epochs > 0 and self.quant_lr == 0 and self.learning_rate_of_weights == 0:
             raise ValueError(
-                "quant_lr: quant_lr and weight_lr are both 0, so nothing would train; set epochs: 0 for the min-max init alone"
+                "quant_lr: quant_lr and weight_lr are both 0, so nothing would train; set epochs: 0 for the min-max "
+                "init alone"
             )
 
     @property

@@ -354,7 +354,8 @@ class SqueezeLLM(Step):
     def check(self) -> None:
         if self.sensitive_percent + self.outlier_percent > 100:
             raise ValueError(
-                f"outlier_percent: sensitive_percent + outlier_percent = {self.sensitive_percent + self.outlier_percent} exceeds 100"
+                "outlier_percent: sensitive_percent + outlier_percent = "
+                f"{self.sensitive_percent + self.outlier_percent} exceeds 100"
             )
 
     def compress_model(self, context: ModelContext) -> None:

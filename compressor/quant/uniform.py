@@ -1,6 +1,6 @@
 """Uniform (affine) group-wise quantization, shared by every uniform quantizer: their common recipe
-parameters (``UniformQuantizer``) and the math, as plain functions on tensors. Conventions are those of ``values.UniformWeight`` and of
-compressed-tensors' ``pack-quantized`` format:
+parameters (``UniformQuantizer``) and the math, as plain functions on tensors. Conventions are those of
+``values.UniformWeight`` and of compressed-tensors' ``pack-quantized`` format:
 
 * asymmetric: the range ``[min(w, 0), max(w, 0)]`` of each group maps onto ``[0, 2**b - 1]``,
   ``s = (max - min) / (2**b - 1)``, integer zero ``z = round(-min / s)``;
@@ -80,7 +80,8 @@ class ActivationQuantization(Step):
             kind = getattr(getattr(module, "weight_type", None), "kind", None)
             if kind is not None and kind != "uniform":
                 raise ValueError(
-                    f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} already holds "
+                    f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} "
+                    "already holds "
                     f"'{kind}' weights from an earlier step; drop activation_bits or run this step on other layers"
                 )
 

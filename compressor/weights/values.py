@@ -2,8 +2,8 @@
 
 Every value type is a small dataclass of tensors (marked with ``tensor_field``) plus static metadata.
 It knows its shape, its exact storage cost in bits per weight, its torch reference
-dequantization, and how to take a slice of its output rows (``rows``). The bit layout for kernels lives in ``compressor.kernels`` and the checkpoint layout
-in ``compressor.export``; nothing else needs to know either.
+dequantization, and how to take a slice of its output rows (``rows``). The bit layout for kernels lives in
+``compressor.kernels`` and the checkpoint layout in ``compressor.export``; nothing else needs to know either.
 
 Conventions (shared with the kernels and the compressed-tensors exporter):
 

@@ -10,9 +10,9 @@ section (d)):
   ``q_lora_rank: null`` (a plain ``q_proj``), the MLA sizes, and a dense MLP in every layer
   (``first_k_dense_replace = num_hidden_layers``; the MoE keys must be integers in transformers 5,
   so they are 1 and never used);
-* the source's rotary base (as ``rope_parameters`` and the older ``rope_theta``) with ``rope_interleave: true``: the converter writes the rotary rows
-  interleaved, which is the layout both transformers (``apply_rotary_pos_emb_interleave``) and vLLM
-  (``is_neox_style=False``) rotate.
+* the source's rotary base (as ``rope_parameters`` and the older ``rope_theta``) with ``rope_interleave: true``: the
+  converter writes the rotary rows interleaved, which is the layout both transformers
+  (``apply_rotary_pos_emb_interleave``) and vLLM (``is_neox_style=False``) rotate.
 """
 
 from __future__ import annotations

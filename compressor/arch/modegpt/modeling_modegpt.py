@@ -5,7 +5,8 @@ has its own MLP width, query/key head dim (whole rotary pairs, each keeping its 
 chosen per KV head) and value head dim; the softmax scale stays that of the original head dim. No
 transformers class expresses that, so sliced checkpoints ship this file as ``modeling_modegpt.py``
 with ``auto_map`` (``trust_remote_code=True``), and ``import compressor`` registers the same classes
-(``compressor/arch/shipped.py``), so they need no remote code there. It imports only torch and transformers, as shipped modeling code must.
+(``compressor/arch/shipped.py``), so they need no remote code there. It imports only torch and
+transformers, as shipped modeling code must.
 
 The config is the base family's plus one key, ``modegpt``: ``{"version": 1, "layers": [{
 "intermediate_size", "qk_head_dim", "v_head_dim", "rope_pairs": [[p, ...] per KV head]}, ...]}``.

@@ -165,7 +165,8 @@ class SwiftKVModelMixin:
         for flag in ("output_hidden_states", "output_attentions"):
             if kwargs.pop(flag, False):
                 raise ValueError(
-                    f"{type(self).__name__}: {flag} is not supported (the upper layers may run on a subset of the tokens)"
+                    f"{type(self).__name__}: {flag} is not supported (the upper layers may run on a subset of the "
+                    "tokens)"
                 )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")

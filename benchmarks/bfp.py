@@ -5,8 +5,9 @@
 
 Every row applies the ``bfp`` step (K-sort ``act_rms+greedy``: ``act_rms`` then ``refine: greedy``) with
 ``compressor.apply`` and scores the export with ``compressor.eval.evaluate_paths`` (what ``compressor eval
-OUT --base MODEL`` prints): the export's weights are the base's, so the KL is the KV cache's alone. The planted-outlier model is a random tiny
-Llama (head_dim 32, 2 KV heads) whose W_k rows are scaled by per-rotary-pair factors
+OUT --base MODEL`` prints): the export's weights are the base's, so the KL is the KV cache's alone. The
+planted-outlier model is a random tiny Llama (head_dim 32, 2 KV heads) whose W_k rows are scaled by
+per-rotary-pair factors
 exp(0.7 N(0, 1)), two pairs per head by 10 more, and W_q rows by the inverse factors: q·k, hence the
 model's function, is unchanged (checked), but its keys have outlier channels as real LLMs' do.
 
@@ -197,7 +198,8 @@ def measure_bound(model: str, block_sizes, max_windows: int | None, seq_len: int
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | K mantissa bits | block | K-sort | scope | K bytes/token (bf16) | ratio | perplexity (base) | gap | mean KL (nats) | KL / KL without K-sort |",
+        "| model | K mantissa bits | block | K-sort | scope | K bytes/token (bf16) | ratio | perplexity (base) | gap | "
+        "mean KL (nats) | KL / KL without K-sort |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -218,7 +220,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {row['model']} | {row['k_bits']} | {row['block_size']} | {row['ksort']} | {row['scope']} | "
             f"{row['k_bytes_per_token']} ({row['dense_bytes_per_token']}) | {row['k_ratio']:.3f} | "
-            f"{row['perplexity']:.3f} ({row['base_perplexity']:.3f}) | {row['gap']:+.4f} | {row['kl']:.3g} | {relative} |"
+            f"{row['perplexity']:.3f} ({row['base_perplexity']:.3f}) | {row['gap']:+.4f} | {row['kl']:.3g} | "
+            f"{relative} |"
         )
     return "\n".join(lines)
 
@@ -279,9 +282,11 @@ def main(argv=None) -> None:
         json.dumps({"command": command, "date": date, "rows": rows}, indent=1)
     )
     (args.output_dir / f"bfp-{date}.md").write_text(
-        f"# BFP KV cache with and without K-sort ({date})\n\nMeasured by `{command}`. Demo: {args.max_windows} held-out "
-        f"windows of {args.seq_len} tokens, calibration {args.samples} x {args.seq_len}; planted-outlier tiny Llamas: 16 windows of 128 "
-        f"tokens, calibration 16 x 128. KL: mean per-token KL to the same weights with an unquantized cache; values unquantized.\n\n"
+        f"# BFP KV cache with and without K-sort ({date})\n\n"
+        f"Measured by `{command}`. Demo: {args.max_windows} held-out "
+        f"windows of {args.seq_len} tokens, calibration {args.samples} x {args.seq_len}; "
+        "planted-outlier tiny Llamas: 16 windows of 128 tokens, calibration 16 x 128. "
+        "KL: mean per-token KL to the same weights with an unquantized cache; values unquantized.\n\n"
         f"{markdown(rows)}\n"
     )
     print(markdown(rows))

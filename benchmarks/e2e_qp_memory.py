@@ -75,7 +75,10 @@ def main() -> None:
     trained = [row for row in report.rows if row["step"] == "efficientqat_e2e_qp"]
     record = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads, device {args.device}, torch {torch.__version__}",
+        "machine": (
+            f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads, "
+            f"device {args.device}, torch {torch.__version__}"
+        ),
         "command": "python benchmarks/e2e_qp_memory.py" + ("" if args.device == "cpu" else f" --device {args.device}"),
         "model": {
             "shape": SHAPE,

@@ -86,8 +86,8 @@ def k_loop(lines: list[str]) -> list[str]:
         target = re.search(r"BRA (0x[0-9a-f]+)", line)
         if not target or int(target.group(1), 16) >= address[i]:
             continue
-        body = [l for l, a in zip(lines, address) if int(target.group(1), 16) <= a <= address[i]]
-        key = (-sum(opcode(l) in ("FFMA", "FMUL", "HMMA") for l in body), len(body))
+        body = [text for text, a in zip(lines, address) if int(target.group(1), 16) <= a <= address[i]]
+        key = (-sum(opcode(text) in ("FFMA", "FMUL", "HMMA") for text in body), len(body))
         if key[0] < 0 and (best_key is None or key < best_key):
             best, best_key = body, key
     return best

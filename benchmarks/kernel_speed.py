@@ -545,7 +545,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
     for r in rows:
         lines.append(
-            f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['kernel']} | {r['bits']} | {fmt(r.get('us'), '.1f')} | "
+            f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['kernel']} | {r['bits']} | "
+            f"{fmt(r.get('us'), '.1f')} | "
             f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_peak'), '.0f')} | {fmt(r.get('floor_us'), '.1f')} | "
             f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('max_rel_err'), '.1e')} | {r.get('note', '')} |"
         )

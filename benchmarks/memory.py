@@ -41,8 +41,9 @@ def build_model(folder: Path, hidden: int, layers: int, intermediate: int) -> No
     script = textwrap.dedent(f"""
         import torch
         from compressor.testing import make_random_model
-        make_random_model("llama", {str(folder)!r}, dtype=torch.bfloat16, hidden_size={hidden}, num_hidden_layers={layers},
-                          intermediate_size={intermediate}, num_attention_heads={hidden // 80}, num_key_value_heads=8,
+        make_random_model("llama", {str(folder)!r}, dtype=torch.bfloat16, hidden_size={hidden},
+                          num_hidden_layers={layers}, intermediate_size={intermediate},
+                          num_attention_heads={hidden // 80}, num_key_value_heads=8,
                           vocab_size=32000, max_position_embeddings=4096)
     """)
     subprocess.run([sys.executable, "-c", script], check=True)

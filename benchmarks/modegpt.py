@@ -204,7 +204,8 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['safetensors_bytes'] / 2**20:.2f} | {r['block_parameters']:,} | {1000 * r['prefill_seconds']:.1f} | "
+            f"| {r['model']} | {r['safetensors_bytes'] / 2**20:.2f} | {r['block_parameters']:,} | "
+            f"{1000 * r['prefill_seconds']:.1f} | "
             f"{r['prefill_tokens_per_second']:.0f} | {r['decode_tokens_per_second']:.1f} |"
         )
     lines += [

@@ -136,7 +136,8 @@ def main() -> None:
             }
         rows.append(row)
         print(
-            f"layer {index}: CR {row['cr']:.4f}, logit-optimal pairs {row['logit_optimal']:.4f}, plain SVD {row['svd']:.4f}",
+            f"layer {index}: CR {row['cr']:.4f}, logit-optimal pairs {row['logit_optimal']:.4f}, "
+            f"plain SVD {row['svd']:.4f}",
             flush=True,
         )
 
@@ -163,9 +164,10 @@ def main() -> None:
     lines = [
         f"# MoDeGPT query-key: CR pairs, the best pairs, plain SVD ({date})",
         "",
-        f"Measured by `{command}` on `{args.model}`: {keep} of {d // 2} rotary pairs per KV head kept ({args.keep:.0%} of the "
-        "query-key parameters), against `q_proj`/`k_proj` truncated SVD at the same parameter count. Relative error of the "
-        "attention output on 2 held-out windows; statistics and the logit-optimal search on 4 others.",
+        f"Measured by `{command}` on `{args.model}`: {keep} of {d // 2} rotary pairs per KV head kept "
+        f"({args.keep:.0%} of the query-key parameters), against `q_proj`/`k_proj` truncated SVD at the same "
+        "parameter count. Relative error of the attention output on 2 held-out windows; statistics and the "
+        "logit-optimal search on 4 others.",
         "",
         "| layer | CR pairs (the step) | logit-optimal pairs (exhaustive) | plain SVD |",
         "|---|---|---|---|",

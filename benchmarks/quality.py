@@ -596,7 +596,8 @@ def compare_gptq_with_rtn(rows: list[dict]) -> None:
             )
             if same and rtn.get("perplexity") is not None and gptq["perplexity"] >= rtn["perplexity"]:
                 gptq["notes"].append(
-                    f"not better than RTN {rtn['recipe']} at the same size ({gptq['perplexity']:.3f} vs {rtn['perplexity']:.3f})"
+                    f"not better than RTN {rtn['recipe']} at the same size "
+                    f"({gptq['perplexity']:.3f} vs {rtn['perplexity']:.3f})"
                 )
 
 
@@ -737,7 +738,8 @@ def carry_over(previous: dict, record: dict) -> dict:
     for model, digest in record["model_sha256"].items():
         if previous["model_sha256"].get(model, digest) != digest:
             raise SystemExit(
-                f"--update: model {model} has other weights than in the record of {previous['date']}; run every entry again"
+                f"--update: model {model} has other weights than in the record of {previous['date']}; "
+                "run every entry again"
             )
     history = previous.get("history") or [
         {"command": previous["command"], "date": previous["date"], "machine": previous["machine"]}

@@ -126,8 +126,8 @@ def main() -> None:
             row["rest_of_gap"] = row["gap"] - row["first_order_gap"]
             rows.append(row)
             print(
-                f"{label}: gap {row['gap']:+.3f} (first order {row['first_order_gap']:+.3f}, rest {row['rest_of_gap']:+.3f}), "
-                f"KL {row['kl']:.5f}",
+                f"{label}: gap {row['gap']:+.3f} (first order {row['first_order_gap']:+.3f}, "
+                f"rest {row['rest_of_gap']:+.3f}), KL {row['kl']:.5f}",
                 flush=True,
             )
     write(rows, args, samples, len(windows), base_perplexity=result.base_perplexity)
@@ -155,7 +155,8 @@ def write(rows: list[dict], args, samples: int, windows: int, base_perplexity: f
     date = datetime.date.today().isoformat()
     machine = f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     setting = (
-        f"model `{args.model}` (fp perplexity {base_perplexity:.3f}), fp32 compute, {windows} held-out windows of 512 tokens, "
+        f"model `{args.model}` (fp perplexity {base_perplexity:.3f}), fp32 compute, "
+        f"{windows} held-out windows of 512 tokens, "
         f"Fisher from {samples} demo calibration sequences of 512 tokens; k-means `init: kmeans++` (the official start)"
     )
     summary = summarize(rows)
@@ -179,8 +180,9 @@ def write(rows: list[dict], args, samples: int, windows: int, base_perplexity: f
         "",
         f"Measured by `{command}` on {date} ({machine}): {setting}.",
         "",
-        "Mean over k-means seeds (min..max). *first order*: `ppl_fp * <g, W_q - W>`, `g` the gradient of the mean held-out "
-        "NLL at the fp weights; *rest*: gap minus first order (second and higher order, what the KL tracks).",
+        "Mean over k-means seeds (min..max). *first order*: `ppl_fp * <g, W_q - W>`, "
+        "`g` the gradient of the mean held-out NLL at the fp weights; "
+        "*rest*: gap minus first order (second and higher order, what the KL tracks).",
         "",
         "| bits | quantizer | runs | mean KL (nats) | perplexity gap | first order | rest |",
         "|---|---|---|---|---|---|---|",

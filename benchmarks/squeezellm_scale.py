@@ -7,9 +7,10 @@ Builds a random-weight Llama checkpoint with Llama-3-8B's shapes (hidden 4096, 3
 heads, SwiGLU 14336, vocab 128256) but only ``--layers`` blocks (random weights are fine for time and
 memory), then runs ``compressor apply`` in a fresh process for each configuration: the SqueezeLLM
 recipe at 3 and 4 bits (dense-only, and 3 bits with the paper's 0.45 % sparse part), with the Fisher
-accumulators on the CPU (default) or on the device, in fp32 or bf16, in one pass or four, the blocks offloaded or not, and RTN w4 g128 on
-the same model as the baseline of the same run. From each ``report.json`` it reads the Fisher pass's
-seconds and peak memory (device and host) and each matrix's k-means seconds.
+accumulators on the CPU (default) or on the device, in fp32 or bf16, in one pass or four, the blocks
+offloaded or not, and RTN w4 g128 on the same model as the baseline of the same run. From each
+``report.json`` it reads the Fisher pass's seconds and peak memory (device and host) and each matrix's
+k-means seconds.
 
 Reported: k-means seconds per matrix shape and per block, extrapolated to 32 blocks (8B); Fisher
 seconds per calibration sequence and its peak device memory next to the model's bf16 size; and the
@@ -183,9 +184,11 @@ def write(entries: list[dict], args, layers: int, samples: int, model_gib: float
         + (f" --layers {args.layers}" if args.layers else "")
         + (f" --samples {args.samples}" if args.samples else "")
     )
+    width = "1/8-width " if args.quick else ""
     setting = (
-        f"random-weight Llama with {'1/8-width ' if args.quick else ''}Llama-3-8B shapes, {layers} blocks ({model_gib:.2f} GiB bf16); "
-        f"Fisher from {samples} demo sequences of {args.seq_len} tokens; device {device_name}, torch {torch.__version__}"
+        f"random-weight Llama with {width}Llama-3-8B shapes, {layers} blocks ({model_gib:.2f} GiB bf16); "
+        f"Fisher from {samples} demo sequences of {args.seq_len} tokens; "
+        f"device {device_name}, torch {torch.__version__}"
     )
     baseline = entries[0]["seconds"]
     out = ROOT / "benchmarks" / "results" / "squeezellm"
@@ -203,11 +206,12 @@ def write(entries: list[dict], args, layers: int, samples: int, model_gib: float
         "",
         f"Measured by `{command}` on {date}: {setting}.",
         "",
-        f"k-means per block x {FULL_LAYERS} = the estimate for a whole {'1/8-width ' if args.quick else ''}8B-shaped model. "
+        f"k-means per block x {FULL_LAYERS} = the estimate for a whole {width}8B-shaped model. "
         "Fisher peak memory is the pass's own peak "
         "(device allocator since the pass began; host: the process's peak resident set).",
         "",
-        "| entry | offload | apply (s) | vs RTN | k-means s/block | x32 blocks (min) | Fisher s/sequence | Fisher peak device (GiB) | peak host (GiB) |",
+        "| entry | offload | apply (s) | vs RTN | k-means s/block | x32 blocks (min) | Fisher s/sequence | "
+        "Fisher peak device (GiB) | peak host (GiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -220,7 +224,8 @@ def write(entries: list[dict], args, layers: int, samples: int, model_gib: float
         whole = None if per_block is None else per_block * FULL_LAYERS / 60
         per_sequence = fisher["seconds"] / samples if fisher else None
         lines.append(
-            f"| {e['entry']} | {e['offload']} | {e['seconds']:.1f} | {e['seconds'] / baseline:.1f}x | {number(per_block, 2)} | "
+            f"| {e['entry']} | {e['offload']} | {e['seconds']:.1f} | {e['seconds'] / baseline:.1f}x | "
+            f"{number(per_block, 2)} | "
             f"{number(whole, 1)} | {number(per_sequence, 2)} | {number(fisher.get('peak_cuda_gib'), 2)} | "
             f"{number(fisher.get('peak_rss_gib'), 2)} |"
         )

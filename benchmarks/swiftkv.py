@@ -63,7 +63,7 @@ def seconds_text(seconds: float | None) -> str:
 def time_alternately(models: dict, prompt: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median prefill seconds of each model, the models taking turns (one warm-up run each)."""
     times = {name: [] for name in models}
-    for name, model in models.items():
+    for model in models.values():
         prefill_seconds(model, prompt)
     for _ in range(repeats):
         for name, model in models.items():
@@ -77,12 +77,14 @@ def markdown(record: dict) -> str:
     lines = [
         f"# SwiftKV on `{record['model']}` ({record['date']})",
         "",
-        f"Command: `{record['command']}` (machine: {record['machine']}). {record['windows']} held-out windows of 512 tokens; "
-        "perplexity and mean per-token KL from the original by `compressor.eval.evaluate` (every token's logits: no skipping). "
+        f"Command: `{record['command']}` (machine: {record['machine']}). "
+        f"{record['windows']} held-out windows of 512 tokens; "
+        "perplexity and mean per-token KL from the original by `compressor.eval.evaluate` "
+        "(every token's logits: no skipping). "
         f"KV bytes per token counted from the cache a {speed['prompt_tokens']}-token prefill filled (fp32).",
         "",
-        "| entry | recipe | perplexity | gap | KL | KL / before distillation | KV bytes/token | KV vs fp (configured) | "
-        "held-out KL curve (trainer, top-k) | time |",
+        "| entry | recipe | perplexity | gap | KL | KL / before distillation | KV bytes/token | "
+        "KV vs fp (configured) | held-out KL curve (trainer, top-k) | time |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     before = {}
@@ -103,8 +105,9 @@ def markdown(record: dict) -> str:
     lines += [
         "",
         f"Prefill of a {speed['prompt_tokens']}-token prompt (`use_cache=True, logits_to_keep=1`, batch 1, median of "
-        f"{speed['repeats']}, alternating, {speed['threads']} threads): original {speed['fp_seconds'] * 1e3:.1f} ms, swiftkv-50 "
-        f"{speed['swiftkv_seconds'] * 1e3:.1f} ms: **{speed['speedup']:.2f}x**.",
+        f"{speed['repeats']}, alternating, {speed['threads']} threads): "
+        f"original {speed['fp_seconds'] * 1e3:.1f} ms, "
+        f"swiftkv-50 {speed['swiftkv_seconds'] * 1e3:.1f} ms: **{speed['speedup']:.2f}x**.",
         "",
     ]
     return "\n".join(lines)
@@ -180,8 +183,8 @@ def main() -> None:
                 rows.append(row)
                 print(
                     f"{row['entry']}: perplexity {row['perplexity']:.3f} (gap {row['gap']:+.3f}, KL {row['kl']:.4f}), "
-                    f"KV {kv:.0f} bytes/token ({row['kv_ratio']:.4f} of fp; configured {row['kv_ratio_configured']:.4f}), "
-                    f"{seconds:.0f} s",
+                    f"KV {kv:.0f} bytes/token ({row['kv_ratio']:.4f} of fp; "
+                    f"configured {row['kv_ratio_configured']:.4f}), {seconds:.0f} s",
                     flush=True,
                 )
                 if name == "swiftkv-50.yaml" and label == "distilled":
@@ -197,8 +200,8 @@ def main() -> None:
         "speedup": medians["fp"] / medians["swiftkv"],
     }
     print(
-        f"prefill of {args.prompt} tokens: fp {medians['fp'] * 1e3:.1f} ms, swiftkv-50 {medians['swiftkv'] * 1e3:.1f} ms, "
-        f"{speed['speedup']:.2f}x",
+        f"prefill of {args.prompt} tokens: fp {medians['fp'] * 1e3:.1f} ms, "
+        f"swiftkv-50 {medians['swiftkv'] * 1e3:.1f} ms, {speed['speedup']:.2f}x",
         flush=True,
     )
 

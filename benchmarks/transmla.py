@@ -96,7 +96,8 @@ def main() -> None:
 
     command = "python benchmarks/transmla.py" + (" --quick" if args.quick else "")
     setting = (
-        f"model `{args.model}`, {len(windows)} held-out windows of 512 tokens; calibration {samples} x {seq_len} demo tokens; "
+        f"model `{args.model}`, {len(windows)} held-out windows of 512 tokens; "
+        f"calibration {samples} x {seq_len} demo tokens; "
         f"healing: {args.heal_epochs} epochs of `transmla_heal` defaults over the same calibration set"
     )
     date = datetime.date.today().isoformat()
@@ -116,15 +117,16 @@ def main() -> None:
         "KV bytes per token: all layers, 2 bytes a number; GQA caches 2 x kv_heads x head_dim per layer, "
         "MLA kv_lora_rank + qk_rope_head_dim (counted from each exported config.json).",
         "",
-        "| entry | KV cache | KV bytes/token | kv_lora_rank + rope | perplexity | gap to fp | mean KL (nats) | time (s) |",
+        "| entry | KV cache | KV bytes/token | kv_lora_rank + rope | perplexity | gap to fp | mean KL (nats) | "
+        "time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sizes = f"{r['kv_lora_rank']} + {r['qk_rope_head_dim']}" if r["kv_lora_rank"] else "-"
         seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else "-"
         lines.append(
-            f"| {r['entry']} | {r['kv_cache_ratio']:.3f} | {r['kv_bytes_per_token']} | {sizes} | {r['perplexity']:.3f} | "
-            f"{r['gap']:+.3f} | {r['kl']:.4f} | {seconds} |"
+            f"| {r['entry']} | {r['kv_cache_ratio']:.3f} | {r['kv_bytes_per_token']} | {sizes} | "
+            f"{r['perplexity']:.3f} | {r['gap']:+.3f} | {r['kl']:.4f} | {seconds} |"
         )
     (out / f"transmla-{date}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -222,7 +222,10 @@ def split_documents(docs, split_seed, heldout_bytes, calib_bytes, min_doc_bytes=
             nc += size
         else:
             train.append(i)
-    pick = lambda idx: [docs[i] for i in sorted(idx)]
+
+    def pick(idx):
+        return [docs[i] for i in sorted(idx)]
+
     return pick(train), pick(calib), pick(held)
 
 
@@ -405,7 +408,10 @@ def main():
     calib_text, held_text = join_docs(calib_docs), join_docs(held_docs)
     (data_dir / "calibration.txt").write_text(calib_text, encoding="utf-8")
     (data_dir / "heldout.txt").write_text(held_text, encoding="utf-8")
-    nbytes = lambda ds: sum(len(t.encode()) for _, t in ds)
+
+    def nbytes(ds):
+        return sum(len(t.encode()) for _, t in ds)
+
     print(f"source: {source} ({root})")
     print(
         f"documents: {len(docs)} -> train {len(train_docs)} ({nbytes(train_docs) / 1e6:.2f} MB), "
@@ -472,7 +478,10 @@ def main():
     deadline = t_train + args.minutes * 60
     total = args.steps  # 0: decided from the measured step time during warmup
     probe_from, probe_to = 5, min(args.warmup - 1, 35)
-    long_start = lambda n: n - int(round(args.long_frac * n)) if args.long_frac > 0 else n
+
+    def long_start(n):
+        return n - int(round(args.long_frac * n)) if args.long_frac > 0 else n
+
     ema, step, t_probe = None, 0, None
     while total == 0 or step < total:
         if total == 0 and step == probe_from:

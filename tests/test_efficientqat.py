@@ -166,7 +166,8 @@ def test_block_ap_reconstructs_below_rtn_and_trains_on_the_quantized_stream(tiny
             and weight.zeros is not None
         )
 
-    # Block 1 learns from the quantized chain (what frozen block 0 outputs) against fp targets (fp block 1 on fp inputs).
+    # Block 1 learns from the quantized chain (what frozen block 0 outputs) against fp targets
+    # (fp block 1 on fp inputs).
     trained_inputs = torch.cat([x for x, _, _ in seen[1]])
     trained_targets = torch.cat([y for _, y, _ in seen[1]])
     assert torch.equal(trained_inputs, torch.cat(run.run_block(quantized0, inputs, kwargs)))

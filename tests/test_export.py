@@ -142,7 +142,10 @@ def test_group_size_must_divide_in_features(tiny_llama, tmp_path):
 
     with pytest.raises(
         StepError,
-        match=r"steps\[0\]\.rtn\.group_size: model\.layers\.0\.self_attn\.q_proj: in_features 128 is not a multiple of group_size 96",
+        match=(
+            r"steps\[0\]\.rtn\.group_size: model\.layers\.0\.self_attn\.q_proj: "
+            r"in_features 128 is not a multiple of group_size 96"
+        ),
     ):
         apply(rtn_recipe(4, 96), tiny_llama, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

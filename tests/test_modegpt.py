@@ -309,7 +309,8 @@ def test_sliced_checkpoint_says_its_widths_and_loads_with_remote_code_in_a_fresh
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1])\n    print('stock loaded')\nexcept Exception as e:\n    print('stock refused')\n"
+        "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1])\n    print('stock loaded')\n"
+        "except Exception as e:\n    print('stock refused')\n"
         "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
         "tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))\n"
         "torch.save(model(tokens).logits.detach(), sys.argv[2])\n"
@@ -485,8 +486,8 @@ def test_each_module_beats_plain_truncated_svd_at_the_same_parameters_on_the_dem
         relative_error(svd_copy(mlp, ["gate_proj", "up_proj", "down_proj"]), mlp, x),
     )
     print(
-        f"held-out relative error at 3/4 of the parameters: qk {ours_qk:.4f} (svd {svd_qk:.4f}), vo {ours_vo:.4f} (svd {svd_vo:.4f}), "
-        f"mlp {ours:.4f} (svd {plain:.4f})"
+        f"held-out relative error at 3/4 of the parameters: qk {ours_qk:.4f} (svd {svd_qk:.4f}), "
+        f"vo {ours_vo:.4f} (svd {svd_vo:.4f}), mlp {ours:.4f} (svd {plain:.4f})"
     )
     assert ours_vo < svd_vo and ours < plain, (ours_vo, svd_vo, ours, plain)
 

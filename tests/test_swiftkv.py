@@ -259,7 +259,8 @@ def swiftkv_recipe(calibration, **settings):
 
 @pytest.fixture(scope="module")
 def demo_swiftkv(tmp_path_factory):
-    """The demo model (6 layers) with G = 2, so M = 4 (the default N // 2 = 3 raised to leave whole groups), briefly distilled."""
+    """The demo model (6 layers) with G = 2, so M = 4 (the default N // 2 = 3 raised to leave whole groups),
+    briefly distilled."""
     from compressor.demo import demo_text_path
 
     out = tmp_path_factory.mktemp("swiftkv") / "demo"
@@ -283,7 +284,7 @@ def test_export_has_the_released_layout_and_loads_three_ways(demo_swiftkv):
             assert all(torch.equal(f.get_tensor(n), g.get_tensor(n)) for n in g.keys())  # base weights kept, unchanged
     assert {n for n in names if "swiftkv" in n} == {
         "model.norm_swiftkv.weight",
-        *(f"model.layers.{l}.self_attn.q_proj_swiftkv.weight" for l in (4, 5)),
+        *(f"model.layers.{layer}.self_attn.q_proj_swiftkv.weight" for layer in (4, 5)),
         *(f"model.layers.4.self_attn.{r}_proj_swiftkv.weight" for r in "kv"),
     }
     tokens = ids(length=24, vocab=4096)

@@ -155,7 +155,8 @@ def test_apply_shows_each_phase_in_a_log(tmp_path, calibration_file):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"calibration: {{dataset: {calibration_file}, samples: 4, seq_len: 32}}\n"
-        "steps:\n  - rtn: {bits: 4, group_size: 32}\n  - efficientqat_e2e_qp: {batch_size: 2, micro_batch_size: 2, epochs: 2}\n"
+        "steps:\n  - rtn: {bits: 4, group_size: 32}\n"
+        "  - efficientqat_e2e_qp: {batch_size: 2, micro_batch_size: 2, epochs: 2}\n"
     )
     from compressor.testing import make_random_model
 

@@ -59,6 +59,22 @@ def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k:
     return torch.cat(values), torch.cat(indices)
 
 
+def optimizer_step(context, optimizer, tokens, batch, micro_batch_size: int, loss_of, max_grad_norm) -> float:
+    """One step on the sequences ``batch``: gradients accumulated over micro-batches, clipped, applied.
+    Returns the step's loss (the micro-batches' mean); a non-finite loss is the caller's to refuse."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = 0.0
+    for micro in batch.split(micro_batch_size):
+        loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch)))
+    if not math.isfinite(loss):
+        return loss
+    if max_grad_norm is not None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    return loss
+
+
 def train_end_to_end(
     context,
     groups: list[dict],
@@ -122,17 +138,9 @@ def train_end_to_end(
                     if lr_at is not None:
                         for group, base in zip(optimizer.param_groups, bases):
                             group["lr"] = lr_at(base, len(losses), total)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = 0.0
-                    for micro in batch.split(micro_batch_size):
-                        loss += context.forward_backward(
-                            tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch))
-                        )
+                    loss = optimizer_step(context, optimizer, tokens, batch, micro_batch_size, loss_of, max_grad_norm)
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"{name}: the training loss became {loss}")
-                    if max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-                    optimizer.step()
                     losses.append(loss)
                     progress.update(loss=loss)
                 if best is not None:

@@ -517,8 +517,7 @@ class TransMLA(Step):
         if attention.q_proj.bias is not None:
             raise UnsupportedArchitecture(
                 f"transmla: {context.prefix}.{attention_path}.q_proj has a bias, which DeepSeek-V3's q_proj cannot "
-                "hold "
-                "(Qwen2, Llama with attention_bias); such models convert exactly in memory only"
+                "hold (Qwen2, Llama with attention_bias); such models convert exactly in memory only"
             )
         norm = context.block.get_submodule(adapter.norms["input"])
 
@@ -550,20 +549,7 @@ class TransMLA(Step):
                 rope_frequencies=weights.rope_frequencies,
             )
             context.declare_architecture(mla_config)  # the export is a DeepseekV3ForCausalLM
-            latents = [
-                nn.functional.linear(norm(h), weights.kv_a_weight, weights.kv_a_bias)[..., :rank]
-                for h in context.inputs
-            ]
-            eps = 1e-6  # DeepseekV3RMSNorm's default, which kv_a_layernorm keeps in transformers
-            if self.exact:
-                scale = linear_range_scale(latents, eps)
-                weights.kv_a_weight[:rank] *= scale
-                if weights.kv_a_bias is not None:
-                    weights.kv_a_bias[:rank] *= scale
-                gamma = torch.full((rank,), math.sqrt(eps) / scale)
-            else:
-                scale, gamma = 1.0, least_squares_norm_weight(latents, eps=eps)
-            norm_error = latent_norm_error(latents, gamma, eps, scale)
+            gamma, norm_error = self.fit_latent_norm(weights, norm, context.inputs, rank)
             before = context.forward()
             module = build_mla_attention(
                 weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma
@@ -585,6 +571,21 @@ class TransMLA(Step):
             latent_norm_error=float(f"{norm_error:.3g}"),
             block_output_error=math.sqrt(error),
         )
+
+    def fit_latent_norm(self, weights, norm: nn.Module, inputs, rank: int) -> tuple[torch.Tensor, float]:
+        """``kv_a_layernorm``'s weight for the latents of ``inputs`` and its relative error. With ``exact``,
+        the latent is first scaled into the norm's linear range (``kv_a`` rows scaled in place)."""
+        latents = [nn.functional.linear(norm(h), weights.kv_a_weight, weights.kv_a_bias)[..., :rank] for h in inputs]
+        eps = 1e-6  # DeepseekV3RMSNorm's default, which kv_a_layernorm keeps in transformers
+        if self.exact:
+            scale = linear_range_scale(latents, eps)
+            weights.kv_a_weight[:rank] *= scale
+            if weights.kv_a_bias is not None:
+                weights.kv_a_bias[:rank] *= scale
+            gamma = torch.full((rank,), math.sqrt(eps) / scale)
+        else:
+            scale, gamma = 1.0, least_squares_norm_weight(latents, eps=eps)
+        return gamma, latent_norm_error(latents, gamma, eps, scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compressor.arch import ArchAdapter, adapter_for
+from compressor.arch import ArchAdapter, UnsupportedArchitecture, adapter_for
+from compressor.arch.shipped import shipped_for
 from compressor.errors import UserError
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
@@ -103,10 +104,16 @@ class ModelHandle:
     def open(cls, model: str | Path, trust_remote_code: bool = False) -> ModelHandle:
         path = resolve_model_path(model)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        adapter = adapter_for(config)
         if getattr(config, "quantization_config", None) is not None:
             raise ModelLoadError(
                 f"{path}: already quantized (quantization_config in config.json); start from the unquantized model"
+            )
+        adapter = adapter_for(config)
+        shipped = shipped_for(config.model_type)
+        if shipped is not None and not shipped.compressible:
+            raise UnsupportedArchitecture(
+                f"{path}: a {config.model_type} checkpoint (one of our exports) cannot be compressed again; "
+                "start from the model it was made from"
             )
         with init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

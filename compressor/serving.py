@@ -231,8 +231,8 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "transformers",
         "compressor",
-        "our registered quantizer, after `import compressor` (lookup-table, BFP and sparse kernels; the BFP KV cache "
-        "where the config declares one)",
+        "our registered quantizer and classes, after `import compressor` or with `trust_remote_code=True` "
+        "(lookup-table, BFP and sparse kernels; the BFP KV cache where the config declares one); plain loads refuse it",
     ),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
     Route(
@@ -312,7 +312,11 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                 facts,
             )
         )
-    elif "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+    elif (
+        "AutoModelForCausalLM" in (config.get("auto_map") or {})
+        and (quantization or {}).get("quant_method") != "compressor"
+    ):
+        # (a native checkpoint's own model type only wraps the family for our quantizer: its part says it all)
         parts.append(
             (
                 f"{config.get('model_type')} architecture ({config['auto_map']['AutoModelForCausalLM']})",

@@ -58,7 +58,11 @@ def test_an_architecture_without_a_shipped_row_cannot_be_declared():
         ExportArchitecture.declared(config)
 
 
-def test_a_compressible_shipped_architecture_reads_through_its_base_adapter():
+def test_a_shipped_architecture_reads_through_its_base_adapter_and_only_some_compress_again(tmp_path):
+    from compressor.model import ModelHandle
+
     assert adapter_for(AutoConfig.for_model("modegpt_qwen3")).family == "qwen3"
-    with pytest.raises(UserError, match="llama_swiftkv"):
-        adapter_for(AutoConfig.for_model("llama_swiftkv"))
+    assert adapter_for(AutoConfig.for_model("compressor_llama")).family == "llama"
+    AutoConfig.for_model("llama_swiftkv", num_hidden_layers=2, num_key_value_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="llama_swiftkv checkpoint .* cannot be compressed again"):
+        ModelHandle.open(tmp_path)

@@ -325,31 +325,6 @@ def test_head_scope_blocks_wider_than_the_head_and_unsupported_blocks_are_refuse
     assert "\n" not in str(error.value) and not (tmp_path / "x").exists()
 
 
-def test_an_engine_unaware_of_the_cache_computes_the_original_attention(tiny_llama, tmp_path):
-    """transformers without ``import compressor``: it does not know the method, ignores k_perm, and
-    runs the original weights with its own cache, so the logits are the original model's."""
-    import subprocess
-    import sys
-
-    apply(
-        recipe({"k_bits": 4, "block_size": 16, "ksort": "weight_norm"}, dtype="float32"),
-        tiny_llama,
-        tmp_path / "kv",
-        progress=False,
-    )
-    code = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'kv')!r}, dtype=torch.float32)\n"
-        f"b = AutoModelForCausalLM.from_pretrained({str(tiny_llama)!r}, dtype=torch.float32)\n"
-        "x = torch.arange(40).reshape(1, 40) % 320\n"
-        "assert 'compressor' not in sys.modules and not hasattr(m.model.layers[0].self_attn, 'k_perm')\n"
-        "print(float((m(x).logits - b(x).logits).abs().max()))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
-    assert float(out.stdout.strip().splitlines()[-1]) == 0.0
-
-
 def test_a_weight_fold_needs_the_rotary_table_which_is_why_the_cache_permutes_after_rope(tiny_llama):
     """Folding a permutation into W_q/W_k rows acts before RoPE: even one that moves the rotary pairs
     (j, j + D/2) together, the same for every query head of a GQA group, gives each moved pair another

@@ -1,7 +1,8 @@
 """Every export format loads where docs/EXPORT.md says, with the logits of the model the session held in
 memory before export: plain ``AutoModelForCausalLM.from_pretrained`` for compressed-tensors (symmetric),
-GPTQ (with optimum + gptqmodel installed) and dense exports; after ``import compressor`` for our native
-format; our own loader for all of them."""
+GPTQ (with optimum + gptqmodel installed) and dense exports; after ``import compressor`` or with remote code
+for our native format; our own loader for all of them. And every format fails closed: a process that never
+imported compressor either computes the compressed model or refuses it, never hands back random weights."""
 
 import copy
 import importlib.util
@@ -147,3 +148,70 @@ def test_gptq_with_dense_block_linears_names_them_for_every_reader(tiny_llama, t
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, device_map="cpu")
         assert type(loaded.model.layers[0].mlp.down_proj) is torch.nn.Linear
         torch.testing.assert_close(loaded(x).logits, memory(x).logits, rtol=0, atol=2e-2)
+
+
+PLAIN_LOAD = """
+import sys, torch
+if sys.argv[3] == "without compressor installed":
+    sys.modules["compressor"] = None  # `import compressor` raises ImportError, as where it is not installed
+from transformers import AutoModelForCausalLM
+assert "compressor" not in sys.modules or sys.modules["compressor"] is None
+try:
+    remote = sys.argv[3] != "plain"
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=remote)
+except Exception as error:
+    print("raised", type(error).__name__, str(error).splitlines()[0][:300])
+else:
+    tokens = torch.randint(0, 320, (2, 23), generator=torch.Generator().manual_seed(0))
+    torch.save(model(tokens).logits.detach(), sys.argv[2])
+    print("loaded")
+"""
+
+
+def load_elsewhere(out, how: str) -> tuple[str, torch.Tensor | None]:
+    """Load ``out`` in a fresh process that never imports compressor (``how``: plain, with remote code, or with
+    remote code where compressor cannot be imported); what happened, and the logits on ``tokens()`` if it loaded."""
+    import subprocess
+    import sys
+
+    saved = out.parent / f"{out.name}-{how.replace(' ', '-')}.pt"
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(out), str(saved), how], capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("raised", "loaded"))]
+    assert result.returncode == 0 and lines, result.stderr[-2000:]
+    return lines[-1], torch.load(saved) if lines[-1] == "loaded" else None
+
+
+FAIL_CLOSED = {  # export -> (recipe steps, export section, whether a plain load computes it)
+    "compressed-tensors symmetric": ([{"rtn": {"bits": 4, "group_size": 32}}], {}, True),
+    "compressed-tensors asymmetric": ([{"rtn": {"bits": 4, "group_size": 32, "symmetric": False}}], {}, False),
+    "gptq": ([{"rtn": {"bits": 4, "group_size": 32}}], {"format": "gptq"}, HAS_GPTQ_STACK),
+    "native weights": ([{"bfp": {"k_bits": None, "weight_bits": 8}}], {}, False),
+    "native KV cache": ([{"bfp": {"k_bits": 4, "block_size": 16, "ksort": "weight_norm"}}], {}, False),
+    "dense": ([{"rtn": {"bits": 3}}], {"format": "dense"}, True),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("export", list(FAIL_CLOSED))
+def test_every_format_fails_closed_where_compressor_is_not_imported(export, tiny_llama, tmp_path):
+    """Whatever loads an export either computes the compressed model or refuses: never random weights."""
+    steps, section, computes = FAIL_CLOSED[export]
+    out = tmp_path / "out"
+    apply(
+        Recipe.from_dict({"steps": steps, "export": {"dtype": "float32", **section}}), tiny_llama, out, progress=False
+    )
+    expected = load_quantized_model(out)(tokens()).logits
+    outcome, logits = load_elsewhere(out, "plain")
+    if computes:
+        assert outcome == "loaded", outcome
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert outcome.startswith("raised"), outcome
+    if json.loads((out / "config.json").read_text()).get("quantization_config", {}).get("quant_method") == "compressor":
+        outcome, logits = load_elsewhere(out, "with remote code")  # the shipped file imports compressor
+        assert outcome == "loaded", outcome
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        outcome, _ = load_elsewhere(out, "without compressor installed")
+        assert outcome.startswith("raised ImportError") and "pip install compressor" in outcome, outcome

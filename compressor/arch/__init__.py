@@ -70,11 +70,11 @@ class UnsupportedArchitecture(UserError):
 
 
 def adapter_for(config) -> ArchAdapter:
-    """The adapter of ``config``'s family; a shipped architecture that can be compressed again (MoDeGPT's
-    sliced layers) is read through its base family's."""
+    """The adapter of ``config``'s family; a shipped architecture (``arch/shipped.py``) is read through its
+    base family's (whether it can be compressed again is ``ShippedArchitecture.compressible``)."""
     model_type = getattr(config, "model_type", None)
     shipped = shipped_for(model_type)
-    if shipped is not None and shipped.compressible:
+    if shipped is not None:
         model_type = shipped.model_types[model_type]
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:

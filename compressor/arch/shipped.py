@@ -1,7 +1,8 @@
 """The architectures our exports declare, in one shape: ``ShippedArchitecture`` rows in ``SHIPPED``.
 
-A step that changes the architecture (TransMLA, SwiftKV, MoDeGPT) declares the new config; the row of
-that config's ``model_type`` says the rest. Each row is one package beside this file:
+A step that changes the architecture (TransMLA, SwiftKV, MoDeGPT) declares the new config, and the writer
+gives native-format checkpoints their own (``native``); the row of that config's ``model_type`` says the
+rest. Each row is one package beside this file:
 
 * ``model_types``: the checkpoints' model types, each with the base family it was made from;
 * ``modeling_files``: modeling code (files in the package) that the writer ships beside the weights, for
@@ -101,6 +102,39 @@ SHIPPED = (
             "modegpt_qwen3": ("modeling_modegpt.ModeGPTQwen3Config", "modeling_modegpt.ModeGPTQwen3ForCausalLM"),
         },
         compressible=True,
+    ),
+    ShippedArchitecture(  # our native format: the stock family under its own model type, so it fails closed
+        package="native",
+        model_types={
+            "compressor_llama": "llama",
+            "compressor_mistral": "mistral",
+            "compressor_qwen2": "qwen2",
+            "compressor_qwen3": "qwen3",
+            "compressor_deepseek_v3": "deepseek_v3",
+        },
+        modeling_files=("modeling_compressor.py",),
+        classes={
+            "compressor_llama": (
+                "modeling_compressor.CompressorLlamaConfig",
+                "modeling_compressor.CompressorLlamaForCausalLM",
+            ),
+            "compressor_mistral": (
+                "modeling_compressor.CompressorMistralConfig",
+                "modeling_compressor.CompressorMistralForCausalLM",
+            ),
+            "compressor_qwen2": (
+                "modeling_compressor.CompressorQwen2Config",
+                "modeling_compressor.CompressorQwen2ForCausalLM",
+            ),
+            "compressor_qwen3": (
+                "modeling_compressor.CompressorQwen3Config",
+                "modeling_compressor.CompressorQwen3ForCausalLM",
+            ),
+            "compressor_deepseek_v3": (
+                "modeling_compressor.CompressorDeepseekV3Config",
+                "modeling_compressor.CompressorDeepseekV3ForCausalLM",
+            ),
+        },
     ),
 )
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.arch import ExportArchitecture
+from compressor.arch.native import native_config
 from compressor.declaration import ExportDeclaration
 from compressor.errors import UserError
 from compressor.export import gptq, native
@@ -208,29 +210,18 @@ class CheckpointWriter:
         return self.shards.close()
 
     def export_config(self, handle, declared: ExportDeclaration):
-        """The checkpoint's transformers config: the declared architecture's or the input's, with the
-        modeling files written beside it and the ``quantization_config`` of the weights and KV cache."""
-        architecture = declared.architecture
+        """The checkpoint's transformers config: the declared architecture's or the input's (a native-format
+        checkpoint's under its own model type, ``arch/native``), with the modeling files written beside it
+        and the ``quantization_config`` of the weights and KV cache."""
+        kv_cache = declared.kv_cache_entry()
+        self.settle_codec(kv_cache is not None)
+        architecture = self.architecture(handle, declared)
         config = copy.deepcopy(architecture.config if architecture is not None else handle.config)
         config.dtype = self.dtype
         if architecture is not None and architecture.modeling_files:
             for file, source in architecture.modeling_files.items():
                 (self.directory / file).write_text(source)
             config.auto_map = dict(architecture.auto_map)
-        kv_cache = declared.kv_cache_entry()
-        if kv_cache is not None:
-            if self.codec is not None and self.codec is not native:
-                raise ExportError(
-                    f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "
-                    "share its checkpoint (use export format 'dense', or quantize the weights with a native-format "
-                    "method)"
-                )
-            self.codec = native
-        if self.attention and self.codec is not native:
-            raise ExportError(
-                f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it "
-                "for W+A layers)"
-            )
         if self.codec is not None:
             extra = {"attention": self.attention} if self.attention else {}
             try:
@@ -243,6 +234,38 @@ class CheckpointWriter:
             if kv_cache is not None:
                 config.quantization_config["kv_cache"] = kv_cache
         return config
+
+    def settle_codec(self, kv_cache: bool) -> None:
+        """A quantized KV cache or quantized attention operands put the checkpoint in the native format."""
+        if kv_cache:
+            if self.codec is not None and self.codec is not native:
+                raise ExportError(
+                    f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "
+                    "share its checkpoint (use export format 'dense', or quantize the weights with a native-format "
+                    "method)"
+                )
+            self.codec = native
+        if self.attention and self.codec is not native:
+            raise ExportError(
+                f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it "
+                "for W+A layers)"
+            )
+
+    def architecture(self, handle, declared: ExportDeclaration) -> ExportArchitecture | None:
+        """The architecture the config declares: a native-format checkpoint's own (so that nothing loads it
+        without our quantizer), else what a step declared, else None (the input's)."""
+        if self.codec is not native:
+            return declared.architecture
+        if declared.architecture is not None and declared.architecture.modeling_files:
+            raise ExportError(
+                f"native-format weights cannot share a checkpoint with {declared.architecture.config.model_type}'s "
+                "shipped modeling code; quantize with a compressed-tensors method (rtn, efficientqat) or export 'dense'"
+            )
+        base = declared.architecture.config if declared.architecture is not None else handle.config
+        try:
+            return ExportArchitecture.declared(native_config(base))
+        except ValueError as error:
+            raise ExportError(str(error)) from None
 
     def write_records(self, handle, recipe, report) -> None:
         """``compressor.json`` (versions and packing), the recipe and the report beside the weights."""

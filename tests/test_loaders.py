@@ -215,3 +215,36 @@ def test_every_format_fails_closed_where_compressor_is_not_imported(export, tiny
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         outcome, _ = load_elsewhere(out, "without compressor installed")
         assert outcome.startswith("raised ImportError") and "pip install compressor" in outcome, outcome
+
+
+IMPORT_ORDERS = (
+    "import compressor\nfrom transformers import AutoModelForCausalLM",
+    "from transformers import AutoModelForCausalLM\nimport compressor",
+    "import transformers\nfrom transformers import AutoModelForCausalLM\nimport compressor",
+    "from transformers import AutoConfig, AutoModelForCausalLM\nimport compressor.export",
+)
+
+
+@torch.no_grad()
+def test_a_native_export_loads_quantized_in_every_import_order(tiny_llama, tmp_path):
+    """Registration is checked by loading a real export in a fresh process: its layers and its logits."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    steps = [{"bfp": {"k_bits": None, "weight_bits": 6}}]
+    apply(Recipe.from_dict({"steps": steps, "export": {"dtype": "float32"}}), tiny_llama, out, progress=False)
+    expected = load_quantized_model(out)(tokens()).logits
+    for index, order in enumerate(IMPORT_ORDERS):
+        saved = tmp_path / f"logits-{index}.pt"
+        code = (
+            f"{order}\nimport torch\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)\n"
+            "print(type(m.model.layers[0].mlp.up_proj).__name__)\n"
+            "x = torch.randint(0, 320, (2, 23), generator=torch.Generator().manual_seed(0))\n"
+            f"torch.save(m(x).logits.detach(), {str(saved)!r})\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (order, result.stderr[-2000:])
+        assert result.stdout.split()[-1] == "QuantizedLinear", order
+        torch.testing.assert_close(torch.load(saved), expected, rtol=1e-5, atol=1e-5)

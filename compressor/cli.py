@@ -29,8 +29,8 @@ def fail(error: Exception) -> None:
     where = "".join(f"{note.removeprefix('in ')}: " for note in getattr(error, "__notes__", []))
     message = " ".join(str(error).split())
     click.echo(
-        f"error: {where}{type(error).__name__}: {message} (an internal error of compressor: "
-        "COMPRESSOR_DEBUG=1 shows the traceback)",
+        f"error: {where}{type(error).__name__}: {message} (an internal error of compressor: COMPRESSOR_DEBUG=1 shows "
+        "the traceback)",
         err=True,
     )
     sys.exit(1)

@@ -133,13 +133,13 @@ def describe(record: dict) -> str:
     if len(history) > 1:
         runs = "; then ".join(f"`{h['command']}` on {h['date']} ({h['machine']})" for h in history)
         return (
-            f"Measured by {runs} (each row says when it was measured), model `{record['model']}`: "
-            f"{windows} held-out windows of {evaluation['seq_len']} tokens from `{evaluation['text']}`; calibration: "
+            f"Measured by {runs} (each row says when it was measured), model `{record['model']}`: {windows} held-out "
+            f"windows of {evaluation['seq_len']} tokens from `{evaluation['text']}`; calibration: "
             f"{calibration['text'] or 'each recipe’s text (GPTQ: demo)'}, {samples}."
         )
     return (
         f"Measured by `{record['command']}` on {record['date']} ({record['machine']}), model `{record['model']}`: "
         f"{windows} held-out windows of {evaluation['seq_len']} tokens from `{evaluation['text']}` (`compressor eval` "
-        f"scores every window of the text by default, 120 on the demo, so its perplexities differ from this table's); "
+        "scores every window of the text by default, 120 on the demo, so its perplexities differ from this table's); "
         f"calibration: {calibration['text'] or 'each recipe’s text (GPTQ: demo)'}, {samples}."
     )

@@ -112,8 +112,8 @@ class ModelHandle:
         shipped = shipped_for(config.model_type)
         if shipped is not None and not shipped.compressible:
             raise UnsupportedArchitecture(
-                f"{path}: a {config.model_type} checkpoint (one of our exports) cannot be compressed again; "
-                "start from the model it was made from"
+                f"{path}: a {config.model_type} checkpoint (one of our exports) cannot be compressed again; start from "
+                "the model it was made from"
             )
         with init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -55,8 +55,8 @@ class Verdict:
 VLLM_WNA16 = "vllm/model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py"
 VLLM_MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py (MARLIN_SUPPORTED_GROUP_SIZES)"
 VLLM_MLA = (
-    "vllm/v1/attention/backends/mla/*.py get_supported_head_sizes "
-    "(576 for FlashMLA, FlashInfer MLA, Triton MLA, CPU MLA)"
+    "vllm/v1/attention/backends/mla/*.py get_supported_head_sizes (576 for FlashMLA, FlashInfer MLA, Triton MLA, CPU "
+    "MLA)"
 )
 HF_CT = "transformers/quantizers/quantizer_compressed_tensors.py"
 VLLM_GPTQ = (
@@ -126,8 +126,7 @@ ROUTES: tuple[Route, ...] = (
             ),
             Rule(
                 "plain rotary frequencies: its DeepSeek attention turns any rope scaling into deepseek_yarn, so "
-                "TransMLA's "
-                "`exact: true` export (longrope frequencies) runs in transformers only",
+                "TransMLA's `exact: true` export (longrope frequencies) runs in transformers only",
                 lambda p: p["rope_type"] in ("default", None),
                 "vllm/model_executor/models/deepseek_v2.py (DeepseekV2Attention: rope_scaling['rope_type'] = "
                 "'deepseek_yarn')",
@@ -141,9 +140,8 @@ ROUTES: tuple[Route, ...] = (
         requirements=(
             Rule(
                 "4- or 8-bit symmetric weights (uint4b8, uint8b128: Marlin's only GPTQ types); 2/3-bit and asymmetric "
-                "GPTQ load "
-                "only in vLLM releases before #38288, through gptq.py's gptq_gemm (checkpoint_format gptq_v2 from "
-                "#26092 on)",
+                "GPTQ load only in vLLM releases before #38288, through gptq.py's gptq_gemm (checkpoint_format "
+                "gptq_v2 from #26092 on)",
                 lambda p: p["symmetric"] and p["bits"] in (4, 8),
                 VLLM_GPTQ,
             ),
@@ -161,8 +159,7 @@ ROUTES: tuple[Route, ...] = (
         requirements=(
             Rule(
                 "a vLLM model class for the architecture (the checkpoint ships transformers modeling code, which vLLM "
-                "does not run; "
-                "MoDeGPT's `export: masked` keeps stock shapes for vLLM)",
+                "does not run; MoDeGPT's `export: masked` keeps stock shapes for vLLM)",
                 lambda p: False,
                 "vllm/model_executor/models/registry.py (_VLLM_MODELS)",
             ),
@@ -180,8 +177,7 @@ ROUTES: tuple[Route, ...] = (
             ),
             Rule(
                 "key_value_group_size 1: the plugin ignores AcrossKV (its config lacks the key, or marks it "
-                "deprecated) and "
-                "expects k/v_proj_swiftkv in every upper layer",
+                "deprecated) and expects k/v_proj_swiftkv in every upper layer",
                 lambda p: p["group_size"] == 1,
                 ARCTIC_SWIFTKV,
             ),
@@ -191,16 +187,15 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "transformers",
         "compressed-tensors",
-        "compressed-tensors' quantizer: the weights stay packed (weight_packed, weight_scale) "
-        "and are unpacked in each forward",
+        "compressed-tensors' quantizer: the weights stay packed (weight_packed, weight_scale) and are unpacked in "
+        "each forward",
         requirements=(
             Rule(
                 "integer weights with 16-bit activations", lambda p: p["type"] == "int" and not p["activations"], HF_CT
             ),
             Rule(
                 "symmetric weights (transformers 5.x expects unpacked zero points of shape [N, groups] and fails on "
-                "packed ones; "
-                "vllm-project/llm-compressor#1618)",
+                "packed ones; vllm-project/llm-compressor#1618)",
                 lambda p: p["symmetric"],
                 "tests/test_export.py (asymmetric exports load only through ours)",
             ),
@@ -220,9 +215,8 @@ ROUTES: tuple[Route, ...] = (
         requirements=(
             Rule(
                 "the optimum and gptqmodel packages, which are not installed here (pip install optimum gptqmodel; "
-                "checked on the "
-                "CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which wants torch >= "
-                "2.14)",
+                "checked on the CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which "
+                "wants torch >= 2.14)",
                 lambda p: p["gptq_stack"],
                 HF_GPTQ,
             ),
@@ -243,8 +237,8 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "transformers",
         "swiftkv",
-        "the modeling code shipped with the checkpoint (trust_remote_code=True), or without it "
-        "after `import compressor`",
+        "the modeling code shipped with the checkpoint (trust_remote_code=True), or without it after `import "
+        "compressor`",
     ),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )

@@ -20,8 +20,8 @@ ARCHITECTURES = {
 }
 
 TOKENIZER_TEXT = (
-    "The quick brown fox jumps over the lazy dog. Compression keeps the model small and fast. "
-    "Quantization rounds each weight to a grid; calibration text shows which weights matter. "
+    "The quick brown fox jumps over the lazy dog. Compression keeps the model small and fast. Quantization rounds "
+    "each weight to a grid; calibration text shows which weights matter. "
 ) * 20
 
 

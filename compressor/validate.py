@@ -37,11 +37,11 @@ CPU_MAX_LAYERS = 16  # CPU: layers checked by default
 CPU_ROWS = 128  # CPU: output rows of each layer checked (the full K, so every group and word is read)
 
 FALLBACK_TEXT = (
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-    "want of a wife. However little known the feelings or views of such a man may be on his first entering "
-    "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
-    "considered the rightful property of some one or other of their daughters. The sea was calm that "
-    "morning, and the ships in the harbour rode quietly at anchor while the town woke up around them. "
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a "
+    "wife. However little known the feelings or views of such a man may be on his first entering a neighbourhood, "
+    "this truth is so well fixed in the minds of the surrounding families, that he is considered the rightful "
+    "property of some one or other of their daughters. The sea was calm that morning, and the ships in the harbour "
+    "rode quietly at anchor while the town woke up around them. "
 ) * 4
 
 
@@ -329,8 +329,8 @@ def format_validation_report(result: dict) -> str:
         failed = [row for row in layers if not row["ok"]]
         batches = sorted({int(m) for row in layers for m in row["errors"]})
         lines.append(
-            f"kernels vs fp32 reference: {len(layers)} of {result['quantized_layers']} layers, M in {batches}; "
-            f"worst max error/max|y| {worst['max_rel']:.2e} ({worst['name']}), tolerance {worst['tolerance']:.0e}: "
+            f"kernels vs fp32 reference: {len(layers)} of {result['quantized_layers']} layers, M in {batches}; worst "
+            f"max error/max|y| {worst['max_rel']:.2e} ({worst['name']}), tolerance {worst['tolerance']:.0e}: "
             + ("OK" if not failed else f"{len(failed)} FAILED")
         )
         shown = failed or sorted(layers, key=lambda row: -row["max_rel"])[:8]
@@ -347,20 +347,19 @@ def format_validation_report(result: dict) -> str:
     if ppl:
         lines.append(
             f"perplexity on {ppl['windows']} held-out windows ({ppl['tokens']} predicted tokens): triton "
-            f"{ppl['triton']:.4f}, "
-            f"reference {ppl['reference']:.4f}, relative difference {ppl['rel_diff']:.1e} "
+            f"{ppl['triton']:.4f}, reference {ppl['reference']:.4f}, relative difference {ppl['rel_diff']:.1e} "
             f"(tolerance {ppl['tolerance']:.0e}): " + ("OK" if ppl["ok"] else "FAILED")
         )
     speed = result["speed"]
     if speed:
         q, d = speed["quantized"], speed["dense"]
         lines.append(
-            f"decode (batch 1, {q['new_tokens']} new tokens): quantized {q['decode_tok_s']:.1f} tok/s, "
-            f"dense {d['decode_tok_s']:.1f} tok/s, speedup {speed['decode_speedup']:.2f}x"
+            f"decode (batch 1, {q['new_tokens']} new tokens): quantized {q['decode_tok_s']:.1f} tok/s, dense "
+            f"{d['decode_tok_s']:.1f} tok/s, speedup {speed['decode_speedup']:.2f}x"
         )
         lines.append(
-            f"prefill ({q['prefill_len']} tokens): quantized {q['prefill_tok_s']:.0f} tok/s, "
-            f"dense {d['prefill_tok_s']:.0f} tok/s, speedup {speed['prefill_speedup']:.2f}x"
+            f"prefill ({q['prefill_len']} tokens): quantized {q['prefill_tok_s']:.0f} tok/s, dense "
+            f"{d['prefill_tok_s']:.0f} tok/s, speedup {speed['prefill_speedup']:.2f}x"
         )
     for note in result["notes"]:
         lines.append(f"note: {note}")

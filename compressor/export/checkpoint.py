@@ -259,7 +259,8 @@ class CheckpointWriter:
         if declared.architecture is not None and declared.architecture.modeling_files:
             raise ExportError(
                 f"native-format weights cannot share a checkpoint with {declared.architecture.config.model_type}'s "
-                "shipped modeling code; quantize with a compressed-tensors method (rtn, efficientqat) or export 'dense'"
+                "shipped modeling code; quantize with a compressed-tensors method (rtn, efficientqat) or export "
+                "'dense'"
             )
         base = declared.architecture.config if declared.architecture is not None else handle.config
         try:

@@ -35,8 +35,8 @@ def require_installed_version() -> None:
     installed = version("compressed-tensors")
     if _release(installed) < _release(CT_MIN_VERSION):
         raise UserError(
-            f"compressed-tensors {installed} is installed; exporting needs >= {CT_MIN_VERSION} "
-            f"(pip install 'compressed-tensors>={CT_MIN_VERSION}')"
+            f"compressed-tensors {installed} is installed; exporting needs >= {CT_MIN_VERSION} (pip install "
+            f"'compressed-tensors>={CT_MIN_VERSION}')"
         )
 
 

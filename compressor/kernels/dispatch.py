@@ -223,8 +223,8 @@ def triton_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, con
 
     if not x.is_cuda and not codes.INTERPRETED:
         raise RuntimeError(
-            "Triton kernels need CUDA tensors; to run them on CPU set TRITON_INTERPRET=1 before triton is "
-            "imported, or use COMPRESSOR_KERNELS=reference"
+            "Triton kernels need CUDA tensors; to run them on CPU set TRITON_INTERPRET=1 before triton is imported, "
+            "or use COMPRESSOR_KERNELS=reference"
         )
     n, k = weight.shape
     x2d = x.reshape(-1, k)

@@ -396,14 +396,13 @@ class ModeGPT(Step):
     )
     modules: list[str] = param(
         ["vo", "mlp"],
-        "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head "
-        "dims), mlp (neurons); qk is off by default: measured worse than plain SVD on the demo "
-        "(docs/methods/modegpt.md)",
+        "modules compressed: qk (query/key head dims, whole rotary pairs), vo (value head dims), mlp (neurons); qk is "
+        "off by default: measured worse than plain SVD on the demo (docs/methods/modegpt.md)",
     )
     export: str = param(
         "sliced",
-        "sliced: smaller weights, per-layer sizes in the config, modeling code shipped (trust_remote_code); "
-        "masked: zero-padded to the original shapes, loads in stock transformers and vLLM, no savings",
+        "sliced: smaller weights, per-layer sizes in the config, modeling code shipped (trust_remote_code); masked: "
+        "zero-padded to the original shapes, loads in stock transformers and vLLM, no savings",
         choices=("sliced", "masked"),
     )
     smoothing: float = param(
@@ -417,8 +416,8 @@ class ModeGPT(Step):
     ridge: float = param(1e-2, "ridge of the MLP's leverage scores, relative to the mean neuron energy", min=0.0)
     round_to: int = param(
         1,
-        "MLP widths, and o_proj's input width (heads x value head dim), rounded to a multiple of this "
-        "(a following quantizer's group size)",
+        "MLP widths, and o_proj's input width (heads x value head dim), rounded to a multiple of this (a following "
+        "quantizer's group size)",
         min=1,
     )
     skip_layers: list[int] = param([], "blocks left whole (their share goes to the others)")
@@ -455,9 +454,8 @@ class ModeGPT(Step):
         target = self.ratio * whole * context.num_blocks / (compressible * max(len(active), 1)) if modules else 0.0
         if self.ratio > 0 and (not modules or not active or target > self.max_sparsity):
             raise ValueError(
-                f"ratio: {self.ratio} of the blocks' weights cannot be removed from modules {modules} of "
-                f"{len(active)} blocks "
-                f"with at most {self.max_sparsity} of each removed"
+                f"ratio: {self.ratio} of the blocks' weights cannot be removed from modules {modules} of {len(active)} "
+                f"blocks with at most {self.max_sparsity} of each removed"
             )
         importance = self.block_importances(context)
         sparsity = torch.zeros(context.num_blocks, dtype=torch.float64)

@@ -149,8 +149,8 @@ class SwiftKV(Step):
 
     num_key_value_layers: int | None = param(
         None,
-        "M: layers 0..M-1 stay as they are; the keys and values of every later layer come "
-        "from the stream entering layer M (null: N // 2, raised to the next M that leaves whole groups of G above it)",
+        "M: layers 0..M-1 stay as they are; the keys and values of every later layer come from the stream entering "
+        "layer M (null: N // 2, raised to the next M that leaves whole groups of G above it)",
         min=1,
     )
     key_value_group_size: int = param(
@@ -168,8 +168,8 @@ class SwiftKV(Step):
     top_k: int = param(64, "teacher log-probabilities kept per token (the rest of the vocabulary is one bucket)", min=1)
     heldout: float = param(
         0.1,
-        "fraction of the calibration sequences held out: their KL is measured before training and "
-        "after each epoch, and the best state is kept (0: train on all, keep the last)",
+        "fraction of the calibration sequences held out: their KL is measured before training and after each epoch, "
+        "and the best state is kept (0: train on all, keep the last)",
         min=0.0,
         max=0.5,
     )
@@ -189,8 +189,7 @@ class SwiftKV(Step):
         if (num_layers - layers) % self.key_value_group_size:
             raise ValueError(
                 f"key_value_group_size: {self.key_value_group_size} does not divide the {num_layers - layers} layers "
-                "from "
-                f"num_key_value_layers = {layers} to the model's {num_layers}"
+                f"from num_key_value_layers = {layers} to the model's {num_layers}"
             )
         return layers
 

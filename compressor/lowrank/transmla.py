@@ -354,10 +354,8 @@ def vllm_sizes(d: int, latent: int, rope_dim: int | None, where: str) -> tuple[i
             return rank, rope_dim
     raise ValueError(
         f"{where}.serving: vllm needs kv_lora_rank + qk_rope_head_dim of {' or '.join(map(str, VLLM_MLA_SIZES))}, but "
-        "this "
-        f"model caches {2 * latent} numbers per token and layer (2 x num_key_value_heads x head_dim), so such a "
-        "latent is no "
-        "smaller than its cache; convert a larger model, or use serving: any for transformers"
+        f"this model caches {2 * latent} numbers per token and layer (2 x num_key_value_heads x head_dim), so such a "
+        "latent is no smaller than its cache; convert a larger model, or use serving: any for transformers"
     )
 
 
@@ -379,22 +377,21 @@ def mla_sizes(
     if serving == "vllm":
         if exact or kv_lora_rank is not None:
             raise ValueError(
-                f"{where}.serving: vllm picks kv_lora_rank itself and serves the DeepSeek-V3 layout; "
-                "leave kv_lora_rank unset and exact false"
+                f"{where}.serving: vllm picks kv_lora_rank itself and serves the DeepSeek-V3 layout; leave "
+                "kv_lora_rank unset and exact false"
             )
         kv_lora_rank, rope_dim = vllm_sizes(d, latent, rope_dim, where)
     if exact:
         if rope_dim not in (None, latent) or freqfold not in (None, 1):
             raise ValueError(
-                f"{where}.exact: keeps every rotary key dim (qk_rope_head_dim {latent}, freqfold 1); "
-                "leave qk_rope_head_dim and freqfold unset"
+                f"{where}.exact: keeps every rotary key dim (qk_rope_head_dim {latent}, freqfold 1); leave "
+                "qk_rope_head_dim and freqfold unset"
             )
         rank = kv_lora_rank if kv_lora_rank is not None else round(kv_cache_ratio * 2 * latent) - latent
         if not 1 <= rank <= latent:
             raise ValueError(
                 f"{where}.kv_cache_ratio: exact keeps all {latent} rotary key dims, so the cache ratio must be above "
-                "0.5 "
-                f"(1.0 keeps the whole latent); kv_lora_rank {rank} is outside 1..{latent}"
+                f"0.5 (1.0 keeps the whole latent); kv_lora_rank {rank} is outside 1..{latent}"
             )
         return rank, latent, 1
     if (
@@ -409,24 +406,21 @@ def mla_sizes(
         )
     if d % r:
         raise ValueError(
-            f"{where}.qk_rope_head_dim: {r} does not divide head_dim {d}, so the rotary frequencies kept are not "
-            "those of a "
-            "DeepSeek-V3 rotary embedding"
+            f"{where}.qk_rope_head_dim: {r} does not divide head_dim {d}, so the rotary frequencies kept are not those "
+            "of a DeepSeek-V3 rotary embedding"
         )
     ff = freqfold if freqfold is not None else min(2 * d // r, d // 2)
     if (d // 2) % ff or (r * ff) % d or r * ff // d > geometry.num_kv_heads * ff:
         raise ValueError(
             f"{where}.freqfold: {ff} does not fit head_dim {d} and qk_rope_head_dim {r}: it must divide head_dim/2 = "
-            f"{d // 2} "
-            f"and make freqfold * qk_rope_head_dim / head_dim a whole number of rotary planes per group"
+            f"{d // 2} and make freqfold * qk_rope_head_dim / head_dim a whole number of rotary planes per group"
         )
     if kv_lora_rank is None:
         kv_lora_rank = round(kv_cache_ratio * 2 * latent) - r
     if not 1 <= kv_lora_rank <= 2 * latent - r:
         raise ValueError(
             f"{where}.kv_lora_rank: {kv_lora_rank} is outside 1..{2 * latent - r} (2 * num_key_value_heads * head_dim "
-            "- qk_rope_head_dim) "
-            f"for this model; a KV cache ratio must leave room for the {r} rotary dims"
+            f"- qk_rope_head_dim) for this model; a KV cache ratio must leave room for the {r} rotary dims"
         )
     return kv_lora_rank, r, ff
 
@@ -473,8 +467,8 @@ class TransMLA(Step):
     damp: float = param(0.01, "PCA damping, a fraction of the Gram's mean diagonal", min=0.0)
     exact: bool = param(
         False,
-        "exact conversion: every rotary key dim keeps RoPE (longrope frequencies) and the latent norm works "
-        "in its linear range; with kv_cache_ratio 1.0 the export equals the original; transformers only",
+        "exact conversion: every rotary key dim keeps RoPE (longrope frequencies) and the latent norm works in its "
+        "linear range; with kv_cache_ratio 1.0 the export equals the original; transformers only",
     )
     serving: str = param(
         "any",
@@ -608,8 +602,8 @@ class TransMLAHeal(Step):
     )
     heldout: float = param(
         0.1,
-        "fraction of the calibration sequences held out: their KL is measured before training and after "
-        "each epoch, and the best state is kept (0: train on all, keep the last)",
+        "fraction of the calibration sequences held out: their KL is measured before training and after each epoch, "
+        "and the best state is kept (0: train on all, keep the last)",
         min=0.0,
         max=0.5,
     )

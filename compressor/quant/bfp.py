@@ -237,8 +237,8 @@ class BFP(Step):
     block_size: int = param(32, "cache values sharing one 8-bit exponent", choices=BFP_BLOCK_SIZES)
     ksort: str = param(
         "act_rms",
-        "key-channel order: act_rms / act_absmax of the calibration keys after RoPE, weight_norm "
-        "(the paper's data-free W_k row norms), none",
+        "key-channel order: act_rms / act_absmax of the calibration keys after RoPE, weight_norm (the paper's "
+        "data-free W_k row norms), none",
         choices=STATS,
     )
     scope: str = param(
@@ -246,8 +246,8 @@ class BFP(Step):
     )
     refine: str = param(
         "none",
-        "greedy: from the K-sort order, swap channels between blocks while the query-weighted BFP error of "
-        "the calibration keys falls (an ablation of the notes; the paper only sorts)",
+        "greedy: from the K-sort order, swap channels between blocks while the query-weighted BFP error of the "
+        "calibration keys falls (an ablation of the notes; the paper only sorts)",
         choices=("none", "greedy"),
     )
     refine_trials: int = param(2000, "swaps tried per layer by refine: greedy", min=1)
@@ -289,8 +289,8 @@ class BFP(Step):
     def check_model(self, linears: dict) -> None:
         if self.k_bits is not None and not any(name.endswith("self_attn.k_proj") for name in linears):
             raise ValueError(
-                "k_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE "
-                "(Llama, Mistral, Qwen2, Qwen3); this model's blocks have none"
+                "k_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE (Llama, "
+                "Mistral, Qwen2, Qwen3); this model's blocks have none"
             )
 
     def compress_block(self, context: BlockContext) -> None:

@@ -75,8 +75,8 @@ class EfficientQATE2EQP(Step):
     seed: int = param(42, "seed of the sample order (shuffled every epoch)")
     objective: str = param(
         "distill",
-        "training loss: distill (KL to the original model's top-k next-token distribution) "
-        "or next_token (the paper's cross-entropy on the calibration text)",
+        "training loss: distill (KL to the original model's top-k next-token distribution) or next_token (the paper's "
+        "cross-entropy on the calibration text)",
         choices=("distill", "next_token"),
     )
     top_k: int = param(
@@ -84,8 +84,8 @@ class EfficientQATE2EQP(Step):
     )
     heldout: float = param(
         0.1,
-        "fraction of the calibration sequences held out: the loss on them is measured before training and "
-        "after each epoch, and the best state is kept (0: train on all, keep the last)",
+        "fraction of the calibration sequences held out: the loss on them is measured before training and after each "
+        "epoch, and the best state is kept (0: train on all, keep the last)",
         min=0.0,
         max=0.5,
     )

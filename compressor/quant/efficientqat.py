@@ -131,8 +131,8 @@ class EfficientQATBlockAP(UniformQuantizer):
     train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
     heldout: float = param(
         0.1,
-        "fraction of each block's calibration batches held out: their MSE before training and after each "
-        "epoch decides which state the block keeps (0: train on all, keep the last)",
+        "fraction of each block's calibration batches held out: their MSE before training and after each epoch "
+        "decides which state the block keeps (0: train on all, keep the last)",
         min=0.0,
         max=0.5,
     )

@@ -343,8 +343,8 @@ class SqueezeLLM(Step):
     )
     fisher_passes: int = param(
         1,
-        "blocks split into this many groups, one Fisher pass each: the same Fisher, "
-        "accumulator memory / passes, about (passes + 1) / 2 times the backward work",
+        "blocks split into this many groups, one Fisher pass each: the same Fisher, accumulator memory / passes, "
+        "about (passes + 1) / 2 times the backward work",
         min=1,
     )
     ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")

@@ -81,8 +81,8 @@ class ActivationQuantization(Step):
             if kind is not None and kind != "uniform":
                 raise ValueError(
                     f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} "
-                    "already holds "
-                    f"'{kind}' weights from an earlier step; drop activation_bits or run this step on other layers"
+                    f"already holds '{kind}' weights from an earlier step; drop activation_bits or run this step on "
+                    "other layers"
                 )
 
     def quantize_block_activations(
@@ -101,8 +101,8 @@ def check_group_size(name: str, in_features: int, group_size: int) -> None:
     """Checkpoint formats and serving kernels need whole groups: fail before any work is done."""
     if group_size != -1 and in_features % group_size:
         raise ValueError(
-            f"group_size: {name}: in_features {in_features} is not a multiple of group_size {group_size}; "
-            "choose a group size that divides it, -1 (per channel), or add the layer to ignore"
+            f"group_size: {name}: in_features {in_features} is not a multiple of group_size {group_size}; choose a "
+            "group size that divides it, -1 (per channel), or add the layer to ignore"
         )
 
 

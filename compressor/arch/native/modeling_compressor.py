@@ -11,8 +11,8 @@ try:
     import compressor  # noqa: F401  (registers quant_method "compressor" with transformers)
 except ImportError as error:
     raise ImportError(
-        "this checkpoint is in compressor's native format (quant_method 'compressor'): its quantized layers "
-        "need compressor's kernels; pip install compressor, then load it as before"
+        "this checkpoint is in compressor's native format (quant_method 'compressor'): its quantized layers need "
+        "compressor's kernels; pip install compressor, then load it as before"
     ) from error
 
 from transformers import (

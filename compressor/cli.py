@@ -43,9 +43,11 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def exit_on_sigterm() -> None:
-    """``kill -TERM`` unwinds like Ctrl-C, so a half-written output folder is removed."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+def exit_on_signals() -> None:
+    """``kill -TERM`` and Ctrl-C unwind (so a half-written output folder is removed) and exit with the
+    shell's status for the signal, 128 + its number (Ctrl-C: 130), not click's 1 for "Aborted!"."""
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda signum, frame: sys.exit(128 + signum))
 
 
 @click.group()
@@ -81,7 +83,7 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
         from compressor.api import apply as apply_recipe
         from compressor.recipe import Recipe
 
-        exit_on_sigterm()
+        exit_on_signals()
         quiet_transformers()
         parsed = Recipe.from_yaml(recipe)
         report = apply_recipe(

@@ -87,7 +87,7 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu", t
         reason = " ".join(str(error).split())
         raise ModelLoadError(f"{path}: could not load the model ({type(error).__name__}: {reason})") from None
     loaded.eval()
-    return loaded, AutoTokenizer.from_pretrained(path)
+    return loaded, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 class StreamedModel:

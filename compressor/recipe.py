@@ -39,6 +39,7 @@ from compressor.step import (
     param_specs,
     reference_rows,
     register_step,
+    shown,
 )
 
 __all__ = [
@@ -158,11 +159,20 @@ def read_recipe_yaml(path: str | Path):
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start}); save the recipe as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
-        raise RecipeError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise RecipeError(f"{path}: {where}not valid YAML ({shown(problem)})") from None
+    except ValueError as error:  # an integer with more digits than Python converts
+        raise RecipeError(f"{path}: not a recipe ({shown(str(error))})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
 
 
 def check_recipe(data, source: str, catalogue: dict) -> dict:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import field
@@ -89,6 +92,30 @@ def _matches_one(value, alt: str) -> bool:
     return {"any": True, "null": value is None, "bool": isinstance(value, bool), "str": isinstance(value, str)}[alt]
 
 
+SHOWN_CHARACTERS = 80  # a value quoted in a message is cut to this
+
+
+LARGEST_INTEGER = 2**31 - 1  # no count, size or index in a recipe goes beyond this
+
+
+def shown(value) -> str:
+    """``value`` as an error message quotes it: its repr (control characters escaped), at most one short line,
+    built without expanding big or deeply shared structures (YAML anchors can nest a list a billion times)."""
+    short = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+    short.maxlevel, short.maxlist, short.maxdict = 3, 6, 6
+    short.maxstring = short.maxother = SHOWN_CHARACTERS
+    try:
+        text = short.repr(value)
+    except ValueError:  # an integer with more digits than Python converts to text
+        text = f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= SHOWN_CHARACTERS else f"{text[: SHOWN_CHARACTERS - 3]}..."
+
+
+def key_text(key) -> str:
+    """A key as a message names it: as written when it is a short printable string, else ``shown``."""
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= SHOWN_CHARACTERS else shown(key)
+
+
 def did_you_mean(word: str, options) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -127,17 +154,29 @@ def check_keys(raw, specs: list[dict], where: str, source: str) -> dict:
     for key in raw:
         if key not in by_key:
             allowed = ", ".join(by_key) or "no keys"
-            raise RecipeError(f"{source}: {where}.{key}: unknown key{did_you_mean(key, by_key)}; allowed: {allowed}")
+            raise RecipeError(
+                f"{source}: {where}.{key_text(key)}: unknown key{did_you_mean(key, by_key)}; allowed: {allowed}"
+            )
     for key, value in raw.items():
-        spec = by_key[key]
+        spec, at = by_key[key], f"{source}: {where}.{key}"
         if not _matches_type(value, spec["type"]):
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is not {_type_name(spec['type'])}")
+            raise RecipeError(f"{at}: {shown(value)} is not {_type_name(spec['type'])}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{at}: {shown(value)} is not a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INTEGER:
+            raise RecipeError(f"{at}: {shown(value)} is beyond the largest integer a recipe takes, {LARGEST_INTEGER}")
         if spec["choices"] is not None and value not in spec["choices"]:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is not one of {describe_choices(spec['choices'])}")
+            raise RecipeError(f"{at}: {shown(value)} is not one of {describe_choices(spec['choices'])}")
         if spec["min"] is not None and value is not None and value < spec["min"]:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is below the minimum {spec['min']}")
+            raise RecipeError(f"{at}: {shown(value)} is below the minimum {spec['min']}")
         if spec["max"] is not None and value is not None and value > spec["max"]:
-            raise RecipeError(f"{source}: {where}.{key}: {value!r} is above the maximum {spec['max']}")
+            raise RecipeError(f"{at}: {shown(value)} is above the maximum {spec['max']}")
+        for pattern in value if isinstance(value, list) else [value]:
+            if isinstance(pattern, str) and pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as error:
+                    raise RecipeError(f"{at}: {shown(pattern)} is not a valid regular expression ({error})") from None
     return {
         k: (float(v) if "float" in by_key[k]["type"] and isinstance(v, int) and not isinstance(v, bool) else v)
         for k, v in raw.items()

@@ -297,7 +297,7 @@ def validate_checkpoint(
         return _validate_in_interpreter(path, options)
     dtype = dtype or _model_dtype(path, device)
     model = load_quantized_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     text_note = None
     try:
         stream = heldout_stream(tokenizer, text)

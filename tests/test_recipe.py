@@ -28,17 +28,41 @@ MISTAKES = [
     ("steps:\n  - rtn: {bits: 4\n", "not valid YAML"),
     ("- rtn\n", "a recipe is a mapping"),
     ("steps:\n  - rtn: [4]\n", "steps[0].rtn: expected a mapping of keys"),
+    ("steps:\n  - rtn: {ignore: ['re:(']}\n", "steps[0].rtn.ignore: 're:(' is not a valid regular expression"),
+    (
+        "steps:\n  - efficientqat_block_ap: {quant_lr: .nan}\n",
+        "steps[0].efficientqat_block_ap.quant_lr: nan is not a finite",
+    ),
+    (
+        "steps:\n  - efficientqat_block_ap: {quant_lr: .inf}\n",
+        "steps[0].efficientqat_block_ap.quant_lr: inf is not a finite",
+    ),
+    ("steps:\n  - rtn: {}\ncalibration: {samples: 1000000000000000000000000000000}\n", "is beyond the largest"),
+    pytest.param(b"steps:\n  - rtn: {}\n# caf\xe9\n", "not UTF-8 text", id="latin-1"),
+    pytest.param("steps:\n  - rtn: {}\n".encode("utf-16"), "not UTF-8 text", id="utf-16"),
+    pytest.param("steps:\n  - rtn: {}\ncalibration: {samples: " + "9" * 5000 + "}\n", "not a recipe", id="digits"),
+    pytest.param("steps:\n  - rtn: " + "[" * 600 + "]" * 600 + "\n", "nested too deeply", id="deep"),
+    pytest.param(  # anchors nested 9 deep: a billion strings if expanded
+        "steps:\n  - rtn:\n      ignore: [&a [x, x, x, x, x, x, x, x, x, x], "
+        + ", ".join(f"&{k} [{', '.join([f'*{j}'] * 10)}]" for j, k in zip("abcdefgh", "bcdefghi"))
+        + "]\n",
+        "is not a list of strings",
+        id="billion laughs",
+    ),
+    ('steps:\n  - rtn: {"bit\\ns": 4}\n', "steps[0].rtn.'bit\\ns': unknown key"),
+    pytest.param("steps:\n  - rtn: {bits: " + "x" * 500 + "}\n", "'xxxxxxxxxx", id="long value"),
 ]
 
 
 @pytest.mark.parametrize("text, expected", MISTAKES)
 def test_mistakes_give_one_line_naming_file_step_and_key(text, expected, tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     result = CliRunner().invoke(main, ["apply", str(path), "demo", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
+    assert len(lines[0]) < 400, lines[0]  # a value is quoted short, whatever its size
     assert lines[0].startswith(f"error: {path}"), lines[0]
     assert expected in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
@@ -102,7 +126,7 @@ def test_integers_are_accepted_for_numbers():
 def test_the_python_api_gives_the_same_one_line_errors(text, expected, tmp_path):
     """The command line checks against the shipped catalogue first; ``Recipe.from_yaml`` against the live registry."""
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(RecipeError) as caught:
         Recipe.from_yaml(path)
     assert str(caught.value).startswith(str(path)) and expected in str(caught.value) and "\n" not in str(caught.value)

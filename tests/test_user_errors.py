@@ -96,7 +96,9 @@ def test_an_internal_error_in_a_step_is_one_line_naming_the_step(registered, mon
     assert not (tmp_path / "out").exists()
 
 
-def test_sigterm_removes_the_partial_output_and_abandoned_ones_are_cleaned(tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_removes_the_partial_output_exits_128_plus_it_and_abandoned_ones_are_cleaned(signal_number, tmp_path):
+    """``kill -TERM`` and Ctrl-C (SIGINT: 130, the shell's convention, not click's 1)."""
     out = tmp_path / "out"
     abandoned = tmp_path / ".out.partial-999999999"  # a pid no process has
     abandoned.mkdir()
@@ -125,9 +127,9 @@ def test_sigterm_removes_the_partial_output_and_abandoned_ones_are_cleaned(tmp_p
         time.sleep(0.2)
     assert partial.exists(), process.communicate()
     assert not abandoned.exists()
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     process.wait(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM
+    assert process.returncode == 128 + signal_number
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.yaml"]
 
 

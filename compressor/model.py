@@ -109,6 +109,8 @@ class ModelHandle:
                 f"{path}: already quantized (quantization_config in config.json); start from the unquantized model"
             )
         adapter = adapter_for(config)
+        if not getattr(config, "num_hidden_layers", 1) or config.num_hidden_layers < 1:
+            raise ModelLoadError(f"{path}: config.json says num_hidden_layers {config.num_hidden_layers}: no blocks")
         shipped = shipped_for(config.model_type)
         if shipped is not None and not shipped.compressible:
             raise UnsupportedArchitecture(

@@ -94,21 +94,24 @@ class ExportConfig(Config):
 
     def check(self) -> None:
         try:
-            parse_size(self.max_shard_size)
+            size = parse_size(self.max_shard_size)
         except ValueError as error:
             raise ValueError(f"max_shard_size: {error}") from None
+        if size < SMALLEST_SHARD:
+            raise ValueError(f"max_shard_size: {self.max_shard_size!r} is below 1KB (one shard per tensor)")
 
     @property
     def max_shard_bytes(self) -> int:
         return parse_size(self.max_shard_size)
 
 
+SMALLEST_SHARD = 1000  # bytes: below it every tensor would be a shard of its own
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '2GiB' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*", str(text).upper())
+    match = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMG]?I?B)\s*", str(text).upper())
     if not match:
         raise ValueError(f"{text!r} is not a size like 2GB or 500MB")
     return int(float(match.group(1)) * UNITS[match.group(2)])

@@ -213,3 +213,42 @@ def test_an_older_compressed_tensors_is_refused_in_one_line(tiny_llama, tmp_path
     finally:
         ct.require_installed_version.cache_clear()
     assert not (tmp_path / "out").exists()
+
+
+def test_the_output_is_refused_in_one_line_before_any_work_and_leaves_nothing(tiny_llama, tmp_path):
+    from compressor.export import atomic_output_dir
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ExportError, match="is a file, not an output folder"):
+        apply(rtn_recipe(), tiny_llama, tmp_path / "a-file", overwrite=True, progress=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="is not a compressor output"):
+        apply(rtn_recipe(), tiny_llama, tmp_path / "notes", overwrite=True, progress=False)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+    with pytest.raises(ExportError, match="cannot create the output's folder"):
+        apply(rtn_recipe(), tiny_llama, tmp_path / "a-file" / "under" / "out", progress=False)
+    with pytest.raises(Exception, match="not a multiple of group_size"):  # refused inside: its new parents go too
+        apply(rtn_recipe(4, 96), tiny_llama, tmp_path / "new" / "deeper" / "out", progress=False)
+    assert not (tmp_path / "new").exists()
+    with atomic_output_dir(tmp_path / "busy"):  # a run writing it
+        with pytest.raises(ExportError, match="another compressor run is writing it"):
+            apply(rtn_recipe(), tiny_llama, tmp_path / "busy", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "busy", "notes"]
+
+
+def test_overwrite_exchanges_the_folders_and_a_killed_swap_is_recovered(tiny_llama, tmp_path):
+    from compressor.export.output import recover_interrupted_swaps, remove_abandoned_partials
+
+    out = tmp_path / "out"
+    apply(rtn_recipe(), tiny_llama, out, progress=False)
+    inode = out.stat().st_ino
+    apply(rtn_recipe(8), tiny_llama, out, overwrite=True, progress=False)
+    assert out.stat().st_ino != inode and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    out.rename(tmp_path / ".out.old-999999999")  # SIGKILL between the fallback's two renames
+    recover_interrupted_swaps(out)
+    assert (out / "compressor.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".x.partial-999999999").mkdir()  # another output's leftovers, not matched by '*'
+    remove_abandoned_partials(tmp_path / "other" / "*")
+    assert (tmp_path / "other" / ".x.partial-999999999").is_dir()

@@ -7,8 +7,8 @@ from importlib import import_module
 
 _WHERE = {
     "CheckpointWriter": "compressor.export.checkpoint",
-    "ExportError": "compressor.export.checkpoint",
-    "atomic_output_dir": "compressor.export.checkpoint",
+    "ExportError": "compressor.export.output",
+    "atomic_output_dir": "compressor.export.output",
     "load_quantized_model": "compressor.export.loading",
 }
 

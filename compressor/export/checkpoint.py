@@ -1,19 +1,16 @@
-"""Writing a compressed model as a checkpoint that serving engines load, atomically.
+"""Writing a compressed model as a checkpoint that serving engines load.
 
 The writer receives finished modules as the session produces them (``write_module``), turns each
-``QuantizedLinear`` into its checkpoint tensors with the codec of its weight kind
-(``export/codecs.py``) and streams everything into safetensors shards in a
-temporary folder beside the output. ``finish`` adds the config (with ``quantization_config``), the
-tokenizer, the generation config, the recipe and the report, then renames the folder into place.
-A failure at any point leaves no output folder behind.
+``QuantizedLinear`` into its checkpoint tensors with the codec of the export format and the layout of its
+weight kind (``export/codecs.py``) and streams everything into safetensors shards in the temporary folder
+that ``export/output.py`` puts in place once the run completes. ``finish`` adds the config (with
+``quantization_config``), the tokenizer, the generation config, the recipe and the report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,9 +20,9 @@ from torch import nn
 from compressor.arch import ExportArchitecture
 from compressor.arch.native import native_config
 from compressor.declaration import ExportDeclaration
-from compressor.errors import UserError
 from compressor.export import gptq, native
 from compressor.export.codecs import codec_for
+from compressor.export.output import ExportError
 from compressor.export.shards import ShardWriter
 from compressor.modules.linear import QuantizedLinear
 
@@ -42,57 +39,6 @@ COPIED_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
-
-
-class ExportError(UserError):
-    pass
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: list[Path] = ()):
-    """Yield a temporary folder that becomes ``output`` only if the block completes."""
-    output = Path(output).resolve()
-    for path in protected:
-        path = Path(path).resolve()
-        if output == path or path in output.parents or output in path.parents:
-            raise ExportError(f"{output}: the output must not be, contain or lie inside the input model folder {path}")
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output}: already exists (pass --overwrite to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_partials(output)
-    temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if output.exists():
-        retired = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(retired)
-        temporary.rename(output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        temporary.rename(output)
-
-
-def remove_abandoned_partials(output: Path) -> None:
-    """Temporary folders of earlier runs for this output whose process is gone (killed with -9, say)."""
-    for partial in output.parent.glob(f".{output.name}.partial-*"):
-        pid = partial.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CheckpointWriter:

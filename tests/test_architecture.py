@@ -66,3 +66,11 @@ def test_a_shipped_architecture_reads_through_its_base_adapter_and_only_some_com
     AutoConfig.for_model("llama_swiftkv", num_hidden_layers=2, num_key_value_layers=1).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="llama_swiftkv checkpoint .* cannot be compressed again"):
         ModelHandle.open(tmp_path)
+
+
+def test_a_config_without_blocks_is_refused(tmp_path):
+    from compressor.model import ModelHandle
+
+    AutoConfig.for_model("llama", num_hidden_layers=0).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="num_hidden_layers 0: no blocks"):
+        ModelHandle.open(tmp_path)

@@ -88,12 +88,40 @@ class Session:
         """Every step's refusals, before any work. (A method of its own: the table of the skeleton's
         linears it builds must not outlive the checks, or each block's weights, loaded into those very
         modules, would stay alive after the block is compressed and written.)"""
-        for step in self.recipe.steps:
+        claimed: dict[str, int] = {}  # linear -> index of the step that quantizes it
+        for index, step in enumerate(self.recipe.steps):
             with self.blame(step):
                 step.check_config(self.handle.config)
                 linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
                 step.check_model(linears)
                 self.check_export_format(step, linears)
+                self.check_step_order(index, step, linears, claimed)
+
+    def check_step_order(self, index: int, step: Step, linears: dict, claimed: dict[str, int]) -> None:
+        """The order rules: an architecture change comes before every quantizer, once per recipe; no linear is
+        quantized by two steps (a second quantizer would find it quantized and skip it without a word)."""
+        earlier = self.recipe.steps[:index]
+        if step.changes_architecture:
+            changed = next((i for i, s in enumerate(earlier) if s.changes_architecture), None)
+            if changed is not None:
+                raise ValueError(
+                    f"steps[{changed}].{earlier[changed].name} changed the architecture already; one per recipe"
+                )
+            quantized = next((i for i, s in enumerate(earlier) if s.quantizes_weights), None)
+            if quantized is not None:
+                raise ValueError(
+                    f"changes the architecture, so it comes before steps[{quantized}].{earlier[quantized].name} "
+                    "(quantizers act on the final architecture)"
+                )
+        if step.quantizes_weights:
+            for name in linears:
+                if name in claimed:
+                    other = claimed[name]
+                    raise ValueError(
+                        f"{name} is quantized by steps[{other}].{earlier[other].name} already; give one of the two an "
+                        "ignore pattern so each linear is quantized once"
+                    )
+                claimed[name] = index
 
     def check_export_format(self, step: Step, linears: dict) -> None:
         """Refuse, before any work, weights the chosen export format cannot hold (GPTQ: 2/3/4/8-bit

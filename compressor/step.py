@@ -222,11 +222,17 @@ class Step(Config):
     * ``"model"``: ``compress_model(context)`` is called once with a ``compressor.context.ModelContext``.
 
     ``needs_calibration`` is False for data-free steps (RTN), which then never run a forward pass.
+    ``quantizes_weights`` and ``changes_architecture`` feed the order rules (``pipeline.check_step_order``).
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "layer"
     needs_calibration: ClassVar[bool] = True
+    # what the recipe's order rules read (checked before any work): a step that quantizes weights claims the
+    # linears it would quantize, which no later quantizer may claim again; a step that changes the
+    # architecture comes before every quantizer, once per recipe
+    quantizes_weights: ClassVar[bool] = False
+    changes_architecture: ClassVar[bool] = False
 
     @classmethod
     def summary(cls) -> str:

@@ -191,3 +191,34 @@ def test_a_compressed_blocks_original_weights_are_released_during_the_run(tiny_l
         progress=False,
     )
     assert len(alive_later) >= 1 and alive_later == [0] * len(alive_later), alive_later
+
+
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        (
+            ["rtn", {"rtn": {"bits": 8}}],
+            r"steps\[1\]\.rtn: model\.layers\.0\.\S+ is quantized by steps\[0\]\.rtn already",
+        ),
+        (["rtn", "qllm"], r"steps\[1\]\.qllm: model\.layers\.0\.\S+ is quantized by steps\[0\]\.rtn already"),
+        (["rtn", "transmla"], r"steps\[1\]\.transmla: changes the architecture, so it comes before steps\[0\]\.rtn"),
+        (["rtn", "swiftkv"], r"steps\[1\]\.swiftkv: changes the architecture, so it comes before steps\[0\]\.rtn"),
+        (["transmla", "transmla"], r"steps\[1\]\.transmla: steps\[0\]\.transmla changed the architecture already"),
+    ],
+)
+def test_step_order_rules_refuse_before_any_work(steps, expected, tiny_llama, tmp_path):
+    """What a later step would silently skip or crash on after minutes is one line before the model loads."""
+    from compressor.errors import UserError
+
+    recipe = Recipe.from_dict({"calibration": {"samples": 2, "seq_len": 16}, "steps": steps})
+    with pytest.raises(UserError, match=expected):
+        apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantizers_with_complementary_ignores_compose(tiny_llama, tmp_path):
+    steps = [
+        {"rtn": {"bits": 8, "ignore": ["re:mlp", "lm_head"]}},
+        {"rtn": {"bits": 4, "ignore": ["re:self_attn", "lm_head"]}},
+    ]
+    apply(Recipe.from_dict({"steps": steps}), tiny_llama, tmp_path / "out", progress=False)

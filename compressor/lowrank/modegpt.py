@@ -388,6 +388,8 @@ MODULE_TYPES = ("qk", "vo", "mlp")
 class ModeGPT(Step):
     """MoDeGPT: training-free compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output)."""
 
+    changes_architecture = True
+
     ratio: float = param(
         0.25,
         "fraction of the blocks' projection weights removed, spread over the blocks by importance",

@@ -145,6 +145,8 @@ def block_count(linears: dict) -> int | None:
 class SwiftKV(Step):
     """SwiftKV: upper layers' keys/values from the stream entering layer M (SingleInputKV, AcrossKV), distilled."""
 
+    changes_architecture = True
+
     kind = "model"
 
     num_key_value_layers: int | None = param(

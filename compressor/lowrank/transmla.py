@@ -448,6 +448,8 @@ def kv_gram(block: nn.Module, attention: nn.Module, norm: nn.Module, inputs: lis
 class TransMLA(Step):
     """TransMLA: convert GQA attention into DeepSeek-V3 multi-head latent attention (smaller KV cache)."""
 
+    changes_architecture = True
+
     kv_cache_ratio: float = param(
         0.25, "KV cache per token after / before (latent + rotary key vs all keys and values)", min=0.0, max=1.0
     )

@@ -275,6 +275,10 @@ class BFP(Step):
             raise ValueError("refine: greedy refines a K-sort order; it needs k_bits and a ksort other than none")
 
     @property
+    def quantizes_weights(self) -> bool:
+        return self.weight_bits is not None
+
+    @property
     def cache_spec(self) -> BFPCacheSpec:
         return BFPCacheSpec(
             k_bits=self.k_bits,

@@ -315,6 +315,8 @@ def block_groups(count: int, passes: int) -> list[list[int]]:
 class SqueezeLLM(Step):
     """SqueezeLLM: Fisher-weighted per-row k-means codebooks, optionally with sparse full-precision outliers."""
 
+    quantizes_weights = True
+
     bits: int = param(4, "bits per weight code (2**bits centroids per output row)", choices=range(2, 9))
     sensitive_percent: float = param(
         0.0, "percent of each matrix kept exactly: the highest Fisher values (paper: 0.05)", min=0.0, max=100.0

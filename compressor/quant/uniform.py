@@ -32,6 +32,8 @@ class UniformQuantizer(Step):
     """The parameters every uniform quantizer shares (RTN, EfficientQAT Block-AP), and their checks.
     Not registered: a quantizer subclasses it (and may change a default by declaring the field again)."""
 
+    quantizes_weights = True
+
     bits: int = param(4, "bits per weight", choices=range(2, 9))
     group_size: int = param(128, "input columns sharing one scale (and zero point); -1 for one per output row")
     symmetric: bool = param(True, "symmetric grid without zero points (false: per-group zero points)")

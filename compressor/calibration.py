@@ -30,13 +30,13 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
     if looks_local(dataset) and not path.exists():
         raise CalibrationError(f"{dataset}: no such file or folder")
     if path.is_file() and path.suffix == ".txt":
-        return [path.read_text()]
+        return [read_text_file(path)]
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_FILE_LOADERS)
         if not files or any(f.suffix not in DATA_FILE_LOADERS for f in files):
             raise CalibrationError(f"{path}: expected .txt, .jsonl, .json or .parquet files")
         if all(f.suffix == ".txt" for f in files):
-            return [f.read_text() for f in files]
+            return [read_text_file(f) for f in files]
         kinds = {DATA_FILE_LOADERS[f.suffix] for f in files}
         if len(kinds) != 1:
             raise CalibrationError(f"{path}: mixes file types {sorted(kinds)}; use one kind per folder")
@@ -55,7 +55,19 @@ def _dataset_column(source: str, args: tuple, kwargs: dict, text_column: str) ->
         raise CalibrationError(f"{source}: could not load the dataset ({type(error).__name__}: {error})") from None
     if text_column not in data.column_names:
         raise CalibrationError(f"{source}: no column '{text_column}' (columns: {', '.join(data.column_names)})")
-    return [t for t in data[text_column] if t]
+    texts = [t for t in data[text_column] if t]
+    wrong = next((t for t in texts if not isinstance(t, str)), None)
+    if wrong is not None:
+        raise CalibrationError(f"{source}: column '{text_column}' holds {type(wrong).__name__} values, not text")
+    return texts
+
+
+def read_text_file(path: Path) -> str:
+    """A .txt source's text; one that is not UTF-8 (a binary file, Latin-1) is a one-line error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CalibrationError(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
 def tokenize_stream(tokenizer, texts: list[str]) -> torch.Tensor:

@@ -34,6 +34,13 @@ def test_errors_name_the_source(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(CalibrationError, match="expected .txt, .jsonl"):
         load_texts(str(tmp_path / "x.csv"))
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(CalibrationError, match=r"latin.txt: not UTF-8 text \(byte 3\)"):
+        load_texts(str(tmp_path / "latin.txt"))
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("\n".join(json.dumps({"text": n}) for n in (1, 2)))
+    with pytest.raises(CalibrationError, match="numbers.jsonl: column 'text' holds int values, not text"):
+        load_texts(str(numbers))
 
 
 def test_windows_are_seeded_and_in_bounds():

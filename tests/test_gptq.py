@@ -20,6 +20,16 @@ from compressor.recipe import RecipeError
 from compressor.weights.values import UniformWeight
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Single-threaded: these matrices are too small to gain from threads, and on two shared cores two threads
+    made this file ~20x slower (80 s against 4 s); the setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def correlated_inputs(tokens: int, k: int, seed: int) -> torch.Tensor:
     """Tokens whose channels are mixed (off-diagonal Hessian) and of unequal size (a few large channels)."""
     generator = torch.Generator().manual_seed(seed)

@@ -80,7 +80,7 @@ def inverse_cholesky(h: torch.Tensor, dampening_frac: float) -> tuple[torch.Tens
 class GPTQResult:
     weight: UniformWeight
     damping: float  # the dampening fraction used
-    loss: float  # sum over columns of (w - q)^2 / (2 [H^-1]_ii): the paper's estimate of the output error
+    loss: float  # the per-column losses (w - q)^2 / (2 [H_F^-1]_qq) summed: 1/2 tr(D (H + lambda I) D^T) reached
 
 
 def round_column(
@@ -112,7 +112,7 @@ def gptq_quantize(
     h[dead, dead] = 1
     w[:, dead] = 0
     lazy = group_size != -1 and actorder == "none"
-    if group_size == -1 or not lazy:  # per channel, or static groups: min-max of the original weights
+    if not lazy:  # per channel, or static groups: min-max of the original weights
         scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype)
     else:  # filled group by group as the columns are reached
         groups = k // group_size + bool(k % group_size)

@@ -21,6 +21,7 @@ METHOD_MODULES = (
     "compressor.quant.bfp",
     "compressor.lowrank.swiftkv",
     "compressor.quant.qllm",
+    "compressor.quant.gptq",
 )
 
 

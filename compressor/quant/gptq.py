@@ -1,0 +1,274 @@
+"""GPTQ: second-order (OBS-style) rounding of each linear against its inputs' Hessian, column by column.
+
+Paper: Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+ICLR 2023, arXiv 2210.17323. Per linear: H = 2/n sum x x^T over its calibration inputs; columns are rounded
+in turn onto the RTN grid (``quant/uniform.py``: same ``UniformWeight``, same export) and each rounding
+error is spread over the columns not yet quantized through the upper Cholesky factor of H^-1, in blocks
+of ``block_size`` columns with lazy batch updates. Hessians are taken true-sequentially inside a block:
+(q,k,v), o, (gate,up), down (from the adapter; any other linear after, alone), each group's inputs caught
+with the group before it already quantized. Defaults (llm-compressor's): 4 bits, group 128, symmetric,
+dampening_frac 0.01 of the mean diagonal, block_size 128, actorder static. Dead inputs (zero diagonal)
+get a diagonal of 1 and a zero weight column. ``actorder: static`` quantizes columns by decreasing
+diag(H) with static groups: every group's scale and zero are min-max of the original weights' group,
+computed before the permutation, so groups stay consecutive columns and g_idx trivial (Marlin serves it).
+Where the references differ: with ``actorder: none`` a group's grid is min-max of its weights as they are
+when its first column is reached (IST-DASLab's and GPTQModel's code; they miss pending in-block updates when
+a group starts mid-block, we include them; llm-compressor fixes all grids up front); per-channel grids come
+from the original weights (all three). A Hessian Cholesky refuses is damped 10x, then 100x more
+(llm-compressor falls back to RTN, GPTQModel adds 0.0015 steps); the damping used is in the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from compressor.arch import norm_linear_groups
+from compressor.quant.uniform import UniformQuantizer, minmax_params, quantize_codes, quantize_uniform, relative_error
+from compressor.step import param, register_step
+from compressor.weights.values import UniformWeight
+
+if TYPE_CHECKING:
+    from compressor.context import BlockContext
+
+ACTORDERS = ("static", "none")
+DAMPING_RETRIES = (10.0, 100.0)  # when Cholesky fails: these multiples of dampening_frac (at least 0.001)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessians: a plain sum of x x^T and a token count (sums of several processes all-reduce as they are)
+
+
+def add_to_hessian(total: torch.Tensor, x: torch.Tensor) -> int:
+    """``total += X^T X`` for the tokens of ``x`` [..., K] (fp32 [K, K], in place); returns how many tokens."""
+    x = x.reshape(-1, x.shape[-1]).to(total.dtype)
+    total.addmm_(x.t(), x)
+    return x.shape[0]
+
+
+def hessian(total: torch.Tensor, tokens: int) -> torch.Tensor:
+    """H = 2/n sum x x^T (the Hessian of the layer's squared output error in its weights)."""
+    return total * (2.0 / tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithm on one weight matrix
+
+
+def inverse_cholesky(h: torch.Tensor, dampening_frac: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + lambda I)^-1 (U^T U = H^-1), lambda = frac * mean diag(H); the damping
+    is raised (``DAMPING_RETRIES``) while Cholesky fails. Returns U and the fraction used."""
+    mean = float(torch.diagonal(h).mean())
+    for frac in (dampening_frac, *(max(dampening_frac, 1e-3) * multiple for multiple in DAMPING_RETRIES)):
+        damped = h.clone()
+        torch.diagonal(damped).add_(frac * mean)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if not info:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if not info:
+                return upper, frac
+    raise ValueError(
+        f"dampening_frac: the Hessian is not positive definite even at {frac:g} of its mean diagonal; "
+        "raise dampening_frac or calibrate on more tokens"
+    )
+
+
+@dataclass
+class GPTQResult:
+    weight: UniformWeight
+    damping: float  # the dampening fraction used
+    loss: float  # the per-column losses (w - q)^2 / (2 [H_F^-1]_qq) summed: 1/2 tr(D (H + lambda I) D^T) reached
+
+
+def round_column(
+    column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column [N, 1] on its rows' grid (scales and zeros [N, 1]): its codes [N] and dequantized values [N],
+    by RTN's rounding and ``UniformWeight``'s dequantization."""
+    codes = quantize_codes(column, scale, zero, bits, -1)
+    return codes[:, 0], UniformWeight(codes, scale, zero, bits, -1).dequantize(torch.float32)[:, 0]
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    actorder: str = "static",
+) -> GPTQResult:
+    """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
+    on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order."""
+    n, k = weight.shape
+    w = weight.detach().float().clone()
+    h = h.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    lazy = group_size != -1 and actorder == "none"
+    if not lazy:  # per channel, or static groups: min-max of the original weights
+        scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype)
+    else:  # filled group by group as the columns are reached
+        groups = k // group_size + bool(k % group_size)
+        scales = torch.empty(n, groups, dtype=scale_dtype, device=w.device)
+        zeros = None if symmetric else torch.empty(n, groups, dtype=torch.int32, device=w.device)
+    order = torch.arange(k, device=w.device)
+    if actorder == "static":
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+    group_of = [0] * k if group_size == -1 else (order // group_size).tolist()
+    hinv, damping = inverse_cholesky(h, dampening_frac)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    loss = torch.zeros((), device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        errors = torch.zeros_like(block)
+        for i in range(i2 - i1):
+            column = i1 + i
+            if lazy and column % group_size == 0:
+                end = min(column + group_size, k)
+                current = block[:, i : end - i1]
+                if end > i2:  # the group reaches past this block: its columns there with the pending updates
+                    pending = w[:, i2:end] - errors[:, :i] @ hinv[i1:column, i2:end]
+                    current = torch.cat([current, pending], dim=1)
+                g = column // group_size
+                scale, zero = minmax_params(current, bits, -1, symmetric, scale_dtype)
+                scales[:, g : g + 1] = scale
+                if zeros is not None:
+                    zeros[:, g : g + 1] = zero
+            g = group_of[column]
+            zero = None if zeros is None else zeros[:, g : g + 1]
+            codes[:, column], q = round_column(block[:, i : i + 1], scales[:, g : g + 1], zero, bits)
+            d = hinv1[i, i]
+            error = (block[:, i] - q) / d
+            loss += error.square().sum() / 2
+            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
+            errors[:, i] = error
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    if actorder == "static":
+        codes = codes[:, torch.argsort(order)]
+    return GPTQResult(UniformWeight(codes, scales, zeros, bits, group_size), damping, float(loss))
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
+    """||X (W - Q)^T|| / ||X W^T|| from the Hessian alone (tr(D H D^T) / tr(W H W^T))."""
+    diff, weight = (weight.float() - quantized.float()), weight.float()
+    return float(((diff @ h) * diff).sum() / ((weight @ h) * weight).sum().clamp(min=1e-30)) ** 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# True-sequential Hessians inside a block
+
+
+def sequential_groups(adapter, linears: dict) -> list[list[str]]:
+    """The linears of ``linears`` (paths in the block) in the order their Hessians are taken: the adapter's
+    projections in its order, those reading one norm's output together ((q,k,v), o, (gate,up), down for
+    Llama), then every other linear alone, in block order."""
+    together = {path: group for group in norm_linear_groups(adapter).values() for path in group}
+    groups, placed = [], set()
+    for path in adapter.linears.values():
+        if path in placed:
+            continue
+        members = together.get(path, (path,))
+        placed.update(members)
+        group = [member for member in members if member in linears]
+        if group:
+            groups.append(group)
+    return groups + [[path] for path in linears if path not in placed]
+
+
+class HessianCatcher:
+    """Forward pre-hooks that add each linear's inputs to its Hessian sum while the block runs."""
+
+    def __init__(self, block: nn.Module, names: list[str]):
+        self.block, self.names = block, names
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.hooks = []
+
+    def __enter__(self):
+        modules = [self.block.get_submodule(name) for name in self.names]
+        self.hooks = [module.register_forward_pre_hook(self.catcher(name)) for module, name in zip(modules, self.names)]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def catcher(self, name: str):
+        def catch(module, args):
+            x = args[0].detach()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+                self.tokens[name] = 0
+            self.tokens[name] += add_to_hessian(self.sums[name], x)
+
+        return catch
+
+    def hessian(self, name: str) -> torch.Tensor | None:
+        """H of linear ``name``; None when it saw no token."""
+        tokens = self.tokens.get(name, 0)
+        return hessian(self.sums[name], tokens) if tokens else None
+
+
+@register_step("gptq")
+@dataclass
+class GPTQ(UniformQuantizer):
+    """GPTQ: Hessian-aware rounding of every block linear onto RTN's grid (Frantar et al. 2022)."""
+
+    block_size: int = param(
+        128, "columns per lazy batch update (speed only: the result is the same up to float rounding)", min=1
+    )
+    dampening_frac: float = param(0.01, "added to the Hessian's diagonal, as a fraction of its mean", min=0.0, max=1.0)
+    actorder: str = param(
+        "static",
+        "column order: by decreasing Hessian diagonal with static groups (g_idx stays trivial), or as stored",
+        choices=ACTORDERS,
+    )
+    true_sequential: bool = param(
+        True, "take each group's Hessian with the earlier groups of the block already quantized (false: all at once)"
+    )
+
+    def compress_block(self, context: BlockContext) -> None:
+        linears = context.linears(self.ignore)
+        groups = sequential_groups(context.adapter, linears) if self.true_sequential else [list(linears)]
+        for names in groups:
+            with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
+                context.forward()
+            for name in names:
+                self.quantize_linear(context, name, linears[name], catcher.hessian(name))
+
+    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None) -> None:
+        weight = linear.weight.data
+        if h is None:  # never called on the calibration data: H = I, which makes GPTQ RTN
+            context.run.report.warn(f"gptq: {context.prefix}.{name} saw no calibration token; rounded to nearest")
+            h = torch.eye(weight.shape[1], device=weight.device)
+        result = gptq_quantize(
+            weight,
+            h,
+            self.bits,
+            self.group_size,
+            self.symmetric,
+            context.scale_dtype,
+            self.block_size,
+            self.dampening_frac,
+            self.actorder,
+        )
+        rtn = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
+        context.replace_linear(name, result.weight)
+        context.record(
+            name,
+            error=relative_error(weight, result.weight),
+            output_error=output_error(weight, result.weight.dequantize(torch.float32), h),
+            rtn_output_error=output_error(weight, rtn.dequantize(torch.float32), h),
+            damping=result.damping,
+            bits_per_weight=result.weight.bits_per_weight(),
+        )

@@ -129,7 +129,7 @@ def test_bad_gptq_exports_are_refused_in_one_line(tiny_llama, tmp_path):
         {
             "steps": [
                 {"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*self_attn*"]}},
-                {"rtn": {"bits": 8, "group_size": 32}},
+                {"rtn": {"bits": 8, "group_size": 32, "ignore": ["lm_head", "*mlp*"]}},
             ],
             "export": {"format": "gptq"},
         }

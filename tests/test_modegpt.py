@@ -381,7 +381,9 @@ def test_bad_settings_stop_with_one_line_naming_the_key(settings, message, tiny_
 
 
 def test_modegpt_after_a_quantizer_is_refused(tiny_llama, tmp_path):
-    with pytest.raises(UserError, match="not a dense Llama-family block"):
+    with pytest.raises(
+        UserError, match=r"steps\[1\]\.modegpt: changes the architecture, so it comes before steps\[0\]\.rtn"
+    ):
         apply(
             modegpt_recipe({"rtn": {"bits": 4, "group_size": 32}}, {"modegpt": {}}),
             tiny_llama,

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from compressor.export import CheckpointWriter, atomic_output_dir
-from compressor.model import ModelHandle
+from compressor.model import ModelHandle, transformers_says
 from compressor.pipeline import Session
 from compressor.recipe import Recipe
 from compressor.report import Report
@@ -40,11 +40,10 @@ def apply(
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     handle = ModelHandle.open(model, trust_remote_code=trust_remote_code)
-    tokenizer = (
-        AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code)
-        if recipe.needs_calibration
-        else None
-    )
+    tokenizer = None
+    if recipe.needs_calibration:
+        with transformers_says(handle.path):
+            tokenizer = AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code)
     session = Session(handle, recipe, tokenizer, resolve_device(device), progress=progress, offload=offload)
     with atomic_output_dir(output, overwrite=overwrite, protected=[handle.path]) as directory:
         writer = CheckpointWriter(directory, recipe.export, session.export_dtype)

@@ -56,9 +56,29 @@ def resolve_model_path(model: str | Path) -> Path:
         raise ModelLoadError(f"{model}: could not download from the hub ({type(error).__name__}: {reason})") from None
 
 
+FLOAT_STORAGE = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors dtypes we read as weights
+
+
+@contextmanager
+def transformers_says(path: Path):
+    """What transformers refuses in a checkpoint's config or code, as one ``ModelLoadError`` line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        reason = " ".join(str(error).split())
+        if "trust_remote_code" in reason:
+            raise ModelLoadError(
+                f"{path}: the model needs its own code to load; pass --trust-remote-code if you trust it"
+            ) from None
+        raise ModelLoadError(f"{path}: could not read the model ({type(error).__name__}: {reason[:300]})") from None
+
+
 def checkpoint_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"config.json's dtype {getattr(config, 'dtype', None)!r} is not a floating-point torch dtype")
+    return dtype
 
 
 def safetensors_index(path: Path) -> dict[str, Path]:
@@ -103,7 +123,8 @@ class ModelHandle:
     @classmethod
     def open(cls, model: str | Path, trust_remote_code: bool = False) -> ModelHandle:
         path = resolve_model_path(model)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with transformers_says(path):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if getattr(config, "quantization_config", None) is not None:
             raise ModelLoadError(
                 f"{path}: already quantized (quantization_config in config.json); start from the unquantized model"
@@ -117,11 +138,32 @@ class ModelHandle:
                 f"{path}: a {config.model_type} checkpoint (one of our exports) cannot be compressed again; start from "
                 "the model it was made from"
             )
-        with init_empty_weights(include_buffers=False):
+        with transformers_says(path), init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            dtype = checkpoint_dtype(config)
         skeleton.eval()
         skeleton.requires_grad_(False)
-        return cls(path, config, adapter, skeleton, safetensors_index(path), checkpoint_dtype(config))
+        handle = cls(path, config, adapter, skeleton, safetensors_index(path), dtype)
+        handle.check_tensors()
+        return handle
+
+    def check_tensors(self) -> None:
+        """Every parameter's tensor is in the checkpoint with the shape the config implies, in a floating
+        dtype (read from the files' headers, before any work): a config that disagrees with its weights is
+        one line naming the first tensor, not an error deep inside a step."""
+        by_file: dict[Path, list[tuple[str, tuple]]] = {}
+        for name, parameter in self.model.named_parameters():
+            by_file.setdefault(self.tensor_files[self.checkpoint_name(name)], []).append((name, tuple(parameter.shape)))
+        for file, expected in by_file.items():
+            with open_safetensors(file) as f:
+                for name, shape in expected:
+                    stored = f.get_slice(self.checkpoint_name(name))
+                    if tuple(stored.get_shape()) != shape:
+                        raise ModelLoadError(
+                            f"{file}: {name} has shape {tuple(stored.get_shape())}, but config.json implies {shape}"
+                        )
+                    if stored.get_dtype() not in FLOAT_STORAGE:
+                        raise ModelLoadError(f"{file}: {name} is stored as {stored.get_dtype()}, not floating point")
 
     # --- structure -----------------------------------------------------------------------------
 
@@ -201,10 +243,14 @@ class ModelHandle:
         return block.eval().requires_grad_(False)
 
     def materialize(self, prefix: str, device, dtype: torch.dtype) -> nn.Module:
-        """Load the parameters of the module at ``prefix`` from the checkpoint onto ``device``."""
+        """Load the parameters of the module at ``prefix`` from the checkpoint onto ``device``; a tensor
+        holding NaN or infinity is refused (its scales would be NaN without a word)."""
         module = self.model.get_submodule(prefix)
         names = [name for name, p in module.named_parameters() if p.device.type == "meta"]
         tensors = self.read_tensors([f"{prefix}.{name}" for name in names])
+        broken = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if broken is not None:
+            raise ModelLoadError(f"{self.path}: tensor {broken} holds NaN or infinite values")
         for name in names:
             set_module_tensor_to_device(module, name, device, value=tensors[f"{prefix}.{name}"], dtype=dtype)
         return module

@@ -3,6 +3,7 @@ no traceback, no folders left behind, and progress that reads well in a log."""
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -170,3 +171,67 @@ def test_apply_shows_each_phase_in_a_log(tmp_path, calibration_file):
     assert "efficientqat_e2e_qp: training: started, 0/4 step" in log
     assert "efficientqat_e2e_qp: training: done, 4/4 step" in log and "heldout" in log
     assert "efficientqat_e2e_qp: held-out loss" in log  # the report's training line
+
+
+def damage_config(config: dict) -> None:
+    config["hidden_size"] = config["hidden_size"] // 2
+
+
+def damage_weight(folder: Path, how: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].to(torch.int16) if how == "int16" else tensors[name].fill_(float("nan"))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+DAMAGED = {  # what is done to a copy of the tiny Llama -> what the one line says
+    "config disagrees with the weights": ("config", damage_config, r"embed_tokens.weight has shape \(320, 128\), but"),
+    "config.json not JSON": ("text", "{not json", "could not read the model"),
+    "unknown model_type": ("config", lambda c: c.update(model_type="llama9"), "could not read the model"),
+    "bad dtype": ("config", lambda c: c.update(dtype="float99"), "could not read the model"),
+    "integer weight": ("weight", "int16", "up_proj.weight is stored as I16, not floating point"),
+    "NaN weight": ("weight", "nan", "up_proj.weight holds NaN or infinite values"),
+    "no tokenizer": ("tokenizer", None, "could not read the model"),
+    "code of its own": ("remote", None, "the model needs its own code to load; pass --trust-remote-code"),
+}
+
+HOMEMADE = """from transformers import LlamaConfig
+
+
+class HomemadeConfig(LlamaConfig):
+    model_type = "homemade"
+"""
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED))
+def test_a_damaged_model_is_one_line_before_any_work(damage, tiny_llama, tmp_path):
+    import json
+
+    kind, how, expected = DAMAGED[damage]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    if kind == "config":
+        config = json.loads((model / "config.json").read_text())
+        how(config)
+        (model / "config.json").write_text(json.dumps(config))
+    elif kind == "text":
+        (model / "config.json").write_text(how)
+    elif kind == "weight":
+        damage_weight(model, how)
+    elif kind == "remote":
+        config = json.loads((model / "config.json").read_text())
+        config.update(model_type="homemade", auto_map={"AutoConfig": "configuration_homemade.HomemadeConfig"})
+        (model / "config.json").write_text(json.dumps(config))
+        (model / "configuration_homemade.py").write_text(HOMEMADE)
+    else:
+        for file in model.glob("tokenizer*"):
+            file.unlink()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {samples: 2, seq_len: 16}\nsteps:\n  - gptq: {group_size: 32}\n")
+    result = CliRunner().invoke(main, ["apply", str(recipe), str(model), "-o", str(tmp_path / "out"), "--quiet"])
+    line = one_line_error(result)
+    assert re.search(expected, line), line
+    assert not (tmp_path / "out").exists()

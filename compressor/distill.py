@@ -38,6 +38,13 @@ def coarse_kl(
 
 
 @torch.no_grad()
+def check_top_k(top_k: int, config) -> None:
+    """Refuse, before any work, a ``top_k`` larger than the vocabulary the teacher's distribution covers."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and top_k > vocab:
+        raise ValueError(f"top_k: {top_k} is more than the model's vocabulary of {vocab} tokens")
+
+
 def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k: int, batch_size: int, progress=None):
     """Top-k next-token log-probabilities of the model at ``path`` (read again from its checkpoint,
     run block by block), on the CPU: ``k`` values and indices per token instead of the vocabulary.

@@ -235,3 +235,19 @@ def test_a_damaged_model_is_one_line_before_any_work(damage, tiny_llama, tmp_pat
     line = one_line_error(result)
     assert re.search(expected, line), line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        ("modegpt: {round_to: 100000}", "steps[0].modegpt.round_to: 100000 does not fit this model"),
+        ("swiftkv: {top_k: 100000000}", "steps[0].swiftkv.top_k: 100000000 is more than the model's vocabulary"),
+        ("transmla_heal: {top_k: 5000}", "steps[0].transmla_heal.top_k: 5000 is more than the model's vocabulary"),
+    ],
+)
+def test_sizes_the_model_cannot_take_are_one_line_before_any_work(step, expected, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"calibration: {{samples: 2, seq_len: 16}}\nsteps:\n  - {step}\n")
+    result = CliRunner().invoke(main, ["apply", str(recipe), "demo", "-o", str(tmp_path / "out"), "--quiet"])
+    assert expected in one_line_error(result)
+    assert not (tmp_path / "out").exists()

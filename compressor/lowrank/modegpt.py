@@ -424,6 +424,15 @@ class ModeGPT(Step):
     )
     skip_layers: list[int] = param([], "blocks left whole (their share goes to the others)")
 
+    def check_config(self, config) -> None:
+        geometry = attention_geometry(config)
+        v_step = self.round_to // math.gcd(self.round_to, geometry.num_heads)
+        if self.round_to > config.intermediate_size or v_step > geometry.head_dim:
+            raise ValueError(
+                f"round_to: {self.round_to} does not fit this model (MLP width {config.intermediate_size}, "
+                f"{geometry.num_heads} heads of {geometry.head_dim} value dims)"
+            )
+
     def check(self) -> None:
         unknown = [m for m in self.modules if m not in MODULE_TYPES]
         if unknown or not self.modules or len(set(self.modules)) != len(self.modules):

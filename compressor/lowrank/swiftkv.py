@@ -31,7 +31,7 @@ from torch import nn
 
 from compressor.arch.swiftkv import swiftkv_config, swiftkv_model_type
 from compressor.arch.swiftkv.modeling_llama_swiftkv import add_swiftkv_projections, group_leader, rotate, swiftkv_layer
-from compressor.distill import train_end_to_end
+from compressor.distill import check_top_k, train_end_to_end
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
 
@@ -176,6 +176,9 @@ class SwiftKV(Step):
         max=0.5,
     )
     seed: int = param(0, "seed of the sample order (shuffled every epoch)")
+
+    def check_config(self, config) -> None:
+        check_top_k(self.top_k, config)
 
     def layers_for(self, num_layers: int) -> int:
         """M for a model of ``num_layers`` blocks, checked with G (errors name the key)."""

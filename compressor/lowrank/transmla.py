@@ -31,7 +31,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 from compressor.arch import UnsupportedArchitecture, attention_geometry
 from compressor.arch.deepseek_mla import deepseek_v3_config
-from compressor.distill import train_end_to_end
+from compressor.distill import check_top_k, train_end_to_end
 from compressor.step import Step, param, register_step
 
 if TYPE_CHECKING:
@@ -609,6 +609,9 @@ class TransMLAHeal(Step):
         min=0.0,
         max=0.5,
     )
+
+    def check_config(self, config) -> None:
+        check_top_k(self.top_k, config)
 
     def compress_model(self, context: ModelContext) -> None:
         blocks = context.blocks

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressor.distill import train_end_to_end
+from compressor.distill import check_top_k, train_end_to_end
 from compressor.modules.linear import QuantizedLinear
 from compressor.quant.uniform import clamp_ste, round_ste
 from compressor.report import peak_memory
@@ -92,6 +92,9 @@ class EfficientQATE2EQP(Step):
     ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
 
     kind = "model"
+
+    def check_config(self, config) -> None:
+        check_top_k(self.top_k, config)
 
     def compress_model(self, context: ModelContext) -> None:
         started = time.perf_counter()

@@ -49,6 +49,7 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
 def _dataset_column(source: str, args: tuple, kwargs: dict, text_column: str) -> list[str]:
     import datasets
 
+    datasets.disable_progress_bars()  # our own progress lines say what runs
     try:
         data = datasets.load_dataset(*args, **kwargs)
     except Exception as error:

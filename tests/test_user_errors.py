@@ -251,3 +251,21 @@ def test_sizes_the_model_cannot_take_are_one_line_before_any_work(step, expected
     result = CliRunner().invoke(main, ["apply", str(recipe), "demo", "-o", str(tmp_path / "out"), "--quiet"])
     assert expected in one_line_error(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_kill_at_any_moment_of_an_overwrite_leaves_a_whole_output_and_no_leftovers(tmp_path):
+    """SIGKILL at several moments of ``apply --overwrite`` (during the work, around the swap): the output is
+    always a whole checkpoint (the old or the new), and the next run leaves nothing else beside it."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from compressor.cli import main; main()", "apply"]
+    command += [str(ROOT / "recipes" / "rtn-w4.yaml"), "demo", "-o", str(out), "--quiet", "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    for delay in (0.5, 2.0, 4.0, 6.0):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        assert (out / "compressor.json").is_file() and (out / "config.json").is_file(), delay
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -43,7 +43,29 @@ def load_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         return _dataset_column(
             dataset, (kinds.pop(),), {"data_files": [str(f) for f in files], "split": "train"}, text_column
         )
+    hub_reachable(dataset)
     return _dataset_column(dataset, (dataset,), {"split": split}, text_column)
+
+
+def hub_reachable(dataset: str) -> None:
+    """A hub dataset name needs the hub: refuse at once when it cannot be reached (``datasets`` retries for
+    half a minute), unless ``HF_HUB_OFFLINE`` asks for a cached copy."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as error:
+        raise CalibrationError(
+            f"{dataset}: the Hugging Face hub is out of reach ({error.strerror or error}); use a local "
+            ".txt/.jsonl/.parquet file, or HF_HUB_OFFLINE=1 for a cached copy"
+        ) from None
 
 
 def _dataset_column(source: str, args: tuple, kwargs: dict, text_column: str) -> list[str]:

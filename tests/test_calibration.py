@@ -77,3 +77,18 @@ def test_the_default_calibration_is_seeded_windows_of_the_demo_text():
     first = windows[0]
     starts = (stream.unfold(0, config.seq_len, 1) == first).all(1).nonzero()
     assert len(starts) >= 1  # each window is a contiguous stretch of the demo's calibration text
+
+
+def test_a_hub_dataset_out_of_reach_is_refused_at_once(monkeypatch):
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.monotonic()
+    with pytest.raises(CalibrationError, match="someone/texts: the Hugging Face hub is out of reach"):
+        load_texts("someone/texts")
+    assert time.monotonic() - start < 5

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from compressor.export import CheckpointWriter, atomic_output_dir
+from compressor.export.output import check_free_space
 from compressor.model import ModelHandle, transformers_says
 from compressor.pipeline import Session
 from compressor.recipe import Recipe
@@ -18,6 +19,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def least_export_bytes(handle: ModelHandle, recipe: Recipe, dtype) -> int:
+    """The least the checkpoint can take, so a disk below it is refused before any work and no run that
+    could fit is: block linears at the fewest bits any quantizer of the recipe uses (2 for one without a
+    ``bits`` key), a fifth of them at most removed by a structural step, the rest in the export dtype."""
+    bits = [getattr(step, "bits", 2) for step in recipe.steps if step.quantizes_weights]
+    fewest = None if recipe.export.format == "dense" or not bits else min(b for b in bits if isinstance(b, int))
+    kept = 0.2 if any(step.changes_architecture for step in recipe.steps) else 1.0
+    return handle.export_bytes(dtype, fewest, kept)
 
 
 def apply(
@@ -45,6 +56,7 @@ def apply(
         with transformers_says(handle.path):
             tokenizer = AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code)
     session = Session(handle, recipe, tokenizer, resolve_device(device), progress=progress, offload=offload)
+    check_free_space(output, least_export_bytes(handle, recipe, session.export_dtype))
     with atomic_output_dir(output, overwrite=overwrite, protected=[handle.path]) as directory:
         writer = CheckpointWriter(directory, recipe.export, session.export_dtype)
         report = session.run(sink=writer)

@@ -201,6 +201,16 @@ class ModelHandle:
             p.numel() * (element if p.is_floating_point() else p.element_size()) for p in self.model.parameters()
         )
 
+    def export_bytes(self, dtype: torch.dtype, bits: int | None, kept: float = 1.0) -> int:
+        """About what a checkpoint of this model takes: block linears at ``bits`` per weight (None: dense), a
+        ``kept`` fraction of them, every other parameter in ``dtype``."""
+        element = torch.tensor([], dtype=dtype).element_size()
+        linear = sum(
+            m.weight.numel() for m in self.blocks.modules() if isinstance(m, nn.Linear) and m.weight is not None
+        )
+        total = sum(p.numel() for p in self.model.parameters())
+        return (total - linear) * element + int(kept * linear * (bits if bits is not None else 8 * element)) // 8
+
     def fits_on(self, device: torch.device, dtype: torch.dtype, fraction: float = 0.8) -> bool:
         """Whether the weights in ``dtype`` take at most ``fraction`` of the device's free memory
         (always true off CUDA: there the blocks have nowhere else to go)."""

@@ -252,3 +252,14 @@ def test_overwrite_exchanges_the_folders_and_a_killed_swap_is_recovered(tiny_lla
     (tmp_path / "other" / ".x.partial-999999999").mkdir()  # another output's leftovers, not matched by '*'
     remove_abandoned_partials(tmp_path / "other" / "*")
     assert (tmp_path / "other" / ".x.partial-999999999").is_dir()
+
+
+def test_a_disk_too_small_for_the_checkpoint_is_refused_before_any_work(tiny_llama, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ExportError, match=r"out: its disk has 0.00 GB free, and the checkpoint will take about"):
+        apply(rtn_recipe(), tiny_llama, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

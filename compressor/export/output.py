@@ -71,6 +71,19 @@ def check_target(output: Path, overwrite: bool, protected) -> None:
         raise ExportError(f"{output}: is not a compressor output (no {MARKER}); --overwrite replaces only those")
 
 
+def check_free_space(output: str | Path, expected_bytes: int) -> None:
+    """Refuse, before any work, an output whose disk has less free space than the checkpoint will take."""
+    folder = Path(output).resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < expected_bytes:
+        raise ExportError(
+            f"{output}: its disk has {free / 1e9:.2f} GB free, and the checkpoint will take about "
+            f"{expected_bytes / 1e9:.2f} GB"
+        )
+
+
 def make_parents(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; the ones created, outermost first (removed on failure)."""
     missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]

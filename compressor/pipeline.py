@@ -113,6 +113,14 @@ class Session:
                     f"changes the architecture, so it comes before steps[{quantized}].{earlier[quantized].name} "
                     "(quantizers act on the final architecture)"
                 )
+        if step.writes_plain_uniform and self.recipe.export.format != "dense":
+            cache = next((i for i, s in enumerate(self.recipe.steps) if s.declares_kv_cache), None)
+            if cache is not None:
+                raise ValueError(
+                    f"its weights go to compressed-tensors, which cannot hold steps[{cache}]."
+                    f"{self.recipe.steps[cache].name}'s quantized KV cache (only our native format records one); "
+                    "export 'dense', or quantize the weights with a native-format method"
+                )
         if step.quantizes_weights:
             for name in linears:
                 if name in claimed:

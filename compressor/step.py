@@ -233,6 +233,8 @@ class Step(Config):
     # architecture comes before every quantizer, once per recipe
     quantizes_weights: ClassVar[bool] = False
     changes_architecture: ClassVar[bool] = False
+    writes_plain_uniform: ClassVar[bool] = False  # weights for compressed-tensors/GPTQ, not our native format
+    declares_kv_cache: ClassVar[bool] = False  # a quantized KV cache, which only our native format records
 
     @classmethod
     def summary(cls) -> str:

@@ -204,6 +204,10 @@ def test_a_compressed_blocks_original_weights_are_released_during_the_run(tiny_l
         (["rtn", "transmla"], r"steps\[1\]\.transmla: changes the architecture, so it comes before steps\[0\]\.rtn"),
         (["rtn", "swiftkv"], r"steps\[1\]\.swiftkv: changes the architecture, so it comes before steps\[0\]\.rtn"),
         (["transmla", "transmla"], r"steps\[1\]\.transmla: steps\[0\]\.transmla changed the architecture already"),
+        (
+            [{"bfp": {"k_bits": 4, "ksort": "weight_norm", "block_size": 16}}, {"rtn": {"group_size": 32}}],
+            r"steps\[1\]\.rtn: its weights go to compressed-tensors, which cannot hold steps\[0\]\.bfp's quantized KV",
+        ),
     ],
 )
 def test_step_order_rules_refuse_before_any_work(steps, expected, tiny_llama, tmp_path):

@@ -279,6 +279,10 @@ class BFP(Step):
         return self.weight_bits is not None
 
     @property
+    def declares_kv_cache(self) -> bool:
+        return self.k_bits is not None
+
+    @property
     def cache_spec(self) -> BFPCacheSpec:
         return BFPCacheSpec(
             k_bits=self.k_bits,

@@ -34,6 +34,11 @@ class UniformQuantizer(Step):
 
     quantizes_weights = True
 
+    @property
+    def writes_plain_uniform(self) -> bool:
+        """Its weights export as compressed-tensors (or GPTQ), not in our native format."""
+        return True
+
     bits: int = param(4, "bits per weight", choices=range(2, 9))
     group_size: int = param(128, "input columns sharing one scale (and zero point); -1 for one per output row")
     symmetric: bool = param(True, "symmetric grid without zero points (false: per-group zero points)")
@@ -71,6 +76,11 @@ class ActivationQuantization(Step):
     @property
     def activation_spec(self) -> ActivationSpec | None:
         return None if self.activation_bits == 16 else ActivationSpec(self.activation_bits, self.activation_symmetric)
+
+    @property
+    def writes_plain_uniform(self) -> bool:
+        """Weight-only layers export as compressed-tensors; W+A ones in our native format."""
+        return self.activation_spec is None
 
     def refuse_other_weight_kinds(self, context: BlockContext) -> None:
         """Activation quantization here is for uniform weights (the W+A grid our native format records): an

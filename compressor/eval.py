@@ -85,6 +85,9 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu", t
         raise
     except (OSError, ValueError, KeyError) as error:
         reason = " ".join(str(error).split())
+        if "trust_remote_code" in reason:
+            reason = "the model needs its own code to load; pass --trust-remote-code if you trust it"
+            raise ModelLoadError(f"{path}: {reason}") from None
         raise ModelLoadError(f"{path}: could not load the model ({type(error).__name__}: {reason})") from None
     loaded.eval()
     return loaded, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

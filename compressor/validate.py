@@ -295,9 +295,12 @@ def validate_checkpoint(
             trust_remote_code=trust_remote_code,
         )
         return _validate_in_interpreter(path, options)
-    dtype = dtype or _model_dtype(path, device)
-    model = load_quantized_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from compressor.model import transformers_says
+
+    with transformers_says(path):
+        dtype = dtype or _model_dtype(path, device)
+        model = load_quantized_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     text_note = None
     try:
         stream = heldout_stream(tokenizer, text)
@@ -388,8 +391,13 @@ def _validate_in_interpreter(path: Path, options: dict) -> dict:
         ]
         done = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
         if done.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"validation in the Triton interpreter failed:\n{done.stderr[-4000:]}")
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"validation in the Triton interpreter failed ({last})")
         result = json.loads(out.read_text())
+        if "user_error" in result:  # the child's one-line refusal, said as ours
+            from compressor.errors import UserError
+
+            raise UserError(result["user_error"])
     result["notes"].append("ran in a subprocess with TRITON_INTERPRET=1 (Triton's CPU interpreter)")
     return result
 
@@ -405,7 +413,12 @@ def _main(argv=None) -> int:
     options = json.loads(args.options)
     if options.get("dtype"):
         options["dtype"] = getattr(torch, options["dtype"])
-    result = validate_checkpoint(args.path, "cpu", **options)
+    from compressor.errors import UserError
+
+    try:
+        result = validate_checkpoint(args.path, "cpu", **options)
+    except UserError as error:
+        result = {"user_error": str(error)}
     Path(args.json).write_text(json.dumps(result))
     return 0
 

@@ -96,7 +96,7 @@ def test_eval_loads_a_model_with_its_own_code_only_when_trusted(tiny_llama, tmp_
         "class ToyForCausalLM(LlamaForCausalLM):\n    config_class = ToyConfig\n"
     )
     refused = CliRunner().invoke(main, ["eval", str(folder), "--max-windows", "1", "--seq-len", "64", "--quiet"])
-    assert refused.exit_code != 0 and "trust_remote_code" in refused.output, refused.output
+    assert refused.exit_code == 2 and "pass --trust-remote-code if you trust it" in refused.output, refused.output
     trusted = CliRunner().invoke(
         main,
         [

@@ -269,3 +269,19 @@ def test_a_kill_at_any_moment_of_an_overwrite_leaves_a_whole_output_and_no_lefto
         assert (out / "compressor.json").is_file() and (out / "config.json").is_file(), delay
     subprocess.run(command, env=env, check=True, capture_output=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_eval_and_validate_of_a_checkpoint_with_code_of_its_own_ask_for_the_flag(tiny_llama, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - rtn: {group_size: 32}\n")
+    assert CliRunner().invoke(main, ["apply", str(recipe), str(tiny_llama), "-o", str(out), "--quiet"]).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    config.update(model_type="homemade", auto_map={"AutoConfig": "configuration_homemade.HomemadeConfig"})
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "configuration_homemade.py").write_text(HOMEMADE)
+    for command in ("eval", "validate"):
+        line = one_line_error(CliRunner().invoke(main, [command, str(out)]))
+        assert line.endswith("the model needs its own code to load; pass --trust-remote-code if you trust it"), line

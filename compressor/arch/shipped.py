@@ -51,6 +51,19 @@ class ShippedArchitecture:
         module, _, name = dotted.rpartition(".")
         return getattr(import_module(f"compressor.arch.{self.package}.{module}"), name)
 
+    def model_type_for(self, family: str | None) -> str | None:
+        """This architecture's model type for a base family (None: it has none)."""
+        return next((t for t, base in self.model_types.items() if base == family), None)
+
+    def config_from(self, base_config, **extra):
+        """The config of this architecture made from a base family's ``base_config`` plus ``extra`` keys."""
+        config_class, model_class = self.classes[self.model_type_for(base_config.model_type)]
+        dropped = ("model_type", "auto_map", "architectures")
+        values = {k: v for k, v in base_config.to_dict().items() if k not in dropped}
+        config = self.shipped_class(config_class).from_dict({**values, **extra})
+        config.architectures = [model_class.rpartition(".")[2]]
+        return config
+
     def register_configs(self) -> None:
         from transformers import AutoConfig
 

@@ -15,14 +15,9 @@ from compressor.arch.shipped import architecture
 def native_config(config):
     """``config`` (a stock family's) as the config of its native-format checkpoint."""
     row = architecture("native")
-    model_type = next((t for t, family in row.model_types.items() if family == config.model_type), None)
-    if model_type is None:
+    if row.model_type_for(config.model_type) is None:
         raise ValueError(
             f"model_type {config.model_type!r} cannot hold native-format weights (families: "
             f"{', '.join(row.model_types.values())}); use export format 'dense' or a compressed-tensors quantizer"
         )
-    config_class, model_class = row.classes[model_type]
-    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map", "architectures")}
-    native = row.shipped_class(config_class).from_dict(values)
-    native.architectures = [model_class.rpartition(".")[2]]
-    return native
+    return row.config_from(config)

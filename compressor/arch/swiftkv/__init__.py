@@ -30,7 +30,7 @@ def swiftkv_model_type(config) -> str:
     """The SwiftKV model type of ``config``'s family (refusing families and layouts it cannot take)."""
     base = getattr(config, "model_type", None)
     row = architecture("swiftkv")
-    model_type = next((t for t, family in row.model_types.items() if family == base), None)
+    model_type = row.model_type_for(base)
     if model_type is None:
         raise UnsupportedArchitecture(
             f"swiftkv: model_type '{base}' has no SwiftKV model; supported: {', '.join(row.model_types.values())}"

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from compressor import kvcache
 from compressor.calibration import load_texts, tokenize_stream
 from compressor.errors import UserError
-from compressor.model import ModelLoadError, checkpoint_dtype, resolve_model_path, safetensors_index
+from compressor.model import ModelLoadError, checkpoint_dtype, resolve_model_path, safetensors_index, transformers_says
 from compressor.progress import Progress
 
 
@@ -71,7 +71,7 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu", t
     from compressor.export import load_quantized_model
 
     path = resolve_model_path(model)
-    try:
+    with transformers_says(path):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         dtype = dtype or evaluation_dtype(config, device)
         safetensors_index(path)  # names a truncated or damaged shard before transformers reads it
@@ -81,16 +81,9 @@ def load_causal_lm(model: str, dtype: torch.dtype | None = None, device="cpu", t
             loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(
                 device
             )
-    except (ModelLoadError, MemoryError):
-        raise
-    except (OSError, ValueError, KeyError) as error:
-        reason = " ".join(str(error).split())
-        if "trust_remote_code" in reason:
-            reason = "the model needs its own code to load; pass --trust-remote-code if you trust it"
-            raise ModelLoadError(f"{path}: {reason}") from None
-        raise ModelLoadError(f"{path}: could not load the model ({type(error).__name__}: {reason})") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     loaded.eval()
-    return loaded, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return loaded, tokenizer
 
 
 class StreamedModel:

@@ -64,6 +64,8 @@ def transformers_says(path: Path):
     """What transformers refuses in a checkpoint's config or code, as one ``ModelLoadError`` line."""
     try:
         yield
+    except UserError:  # already one line of ours (a damaged shard, say)
+        raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         reason = " ".join(str(error).split())
         if "trust_remote_code" in reason:

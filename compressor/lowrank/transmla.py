@@ -482,23 +482,13 @@ class TransMLA(Step):
         """Sizes and architecture, refused before the weights are read (the session names the recipe file and step)."""
         try:
             check_convertible(config)
-            mla_sizes(
-                config,
-                self.kv_lora_rank,
-                self.kv_cache_ratio,
-                self.qk_rope_head_dim,
-                self.freqfold,
-                exact=self.exact,
-                serving=self.serving,
-            )
+            self.sizes(config)
         except (ValueError, UnsupportedArchitecture) as error:
             raise ValueError(str(error).removeprefix("transmla.").removeprefix("transmla: ")) from None
 
-    def compress_block(self, context: BlockContext) -> None:
-        config = context.config
-        check_convertible(config)
-        geometry = attention_geometry(config)
-        rank, rope_dim, freqfold = mla_sizes(
+    def sizes(self, config) -> tuple[int, int, int]:
+        """(kv_lora_rank, qk_rope_head_dim, freqfold) for ``config`` from this step's settings."""
+        return mla_sizes(
             config,
             self.kv_lora_rank,
             self.kv_cache_ratio,
@@ -507,6 +497,12 @@ class TransMLA(Step):
             exact=self.exact,
             serving=self.serving,
         )
+
+    def compress_block(self, context: BlockContext) -> None:
+        config = context.config
+        check_convertible(config)
+        geometry = attention_geometry(config)
+        rank, rope_dim, freqfold = self.sizes(config)
         adapter = context.adapter
         attention_path = adapter.attention
         attention = context.block.get_submodule(attention_path)

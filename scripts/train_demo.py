@@ -270,17 +270,21 @@ def encode(tokenizer, text: str) -> list[int]:
 # --------------------------------------------------------------------------
 # 3. model / training
 # --------------------------------------------------------------------------
-def make_config(vocab_size, eos_id):
+def make_config(vocab_size, eos_id, shape="256x6"):
+    """The shipped demo is ``256x6``; ``384x4`` is a second shape for checking that recipes were not tuned to the
+    demo (hidden 384, 4 layers, 6 heads of 64, 2 KV heads, SwiGLU 1024)."""
     from transformers import LlamaConfig
 
+    hidden, layers = (int(n) for n in shape.split("x"))
+    head_dim = 32 if hidden == 256 else 64
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=6,
-        num_attention_heads=8,
+        hidden_size=hidden,
+        intermediate_size=768 if hidden == 256 else hidden * 8 // 3 // 128 * 128,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // head_dim,
         num_key_value_heads=2,
-        head_dim=32,
+        head_dim=head_dim,
         hidden_act="silu",
         max_position_embeddings=1024,
         rope_theta=10000.0,
@@ -380,6 +384,7 @@ def main():
     ap.add_argument("--final-lr-frac", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--shape", default="256x6", choices=["256x6", "384x4"], help="HIDDENxLAYERS of the model")
     ap.add_argument("--heldout-kb", type=int, default=220)
     ap.add_argument("--calib-kb", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
@@ -451,7 +456,7 @@ def main():
     from transformers import GenerationConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    config = make_config(args.vocab_size, eos_id)
+    config = make_config(args.vocab_size, eos_id, args.shape)
     model = LlamaForCausalLM(config)
     n_params = model.num_parameters()
     print(f"parameters: {n_params:,}")

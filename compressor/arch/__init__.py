@@ -6,7 +6,8 @@ and per-head q/k RMSNorms (Qwen3). Decoder blocks are found through these paths 
 captured with hooks, so nothing is traced with torch.fx.
 
 The architecture channel: an adapter also says which linears read which norm's output
-(``norm_linear_groups``: what a transform folding into a norm must change together), where a
+(``norm_linear_groups``: what a transform folding into a norm must change together; ``linear_channel_links``:
+which linear's outputs another reads channel by channel), where a
 block's attention and MLP modules are, and which projections produce what the KV cache holds. A
 step that changes the architecture does not edit the model handle: it declares an
 ``ExportArchitecture`` (the new config, and modeling code the writer ships beside the weights
@@ -50,6 +51,10 @@ class ArchAdapter:
     qk_norms: dict = field(default_factory=dict)
     # which linears (roles) read each norm's output (norm role): what a norm-folding transform changes together
     norm_inputs: dict = field(default_factory=lambda: {"input": ("q", "k", "v"), "post_attention": ("gate", "up")})
+    # linear (role) -> the linear whose input channels are its output channels through per-channel operations only
+    # (attention's weighted sum of values, repeated over a KV group; the SwiGLU product): a per-channel scale of
+    # the second's inputs folds into the first's outputs (AWQ)
+    channel_links: dict = field(default_factory=lambda: {"v": "o", "up": "down"})
     attention: str = "self_attn"  # the block's attention module (the KV cache lives in its forward)
     mlp: str = "mlp"
     kv_cache: tuple[str, ...] = ("k", "v")  # projections whose outputs (keys after RoPE, values) the KV cache holds
@@ -90,6 +95,11 @@ def norm_linear_groups(adapter: ArchAdapter) -> dict[str, tuple[str, ...]]:
         adapter.norms[norm]: tuple(adapter.linears[role] for role in roles)
         for norm, roles in adapter.norm_inputs.items()
     }
+
+
+def linear_channel_links(adapter: ArchAdapter) -> dict[str, str]:
+    """Linear path in the block -> path of the linear reading its output channels one to one (``channel_links``)."""
+    return {adapter.linears[first]: adapter.linears[second] for first, second in adapter.channel_links.items()}
 
 
 @dataclass

@@ -191,6 +191,22 @@ def test_block_ap_with_no_epochs_is_asymmetric_rtn(tiny_llama, calibration_file)
             )
 
 
+def test_block_ap_initialised_from_gptq_starts_at_gptqs_rounding(tiny_llama, calibration_file):
+    """``init: gptq`` with no epochs is the gptq step, code for code (the same true-sequential Hessians)."""
+    runs = {}
+    for name, step in {
+        "block_ap": block_ap(bits=3, epochs=0, init="gptq"),
+        "gptq": {"gptq": {"bits": 3, "group_size": 32, "symmetric": False}},
+    }.items():
+        runs[name] = session(tiny_llama, recipe(calibration_file, step))
+        runs[name].run()
+    for ours, theirs in zip(runs["block_ap"].handle.blocks, runs["gptq"].handle.blocks):
+        for name, module in block_linears(runs["gptq"].handle.adapter, theirs).items():
+            expected, got = module.quantized_weight, ours.get_submodule(name).quantized_weight
+            assert torch.equal(got.codes, expected.codes) and torch.equal(got.zeros, expected.zeros)
+            assert torch.equal(got.scales, expected.scales)
+
+
 def test_block_ap_keeps_the_untrained_start_when_training_makes_the_heldout_worse(tiny_llama, calibration_file):
     """A learning rate far too high wrecks the block; the held-out MSE notices and Block-AP returns RTN."""
     run = session(

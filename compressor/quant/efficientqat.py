@@ -16,6 +16,8 @@ weight_lr 1e-5, 2e-5 at 2 bits, min_lr_factor 20). Deviations: the min-max init 
 untrained quantizer is asymmetric RTN); scales clamped to [1e-8, 1e4]; fp32 without AMP; a held-out
 tenth of the batches picks the epoch kept (``heldout``); ``symmetric: true`` offered for plain
 transformers. Their reasons and the measured numbers: docs/methods/efficientqat.md.
+Not in the paper: ``init: gptq`` starts from GPTQ's rounding of the block (``gptq.py``, true-sequential, its
+default damping and order) instead of min-max RTN: weights at its dequantized values, its scales and zeros.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.quant.gptq import GPTQ, sequential_hessians
 from compressor.quant.uniform import (
     UniformQuantizer,
     clamp_ste,
@@ -67,11 +70,16 @@ class FakeQuantLinear(nn.Module):
     """A linear whose weight passes through ``fake_quantize`` while W, s and z train together (fp32).
     The bias stays frozen, as in the official code."""
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int, symmetric: bool):
+    def __init__(
+        self, linear: nn.Linear, bits: int, group_size: int, symmetric: bool, init: UniformWeight | None = None
+    ):
         super().__init__()
         self.bits, self.group_size = bits, group_size
         self.weight = nn.Parameter(linear.weight.detach().float())
-        scale, zero = minmax_params(self.weight.detach(), bits, group_size, symmetric, torch.float32)
+        if init is None:
+            scale, zero = minmax_params(self.weight.detach(), bits, group_size, symmetric, torch.float32)
+        else:  # the grid of a rounding already done (GPTQ), the weight holding its dequantized values
+            scale, zero = init.scales.float(), init.zeros
         self.scale = nn.Parameter(scale)
         self.zero = nn.Parameter(zero.float()) if zero is not None else None
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
@@ -129,6 +137,12 @@ class EfficientQATBlockAP(UniformQuantizer):
     )
     min_lr_factor: float = param(20.0, "each cosine schedule ends at lr / min_lr_factor", min=1.0)
     train_norms: bool = param(True, "also train the block's norm gains (the official code does)")
+    init: str = param(
+        "minmax",
+        "starting point: each group's min-max grid on the fp weights (the paper's: RTN), or GPTQ's rounding "
+        "(codes, scales and zeros, taken true-sequentially inside the block as the gptq step does)",
+        choices=("minmax", "gptq"),
+    )
     heldout: float = param(
         0.1,
         "fraction of each block's calibration batches held out: their MSE before training and after each epoch "
@@ -162,8 +176,9 @@ class EfficientQATBlockAP(UniformQuantizer):
 
         block, dtype = context.block, next(context.block.parameters()).dtype
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+        inits = self.gptq_init(context, linears) if self.init == "gptq" else {}
         fake = {
-            name: FakeQuantLinear(linear, self.bits, self.group_size, self.symmetric)
+            name: FakeQuantLinear(linear, self.bits, self.group_size, self.symmetric, inits.get(name))
             for name, linear in linears.items()
         }
         for name, module in fake.items():
@@ -194,3 +209,14 @@ class EfficientQATBlockAP(UniformQuantizer):
             seconds=time.perf_counter() - started,
             **(best.summary() if best else {}),
         )
+
+    def gptq_init(self, context: BlockContext, linears: dict) -> dict[str, UniformWeight]:
+        """GPTQ (its defaults, this step's grid) of every linear, true-sequentially: each linear's weight is
+        replaced in place by its dequantized rounding, so the groups after it see it rounded."""
+        rounding = GPTQ(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, ignore=self.ignore)
+        inits = {}
+        for name, h in sequential_hessians(context, linears):
+            weight = linears[name].weight
+            inits[name] = rounding.round_linear(context, name, weight.data, h)[1].weight
+            weight.data = inits[name].dequantize(weight.dtype)
+        return inits

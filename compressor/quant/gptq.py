@@ -184,6 +184,18 @@ def sequential_groups(adapter, linears: dict) -> list[list[str]]:
     return groups + [[path] for path in linears if path not in placed]
 
 
+def sequential_hessians(context: BlockContext, linears: dict, true_sequential: bool = True):
+    """(name, H or None) for each linear of ``linears``: one forward of the block per group (``sequential_groups``;
+    all at once without ``true_sequential``), so a group's Hessians see the block as the caller left it after the
+    groups yielded before (GPTQ quantizes them in between; Block-AP's GPTQ init rounds them in place)."""
+    groups = sequential_groups(context.adapter, linears) if true_sequential else [list(linears)]
+    for names in groups:
+        with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
+            context.forward()
+        for name in names:
+            yield name, catcher.hessian(name)
+
+
 class HessianCatcher:
     """Forward pre-hooks that add each linear's inputs to its Hessian sum while the block runs."""
 
@@ -239,19 +251,18 @@ class GPTQ(UniformQuantizer):
 
     def compress_block(self, context: BlockContext) -> None:
         linears = context.linears(self.ignore)
-        groups = sequential_groups(context.adapter, linears) if self.true_sequential else [list(linears)]
-        for names in groups:
-            with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
-                context.forward()
-            for name in names:
-                self.quantize_linear(context, name, linears[name], catcher.hessian(name))
+        for name, h in sequential_hessians(context, linears, self.true_sequential):
+            self.quantize_linear(context, name, linears[name], h)
 
-    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None) -> None:
-        weight = linear.weight.data
+    def round_linear(
+        self, context: BlockContext, name: str, weight: torch.Tensor, h: torch.Tensor | None
+    ) -> tuple[torch.Tensor, GPTQResult]:
+        """GPTQ of one weight with this step's settings: the Hessian used (I, i.e. RTN, for a linear that saw no
+        token) and the result."""
         if h is None:  # never called on the calibration data: H = I, which makes GPTQ RTN
             context.run.report.warn(f"gptq: {context.prefix}.{name} saw no calibration token; rounded to nearest")
             h = torch.eye(weight.shape[1], device=weight.device)
-        result = gptq_quantize(
+        return h, gptq_quantize(
             weight,
             h,
             self.bits,
@@ -262,6 +273,10 @@ class GPTQ(UniformQuantizer):
             self.dampening_frac,
             self.actorder,
         )
+
+    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None) -> None:
+        weight = linear.weight.data
+        h, result = self.round_linear(context, name, weight, h)
         rtn = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
         context.replace_linear(name, result.weight)
         context.record(

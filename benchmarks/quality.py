@@ -7,7 +7,7 @@
 Entries (rows): ``fp`` (the model as it is); every ``recipes/*.yaml`` whose steps are registered,
 applied with ``compressor.apply`` (a recipe naming an unregistered step becomes a "not run" row
 with the reason, so new methods show up by adding a recipe file); and peers through their own
-public APIs when installed: llm-compressor GPTQ, HQQ and torchao int4 weight-only. A peer that
+public APIs when installed: llm-compressor GPTQ and AWQ, HQQ and torchao int4 weight-only. A peer that
 cannot run here is a row saying why, never dropped.
 
 Every entry of a model is scored on the SAME held-out windows, built once, by the same functions
@@ -29,12 +29,16 @@ Time is wall time of the compression (loading included); peak memory is the peak
 of the process doing it (the Linux high-water mark, reset before each entry; the GPTQ worker is its
 own process).
 
-Peers: llm-compressor pins older transformers/compressed-tensors than ours, so it runs in a worker
-process under its own interpreter (``--llmcompressor-python``, e.g. a venv made with
-``python -m venv --system-site-packages V && V/bin/pip install llmcompressor``); it quantizes with
-the same calibration tokens our recipes get, writes a compressed-tensors checkpoint, and that
-checkpoint is scored by our eval here. HQQ and torchao run in this process (``pip install hqq
-torchao``; they need no other versions). Nothing is downloaded: hub access is switched off.
+Peers: llm-compressor pins other transformers/compressed-tensors versions than ours, so it runs in a
+worker process (``llmcompressor_worker.py``) under its own interpreter (``--llmcompressor-python``, e.g.
+a venv made with ``python -m venv --system-site-packages V && V/bin/pip install llmcompressor
+torch==OURS``, keeping our torch); it quantizes with the same calibration tokens our recipes get, writes a
+compressed-tensors checkpoint, and that checkpoint is scored by our eval here. Its AWQ runs as the
+paper's (activation-only scales, ``duo_scaling: false``) followed by its RTN (``QuantizationModifier``),
+as ``recipes/awq-*.yaml`` do with ours; it scales v_proj -> o_proj only when their shapes match (no
+grouped-query attention) and searches no clipping, where ours ties the scale over query heads and clips.
+HQQ and torchao run in this process (``pip install hqq torchao``; they need no other versions). Nothing
+is downloaded: hub access is switched off.
 """
 
 from __future__ import annotations
@@ -309,17 +313,19 @@ def offline_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def gptq_entries(settings: Settings) -> list[Entry]:
+def llmcompressor_entries(settings: Settings) -> list[Entry]:
     version, why_not = llmcompressor_version(settings.llmcompressor_python)
     entries = []
-    for bits, group_size, symmetric in GPTQ_SCHEMES:
-        scheme = f"W{bits} g{group_size} {'sym' if symmetric else 'asym'}"
-        method = f"llm-compressor {version} gptq" if version else "llm-compressor gptq"
-        entries.append(Entry(method, scheme, gptq_runner(bits, group_size, symmetric), error=why_not))
+    for algorithm in ("gptq", "awq"):
+        for bits, group_size, symmetric in GPTQ_SCHEMES:
+            scheme = f"W{bits} g{group_size} {'sym' if symmetric else 'asym'}"
+            method = f"llm-compressor {version} {algorithm}" if version else f"llm-compressor {algorithm}"
+            runner = llmcompressor_runner(algorithm, bits, group_size, symmetric)
+            entries.append(Entry(method, scheme, runner, error=why_not))
     return entries
 
 
-def gptq_runner(bits: int, group_size: int, symmetric: bool):
+def llmcompressor_runner(algorithm: str, bits: int, group_size: int, symmetric: bool):
     def run(model, work, settings):
         import torch
 
@@ -334,10 +340,15 @@ def gptq_runner(bits: int, group_size: int, symmetric: bool):
             "bits": bits,
             "group_size": group_size,
             "symmetric": symmetric,
+            "algorithm": algorithm,
         }
         (work / "spec.json").write_text(json.dumps(spec))
         done = subprocess.run(
-            [settings.llmcompressor_python, __file__, "--gptq-worker", str(work / "spec.json")],
+            [
+                settings.llmcompressor_python,
+                str(Path(__file__).with_name("llmcompressor_worker.py")),
+                str(work / "spec.json"),
+            ],
             capture_output=True,
             text=True,
             env=offline_env(),
@@ -353,51 +364,10 @@ def gptq_runner(bits: int, group_size: int, symmetric: bool):
             safetensors_size(out),
             path=out,
             peak_gib=worker["peak_rss_gib"],
-            notes=[f"calibration {tokens.shape[0]}x{tokens.shape[1]}, actorder {worker['actorder']}"],
+            notes=[f"calibration {tokens.shape[0]}x{tokens.shape[1]}, {worker['settings']}"],
         )
 
     return run
-
-
-def gptq_worker(spec_path: str) -> None:
-    """Runs under llm-compressor's interpreter: GPTQ through ``oneshot``, saved compressed."""
-    import resource
-
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = json.loads(Path(spec_path).read_text())
-    tokens = torch.load(spec["calibration"])
-    data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="auto")  # scales are stored in this dtype
-    weights = QuantizationArgs(
-        num_bits=spec["bits"], type="int", symmetric=spec["symmetric"], strategy="group", group_size=spec["group_size"]
-    )
-    modifier = GPTQModifier(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]
-    )
-    oneshot(
-        model=model,
-        dataset=data,
-        recipe=modifier,
-        num_calibration_samples=len(tokens),
-        max_seq_length=tokens.shape[1],
-        shuffle_calibration_samples=False,
-    )
-    model.save_pretrained(spec["output"], save_compressed=True)
-    AutoTokenizer.from_pretrained(spec["model"]).save_pretrained(spec["output"])
-    print(
-        json.dumps(
-            {
-                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                "actorder": str(modifier.actorder),
-            }
-        )
-    )
 
 
 def package_version(name: str) -> str | None:
@@ -514,7 +484,7 @@ def torchao_runner(kind: str):
 
 
 def default_entries(settings: Settings) -> list[Entry]:
-    return [fp_entry(), *recipe_entries(), *gptq_entries(settings), *hqq_entries(), *torchao_entries()]
+    return [fp_entry(), *recipe_entries(), *llmcompressor_entries(settings), *hqq_entries(), *torchao_entries()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -792,10 +762,7 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the rows of the newest quality-*.json in --output-dir that this run does not measure again "
         "(same evaluation and calibration settings, same model weights); each row keeps its date",
     )
-    parser.add_argument("--gptq-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.gptq_worker:
-        return gptq_worker(args.gptq_worker)
     os.environ.update({key: "1" for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")})
     settings = Settings(
         text=args.text,

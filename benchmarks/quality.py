@@ -519,6 +519,12 @@ def run_entry(entry: Entry, model: str, windows, settings: Settings, work: Path)
     except Exception as error:  # a benchmark reports a failing entry and goes on
         traceback.print_exc()
         return {**row, "error": f"failed: {one_line(error)}"}
+    print(
+        f"[quality] {model}: {entry.method} {entry.recipe}: KL {result.kl_divergence:.6f}, perplexity "
+        f"{result.perplexity:.3f}, {seconds:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return {
         **row,
         "bits_per_weight": compressed.bits_per_weight,

@@ -26,6 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main(spec_path: str) -> None:
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations (pipelines/cache.py pin_memory) whether or not an
+        # accelerator exists, and torch refuses pinned memory without one: skip the pinning (a transfer speed-up)
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     spec = json.loads(Path(spec_path).read_text())
     tokens = torch.load(spec["calibration"])
     data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})

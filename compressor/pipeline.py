@@ -32,7 +32,7 @@ from compressor.model import ModelHandle
 from compressor.progress import track
 from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
-from compressor.step import Step
+from compressor.step import RecipeError, Step
 
 
 @dataclass
@@ -88,6 +88,7 @@ class Session:
         """Every step's refusals, before any work. (A method of its own: the table of the skeleton's
         linears it builds must not outlive the checks, or each block's weights, loaded into those very
         modules, would stay alive after the block is compressed and written.)"""
+        self.check_calibration_memory()
         claimed: dict[str, int] = {}  # linear -> index of the step that quantizes it
         for index, step in enumerate(self.recipe.steps):
             with self.blame(step):
@@ -96,6 +97,24 @@ class Session:
                 step.check_model(linears)
                 self.check_export_format(step, linears)
                 self.check_step_order(index, step, linears, claimed)
+
+    def check_calibration_memory(self) -> None:
+        """Refuse, before any work, calibration that cannot fit: a layer pass holds every sample's inputs and
+        outputs of one block (``samples x seq_len x hidden`` in the compute dtype, twice) in host memory."""
+        if not self.recipe.needs_calibration:
+            return
+        calibration = self.recipe.calibration
+        tokens = calibration.samples * calibration.seq_len
+        element = torch.empty((), dtype=self.compute_dtype).element_size()
+        needed = tokens * (2 * self.handle.config.hidden_size * element + 8)
+        available = available_memory_bytes()
+        if available is not None and needed > available:
+            raise RecipeError(
+                f"{self.recipe.source}: calibration.samples: {calibration.samples} x seq_len {calibration.seq_len} "
+                f"needs about {needed / 2**30:.1f} GiB for one block's calibration inputs and outputs (hidden size "
+                f"{self.handle.config.hidden_size}), more than the {available / 2**30:.1f} GiB this machine has "
+                "available; use fewer samples"
+            )
 
     def check_step_order(self, index: int, step: Step, linears: dict, claimed: dict[str, int]) -> None:
         """The order rules: an architecture change comes before every quantizer, once per recipe; no linear is
@@ -272,3 +291,15 @@ def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:
         else:
             passes.append((step.kind, [step]))
     return passes
+
+
+def available_memory_bytes() -> int | None:
+    """Host memory the kernel says a new allocation can take (``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -253,6 +253,16 @@ def test_sizes_the_model_cannot_take_are_one_line_before_any_work(step, expected
     assert not (tmp_path / "out").exists()
 
 
+def test_calibration_that_cannot_fit_in_memory_is_one_line_before_any_work(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {samples: 1000000000, seq_len: 512}\nsteps: [gptq]\n")
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["apply", str(recipe), "demo", "-o", str(tmp_path / "out"), "--quiet"])
+    line = one_line_error(result)
+    assert f"{recipe}: calibration.samples: 1000000000 x seq_len 512 needs about" in line and "use fewer" in line
+    assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()
+
+
 def test_a_kill_at_any_moment_of_an_overwrite_leaves_a_whole_output_and_no_leftovers(tmp_path):
     """SIGKILL at several moments of ``apply --overwrite`` (during the work, around the swap): the output is
     always a whole checkpoint (the old or the new), and the next run leaves nothing else beside it."""

@@ -243,6 +243,7 @@ def test_a_damaged_model_is_one_line_before_any_work(damage, tiny_llama, tmp_pat
         ("modegpt: {round_to: 100000}", "steps[0].modegpt.round_to: 100000 does not fit this model"),
         ("swiftkv: {top_k: 100000000}", "steps[0].swiftkv.top_k: 100000000 is more than the model's vocabulary"),
         ("transmla_heal: {top_k: 5000}", "steps[0].transmla_heal.top_k: 5000 is more than the model's vocabulary"),
+        ("qllm: {rank: 2147483647}", "steps[0].qllm.rank: 2147483647 is more than model.layers.0.self_attn.q_proj's"),
     ],
 )
 def test_sizes_the_model_cannot_take_are_one_line_before_any_work(step, expected, tmp_path):

@@ -385,6 +385,15 @@ class QLLM(ActivationQuantization, UniformQuantizer):
                 "reassembly: channel reassembly only serves activation quantization; it needs activation_bits below 16"
             )
 
+    def check_model(self, linears: dict) -> None:
+        super().check_model(linears)
+        for name, linear in linears.items():
+            if self.rank > min(linear.in_features, linear.out_features):
+                raise ValueError(
+                    f"rank: {self.rank} is more than {name}'s smaller side "
+                    f"({linear.out_features}x{linear.in_features}); a branch of full rank corrects every error it can"
+                )
+
     @property
     def bits_of_activations(self) -> int:
         if self.activation_bits is not None:

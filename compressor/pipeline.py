@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_block
+from compressor.blockwise import BlockwiseModel, catch_block_inputs, run_block
 from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
@@ -191,12 +191,12 @@ class Session:
                             index=index,
                             block=block,
                             inputs=inputs,
-                            block_kwargs=kwargs,
+                            block_kwargs=kwargs[index] if needs_data else None,
                         )
                     )
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
             if needs_data and index + 1 < len(self.handle.blocks):
-                inputs = self.run_block(block, inputs, kwargs)
+                inputs = self.run_block(block, inputs, kwargs[index])
             if sink is not None:
                 sink.write_module(prefix, block)
                 self.handle.release(block)
@@ -242,8 +242,9 @@ class Session:
         return self._tokens
 
     @torch.no_grad()
-    def capture_block_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
-        """Embed the calibration tokens and catch what the model hands its first block."""
+    def capture_block_inputs(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """Embed the calibration tokens and catch what the model hands its first block (hidden states, one
+        tensor per batch) and every block (keyword arguments: ``kwargs[block][batch]``)."""
         embed = self.handle.adapter.embed_tokens
         self.handle.materialize(embed, self.device, self.compute_dtype)
         base_model = self.handle.base_model
@@ -251,11 +252,12 @@ class Session:
             for name, buffer in buffer_owner.named_buffers(recurse=False):
                 if buffer.device != self.device and not buffer.is_meta:
                     setattr(buffer_owner, name, buffer.to(self.device))
-        captured_inputs, captured_kwargs = [], []
+        captured_inputs, captured_kwargs = [], [[] for _ in self.handle.blocks]
         for batch in self.calibration_tokens().split(self.batch_size):
-            hidden, kwargs = catch_first_block_inputs(base_model, self.handle.blocks[0], batch.to(self.device))
+            hidden, kwargs = catch_block_inputs(base_model, self.handle.blocks, batch.to(self.device))
             captured_inputs.append(hidden)
-            captured_kwargs.append(kwargs)
+            for index, block_kwargs in enumerate(kwargs):
+                captured_kwargs[index].append(block_kwargs)
         self.handle.release(self.handle.model.get_submodule(embed))
         return captured_inputs, captured_kwargs
 

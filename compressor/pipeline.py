@@ -91,11 +91,28 @@ class Session:
         claimed: dict[str, int] = {}  # linear -> index of the step that quantizes it
         for index, step in enumerate(self.recipe.steps):
             with self.blame(step):
+                self.check_family(step)
                 step.check_config(self.handle.config)
                 linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
                 step.check_model(linears)
                 self.check_export_format(step, linears)
                 self.check_step_order(index, step, linears, claimed)
+
+    def check_family(self, step: Step) -> None:
+        """The one place a step's declared ``families`` is checked against the model's, before any work; and a
+        family with no native-format model type refuses the steps whose weights or KV cache only that holds."""
+        adapter = self.handle.adapter
+        if step.families is not None and (adapter.generic or adapter.family not in step.families):
+            differs = "; ".join(adapter.differs) or "another block"
+            raise ValueError(
+                f"assumes the block of {', '.join(step.families)}; {adapter.family} is not one of them ({differs})"
+            )
+        native = step.declares_kv_cache or (step.quantizes_weights and not step.writes_plain_uniform)
+        if native and self.recipe.export.format != "dense" and not has_native_type(adapter.family):
+            raise ValueError(
+                f"writes our native format, which has no model type for {adapter.family} (compressor/arch/native); "
+                "quantize with rtn, gptq or efficientqat (compressed-tensors), or export 'dense'"
+            )
 
     def check_step_order(self, index: int, step: Step, linears: dict, claimed: dict[str, int]) -> None:
         """The order rules: an architecture change comes before every quantizer, once per recipe; no linear is
@@ -263,6 +280,12 @@ class Session:
 
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
         return run_block(block, inputs, kwargs)
+
+
+def has_native_type(family: str) -> bool:
+    from compressor.arch.shipped import architecture
+
+    return architecture("native").model_type_for(family) is not None
 
 
 def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:

@@ -69,6 +69,7 @@ class Session:
     def run(self, sink=None) -> Report:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
         self.check_steps()
+        self.report.summary["architecture"] = describe_adapter(self.handle.adapter)
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
             last = number == len(passes) - 1
@@ -280,6 +281,17 @@ class Session:
 
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
         return run_block(block, inputs, kwargs)
+
+
+def describe_adapter(adapter) -> str:
+    """The report's line on how the model was read: its family's adapter, or the generic one and what its probe
+    found."""
+    if not adapter.generic:
+        return f"{adapter.family} (hand-written adapter)"
+    groups = ", ".join(f"{adapter.norms[n]} -> {'/'.join(roles)}" for n, roles in adapter.norm_inputs.items())
+    raw = ", ".join(f"residual stream -> {'/'.join(roles)}" for roles in adapter.raw_inputs)
+    found = ", ".join(filter(None, (groups, raw)))
+    return f"{adapter.family} (no hand-written adapter: the generic one, confirmed by a probe: {found})"
 
 
 def has_native_type(family: str) -> bool:

@@ -30,7 +30,7 @@ from compressor.context import BlockContext, ModelContext, RunState, model_dense
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
 from compressor.progress import track
-from compressor.recipe import Recipe
+from compressor.recipe import Recipe, writes_native_format
 from compressor.report import Report, peak_memory
 from compressor.step import Step
 
@@ -108,8 +108,7 @@ class Session:
             raise ValueError(
                 f"assumes the block of {', '.join(step.families)}; {adapter.family} is not one of them ({differs})"
             )
-        native = step.declares_kv_cache or (step.quantizes_weights and not step.writes_plain_uniform)
-        if native and self.recipe.export.format != "dense" and not has_native_type(adapter.family):
+        if writes_native_format(step) and self.recipe.export.format != "dense" and not has_native_type(adapter.family):
             raise ValueError(
                 f"writes our native format, which has no model type for {adapter.family} (compressor/arch/native); "
                 "quantize with rtn, gptq or efficientqat (compressed-tensors), or export 'dense'"

@@ -49,9 +49,16 @@ class _StandIn(nn.Module):
     """Takes a block's place while the inputs are caught: keeps what the model hands it, and hands the
     hidden states on (so no block runs, and none needs its weights); the last one stops the model."""
 
-    def __init__(self, caught: list, last: bool):
+    def __init__(self, block: nn.Module, caught: list, last: bool):
         super().__init__()
         self.caught, self.last = caught, last
+        self.__dict__["block"] = block  # not a submodule: only read for attributes the model asks of its layers
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # e.g. ``decoder_layer.attention_type``, which some models read
+            return getattr(self.__dict__["block"], name)
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -71,7 +78,7 @@ def catch_block_inputs(
     caught: list = []
     originals = list(blocks)
     for index in range(len(originals)):
-        blocks[index] = _StandIn(caught, last=index == len(originals) - 1)
+        blocks[index] = _StandIn(originals[index], caught, last=index == len(originals) - 1)
     try:
         base_model(input_ids=input_ids, use_cache=False)
     except _InputsCaught:
@@ -140,7 +147,7 @@ class BlockwiseModel:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the last block's output: final norm, LM head, and what the family does after it
         (Gemma's soft-capping, Cohere's and Granite's scales)."""
-        return final_logits(self.handle.adapter, self.handle.config, self.lm_head(self.norm(hidden)).float())
+        return final_logits(self.handle.adapter, self.handle.model.config, self.lm_head(self.norm(hidden)).float())
 
     def run_blocks(
         self, hidden: torch.Tensor, kwargs: list[dict], keep_inputs: bool = False

@@ -104,9 +104,9 @@ class Session:
         family with no native-format model type refuses the steps whose weights or KV cache only that holds."""
         adapter = self.handle.adapter
         if step.families is not None and (adapter.generic or adapter.family not in step.families):
-            differs = "; ".join(adapter.differs) or "another block"
             raise ValueError(
-                f"assumes the block of {', '.join(step.families)}; {adapter.family} is not one of them ({differs})"
+                f"assumes the block of {', '.join(step.families)}; {adapter.family} is not one of them "
+                f"({'; '.join(adapter.differs)})"
             )
         if writes_native_format(step) and self.recipe.export.format != "dense" and not has_native_type(adapter.family):
             raise ValueError(

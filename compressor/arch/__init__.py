@@ -98,9 +98,14 @@ FUSED_LINEARS = {
 
 ADAPTERS = (
     ArchAdapter("llama", ("llama",)),
-    ArchAdapter("mistral", ("mistral",)),
-    ArchAdapter("qwen2", ("qwen2",)),
-    ArchAdapter("qwen3", ("qwen3",), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
+    ArchAdapter("mistral", ("mistral",), differs=("sliding-window attention (some checkpoints)",)),
+    ArchAdapter("qwen2", ("qwen2",), differs=("q/k/v biases",)),
+    ArchAdapter(
+        "qwen3",
+        ("qwen3",),
+        qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"},
+        differs=("per-head q/k norms",),
+    ),
     ArchAdapter(
         "gemma2",
         ("gemma2",),

@@ -55,7 +55,7 @@ def support_matrix(catalogue: dict) -> str:
             if step["families"] is not None:
                 return "yes" if family is not None and family["family"] in step["families"] else "-"
             if step["native_format"] and (family is None or not family["native_format"]):
-                return "dense export"
+                return "dense export only"
             return "yes"
 
         lines.append(f"| `{name}` | " + " | ".join(cell(f) for f in families) + f" | {cell(None)} |")

@@ -24,13 +24,20 @@ ARCHITECTURES = {
 # own features show at 16 tokens (sliding windows of 8, multipliers other than 1, partial rotary).
 SMALL = dict(hidden_size=64, intermediate_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
 FAMILIES = {
-    "gemma2": {**SMALL, "head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma2": {
+        **SMALL,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "tie_word_embeddings": True,  # as Gemma checkpoints do
+    },
     "gemma3_text": {
         **SMALL,
         "head_dim": 16,
         "sliding_window": 8,
         "layer_types": ["sliding_attention", "full_attention"],
         "final_logit_softcapping": 30.0,
+        "tie_word_embeddings": True,
     },
     "phi3": SMALL,
     "olmo2": SMALL,

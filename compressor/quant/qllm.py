@@ -50,7 +50,15 @@ from compressor.quant.uniform import (
     round_ste,
 )
 from compressor.step import param, register_step
-from compressor.training import block_mse, cast_floating, holdout_count, micro_batches, slice_batch, train_block
+from compressor.training import (
+    block_dtype,
+    block_mse,
+    cast_floating,
+    holdout_count,
+    micro_batches,
+    slice_batch,
+    train_block,
+)
 from compressor.weights.values import expand_groups
 
 if TYPE_CHECKING:
@@ -427,7 +435,7 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         linears = context.linears(self.ignore)
         points = self.reassembly_points(context.adapter, linears)
         stats, targets = self.teacher_pass(context, points)
-        dtype = next(context.block.parameters()).dtype
+        dtype = block_dtype(context.block)
         context.block.float()  # search and training in fp32
         channel_maps, rewritten = self.search_reassembly(context, points, linears, stats, quantizer, spec)
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}

@@ -87,6 +87,8 @@ def derive_adapter(model: nn.Module, config) -> ArchAdapter:
         if not mlp or any(roles[r].rpartition(".")[0] != mlp for r in ("gate", "up")):
             problems.append("gate/up/down_proj are not children of one MLP module")
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None:
+        problems.append("no input embedding or no LM head")
     base = blocks.rpartition(".")[0]
     norms = [
         f"{base}.{name}" if base else name
@@ -121,6 +123,7 @@ class _Probe:
         self.outputs: dict[int, str] = {}  # id of an output tensor -> the module that produced it
         self.output_of: dict[str, torch.Tensor] = {}
         self.read: dict[str, torch.Tensor] = {}
+        self.kept: list[torch.Tensor] = []  # every output stays alive, so no id is reused during the probe
         self.hooks = []
         for name, module in block.named_modules():
             self.hooks.append(module.register_forward_hook(self.keep_output(name)))
@@ -131,6 +134,7 @@ class _Probe:
         def hook(module, args, output):
             tensor = output[0] if isinstance(output, tuple) else output
             if isinstance(tensor, torch.Tensor):
+                self.kept.append(tensor)
                 self.outputs.setdefault(id(tensor), name)
                 self.output_of[name] = tensor
 

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.arch import ArchAdapter, UnsupportedArchitecture, adapter_for
+from compressor.arch.generic import adapter_of
 from compressor.arch.shipped import shipped_for
 from compressor.errors import UserError
 
@@ -131,7 +132,10 @@ class ModelHandle:
             raise ModelLoadError(
                 f"{path}: already quantized (quantization_config in config.json); start from the unquantized model"
             )
-        adapter = adapter_for(config)
+        try:
+            adapter = adapter_for(config)
+        except UnsupportedArchitecture:
+            adapter = None  # no row: the generic adapter reads the skeleton (arch/generic.py)
         if not getattr(config, "num_hidden_layers", 1) or config.num_hidden_layers < 1:
             raise ModelLoadError(f"{path}: config.json says num_hidden_layers {config.num_hidden_layers}: no blocks")
         shipped = shipped_for(config.model_type)
@@ -145,6 +149,8 @@ class ModelHandle:
             dtype = checkpoint_dtype(config)
         skeleton.eval()
         skeleton.requires_grad_(False)
+        if adapter is None:
+            adapter = adapter_of(skeleton, config)
         handle = cls(path, config, adapter, skeleton, safetensors_index(path), dtype)
         handle.check_tensors()
         return handle

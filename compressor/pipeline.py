@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_block
+from compressor.blockwise import BlockwiseModel, catch_block_inputs, run_block
 from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
 from compressor.progress import track
-from compressor.recipe import Recipe
+from compressor.recipe import Recipe, writes_native_format
 from compressor.report import Report, peak_memory
 from compressor.step import RecipeError, Step
 
@@ -69,6 +69,7 @@ class Session:
     def run(self, sink=None) -> Report:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
         self.check_steps()
+        self.report.summary["architecture"] = describe_adapter(self.handle.adapter)
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
             last = number == len(passes) - 1
@@ -92,6 +93,7 @@ class Session:
         claimed: dict[str, int] = {}  # linear -> index of the step that quantizes it
         for index, step in enumerate(self.recipe.steps):
             with self.blame(step):
+                self.check_family(step)
                 step.check_config(self.handle.config)
                 linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
                 step.check_model(linears)
@@ -114,6 +116,21 @@ class Session:
                 f"needs about {needed / 2**30:.1f} GiB for one block's calibration inputs and outputs (hidden size "
                 f"{self.handle.config.hidden_size}), more than the {available / 2**30:.1f} GiB this machine has "
                 "available; use fewer samples"
+            )
+
+    def check_family(self, step: Step) -> None:
+        """The one place a step's declared ``families`` is checked against the model's, before any work; and a
+        family with no native-format model type refuses the steps whose weights or KV cache only that holds."""
+        adapter = self.handle.adapter
+        if step.families is not None and (adapter.generic or adapter.family not in step.families):
+            raise ValueError(
+                f"assumes the block of {', '.join(step.families)}; {adapter.family} is not one of them "
+                f"({'; '.join(adapter.differs)})"
+            )
+        if writes_native_format(step) and self.recipe.export.format != "dense" and not has_native_type(adapter.family):
+            raise ValueError(
+                f"writes our native format, which has no model type for {adapter.family} (compressor/arch/native); "
+                "quantize with rtn, gptq or efficientqat (compressed-tensors), or export 'dense'"
             )
 
     def check_step_order(self, index: int, step: Step, linears: dict, claimed: dict[str, int]) -> None:
@@ -210,12 +227,12 @@ class Session:
                             index=index,
                             block=block,
                             inputs=inputs,
-                            block_kwargs=kwargs,
+                            block_kwargs=kwargs[index] if needs_data else None,
                         )
                     )
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
             if needs_data and index + 1 < len(self.handle.blocks):
-                inputs = self.run_block(block, inputs, kwargs)
+                inputs = self.run_block(block, inputs, kwargs[index])
             if sink is not None:
                 sink.write_module(prefix, block)
                 self.handle.release(block)
@@ -261,8 +278,9 @@ class Session:
         return self._tokens
 
     @torch.no_grad()
-    def capture_block_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
-        """Embed the calibration tokens and catch what the model hands its first block."""
+    def capture_block_inputs(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """Embed the calibration tokens and catch what the model hands its first block (hidden states, one
+        tensor per batch) and every block (keyword arguments: ``kwargs[block][batch]``)."""
         embed = self.handle.adapter.embed_tokens
         self.handle.materialize(embed, self.device, self.compute_dtype)
         base_model = self.handle.base_model
@@ -270,16 +288,34 @@ class Session:
             for name, buffer in buffer_owner.named_buffers(recurse=False):
                 if buffer.device != self.device and not buffer.is_meta:
                     setattr(buffer_owner, name, buffer.to(self.device))
-        captured_inputs, captured_kwargs = [], []
+        captured_inputs, captured_kwargs = [], [[] for _ in self.handle.blocks]
         for batch in self.calibration_tokens().split(self.batch_size):
-            hidden, kwargs = catch_first_block_inputs(base_model, self.handle.blocks[0], batch.to(self.device))
+            hidden, kwargs = catch_block_inputs(base_model, self.handle.blocks, batch.to(self.device))
             captured_inputs.append(hidden)
-            captured_kwargs.append(kwargs)
+            for index, block_kwargs in enumerate(kwargs):
+                captured_kwargs[index].append(block_kwargs)
         self.handle.release(self.handle.model.get_submodule(embed))
         return captured_inputs, captured_kwargs
 
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
         return run_block(block, inputs, kwargs)
+
+
+def describe_adapter(adapter) -> str:
+    """The report's line on how the model was read: its family's adapter, or the generic one and what its probe
+    found."""
+    if not adapter.generic:
+        return f"{adapter.family} (hand-written adapter)"
+    groups = ", ".join(f"{adapter.norms[n]} -> {'/'.join(roles)}" for n, roles in adapter.norm_inputs.items())
+    raw = ", ".join(f"residual stream -> {'/'.join(roles)}" for roles in adapter.raw_inputs)
+    found = ", ".join(filter(None, (groups, raw)))
+    return f"{adapter.family} (no hand-written adapter: the generic one, confirmed by a probe: {found})"
+
+
+def has_native_type(family: str) -> bool:
+    from compressor.arch.shipped import architecture
+
+    return architecture("native").model_type_for(family) is not None
 
 
 def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:

@@ -223,6 +223,8 @@ class Step(Config):
 
     ``needs_calibration`` is False for data-free steps (RTN), which then never run a forward pass.
     ``quantizes_weights`` and ``changes_architecture`` feed the order rules (``pipeline.check_step_order``).
+    ``families`` names the architecture families (``compressor.arch.ADAPTERS`` rows) whose block structure the
+    step assumes; None: every family with an adapter, hand-written or generic (``pipeline.check_family``).
     """
 
     name: ClassVar[str] = ""
@@ -235,6 +237,7 @@ class Step(Config):
     changes_architecture: ClassVar[bool] = False
     writes_plain_uniform: ClassVar[bool] = False  # weights for compressed-tensors/GPTQ, not our native format
     declares_kv_cache: ClassVar[bool] = False  # a quantized KV cache, which only our native format records
+    families: ClassVar[tuple[str, ...] | None] = None  # the families whose block it assumes (None: any)
 
     @classmethod
     def summary(cls) -> str:

@@ -19,6 +19,44 @@ ARCHITECTURES = {
     "qwen3": {"head_dim": 32},  # set explicitly, as Qwen3 configs do  # per-head q/k RMSNorm
 }
 
+# Every other family with an adapter (and a few read through the generic one, arch/generic.py): a tiny config
+# of each (hidden 64), its special token ids inside the 320-token vocabulary, and whatever makes the family's
+# own features show at 16 tokens (sliding windows of 8, multipliers other than 1, partial rotary).
+SMALL = dict(hidden_size=64, intermediate_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+FAMILIES = {
+    "gemma2": {
+        **SMALL,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "tie_word_embeddings": True,  # as Gemma checkpoints do
+    },
+    "gemma3_text": {
+        **SMALL,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "final_logit_softcapping": 30.0,
+        "tie_word_embeddings": True,
+    },
+    "phi3": SMALL,
+    "olmo2": SMALL,
+    "granite": {
+        **SMALL,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.2,
+        "logits_scaling": 4.0,
+    },
+    "glm4": {**SMALL, "head_dim": 16},
+    "cohere": {**SMALL, "logit_scale": 0.5},
+    "stablelm": SMALL,
+    # no hand-written adapter: read through arch/generic.py
+    "helium": {**SMALL, "head_dim": 16},
+    "olmo3": {**SMALL, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi": SMALL,  # refused by the generic adapter (dense / fc1 / fc2, attention and MLP in parallel)
+}
+
 TOKENIZER_TEXT = (
     "The quick brown fox jumps over the lazy dog. Compression keeps the model small and fast. Quantization rounds "
     "each weight to a grid; calibration text shows which weights matter. "
@@ -49,7 +87,7 @@ def random_config(architecture: str, **overrides):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    settings.update(ARCHITECTURES[architecture])
+    settings.update(ARCHITECTURES[architecture] if architecture in ARCHITECTURES else FAMILIES[architecture])
     settings.update(overrides)
     return AutoConfig.for_model(architecture, **settings)
 
@@ -57,7 +95,7 @@ def random_config(architecture: str, **overrides):
 def make_random_model(
     architecture: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
 ) -> Path:
-    """Write a random-weight checkpoint of ``architecture`` (llama, mistral, qwen2, qwen3) to ``folder``."""
+    """A random-weight checkpoint of ``architecture`` (a key of ``ARCHITECTURES`` or ``FAMILIES``) in ``folder``."""
     folder = Path(folder)
     torch.manual_seed(seed)
     config = random_config(architecture, **overrides)

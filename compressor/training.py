@@ -121,12 +121,19 @@ def micro_batches(
     return batches
 
 
+def block_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype a block computes in: its first floating tensor's (a block may hold no parameter once its
+    linears are quantized and its norms carry no weight, as OLMo's)."""
+    tensors = [*block.parameters(), *block.buffers()]
+    return next(t.dtype for t in tensors if t.is_floating_point())
+
+
 def block_mse(block: nn.Module, batches: list[tuple]) -> float:
     """Mean reconstruction MSE of ``block`` over ``batches`` (sample-weighted)."""
     total = count = 0.0
     with torch.no_grad():
         for x, y, kw in batches:
-            dtype = next(block.parameters()).dtype
+            dtype = block_dtype(block)
             out = first_output(block(x.to(dtype), **cast_floating(kw, dtype)))
             total += float(F.mse_loss(out.float(), y.float())) * len(x)
             count += len(x)

@@ -38,7 +38,7 @@ from compressor.quant.uniform import (
     storable_scale,
 )
 from compressor.step import param, register_step
-from compressor.training import block_mse, holdout_count, micro_batches, train_block
+from compressor.training import block_dtype, block_mse, holdout_count, micro_batches, train_block
 from compressor.weights.values import UniformWeight
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ class EfficientQATBlockAP(UniformQuantizer):
         targets = context.forward(inputs=fp_inputs)  # the fp block on fp inputs
         context.state["fp_inputs"] = None if context.index == context.num_blocks - 1 else targets
 
-        block, dtype = context.block, next(context.block.parameters()).dtype
+        block, dtype = context.block, block_dtype(context.block)
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
         fake = {
             name: FakeQuantLinear(linear, self.bits, self.group_size, self.symmetric)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from compressor.arch import norm_linear_groups
+from compressor.arch import input_groups
 from compressor.quant.uniform import UniformQuantizer, minmax_params, quantize_codes, quantize_uniform, relative_error
 from compressor.step import param, register_step
 from compressor.weights.values import UniformWeight
@@ -169,9 +169,10 @@ def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor)
 
 def sequential_groups(adapter, linears: dict) -> list[list[str]]:
     """The linears of ``linears`` (paths in the block) in the order their Hessians are taken: the adapter's
-    projections in its order, those reading one norm's output together ((q,k,v), o, (gate,up), down for
-    Llama), then every other linear alone, in block order."""
-    together = {path: group for group in norm_linear_groups(adapter).values() for path in group}
+    projections in its order, those reading one input together ((q,k,v), o, (gate,up), down for Llama; a
+    norm's readers or a group reading the residual stream, ``arch.input_groups``), then every other linear
+    alone, in block order."""
+    together = {path: group for group in input_groups(adapter) for path in group}
     groups, placed = [], set()
     for path in adapter.linears.values():
         if path in placed:

@@ -37,8 +37,18 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
     ("uniform 4b, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1, num_stages=1)),
     ("uniform 4b, 128x16, 4 warps", dict(bits=4, block=(1, 128, 16), num_warps=4)),
     ("uniform 4b, 128x64, 4 warps", dict(bits=4, block=(1, 128, 64), num_warps=4)),
-    ("uniform 3b, 512x32, 4 warps", dict(bits=3, block=(1, 512, 32), num_warps=4)),
-    ("uniform 3b, 512x32, 4 warps, unroll 4", dict(bits=3, block=(1, 512, 32), num_warps=4, unroll=4)),
+    ("uniform 3b planes, 512x32, 4 warps", dict(bits=3, layout="planes", block=(1, 512, 32), num_warps=4)),
+    (
+        "uniform 3b planes, 512x32, 4 warps, unroll 4",
+        dict(bits=3, layout="planes", block=(1, 512, 32), num_warps=4, unroll=4),
+    ),
+    ("uniform 3b tens, 512x32, 4 warps", dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=4)),
+    ("uniform 3b tens, 512x32, 2 warps", dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=2)),
+    (
+        "uniform 3b tens, 512x32, 4 warps, unroll 4",
+        dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=4, unroll=4),
+    ),
+    ("uniform 3b tens, 512x64, 4 warps", dict(bits=3, layout="tens", block=(1, 512, 64), num_warps=4)),
     ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4)),
     ("uniform 8b, 512x16, 4 warps", dict(bits=8, block=(1, 512, 16), num_warps=4)),
     ("uniform 4b, M16 tensor cores, 64x64, 4 warps", dict(bits=4, block=(16, 64, 64), num_warps=4)),
@@ -47,6 +57,14 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
     (
         "lut 4b registers, 512x16, 4 warps",
         dict(bits=4, lut=True, lut_mode="registers", block=(1, 512, 16), num_warps=4),
+    ),
+    (
+        "lut 4b codemajor, 512x16, 4 warps",
+        dict(bits=4, lut=True, lut_mode="codemajor", block=(1, 512, 16), num_warps=4),
+    ),
+    (
+        "lut 4b codemajor, 512x16, 2 warps",
+        dict(bits=4, lut=True, lut_mode="codemajor", block=(1, 512, 16), num_warps=2),
     ),
     ("lut 3b global, 512x32, 4 warps", dict(bits=3, lut=True, block=(1, 512, 32), num_warps=4)),
 ]

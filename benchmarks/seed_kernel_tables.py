@@ -2,7 +2,8 @@
 
 The seed is what can be said without a GPU at hand, each entry saying where it came from:
 
-* every key: the heuristic ``heuristics.gpu_config`` for an H100-sized GPU (132 SMs): the
+* every key: the heuristic ``heuristics.gpu_config`` for an H100-sized GPU (132 SMs; codebooks with
+  ``heuristics.codebook_config``, the code-major table at decode on CUDA cores): the
   one-launch decode kernel up to M = 16 (BLOCK_N and the serial split-K sized so that about two
   programs run per SM while the fp32 partials stay small), the fused gemm below M = 64, and
   dequantize + cuBLAS from M = 64 (the H200 run of 2026-11-27 measured the fused tiles at
@@ -29,6 +30,7 @@ import json
 from pathlib import Path
 
 from compressor.kernels.heuristics import (
+    codebook_config,
     decode_block_k,
     decode_block_m,
     decode_split_cap,
@@ -68,6 +70,8 @@ HEURISTIC = "heuristic gpu_config (132 SMs), unmeasured"
 
 def entry(kind, bits, group, n, k, m) -> dict:
     config, source = gpu_config(m, n, k, group, 132, bits), HEURISTIC
+    if kind == "lut":
+        config = codebook_config(config, bits)
     if kind == "uniform" and bits == 4 and group == 128:
         if m == 1 and (n, k) in GEMLITE_GEMV:
             block_n, warps, stages = GEMLITE_GEMV[n, k]

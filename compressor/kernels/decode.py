@@ -20,7 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.codes import affine_values, dequant_affine, load_codes, load_mantissas, scale_row, store_output
+from compressor.kernels.codes import (
+    affine_values,
+    codebook_products,
+    dequant_affine,
+    load_codes,
+    load_mantissas,
+    scale_row,
+    store_output,
+    tens_products,
+)
 
 
 @triton.jit
@@ -47,6 +56,7 @@ def _uniform_rows(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UNROLL: tl.constexpr,
+    TENS: tl.constexpr,
 ):
     """The decode reduction on CUDA cores for uniform weights whose K-tiles lie inside one group.
 
@@ -69,7 +79,31 @@ def _uniform_rows(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for unit in range(pid_k * per, tl.minimum(units, pid_k * per + per)):
         g0 = unit * (TILES * BLOCK_K)
-        if TILES == 1:  # reduce the tile's products directly (lets the compiler fuse them into FMAs)
+        if TENS:  # 3-bit "tens" words: one AND and one FMA per field (``codes.tens_products``)
+            summed = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+            for tile in tl.static_range(TILES):
+                tile_sum, tile_x = tens_products(
+                    x_ptr,
+                    w_ptr,
+                    g0 + tile * BLOCK_K,
+                    offs_m,
+                    mask_m,
+                    offs_n,
+                    mask_n,
+                    rows_per_bit,
+                    K,
+                    N,
+                    stride_xm,
+                    stride_xk,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
+                summed += tile_sum
+                x_sum += tile_x
+            xu = summed
+        elif TILES == 1:  # reduce the tile's products directly (lets the compiler fuse them into FMAs)
             offs_k = g0 + tl.arange(0, BLOCK_K)
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -97,7 +131,8 @@ def _uniform_rows(
                 x_sums += x
             summed = tl.sum(products, axis=1)
             x_sum = tl.sum(x_sums, axis=1)[:, None]
-        xu = (summed - x_sum) * (1 << BITS)  # sum_k x u
+        if not TENS:
+            xu = (summed - x_sum) * (1 << BITS)  # sum_k x u
         s, zs = scale_row(scale_ptr, zs_ptr, g0, offs_n, mask_n, N, GROUP, ASYM)
         if ASYM:  # zs = -z * s
             acc += xu * s[None, :] + x_sum * zs[None, :]
@@ -138,6 +173,8 @@ def _decode_kernel(
     INPUT_PRECISION: tl.constexpr,
     FACTOR: tl.constexpr,
     UNROLL: tl.constexpr,
+    TENS: tl.constexpr,
+    LOG_NP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -173,7 +210,31 @@ def _decode_kernel(
             BLOCK_N,
             BLOCK_K,
             UNROLL,
+            TENS,
         )
+    elif LOG_NP > 0 and BLOCK_M < 16:  # codebooks on CUDA cores, code-major table (``codes.codebook_products``)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+            acc += codebook_products(
+                x_ptr,
+                w_ptr,
+                meta_ptr,
+                k0,
+                offs_m,
+                mask_m,
+                offs_n,
+                mask_n,
+                rows_per_bit,
+                K,
+                N,
+                stride_xm,
+                stride_xk,
+                BITS,
+                LOG_NP,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+            )
     else:
         table = TABLE(meta_ptr, offs_n, mask_n, BITS, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -186,7 +247,7 @@ def _decode_kernel(
                 other=0.0,
                 eviction_policy="evict_last",
             )
-            u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+            u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N, TENS)
             if FACTOR:  # uniform on tensor cores, tile inside one group: y += s * (x @ (u - z)), scale once per tile
                 v = affine_values(u, BITS, ASYM)
                 s, zs = scale_row(meta_ptr, zs_ptr, k0, offs_n, mask_n, N, GROUP, ASYM)
@@ -242,10 +303,13 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-def decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common: dict, atomic: bool) -> torch.Tensor:
+def decode_matmul(
+    x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common: dict, atomic: bool, log_np: int = 0
+) -> torch.Tensor:
     """Launch the decode kernel for x [M, K]: y in x's dtype, or with ``atomic`` (outliers to add) the
     fp32 workspace without the bias. ``zs`` is the kernel's zero-shift argument (``meta`` when there
-    is none); ``common`` the constexprs and launch options the fused schedules share."""
+    is none); ``common`` the constexprs and launch options the fused schedules share; ``log_np`` > 0:
+    ``meta`` is a code-major codebook table with rows of 2**log_np (``codes.codebook_products``)."""
     m, k = x.shape
     if m > config.block_m:
         raise ValueError(f"the decode schedule takes all M rows in one program: M={m} > block_m={config.block_m}")
@@ -280,6 +344,7 @@ def decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, comm
         EPILOGUE=epilogue,
         FACTOR=common["DEQUANT"] is dequant_affine and common["SCALE_ROW"],
         UNROLL=config.unroll,
+        LOG_NP=log_np,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

@@ -40,6 +40,7 @@ def _gemm_kernel(
     DEQUANT: tl.constexpr,
     TABLE: tl.constexpr,
     BITS: tl.constexpr,
+    TENS: tl.constexpr,
     GROUP: tl.constexpr,
     ASYM: tl.constexpr,
     SCALE_ROW: tl.constexpr,
@@ -78,7 +79,7 @@ def _gemm_kernel(
             other=0.0,
             eviction_policy="evict_last",
         )
-        u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+        u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N, TENS)
         w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
         acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     _epilogue(out_ptr, bias_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS, ATOMIC)

@@ -13,7 +13,10 @@ Triton ships, finds the K loop (the innermost loop holding the multiply-adds) an
 instructions by the weights one thread handles per iteration. A static count: no latency, no
 memory, no occupancy -- a floor check to run before a GPU is at hand.
 
-    python benchmarks/kernel_sass.py            # prints one line per variant
+    python benchmarks/kernel_sass.py            # one line per variant: count, budgets, verdict
+    python benchmarks/kernel_sass.py --only tens
+
+The budgets are for the codes' bytes alone (group metadata and the codebooks add a few percent).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
         dict(bits=4, lut=True, lut_mode="codemajor", block=(1, 512, 16), num_warps=4),
     ),
     (
-        "lut 4b codemajor, 512x16, 2 warps",
+        "lut 4b codemajor, 512x16, 2 warps (spills 28 bytes)",
         dict(bits=4, lut=True, lut_mode="codemajor", block=(1, 512, 16), num_warps=2),
     ),
     ("lut 3b global, 512x32, 4 warps", dict(bits=3, lut=True, block=(1, 512, 32), num_warps=4)),
@@ -111,6 +114,15 @@ def k_loop(lines: list[str]) -> list[str]:
     return best
 
 
+ISSUE = 132 * 4 * 32 * 1.98e9  # thread-instructions/s of an H100 SXM (and an H200: the same SMs and clock)
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s
+
+
+def budget(bits: int, device: str = "H100") -> float:
+    """Instructions per weight a ``bits``-wide decode may issue before issue, not memory, sets the pace."""
+    return ISSUE / (BANDWIDTH[device] * 8 / bits)
+
+
 def per_weight(name: str, options: dict) -> str:
     options = {"split_k": 8, "epilogue": 1, **options}
     kernel, types_, constexprs, warps, stages = matmul_variant("decode", "fp16", **options)
@@ -125,7 +137,13 @@ def per_weight(name: str, options: dict) -> str:
     top = ", ".join(
         f"{op} {n / (weights_per_thread * tiles):.2f}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6]
     )
-    return f"{name}: {len(body) / (weights_per_thread * tiles):.2f} instructions per weight ({top})"
+    count = len(body) / (weights_per_thread * tiles)
+    h100, h200 = budget(options["bits"]), budget(options["bits"], "H200")
+    verdict = "within" if count <= h100 else "OVER"
+    return (
+        f"{name}: {count:.2f} instructions per weight, budget {h100:.2f} H100 / {h200:.2f} H200: "
+        f"{verdict} the H100 budget ({top})"
+    )
 
 
 def main(argv=None):

@@ -145,6 +145,43 @@ STORE, SERIAL, ATOMIC = 0, 1, 2  # decode epilogues (the kernel spells them as l
 
 
 @triton.jit
+def _add_outliers(
+    x_ptr,
+    crow_ptr,
+    rows_ptr,
+    cols_ptr,
+    vals_ptr,
+    part_ptr,
+    offs_m,
+    mask_m,
+    pid_n,
+    pid_k,
+    SPLIT_K,
+    M,
+    N,
+    stride_xm,
+    stride_xk,
+    BLOCK_N: tl.constexpr,
+):
+    """part[pid_k, m, row] += val * x[m, col] for the outliers of N-tile pid_n (rows sorted, so its
+    entries are one run [crow[n0], crow[n0 + BLOCK_N])), the run split over the SPLIT_K programs.
+    SqueezeLLM's sparse part inside the one decode launch: no zeroed workspace, no second kernel."""
+    n0 = pid_n * BLOCK_N
+    start = tl.load(crow_ptr + n0)
+    end = tl.load(crow_ptr + tl.minimum(n0 + BLOCK_N, N))
+    for e0 in range(start + pid_k * 64, end, SPLIT_K * 64):
+        offs = e0 + tl.arange(0, 64)
+        mask_e = offs < end
+        rows = tl.load(rows_ptr + offs, mask=mask_e, other=0)
+        cols = tl.load(cols_ptr + offs, mask=mask_e, other=0)
+        vals = tl.load(vals_ptr + offs, mask=mask_e, other=0.0).to(tl.float32)
+        mask = mask_m[:, None] & mask_e[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        added = x.to(tl.float32) * vals[None, :]
+        tl.atomic_add(part_ptr + (pid_k * M + offs_m[:, None]) * N + rows[None, :], added, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _decode_kernel(
     x_ptr,
     w_ptr,
@@ -154,6 +191,10 @@ def _decode_kernel(
     out_ptr,
     part_ptr,
     count_ptr,
+    crow_ptr,
+    orows_ptr,
+    ocols_ptr,
+    ovals_ptr,
     M,
     N,
     K,
@@ -175,6 +216,7 @@ def _decode_kernel(
     UNROLL: tl.constexpr,
     TENS: tl.constexpr,
     LOG_NP: tl.constexpr,
+    OUTLIERS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -270,6 +312,26 @@ def _decode_kernel(
     else:  # SERIAL: store the partial; the last program to arrive at a column reduces it
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask, cache_modifier=".cg")
         tl.debug_barrier()  # every thread's partial is written before the release below
+        if OUTLIERS:  # this split's share of the tile's outliers, added into its own partial
+            _add_outliers(
+                x_ptr,
+                crow_ptr,
+                orows_ptr,
+                ocols_ptr,
+                ovals_ptr,
+                part_ptr,
+                offs_m,
+                mask_m,
+                pid_n,
+                pid_k,
+                SPLIT_K,
+                M,
+                N,
+                stride_xm,
+                stride_xk,
+                BLOCK_N,
+            )
+            tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + offs_n, 1, mask=mask_n, sem="acq_rel", scope="gpu")
         tl.debug_barrier()
         last = mask_n & (arrived == SPLIT_K - 1)
@@ -304,19 +366,20 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def decode_matmul(
-    x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common: dict, atomic: bool, log_np: int = 0
+    x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common: dict, atomic: bool, log_np: int = 0, outliers=None
 ) -> torch.Tensor:
     """Launch the decode kernel for x [M, K]: y in x's dtype, or with ``atomic`` (outliers to add) the
     fp32 workspace without the bias. ``zs`` is the kernel's zero-shift argument (``meta`` when there
     is none); ``common`` the constexprs and launch options the fused schedules share; ``log_np`` > 0:
-    ``meta`` is a code-major codebook table with rows of 2**log_np (``codes.codebook_products``)."""
+    ``meta`` is a code-major codebook table with rows of 2**log_np (``codes.codebook_products``);
+    ``outliers`` (``PackedOutliers`` with ``crow``): added inside the launch (serial epilogue)."""
     m, k = x.shape
     if m > config.block_m:
         raise ValueError(f"the decode schedule takes all M rows in one program: M={m} > block_m={config.block_m}")
     if atomic:
         epilogue = ATOMIC
     else:
-        epilogue = SERIAL if config.split_k > 1 else STORE
+        epilogue = SERIAL if config.split_k > 1 or outliers is not None else STORE
     if epilogue == ATOMIC:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
@@ -333,6 +396,7 @@ def decode_matmul(
         out,
         part,
         counts,
+        *((outliers.crow, outliers.rows, outliers.cols, outliers.vals) if outliers is not None else (counts,) * 4),
         m,
         n,
         k,
@@ -345,6 +409,7 @@ def decode_matmul(
         FACTOR=common["DEQUANT"] is dequant_affine and common["SCALE_ROW"],
         UNROLL=config.unroll,
         LOG_NP=log_np,
+        OUTLIERS=outliers is not None,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

@@ -216,10 +216,11 @@ class PackedLUT:
 class PackedOutliers:
     """Outliers as COO (one row index per entry), so a kernel can split them evenly by entries."""
 
-    rows: torch.Tensor  # int32 [nnz]
+    rows: torch.Tensor  # int32 [nnz], sorted
     cols: torch.Tensor  # int32 [nnz]
     vals: torch.Tensor  # float [nnz]
     shape: tuple[int, int]
+    crow: torch.Tensor | None = None  # int32 [N + 1]: row n's entries are [crow[n], crow[n + 1])
 
     @property
     def nnz(self) -> int:
@@ -263,7 +264,11 @@ def pack_outliers(outliers: SparseOutliers) -> PackedOutliers:
     crow = outliers.crow.long()
     rows = torch.repeat_interleave(torch.arange(outliers.shape[0], device=crow.device), crow[1:] - crow[:-1])
     return PackedOutliers(
-        rows.to(torch.int32), outliers.col.to(torch.int32).contiguous(), outliers.val.contiguous(), outliers.shape
+        rows.to(torch.int32),
+        outliers.col.to(torch.int32).contiguous(),
+        outliers.val.contiguous(),
+        outliers.shape,
+        crow.to(torch.int32).contiguous(),
     )
 
 

@@ -106,8 +106,9 @@ def quantized_matmul(
     }
     zs_arg = zs if zs is not None else meta
     if config.schedule == "decode":
-        atomic = outliers is not None
-        out = decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs_arg, bias, config, common, atomic, log_np)
+        atomic = outliers is not None and outliers.crow is None  # with row pointers: inside the one launch
+        fused = None if atomic else outliers
+        out = decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs_arg, bias, config, common, atomic, log_np, fused)
     else:
         atomic = config.split_k > 1 or outliers is not None
         out = gemm_matmul(x, packed_codes, rows_per_bit, n, meta, zs_arg, bias, config, common, atomic)

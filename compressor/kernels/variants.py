@@ -34,11 +34,13 @@ def matmul_variant(
     lut_mode="global",
     unroll=1,
     layout=None,
+    outliers=False,
 ):
     """(kernel, pointer types, constexprs, num_warps, num_stages) of one ``decode``, ``gemm`` or
     ``dequant`` variant; ``epilogue`` is the decode kernel's (0 store, 1 serial split-K, 2 atomic);
     ``layout`` the codes' ("planes" or "tens"; default: what the weight kind packs); ``lut_mode``
-    "codemajor" compiles the code-major table path for a 4096-column table."""
+    "codemajor" compiles the code-major table path for a 4096-column table; ``outliers`` the decode
+    kernel's in-launch outlier add (serial epilogue)."""
     pointer, dot = FLOAT[dtype]
     layout = layout or ("planes" if lut else kernel_layout(bits))  # what ``packing.pack_uniform`` builds
     block_m, block_n, block_k = block
@@ -51,6 +53,10 @@ def matmul_variant(
         "out_ptr": "*fp32" if atomic or epilogue == 2 else pointer,
         "part_ptr": "*fp32",
         "count_ptr": "*i32",
+        "crow_ptr": "*i32",
+        "orows_ptr": "*i32",
+        "ocols_ptr": "*i32",
+        "ovals_ptr": "*fp16",
     }
     codemajor = lut and lut_mode == "codemajor"
     if codemajor:
@@ -82,6 +88,7 @@ def matmul_variant(
             FACTOR=not lut and constexprs["SCALE_ROW"],
             UNROLL=unroll,
             LOG_NP=12 if codemajor else 0,
+            OUTLIERS=outliers,
             INPUT_PRECISION=precision,
             BLOCK_M=block_m,
             BLOCK_N=block_n,

@@ -143,3 +143,41 @@ def outliers_dense_t(outliers):
     from compressor.kernels.reference import outliers_dense
 
     return outliers_dense(outliers).t().to(DEVICE)
+
+
+@pytest.mark.parametrize("m,block_m,split_k", [(1, 1, 4), (3, 4, 1), (16, 16, 2)])
+def test_decode_with_outliers_is_one_launch(monkeypatch, m, block_m, split_k):
+    """Dense-and-sparse at decode: the outliers are added inside the decode launch (each split adds its
+    share of the N-tile's entries into its own partial before the serial reduction): no outlier kernel,
+    no zeroed workspace, no cast; dense rows, empty rows and duplicate columns included."""
+    from compressor.kernels import decode, sparse
+
+    weights = Weights(m)
+    base = [weights.uniform(N, 72, 3, 32), weights.lut(N, 72, 4)]
+    outliers = weights.outliers(N, 72)
+    x = weights.x(m, 72, torch.float16)
+    bias = weights.bias(N, torch.float16)
+    sparse_part = pack_outliers(outliers)
+    expected = [exact_linear(x, w, bias) + x.float() @ outliers_dense_t(sparse_part) for w in base]
+    config = KernelConfig("decode", block_m=block_m, block_n=16, block_k=32, split_k=split_k, lut="codemajor")
+    runs = [(uniform_linear, pack_uniform(base[0])), (lut_linear, pack_lut(base[1]))]
+    decode.arrival_counters(x.device, N)
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(decode, "_decode_kernel", Counting(decode._decode_kernel))
+    monkeypatch.setattr(sparse, "_outlier_kernel", None)  # the separate outlier kernel is not used
+    monkeypatch.setattr(torch, "zeros", None)
+    outputs = [linear(x, dense, bias, config, sparse_part) for linear, dense in runs]
+    monkeypatch.undo()
+    assert len(launches) == 2
+    for y, want in zip(outputs, expected):
+        assert_matches(y, want, torch.float16, "dense-and-sparse")
+    assert int(decode.arrival_counters(x.device, N).abs().sum()) == 0

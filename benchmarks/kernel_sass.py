@@ -35,11 +35,19 @@ from compressor.kernels.variants import TARGET, matmul_variant
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
-    ("uniform 4b, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4)),
-    ("uniform 4b, 512x16, 4 warps, unroll 4", dict(bits=4, block=(1, 512, 16), num_warps=4, unroll=4)),
-    ("uniform 4b, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1, num_stages=1)),
-    ("uniform 4b, 128x16, 4 warps", dict(bits=4, block=(1, 128, 16), num_warps=4)),
-    ("uniform 4b, 128x64, 4 warps", dict(bits=4, block=(1, 128, 64), num_warps=4)),
+    ("uniform 4b, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4, fields=False)),
+    (
+        "uniform 4b, 512x16, 4 warps, unroll 4",
+        dict(bits=4, block=(1, 512, 16), num_warps=4, unroll=4, fields=False),
+    ),
+    ("uniform 4b, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1, num_stages=1, fields=False)),
+    ("uniform 4b, 128x16, 4 warps", dict(bits=4, block=(1, 128, 16), num_warps=4, fields=False)),
+    ("uniform 4b, 128x64, 4 warps", dict(bits=4, block=(1, 128, 64), num_warps=4, fields=False)),
+    ("uniform 4b fields, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4)),
+    ("uniform 4b fields, 512x16, 2 warps", dict(bits=4, block=(1, 512, 16), num_warps=2)),
+    ("uniform 4b fields, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1)),
+    ("uniform 2b fields, 512x16, 2 warps", dict(bits=2, block=(1, 512, 16), num_warps=2)),
+    ("uniform 8b fields, 512x16, 2 warps", dict(bits=8, block=(1, 512, 16), num_warps=2)),
     ("uniform 3b planes, 512x32, 4 warps", dict(bits=3, layout="planes", block=(1, 512, 32), num_warps=4)),
     (
         "uniform 3b planes, 512x32, 4 warps, unroll 4",
@@ -52,8 +60,8 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
         dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=4, unroll=4),
     ),
     ("uniform 3b tens, 512x64, 4 warps", dict(bits=3, layout="tens", block=(1, 512, 64), num_warps=4)),
-    ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4)),
-    ("uniform 8b, 512x16, 4 warps", dict(bits=8, block=(1, 512, 16), num_warps=4)),
+    ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4, fields=False)),
+    ("uniform 8b, 512x16, 4 warps", dict(bits=8, block=(1, 512, 16), num_warps=4, fields=False)),
     ("uniform 4b, M16 tensor cores, 64x64, 4 warps", dict(bits=4, block=(16, 64, 64), num_warps=4)),
     ("uniform 4b, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2)),
     ("lut 4b global, 512x16, 4 warps", dict(bits=4, lut=True, block=(1, 512, 16), num_warps=4)),

@@ -307,6 +307,80 @@ def tens_products(
 
 
 @triton.jit
+def plane_products(
+    x_ptr,
+    w_ptr,
+    k0,
+    offs_m,
+    mask_m,
+    offs_n,
+    mask_n,
+    rows_per_bit,
+    K,
+    N,
+    stride_xm,
+    stride_xk,
+    BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``tens_products`` for 2-, 4- and 8-bit codes in the planes layout (one plane: 32 / BITS codes
+    per word at bits BITS j): the fields inside bits 0..22 are read as they are, the others from the
+    word shifted right by 12 (4-bit), 10 (2-bit) or 16 (8-bit); one AND and one FMA per code."""
+    if x_ptr.dtype.element_ty == tl.float16:
+        C: tl.constexpr = 40
+        TWO_C: tl.constexpr = 1099511627776.0
+    else:
+        C: tl.constexpr = 64
+        TWO_C: tl.constexpr = 18446744073709551616.0
+    PER_WORD: tl.constexpr = 32 // BITS
+    DIRECT: tl.constexpr = 23 // BITS  # fields j < DIRECT end inside bit 22
+    if BITS == 4:
+        SHIFT: tl.constexpr = 12
+    elif BITS == 2:
+        SHIFT: tl.constexpr = 10
+    else:
+        SHIFT: tl.constexpr = 16
+    MASK: tl.constexpr = (1 << BITS) - 1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+    for word in tl.static_range(BLOCK_K // PER_WORD):
+        k = k0 + word * PER_WORD
+        row = k // PER_WORD
+        w = tl.load(
+            w_ptr + row * N + offs_n[None, :],
+            mask=(mask_n & (offs_n * 0 + row < rows_per_bit * BITS))[None, :],
+            other=0,
+            eviction_policy="evict_first",
+        )
+        high = w >> SHIFT
+        for j in tl.static_range(DIRECT):
+            acc, x_sum = _field(
+                acc, x_sum, w, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, BITS * j, MASK, C, 0, True
+            )
+        for j in tl.static_range(DIRECT, PER_WORD):
+            acc, x_sum = _field(
+                acc,
+                x_sum,
+                high,
+                x_ptr,
+                k + j,
+                offs_m,
+                mask_m,
+                K,
+                stride_xm,
+                stride_xk,
+                BITS * j - SHIFT,
+                MASK,
+                C,
+                0,
+                True,
+            )
+    return acc * TWO_C, x_sum
+
+
+@triton.jit
 def codebook_products(
     x_ptr,
     w_ptr,

@@ -10,8 +10,10 @@ writes x's dtype and resets the counter to 0 for the next launch (CUTLASS's "ser
 semaphore, per column). No zero-fill kernel, no cast kernel. SPLIT_K is a runtime argument (one
 compiled kernel serves every split; only "split or not" is compile-time). The counters are one
 int32 per output column, zeroed once per (device, stream) and left at zero by every launch
-(``arrival_counters``). With sparse outliers it adds atomically into a zeroed fp32 workspace
-instead, which the caller finishes (``uniform.quantized_matmul``).
+(``arrival_counters``). Sparse outliers (dense-and-sparse, with CSR row pointers) are added inside
+the same launch: each split adds its share of the N-tile's outlier run into its own partial
+(``_add_outliers``) before the serial reduction. 3-bit "tens" codes and code-major codebooks take
+their own CUDA-core loops (``codes.tens_products``, ``codes.codebook_products``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from compressor.kernels.codes import (
     dequant_affine,
     load_codes,
     load_mantissas,
+    plane_products,
     scale_row,
     store_output,
     tens_products,
@@ -57,6 +60,7 @@ def _uniform_rows(
     BLOCK_K: tl.constexpr,
     UNROLL: tl.constexpr,
     TENS: tl.constexpr,
+    FIELDS: tl.constexpr,
 ):
     """The decode reduction on CUDA cores for uniform weights whose K-tiles lie inside one group.
 
@@ -79,27 +83,47 @@ def _uniform_rows(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for unit in range(pid_k * per, tl.minimum(units, pid_k * per + per)):
         g0 = unit * (TILES * BLOCK_K)
-        if TENS:  # 3-bit "tens" words: one AND and one FMA per field (``codes.tens_products``)
+        if TENS or FIELDS:  # one AND and one FMA per code (``codes.tens_products``, ``codes.plane_products``)
             summed = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
             for tile in tl.static_range(TILES):
-                tile_sum, tile_x = tens_products(
-                    x_ptr,
-                    w_ptr,
-                    g0 + tile * BLOCK_K,
-                    offs_m,
-                    mask_m,
-                    offs_n,
-                    mask_n,
-                    rows_per_bit,
-                    K,
-                    N,
-                    stride_xm,
-                    stride_xk,
-                    BLOCK_M,
-                    BLOCK_N,
-                    BLOCK_K,
-                )
+                if TENS:
+                    tile_sum, tile_x = tens_products(
+                        x_ptr,
+                        w_ptr,
+                        g0 + tile * BLOCK_K,
+                        offs_m,
+                        mask_m,
+                        offs_n,
+                        mask_n,
+                        rows_per_bit,
+                        K,
+                        N,
+                        stride_xm,
+                        stride_xk,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                    )
+                else:
+                    tile_sum, tile_x = plane_products(
+                        x_ptr,
+                        w_ptr,
+                        g0 + tile * BLOCK_K,
+                        offs_m,
+                        mask_m,
+                        offs_n,
+                        mask_n,
+                        rows_per_bit,
+                        K,
+                        N,
+                        stride_xm,
+                        stride_xk,
+                        BITS,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                    )
                 summed += tile_sum
                 x_sum += tile_x
             xu = summed
@@ -131,7 +155,7 @@ def _uniform_rows(
                 x_sums += x
             summed = tl.sum(products, axis=1)
             x_sum = tl.sum(x_sums, axis=1)[:, None]
-        if not TENS:
+        if not (TENS or FIELDS):
             xu = (summed - x_sum) * (1 << BITS)  # sum_k x u
         s, zs = scale_row(scale_ptr, zs_ptr, g0, offs_n, mask_n, N, GROUP, ASYM)
         if ASYM:  # zs = -z * s
@@ -217,6 +241,7 @@ def _decode_kernel(
     TENS: tl.constexpr,
     LOG_NP: tl.constexpr,
     OUTLIERS: tl.constexpr,
+    FIELDS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -253,6 +278,7 @@ def _decode_kernel(
             BLOCK_K,
             UNROLL,
             TENS,
+            FIELDS,
         )
     elif LOG_NP > 0 and BLOCK_M < 16:  # codebooks on CUDA cores, code-major table (``codes.codebook_products``)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -410,6 +436,7 @@ def decode_matmul(
         UNROLL=config.unroll,
         LOG_NP=log_np,
         OUTLIERS=outliers is not None,
+        FIELDS=common["BITS"] in (2, 4, 8) and config.fields,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

@@ -54,12 +54,12 @@ def decode_warps(block_m: int, block_n: int, bits: int = 4) -> int:
     """Warps of a decode program: on CUDA cores four columns per thread (BLOCK_N / 128), so each
     thread's x conversion and address arithmetic serve four columns -- sm_90 SASS at 4 bits: 5.7
     instructions per weight at 512 columns x 4 warps or 128 x 1, 9.3 at 128 x 4 -- which is also
-    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps); 3-bit codes
-    ("tens", whose x is scaled per code) eight (3.4 per weight at 512 x 2 warps, 4.4 at 512 x 4).
-    tl.dot: 4."""
+    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps); the widths decoded
+    as denormal fields (3-bit "tens", 2/4/8-bit planes: one AND and one FMA per code, x scaled per
+    code) eight: 3-bit 3.4 per weight at 512 x 2 warps (4.4 at 512 x 4), 4-bit 3.6 (4.6). tl.dot: 4."""
     if block_m >= 16:
         return 4
-    return max(1, min(8, block_n // (256 if bits == 3 else 128)))
+    return max(1, min(8, block_n // (256 if bits in (2, 3, 4, 8) else 128)))
 
 
 def codebook_config(config: KernelConfig, bits: int) -> KernelConfig:
@@ -181,7 +181,9 @@ def candidate_configs(
     64 deep, uniform
     CUDA-core rows also 4 tiles unrolled between reductions (``unroll``); codebooks also try
     ``lut="registers"``.
-    M > 16: the fused tile (tiled and split-K, two tile sizes) against dequantize + cuBLAS. On a GPU,
+    Uniform 2/4/8-bit decode on CUDA cores also tries the mantissa decode (``fields=False``) that the
+    denormal fields replaced. M > 16: the fused tile (tiled and split-K, two tile sizes) against
+    dequantize + cuBLAS. On a GPU,
     4-bit weights with groups of 32..256 also try torch's int4 tinygemm (``tinygemm.py``).
     """
     first = default_config(m, n, k, group_size, device, bits)
@@ -232,6 +234,8 @@ def candidate_configs(
         configs += [
             KernelConfig("dequant", block_n=bn, block_k=64, num_warps=w, num_stages=1) for bn, w in ((128, 4), (256, 8))
         ]
+    if first.schedule == "decode" and first.block_m < 16 and not lut and bits in (2, 4, 8):  # the decode it replaced
+        configs.insert(1, replace(first, fields=False, num_warps=max(1, min(8, first.block_n // 128))))
     if device.type == "cuda" and not lut and bits == 4 and group_size in (32, 64, 128, 256):
         configs.insert(1, KernelConfig("tinygemm"))  # torch's int4 kernel competes where it serves the format
     seen, unique = set(), []

@@ -58,6 +58,9 @@ class KernelConfig:
     num_stages: int = 2
     lut: str = "global"
     unroll: int = 1  # decode, uniform on CUDA cores: K-tiles accumulated between reductions (decode._uniform_rows)
+    fields: bool = (
+        True  # decode, uniform 2/4/8-bit on CUDA cores: denormal fields (codes.plane_products), else mantissas
+    )
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

@@ -35,6 +35,7 @@ def matmul_variant(
     unroll=1,
     layout=None,
     outliers=False,
+    fields=True,
 ):
     """(kernel, pointer types, constexprs, num_warps, num_stages) of one ``decode``, ``gemm`` or
     ``dequant`` variant; ``epilogue`` is the decode kernel's (0 store, 1 serial split-K, 2 atomic);
@@ -89,6 +90,7 @@ def matmul_variant(
             UNROLL=unroll,
             LOG_NP=12 if codemajor else 0,
             OUTLIERS=outliers,
+            FIELDS=fields and not lut and bits in (2, 4, 8),
             INPUT_PRECISION=precision,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -105,5 +107,6 @@ def matmul_variant(
             INPUT_PRECISION=precision,
             BLOCK_M=block_m,
             GROUP_M=8,
+            FACTOR=not lut and constexprs["SCALE_ROW"],
         )
     return kernel, types_, constexprs, num_warps, num_stages

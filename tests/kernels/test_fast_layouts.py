@@ -3,10 +3,15 @@
 * 3-bit uniform codes in the "tens" kernel layout (32 codes in three words, ten per word plus two
   split codes), decoded at M <= 4 by one AND and one FMA per field on denormal fp32 fields
   (``codes.tens_products``), and by every other schedule through ``codes.load_tens_codes``;
-* codebooks (2/4/8-bit) through the code-major table at decode (``codes.codebook_products``).
+* 2-, 4- and 8-bit uniform codes (planes layout) decoded the same way (``codes.plane_products``),
+  and the mantissa decode they replaced (``fields=False``);
+* codebooks (2/4/8-bit) through the code-major table at decode (``codes.codebook_products``);
+* dense-and-sparse decode in one launch.
 
 Awkward shapes: N = 37, K = 200 (a tail of 8 codes in the last block) and K = 33.
 """
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -80,8 +85,6 @@ def test_tens_decode_matches_reference(dtype, symmetric, group, k):
 
 def test_tens_decode_keeps_extreme_activations_exact_in_range():
     """fp16: every value is in range (the largest, 65504, and subnormals); bf16/fp32 up to 2**40."""
-    from dataclasses import replace
-
     weights = Weights(3)
     weight = weights.uniform(N, 96, 3, 32, symmetric=False, scale_dtype=torch.float32)
     weight = replace(weight, scales=weight.scales / 64)  # y stays inside fp16's range
@@ -107,6 +110,21 @@ def test_tens_through_the_other_schedules(config):
     general = KernelConfig("decode", block_m=4, block_n=32, block_k=32, split_k=2)
     assert_matches(uniform_linear(x[:3], packed, None, general), exact_linear(x[:3], weight), torch.float16, "g48")
     assert torch.equal(uniform_dequantize(packed, torch.float32), weight.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_field_decode_of_power_of_two_widths_matches_reference(bits, dtype):
+    weights = Weights(bits)
+    for symmetric, group in ((True, 64), (False, -1)):
+        weight = weights.uniform(N, 72, bits, group, symmetric, scale_dtype=dtype)
+        packed = pack_uniform(weight)
+        for m, config in ((1, ROWS[0][1]), (4, ROWS[2][1])):
+            x, bias = weights.x(m, 72, dtype), weights.bias(N, dtype)
+            expected = exact_linear(x, weight, bias)
+            for fields in (True, False):
+                y = uniform_linear(x, packed, bias, replace(config, fields=fields))
+                assert_matches(y, expected, dtype, f"M={m} fields={fields} group={group}")
 
 
 def test_codebook_table_is_code_major():

@@ -63,7 +63,8 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
     ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4, fields=False)),
     ("uniform 8b, 512x16, 4 warps", dict(bits=8, block=(1, 512, 16), num_warps=4, fields=False)),
     ("uniform 4b, M16 tensor cores, 64x64, 4 warps", dict(bits=4, block=(16, 64, 64), num_warps=4)),
-    ("uniform 4b, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2)),
+    ("uniform 4b, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2, fields=False)),
+    ("uniform 4b fields, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2)),
     ("lut 4b global, 512x16, 4 warps", dict(bits=4, lut=True, block=(1, 512, 16), num_warps=4)),
     (
         "lut 4b registers, 512x16, 4 warps",

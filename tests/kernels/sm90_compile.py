@@ -81,7 +81,7 @@ def table_variants() -> dict:
                 c = KernelConfig.from_dict(entries[table_key(kind, bits, group, n, k, m)])
                 name = (
                     f"table decode M{c.block_m} {kind} {bits}b bn{c.block_n} bk{c.block_k} w{c.num_warps} "
-                    f"s{c.num_stages} {c.lut} unroll{c.unroll} split={c.split_k > 1}"
+                    f"s{c.num_stages} {c.lut} unroll{c.unroll} fields={c.fields} split={c.split_k > 1}"
                 )
                 variants[name] = matmul_variant(
                     "decode",
@@ -96,6 +96,7 @@ def table_variants() -> dict:
                     epilogue=1 if c.split_k > 1 else 0,
                     lut_mode=c.lut,
                     unroll=c.unroll,
+                    fields=c.fields,
                 )
     return variants
 

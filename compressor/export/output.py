@@ -30,25 +30,33 @@ class ExportError(UserError):
 
 
 @contextlib.contextmanager
-def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: list[Path] = ()):
-    """Yield a temporary folder that becomes ``output`` only if the block completes."""
+def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: list[Path] = (), resume: bool = False):
+    """Yield a temporary folder that becomes ``output`` only if the block completes.
+
+    A temporary folder that holds committed blocks (``compressor/resume.py``) is kept when the block fails, and
+    with ``resume`` the latest such folder a dead run left is adopted (renamed to this run's) instead of removed."""
     output = Path(output).resolve()
     check_target(output, overwrite, protected)
     created = make_parents(output.parent)
     try:
         with output_lock(output):
             recover_interrupted_swaps(output)
-            remove_abandoned_partials(output)
+            adopted = resumable_partial(output) if resume else None
             temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
-            shutil.rmtree(temporary, ignore_errors=True)
-            try:
-                temporary.mkdir()
-            except OSError as error:
-                raise ExportError(f"{output}: cannot write beside it ({error.strerror})") from None
+            if adopted is not None and adopted != temporary:
+                adopted.rename(temporary)
+            remove_abandoned_partials(output)
+            if adopted is None:
+                shutil.rmtree(temporary, ignore_errors=True)
+                try:
+                    temporary.mkdir()
+                except OSError as error:
+                    raise ExportError(f"{output}: cannot write beside it ({error.strerror})") from None
             try:
                 yield temporary
             except BaseException:
-                shutil.rmtree(temporary, ignore_errors=True)
+                if not holds_commits(temporary):
+                    shutil.rmtree(temporary, ignore_errors=True)
                 raise
             put_in_place(temporary, output)
     except BaseException:
@@ -167,6 +175,21 @@ def remove_abandoned_partials(output: Path) -> None:
         pid = partial.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def holds_commits(partial: Path) -> bool:
+    """Whether a temporary folder holds committed blocks that ``--resume`` continues from."""
+    return (partial / "resume" / "committed.json").is_file()
+
+
+def resumable_partial(output: Path) -> Path | None:
+    """The most recently committed temporary folder of a dead run for ``output`` (None: there is none)."""
+    found = []
+    for partial in output.parent.glob(f".{glob.escape(output.name)}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)) and (partial / "resume" / "fingerprint.json").is_file():
+            found.append(partial)
+    return max(found, key=lambda p: (p / "resume").stat().st_mtime, default=None)
 
 
 def process_alive(pid: int) -> bool:

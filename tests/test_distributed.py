@@ -147,6 +147,29 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "step",
+    [
+        "  - squeezellm: {bits: 3, iterations: 10, ignore: [lm_head]}\n",
+        "  - efficientqat_block_ap: {bits: 2, group_size: 32, epochs: 2, batch_size: 2, heldout: 0.25}\n",
+    ],
+    ids=["squeezellm", "efficientqat_block_ap"],
+)
+def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, tiny_llama, calibration_file, step):
+    """SqueezeLLM (Fisher sums to owners) and Block-AP (averaged gradients): two processes, the KL of one."""
+    from compressor.api import apply
+
+    recipe = write_recipe(tmp_path, calibration_file, step)
+    apply(recipe, tiny_llama, tmp_path / "one", progress=False)
+    apply(recipe, tiny_llama, tmp_path / "two", progress=False, nproc=2)
+    one, two = (
+        kl_from_base(tmp_path / "one", tiny_llama, calibration_file),
+        kl_from_base(tmp_path / "two", tiny_llama, calibration_file),
+    )
+    assert one > 0 and abs(two - one) <= 0.02 * one, (one, two)
+
+
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_in_one_line_and_resume_gives_identical_shards(runs, tiny_llama, calibration_file):
     """Rank 1 is SIGKILLed in block 1 (``tests/distributed_helper.py``): one line names it, no process is left,
     the partial output keeps block 0; ``--resume`` continues at block 1 and writes the uninterrupted run's bytes."""

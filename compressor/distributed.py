@@ -228,9 +228,12 @@ class Distributed:
         report=None,
         where: str = "",
         device: torch.device | None = None,
+        install: Callable[[str, object], None] | None = None,
     ) -> dict[str, object]:
         """Reduce each module's ``statistics`` (sums over this rank's tokens, summed in place) to its owner,
-        let the owner ``solve(name)`` and hand every rank every result (on ``device``).
+        let the owner ``solve(name)`` and hand every rank every result (on ``device``). ``install(name, result)``
+        runs on every rank for every module: on the owner as soon as it solved it (one process installs each
+        result before the next solve, as a loop would), on the others when the result arrives.
 
         Owners come from ``balance_owners(costs)``: every module has exactly one, the same on every rank. Report
         rows that a solve adds travel with its result, and every rank's report gets them in the order of
@@ -246,6 +249,8 @@ class Distributed:
             if owners[name] == self.rank:
                 start = len(report.rows) if report is not None else 0
                 solved[name] = solve(name)
+                if install is not None:
+                    install(name, solved[name])
                 if report is not None:
                     rows[name] = report.rows[start:]
                     del report.rows[start:]
@@ -253,6 +258,8 @@ class Distributed:
         for name in names:
             value, added = self.broadcast_object((solved.get(name), rows.get(name, [])), owners[name], device)
             results[name] = value
+            if install is not None and owners[name] != self.rank:
+                install(name, value)
             if report is not None:
                 if self.active:
                     for row in added:

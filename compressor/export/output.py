@@ -5,7 +5,8 @@ output only when the block completes. Replacing an existing output (``--overwrit
 folders in one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it, so a reader never sees the output
 missing and no kill can lose it; elsewhere the two renames run with SIGINT and SIGTERM blocked, and the
 next run puts back an output a SIGKILL left renamed. A lock file (``.NAME.lock``) refuses a second run to
-the same output while the first runs. Folders that killed runs left behind are removed by the next run.
+the same output while the first runs. Folders that killed runs left behind are removed by the next run, unless
+it resumes one (``--resume``: a folder with committed blocks, ``compressor/resume.py``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class ExportError(UserError):
 def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: list[Path] = (), resume: bool = False):
     """Yield a temporary folder that becomes ``output`` only if the block completes.
 
-    A temporary folder that holds committed blocks (``compressor/resume.py``) is kept when the block fails, and
-    with ``resume`` the latest such folder a dead run left is adopted (renamed to this run's) instead of removed."""
+    A temporary folder that holds committed blocks (``compressor/resume.py``) is kept when a signal or a lost rank
+    stops the run; with ``resume`` the latest such folder of a dead run is adopted (renamed to this run's)."""
     output = Path(output).resolve()
     check_target(output, overwrite, protected)
     created = make_parents(output.parent)
@@ -54,8 +55,8 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: li
                     raise ExportError(f"{output}: cannot write beside it ({error.strerror})") from None
             try:
                 yield temporary
-            except BaseException:
-                if not holds_commits(temporary):
+            except BaseException as error:
+                if not (holds_commits(temporary) and stopped_from_outside(error)):
                     shutil.rmtree(temporary, ignore_errors=True)
                 raise
             put_in_place(temporary, output)
@@ -180,6 +181,14 @@ def remove_abandoned_partials(output: Path) -> None:
 def holds_commits(partial: Path) -> bool:
     """Whether a temporary folder holds committed blocks that ``--resume`` continues from."""
     return (partial / "resume" / "committed.json").is_file()
+
+
+def stopped_from_outside(error: BaseException) -> bool:
+    """A run a signal or Ctrl-C stopped, or one that lost another rank of its run, keeps its committed blocks for
+    ``--resume``; one that failed by itself (a bug, a refusal) leaves nothing, as before."""
+    from compressor.distributed import lost_contact
+
+    return not isinstance(error, Exception) or lost_contact(error)
 
 
 def resumable_partial(output: Path) -> Path | None:

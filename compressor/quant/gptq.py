@@ -264,16 +264,15 @@ class GPTQ(UniformQuantizer):
             with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
                 context.forward()
             # several processes: each linear's Hessian sum is reduced to its owner, which solves (distributed.py)
-            solved = context.run.distributed.solve_owned(
+            context.run.distributed.solve_owned(
                 {name: catcher.statistics(name, linears[name]) for name in names},
                 {name: solve_cost(linears[name]) for name in names},
                 lambda name: self.quantize_linear(context, name, linears[name], catcher.hessian(name)),
                 context.run.report,
                 context.prefix,
                 context.device,
+                install=context.replace_linear,
             )
-            for name in names:
-                context.replace_linear(name, solved[name])
 
     def quantize_linear(
         self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None

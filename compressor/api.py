@@ -24,7 +24,7 @@ from compressor.export.output import check_free_space
 from compressor.model import ModelHandle, transformers_says
 from compressor.pipeline import Session, one_layer_pass
 from compressor.recipe import Recipe
-from compressor.report import Report
+from compressor.report import Report, peak_memory
 from compressor.resume import Commits, fingerprint
 
 
@@ -154,7 +154,7 @@ def apply_here(
             raise DistributedError(resume_from)  # rank 0 refused the output, and said why
         session.commits, session.resume_from = Commits(Path(directory), {}, distributed), resume_from
         session.run(sink=DiscardSink())
-        distributed.barrier()  # rank 0 puts the output in place after every rank is done with it
+        distributed.gather(rank_numbers(session))  # rank 0 puts the output in place after every rank is done
         return session.report
     resumable = one_layer_pass(recipe.steps)
     if resume and not resumable:
@@ -183,17 +183,26 @@ def apply_here(
             session.report.summary["resumed_after_block"] = session.resume_from
         writer = CheckpointWriter(directory, recipe.export, session.export_dtype)
         report = session.run(sink=writer)
-        distributed.barrier()
+        ranks = distributed.gather(rank_numbers(session))
         if distributed.active:
             report.summary["distributed"] = {
                 "processes": distributed.world_size,
                 "backend": distributed.backend,
-                "rank0_bytes_moved": distributed.bytes_moved,
+                "ranks": ranks,
             }
         if session.commits is not None:
             session.commits.finish()
         writer.finish(handle, recipe, report, session.run_state.export)
     return report
+
+
+def rank_numbers(session: Session) -> dict:
+    """What one rank spent: peak memory, bytes of calibration activations it held, bytes it communicated."""
+    return {
+        **{k: round(v, 4) for k, v in peak_memory(session.device).items()},
+        "calibration_activation_bytes": session.activation_bytes,
+        "bytes_moved": session.distributed.bytes_moved,
+    }
 
 
 def report_resume(output, last: int, blocks: int) -> None:

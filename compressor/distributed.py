@@ -98,8 +98,8 @@ class Distributed:
         return self.rank == 0
 
     def device(self, requested: torch.device) -> torch.device:
-        """The compute device of this rank: its own GPU under NCCL (cuda:LOCAL_RANK), else ``requested``."""
-        if self.backend == "nccl":
+        """The compute device of this rank: its own GPU (cuda:LOCAL_RANK) when it runs on GPUs, else ``requested``."""
+        if self.backend == "nccl" or (self.active and requested.type == "cuda"):
             return torch.device("cuda", self.local_rank)
         return requested
 
@@ -212,6 +212,10 @@ class Distributed:
             return value
         return torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), map_location=device or "cpu", weights_only=False)
 
+    def gather(self, value) -> list:
+        """Every rank's ``value``, in rank order, on every rank (small objects: per-rank numbers)."""
+        return [self.broadcast_object(value, rank) for rank in range(self.world_size)]
+
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as dist
@@ -296,6 +300,11 @@ def check_distributable(recipe, world_size: int) -> None:
         why = refusal(step, world_size)
         if why is not None:
             raise DistributedError(f"{recipe.source}: steps[{index}].{step.name}: {why}")
+    if recipe.needs_calibration and recipe.calibration.samples < world_size:
+        raise DistributedError(
+            f"{recipe.source}: calibration.samples: {recipe.calibration.samples} samples cannot be split over "
+            f"{world_size} processes"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class Session:
     distributed: Distributed = field(default_factory=Distributed)  # this process's rank (world size 1: alone)
     commits: object = None  # a ``compressor.resume.Commits``: each finished block committed for --resume
     resume_from: int = -1  # the last block a resumed run committed (-1: start from block 0)
+    activation_bytes: int = 0  # the hidden states entering a block, for this process's calibration samples
     report: Report = field(default_factory=Report)
     live_blocks: set = field(default_factory=set)  # blocks materialized (loaded or already compressed)
     _tokens: torch.Tensor | None = None
@@ -288,6 +289,7 @@ class Session:
             captured_inputs.append(hidden)
             captured_kwargs.append(kwargs)
         self.handle.release(self.handle.model.get_submodule(embed))
+        self.activation_bytes = sum(hidden.numel() * hidden.element_size() for hidden in captured_inputs)
         return captured_inputs, captured_kwargs
 
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:

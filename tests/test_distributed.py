@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.distributed import Distributed, balance_owners
+from compressor.distributed import LOST_CONTACT, Distributed, balance_owners
 from compressor.recipe import Recipe
 from compressor.resume import Commits, ResumeError, fingerprint
 
@@ -198,6 +198,29 @@ def test_a_killed_rank_ends_the_run_in_one_line_and_resume_gives_identical_shard
     assert "continuing at block 1 of 2" in resumed.stderr
     assert (output / "model.safetensors").read_bytes() == (runs / "two" / "model.safetensors").read_bytes()
     assert not list(folder.glob(".out.partial-*")) and not (output / "resume").exists()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_run_after_the_timeout_in_one_line(runs, tiny_llama, calibration_file):
+    folder = runs / "hung"
+    folder.mkdir()
+    recipe = write_recipe(folder, calibration_file, GPTQ + "  - die_at: {}\n")
+    output = folder / "out"
+    launcher = (
+        "import sys; from pathlib import Path; from compressor.distributed import launch; "
+        f"sys.exit(launch(sys.argv[1:], 2, Path({str(folder / 'status')!r}), module='tests.distributed_helper'))"
+    )
+    arguments = ["-c", launcher, "apply", str(recipe), str(tiny_llama), "-o", str(output), "--quiet", "--timeout", "5"]
+    hung = run(*arguments, env={"COMPRESSOR_TEST_HANG": "1:1"}, timeout=300)
+    lines = hung.stderr.strip().splitlines()
+    assert hung.returncode == LOST_CONTACT and len(lines) == 1, hung.stderr
+    assert (
+        lines[0].startswith("error: rank 0 lost contact with another rank")
+        and "rank 1: gptq+die_at on block 1" in lines[0]
+    )
+    assert not processes_mentioning(str(output))
+    (partial,) = folder.glob(".out.partial-*")  # resumable: block 0 is committed
+    assert json.loads((partial / "resume" / "committed.json").read_text()) == {"block": 0}
 
 
 @pytest.mark.slow

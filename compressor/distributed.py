@@ -365,11 +365,13 @@ def launch(arguments: list[str], nproc: int, status_dir: Path, module: str = "co
     try:
         elastic_launch(config, sys.executable)("-m", module, *arguments)
     except ChildFailedError as error:
-        # the rank that failed by itself, rather than one that lost contact with it or the agent then stopped
-        stopped = (LOST_CONTACT, -signal.SIGTERM)
-        failures = sorted(
-            error.failures.items(), key=lambda item: (item[1].exitcode in stopped, item[1].timestamp, item[0])
-        )
+        # the rank that failed by itself, before one that lost contact with it, before one the agent then stopped
+        def blame(item):
+            exitcode = item[1].exitcode
+            stopped = exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM)
+            return (2 if stopped else 1 if exitcode == LOST_CONTACT else 0, item[1].timestamp, item[0])
+
+        failures = sorted(error.failures.items(), key=blame)
         rank, failure = failures[0]
         return LaunchFailure(rank, failure.exitcode, status_dir).exit_status()
     return 0

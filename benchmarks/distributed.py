@@ -33,6 +33,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's compressor, as the runs it measures (``-m compressor`` from ROOT)
 
 
 def run_apply(recipe: Path, model: str, output: Path, nproc: int | None, launcher: bool = False) -> float:

@@ -20,6 +20,8 @@ step that declares nothing refuses ``--nproc > 1`` before any work):
 * ``"gradients"``: a trained block (Block-AP) averages its gradients over ranks after every backward
   (``average_gradients``) and sums its held-out losses (``all_reduce_sum``), so all ranks take the same
   optimizer steps and keep the same state;
+* ``"ranges"``: per-channel statistics every rank needs whole (BFP's K-sort: sums of squares and maxima of the
+  keys) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank computes the same result;
 * data-free steps (RTN) need no declaration: every rank computes the same block.
 
 Only rank 0 writes the checkpoint. Every collective counts the bytes it moved (``bytes_moved``).
@@ -41,7 +43,7 @@ import torch
 
 from compressor.errors import UserError
 
-DISTRIBUTES = ("sums", "gradients")  # what a data-dependent step may declare (None: it refuses --nproc > 1)
+DISTRIBUTES = ("sums", "gradients", "ranges")  # what a data-dependent step may declare (None: refuses --nproc > 1)
 DEFAULT_TIMEOUT = 1800  # seconds one collective may wait for a rank (a hang ends the run after this)
 LOST_CONTACT = 3  # exit status of a rank whose collective failed: another rank died or hung
 

@@ -152,11 +152,13 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
     [
         "  - squeezellm: {bits: 3, iterations: 10, ignore: [lm_head]}\n",
         "  - efficientqat_block_ap: {bits: 2, group_size: 32, epochs: 2, batch_size: 2, heldout: 0.25}\n",
+        "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, scope: token}\n",
     ],
-    ids=["squeezellm", "efficientqat_block_ap"],
+    ids=["squeezellm", "efficientqat_block_ap", "bfp_ksort"],
 )
 def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, tiny_llama, calibration_file, step):
-    """SqueezeLLM (Fisher sums to owners) and Block-AP (averaged gradients): two processes, the KL of one."""
+    """SqueezeLLM (Fisher sums to owners), Block-AP (averaged gradients) and BFP's K-sort (all-reduced key
+    statistics): two processes, the KL of one."""
     from compressor.api import apply
 
     recipe = write_recipe(tmp_path, calibration_file, step)

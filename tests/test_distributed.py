@@ -203,6 +203,22 @@ def test_a_killed_rank_ends_the_run_in_one_line_and_resume_gives_identical_shard
 
 
 @pytest.mark.slow
+def test_one_process_killed_after_block_0_resumes_to_identical_shards(runs, tiny_llama, calibration_file):
+    """Without --nproc: SIGKILL in block 1, then --resume writes what the uninterrupted single process wrote."""
+    folder = runs / "single"
+    folder.mkdir()
+    recipe = write_recipe(folder, calibration_file, GPTQ + "  - die_at: {}\n")
+    output = folder / "out"
+    arguments = ["-m", "tests.distributed_helper", "apply", str(recipe), str(tiny_llama), "-o", str(output), "--quiet"]
+    killed = run(*arguments, env={"COMPRESSOR_TEST_DIE": "0:1"})
+    assert killed.returncode == -signal.SIGKILL and not output.exists()
+    resumed = run(*arguments, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "blocks 0..0 were committed; continuing at block 1 of 2" in resumed.stderr
+    assert (output / "model.safetensors").read_bytes() == (runs / "one" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_run_after_the_timeout_in_one_line(runs, tiny_llama, calibration_file):
     folder = runs / "hung"
     folder.mkdir()

@@ -153,12 +153,14 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
         "  - squeezellm: {bits: 3, iterations: 10, ignore: [lm_head]}\n",
         "  - efficientqat_block_ap: {bits: 2, group_size: 32, epochs: 2, batch_size: 2, heldout: 0.25}\n",
         "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, scope: token}\n",
+        "  - rtn: {bits: 3, group_size: 32, symmetric: false}\n"
+        "  - efficientqat_e2e_qp: {epochs: 2, batch_size: 2, micro_batch_size: 1, lr: 1.0e-4, heldout: 0.0}\n",
     ],
-    ids=["squeezellm", "efficientqat_block_ap", "bfp_ksort"],
+    ids=["squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp"],
 )
 def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, tiny_llama, calibration_file, step):
-    """SqueezeLLM (Fisher sums to owners), Block-AP (averaged gradients) and BFP's K-sort (all-reduced key
-    statistics): two processes, the KL of one."""
+    """SqueezeLLM (Fisher sums to owners), Block-AP and E2E-QP (averaged gradients) and BFP's K-sort (all-reduced
+    key statistics): two processes, the KL of one."""
     from compressor.api import apply
 
     recipe = write_recipe(tmp_path, calibration_file, step)
@@ -168,6 +170,7 @@ def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, t
         kl_from_base(tmp_path / "one", tiny_llama, calibration_file),
         kl_from_base(tmp_path / "two", tiny_llama, calibration_file),
     )
+    print(f"KL one process {one:.6g}, two {two:.6g}")
     assert one > 0 and abs(two - one) <= 0.02 * one, (one, two)
 
 

@@ -17,8 +17,9 @@ step that declares nothing refuses ``--nproc > 1`` before any work):
   reduced to the module's owner (``solve_owned``), which solves and broadcasts the result; owners are
   balanced by solve cost (``balance_owners``, longest solve first onto the least loaded rank) so the solves
   run in parallel;
-* ``"gradients"``: a trained block (Block-AP) averages its gradients over ranks after every backward
-  (``average_gradients``) and sums its held-out losses (``all_reduce_sum``), so all ranks take the same
+* ``"gradients"``: a trained block (Block-AP, ``training.train_block``) or the whole model (E2E-QP,
+  ``distill.train_end_to_end``) averages its gradients over ranks after every backward
+  (``average_gradients``) and its held-out losses (``all_reduce_sum``), so all ranks take the same
   optimizer steps and keep the same state;
 * ``"ranges"``: per-channel statistics every rank needs whole (BFP's K-sort: sums of squares and maxima of the
   keys) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank computes the same result;

@@ -99,6 +99,23 @@ def test_resume_refuses_a_changed_fingerprint_in_one_line_naming_it(tmp_path, ti
     )
 
 
+def test_a_refused_resume_keeps_the_interrupted_runs_commits(tmp_path, tiny_llama, calibration_file):
+    """--resume with another recipe: one line naming what changed, and the committed progress is still there."""
+    from compressor.api import apply
+
+    recipe = Recipe.from_yaml(write_recipe(tmp_path, calibration_file, GPTQ))
+    partial = tmp_path / ".out.partial-999999999"  # left by a killed run (no process has this pid)
+    (partial / "resume").mkdir(parents=True)
+    (partial / "resume" / "fingerprint.json").write_text(json.dumps(fingerprint(recipe, tiny_llama, 1)))
+    (partial / "resume" / "committed.json").write_text(json.dumps({"block": 0}))
+    recipe.calibration.seed = 1
+    with pytest.raises(ResumeError, match=r"calibration settings \(seed: 0 -> 1\)"):
+        apply(recipe, tiny_llama, tmp_path / "out", progress=False, resume=True)
+    (kept,) = tmp_path.glob(".out.partial-*")
+    assert json.loads((kept / "resume" / "committed.json").read_text()) == {"block": 0}
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_step_that_cannot_distribute_refuses_before_any_process_starts(tmp_path, tiny_llama, calibration_file):
     recipe = write_recipe(tmp_path, calibration_file, "  - qllm: {bits: 4}\n")
     result = run("-m", "compressor", "apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out"), "--nproc", "2")

@@ -185,10 +185,12 @@ def holds_commits(partial: Path) -> bool:
 
 def stopped_from_outside(error: BaseException) -> bool:
     """A run a signal or Ctrl-C stopped, or one that lost another rank of its run, keeps its committed blocks for
-    ``--resume``; one that failed by itself (a bug, a refusal) leaves nothing, as before."""
+    ``--resume``, and so does a resume refused for a changed fingerprint (the progress stays for the right
+    recipe); one that failed by itself (a bug, a refusal) leaves nothing, as before."""
     from compressor.distributed import lost_contact
+    from compressor.resume import ResumeError
 
-    return not isinstance(error, Exception) or lost_contact(error)
+    return not isinstance(error, Exception) or lost_contact(error) or isinstance(error, ResumeError)
 
 
 def resumable_partial(output: Path) -> Path | None:

@@ -171,7 +171,7 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
         "  - efficientqat_block_ap: {bits: 2, group_size: 32, epochs: 2, batch_size: 2, heldout: 0.25}\n",
         "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, scope: token}\n",
         "  - rtn: {bits: 3, group_size: 32, symmetric: false}\n"
-        "  - efficientqat_e2e_qp: {epochs: 2, batch_size: 2, micro_batch_size: 1, lr: 1.0e-4, heldout: 0.0}\n",
+        "  - efficientqat_e2e_qp: {epochs: 4, batch_size: 4, micro_batch_size: 2, lr: 5.0e-5, heldout: 0.0}\n",
     ],
     ids=["squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp"],
 )

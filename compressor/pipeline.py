@@ -27,6 +27,7 @@ from torch import nn
 
 from compressor.blockwise import BlockwiseModel, catch_block_inputs, run_block
 from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
+from compressor.distributed import Distributed, refusal
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
 from compressor.progress import track
@@ -44,6 +45,10 @@ class Session:
     batch_size: int = 8
     progress: bool = True
     offload: bool | None = None  # model steps: None decides by free device memory
+    distributed: Distributed = field(default_factory=Distributed)  # this process's rank (world size 1: alone)
+    commits: object = None  # a ``compressor.resume.Commits``: each finished block committed for --resume
+    resume_from: int = -1  # the last block a resumed run committed (-1: start from block 0)
+    activation_bytes: int = 0  # the hidden states entering a block, for this process's calibration samples
     report: Report = field(default_factory=Report)
     live_blocks: set = field(default_factory=set)  # blocks materialized (loaded or already compressed)
     _tokens: torch.Tensor | None = None
@@ -51,7 +56,12 @@ class Session:
 
     def __post_init__(self):
         self.run_state = RunState(
-            self.report, self.compute_dtype, self.export_dtype, self.calibration_tokens, self.progress
+            self.report,
+            self.compute_dtype,
+            self.export_dtype,
+            self.calibration_tokens,
+            self.progress,
+            distributed=self.distributed,
         )
 
     @property
@@ -94,6 +104,9 @@ class Session:
         for index, step in enumerate(self.recipe.steps):
             with self.blame(step):
                 self.check_family(step)
+                why = refusal(step, self.distributed.world_size)
+                if why is not None:
+                    raise ValueError(why)
                 step.check_config(self.handle.config)
                 linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
                 step.check_model(linears)
@@ -101,12 +114,14 @@ class Session:
                 self.check_step_order(index, step, linears, claimed)
 
     def check_calibration_memory(self) -> None:
-        """Refuse, before any work, calibration that cannot fit: a layer pass holds every sample's inputs and
-        outputs of one block (``samples x seq_len x hidden`` in the compute dtype, twice) in host memory."""
+        """Refuse, before any work, calibration that cannot fit: a layer pass holds the inputs and outputs of one
+        block for its share of the samples (``samples x seq_len x hidden`` in the compute dtype, twice) in host
+        memory."""
         if not self.recipe.needs_calibration:
             return
         calibration = self.recipe.calibration
-        tokens = calibration.samples * calibration.seq_len
+        share = -(-calibration.samples // self.distributed.world_size)  # each rank holds its share of the samples
+        tokens = share * calibration.seq_len
         element = torch.empty((), dtype=self.compute_dtype).element_size()
         needed = tokens * (2 * self.handle.config.hidden_size * element + 8)
         available = available_memory_bytes()
@@ -207,11 +222,26 @@ class Session:
         self.live_blocks.add(index)
         return self.handle.materialize(self.handle.block_prefix(index), device, dtype)
 
+    @property
+    def commits_blocks(self) -> bool:
+        """Whether finished blocks are committed for --resume: a recipe of one layer pass, with somewhere to commit."""
+        return self.commits is not None and one_layer_pass(self.recipe.steps)
+
     def run_layer_pass(self, steps: list[Step], sink=None) -> None:
         needs_data = any(step.needs_calibration for step in steps)
-        inputs, kwargs = self.capture_block_inputs() if needs_data else (None, None)
+        commits = self.commits if self.commits_blocks and sink is not None else None
+        start = self.resume_from + 1 if commits is not None else 0
+        if start:  # --resume: blocks 0..start-1 come from the commits, and this rank's inputs of block start
+            inputs, kwargs = commits.restore(start - 1, self.run_state, self.recipe.steps, self.device)
+            for index in range(start):
+                if self.distributed.writes:
+                    sink.write_module(self.handle.block_prefix(index), commits.committed_block(index, "cpu"))
+        else:
+            inputs, kwargs = self.capture_block_inputs() if needs_data else (None, None)
         names = "+".join(step.name for step in steps)
-        for index in track(range(len(self.handle.blocks)), names, unit="block", enabled=self.progress):
+        blocks = range(start, len(self.handle.blocks))
+        for index in track(blocks, names, unit="block", enabled=self.progress):
+            self.distributed.doing(f"{names} on block {index}")
             prefix = self.handle.block_prefix(index)
             # Data-free passes never run the block: keep its weights in the checkpoint dtype.
             block = self.load_block(index, None if needs_data else self.handle.dtype)
@@ -233,6 +263,9 @@ class Session:
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
             if needs_data and index + 1 < len(self.handle.blocks):
                 inputs = self.run_block(block, inputs, kwargs[index])
+            if commits is not None:
+                last = index + 1 == len(self.handle.blocks)
+                commits.commit(index, block, None if last else inputs, kwargs, self.run_state, self.recipe.steps)
             if sink is not None:
                 sink.write_module(prefix, block)
                 self.handle.release(block)
@@ -274,7 +307,8 @@ class Session:
 
             if self.tokenizer is None:
                 raise ValueError("this recipe needs calibration data, so the session needs the model's tokenizer")
-            self._tokens = calibration_tokens(self.tokenizer, self.recipe.calibration)
+            # several processes: each holds only its share of the samples (compressor/distributed.py)
+            self._tokens = self.distributed.shard(calibration_tokens(self.tokenizer, self.recipe.calibration))
         return self._tokens
 
     @torch.no_grad()
@@ -295,6 +329,7 @@ class Session:
             for index, block_kwargs in enumerate(kwargs):
                 captured_kwargs[index].append(block_kwargs)
         self.handle.release(self.handle.model.get_submodule(embed))
+        self.activation_bytes = sum(hidden.numel() * hidden.element_size() for hidden in captured_inputs)
         return captured_inputs, captured_kwargs
 
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
@@ -339,3 +374,9 @@ def available_memory_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+def one_layer_pass(steps: list[Step]) -> bool:
+    """Whether the steps form one layer pass (the recipes whose finished blocks are committed for --resume)."""
+    passes = step_passes(steps)
+    return len(passes) == 1 and passes[0][0] == "layer"

@@ -238,6 +238,11 @@ class Step(Config):
     writes_plain_uniform: ClassVar[bool] = False  # weights for compressed-tensors/GPTQ, not our native format
     declares_kv_cache: ClassVar[bool] = False  # a quantized KV cache, which only our native format records
     families: ClassVar[tuple[str, ...] | None] = None  # the families whose block it assumes (None: any)
+    # how a data-dependent step runs on several processes (compressor/distributed.py): "sums" (statistics summed
+    # over tokens, reduced to an owner that solves), "gradients" (training averages gradients over ranks), "ranges"
+    # (per-channel sums and maxima all-reduced, every rank computes the same); None
+    # refuses --nproc > 1 before any work (data-free steps need nothing: every rank computes the same)
+    distributes: ClassVar[str | None] = None
 
     @classmethod
     def summary(cls) -> str:

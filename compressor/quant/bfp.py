@@ -179,6 +179,13 @@ class KeyRecorder:
             self.sample.append(flat[: self.sample_tokens - kept].cpu())
         return key_states, value_states
 
+    def reduce(self, distributed) -> None:
+        """Every rank's statistics (several processes, ``compressor/distributed.py``): sums add, maxima take the
+        largest, so each rank sorts the channels as one process over all the tokens would."""
+        distributed.all_reduce_sum(self.sum_squares)
+        distributed.all_reduce_max(self.absmax)
+        self.tokens = int(distributed.all_reduce_sum(torch.tensor([self.tokens], dtype=torch.float64)))
+
     def stat(self, stat: str) -> torch.Tensor:
         """Per-channel ``act_rms`` or ``act_absmax`` over every calibration token."""
         if stat == "act_rms":
@@ -276,6 +283,9 @@ class BFP(Step):
 
     def __post_init__(self):
         self.needs_calibration = self.k_bits is not None and (self.ksort.startswith("act") or self.refine == "greedy")
+        # several processes: key-channel sums and maxima are all-reduced (KeyRecorder.reduce); the greedy
+        # refinement searches each rank's own sample of keys, so it does not distribute
+        self.distributes = None if self.refine == "greedy" else "ranges"
 
     def check(self) -> None:
         if self.k_bits is None and self.weight_bits is None:
@@ -345,6 +355,8 @@ class BFP(Step):
             if self.needs_calibration
             else None
         )
+        if recorder is not None:
+            recorder.reduce(context.run.distributed)
         if self.ksort == "none":
             perm = None
         elif self.ksort == "weight_norm":

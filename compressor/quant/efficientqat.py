@@ -116,6 +116,8 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
 class EfficientQATBlockAP(UniformQuantizer):
     """EfficientQAT Block-AP: per block, train weights, scales and zero points (STE) to reconstruct its fp outputs."""
 
+    distributes = "gradients"  # every rank trains on its samples; gradients averaged, so the ranks stay equal
+
     symmetric: bool = param(
         False, "fixed mid-point zero (transformers loads it); false: trained zero points, as in the paper"
     )
@@ -169,7 +171,11 @@ class EfficientQATBlockAP(UniformQuantizer):
         for name, module in fake.items():
             block.set_submodule(name, module)
         block.float()
-        batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
+        # several processes: each takes batch_size / processes samples a step, gradients averaged (distributed.py)
+        distributed = context.run.distributed
+        batches = micro_batches(
+            context.inputs, targets, context.block_kwargs, max(1, self.batch_size // distributed.world_size)
+        )
         mse_init = block_mse(block, batches)
         losses, best = [], None
         if self.epochs > 0:
@@ -177,7 +183,14 @@ class EfficientQATBlockAP(UniformQuantizer):
             steps = self.epochs * (len(batches) - holdout_count(len(batches), self.heldout))
             with context.progress(steps, "training", "step") as progress:
                 losses, best = train_block(
-                    block, batches, groups, self.epochs, self.min_lr_factor, self.heldout, progress
+                    block,
+                    batches,
+                    groups,
+                    self.epochs,
+                    self.min_lr_factor,
+                    self.heldout,
+                    progress,
+                    distributed=distributed,
                 )
         quantized = {name: module.freeze(context.scale_dtype) for name, module in fake.items()}
         block.to(dtype)  # the trained norm gains and the biases back to the pass dtype

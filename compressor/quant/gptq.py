@@ -216,14 +216,34 @@ class HessianCatcher:
 
     def hessian(self, name: str) -> torch.Tensor | None:
         """H of linear ``name``; None when it saw no token."""
-        tokens = self.tokens.get(name, 0)
+        tokens = int(self.tokens.get(name, 0))
         return hessian(self.sums[name], tokens) if tokens else None
+
+    def statistics(self, name: str, linear: nn.Linear) -> list[torch.Tensor]:
+        """The sums other processes add to (``Distributed.solve_owned``): x x^T and the token count, zeros when
+        this process's tokens never reached the linear."""
+        if name not in self.sums:
+            k, device = linear.in_features, linear.weight.device
+            self.sums[name] = torch.zeros(k, k, dtype=torch.float32, device=device)
+        if not torch.is_tensor(self.tokens.get(name)):
+            self.tokens[name] = torch.tensor(
+                float(self.tokens.get(name, 0)), dtype=torch.float64, device=self.sums[name].device
+            )
+        return [self.sums[name], self.tokens[name]]
+
+
+def solve_cost(linear: nn.Linear) -> float:
+    """About the work of one GPTQ solve: the Cholesky factorizations (K^3) and the column sweep (N K^2)."""
+    k, n = linear.in_features, linear.out_features
+    return float(k**3 + n * k * k)
 
 
 @register_step("gptq")
 @dataclass
 class GPTQ(UniformQuantizer):
     """GPTQ: Hessian-aware rounding of every block linear onto RTN's grid (Frantar et al. 2022)."""
+
+    distributes = "sums"  # the Hessian sums of all processes meet at each linear's owner, which solves
 
     block_size: int = param(
         128, "columns per lazy batch update (speed only: the result is the same up to float rounding)", min=1
@@ -244,10 +264,20 @@ class GPTQ(UniformQuantizer):
         for names in groups:
             with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
                 context.forward()
-            for name in names:
-                self.quantize_linear(context, name, linears[name], catcher.hessian(name))
+            # several processes: each linear's Hessian sum is reduced to its owner, which solves (distributed.py)
+            context.run.distributed.solve_owned(
+                {name: catcher.statistics(name, linears[name]) for name in names},
+                {name: solve_cost(linears[name]) for name in names},
+                lambda name: self.quantize_linear(context, name, linears[name], catcher.hessian(name)),
+                context.run.report,
+                context.prefix,
+                context.device,
+                install=context.replace_linear,
+            )
 
-    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None) -> None:
+    def quantize_linear(
+        self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None
+    ) -> UniformWeight:
         weight = linear.weight.data
         if h is None:  # never called on the calibration data: H = I, which makes GPTQ RTN
             context.run.report.warn(f"gptq: {context.prefix}.{name} saw no calibration token; rounded to nearest")
@@ -264,7 +294,6 @@ class GPTQ(UniformQuantizer):
             self.actorder,
         )
         rtn = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
-        context.replace_linear(name, result.weight)
         context.record(
             name,
             error=relative_error(weight, result.weight),
@@ -273,3 +302,4 @@ class GPTQ(UniformQuantizer):
             damping=result.damping,
             bits_per_weight=result.weight.bits_per_weight(),
         )
+        return result.weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from transformers import AutoTokenizer
 from compressor.export import CheckpointWriter, atomic_output_dir
 from compressor.export.output import check_free_space
 from compressor.model import ModelHandle, transformers_says
+from compressor.moe import checkpoint_name
 from compressor.pipeline import Session
 from compressor.recipe import Recipe
 from compressor.report import Report
@@ -58,7 +60,9 @@ def apply(
     session = Session(handle, recipe, tokenizer, resolve_device(device), progress=progress, offload=offload)
     check_free_space(output, least_export_bytes(handle, recipe, session.export_dtype))
     with atomic_output_dir(output, overwrite=overwrite, protected=[handle.path]) as directory:
-        writer = CheckpointWriter(directory, recipe.export, session.export_dtype)
+        writer = CheckpointWriter(
+            directory, recipe.export, session.export_dtype, functools.partial(checkpoint_name, handle.adapter)
+        )
         report = session.run(sink=writer)
         writer.finish(handle, recipe, report, session.run_state.export)
     return report

@@ -29,6 +29,7 @@ from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_b
 from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
+from compressor.moe import calibrating, refusal, report_census
 from compressor.progress import track
 from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
@@ -91,6 +92,8 @@ class Session:
         claimed: dict[str, int] = {}  # linear -> index of the step that quantizes it
         for index, step in enumerate(self.recipe.steps):
             with self.blame(step):
+                if refusal(step, self.handle.adapter) is not None:
+                    raise ValueError(refusal(step, self.handle.adapter))
                 step.check_config(self.handle.config)
                 linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
                 step.check_model(linears)
@@ -179,8 +182,11 @@ class Session:
             prefix = self.handle.block_prefix(index)
             # Data-free passes never run the block: keep its weights in the checkpoint dtype.
             block = self.load_block(index, None if needs_data else self.handle.dtype)
+            if needs_data:
+                self.count_routed_tokens(prefix, block, inputs, kwargs)
+            policy = self.recipe.calibration.expert_calibration if needs_data else "routed"
             for step in steps:
-                with self.blame(step):
+                with self.blame(step), calibrating(self.handle.adapter, block, policy):
                     step.compress_block(
                         BlockContext(
                             handle=self.handle,
@@ -203,6 +209,15 @@ class Session:
                 self.live_blocks.discard(index)
             else:
                 block.to("cpu")
+
+    def count_routed_tokens(self, prefix: str, block: nn.Module, inputs, kwargs) -> None:
+        """Mixture-of-experts blocks: the calibration tokens the router sends each expert, in the report (and a
+        warning naming the experts below ``calibration.min_expert_tokens``)."""
+        with calibrating(self.handle.adapter, block) as counts:
+            if counts is not None:
+                run_block(block, inputs, kwargs)
+        if counts is not None:
+            report_census(self.report, prefix, self.handle.adapter, counts, self.recipe.calibration.min_expert_tokens)
 
     def run_model_step(self, step: Step) -> None:
         offloaded = self.should_offload() if self.offload is None else self.offload

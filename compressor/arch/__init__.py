@@ -23,6 +23,7 @@ from torch import nn
 
 from compressor.arch.shipped import SHIPPED, shipped_for
 from compressor.errors import UserError
+from compressor.moe import ExpertLayout
 
 LLAMA_LINEARS = {
     "q": "self_attn.q_proj",
@@ -33,6 +34,7 @@ LLAMA_LINEARS = {
     "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
+ATTENTION_LINEARS = {role: path for role, path in LLAMA_LINEARS.items() if path.startswith("self_attn.")}
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,17 @@ class ArchAdapter:
     kv_cache: tuple[str, ...] = ("k", "v")  # projections whose outputs (keys after RoPE, values) the KV cache holds
     # Layers that serving engines fuse (qkv_proj, gate_up_proj) must share one quantization scheme.
     fused_groups: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
+    # Mixture-of-experts families: where the experts are and what the checkpoint calls them (compressor/moe.py)
+    experts: ExpertLayout | None = None
+
+
+def moe_adapter(family: str, experts: ExpertLayout, **fields) -> ArchAdapter:
+    """A MoE family: the canonical linears are attention's (a block's MLP is experts, or a dense MLP in
+    DeepSeek's first layers: both are found as the block's other linears)."""
+    defaults = dict(
+        linears=dict(ATTENTION_LINEARS), norm_inputs={"input": ("q", "k", "v")}, fused_groups=(("q", "k", "v"),)
+    )
+    return ArchAdapter(family, (family,), **(defaults | fields), experts=experts)
 
 
 ADAPTERS = (
@@ -62,6 +75,28 @@ ADAPTERS = (
     ArchAdapter("mistral", ("mistral",)),
     ArchAdapter("qwen2", ("qwen2",)),
     ArchAdapter("qwen3", ("qwen3",), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
+    moe_adapter(
+        "mixtral",
+        ExpertLayout(
+            projections=("w1", "w3", "w2"),
+            num_experts="num_local_experts",
+            intermediate_size="intermediate_size",
+            checkpoint_renames=((".mlp.", ".block_sparse_moe."),),
+        ),
+    ),
+    moe_adapter(
+        "qwen2_moe", ExpertLayout(routers=("mlp.gate", "mlp.shared_expert_gate"), shared=("mlp.shared_expert",))
+    ),
+    moe_adapter("qwen3_moe", ExpertLayout(), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
+    # Multi-head latent attention (q_a/q_b or q, kv_a_proj_with_mqa, kv_b, o): no q/k/v roles
+    moe_adapter(
+        "deepseek_v3",
+        ExpertLayout(shared=("mlp.shared_experts",), num_experts="n_routed_experts"),
+        linears={"o": "self_attn.o_proj"},
+        norm_inputs={},
+        fused_groups=(),
+        kv_cache=(),
+    ),
 )
 
 
@@ -141,8 +176,11 @@ def block_linears(adapter: ArchAdapter, block: nn.Module) -> dict[str, nn.Module
     linears = {
         path: module
         for path, module in modules.items()
-        if isinstance(module, nn.Linear)
-        or (hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "tensor_names"))
+        if (
+            isinstance(module, nn.Linear)
+            or (hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "tensor_names"))
+        )
+        and not (adapter.experts is not None and path in adapter.experts.routers)  # routers stay as they are
     }
     if not missing:
         canonical = {path: modules[path] for path in adapter.linears.values()}

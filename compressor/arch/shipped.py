@@ -80,9 +80,10 @@ class ShippedArchitecture:
 
 
 SHIPPED = (
-    ShippedArchitecture(  # TransMLA: a stock DeepSeek-V3 config, no code to ship
+    ShippedArchitecture(  # TransMLA: a stock DeepSeek-V3 config, no code to ship (read as DeepSeek-V3: quantizable)
         package="deepseek_mla",
         model_types={"deepseek_v3": "deepseek_v3"},
+        compressible=True,
     ),
     ShippedArchitecture(  # SwiftKV: the released Snowflake layout
         package="swiftkv",

@@ -1,0 +1,136 @@
+"""Mixture-of-experts families (compressor/moe.py): per-expert linears, routed calibration, exports that
+transformers loads under the checkpoint's own expert names."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from compressor.api import apply
+from compressor.errors import UserError
+from compressor.export import load_quantized_model
+from compressor.model import ModelHandle
+from compressor.modules.linear import QuantizedLinear
+from compressor.moe import RoutedExperts
+from compressor.recipe import Recipe
+from compressor.testing import MOE_ARCHITECTURES, make_random_model
+
+FAMILIES = list(MOE_ARCHITECTURES)
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {arch: make_random_model(arch, root / arch) for arch in FAMILIES}
+
+
+def tokens(seed=0):
+    return torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def stored_tensors(folder):
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def expert_linear_count(config, arch) -> int:
+    """Linears the recipe must quantize: attention, every expert's three, shared experts', dense MLPs'."""
+    layers = config["num_hidden_layers"]
+    experts = config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts")
+    attention = 4
+    dense = config.get("first_k_dense_replace", 0)
+    shared = 3 if arch in ("qwen2_moe", "deepseek_v3") else 0
+    return layers * attention + (layers - dense) * (3 * experts + shared) + dense * 3
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_per_expert_model_runs_as_transformers_fused_one(moe_models, arch):
+    """The handle's model (experts unfused into per-expert linears, read under the checkpoint's names, the
+    routing bias buffer loaded) gives transformers' logits exactly."""
+    handle = ModelHandle.open(moe_models[arch])
+    model = handle.materialize_all("cpu", torch.float32)
+    assert any(isinstance(m, RoutedExperts) for m in model.modules())
+    assert not any(p.dim() == 3 for p in model.parameters())  # no fused expert tensor anywhere
+    reference = AutoModelForCausalLM.from_pretrained(moe_models[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(tokens()).logits, reference(tokens()).logits)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_rtn_export_loads_in_transformers_every_expert_quantized_router_untouched(moe_models, arch, tmp_path):
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}]})
+    apply(recipe, moe_models[arch], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    ours = load_quantized_model(tmp_path / "out")
+    quantized = [name for name, m in ours.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == expert_linear_count(config, arch)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens()).logits, theirs(tokens()).logits, rtol=1e-5, atol=1e-5)
+    # the checkpoint's own names: per-expert tensors (Mixtral's block_sparse_moe.experts.e.w1), routers bit-equal
+    original, exported = stored_tensors(moe_models[arch]), stored_tensors(tmp_path / "out")
+    routers = [n for n in original if n.endswith(("gate.weight", "shared_expert_gate.weight", "correction_bias"))]
+    routers = [n for n in routers if ".experts." not in n and "gate_proj" not in n]
+    assert routers and all(torch.equal(original[n], exported[n]) for n in routers)
+    expert_weights = [n for n in original if ".experts." in n]
+    assert expert_weights and all(n.replace(".weight", ".weight_packed") in exported for n in expert_weights)
+
+
+def test_starved_experts_are_named_and_tokens_reported(moe_models, calibration_file, tmp_path):
+    """Few calibration tokens: the report lists the tokens routed to each expert of each MoE layer (they add
+    up to top-k per token), and every expert below the threshold is named in a warning."""
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16, "min_expert_tokens": 20},
+            "steps": [{"gptq": {"bits": 4, "group_size": 32}}],
+        }
+    )
+    report = apply(recipe, moe_models["qwen3_moe"], tmp_path / "out", progress=False)
+    census = [row for row in report.rows if "tokens_per_expert" in row]
+    assert [row["module"] for row in census] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert all(sum(row["tokens_per_expert"]) == 2 * 16 * 2 for row in census)
+    named = 0
+    for row in census:
+        starved = [str(i) for i, n in enumerate(row["tokens_per_expert"]) if n < 20]
+        warned = [w for w in report.warnings if w.startswith(f"{row['module']}: ")]
+        expected = f"{row['module']}: experts {', '.join(starved)} received fewer than 20 calibration tokens"
+        assert [w.startswith(expected) for w in warned] == ([True] if starved else [])
+        named += len(starved)
+    assert named  # 64 routed tokens over 4 experts and a threshold of 20: some expert is below it
+
+
+def test_all_policy_shows_every_token_to_every_expert_without_changing_outputs(moe_models):
+    from compressor.moe import calibrating
+
+    handle = ModelHandle.open(moe_models["mixtral"])
+    handle.materialize_all("cpu", torch.float32)
+    block = handle.blocks[0]
+    experts = block.get_submodule("mlp.experts")
+    seen = []
+    hooks = [e.w1.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0])) for e in experts]
+    x = torch.randn(1, 9, 128)
+    position = handle.model.model.rotary_emb(x, torch.arange(9)[None])
+    with torch.no_grad():
+        routed = block(x, position_embeddings=position)
+        routed_seen = list(seen)
+        seen.clear()
+        with calibrating(handle.adapter, block, "all") as counts:
+            everything = block(x, position_embeddings=position)
+    for hook in hooks:
+        hook.remove()
+    assert torch.allclose(routed, everything, atol=1e-6)
+    assert seen == [9] * 4 and sum(routed_seen) == 9 * 2 and counts.sum() == 9 * 2
+
+
+@pytest.mark.parametrize("step", [{"modegpt": {}}, {"swiftkv": {}}, {"transmla": {}}])
+def test_structural_methods_refuse_moe_before_any_work(moe_models, step, tmp_path):
+    recipe = Recipe.from_dict({"steps": [step]})
+    with pytest.raises(UserError, match="does not support mixture-of-experts blocks"):
+        apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

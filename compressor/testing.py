@@ -79,7 +79,7 @@ def random_config(architecture: str, **overrides):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    settings.update(ARCHITECTURES.get(architecture) or MOE_ARCHITECTURES[architecture])
+    settings.update(ARCHITECTURES[architecture] if architecture in ARCHITECTURES else MOE_ARCHITECTURES[architecture])
     settings.update(overrides)
     return AutoConfig.for_model(architecture, **settings)
 

@@ -134,3 +134,98 @@ def test_structural_methods_refuse_moe_before_any_work(moe_models, step, tmp_pat
     with pytest.raises(UserError, match="does not support mixture-of-experts blocks"):
         apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def calibrated(calibration_file, *steps):
+    return Recipe.from_dict(
+        {"calibration": {"dataset": calibration_file, "samples": 8, "seq_len": 32}, "steps": list(steps)}
+    )
+
+
+def loads_alike(folder, expected_quantized):
+    """Our loader and plain transformers (after ``import compressor``) give the same logits, with
+    ``expected_quantized`` quantized linears."""
+    ours = load_quantized_model(folder)
+    assert sum(isinstance(m, QuantizedLinear) for m in ours.modules()) == expected_quantized
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens(3)).logits, theirs(tokens(3)).logits, rtol=1e-5, atol=1e-5)
+    return ours
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_efficientqat_block_ap_and_e2e_qp_on_experts_export_and_load(moe_models, arch, calibration_file, tmp_path):
+    """Block-AP trains every expert's scales inside its block and E2E-QP every scale end to end; the export
+    loads in transformers as the in-memory model runs, and no expert linear is left dense."""
+    recipe = calibrated(
+        calibration_file,
+        {"efficientqat_block_ap": {"bits": 2, "group_size": 32, "epochs": 2, "symmetric": True}},
+        {"efficientqat_e2e_qp": {"lr": 1e-3, "batch_size": 4, "micro_batch_size": 4}},
+    )
+    report = apply(recipe, moe_models[arch], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    loads_alike(tmp_path / "out", expert_linear_count(config, arch))
+    trained = [r for r in report.rows if r["step"] == "efficientqat_block_ap" and ".experts." in r["module"]]
+    experts = config.get("num_local_experts") or config.get("n_routed_experts")
+    moe_layers = config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
+    assert len(trained) == 3 * experts * moe_layers
+
+
+def test_squeezellm_on_experts_writes_the_native_format_with_the_checkpoint_names(
+    moe_models, calibration_file, tmp_path
+):
+    """Per-expert Fisher (gradients reach each expert's own linears) and codebooks; Mixtral's experts keep
+    their ``block_sparse_moe.experts.e.w1`` names in our native format too."""
+    apply(
+        calibrated(calibration_file, {"squeezellm": {"bits": 3}}),
+        moe_models["mixtral"],
+        tmp_path / "out",
+        progress=False,
+    )
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "compressor_mixtral"
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in config["quantization_config"]["modules"]
+    loads_alike(tmp_path / "out", expert_linear_count(config, "mixtral"))
+
+
+def test_qllm_corrects_experts(moe_models, calibration_file, tmp_path):
+    recipe = calibrated(
+        calibration_file,
+        {"qllm": {"bits": 4, "group_size": 32, "symmetric": True, "weight_only": True, "epochs": 1}},
+    )
+    apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    loads_alike(tmp_path / "out", expert_linear_count(config, "qwen2_moe"))
+
+
+def test_check_says_which_expert_schemes_vllm_fused_moe_takes():
+    from compressor.serving import verdicts
+
+    def config(bits, group_size, width=128, groups=1):
+        weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
+        targets = ["Linear"] if groups == 1 else None
+        config_groups = {
+            f"group_{i}": {
+                "targets": targets or [f"re:^model.layers.0.mlp.experts.{i}.gate_proj$"],
+                "weights": {**weights, "num_bits": bits + i},
+            }
+            for i in range(groups)
+        }
+        return {
+            "model_type": "qwen3_moe",
+            "hidden_size": 128,
+            "moe_intermediate_size": width,
+            "num_experts": 4,
+            "quantization_config": {"quant_method": "compressed-tensors", "config_groups": config_groups},
+        }
+
+    def expert_verdict(cfg):
+        return next(v for v in verdicts(cfg, ("vllm",)) if v.part.startswith("routed experts"))
+
+    assert expert_verdict(config(4, 128)).loads and not expert_verdict(config(4, 128)).caveats
+    assert not expert_verdict(config(3, 64)).loads  # fused MoE kernels: 4 or 8 bits
+    assert expert_verdict(config(4, 128, width=96)).caveats  # Marlin MoE: width a multiple of the group
+    assert (
+        "same" in expert_verdict(config(4, 32, groups=2)).how
+        or "one scheme" in expert_verdict(config(4, 32, groups=2)).how
+    )

@@ -125,6 +125,9 @@ SHIPPED = (
             "compressor_qwen2": "qwen2",
             "compressor_qwen3": "qwen3",
             "compressor_deepseek_v3": "deepseek_v3",
+            "compressor_mixtral": "mixtral",
+            "compressor_qwen2_moe": "qwen2_moe",
+            "compressor_qwen3_moe": "qwen3_moe",
         },
         modeling_files=("modeling_compressor.py",),
         classes={
@@ -147,6 +150,18 @@ SHIPPED = (
             "compressor_deepseek_v3": (
                 "modeling_compressor.CompressorDeepseekV3Config",
                 "modeling_compressor.CompressorDeepseekV3ForCausalLM",
+            ),
+            "compressor_mixtral": (
+                "modeling_compressor.CompressorMixtralConfig",
+                "modeling_compressor.CompressorMixtralForCausalLM",
+            ),
+            "compressor_qwen2_moe": (
+                "modeling_compressor.CompressorQwen2MoeConfig",
+                "modeling_compressor.CompressorQwen2MoeForCausalLM",
+            ),
+            "compressor_qwen3_moe": (
+                "modeling_compressor.CompressorQwen3MoeConfig",
+                "modeling_compressor.CompressorQwen3MoeForCausalLM",
             ),
         },
     ),

@@ -421,11 +421,15 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         self.record_correction(context, correction, started)
 
     def reassembly_points(self, adapter, linears: dict[str, nn.Linear]) -> dict[str, list[str]]:
-        """Each reassembly point whose consumers are all in ``linears`` -> their paths (none without reassembly)."""
+        """Each reassembly point whose consumers are all in ``linears`` -> their paths (none without reassembly).
+        A mixture-of-experts MLP has no such roles (its input also feeds the router): only attention's input."""
         if not self.reassembles:
             return {}
         roles = {role: adapter.linears[role] for role in adapter.linears}
-        points = {point: [roles[r] for r in consumers if roles[r] in linears] for point, consumers in POINTS.items()}
+        points = {
+            point: [roles[r] for r in consumers if r in roles and roles[r] in linears]
+            for point, consumers in POINTS.items()
+        }
         return {point: names for point, names in points.items() if names and len(names) == len(POINTS[point])}
 
     def teacher_pass(

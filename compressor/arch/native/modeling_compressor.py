@@ -22,10 +22,16 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 
@@ -67,3 +73,27 @@ class CompressorDeepseekV3Config(DeepseekV3Config):
 
 class CompressorDeepseekV3ForCausalLM(DeepseekV3ForCausalLM):
     config_class = CompressorDeepseekV3Config
+
+
+class CompressorMixtralConfig(MixtralConfig):
+    model_type = "compressor_mixtral"
+
+
+class CompressorMixtralForCausalLM(MixtralForCausalLM):
+    config_class = CompressorMixtralConfig
+
+
+class CompressorQwen2MoeConfig(Qwen2MoeConfig):
+    model_type = "compressor_qwen2_moe"
+
+
+class CompressorQwen2MoeForCausalLM(Qwen2MoeForCausalLM):
+    config_class = CompressorQwen2MoeConfig
+
+
+class CompressorQwen3MoeConfig(Qwen3MoeConfig):
+    model_type = "compressor_qwen3_moe"
+
+
+class CompressorQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
+    config_class = CompressorQwen3MoeConfig

@@ -36,11 +36,15 @@ class ModelLoadError(UserError):
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """``demo``, a local folder holding a transformers checkpoint, or a Hugging Face hub id."""
+    """``demo``, ``demo-moe``, a local folder holding a transformers checkpoint, or a Hugging Face hub id."""
     if str(model) == "demo":
         from compressor.demo import demo_model_dir
 
         return demo_model_dir()
+    if str(model) == "demo-moe":
+        from compressor.demo import demo_moe_dir
+
+        return demo_moe_dir()
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -221,6 +221,22 @@ def report_census(report, prefix: str, adapter, counts: torch.Tensor, threshold:
         )
 
 
+def check_expert_schemes(report, prefix: str, adapter, block: nn.Module) -> None:
+    """Serving engines stack a layer's experts into one fused MoE kernel: every expert projection must share one
+    quantization scheme (vLLM: 'All MoE projections need to have same quantization scheme')."""
+    from compressor.report import scheme_of
+
+    experts = expert_modules(adapter, block)
+    if experts is None:
+        return
+    schemes = {scheme_of(linear) for expert in experts for linear in expert.projections()}
+    if len(schemes) > 1:
+        report.warn(
+            f"{prefix}.{adapter.experts.experts}: the experts' projections have {len(schemes)} different quantization "
+            "schemes (or are partly unquantized); vLLM's fused MoE kernels need one and will refuse the checkpoint"
+        )
+
+
 def refusal(step, adapter) -> str | None:
     """Why ``step`` cannot run on this MoE model (structural methods rewrite dense blocks only), or None."""
     if adapter.experts is not None and step.changes_architecture:

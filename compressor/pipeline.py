@@ -29,7 +29,7 @@ from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_b
 from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
-from compressor.moe import calibrating, refusal, report_census
+from compressor.moe import calibrating, check_expert_schemes, refusal, report_census
 from compressor.progress import track
 from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
@@ -201,6 +201,7 @@ class Session:
                         )
                     )
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
+            check_expert_schemes(self.report, prefix, self.handle.adapter, block)
             if needs_data and index + 1 < len(self.handle.blocks):
                 inputs = self.run_block(block, inputs, kwargs)
             if sink is not None:

@@ -229,3 +229,16 @@ def test_check_says_which_expert_schemes_vllm_fused_moe_takes():
         "same" in expert_verdict(config(4, 32, groups=2)).how
         or "one scheme" in expert_verdict(config(4, 32, groups=2)).how
     )
+
+
+def test_experts_with_mixed_schemes_are_named_for_vllm(moe_models, tmp_path):
+    recipe = Recipe.from_dict(
+        {
+            "steps": [
+                {"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "re:layers\\.1\\.mlp\\.experts\\.2\\.w1"]}}
+            ]
+        }
+    )
+    report = apply(recipe, moe_models["mixtral"], tmp_path / "out", progress=False)
+    mixed = [w for w in report.warnings if "different quantization schemes" in w]
+    assert [w.split(":")[0] for w in mixed] == ["model.layers.1.mlp.experts"]

@@ -242,3 +242,14 @@ def test_experts_with_mixed_schemes_are_named_for_vllm(moe_models, tmp_path):
     report = apply(recipe, moe_models["mixtral"], tmp_path / "out", progress=False)
     mixed = [w for w in report.warnings if "different quantization schemes" in w]
     assert [w.split(":")[0] for w in mixed] == ["model.layers.1.mlp.experts"]
+
+
+def test_demo_moe_ships_beside_the_demo_with_its_tokenizer():
+    from compressor.demo import demo_model_dir
+    from compressor.model import resolve_model_path
+
+    path = resolve_model_path("demo-moe")
+    handle = ModelHandle.open("demo-moe")
+    assert handle.config.model_type == "mixtral" and handle.adapter.experts is not None
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 15 * 2**20
+    assert (path / "tokenizer.json").read_bytes() == (demo_model_dir() / "tokenizer.json").read_bytes()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -220,6 +220,21 @@ class Session:
         if counts is not None:
             report_census(self.report, prefix, self.handle.adapter, counts, self.recipe.calibration.min_expert_tokens)
 
+    def count_routed_tokens_of_model(self, runner: BlockwiseModel) -> None:
+        """``count_routed_tokens`` for a run whose first calibrated step is a model step: one forward pass of the
+        calibration tokens through the whole model, once per run."""
+        adapter = self.handle.adapter
+        if adapter.experts is None or any("tokens_per_expert" in row for row in self.report.rows):
+            return
+        with ExitStack() as stack:
+            counts = [stack.enter_context(calibrating(adapter, block)) for block in self.handle.blocks]
+            for batch in self.calibration_tokens().split(self.batch_size):
+                runner.logits(batch)
+        threshold = self.recipe.calibration.min_expert_tokens
+        for index, block_counts in enumerate(counts):
+            if block_counts is not None:
+                report_census(self.report, self.handle.block_prefix(index), adapter, block_counts, threshold)
+
     def run_model_step(self, step: Step) -> None:
         offloaded = self.should_offload() if self.offload is None else self.offload
         for name in self.handle.outside_block_modules():
@@ -231,6 +246,8 @@ class Session:
         if self.handle.tied_embeddings:
             self.handle.model.tie_weights()
         runner = BlockwiseModel(self.handle, self.device, offloaded)
+        if step.needs_calibration:
+            self.count_routed_tokens_of_model(runner)
         step.compress_model(
             ModelContext(
                 handle=self.handle,

@@ -253,3 +253,11 @@ def test_demo_moe_ships_beside_the_demo_with_its_tokenizer():
     assert handle.config.model_type == "mixtral" and handle.adapter.experts is not None
     assert sum(f.stat().st_size for f in path.iterdir()) <= 15 * 2**20
     assert (path / "tokenizer.json").read_bytes() == (demo_model_dir() / "tokenizer.json").read_bytes()
+
+
+def test_a_model_step_alone_reports_tokens_per_expert_too(moe_models, calibration_file, tmp_path):
+    recipe = calibrated(calibration_file, {"squeezellm": {"bits": 4}})
+    report = apply(recipe, moe_models["qwen3_moe"], tmp_path / "out", progress=False)
+    census = [row for row in report.rows if "tokens_per_expert" in row]
+    assert [row["module"] for row in census] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert all(sum(row["tokens_per_expert"]) == 8 * 32 * 2 for row in census)

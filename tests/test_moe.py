@@ -261,3 +261,24 @@ def test_a_model_step_alone_reports_tokens_per_expert_too(moe_models, calibratio
     census = [row for row in report.rows if "tokens_per_expert" in row]
     assert [row["module"] for row in census] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
     assert all(sum(row["tokens_per_expert"]) == 8 * 32 * 2 for row in census)
+
+
+def test_all_policy_gives_every_expert_statistics_even_when_starved(moe_models, calibration_file, tmp_path):
+    """GPTQ on 4 calibration tokens: routed, some expert of DeepSeek's 8 gets none and is rounded to nearest
+    (a warning); with ``expert_calibration: all`` every expert has a Hessian from all 4 tokens."""
+
+    def run(policy, folder):
+        recipe = Recipe.from_dict(
+            {
+                "calibration": {"dataset": calibration_file, "samples": 1, "seq_len": 8, "expert_calibration": policy},
+                "steps": [{"gptq": {"bits": 4, "group_size": 32}}],
+            }
+        )
+        return apply(recipe, moe_models["deepseek_v3"], tmp_path / folder, progress=False)
+
+    uncalibrated = "saw no calibration token"
+    routed = run("routed", "routed")
+    assert any(uncalibrated in w and ".experts." in w for w in routed.warnings)
+    everything = run("all", "all")
+    assert not any(uncalibrated in w for w in everything.warnings)
+    assert any("received fewer than 16 calibration tokens" in w for w in everything.warnings)  # the census is routed

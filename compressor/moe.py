@@ -46,7 +46,6 @@ class ExpertLayout:
     experts: str = "mlp.experts"  # the fused experts module, path in the block
     projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # checkpoint names: gate, up, down
     routers: tuple[str, ...] = ("mlp.gate",)  # never quantized (paths in the block)
-    shared: tuple[str, ...] = ()  # shared experts (dense gated MLPs seeing every token), paths in the block
     num_experts: str = "num_experts"  # config attributes
     intermediate_size: str = "moe_intermediate_size"
     # (in-memory fragment, checkpoint fragment): Mixtral's checkpoints say block_sparse_moe where transformers says mlp
@@ -178,11 +177,6 @@ def unfuse_model_experts(model: nn.Module, config) -> None:
     for block in model.get_submodule(adapter.blocks):
         unfuse_experts(block, adapter, config)
     return adapter
-
-
-def is_router(adapter, path: str) -> bool:
-    """Whether the module at ``path`` (in a block) is a router or gate of the experts (never quantized)."""
-    return adapter.experts is not None and path in adapter.experts.routers
 
 
 def expert_modules(adapter, block: nn.Module) -> RoutedExperts | None:

@@ -213,12 +213,16 @@ class Session:
 
     def count_routed_tokens(self, prefix: str, block: nn.Module, inputs, kwargs) -> None:
         """Mixture-of-experts blocks: the calibration tokens the router sends each expert, in the report (and a
-        warning naming the experts below ``calibration.min_expert_tokens``)."""
-        with calibrating(self.handle.adapter, block) as counts:
+        warning naming the experts below ``calibration.min_expert_tokens``), once per run."""
+        adapter = self.handle.adapter
+        path = f"{prefix}.{adapter.experts.experts}" if adapter.experts is not None else None
+        if path is None or any(row["module"] == path and "tokens_per_expert" in row for row in self.report.rows):
+            return
+        with calibrating(adapter, block) as counts:
             if counts is not None:
                 run_block(block, inputs, kwargs)
         if counts is not None:
-            report_census(self.report, prefix, self.handle.adapter, counts, self.recipe.calibration.min_expert_tokens)
+            report_census(self.report, prefix, adapter, counts, self.recipe.calibration.min_expert_tokens)
 
     def count_routed_tokens_of_model(self, runner: BlockwiseModel) -> None:
         """``count_routed_tokens`` for a run whose first calibrated step is a model step: one forward pass of the

@@ -84,14 +84,13 @@ ADAPTERS = (
             checkpoint_renames=((".mlp.", ".block_sparse_moe."),),
         ),
     ),
-    moe_adapter(
-        "qwen2_moe", ExpertLayout(routers=("mlp.gate", "mlp.shared_expert_gate"), shared=("mlp.shared_expert",))
-    ),
+    # shared experts (Qwen2-MoE's shared_expert, DeepSeek's shared_experts) are dense MLPs: quantized as other linears
+    moe_adapter("qwen2_moe", ExpertLayout(routers=("mlp.gate", "mlp.shared_expert_gate"))),
     moe_adapter("qwen3_moe", ExpertLayout(), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
     # Multi-head latent attention (q_a/q_b or q, kv_a_proj_with_mqa, kv_b, o): no q/k/v roles
     moe_adapter(
         "deepseek_v3",
-        ExpertLayout(shared=("mlp.shared_experts",), num_experts="n_routed_experts"),
+        ExpertLayout(num_experts="n_routed_experts"),
         linears={"o": "self_attn.o_proj"},
         norm_inputs={},
         fused_groups=(),

@@ -107,13 +107,6 @@ class RoutedExperts(nn.ModuleList):
         return final
 
 
-def moe_blocks(adapter, blocks) -> list[int]:
-    """Indices of the blocks that hold routed experts (DeepSeek's first dense layers do not)."""
-    if adapter.experts is None:
-        return []
-    return [i for i, block in enumerate(blocks) if _has(block, adapter.experts.experts)]
-
-
 def _has(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)

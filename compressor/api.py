@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from compressor.distributed import (
 from compressor.export import CheckpointWriter, atomic_output_dir
 from compressor.export.output import check_free_space
 from compressor.model import ModelHandle, transformers_says
+from compressor.moe import checkpoint_name
 from compressor.pipeline import Session, one_layer_pass
 from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
@@ -181,7 +183,9 @@ def apply_here(
         if resume and resumable:
             report_resume(output, session.resume_from, len(handle.blocks))
             session.report.summary["resumed_after_block"] = session.resume_from
-        writer = CheckpointWriter(directory, recipe.export, session.export_dtype)
+        writer = CheckpointWriter(
+            directory, recipe.export, session.export_dtype, functools.partial(checkpoint_name, handle.adapter)
+        )
         report = session.run(sink=writer)
         ranks = distributed.gather(rank_numbers(session))
         if distributed.active:

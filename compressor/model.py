@@ -27,6 +27,7 @@ from compressor.arch import ArchAdapter, UnsupportedArchitecture, adapter_for
 from compressor.arch.generic import adapter_of
 from compressor.arch.shipped import shipped_for
 from compressor.errors import UserError
+from compressor.moe import checkpoint_name, unfuse_experts
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
 
@@ -36,11 +37,15 @@ class ModelLoadError(UserError):
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """``demo``, a local folder holding a transformers checkpoint, or a Hugging Face hub id."""
+    """``demo``, ``demo-moe``, a local folder holding a transformers checkpoint, or a Hugging Face hub id."""
     if str(model) == "demo":
         from compressor.demo import demo_model_dir
 
         return demo_model_dir()
+    if str(model) == "demo-moe":
+        from compressor.demo import demo_moe_dir
+
+        return demo_moe_dir()
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -147,6 +152,8 @@ class ModelHandle:
         with transformers_says(path), init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
             dtype = checkpoint_dtype(config)
+        for block in skeleton.get_submodule(adapter.blocks):
+            unfuse_experts(block, adapter, config)  # per-expert linears instead of fused 3-D parameters
         skeleton.eval()
         skeleton.requires_grad_(False)
         if adapter is None:
@@ -230,7 +237,9 @@ class ModelHandle:
     # --- reading tensors -----------------------------------------------------------------------
 
     def checkpoint_name(self, name: str) -> str:
-        """The name under which ``name`` is stored (a tied LM head is stored as the embedding)."""
+        """The name under which ``name`` is stored (a tied LM head is stored as the embedding; experts
+        under their checkpoint names, ``compressor.moe.checkpoint_name``)."""
+        name = checkpoint_name(self.adapter, name)
         if name not in self.tensor_files and self.tied_embeddings and name == f"{self.adapter.lm_head}.weight":
             return f"{self.adapter.embed_tokens}.weight"
         if name not in self.tensor_files:
@@ -252,13 +261,27 @@ class ModelHandle:
         """A new copy of block ``index`` with the checkpoint's weights; the model's own block (which a
         step may have changed already) is not touched."""
         with init_empty_weights(include_buffers=False):
-            block = type(self.blocks[index])(self.model.config, index)
+            block = unfuse_experts(type(self.blocks[index])(self.model.config, index), self.adapter, self.config)
         prefix = self.block_prefix(index)
         names = [name for name, _ in block.named_parameters()]
         tensors = self.read_tensors([f"{prefix}.{name}" for name in names])
         for name in names:
             set_module_tensor_to_device(block, name, device, value=tensors[f"{prefix}.{name}"], dtype=dtype)
+        self.load_stored_buffers(block, prefix, device)
         return block.eval().requires_grad_(False)
+
+    def load_stored_buffers(self, module: nn.Module, prefix: str, device) -> None:
+        """Buffers the checkpoint stores (DeepSeek-V3's ``e_score_correction_bias``), in their own dtype: the
+        skeleton built them with their initial values."""
+        stored = {}
+        for name, _ in module.named_buffers():
+            full = f"{prefix}.{name}"
+            if checkpoint_name(self.adapter, full) in self.tensor_files:
+                stored[name] = full
+        if stored:
+            tensors = self.read_tensors(list(stored.values()))
+            for name, full in stored.items():
+                set_module_tensor_to_device(module, name, device, value=tensors[full])
 
     def materialize(self, prefix: str, device, dtype: torch.dtype) -> nn.Module:
         """Load the parameters of the module at ``prefix`` from the checkpoint onto ``device``; a tensor
@@ -271,6 +294,7 @@ class ModelHandle:
             raise ModelLoadError(f"{self.path}: tensor {broken} holds NaN or infinite values")
         for name in names:
             set_module_tensor_to_device(module, name, device, value=tensors[f"{prefix}.{name}"], dtype=dtype)
+        self.load_stored_buffers(module, prefix, device)
         return module
 
     def materialize_all(self, device, dtype: torch.dtype, block_device=None) -> nn.Module:

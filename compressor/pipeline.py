@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,7 @@ from compressor.context import BlockContext, ModelContext, RunState, model_dense
 from compressor.distributed import Distributed, refusal
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
+from compressor.moe import calibrating, check_expert_schemes, report_census
 from compressor.progress import track
 from compressor.recipe import Recipe, writes_native_format
 from compressor.report import Report, peak_memory
@@ -245,8 +246,11 @@ class Session:
             prefix = self.handle.block_prefix(index)
             # Data-free passes never run the block: keep its weights in the checkpoint dtype.
             block = self.load_block(index, None if needs_data else self.handle.dtype)
+            if needs_data:
+                self.count_routed_tokens(prefix, block, inputs, kwargs)
+            policy = self.recipe.calibration.expert_calibration if needs_data else "routed"
             for step in steps:
-                with self.blame(step):
+                with self.blame(step), calibrating(self.handle.adapter, block, policy):
                     step.compress_block(
                         BlockContext(
                             handle=self.handle,
@@ -261,6 +265,7 @@ class Session:
                         )
                     )
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
+            check_expert_schemes(self.report, prefix, self.handle.adapter, block)
             if needs_data and index + 1 < len(self.handle.blocks):
                 inputs = self.run_block(block, inputs, kwargs[index])
             if commits is not None:
@@ -273,6 +278,34 @@ class Session:
             else:
                 block.to("cpu")
 
+    def count_routed_tokens(self, prefix: str, block: nn.Module, inputs, kwargs) -> None:
+        """Mixture-of-experts blocks: the calibration tokens the router sends each expert, in the report (and a
+        warning naming the experts below ``calibration.min_expert_tokens``), once per run."""
+        adapter = self.handle.adapter
+        path = f"{prefix}.{adapter.experts.experts}" if adapter.experts is not None else None
+        if path is None or any(row["module"] == path and "tokens_per_expert" in row for row in self.report.rows):
+            return
+        with calibrating(adapter, block) as counts:
+            if counts is not None:
+                run_block(block, inputs, kwargs)
+        if counts is not None:
+            report_census(self.report, prefix, adapter, counts, self.recipe.calibration.min_expert_tokens)
+
+    def count_routed_tokens_of_model(self, runner: BlockwiseModel) -> None:
+        """``count_routed_tokens`` for a run whose first calibrated step is a model step: one forward pass of the
+        calibration tokens through the whole model, once per run."""
+        adapter = self.handle.adapter
+        if adapter.experts is None or any("tokens_per_expert" in row for row in self.report.rows):
+            return
+        with ExitStack() as stack:
+            counts = [stack.enter_context(calibrating(adapter, block)) for block in self.handle.blocks]
+            for batch in self.calibration_tokens().split(self.batch_size):
+                runner.logits(batch)
+        threshold = self.recipe.calibration.min_expert_tokens
+        for index, block_counts in enumerate(counts):
+            if block_counts is not None:
+                report_census(self.report, self.handle.block_prefix(index), adapter, block_counts, threshold)
+
     def run_model_step(self, step: Step) -> None:
         offloaded = self.should_offload() if self.offload is None else self.offload
         for name in self.handle.outside_block_modules():
@@ -284,6 +317,8 @@ class Session:
         if self.handle.tied_embeddings:
             self.handle.model.tie_weights()
         runner = BlockwiseModel(self.handle, self.device, offloaded)
+        if step.needs_calibration:
+            self.count_routed_tokens_of_model(runner)
         step.compress_model(
             ModelContext(
                 handle=self.handle,

@@ -71,6 +71,14 @@ class CalibrationConfig(Config):
     seed: int = param(0, "seed for choosing the sequences")
     split: str = param("train", "dataset split (datasets names only)")
     text_column: str = param("text", "column holding the text (jsonl, parquet and datasets names)")
+    expert_calibration: str = param(
+        "routed",
+        "mixture-of-experts: experts see the tokens routed to them (routed), or every token for statistics (all)",
+        choices=("routed", "all"),
+    )
+    min_expert_tokens: int = param(
+        16, "mixture-of-experts: an expert routed fewer calibration tokens than this is named in a warning", min=0
+    )
 
     def check(self) -> None:
         # A local path that does not exist is a mistake whether or not a step needs the data; checked

@@ -66,6 +66,9 @@ VLLM_GPTQ = (
 HF_GPTQ = (
     "transformers/quantizers/quantizer_gptq.py (imports optimum.gptq; validate_environment needs gptqmodel on a CPU)"
 )
+VLLM_MOE = "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py (get_moe_method)"
+VLLM_MOE_MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py (check_moe_marlin_supports_layer)"
+HF_CT_MOE = "transformers/integrations/compressed_tensors.py (CompressedTensorsDequantize, experts)"
 ARCTIC_SWIFTKV = "arctic_inference/vllm/swiftkv/llama_swiftkv.py, arctic_inference/common/swiftkv/configs.py"
 
 ROUTES: tuple[Route, ...] = (
@@ -183,6 +186,37 @@ ROUTES: tuple[Route, ...] = (
             ),
         ),
     ),
+    Route(
+        "vllm",
+        "moe-experts",
+        "FusedMoE's CompressedTensorsWNA16MarlinMoEMethod (or its Triton CompressedTensorsWNA16MoEMethod fallback)",
+        requirements=(
+            Rule(
+                "one scheme for every expert projection (FusedMoE stacks them; 'All MoE projections need to have same "
+                "quantization scheme')",
+                lambda p: p["schemes"] == 1,
+                VLLM_MOE,
+            ),
+            Rule(
+                "integer experts with 16-bit activations",
+                lambda p: p["type"] == "int" and not p["activations"],
+                VLLM_MOE,
+            ),
+            Rule("4- or 8-bit experts (WNA16_SUPPORTED_BITS)", lambda p: p["bits"] in (4, 8), VLLM_MOE),
+        ),
+        caveats=(
+            Rule(
+                "Marlin MoE needs hidden_size % 128 == 0, the expert width a multiple of max(64, group size) and a "
+                "group size among -1, 32, 64, 128; otherwise the slower Triton kernel runs",
+                lambda p: (
+                    p["hidden_size"] % 128 == 0
+                    and p["intermediate_size"] % max(64, p["group_size"]) == 0
+                    and p["group_size"] in (-1, 32, 64, 128)
+                ),
+                VLLM_MOE_MARLIN,
+            ),
+        ),
+    ),
     Route("vllm", "dense", "the model's own architecture, unquantized"),
     Route(
         "transformers",
@@ -231,6 +265,27 @@ ROUTES: tuple[Route, ...] = (
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
     Route(
         "transformers",
+        "moe-experts",
+        "its compressed-tensors loader: the per-expert tensors are dequantized into the fused 3-D expert weights while "
+        "loading",
+        requirements=(
+            Rule(
+                "integer experts with 16-bit activations",
+                lambda p: p["type"] == "int" and not p["activations"],
+                HF_CT_MOE,
+            ),
+            Rule("symmetric experts (no packed zero points)", lambda p: p["symmetric"], HF_CT_MOE),
+        ),
+        caveats=(
+            Rule(
+                "the experts take their dense size in memory (only the dense layers stay packed)",
+                lambda p: False,
+                HF_CT_MOE,
+            ),
+        ),
+    ),
+    Route(
+        "transformers",
         "shipped-code",
         "the modeling code shipped with the checkpoint (`trust_remote_code=True`), or our loaders without remote code",
     ),
@@ -268,6 +323,7 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                 }
                 shape = scheme_words(facts)
                 parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
+            parts.extend(expert_parts(config, quantization))
         elif method == "gptq":
             facts = {
                 "bits": quantization.get("bits"),
@@ -321,6 +377,37 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
     if not parts:
         parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))
     return parts
+
+
+MOE_WIDTHS = {"mixtral": "intermediate_size"}  # config key of an expert's width (else moe_intermediate_size)
+
+
+def expert_parts(config: dict, quantization: dict) -> list[tuple[str, str, dict]]:
+    """The quantized routed experts of a MoE model (compressed-tensors): serving engines fuse them, so every expert
+    projection must share one scheme, which the config groups covering ``.experts.`` modules say."""
+    width = config.get(MOE_WIDTHS.get(config.get("model_type"), "moe_intermediate_size"))
+    if not width or not any(config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        return []
+    groups = [
+        group
+        for group in quantization.get("config_groups", {}).values()
+        if any(t == "Linear" or ".experts." in t for t in group.get("targets", []))
+    ]
+    if not groups:
+        return []
+    weights = groups[0].get("weights") or {}
+    facts = {
+        "schemes": len({json.dumps(g.get("weights"), sort_keys=True) for g in groups}),
+        "type": weights.get("type", "int"),
+        "bits": weights.get("num_bits"),
+        "symmetric": weights.get("symmetric", True),
+        "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
+        "activations": any(g.get("input_activations") is not None for g in groups),
+        "hidden_size": config.get("hidden_size", 0),
+        "intermediate_size": width,
+    }
+    shape = scheme_words(facts) if facts["schemes"] == 1 else f"{facts['schemes']} schemes"
+    return [(f"routed experts ({shape}, width {width})", "moe-experts", facts)]
 
 
 def gptq_stack_installed() -> bool:

@@ -57,6 +57,36 @@ FAMILIES = {
     "phi": SMALL,  # refused by the generic adapter (dense / fc1 / fc2, attention and MLP in parallel)
 }
 
+# Mixture-of-experts families (compressor/moe.py): 4 experts (DeepSeek: 8 in 2 groups, a dense first layer)
+# whose widths every group size divides
+MOE_ARCHITECTURES = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128, "sliding_window": None},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 256,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "head_dim": 32},
+    "deepseek_v3": {
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "q_lora_rank": None,
+        "kv_lora_rank": 128,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "num_key_value_heads": 4,
+    },
+}
+
 TOKENIZER_TEXT = (
     "The quick brown fox jumps over the lazy dog. Compression keeps the model small and fast. Quantization rounds "
     "each weight to a grid; calibration text shows which weights matter. "
@@ -87,7 +117,7 @@ def random_config(architecture: str, **overrides):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    settings.update(ARCHITECTURES[architecture] if architecture in ARCHITECTURES else FAMILIES[architecture])
+    settings.update(ARCHITECTURES.get(architecture) or FAMILIES.get(architecture) or MOE_ARCHITECTURES[architecture])
     settings.update(overrides)
     return AutoConfig.for_model(architecture, **settings)
 
@@ -95,7 +125,8 @@ def random_config(architecture: str, **overrides):
 def make_random_model(
     architecture: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
 ) -> Path:
-    """A random-weight checkpoint of ``architecture`` (a key of ``ARCHITECTURES`` or ``FAMILIES``) in ``folder``."""
+    """A random-weight checkpoint of ``architecture`` (a key of ``ARCHITECTURES``, ``FAMILIES`` or
+    ``MOE_ARCHITECTURES``) in ``folder``."""
     folder = Path(folder)
     torch.manual_seed(seed)
     config = random_config(architecture, **overrides)
@@ -104,6 +135,9 @@ def make_random_model(
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
                 parameter.uniform_(0.5, 1.5)
+        for name, buffer in model.named_buffers():  # DeepSeek-V3's routing bias: loaded, or routing changes
+            if name.endswith("e_score_correction_bias"):
+                buffer.uniform_(-0.05, 0.05)
     model.save_pretrained(folder)
     make_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder

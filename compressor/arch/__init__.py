@@ -31,6 +31,7 @@ from torch import nn
 
 from compressor.arch.shipped import SHIPPED, shipped_for
 from compressor.errors import UserError
+from compressor.moe import ExpertLayout
 
 LLAMA_LINEARS = {
     "q": "self_attn.q_proj",
@@ -41,6 +42,7 @@ LLAMA_LINEARS = {
     "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
+ATTENTION_LINEARS = {role: path for role, path in LLAMA_LINEARS.items() if path.startswith("self_attn.")}
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class ArchAdapter:
     config_requires: dict = field(default_factory=dict)  # config key -> value this row assumes (else: generic)
     differs: tuple[str, ...] = ()  # how its block differs from Llama's, in words (support matrix, refusals)
     generic: bool = False  # derived from the module tree and confirmed by a probe (arch/generic.py), not a row
+    # Mixture-of-experts families: where the experts are and what the checkpoint calls them (compressor/moe.py)
+    experts: ExpertLayout | None = None
 
 
 GEMMA_NORMS = {
@@ -94,6 +98,16 @@ FUSED_LINEARS = {
     "gate_up": "mlp.gate_up_proj",
     "down": "mlp.down_proj",
 }
+
+
+def moe_adapter(family: str, experts: ExpertLayout, **fields) -> ArchAdapter:
+    """A MoE family: the canonical linears are attention's (a block's MLP is experts, or a dense MLP in
+    DeepSeek's first layers: both are found as the block's other linears)."""
+    defaults = dict(
+        linears=dict(ATTENTION_LINEARS), norm_inputs={"input": ("q", "k", "v")}, fused_groups=(("q", "k", "v"),)
+    )
+    differs = ("mixture-of-experts MLPs", *fields.pop("differs", ()))
+    return ArchAdapter(family, (family,), **(defaults | fields), experts=experts, differs=differs)
 
 
 ADAPTERS = (
@@ -176,6 +190,27 @@ ADAPTERS = (
         ("stablelm",),
         config_requires={"use_parallel_residual": False},
         differs=("LayerNorms with biases", "partial rotary"),
+    ),
+    moe_adapter(
+        "mixtral",
+        ExpertLayout(
+            projections=("w1", "w3", "w2"),
+            num_experts="num_local_experts",
+            intermediate_size="intermediate_size",
+            checkpoint_renames=((".mlp.", ".block_sparse_moe."),),
+        ),
+    ),
+    # shared experts (Qwen2-MoE's shared_expert, DeepSeek's shared_experts) are dense MLPs: quantized as other linears
+    moe_adapter("qwen2_moe", ExpertLayout(routers=("mlp.gate", "mlp.shared_expert_gate"))),
+    moe_adapter("qwen3_moe", ExpertLayout(), qk_norms={"q": "self_attn.q_norm", "k": "self_attn.k_norm"}),
+    # Multi-head latent attention (q_a/q_b or q, kv_a_proj_with_mqa, kv_b, o): no q/k/v roles
+    moe_adapter(
+        "deepseek_v3",
+        ExpertLayout(num_experts="n_routed_experts"),
+        linears={"o": "self_attn.o_proj"},
+        norm_inputs={},
+        fused_groups=(),
+        kv_cache=(),
     ),
 )
 
@@ -306,8 +341,11 @@ def block_linears(adapter: ArchAdapter, block: nn.Module) -> dict[str, nn.Module
     linears = {
         path: module
         for path, module in modules.items()
-        if isinstance(module, nn.Linear)
-        or (hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "tensor_names"))
+        if (
+            isinstance(module, nn.Linear)
+            or (hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "tensor_names"))
+        )
+        and not (adapter.experts is not None and path in adapter.experts.routers)  # routers stay as they are
     }
     if not missing:
         canonical = {path: modules[path] for path in adapter.linears.values()}

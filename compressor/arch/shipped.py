@@ -80,9 +80,10 @@ class ShippedArchitecture:
 
 
 SHIPPED = (
-    ShippedArchitecture(  # TransMLA: a stock DeepSeek-V3 config, no code to ship
+    ShippedArchitecture(  # TransMLA: a stock DeepSeek-V3 config, no code to ship (read as DeepSeek-V3: quantizable)
         package="deepseek_mla",
         model_types={"deepseek_v3": "deepseek_v3"},
+        compressible=True,
     ),
     ShippedArchitecture(  # SwiftKV: the released Snowflake layout
         package="swiftkv",
@@ -132,6 +133,9 @@ SHIPPED = (
             "compressor_glm4": "glm4",
             "compressor_cohere": "cohere",
             "compressor_stablelm": "stablelm",
+            "compressor_mixtral": "mixtral",
+            "compressor_qwen2_moe": "qwen2_moe",
+            "compressor_qwen3_moe": "qwen3_moe",
         },
         modeling_files=("modeling_compressor.py",),
         classes={
@@ -186,6 +190,18 @@ SHIPPED = (
             "compressor_stablelm": (
                 "modeling_compressor.CompressorStableLmConfig",
                 "modeling_compressor.CompressorStableLmForCausalLM",
+            ),
+            "compressor_mixtral": (
+                "modeling_compressor.CompressorMixtralConfig",
+                "modeling_compressor.CompressorMixtralForCausalLM",
+            ),
+            "compressor_qwen2_moe": (
+                "modeling_compressor.CompressorQwen2MoeConfig",
+                "modeling_compressor.CompressorQwen2MoeForCausalLM",
+            ),
+            "compressor_qwen3_moe": (
+                "modeling_compressor.CompressorQwen3MoeConfig",
+                "modeling_compressor.CompressorQwen3MoeForCausalLM",
             ),
         },
     ),

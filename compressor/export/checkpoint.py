@@ -42,8 +42,10 @@ COPIED_FILES = (
 
 
 class CheckpointWriter:
-    def __init__(self, directory: Path, export_config, export_dtype: torch.dtype):
+    def __init__(self, directory: Path, export_config, export_dtype: torch.dtype, rename=None):
         self.directory = Path(directory)
+        # in-memory module name -> the checkpoint's (Mixtral's experts: compressor.moe.checkpoint_name)
+        self.rename = rename or (lambda name: name)
         self.format = export_config.format
         self.dtype = export_dtype
         self.shards = ShardWriter(self.directory, export_config.max_shard_bytes)
@@ -60,7 +62,7 @@ class CheckpointWriter:
         """Write every tensor of ``module`` (a block or any submodule) under ``prefix``."""
         quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
         for name, child in module.named_modules():
-            full = f"{prefix}.{name}" if name else prefix
+            full = self.rename(f"{prefix}.{name}" if name else prefix)
             if getattr(child, "activation_quantization", None) is not None:
                 self.attention[full] = child.activation_quantization.to_config()
             if name in quantized:
@@ -71,7 +73,9 @@ class CheckpointWriter:
             owner = name.rpartition(".")[0]
             if owner in quantized and name != f"{owner}.bias":
                 continue
-            self.shards.add(f"{prefix}.{name}", tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+            self.shards.add(
+                self.rename(f"{prefix}.{name}"), tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            )
 
     def write_quantized(self, name: str, module: QuantizedLinear) -> None:
         weight = module.stored_weight

@@ -22,6 +22,7 @@ from compressor import kvcache
 from compressor.export.codecs import FORMATS
 from compressor.model import safetensors_index
 from compressor.modules.linear import QuantizedLinear
+from compressor.moe import model_name, unfuse_model_experts
 
 
 def load_quantized_model(
@@ -40,6 +41,7 @@ def load_quantized_model(
         del skeleton_config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(skeleton_config, trust_remote_code=trust_remote_code)
+    moe_adapter = unfuse_model_experts(model, config)  # experts as per-expert linears, as the export names them
     codec = FORMATS.get(quantization_config.get("quant_method")) if quantization_config is not None else None
     kv_cache = (quantization_config or {}).get("kv_cache")
     if kv_cache:
@@ -47,7 +49,7 @@ def load_quantized_model(
     files = safetensors_index(path)
     by_module: dict[str, dict[str, str]] = {}
     for name in files:
-        module, _, tensor = name.rpartition(".")
+        module, _, tensor = (model_name(moe_adapter, name) if moe_adapter is not None else name).rpartition(".")
         by_module.setdefault(module, {})[tensor] = name
     from safetensors import safe_open
 
@@ -69,16 +71,17 @@ def load_quantized_model(
                         f"{(quantization_config or {}).get('quant_method')!r} is none of {', '.join(FORMATS)}"
                     )
                 values = {t: read(n) for t, n in tensors.items()}
-                weight = codec.read_module(values, quantization_config, module_name, dtype)
+                stored = next(iter(tensors.values())).rpartition(".")[0]  # the module's name in the checkpoint
+                weight = codec.read_module(values, quantization_config, stored, dtype)
                 bias = values.get("bias")
                 module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None)
                 if codec.INPUTS is not None:
-                    codec.INPUTS.attach(module, values, quantization_config["modules"][module_name])
+                    codec.INPUTS.attach(module, values, quantization_config["modules"][stored])
                 module = module.to(device)
                 model.set_submodule(module_name, module)
             else:
-                for name in tensors.values():
-                    set_module_tensor_to_device(model, name, device, value=read(name), dtype=dtype)
+                for tensor, name in tensors.items():
+                    set_module_tensor_to_device(model, f"{module_name}.{tensor}", device, value=read(name), dtype=dtype)
     finally:
         handles.clear()
     if codec is not None and codec.INPUTS is not None:

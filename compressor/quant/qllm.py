@@ -453,7 +453,8 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         self.record_correction(context, correction, started)
 
     def reassembly_points(self, adapter, linears: dict[str, nn.Linear]) -> dict[str, list[str]]:
-        """Each reassembly point whose consumers are all in ``linears`` -> their paths (none without reassembly)."""
+        """Each reassembly point whose consumers are all in ``linears`` -> their paths (none without reassembly).
+        A mixture-of-experts MLP has no such roles (its input also feeds the router): only attention's input."""
         if not self.reassembles:
             return {}
         points = block_points(adapter)

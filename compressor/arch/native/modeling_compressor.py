@@ -32,14 +32,20 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     StableLmConfig,
     StableLmForCausalLM,
 )
@@ -147,3 +153,27 @@ class CompressorStableLmConfig(StableLmConfig):
 
 class CompressorStableLmForCausalLM(StableLmForCausalLM):
     config_class = CompressorStableLmConfig
+
+
+class CompressorMixtralConfig(MixtralConfig):
+    model_type = "compressor_mixtral"
+
+
+class CompressorMixtralForCausalLM(MixtralForCausalLM):
+    config_class = CompressorMixtralConfig
+
+
+class CompressorQwen2MoeConfig(Qwen2MoeConfig):
+    model_type = "compressor_qwen2_moe"
+
+
+class CompressorQwen2MoeForCausalLM(Qwen2MoeForCausalLM):
+    config_class = CompressorQwen2MoeConfig
+
+
+class CompressorQwen3MoeConfig(Qwen3MoeConfig):
+    model_type = "compressor_qwen3_moe"
+
+
+class CompressorQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
+    config_class = CompressorQwen3MoeConfig

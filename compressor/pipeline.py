@@ -247,7 +247,7 @@ class Session:
             # Data-free passes never run the block: keep its weights in the checkpoint dtype.
             block = self.load_block(index, None if needs_data else self.handle.dtype)
             if needs_data:
-                self.count_routed_tokens(prefix, block, inputs, kwargs)
+                self.count_routed_tokens(prefix, block, inputs, kwargs[index])
             policy = self.recipe.calibration.expert_calibration if needs_data else "routed"
             for step in steps:
                 with self.blame(step), calibrating(self.handle.adapter, block, policy):

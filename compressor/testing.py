@@ -117,7 +117,8 @@ def random_config(architecture: str, **overrides):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    settings.update(ARCHITECTURES.get(architecture) or FAMILIES.get(architecture) or MOE_ARCHITECTURES[architecture])
+    (table,) = [table for table in (ARCHITECTURES, FAMILIES, MOE_ARCHITECTURES) if architecture in table]
+    settings.update(table[architecture])
     settings.update(overrides)
     return AutoConfig.for_model(architecture, **settings)
 

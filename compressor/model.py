@@ -152,12 +152,12 @@ class ModelHandle:
         with transformers_says(path), init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
             dtype = checkpoint_dtype(config)
-        for block in skeleton.get_submodule(adapter.blocks):
-            unfuse_experts(block, adapter, config)  # per-expert linears instead of fused 3-D parameters
         skeleton.eval()
         skeleton.requires_grad_(False)
         if adapter is None:
             adapter = adapter_of(skeleton, config)
+        for block in skeleton.get_submodule(adapter.blocks):
+            unfuse_experts(block, adapter, config)  # per-expert linears instead of fused 3-D parameters
         handle = cls(path, config, adapter, skeleton, safetensors_index(path), dtype)
         handle.check_tensors()
         return handle

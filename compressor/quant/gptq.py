@@ -27,9 +27,17 @@ import torch
 from torch import nn
 
 from compressor.arch import norm_linear_groups
-from compressor.quant.uniform import UniformQuantizer, minmax_params, quantize_codes, quantize_uniform, relative_error
+from compressor.quant.uniform import WEIGHT_GRIDS, UniformQuantizer, minmax_params, quantize_codes, relative_error
 from compressor.step import param, register_step
-from compressor.weights.values import UniformWeight
+from compressor.weights.floats import (
+    FloatGrid,
+    effective_scales,
+    element_codes,
+    element_values,
+    expand_scales,
+    grid_params,
+)
+from compressor.weights.values import FloatWeight, UniformWeight
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
@@ -102,15 +110,20 @@ def gptq_quantize(
     block_size: int = 128,
     dampening_frac: float = 0.01,
     actorder: str = "static",
+    grid: FloatGrid | None = None,
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
-    on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order."""
+    on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
+    float ``grid`` (``weights/floats.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
+    whose scales are RTN's, fixed from the original weights up front whatever ``actorder``."""
     n, k = weight.shape
     w = weight.detach().float().clone()
     h = h.detach().float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    if grid is not None:
+        return gptq_float(w, h, grid, scale_dtype, block_size, dampening_frac, actorder)
     lazy = group_size != -1 and actorder == "none"
     if not lazy:  # per channel, or static groups: min-max of the original weights
         scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype)
@@ -155,6 +168,45 @@ def gptq_quantize(
     if actorder == "static":
         codes = codes[:, torch.argsort(order)]
     return GPTQResult(UniformWeight(codes, scales, zeros, bits, group_size), damping, float(loss))
+
+
+def gptq_float(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    grid: FloatGrid,
+    scale_dtype: torch.dtype,
+    block_size: int,
+    dampening_frac: float,
+    actorder: str,
+) -> GPTQResult:
+    """``gptq_quantize`` on a float grid (dead columns already zeroed): every weight's scale is fixed first,
+    so a column is rounded with the elements' own rounding (``floats.element_codes``) on its rows' scales."""
+    n, k = w.shape
+    scales, global_scale = grid_params(grid, w, scale_dtype)
+    scale = expand_scales(effective_scales(grid, scales, global_scale), grid, n, k)
+    order = torch.arange(k, device=w.device)
+    if actorder == "static":
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h, scale = w[:, order], h[order][:, order], scale[:, order]
+    hinv, damping = inverse_cholesky(h, dampening_frac)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    loss = torch.zeros((), device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        errors = torch.zeros_like(block)
+        for i in range(i2 - i1):
+            column_scale = scale[:, i1 + i]
+            codes[:, i1 + i] = element_codes(grid, block[:, i] / column_scale)
+            q = element_values(grid, codes[:, i1 + i]) * column_scale
+            error = (block[:, i] - q) / hinv1[i, i]
+            loss += error.square().sum() / 2
+            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
+            errors[:, i] = error
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    if actorder == "static":
+        codes = codes[:, torch.argsort(order)]
+    return GPTQResult(FloatWeight(codes, scales, global_scale, grid.name), damping, float(loss))
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
@@ -224,6 +276,8 @@ class HessianCatcher:
 class GPTQ(UniformQuantizer):
     """GPTQ: Hessian-aware rounding of every block linear onto RTN's grid (Frantar et al. 2022)."""
 
+    grids = WEIGHT_GRIDS
+
     block_size: int = param(
         128, "columns per lazy batch update (speed only: the result is the same up to float rounding)", min=1
     )
@@ -261,8 +315,9 @@ class GPTQ(UniformQuantizer):
             self.block_size,
             self.dampening_frac,
             self.actorder,
+            self.float_grid,
         )
-        rtn = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
+        rtn = self.round_to_nearest(weight, context.scale_dtype)
         context.replace_linear(name, result.weight)
         context.record(
             name,

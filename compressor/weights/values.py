@@ -54,6 +54,8 @@ CHUNK_ELEMENTS = 2**22  # rows are processed in chunks of ~4M weights: fp32 temp
 
 def row_chunks(rows: int, columns: int) -> list[slice]:
     step = max(1, CHUNK_ELEMENTS // max(columns, 1))
+    if step >= 128:  # whole 128-row blocks (FP8 block scales)
+        step -= step % 128
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -401,3 +403,66 @@ class BFPWeight:
 
     def bits_per_weight(self) -> float:
         return bfp_bits_per_value(self.shape[1], self.mantissa_bits, self.block_size)
+
+
+@dataclass
+class FloatWeight:
+    """Floating-point weights (``weights/floats.py``): FP8 E4M3 per channel or per 128x128 block, NVFP4 and
+    MXFP4. ``codes`` are the elements' bit patterns (E4M3 bytes, or E2M1 nibbles ``sign << 3 | index``),
+    ``scales`` one per scale group (the scale dtype for FP8, E4M3 for NVFP4, E8M0 exponents for MXFP4), and
+    NVFP4 has one fp32 ``global_scale``: ``w = element(code) * scale [/ global_scale]``."""
+
+    codes: torch.Tensor = tensor_field()  # uint8 [N, K]
+    scales: torch.Tensor = tensor_field()  # [ceil(N / block_rows), G]
+    global_scale: torch.Tensor | None = tensor_field(optional=True)  # fp32 [1], NVFP4 only
+    grid: str = "fp8"  # a name of ``floats.FLOAT_GRIDS``
+
+    kind = "float"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def spec(self):
+        from compressor.weights.floats import FLOAT_GRIDS
+
+        return FLOAT_GRIDS[self.grid]
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, grid: str, scale_dtype: torch.dtype) -> FloatWeight:
+        """Round-to-nearest of an [N, K] weight on ``grid`` with min-max scales."""
+        from compressor.weights.floats import FLOAT_GRIDS, grid_params, round_to_grid
+
+        spec = FLOAT_GRIDS[grid]
+        scales, global_scale = grid_params(spec, weight, scale_dtype)
+        return cls(round_to_grid(spec, weight, scales, global_scale), scales, global_scale, grid)
+
+    def rows(self, rows: slice) -> FloatWeight:
+        start, stop, _ = rows.indices(self.shape[0])
+        block = self.spec.block_rows
+        if start % block:
+            raise ValueError(f"{self.grid} rows are sliced at multiples of {block}, not at {start}")
+        scale_rows = slice(start // block, -(-stop // block))
+        return FloatWeight(self.codes[rows], self.scales[scale_rows], self.global_scale, self.grid)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from compressor.weights.floats import decode
+
+        weight = decode(self.spec, self.codes, self.scales, self.global_scale)
+        return weight.to(dtype or (self.scales.dtype if self.spec.scale == "float" else torch.float32))
+
+    def bits_per_weight(self) -> float:
+        """Elements, their scales (stored width) and the global scale, as exported."""
+        n, k = self.shape
+        scale_bits = self.spec.scale_bits(self.scales.element_size() * 8)
+        global_bits = 32 if self.global_scale is not None else 0
+        return self.bits + (self.scales.numel() * scale_bits + global_bits) / (n * k)

@@ -16,6 +16,12 @@ when its first column is reached (IST-DASLab's and GPTQModel's code; they miss p
 a group starts mid-block, we include them; llm-compressor fixes all grids up front); per-channel grids come
 from the original weights (all three). A Hessian Cholesky refuses is damped 10x, then 100x more
 (llm-compressor falls back to RTN, GPTQModel adds 0.0015 steps); the damping used is in the report.
+
+Float grids (``grid: fp8 | fp8-block | nvfp4 | mxfp4``, ``weights/floats.py``): the scales are RTN's min-max
+ones from the original weights, fixed up front (as llm-compressor does for every grid), and each column is
+rounded by the element format's own rounding. W+A (``activation_bits`` or ``activation_grid``, shared with RTN):
+each linear's Hessian is taken on its inputs as quantized (``H = 2/n sum Q(x) Q(x)^T``, the inputs the layer
+will see) and a group's inputs are quantized before the next group's Hessians are caught.
 """
 
 from __future__ import annotations
@@ -27,7 +33,15 @@ import torch
 from torch import nn
 
 from compressor.arch import norm_linear_groups
-from compressor.quant.uniform import WEIGHT_GRIDS, UniformQuantizer, minmax_params, quantize_codes, relative_error
+from compressor.modules.activations import ActivationSpec, quantize_activations
+from compressor.quant.uniform import (
+    WEIGHT_GRIDS,
+    ActivationQuantization,
+    UniformQuantizer,
+    minmax_params,
+    quantize_codes,
+    relative_error,
+)
 from compressor.step import param, register_step
 from compressor.weights.floats import (
     FloatGrid,
@@ -239,8 +253,8 @@ def sequential_groups(adapter, linears: dict) -> list[list[str]]:
 class HessianCatcher:
     """Forward pre-hooks that add each linear's inputs to its Hessian sum while the block runs."""
 
-    def __init__(self, block: nn.Module, names: list[str]):
-        self.block, self.names = block, names
+    def __init__(self, block: nn.Module, names: list[str], input_spec: ActivationSpec | None = None):
+        self.block, self.names, self.input_spec = block, names, input_spec  # inputs seen through ``input_spec``
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.hooks = []
@@ -257,7 +271,7 @@ class HessianCatcher:
 
     def catcher(self, name: str):
         def catch(module, args):
-            x = args[0].detach()
+            x = quantize_activations(args[0].detach(), self.input_spec)
             if name not in self.sums:
                 self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
                 self.tokens[name] = 0
@@ -273,7 +287,7 @@ class HessianCatcher:
 
 @register_step("gptq")
 @dataclass
-class GPTQ(UniformQuantizer):
+class GPTQ(ActivationQuantization, UniformQuantizer):
     """GPTQ: Hessian-aware rounding of every block linear onto RTN's grid (Frantar et al. 2022)."""
 
     grids = WEIGHT_GRIDS
@@ -292,13 +306,16 @@ class GPTQ(UniformQuantizer):
     )
 
     def compress_block(self, context: BlockContext) -> None:
+        self.refuse_other_weight_kinds(context)
         linears = context.linears(self.ignore)
         groups = sequential_groups(context.adapter, linears) if self.true_sequential else [list(linears)]
         for names in groups:
-            with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
+            with torch.no_grad(), HessianCatcher(context.block, names, self.activation_spec) as catcher:
                 context.forward()
             for name in names:
                 self.quantize_linear(context, name, linears[name], catcher.hessian(name))
+            # later groups' Hessians see these inputs quantized
+            self.quantize_block_activations(context, {name: context.block.get_submodule(name) for name in names})
 
     def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None) -> None:
         weight = linear.weight.data

@@ -197,3 +197,22 @@ def test_fp8_kv_cache_calibrates_exports_and_loads_with_equal_logits(tiny_llama,
     kvcache.remove(ours)
     assert not torch.equal(cached, ours(x).logits)  # the FP8 cache is in use, not a no-op
     assert (cached - ours(x).logits).abs().max() < 0.05 * ours(x).logits.abs().max()  # and close to exact
+
+
+def test_gptq_w4a4_on_mxfp4_exports_compressed_tensors_and_beats_rtn_per_layer(tiny_llama, calibration_file, tmp_path):
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 64},
+            "steps": [{"gptq": {"grid": "mxfp4", "activation_grid": "mxfp4", "quantize_attention": False}}],
+        }
+    )
+    report = apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mxfp4-pack-quantized"
+    assert config["config_groups"]["group_0"]["input_activations"]["group_size"] == 32
+    rows = [row for row in report.rows if row["step"] == "gptq"]
+    assert len(rows) == 14 and sum(r["output_error"] for r in rows) < 0.9 * sum(r["rtn_output_error"] for r in rows)
+    x = tokens()
+    ours = load_quantized_model(tmp_path / "out", dtype=torch.bfloat16)(x).logits
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)(x).logits
+    assert torch.equal(ours, theirs)

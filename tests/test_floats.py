@@ -160,7 +160,7 @@ def test_nvfp4_w4a4_goes_to_the_native_format_and_loads_back(tiny_llama, tmp_pat
 @pytest.mark.parametrize(
     "step,key",
     [
-        ({"efficientqat_block_ap": {"grid": "nvfp4"}}, "efficientqat_block_ap.grid"),
+        ({"efficientqat_block_ap": {"grid": "fp8"}}, "efficientqat_block_ap.grid"),
         ({"rtn": {"grid": "nvfp4", "bits": 3}}, "rtn.bits"),
         ({"rtn": {"activation_grid": "fp8", "activation_bits": 8}}, "rtn.activation_bits"),
         ({"qllm": {"activation_grid": "mxfp4"}}, "qllm.activation_grid"),
@@ -212,6 +212,25 @@ def test_gptq_w4a4_on_mxfp4_exports_compressed_tensors_and_beats_rtn_per_layer(t
     assert config["config_groups"]["group_0"]["input_activations"]["group_size"] == 32
     rows = [row for row in report.rows if row["step"] == "gptq"]
     assert len(rows) == 14 and sum(r["output_error"] for r in rows) < 0.9 * sum(r["rtn_output_error"] for r in rows)
+    x = tokens()
+    ours = load_quantized_model(tmp_path / "out", dtype=torch.bfloat16)(x).logits
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)(x).logits
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("grid,quant_lr", [("nvfp4", 1e-4), ("mxfp4", 1e-3)])  # mxfp4 trains log2 scales
+def test_block_ap_trains_fp4_scales_and_weights_below_rtn(grid, quant_lr, tiny_llama, calibration_file, tmp_path):
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 8, "seq_len": 64},
+            "steps": [{"efficientqat_block_ap": {"grid": grid, "epochs": 2, "quant_lr": quant_lr, "heldout": 0}}],
+        }
+    )
+    report = apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    blocks = [row for row in report.rows if row["module"].endswith("block_ap")]
+    assert blocks and all(row["mse_final"] < row["mse_init"] for row in blocks)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == f"{grid}-pack-quantized"
     x = tokens()
     ours = load_quantized_model(tmp_path / "out", dtype=torch.bfloat16)(x).logits
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)(x).logits

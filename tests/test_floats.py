@@ -19,8 +19,14 @@ from compressor import Recipe, apply
 from compressor.errors import UserError
 from compressor.export import load_quantized_model
 from compressor.quant.gptq import gptq_quantize, output_error
-from compressor.weights.floats import E2M1_VALUES, FLOAT_GRIDS, e2m1_codes, e2m1_values, fake_quantize_float_tokens
-from compressor.weights.values import FloatWeight
+from compressor.weights.values import (
+    E2M1_VALUES,
+    FLOAT_GRIDS,
+    FloatWeight,
+    e2m1_codes,
+    e2m1_values,
+    fake_quantize_float_tokens,
+)
 
 PRESETS = {"fp8": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK", "nvfp4": "NVFP4A16", "mxfp4": "MXFP4A16"}
 

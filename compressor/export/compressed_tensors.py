@@ -17,8 +17,15 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 
 from compressor.export.layouts import inputs
 from compressor.kernels.packing import PackedUniform, pack_uniform
-from compressor.weights.floats import FLOAT_GRIDS, pack_e2m1, unpack_e2m1
-from compressor.weights.values import FloatWeight, UniformWeight, num_groups, row_chunks
+from compressor.weights.values import (
+    FLOAT_GRIDS,
+    FloatWeight,
+    UniformWeight,
+    num_groups,
+    pack_e2m1,
+    row_chunks,
+    unpack_e2m1,
+)
 
 QUANT_METHOD = "compressed-tensors"  # the export format's name and the config's quant_method
 CT_MIN_VERSION = "0.18.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.18.0

@@ -2,7 +2,7 @@
 
 The scheme vLLM serves as ``kv_cache_dtype="fp8"`` with a checkpoint's ``k_scale`` / ``v_scale`` (one fp32 per
 attention layer, named ``<layer>.self_attn.k_scale`` and ``v_scale``): a key (after RoPE) or value ``x`` is
-stored as ``e4m3(x / s)`` (round to nearest even, saturating at 448; ``weights/floats.py``) and read back as
+stored as ``e4m3(x / s)`` (round to nearest even, saturating at 448; ``weights/values.py``) and read back as
 ``e4m3 * s``. The scales are calibrated by the ``fp8_kv`` step (``s = amax / 448`` over the calibration keys or
 values of the layer). Each token is encoded on its own, so appending never re-quantizes.
 
@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from compressor.arch import adapter_for, attention_geometry
-from compressor.weights.floats import e4m3_codes, e4m3_values
+from compressor.weights.values import e4m3_codes, e4m3_values
 
 SCALES = ("k_scale", "v_scale")
 

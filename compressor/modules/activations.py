@@ -36,14 +36,14 @@ QUANTIZED_ATTENTION = "compressor_quantized_qkv"  # the attention function name 
 @dataclass(frozen=True)
 class ActivationSpec:
     """Per-token dynamic fake-quantization of activations: integers (``format: "int"``) or a float format
-    of ``weights/floats.py`` (``fp8``, ``nvfp4``, ``mxfp4``: symmetric, ``bits`` 8 or 4)."""
+    of ``weights/values.py`` (``fp8``, ``nvfp4``, ``mxfp4``: symmetric, ``bits`` 8 or 4)."""
 
     bits: int
     symmetric: bool = False
     format: str = "int"
 
     def __post_init__(self):
-        from compressor.weights.floats import ACTIVATION_FORMATS, FLOAT_GRIDS
+        from compressor.weights.values import ACTIVATION_FORMATS, FLOAT_GRIDS
 
         if self.format == "int" and not 2 <= self.bits <= 8:
             raise ValueError(f"activation bits {self.bits} is not one of 2..8")
@@ -132,7 +132,7 @@ def quantize_activations(x: torch.Tensor, spec: ActivationSpec | None) -> torch.
     if spec is None:
         return x
     if spec.format != "int":
-        from compressor.weights.floats import fake_quantize_float_tokens
+        from compressor.weights.values import fake_quantize_float_tokens
 
         return fake_quantize_float_tokens(x, spec.format)
     return fake_quantize_tokens(x, spec.bits, spec.symmetric)

@@ -17,7 +17,7 @@ untrained quantizer is asymmetric RTN); scales clamped to [1e-8, 1e4]; fp32 with
 tenth of the batches picks the epoch kept (``heldout``); ``symmetric: true`` offered for plain
 transformers. Their reasons and the measured numbers: docs/methods/efficientqat.md.
 
-FP4 grids (``grid: nvfp4 | mxfp4``, ``weights/floats.py``; not in the paper): the same training with
+FP4 grids (``grid: nvfp4 | mxfp4``, ``weights/values.py``; not in the paper): the same training with
 ``FakeFloatLinear``, whose E2M1 rounding and block scales are straight-through in the form the grid stores them
 (NVFP4: E4M3 under a global scale; MXFP4: a power of two with a trained exponent), frozen to ``FloatWeight``.
 """
@@ -43,11 +43,13 @@ from compressor.quant.uniform import (
 )
 from compressor.step import param, register_step
 from compressor.training import block_mse, holdout_count, micro_batches, train_block
-from compressor.weights.floats import (
+from compressor.weights.values import (
     E2M1_MAX,
     E4M3_MAX,
     E8M0_BIAS,
     FloatGrid,
+    FloatWeight,
+    UniformWeight,
     e2m1_codes,
     e2m1_values,
     e4m3_codes,
@@ -56,7 +58,6 @@ from compressor.weights.floats import (
     grid_params,
     round_to_grid,
 )
-from compressor.weights.values import FloatWeight, UniformWeight
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
@@ -108,7 +109,7 @@ class FakeQuantLinear(nn.Module):
 
 
 class FakeFloatLinear(nn.Module):
-    """``FakeQuantLinear`` on an FP4 grid (``weights/floats.py``): ``W_hat = e2m1(W / s) * s`` per block, the E2M1
+    """``FakeQuantLinear`` on an FP4 grid (``weights/values.py``): ``W_hat = e2m1(W / s) * s`` per block, the E2M1
     rounding straight-through inside [-6, 6]. ``s`` trains as the grid stores it: NVFP4 as an E4M3 value under a
     global scale (``e4m3(s g) / g``, g = 448 / max s, rounded straight-through), MXFP4 as a power of two whose
     exponent ``t`` trains (``s = 2^round(t)``, straight-through). Initialised from RTN's scales."""

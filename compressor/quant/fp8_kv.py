@@ -19,7 +19,7 @@ import torch
 
 from compressor.kvcache.fp8 import FP8CacheSpec, quantize_e4m3
 from compressor.step import Step, param, register_step
-from compressor.weights.floats import E4M3_MAX, e4m3_values
+from compressor.weights.values import E4M3_MAX, e4m3_values
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext

@@ -17,7 +17,7 @@ a group starts mid-block, we include them; llm-compressor fixes all grids up fro
 from the original weights (all three). A Hessian Cholesky refuses is damped 10x, then 100x more
 (llm-compressor falls back to RTN, GPTQModel adds 0.0015 steps); the damping used is in the report.
 
-Float grids (``grid: fp8 | fp8-block | nvfp4 | mxfp4``, ``weights/floats.py``): the scales are RTN's min-max
+Float grids (``grid: fp8 | fp8-block | nvfp4 | mxfp4``, ``weights/values.py``): the scales are RTN's min-max
 ones from the original weights, fixed up front (as llm-compressor does for every grid), and each column is
 rounded by the element format's own rounding. W+A (``activation_bits`` or ``activation_grid``, shared with RTN):
 each linear's Hessian is taken on its inputs as quantized (``H = 2/n sum Q(x) Q(x)^T``, the inputs the layer
@@ -43,15 +43,16 @@ from compressor.quant.uniform import (
     relative_error,
 )
 from compressor.step import param, register_step
-from compressor.weights.floats import (
+from compressor.weights.values import (
     FloatGrid,
+    FloatWeight,
+    UniformWeight,
     effective_scales,
     element_codes,
     element_values,
     expand_scales,
     grid_params,
 )
-from compressor.weights.values import FloatWeight, UniformWeight
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
@@ -128,7 +129,7 @@ def gptq_quantize(
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
     on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
-    float ``grid`` (``weights/floats.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
+    float ``grid`` (``weights/values.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
     whose scales are RTN's, fixed from the original weights up front whatever ``actorder``."""
     n, k = weight.shape
     w = weight.detach().float().clone()

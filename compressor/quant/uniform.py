@@ -22,8 +22,15 @@ import torch.nn.functional as F
 from compressor.arch import block_linears
 from compressor.modules.activations import ActivationSpec, install_attention_quantization
 from compressor.step import Step, param
-from compressor.weights.floats import ACTIVATION_FORMATS, FLOAT_GRIDS, FloatGrid
-from compressor.weights.values import FloatWeight, UniformWeight, expand_groups, row_chunks
+from compressor.weights.values import (
+    ACTIVATION_FORMATS,
+    FLOAT_GRIDS,
+    FloatGrid,
+    FloatWeight,
+    UniformWeight,
+    expand_groups,
+    row_chunks,
+)
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
@@ -52,7 +59,7 @@ class UniformQuantizer(Step):
     symmetric: bool = param(True, "symmetric grid without zero points (false: per-group zero points)")
     grid: str = param(
         "int",
-        "weight grid: int (bits, group_size, symmetric) or a float format that fixes them (weights/floats.py): "
+        "weight grid: int (bits, group_size, symmetric) or a float format that fixes them (weights/values.py): "
         "fp8 (E4M3 per channel), fp8-block (E4M3 per 128x128 block), nvfp4 (E2M1, 16 a block), mxfp4 (E2M1, 32)",
         choices=WEIGHT_GRIDS,
     )

@@ -1,4 +1,4 @@
-"""Floating-point weights (``weights/floats.py``) in the native format: only for W+A layers whose activations
+"""Floating-point weights (``weights/values.py``) in the native format: only for W+A layers whose activations
 compressed-tensors cannot record (NVFP4's dynamic global scale, integer activations, channel maps); plain
 float weights go to compressed-tensors, which engines read (spec: ``export/FORMATS.md``, "Float weights").
 
@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from compressor.export.layouts import TensorSpec
-from compressor.weights.floats import FLOAT_GRIDS, pack_e2m1, unpack_e2m1
-from compressor.weights.values import FloatWeight
+from compressor.weights.values import FLOAT_GRIDS, FloatWeight, pack_e2m1, unpack_e2m1
 
 SCALE_DTYPES = {"float": None, "e4m3": torch.float8_e4m3fn, "e8m0": torch.uint8}
 

@@ -406,6 +406,8 @@ def test_bad_keys_are_one_line_errors(step, message):
 def test_recipes_validate():
     names = sorted(p.name for p in (ROOT / "recipes").glob("efficientqat-*.yaml"))
     assert names == [
+        "efficientqat-block-ap-mxfp4.yaml",
+        "efficientqat-block-ap-nvfp4.yaml",
         "efficientqat-block-ap-w2g64.yaml",
         "efficientqat-w2g64.yaml",
         "efficientqat-w3g128.yaml",

@@ -89,7 +89,7 @@ class CheckpointWriter:
                 )
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
-        codec = codec_for(weight, self.format, module.quantizes_inputs)
+        codec = codec_for(weight, self.format, module if module.quantizes_inputs else None)
         if codec is None:
             why = (
                 f" ({gptq.shape_problem(weight)})"

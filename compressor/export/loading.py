@@ -64,7 +64,7 @@ def load_quantized_model(
 
         packed = codec.PACKED if codec is not None else "weight_packed"
         for module_name, tensors in by_module.items():
-            if packed in tensors:
+            if packed in tensors or "weight_scale" in tensors:  # FP8 weights keep the name ``weight``
                 if codec is None:
                     raise ValueError(
                         f"{path}: {module_name} has packed weights, but quant_method "
@@ -76,7 +76,7 @@ def load_quantized_model(
                 bias = values.get("bias")
                 module = QuantizedLinear(weight, bias.to(dtype) if bias is not None else None)
                 if codec.INPUTS is not None:
-                    codec.INPUTS.attach(module, values, quantization_config["modules"][stored])
+                    codec.INPUTS.attach(module, values, codec.input_entry(quantization_config, stored))
                 module = module.to(device)
                 model.set_submodule(module_name, module)
             else:

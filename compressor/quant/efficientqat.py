@@ -16,6 +16,10 @@ weight_lr 1e-5, 2e-5 at 2 bits, min_lr_factor 20). Deviations: the min-max init 
 untrained quantizer is asymmetric RTN); scales clamped to [1e-8, 1e4]; fp32 without AMP; a held-out
 tenth of the batches picks the epoch kept (``heldout``); ``symmetric: true`` offered for plain
 transformers. Their reasons and the measured numbers: docs/methods/efficientqat.md.
+
+FP4 grids (``grid: nvfp4 | mxfp4``, ``weights/values.py``; not in the paper): the same training with
+``FakeFloatLinear``, whose E2M1 rounding and block scales are straight-through in the form the grid stores them
+(NVFP4: E4M3 under a global scale; MXFP4: a power of two with a trained exponent), frozen to ``FloatWeight``.
 """
 
 from __future__ import annotations
@@ -39,12 +43,27 @@ from compressor.quant.uniform import (
 )
 from compressor.step import param, register_step
 from compressor.training import block_dtype, block_mse, holdout_count, micro_batches, train_block
-from compressor.weights.values import UniformWeight
+from compressor.weights.values import (
+    E2M1_MAX,
+    E4M3_MAX,
+    E8M0_BIAS,
+    FloatGrid,
+    FloatWeight,
+    UniformWeight,
+    e2m1_codes,
+    e2m1_values,
+    e4m3_codes,
+    e4m3_values,
+    effective_scales,
+    grid_params,
+    round_to_grid,
+)
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
+E4M3_TINY = 2.0**-9  # E4M3's smallest subnormal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,6 +108,53 @@ class FakeQuantLinear(nn.Module):
         return UniformWeight(codes=codes, scales=scale, zeros=zero, bits=self.bits, group_size=self.group_size)
 
 
+class FakeFloatLinear(nn.Module):
+    """``FakeQuantLinear`` on an FP4 grid (``weights/values.py``): ``W_hat = e2m1(W / s) * s`` per block, the E2M1
+    rounding straight-through inside [-6, 6]. ``s`` trains as the grid stores it: NVFP4 as an E4M3 value under a
+    global scale (``e4m3(s g) / g``, g = 448 / max s, rounded straight-through), MXFP4 as a power of two whose
+    exponent ``t`` trains (``s = 2^round(t)``, straight-through). Initialised from RTN's scales."""
+
+    def __init__(self, linear: nn.Linear, grid: FloatGrid):
+        super().__init__()
+        self.grid = grid
+        self.weight = nn.Parameter(linear.weight.detach().float())
+        scales, global_scale = grid_params(grid, self.weight.detach(), torch.float32)
+        effective = effective_scales(grid, scales, global_scale)
+        self.scale = nn.Parameter(effective.log2() if grid.scale == "e8m0" else effective)
+        self.zero = None
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def block_scales(self) -> torch.Tensor:
+        """The effective scale of every block as the grid can store it (straight-through)."""
+        if self.grid.scale == "e8m0":
+            return torch.exp2(round_ste(self.scale))
+        scale = self.scale.clamp(min=SCALE_MIN)
+        global_scale = E4M3_MAX / scale.detach().max()
+        stored = scale * global_scale
+        rounded = e4m3_values(e4m3_codes(stored)).clamp(min=E4M3_TINY)  # a scale never rounds to 0
+        return (stored + (rounded - stored).detach()) / global_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.weight.shape
+        scale = self.block_scales().unsqueeze(-1)
+        scaled = (self.weight.reshape(n, -1, self.grid.group_size) / scale).clamp(-E2M1_MAX, E2M1_MAX)
+        rounded = scaled + (e2m1_values(e2m1_codes(scaled)) - scaled).detach()
+        weight = (rounded * scale).reshape(n, k)
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def freeze(self, scale_dtype: torch.dtype) -> FloatWeight:
+        """The stored scales (E8M0 exponents, or E4M3 with their global scale) and the codes under them."""
+        if self.grid.scale == "e8m0":
+            scales, global_scale = (self.scale.round() + E8M0_BIAS).clamp(0, 254).to(torch.uint8), None
+        else:
+            scale = self.scale.clamp(min=SCALE_MIN)
+            global_scale = (E4M3_MAX / scale.max()).reshape(1).float()
+            scales = (scale * global_scale).clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
+        codes = round_to_grid(self.grid, self.weight, scales, global_scale)
+        return FloatWeight(codes, scales, global_scale, self.grid.name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Block-AP
 
@@ -98,7 +164,7 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
     ``train_norms`` every other parameter of the block (the norm gains), at ``weight_lr``. Only these
     require grad afterwards."""
     block.requires_grad_(False)
-    fake = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
+    fake = [m for m in block.modules() if isinstance(m, (FakeQuantLinear, FakeFloatLinear))]
     quant = [p for m in fake for p in (m.scale, m.zero) if p is not None]
     weights = [m.weight for m in fake]
     if train_norms:
@@ -117,6 +183,7 @@ class EfficientQATBlockAP(UniformQuantizer):
     """EfficientQAT Block-AP: per block, train weights, scales and zero points (STE) to reconstruct its fp outputs."""
 
     distributes = "gradients"  # every rank trains on its samples; gradients averaged, so the ranks stay equal
+    grids = ("int", "nvfp4", "mxfp4")  # FP4: trainable block scales on the grid (FakeFloatLinear)
 
     symmetric: bool = param(
         False, "fixed mid-point zero (transformers loads it); false: trained zero points, as in the paper"
@@ -166,6 +233,8 @@ class EfficientQATBlockAP(UniformQuantizer):
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
         fake = {
             name: FakeQuantLinear(linear, self.bits, self.group_size, self.symmetric)
+            if self.float_grid is None
+            else FakeFloatLinear(linear, self.float_grid)
             for name, linear in linears.items()
         }
         for name, module in fake.items():

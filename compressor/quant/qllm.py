@@ -348,6 +348,8 @@ class Correction:
 class QLLM(ActivationQuantization, UniformQuantizer):
     """QLLM: channel reassembly of activation outliers + low-rank error correction per block (W4A4, W4A8, W4)."""
 
+    activation_grids = ("int",)  # reassembly splits channels against integer ranges
+
     group_size: int = param(-1, "input columns sharing one weight scale; -1 (the paper's): one per output row")
     symmetric: bool = param(False, "symmetric weight grid (false: per-row zero points, as the paper)")
     activation_bits: int | None = param(

@@ -22,6 +22,7 @@ METHOD_MODULES = (
     "compressor.lowrank.swiftkv",
     "compressor.quant.qllm",
     "compressor.quant.gptq",
+    "compressor.quant.rotate",
 )
 
 

@@ -121,6 +121,16 @@ class Session:
                     f"{self.recipe.steps[cache].name}'s quantized KV cache (only our native format records one); "
                     "export 'dense', or quantize the weights with a native-format method"
                 )
+        if getattr(step, "needs_native_export", False):
+            later = self.recipe.steps[index + 1 :]
+            if self.recipe.export.format not in ("auto", "compressor") or not any(
+                s.quantizes_weights and not s.writes_plain_uniform for s in later
+            ):
+                raise ValueError(
+                    "online_hadamard: the online Hadamard before down_proj is recorded by our native format only; "
+                    "quantize activations after it (activation_bits) with export format 'auto', or set "
+                    "online_hadamard: false"
+                )
         if step.quantizes_weights:
             for name in linears:
                 if name in claimed:
@@ -245,6 +255,8 @@ class Session:
     def capture_block_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
         """Embed the calibration tokens and catch what the model hands its first block."""
         embed = self.handle.adapter.embed_tokens
+        # an embedding a model step left materialized holds its changes (rotate): keep it, do not reload it
+        held = not any(p.is_meta for p in self.handle.model.get_submodule(embed).parameters())
         self.handle.materialize(embed, self.device, self.compute_dtype)
         base_model = self.handle.base_model
         for buffer_owner in base_model.modules():
@@ -256,7 +268,8 @@ class Session:
             hidden, kwargs = catch_first_block_inputs(base_model, self.handle.blocks[0], batch.to(self.device))
             captured_inputs.append(hidden)
             captured_kwargs.append(kwargs)
-        self.handle.release(self.handle.model.get_submodule(embed))
+        if not held:
+            self.handle.release(self.handle.model.get_submodule(embed))
         return captured_inputs, captured_kwargs
 
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:

@@ -132,3 +132,43 @@ def test_rotate_then_rtn_w4a4_beats_rtn_and_round_trips_through_export(tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, in_memory, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(theirs(ids).logits, in_memory, rtol=1e-4, atol=1e-4)
+
+
+def test_rotate_then_gptq_w4a4_runs_and_quantizes_inputs(tmp_path, calibration_file):
+    path = make_random_model("qwen2", tmp_path / "model")
+    gptq = {"gptq": {"bits": 4, "group_size": -1, "symmetric": False, "activation_bits": 4}}
+    session = session_of(path, [{"rotate": {}}, gptq], calibration_file)
+    session.run()
+    down = session.handle.blocks[0].mlp.down_proj
+    assert down.input_activations is not None and down.input_activations.bits == 4
+    assert session.handle.blocks[0].self_attn.activation_quantization.bits == 4
+
+
+@pytest.mark.parametrize(
+    "steps, export",
+    [
+        ([{"rotate": {}}, {"rtn": {"bits": 4, "activation_bits": 4}}], "dense"),
+        ([{"rotate": {}}, {"rtn": {"bits": 4}}], "auto"),
+        ([{"rotate": {}}], "auto"),
+    ],
+)
+def test_online_hadamard_without_a_native_w_a_export_is_refused_before_any_work(tiny_llama, steps, export):
+    from compressor.errors import UserError
+
+    chosen = Recipe.from_dict({"steps": steps, "export": {"format": export}})
+    session = Session(ModelHandle.open(tiny_llama), chosen, None, progress=False)
+    with pytest.raises(UserError, match=r"steps\[0\]\.rotate\.online_hadamard: .*native format"):
+        session.run()
+    assert not session.live_blocks  # nothing was loaded
+
+
+def test_without_online_hadamard_the_rotated_model_is_a_stock_one(tiny_llama, tmp_path):
+    from compressor import apply
+
+    chosen = Recipe.from_dict({"steps": [{"rotate": {"online_hadamard": False}}], "export": {"format": "dense"}})
+    apply(chosen, tiny_llama, tmp_path / "out", progress=False)
+    ids = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        rotated = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)(ids).logits
+        original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(rotated, original, rtol=1e-4, atol=1e-4)

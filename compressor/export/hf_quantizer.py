@@ -13,6 +13,8 @@ Loading then goes:
 3. with a ``kv_cache`` entry (``compressor/kvcache``): the cache method prepares the model before
    loading (BFP: ``k_perm`` buffers), and after it every forward and ``generate`` that starts a cache
    starts the declared one.
+4. with an ``online_hadamard`` entry (the ``rotate`` step's): the MLPs it names become
+   ``OnlineHadamardMLP`` before loading, so their ``online_hadamard`` factors load into them.
 
 Without ``import compressor`` transformers does not know the method, warns, and loads random weights
 for the quantized layers: import it first. ``model.dequantize()`` gives a plain dense model.
@@ -33,6 +35,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor import kvcache
 from compressor.export import native
+from compressor.modules.hadamard import install_online_hadamard
 from compressor.modules.linear import QuantizedLinear, dequantize_model_
 
 
@@ -110,6 +113,7 @@ class CompressorHfQuantizer(HfQuantizer):
         kv_cache = getattr(self.quantization_config, "kv_cache", None)
         if kv_cache:
             kvcache.prepare(model, kv_cache)
+        install_online_hadamard(model, getattr(self.quantization_config, "online_hadamard", None) or {})
         for name, entry in self.quantization_config.modules.items():
             try:
                 linear = model.get_submodule(name)

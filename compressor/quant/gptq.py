@@ -16,6 +16,8 @@ when its first column is reached (IST-DASLab's and GPTQModel's code; they miss p
 a group starts mid-block, we include them; llm-compressor fixes all grids up front); per-channel grids come
 from the original weights (all three). A Hessian Cholesky refuses is damped 10x, then 100x more
 (llm-compressor falls back to RTN, GPTQModel adds 0.0015 steps); the damping used is in the report.
+With ``activation_bits`` < 16 (RTN's W+A keys) each group's inputs are quantized per token once it is
+quantized, so later groups' Hessians see the quantized stream (QuaRot's GPTQ after rotation); native export.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ import torch
 from torch import nn
 
 from compressor.arch import norm_linear_groups
-from compressor.quant.uniform import UniformQuantizer, minmax_params, quantize_codes, quantize_uniform, relative_error
+from compressor.quant.uniform import (
+    ActivationQuantization,
+    UniformQuantizer,
+    minmax_params,
+    quantize_codes,
+    quantize_uniform,
+    relative_error,
+)
 from compressor.step import param, register_step
 from compressor.weights.values import UniformWeight
 
@@ -221,7 +230,7 @@ class HessianCatcher:
 
 @register_step("gptq")
 @dataclass
-class GPTQ(UniformQuantizer):
+class GPTQ(ActivationQuantization, UniformQuantizer):
     """GPTQ: Hessian-aware rounding of every block linear onto RTN's grid (Frantar et al. 2022)."""
 
     block_size: int = param(
@@ -238,15 +247,18 @@ class GPTQ(UniformQuantizer):
     )
 
     def compress_block(self, context: BlockContext) -> None:
+        self.refuse_other_weight_kinds(context)
         linears = context.linears(self.ignore)
         groups = sequential_groups(context.adapter, linears) if self.true_sequential else [list(linears)]
         for names in groups:
             with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
                 context.forward()
-            for name in names:
-                self.quantize_linear(context, name, linears[name], catcher.hessian(name))
+            quantized = {
+                name: self.quantize_linear(context, name, linears[name], catcher.hessian(name)) for name in names
+            }
+            self.quantize_block_activations(context, quantized)  # (W+A) the next group's inputs see quantized ones
 
-    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None) -> None:
+    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None):
         weight = linear.weight.data
         if h is None:  # never called on the calibration data: H = I, which makes GPTQ RTN
             context.run.report.warn(f"gptq: {context.prefix}.{name} saw no calibration token; rounded to nearest")
@@ -263,7 +275,7 @@ class GPTQ(UniformQuantizer):
             self.actorder,
         )
         rtn = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
-        context.replace_linear(name, result.weight)
+        module = context.replace_linear(name, result.weight)
         context.record(
             name,
             error=relative_error(weight, result.weight),
@@ -272,3 +284,4 @@ class GPTQ(UniformQuantizer):
             damping=result.damping,
             bits_per_weight=result.weight.bits_per_weight(),
         )
+        return module

@@ -108,6 +108,11 @@ class Rotate(Step):
     )
     heads: bool = param(True, "rotate V and o_proj's input per attention head (offline, free at inference)")
 
+    @property
+    def needs_native_export(self) -> bool:
+        """The online Hadamard is recorded by our native format only (the session's order rules read this)."""
+        return self.online_hadamard
+
     def compress_model(self, context: ModelContext) -> None:
         model, adapter, config = context.model, context.adapter, context.config
         generator = torch.Generator().manual_seed(self.seed)

@@ -253,12 +253,12 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
         for names in groups:
             with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
                 context.forward()
-            quantized = {
-                name: self.quantize_linear(context, name, linears[name], catcher.hessian(name)) for name in names
-            }
+            for name in names:
+                self.quantize_linear(context, name, linears[name], catcher.hessian(name))
+            quantized = {name: context.block.get_submodule(name) for name in names}
             self.quantize_block_activations(context, quantized)  # (W+A) the next group's inputs see quantized ones
 
-    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None):
+    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None) -> None:
         weight = linear.weight.data
         if h is None:  # never called on the calibration data: H = I, which makes GPTQ RTN
             context.run.report.warn(f"gptq: {context.prefix}.{name} saw no calibration token; rounded to nearest")
@@ -275,7 +275,7 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
             self.actorder,
         )
         rtn = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
-        module = context.replace_linear(name, result.weight)
+        context.replace_linear(name, result.weight)
         context.record(
             name,
             error=relative_error(weight, result.weight),
@@ -284,4 +284,3 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
             damping=result.damping,
             bits_per_weight=result.weight.bits_per_weight(),
         )
-        return module

@@ -22,6 +22,7 @@ from compressor.modules.hadamard import (
 )
 from compressor.pipeline import Session
 from compressor.quant.rotate import residual_rotation
+from compressor.serving import check_checkpoint
 from compressor.testing import make_random_model
 
 
@@ -127,6 +128,9 @@ def test_rotate_then_rtn_w4a4_beats_rtn_and_round_trips_through_export(tmp_path,
     writer.finish(handle, session.recipe, session.report)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["online_hadamard"] == {f"model.layers.{i}.mlp": 12 for i in range(2)}
+    says = {(v.engine, v.part.split(" (")[0]): v.loads for v in check_checkpoint(tmp_path / "out")}
+    assert says[("vllm", "online Hadamard before down_proj")] is False
+    assert says[("transformers", "online Hadamard before down_proj")] is True
     ours = load_quantized_model(tmp_path / "out")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     with torch.no_grad():

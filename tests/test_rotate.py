@@ -176,3 +176,14 @@ def test_without_online_hadamard_the_rotated_model_is_a_stock_one(tiny_llama, tm
         rotated = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)(ids).logits
         original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(ids).logits
     torch.testing.assert_close(rotated, original, rtol=1e-4, atol=1e-4)
+
+
+def test_rotate_then_qllm_runs_through_the_online_hadamard(tmp_path, calibration_file):
+    """QLLM after rotate: its down_proj statistics and error correction see the rotated inputs."""
+    path = make_random_model("qwen3", tmp_path / "model")
+    qllm = {"qllm": {"epochs": 1, "rank": 2, "feature_samples": 2, "search_candidates": 4, "heldout": 0.0}}
+    session = session_of(path, [{"rotate": {}}, qllm], calibration_file)
+    report = session.run()
+    rows = [row for row in report.rows if row["step"] == "qllm" and row["module"].endswith("error_correction")]
+    assert len(rows) == 2 and all(row["mse_final"] <= row["mse_init"] for row in rows)
+    assert isinstance(session.handle.blocks[0].mlp, OnlineHadamardMLP)

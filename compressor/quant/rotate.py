@@ -126,11 +126,12 @@ class Rotate(Step):
         head_dim = attention_geometry(config).head_dim
         with torch.no_grad():
             for index, block in enumerate(context.blocks):
-                self.rotate_block(block, adapter, rotation, head_dim)
-                context.record(f"{context.handle.block_prefix(index)}", residual=config.hidden_size)
+                online = self.rotate_block(block, adapter, rotation, head_dim)
+                context.record(context.handle.block_prefix(index), block=index, online_hadamard_factor=online)
             read_stream(head, fold_gain(model.get_submodule(adapter.final_norm)), rotation)
 
-    def rotate_block(self, block: nn.Module, adapter, rotation: torch.Tensor, head_dim: int) -> None:
+    def rotate_block(self, block: nn.Module, adapter, rotation: torch.Tensor, head_dim: int) -> int | None:
+        """Rotate one block in place; the order of its online Hadamard's factor ``M`` (None: none)."""
         for norm, readers in norm_linear_groups(adapter).items():
             gain = fold_gain(block.get_submodule(norm))
             for path in readers:
@@ -140,8 +141,10 @@ class Rotate(Step):
             write_stream(block.get_submodule(adapter.linears[role]), rotation)
         if self.heads:
             rotate_heads(block.get_submodule(adapter.linears["v"]), block.get_submodule(adapter.linears["o"]), head_dim)
-        if self.online_hadamard:
-            factor = hadamard_factor(down.in_features)
-            t = dense_hadamard(down.in_features, factor).to(down.weight.device)
-            set_weight(down, down.weight.double() @ t)
-            block.set_submodule(adapter.mlp, OnlineHadamardMLP(block.get_submodule(adapter.mlp), factor))
+        if not self.online_hadamard:
+            return None
+        factor = hadamard_factor(down.in_features)
+        t = dense_hadamard(down.in_features, factor).to(down.weight.device)
+        set_weight(down, down.weight.double() @ t)
+        block.set_submodule(adapter.mlp, OnlineHadamardMLP(block.get_submodule(adapter.mlp), factor))
+        return factor.shape[0]

@@ -11,6 +11,8 @@ import argparse
 import copy
 import datetime
 import json
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,6 +66,7 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# rotate ablation at W4A4 (RTN), {record['date']}, model `{args.model}`, {len(windows)} windows", ""]
+    lines += [f"Measured by `PYTHONPATH=. python {shlex.join(sys.argv)}` on {quality.machine_description()}.", ""]
     lines += ["| variant | perplexity | gap to fp | mean KL |", "|---|---|---|---|"]
     lines += [f"| {r['recipe']} | {r['perplexity']:.3f} | {r['gap']:+.3f} | {r['kl']:.5f} |" for r in rows]
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -121,7 +121,7 @@ class Session:
                     f"{self.recipe.steps[cache].name}'s quantized KV cache (only our native format records one); "
                     "export 'dense', or quantize the weights with a native-format method"
                 )
-        if getattr(step, "needs_native_export", False):
+        if step.needs_native_export:
             later = self.recipe.steps[index + 1 :]
             if self.recipe.export.format not in ("auto", "compressor") or not any(
                 s.quantizes_weights and not s.writes_plain_uniform for s in later

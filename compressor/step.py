@@ -235,6 +235,7 @@ class Step(Config):
     changes_architecture: ClassVar[bool] = False
     writes_plain_uniform: ClassVar[bool] = False  # weights for compressed-tensors/GPTQ, not our native format
     declares_kv_cache: ClassVar[bool] = False  # a quantized KV cache, which only our native format records
+    needs_native_export: ClassVar[bool] = False  # leaves what only our native W+A format records (online Hadamard)
 
     @classmethod
     def summary(cls) -> str:

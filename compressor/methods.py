@@ -23,6 +23,7 @@ METHOD_MODULES = (
     "compressor.quant.qllm",
     "compressor.quant.gptq",
     "compressor.quant.fp8_kv",
+    "compressor.quant.rotate",
 )
 
 

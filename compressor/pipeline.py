@@ -173,6 +173,16 @@ class Session:
                     f"{self.recipe.steps[cache].name}'s quantized KV cache (only our native format records one); "
                     "export 'dense', or quantize the weights with a native-format method"
                 )
+        if step.needs_native_export:
+            later = self.recipe.steps[index + 1 :]
+            if self.recipe.export.format not in ("auto", "compressor") or not any(
+                s.quantizes_weights and not s.writes_plain_uniform for s in later
+            ):
+                raise ValueError(
+                    "online_hadamard: the online Hadamard before down_proj is recorded by our native format only; "
+                    "quantize activations after it (activation_bits) with export format 'auto', or set "
+                    "online_hadamard: false"
+                )
         if step.quantizes_weights:
             for name in linears:
                 if name in claimed:
@@ -351,6 +361,8 @@ class Session:
         """Embed the calibration tokens and catch what the model hands its first block (hidden states, one
         tensor per batch) and every block (keyword arguments: ``kwargs[block][batch]``)."""
         embed = self.handle.adapter.embed_tokens
+        # an embedding a model step left materialized holds its changes (rotate): keep it, do not reload it
+        held = not any(p.is_meta for p in self.handle.model.get_submodule(embed).parameters())
         self.handle.materialize(embed, self.device, self.compute_dtype)
         base_model = self.handle.base_model
         for buffer_owner in base_model.modules():
@@ -363,7 +375,8 @@ class Session:
             captured_inputs.append(hidden)
             for index, block_kwargs in enumerate(kwargs):
                 captured_kwargs[index].append(block_kwargs)
-        self.handle.release(self.handle.model.get_submodule(embed))
+        if not held:
+            self.handle.release(self.handle.model.get_submodule(embed))
         self.activation_bytes = sum(hidden.numel() * hidden.element_size() for hidden in captured_inputs)
         return captured_inputs, captured_kwargs
 

@@ -2,12 +2,13 @@
 
 Reads only ``config.json`` (no weights, no torch); for GPTQ in transformers it also looks whether optimum and
 gptqmodel are installed, which that loader needs. A checkpoint is described as parts: each compressed-tensors config
-group (integer, FP8, NVFP4 or MXFP4 weights), a GPTQ checkpoint, our native lookup-table format, a DeepSeek-V3 MLA
-attention, a SwiftKV model, an architecture whose modeling code ships with the checkpoint, or the plain
-architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how the engine serves it and what it
-requires; the verdict is the path when every requirement holds, or the first requirement that fails, in words. Each
-requirement and caveat names its source, so a rule can be re-read when an engine changes: the engines' code moves,
-and these rules describe their releases as read from their source in November 2026 (vLLM main, transformers 5.24).
+group (integer, FP8, NVFP4 or MXFP4 weights), a GPTQ checkpoint, our native lookup-table format (and a rotated
+model's online Hadamard), a DeepSeek-V3 MLA attention, a SwiftKV model, an architecture whose modeling code ships
+with the checkpoint, or the plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how
+the engine serves it and what it requires; the verdict is the path when every requirement holds, or the first
+requirement that fails, in words. Each requirement and caveat names its source, so a rule can be re-read when an
+engine changes: the engines' code moves, and these rules describe their releases as read from their source in
+November 2026 (vLLM main, transformers 5.24).
 """
 
 from __future__ import annotations
@@ -122,6 +123,19 @@ ROUTES: tuple[Route, ...] = (
                 "a loader for quant_method 'compressor' (our vLLM plugin is not built yet)",
                 lambda p: False,
                 "vllm/model_executor/layers/quantization/__init__.py (QUANTIZATION_METHODS)",
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "online-hadamard",
+        "none",
+        requirements=(
+            Rule(
+                "a Hadamard transform of down_proj's input inside the Llama-family MLP (rotate's online_hadamard); "
+                "vLLM's LlamaMLP runs gate/up, the activation and down_proj only",
+                lambda p: False,
+                "vllm/model_executor/models/llama.py (LlamaMLP.forward)",
             ),
         ),
     ),
@@ -339,6 +353,11 @@ ROUTES: tuple[Route, ...] = (
         "our registered quantizer and classes, after `import compressor` or with `trust_remote_code=True` "
         "(lookup-table, BFP and sparse kernels; the BFP KV cache where the config declares one); plain loads refuse it",
     ),
+    Route(
+        "transformers",
+        "online-hadamard",
+        "our quantizer makes each MLP it names an OnlineHadamardMLP after `import compressor` (our loader too)",
+    ),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
     Route(
         "transformers",
@@ -416,6 +435,9 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
             parts.append((f"GPTQ ({shape})", "gptq", facts))
         elif method == "compressor":
             parts.append((f"compressor native format ({quantization.get('format', 'lut')})", "compressor", {}))
+            rotated = quantization.get("online_hadamard") or {}
+            if rotated:
+                parts.append((f"online Hadamard before down_proj ({len(rotated)} MLPs, rotate)", "online-hadamard", {}))
         else:
             parts.append((f"quant_method {method!r}", str(method), {}))
     if config.get("model_type") in ("deepseek_v3", "deepseek_v2") and config.get("kv_lora_rank"):

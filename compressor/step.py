@@ -243,6 +243,7 @@ class Step(Config):
     # (per-channel sums and maxima all-reduced, every rank computes the same); None
     # refuses --nproc > 1 before any work (data-free steps need nothing: every rank computes the same)
     distributes: ClassVar[str | None] = None
+    needs_native_export: ClassVar[bool] = False  # leaves what only our native W+A format records (online Hadamard)
 
     @classmethod
     def summary(cls) -> str:

@@ -24,6 +24,7 @@ from compressor.export import gptq, native
 from compressor.export.codecs import codec_for
 from compressor.export.output import ExportError
 from compressor.export.shards import ShardWriter
+from compressor.modules.hadamard import OnlineHadamardMLP
 from compressor.modules.linear import QuantizedLinear
 
 FORMAT_VERSION = "compressor-export-v1"
@@ -52,6 +53,7 @@ class CheckpointWriter:
         self.codec = None  # the export codec of the quantized modules (export/codecs.py): one per checkpoint
         self.entries: dict[str, dict] = {}  # quantized module name -> its codec's entry
         self.attention: dict[str, dict] = {}  # attention modules whose Q, K, V are quantized -> spec
+        self.online_hadamard: dict[str, int] = {}  # MLPs that rotate down_proj's input online -> factor order
         self.dense_linears: list[str] = []
         self.quantized_parameters = 0
         self.quantized_bits = 0.0
@@ -65,6 +67,8 @@ class CheckpointWriter:
             full = self.rename(f"{prefix}.{name}" if name else prefix)
             if getattr(child, "activation_quantization", None) is not None:
                 self.attention[full] = child.activation_quantization.to_config()
+            if isinstance(child, OnlineHadamardMLP):
+                self.online_hadamard[full] = child.online_hadamard.shape[0]
             if name in quantized:
                 self.write_quantized(full, child)
             elif isinstance(child, nn.Linear) and not any(name.startswith(f"{q}.") for q in quantized):
@@ -174,6 +178,8 @@ class CheckpointWriter:
             config.auto_map = dict(architecture.auto_map)
         if self.codec is not None:
             extra = {"attention": self.attention} if self.attention else {}
+            if self.online_hadamard:
+                extra["online_hadamard"] = self.online_hadamard
             try:
                 config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears, **extra)
             except ValueError as error:
@@ -195,6 +201,11 @@ class CheckpointWriter:
                     "method)"
                 )
             self.codec = native
+        if self.online_hadamard and self.codec is not native:
+            raise ExportError(
+                f"{next(iter(self.online_hadamard))}: its online Hadamard (rotate) needs the native format, which "
+                "'auto' picks for W+A layers; quantize activations after rotate, or rotate with online_hadamard: false"
+            )
         if self.attention and self.codec is not native:
             raise ExportError(
                 f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it "

@@ -13,6 +13,8 @@ Loading then goes:
 3. with a ``kv_cache`` entry (``compressor/kvcache``): the cache method prepares the model before
    loading (BFP: ``k_perm`` buffers), and after it every forward and ``generate`` that starts a cache
    starts the declared one.
+4. with an ``online_hadamard`` entry (the ``rotate`` step's): the MLPs it names become
+   ``OnlineHadamardMLP`` before loading, so their ``online_hadamard`` factors load into them.
 
 Without ``import compressor`` transformers does not know the method, warns, and loads random weights
 for the quantized layers: import it first. ``model.dequantize()`` gives a plain dense model.
@@ -33,6 +35,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor import kvcache
 from compressor.export import native
+from compressor.modules.hadamard import install_online_hadamard
 from compressor.modules.linear import QuantizedLinear, dequantize_model_
 from compressor.moe import model_name, unfuse_model_experts
 
@@ -112,6 +115,7 @@ class CompressorHfQuantizer(HfQuantizer):
         if kv_cache:
             kvcache.prepare(model, kv_cache)
         moe = unfuse_model_experts(model, model.config)  # experts as per-expert linears, as the export has them
+        install_online_hadamard(model, getattr(self.quantization_config, "online_hadamard", None) or {})
         for stored, entry in self.quantization_config.modules.items():
             name = model_name(moe, stored) if moe is not None else stored
             try:

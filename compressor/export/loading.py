@@ -5,7 +5,8 @@ exports (the weights stay packed and compressed-tensors unpacks them in each for
 when optimum and gptqmodel are installed, and, after ``import compressor``, our native ones
 (``export/hf_quantizer.py``); this loader reads every format (the codec by ``quant_method``) and keeps
 the weights quantized so ``compressor validate`` can run them through the kernels; it also
-installs the quantized KV cache an export declares (``kv_cache``, through ``compressor.kvcache``).
+installs the quantized KV cache an export declares (``kv_cache``, through ``compressor.kvcache``) and the
+online Hadamard of a rotated model's MLPs (``online_hadamard``, ``compressor.modules.hadamard``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from compressor import kvcache
 from compressor.export.codecs import FORMATS
 from compressor.model import safetensors_index
+from compressor.modules.hadamard import install_online_hadamard
 from compressor.modules.linear import QuantizedLinear
 from compressor.moe import model_name, unfuse_model_experts
 
@@ -46,6 +48,7 @@ def load_quantized_model(
     kv_cache = (quantization_config or {}).get("kv_cache")
     if kv_cache:
         kvcache.prepare(model, kv_cache, device)
+    install_online_hadamard(model, (quantization_config or {}).get("online_hadamard") or {})
     files = safetensors_index(path)
     by_module: dict[str, dict[str, str]] = {}
     for name in files:

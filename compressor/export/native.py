@@ -88,8 +88,12 @@ def checkpoint_format(modules: dict[str, dict]) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "kv_cache"
 
 
-def quantization_config(modules: dict[str, dict], ignore: list[str], attention: dict | None = None) -> dict:
-    """``attention``: attention module name -> its Q/K/V activation spec (config form)."""
+def quantization_config(
+    modules: dict[str, dict], ignore: list[str], attention: dict | None = None, online_hadamard: dict | None = None
+) -> dict:
+    """``attention``: attention module name -> its Q/K/V activation spec (config form); ``online_hadamard``:
+    MLP module name -> the order of its Hadamard factor (``compressor.modules.hadamard``, rotate's online
+    transform before down_proj; the factor is the MLP's tensor ``online_hadamard``)."""
     bits = sorted({entry["bits"] for entry in modules.values()})
     return {
         "quant_method": QUANT_METHOD,
@@ -101,4 +105,5 @@ def quantization_config(modules: dict[str, dict], ignore: list[str], attention: 
         "ignore": sorted(ignore),
         "modules": dict(sorted(modules.items())),
         **INPUTS.config(attention or {}),
+        **({"online_hadamard": dict(sorted(online_hadamard.items()))} if online_hadamard else {}),
     }

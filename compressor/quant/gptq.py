@@ -21,7 +21,8 @@ Float grids (``grid: fp8 | fp8-block | nvfp4 | mxfp4``, ``weights/values.py``): 
 ones from the original weights, fixed up front (as llm-compressor does for every grid), and each column is
 rounded by the element format's own rounding. W+A (``activation_bits`` or ``activation_grid``, shared with RTN):
 each linear's Hessian is taken on its inputs as quantized (``H = 2/n sum Q(x) Q(x)^T``, the inputs the layer
-will see) and a group's inputs are quantized before the next group's Hessians are caught.
+will see) and a group's inputs are quantized before the next group's Hessians are caught. After ``rotate``
+this is QuaRot's GPTQ.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ Triton ships, finds the K loop (the innermost loop holding the multiply-adds) an
 instructions by the weights one thread handles per iteration. A static count: no latency, no
 memory, no occupancy -- a floor check to run before a GPU is at hand.
 
-    python benchmarks/kernel_sass.py            # prints one line per variant
+    python benchmarks/kernel_sass.py            # one line per variant: count, budgets, verdict
+    python benchmarks/kernel_sass.py --only tens
+
+The budgets are for the codes' bytes alone (group metadata and the codebooks add a few percent).
 """
 
 from __future__ import annotations
@@ -32,21 +35,48 @@ from compressor.kernels.variants import TARGET, matmul_variant
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
-    ("uniform 4b, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4)),
-    ("uniform 4b, 512x16, 4 warps, unroll 4", dict(bits=4, block=(1, 512, 16), num_warps=4, unroll=4)),
-    ("uniform 4b, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1, num_stages=1)),
-    ("uniform 4b, 128x16, 4 warps", dict(bits=4, block=(1, 128, 16), num_warps=4)),
-    ("uniform 4b, 128x64, 4 warps", dict(bits=4, block=(1, 128, 64), num_warps=4)),
-    ("uniform 3b, 512x32, 4 warps", dict(bits=3, block=(1, 512, 32), num_warps=4)),
-    ("uniform 3b, 512x32, 4 warps, unroll 4", dict(bits=3, block=(1, 512, 32), num_warps=4, unroll=4)),
-    ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4)),
-    ("uniform 8b, 512x16, 4 warps", dict(bits=8, block=(1, 512, 16), num_warps=4)),
+    ("uniform 4b, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4, fields=False)),
+    (
+        "uniform 4b, 512x16, 4 warps, unroll 4",
+        dict(bits=4, block=(1, 512, 16), num_warps=4, unroll=4, fields=False),
+    ),
+    ("uniform 4b, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1, num_stages=1, fields=False)),
+    ("uniform 4b, 128x16, 4 warps", dict(bits=4, block=(1, 128, 16), num_warps=4, fields=False)),
+    ("uniform 4b, 128x64, 4 warps", dict(bits=4, block=(1, 128, 64), num_warps=4, fields=False)),
+    ("uniform 4b fields, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4)),
+    ("uniform 4b fields, 512x16, 2 warps", dict(bits=4, block=(1, 512, 16), num_warps=2)),
+    ("uniform 4b fields, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1)),
+    ("uniform 2b fields, 512x16, 2 warps", dict(bits=2, block=(1, 512, 16), num_warps=2)),
+    ("uniform 8b fields, 512x16, 2 warps", dict(bits=8, block=(1, 512, 16), num_warps=2)),
+    ("uniform 3b planes, 512x32, 4 warps", dict(bits=3, layout="planes", block=(1, 512, 32), num_warps=4)),
+    (
+        "uniform 3b planes, 512x32, 4 warps, unroll 4",
+        dict(bits=3, layout="planes", block=(1, 512, 32), num_warps=4, unroll=4),
+    ),
+    ("uniform 3b tens, 512x32, 4 warps", dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=4)),
+    ("uniform 3b tens, 512x32, 2 warps", dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=2)),
+    (
+        "uniform 3b tens, 512x32, 4 warps, unroll 4",
+        dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=4, unroll=4),
+    ),
+    ("uniform 3b tens, 512x64, 4 warps", dict(bits=3, layout="tens", block=(1, 512, 64), num_warps=4)),
+    ("uniform 2b, 512x16, 4 warps", dict(bits=2, block=(1, 512, 16), num_warps=4, fields=False)),
+    ("uniform 8b, 512x16, 4 warps", dict(bits=8, block=(1, 512, 16), num_warps=4, fields=False)),
     ("uniform 4b, M16 tensor cores, 64x64, 4 warps", dict(bits=4, block=(16, 64, 64), num_warps=4)),
-    ("uniform 4b, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2)),
+    ("uniform 4b, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2, fields=False)),
+    ("uniform 4b fields, M4 CUDA cores, 256x16, 2 warps", dict(bits=4, block=(4, 256, 16), num_warps=2)),
     ("lut 4b global, 512x16, 4 warps", dict(bits=4, lut=True, block=(1, 512, 16), num_warps=4)),
     (
         "lut 4b registers, 512x16, 4 warps",
         dict(bits=4, lut=True, lut_mode="registers", block=(1, 512, 16), num_warps=4),
+    ),
+    (
+        "lut 4b codemajor, 512x16, 4 warps",
+        dict(bits=4, lut=True, lut_mode="codemajor", block=(1, 512, 16), num_warps=4),
+    ),
+    (
+        "lut 4b codemajor, 512x16, 2 warps (spills 28 bytes)",
+        dict(bits=4, lut=True, lut_mode="codemajor", block=(1, 512, 16), num_warps=2),
     ),
     ("lut 3b global, 512x32, 4 warps", dict(bits=3, lut=True, block=(1, 512, 32), num_warps=4)),
 ]
@@ -93,6 +123,15 @@ def k_loop(lines: list[str]) -> list[str]:
     return best
 
 
+ISSUE = 132 * 4 * 32 * 1.98e9  # thread-instructions/s of an H100 SXM (and an H200: the same SMs and clock)
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s
+
+
+def budget(bits: int, device: str = "H100") -> float:
+    """Instructions per weight a ``bits``-wide decode may issue before issue, not memory, sets the pace."""
+    return ISSUE / (BANDWIDTH[device] * 8 / bits)
+
+
 def per_weight(name: str, options: dict) -> str:
     options = {"split_k": 8, "epilogue": 1, **options}
     kernel, types_, constexprs, warps, stages = matmul_variant("decode", "fp16", **options)
@@ -107,7 +146,13 @@ def per_weight(name: str, options: dict) -> str:
     top = ", ".join(
         f"{op} {n / (weights_per_thread * tiles):.2f}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6]
     )
-    return f"{name}: {len(body) / (weights_per_thread * tiles):.2f} instructions per weight ({top})"
+    count = len(body) / (weights_per_thread * tiles)
+    h100, h200 = budget(options["bits"]), budget(options["bits"], "H200")
+    verdict = "within" if count <= h100 else "OVER"
+    return (
+        f"{name}: {count:.2f} instructions per weight, budget {h100:.2f} H100 / {h200:.2f} H200: "
+        f"{verdict} the H100 budget ({top})"
+    )
 
 
 def main(argv=None):

@@ -37,6 +37,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -230,7 +231,9 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
     from compressor.kernels import dispatch, tables, tune
     from compressor.kernels.codes import dequant_affine
     from compressor.kernels.dequant import dequantize_weight
-    from compressor.kernels.heuristics import candidate_configs, default_config
+    from compressor.kernels.heuristics import candidate_configs, codebook_config, default_config
+    from compressor.kernels.packing import pack_codes
+    from compressor.kernels.uniform import uniform_linear
 
     start = time.monotonic()
     on_gpu = torch.cuda.is_available()
@@ -331,6 +334,8 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                 config = (dispatch.table_config(dense_part, m, device_name) if on_gpu else None) or default_config(
                     m, n, k, group, device, bits
                 )
+                if kind == "lut" and dense_part.log_np and config.lut == "global":  # the heuristic's codebook path
+                    config = codebook_config(config, bits)
                 note = "table" if on_gpu and dispatch.table_config(dense_part, m, device_name) else "heuristic"
                 if should_tune(args, kind, bits, m):
                     candidates = [config] + [
@@ -360,6 +365,17 @@ def run(args, stem: Path | None = None) -> tuple[list[dict], dict]:
                     note,
                     config,
                 )
+                if m <= 4 and (kind, bits) == ("uniform", 3) and dense_part.layout == "tens":  # the layout it replaced
+                    planes = dataclasses.replace(dense_part, packed=pack_codes(weight.codes, 3), layout="planes")
+                    add(
+                        f"ours {kind} (3-bit planes)",
+                        bits,
+                        lambda planes=planes, config=config: uniform_linear(x, planes, None, config),
+                        planes.nbytes(),
+                        max_rel_error(uniform_linear(x, planes, None, config), exact_linear(x, weight)),
+                        "the planes layout, same config",
+                        config,
+                    )
                 if m > 16 and (kind, bits) == ("uniform", 4):  # prefill: both ways, so the table can pick
                     for other in ("gemm", "dequant"):
                         if config.schedule == other:

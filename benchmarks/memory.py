@@ -8,6 +8,11 @@ both the total and what the model itself adds. Goal: peak RSS <= 0.3 x model siz
 
     python benchmarks/memory.py [--hidden 2560 --layers 24 --intermediate 6912] [--keep DIR]
     python benchmarks/memory.py --recipe R.yaml ...   # the same for another recipe (e.g. a training step's)
+    python benchmarks/memory.py --experts 32 --expert-width 512 --hidden 1024 --layers 8   # a Qwen3-MoE
+
+With ``--experts`` the model is a random Qwen3-MoE (``--experts`` routed experts of ``--expert-width`` per layer,
+top 2): its experts are read into per-expert linears one block at a time (``compressor/moe.py``), so the peak
+stays one block plus the writer's shard, as for a dense model (goal for MoE: <= 0.35 x model size).
 """
 
 from __future__ import annotations
@@ -37,14 +42,18 @@ def child_peak_rss(command: list[str]) -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
-def build_model(folder: Path, hidden: int, layers: int, intermediate: int) -> None:
+def build_model(folder: Path, hidden: int, layers: int, intermediate: int, experts: int = 0, width: int = 0) -> None:
+    family, extra = "llama", ""
+    if experts:
+        family = "qwen3_moe"
+        extra = f", num_experts={experts}, num_experts_per_tok=2, moe_intermediate_size={width}, head_dim=128"
     script = textwrap.dedent(f"""
         import torch
         from compressor.testing import make_random_model
-        make_random_model("llama", {str(folder)!r}, dtype=torch.bfloat16, hidden_size={hidden},
+        make_random_model({family!r}, {str(folder)!r}, dtype=torch.bfloat16, hidden_size={hidden},
                           num_hidden_layers={layers}, intermediate_size={intermediate},
-                          num_attention_heads={hidden // 80}, num_key_value_heads=8,
-                          vocab_size=32000, max_position_embeddings=4096)
+                          num_attention_heads={hidden // 80 if not experts else hidden // 128}, num_key_value_heads=8,
+                          vocab_size=32000, max_position_embeddings=4096{extra})
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
 
@@ -54,6 +63,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2560)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--intermediate", type=int, default=6912)
+    parser.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer")
+    parser.add_argument("--expert-width", type=int, default=512, help="each expert's intermediate size")
     parser.add_argument("--keep", type=Path, help="build the model here and keep it")
     parser.add_argument(
         "--recipe", type=Path, help="apply this recipe instead of RTN w4 g128 (writes memory-<date>-<recipe name>.json)"
@@ -63,7 +74,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="compressor-memory-"))
     model = args.keep or work / "model"
     if not (model / "config.json").exists():
-        build_model(model, args.hidden, args.layers, args.intermediate)
+        build_model(model, args.hidden, args.layers, args.intermediate, args.experts, args.expert_width)
     model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     recipe = args.recipe.resolve() if args.recipe else work / "rtn-w4.yaml"
     if not args.recipe:
@@ -82,6 +93,7 @@ def main() -> None:
             "layers": args.layers,
             "intermediate": args.intermediate,
             "vocab": 32000,
+            **({"experts": args.experts, "expert_width": args.expert_width} if args.experts else {}),
         },
         "model_gb": round(model_bytes / 1e9, 3),
         "output_gb": round(out_bytes / 1e9, 3),
@@ -92,7 +104,8 @@ def main() -> None:
         "peak_rss_above_imports_over_model": round((peak - baseline) / model_bytes, 3),
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / (f"memory-{result['date']}" + (f"-{args.recipe.stem}" if args.recipe else "") + ".json")
+    name = f"memory-{result['date']}" + (f"-{args.recipe.stem}" if args.recipe else "")
+    path = RESULTS / (name + (f"-moe{args.experts}" if args.experts else "") + ".json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if not args.keep:

@@ -152,7 +152,8 @@ def safetensors_size(folder: Path) -> int:
 
 def ct_bits_per_weight(folder: Path) -> float:
     """Bits per weight of a compressed-tensors checkpoint's packed linears, counted from its tensors:
-    codes, scales, zero points and group indices as stored (``weight_shape`` and biases excluded)."""
+    codes, scales (global ones too), zero points and group indices as stored (``weight_shape`` and biases
+    excluded). Float formats have no ``weight_shape``: FP8 keeps its codes as ``weight``, FP4 packs two a byte."""
     from safetensors import safe_open
 
     stored = weights = 0
@@ -160,12 +161,21 @@ def ct_bits_per_weight(folder: Path) -> float:
         with safe_open(file, "pt") as handle:
             names = list(handle.keys())
             for name in names:
-                if not name.endswith(".weight_packed"):
+                if not name.endswith(".weight_scale"):
                     continue
-                module = name.removesuffix(".weight_packed")
-                n, k = (int(v) for v in handle.get_tensor(f"{module}.weight_shape"))
+                module = name.removesuffix(".weight_scale")
+                if f"{module}.weight_shape" in names:
+                    n, k = (int(v) for v in handle.get_tensor(f"{module}.weight_shape"))
+                elif f"{module}.weight_packed" in names:  # FP4: two E2M1 codes a byte
+                    n, half = handle.get_slice(f"{module}.weight_packed").get_shape()
+                    k = 2 * half
+                else:  # FP8: the E4M3 codes are the ``weight``
+                    n, k = handle.get_slice(f"{module}.weight").get_shape()
                 weights += n * k
-                for suffix in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"):
+                suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")
+                if f"{module}.weight_packed" not in names:
+                    suffixes += ("weight",)
+                for suffix in suffixes:
                     if f"{module}.{suffix}" in names:
                         tensor = handle.get_tensor(f"{module}.{suffix}")
                         stored += tensor.numel() * tensor.element_size() * 8

@@ -2,15 +2,17 @@
 
 The seed is what can be said without a GPU at hand, each entry saying where it came from:
 
-* every key: the heuristic ``heuristics.gpu_config`` for an H100-sized GPU (132 SMs): the
+* every key: the heuristic ``heuristics.gpu_config`` for an H100-sized GPU (132 SMs; codebooks with
+  ``heuristics.codebook_config``, the code-major table at decode on CUDA cores): the
   one-launch decode kernel up to M = 16 (BLOCK_N and the serial split-K sized so that about two
   programs run per SM while the fp32 partials stay small), the fused gemm below M = 64, and
   dequantize + cuBLAS from M = 64 (the H200 run of 2026-11-27 measured the fused tiles at
   0.1-0.5x fp16 there, while one dequantize pass plus cuBLAS costs about fp16's time plus a
   write of the fp16 weight);
-* 4-bit group-128 at M = 1 on the Llama-3-8B shapes: the tile width, warps and stages of gemlite's
+* 4-bit group-128 at M = 1 on the Llama-3-8B shapes: the tile width and stages of gemlite's
   published Hopper winners (mobiusml/gemlite ``gemlite/configs/h100.json``, ``GEMV_REVSPLITK``
-  keys ``(1, N, K, 128, 8)``), with our split-K rule (gemlite splits K into 16-32 element chunks
+  keys ``(1, N, K, 128, 8)``; our warps: eight columns per thread, as the field decode counts best), with
+  our split-K rule (gemlite splits K into 16-32 element chunks
   and adds atomically into a zeroed output, which we do not do);
 * 4-bit group-128, 4096 x 4096, M = 8..32: gemlite's ``GEMM_SPLITK`` winners (BLOCK 16/32 x 64 x 64,
   4 warps, 1 stage; tensor-core tiles, so not for our CUDA-core rows at M <= 4), the split capped
@@ -29,6 +31,7 @@ import json
 from pathlib import Path
 
 from compressor.kernels.heuristics import (
+    codebook_config,
     decode_block_k,
     decode_block_m,
     decode_split_cap,
@@ -68,19 +71,21 @@ HEURISTIC = "heuristic gpu_config (132 SMs), unmeasured"
 
 def entry(kind, bits, group, n, k, m) -> dict:
     config, source = gpu_config(m, n, k, group, 132, bits), HEURISTIC
+    if kind == "lut":
+        config = codebook_config(config, bits)
     if kind == "uniform" and bits == 4 and group == 128:
         if m == 1 and (n, k) in GEMLITE_GEMV:
-            block_n, warps, stages = GEMLITE_GEMV[n, k]
+            block_n, _, stages = GEMLITE_GEMV[n, k]
             cap = decode_split_cap(1, k, bits)
             while block_n > 128 and -(-n // block_n) * cap < 2 * 132:  # gemlite fills the GPU with a far deeper split
                 block_n //= 2
-                warps = decode_warps(1, block_n)  # keep four columns per thread, as gemlite's own winners do
+            warps = decode_warps(1, block_n, bits)  # eight columns per thread for the field decode (gemlite: four)
             block_k = decode_block_k(1, group, bits)  # 16: gemlite's 2 x BLOCK_SIZE_K 8 per program
             split = split_k_for(-(-n // block_n), k, block_k, 2 * 132, cap)
             config = KernelConfig("decode", 1, block_n, block_k, split, num_warps=warps, num_stages=stages)
             source = (
-                f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, {warps} warps, "
-                f"{stages} stages; our split rule"
+                f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, "
+                f"{stages} stages; our warps and split rule"
             )
         elif m in GEMLITE_SPLITK and m >= 8 and (n, k) == (4096, 4096):  # its tl.dot tiles: our tensor-core rows
             block_m, block_n, block_k, split = GEMLITE_SPLITK[m]

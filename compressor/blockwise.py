@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compressor.arch import final_logits
+
 
 class _InputsCaught(Exception):
     pass
@@ -43,28 +45,50 @@ def first_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def catch_first_block_inputs(
-    base_model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor
-) -> tuple[torch.Tensor, dict]:
-    """Run the base model until its first block is called; return that call's hidden states and keyword
-    arguments (the rest of the model is never run, so it may live anywhere, even on meta)."""
-    caught: list = []
+class _StandIn(nn.Module):
+    """Takes a block's place while the inputs are caught: keeps what the model hands it, and hands the
+    hidden states on (so no block runs, and none needs its weights); the last one stops the model."""
 
-    def catch(module, args, kwargs):
+    def __init__(self, block: nn.Module, caught: list, last: bool):
+        super().__init__()
+        self.caught, self.last = caught, last
+        self.__dict__["block"] = block  # not a submodule: only read for attributes the model asks of its layers
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # e.g. ``decoder_layer.attention_type``, which some models read
+            return getattr(self.__dict__["block"], name)
+
+    def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _InputsCaught
+        self.caught.append((hidden, kwargs))
+        if self.last:
+            raise _InputsCaught
+        return hidden
 
-    hook = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+
+def catch_block_inputs(
+    base_model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, list[dict]]:
+    """Run the base model with stand-ins in its blocks' places; return the hidden states the first block
+    gets and the keyword arguments each block gets: the rotary embeddings and masks of sliding-window and
+    full-attention layers differ (Gemma 2 and 3). The rest of the model is never run, so it may live
+    anywhere, even on meta."""
+    caught: list = []
+    originals = list(blocks)
+    for index in range(len(originals)):
+        blocks[index] = _StandIn(originals[index], caught, last=index == len(originals) - 1)
     try:
         base_model(input_ids=input_ids, use_cache=False)
     except _InputsCaught:
         pass
     finally:
-        hook.remove()
-    if not caught:
-        raise RuntimeError("the model never called its first decoder block")
-    return caught[0]
+        for index, block in enumerate(originals):
+            blocks[index] = block
+    if len(caught) != len(originals):
+        raise RuntimeError(f"the model called {len(caught)} of its {len(originals)} decoder blocks")
+    return caught[0][0], [kwargs for _, kwargs in caught]
 
 
 @torch.no_grad()
@@ -115,15 +139,18 @@ class BlockwiseModel:
             block.to("cpu")
             self.on_device.discard(index)
 
-    def first_block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def first_block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """The first block's hidden states and each block's keyword arguments."""
         with torch.no_grad():
-            return catch_first_block_inputs(self.base_model, self.blocks[0], input_ids.to(self.device))
+            return catch_block_inputs(self.base_model, self.handle.blocks, input_ids.to(self.device))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        """fp32 logits of the last block's output: final norm, LM head, and what the family does after it
+        (Gemma's soft-capping, Cohere's and Granite's scales)."""
+        return final_logits(self.handle.adapter, self.handle.model.config, self.lm_head(self.norm(hidden)).float())
 
     def run_blocks(
-        self, hidden: torch.Tensor, kwargs: dict, keep_inputs: bool = False
+        self, hidden: torch.Tensor, kwargs: list[dict], keep_inputs: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         inputs = []
         with torch.no_grad():
@@ -131,7 +158,7 @@ class BlockwiseModel:
                 if keep_inputs:
                     inputs.append(hidden)
                 with self.resident(index) as block:
-                    hidden = first_output(block(hidden, **kwargs))
+                    hidden = first_output(block(hidden, **kwargs[index]))
         return hidden, inputs
 
     @torch.no_grad()
@@ -159,7 +186,7 @@ class BlockwiseModel:
                 break  # nothing at or below this block learns
             with self.resident(index) as block, torch.enable_grad():
                 block_input = inputs[index].detach().requires_grad_(True)
-                torch.autograd.backward(first_output(block(block_input, **kwargs)), grad)
+                torch.autograd.backward(first_output(block(block_input, **kwargs[index])), grad)
             grad, inputs[index] = block_input.grad, None
         else:
             if embed_trainable:

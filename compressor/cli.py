@@ -47,7 +47,32 @@ def exit_on_signals() -> None:
     """``kill -TERM`` and Ctrl-C unwind (so a half-written output folder is removed) and exit with the
     shell's status for the signal, 128 + its number (Ctrl-C: 130), not click's 1 for "Aborted!"."""
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(number, exit_for_signal)
+
+
+def exit_for_signal(signum, frame) -> None:
+    """Unwind and exit; a rank of several that its launcher stops (SIGTERM, after another rank failed) ends at
+    once instead: unwinding there can land in a finalizer and print its traceback, and its partial output is
+    resumable or removed by the next run either way."""
+    if signum == signal.SIGTERM and "WORLD_SIZE" in os.environ:
+        os._exit(128 + signum)
+    sys.exit(128 + signum)
+
+
+def rank_failed(error: Exception) -> None:
+    """One rank of several failed: a user's error is said by rank 0 alone (every rank meets it); a lost peer is
+    said by compressor's launcher, which knows which rank died (under a plain torchrun, by this rank)."""
+    from compressor.distributed import LOST_CONTACT, lost_contact
+
+    rank = int(os.environ.get("RANK", "0"))
+    if lost_contact(error):
+        if "COMPRESSOR_STATUS_DIR" not in os.environ:
+            click.echo(f"error: rank {rank} lost contact with another rank: {' '.join(str(error).split())}", err=True)
+        sys.exit(LOST_CONTACT)
+    if rank != 0 and isinstance(error, USER_ERRORS):
+        sys.exit(2)
+    if rank != 0:
+        error.add_note(f"in rank {rank}")
 
 
 @click.group()
@@ -74,12 +99,39 @@ def main():
 )
 @click.option("--trust-remote-code", is_flag=True, help="allow the model's own code from the hub")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, quiet):
+@click.option(
+    "--nproc", type=click.IntRange(min=1), help="run on this many processes of this machine (torch.distributed)"
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["gloo", "nccl"]),
+    help="torch.distributed backend of a run on several processes [default: nccl on GPUs, gloo on the CPU]",
+)
+@click.option("--resume", is_flag=True, help="continue the interrupted run of --output from its last committed block")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=1800,
+    show_default=True,
+    help="seconds a process waits for another before the run ends (several processes)",
+)
+def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, quiet, nproc, backend, resume, timeout):
     """Compress MODEL (hub id, folder or 'demo') with RECIPE and export it to --output."""
     from compressor.recipe import check_recipe_file
 
+    offload = {"auto": None, "yes": True, "no": False}[offload]
     try:
         check_recipe_file(recipe)  # typos answer here, before torch loads
+        if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+            from compressor.api import launch_apply
+            from compressor.distributed import check_distributable
+            from compressor.recipe import Recipe
+
+            check_distributable(Recipe.from_yaml(recipe), nproc)  # before any process starts
+
+            options = dict(overwrite=overwrite, device=device, offload=offload, trust_remote_code=trust_remote_code)
+            options.update(progress=not quiet, backend=backend, resume=resume, timeout=timeout)
+            sys.exit(launch_apply(recipe, model, output, nproc, **options))  # rank 0 says what it wrote
         from compressor.api import apply as apply_recipe
         from compressor.recipe import Recipe
 
@@ -92,12 +144,19 @@ def apply(recipe, model, output, overwrite, device, offload, trust_remote_code, 
             output,
             overwrite=overwrite,
             device=device,
-            offload={"auto": None, "yes": True, "no": False}[offload],
+            offload=offload,
             trust_remote_code=trust_remote_code,
             progress=not quiet,
+            backend=backend,
+            resume=resume,
+            timeout=timeout,
         )
     except Exception as error:
+        if "WORLD_SIZE" in os.environ:
+            rank_failed(error)
         fail(error)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     click.echo(report.table())
     click.echo(f"wrote {output}")
     from compressor.serving import check_checkpoint

@@ -29,6 +29,7 @@ from compressor.arch import ExportArchitecture, block_linears
 from compressor.blockwise import BlockwiseModel, run_block
 from compressor.declaration import ExportDeclaration
 from compressor.distill import teacher_top_k
+from compressor.distributed import Distributed
 from compressor.model import ModelHandle
 from compressor.modules.linear import QuantizedLinear
 from compressor.progress import Progress
@@ -88,6 +89,7 @@ class RunState:
         default_factory=dict
     )  # top_k -> (log-probs, token ids)
     export: ExportDeclaration = field(default_factory=ExportDeclaration)  # what the steps declared about the export
+    distributed: Distributed = field(default_factory=Distributed)  # this process's rank in the run (one: world size 1)
 
     def state_of(self, step: Step) -> dict:
         """The state dict of one step of the recipe (by identity: a recipe may hold two equal steps)."""

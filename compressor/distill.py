@@ -73,10 +73,14 @@ def optimizer_step(context, optimizer, tokens, batch, micro_batch_size: int, los
     loss = 0.0
     for micro in batch.split(micro_batch_size):
         loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch)))
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    distributed = context.run.distributed
+    if distributed.active:  # several processes: the mean over every rank's share of the step (distributed.py)
+        distributed.average_gradients(parameters)
+        loss = float(distributed.all_reduce_sum(torch.tensor([loss], dtype=torch.float64))) / distributed.world_size
     if not math.isfinite(loss):
         return loss
     if max_grad_norm is not None:
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
     return loss
@@ -110,6 +114,10 @@ def train_end_to_end(
     and the held-out record (None without a held-out part). The caller sets ``requires_grad`` and
     restores what it changed; gradients are dropped here."""
     tokens = context.calibration_tokens()
+    # several processes (compressor/distributed.py): each rank holds its share of the sequences and takes
+    # batch_size / ranks of them a step, gradients averaged; every rank takes the fewest steps any rank can
+    distributed = context.run.distributed
+    batch_size = max(1, batch_size // distributed.world_size)
     if objective == "distill":
         teacher_logp, teacher_index = context.teacher(top_k, micro_batch_size)
 
@@ -119,11 +127,15 @@ def train_end_to_end(
             return lambda logits, ids: coarse_kl(logits, top_logp, top_index) * weight
         return lambda logits, ids: next_token_loss(logits, ids) * weight
 
-    train_count = len(tokens) - holdout_count(len(tokens), heldout)
+    held = holdout_count(len(tokens), heldout)
+    if distributed.active:  # the held-out loss is a collective: every rank holds some out, or none does
+        everyone_holds = -distributed.all_reduce_max(torch.tensor([-1 if held else 0]))
+        held = held if int(everyone_holds) else 0
+    train_count = len(tokens) - held
     heldout_rows = torch.arange(train_count, len(tokens))
 
     def heldout_loss() -> float:
-        return sum(
+        loss = sum(
             float(
                 loss_of(rows, len(rows) / len(heldout_rows))(
                     context.logits(tokens[rows].to(context.device)), tokens[rows].to(context.device)
@@ -131,17 +143,26 @@ def train_end_to_end(
             )
             for rows in heldout_rows.split(micro_batch_size)
         )
+        if not distributed.active:
+            return loss
+        total, count = distributed.all_reduce_sum(
+            torch.tensor([loss * len(heldout_rows), len(heldout_rows)], dtype=torch.float64)
+        ).tolist()
+        return total / max(count, 1)
 
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bases = [group["lr"] for group in optimizer.param_groups]
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     best = BestState(parameters, heldout_loss()) if len(heldout_rows) else None
-    total = epochs * math.ceil(train_count / batch_size)
+    steps_per_epoch = math.ceil(train_count / batch_size)
+    if distributed.active:
+        steps_per_epoch = -int(distributed.all_reduce_max(torch.tensor([-steps_per_epoch])))
+    total = epochs * steps_per_epoch
     losses = []
     try:
         with context.progress(total, "training", "step") as progress:
             for epoch in range(epochs):
-                for batch in order(epoch, train_count).split(batch_size):
+                for batch in order(epoch, train_count).split(batch_size)[:steps_per_epoch]:
                     if lr_at is not None:
                         for group, base in zip(optimizer.param_groups, bases):
                             group["lr"] = lr_at(base, len(losses), total)

@@ -28,6 +28,7 @@ def steps_overview(catalogue: dict) -> str:
     blocks += [
         (f"[{name}]: {SECTION_SUMMARIES[name]}", reference_rows(specs)) for name, specs in catalogue["sections"].items()
     ]
+    matrix = f"\nwhich step runs on which family (docs/ARCHITECTURES.md):\n{support_matrix(catalogue)}"
     key_width = max(len(key) for _, rows in blocks for key, _, _ in rows)
     default_width = max(len(default) for _, rows in blocks for _, default, _ in rows)
     lines = []
@@ -36,7 +37,29 @@ def steps_overview(catalogue: dict) -> str:
         lines.extend(
             f"    {key:<{key_width}}  {default:<{default_width}}  {help_text}" for key, default, help_text in rows
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + matrix
+
+
+def support_matrix(catalogue: dict) -> str:
+    """Markdown: which step runs on which family (hand-written adapters, then any family the generic adapter
+    accepts). A step declares the families whose block it assumes (``Step.families``); steps writing our
+    native format need the family's native model type."""
+    families = catalogue["families"]
+    lines = [
+        "| step | " + " | ".join(f["family"] for f in families) + " | generic |",
+        "|---|" + "---|" * (len(families) + 1),
+    ]
+    for name, step in catalogue["steps"].items():
+
+        def cell(family: dict | None) -> str:
+            if step["families"] is not None:
+                return "yes" if family is not None and family["family"] in step["families"] else "-"
+            if step["native_format"] and (family is None or not family["native_format"]):
+                return "dense export only"
+            return "yes"
+
+        lines.append(f"| `{name}` | " + " | ".join(cell(f) for f in families) + f" | {cell(None)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _table(specs: list[dict]) -> list[str]:

@@ -23,6 +23,8 @@ METHOD_MODULES = (
     "compressor.quant.qllm",
     "compressor.quant.gptq",
     "compressor.quant.awq",
+    "compressor.quant.fp8_kv",
+    "compressor.quant.rotate",
 )
 
 

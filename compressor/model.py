@@ -24,8 +24,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.arch import ArchAdapter, UnsupportedArchitecture, adapter_for
+from compressor.arch.generic import adapter_of
 from compressor.arch.shipped import shipped_for
 from compressor.errors import UserError
+from compressor.moe import checkpoint_name, unfuse_experts
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
 
@@ -35,11 +37,15 @@ class ModelLoadError(UserError):
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """``demo``, a local folder holding a transformers checkpoint, or a Hugging Face hub id."""
+    """``demo``, ``demo-moe``, a local folder holding a transformers checkpoint, or a Hugging Face hub id."""
     if str(model) == "demo":
         from compressor.demo import demo_model_dir
 
         return demo_model_dir()
+    if str(model) == "demo-moe":
+        from compressor.demo import demo_moe_dir
+
+        return demo_moe_dir()
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -131,7 +137,10 @@ class ModelHandle:
             raise ModelLoadError(
                 f"{path}: already quantized (quantization_config in config.json); start from the unquantized model"
             )
-        adapter = adapter_for(config)
+        try:
+            adapter = adapter_for(config)
+        except UnsupportedArchitecture:
+            adapter = None  # no row: the generic adapter reads the skeleton (arch/generic.py)
         if not getattr(config, "num_hidden_layers", 1) or config.num_hidden_layers < 1:
             raise ModelLoadError(f"{path}: config.json says num_hidden_layers {config.num_hidden_layers}: no blocks")
         shipped = shipped_for(config.model_type)
@@ -145,6 +154,10 @@ class ModelHandle:
             dtype = checkpoint_dtype(config)
         skeleton.eval()
         skeleton.requires_grad_(False)
+        if adapter is None:
+            adapter = adapter_of(skeleton, config)
+        for block in skeleton.get_submodule(adapter.blocks):
+            unfuse_experts(block, adapter, config)  # per-expert linears instead of fused 3-D parameters
         handle = cls(path, config, adapter, skeleton, safetensors_index(path), dtype)
         handle.check_tensors()
         return handle
@@ -224,7 +237,9 @@ class ModelHandle:
     # --- reading tensors -----------------------------------------------------------------------
 
     def checkpoint_name(self, name: str) -> str:
-        """The name under which ``name`` is stored (a tied LM head is stored as the embedding)."""
+        """The name under which ``name`` is stored (a tied LM head is stored as the embedding; experts
+        under their checkpoint names, ``compressor.moe.checkpoint_name``)."""
+        name = checkpoint_name(self.adapter, name)
         if name not in self.tensor_files and self.tied_embeddings and name == f"{self.adapter.lm_head}.weight":
             return f"{self.adapter.embed_tokens}.weight"
         if name not in self.tensor_files:
@@ -246,13 +261,27 @@ class ModelHandle:
         """A new copy of block ``index`` with the checkpoint's weights; the model's own block (which a
         step may have changed already) is not touched."""
         with init_empty_weights(include_buffers=False):
-            block = type(self.blocks[index])(self.model.config, index)
+            block = unfuse_experts(type(self.blocks[index])(self.model.config, index), self.adapter, self.config)
         prefix = self.block_prefix(index)
         names = [name for name, _ in block.named_parameters()]
         tensors = self.read_tensors([f"{prefix}.{name}" for name in names])
         for name in names:
             set_module_tensor_to_device(block, name, device, value=tensors[f"{prefix}.{name}"], dtype=dtype)
+        self.load_stored_buffers(block, prefix, device)
         return block.eval().requires_grad_(False)
+
+    def load_stored_buffers(self, module: nn.Module, prefix: str, device) -> None:
+        """Buffers the checkpoint stores (DeepSeek-V3's ``e_score_correction_bias``), in their own dtype: the
+        skeleton built them with their initial values."""
+        stored = {}
+        for name, _ in module.named_buffers():
+            full = f"{prefix}.{name}"
+            if checkpoint_name(self.adapter, full) in self.tensor_files:
+                stored[name] = full
+        if stored:
+            tensors = self.read_tensors(list(stored.values()))
+            for name, full in stored.items():
+                set_module_tensor_to_device(module, name, device, value=tensors[full])
 
     def materialize(self, prefix: str, device, dtype: torch.dtype) -> nn.Module:
         """Load the parameters of the module at ``prefix`` from the checkpoint onto ``device``; a tensor
@@ -265,6 +294,7 @@ class ModelHandle:
             raise ModelLoadError(f"{self.path}: tensor {broken} holds NaN or infinite values")
         for name in names:
             set_module_tensor_to_device(module, name, device, value=tensors[f"{prefix}.{name}"], dtype=dtype)
+        self.load_stored_buffers(module, prefix, device)
         return module
 
     def materialize_all(self, device, dtype: torch.dtype, block_device=None) -> nn.Module:

@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from compressor.blockwise import BlockwiseModel, catch_first_block_inputs, run_block
+from compressor.blockwise import BlockwiseModel, catch_block_inputs, run_block
 from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
+from compressor.distributed import Distributed, refusal
 from compressor.errors import StepError, UserError
 from compressor.model import ModelHandle
+from compressor.moe import calibrating, check_expert_schemes, report_census
 from compressor.progress import track
-from compressor.recipe import Recipe
+from compressor.recipe import Recipe, writes_native_format
 from compressor.report import Report, peak_memory
-from compressor.step import Step
+from compressor.step import RecipeError, Step
 
 
 @dataclass
@@ -44,6 +46,10 @@ class Session:
     batch_size: int = 8
     progress: bool = True
     offload: bool | None = None  # model steps: None decides by free device memory
+    distributed: Distributed = field(default_factory=Distributed)  # this process's rank (world size 1: alone)
+    commits: object = None  # a ``compressor.resume.Commits``: each finished block committed for --resume
+    resume_from: int = -1  # the last block a resumed run committed (-1: start from block 0)
+    activation_bytes: int = 0  # the hidden states entering a block, for this process's calibration samples
     report: Report = field(default_factory=Report)
     live_blocks: set = field(default_factory=set)  # blocks materialized (loaded or already compressed)
     _tokens: torch.Tensor | None = None
@@ -51,7 +57,12 @@ class Session:
 
     def __post_init__(self):
         self.run_state = RunState(
-            self.report, self.compute_dtype, self.export_dtype, self.calibration_tokens, self.progress
+            self.report,
+            self.compute_dtype,
+            self.export_dtype,
+            self.calibration_tokens,
+            self.progress,
+            distributed=self.distributed,
         )
 
     @property
@@ -69,6 +80,7 @@ class Session:
     def run(self, sink=None) -> Report:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
         self.check_steps()
+        self.report.summary["architecture"] = describe_adapter(self.handle.adapter)
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
             last = number == len(passes) - 1
@@ -88,14 +100,54 @@ class Session:
         """Every step's refusals, before any work. (A method of its own: the table of the skeleton's
         linears it builds must not outlive the checks, or each block's weights, loaded into those very
         modules, would stay alive after the block is compressed and written.)"""
+        self.check_calibration_memory()
         claimed: dict[str, int] = {}  # linear -> index of the step that quantizes it
         for index, step in enumerate(self.recipe.steps):
             with self.blame(step):
+                self.check_family(step)
+                why = refusal(step, self.distributed.world_size)
+                if why is not None:
+                    raise ValueError(why)
                 step.check_config(self.handle.config)
                 linears = model_dense_linears(self.handle, getattr(step, "ignore", []))
                 step.check_model(linears)
                 self.check_export_format(step, linears)
                 self.check_step_order(index, step, linears, claimed)
+
+    def check_calibration_memory(self) -> None:
+        """Refuse, before any work, calibration that cannot fit: a layer pass holds the inputs and outputs of one
+        block for its share of the samples (``samples x seq_len x hidden`` in the compute dtype, twice) in host
+        memory."""
+        if not self.recipe.needs_calibration:
+            return
+        calibration = self.recipe.calibration
+        share = -(-calibration.samples // self.distributed.world_size)  # each rank holds its share of the samples
+        tokens = share * calibration.seq_len
+        element = torch.empty((), dtype=self.compute_dtype).element_size()
+        needed = tokens * (2 * self.handle.config.hidden_size * element + 8)
+        available = available_memory_bytes()
+        if available is not None and needed > available:
+            raise RecipeError(
+                f"{self.recipe.source}: calibration.samples: {calibration.samples} x seq_len {calibration.seq_len} "
+                f"needs about {needed / 2**30:.1f} GiB for one block's calibration inputs and outputs (hidden size "
+                f"{self.handle.config.hidden_size}), more than the {available / 2**30:.1f} GiB this machine has "
+                "available; use fewer samples"
+            )
+
+    def check_family(self, step: Step) -> None:
+        """The one place a step's declared ``families`` is checked against the model's, before any work; and a
+        family with no native-format model type refuses the steps whose weights or KV cache only that holds."""
+        adapter = self.handle.adapter
+        if step.families is not None and (adapter.generic or adapter.family not in step.families):
+            raise ValueError(
+                f"assumes the block of {', '.join(step.families)}; {adapter.family} is not one of them "
+                f"({'; '.join(adapter.differs)})"
+            )
+        if writes_native_format(step) and self.recipe.export.format != "dense" and not has_native_type(adapter.family):
+            raise ValueError(
+                f"writes our native format, which has no model type for {adapter.family} (compressor/arch/native); "
+                "quantize with rtn, gptq or efficientqat (compressed-tensors), or export 'dense'"
+            )
 
     def check_step_order(self, index: int, step: Step, linears: dict, claimed: dict[str, int]) -> None:
         """The order rules: an architecture change comes before every quantizer, once per recipe; no linear is
@@ -120,6 +172,16 @@ class Session:
                     f"its weights go to compressed-tensors, which cannot hold steps[{cache}]."
                     f"{self.recipe.steps[cache].name}'s quantized KV cache (only our native format records one); "
                     "export 'dense', or quantize the weights with a native-format method"
+                )
+        if step.needs_native_export:
+            later = self.recipe.steps[index + 1 :]
+            if self.recipe.export.format not in ("auto", "compressor") or not any(
+                s.quantizes_weights and not s.writes_plain_uniform for s in later
+            ):
+                raise ValueError(
+                    "online_hadamard: the online Hadamard before down_proj is recorded by our native format only; "
+                    "quantize activations after it (activation_bits) with export format 'auto', or set "
+                    "online_hadamard: false"
                 )
         if step.quantizes_weights:
             for name in linears:
@@ -171,16 +233,34 @@ class Session:
         self.live_blocks.add(index)
         return self.handle.materialize(self.handle.block_prefix(index), device, dtype)
 
+    @property
+    def commits_blocks(self) -> bool:
+        """Whether finished blocks are committed for --resume: a recipe of one layer pass, with somewhere to commit."""
+        return self.commits is not None and one_layer_pass(self.recipe.steps)
+
     def run_layer_pass(self, steps: list[Step], sink=None) -> None:
         needs_data = any(step.needs_calibration for step in steps)
-        inputs, kwargs = self.capture_block_inputs() if needs_data else (None, None)
+        commits = self.commits if self.commits_blocks and sink is not None else None
+        start = self.resume_from + 1 if commits is not None else 0
+        if start:  # --resume: blocks 0..start-1 come from the commits, and this rank's inputs of block start
+            inputs, kwargs = commits.restore(start - 1, self.run_state, self.recipe.steps, self.device)
+            for index in range(start):
+                if self.distributed.writes:
+                    sink.write_module(self.handle.block_prefix(index), commits.committed_block(index, "cpu"))
+        else:
+            inputs, kwargs = self.capture_block_inputs() if needs_data else (None, None)
         names = "+".join(step.name for step in steps)
-        for index in track(range(len(self.handle.blocks)), names, unit="block", enabled=self.progress):
+        blocks = range(start, len(self.handle.blocks))
+        for index in track(blocks, names, unit="block", enabled=self.progress):
+            self.distributed.doing(f"{names} on block {index}")
             prefix = self.handle.block_prefix(index)
             # Data-free passes never run the block: keep its weights in the checkpoint dtype.
             block = self.load_block(index, None if needs_data else self.handle.dtype)
+            if needs_data:
+                self.count_routed_tokens(prefix, block, inputs, kwargs[index])
+            policy = self.recipe.calibration.expert_calibration if needs_data else "routed"
             for step in steps:
-                with self.blame(step):
+                with self.blame(step), calibrating(self.handle.adapter, block, policy):
                     step.compress_block(
                         BlockContext(
                             handle=self.handle,
@@ -191,18 +271,50 @@ class Session:
                             index=index,
                             block=block,
                             inputs=inputs,
-                            block_kwargs=kwargs,
+                            block_kwargs=kwargs[index] if needs_data else None,
                         )
                     )
             self.report.check_fused_groups(prefix, block, self.handle.adapter)
+            check_expert_schemes(self.report, prefix, self.handle.adapter, block)
             if needs_data and index + 1 < len(self.handle.blocks):
-                inputs = self.run_block(block, inputs, kwargs)
+                inputs = self.run_block(block, inputs, kwargs[index])
+            if commits is not None:
+                last = index + 1 == len(self.handle.blocks)
+                commits.commit(index, block, None if last else inputs, kwargs, self.run_state, self.recipe.steps)
             if sink is not None:
                 sink.write_module(prefix, block)
                 self.handle.release(block)
                 self.live_blocks.discard(index)
             else:
                 block.to("cpu")
+
+    def count_routed_tokens(self, prefix: str, block: nn.Module, inputs, kwargs) -> None:
+        """Mixture-of-experts blocks: the calibration tokens the router sends each expert, in the report (and a
+        warning naming the experts below ``calibration.min_expert_tokens``), once per run."""
+        adapter = self.handle.adapter
+        path = f"{prefix}.{adapter.experts.experts}" if adapter.experts is not None else None
+        if path is None or any(row["module"] == path and "tokens_per_expert" in row for row in self.report.rows):
+            return
+        with calibrating(adapter, block) as counts:
+            if counts is not None:
+                run_block(block, inputs, kwargs)
+        if counts is not None:
+            report_census(self.report, prefix, adapter, counts, self.recipe.calibration.min_expert_tokens)
+
+    def count_routed_tokens_of_model(self, runner: BlockwiseModel) -> None:
+        """``count_routed_tokens`` for a run whose first calibrated step is a model step: one forward pass of the
+        calibration tokens through the whole model, once per run."""
+        adapter = self.handle.adapter
+        if adapter.experts is None or any("tokens_per_expert" in row for row in self.report.rows):
+            return
+        with ExitStack() as stack:
+            counts = [stack.enter_context(calibrating(adapter, block)) for block in self.handle.blocks]
+            for batch in self.calibration_tokens().split(self.batch_size):
+                runner.logits(batch)
+        threshold = self.recipe.calibration.min_expert_tokens
+        for index, block_counts in enumerate(counts):
+            if block_counts is not None:
+                report_census(self.report, self.handle.block_prefix(index), adapter, block_counts, threshold)
 
     def run_model_step(self, step: Step) -> None:
         offloaded = self.should_offload() if self.offload is None else self.offload
@@ -215,6 +327,8 @@ class Session:
         if self.handle.tied_embeddings:
             self.handle.model.tie_weights()
         runner = BlockwiseModel(self.handle, self.device, offloaded)
+        if step.needs_calibration:
+            self.count_routed_tokens_of_model(runner)
         step.compress_model(
             ModelContext(
                 handle=self.handle,
@@ -238,29 +352,53 @@ class Session:
 
             if self.tokenizer is None:
                 raise ValueError("this recipe needs calibration data, so the session needs the model's tokenizer")
-            self._tokens = calibration_tokens(self.tokenizer, self.recipe.calibration)
+            # several processes: each holds only its share of the samples (compressor/distributed.py)
+            self._tokens = self.distributed.shard(calibration_tokens(self.tokenizer, self.recipe.calibration))
         return self._tokens
 
     @torch.no_grad()
-    def capture_block_inputs(self) -> tuple[list[torch.Tensor], list[dict]]:
-        """Embed the calibration tokens and catch what the model hands its first block."""
+    def capture_block_inputs(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """Embed the calibration tokens and catch what the model hands its first block (hidden states, one
+        tensor per batch) and every block (keyword arguments: ``kwargs[block][batch]``)."""
         embed = self.handle.adapter.embed_tokens
+        # an embedding a model step left materialized holds its changes (rotate): keep it, do not reload it
+        held = not any(p.is_meta for p in self.handle.model.get_submodule(embed).parameters())
         self.handle.materialize(embed, self.device, self.compute_dtype)
         base_model = self.handle.base_model
         for buffer_owner in base_model.modules():
             for name, buffer in buffer_owner.named_buffers(recurse=False):
                 if buffer.device != self.device and not buffer.is_meta:
                     setattr(buffer_owner, name, buffer.to(self.device))
-        captured_inputs, captured_kwargs = [], []
+        captured_inputs, captured_kwargs = [], [[] for _ in self.handle.blocks]
         for batch in self.calibration_tokens().split(self.batch_size):
-            hidden, kwargs = catch_first_block_inputs(base_model, self.handle.blocks[0], batch.to(self.device))
+            hidden, kwargs = catch_block_inputs(base_model, self.handle.blocks, batch.to(self.device))
             captured_inputs.append(hidden)
-            captured_kwargs.append(kwargs)
-        self.handle.release(self.handle.model.get_submodule(embed))
+            for index, block_kwargs in enumerate(kwargs):
+                captured_kwargs[index].append(block_kwargs)
+        if not held:
+            self.handle.release(self.handle.model.get_submodule(embed))
+        self.activation_bytes = sum(hidden.numel() * hidden.element_size() for hidden in captured_inputs)
         return captured_inputs, captured_kwargs
 
     def run_block(self, block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
         return run_block(block, inputs, kwargs)
+
+
+def describe_adapter(adapter) -> str:
+    """The report's line on how the model was read: its family's adapter, or the generic one and what its probe
+    found."""
+    if not adapter.generic:
+        return f"{adapter.family} (hand-written adapter)"
+    groups = ", ".join(f"{adapter.norms[n]} -> {'/'.join(roles)}" for n, roles in adapter.norm_inputs.items())
+    raw = ", ".join(f"residual stream -> {'/'.join(roles)}" for roles in adapter.raw_inputs)
+    found = ", ".join(filter(None, (groups, raw)))
+    return f"{adapter.family} (no hand-written adapter: the generic one, confirmed by a probe: {found})"
+
+
+def has_native_type(family: str) -> bool:
+    from compressor.arch.shipped import architecture
+
+    return architecture("native").model_type_for(family) is not None
 
 
 def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:
@@ -272,3 +410,21 @@ def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:
         else:
             passes.append((step.kind, [step]))
     return passes
+
+
+def available_memory_bytes() -> int | None:
+    """Host memory the kernel says a new allocation can take (``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def one_layer_pass(steps: list[Step]) -> bool:
+    """Whether the steps form one layer pass (the recipes whose finished blocks are committed for --resume)."""
+    passes = step_passes(steps)
+    return len(passes) == 1 and passes[0][0] == "layer"

@@ -71,6 +71,14 @@ class CalibrationConfig(Config):
     seed: int = param(0, "seed for choosing the sequences")
     split: str = param("train", "dataset split (datasets names only)")
     text_column: str = param("text", "column holding the text (jsonl, parquet and datasets names)")
+    expert_calibration: str = param(
+        "routed",
+        "mixture-of-experts: experts see the tokens routed to them (routed), or every token for statistics (all)",
+        choices=("routed", "all"),
+    )
+    min_expert_tokens: int = param(
+        16, "mixture-of-experts: an expert routed fewer calibration tokens than this is named in a warning", min=0
+    )
 
     def check(self) -> None:
         # A local path that does not exist is a mistake whether or not a step needs the data; checked
@@ -228,10 +236,32 @@ def catalogue() -> dict:
                 "needs_calibration": cls.needs_calibration,
                 "summary": cls.summary(),
                 "params": param_specs(cls),
+                "families": None if cls.families is None else list(cls.families),
+                "native_format": writes_native_format(cls()),
             }
             for name, cls in registered_steps().items()
         },
+        "families": architecture_families(),
     }
+
+
+def writes_native_format(step) -> bool:
+    """Whether ``step`` (with its settings) writes our native format: weights no compressed-tensors layout
+    holds, or a quantized KV cache (``pipeline.check_family`` refuses it on families without a native type)."""
+    return bool(step.declares_kv_cache or (step.quantizes_weights and not step.writes_plain_uniform))
+
+
+def architecture_families() -> list[dict]:
+    """Each family of ``compressor.arch.ADAPTERS``: its name, how its block differs from Llama's, and whether
+    our native format has a model type for it (the support matrix of ``compressor methods``)."""
+    from compressor.arch import ADAPTERS
+    from compressor.arch.shipped import architecture
+
+    native = architecture("native")
+    return [
+        {"family": a.family, "differs": list(a.differs), "native_format": native.model_type_for(a.family) is not None}
+        for a in ADAPTERS
+    ]
 
 
 def shipped_catalogue() -> dict:

@@ -121,6 +121,11 @@ class Report:
                 bpw = f"{sum(bits) / len(bits):.3f}" if bits else "-"
                 lines.append(f"{step:<{step_width}}{kind:<{kind_width}}{len(rows):>6}{error:>17}{bpw:>13}")
         lines.extend(self.training_lines())
+        lines.extend(
+            f"{row['module']}: calibration tokens per expert {row['tokens_per_expert']}"
+            for row in self.rows
+            if "tokens_per_expert" in row
+        )
         for item in self.passes:
             memory = ", ".join(f"{k} {v}" for k, v in item.items() if k.startswith("peak"))
             lines.append(f"pass {'+'.join(item['steps'])} ({item['kind']}): {item['seconds']:.1f} s, {memory}")

@@ -1,13 +1,14 @@
 """Which serving engine loads a checkpoint, and through which path: ``compressor check``.
 
-Reads only ``config.json`` (no weights, no torch); for GPTQ in transformers it also looks whether
-optimum and gptqmodel are installed, which that loader needs. A checkpoint is described as parts: each
-compressed-tensors config group, a GPTQ checkpoint, our native lookup-table format, a DeepSeek-V3 MLA attention, a
-SwiftKV model, an architecture whose modeling code ships with the checkpoint, or the plain architecture. For every
-(engine, part kind) one ``Route`` in ``ROUTES`` says how the engine serves it and what it requires; the verdict is the
-path when every requirement holds, or the first requirement that fails, in words. Each requirement and caveat names its
-source, so a rule can be re-read when an engine changes: the engines' code moves, and these rules describe their
-releases as read from their source in November 2026 (vLLM main, transformers 5.24).
+Reads only ``config.json`` (no weights, no torch); for GPTQ in transformers it also looks whether optimum and
+gptqmodel are installed, which that loader needs. A checkpoint is described as parts: each compressed-tensors config
+group (integer, FP8, NVFP4 or MXFP4 weights), a GPTQ checkpoint, our native lookup-table format (and a rotated
+model's online Hadamard), a DeepSeek-V3 MLA attention, a SwiftKV model, an architecture whose modeling code ships
+with the checkpoint, or the plain architecture. For every (engine, part kind) one ``Route`` in ``ROUTES`` says how
+the engine serves it and what it requires; the verdict is the path when every requirement holds, or the first
+requirement that fails, in words. Each requirement and caveat names its source, so a rule can be re-read when an
+engine changes: the engines' code moves, and these rules describe their releases as read from their source in
+November 2026 (vLLM main, transformers 5.24).
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ VLLM_GPTQ = (
 HF_GPTQ = (
     "transformers/quantizers/quantizer_gptq.py (imports optimum.gptq; validate_environment needs gptqmodel on a CPU)"
 )
+VLLM_MOE = "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py (get_moe_method)"
+VLLM_MOE_MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py (check_moe_marlin_supports_layer)"
+HF_CT_MOE = "transformers/integrations/compressed_tensors.py (CompressedTensorsDequantize, experts)"
+VLLM_CT = "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py (_get_scheme_from_parts)"
+VLLM_FP8 = "vllm/.../compressed_tensors/schemes/compressed_tensors_w8a8_fp8.py (get_min_capability 89)"
+VLLM_MXFP4 = (
+    "vllm/.../compressed_tensors/compressed_tensors.py (_is_mxfp4 -> CompressedTensorsW4A16Mxfp4, whatever "
+    "input_activations; schemes/compressed_tensors_w4a4_mxfp4.py arrived later, min capability 75)"
+)
+CT_FP4_BF16 = (
+    "compressed_tensors/compressors/nvfp4/helpers.py (unpack_fp4_from_uint8 returns bf16); tests/test_floats.py"
+)
 ARCTIC_SWIFTKV = "arctic_inference/vllm/swiftkv/llama_swiftkv.py, arctic_inference/common/swiftkv/configs.py"
 
 ROUTES: tuple[Route, ...] = (
@@ -110,6 +123,19 @@ ROUTES: tuple[Route, ...] = (
                 "a loader for quant_method 'compressor' (our vLLM plugin is not built yet)",
                 lambda p: False,
                 "vllm/model_executor/layers/quantization/__init__.py (QUANTIZATION_METHODS)",
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "online-hadamard",
+        "none",
+        requirements=(
+            Rule(
+                "a Hadamard transform of down_proj's input inside the Llama-family MLP (rotate's online_hadamard); "
+                "vLLM's LlamaMLP runs gate/up, the activation and down_proj only",
+                lambda p: False,
+                "vllm/model_executor/models/llama.py (LlamaMLP.forward)",
             ),
         ),
     ),
@@ -183,6 +209,85 @@ ROUTES: tuple[Route, ...] = (
             ),
         ),
     ),
+    Route(
+        "vllm",
+        "moe-experts",
+        "FusedMoE's CompressedTensorsWNA16MarlinMoEMethod (or its Triton CompressedTensorsWNA16MoEMethod fallback)",
+        requirements=(
+            Rule(
+                "one scheme for every expert projection (FusedMoE stacks them; 'All MoE projections need to have same "
+                "quantization scheme')",
+                lambda p: p["schemes"] == 1,
+                VLLM_MOE,
+            ),
+            Rule(
+                "integer experts with 16-bit activations",
+                lambda p: p["type"] == "int" and not p["activations"],
+                VLLM_MOE,
+            ),
+            Rule("4- or 8-bit experts (WNA16_SUPPORTED_BITS)", lambda p: p["bits"] in (4, 8), VLLM_MOE),
+        ),
+        caveats=(
+            Rule(
+                "Marlin MoE needs hidden_size % 128 == 0, the expert width a multiple of max(64, group size) and a "
+                "group size among -1, 32, 64, 128; otherwise the slower Triton kernel runs",
+                lambda p: (
+                    p["hidden_size"] % 128 == 0
+                    and p["intermediate_size"] % max(64, p["group_size"]) == 0
+                    and p["group_size"] in (-1, 32, 64, 128)
+                ),
+                VLLM_MOE_MARLIN,
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "ct-fp8",
+        "CompressedTensorsW8A8Fp8 (FP8 GEMMs, dynamic per-token FP8 activations) on compute capability >= 8.9 (Ada, "
+        "Hopper, Blackwell); below it CompressedTensorsW8A16Fp8 (FP8 Marlin) serves the weights and leaves the "
+        "activations 16-bit",
+        requirements=(
+            Rule(
+                "symmetric static FP8 weights per tensor, channel or block, activations absent or FP8 (_is_fp8_w8a8, "
+                "_is_fp8_w8a16)",
+                lambda p: p["activations"] is None or p["activations"].get("type") == "float",
+                VLLM_CT,
+            ),
+        ),
+        caveats=(
+            Rule(
+                "weight-only FP8 runs as W8A16 (FP8 Marlin) on every GPU: the FP8 GEMMs need input_activations",
+                lambda p: p["activations"] is not None,
+                VLLM_FP8,
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "ct-nvfp4",
+        "CompressedTensorsW4A16Fp4 (FP4 Marlin on Ampere to Hopper, FlashInfer FP4 on Blackwell)",
+        requirements=(
+            Rule(
+                "weight-only NVFP4 (W4A4 NVFP4 needs a calibrated static input_global_scale, which our dynamic NVFP4 "
+                "activations do not have: such layers export in our native format)",
+                lambda p: p["activations"] is None,
+                VLLM_CT,
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "ct-mxfp4",
+        "CompressedTensorsW4A16Mxfp4 (MXFP4 weights, 16-bit activations)",
+        caveats=(
+            Rule(
+                "vLLM releases that route every MXFP4 group to CompressedTensorsW4A16Mxfp4 do not apply its MXFP4 "
+                "input_activations, so they serve this checkpoint as weight-only (outputs differ from ours)",
+                lambda p: p["activations"] is None,
+                VLLM_MXFP4,
+            ),
+        ),
+    ),
     Route("vllm", "dense", "the model's own architecture, unquantized"),
     Route(
         "transformers",
@@ -210,6 +315,26 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "transformers",
+        "ct-fp8",
+        "compressed-tensors' quantizer: FP8 weights decompressed at load, FP8 activations quantized per token in each "
+        "forward (the logits of our model: tests/test_floats.py)",
+    ),
+    *(
+        Route(
+            "transformers",
+            kind,
+            "compressed-tensors' quantizer: E2M1 weights decompressed at load (activations, where the config has them, "
+            "quantized in each forward)",
+            caveats=(
+                Rule(
+                    "load it with dtype=torch.bfloat16 (fp32 models fail in the matmul)", lambda p: False, CT_FP4_BF16
+                ),
+            ),
+        )
+        for kind in ("ct-nvfp4", "ct-mxfp4")
+    ),
+    Route(
+        "transformers",
         "gptq",
         "its GPTQ quantizer with optimum and gptqmodel (gptqmodel's torch kernels on a CPU)",
         requirements=(
@@ -228,7 +353,33 @@ ROUTES: tuple[Route, ...] = (
         "our registered quantizer and classes, after `import compressor` or with `trust_remote_code=True` "
         "(lookup-table, BFP and sparse kernels; the BFP KV cache where the config declares one); plain loads refuse it",
     ),
+    Route(
+        "transformers",
+        "online-hadamard",
+        "our quantizer makes each MLP it names an OnlineHadamardMLP after `import compressor` (our loader too)",
+    ),
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
+    Route(
+        "transformers",
+        "moe-experts",
+        "its compressed-tensors loader: the per-expert tensors are dequantized into the fused 3-D expert weights while "
+        "loading",
+        requirements=(
+            Rule(
+                "integer experts with 16-bit activations",
+                lambda p: p["type"] == "int" and not p["activations"],
+                HF_CT_MOE,
+            ),
+            Rule("symmetric experts (no packed zero points)", lambda p: p["symmetric"], HF_CT_MOE),
+        ),
+        caveats=(
+            Rule(
+                "the experts take their dense size in memory (only the dense layers stay packed)",
+                lambda p: False,
+                HF_CT_MOE,
+            ),
+        ),
+    ),
     Route(
         "transformers",
         "shipped-code",
@@ -259,6 +410,9 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
         if method == "compressed-tensors":
             for name, group in quantization.get("config_groups", {}).items():
                 weights = group.get("weights") or {}
+                if weights.get("type") == "float":
+                    parts.append(float_group_part(name, group))
+                    continue
                 facts = {
                     "type": weights.get("type", "int"),
                     "bits": weights.get("num_bits"),
@@ -268,6 +422,7 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                 }
                 shape = scheme_words(facts)
                 parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
+            parts.extend(expert_parts(config, quantization))
         elif method == "gptq":
             facts = {
                 "bits": quantization.get("bits"),
@@ -280,6 +435,9 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
             parts.append((f"GPTQ ({shape})", "gptq", facts))
         elif method == "compressor":
             parts.append((f"compressor native format ({quantization.get('format', 'lut')})", "compressor", {}))
+            rotated = quantization.get("online_hadamard") or {}
+            if rotated:
+                parts.append((f"online Hadamard before down_proj ({len(rotated)} MLPs, rotate)", "online-hadamard", {}))
         else:
             parts.append((f"quant_method {method!r}", str(method), {}))
     if config.get("model_type") in ("deepseek_v3", "deepseek_v2") and config.get("kv_lora_rank"):
@@ -321,6 +479,53 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
     if not parts:
         parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))
     return parts
+
+
+MOE_WIDTHS = {"mixtral": "intermediate_size"}  # config key of an expert's width (else moe_intermediate_size)
+
+
+def expert_parts(config: dict, quantization: dict) -> list[tuple[str, str, dict]]:
+    """The quantized routed experts of a MoE model (compressed-tensors): serving engines fuse them, so every expert
+    projection must share one scheme, which the config groups covering ``.experts.`` modules say."""
+    width = config.get(MOE_WIDTHS.get(config.get("model_type"), "moe_intermediate_size"))
+    if not width or not any(config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        return []
+    groups = [
+        group
+        for group in quantization.get("config_groups", {}).values()
+        if any(t == "Linear" or ".experts." in t for t in group.get("targets", []))
+    ]
+    if not groups:
+        return []
+    weights = groups[0].get("weights") or {}
+    facts = {
+        "schemes": len({json.dumps(g.get("weights"), sort_keys=True) for g in groups}),
+        "type": weights.get("type", "int"),
+        "bits": weights.get("num_bits"),
+        "symmetric": weights.get("symmetric", True),
+        "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
+        "activations": any(g.get("input_activations") is not None for g in groups),
+        "hidden_size": config.get("hidden_size", 0),
+        "intermediate_size": width,
+    }
+    shape = scheme_words(facts) if facts["schemes"] == 1 else f"{facts['schemes']} schemes"
+    return [(f"routed experts ({shape}, width {width})", "moe-experts", facts)]
+
+
+def float_group_part(name: str, group: dict) -> tuple[str, str, dict]:
+    """A compressed-tensors group of float weights: FP8 (per channel or block), NVFP4 or MXFP4."""
+    weights, activations = group["weights"], group.get("input_activations")
+    if weights.get("num_bits") == 8:
+        kind, words = "ct-fp8", f"FP8 per {weights.get('strategy')}"
+    elif weights.get("strategy") == "tensor_group":
+        kind, words = "ct-nvfp4", "NVFP4"
+    else:
+        kind, words = "ct-mxfp4", "MXFP4"
+    if activations is not None:
+        words += (
+            f", {activations.get('type')}{activations.get('num_bits')} activations per {activations.get('strategy')}"
+        )
+    return f"compressed-tensors {name} ({words})", kind, {"activations": activations}
 
 
 def gptq_stack_installed() -> bool:

@@ -223,6 +223,8 @@ class Step(Config):
 
     ``needs_calibration`` is False for data-free steps (RTN), which then never run a forward pass.
     ``quantizes_weights`` and ``changes_architecture`` feed the order rules (``pipeline.check_step_order``).
+    ``families`` names the architecture families (``compressor.arch.ADAPTERS`` rows) whose block structure the
+    step assumes; None: every family with an adapter, hand-written or generic (``pipeline.check_family``).
     """
 
     name: ClassVar[str] = ""
@@ -235,6 +237,13 @@ class Step(Config):
     changes_architecture: ClassVar[bool] = False
     writes_plain_uniform: ClassVar[bool] = False  # weights for compressed-tensors/GPTQ, not our native format
     declares_kv_cache: ClassVar[bool] = False  # a quantized KV cache, which only our native format records
+    families: ClassVar[tuple[str, ...] | None] = None  # the families whose block it assumes (None: any)
+    # how a data-dependent step runs on several processes (compressor/distributed.py): "sums" (statistics summed
+    # over tokens, reduced to an owner that solves), "gradients" (training averages gradients over ranks), "ranges"
+    # (per-channel sums and maxima all-reduced, every rank computes the same); None
+    # refuses --nproc > 1 before any work (data-free steps need nothing: every rank computes the same)
+    distributes: ClassVar[str | None] = None
+    needs_native_export: ClassVar[bool] = False  # leaves what only our native W+A format records (online Hadamard)
 
     @classmethod
     def summary(cls) -> str:

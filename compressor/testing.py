@@ -19,6 +19,74 @@ ARCHITECTURES = {
     "qwen3": {"head_dim": 32},  # set explicitly, as Qwen3 configs do  # per-head q/k RMSNorm
 }
 
+# Every other family with an adapter (and a few read through the generic one, arch/generic.py): a tiny config
+# of each (hidden 64), its special token ids inside the 320-token vocabulary, and whatever makes the family's
+# own features show at 16 tokens (sliding windows of 8, multipliers other than 1, partial rotary).
+SMALL = dict(hidden_size=64, intermediate_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+FAMILIES = {
+    "gemma2": {
+        **SMALL,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "tie_word_embeddings": True,  # as Gemma checkpoints do
+    },
+    "gemma3_text": {
+        **SMALL,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "final_logit_softcapping": 30.0,
+        "tie_word_embeddings": True,
+    },
+    "phi3": SMALL,
+    "olmo2": SMALL,
+    "granite": {
+        **SMALL,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.2,
+        "logits_scaling": 4.0,
+    },
+    "glm4": {**SMALL, "head_dim": 16},
+    "cohere": {**SMALL, "logit_scale": 0.5},
+    "stablelm": SMALL,
+    # no hand-written adapter: read through arch/generic.py
+    "helium": {**SMALL, "head_dim": 16},
+    "olmo3": {**SMALL, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi": SMALL,  # refused by the generic adapter (dense / fc1 / fc2, attention and MLP in parallel)
+}
+
+# Mixture-of-experts families (compressor/moe.py): 4 experts (DeepSeek: 8 in 2 groups, a dense first layer)
+# whose widths every group size divides
+MOE_ARCHITECTURES = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128, "sliding_window": None},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+        "shared_expert_intermediate_size": 256,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "head_dim": 32},
+    "deepseek_v3": {
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "q_lora_rank": None,
+        "kv_lora_rank": 128,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "num_key_value_heads": 4,
+    },
+}
+
 TOKENIZER_TEXT = (
     "The quick brown fox jumps over the lazy dog. Compression keeps the model small and fast. Quantization rounds "
     "each weight to a grid; calibration text shows which weights matter. "
@@ -49,7 +117,8 @@ def random_config(architecture: str, **overrides):
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    settings.update(ARCHITECTURES[architecture])
+    (table,) = [table for table in (ARCHITECTURES, FAMILIES, MOE_ARCHITECTURES) if architecture in table]
+    settings.update(table[architecture])
     settings.update(overrides)
     return AutoConfig.for_model(architecture, **settings)
 
@@ -57,7 +126,8 @@ def random_config(architecture: str, **overrides):
 def make_random_model(
     architecture: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
 ) -> Path:
-    """Write a random-weight checkpoint of ``architecture`` (llama, mistral, qwen2, qwen3) to ``folder``."""
+    """A random-weight checkpoint of ``architecture`` (a key of ``ARCHITECTURES``, ``FAMILIES`` or
+    ``MOE_ARCHITECTURES``) in ``folder``."""
     folder = Path(folder)
     torch.manual_seed(seed)
     config = random_config(architecture, **overrides)
@@ -66,6 +136,9 @@ def make_random_model(
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
                 parameter.uniform_(0.5, 1.5)
+        for name, buffer in model.named_buffers():  # DeepSeek-V3's routing bias: loaded, or routing changes
+            if name.endswith("e_score_correction_bias"):
+                buffer.uniform_(-0.05, 0.05)
     model.save_pretrained(folder)
     make_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder

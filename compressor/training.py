@@ -121,15 +121,25 @@ def micro_batches(
     return batches
 
 
-def block_mse(block: nn.Module, batches: list[tuple]) -> float:
-    """Mean reconstruction MSE of ``block`` over ``batches`` (sample-weighted)."""
+def block_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype a block computes in: its first floating tensor's (a block may hold no parameter once its
+    linears are quantized and its norms carry no weight, as OLMo's)."""
+    tensors = [*block.parameters(), *block.buffers()]
+    return next(t.dtype for t in tensors if t.is_floating_point())
+
+
+def block_mse(block: nn.Module, batches: list[tuple], distributed=None) -> float:
+    """Mean reconstruction MSE of ``block`` over ``batches`` (sample-weighted); with ``distributed`` (a
+    ``compressor.distributed.Distributed``) over every rank's batches."""
     total = count = 0.0
     with torch.no_grad():
         for x, y, kw in batches:
-            dtype = next(block.parameters()).dtype
+            dtype = block_dtype(block)
             out = first_output(block(x.to(dtype), **cast_floating(kw, dtype)))
             total += float(F.mse_loss(out.float(), y.float())) * len(x)
             count += len(x)
+    if distributed is not None and distributed.active:
+        total, count = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
 
 
@@ -143,15 +153,23 @@ def train_block(
     progress=None,
     schedule=None,
     where: str = "efficientqat_block_ap",
+    distributed=None,
 ) -> tuple[list[float], BestState | None]:
     """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch (``schedule(base,
     step, total)`` replaces the cosine towards ``base / min_lr_factor``; ``where`` names the step in errors). The last
     ``heldout`` fraction of ``batches`` is not trained on: its MSE before training and after each epoch
-    decides which state the block keeps. Returns the mean training loss per epoch and that record."""
+    decides which state the block keeps. Returns the mean training loss per epoch and that record.
+
+    With ``distributed`` (several processes, each with its own share of the samples) every rank takes the same
+    number of steps (the fewest batches any rank has), gradients are averaged over ranks after each backward
+    and the held-out MSE is taken over every rank's held-out batches, so all ranks keep the same state."""
+    if distributed is not None and distributed.active:
+        fewest = -distributed.all_reduce_max(torch.tensor([-len(batches)]))
+        batches = batches[: int(fewest)]
     held = holdout_count(len(batches), heldout)
     batches, heldout_batches = batches[: len(batches) - held], batches[len(batches) - held :]
     trained = [p for group in groups for p in group["params"]]
-    best = BestState(trained, block_mse(block, heldout_batches)) if heldout_batches else None
+    best = BestState(trained, block_mse(block, heldout_batches, distributed)) if heldout_batches else None
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bases = [group["lr"] for group in optimizer.param_groups]
     total, step, epoch_losses = epochs * len(batches), 0, []
@@ -169,6 +187,8 @@ def train_block(
                     raise FloatingPointError(f"{where}: the reconstruction loss became {float(loss)}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if distributed is not None:
+                    distributed.average_gradients(trained)
                 optimizer.step()
                 losses.append(loss.item())
                 step += 1
@@ -176,7 +196,7 @@ def train_block(
                     progress.update(loss=losses[-1])
             epoch_losses.append(sum(losses) / len(losses))
             if best is not None:
-                best.consider(block_mse(block, heldout_batches))
+                best.consider(block_mse(block, heldout_batches, distributed))
     if best is not None:
         best.restore()
     block.requires_grad_(False)

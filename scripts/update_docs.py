@@ -1,6 +1,7 @@
 """Regenerate what the documentation generates from the code and the recorded results: the recipe
 reference in docs/RECIPES.md (from the step registry), the quality table in docs/QUALITY.md (from the
-newest ``benchmarks/results/quality-*.json``), and the shipped recipe catalogue
+newest ``benchmarks/results/quality-*.json``), the step x family support matrix in docs/ARCHITECTURES.md and
+README.md (from the steps' declared ``families`` and ``compressor.arch.ADAPTERS``), and the shipped recipe catalogue
 ``compressor/recipe_catalog.json`` that ``compressor methods`` and the command line's first recipe check
 read without importing torch.
 
@@ -40,6 +41,13 @@ def recipe_reference(page: Path) -> str:
     return recipe_reference(catalogue())
 
 
+def support_matrix(page: Path) -> str:
+    from compressor.docs import support_matrix
+    from compressor.recipe import catalogue
+
+    return support_matrix(catalogue())
+
+
 def quality_table(page: Path) -> str:
     """The newest quality benchmark, rendered by the table functions the benchmark itself uses; the plot,
     when there is one, linked relative to ``page``."""
@@ -59,6 +67,8 @@ def quality_table(page: Path) -> str:
 SECTIONS = {
     ROOT / "docs" / "RECIPES.md": {"recipe-reference": recipe_reference},
     ROOT / "docs" / "QUALITY.md": {"quality-table": quality_table},
+    ROOT / "docs" / "ARCHITECTURES.md": {"support-matrix": support_matrix},
+    ROOT / "README.md": {"support-matrix": support_matrix},
 }
 
 

@@ -10,7 +10,7 @@ from compressor.errors import UserError
 
 
 def test_every_adapter_names_its_norm_groups_and_attention_modules(tiny_models):
-    for adapter in ADAPTERS:
+    for adapter in ADAPTERS[:4]:  # the Llama family (the other families: tests/test_families.py)
         groups = norm_linear_groups(adapter)
         assert groups == {
             "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

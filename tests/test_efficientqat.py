@@ -131,8 +131,8 @@ def fp_activations(path, calibration_file):
     fp = session(path, recipe(calibration_file, block_ap()))
     inputs, kwargs = fp.capture_block_inputs()
     blocks = [fp.load_block(i) for i in range(2)]
-    out0 = fp.run_block(blocks[0], inputs, kwargs)
-    return inputs, kwargs, blocks, out0, fp.run_block(blocks[1], out0, kwargs)
+    out0 = fp.run_block(blocks[0], inputs, kwargs[0])
+    return inputs, kwargs, blocks, out0, fp.run_block(blocks[1], out0, kwargs[1])
 
 
 def mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -154,8 +154,8 @@ def test_block_ap_reconstructs_below_rtn_and_trains_on_the_quantized_stream(tiny
     for name, linear in block_linears(run.handle.adapter, rtn0).items():
         rtn0.set_submodule(name, QuantizedLinear(quantize_uniform(linear.weight.data, 2, 32, False, torch.float32)))
     ours, rtn = (
-        mse(run.run_block(quantized0, inputs, kwargs), fp_out0),
-        mse(run.run_block(rtn0, inputs, kwargs), fp_out0),
+        mse(run.run_block(quantized0, inputs, kwargs[0]), fp_out0),
+        mse(run.run_block(rtn0, inputs, kwargs[0]), fp_out0),
     )
     assert ours < 0.8 * rtn, (ours, rtn)
     for module in block_linears(run.handle.adapter, quantized0).values():
@@ -170,7 +170,7 @@ def test_block_ap_reconstructs_below_rtn_and_trains_on_the_quantized_stream(tiny
     # (fp block 1 on fp inputs).
     trained_inputs = torch.cat([x for x, _, _ in seen[1]])
     trained_targets = torch.cat([y for _, y, _ in seen[1]])
-    assert torch.equal(trained_inputs, torch.cat(run.run_block(quantized0, inputs, kwargs)))
+    assert torch.equal(trained_inputs, torch.cat(run.run_block(quantized0, inputs, kwargs[0])))
     torch.testing.assert_close(trained_targets, torch.cat(fp_out1), rtol=0, atol=1e-6)
     assert not torch.allclose(trained_inputs, torch.cat(fp_out0), atol=1e-3)
 
@@ -422,6 +422,8 @@ def test_bad_keys_are_one_line_errors(step, message):
 def test_recipes_validate():
     names = sorted(p.name for p in (ROOT / "recipes").glob("efficientqat-*.yaml"))
     assert names == [
+        "efficientqat-block-ap-mxfp4.yaml",
+        "efficientqat-block-ap-nvfp4.yaml",
         "efficientqat-block-ap-w2g64.yaml",
         "efficientqat-w2g64.yaml",
         "efficientqat-w3g128.yaml",

@@ -220,7 +220,7 @@ def test_each_group_sees_the_groups_before_it_quantized(
         calls.append(name)
         if not torch.allclose(catcher.hessian(name), h, rtol=1e-5, atol=1e-7):
             stale.append(name)
-        original(self, context, name, linear, h)
+        return original(self, context, name, linear, h)
 
     monkeypatch.setattr(GPTQ, "quantize_linear", checked)
     step = {"gptq": {"bits": 3, "group_size": 32, "true_sequential": true_sequential}}

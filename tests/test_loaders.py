@@ -31,16 +31,16 @@ class RecordingWriter(CheckpointWriter):
         super().write_module(prefix, module)
 
 
-def export_and_in_memory(recipe, source, out, monkeypatch):
+def export_and_in_memory(recipe, source, out, monkeypatch, quantized=True):
     """Export ``recipe`` of ``source`` to ``out``; return the model as the session held it (the
-    source with the finished blocks put in), in fp32."""
+    source with the finished blocks put in), in fp32 (``quantized``: some linear of it is quantized)."""
     RecordingWriter.modules = {}
     monkeypatch.setattr(compressor.api, "CheckpointWriter", RecordingWriter)
     apply(recipe, source, out, progress=False)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     for prefix, module in RecordingWriter.modules.items():
         model.set_submodule(prefix, module.float())
-    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules()) == quantized
     return model
 
 

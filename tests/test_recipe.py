@@ -135,7 +135,8 @@ def test_the_python_api_gives_the_same_one_line_errors(text, expected, tmp_path)
 def test_methods_lists_every_registered_step_and_key():
     from compressor.recipe import catalogue
 
-    lines = CliRunner().invoke(main, ["methods"]).output.splitlines()
+    output, matrix = CliRunner().invoke(main, ["methods"]).output.split("\nwhich step runs on which family")
+    lines = output.splitlines()
     titles = {line.split(" ", 1)[0]: i for i, line in enumerate(lines) if not line.startswith(" ")}
     live = catalogue()
     assert list(titles) == [*live["steps"], *(f"[{name}]:" for name in live["sections"])]
@@ -146,6 +147,8 @@ def test_methods_lists_every_registered_step_and_key():
         assert keys == [spec["key"] for spec in step["params"]]
     widths = {line.index(line.split()[1], len(line.split()[0]) + 4) for line in lines if line.startswith("    ")}
     assert len(widths) == 1, "the defaults column is aligned whatever the longest key"
+    rows = [line.split(" | ")[0].strip("| `") for line in matrix.splitlines() if line.startswith("| `")]
+    assert rows == list(live["steps"])  # then the support matrix: a row per step
 
 
 def test_generated_files_are_current():

@@ -97,3 +97,35 @@ def test_check_command_and_apply_print_the_verdicts(tiny_llama, tmp_path):
     assert checked.exit_code == 1 and checked.output.startswith("vllm: GPTQ (3-bit asymmetric, group 32, gptq_v2): NO")
     missing = CliRunner().invoke(main, ["check", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not a checkpoint folder" in missing.output
+
+
+@pytest.mark.parametrize(
+    "step,vllm_loads,vllm_words,transformers_caveat",
+    [
+        (
+            {"grid": "fp8", "activation_grid": "fp8", "quantize_attention": False},
+            True,
+            "CompressedTensorsW8A8Fp8",
+            None,
+        ),
+        ({"grid": "nvfp4"}, True, "CompressedTensorsW4A16Fp4", "bfloat16"),
+        ({"grid": "mxfp4", "activation_grid": "mxfp4", "quantize_attention": False}, True, "W4A16Mxfp4", "bfloat16"),
+    ],
+)
+def test_float_exports_get_verdicts_with_their_sources(
+    step, vllm_loads, vllm_words, transformers_caveat, tiny_llama, tmp_path
+):
+    apply(Recipe.from_dict({"steps": [{"rtn": step}]}), tiny_llama, tmp_path / "out", progress=False)
+    found = by_engine(json.loads((tmp_path / "out" / "config.json").read_text()))
+    assert found["vllm"].loads == vllm_loads and vllm_words in found["vllm"].how
+    assert found["transformers"].loads
+    caveats = " ".join(found["transformers"].caveats)
+    assert (transformers_caveat in caveats) if transformers_caveat else not caveats
+    if "activation_grid" in step and step["grid"] == "mxfp4":  # vLLM serves MXFP4 weight-only: said, with the source
+        assert any("weight-only" in c and "compressed_tensors.py" in c for c in found["vllm"].caveats)
+
+
+def test_nvfp4_w4a4_is_native_and_vllm_says_no():
+    config = {"model_type": "llama", "quantization_config": {"quant_method": "compressor", "format": "float"}}
+    found = by_engine(config)
+    assert not found["vllm"].loads and found["transformers"].loads

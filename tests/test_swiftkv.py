@@ -376,9 +376,9 @@ def test_bad_layer_counts_stop_with_one_line_errors_before_any_work(
 
 
 def test_unsupported_family_is_refused(tmp_path, calibration_file, tiny_models):
-    from compressor.arch import UnsupportedArchitecture
+    from compressor.errors import UserError
 
-    with pytest.raises(UnsupportedArchitecture, match="qwen3"):
+    with pytest.raises(UserError, match="steps\\[0\\].swiftkv: assumes the block of llama, qwen2; qwen3 is not one"):
         apply(swiftkv_recipe(calibration_file), tiny_models["qwen3"], tmp_path / "out", progress=False)
 
 

@@ -270,7 +270,7 @@ def test_transmla_then_rtn_exports_and_loads(tiny_llama, tmp_path):
 
 
 def test_refuses_what_deepseek_v3_cannot_hold(tiny_models, tmp_path):
-    with pytest.raises(StepError, match=r"steps\[0\]\.transmla: qwen3 normalises each key head"):
+    with pytest.raises(StepError, match=r"steps\[0\]\.transmla: assumes the block of llama, mistral, qwen2; qwen3 is"):
         apply(recipe({"transmla": {}}), tiny_models["qwen3"], tmp_path / "a", progress=False)
     with pytest.raises(UnsupportedArchitecture, match="q_proj has a bias"):
         apply(recipe({"transmla": {}}), tiny_models["qwen2"], tmp_path / "b", progress=False)

@@ -243,6 +243,7 @@ def test_a_damaged_model_is_one_line_before_any_work(damage, tiny_llama, tmp_pat
         ("modegpt: {round_to: 100000}", "steps[0].modegpt.round_to: 100000 does not fit this model"),
         ("swiftkv: {top_k: 100000000}", "steps[0].swiftkv.top_k: 100000000 is more than the model's vocabulary"),
         ("transmla_heal: {top_k: 5000}", "steps[0].transmla_heal.top_k: 5000 is more than the model's vocabulary"),
+        ("qllm: {rank: 2147483647}", "steps[0].qllm.rank: 2147483647 is more than model.layers.0.self_attn.q_proj's"),
     ],
 )
 def test_sizes_the_model_cannot_take_are_one_line_before_any_work(step, expected, tmp_path):
@@ -251,6 +252,16 @@ def test_sizes_the_model_cannot_take_are_one_line_before_any_work(step, expected
     result = CliRunner().invoke(main, ["apply", str(recipe), "demo", "-o", str(tmp_path / "out"), "--quiet"])
     assert expected in one_line_error(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_that_cannot_fit_in_memory_is_one_line_before_any_work(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {samples: 1000000000, seq_len: 512}\nsteps: [gptq]\n")
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["apply", str(recipe), "demo", "-o", str(tmp_path / "out"), "--quiet"])
+    line = one_line_error(result)
+    assert f"{recipe}: calibration.samples: 1000000000 x seq_len 512 needs about" in line and "use fewer" in line
+    assert time.monotonic() - started < 30 and not (tmp_path / "out").exists()
 
 
 def test_a_kill_at_any_moment_of_an_overwrite_leaves_a_whole_output_and_no_leftovers(tmp_path):

@@ -80,9 +80,10 @@ class ShippedArchitecture:
 
 
 SHIPPED = (
-    ShippedArchitecture(  # TransMLA: a stock DeepSeek-V3 config, no code to ship
+    ShippedArchitecture(  # TransMLA: a stock DeepSeek-V3 config, no code to ship (read as DeepSeek-V3: quantizable)
         package="deepseek_mla",
         model_types={"deepseek_v3": "deepseek_v3"},
+        compressible=True,
     ),
     ShippedArchitecture(  # SwiftKV: the released Snowflake layout
         package="swiftkv",
@@ -124,6 +125,17 @@ SHIPPED = (
             "compressor_qwen2": "qwen2",
             "compressor_qwen3": "qwen3",
             "compressor_deepseek_v3": "deepseek_v3",
+            "compressor_gemma2": "gemma2",
+            "compressor_gemma3_text": "gemma3_text",
+            "compressor_phi3": "phi3",
+            "compressor_olmo2": "olmo2",
+            "compressor_granite": "granite",
+            "compressor_glm4": "glm4",
+            "compressor_cohere": "cohere",
+            "compressor_stablelm": "stablelm",
+            "compressor_mixtral": "mixtral",
+            "compressor_qwen2_moe": "qwen2_moe",
+            "compressor_qwen3_moe": "qwen3_moe",
         },
         modeling_files=("modeling_compressor.py",),
         classes={
@@ -146,6 +158,50 @@ SHIPPED = (
             "compressor_deepseek_v3": (
                 "modeling_compressor.CompressorDeepseekV3Config",
                 "modeling_compressor.CompressorDeepseekV3ForCausalLM",
+            ),
+            "compressor_gemma2": (
+                "modeling_compressor.CompressorGemma2Config",
+                "modeling_compressor.CompressorGemma2ForCausalLM",
+            ),
+            "compressor_gemma3_text": (
+                "modeling_compressor.CompressorGemma3TextConfig",
+                "modeling_compressor.CompressorGemma3TextForCausalLM",
+            ),
+            "compressor_phi3": (
+                "modeling_compressor.CompressorPhi3Config",
+                "modeling_compressor.CompressorPhi3ForCausalLM",
+            ),
+            "compressor_olmo2": (
+                "modeling_compressor.CompressorOlmo2Config",
+                "modeling_compressor.CompressorOlmo2ForCausalLM",
+            ),
+            "compressor_granite": (
+                "modeling_compressor.CompressorGraniteConfig",
+                "modeling_compressor.CompressorGraniteForCausalLM",
+            ),
+            "compressor_glm4": (
+                "modeling_compressor.CompressorGlm4Config",
+                "modeling_compressor.CompressorGlm4ForCausalLM",
+            ),
+            "compressor_cohere": (
+                "modeling_compressor.CompressorCohereConfig",
+                "modeling_compressor.CompressorCohereForCausalLM",
+            ),
+            "compressor_stablelm": (
+                "modeling_compressor.CompressorStableLmConfig",
+                "modeling_compressor.CompressorStableLmForCausalLM",
+            ),
+            "compressor_mixtral": (
+                "modeling_compressor.CompressorMixtralConfig",
+                "modeling_compressor.CompressorMixtralForCausalLM",
+            ),
+            "compressor_qwen2_moe": (
+                "modeling_compressor.CompressorQwen2MoeConfig",
+                "modeling_compressor.CompressorQwen2MoeForCausalLM",
+            ),
+            "compressor_qwen3_moe": (
+                "modeling_compressor.CompressorQwen3MoeConfig",
+                "modeling_compressor.CompressorQwen3MoeForCausalLM",
             ),
         },
     ),

@@ -17,6 +17,15 @@ def demo_model_dir() -> Path:
     return path
 
 
+def demo_moe_dir() -> Path:
+    """``demo-moe``: a small mixture-of-experts model (Mixtral, 6 experts a layer, upcycled from the demo) on the
+    demo's text and tokenizer (``scripts/train_demo_moe.py``)."""
+    path = DEMO_DIR / "model-moe"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the demo-moe model is missing; rebuild it with scripts/train_demo_moe.py")
+    return path
+
+
 def demo_text_path(split: str) -> Path:
     """``calibration`` or ``heldout``."""
     if split not in ("calibration", "heldout"):

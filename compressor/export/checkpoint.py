@@ -24,6 +24,7 @@ from compressor.export import gptq, native
 from compressor.export.codecs import codec_for
 from compressor.export.output import ExportError
 from compressor.export.shards import ShardWriter
+from compressor.modules.hadamard import OnlineHadamardMLP
 from compressor.modules.linear import QuantizedLinear
 
 FORMAT_VERSION = "compressor-export-v1"
@@ -42,14 +43,17 @@ COPIED_FILES = (
 
 
 class CheckpointWriter:
-    def __init__(self, directory: Path, export_config, export_dtype: torch.dtype):
+    def __init__(self, directory: Path, export_config, export_dtype: torch.dtype, rename=None):
         self.directory = Path(directory)
+        # in-memory module name -> the checkpoint's (Mixtral's experts: compressor.moe.checkpoint_name)
+        self.rename = rename or (lambda name: name)
         self.format = export_config.format
         self.dtype = export_dtype
         self.shards = ShardWriter(self.directory, export_config.max_shard_bytes)
         self.codec = None  # the export codec of the quantized modules (export/codecs.py): one per checkpoint
         self.entries: dict[str, dict] = {}  # quantized module name -> its codec's entry
         self.attention: dict[str, dict] = {}  # attention modules whose Q, K, V are quantized -> spec
+        self.online_hadamard: dict[str, int] = {}  # MLPs that rotate down_proj's input online -> factor order
         self.dense_linears: list[str] = []
         self.quantized_parameters = 0
         self.quantized_bits = 0.0
@@ -60,9 +64,11 @@ class CheckpointWriter:
         """Write every tensor of ``module`` (a block or any submodule) under ``prefix``."""
         quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
         for name, child in module.named_modules():
-            full = f"{prefix}.{name}" if name else prefix
+            full = self.rename(f"{prefix}.{name}" if name else prefix)
             if getattr(child, "activation_quantization", None) is not None:
                 self.attention[full] = child.activation_quantization.to_config()
+            if isinstance(child, OnlineHadamardMLP):
+                self.online_hadamard[full] = child.online_hadamard.shape[0]
             if name in quantized:
                 self.write_quantized(full, child)
             elif isinstance(child, nn.Linear) and not any(name.startswith(f"{q}.") for q in quantized):
@@ -71,7 +77,9 @@ class CheckpointWriter:
             owner = name.rpartition(".")[0]
             if owner in quantized and name != f"{owner}.bias":
                 continue
-            self.shards.add(f"{prefix}.{name}", tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+            self.shards.add(
+                self.rename(f"{prefix}.{name}"), tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            )
 
     def write_quantized(self, name: str, module: QuantizedLinear) -> None:
         weight = module.stored_weight
@@ -85,7 +93,7 @@ class CheckpointWriter:
                 )
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
-        codec = codec_for(weight, self.format, module.quantizes_inputs)
+        codec = codec_for(weight, self.format, module if module.quantizes_inputs else None)
         if codec is None:
             why = (
                 f" ({gptq.shape_problem(weight)})"
@@ -170,6 +178,8 @@ class CheckpointWriter:
             config.auto_map = dict(architecture.auto_map)
         if self.codec is not None:
             extra = {"attention": self.attention} if self.attention else {}
+            if self.online_hadamard:
+                extra["online_hadamard"] = self.online_hadamard
             try:
                 config.quantization_config = self.codec.quantization_config(self.entries, self.dense_linears, **extra)
             except ValueError as error:
@@ -191,6 +201,11 @@ class CheckpointWriter:
                     "method)"
                 )
             self.codec = native
+        if self.online_hadamard and self.codec is not native:
+            raise ExportError(
+                f"{next(iter(self.online_hadamard))}: its online Hadamard (rotate) needs the native format, which "
+                "'auto' picks for W+A layers; quantize activations after rotate, or rotate with online_hadamard: false"
+            )
         if self.attention and self.codec is not native:
             raise ExportError(
                 f"{next(iter(self.attention))}: quantized attention operands need the native format ('auto' picks it "

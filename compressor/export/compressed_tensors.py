@@ -15,8 +15,17 @@ import re
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
+from compressor.export.layouts import inputs
 from compressor.kernels.packing import PackedUniform, pack_uniform
-from compressor.weights.values import UniformWeight, num_groups, row_chunks
+from compressor.weights.values import (
+    FLOAT_GRIDS,
+    FloatWeight,
+    UniformWeight,
+    num_groups,
+    pack_e2m1,
+    row_chunks,
+    unpack_e2m1,
+)
 
 QUANT_METHOD = "compressed-tensors"  # the export format's name and the config's quant_method
 CT_MIN_VERSION = "0.18.0"  # the dense packing of 3/5/6/7-bit values arrived in 0.18.0
@@ -88,38 +97,110 @@ def repack_compressed_tensors(tensors: dict[str, torch.Tensor], bits: int, group
 
 
 # ----------------------------------------------------------------------------------------------
-# The codec of uniform weights (see export/codecs.py)
+# Float weights: ``float-quantized`` (FP8 E4M3 ``weight`` + ``weight_scale``), ``nvfp4-pack-quantized``
+# (E2M1 pairs in ``weight_packed`` uint8 [N, K/2], low nibble first, E4M3 ``weight_scale`` [N, K/16],
+# fp32 ``weight_global_scale`` [1]) and ``mxfp4-pack-quantized`` (the same packing, E8M0 ``weight_scale``).
+
+FLOAT_FORMATS = {"fp8": "float-quantized", "fp8-block": "float-quantized"}
+FLOAT_FORMATS.update(nvfp4="nvfp4-pack-quantized", mxfp4="mxfp4-pack-quantized")
 
 
-INPUTS = None  # no input side: W+A layers go to the native format
+def float_to_ct_tensors(weight: FloatWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if weight.bits == 8:
+        return {"weight": weight.codes.view(torch.float8_e4m3fn), "weight_scale": weight.scales.to(scale_dtype)}
+    tensors = {"weight_packed": pack_e2m1(weight.codes), "weight_scale": weight.scales}
+    if weight.global_scale is not None:
+        tensors["weight_global_scale"] = weight.global_scale.float()
+    return tensors
 
 
-def supports(weight, quantized_inputs: bool = False) -> bool:
-    return not quantized_inputs and weight.kind == "uniform"
+def float_from_ct_tensors(tensors: dict[str, torch.Tensor], grid: str) -> FloatWeight:
+    if "weight" in tensors:
+        return FloatWeight(tensors["weight"].view(torch.uint8), tensors["weight_scale"], None, grid)
+    codes = unpack_e2m1(tensors["weight_packed"])
+    return FloatWeight(codes, tensors["weight_scale"], tensors.get("weight_global_scale"), grid)
 
 
-def module_entry(weight: UniformWeight) -> dict:
+def float_weights_args(grid: str) -> dict:
+    args = {
+        "fp8": {"group_size": None, "strategy": "channel"},
+        "fp8-block": {"group_size": None, "strategy": "block", "block_structure": [128, 128]},
+        "nvfp4": {"group_size": 16, "strategy": "tensor_group", "scale_dtype": "torch.float8_e4m3fn"},
+        "mxfp4": {"group_size": 32, "strategy": "group", "scale_dtype": "torch.uint8"},
+    }[grid]
+    bits = FLOAT_GRIDS[grid].bits
+    return {"num_bits": bits, "type": "float", "symmetric": True, **args, "dynamic": False, "observer": "minmax"}
+
+
+def grid_of(args: dict) -> str:
+    """The float grid of a config group's ``weights``."""
+    grid = next((g for g in FLOAT_FORMATS if args["strategy"] == float_weights_args(g)["strategy"]), None)
+    if grid is None or args["num_bits"] != FLOAT_GRIDS[grid].bits:
+        raise ValueError(f"float weights {args} are none of {', '.join(FLOAT_FORMATS)}")
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------
+# The codec (see export/codecs.py)
+
+INPUTS = inputs.LAYOUT  # the input side it records: dynamic float activations on float weights, no channel map
+RECORDED_ACTIVATIONS = ("fp8", "mxfp4")  # nvfp4's needs a calibrated static global scale (input_global_scale)
+
+
+def supports(weight, quantized_inputs=None) -> bool:
+    """Uniform weights of weight-only layers; float weights, also with FP8 or MXFP4 dynamic activations
+    (``quantized_inputs``: the ``QuantizedLinear`` whose inputs are quantized)."""
+    if weight.kind == "uniform":
+        return not quantized_inputs
+    if weight.kind != "float":
+        return False
+    if not quantized_inputs:
+        return True
+    spec = quantized_inputs.input_activations
+    return quantized_inputs.channel_map is None and spec is not None and spec.format in RECORDED_ACTIVATIONS
+
+
+def module_entry(weight) -> dict:
     """The scheme of one module: modules sharing one are one config group."""
+    if weight.kind == "float":
+        return {"grid": weight.grid}
     return {"bits": weight.bits, "group_size": weight.group_size, "symmetric": weight.symmetric}
 
 
-def to_tensors(weight: UniformWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def to_tensors(weight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if weight.kind == "float":
+        return float_to_ct_tensors(weight, scale_dtype)
     return uniform_to_ct_tensors(weight, scale_dtype)
 
 
-def group_args_for(name: str, quantization_config: dict) -> dict:
+def group_for(name: str, quantization_config: dict) -> dict:
     for group in quantization_config["config_groups"].values():
         for target in group["targets"]:
             if target == "Linear" or (target.startswith("re:") and re.match(target[3:], name)) or target == name:
-                return group["weights"]
-    raise ValueError(f"{name}: has packed weights but matches no config group")
+                return group
+    raise ValueError(f"{name}: has quantized weights but matches no config group")
+
+
+def group_args_for(name: str, quantization_config: dict) -> dict:
+    return group_for(name, quantization_config)["weights"]
+
+
+def input_entry(quantization_config: dict, name: str) -> dict:
+    """What the input side reads of module ``name``: its group's ``input_activations``."""
+    return {"input_activations": group_for(name, quantization_config).get("input_activations")}
 
 
 def read_module(
     tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype
-) -> UniformWeight:
-    """Module ``name``'s value from its checkpoint tensors; scales in ``dtype``."""
+) -> UniformWeight | FloatWeight:
+    """Module ``name``'s value from its checkpoint tensors; uniform weights' scales in ``dtype`` (float weights'
+    E4M3/E8M0 scales as stored)."""
     args = group_args_for(name, quantization_config)
+    if args.get("type") == "float":
+        weight = float_from_ct_tensors(tensors, grid_of(args))
+        if weight.bits == 8:
+            weight.scales = weight.scales.to(dtype)
+        return weight
     group_size = -1 if args["strategy"] == "channel" else args["group_size"]
     weight = uniform_from_ct_tensors(tensors, args["num_bits"], group_size)
     weight.scales = weight.scales.to(dtype)
@@ -141,23 +222,38 @@ def weights_args(bits: int, group_size: int, symmetric: bool) -> dict:
     }
 
 
+def scheme_of(entry: dict) -> tuple[str, dict, dict | None]:
+    """A module entry's (format, weights args, input activations)."""
+    if "grid" in entry:
+        scheme = (FLOAT_FORMATS[entry["grid"]], float_weights_args(entry["grid"]))
+    else:
+        scheme = ("pack-quantized", weights_args(entry["bits"], entry["group_size"], entry["symmetric"]))
+    return (*scheme, entry.get("input_activations"))
+
+
 def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
-    """``modules`` maps each quantized linear's name to its ``module_entry``; one group per scheme."""
-    schemes: dict[tuple, list[str]] = {}
+    """``modules`` maps each quantized linear's name to its ``module_entry`` (and input side); one group per
+    scheme, each with its format (the config's ``format`` is theirs, or "mixed-precision")."""
+    import json
+
+    schemes: dict[str, list[str]] = {}
     for name, entry in modules.items():
-        schemes.setdefault((entry["bits"], entry["group_size"], entry["symmetric"]), []).append(name)
+        schemes.setdefault(json.dumps(scheme_of(entry), sort_keys=True), []).append(name)
     single = len(schemes) == 1
-    groups = {}
-    for number, ((bits, group_size, symmetric), names) in enumerate(sorted(schemes.items())):
+    groups, formats = {}, set()
+    for number, (key, names) in enumerate(sorted(schemes.items())):
+        format, weights, input_activations = json.loads(key)
+        formats.add(format)
         groups[f"group_{number}"] = {
             "targets": ["Linear"] if single else [f"re:^{re.escape(name)}$" for name in sorted(names)],
-            "weights": weights_args(bits, group_size, symmetric),
-            "input_activations": None,
+            "weights": weights,
+            "input_activations": input_activations,
             "output_activations": None,
+            "format": format,
         }
     return {
         "quant_method": QUANT_METHOD,
-        "format": "pack-quantized",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "kv_cache_scheme": None,

@@ -13,6 +13,8 @@ Loading then goes:
 3. with a ``kv_cache`` entry (``compressor/kvcache``): the cache method prepares the model before
    loading (BFP: ``k_perm`` buffers), and after it every forward and ``generate`` that starts a cache
    starts the declared one.
+4. with an ``online_hadamard`` entry (the ``rotate`` step's): the MLPs it names become
+   ``OnlineHadamardMLP`` before loading, so their ``online_hadamard`` factors load into them.
 
 Without ``import compressor`` transformers does not know the method, warns, and loads random weights
 for the quantized layers: import it first. ``model.dequantize()`` gives a plain dense model.
@@ -33,7 +35,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compressor import kvcache
 from compressor.export import native
+from compressor.modules.hadamard import install_online_hadamard
 from compressor.modules.linear import QuantizedLinear, dequantize_model_
+from compressor.moe import model_name, unfuse_model_experts
 
 
 class CompressorConfig(QuantizationConfigMixin):
@@ -110,7 +114,10 @@ class CompressorHfQuantizer(HfQuantizer):
         kv_cache = getattr(self.quantization_config, "kv_cache", None)
         if kv_cache:
             kvcache.prepare(model, kv_cache)
-        for name, entry in self.quantization_config.modules.items():
+        moe = unfuse_model_experts(model, model.config)  # experts as per-expert linears, as the export has them
+        install_online_hadamard(model, getattr(self.quantization_config, "online_hadamard", None) or {})
+        for stored, entry in self.quantization_config.modules.items():
+            name = model_name(moe, stored) if moe is not None else stored
             try:
                 linear = model.get_submodule(name)
             except AttributeError:
@@ -129,7 +136,9 @@ class CompressorHfQuantizer(HfQuantizer):
         return None  # codebooks and outlier values keep their stored dtype (fp16); the rest arrive as the skeleton's
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for name in self.quantization_config.modules:
+        moe = unfuse_model_experts(model, model.config)  # the adapter (the experts are unfused already)
+        for stored in self.quantization_config.modules:
+            name = model_name(moe, stored) if moe is not None else stored
             placeholder = model.get_submodule(name)
             if isinstance(placeholder, CheckpointLinear):
                 model.set_submodule(name, placeholder.to_quantized(name))
@@ -158,6 +167,28 @@ def register() -> None:
         register_quantization_config(native.QUANT_METHOD)(CompressorConfig)
     if native.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(native.QUANT_METHOD)(CompressorHfQuantizer)
+    register_expert_renames()
+
+
+def register_expert_renames() -> None:
+    """A native checkpoint of a MoE family whose checkpoint names differ from transformers' (Mixtral's
+    ``block_sparse_moe``) has model type ``compressor_<family>``, which transformers' own renaming does not
+    cover: teach it the renaming (the experts stay per-expert modules: ``compressor.moe``)."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+    from transformers.core_model_loading import WeightRenaming
+
+    from compressor.arch import ADAPTERS
+
+    for adapter in ADAPTERS:
+        model_type = f"compressor_{adapter.family}"
+        renames = adapter.experts.checkpoint_renames if adapter.experts is not None else ()
+        if renames and get_checkpoint_conversion_mapping(model_type) is None:
+            register_checkpoint_conversion_mapping(
+                model_type, [WeightRenaming(theirs, ours) for ours, theirs in renames]
+            )
 
 
 register()

@@ -1,6 +1,6 @@
 """Our native checkpoint format (``quant_method: "compressor"``): the codec of what compressed-tensors
 cannot express. Each weight kind is one layout in ``LAYOUTS`` (``export/layouts/``: lookup tables with or
-without outliers, BFP, and uniform weights of W+A layers); a layer's input side (activation quantization,
+without outliers, BFP, and uniform or float weights of W+A layers); a layer's input side (activation quantization,
 channel maps) is one more layout (``INPUTS``), independent of the weight kind. It also carries a quantized
 KV cache's description (``kv_cache``, see ``compressor/kvcache``). Spec: ``export/FORMATS.md``.
 
@@ -13,13 +13,15 @@ from __future__ import annotations
 import torch
 
 from compressor.export.layouts import TensorSpec, bfp, check_tensors, inputs, lut, uniform
+from compressor.export.layouts import float as float_layout
 
 QUANT_METHOD = "compressor"
 FORMAT_VERSION = 1
 PACKING = "planes-v1"
 PACKED = "weight_packed"  # the tensor every quantized module has (how a loader recognises one)
 PROVENANCE = {"packing": PACKING, "compressed_tensors_min": None}  # what compressor.json records
-LAYOUTS = {layout.kind: layout for layout in (lut.LAYOUT, uniform.LAYOUT, bfp.LAYOUT)}  # entry kind -> layout
+# entry kind -> layout
+LAYOUTS = {layout.kind: layout for layout in (lut.LAYOUT, uniform.LAYOUT, bfp.LAYOUT, float_layout.LAYOUT)}
 INPUTS = inputs.LAYOUT
 UNKINDED_ENTRY = "lut"  # the kind of an entry without one (lookup tables were the format's first kind)
 FORMATS = (*LAYOUTS, "mixed", "kv_cache")  # the config's ``format``: one kind, several, or a KV cache alone
@@ -68,6 +70,11 @@ def from_tensors(tensors: dict[str, torch.Tensor], entry: dict):
     return entry_layout(entry).read(tensors, entry)
 
 
+def input_entry(quantization_config: dict, name: str) -> dict:
+    """What the input side (``INPUTS``) reads of module ``name``: its entry."""
+    return quantization_config["modules"][name]
+
+
 def read_module(
     tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype | None = None
 ):
@@ -81,8 +88,12 @@ def checkpoint_format(modules: dict[str, dict]) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "kv_cache"
 
 
-def quantization_config(modules: dict[str, dict], ignore: list[str], attention: dict | None = None) -> dict:
-    """``attention``: attention module name -> its Q/K/V activation spec (config form)."""
+def quantization_config(
+    modules: dict[str, dict], ignore: list[str], attention: dict | None = None, online_hadamard: dict | None = None
+) -> dict:
+    """``attention``: attention module name -> its Q/K/V activation spec (config form); ``online_hadamard``:
+    MLP module name -> the order of its Hadamard factor (``compressor.modules.hadamard``, rotate's online
+    transform before down_proj; the factor is the MLP's tensor ``online_hadamard``)."""
     bits = sorted({entry["bits"] for entry in modules.values()})
     return {
         "quant_method": QUANT_METHOD,
@@ -94,4 +105,5 @@ def quantization_config(modules: dict[str, dict], ignore: list[str], attention: 
         "ignore": sorted(ignore),
         "modules": dict(sorted(modules.items())),
         **INPUTS.config(attention or {}),
+        **({"online_hadamard": dict(sorted(online_hadamard.items()))} if online_hadamard else {}),
     }

@@ -5,7 +5,8 @@ output only when the block completes. Replacing an existing output (``--overwrit
 folders in one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it, so a reader never sees the output
 missing and no kill can lose it; elsewhere the two renames run with SIGINT and SIGTERM blocked, and the
 next run puts back an output a SIGKILL left renamed. A lock file (``.NAME.lock``) refuses a second run to
-the same output while the first runs. Folders that killed runs left behind are removed by the next run.
+the same output while the first runs. Folders that killed runs left behind are removed by the next run, unless
+it resumes one (``--resume``: a folder with committed blocks, ``compressor/resume.py``).
 """
 
 from __future__ import annotations
@@ -30,25 +31,33 @@ class ExportError(UserError):
 
 
 @contextlib.contextmanager
-def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: list[Path] = ()):
-    """Yield a temporary folder that becomes ``output`` only if the block completes."""
+def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: list[Path] = (), resume: bool = False):
+    """Yield a temporary folder that becomes ``output`` only if the block completes.
+
+    A temporary folder that holds committed blocks (``compressor/resume.py``) is kept when a signal or a lost rank
+    stops the run; with ``resume`` the latest such folder of a dead run is adopted (renamed to this run's)."""
     output = Path(output).resolve()
     check_target(output, overwrite, protected)
     created = make_parents(output.parent)
     try:
         with output_lock(output):
             recover_interrupted_swaps(output)
-            remove_abandoned_partials(output)
+            adopted = resumable_partial(output) if resume else None
             temporary = output.parent / f".{output.name}.partial-{os.getpid()}"
-            shutil.rmtree(temporary, ignore_errors=True)
-            try:
-                temporary.mkdir()
-            except OSError as error:
-                raise ExportError(f"{output}: cannot write beside it ({error.strerror})") from None
+            if adopted is not None and adopted != temporary:
+                adopted.rename(temporary)
+            remove_abandoned_partials(output)
+            if adopted is None:
+                shutil.rmtree(temporary, ignore_errors=True)
+                try:
+                    temporary.mkdir()
+                except OSError as error:
+                    raise ExportError(f"{output}: cannot write beside it ({error.strerror})") from None
             try:
                 yield temporary
-            except BaseException:
-                shutil.rmtree(temporary, ignore_errors=True)
+            except BaseException as error:
+                if not (holds_commits(temporary) and stopped_from_outside(error)):
+                    shutil.rmtree(temporary, ignore_errors=True)
                 raise
             put_in_place(temporary, output)
     except BaseException:
@@ -167,6 +176,31 @@ def remove_abandoned_partials(output: Path) -> None:
         pid = partial.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def holds_commits(partial: Path) -> bool:
+    """Whether a temporary folder holds committed blocks that ``--resume`` continues from."""
+    return (partial / "resume" / "committed.json").is_file()
+
+
+def stopped_from_outside(error: BaseException) -> bool:
+    """A run a signal or Ctrl-C stopped, or one that lost another rank of its run, keeps its committed blocks for
+    ``--resume``, and so does a resume refused for a changed fingerprint (the progress stays for the right
+    recipe); one that failed by itself (a bug, a refusal) leaves nothing, as before."""
+    from compressor.distributed import lost_contact
+    from compressor.resume import ResumeError
+
+    return not isinstance(error, Exception) or lost_contact(error) or isinstance(error, ResumeError)
+
+
+def resumable_partial(output: Path) -> Path | None:
+    """The most recently committed temporary folder of a dead run for ``output`` (None: there is none)."""
+    found = []
+    for partial in output.parent.glob(f".{glob.escape(output.name)}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)) and (partial / "resume" / "fingerprint.json").is_file():
+            found.append(partial)
+    return max(found, key=lambda p: (p / "resume").stat().st_mtime, default=None)
 
 
 def process_alive(pid: int) -> bool:

@@ -63,10 +63,48 @@ def _load_plane(
 
 
 @triton.jit
+def _load_tens(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The three words a, b, c [BLOCK_K / 32, BLOCK_N] of each 32-code block of K-tile k0 ("tens")."""
+    blocks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    mask = (blocks < rows_per_bit)[:, None] & mask_n[None, :]
+    ptrs = w_ptr + (3 * blocks)[:, None] * N + offs_n[None, :]
+    a = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+    b = tl.load(ptrs + N, mask=mask, other=0, eviction_policy="evict_first")
+    c = tl.load(ptrs + 2 * N, mask=mask, other=0, eviction_policy="evict_first")
+    return a, b, c
+
+
+@triton.jit
+def load_tens_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Unsigned 3-bit codes [BLOCK_K, BLOCK_N] of K-tile k0 from the "tens" layout (``packing.pack_tens``):
+    code 10 r + j of a block at bits 3 j of word r; codes 30 and 31 from the words' top bits."""
+    a, b, c = _load_tens(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BLOCK_K, BLOCK_N)
+    slot = tl.arange(0, 32)[None, :, None]
+    word = tl.where(slot < 10, a[:, None, :], tl.where(slot < 20, b[:, None, :], c[:, None, :]))
+    u = (word >> (3 * (slot % 10))) & 7
+    u30 = ((a >> 30) & 3) | ((b >> 28) & 4)
+    u31 = ((b >> 31) & 1) | ((c >> 29) & 6)
+    u = tl.where(slot == 30, u30[:, None, :], tl.where(slot == 31, u31[:, None, :], u))
+    return tl.reshape(u, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
 def load_codes(
-    w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
+    w_ptr,
+    k0,
+    offs_n,
+    mask_n,
+    rows_per_bit,
+    N,
+    BITS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TENS: tl.constexpr,
 ):
-    """Unsigned codes [BLOCK_K, BLOCK_N] (int32) of K-tile k0 from the planes layout of ``packing.py``."""
+    """Unsigned codes [BLOCK_K, BLOCK_N] (int32) of K-tile k0 from the planes layout of ``packing.py``
+    (or, with TENS, the 3-bit "tens" layout)."""
+    if TENS:
+        return load_tens_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BLOCK_K, BLOCK_N)
     u = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
     if BITS & 8:
         u |= _load_plane(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, 8, BLOCK_K, BLOCK_N)
@@ -148,8 +186,258 @@ def load_mantissas(
     """fp32 numbers 1 + u * 2**-BITS [BLOCK_K, BLOCK_N] for the codes u of K-tile k0: each plane's
     bits are shifted straight to the top of the mantissa under the exponent of 1.0 (0x3F800000), so a
     code costs a shift and a mask-or per plane, and no conversion or subtraction at all."""
-    bits = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N) << (23 - BITS)
+    bits = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N, False) << (23 - BITS)
     return (bits | ONE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_scaled(x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, EXPONENT: tl.constexpr):
+    """(x[:, k] * 2**EXPONENT, x[:, k]) in fp32 ([BLOCK_M, 1] each), 0 past K."""
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + k * stride_xk,
+        mask=mask_m[:, None] & (offs_m[:, None] * 0 + k < K),
+        other=0.0,
+    ).to(tl.float32)
+    return x * (2.0**EXPONENT), x
+
+
+@triton.jit
+def _field(
+    acc,
+    x_sum,
+    word,
+    x_ptr,
+    k,
+    offs_m,
+    mask_m,
+    K,
+    stride_xm,
+    stride_xk,
+    POS: tl.constexpr,
+    MASK: tl.constexpr,
+    C: tl.constexpr,
+    COEF: tl.constexpr,
+    SUM: tl.constexpr,
+):
+    """acc += COEF x[:, k] * f for the field f = word & (MASK << POS) (POS + width <= 23)."""
+    xs, x = _x_scaled(x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, 149 - POS - C + COEF)
+    acc += xs * (word & (MASK << POS)).to(tl.float32, bitcast=True)
+    if SUM:
+        x_sum += x
+    return acc, x_sum
+
+
+@triton.jit
+def _ten_fields(acc, x_sum, word, x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, C: tl.constexpr):
+    """The ten codes at bits 3 j of one word (codes k .. k + 9): j < 7 as they are, j >= 7 after >> 9."""
+    high = word >> 9
+    for j in tl.static_range(7):
+        acc, x_sum = _field(
+            acc, x_sum, word, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, 3 * j, 7, C, 0, True
+        )
+    for j in tl.static_range(7, 10):
+        acc, x_sum = _field(
+            acc, x_sum, high, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, 3 * j - 9, 7, C, 0, True
+        )
+    return acc, x_sum, high
+
+
+@triton.jit
+def tens_products(
+    x_ptr,
+    w_ptr,
+    k0,
+    offs_m,
+    mask_m,
+    offs_n,
+    mask_n,
+    rows_per_bit,
+    K,
+    N,
+    stride_xm,
+    stride_xk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(sum_k x u [BLOCK_M, BLOCK_N], sum_k x [BLOCK_M, 1]) over K-tile k0 of 3-bit codes in the "tens"
+    layout, at one AND and one FMA per field (34 fields per 32 codes) and one shift per word.
+
+    A field of bits at ``pos`` inside bits 0..22, masked out of its word, read as fp32 is the denormal
+    number ``f * 2**(pos - 149)``: exact, linear in the code, no conversion and no implicit 1. The
+    fields at bits 21..31 are read from the word shifted right by 9 (the sign bits it shifts in are
+    masked off). Each x is scaled once by ``2**(149 - pos - C)`` (times 4 or 2 for the high parts of
+    codes 30 and 31), so every product is ``x * u * 2**-C``, a normal number, and the sum is scaled
+    back by 2**C (all exact powers of two). C = 40 for fp16 activations (every fp16 x is in range);
+    64 for bf16 / fp32, whose x must stay under 2**41 in magnitude (products |x u| < 2**-62 lose
+    precision as denormals)."""
+    if x_ptr.dtype.element_ty == tl.float16:
+        C: tl.constexpr = 40
+        TWO_C: tl.constexpr = 1099511627776.0
+    else:
+        C: tl.constexpr = 64
+        TWO_C: tl.constexpr = 18446744073709551616.0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+    for block in tl.static_range(BLOCK_K // 32):
+        k = k0 + 32 * block
+        row = k // 32
+        ptrs = w_ptr + 3 * row * N + offs_n[None, :]
+        mask = (mask_n & (offs_n * 0 + row < rows_per_bit))[None, :]
+        a = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
+        b = tl.load(ptrs + N, mask=mask, other=0, eviction_policy="evict_first")
+        c = tl.load(ptrs + 2 * N, mask=mask, other=0, eviction_policy="evict_first")
+        acc, x_sum, a_high = _ten_fields(acc, x_sum, a, x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, C)
+        acc, x_sum, b_high = _ten_fields(acc, x_sum, b, x_ptr, k + 10, offs_m, mask_m, K, stride_xm, stride_xk, C)
+        acc, x_sum, c_high = _ten_fields(acc, x_sum, c, x_ptr, k + 20, offs_m, mask_m, K, stride_xm, stride_xk, C)
+        # code 30 = a[30:32] + 4 b[30], code 31 = b[31] + 2 c[30:32] (bits 21, 22 of the shifted words)
+        acc, x_sum = _field(
+            acc, x_sum, a_high, x_ptr, k + 30, offs_m, mask_m, K, stride_xm, stride_xk, 21, 3, C, 0, True
+        )
+        acc, x_sum = _field(
+            acc, x_sum, b_high, x_ptr, k + 30, offs_m, mask_m, K, stride_xm, stride_xk, 21, 1, C, 2, False
+        )
+        acc, x_sum = _field(
+            acc, x_sum, b_high, x_ptr, k + 31, offs_m, mask_m, K, stride_xm, stride_xk, 22, 1, C, 0, True
+        )
+        acc, x_sum = _field(
+            acc, x_sum, c_high, x_ptr, k + 31, offs_m, mask_m, K, stride_xm, stride_xk, 21, 3, C, 1, False
+        )
+    return acc * TWO_C, x_sum
+
+
+@triton.jit
+def plane_products(
+    x_ptr,
+    w_ptr,
+    k0,
+    offs_m,
+    mask_m,
+    offs_n,
+    mask_n,
+    rows_per_bit,
+    K,
+    N,
+    stride_xm,
+    stride_xk,
+    BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``tens_products`` for 2-, 4- and 8-bit codes in the planes layout (one plane: 32 / BITS codes
+    per word at bits BITS j): the fields inside bits 0..22 are read as they are, the others from the
+    word shifted right by 12 (4-bit), 10 (2-bit) or 16 (8-bit); one AND and one FMA per code."""
+    if x_ptr.dtype.element_ty == tl.float16:
+        C: tl.constexpr = 40
+        TWO_C: tl.constexpr = 1099511627776.0
+    else:
+        C: tl.constexpr = 64
+        TWO_C: tl.constexpr = 18446744073709551616.0
+    PER_WORD: tl.constexpr = 32 // BITS
+    DIRECT: tl.constexpr = 23 // BITS  # fields j < DIRECT end inside bit 22
+    if BITS == 4:
+        SHIFT: tl.constexpr = 12
+    elif BITS == 2:
+        SHIFT: tl.constexpr = 10
+    else:
+        SHIFT: tl.constexpr = 16
+    MASK: tl.constexpr = (1 << BITS) - 1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+    for word in tl.static_range(BLOCK_K // PER_WORD):
+        k = k0 + word * PER_WORD
+        row = k // PER_WORD
+        w = tl.load(
+            w_ptr + row * N + offs_n[None, :],
+            mask=(mask_n & (offs_n * 0 + row < rows_per_bit * BITS))[None, :],
+            other=0,
+            eviction_policy="evict_first",
+        )
+        high = w >> SHIFT
+        for j in tl.static_range(DIRECT):
+            acc, x_sum = _field(
+                acc, x_sum, w, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, BITS * j, MASK, C, 0, True
+            )
+        for j in tl.static_range(DIRECT, PER_WORD):
+            acc, x_sum = _field(
+                acc,
+                x_sum,
+                high,
+                x_ptr,
+                k + j,
+                offs_m,
+                mask_m,
+                K,
+                stride_xm,
+                stride_xk,
+                BITS * j - SHIFT,
+                MASK,
+                C,
+                0,
+                True,
+            )
+    return acc * TWO_C, x_sum
+
+
+@triton.jit
+def codebook_products(
+    x_ptr,
+    w_ptr,
+    table_ptr,
+    k0,
+    offs_m,
+    mask_m,
+    offs_n,
+    mask_n,
+    rows_per_bit,
+    K,
+    N,
+    stride_xm,
+    stride_xk,
+    BITS: tl.constexpr,
+    LOG_NP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """sum_k x[:, k] lut[n, u[k, n]] [BLOCK_M, BLOCK_N] over K-tile k0, for codebook weights whose codes
+    are one power-of-two plane (2, 4 or 8 bits) and whose codebooks are laid out code-major, fp32
+    ``table[code, n]`` [2**BITS, 2**LOG_NP] (``packing.codebook_table``).
+
+    A code masked in place out of its word, ``u * 2**p`` (p its bit position; the upper half of the
+    word is shifted down by 16 once), times the constant ``2**(LOG_NP - p)`` is its row's offset in the
+    table, so a weight costs one LOP3, one multiply-add into the column's 64-bit address (IMAD.WIDE),
+    one L1-resident load and one FMA; the table's rows are a power of two >= N long, and at least
+    2**p, so that constant is an integer. A warp's lanes read adjacent columns of one code row each.
+    x is loaded once per code and row and reused by a thread's columns."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER_WORD // 2
+    columns = table_ptr + tl.minimum(offs_n, N - 1)[None, :]  # columns past N read column N - 1, never stored
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for word in tl.static_range(BLOCK_K // PER_WORD):
+        k = k0 + word * PER_WORD
+        row = k // PER_WORD
+        w = tl.load(
+            w_ptr + row * N + offs_n[None, :],
+            mask=(mask_n & (offs_n * 0 + row < rows_per_bit * BITS))[None, :],
+            other=0,
+            eviction_policy="evict_first",
+        )
+        for j in tl.static_range(PER_WORD):
+            if j < HALF:
+                field = w & (((1 << BITS) - 1) << (BITS * j))
+            else:
+                field = (w >> 16) & (((1 << BITS) - 1) << (BITS * (j - HALF)))
+            entry = tl.load(columns + field * (1 << (LOG_NP - BITS * (j % HALF))))
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + (k + j) * stride_xk,
+                mask=mask_m[:, None] & (offs_m[:, None] * 0 + k + j < K),
+                other=0.0,
+                eviction_policy="evict_last",
+            ).to(tl.float32)
+            acc += x * entry
+    return acc
 
 
 @triton.jit

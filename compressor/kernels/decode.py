@@ -10,8 +10,10 @@ writes x's dtype and resets the counter to 0 for the next launch (CUTLASS's "ser
 semaphore, per column). No zero-fill kernel, no cast kernel. SPLIT_K is a runtime argument (one
 compiled kernel serves every split; only "split or not" is compile-time). The counters are one
 int32 per output column, zeroed once per (device, stream) and left at zero by every launch
-(``arrival_counters``). With sparse outliers it adds atomically into a zeroed fp32 workspace
-instead, which the caller finishes (``uniform.quantized_matmul``).
+(``arrival_counters``). Sparse outliers (dense-and-sparse, with CSR row pointers) are added inside
+the same launch: each split adds its share of the N-tile's outlier run into its own partial
+(``_add_outliers``) before the serial reduction. 3-bit "tens" codes and code-major codebooks take
+their own CUDA-core loops (``codes.tens_products``, ``codes.codebook_products``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.codes import affine_values, dequant_affine, load_codes, load_mantissas, scale_row, store_output
+from compressor.kernels.codes import (
+    affine_values,
+    codebook_products,
+    dequant_affine,
+    load_codes,
+    load_mantissas,
+    plane_products,
+    scale_row,
+    store_output,
+    tens_products,
+)
 
 
 @triton.jit
@@ -47,6 +59,8 @@ def _uniform_rows(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UNROLL: tl.constexpr,
+    TENS: tl.constexpr,
+    FIELDS: tl.constexpr,
 ):
     """The decode reduction on CUDA cores for uniform weights whose K-tiles lie inside one group.
 
@@ -69,7 +83,51 @@ def _uniform_rows(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for unit in range(pid_k * per, tl.minimum(units, pid_k * per + per)):
         g0 = unit * (TILES * BLOCK_K)
-        if TILES == 1:  # reduce the tile's products directly (lets the compiler fuse them into FMAs)
+        if TENS or FIELDS:  # one AND and one FMA per code (``codes.tens_products``, ``codes.plane_products``)
+            summed = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+            for tile in tl.static_range(TILES):
+                if TENS:
+                    tile_sum, tile_x = tens_products(
+                        x_ptr,
+                        w_ptr,
+                        g0 + tile * BLOCK_K,
+                        offs_m,
+                        mask_m,
+                        offs_n,
+                        mask_n,
+                        rows_per_bit,
+                        K,
+                        N,
+                        stride_xm,
+                        stride_xk,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                    )
+                else:
+                    tile_sum, tile_x = plane_products(
+                        x_ptr,
+                        w_ptr,
+                        g0 + tile * BLOCK_K,
+                        offs_m,
+                        mask_m,
+                        offs_n,
+                        mask_n,
+                        rows_per_bit,
+                        K,
+                        N,
+                        stride_xm,
+                        stride_xk,
+                        BITS,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                    )
+                summed += tile_sum
+                x_sum += tile_x
+            xu = summed
+        elif TILES == 1:  # reduce the tile's products directly (lets the compiler fuse them into FMAs)
             offs_k = g0 + tl.arange(0, BLOCK_K)
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -97,7 +155,8 @@ def _uniform_rows(
                 x_sums += x
             summed = tl.sum(products, axis=1)
             x_sum = tl.sum(x_sums, axis=1)[:, None]
-        xu = (summed - x_sum) * (1 << BITS)  # sum_k x u
+        if not (TENS or FIELDS):
+            xu = (summed - x_sum) * (1 << BITS)  # sum_k x u
         s, zs = scale_row(scale_ptr, zs_ptr, g0, offs_n, mask_n, N, GROUP, ASYM)
         if ASYM:  # zs = -z * s
             acc += xu * s[None, :] + x_sum * zs[None, :]
@@ -110,6 +169,43 @@ STORE, SERIAL, ATOMIC = 0, 1, 2  # decode epilogues (the kernel spells them as l
 
 
 @triton.jit
+def _add_outliers(
+    x_ptr,
+    crow_ptr,
+    rows_ptr,
+    cols_ptr,
+    vals_ptr,
+    part_ptr,
+    offs_m,
+    mask_m,
+    pid_n,
+    pid_k,
+    SPLIT_K,
+    M,
+    N,
+    stride_xm,
+    stride_xk,
+    BLOCK_N: tl.constexpr,
+):
+    """part[pid_k, m, row] += val * x[m, col] for the outliers of N-tile pid_n (rows sorted, so its
+    entries are one run [crow[n0], crow[n0 + BLOCK_N])), the run split over the SPLIT_K programs.
+    SqueezeLLM's sparse part inside the one decode launch: no zeroed workspace, no second kernel."""
+    n0 = pid_n * BLOCK_N
+    start = tl.load(crow_ptr + n0)
+    end = tl.load(crow_ptr + tl.minimum(n0 + BLOCK_N, N))
+    for e0 in range(start + pid_k * 64, end, SPLIT_K * 64):
+        offs = e0 + tl.arange(0, 64)
+        mask_e = offs < end
+        rows = tl.load(rows_ptr + offs, mask=mask_e, other=0)
+        cols = tl.load(cols_ptr + offs, mask=mask_e, other=0)
+        vals = tl.load(vals_ptr + offs, mask=mask_e, other=0.0).to(tl.float32)
+        mask = mask_m[:, None] & mask_e[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        added = x.to(tl.float32) * vals[None, :]
+        tl.atomic_add(part_ptr + (pid_k * M + offs_m[:, None]) * N + rows[None, :], added, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _decode_kernel(
     x_ptr,
     w_ptr,
@@ -119,6 +215,10 @@ def _decode_kernel(
     out_ptr,
     part_ptr,
     count_ptr,
+    crow_ptr,
+    orows_ptr,
+    ocols_ptr,
+    ovals_ptr,
     M,
     N,
     K,
@@ -138,6 +238,10 @@ def _decode_kernel(
     INPUT_PRECISION: tl.constexpr,
     FACTOR: tl.constexpr,
     UNROLL: tl.constexpr,
+    TENS: tl.constexpr,
+    LOG_NP: tl.constexpr,
+    OUTLIERS: tl.constexpr,
+    FIELDS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -173,7 +277,32 @@ def _decode_kernel(
             BLOCK_N,
             BLOCK_K,
             UNROLL,
+            TENS,
+            FIELDS,
         )
+    elif LOG_NP > 0 and BLOCK_M < 16:  # codebooks on CUDA cores, code-major table (``codes.codebook_products``)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+            acc += codebook_products(
+                x_ptr,
+                w_ptr,
+                meta_ptr,
+                k0,
+                offs_m,
+                mask_m,
+                offs_n,
+                mask_n,
+                rows_per_bit,
+                K,
+                N,
+                stride_xm,
+                stride_xk,
+                BITS,
+                LOG_NP,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+            )
     else:
         table = TABLE(meta_ptr, offs_n, mask_n, BITS, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -186,7 +315,7 @@ def _decode_kernel(
                 other=0.0,
                 eviction_policy="evict_last",
             )
-            u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+            u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N, TENS)
             if FACTOR:  # uniform on tensor cores, tile inside one group: y += s * (x @ (u - z)), scale once per tile
                 v = affine_values(u, BITS, ASYM)
                 s, zs = scale_row(meta_ptr, zs_ptr, k0, offs_n, mask_n, N, GROUP, ASYM)
@@ -209,6 +338,26 @@ def _decode_kernel(
     else:  # SERIAL: store the partial; the last program to arrive at a column reduces it
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask, cache_modifier=".cg")
         tl.debug_barrier()  # every thread's partial is written before the release below
+        if OUTLIERS:  # this split's share of the tile's outliers, added into its own partial
+            _add_outliers(
+                x_ptr,
+                crow_ptr,
+                orows_ptr,
+                ocols_ptr,
+                ovals_ptr,
+                part_ptr,
+                offs_m,
+                mask_m,
+                pid_n,
+                pid_k,
+                SPLIT_K,
+                M,
+                N,
+                stride_xm,
+                stride_xk,
+                BLOCK_N,
+            )
+            tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + offs_n, 1, mask=mask_n, sem="acq_rel", scope="gpu")
         tl.debug_barrier()
         last = mask_n & (arrived == SPLIT_K - 1)
@@ -242,17 +391,21 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-def decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common: dict, atomic: bool) -> torch.Tensor:
+def decode_matmul(
+    x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common: dict, atomic: bool, log_np: int = 0, outliers=None
+) -> torch.Tensor:
     """Launch the decode kernel for x [M, K]: y in x's dtype, or with ``atomic`` (outliers to add) the
     fp32 workspace without the bias. ``zs`` is the kernel's zero-shift argument (``meta`` when there
-    is none); ``common`` the constexprs and launch options the fused schedules share."""
+    is none); ``common`` the constexprs and launch options the fused schedules share; ``log_np`` > 0:
+    ``meta`` is a code-major codebook table with rows of 2**log_np (``codes.codebook_products``);
+    ``outliers`` (``PackedOutliers`` with ``crow``): added inside the launch (serial epilogue)."""
     m, k = x.shape
     if m > config.block_m:
         raise ValueError(f"the decode schedule takes all M rows in one program: M={m} > block_m={config.block_m}")
     if atomic:
         epilogue = ATOMIC
     else:
-        epilogue = SERIAL if config.split_k > 1 else STORE
+        epilogue = SERIAL if config.split_k > 1 or outliers is not None else STORE
     if epilogue == ATOMIC:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     else:
@@ -269,6 +422,7 @@ def decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, comm
         out,
         part,
         counts,
+        *((outliers.crow, outliers.rows, outliers.cols, outliers.vals) if outliers is not None else (counts,) * 4),
         m,
         n,
         k,
@@ -280,6 +434,9 @@ def decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, comm
         EPILOGUE=epilogue,
         FACTOR=common["DEQUANT"] is dequant_affine and common["SCALE_ROW"],
         UNROLL=config.unroll,
+        LOG_NP=log_np,
+        OUTLIERS=outliers is not None,
+        FIELDS=common["BITS"] in (2, 4, 8) and config.fields,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

@@ -29,6 +29,7 @@ def _dequant_kernel(
     DEQUANT: tl.constexpr,
     TABLE: tl.constexpr,
     BITS: tl.constexpr,
+    TENS: tl.constexpr,
     GROUP: tl.constexpr,
     ASYM: tl.constexpr,
     SCALE_ROW: tl.constexpr,
@@ -43,7 +44,7 @@ def _dequant_kernel(
     mask_k = offs_k < K
     mask_n = offs_n < N
     table = TABLE(meta_ptr, offs_n, mask_n, BITS, BLOCK_N)
-    u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
+    u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N, TENS)
     w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
     if OUT_KN:
         ptrs = out_ptr + offs_k[:, None] * N + offs_n[None, :]
@@ -66,6 +67,7 @@ def dequantize_weight(
     outliers: PackedOutliers | None = None,
     table=no_table,
     kn: bool = False,
+    layout: str = "planes",
 ) -> torch.Tensor:
     """Dense W in ``dtype`` (one pass over the packed codes), outliers scattered in: [N, K], or its
     transpose [K, N] stored contiguously when ``kn`` (what the matmul path multiplies by)."""
@@ -86,6 +88,7 @@ def dequantize_weight(
         DEQUANT=dequant,
         TABLE=table,
         BITS=bits,
+        TENS=layout == "tens",
         GROUP=group_size,
         ASYM=zs is not None,
         SCALE_ROW=group_size == -1 or group_size % config.block_k == 0,
@@ -115,6 +118,7 @@ def dequant_matmul(
     config,
     outliers: PackedOutliers | None,
     table,
+    layout: str = "planes",
 ) -> torch.Tensor:
     """y = x W^T (+ bias) through the dense W [K, N] (outliers scattered in) and one cuBLAS call."""
     weight = dequantize_weight(
@@ -131,6 +135,7 @@ def dequant_matmul(
         outliers,
         table,
         kn=True,
+        layout=layout,
     )
     if bias is None:
         return torch.mm(x, weight)

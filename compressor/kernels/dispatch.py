@@ -172,14 +172,21 @@ def choose_config(x2d, dense, outliers, run):
     m, k = x2d.shape
     n = dense.shape[0]
     group = getattr(dense, "group_size", -1)
+
+    def heuristic():
+        config = heuristics.default_config(m, n, k, group, x2d.device, dense.bits)
+        if weight_kind(dense) == "lut" and getattr(dense, "log_np", 0):
+            return heuristics.codebook_config(config, dense.bits)
+        return config
+
     if codes.INTERPRETED or not x2d.is_cuda:
-        return heuristics.default_config(m, n, k, group, x2d.device, dense.bits)
+        return heuristic()
     device = _device_name(x2d.device.index)
     config = table_config(dense, m, device)
     if config is not None:
         return config
     if not autotune_enabled():
-        return heuristics.default_config(m, n, k, group, x2d.device, dense.bits)
+        return heuristic()
     tune_key = (
         weight_kind(dense),
         dense.bits,

@@ -2,6 +2,12 @@
 the table does not say otherwise): ``tl.dot`` on the dequantized tile, grouped-M tile order
 (GROUP_M row tiles in a row reuse weight tiles from L2), optional split-K with atomic adds into an
 fp32 workspace, or SPLIT_K = 1 storing x's dtype directly.
+
+Uniform weights whose K-tiles lie inside one group (FACTOR) take the scale out of the K loop: the
+tile's codes go to ``tl.dot`` as the exact small integers ``u - 2**(b-1)`` (symmetric) or ``u``
+(asymmetric), and the product is scaled per column, ``acc += s * (x @ v)`` (+ ``zs * sum_k x``):
+one multiply per output element and tile instead of one per weight. Per-channel scales (group -1)
+are applied once, after the whole K range.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.codes import load_codes, store_output
+from compressor.kernels.codes import affine_values, dequant_affine, load_codes, scale_row, store_output
 
 
 @triton.jit
@@ -40,6 +46,7 @@ def _gemm_kernel(
     DEQUANT: tl.constexpr,
     TABLE: tl.constexpr,
     BITS: tl.constexpr,
+    TENS: tl.constexpr,
     GROUP: tl.constexpr,
     ASYM: tl.constexpr,
     SCALE_ROW: tl.constexpr,
@@ -51,6 +58,7 @@ def _gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FACTOR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -69,6 +77,7 @@ def _gemm_kernel(
     mask_n = offs_n < N
     table = TABLE(meta_ptr, offs_n, mask_n, BITS, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -78,9 +87,26 @@ def _gemm_kernel(
             other=0.0,
             eviction_policy="evict_last",
         )
-        u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N)
-        w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
-        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        u = load_codes(w_ptr, k0, offs_n, mask_n, rows_per_bit, N, BITS, BLOCK_K, BLOCK_N, TENS)
+        if FACTOR and GROUP == -1:  # per-channel: the scale after the K loop
+            v = affine_values(u, BITS, ASYM)
+            acc = tl.dot(x.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            if ASYM:
+                x_sum += tl.sum(x.to(tl.float32), axis=1)
+        elif FACTOR:  # the tile inside one group: its scale once per output element
+            v = affine_values(u, BITS, ASYM)
+            s, zs = scale_row(meta_ptr, zs_ptr, k0, offs_n, mask_n, N, GROUP, ASYM)
+            acc += tl.dot(x.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * s[None, :]
+            if ASYM:
+                acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * zs[None, :]
+        else:
+            w = DEQUANT(u, offs_k, offs_n, mask_k, mask_n, k0, meta_ptr, zs_ptr, table, N, BITS, GROUP, ASYM, SCALE_ROW)
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    if FACTOR and GROUP == -1:
+        s, zs = scale_row(meta_ptr, zs_ptr, 0, offs_n, mask_n, N, GROUP, ASYM)
+        acc = acc * s[None, :]
+        if ASYM:
+            acc += x_sum[:, None] * zs[None, :]
     _epilogue(out_ptr, bias_ptr, acc, offs_m, offs_n, mask_m, mask_n, N, HAS_BIAS, ATOMIC)
 
 
@@ -113,6 +139,7 @@ def gemm_matmul(x, packed_codes, rows_per_bit, n, meta, zs, bias, config, common
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
+        FACTOR=common["DEQUANT"] is dequant_affine and common["SCALE_ROW"],
         **common,
     )
     return out

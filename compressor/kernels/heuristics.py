@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import torch
 import triton
@@ -49,12 +50,34 @@ def check_block_k(config: KernelConfig, bits: int) -> None:
         )
 
 
-def decode_warps(block_m: int, block_n: int) -> int:
+def decode_warps(block_m: int, block_n: int, bits: int = 4) -> int:
     """Warps of a decode program: on CUDA cores four columns per thread (BLOCK_N / 128), so each
     thread's x conversion and address arithmetic serve four columns -- sm_90 SASS at 4 bits: 5.7
     instructions per weight at 512 columns x 4 warps or 128 x 1, 9.3 at 128 x 4 -- which is also
-    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps). tl.dot: 4."""
-    return max(1, min(8, block_n // 128)) if block_m < 16 else 4
+    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps); the widths decoded
+    as denormal fields (3-bit "tens", 2/4/8-bit planes: one AND and one FMA per code, x scaled per
+    code) eight: 3-bit 3.4 per weight at 512 x 2 warps (4.4 at 512 x 4), 4-bit 3.6 (4.6). tl.dot: 4."""
+    if block_m >= 16:
+        return 4
+    fields = bits == 3 or (bits in (2, 4, 8) and block_m == 1)  # see decode_fields
+    return max(1, min(8, block_n // (256 if fields else 128)))
+
+
+def decode_fields(block_m: int) -> bool:
+    """Decode 2/4/8-bit codes as denormal fields (``codes.plane_products``) at one row only: its x
+    costs are per row, so at 4 rows (sm_90, 4-bit, 256 x 16) it spends 13.0 instructions per weight
+    against 10.6 for the mantissa decode."""
+    return block_m == 1
+
+
+def codebook_config(config: KernelConfig, bits: int) -> KernelConfig:
+    """A codebook weight's config: decode on CUDA cores with 2/4/8-bit codes indexes the code-major
+    table (``lut="codemajor"``: sm_90 SASS at 4 bits, 512 x 16, 4 warps: 7.6 instructions per
+    weight against 8.1 for the register table and 9.4 for the global one; eight columns per thread
+    would give 6.9 but spill); anything else as it is."""
+    if config.schedule == "decode" and config.block_m < 16 and bits in (2, 4, 8):
+        return replace(config, lut="codemajor", num_warps=max(1, min(8, config.block_n // 128)))
+    return config
 
 
 def decode_block_k(block_m: int, group_size: int, bits: int) -> int:
@@ -116,7 +139,7 @@ def default_config(m: int, n: int, k: int, group_size: int, device: torch.device
         schedule = schedule_for(m)
         block_n, block_k = min(128, max(16, triton.next_power_of_2(n))), min(128, max(32, triton.next_power_of_2(k)))
         if schedule == "decode":
-            return KernelConfig("decode", decode_block_m(m), block_n, block_k)
+            return KernelConfig("decode", decode_block_m(m), block_n, block_k, fields=decode_fields(decode_block_m(m)))
         return KernelConfig(schedule, min(128, max(16, triton.next_power_of_2(m))), block_n, block_k)
     return gpu_config(m, n, k, group_size, sm_count(device), bits)
 
@@ -140,7 +163,14 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
         block_k = decode_block_k(block_m, group_size, bits)
         split = split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
         return KernelConfig(
-            "decode", block_m, block_n, block_k, split_k=split, num_warps=decode_warps(block_m, block_n), num_stages=2
+            "decode",
+            block_m,
+            block_n,
+            block_k,
+            split_k=split,
+            num_warps=decode_warps(block_m, block_n, bits),
+            num_stages=2,
+            fields=decode_fields(block_m),
         )
     if schedule == "dequant":
         return KernelConfig("dequant", block_n=128, block_k=64, num_warps=4, num_stages=1)
@@ -160,10 +190,14 @@ def candidate_configs(
     64 deep, uniform
     CUDA-core rows also 4 tiles unrolled between reductions (``unroll``); codebooks also try
     ``lut="registers"``.
-    M > 16: the fused tile (tiled and split-K, two tile sizes) against dequantize + cuBLAS. On a GPU,
+    Uniform 2/4/8-bit decode on CUDA cores also tries the mantissa decode (``fields=False``) that the
+    denormal fields replaced. M > 16: the fused tile (tiled and split-K, two tile sizes) against
+    dequantize + cuBLAS. On a GPU,
     4-bit weights with groups of 32..256 also try torch's int4 tinygemm (``tinygemm.py``).
     """
     first = default_config(m, n, k, group_size, device, bits)
+    if lut:
+        first = codebook_config(first, bits)
     configs = [first]
     target = 2 * sm_count(device)
     block_k = max(min_block_k(bits), _block_k_for(group_size, 64))
@@ -179,7 +213,7 @@ def candidate_configs(
         unroll = 1 if lut or first.block_m >= 16 else 4
 
         def warps(bn):
-            return decode_warps(first.block_m, bn)
+            return decode_warps(first.block_m, bn, bits)
 
         shapes = [(bn, split_for(bn), warps(bn), lean, unroll) for bn in widths[:2]]
         shapes += [(bn, split_for(bn), warps(bn), lean, 1) for bn in widths]
@@ -190,13 +224,15 @@ def candidate_configs(
             for bn in widths[:2]
             for s in (min(2 * split_for(bn), cap), max(1, split_for(bn) // 2))
         ]
+        modes = ("global", "registers") if lut else ("global",)
+        if lut and first.block_m < 16 and bits in (2, 4, 8):
+            modes = ("codemajor", *modes)
         for block_n, split_k, warps, depth, tiles in shapes:
-            for mode in ("global", "registers") if lut else ("global",):
-                configs.append(
-                    KernelConfig(
-                        "decode", first.block_m, block_n, depth, split_k, num_warps=warps, lut=mode, unroll=tiles
-                    )
+            for mode in modes:
+                config = KernelConfig(
+                    "decode", first.block_m, block_n, depth, split_k, num_warps=warps, unroll=tiles, fields=first.fields
                 )
+                configs.append(codebook_config(config, bits) if mode == "codemajor" else replace(config, lut=mode))
     else:
         block_m = min(64, max(16, triton.next_power_of_2(m))) if m < 128 else 128
         for block_n in (64, 128):
@@ -209,6 +245,8 @@ def candidate_configs(
         configs += [
             KernelConfig("dequant", block_n=bn, block_k=64, num_warps=w, num_stages=1) for bn, w in ((128, 4), (256, 8))
         ]
+    if first.schedule == "decode" and first.block_m == 1 and not lut and bits in (2, 4, 8):  # the decode it replaced
+        configs.insert(1, replace(first, fields=False, num_warps=max(1, min(8, first.block_n // 128))))
     if device.type == "cuda" and not lut and bits == 4 and group_size in (32, 64, 128, 256):
         configs.insert(1, KernelConfig("tinygemm"))  # torch's int4 kernel competes where it serves the format
     seen, unique = set(), []

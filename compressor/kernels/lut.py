@@ -32,7 +32,7 @@ import triton.language as tl
 
 from compressor.kernels.codes import no_table
 from compressor.kernels.dequant import dequantize_weight
-from compressor.kernels.heuristics import default_config
+from compressor.kernels.heuristics import codebook_config, default_config
 from compressor.kernels.packing import PackedLUT, PackedOutliers
 from compressor.kernels.tables import KernelConfig
 from compressor.kernels.uniform import quantized_matmul
@@ -105,15 +105,16 @@ def lut_linear(
     outliers: PackedOutliers | None = None,
 ) -> torch.Tensor:
     """y = x W^T (+ S x) (+ bias) for x [M, K] and codebook weights in the kernel layout."""
-    config = config or default_config(x.shape[0], packed.shape[0], packed.shape[1], -1, x.device, packed.bits)
+    config = config or lut_default_config(x.shape[0], packed, x.device)
     dequant, table = _kernels(config)
+    codemajor = codemajor_applies(config, packed)
     return quantized_matmul(
         x,
         packed.packed,
         packed.rows_per_bit,
         packed.shape,
         packed.bits,
-        packed.lut,
+        packed.table if codemajor else packed.lut,
         None,
         -1,
         dequant,
@@ -121,7 +122,19 @@ def lut_linear(
         config,
         outliers,
         table,
+        log_np=packed.log_np if codemajor else 0,
     )
+
+
+def codemajor_applies(config: KernelConfig, packed: PackedLUT) -> bool:
+    """Does this config run the code-major table path (decode on CUDA cores, a table packed)?"""
+    return config.lut == "codemajor" and config.schedule == "decode" and config.block_m < 16 and packed.log_np > 0
+
+
+def lut_default_config(m: int, packed: PackedLUT, device) -> KernelConfig:
+    """The heuristic config, with the code-major table for decode on CUDA cores where one is packed."""
+    config = default_config(m, packed.shape[0], packed.shape[1], -1, device, packed.bits)
+    return codebook_config(config, packed.bits) if packed.log_np > 0 else config
 
 
 def lut_dequantize(

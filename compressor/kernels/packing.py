@@ -26,6 +26,19 @@ along N) is decoded by ``compressor.export.compressed_tensors`` with compressed-
 ``unpack_from_int32`` and re-packed with ``pack_uniform`` (``repack_compressed_tensors`` there):
 exact, once at load time.
 The dense layout itself is not a kernel layout: its codes straddle words for 3/5/6/7 bits.
+
+Kernel layout of 3-bit codes ("tens"), built at load time from any checkpoint layout
+------------------------------------------------------------------------------------
+3-bit weights are re-packed for the kernels (``KERNEL_LAYOUTS``; exported checkpoints keep the planes
+or compressed-tensors' layout): each block of 32 codes along K is three int32 words ``a, b, c``, stored
+at rows ``3 * block + (0, 1, 2)`` of ``[K_pad * 3 / 32, N]`` (N contiguous, as the planes; exactly 3
+bits per weight). Word ``r`` holds codes ``10 r + j`` at bits ``3 j`` (j = 0..9, bits 0..29); the two
+codes left over take the words' top bits: code 30 = ``a[30:32] | b[30] << 2``, code 31 =
+``b[31] | c[30:32] << 1``. Why: a field inside bits 0..22 of a word, masked with one AND, *is* an fp32
+number (a denormal, ``u * 2**(pos - 149)``) with no shift and no int->float conversion, and one shift
+by 9 brings the fields at bits 21..31 into that range; so the decode kernel spends one AND and one
+FMA per code and one shift per word (``decode._tens_rows``) -- the planes layout of 3-bit codes
+needs a shift and a mask-or for each of two planes per code. Codes 30 and 31 are each two fields.
 """
 
 from __future__ import annotations
@@ -81,6 +94,59 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_int32_words(torch.cat(planes)).contiguous()
 
 
+def pack_tens(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 3-bit codes [N, K] -> int32 "tens" words [K_pad * 3 / 32, N] (see module doc)."""
+    n, k = codes.shape
+    if codes.numel() and int(codes.max()) >= 8:
+        raise ValueError(f"codes exceed 3 bits (max {int(codes.max())})")
+    kp = padded_k(k)
+    u = torch.zeros(kp // WORD_BITS, WORD_BITS, n, dtype=torch.int64, device=codes.device)
+    u.view(kp, n)[:k] = codes.t().to(torch.int64)
+    shifts = torch.arange(10, device=codes.device, dtype=torch.int64)[None, :, None] * 3
+    words = [(u[:, 10 * r : 10 * r + 10] << shifts).sum(1) for r in range(3)]
+    words[0] |= (u[:, 30] & 3) << 30
+    words[1] |= ((u[:, 30] >> 2) << 30) | ((u[:, 31] & 1) << 31)
+    words[2] |= (u[:, 31] >> 1) << 30
+    return _to_int32_words(torch.stack(words, 1).reshape(-1, n)).contiguous()
+
+
+def unpack_tens(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``pack_tens``: int32 words -> uint8 codes [N, K]."""
+    n, k = shape
+    kp = padded_k(k)
+    if tuple(packed.shape) != (kp * 3 // WORD_BITS, n):
+        raise ValueError(f"packed shape {tuple(packed.shape)} does not hold 3-bit codes of shape {shape}")
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(kp // WORD_BITS, 3, n)
+    shifts = torch.arange(10, device=packed.device, dtype=torch.int64)[None, None, :, None] * 3
+    u = ((words[:, :, None, :] >> shifts) & 7).reshape(-1, 30, n)
+    a, b, c = words.unbind(1)
+    code30 = ((a >> 30) & 3) | (((b >> 30) & 1) << 2)
+    code31 = ((b >> 31) & 1) | (((c >> 30) & 3) << 1)
+    u = torch.cat([u, code30[:, None], code31[:, None]], 1).reshape(kp, n)
+    return u[:k].t().to(torch.uint8).contiguous()
+
+
+LAYOUTS = ("planes", "tens")
+
+
+def kernel_layout(bits: int) -> str:
+    """The codes' layout on the kernel side: "tens" for 3-bit uniform codes, else the planes."""
+    return "tens" if bits == 3 else "planes"
+
+
+def pack_kernel_codes(codes: torch.Tensor, bits: int, layout: str) -> torch.Tensor:
+    return pack_tens(codes) if layout == "tens" else pack_codes(codes, bits)
+
+
+def unpack_kernel_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int], layout: str) -> torch.Tensor:
+    """The codes [N, K] of kernel-side words in ``layout`` ("planes" or "tens")."""
+    if layout == "tens":
+        if bits != 3:
+            raise ValueError(f"the tens layout holds 3-bit codes, not {bits}-bit")
+        return unpack_tens(packed, shape)
+    return unpack_codes(packed, bits, shape)
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
     """Inverse of ``pack_codes``: int32 planes -> uint8 codes [N, K]."""
     n, k = shape
@@ -112,10 +178,11 @@ class PackedUniform:
     bits: int
     group_size: int
     shape: tuple[int, int]
+    layout: str = "planes"  # or "tens" (3-bit codes, see module doc)
 
     @property
     def rows_per_bit(self) -> int:
-        """int32 rows of one 1-bit plane (a plane of width p has p times as many)."""
+        """int32 rows of one 1-bit plane (a plane of width p has p times as many); tens: blocks of 32 codes."""
         return padded_k(self.shape[1]) // WORD_BITS
 
     def nbytes(self) -> int:
@@ -129,12 +196,19 @@ class PackedLUT:
     lut: torch.Tensor  # [N, 2**bits], contiguous rows
     bits: int
     shape: tuple[int, int]
+    table: torch.Tensor | None = None  # 2/4/8 bits: fp32 [2**bits, 2**log_np] code-major (``codebook_table``)
+
+    @property
+    def log_np(self) -> int:
+        """log2 of the code-major table's row length (a power of two >= N), 0 without one."""
+        return 0 if self.table is None else self.table.shape[1].bit_length() - 1
 
     @property
     def rows_per_bit(self) -> int:
         return padded_k(self.shape[1]) // WORD_BITS
 
     def nbytes(self) -> int:
+        """Bytes a kernel reads: codes + one codebook copy (the code-major table replaces ``lut`` there)."""
         return self.packed.numel() * 4 + self.lut.numel() * self.lut.element_size()
 
 
@@ -142,10 +216,11 @@ class PackedLUT:
 class PackedOutliers:
     """Outliers as COO (one row index per entry), so a kernel can split them evenly by entries."""
 
-    rows: torch.Tensor  # int32 [nnz]
+    rows: torch.Tensor  # int32 [nnz], sorted
     cols: torch.Tensor  # int32 [nnz]
     vals: torch.Tensor  # float [nnz]
     shape: tuple[int, int]
+    crow: torch.Tensor | None = None  # int32 [N + 1]: row n's entries are [crow[n], crow[n + 1])
 
     @property
     def nnz(self) -> int:
@@ -161,20 +236,39 @@ def pack_uniform(weight: UniformWeight) -> PackedUniform:
     zs = None
     if weight.zeros is not None:
         zs = (-(weight.zeros.float() * weight.scales.float())).t().contiguous()
-    return PackedUniform(pack_codes(weight.codes, weight.bits), scales, zs, weight.bits, weight.group_size, (n, k))
+    layout = kernel_layout(weight.bits)
+    packed = pack_kernel_codes(weight.codes, weight.bits, layout)
+    return PackedUniform(packed, scales, zs, weight.bits, weight.group_size, (n, k), layout)
+
+
+def codebook_table(lut: torch.Tensor) -> torch.Tensor:
+    """Per-row codebooks [N, E] -> the code-major fp32 table [E, NP] that the decode kernel indexes
+    (``codes.codebook_products``): NP is N rounded up to a power of two, and at least 2**p for the
+    highest bit position p of a code in a half word (4-bit: 4096), zero columns past N."""
+    n, entries = lut.shape
+    bits = entries.bit_length() - 1
+    row = max(1 << max(0, (n - 1).bit_length()), 1 << (bits * (16 // bits - 1)))  # >= N and >= 2**(top code's bit)
+    table = torch.zeros(entries, row, dtype=torch.float32, device=lut.device)
+    table[:, :n] = lut.t().float()
+    return table
 
 
 def pack_lut(weight: LUTWeight) -> PackedLUT:
     if weight.lut.shape != (weight.shape[0], 2**weight.bits):
         raise ValueError(f"lut shape {tuple(weight.lut.shape)} != (N, 2**bits) = {(weight.shape[0], 2**weight.bits)}")
-    return PackedLUT(pack_codes(weight.codes, weight.bits), weight.lut.contiguous(), weight.bits, weight.shape)
+    table = codebook_table(weight.lut) if weight.bits in (2, 4, 8) else None
+    return PackedLUT(pack_codes(weight.codes, weight.bits), weight.lut.contiguous(), weight.bits, weight.shape, table)
 
 
 def pack_outliers(outliers: SparseOutliers) -> PackedOutliers:
     crow = outliers.crow.long()
     rows = torch.repeat_interleave(torch.arange(outliers.shape[0], device=crow.device), crow[1:] - crow[:-1])
     return PackedOutliers(
-        rows.to(torch.int32), outliers.col.to(torch.int32).contiguous(), outliers.val.contiguous(), outliers.shape
+        rows.to(torch.int32),
+        outliers.col.to(torch.int32).contiguous(),
+        outliers.val.contiguous(),
+        outliers.shape,
+        crow.to(torch.int32).contiguous(),
     )
 
 

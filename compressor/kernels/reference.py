@@ -20,6 +20,7 @@ from compressor.kernels.packing import (
     PackedOutliers,
     PackedUniform,
     unpack_codes,
+    unpack_kernel_codes,
 )
 from compressor.weights.values import expand_groups
 
@@ -27,7 +28,7 @@ from compressor.weights.values import expand_groups
 def dequantize_uniform(packed: PackedUniform) -> torch.Tensor:
     """fp32 [N, K] from the kernel-side uniform tensors."""
     n, k = packed.shape
-    codes = unpack_codes(packed.packed, packed.bits, packed.shape).float()
+    codes = unpack_kernel_codes(packed.packed, packed.bits, packed.shape, packed.layout).float()
     scales = expand_groups(packed.scales.t().float(), k, packed.group_size)
     if packed.zs is None:
         return (codes - 2 ** (packed.bits - 1)) * scales

@@ -35,7 +35,7 @@ FAMILIES = {  # family -> device-name patterns (torch.cuda.get_device_name)
 }
 MAX_BUCKET = 1024
 SCHEDULES = ("decode", "gemm", "dequant", "tinygemm")  # tinygemm: torch's int4 kernel (tinygemm.py), via the dispatcher
-LUT_MODES = ("global", "registers")
+LUT_MODES = ("global", "registers", "codemajor")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class KernelConfig:
 
     ``lut`` only matters for codebook weights: ``global`` gathers each weight's entry from the
     L1-resident table in global memory, ``registers`` keeps the program's [BLOCK_N, 2**bits]
-    table in registers and uses ``tl.gather`` (lut.py)."""
+    table in registers and uses ``tl.gather``, ``codemajor`` (decode on CUDA cores, 2/4/8-bit codes)
+    turns each code straight into an offset in a code-major fp32 table (lut.py)."""
 
     schedule: str
     block_m: int = 16  # decode: rows per program (all of M); gemm: the M tile
@@ -57,6 +58,9 @@ class KernelConfig:
     num_stages: int = 2
     lut: str = "global"
     unroll: int = 1  # decode, uniform on CUDA cores: K-tiles accumulated between reductions (decode._uniform_rows)
+    fields: bool = (
+        True  # decode, uniform 2/4/8-bit on CUDA cores: denormal fields (codes.plane_products), else mantissas
+    )
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

@@ -51,12 +51,16 @@ def quantized_matmul(
     config: KernelConfig | None = None,
     outliers: PackedOutliers | None = None,
     table=no_table,
+    layout: str = "planes",
+    log_np: int = 0,
 ):
-    """y = x W^T (+ S x) (+ bias) for x [M, K]; W given by packed codes + ``dequant`` metadata.
+    """y = x W^T (+ S x) (+ bias) for x [M, K]; W given by packed codes (in ``layout``: "planes" or the
+    3-bit "tens", ``packing.py``) + ``dequant`` metadata.
 
-    ``meta`` is the scales [G, N] (uniform) or the LUT [N, 2**bits]; ``zs`` the fp32 [G, N]
-    zero shift or None; ``table`` what a program keeps in registers across its K loop. Used by
-    ``uniform_linear`` and ``lut.lut_linear``.
+    ``meta`` is the scales [G, N] (uniform) or the LUT [N, 2**bits] (with ``log_np`` > 0, the decode
+    schedule's code-major fp32 table [2**bits, 2**log_np]); ``zs`` the fp32 [G, N] zero shift or None;
+    ``table`` what a program keeps in registers across its K loop. Used by ``uniform_linear`` and
+    ``lut.lut_linear``.
     """
     m, k = x.shape
     n = shape[0]
@@ -70,7 +74,20 @@ def quantized_matmul(
         return x.new_empty(0, n)
     if config.schedule == "dequant":
         return dequant_matmul(
-            x, packed_codes, rows_per_bit, shape, bits, meta, zs, group_size, dequant, bias, config, outliers, table
+            x,
+            packed_codes,
+            rows_per_bit,
+            shape,
+            bits,
+            meta,
+            zs,
+            group_size,
+            dequant,
+            bias,
+            config,
+            outliers,
+            table,
+            layout,
         )
 
     dot_dtype, precision = dot_type(x.dtype)
@@ -78,6 +95,7 @@ def quantized_matmul(
         "DEQUANT": dequant,
         "TABLE": table,
         "BITS": bits,
+        "TENS": layout == "tens",
         "GROUP": group_size,
         "ASYM": zs is not None,
         "SCALE_ROW": group_size == -1 or group_size % config.block_k == 0,
@@ -88,8 +106,9 @@ def quantized_matmul(
     }
     zs_arg = zs if zs is not None else meta
     if config.schedule == "decode":
-        atomic = outliers is not None
-        out = decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs_arg, bias, config, common, atomic)
+        atomic = outliers is not None and outliers.crow is None  # with row pointers: inside the one launch
+        fused = None if atomic else outliers
+        out = decode_matmul(x, packed_codes, rows_per_bit, n, meta, zs_arg, bias, config, common, atomic, log_np, fused)
     else:
         atomic = config.split_k > 1 or outliers is not None
         out = gemm_matmul(x, packed_codes, rows_per_bit, n, meta, zs_arg, bias, config, common, atomic)
@@ -121,6 +140,7 @@ def uniform_dequantize(
         dtype,
         config,
         outliers,
+        layout=packed.layout,
     )
 
 
@@ -145,4 +165,5 @@ def uniform_linear(
         bias,
         config,
         outliers,
+        layout=packed.layout,
     )

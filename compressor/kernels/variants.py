@@ -12,6 +12,7 @@ from triton.backends.compiler import GPUTarget
 
 from compressor.kernels import codes, decode, dequant, gemm
 from compressor.kernels.lut import dequant_lut, dequant_lut_registers, lut_table
+from compressor.kernels.packing import kernel_layout
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT = {"fp16": ("*fp16", tl.float16), "bf16": ("*bf16", tl.bfloat16), "fp32": ("*fp32", tl.float32)}
@@ -32,10 +33,17 @@ def matmul_variant(
     epilogue=0,
     lut_mode="global",
     unroll=1,
+    layout=None,
+    outliers=False,
+    fields=True,
 ):
     """(kernel, pointer types, constexprs, num_warps, num_stages) of one ``decode``, ``gemm`` or
-    ``dequant`` variant; ``epilogue`` is the decode kernel's (0 store, 1 serial split-K, 2 atomic)."""
+    ``dequant`` variant; ``epilogue`` is the decode kernel's (0 store, 1 serial split-K, 2 atomic);
+    ``layout`` the codes' ("planes" or "tens"; default: what the weight kind packs); ``lut_mode``
+    "codemajor" compiles the code-major table path for a 4096-column table; ``outliers`` the decode
+    kernel's in-launch outlier add (serial epilogue)."""
     pointer, dot = FLOAT[dtype]
+    layout = layout or ("planes" if lut else kernel_layout(bits))  # what ``packing.pack_uniform`` builds
     block_m, block_n, block_k = block
     types_ = {
         "x_ptr": pointer,
@@ -46,7 +54,14 @@ def matmul_variant(
         "out_ptr": "*fp32" if atomic or epilogue == 2 else pointer,
         "part_ptr": "*fp32",
         "count_ptr": "*i32",
+        "crow_ptr": "*i32",
+        "orows_ptr": "*i32",
+        "ocols_ptr": "*i32",
+        "ovals_ptr": "*fp16",
     }
+    codemajor = lut and lut_mode == "codemajor"
+    if codemajor:
+        types_["meta_ptr"] = "*fp32"
     if lut:
         registers = lut_mode == "registers"
         dequant_fn, table = (dequant_lut_registers, lut_table) if registers else (dequant_lut, codes.no_table)
@@ -56,6 +71,7 @@ def matmul_variant(
         "DEQUANT": dequant_fn,
         "TABLE": table,
         "BITS": bits,
+        "TENS": layout == "tens",
         "GROUP": -1 if lut else group,
         "ASYM": asym,
         "SCALE_ROW": lut or group == -1 or group % block_k == 0,
@@ -72,6 +88,9 @@ def matmul_variant(
             DOT_DTYPE=dot,
             FACTOR=not lut and constexprs["SCALE_ROW"],
             UNROLL=unroll,
+            LOG_NP=12 if codemajor else 0,
+            OUTLIERS=outliers,
+            FIELDS=fields and not lut and bits in (2, 4, 8),
             INPUT_PRECISION=precision,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -88,5 +107,6 @@ def matmul_variant(
             INPUT_PRECISION=precision,
             BLOCK_M=block_m,
             GROUP_M=8,
+            FACTOR=not lut and constexprs["SCALE_ROW"],
         )
     return kernel, types_, constexprs, num_warps, num_stages

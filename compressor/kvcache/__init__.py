@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-CACHE_METHODS = {"bfp": "compressor.kvcache.bfp"}
+CACHE_METHODS = {"bfp": "compressor.kvcache.bfp", "fp8": "compressor.kvcache.fp8"}
 INSTALLED = "_compressor_kv_cache"  # the model attribute holding (spec, hook handle) while a cache is installed
 
 

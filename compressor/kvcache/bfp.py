@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from compressor.arch import adapter_for, attention_geometry
+from compressor.arch import attention_geometry
+from compressor.arch.generic import adapter_of
 from compressor.weights.values import (
     BFP_BLOCK_SIZES,
     BFP_EXPONENT_BITS,
@@ -295,7 +296,7 @@ class BFPQuantizedCache(Cache):
 
 def attention_modules(model) -> list:
     """Each decoder layer's attention module (the paths of the model's ``arch`` adapter)."""
-    adapter = adapter_for(model.config)
+    adapter = adapter_of(model, model.config)
     return [layer.get_submodule(adapter.attention) for layer in model.get_submodule(adapter.blocks)]
 
 
@@ -311,7 +312,7 @@ def prepare(model, spec: BFPCacheSpec, device="meta") -> list[str]:
     geometry = attention_geometry(model.config)
     channels = geometry.num_kv_heads * geometry.head_dim
     names = []
-    adapter = adapter_for(model.config)
+    adapter = adapter_of(model, model.config)
     for index, attention in enumerate(attention_modules(model)):
         for key in ("k_perm", "v_perm"):
             if getattr(spec, key):

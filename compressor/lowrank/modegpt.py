@@ -389,6 +389,7 @@ class ModeGPT(Step):
     """MoDeGPT: training-free compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output)."""
 
     changes_architecture = True
+    families = ("llama", "mistral", "qwen2", "qwen3")  # the Llama block; its sliced export has their rows
 
     ratio: float = param(
         0.25,

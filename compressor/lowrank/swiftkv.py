@@ -146,6 +146,7 @@ class SwiftKV(Step):
     """SwiftKV: upper layers' keys/values from the stream entering layer M (SingleInputKV, AcrossKV), distilled."""
 
     changes_architecture = True
+    families = ("llama", "qwen2")  # the shipped SwiftKV modeling code has these
 
     kind = "model"
 

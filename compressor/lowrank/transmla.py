@@ -284,6 +284,13 @@ class MLAAttention(DeepseekV3Attention):
         return super().forward(hidden_states, (cos[..., index], sin[..., index]), *args, **kwargs)
 
 
+TRANSMLA_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+)  # Llama blocks that DeepSeek-V3's layers can hold (not Qwen3's k_norm)
+
+
 def check_convertible(config) -> None:
     """Refuse what TransMLA cannot convert exactly (before any work)."""
     model_type = getattr(config, "model_type", "?")
@@ -449,6 +456,7 @@ class TransMLA(Step):
     """TransMLA: convert GQA attention into DeepSeek-V3 multi-head latent attention (smaller KV cache)."""
 
     changes_architecture = True
+    families = TRANSMLA_FAMILIES
 
     kv_cache_ratio: float = param(
         0.25, "KV cache per token after / before (latent + rotary key vs all keys and values)", min=0.0, max=1.0
@@ -590,6 +598,7 @@ class TransMLAHeal(Step):
     """Healing after transmla: distil the converted model towards the original's next-token distributions."""
 
     kind = "model"
+    families = TRANSMLA_FAMILIES
 
     epochs: int = param(2, "passes over the calibration set", min=1)
     lr: float = param(3e-4, "AdamW learning rate", min=0.0)

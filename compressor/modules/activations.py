@@ -35,26 +35,76 @@ QUANTIZED_ATTENTION = "compressor_quantized_qkv"  # the attention function name 
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """Per-token dynamic integer fake-quantization of activations."""
+    """Per-token dynamic fake-quantization of activations: integers (``format: "int"``) or a float format
+    of ``weights/values.py`` (``fp8``, ``nvfp4``, ``mxfp4``: symmetric, ``bits`` 8 or 4)."""
 
     bits: int
     symmetric: bool = False
+    format: str = "int"
 
     def __post_init__(self):
-        if not 2 <= self.bits <= 8:
+        from compressor.weights.values import ACTIVATION_FORMATS, FLOAT_GRIDS
+
+        if self.format == "int" and not 2 <= self.bits <= 8:
             raise ValueError(f"activation bits {self.bits} is not one of 2..8")
+        if self.format != "int":
+            if self.format not in ACTIVATION_FORMATS:
+                choices = ", ".join(("int", *ACTIVATION_FORMATS))
+                raise ValueError(f"activation format {self.format!r} is not one of {choices}")
+            if (self.bits, self.symmetric) != (FLOAT_GRIDS[self.format].bits, True):
+                raise ValueError(f"{self.format} activations are symmetric {FLOAT_GRIDS[self.format].bits}-bit")
 
     def to_config(self) -> dict:
         """The compressed-tensors style description written into a checkpoint's config."""
-        return {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric, "strategy": "token", "dynamic": True}
+        if self.format == "int":
+            return {
+                "num_bits": self.bits,
+                "type": "int",
+                "symmetric": self.symmetric,
+                "strategy": "token",
+                "dynamic": True,
+            }
+        return float_activation_config(self.format)
 
     @classmethod
     def from_config(cls, entry: dict | None) -> ActivationSpec | None:
         if entry is None:
             return None
+        if entry.get("type", "int") == "float":
+            format = next((f for f in ("fp8", "nvfp4", "mxfp4") if float_activation_config(f) == entry), None)
+            if format is None:
+                raise ValueError(f"float activations {entry} are none of fp8, nvfp4, mxfp4 (dynamic)")
+            return cls(int(entry["num_bits"]), True, format)
         if entry.get("strategy", "token") != "token" or not entry.get("dynamic", True):
             raise ValueError(f"only dynamic per-token activation quantization is supported, not {entry}")
         return cls(int(entry["num_bits"]), bool(entry.get("symmetric", False)))
+
+
+def float_activation_config(format: str) -> dict:
+    """compressed-tensors' ``input_activations`` of a dynamic float format (FP8_DYNAMIC's, MXFP4's; NVFP4's
+    with its global scale dynamic too)."""
+    if format == "fp8":
+        return {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "group_size": None,
+            "strategy": "token",
+            "dynamic": True,
+        }
+    strategy, group_size, scale_dtype = {
+        "nvfp4": ("tensor_group", 16, "torch.float8_e4m3fn"),
+        "mxfp4": ("group", 32, "torch.uint8"),
+    }[format]
+    return {
+        "num_bits": 4,
+        "type": "float",
+        "symmetric": True,
+        "group_size": group_size,
+        "strategy": strategy,
+        "dynamic": True,
+        "scale_dtype": scale_dtype,
+    }
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +129,13 @@ def fake_quantize_tokens(x: torch.Tensor, bits: int, symmetric: bool = False) ->
 
 
 def quantize_activations(x: torch.Tensor, spec: ActivationSpec | None) -> torch.Tensor:
-    return x if spec is None else fake_quantize_tokens(x, spec.bits, spec.symmetric)
+    if spec is None:
+        return x
+    if spec.format != "int":
+        from compressor.weights.values import fake_quantize_float_tokens
+
+        return fake_quantize_float_tokens(x, spec.format)
+    return fake_quantize_tokens(x, spec.bits, spec.symmetric)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +201,7 @@ def quantized_attention(module, query, key, value, attention_mask, **kwargs):
     """The attention function of a module with ``activation_quantization``: Q, K, V fake-quantized
     per token (per head, over head_dim), then the function the model used before."""
     spec = module.activation_quantization
-    query, key, value = (fake_quantize_tokens(t, spec.bits, spec.symmetric) for t in (query, key, value))
+    query, key, value = (quantize_activations(t, spec) for t in (query, key, value))
     return base_attention_function(module)(module, query, key, value, attention_mask, **kwargs)
 
 

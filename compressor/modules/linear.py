@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.modules.activations import ActivationSpec, ChannelMap, apply_channel_map, fake_quantize_tokens
+from compressor.modules.activations import ActivationSpec, ChannelMap, apply_channel_map, quantize_activations
 from compressor.weights.values import static_fields, tensor_names
 
 
@@ -107,7 +107,7 @@ class QuantizedLinear(nn.Module):
         if self.input_map_crow is not None:
             x = apply_channel_map(x, self.input_map_crow, self.input_map_col, self.input_map_val)
         if self.input_activations is not None:
-            x = fake_quantize_tokens(x, self.input_activations.bits, self.input_activations.symmetric)
+            x = quantize_activations(x, self.input_activations)
         if self.trained_dtypes and torch.is_grad_enabled():
             return reference_linear(x, self.quantized_weight, self.bias)
         return qlinear(x, self.quantized_weight, self.bias)

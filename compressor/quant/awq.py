@@ -5,8 +5,8 @@ arXiv 2306.00978; official code mit-han-lab/llm-awq (``awq/quantize/auto_scale.p
 Per decoder block, at every point where a per-channel scale folds exactly into the operation before the
 linears (the adapter's ``norm_linear_groups`` and ``linear_channel_links``: input norm -> q, k, v;
 v -> o; post-attention norm -> gate, up; up -> down), the scale is ``s = mean|x|^alpha`` over the linears'
-input channels, normalised so that ``sqrt(max s * min s) = 1``, with alpha on the grid ``0, 1/grid, ..,
-(grid-1)/grid``. Each candidate rounds ``W diag(s)`` on the grid of the quantizer that follows (``bits``,
+input channels, normalised so that ``sqrt(max s * min s) = 1``, with alpha on the grid ``0, 1/alphas, ..,
+(alphas-1)/alphas``. Each candidate rounds ``W diag(s)`` on the grid of the quantizer that follows (``bits``,
 ``group_size``, ``symmetric``: set them as that step's) and divides by s again; the alpha kept minimises
 the mean squared output error of the inspected module (the attention for q/k/v, whose output is o's; the
 MLP for gate/up; the linear itself otherwise) on the block's calibration inputs. alpha = 0 (no scaling)
@@ -312,10 +312,14 @@ class AWQ(Step):
     """AWQ: activation-aware per-channel scales folded into norms and linears, and clipped ranges (Lin et al. 2023);
     a quantizer comes after it."""
 
+    # the families whose norms are plain per-channel gains and whose v_proj / up_proj feed o_proj / down_proj
+    # channel for channel (tested on each); Gemma's (1 + w) norms, fused and MoE projections are not folded yet
+    families = ("llama", "mistral", "qwen2", "qwen3")
+
     bits: int = param(4, "bits of the quantizer that follows (the search rounds on its grid)", choices=range(2, 9))
     group_size: int = param(128, "group size of the quantizer that follows; -1 for one per output row")
     symmetric: bool = param(True, "whether the quantizer that follows is symmetric")
-    grid: int = param(20, "alphas tried: 0, 1/grid, .., (grid-1)/grid", min=1)
+    alphas: int = param(20, "exponents tried: 0, 1/alphas, .., (alphas-1)/alphas", min=1)
     clip: bool = param(True, "search and clamp each group's range (every linear but q and k)")
     ignore: list[str] = param(["lm_head"], "linears the quantizer after leaves alone: scaled, never rounded or clipped")
 
@@ -359,8 +363,8 @@ class AWQ(Step):
         with torch.no_grad():
             reference = recorder.replay(point)
             losses = []
-            for step in range(self.grid):
-                columns = point.consumer_scale(awq_scale(statistic, step / self.grid))
+            for step in range(self.alphas):
+                columns = point.consumer_scale(awq_scale(statistic, step / self.alphas))
                 for name, linear in linears.items():
                     scaled = originals[name].float() * columns
                     quantized = fake_quantize(scaled, self.bits, self.group_size, self.symmetric, context.scale_dtype)
@@ -368,9 +372,9 @@ class AWQ(Step):
                 losses.append(mean_squared_error(recorder.replay(point), reference))
             for name, linear in linears.items():
                 linear.weight.copy_(originals[name])
-        best = min(range(self.grid), key=losses.__getitem__)
-        fold_scale(block, point, awq_scale(statistic, best / self.grid))
-        context.record(point.before, alpha=best / self.grid, mse_unscaled=losses[0], mse_scaled=losses[best])
+        best = min(range(self.alphas), key=losses.__getitem__)
+        fold_scale(block, point, awq_scale(statistic, best / self.alphas))
+        context.record(point.before, alpha=best / self.alphas, mse_unscaled=losses[0], mse_scaled=losses[best])
 
     @staticmethod
     def unclipped(adapter) -> set[str]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compressor.arch import attention_geometry
+from compressor.arch import attention_geometry, projection_weight
 from compressor.kvcache.bfp import SCOPES, BFPCacheSpec
 from compressor.step import Step, param, register_step
 from compressor.weights.values import BFP_BLOCK_SIZES, BFP_MANTISSA_BITS, BFP_ROUNDING, BFPWeight, bfp_quantize
@@ -162,6 +162,7 @@ class KeyRecorder:
     def __init__(self, sample_tokens: int = 4096):
         self.sum_squares = self.absmax = None
         self.query_squares = None  # per-channel sum of squares of q_proj's output, when hooked
+        self.query_width = None  # how many of the hooked projection's outputs are queries (None: all)
         self.tokens = 0
         self.sample: list[torch.Tensor] = []
         self.sample_tokens = sample_tokens
@@ -178,6 +179,13 @@ class KeyRecorder:
             self.sample.append(flat[: self.sample_tokens - kept].cpu())
         return key_states, value_states
 
+    def reduce(self, distributed) -> None:
+        """Every rank's statistics (several processes, ``compressor/distributed.py``): sums add, maxima take the
+        largest, so each rank sorts the channels as one process over all the tokens would."""
+        distributed.all_reduce_sum(self.sum_squares)
+        distributed.all_reduce_max(self.absmax)
+        self.tokens = int(distributed.all_reduce_sum(torch.tensor([self.tokens], dtype=torch.float64)))
+
     def stat(self, stat: str) -> torch.Tensor:
         """Per-channel ``act_rms`` or ``act_absmax`` over every calibration token."""
         if stat == "act_rms":
@@ -187,7 +195,8 @@ class KeyRecorder:
         raise ValueError(f"ksort: {stat!r} is not a key statistic (act_rms, act_absmax)")
 
     def record_queries(self, module, args, output) -> None:
-        squares = output.detach().reshape(-1, output.shape[-1]).float().square().sum(0).cpu()
+        width = self.query_width or output.shape[-1]  # a fused qkv_proj's first rows are the queries
+        squares = output.detach()[..., :width].reshape(-1, width).float().square().sum(0).cpu()
         self.query_squares = squares if self.query_squares is None else self.query_squares + squares
 
     def query_energy(self) -> torch.Tensor:
@@ -195,10 +204,19 @@ class KeyRecorder:
         return self.query_squares / self.tokens
 
 
-def record_calibration_keys(block, inputs: list[torch.Tensor], block_kwargs: list[dict], q_proj=None) -> KeyRecorder:
+def query_projection(adapter, block):
+    """The module whose output holds the queries (in its first rows): q_proj, or a fused qkv_proj."""
+    role = "q" if "q" in adapter.linears else next(name for name, parts in adapter.fused.items() if "q" in parts)
+    return block.get_submodule(adapter.linears[role])
+
+
+def record_calibration_keys(
+    block, inputs: list[torch.Tensor], block_kwargs: list[dict], q_proj=None, query_width: int | None = None
+) -> KeyRecorder:
     """Run ``block`` on the calibration inputs with a ``KeyRecorder`` as its cache (and, given
-    ``q_proj``, the mean squares of its output)."""
+    ``q_proj``, the mean squares of its first ``query_width`` outputs: all of them when None)."""
     recorder = KeyRecorder()
+    recorder.query_width = query_width
     hook = q_proj.register_forward_hook(recorder.record_queries) if q_proj is not None else None
     try:
         with torch.no_grad():
@@ -265,6 +283,9 @@ class BFP(Step):
 
     def __post_init__(self):
         self.needs_calibration = self.k_bits is not None and (self.ksort.startswith("act") or self.refine == "greedy")
+        # several processes: key-channel sums and maxima are all-reduced (KeyRecorder.reduce); the greedy
+        # refinement searches each rank's own sample of keys, so it does not distribute
+        self.distributes = None if self.refine == "greedy" else "ranges"
 
     def check(self) -> None:
         if self.k_bits is None and self.weight_bits is None:
@@ -295,7 +316,9 @@ class BFP(Step):
         )
 
     def check_model(self, linears: dict) -> None:
-        if self.k_bits is not None and not any(name.endswith("self_attn.k_proj") for name in linears):
+        if self.k_bits is not None and not any(
+            name.endswith(("self_attn.k_proj", "self_attn.qkv_proj")) for name in linears
+        ):
             raise ValueError(
                 "k_bits: the BFP KV cache needs attention with a k_proj whose keys are cached after RoPE (Llama, "
                 "Mistral, Qwen2, Qwen3); this model's blocks have none"
@@ -323,22 +346,21 @@ class BFP(Step):
         spec.check_geometry(geometry.head_dim)
         if context.index == 0:
             context.declare_kv_cache(spec)
-        attention = context.adapter.attention
-        q_proj = context.block.get_submodule(f"{attention}.q_proj") if self.refine == "greedy" else None
+        adapter, attention = context.adapter, context.adapter.attention
+        q_proj = query_projection(adapter, context.block) if self.refine == "greedy" else None
         recorder = (
-            record_calibration_keys(context.block, context.inputs, context.block_kwargs, q_proj)
+            record_calibration_keys(
+                context.block, context.inputs, context.block_kwargs, q_proj, geometry.num_heads * geometry.head_dim
+            )
             if self.needs_calibration
             else None
         )
+        if recorder is not None:
+            recorder.reduce(context.run.distributed)
         if self.ksort == "none":
             perm = None
         elif self.ksort == "weight_norm":
-            k_proj = context.block.get_submodule(f"{attention}.k_proj")
-            weight = (
-                k_proj.quantized_weight.dequantize(torch.float32)
-                if hasattr(k_proj, "quantized_weight")
-                else k_proj.weight
-            )
+            weight = projection_weight(adapter, context.block, "k", context.config)
             perm = ksort_permutation(weight_norm_stat(weight.detach()), geometry.head_dim, self.scope)
         else:
             perm = ksort_permutation(recorder.stat(self.ksort), geometry.head_dim, self.scope)

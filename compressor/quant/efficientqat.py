@@ -18,6 +18,10 @@ tenth of the batches picks the epoch kept (``heldout``); ``symmetric: true`` off
 transformers. Their reasons and the measured numbers: docs/methods/efficientqat.md.
 Not in the paper: ``init: gptq`` starts from GPTQ's rounding of the block (``gptq.py``, true-sequential, its
 default damping and order) instead of min-max RTN: weights at its dequantized values, its scales and zeros.
+
+FP4 grids (``grid: nvfp4 | mxfp4``, ``weights/values.py``; not in the paper): the same training with
+``FakeFloatLinear``, whose E2M1 rounding and block scales are straight-through in the form the grid stores them
+(NVFP4: E4M3 under a global scale; MXFP4: a power of two with a trained exponent), frozen to ``FloatWeight``.
 """
 
 from __future__ import annotations
@@ -41,13 +45,28 @@ from compressor.quant.uniform import (
     storable_scale,
 )
 from compressor.step import param, register_step
-from compressor.training import block_mse, holdout_count, micro_batches, train_block
-from compressor.weights.values import UniformWeight
+from compressor.training import block_dtype, block_mse, holdout_count, micro_batches, train_block
+from compressor.weights.values import (
+    E2M1_MAX,
+    E4M3_MAX,
+    E8M0_BIAS,
+    FloatGrid,
+    FloatWeight,
+    UniformWeight,
+    e2m1_codes,
+    e2m1_values,
+    e4m3_codes,
+    e4m3_values,
+    effective_scales,
+    grid_params,
+    round_to_grid,
+)
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
+E4M3_TINY = 2.0**-9  # E4M3's smallest subnormal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +116,53 @@ class FakeQuantLinear(nn.Module):
         return UniformWeight(codes=codes, scales=scale, zeros=zero, bits=self.bits, group_size=self.group_size)
 
 
+class FakeFloatLinear(nn.Module):
+    """``FakeQuantLinear`` on an FP4 grid (``weights/values.py``): ``W_hat = e2m1(W / s) * s`` per block, the E2M1
+    rounding straight-through inside [-6, 6]. ``s`` trains as the grid stores it: NVFP4 as an E4M3 value under a
+    global scale (``e4m3(s g) / g``, g = 448 / max s, rounded straight-through), MXFP4 as a power of two whose
+    exponent ``t`` trains (``s = 2^round(t)``, straight-through). Initialised from RTN's scales."""
+
+    def __init__(self, linear: nn.Linear, grid: FloatGrid):
+        super().__init__()
+        self.grid = grid
+        self.weight = nn.Parameter(linear.weight.detach().float())
+        scales, global_scale = grid_params(grid, self.weight.detach(), torch.float32)
+        effective = effective_scales(grid, scales, global_scale)
+        self.scale = nn.Parameter(effective.log2() if grid.scale == "e8m0" else effective)
+        self.zero = None
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def block_scales(self) -> torch.Tensor:
+        """The effective scale of every block as the grid can store it (straight-through)."""
+        if self.grid.scale == "e8m0":
+            return torch.exp2(round_ste(self.scale))
+        scale = self.scale.clamp(min=SCALE_MIN)
+        global_scale = E4M3_MAX / scale.detach().max()
+        stored = scale * global_scale
+        rounded = e4m3_values(e4m3_codes(stored)).clamp(min=E4M3_TINY)  # a scale never rounds to 0
+        return (stored + (rounded - stored).detach()) / global_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.weight.shape
+        scale = self.block_scales().unsqueeze(-1)
+        scaled = (self.weight.reshape(n, -1, self.grid.group_size) / scale).clamp(-E2M1_MAX, E2M1_MAX)
+        rounded = scaled + (e2m1_values(e2m1_codes(scaled)) - scaled).detach()
+        weight = (rounded * scale).reshape(n, k)
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def freeze(self, scale_dtype: torch.dtype) -> FloatWeight:
+        """The stored scales (E8M0 exponents, or E4M3 with their global scale) and the codes under them."""
+        if self.grid.scale == "e8m0":
+            scales, global_scale = (self.scale.round() + E8M0_BIAS).clamp(0, 254).to(torch.uint8), None
+        else:
+            scale = self.scale.clamp(min=SCALE_MIN)
+            global_scale = (E4M3_MAX / scale.max()).reshape(1).float()
+            scales = (scale * global_scale).clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
+        codes = round_to_grid(self.grid, self.weight, scales, global_scale)
+        return FloatWeight(codes, scales, global_scale, self.grid.name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Block-AP
 
@@ -106,7 +172,7 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
     ``train_norms`` every other parameter of the block (the norm gains), at ``weight_lr``. Only these
     require grad afterwards."""
     block.requires_grad_(False)
-    fake = [m for m in block.modules() if isinstance(m, FakeQuantLinear)]
+    fake = [m for m in block.modules() if isinstance(m, (FakeQuantLinear, FakeFloatLinear))]
     quant = [p for m in fake for p in (m.scale, m.zero) if p is not None]
     weights = [m.weight for m in fake]
     if train_norms:
@@ -123,6 +189,9 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
 @dataclass
 class EfficientQATBlockAP(UniformQuantizer):
     """EfficientQAT Block-AP: per block, train weights, scales and zero points (STE) to reconstruct its fp outputs."""
+
+    distributes = "gradients"  # every rank trains on its samples; gradients averaged, so the ranks stay equal
+    grids = ("int", "nvfp4", "mxfp4")  # FP4: trainable block scales on the grid (FakeFloatLinear)
 
     symmetric: bool = param(
         False, "fixed mid-point zero (transformers loads it); false: trained zero points, as in the paper"
@@ -158,6 +227,8 @@ class EfficientQATBlockAP(UniformQuantizer):
                 "quant_lr: quant_lr and weight_lr are both 0, so nothing would train; set epochs: 0 for the min-max "
                 "init alone"
             )
+        if self.init == "gptq" and self.float_grid is not None:
+            raise ValueError(f"init: gptq starts from integer GPTQ rounding; grid {self.grid} starts from min-max")
 
     @property
     def learning_rate_of_weights(self) -> float:
@@ -174,17 +245,23 @@ class EfficientQATBlockAP(UniformQuantizer):
         targets = context.forward(inputs=fp_inputs)  # the fp block on fp inputs
         context.state["fp_inputs"] = None if context.index == context.num_blocks - 1 else targets
 
-        block, dtype = context.block, next(context.block.parameters()).dtype
+        block, dtype = context.block, block_dtype(context.block)
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
         inits = self.gptq_init(context, linears) if self.init == "gptq" else {}
         fake = {
             name: FakeQuantLinear(linear, self.bits, self.group_size, self.symmetric, inits.get(name))
+            if self.float_grid is None
+            else FakeFloatLinear(linear, self.float_grid)
             for name, linear in linears.items()
         }
         for name, module in fake.items():
             block.set_submodule(name, module)
         block.float()
-        batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
+        # several processes: each takes batch_size / processes samples a step, gradients averaged (distributed.py)
+        distributed = context.run.distributed
+        batches = micro_batches(
+            context.inputs, targets, context.block_kwargs, max(1, self.batch_size // distributed.world_size)
+        )
         mse_init = block_mse(block, batches)
         losses, best = [], None
         if self.epochs > 0:
@@ -192,7 +269,14 @@ class EfficientQATBlockAP(UniformQuantizer):
             steps = self.epochs * (len(batches) - holdout_count(len(batches), self.heldout))
             with context.progress(steps, "training", "step") as progress:
                 losses, best = train_block(
-                    block, batches, groups, self.epochs, self.min_lr_factor, self.heldout, progress
+                    block,
+                    batches,
+                    groups,
+                    self.epochs,
+                    self.min_lr_factor,
+                    self.heldout,
+                    progress,
+                    distributed=distributed,
                 )
         quantized = {name: module.freeze(context.scale_dtype) for name, module in fake.items()}
         block.to(dtype)  # the trained norm gains and the biases back to the pass dtype
@@ -215,8 +299,9 @@ class EfficientQATBlockAP(UniformQuantizer):
         replaced in place by its dequantized rounding, so the groups after it see it rounded."""
         rounding = GPTQ(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, ignore=self.ignore)
         inits = {}
-        for name, h in sequential_hessians(context, linears):
-            weight = linears[name].weight
-            inits[name] = rounding.round_linear(context, name, weight.data, h)[1].weight
-            weight.data = inits[name].dequantize(weight.dtype)
+        for names, catcher in sequential_hessians(context, linears):
+            for name in names:
+                weight = linears[name].weight
+                inits[name] = rounding.round_linear(context, name, weight.data, catcher.hessian(name))[1].weight
+                weight.data = inits[name].dequantize(weight.dtype)
         return inits

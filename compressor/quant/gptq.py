@@ -16,6 +16,13 @@ when its first column is reached (IST-DASLab's and GPTQModel's code; they miss p
 a group starts mid-block, we include them; llm-compressor fixes all grids up front); per-channel grids come
 from the original weights (all three). A Hessian Cholesky refuses is damped 10x, then 100x more
 (llm-compressor falls back to RTN, GPTQModel adds 0.0015 steps); the damping used is in the report.
+
+Float grids (``grid: fp8 | fp8-block | nvfp4 | mxfp4``, ``weights/values.py``): the scales are RTN's min-max
+ones from the original weights, fixed up front (as llm-compressor does for every grid), and each column is
+rounded by the element format's own rounding. W+A (``activation_bits`` or ``activation_grid``, shared with RTN):
+each linear's Hessian is taken on its inputs as quantized (``H = 2/n sum Q(x) Q(x)^T``, the inputs the layer
+will see) and a group's inputs are quantized before the next group's Hessians are caught. After ``rotate``
+this is QuaRot's GPTQ.
 """
 
 from __future__ import annotations
@@ -26,10 +33,27 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from compressor.arch import norm_linear_groups
-from compressor.quant.uniform import UniformQuantizer, minmax_params, quantize_codes, quantize_uniform, relative_error
+from compressor.arch import input_groups
+from compressor.modules.activations import ActivationSpec, quantize_activations
+from compressor.quant.uniform import (
+    WEIGHT_GRIDS,
+    ActivationQuantization,
+    UniformQuantizer,
+    minmax_params,
+    quantize_codes,
+    relative_error,
+)
 from compressor.step import param, register_step
-from compressor.weights.values import UniformWeight
+from compressor.weights.values import (
+    FloatGrid,
+    FloatWeight,
+    UniformWeight,
+    effective_scales,
+    element_codes,
+    element_values,
+    expand_scales,
+    grid_params,
+)
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
@@ -102,15 +126,20 @@ def gptq_quantize(
     block_size: int = 128,
     dampening_frac: float = 0.01,
     actorder: str = "static",
+    grid: FloatGrid | None = None,
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
-    on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order."""
+    on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
+    float ``grid`` (``weights/values.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
+    whose scales are RTN's, fixed from the original weights up front whatever ``actorder``."""
     n, k = weight.shape
     w = weight.detach().float().clone()
     h = h.detach().float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    if grid is not None:
+        return gptq_float(w, h, grid, scale_dtype, block_size, dampening_frac, actorder)
     lazy = group_size != -1 and actorder == "none"
     if not lazy:  # per channel, or static groups: min-max of the original weights
         scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype)
@@ -157,6 +186,45 @@ def gptq_quantize(
     return GPTQResult(UniformWeight(codes, scales, zeros, bits, group_size), damping, float(loss))
 
 
+def gptq_float(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    grid: FloatGrid,
+    scale_dtype: torch.dtype,
+    block_size: int,
+    dampening_frac: float,
+    actorder: str,
+) -> GPTQResult:
+    """``gptq_quantize`` on a float grid (dead columns already zeroed): every weight's scale is fixed first,
+    so a column is rounded with the elements' own rounding (``floats.element_codes``) on its rows' scales."""
+    n, k = w.shape
+    scales, global_scale = grid_params(grid, w, scale_dtype)
+    scale = expand_scales(effective_scales(grid, scales, global_scale), grid, n, k)
+    order = torch.arange(k, device=w.device)
+    if actorder == "static":
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h, scale = w[:, order], h[order][:, order], scale[:, order]
+    hinv, damping = inverse_cholesky(h, dampening_frac)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    loss = torch.zeros((), device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        errors = torch.zeros_like(block)
+        for i in range(i2 - i1):
+            column_scale = scale[:, i1 + i]
+            codes[:, i1 + i] = element_codes(grid, block[:, i] / column_scale)
+            q = element_values(grid, codes[:, i1 + i]) * column_scale
+            error = (block[:, i] - q) / hinv1[i, i]
+            loss += error.square().sum() / 2
+            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
+            errors[:, i] = error
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    if actorder == "static":
+        codes = codes[:, torch.argsort(order)]
+    return GPTQResult(FloatWeight(codes, scales, global_scale, grid.name), damping, float(loss))
+
+
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
     """||X (W - Q)^T|| / ||X W^T|| from the Hessian alone (tr(D H D^T) / tr(W H W^T))."""
     diff, weight = (weight.float() - quantized.float()), weight.float()
@@ -169,9 +237,10 @@ def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor)
 
 def sequential_groups(adapter, linears: dict) -> list[list[str]]:
     """The linears of ``linears`` (paths in the block) in the order their Hessians are taken: the adapter's
-    projections in its order, those reading one norm's output together ((q,k,v), o, (gate,up), down for
-    Llama), then every other linear alone, in block order."""
-    together = {path: group for group in norm_linear_groups(adapter).values() for path in group}
+    projections in its order, those reading one input together ((q,k,v), o, (gate,up), down for Llama; a
+    norm's readers or a group reading the residual stream, ``arch.input_groups``), then every other linear
+    alone, in block order."""
+    together = {path: group for group in input_groups(adapter) for path in group}
     groups, placed = [], set()
     for path in adapter.linears.values():
         if path in placed:
@@ -184,23 +253,23 @@ def sequential_groups(adapter, linears: dict) -> list[list[str]]:
     return groups + [[path] for path in linears if path not in placed]
 
 
-def sequential_hessians(context: BlockContext, linears: dict, true_sequential: bool = True):
-    """(name, H or None) for each linear of ``linears``: one forward of the block per group (``sequential_groups``;
-    all at once without ``true_sequential``), so a group's Hessians see the block as the caller left it after the
-    groups yielded before (GPTQ quantizes them in between; Block-AP's GPTQ init rounds them in place)."""
+def sequential_hessians(context: BlockContext, linears: dict, true_sequential: bool = True, input_spec=None):
+    """(names, catcher) for each group of ``linears`` (``sequential_groups``; all at once without
+    ``true_sequential``) after one forward of the block, so a group's Hessians see the block as the caller left it
+    after the groups yielded before (GPTQ quantizes them in between; Block-AP's GPTQ init rounds them in place).
+    ``input_spec`` (W+A) makes the Hessians those of the inputs as quantized."""
     groups = sequential_groups(context.adapter, linears) if true_sequential else [list(linears)]
     for names in groups:
-        with torch.no_grad(), HessianCatcher(context.block, names) as catcher:
+        with torch.no_grad(), HessianCatcher(context.block, names, input_spec) as catcher:
             context.forward()
-        for name in names:
-            yield name, catcher.hessian(name)
+        yield names, catcher
 
 
 class HessianCatcher:
     """Forward pre-hooks that add each linear's inputs to its Hessian sum while the block runs."""
 
-    def __init__(self, block: nn.Module, names: list[str]):
-        self.block, self.names = block, names
+    def __init__(self, block: nn.Module, names: list[str], input_spec: ActivationSpec | None = None):
+        self.block, self.names, self.input_spec = block, names, input_spec  # inputs seen through ``input_spec``
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.hooks = []
@@ -217,7 +286,7 @@ class HessianCatcher:
 
     def catcher(self, name: str):
         def catch(module, args):
-            x = args[0].detach()
+            x = quantize_activations(args[0].detach(), self.input_spec)
             if name not in self.sums:
                 self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
                 self.tokens[name] = 0
@@ -227,14 +296,35 @@ class HessianCatcher:
 
     def hessian(self, name: str) -> torch.Tensor | None:
         """H of linear ``name``; None when it saw no token."""
-        tokens = self.tokens.get(name, 0)
+        tokens = int(self.tokens.get(name, 0))
         return hessian(self.sums[name], tokens) if tokens else None
+
+    def statistics(self, name: str, linear: nn.Linear) -> list[torch.Tensor]:
+        """The sums other processes add to (``Distributed.solve_owned``): x x^T and the token count, zeros when
+        this process's tokens never reached the linear."""
+        if name not in self.sums:
+            k, device = linear.in_features, linear.weight.device
+            self.sums[name] = torch.zeros(k, k, dtype=torch.float32, device=device)
+        if not torch.is_tensor(self.tokens.get(name)):
+            self.tokens[name] = torch.tensor(
+                float(self.tokens.get(name, 0)), dtype=torch.float64, device=self.sums[name].device
+            )
+        return [self.sums[name], self.tokens[name]]
+
+
+def solve_cost(linear: nn.Linear) -> float:
+    """About the work of one GPTQ solve: the Cholesky factorizations (K^3) and the column sweep (N K^2)."""
+    k, n = linear.in_features, linear.out_features
+    return float(k**3 + n * k * k)
 
 
 @register_step("gptq")
 @dataclass
-class GPTQ(UniformQuantizer):
+class GPTQ(ActivationQuantization, UniformQuantizer):
     """GPTQ: Hessian-aware rounding of every block linear onto RTN's grid (Frantar et al. 2022)."""
+
+    distributes = "sums"  # the Hessian sums of all processes meet at each linear's owner, which solves
+    grids = WEIGHT_GRIDS
 
     block_size: int = param(
         128, "columns per lazy batch update (speed only: the result is the same up to float rounding)", min=1
@@ -250,9 +340,21 @@ class GPTQ(UniformQuantizer):
     )
 
     def compress_block(self, context: BlockContext) -> None:
+        self.refuse_other_weight_kinds(context)
         linears = context.linears(self.ignore)
-        for name, h in sequential_hessians(context, linears, self.true_sequential):
-            self.quantize_linear(context, name, linears[name], h)
+        for names, catcher in sequential_hessians(context, linears, self.true_sequential, self.activation_spec):
+            # several processes: each linear's Hessian sum is reduced to its owner, which solves (distributed.py)
+            context.run.distributed.solve_owned(
+                {name: catcher.statistics(name, linears[name]) for name in names},
+                {name: solve_cost(linears[name]) for name in names},
+                lambda name: self.quantize_linear(context, name, linears[name], catcher.hessian(name)),
+                context.run.report,
+                context.prefix,
+                context.device,
+                install=context.replace_linear,
+            )
+            # later groups' Hessians see these inputs quantized
+            self.quantize_block_activations(context, {name: context.block.get_submodule(name) for name in names})
 
     def round_linear(
         self, context: BlockContext, name: str, weight: torch.Tensor, h: torch.Tensor | None
@@ -272,13 +374,15 @@ class GPTQ(UniformQuantizer):
             self.block_size,
             self.dampening_frac,
             self.actorder,
+            self.float_grid,
         )
 
-    def quantize_linear(self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None) -> None:
+    def quantize_linear(
+        self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None
+    ) -> UniformWeight:
         weight = linear.weight.data
         h, result = self.round_linear(context, name, weight, h)
-        rtn = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
-        context.replace_linear(name, result.weight)
+        rtn = self.round_to_nearest(weight, context.scale_dtype)
         context.record(
             name,
             error=relative_error(weight, result.weight),
@@ -287,3 +391,4 @@ class GPTQ(UniformQuantizer):
             damping=result.damping,
             bits_per_weight=result.weight.bits_per_weight(),
         )
+        return result.weight

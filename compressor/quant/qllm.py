@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.arch import input_groups
 from compressor.blockwise import first_output
 from compressor.modules.activations import (
     ActivationSpec,
@@ -49,15 +50,37 @@ from compressor.quant.uniform import (
     round_ste,
 )
 from compressor.step import param, register_step
-from compressor.training import block_mse, cast_floating, holdout_count, micro_batches, slice_batch, train_block
+from compressor.training import (
+    block_dtype,
+    block_mse,
+    cast_floating,
+    holdout_count,
+    micro_batches,
+    slice_batch,
+    train_block,
+)
 from compressor.weights.values import expand_groups
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
     from compressor.training import BestState
 
-# The three reassembly points of a block: the norm (or op) whose output is reassembled, its consumers.
-POINTS = {"attn_in": ("q", "k", "v"), "mlp_in": ("gate", "up"), "down_in": ("down",)}
+
+def block_points(adapter) -> dict[str, tuple[str, ...]]:
+    """The three reassembly points of a block and their consumers (paths): the attention's input (the
+    linears of the attention that read one input: q, k, v, or Phi-3's qkv_proj), the MLP's (gate and up, or a
+    fused gate_up_proj) and down_proj's. A norm feeding attention and MLP in parallel (Cohere) is two points."""
+    attention, mlp = f"{adapter.attention}.", f"{adapter.mlp}."
+    groups = input_groups(adapter)
+    return {
+        "attn_in": next(
+            (tuple(p for p in g if p.startswith(attention)) for g in groups if g[0].startswith(attention)), ()
+        ),
+        "mlp_in": next(
+            (tuple(p for p in g if p.startswith(mlp)) for g in groups if any(x.startswith(mlp) for x in g)), ()
+        ),
+        "down_in": (adapter.linears["down"],),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,6 +348,8 @@ class Correction:
 class QLLM(ActivationQuantization, UniformQuantizer):
     """QLLM: channel reassembly of activation outliers + low-rank error correction per block (W4A4, W4A8, W4)."""
 
+    activation_grids = ("int",)  # reassembly splits channels against integer ranges
+
     group_size: int = param(-1, "input columns sharing one weight scale; -1 (the paper's): one per output row")
     symmetric: bool = param(False, "symmetric weight grid (false: per-row zero points, as the paper)")
     activation_bits: int | None = param(
@@ -385,6 +410,15 @@ class QLLM(ActivationQuantization, UniformQuantizer):
                 "reassembly: channel reassembly only serves activation quantization; it needs activation_bits below 16"
             )
 
+    def check_model(self, linears: dict) -> None:
+        super().check_model(linears)
+        for name, linear in linears.items():
+            if self.rank > min(linear.in_features, linear.out_features):
+                raise ValueError(
+                    f"rank: {self.rank} is more than {name}'s smaller side "
+                    f"({linear.out_features}x{linear.in_features}); a branch of full rank corrects every error it can"
+                )
+
     @property
     def bits_of_activations(self) -> int:
         if self.activation_bits is not None:
@@ -412,7 +446,7 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         linears = context.linears(self.ignore)
         points = self.reassembly_points(context.adapter, linears)
         stats, targets = self.teacher_pass(context, points)
-        dtype = next(context.block.parameters()).dtype
+        dtype = block_dtype(context.block)
         context.block.float()  # search and training in fp32
         channel_maps, rewritten = self.search_reassembly(context, points, linears, stats, quantizer, spec)
         originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
@@ -421,12 +455,12 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         self.record_correction(context, correction, started)
 
     def reassembly_points(self, adapter, linears: dict[str, nn.Linear]) -> dict[str, list[str]]:
-        """Each reassembly point whose consumers are all in ``linears`` -> their paths (none without reassembly)."""
+        """Each reassembly point whose consumers are all in ``linears`` -> their paths (none without reassembly).
+        A mixture-of-experts MLP has no such roles (its input also feeds the router): only attention's input."""
         if not self.reassembles:
             return {}
-        roles = {role: adapter.linears[role] for role in adapter.linears}
-        points = {point: [roles[r] for r in consumers if roles[r] in linears] for point, consumers in POINTS.items()}
-        return {point: names for point, names in points.items() if names and len(names) == len(POINTS[point])}
+        points = block_points(adapter)
+        return {point: list(names) for point, names in points.items() if names and all(n in linears for n in names)}
 
     def teacher_pass(
         self, context: BlockContext, points: dict[str, list[str]]
@@ -666,14 +700,9 @@ def point_loss(
 
     features = [x for _, _, x in chunks]
     if point == "mlp_in":
-        act = block.get_submodule(adapter.mlp).act_fn
-
-        def swiglu(gate, up):
-            with torch.no_grad():
-                return [act(gate(x)) * up(x) for x in features]
-
-        reference = swiglu(*(float_linear(linears[n]) for n in names))
-        return lambda plan: mse_of(swiglu(*quantized_consumers(plan)), reference)
+        run = mlp_runner(block, adapter, names, features)
+        reference = run([float_linear(linears[n]) for n in names])
+        return lambda plan: mse_of(run(quantized_consumers(plan)), reference)
 
     reference = [float_linear(linears[names[0]])(x).detach() for x in features]
 
@@ -724,6 +753,42 @@ def attention_runner(
             attention.set_submodule(o_path, saved_o)
 
     return run
+
+
+def mlp_runner(block: nn.Module, adapter, names: list[str], features: list[torch.Tensor]):
+    """``run(consumers)``: the block's MLP up to down_proj's input (``act(gate) * up`` for SwiGLU, whatever the
+    family computes there) on ``features``, with ``consumers`` in place of the MLP's input linears ``names``."""
+    mlp = block.get_submodule(adapter.mlp)
+    prefix = f"{adapter.mlp}."
+    paths = [n[len(prefix) :] for n in names]
+    down_path = adapter.linears["down"][len(prefix) :]
+
+    def run(consumers):
+        saved = [mlp.get_submodule(p) for p in paths]
+        saved_down = mlp.get_submodule(down_path)
+        try:
+            for p, consumer in zip(paths, consumers):
+                mlp.set_submodule(p, consumer if isinstance(consumer, nn.Module) else _Call(consumer))
+            mlp.set_submodule(down_path, nn.Identity())
+            with torch.no_grad():
+                return [mlp(x.float()).float() for x in features]
+        finally:
+            for p, module in zip(paths, saved):
+                mlp.set_submodule(p, module)
+            mlp.set_submodule(down_path, saved_down)
+
+    return run
+
+
+class _Call(nn.Module):
+    """A function as a module (a consumer in fp32 put in a linear's place)."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
 
 
 def float_linear(linear: nn.Linear):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from compressor.quant.uniform import ActivationQuantization, UniformQuantizer, quantize_uniform, relative_error
+from compressor.quant.uniform import WEIGHT_GRIDS, ActivationQuantization, UniformQuantizer, relative_error
 from compressor.step import register_step
 
 if TYPE_CHECKING:
@@ -32,13 +32,14 @@ class RTN(ActivationQuantization, UniformQuantizer):
     """Round-to-nearest uniform quantization of every block linear (the baseline)."""
 
     needs_calibration = False
+    grids = WEIGHT_GRIDS
 
     def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
         modules = {}
         for name, linear in context.linears(self.ignore).items():
             weight = linear.weight.data
-            quantized = quantize_uniform(weight, self.bits, self.group_size, self.symmetric, context.scale_dtype)
+            quantized = self.round_to_nearest(weight, context.scale_dtype)
             modules[name] = context.replace_linear(name, quantized)
             context.record(name, error=relative_error(weight, quantized), bits_per_weight=quantized.bits_per_weight())
         self.quantize_block_activations(context, modules)

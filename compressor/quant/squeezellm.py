@@ -352,6 +352,7 @@ class SqueezeLLM(Step):
     ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
     kind = "model"
+    distributes = "sums"  # Fisher diagonals summed over every rank's samples; each layer's k-means on its owner
 
     def check(self) -> None:
         if self.sensitive_percent + self.outlier_percent > 100:
@@ -375,10 +376,18 @@ class SqueezeLLM(Step):
             fisher = self.fisher_pass(
                 context, {name: linear for (_, name), linear in group_targets.items()}, tokens, group
             )
+            where = {name: (index, linear) for (index, name), linear in group_targets.items()}
             with context.progress(len(group_targets), "k-means", "layer") as progress:
-                for (index, name), linear in group_targets.items():
+                # several processes: each layer's Fisher sum meets at its owner, which runs the k-means
+                solved = context.run.distributed.solve_owned(
+                    {name: [fisher[name]] for name in where},
+                    {name: linear.weight.numel() * 2**self.bits for name, (_, linear) in where.items()},
+                    lambda name: self.quantize_layer(context, where[name][0], name, where[name][1], fisher.pop(name)),
+                    context.run.report,
+                )
+                for name, (_, linear) in where.items():
                     home = linear.weight.device
-                    quantized = self.quantize_layer(context, index, name, linear, fisher.pop(name))
+                    quantized = solved.pop(name)
                     if number == len(groups):
                         context.replace_linear(name, quantized)
                     else:

@@ -12,8 +12,9 @@ parameters (``UniformQuantizer``) and the math, as plain functions on tensors. C
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,23 @@ import torch.nn.functional as F
 from compressor.arch import block_linears
 from compressor.modules.activations import ActivationSpec, install_attention_quantization
 from compressor.step import Step, param
-from compressor.weights.values import UniformWeight, expand_groups, row_chunks
+from compressor.weights.values import (
+    ACTIVATION_FORMATS,
+    FLOAT_GRIDS,
+    FloatGrid,
+    FloatWeight,
+    UniformWeight,
+    expand_groups,
+    row_chunks,
+)
 
 if TYPE_CHECKING:
     from compressor.context import BlockContext
+
+ACTIVATION_BITS = (*range(2, 9), 16)
+WEIGHT_GRIDS = ("int", *FLOAT_GRIDS)
+ACTIVATION_GRIDS = ("int", *ACTIVATION_FORMATS)
+CT_ACTIVATION_FORMATS = ("fp8", "mxfp4")  # float activations the compressed-tensors export records
 
 
 @dataclass
@@ -33,6 +47,7 @@ class UniformQuantizer(Step):
     Not registered: a quantizer subclasses it (and may change a default by declaring the field again)."""
 
     quantizes_weights = True
+    grids: ClassVar[tuple[str, ...]] = ("int",)  # the ``grid`` values the method can round onto
 
     @property
     def writes_plain_uniform(self) -> bool:
@@ -42,19 +57,42 @@ class UniformQuantizer(Step):
     bits: int = param(4, "bits per weight", choices=range(2, 9))
     group_size: int = param(128, "input columns sharing one scale (and zero point); -1 for one per output row")
     symmetric: bool = param(True, "symmetric grid without zero points (false: per-group zero points)")
+    grid: str = param(
+        "int",
+        "weight grid: int (bits, group_size, symmetric) or a float format that fixes them (weights/values.py): "
+        "fp8 (E4M3 per channel), fp8-block (E4M3 per 128x128 block), nvfp4 (E2M1, 16 a block), mxfp4 (E2M1, 32)",
+        choices=WEIGHT_GRIDS,
+    )
     ignore: list[str] = param(["lm_head"], "module names or patterns left unquantized (glob, or re:REGEX)")
 
     def check(self) -> None:
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size: {self.group_size} is not -1 or a positive integer")
+        if self.grid not in self.grids:
+            raise ValueError(f"grid: {self.name} rounds onto {', '.join(self.grids)} only, not {self.grid}")
+        if self.float_grid is not None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for key in ("bits", "group_size", "symmetric"):
+                if getattr(self, key) != defaults[key]:
+                    raise ValueError(f"{key}: grid {self.grid} fixes bits, group_size and symmetric; drop {key}")
+
+    @property
+    def float_grid(self) -> FloatGrid | None:
+        return FLOAT_GRIDS.get(self.grid)
 
     def check_model(self, linears: dict) -> None:
         """Checkpoint formats and serving kernels need whole groups: every linear it will take, before any work."""
+        group_size = self.group_size if self.float_grid is None else self.float_grid.group_size
+        if self.grid == "fp8-block":
+            return  # blocks are padded (compressed-tensors' BLOCK strategy)
         for name, linear in linears.items():
-            check_group_size(name, linear.in_features, self.group_size)
+            check_group_size(name, linear.in_features, group_size)
 
-
-ACTIVATION_BITS = (*range(2, 9), 16)
+    def round_to_nearest(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> UniformWeight | FloatWeight:
+        """RTN of ``weight`` on this step's grid, integer or float."""
+        if self.float_grid is not None:
+            return FloatWeight.quantize(weight, self.grid, scale_dtype)
+        return quantize_uniform(weight, self.bits, self.group_size, self.symmetric, scale_dtype)
 
 
 @dataclass
@@ -69,18 +107,41 @@ class ActivationQuantization(Step):
         choices=ACTIVATION_BITS,
     )
     activation_symmetric: bool = param(False, "symmetric activation grid (false: per-token min-max with a zero point)")
+    activation_grids: ClassVar[tuple[str, ...]] = ACTIVATION_GRIDS  # the ``activation_grid`` values it can use
+
+    activation_grid: str = param(
+        "int",
+        "activation grid: int (activation_bits, activation_symmetric) or a dynamic float format, which turns "
+        "activation quantization on by itself: fp8 (E4M3 per token), nvfp4, mxfp4 (E2M1 blocks)",
+        choices=ACTIVATION_GRIDS,
+    )
     quantize_attention: bool = param(
         True, "with activation_bits < 16, also quantize attention's Q, K (after RoPE) and V per token"
     )
 
+    def check(self) -> None:
+        super().check()
+        if self.activation_grid not in self.activation_grids:
+            raise ValueError(
+                f"activation_grid: {self.name} quantizes activations on {', '.join(self.activation_grids)} only, "
+                f"not {self.activation_grid}"
+            )
+        if self.activation_grid != "int" and (self.activation_bits, self.activation_symmetric) != (16, False):
+            key = "activation_bits" if self.activation_bits != 16 else "activation_symmetric"
+            raise ValueError(f"{key}: activation_grid {self.activation_grid} fixes the activation grid; drop {key}")
+
     @property
     def activation_spec(self) -> ActivationSpec | None:
+        if self.activation_grid != "int":
+            return ActivationSpec(FLOAT_GRIDS[self.activation_grid].bits, True, self.activation_grid)
         return None if self.activation_bits == 16 else ActivationSpec(self.activation_bits, self.activation_symmetric)
 
     @property
     def writes_plain_uniform(self) -> bool:
-        """Weight-only layers export as compressed-tensors; W+A ones in our native format."""
-        return self.activation_spec is None
+        """Weight-only layers export as compressed-tensors; W+A ones in our native format, except the float
+        activations compressed-tensors records (FP8 per token, MXFP4)."""
+        spec = self.activation_spec
+        return spec is None or spec.format in CT_ACTIVATION_FORMATS
 
     def refuse_other_weight_kinds(self, context: BlockContext) -> None:
         """Activation quantization here is for uniform weights (the W+A grid our native format records): an
@@ -90,7 +151,7 @@ class ActivationQuantization(Step):
             return
         for name, module in block_linears(context.adapter, context.block).items():
             kind = getattr(getattr(module, "weight_type", None), "kind", None)
-            if kind is not None and kind != "uniform":
+            if kind is not None and kind not in ("uniform", "float"):
                 raise ValueError(
                     f"activation_bits: {self.activation_bits} needs uniform weights, but {context.prefix}.{name} "
                     f"already holds '{kind}' weights from an earlier step; drop activation_bits or run this step on "

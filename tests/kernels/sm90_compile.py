@@ -81,7 +81,7 @@ def table_variants() -> dict:
                 c = KernelConfig.from_dict(entries[table_key(kind, bits, group, n, k, m)])
                 name = (
                     f"table decode M{c.block_m} {kind} {bits}b bn{c.block_n} bk{c.block_k} w{c.num_warps} "
-                    f"s{c.num_stages} {c.lut} unroll{c.unroll} split={c.split_k > 1}"
+                    f"s{c.num_stages} {c.lut} unroll{c.unroll} fields={c.fields} split={c.split_k > 1}"
                 )
                 variants[name] = matmul_variant(
                     "decode",
@@ -96,6 +96,7 @@ def table_variants() -> dict:
                     epilogue=1 if c.split_k > 1 else 0,
                     lut_mode=c.lut,
                     unroll=c.unroll,
+                    fields=c.fields,
                 )
     return variants
 
@@ -104,6 +105,16 @@ VARIANTS = {
     "decode M1 uniform 3b asym fp16 serial split-K": matmul_variant(
         "decode", "fp16", 3, asym=True, block=(1, 128, 64), split_k=8, epilogue=1
     ),
+    "decode M1 uniform 3b planes fp16": matmul_variant(
+        "decode", "fp16", 3, block=(1, 512, 32), split_k=8, epilogue=1, layout="planes"
+    ),
+    "decode M4 uniform 3b bf16 tens group 48": matmul_variant(
+        "decode", "bf16", 3, group=48, block=(4, 128, 32), split_k=4, epilogue=1
+    ),
+    "decode M1 lut 4b fp16 codemajor": matmul_variant(
+        "decode", "fp16", 4, lut=True, block=(1, 512, 16), split_k=8, epilogue=1, lut_mode="codemajor", num_warps=2
+    ),
+    "dequant uniform 3b tens fp16": matmul_variant("dequant", "fp16", 3, block=(1, 128, 64)),
     "decode M1 uniform 4b bf16 group 32 store": matmul_variant("decode", "bf16", 4, group=32, block=(1, 256, 32)),
     "decode M1 uniform 5b fp16 group 48 (per-weight scales)": matmul_variant(
         "decode", "fp16", 5, group=48, block=(1, 128, 64), split_k=4, epilogue=1
@@ -127,6 +138,7 @@ VARIANTS = {
         "gemm", "fp16", 7, asym=True, block=(128, 128, 64), num_warps=8, num_stages=3
     ),
     "gemm uniform 2b fp32 (ieee)": matmul_variant("gemm", "fp32", 2, block=(16, 64, 64)),
+    "gemm uniform 3b tens fp16 tiled": matmul_variant("gemm", "fp16", 3, block=(64, 64, 64), num_stages=3),
     "gemm lut 3b bf16 tiled": matmul_variant("gemm", "bf16", 3, lut=True, block=(64, 128, 64), num_stages=3),
     "dequant uniform 6b fp16": matmul_variant("dequant", "fp16", 6, asym=True, block=(1, 128, 64)),
 }

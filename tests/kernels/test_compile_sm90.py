@@ -50,6 +50,31 @@ def test_the_shipped_decode_configs_fit_in_registers(compiled):
     assert all(row["spill_bytes"] == 0 and row["registers"] <= 168 for row in table.values()), table
 
 
+def sass_counts(only: str) -> dict:
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)  # this checkout's kernels
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "kernel_sass.py"), "--only", only],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    counts = dict(re.findall(r"^(.*?): ([\d.]+) instructions per weight, budget", done.stdout, re.M))
+    assert counts, done.stdout + done.stderr[-2000:]
+    budgets = dict(re.findall(r"^(.*?): [\d.]+ instructions per weight, budget ([\d.]+)", done.stdout, re.M))
+    return {name: (float(count), float(budgets[name])) for name, count in counts.items()}
+
+
+def test_three_bit_tens_decode_is_within_its_budget():
+    """The "tens" layout's decode (one AND and one FMA per field, eight columns per thread), counted
+    in its sm_90 SASS, stays under the 3-bit budget of ~3.75 instructions per weight (the planes
+    layout took 8.4)."""
+    ((count, budget),) = sass_counts("uniform 3b tens, 512x32, 2 warps").values()
+    assert count <= budget < 3.8
+
+
 def test_uniform_decode_stays_within_the_h100_instruction_budget():
     """At the H100's 3.35 TB/s a 4-bit kernel may issue ~5 instructions per weight before issue,
     not memory, sets the pace (benchmarks/kernel_sass.py). The uniform 4-bit decode K loop, counted

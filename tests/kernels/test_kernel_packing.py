@@ -15,6 +15,7 @@ from compressor.kernels.packing import (
     padded_k,
     plane_widths,
     unpack_codes,
+    unpack_kernel_codes,
 )
 from compressor.kernels.reference import (
     dequantize_lut,
@@ -119,7 +120,7 @@ def test_compressed_tensors_repack_reproduces_the_weights_exactly(bits, symmetri
     weight = Weights(bits).uniform(37, 192, bits, group_size, symmetric, scale_dtype=torch.float32, device="cpu")
     tensors = uniform_to_ct_tensors(weight, torch.float32)
     packed = repack_compressed_tensors(tensors, bits, group_size)
-    assert torch.equal(unpack_codes(packed.packed, bits, (37, 192)), weight.codes)
+    assert torch.equal(unpack_kernel_codes(packed.packed, bits, (37, 192), packed.layout), weight.codes)
     assert torch.equal(packed.scales, weight.scales.t())
 
     strategy = {"strategy": "channel"} if group_size == -1 else {"strategy": "group", "group_size": group_size}
@@ -148,6 +149,6 @@ def test_compressed_tensors_repack_reproduces_the_weights_exactly(bits, symmetri
 def test_compressed_tensors_repack_round_trips_over_random_shapes(bits, n, k, symmetric, seed):
     weight = Weights(seed).uniform(n, k, bits, -1, symmetric, device="cpu")
     packed = repack_compressed_tensors(uniform_to_ct_tensors(weight, torch.float16), bits, -1)
-    assert torch.equal(unpack_codes(packed.packed, bits, (n, k)), weight.codes)
+    assert torch.equal(unpack_kernel_codes(packed.packed, bits, (n, k), packed.layout), weight.codes)
     if not symmetric:
         assert torch.equal(packed.zs, (-weight.zeros.float() * weight.scales.float()).t())

@@ -1,0 +1,35 @@
+"""``python -m tests.distributed_helper apply ...``: the ``compressor`` command with one more step, ``die_at``,
+which SIGKILLs the rank that ``COMPRESSOR_TEST_DIE=RANK:BLOCK`` names when it reaches that block, or hangs the
+one ``COMPRESSOR_TEST_HANG=RANK:BLOCK`` names (test only)."""
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import compressor.recipe
+from compressor.step import Step, param, register_step
+
+
+@register_step("die_at")
+@dataclass
+class DieAt(Step):
+    """Test only: does nothing, unless COMPRESSOR_TEST_DIE names this rank and block."""
+
+    needs_calibration = False
+    note: str = param("", "unused")
+
+    def compress_block(self, context) -> None:
+        here = f"{os.environ.get('RANK', '0')}:{context.index}"
+        if os.environ.get("COMPRESSOR_TEST_DIE") == here:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("COMPRESSOR_TEST_HANG") == here:
+            time.sleep(3600)
+
+
+compressor.recipe.shipped_catalogue = compressor.recipe.catalogue  # the live catalogue knows die_at
+
+if __name__ == "__main__":
+    from compressor.cli import main
+
+    main()

@@ -1,0 +1,307 @@
+"""Several processes (torch.distributed, gloo on the CPU) and resuming an interrupted run.
+
+The fast tests check the mechanism's pieces; the slow ones run the command on two processes of this
+machine: the same quality as one process, every module solved by exactly one owner, a rank killed with
+SIGKILL ending the run in one line with nothing left behind, the resumed run's shards byte-identical to an
+uninterrupted run's, and two torchrun launches as two "machines" equal to one launch of two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor.distributed import LOST_CONTACT, Distributed, balance_owners
+from compressor.recipe import Recipe
+from compressor.resume import Commits, ResumeError, fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def write_recipe(folder: Path, calibration: str, steps: str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(
+        f"calibration: {{dataset: {calibration}, samples: 8, seq_len: 64, seed: 0}}\n"
+        f"steps:\n{steps}export: {{format: auto}}\n"
+    )
+    return path
+
+
+GPTQ = "  - gptq: {bits: 4, group_size: 32, ignore: [lm_head]}\n"
+
+
+def run(*arguments, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line holds ``text`` (a run's output path): none may outlive their run."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# The mechanism's pieces
+
+
+def test_every_module_has_exactly_one_owner_and_the_solves_are_balanced():
+    costs = {f"layer{i}": float(c) for i, c in enumerate([9, 7, 5, 5, 4, 3, 3, 1, 1, 1])}
+    for world_size in (1, 2, 3, 4):
+        owners = balance_owners(costs, world_size)
+        assert list(owners) == list(costs)  # one owner each, in the modules' order
+        assert set(owners.values()) <= set(range(world_size))
+        loads = [sum(c for name, c in costs.items() if owners[name] == rank) for rank in range(world_size)]
+        assert max(loads) - min(loads) <= max(costs.values())  # greedy longest-first: within one solve
+        assert balance_owners(dict(reversed(list(costs.items()))), world_size).keys() == set(costs)
+    assert set(balance_owners(costs, 2).values()) == {0, 1}
+
+
+def test_the_samples_are_split_into_disjoint_shares_that_cover_them_all():
+    rows = torch.arange(7 * 3).reshape(7, 3)
+    shares = [Distributed(rank=rank, world_size=3).shard(rows) for rank in range(3)]
+    assert torch.equal(torch.cat(shares), rows)
+    assert [len(s) for s in shares] == [3, 2, 2]
+    assert Distributed().shard(rows) is rows
+
+
+def test_resume_refuses_a_changed_fingerprint_in_one_line_naming_it(tmp_path, tiny_llama, calibration_file):
+    recipe = Recipe.from_yaml(write_recipe(tmp_path, calibration_file, GPTQ))
+    first = Commits(tmp_path, fingerprint(recipe, tiny_llama, 2), Distributed())
+    assert first.open(tmp_path / "out", resuming=False) == -1
+    (tmp_path / "resume" / "committed.json").write_text(json.dumps({"block": 0}))
+    same = Commits(tmp_path, fingerprint(recipe, tiny_llama, 2), Distributed())
+    assert same.open(tmp_path / "out", resuming=True) == 0
+    recipe.calibration.samples = 16
+    changed = Commits(tmp_path, fingerprint(recipe, tiny_llama, 1), Distributed())
+    with pytest.raises(ResumeError) as error:
+        changed.open(tmp_path / "out", resuming=True)
+    message = str(error.value)
+    assert (
+        "\n" not in message and "calibration settings (samples: 8 -> 16)" in message and "processes (2 -> 1)" in message
+    )
+
+
+def test_a_refused_resume_keeps_the_interrupted_runs_commits(tmp_path, tiny_llama, calibration_file):
+    """--resume with another recipe: one line naming what changed, and the committed progress is still there."""
+    from compressor.api import apply
+
+    recipe = Recipe.from_yaml(write_recipe(tmp_path, calibration_file, GPTQ))
+    partial = tmp_path / ".out.partial-999999999"  # left by a killed run (no process has this pid)
+    (partial / "resume").mkdir(parents=True)
+    (partial / "resume" / "fingerprint.json").write_text(json.dumps(fingerprint(recipe, tiny_llama, 1)))
+    (partial / "resume" / "committed.json").write_text(json.dumps({"block": 0}))
+    recipe.calibration.seed = 1
+    with pytest.raises(ResumeError, match=r"calibration settings \(seed: 0 -> 1\)"):
+        apply(recipe, tiny_llama, tmp_path / "out", progress=False, resume=True)
+    (kept,) = tmp_path.glob(".out.partial-*")
+    assert json.loads((kept / "resume" / "committed.json").read_text()) == {"block": 0}
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_step_that_cannot_distribute_refuses_before_any_process_starts(tmp_path, tiny_llama, calibration_file):
+    recipe = write_recipe(tmp_path, calibration_file, "  - qllm: {bits: 4}\n")
+    result = run("-m", "compressor", "apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out"), "--nproc", "2")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "steps[0].qllm" in lines[0] and "several processes" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama, calibration_file):
+    """The same GPTQ recipe on one process (in this one) and on two (``--nproc 2``)."""
+    from compressor.api import apply
+
+    folder = tmp_path_factory.mktemp("distributed")
+    recipe = write_recipe(folder, calibration_file, GPTQ)
+    apply(recipe, tiny_llama, folder / "one", progress=False)
+    result = run("-m", "compressor", "apply", str(recipe), str(tiny_llama), "-o", str(folder / "two"), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def kl_from_base(model: Path, base: Path, text: str) -> float:
+    from compressor.eval import evaluate_paths
+
+    result = evaluate_paths(str(model), str(base), text, 64, 6, torch.device("cpu"), progress=False)
+    return result.kl_divergence
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, tiny_llama, calibration_file):
+    one, two = (
+        kl_from_base(runs / "one", tiny_llama, calibration_file),
+        kl_from_base(runs / "two", tiny_llama, calibration_file),
+    )
+    assert one > 0 and abs(two - one) <= 0.02 * one
+    rows = [row for row in json.loads((runs / "two" / "report.json").read_text())["modules"] if row["step"] == "gptq"]
+    single = json.loads((runs / "one" / "report.json").read_text())["modules"]
+    assert [row["module"] for row in rows] == [row["module"] for row in single]  # each once, in the same order
+    assert {row["owner"] for row in rows} == {0, 1}  # both ranks solve
+    assert json.loads((runs / "two" / "report.json").read_text())["summary"]["distributed"]["processes"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "step",
+    [
+        "  - squeezellm: {bits: 3, iterations: 10, ignore: [lm_head]}\n",
+        "  - efficientqat_block_ap: {bits: 2, group_size: 32, epochs: 2, batch_size: 2, heldout: 0.25}\n",
+        "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, scope: token}\n",
+        "  - rtn: {bits: 3, group_size: 32, symmetric: false}\n"
+        "  - efficientqat_e2e_qp: {epochs: 4, batch_size: 4, micro_batch_size: 2, lr: 5.0e-5, heldout: 0.0}\n",
+    ],
+    ids=["squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp"],
+)
+def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, tiny_llama, calibration_file, step):
+    """SqueezeLLM (Fisher sums to owners), Block-AP and E2E-QP (averaged gradients) and BFP's K-sort (all-reduced
+    key statistics): two processes, the KL of one."""
+    from compressor.api import apply
+
+    recipe = write_recipe(tmp_path, calibration_file, step)
+    apply(recipe, tiny_llama, tmp_path / "one", progress=False)
+    apply(recipe, tiny_llama, tmp_path / "two", progress=False, nproc=2)
+    one, two = (
+        kl_from_base(tmp_path / "one", tiny_llama, calibration_file),
+        kl_from_base(tmp_path / "two", tiny_llama, calibration_file),
+    )
+    print(f"KL one process {one:.6g}, two {two:.6g}")
+    assert one > 0 and abs(two - one) <= 0.02 * one, (one, two)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_in_one_line_and_resume_gives_identical_shards(runs, tiny_llama, calibration_file):
+    """Rank 1 is SIGKILLed in block 1 (``tests/distributed_helper.py``): one line names it, no process is left,
+    the partial output keeps block 0; ``--resume`` continues at block 1 and writes the uninterrupted run's bytes."""
+    folder = runs / "killed"
+    folder.mkdir()
+    recipe = write_recipe(folder, calibration_file, GPTQ + "  - die_at: {}\n")
+    output = folder / "out"
+    launcher = (
+        "import sys; from pathlib import Path; from compressor.distributed import launch; "
+        f"sys.exit(launch(sys.argv[1:], 2, Path({str(folder / 'status')!r}), module='tests.distributed_helper'))"
+    )
+    arguments = ["-c", launcher, "apply", str(recipe), str(tiny_llama), "-o", str(output), "--quiet"]
+    killed = run(*arguments, env={"COMPRESSOR_TEST_DIE": "1:1"})
+    assert killed.returncode == 128 + signal.SIGKILL
+    lines = killed.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith(
+        "error: rank 1 was killed by SIGKILL while gptq+die_at on block 1"
+    )
+    assert not processes_mentioning(str(output))
+    assert not output.exists()
+    (partial,) = folder.glob(".out.partial-*")
+    assert json.loads((partial / "resume" / "committed.json").read_text()) == {"block": 0}
+
+    resumed = run(*arguments, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing at block 1 of 2" in resumed.stderr
+    assert (output / "model.safetensors").read_bytes() == (runs / "two" / "model.safetensors").read_bytes()
+    assert not list(folder.glob(".out.partial-*")) and not (output / "resume").exists()
+
+
+@pytest.mark.slow
+def test_one_process_killed_after_block_0_resumes_to_identical_shards(runs, tiny_llama, calibration_file):
+    """Without --nproc: SIGKILL in block 1, then --resume writes what the uninterrupted single process wrote."""
+    folder = runs / "single"
+    folder.mkdir()
+    recipe = write_recipe(folder, calibration_file, GPTQ + "  - die_at: {}\n")
+    output = folder / "out"
+    arguments = ["-m", "tests.distributed_helper", "apply", str(recipe), str(tiny_llama), "-o", str(output), "--quiet"]
+    killed = run(*arguments, env={"COMPRESSOR_TEST_DIE": "0:1"})
+    assert killed.returncode == -signal.SIGKILL and not output.exists()
+    resumed = run(*arguments, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "blocks 0..0 were committed; continuing at block 1 of 2" in resumed.stderr
+    assert (output / "model.safetensors").read_bytes() == (runs / "one" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_run_after_the_timeout_in_one_line(runs, tiny_llama, calibration_file):
+    folder = runs / "hung"
+    folder.mkdir()
+    recipe = write_recipe(folder, calibration_file, GPTQ + "  - die_at: {}\n")
+    output = folder / "out"
+    launcher = (
+        "import sys; from pathlib import Path; from compressor.distributed import launch; "
+        f"sys.exit(launch(sys.argv[1:], 2, Path({str(folder / 'status')!r}), module='tests.distributed_helper'))"
+    )
+    arguments = ["-c", launcher, "apply", str(recipe), str(tiny_llama), "-o", str(output), "--quiet", "--timeout", "5"]
+    hung = run(*arguments, env={"COMPRESSOR_TEST_HANG": "1:1"}, timeout=300)
+    lines = hung.stderr.strip().splitlines()
+    assert hung.returncode == LOST_CONTACT and len(lines) == 1, hung.stderr
+    assert (
+        lines[0].startswith("error: rank 0 lost contact with another rank")
+        and "rank 1: gptq+die_at on block 1" in lines[0]
+    )
+    assert not processes_mentioning(str(output))
+    (partial,) = folder.glob(".out.partial-*")  # resumable: block 0 is committed
+    assert json.loads((partial / "resume" / "committed.json").read_text()) == {"block": 0}
+
+
+@pytest.mark.slow
+def test_two_torchrun_launches_as_two_machines_equal_one_launch_of_two_processes(runs, tiny_llama, calibration_file):
+    recipe = write_recipe(runs, calibration_file, GPTQ, "nodes.yaml")
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    output = runs / "nodes"
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "localhost",
+                "--master-port",
+                str(port),
+                "-m",
+                "compressor",
+                "apply",
+                str(recipe),
+                str(tiny_llama),
+                "-o",
+                str(output),
+                "--quiet",
+            ],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr
+    assert (output / "model.safetensors").read_bytes() == (runs / "two" / "model.safetensors").read_bytes()

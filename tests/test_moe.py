@@ -1,0 +1,284 @@
+"""Mixture-of-experts families (compressor/moe.py): per-expert linears, routed calibration, exports that
+transformers loads under the checkpoint's own expert names."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from compressor.api import apply
+from compressor.errors import UserError
+from compressor.export import load_quantized_model
+from compressor.model import ModelHandle
+from compressor.modules.linear import QuantizedLinear
+from compressor.moe import RoutedExperts
+from compressor.recipe import Recipe
+from compressor.testing import MOE_ARCHITECTURES, make_random_model
+
+FAMILIES = list(MOE_ARCHITECTURES)
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {arch: make_random_model(arch, root / arch) for arch in FAMILIES}
+
+
+def tokens(seed=0):
+    return torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def stored_tensors(folder):
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def expert_linear_count(config, arch) -> int:
+    """Linears the recipe must quantize: attention, every expert's three, shared experts', dense MLPs'."""
+    layers = config["num_hidden_layers"]
+    experts = config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts")
+    attention = 4
+    dense = config.get("first_k_dense_replace", 0)
+    shared = 3 if arch in ("qwen2_moe", "deepseek_v3") else 0
+    return layers * attention + (layers - dense) * (3 * experts + shared) + dense * 3
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_per_expert_model_runs_as_transformers_fused_one(moe_models, arch):
+    """The handle's model (experts unfused into per-expert linears, read under the checkpoint's names, the
+    routing bias buffer loaded) gives transformers' logits exactly."""
+    handle = ModelHandle.open(moe_models[arch])
+    model = handle.materialize_all("cpu", torch.float32)
+    assert any(isinstance(m, RoutedExperts) for m in model.modules())
+    assert not any(p.dim() == 3 for p in model.parameters())  # no fused expert tensor anywhere
+    reference = AutoModelForCausalLM.from_pretrained(moe_models[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(tokens()).logits, reference(tokens()).logits)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_rtn_export_loads_in_transformers_every_expert_quantized_router_untouched(moe_models, arch, tmp_path):
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}]})
+    apply(recipe, moe_models[arch], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    ours = load_quantized_model(tmp_path / "out")
+    quantized = [name for name, m in ours.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == expert_linear_count(config, arch)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens()).logits, theirs(tokens()).logits, rtol=1e-5, atol=1e-5)
+    # the checkpoint's own names: per-expert tensors (Mixtral's block_sparse_moe.experts.e.w1), routers bit-equal
+    original, exported = stored_tensors(moe_models[arch]), stored_tensors(tmp_path / "out")
+    routers = [n for n in original if n.endswith(("gate.weight", "shared_expert_gate.weight", "correction_bias"))]
+    routers = [n for n in routers if ".experts." not in n and "gate_proj" not in n]
+    assert routers and all(torch.equal(original[n], exported[n]) for n in routers)
+    expert_weights = [n for n in original if ".experts." in n]
+    assert expert_weights and all(n.replace(".weight", ".weight_packed") in exported for n in expert_weights)
+
+
+def test_starved_experts_are_named_and_tokens_reported(moe_models, calibration_file, tmp_path):
+    """Few calibration tokens: the report lists the tokens routed to each expert of each MoE layer (they add
+    up to top-k per token), and every expert below the threshold is named in a warning."""
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 2, "seq_len": 16, "min_expert_tokens": 20},
+            "steps": [{"gptq": {"bits": 4, "group_size": 32}}],
+        }
+    )
+    report = apply(recipe, moe_models["qwen3_moe"], tmp_path / "out", progress=False)
+    census = [row for row in report.rows if "tokens_per_expert" in row]
+    assert [row["module"] for row in census] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert all(sum(row["tokens_per_expert"]) == 2 * 16 * 2 for row in census)
+    named = 0
+    for row in census:
+        starved = [str(i) for i, n in enumerate(row["tokens_per_expert"]) if n < 20]
+        warned = [w for w in report.warnings if w.startswith(f"{row['module']}: ")]
+        expected = f"{row['module']}: experts {', '.join(starved)} received fewer than 20 calibration tokens"
+        assert [w.startswith(expected) for w in warned] == ([True] if starved else [])
+        named += len(starved)
+    assert named  # 64 routed tokens over 4 experts and a threshold of 20: some expert is below it
+
+
+def test_all_policy_shows_every_token_to_every_expert_without_changing_outputs(moe_models):
+    from compressor.moe import calibrating
+
+    handle = ModelHandle.open(moe_models["mixtral"])
+    handle.materialize_all("cpu", torch.float32)
+    block = handle.blocks[0]
+    experts = block.get_submodule("mlp.experts")
+    seen = []
+    hooks = [e.w1.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0])) for e in experts]
+    x = torch.randn(1, 9, 128)
+    position = handle.model.model.rotary_emb(x, torch.arange(9)[None])
+    with torch.no_grad():
+        routed = block(x, position_embeddings=position)
+        routed_seen = list(seen)
+        seen.clear()
+        with calibrating(handle.adapter, block, "all") as counts:
+            everything = block(x, position_embeddings=position)
+    for hook in hooks:
+        hook.remove()
+    assert torch.allclose(routed, everything, atol=1e-6)
+    assert seen == [9] * 4 and sum(routed_seen) == 9 * 2 and counts.sum() == 9 * 2
+
+
+@pytest.mark.parametrize("step", [{"modegpt": {}}, {"swiftkv": {}}, {"transmla": {}}])
+def test_structural_methods_refuse_moe_before_any_work(moe_models, step, tmp_path):
+    recipe = Recipe.from_dict({"steps": [step]})
+    with pytest.raises(UserError, match="is not one of them \\(mixture-of-experts MLPs"):
+        apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def calibrated(calibration_file, *steps):
+    return Recipe.from_dict(
+        {"calibration": {"dataset": calibration_file, "samples": 8, "seq_len": 32}, "steps": list(steps)}
+    )
+
+
+def loads_alike(folder, expected_quantized):
+    """Our loader and plain transformers (after ``import compressor``) give the same logits, with
+    ``expected_quantized`` quantized linears."""
+    ours = load_quantized_model(folder)
+    assert sum(isinstance(m, QuantizedLinear) for m in ours.modules()) == expected_quantized
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens(3)).logits, theirs(tokens(3)).logits, rtol=1e-5, atol=1e-5)
+    return ours
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_efficientqat_block_ap_and_e2e_qp_on_experts_export_and_load(moe_models, arch, calibration_file, tmp_path):
+    """Block-AP trains every expert's scales inside its block and E2E-QP every scale end to end; the export
+    loads in transformers as the in-memory model runs, and no expert linear is left dense."""
+    recipe = calibrated(
+        calibration_file,
+        {"efficientqat_block_ap": {"bits": 2, "group_size": 32, "epochs": 2, "symmetric": True}},
+        {"efficientqat_e2e_qp": {"lr": 1e-3, "batch_size": 4, "micro_batch_size": 4}},
+    )
+    report = apply(recipe, moe_models[arch], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    loads_alike(tmp_path / "out", expert_linear_count(config, arch))
+    trained = [r for r in report.rows if r["step"] == "efficientqat_block_ap" and ".experts." in r["module"]]
+    experts = config.get("num_local_experts") or config.get("n_routed_experts")
+    moe_layers = config["num_hidden_layers"] - config.get("first_k_dense_replace", 0)
+    assert len(trained) == 3 * experts * moe_layers
+
+
+def test_squeezellm_on_experts_writes_the_native_format_with_the_checkpoint_names(
+    moe_models, calibration_file, tmp_path
+):
+    """Per-expert Fisher (gradients reach each expert's own linears) and codebooks; Mixtral's experts keep
+    their ``block_sparse_moe.experts.e.w1`` names in our native format too."""
+    apply(
+        calibrated(calibration_file, {"squeezellm": {"bits": 3}}),
+        moe_models["mixtral"],
+        tmp_path / "out",
+        progress=False,
+    )
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "compressor_mixtral"
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in config["quantization_config"]["modules"]
+    loads_alike(tmp_path / "out", expert_linear_count(config, "mixtral"))
+
+
+def test_qllm_corrects_experts(moe_models, calibration_file, tmp_path):
+    recipe = calibrated(
+        calibration_file,
+        {"qllm": {"bits": 4, "group_size": 32, "symmetric": True, "weight_only": True, "epochs": 1}},
+    )
+    apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    loads_alike(tmp_path / "out", expert_linear_count(config, "qwen2_moe"))
+
+
+def test_check_says_which_expert_schemes_vllm_fused_moe_takes():
+    from compressor.serving import verdicts
+
+    def config(bits, group_size, width=128, groups=1):
+        weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}
+        targets = ["Linear"] if groups == 1 else None
+        config_groups = {
+            f"group_{i}": {
+                "targets": targets or [f"re:^model.layers.0.mlp.experts.{i}.gate_proj$"],
+                "weights": {**weights, "num_bits": bits + i},
+            }
+            for i in range(groups)
+        }
+        return {
+            "model_type": "qwen3_moe",
+            "hidden_size": 128,
+            "moe_intermediate_size": width,
+            "num_experts": 4,
+            "quantization_config": {"quant_method": "compressed-tensors", "config_groups": config_groups},
+        }
+
+    def expert_verdict(cfg):
+        return next(v for v in verdicts(cfg, ("vllm",)) if v.part.startswith("routed experts"))
+
+    assert expert_verdict(config(4, 128)).loads and not expert_verdict(config(4, 128)).caveats
+    assert not expert_verdict(config(3, 64)).loads  # fused MoE kernels: 4 or 8 bits
+    assert expert_verdict(config(4, 128, width=96)).caveats  # Marlin MoE: width a multiple of the group
+    assert (
+        "same" in expert_verdict(config(4, 32, groups=2)).how
+        or "one scheme" in expert_verdict(config(4, 32, groups=2)).how
+    )
+
+
+def test_experts_with_mixed_schemes_are_named_for_vllm(moe_models, tmp_path):
+    recipe = Recipe.from_dict(
+        {
+            "steps": [
+                {"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "re:layers\\.1\\.mlp\\.experts\\.2\\.w1"]}}
+            ]
+        }
+    )
+    report = apply(recipe, moe_models["mixtral"], tmp_path / "out", progress=False)
+    mixed = [w for w in report.warnings if "different quantization schemes" in w]
+    assert [w.split(":")[0] for w in mixed] == ["model.layers.1.mlp.experts"]
+
+
+def test_demo_moe_ships_beside_the_demo_with_its_tokenizer():
+    from compressor.demo import demo_model_dir
+    from compressor.model import resolve_model_path
+
+    path = resolve_model_path("demo-moe")
+    handle = ModelHandle.open("demo-moe")
+    assert handle.config.model_type == "mixtral" and handle.adapter.experts is not None
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 15 * 2**20
+    assert (path / "tokenizer.json").read_bytes() == (demo_model_dir() / "tokenizer.json").read_bytes()
+
+
+def test_a_model_step_alone_reports_tokens_per_expert_too(moe_models, calibration_file, tmp_path):
+    recipe = calibrated(calibration_file, {"squeezellm": {"bits": 4}})
+    report = apply(recipe, moe_models["qwen3_moe"], tmp_path / "out", progress=False)
+    census = [row for row in report.rows if "tokens_per_expert" in row]
+    assert [row["module"] for row in census] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert all(sum(row["tokens_per_expert"]) == 8 * 32 * 2 for row in census)
+
+
+def test_all_policy_gives_every_expert_statistics_even_when_starved(moe_models, calibration_file, tmp_path):
+    """GPTQ on 4 calibration tokens: routed, some expert of DeepSeek's 8 gets none and is rounded to nearest
+    (a warning); with ``expert_calibration: all`` every expert has a Hessian from all 4 tokens."""
+
+    def run(policy, folder):
+        recipe = Recipe.from_dict(
+            {
+                "calibration": {"dataset": calibration_file, "samples": 1, "seq_len": 8, "expert_calibration": policy},
+                "steps": [{"gptq": {"bits": 4, "group_size": 32}}],
+            }
+        )
+        return apply(recipe, moe_models["deepseek_v3"], tmp_path / folder, progress=False)
+
+    uncalibrated = "saw no calibration token"
+    routed = run("routed", "routed")
+    assert any(uncalibrated in w and ".experts." in w for w in routed.warnings)
+    everything = run("all", "all")
+    assert not any(uncalibrated in w for w in everything.warnings)
+    assert any("received fewer than 16 calibration tokens" in w for w in everything.warnings)  # the census is routed

@@ -19,7 +19,7 @@ module of the (meta) skeleton is replaced by ``RoutedExperts``, a list of per-ex
 ``RoutedExperts.forward`` is transformers' eager loop, expert by expert in ascending order, with the same
 dtype handling, so a block runs as the fused one does. Routers (``mlp.gate``: not ``nn.Linear`` in
 these families) and Qwen2-MoE's ``shared_expert_gate`` (an ``nn.Linear`` with one output) are never
-offered to quantizers (``ExpertLayout.routers``).
+offered to quantizers (``arch.ExpertLayout.routers``).
 
 Calibration (``calibration.expert_calibration``): ``routed`` (default) leaves routing as it is; ``all``
 also runs every token through every expert for statistics only (hooks see all tokens; the block's output
@@ -31,25 +31,11 @@ each expert of each MoE layer, reports them, and names in a warning every expert
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers.activations import ACT2FN
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Where a family keeps its experts and what the checkpoint calls them (an ``ArchAdapter`` field)."""
-
-    experts: str = "mlp.experts"  # the fused experts module, path in the block
-    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # checkpoint names: gate, up, down
-    routers: tuple[str, ...] = ("mlp.gate",)  # never quantized (paths in the block)
-    num_experts: str = "num_experts"  # config attributes
-    intermediate_size: str = "moe_intermediate_size"
-    # (in-memory fragment, checkpoint fragment): Mixtral's checkpoints say block_sparse_moe where transformers says mlp
-    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
 
 class Expert(nn.Module):

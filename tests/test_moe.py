@@ -58,7 +58,9 @@ def test_per_expert_model_runs_as_transformers_fused_one(moe_models, arch):
     assert not any(p.dim() == 3 for p in model.parameters())  # no fused expert tensor anywhere
     reference = AutoModelForCausalLM.from_pretrained(moe_models[arch], dtype=torch.float32).eval()
     with torch.no_grad():
-        assert torch.equal(model(tokens()).logits, reference(tokens()).logits)
+        # the same arithmetic in another order (per-expert linears vs fused 3-D matmuls; threads split sums):
+        # equal to float rounding
+        assert torch.allclose(model(tokens()).logits, reference(tokens()).logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

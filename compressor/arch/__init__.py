@@ -32,7 +32,6 @@ from torch import nn
 
 from compressor.arch.shipped import SHIPPED, shipped_for
 from compressor.errors import UserError
-from compressor.moe import ExpertLayout
 
 LLAMA_LINEARS = {
     "q": "self_attn.q_proj",
@@ -44,6 +43,19 @@ LLAMA_LINEARS = {
     "down": "mlp.down_proj",
 }
 ATTENTION_LINEARS = {role: path for role, path in LLAMA_LINEARS.items() if path.startswith("self_attn.")}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a family keeps its experts and what the checkpoint calls them (an ``ArchAdapter`` field)."""
+
+    experts: str = "mlp.experts"  # the fused experts module, path in the block
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # checkpoint names: gate, up, down
+    routers: tuple[str, ...] = ("mlp.gate",)  # never quantized (paths in the block)
+    num_experts: str = "num_experts"  # config attributes
+    intermediate_size: str = "moe_intermediate_size"
+    # (in-memory fragment, checkpoint fragment): Mixtral's checkpoints say block_sparse_moe where transformers says mlp
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

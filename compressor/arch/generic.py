@@ -156,7 +156,7 @@ def probe(model: nn.Module, config, proposal: ArchAdapter) -> ArchAdapter:
     """Run one block of ``model``'s class (random weights, the real config) on a tiny input and keep
     ``proposal`` only if what the hooks saw confirms it; the confirmed adapter carries the norm -> linear
     groups the probe found."""
-    from compressor.blockwise import catch_block_inputs, first_output
+    from compressor.arch.blocks import catch_block_inputs, first_output
 
     geometry = attention_geometry(config)
     blocks = model.get_submodule(proposal.blocks)

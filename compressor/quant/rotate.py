@@ -100,6 +100,10 @@ def rotate_heads(v_proj: nn.Linear, o_proj: nn.Linear, head_dim: int) -> None:
 class Rotate(Step):
     """QuaRot: random Hadamard rotations folded into the weights (exact), so W4A4 activations lose their outliers."""
 
+    # the families whose norms are plain gains fused into the linears after them, with no norm after a sublayer
+    # (exact in fp32 on each, tests/test_rotate.py); Gemma's (1 + w) and OLMo 2's post-norms are not rotated yet
+    families = ("llama", "mistral", "qwen2", "qwen3")
+
     kind = "model"
     needs_calibration = False
     changes_architecture = True  # the MLPs run an online Hadamard; tied embeddings are untied

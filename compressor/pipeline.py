@@ -33,7 +33,7 @@ from compressor.model import ModelHandle
 from compressor.moe import calibrating, check_expert_schemes, report_census
 from compressor.progress import track
 from compressor.recipe import Recipe, writes_native_format
-from compressor.report import Report, peak_memory
+from compressor.report import Report, free_memory, peak_memory
 from compressor.step import RecipeError, Step
 
 
@@ -125,7 +125,7 @@ class Session:
         tokens = share * calibration.seq_len
         element = torch.empty((), dtype=self.compute_dtype).element_size()
         needed = tokens * (2 * self.handle.config.hidden_size * element + 8)
-        available = available_memory_bytes()
+        available = free_memory(torch.device("cpu"))  # the host's MemAvailable
         if available is not None and needed > available:
             raise RecipeError(
                 f"{self.recipe.source}: calibration.samples: {calibration.samples} x seq_len {calibration.seq_len} "
@@ -410,18 +410,6 @@ def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:
         else:
             passes.append((step.kind, [step]))
     return passes
-
-
-def available_memory_bytes() -> int | None:
-    """Host memory the kernel says a new allocation can take (``MemAvailable``), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def one_layer_pass(steps: list[Step]) -> bool:

@@ -27,10 +27,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from compressor.arch import attention_geometry
 from compressor.arch.generic import adapter_of
+from compressor.kvcache.layer import QuantizedCacheLayer, install_cache
 from compressor.weights.values import (
     BFP_BLOCK_SIZES,
     BFP_EXPONENT_BITS,
@@ -179,16 +180,12 @@ def _unflat(flat: torch.Tensor, heads: int) -> torch.Tensor:
     return flat.reshape(b, t, heads, c // heads).transpose(1, 2)
 
 
-class BFPLayer(DynamicLayer):
+class BFPLayer(QuantizedCacheLayer):
     """One layer of ``BFPQuantizedCache``: keys (and, with ``v_bits``, values) held as BFP bytes."""
 
-    is_croppable = False
-
     def __init__(self, spec: BFPCacheSpec, k_perm: torch.Tensor | None = None, v_perm: torch.Tensor | None = None):
-        super().__init__()
-        self.spec = spec
+        super().__init__(spec)
         self.k_perm, self.v_perm = k_perm, v_perm
-        self.cumulative_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -211,32 +208,17 @@ class BFPLayer(DynamicLayer):
         self.values = None
         self.is_initialized = True
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        fresh = key_states.shape[-2]
-        self.cumulative_length += fresh
-        channels = self.heads * self.head_dim
+    @property
+    def quantizes_values(self) -> bool:
+        return self._values is not None
+
+    def store_keys(self, key_states: torch.Tensor) -> torch.Tensor:
         self._keys.append(_flat(key_states))
-        keys = _unflat(self._keys.decode(channels, key_states.dtype), self.heads)
-        if self._values is None:
-            self.values = value_states if self.values is None else torch.cat([self.values, value_states], dim=-2)
-            values = self.values
-        else:
-            self._values.append(_flat(value_states))
-            values = _unflat(self._values.decode(channels, value_states.dtype), self.heads)
-        if not self.spec.quantize_fresh:
-            keys = torch.cat([keys[..., :-fresh, :], key_states], dim=-2)
-            values = torch.cat([values[..., :-fresh, :], value_states], dim=-2)
-        return keys, values
+        return _unflat(self._keys.decode(self.heads * self.head_dim, key_states.dtype), self.heads)
 
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
+    def store_values(self, value_states: torch.Tensor) -> torch.Tensor:
+        self._values.append(_flat(value_states))
+        return _unflat(self._values.decode(self.heads * self.head_dim, value_states.dtype), self.heads)
 
     def nbytes(self) -> dict:
         """Bytes this layer holds for keys and values."""
@@ -246,14 +228,6 @@ class BFPLayer(DynamicLayer):
             else (0 if self.values is None else self.values.numel() * self.values.element_size())
         )
         return {"k": self._keys.nbytes() if self.is_initialized else 0, "v": values if self.is_initialized else 0}
-
-    def reset(self) -> None:
-        self.cumulative_length = 0
-        self.is_initialized = False
-        self.values = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
@@ -327,20 +301,11 @@ def install(model, spec: BFPCacheSpec):
     own empty ``DynamicCache`` is swapped too. A cache the caller passes that holds tokens is kept.
     Returns the hook's handle (``compressor.kvcache.install`` keeps it)."""
 
-    def start_bfp_cache(module, args, kwargs):
-        name = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
-        given = kwargs.get(name)
-        use_cache = kwargs.get("use_cache")
-        if use_cache is False or (use_cache is None and not getattr(module.config, "use_cache", True)):
-            return None
-        if given is None or (type(given) is DynamicCache and given.get_seq_length() == 0):
-            k_perms, v_perms = model_kv_perms(module)
-            kwargs[name] = BFPQuantizedCache(spec, len(k_perms), k_perms, v_perms)
-            kwargs["use_cache"] = True
-            return args, kwargs
-        return None
+    def start_bfp_cache(module):
+        k_perms, v_perms = model_kv_perms(module)
+        return BFPQuantizedCache(spec, len(k_perms), k_perms, v_perms)
 
-    return model.register_forward_pre_hook(start_bfp_cache, with_kwargs=True)
+    return install_cache(model, start_bfp_cache)
 
 
 def bytes_per_token(model, spec: BFPCacheSpec) -> dict:

@@ -16,9 +16,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from compressor.arch import adapter_for, attention_geometry
+from compressor.kvcache.layer import QuantizedCacheLayer, install_cache
 from compressor.weights.values import e4m3_codes, e4m3_values
 
 SCALES = ("k_scale", "v_scale")
@@ -50,15 +51,12 @@ def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return e4m3_codes(x.float() / scale.float().to(x.device))
 
 
-class FP8Layer(DynamicLayer):
+class FP8Layer(QuantizedCacheLayer):
     """One layer of ``FP8QuantizedCache``: E4M3 bytes of its keys (and values), appended per forward."""
 
-    is_croppable = False
-
     def __init__(self, spec: FP8CacheSpec, k_scale: torch.Tensor, v_scale: torch.Tensor):
-        super().__init__()
-        self.spec, self.k_scale, self.v_scale = spec, k_scale.float(), v_scale.float()
-        self.cumulative_length = 0
+        super().__init__(spec)
+        self.k_scale, self.v_scale = k_scale.float(), v_scale.float()
         self.codes: dict[str, torch.Tensor | None] = {"k": None, "v": None}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -66,39 +64,20 @@ class FP8Layer(DynamicLayer):
         self.codes, self.values = {"k": None, "v": None}, None
         self.is_initialized = True
 
+    @property
+    def quantizes_values(self) -> bool:
+        return self.spec.values
+
+    def store_keys(self, key_states: torch.Tensor) -> torch.Tensor:
+        return self.store("k", key_states, self.k_scale)
+
+    def store_values(self, value_states: torch.Tensor) -> torch.Tensor:
+        return self.store("v", value_states, self.v_scale)
+
     def store(self, name: str, states: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         codes = quantize_e4m3(states, scale)
         self.codes[name] = codes if self.codes[name] is None else torch.cat([self.codes[name], codes], dim=-2)
         return (e4m3_values(self.codes[name]) * scale.to(states.device)).to(states.dtype)
-
-    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        fresh = key_states.shape[-2]
-        self.cumulative_length += fresh
-        keys = self.store("k", key_states, self.k_scale)
-        if self.spec.values:
-            values = self.store("v", value_states, self.v_scale)
-        else:
-            self.values = value_states if self.values is None else torch.cat([self.values, value_states], dim=-2)
-            values = self.values
-        if not self.spec.quantize_fresh:
-            keys = torch.cat([keys[..., :-fresh, :], key_states], dim=-2)
-            values = torch.cat([values[..., :-fresh, :], value_states], dim=-2)
-        return keys, values
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cumulative_length + query_length, 0
-
-    def reset(self) -> None:
-        self.cumulative_length = 0
-        self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for name, codes in self.codes.items():
@@ -133,22 +112,10 @@ def prepare(model, spec: FP8CacheSpec, device="meta") -> list[str]:
 
 def install(model, spec: FP8CacheSpec):
     """Every forward of ``model`` that would start an empty cache starts an ``FP8QuantizedCache`` with the layers'
-    scales (``generate``'s own empty ``DynamicCache`` too); returns the hook's handle."""
-
-    def start_fp8_cache(module, args, kwargs):
-        name = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
-        given = kwargs.get(name)
-        use_cache = kwargs.get("use_cache")
-        if use_cache is False or (use_cache is None and not getattr(module.config, "use_cache", True)):
-            return None
-        if given is None or (type(given) is DynamicCache and given.get_seq_length() == 0):
-            scales = [(a.k_scale, a.v_scale) for a in attention_modules(module)]
-            kwargs[name] = FP8QuantizedCache(spec, scales)
-            kwargs["use_cache"] = True
-            return args, kwargs
-        return None
-
-    return model.register_forward_pre_hook(start_fp8_cache, with_kwargs=True)
+    scales; returns the hook's handle."""
+    return install_cache(
+        model, lambda module: FP8QuantizedCache(spec, [(a.k_scale, a.v_scale) for a in attention_modules(module)])
+    )
 
 
 def bytes_per_token(model, spec: FP8CacheSpec) -> dict:

@@ -37,7 +37,31 @@ from torch.nn import functional as F
 from compressor.arch import final_logits
 from compressor.arch.blocks import catch_block_inputs, first_output
 
-__all__ = ["BlockwiseModel", "catch_block_inputs", "first_output", "next_token_loss", "run_block"]
+__all__ = ["BlockwiseModel", "InputHooks", "catch_block_inputs", "first_output", "next_token_loss", "run_block"]
+
+
+class InputHooks:
+    """While ``with`` lasts, each named submodule of ``block`` hands its input (detached) to ``catch(name, x)``
+    before it runs: the one way methods watch a block's linears (GPTQ's Hessians, AWQ's samples)."""
+
+    def __init__(self, block: nn.Module, names: list[str]):
+        self.block, self.names = block, names
+        self.hooks = []
+
+    def catch(self, name: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        def hook(name):
+            return lambda module, args: self.catch(name, args[0].detach())
+
+        self.hooks = [self.block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in self.names]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from compressor.arch import attention_geometry, linear_channel_links, norm_linear_groups
-from compressor.blockwise import first_output
+from compressor.blockwise import InputHooks, first_output
 from compressor.quant.uniform import check_group_size, grouped, minmax_params, quantize_codes
 from compressor.step import Step, param, register_step
 from compressor.weights.values import UniformWeight
@@ -273,30 +273,16 @@ class PointRecorder:
         return [first_output(module(*args, **kwargs)).float() for args, kwargs in self.calls[point.inspect]]
 
 
-class InputSampler:
+class InputSampler(InputHooks):
     """While the block runs: every ``every``-th token of each named linear's input."""
 
     def __init__(self, block: nn.Module, names: list[str], every: int):
-        self.block, self.names, self.every = block, names, every
+        super().__init__(block, names)
+        self.every = every
         self.samples: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        self.hooks = []
 
-    def __enter__(self):
-        for name in self.names:
-            self.hooks.append(self.block.get_submodule(name).register_forward_pre_hook(self.catcher(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
-
-    def catcher(self, name: str):
-        def catch(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            self.samples[name].append(x[:: self.every].float())
-
-        return catch
+    def catch(self, name: str, x: torch.Tensor) -> None:
+        self.samples[name].append(x.reshape(-1, x.shape[-1])[:: self.every].float())
 
     def tokens(self, name: str) -> torch.Tensor:
         return torch.cat(self.samples[name])[:CLIP_TOKENS]

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from compressor.arch import input_groups
+from compressor.blockwise import InputHooks
 from compressor.modules.activations import ActivationSpec, quantize_activations
 from compressor.quant.uniform import (
     WEIGHT_GRIDS,
@@ -265,34 +266,21 @@ def sequential_hessians(context: BlockContext, linears: dict, true_sequential: b
         yield names, catcher
 
 
-class HessianCatcher:
-    """Forward pre-hooks that add each linear's inputs to its Hessian sum while the block runs."""
+class HessianCatcher(InputHooks):
+    """Adds each linear's inputs to its Hessian sum while the block runs."""
 
     def __init__(self, block: nn.Module, names: list[str], input_spec: ActivationSpec | None = None):
-        self.block, self.names, self.input_spec = block, names, input_spec  # inputs seen through ``input_spec``
+        super().__init__(block, names)
+        self.input_spec = input_spec  # inputs seen through ``input_spec``
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
-        self.hooks = []
 
-    def __enter__(self):
-        modules = [self.block.get_submodule(name) for name in self.names]
-        self.hooks = [module.register_forward_pre_hook(self.catcher(name)) for module, name in zip(modules, self.names)]
-        return self
-
-    def __exit__(self, *exc):
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks = []
-
-    def catcher(self, name: str):
-        def catch(module, args):
-            x = quantize_activations(args[0].detach(), self.input_spec)
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-                self.tokens[name] = 0
-            self.tokens[name] += add_to_hessian(self.sums[name], x)
-
-        return catch
+    def catch(self, name: str, x: torch.Tensor) -> None:
+        x = quantize_activations(x, self.input_spec)
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+            self.tokens[name] = 0
+        self.tokens[name] += add_to_hessian(self.sums[name], x)
 
     def hessian(self, name: str) -> torch.Tensor | None:
         """H of linear ``name``; None when it saw no token."""

@@ -9,8 +9,9 @@ The partial output (``.NAME.partial-PID``, ``export/output.py``) gets a ``resume
   naming what changed, a partial output whose fingerprint differs;
 * ``block-K.pt``: block K as compressed (the whole module, written by the rank that writes the checkpoint);
 * ``rank-R-K.pt``: what rank R needs to go on after block K: its share of the inputs of block K+1, the
-  blocks' keyword arguments, the steps' run states (Block-AP's full-precision chain), the report so far and
-  the export declarations;
+  steps' run states (Block-AP's full-precision chain), the report so far and the export declarations;
+* ``rank-R-kwargs.pt``: the keyword arguments rank R's batches hand each block (masks, rotary embeddings),
+  written once: they do not change during a run;
 * ``committed.json``: the last block every rank has committed (written after a barrier, atomically).
 
 Resuming replays blocks 0..K from their files into a fresh checkpoint writer, so the shards come out
@@ -130,9 +131,11 @@ class Commits:
     def commit(self, index: int, block, inputs, kwargs, run_state, steps) -> None:
         """Block ``index`` is finished and ``inputs`` are this rank's inputs of block ``index + 1``."""
         rank = self.distributed.rank
+        # the blocks' keyword arguments (masks, rotary embeddings) never change during a run: written once
+        if not (self.folder / f"rank-{rank}-kwargs.pt").is_file():
+            write_atomically(self.folder / f"rank-{rank}-kwargs.pt", lambda path: torch.save(kwargs, path))
         state = {
             "inputs": inputs,
-            "kwargs": kwargs,
             "step_states": [run_state.step_states.get(id(step), {}) for step in steps],
             "report": run_state.report,
             "export": run_state.export,
@@ -149,15 +152,15 @@ class Commits:
     def restore(self, index: int, run_state, steps, device) -> tuple[list, list]:
         """This rank's state after block ``index``: the report, step states and declarations go back into
         ``run_state``; returns the inputs and keyword arguments of block ``index + 1``."""
-        state = torch.load(
-            self.folder / f"rank-{self.distributed.rank}-{index}.pt", map_location=device, weights_only=False
-        )
+        rank = self.distributed.rank
+        state = torch.load(self.folder / f"rank-{rank}-{index}.pt", map_location=device, weights_only=False)
+        kwargs = torch.load(self.folder / f"rank-{rank}-kwargs.pt", map_location=device, weights_only=False)
         report = run_state.report
         report.rows[:], report.warnings[:] = state["report"].rows, state["report"].warnings
         run_state.export = state["export"]
         for step, step_state in zip(steps, state["step_states"]):
             run_state.state_of(step).update(step_state)
-        return state["inputs"], state["kwargs"]
+        return state["inputs"], kwargs
 
     def committed_block(self, index: int, device):
         return torch.load(self.folder / f"block-{index}.pt", map_location=device, weights_only=False)

@@ -84,10 +84,7 @@ def apply(
             status = launch_apply(recipe, model, output, nproc, **options)
         if status:
             raise DistributedError(f"{output}: the run on {nproc} processes failed (exit status {status})")
-        saved = json.loads((Path(output) / "report.json").read_text())
-        return Report(
-            rows=saved["modules"], passes=saved["passes"], warnings=saved["warnings"], summary=saved["summary"]
-        )
+        return Report.from_dict(json.loads((Path(output) / "report.json").read_text()))
     if not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
     distributed = Distributed.from_environment(backend, timeout)

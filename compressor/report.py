@@ -101,6 +101,11 @@ class Report:
     def to_dict(self) -> dict:
         return {"summary": self.summary, "passes": self.passes, "warnings": self.warnings, "modules": self.rows}
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> Report:
+        """The report ``to_dict`` wrote (``report.json``)."""
+        return cls(rows=saved["modules"], passes=saved["passes"], warnings=saved["warnings"], summary=saved["summary"])
+
     def table(self) -> str:
         """A readable summary: one line per step and module kind, then totals and warnings."""
         lines = []

@@ -142,23 +142,18 @@ class Distributed:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks, in place on every rank."""
-        if self.active:
-            import torch.distributed as dist
-
-            wire, moved = self._on_wire(tensor)
-            dist.all_reduce(wire)
-            if moved:
-                tensor.copy_(wire)
-            self.bytes_moved += 2 * tensor.numel() * tensor.element_size()
-        return tensor
+        return self._all_reduce(tensor, "SUM")
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         """Largest value over ranks, elementwise, in place (ranges); ``all_reduce_max(-x)`` is the minimum."""
+        return self._all_reduce(tensor, "MAX")
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if self.active:
             import torch.distributed as dist
 
             wire, moved = self._on_wire(tensor)
-            dist.all_reduce(wire, op=dist.ReduceOp.MAX)
+            dist.all_reduce(wire, op=getattr(dist.ReduceOp, op))
             if moved:
                 tensor.copy_(wire)
             self.bytes_moved += 2 * tensor.numel() * tensor.element_size()

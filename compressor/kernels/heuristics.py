@@ -54,13 +54,16 @@ def decode_warps(block_m: int, block_n: int, bits: int = 4) -> int:
     """Warps of a decode program: on CUDA cores four columns per thread (BLOCK_N / 128), so each
     thread's x conversion and address arithmetic serve four columns -- sm_90 SASS at 4 bits: 5.7
     instructions per weight at 512 columns x 4 warps or 128 x 1, 9.3 at 128 x 4 -- which is also
-    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps); the widths decoded
-    as denormal fields (3-bit "tens", 2/4/8-bit planes: one AND and one FMA per code, x scaled per
-    code) eight: 3-bit 3.4 per weight at 512 x 2 warps (4.4 at 512 x 4), 4-bit 3.6 (4.6). tl.dot: 4."""
+    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps). The widths decoded
+    as denormal fields at one row (3-bit "tens", 2/4/8-bit planes: one AND and one FMA per code, x
+    loaded, converted, scaled and summed once per code and thread) sixteen, so that x's four
+    instructions per code cost a quarter per weight (issue 31: 2-bit 2.46 per weight at 512 x 1 warp,
+    unroll 4, against 2.97 at 512 x 2 warps; ``decode_unroll``). tl.dot: 4."""
     if block_m >= 16:
         return 4
-    fields = bits == 3 or (bits in (2, 4, 8) and block_m == 1)  # see decode_fields
-    return max(1, min(8, block_n // (256 if fields else 128)))
+    if block_m == 1 and bits in (2, 3, 4, 8):
+        return max(1, min(8, block_n // 512))
+    return max(1, min(8, block_n // (256 if bits == 3 else 128)))
 
 
 def decode_fields(block_m: int) -> bool:
@@ -70,13 +73,24 @@ def decode_fields(block_m: int) -> bool:
     return block_m == 1
 
 
+def decode_unroll(block_m: int, bits: int) -> int:
+    """K-tiles a uniform decode program sums between two group-scale applications (``unroll``;
+    clamped to one group in the kernel): the field decode at one row 4 (3-bit "tens", whose tiles are
+    twice as deep: 2; sixteen columns per thread spill at 4), which moves the scale, the 2**C
+    rescaling and the sum of x's products out of the tiles (sm_90, 512 x 1 warp: 2-bit 2.46
+    instructions per weight against 2.66 at 1, 4-bit 2.61 against 3.2 at 512 x 2 warps, 3-bit 2.65)."""
+    if block_m == 1 and bits in (2, 3, 4, 8):
+        return 2 if bits == 3 else 4
+    return 1
+
+
 def codebook_config(config: KernelConfig, bits: int) -> KernelConfig:
     """A codebook weight's config: decode on CUDA cores with 2/4/8-bit codes indexes the code-major
     table (``lut="codemajor"``: sm_90 SASS at 4 bits, 512 x 16, 4 warps: 7.6 instructions per
     weight against 8.1 for the register table and 9.4 for the global one; eight columns per thread
     would give 6.9 but spill); anything else as it is."""
     if config.schedule == "decode" and config.block_m < 16 and bits in (2, 4, 8):
-        return replace(config, lut="codemajor", num_warps=max(1, min(8, config.block_n // 128)))
+        return replace(config, lut="codemajor", num_warps=max(1, min(8, config.block_n // 128)), unroll=1)
     return config
 
 
@@ -149,7 +163,8 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
 
     decode: all M rows in one program; on CUDA cores BLOCK_N 512 halved down to 128 (tensor-core
     rows: 64 down to 32) until the N-tiles times the split cap give two programs per SM, four
-    columns per thread (``decode_warps``); then split-K up to that many programs, capped so the
+    columns per thread (``decode_warps``; sixteen for the field decode, with ``decode_unroll`` tiles
+    per unit); then split-K up to that many programs, capped so the
     partials stay small (``decode_split_cap``). gemm below DEQUANT_MIN_M, dequantize + cuBLAS above.
     """
     schedule = schedule_for(m)
@@ -161,7 +176,8 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
         while block_n > (128 if block_m < 16 else 32) and triton.cdiv(n, block_n) * cap < target:
             block_n //= 2
         block_k = decode_block_k(block_m, group_size, bits)
-        split = split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
+        unroll = decode_unroll(block_m, bits)
+        split = split_k_for(triton.cdiv(n, block_n), k, block_k * unroll, target, cap)
         return KernelConfig(
             "decode",
             block_m,
@@ -170,6 +186,7 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
             split_k=split,
             num_warps=decode_warps(block_m, block_n, bits),
             num_stages=2,
+            unroll=unroll,
             fields=decode_fields(block_m),
         )
     if schedule == "dequant":

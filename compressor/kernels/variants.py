@@ -36,12 +36,14 @@ def matmul_variant(
     layout=None,
     outliers=False,
     fields=True,
+    even_k=True,
 ):
     """(kernel, pointer types, constexprs, num_warps, num_stages) of one ``decode``, ``gemm`` or
     ``dequant`` variant; ``epilogue`` is the decode kernel's (0 store, 1 serial split-K, 2 atomic);
     ``layout`` the codes' ("planes" or "tens"; default: what the weight kind packs); ``lut_mode``
     "codemajor" compiles the code-major table path for a 4096-column table; ``outliers`` the decode
-    kernel's in-launch outlier add (serial epilogue)."""
+    kernel's in-launch outlier add (serial epilogue); ``even_k`` the decode kernel's EVEN_K (K a
+    multiple of its unit: the 8B / 70B shapes)."""
     pointer, dot = FLOAT[dtype]
     layout = layout or ("planes" if lut else kernel_layout(bits))  # what ``packing.pack_uniform`` builds
     block_m, block_n, block_k = block
@@ -91,6 +93,7 @@ def matmul_variant(
             LOG_NP=12 if codemajor else 0,
             OUTLIERS=outliers,
             FIELDS=fields and not lut and bits in (2, 4, 8),
+            EVEN_K=even_k,
             INPUT_PRECISION=precision,
             BLOCK_M=block_m,
             BLOCK_N=block_n,

@@ -157,6 +157,27 @@ def test_codemajor_with_outliers_and_as_the_default():
     assert_matches(lut_linear(x, packed), exact_linear(x, weight), torch.float16, "default config")
 
 
+def test_shared_memory_codebook_mode_off_the_gpu_and_as_the_gpu_default():
+    """``lut="shared"`` (the Gluon decode of ``lut_shared.py``) needs a GPU and one row of x: here, in
+    the interpreter, and at M > 1 it runs the code-major Triton decode, which computes the same sums
+    from the same fp32 table; the heuristic picks it for 4-bit codebooks at M = 1 on a GPU."""
+    from compressor.kernels.heuristics import codebook_config, gpu_config
+    from compressor.kernels.lut import shared_applies
+
+    weights = Weights(11)
+    weight = weights.lut(N, 200, 4)
+    packed = pack_lut(weight)
+    config = KernelConfig("decode", block_m=1, block_n=1024, block_k=16, split_k=3, num_warps=2, lut="shared")
+    for m, dtype in ((1, torch.float16), (1, torch.float32), (3, torch.float16)):
+        x, bias = weights.x(m, 200, dtype), weights.bias(N, dtype)
+        assert not shared_applies(replace(config, block_m=4 if m > 1 else 1), packed, x, None)
+        run = replace(config, block_m=4) if m > 1 else config
+        assert_matches(lut_linear(x, packed, bias, run), exact_linear(x, weight, bias), dtype, f"M={m}")
+    chosen = codebook_config(gpu_config(1, 4096, 4096, -1, 132, 4), 4)
+    assert (chosen.lut, chosen.block_n, chosen.num_warps) == ("shared", 1024, 4)
+    assert codebook_config(gpu_config(2, 4096, 4096, -1, 132, 4), 4).lut == "codemajor"
+
+
 def outliers_dense_t(outliers):
     from compressor.kernels.reference import outliers_dense
 

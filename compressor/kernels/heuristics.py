@@ -93,7 +93,7 @@ def codebook_config(config: KernelConfig, bits: int) -> KernelConfig:
     table (``lut="codemajor"``: sm_90 SASS at 4 bits, 512 x 16, 4 warps: 7.6 instructions per
     weight against 8.1 for the register table and 9.4 for the global one; eight columns per thread
     would give 6.9 but spill); at one row and 4 bits the same table in shared memory (``lut="shared"``,
-    ``lut_shared.py``: 4.84 per weight at 1024 columns x 4 warps, 150 registers; 4.75 at 2 warps in
+    ``lut_shared.py``: 4.84 per weight at 1024 columns x 4 warps, ~150 registers; 4.75 at 2 warps in
     254; the split scaled to keep the program count); anything else as it is."""
     if config.schedule == "decode" and config.block_m == 1 and bits == 4:
         scale = max(1, SHARED_BLOCK_N // config.block_n)

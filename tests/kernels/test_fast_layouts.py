@@ -127,6 +127,25 @@ def test_field_decode_of_power_of_two_widths_matches_reference(bits, dtype):
                 assert_matches(y, expected, dtype, f"M={m} fields={fields} group={group}")
 
 
+@pytest.mark.parametrize("bits,block_k,unroll", [(2, 16, 4), (4, 16, 2), (8, 16, 2), (3, 32, 1), (3, 32, 2)])
+def test_field_decode_with_whole_units_loads_x_unmasked(bits, block_k, unroll):
+    """K a multiple of the unit (EVEN_K, every Llama shape): x and the code words are loaded with no
+    mask, as the heuristic runs it at M = 1 (sixteen columns per thread, ``decode_unroll`` tiles);
+    groups of 64 clamp the unit to one group, per-channel scales do not; 3 splits of 4-8 units leave
+    one program with fewer (or none)."""
+    from compressor.kernels.decode import unit_tiles
+
+    weights = Weights(bits + unroll)
+    for symmetric, group in ((True, 128), (False, 64), (True, -1)):
+        assert 256 % (block_k * unit_tiles(group, block_k, unroll)) == 0  # the EVEN_K branch runs
+        weight = weights.uniform(N, 256, bits, group, symmetric, scale_dtype=torch.float16)
+        config = KernelConfig("decode", block_m=1, block_n=32, block_k=block_k, split_k=3, num_warps=1, unroll=unroll)
+        for dtype in (torch.float16, torch.bfloat16):
+            x, bias = weights.x(1, 256, dtype), weights.bias(N, dtype)
+            y = uniform_linear(x, pack_uniform(weight), bias, config)
+            assert_matches(y, exact_linear(x, weight, bias), dtype, f"group={group} {dtype}")
+
+
 def test_codebook_table_is_code_major():
     weight = Weights().lut(N, 64, 4, device="cpu")
     table = codebook_table(weight.lut)

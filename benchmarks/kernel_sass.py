@@ -30,6 +30,8 @@ from pathlib import Path
 
 import triton
 from triton.compiler import ASTSource
+from triton.experimental.gluon import GluonASTSource
+from triton.experimental.gluon._runtime import GluonJITFunction
 
 from compressor.kernels.variants import TARGET, matmul_variant
 
@@ -46,8 +48,20 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
     ("uniform 4b fields, 512x16, 4 warps", dict(bits=4, block=(1, 512, 16), num_warps=4)),
     ("uniform 4b fields, 512x16, 2 warps", dict(bits=4, block=(1, 512, 16), num_warps=2)),
     ("uniform 4b fields, 128x16, 1 warp", dict(bits=4, block=(1, 128, 16), num_warps=1)),
+    ("uniform 4b fields, 512x16, 1 warp, unroll 2", dict(bits=4, block=(1, 512, 16), num_warps=1, unroll=2)),
+    (
+        "uniform 4b fields, 512x16, 1 warp, unroll 4 (spills 16 bytes)",
+        dict(bits=4, block=(1, 512, 16), num_warps=1, unroll=4),
+    ),
     ("uniform 2b fields, 512x16, 2 warps", dict(bits=2, block=(1, 512, 16), num_warps=2)),
+    ("uniform 2b fields, 512x16, 1 warp", dict(bits=2, block=(1, 512, 16), num_warps=1)),
+    ("uniform 2b fields, 512x16, 1 warp, unroll 4", dict(bits=2, block=(1, 512, 16), num_warps=1, unroll=4)),
+    (
+        "uniform 2b fields, 512x16, 1 warp, unroll 4, K tail masked",
+        dict(bits=2, block=(1, 512, 16), num_warps=1, unroll=4, even_k=False),
+    ),
     ("uniform 8b fields, 512x16, 2 warps", dict(bits=8, block=(1, 512, 16), num_warps=2)),
+    ("uniform 8b fields, 512x16, 1 warp, unroll 2", dict(bits=8, block=(1, 512, 16), num_warps=1, unroll=2)),
     ("uniform 3b planes, 512x32, 4 warps", dict(bits=3, layout="planes", block=(1, 512, 32), num_warps=4)),
     (
         "uniform 3b planes, 512x32, 4 warps, unroll 4",
@@ -55,6 +69,11 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
     ),
     ("uniform 3b tens, 512x32, 4 warps", dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=4)),
     ("uniform 3b tens, 512x32, 2 warps", dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=2)),
+    ("uniform 3b tens, 512x32, 1 warp", dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=1)),
+    (
+        "uniform 3b tens, 512x32, 1 warp, unroll 2 (spills 40 bytes)",
+        dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=1, unroll=2),
+    ),
     (
         "uniform 3b tens, 512x32, 4 warps, unroll 4",
         dict(bits=3, layout="tens", block=(1, 512, 32), num_warps=4, unroll=4),
@@ -78,11 +97,20 @@ VARIANTS = [  # (name, matmul_variant kwargs, rows, block_n, block_k)
         "lut 4b codemajor, 512x16, 2 warps (spills 28 bytes)",
         dict(bits=4, lut=True, lut_mode="codemajor", block=(1, 512, 16), num_warps=2),
     ),
+    (
+        "lut 4b shared (Gluon), 1024x16, 4 warps",
+        dict(bits=4, lut=True, lut_mode="shared", block=(1, 1024, 16), num_warps=4),
+    ),
+    (
+        "lut 4b shared (Gluon), 1024x16, 2 warps",
+        dict(bits=4, lut=True, lut_mode="shared", block=(1, 1024, 16), num_warps=2),
+    ),
     ("lut 3b global, 512x32, 4 warps", dict(bits=3, lut=True, block=(1, 512, 32), num_warps=4)),
 ]
 
 
-def sass(kernel, types_, constexprs, num_warps, num_stages) -> list[str]:
+def compile_variant(kernel, types_, constexprs, num_warps, num_stages):
+    """The sm_90 compilation of a (Triton or Gluon) kernel variant."""
     constexprs = {**constexprs, "stride_xk": 1}
     signature = {
         n: "constexpr" if n in constexprs else types_[n] if n.endswith("_ptr") else "i32" for n in kernel.arg_names
@@ -90,18 +118,26 @@ def sass(kernel, types_, constexprs, num_warps, num_stages) -> list[str]:
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, n in enumerate(kernel.arg_names)
-        if n not in constexprs and (n.endswith("_ptr") or n in ("N", "K", "rows_per_bit", "stride_xm"))
+        if n not in constexprs and (n.endswith("_ptr") or n in ("N", "K", "NP", "rows_per_bit", "stride_xm"))
     }
-    compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    return triton.compile(
+        source(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=TARGET,
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
+
+
+def disassemble(compiled) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         text = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     return [line for line in text.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+
+
+def sass(kernel, types_, constexprs, num_warps, num_stages) -> list[str]:
+    return disassemble(compile_variant(kernel, types_, constexprs, num_warps, num_stages))
 
 
 def opcode(line: str) -> str:
@@ -135,7 +171,8 @@ def budget(bits: int, device: str = "H100") -> float:
 def per_weight(name: str, options: dict) -> str:
     options = {"split_k": 8, "epilogue": 1, **options}
     kernel, types_, constexprs, warps, stages = matmul_variant("decode", "fp16", **options)
-    body = k_loop(sass(kernel, types_, constexprs, warps, stages))
+    compiled = compile_variant(kernel, types_, constexprs, warps, stages)
+    body = k_loop(disassemble(compiled))
     rows, block_n, block_k = options["block"]
     weights_per_thread = block_n * block_k / (32 * warps)
     products = sum(opcode(line) == "FFMA" for line in body) / (rows if rows < 16 else 1)
@@ -149,9 +186,10 @@ def per_weight(name: str, options: dict) -> str:
     count = len(body) / (weights_per_thread * tiles)
     h100, h200 = budget(options["bits"]), budget(options["bits"], "H200")
     verdict = "within" if count <= h100 else "OVER"
+    shared = f"; shared memory {compiled.metadata.shared} bytes" if isinstance(kernel, GluonJITFunction) else ""
     return (
         f"{name}: {count:.2f} instructions per weight, budget {h100:.2f} H100 / {h200:.2f} H200: "
-        f"{verdict} the H100 budget ({top})"
+        f"{verdict} the H100 budget ({top}){shared}"
     )
 
 

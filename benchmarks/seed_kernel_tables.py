@@ -11,7 +11,8 @@ The seed is what can be said without a GPU at hand, each entry saying where it c
   write of the fp16 weight);
 * 4-bit group-128 at M = 1 on the Llama-3-8B shapes: the tile width and stages of gemlite's
   published Hopper winners (mobiusml/gemlite ``gemlite/configs/h100.json``, ``GEMV_REVSPLITK``
-  keys ``(1, N, K, 128, 8)``; our warps: eight columns per thread, as the field decode counts best), with
+  keys ``(1, N, K, 128, 8)``; our warps and unroll: up to sixteen columns per thread and four K-tiles per
+  group-scale application, as the field decode counts best), with
   our split-K rule (gemlite splits K into 16-32 element chunks
   and adds atomically into a zeroed output, which we do not do);
 * 4-bit group-128, 4096 x 4096, M = 8..32: gemlite's ``GEMM_SPLITK`` winners (BLOCK 16/32 x 64 x 64,
@@ -35,6 +36,7 @@ from compressor.kernels.heuristics import (
     decode_block_k,
     decode_block_m,
     decode_split_cap,
+    decode_unroll,
     decode_warps,
     gpu_config,
     split_k_for,
@@ -79,10 +81,13 @@ def entry(kind, bits, group, n, k, m) -> dict:
             cap = decode_split_cap(1, k, bits)
             while block_n > 128 and -(-n // block_n) * cap < 2 * 132:  # gemlite fills the GPU with a far deeper split
                 block_n //= 2
-            warps = decode_warps(1, block_n, bits)  # eight columns per thread for the field decode (gemlite: four)
+            warps = decode_warps(1, block_n, bits)  # up to sixteen columns per thread for the field decode
             block_k = decode_block_k(1, group, bits)  # 16: gemlite's 2 x BLOCK_SIZE_K 8 per program
-            split = split_k_for(-(-n // block_n), k, block_k, 2 * 132, cap)
-            config = KernelConfig("decode", 1, block_n, block_k, split, num_warps=warps, num_stages=stages)
+            unroll = decode_unroll(1, bits)
+            split = split_k_for(-(-n // block_n), k, block_k * unroll, 2 * 132, cap)
+            config = KernelConfig(
+                "decode", 1, block_n, block_k, split, num_warps=warps, num_stages=stages, unroll=unroll, fields=True
+            )
             source = (
                 f"gemlite h100.json GEMV_REVSPLITK (1, {n}, {k}, 128, 8): BLOCK_N {block_n}, "
                 f"{stages} stages; our warps and split rule"

@@ -191,13 +191,17 @@ def load_mantissas(
 
 
 @triton.jit
-def _x_scaled(x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, EXPONENT: tl.constexpr):
-    """(x[:, k] * 2**EXPONENT, x[:, k]) in fp32 ([BLOCK_M, 1] each), 0 past K."""
-    x = tl.load(
-        x_ptr + offs_m[:, None] * stride_xm + k * stride_xk,
-        mask=mask_m[:, None] & (offs_m[:, None] * 0 + k < K),
-        other=0.0,
-    ).to(tl.float32)
+def _x_scaled(x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, EXPONENT: tl.constexpr, EVEN_K: tl.constexpr):
+    """(x[:, k] * 2**EXPONENT, x[:, k]) in fp32 ([BLOCK_M, 1] each), 0 past K. With EVEN_K (every
+    K-tile full) one row is loaded with no mask at all (the launcher never runs an empty x), which
+    saves the compare, the increment and the zeroing of the predicated load per k."""
+    ptrs = x_ptr + offs_m[:, None] * stride_xm + k * stride_xk
+    if EVEN_K and offs_m.shape[0] == 1:
+        x = tl.load(ptrs).to(tl.float32)
+    elif EVEN_K:
+        x = tl.load(ptrs, mask=mask_m[:, None], other=0.0).to(tl.float32)
+    else:
+        x = tl.load(ptrs, mask=mask_m[:, None] & (offs_m[:, None] * 0 + k < K), other=0.0).to(tl.float32)
     return x * (2.0**EXPONENT), x
 
 
@@ -218,9 +222,10 @@ def _field(
     C: tl.constexpr,
     COEF: tl.constexpr,
     SUM: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """acc += COEF x[:, k] * f for the field f = word & (MASK << POS) (POS + width <= 23)."""
-    xs, x = _x_scaled(x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, 149 - POS - C + COEF)
+    xs, x = _x_scaled(x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, 149 - POS - C + COEF, EVEN_K)
     acc += xs * (word & (MASK << POS)).to(tl.float32, bitcast=True)
     if SUM:
         x_sum += x
@@ -228,22 +233,36 @@ def _field(
 
 
 @triton.jit
-def _ten_fields(acc, x_sum, word, x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, C: tl.constexpr):
+def _ten_fields(
+    acc, x_sum, word, x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, C: tl.constexpr, EVEN_K: tl.constexpr
+):
     """The ten codes at bits 3 j of one word (codes k .. k + 9): j < 7 as they are, j >= 7 after >> 9."""
     high = word >> 9
     for j in tl.static_range(7):
         acc, x_sum = _field(
-            acc, x_sum, word, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, 3 * j, 7, C, 0, True
+            acc, x_sum, word, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, 3 * j, 7, C, 0, True, EVEN_K
         )
     for j in tl.static_range(7, 10):
         acc, x_sum = _field(
-            acc, x_sum, high, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, 3 * j - 9, 7, C, 0, True
+            acc, x_sum, high, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, 3 * j - 9, 7, C, 0, True, EVEN_K
         )
     return acc, x_sum, high
 
 
 @triton.jit
+def _code_words(w_ptr, row, offs_n, mask_n, limit, N, EVEN_K: tl.constexpr):
+    """Word row ``row`` [1, BLOCK_N] of the codes (rows from ``limit`` on read as 0, unless EVEN_K)."""
+    if EVEN_K:
+        mask = mask_n[None, :]
+    else:
+        mask = (mask_n & (offs_n * 0 + row < limit))[None, :]
+    return tl.load(w_ptr + row * N + offs_n[None, :], mask=mask, other=0, eviction_policy="evict_first")
+
+
+@triton.jit
 def tens_products(
+    acc,
+    x_sum,
     x_ptr,
     w_ptr,
     k0,
@@ -256,58 +275,55 @@ def tens_products(
     N,
     stride_xm,
     stride_xk,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """(sum_k x u [BLOCK_M, BLOCK_N], sum_k x [BLOCK_M, 1]) over K-tile k0 of 3-bit codes in the "tens"
-    layout, at one AND and one FMA per field (34 fields per 32 codes) and one shift per word.
+    """(acc + 2**-C sum_k x u [BLOCK_M, BLOCK_N], x_sum + sum_k x [BLOCK_M, 1]) over K-tile k0 of 3-bit
+    codes in the "tens" layout, at one AND and one FMA per field (34 fields per 32 codes) and one shift
+    per word; the caller scales the sum back by 2**C once per group: C = 40 for fp16 activations (every
+    fp16 x is in range); 64 for bf16 / fp32, whose x must stay under 2**41 in magnitude (products
+    |x u| < 2**-62 lose precision as denormals).
 
     A field of bits at ``pos`` inside bits 0..22, masked out of its word, read as fp32 is the denormal
     number ``f * 2**(pos - 149)``: exact, linear in the code, no conversion and no implicit 1. The
     fields at bits 21..31 are read from the word shifted right by 9 (the sign bits it shifts in are
     masked off). Each x is scaled once by ``2**(149 - pos - C)`` (times 4 or 2 for the high parts of
-    codes 30 and 31), so every product is ``x * u * 2**-C``, a normal number, and the sum is scaled
-    back by 2**C (all exact powers of two). C = 40 for fp16 activations (every fp16 x is in range);
-    64 for bf16 / fp32, whose x must stay under 2**41 in magnitude (products |x u| < 2**-62 lose
-    precision as denormals)."""
-    if x_ptr.dtype.element_ty == tl.float16:
-        C: tl.constexpr = 40
-        TWO_C: tl.constexpr = 1099511627776.0
-    else:
-        C: tl.constexpr = 64
-        TWO_C: tl.constexpr = 18446744073709551616.0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+    codes 30 and 31), so every product is ``x * u * 2**-C``, a normal number (all exact powers of
+    two). EVEN_K: K is a multiple of the program's K-tiles (no masks on x and the words)."""
     for block in tl.static_range(BLOCK_K // 32):
         k = k0 + 32 * block
         row = k // 32
-        ptrs = w_ptr + 3 * row * N + offs_n[None, :]
-        mask = (mask_n & (offs_n * 0 + row < rows_per_bit))[None, :]
-        a = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
-        b = tl.load(ptrs + N, mask=mask, other=0, eviction_policy="evict_first")
-        c = tl.load(ptrs + 2 * N, mask=mask, other=0, eviction_policy="evict_first")
-        acc, x_sum, a_high = _ten_fields(acc, x_sum, a, x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, C)
-        acc, x_sum, b_high = _ten_fields(acc, x_sum, b, x_ptr, k + 10, offs_m, mask_m, K, stride_xm, stride_xk, C)
-        acc, x_sum, c_high = _ten_fields(acc, x_sum, c, x_ptr, k + 20, offs_m, mask_m, K, stride_xm, stride_xk, C)
+        a = _code_words(w_ptr, 3 * row, offs_n, mask_n, 3 * rows_per_bit, N, EVEN_K)
+        b = _code_words(w_ptr, 3 * row + 1, offs_n, mask_n, 3 * rows_per_bit, N, EVEN_K)
+        c = _code_words(w_ptr, 3 * row + 2, offs_n, mask_n, 3 * rows_per_bit, N, EVEN_K)
+        acc, x_sum, a_high = _ten_fields(acc, x_sum, a, x_ptr, k, offs_m, mask_m, K, stride_xm, stride_xk, C, EVEN_K)
+        acc, x_sum, b_high = _ten_fields(
+            acc, x_sum, b, x_ptr, k + 10, offs_m, mask_m, K, stride_xm, stride_xk, C, EVEN_K
+        )
+        acc, x_sum, c_high = _ten_fields(
+            acc, x_sum, c, x_ptr, k + 20, offs_m, mask_m, K, stride_xm, stride_xk, C, EVEN_K
+        )
         # code 30 = a[30:32] + 4 b[30], code 31 = b[31] + 2 c[30:32] (bits 21, 22 of the shifted words)
         acc, x_sum = _field(
-            acc, x_sum, a_high, x_ptr, k + 30, offs_m, mask_m, K, stride_xm, stride_xk, 21, 3, C, 0, True
+            acc, x_sum, a_high, x_ptr, k + 30, offs_m, mask_m, K, stride_xm, stride_xk, 21, 3, C, 0, True, EVEN_K
         )
         acc, x_sum = _field(
-            acc, x_sum, b_high, x_ptr, k + 30, offs_m, mask_m, K, stride_xm, stride_xk, 21, 1, C, 2, False
+            acc, x_sum, b_high, x_ptr, k + 30, offs_m, mask_m, K, stride_xm, stride_xk, 21, 1, C, 2, False, EVEN_K
         )
         acc, x_sum = _field(
-            acc, x_sum, b_high, x_ptr, k + 31, offs_m, mask_m, K, stride_xm, stride_xk, 22, 1, C, 0, True
+            acc, x_sum, b_high, x_ptr, k + 31, offs_m, mask_m, K, stride_xm, stride_xk, 22, 1, C, 0, True, EVEN_K
         )
         acc, x_sum = _field(
-            acc, x_sum, c_high, x_ptr, k + 31, offs_m, mask_m, K, stride_xm, stride_xk, 21, 3, C, 1, False
+            acc, x_sum, c_high, x_ptr, k + 31, offs_m, mask_m, K, stride_xm, stride_xk, 21, 3, C, 1, False, EVEN_K
         )
-    return acc * TWO_C, x_sum
+    return acc, x_sum
 
 
 @triton.jit
 def plane_products(
+    acc,
+    x_sum,
     x_ptr,
     w_ptr,
     k0,
@@ -320,20 +336,14 @@ def plane_products(
     N,
     stride_xm,
     stride_xk,
+    C: tl.constexpr,
     BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """``tens_products`` for 2-, 4- and 8-bit codes in the planes layout (one plane: 32 / BITS codes
     per word at bits BITS j): the fields inside bits 0..22 are read as they are, the others from the
     word shifted right by 12 (4-bit), 10 (2-bit) or 16 (8-bit); one AND and one FMA per code."""
-    if x_ptr.dtype.element_ty == tl.float16:
-        C: tl.constexpr = 40
-        TWO_C: tl.constexpr = 1099511627776.0
-    else:
-        C: tl.constexpr = 64
-        TWO_C: tl.constexpr = 18446744073709551616.0
     PER_WORD: tl.constexpr = 32 // BITS
     DIRECT: tl.constexpr = 23 // BITS  # fields j < DIRECT end inside bit 22
     if BITS == 4:
@@ -343,21 +353,13 @@ def plane_products(
     else:
         SHIFT: tl.constexpr = 16
     MASK: tl.constexpr = (1 << BITS) - 1
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
     for word in tl.static_range(BLOCK_K // PER_WORD):
         k = k0 + word * PER_WORD
-        row = k // PER_WORD
-        w = tl.load(
-            w_ptr + row * N + offs_n[None, :],
-            mask=(mask_n & (offs_n * 0 + row < rows_per_bit * BITS))[None, :],
-            other=0,
-            eviction_policy="evict_first",
-        )
+        w = _code_words(w_ptr, k // PER_WORD, offs_n, mask_n, rows_per_bit * BITS, N, EVEN_K)
         high = w >> SHIFT
         for j in tl.static_range(DIRECT):
             acc, x_sum = _field(
-                acc, x_sum, w, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, BITS * j, MASK, C, 0, True
+                acc, x_sum, w, x_ptr, k + j, offs_m, mask_m, K, stride_xm, stride_xk, BITS * j, MASK, C, 0, True, EVEN_K
             )
         for j in tl.static_range(DIRECT, PER_WORD):
             acc, x_sum = _field(
@@ -376,8 +378,9 @@ def plane_products(
                 C,
                 0,
                 True,
+                EVEN_K,
             )
-    return acc * TWO_C, x_sum
+    return acc, x_sum
 
 
 @triton.jit

@@ -61,6 +61,7 @@ def _uniform_rows(
     UNROLL: tl.constexpr,
     TENS: tl.constexpr,
     FIELDS: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """The decode reduction on CUDA cores for uniform weights whose K-tiles lie inside one group.
 
@@ -73,7 +74,8 @@ def _uniform_rows(
     UNROLL (the config's ``unroll``) trades registers for instructions: sm_90 SASS of the K loop at
     4 bits, 512 x 16 tile, 4 warps: UNROLL 1 ~5.7 instructions per weight in ~95 registers, UNROLL 4
     ~4.9 (one FMA, one mask-or, ~1.4 shifts, ~0.3 x conversions) in ~250 registers; the first
-    version's gemv took 8.5-11."""
+    version's gemv took 8.5-11. EVEN_K (K a multiple of the unit, ``unit_tiles``): the field decode
+    loads x and the code words without masks."""
     if GROUP > 0 and GROUP // BLOCK_K < UNROLL:
         TILES: tl.constexpr = GROUP // BLOCK_K
     else:
@@ -84,14 +86,21 @@ def _uniform_rows(
     for unit in range(pid_k * per, tl.minimum(units, pid_k * per + per)):
         g0 = unit * (TILES * BLOCK_K)
         if TENS or FIELDS:  # one AND and one FMA per code (``codes.tens_products``, ``codes.plane_products``)
+            if x_ptr.dtype.element_ty == tl.float16:  # the products are x u 2**-C (see tens_products)
+                C: tl.constexpr = 40
+            else:
+                C: tl.constexpr = 64
             summed = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
             for tile in tl.static_range(TILES):
+                k0 = g0 + tile * BLOCK_K
                 if TENS:
-                    tile_sum, tile_x = tens_products(
+                    summed, x_sum = tens_products(
+                        summed,
+                        x_sum,
                         x_ptr,
                         w_ptr,
-                        g0 + tile * BLOCK_K,
+                        k0,
                         offs_m,
                         mask_m,
                         offs_n,
@@ -101,15 +110,17 @@ def _uniform_rows(
                         N,
                         stride_xm,
                         stride_xk,
-                        BLOCK_M,
-                        BLOCK_N,
+                        C,
                         BLOCK_K,
+                        EVEN_K,
                     )
                 else:
-                    tile_sum, tile_x = plane_products(
+                    summed, x_sum = plane_products(
+                        summed,
+                        x_sum,
                         x_ptr,
                         w_ptr,
-                        g0 + tile * BLOCK_K,
+                        k0,
                         offs_m,
                         mask_m,
                         offs_n,
@@ -119,14 +130,12 @@ def _uniform_rows(
                         N,
                         stride_xm,
                         stride_xk,
+                        C,
                         BITS,
-                        BLOCK_M,
-                        BLOCK_N,
                         BLOCK_K,
+                        EVEN_K,
                     )
-                summed += tile_sum
-                x_sum += tile_x
-            xu = summed
+            xu = summed * (2.0**C)
         elif TILES == 1:  # reduce the tile's products directly (lets the compiler fuse them into FMAs)
             offs_k = g0 + tl.arange(0, BLOCK_K)
             x = tl.load(
@@ -242,6 +251,7 @@ def _decode_kernel(
     LOG_NP: tl.constexpr,
     OUTLIERS: tl.constexpr,
     FIELDS: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -279,6 +289,7 @@ def _decode_kernel(
             UNROLL,
             TENS,
             FIELDS,
+            EVEN_K,
         )
     elif LOG_NP > 0 and BLOCK_M < 16:  # codebooks on CUDA cores, code-major table (``codes.codebook_products``)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -377,6 +388,11 @@ def _decode_kernel(
 _counters: dict = {}
 
 
+def unit_tiles(group: int, block_k: int, unroll: int) -> int:
+    """K-tiles per unit of ``_uniform_rows`` (its TILES): ``unroll``, at most one group's."""
+    return max(1, group // block_k) if 0 < group and group // block_k < unroll else unroll
+
+
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """Per-column arrival counters of the serial split-K decode (all zero between launches).
 
@@ -437,6 +453,7 @@ def decode_matmul(
         LOG_NP=log_np,
         OUTLIERS=outliers is not None,
         FIELDS=common["BITS"] in (2, 4, 8) and config.fields,
+        EVEN_K=k % (config.block_k * unit_tiles(common["GROUP"], config.block_k, config.unroll)) == 0,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

@@ -50,17 +50,23 @@ def check_block_k(config: KernelConfig, bits: int) -> None:
         )
 
 
+SHARED_BLOCK_N = 1024  # lut_shared.MIN_BLOCK_N (no triton import here)
+
+
 def decode_warps(block_m: int, block_n: int, bits: int = 4) -> int:
     """Warps of a decode program: on CUDA cores four columns per thread (BLOCK_N / 128), so each
     thread's x conversion and address arithmetic serve four columns -- sm_90 SASS at 4 bits: 5.7
     instructions per weight at 512 columns x 4 warps or 128 x 1, 9.3 at 128 x 4 -- which is also
-    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps); the widths decoded
-    as denormal fields (3-bit "tens", 2/4/8-bit planes: one AND and one FMA per code, x scaled per
-    code) eight: 3-bit 3.4 per weight at 512 x 2 warps (4.4 at 512 x 4), 4-bit 3.6 (4.6). tl.dot: 4."""
+    what gemlite's Hopper GEMV winners use (128/256/512 columns with 1/2/4 warps). The widths decoded
+    as denormal fields at one row (3-bit "tens", 2/4/8-bit planes: one AND and one FMA per code, x
+    loaded, converted, scaled and summed once per code and thread) sixteen at one row, so that x's
+    four instructions per code cost a quarter per weight (issue 31: 2-bit 2.46 per weight at 512 x 1
+    warp, unroll 4, against 2.97 at 512 x 2 warps; ``decode_unroll``). tl.dot: 4."""
     if block_m >= 16:
         return 4
-    fields = bits == 3 or (bits in (2, 4, 8) and block_m == 1)  # see decode_fields
-    return max(1, min(8, block_n // (256 if fields else 128)))
+    if block_m == 1 and bits in (2, 3, 4, 8):
+        return max(1, min(8, block_n // 512))
+    return max(1, min(8, block_n // (256 if bits == 3 else 128)))
 
 
 def decode_fields(block_m: int) -> bool:
@@ -70,13 +76,37 @@ def decode_fields(block_m: int) -> bool:
     return block_m == 1
 
 
+def decode_unroll(block_m: int, bits: int) -> int:
+    """K-tiles a uniform decode program sums between two group-scale applications (``unroll``;
+    clamped to one group in the kernel), for the field decode at one row: it moves the scale, the
+    2**C rescaling and the sum of x's products out of the tiles. As deep as sixteen columns per
+    thread allow without spills (ptxas, sm_90, 512 x 1 warp): 2-bit 4 (2.46 instructions per weight,
+    217 registers; 2.53 at 2), 4- and 8-bit 2 (2.67 / 2.94, ~95 registers; 4-bit at 4 spills), 3-bit
+    "tens" (tiles twice as deep) 1 (2.77, 138 registers; 2 spills)."""
+    if block_m == 1 and bits in (2, 4, 8):
+        return 4 if bits == 2 else 2
+    return 1
+
+
 def codebook_config(config: KernelConfig, bits: int) -> KernelConfig:
     """A codebook weight's config: decode on CUDA cores with 2/4/8-bit codes indexes the code-major
     table (``lut="codemajor"``: sm_90 SASS at 4 bits, 512 x 16, 4 warps: 7.6 instructions per
     weight against 8.1 for the register table and 9.4 for the global one; eight columns per thread
-    would give 6.9 but spill); anything else as it is."""
+    would give 6.9 but spill); at one row and 4 bits the same table in shared memory (``lut="shared"``,
+    ``lut_shared.py``: 4.84 per weight at 1024 columns x 4 warps, ~150 registers; 4.75 at 2 warps in
+    254; the split scaled to keep the program count); anything else as it is."""
+    if config.schedule == "decode" and config.block_m == 1 and bits == 4:
+        scale = max(1, SHARED_BLOCK_N // config.block_n)
+        return replace(
+            config,
+            lut="shared",
+            block_n=SHARED_BLOCK_N,
+            num_warps=4,
+            split_k=min(64, config.split_k * scale),
+            unroll=1,
+        )
     if config.schedule == "decode" and config.block_m < 16 and bits in (2, 4, 8):
-        return replace(config, lut="codemajor", num_warps=max(1, min(8, config.block_n // 128)))
+        return replace(config, lut="codemajor", num_warps=max(1, min(8, config.block_n // 128)), unroll=1)
     return config
 
 
@@ -149,7 +179,8 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
 
     decode: all M rows in one program; on CUDA cores BLOCK_N 512 halved down to 128 (tensor-core
     rows: 64 down to 32) until the N-tiles times the split cap give two programs per SM, four
-    columns per thread (``decode_warps``); then split-K up to that many programs, capped so the
+    columns per thread (``decode_warps``; sixteen for the field decode, with ``decode_unroll`` tiles
+    per unit); then split-K up to that many programs, capped so the
     partials stay small (``decode_split_cap``). gemm below DEQUANT_MIN_M, dequantize + cuBLAS above.
     """
     schedule = schedule_for(m)
@@ -161,7 +192,8 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
         while block_n > (128 if block_m < 16 else 32) and triton.cdiv(n, block_n) * cap < target:
             block_n //= 2
         block_k = decode_block_k(block_m, group_size, bits)
-        split = split_k_for(triton.cdiv(n, block_n), k, block_k, target, cap)
+        unroll = decode_unroll(block_m, bits)
+        split = split_k_for(triton.cdiv(n, block_n), k, block_k * unroll, target, cap)
         return KernelConfig(
             "decode",
             block_m,
@@ -170,6 +202,7 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4)
             split_k=split,
             num_warps=decode_warps(block_m, block_n, bits),
             num_stages=2,
+            unroll=unroll,
             fields=decode_fields(block_m),
         )
     if schedule == "dequant":
@@ -189,7 +222,8 @@ def candidate_configs(
     fills the GPU, half and double of it, four (or two) columns per thread, the lean K-tile and one
     64 deep, uniform
     CUDA-core rows also 4 tiles unrolled between reductions (``unroll``); codebooks also try
-    ``lut="registers"``.
+    ``lut="registers"`` (and the code-major table, in global memory and, at one row and 4 bits, in
+    shared memory: ``lut="shared"``, the first candidate there).
     Uniform 2/4/8-bit decode on CUDA cores also tries the mantissa decode (``fields=False``) that the
     denormal fields replaced. M > 16: the fused tile (tiled and split-K, two tile sizes) against
     dequantize + cuBLAS. On a GPU,
@@ -232,7 +266,9 @@ def candidate_configs(
                 config = KernelConfig(
                     "decode", first.block_m, block_n, depth, split_k, num_warps=warps, unroll=tiles, fields=first.fields
                 )
-                configs.append(codebook_config(config, bits) if mode == "codemajor" else replace(config, lut=mode))
+                if mode == "codemajor":  # four columns per thread (codebook_config's code-major width)
+                    config = replace(config, lut=mode, num_warps=max(1, min(8, block_n // 128)), unroll=1)
+                configs.append(replace(config, lut=mode))
     else:
         block_m = min(64, max(16, triton.next_power_of_2(m))) if m < 128 else 128
         for block_n in (64, 128):

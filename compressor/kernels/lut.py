@@ -26,11 +26,13 @@ No group metadata. Outliers (``sparse.py``) add to these kernels exactly as to t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
-from compressor.kernels.codes import no_table
+from compressor.kernels.codes import INTERPRETED, no_table
 from compressor.kernels.dequant import dequantize_weight
 from compressor.kernels.heuristics import codebook_config, default_config
 from compressor.kernels.packing import PackedLUT, PackedOutliers
@@ -106,6 +108,12 @@ def lut_linear(
 ) -> torch.Tensor:
     """y = x W^T (+ S x) (+ bias) for x [M, K] and codebook weights in the kernel layout."""
     config = config or lut_default_config(x.shape[0], packed, x.device)
+    if shared_applies(config, packed, x, outliers):
+        from compressor.kernels.lut_shared import shared_lut_decode
+
+        return shared_lut_decode(x, packed, bias, config)
+    if config.lut == "shared":  # as the code-major decode, four columns per thread (its spill-free width)
+        config = replace(config, lut="codemajor", num_warps=max(1, min(8, config.block_n // 128)))
     dequant, table = _kernels(config)
     codemajor = codemajor_applies(config, packed)
     return quantized_matmul(
@@ -127,8 +135,30 @@ def lut_linear(
 
 
 def codemajor_applies(config: KernelConfig, packed: PackedLUT) -> bool:
-    """Does this config run the code-major table path (decode on CUDA cores, a table packed)?"""
-    return config.lut == "codemajor" and config.schedule == "decode" and config.block_m < 16 and packed.log_np > 0
+    """Does this config run the code-major table path (decode on CUDA cores, a table packed)? The
+    shared-memory mode runs it too where its own kernel does not apply (``shared_applies``)."""
+    return (
+        config.lut in ("codemajor", "shared")
+        and config.schedule == "decode"
+        and config.block_m < 16
+        and packed.log_np > 0
+    )
+
+
+def shared_applies(config: KernelConfig, packed: PackedLUT, x: torch.Tensor, outliers) -> bool:
+    """Does this call run the Gluon shared-memory decode (``lut_shared.py``): ``lut="shared"``, one row,
+    4-bit codes with a code-major table, no outliers, on a GPU (neither Gluon nor its inline PTX runs
+    in the Triton interpreter, where the same sums come from the code-major Triton decode)?"""
+    return (
+        config.lut == "shared"
+        and config.schedule == "decode"
+        and x.shape[0] == 1
+        and packed.bits == 4
+        and packed.log_np > 0
+        and outliers is None
+        and x.is_cuda
+        and not INTERPRETED
+    )
 
 
 def lut_default_config(m: int, packed: PackedLUT, device) -> KernelConfig:

@@ -35,7 +35,7 @@ FAMILIES = {  # family -> device-name patterns (torch.cuda.get_device_name)
 }
 MAX_BUCKET = 1024
 SCHEDULES = ("decode", "gemm", "dequant", "tinygemm")  # tinygemm: torch's int4 kernel (tinygemm.py), via the dispatcher
-LUT_MODES = ("global", "registers", "codemajor")
+LUT_MODES = ("global", "registers", "codemajor", "shared")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ class KernelConfig:
     ``lut`` only matters for codebook weights: ``global`` gathers each weight's entry from the
     L1-resident table in global memory, ``registers`` keeps the program's [BLOCK_N, 2**bits]
     table in registers and uses ``tl.gather``, ``codemajor`` (decode on CUDA cores, 2/4/8-bit codes)
-    turns each code straight into an offset in a code-major fp32 table (lut.py)."""
+    turns each code straight into an offset in a code-major fp32 table (lut.py), ``shared`` (decode
+    at M = 1, 4-bit codes, on a GPU) copies that table into shared memory (``lut_shared.py``; elsewhere
+    it runs as ``codemajor``)."""
 
     schedule: str
     block_m: int = 16  # decode: rows per program (all of M); gemm: the M tile

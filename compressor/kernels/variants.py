@@ -36,13 +36,29 @@ def matmul_variant(
     layout=None,
     outliers=False,
     fields=True,
+    even_k=True,
 ):
     """(kernel, pointer types, constexprs, num_warps, num_stages) of one ``decode``, ``gemm`` or
     ``dequant`` variant; ``epilogue`` is the decode kernel's (0 store, 1 serial split-K, 2 atomic);
     ``layout`` the codes' ("planes" or "tens"; default: what the weight kind packs); ``lut_mode``
-    "codemajor" compiles the code-major table path for a 4096-column table; ``outliers`` the decode
-    kernel's in-launch outlier add (serial epilogue)."""
+    "codemajor" compiles the code-major table path for a 4096-column table, "shared" the Gluon decode
+    with the table in shared memory (``lut_shared.py``); ``outliers`` the decode
+    kernel's in-launch outlier add (serial epilogue); ``even_k`` the decode kernel's EVEN_K (K a
+    multiple of its unit: the 8B / 70B shapes)."""
     pointer, dot = FLOAT[dtype]
+    if lut and lut_mode == "shared":  # the Gluon decode (``lut_shared.py``): M = 1, 4-bit codes
+        from compressor.kernels.lut_shared import _shared_lut_kernel
+
+        _, block_n, block_k = block
+        types_ = {"x_ptr": pointer, "w_ptr": "*i32", "table_ptr": "*fp32", "out_ptr": "*fp32"}
+        constexprs = {
+            "BLOCK_N": block_n,
+            "BLOCK_K": block_k,
+            "LOG_N": block_n.bit_length() - 1,
+            "WARPS": num_warps,
+            "EVEN_K": even_k,
+        }
+        return _shared_lut_kernel, types_, constexprs, num_warps, 1
     layout = layout or ("planes" if lut else kernel_layout(bits))  # what ``packing.pack_uniform`` builds
     block_m, block_n, block_k = block
     types_ = {
@@ -91,6 +107,7 @@ def matmul_variant(
             LOG_NP=12 if codemajor else 0,
             OUTLIERS=outliers,
             FIELDS=fields and not lut and bits in (2, 4, 8),
+            EVEN_K=even_k,
             INPUT_PRECISION=precision,
             BLOCK_M=block_m,
             BLOCK_N=block_n,

@@ -25,6 +25,8 @@ if "compressor" not in sys.modules:  # only the kernels are needed: skip the too
 
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon import GluonASTSource  # noqa: E402
+from triton.experimental.gluon._runtime import GluonJITFunction  # noqa: E402
 
 from compressor.kernels import sparse  # noqa: E402
 from compressor.kernels.variants import TARGET, matmul_variant  # noqa: E402
@@ -39,8 +41,9 @@ def compile_variant(kernel, pointer_types: dict, constexprs: dict, num_warps=4, 
             signature[name] = pointer_types[name]
         else:
             signature[name] = "i32"
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource  # lut_shared.py is Gluon
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        source(fn=kernel, signature=signature, constexprs=constexprs),
         target=TARGET,
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
@@ -69,14 +72,14 @@ def registers(ptx: str) -> dict:
 
 
 def table_variants() -> dict:
-    """The distinct decode configs the shipped Hopper table gives the Llama-3-8B shapes (4-bit, 3-bit,
+    """The distinct decode configs the shipped Hopper table gives the Llama-3-8B shapes (4-, 3-, 2-bit,
     LUT-4; M = 1 and 16), as compile variants."""
     from compressor.kernels.tables import CONFIG_DIR, KernelConfig, read_table, table_key
 
     entries = read_table(CONFIG_DIR / "hopper.json")["entries"]
     variants = {}
     for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
-        for kind, bits, group in (("uniform", 4, 128), ("uniform", 3, 128), ("lut", 4, -1)):
+        for kind, bits, group in (("uniform", 4, 128), ("uniform", 3, 128), ("uniform", 2, 128), ("lut", 4, -1)):
             for m in (1, 16):
                 c = KernelConfig.from_dict(entries[table_key(kind, bits, group, n, k, m)])
                 name = (

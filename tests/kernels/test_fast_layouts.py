@@ -127,6 +127,25 @@ def test_field_decode_of_power_of_two_widths_matches_reference(bits, dtype):
                 assert_matches(y, expected, dtype, f"M={m} fields={fields} group={group}")
 
 
+@pytest.mark.parametrize("bits,block_k,unroll", [(2, 16, 4), (4, 16, 2), (8, 16, 2), (3, 32, 1), (3, 32, 2)])
+def test_field_decode_with_whole_units_loads_x_unmasked(bits, block_k, unroll):
+    """K a multiple of the unit (EVEN_K, every Llama shape): x and the code words are loaded with no
+    mask, as the heuristic runs it at M = 1 (sixteen columns per thread, ``decode_unroll`` tiles);
+    groups of 64 clamp the unit to one group, per-channel scales do not; 3 splits of 4-8 units leave
+    one program with fewer (or none)."""
+    from compressor.kernels.decode import unit_tiles
+
+    weights = Weights(bits + unroll)
+    for symmetric, group in ((True, 128), (False, 64), (True, -1)):
+        assert 256 % (block_k * unit_tiles(group, block_k, unroll)) == 0  # the EVEN_K branch runs
+        weight = weights.uniform(N, 256, bits, group, symmetric, scale_dtype=torch.float16)
+        config = KernelConfig("decode", block_m=1, block_n=32, block_k=block_k, split_k=3, num_warps=1, unroll=unroll)
+        for dtype in (torch.float16, torch.bfloat16):
+            x, bias = weights.x(1, 256, dtype), weights.bias(N, dtype)
+            y = uniform_linear(x, pack_uniform(weight), bias, config)
+            assert_matches(y, exact_linear(x, weight, bias), dtype, f"group={group} {dtype}")
+
+
 def test_codebook_table_is_code_major():
     weight = Weights().lut(N, 64, 4, device="cpu")
     table = codebook_table(weight.lut)
@@ -155,6 +174,27 @@ def test_codemajor_with_outliers_and_as_the_default():
     config = KernelConfig("decode", block_m=1, block_n=32, block_k=32, split_k=2, lut="codemajor")
     assert_matches(lut_linear(x, packed, None, config, outliers), expected, torch.float16, "outliers")
     assert_matches(lut_linear(x, packed), exact_linear(x, weight), torch.float16, "default config")
+
+
+def test_shared_memory_codebook_mode_off_the_gpu_and_as_the_gpu_default():
+    """``lut="shared"`` (the Gluon decode of ``lut_shared.py``) needs a GPU and one row of x: here, in
+    the interpreter, and at M > 1 it runs the code-major Triton decode, which computes the same sums
+    from the same fp32 table; the heuristic picks it for 4-bit codebooks at M = 1 on a GPU."""
+    from compressor.kernels.heuristics import codebook_config, gpu_config
+    from compressor.kernels.lut import shared_applies
+
+    weights = Weights(11)
+    weight = weights.lut(N, 200, 4)
+    packed = pack_lut(weight)
+    config = KernelConfig("decode", block_m=1, block_n=1024, block_k=16, split_k=3, num_warps=2, lut="shared")
+    for m, dtype in ((1, torch.float16), (1, torch.float32), (3, torch.float16)):
+        x, bias = weights.x(m, 200, dtype), weights.bias(N, dtype)
+        assert not shared_applies(replace(config, block_m=4 if m > 1 else 1), packed, x, None)
+        run = replace(config, block_m=4) if m > 1 else config
+        assert_matches(lut_linear(x, packed, bias, run), exact_linear(x, weight, bias), dtype, f"M={m}")
+    chosen = codebook_config(gpu_config(1, 4096, 4096, -1, 132, 4), 4)
+    assert (chosen.lut, chosen.block_n, chosen.num_warps) == ("shared", 1024, 4)
+    assert codebook_config(gpu_config(2, 4096, 4096, -1, 132, 4), 4).lut == "codemajor"
 
 
 def outliers_dense_t(outliers):

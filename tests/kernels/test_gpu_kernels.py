@@ -97,3 +97,26 @@ def test_every_shipped_table_entry_for_the_8b_shapes_runs_and_is_right():
                 x = weights.x(m, k, torch.float16)
                 y = triton_linear(x, weight, None, KernelConfig.from_dict(entry))
                 assert_matches(y, exact_linear(x, weight), torch.float16, f"{kind} {bits} {n}x{k} M={m}")
+
+
+@pytest.mark.parametrize("n,k", [(37, 200), (1024, 4096), (4096, 4096)])
+def test_shared_memory_codebook_decode_on_gpu(n, k):
+    """The Gluon LUT-4 decode (``lut_shared.py``: table in shared memory, inline-PTX lookups) against
+    the reference: a column tail, a K tail, split-K, strided x; and the default config picks it."""
+    from compressor.kernels.lut import lut_linear, shared_applies
+    from compressor.kernels.packing import pack_lut
+    from compressor.kernels.tables import KernelConfig
+
+    weights = Weights(4)
+    weight = weights.lut(n, k, 4)
+    packed = pack_lut(weight)
+    bias = weights.bias(n, torch.float16)
+    for split in (1, 3, 16):
+        config = KernelConfig("decode", block_m=1, block_n=1024, block_k=16, split_k=split, num_warps=2, lut="shared")
+        x = weights.x(1, 2 * k, torch.float16)[:, ::2]
+        assert shared_applies(config, packed, x, None)
+        assert_matches(
+            lut_linear(x, packed, bias, config), exact_linear(x, weight, bias), torch.float16, f"split {split}"
+        )
+    x = weights.x(1, k, torch.bfloat16)
+    assert_matches(triton_linear(x, weight), exact_linear(x, weight), torch.bfloat16, "default config")

@@ -340,3 +340,26 @@ def test_fused_checkpoint_exports_per_expert_names_and_dense_exports_fused(moe_m
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens(3)).logits, quantized(tokens(3)).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_routers_are_quantized_only_when_the_recipe_says_so(moe_models, tiny_llama, tmp_path):
+    """``quantize_routers`` rounds every router (Qwen2-MoE's shared_expert_gate too) onto its grid, stored in the
+    checkpoint's dtype, which transformers loads as our loader does; quantizers alone leave routers bit-equal
+    (test_rtn_export_...); a dense model is refused in one line before any work."""
+    from compressor.quant.uniform import quantize_uniform
+
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}, {"quantize_routers": {"bits": 4}}]})
+    report = apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
+    original, exported = stored_tensors(moe_models["qwen2_moe"]), stored_tensors(tmp_path / "out")
+    routers = [n for n in original if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))]
+    assert len(routers) == 2 * 2
+    for name in routers:
+        expected = quantize_uniform(original[name], 4, -1, True, torch.float32).dequantize(torch.float32)
+        assert torch.equal(exported[name], expected) and not torch.equal(exported[name], original[name])
+        assert all(len(row.unique()) <= 2**4 for row in exported[name])
+    assert len([r for r in report.rows if r["step"] == "quantize_routers"]) == 4
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    loads_alike(tmp_path / "out", expert_linear_count(config, "qwen2_moe"))
+    with pytest.raises(UserError, match="steps\\[0\\].quantize_routers.bits: a llama model has no mixture-of-experts"):
+        apply(Recipe.from_dict({"steps": [{"quantize_routers": {}}]}), tiny_llama, tmp_path / "dense", progress=False)
+    assert not (tmp_path / "dense").exists()

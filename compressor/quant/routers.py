@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from compressor.arch import ADAPTERS
 from compressor.quant.uniform import check_group_size, quantize_uniform, relative_error
 from compressor.step import Step, param, register_step
 
@@ -30,20 +31,13 @@ class QuantizeRouters(Step):
     """Round the MoE routers' weights onto a uniform grid (kept in the checkpoint's dtype)."""
 
     needs_calibration = False
+    families = tuple(adapter.family for adapter in ADAPTERS if adapter.experts is not None)  # the MoE families
 
     bits: int = param(8, "bits per router weight", choices=range(2, 9))
     group_size: int = param(-1, "input columns sharing one scale; -1 for one per expert (row)")
     symmetric: bool = param(True, "symmetric grid without zero points (false: per-group zero points)")
 
     def check_config(self, config) -> None:
-        from compressor.arch import UnsupportedArchitecture, adapter_for
-
-        try:
-            experts = adapter_for(config).experts
-        except UnsupportedArchitecture:
-            experts = None
-        if experts is None:
-            raise ValueError(f"bits: a {config.model_type} model has no mixture-of-experts routers to quantize")
         if self.group_size != -1:
             check_group_size("the routers", config.hidden_size, self.group_size)
 

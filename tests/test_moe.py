@@ -363,3 +363,20 @@ def test_routers_are_quantized_only_when_the_recipe_says_so(moe_models, tiny_lla
     with pytest.raises(UserError, match="steps\\[0\\].quantize_routers: assumes the block of mixtral, qwen2_moe"):
         apply(Recipe.from_dict({"steps": [{"quantize_routers": {}}]}), tiny_llama, tmp_path / "dense", progress=False)
     assert not (tmp_path / "dense").exists()
+
+
+def test_quantizing_a_block_of_experts_trims_the_heap_as_it_goes(moe_models, monkeypatch, tmp_path):
+    """The heap is handed back every TRIM_EVERY bytes of replaced weights inside a block, not only when the block
+    is released: hundreds of small expert linears otherwise leave their temporaries' holes resident
+    (benchmarks/memory.py --experts 64: a block held 3-5x its codes)."""
+    import compressor.context
+    import compressor.model
+
+    trims = []
+    monkeypatch.setattr(compressor.context, "TRIM_EVERY", 64 * 2**10)
+    monkeypatch.setattr(compressor.context, "return_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(compressor.model, "return_freed_memory", lambda: None)  # releases of blocks: not counted
+    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}]}), moe_models["mixtral"], tmp_path / "o")
+    # per block, in fp32: 4 experts x 3 linears of 128 x 128 (64 KiB each: a trim after each), then attention's q
+    # (64 KiB: a trim), k and v (32 KiB each: one trim after v) and o (64 KiB: a trim)
+    assert len(trims) == 2 * (12 + 3)

@@ -380,3 +380,15 @@ def test_quantizing_a_block_of_experts_trims_the_heap_as_it_goes(moe_models, mon
     # per block, in fp32: 4 experts x 3 linears of 128 x 128 (64 KiB each: a trim after each), then attention's q
     # (64 KiB: a trim), k and v (32 KiB each: one trim after v) and o (64 KiB: a trim)
     assert len(trims) == 2 * (12 + 3)
+
+
+def test_calibrated_gptq_from_a_fused_checkpoint_equals_it_from_per_expert_tensors(
+    moe_models, fused_models, calibration_file, tmp_path
+):
+    """A calibrated pass (blocks in fp32, routed Hessians per expert, shared experts and a dense first layer) reads
+    the fused slices as it reads per-expert tensors: the two exports are the same, tensor for tensor."""
+    recipe = calibrated(calibration_file, {"gptq": {"bits": 4, "group_size": 32}})
+    apply(recipe, fused_models["deepseek_v3"], tmp_path / "fused", progress=False)
+    apply(recipe, moe_models["deepseek_v3"], tmp_path / "per_expert", progress=False)
+    ours, theirs = stored_tensors(tmp_path / "fused"), stored_tensors(tmp_path / "per_expert")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)

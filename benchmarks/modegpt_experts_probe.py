@@ -94,7 +94,7 @@ def main() -> None:
     model = handle.materialize_all("cpu", torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(handle.path)
     recipe = Recipe.from_dict(
-        {"calibration": {"dataset": args.calibration, "samples": 32, "seq_len": 512, "seed": 0}, "steps": []}
+        {"calibration": {"dataset": args.calibration, "samples": 32, "seq_len": 512, "seed": 0}, "steps": [{"rtn": {}}]}
     )
     stats = expert_correlations(model, calibration_tokens(tokenizer, recipe.calibration))
     windows = make_windows(heldout_stream(tokenizer, args.text), 512, args.windows)

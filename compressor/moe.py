@@ -40,7 +40,7 @@ each expert of each MoE layer, reports them, and names in a warning every expert
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -200,7 +200,7 @@ def fused_slice(adapter, name: str, stored: Container[str]) -> FusedSlice | None
     return FusedSlice(fused, int(parts[0]), None if role == 2 else role)
 
 
-def stores_fused(adapter, stored: Container[str]) -> bool:
+def stores_fused(adapter, stored: Iterable[str]) -> bool:
     """Whether a checkpoint (its tensor names) keeps the experts as transformers 5's fused tensors."""
     layout = adapter.experts if adapter is not None else None
     return layout is not None and any(name.endswith(f".{layout.experts}.{FUSED[0]}") for name in stored)

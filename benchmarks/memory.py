@@ -12,7 +12,9 @@ both the total and what the model itself adds. Goal: peak RSS <= 0.3 x model siz
 
 With ``--experts`` the model is a random Qwen3-MoE (``--experts`` routed experts of ``--expert-width`` per layer,
 top 2): its experts are read into per-expert linears one block at a time (``compressor/moe.py``), so the peak
-stays one block plus the writer's shard, as for a dense model (goal for MoE: <= 0.35 x model size).
+stays one block plus the writer's shard, as for a dense model (goal for MoE: <= 0.35 x model size). With
+``--fused`` the checkpoint keeps each layer's experts as transformers 5's fused 3-D tensors (``gate_up_proj``,
+``down_proj``): each expert is read as its slice of them, so the peak is the same as for per-expert tensors.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def child_peak_rss(command: list[str]) -> tuple[float, float]:
     return float(out[0]), float(out[1])
 
 
-def build_model(folder: Path, hidden: int, layers: int, intermediate: int, experts: int = 0, width: int = 0) -> None:
+def build_model(
+    folder: Path, hidden: int, layers: int, intermediate: int, experts: int = 0, width: int = 0, fused: bool = False
+) -> None:
     family, extra = "llama", ""
     if experts:
         family = "qwen3_moe"
@@ -53,7 +57,7 @@ def build_model(folder: Path, hidden: int, layers: int, intermediate: int, exper
         make_random_model({family!r}, {str(folder)!r}, dtype=torch.bfloat16, hidden_size={hidden},
                           num_hidden_layers={layers}, intermediate_size={intermediate},
                           num_attention_heads={hidden // 80 if not experts else hidden // 128}, num_key_value_heads=8,
-                          vocab_size=32000, max_position_embeddings=4096{extra})
+                          vocab_size=32000, max_position_embeddings=4096, fused_experts={fused}{extra})
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
 
@@ -65,6 +69,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=6912)
     parser.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer")
     parser.add_argument("--expert-width", type=int, default=512, help="each expert's intermediate size")
+    parser.add_argument("--fused", action="store_true", help="the MoE's experts stored fused (transformers 5's layout)")
     parser.add_argument("--keep", type=Path, help="build the model here and keep it")
     parser.add_argument(
         "--recipe", type=Path, help="apply this recipe instead of RTN w4 g128 (writes memory-<date>-<recipe name>.json)"
@@ -74,7 +79,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="compressor-memory-"))
     model = args.keep or work / "model"
     if not (model / "config.json").exists():
-        build_model(model, args.hidden, args.layers, args.intermediate, args.experts, args.expert_width)
+        build_model(model, args.hidden, args.layers, args.intermediate, args.experts, args.expert_width, args.fused)
     model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     recipe = args.recipe.resolve() if args.recipe else work / "rtn-w4.yaml"
     if not args.recipe:
@@ -94,6 +99,7 @@ def main() -> None:
             "intermediate": args.intermediate,
             "vocab": 32000,
             **({"experts": args.experts, "expert_width": args.expert_width} if args.experts else {}),
+            **({"experts_stored": "fused"} if args.fused else {}),
         },
         "model_gb": round(model_bytes / 1e9, 3),
         "output_gb": round(out_bytes / 1e9, 3),
@@ -105,7 +111,9 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     name = f"memory-{result['date']}" + (f"-{args.recipe.stem}" if args.recipe else "")
-    path = RESULTS / (name + (f"-moe{args.experts}" if args.experts else "") + ".json")
+    path = RESULTS / (
+        name + (f"-moe{args.experts}" if args.experts else "") + ("-fused" if args.fused else "") + ".json"
+    )
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if not args.keep:

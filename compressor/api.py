@@ -180,9 +180,10 @@ def apply_here(
         if resume and resumable:
             report_resume(output, session.resume_from, len(handle.blocks))
             session.report.summary["resumed_after_block"] = session.resume_from
-        writer = CheckpointWriter(
-            directory, recipe.export, session.export_dtype, functools.partial(checkpoint_name, handle.adapter)
-        )
+        # a dense export of a checkpoint with fused experts keeps transformers 5's names and layout (compressor/moe.py)
+        fused = handle.fused_experts and recipe.export.format == "dense"
+        rename = None if fused else functools.partial(checkpoint_name, handle.adapter)
+        writer = CheckpointWriter(directory, recipe.export, session.export_dtype, rename, fused_experts=fused)
         report = session.run(sink=writer)
         ranks = distributed.gather(rank_numbers(session))
         if distributed.active:

@@ -30,11 +30,13 @@ from compressor.blockwise import BlockwiseModel, run_block
 from compressor.declaration import ExportDeclaration
 from compressor.distill import teacher_top_k
 from compressor.distributed import Distributed
-from compressor.model import ModelHandle
+from compressor.model import ModelHandle, return_freed_memory
 from compressor.modules.linear import QuantizedLinear
 from compressor.progress import Progress
 from compressor.report import Report
 from compressor.step import Step
+
+TRIM_EVERY = 16 * 2**20  # bytes of replaced weights between two trims of the heap (``BlockContext.trim_heap``)
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:
@@ -168,6 +170,7 @@ class BlockContext(StepContext):
     block: nn.Module
     inputs: list[torch.Tensor] | None  # hidden states entering the block, one tensor per batch (None: data-free pass)
     block_kwargs: list[dict] | None  # the keyword arguments the model passes its blocks, per batch
+    replaced_bytes: int = 0  # weights replaced since the heap was last trimmed (``replace_linear``)
 
     @property
     def prefix(self) -> str:
@@ -188,7 +191,18 @@ class BlockContext(StepContext):
         linear = self.block.get_submodule(name)
         module = QuantizedLinear(quantized_weight, linear.bias)
         self.block.set_submodule(name, module)
+        self.trim_heap(linear.weight.numel() * linear.weight.element_size())
         return module
+
+    def trim_heap(self, freed: int) -> None:
+        """Hand the heap's free pages back to the OS after every ``TRIM_EVERY`` bytes of replaced weights. glibc takes
+        a linear's temporaries (fp32 copies of a few MiB) from the heap, between the codes kept of the linears
+        quantized before, and keeps the freed holes; a MoE block of hundreds of expert linears then held 3 to 5 times
+        its codes that way until it was released (``benchmarks/memory.py --experts 64``)."""
+        self.replaced_bytes += freed
+        if self.replaced_bytes >= TRIM_EVERY:
+            return_freed_memory()
+            self.replaced_bytes = 0
 
     def replace_module(self, name: str, module: nn.Module) -> None:
         """Swap any module of the block, e.g. its whole attention (``adapter.attention``) or MLP (``adapter.mlp``)."""

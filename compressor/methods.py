@@ -25,6 +25,7 @@ METHOD_MODULES = (
     "compressor.quant.awq",
     "compressor.quant.fp8_kv",
     "compressor.quant.rotate",
+    "compressor.quant.routers",
 )
 
 

@@ -27,7 +27,7 @@ from compressor.arch import ArchAdapter, UnsupportedArchitecture, adapter_for
 from compressor.arch.generic import adapter_of
 from compressor.arch.shipped import shipped_for
 from compressor.errors import UserError
-from compressor.moe import checkpoint_name, unfuse_experts
+from compressor.moe import FusedSlice, checkpoint_name, fused_slice, stores_fused, unfuse_experts
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py"]
 
@@ -128,6 +128,11 @@ class ModelHandle:
     tensor_files: dict[str, Path]
     dtype: torch.dtype  # the checkpoint's dtype
 
+    @property
+    def fused_experts(self) -> bool:
+        """Whether the checkpoint keeps the experts as transformers 5's fused 3-D tensors (``compressor.moe``)."""
+        return stores_fused(self.adapter, self.tensor_files)
+
     @classmethod
     def open(cls, model: str | Path, trust_remote_code: bool = False) -> ModelHandle:
         path = resolve_model_path(model)
@@ -168,15 +173,18 @@ class ModelHandle:
         one line naming the first tensor, not an error deep inside a step."""
         by_file: dict[Path, list[tuple[str, tuple]]] = {}
         for name, parameter in self.model.named_parameters():
-            by_file.setdefault(self.tensor_files[self.checkpoint_name(name)], []).append((name, tuple(parameter.shape)))
+            by_file.setdefault(self.tensor_files[self.stored_as(name)[0]], []).append((name, tuple(parameter.shape)))
         for file, expected in by_file.items():
             with open_safetensors(file) as f:
                 for name, shape in expected:
-                    stored = f.get_slice(self.checkpoint_name(name))
-                    if tuple(stored.get_shape()) != shape:
-                        raise ModelLoadError(
-                            f"{file}: {name} has shape {tuple(stored.get_shape())}, but config.json implies {shape}"
-                        )
+                    key, part = self.stored_as(name)
+                    stored = f.get_slice(key)
+                    found = tuple(stored.get_shape())
+                    if part is not None and (len(found) != 3 or found[0] <= part.expert):
+                        raise ModelLoadError(f"{file}: {key} has shape {found}, not [experts, rows, columns]")
+                    found = found if part is None else part.shape(found)
+                    if found != shape:
+                        raise ModelLoadError(f"{file}: {name} has shape {found}, but config.json implies {shape}")
                     if stored.get_dtype() not in FLOAT_STORAGE:
                         raise ModelLoadError(f"{file}: {name} is stored as {stored.get_dtype()}, not floating point")
 
@@ -238,23 +246,38 @@ class ModelHandle:
 
     def checkpoint_name(self, name: str) -> str:
         """The name under which ``name`` is stored (a tied LM head is stored as the embedding; experts
-        under their checkpoint names, ``compressor.moe.checkpoint_name``)."""
-        name = checkpoint_name(self.adapter, name)
-        if name not in self.tensor_files and self.tied_embeddings and name == f"{self.adapter.lm_head}.weight":
+        under their checkpoint names, ``compressor.moe.checkpoint_name``, or transformers' own names in a
+        checkpoint that transformers 5 wrote in its fused layout)."""
+        renamed = checkpoint_name(self.adapter, name)
+        if renamed in self.tensor_files:
+            return renamed
+        if name in self.tensor_files:
+            return name
+        if self.tied_embeddings and name == f"{self.adapter.lm_head}.weight":
             return f"{self.adapter.embed_tokens}.weight"
-        if name not in self.tensor_files:
-            raise ModelLoadError(f"{self.path}: tensor '{name}' is missing from the checkpoint")
-        return name
+        raise ModelLoadError(f"{self.path}: tensor '{renamed}' is missing from the checkpoint")
+
+    def stored_as(self, name: str) -> tuple[str, FusedSlice | None]:
+        """The checkpoint tensor holding ``name`` and, for an expert weight of a fused layer, its slice of it."""
+        part = fused_slice(self.adapter, name, self.tensor_files)
+        return (part.name, part) if part is not None else (self.checkpoint_name(name), None)
 
     def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read tensors by module name, opening each safetensors file once."""
-        by_file: dict[Path, list[str]] = {}
+        """Read tensors by module name, opening each safetensors file once; an expert of a fused layer is read
+        as its slice alone (the fused tensor is never loaded)."""
+        by_file: dict[Path, list[tuple[str, str, FusedSlice | None]]] = {}
         for name in names:
-            by_file.setdefault(self.tensor_files[self.checkpoint_name(name)], []).append(name)
+            key, part = self.stored_as(name)
+            by_file.setdefault(self.tensor_files[key], []).append((name, key, part))
         tensors = {}
-        for file, file_names in by_file.items():
+        for file, stored in by_file.items():
             with open_safetensors(file) as f:
-                tensors.update({name: f.get_tensor(self.checkpoint_name(name)) for name in file_names})
+                for name, key, part in stored:
+                    if part is None:
+                        tensors[name] = f.get_tensor(key)
+                    else:
+                        fused = f.get_slice(key)
+                        tensors[name] = fused[part.index(fused.get_shape())]
         return tensors
 
     def original_block(self, index: int, device, dtype: torch.dtype) -> nn.Module:
@@ -276,7 +299,7 @@ class ModelHandle:
         stored = {}
         for name, _ in module.named_buffers():
             full = f"{prefix}.{name}"
-            if checkpoint_name(self.adapter, full) in self.tensor_files:
+            if checkpoint_name(self.adapter, full) in self.tensor_files or full in self.tensor_files:
                 stored[name] = full
         if stored:
             tensors = self.read_tensors(list(stored.values()))

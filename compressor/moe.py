@@ -21,6 +21,16 @@ dtype handling, so a block runs as the fused one does. Routers (``mlp.gate``: no
 these families) and Qwen2-MoE's ``shared_expert_gate`` (an ``nn.Linear`` with one output) are never
 offered to quantizers (``arch.ExpertLayout.routers``).
 
+Checkpoints that store the experts fused (transformers 5 writes them so with ``save_original_format=False``;
+some models ship so): each expert's projection is read as its slice of the fused tensor (``FusedSlice``:
+``gate_up_proj[e]``'s first or second half of the rows, ``down_proj[e]``) straight from the mapped file, so
+neither the fused tensor nor a second copy of the experts is ever held. A quantized export writes the experts
+per expert under the original checkpoint names: compressed-tensors quantizes linears, and vLLM's fused-MoE
+loader (``FusedMoE.make_expert_params_mapping``: ``experts.{e}.{gate,up,down}_proj.`` -> ``experts.w13_`` /
+``experts.w2_``) and transformers' compressed-tensors loader read exactly those names; a dense export
+(``export.format: dense``) of such a checkpoint writes the fused tensors again (``fused_parts``, streamed
+expert by expert into the shard), under transformers 5's names, as the input had them.
+
 Calibration (``calibration.expert_calibration``): ``routed`` (default) leaves routing as it is; ``all``
 also runs every token through every expert for statistics only (hooks see all tokens; the block's output
 still uses the routed tokens, weighted by the router). Either way the session counts the tokens routed to
@@ -30,7 +40,9 @@ each expert of each MoE layer, reports them, and names in a warning every expert
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from accelerate import init_empty_weights
@@ -141,6 +153,71 @@ def model_name(adapter, name: str) -> str:
     for ours, theirs in adapter.experts.checkpoint_renames:
         name = name.replace(theirs, ours)
     return name
+
+
+FUSED = ("gate_up_proj", "down_proj")  # transformers 5's fused expert tensors: [E, 2I, H] and [E, H, I]
+
+
+@dataclass(frozen=True)
+class FusedSlice:
+    """Where one expert projection's weight lies in its layer's fused tensor ``name``: ``gate_up_proj[expert]``'s
+    first (``half`` 0: gate) or second (1: up) half of the rows, or ``down_proj[expert]`` whole (``half`` None)."""
+
+    name: str
+    expert: int
+    half: int | None
+
+    def index(self, shape) -> tuple:
+        """The index into the fused tensor of ``shape`` (for ``safe_open(...).get_slice(name)[index]``)."""
+        if self.half is None:
+            return (self.expert,)
+        rows = shape[1] // 2
+        return (self.expert, slice(self.half * rows, (self.half + 1) * rows))
+
+    def shape(self, shape) -> tuple[int, int]:
+        return (shape[1] // 2 if self.half is not None else shape[1], shape[2])
+
+
+def fused_slice(adapter, name: str, stored: Container[str]) -> FusedSlice | None:
+    """The slice holding the expert weight ``name`` (``...mlp.experts.3.gate_proj.weight``) when the checkpoint
+    (its tensor names: ``stored``) keeps the layer's experts fused; None for any other tensor or checkpoint."""
+    if adapter is None or adapter.experts is None:
+        return None
+    layout = adapter.experts
+    head, marker, tail = name.rpartition(f".{layout.experts}.")
+    parts = tail.split(".")
+    if (
+        not marker
+        or len(parts) != 3
+        or not parts[0].isdigit()
+        or parts[1:] not in ([p, "weight"] for p in layout.projections)
+    ):
+        return None
+    role = layout.projections.index(parts[1])  # gate, up, down
+    fused = f"{head}{marker}{FUSED[1] if role == 2 else FUSED[0]}"
+    if fused not in stored:
+        return None
+    return FusedSlice(fused, int(parts[0]), None if role == 2 else role)
+
+
+def stores_fused(adapter, stored: Iterable[str]) -> bool:
+    """Whether a checkpoint (its tensor names) keeps the experts as transformers 5's fused tensors."""
+    layout = adapter.experts if adapter is not None else None
+    return layout is not None and any(name.endswith(f".{layout.experts}.{FUSED[0]}") for name in stored)
+
+
+def fused_parts(experts: RoutedExperts, weight) -> Iterator[tuple[str, tuple[int, ...], Iterator[torch.Tensor]]]:
+    """A layer's experts as transformers 5's fused tensors, without building them: (name, shape, the parts whose
+    bytes in order are its data): ``gate_up_proj`` [E, 2I, H] (each expert's gate rows, then its up rows) and
+    ``down_proj`` [E, H, I]. ``weight(linear)``: a linear's dense weight (a quantized one dequantized)."""
+    gate, up, down = experts[0].projections()
+    count = len(experts)
+    yield (
+        FUSED[0],
+        (count, gate.out_features + up.out_features, gate.in_features),
+        (weight(linear) for expert in experts for linear in expert.projections()[:2]),
+    )
+    yield FUSED[1], (count, down.out_features, down.in_features), (weight(e.projections()[2]) for e in experts)
 
 
 def unfuse_model_experts(model: nn.Module, config) -> None:

@@ -124,10 +124,16 @@ def random_config(architecture: str, **overrides):
 
 
 def make_random_model(
-    architecture: str, folder: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
+    architecture: str,
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    fused_experts: bool = False,
+    **overrides,
 ) -> Path:
     """A random-weight checkpoint of ``architecture`` (a key of ``ARCHITECTURES``, ``FAMILIES`` or
-    ``MOE_ARCHITECTURES``) in ``folder``."""
+    ``MOE_ARCHITECTURES``) in ``folder``; ``fused_experts``: a MoE's experts stored as transformers 5 holds them
+    (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]), not per expert."""
     folder = Path(folder)
     torch.manual_seed(seed)
     config = random_config(architecture, **overrides)
@@ -139,7 +145,7 @@ def make_random_model(
         for name, buffer in model.named_buffers():  # DeepSeek-V3's routing bias: loaded, or routing changes
             if name.endswith("e_score_correction_bias"):
                 buffer.uniform_(-0.05, 0.05)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, save_original_format=not fused_experts)
     make_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder
 

@@ -19,6 +19,11 @@ start at zero (uniform). Then every parameter trains on the demo's training text
     python scripts/train_demo_moe.py --seed 0 --minutes 15     # fits the steps to the budget and prints them
     python scripts/train_demo_moe.py --seed 0 --steps N        # replays a run
 
+Another MoE from another dense model (the unseen-model check, ``benchmarks/results/moe/second-moe.md``): ``--dense``
+(its checkpoint and tokenizer), ``--heldout`` (its held-out text), ``--split-seed`` (the split it was trained on) and
+``--experts``, e.g. ``--dense /work/second/model --heldout /work/second/data/heldout.txt --split-seed 1 --seed 1
+--experts 8 --out /work/second-moe/model``.
+
 Resolvable as model name ``demo-moe`` (``compressor.demo.demo_moe_dir``).
 """
 
@@ -114,6 +119,8 @@ def main():
     ap.add_argument("--eval-window", type=int, default=512)
     ap.add_argument("--work", default="/tmp/compressor_demo_build", help="scratch folder (the documentation package)")
     ap.add_argument("--out", default=str(DEMO / "model-moe"))
+    ap.add_argument("--dense", default=str(DEMO / "model"), help="the dense model to upcycle (and its tokenizer)")
+    ap.add_argument("--heldout", default=str(DEMO / "data" / "heldout.txt"), help="held-out text of that model")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MixtralForCausalLM
@@ -127,16 +134,16 @@ def main():
 
     root, source = find_html_root(Path(args.work))
     train_docs, _, _ = split_documents(load_documents(root), args.split_seed, 220_000, 400_000)
-    tokenizer = AutoTokenizer.from_pretrained(DEMO / "model")
+    tokenizer = AutoTokenizer.from_pretrained(args.dense)
     stream = []
     for _, text in train_docs:
         stream.extend(encode(tokenizer, text))
         stream.append(tokenizer.eos_token_id)
     stream = torch.tensor(stream, dtype=torch.long)
-    held_ids = encode(tokenizer, (DEMO / "data" / "heldout.txt").read_text(encoding="utf-8"))
+    held_ids = encode(tokenizer, Path(args.heldout).read_text(encoding="utf-8"))
     print(f"source: {source}; train tokens {len(stream):,} from {len(join_docs(train_docs)) / 1e6:.1f} MB of text")
 
-    dense = AutoModelForCausalLM.from_pretrained(DEMO / "model", dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32)
     config = make_config(dense.config, args.experts)
     model = MixtralForCausalLM(config)
     upcycle(dense, model, args.experts)
@@ -218,7 +225,7 @@ def main():
         "file_sizes": {f.name: f.stat().st_size for f in sorted(out.iterdir())},
         "args": vars(args),
     }
-    (out.parent / "model-moe.training.json").write_text(json.dumps(report, indent=1))
+    (out.parent / f"{out.name}.training.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
 

@@ -284,3 +284,111 @@ def test_all_policy_gives_every_expert_statistics_even_when_starved(moe_models, 
     everything = run("all", "all")
     assert not any(uncalibrated in w for w in everything.warnings)
     assert any("received fewer than 16 calibration tokens" in w for w in everything.warnings)  # the census is routed
+
+
+# --- checkpoints that store the experts fused (transformers 5's layout on disk) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused_models(tmp_path_factory):
+    """The same random models (same seed, same weights) written with transformers 5's fused expert tensors."""
+    root = tmp_path_factory.mktemp("fused")
+    return {arch: make_random_model(arch, root / arch, fused_experts=True) for arch in FAMILIES}
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fused_checkpoint_reads_each_expert_as_its_slice(moe_models, fused_models, arch):
+    """Each expert's linears are read as their slice of the fused tensor: the model equals the one read from the
+    per-expert checkpoint of the same weights, tensor for tensor (benchmarks/memory.py --fused: no second copy)."""
+    fused, per_expert = ModelHandle.open(fused_models[arch]), ModelHandle.open(moe_models[arch])
+    assert fused.fused_experts and not per_expert.fused_experts
+    assert any(name.endswith("experts.gate_up_proj") for name in fused.tensor_files)
+    prefix = fused.block_prefix(1)
+    names = [f"{prefix}.{name}" for name, _ in fused.blocks[1].named_parameters()]
+    ours, theirs = fused.read_tensors(names), per_expert.read_tensors(names)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in names)
+    model = fused.materialize_all("cpu", torch.float32)
+    reference = per_expert.materialize_all("cpu", torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(tokens()).logits, reference(tokens()).logits)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_fused_checkpoint_exports_per_expert_names_and_dense_exports_fused(moe_models, fused_models, arch, tmp_path):
+    """RTN from the fused checkpoint writes exactly the tensors it writes from the per-expert one (per-expert names:
+    what vLLM's fused-MoE loader and transformers' compressed-tensors loader read), which load with equal logits;
+    a dense export writes the fused tensors again under the input's names, and transformers reads it as the
+    quantized model runs."""
+    rtn = {"rtn": {"bits": 4, "group_size": 32}}
+    apply(Recipe.from_dict({"steps": [rtn]}), fused_models[arch], tmp_path / "fused", progress=False)
+    apply(Recipe.from_dict({"steps": [rtn]}), moe_models[arch], tmp_path / "per_expert", progress=False)
+    ours, theirs = stored_tensors(tmp_path / "fused"), stored_tensors(tmp_path / "per_expert")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    quantized = loads_alike(tmp_path / "fused", expert_linear_count(config, arch))
+
+    recipe = Recipe.from_dict({"steps": [rtn], "export": {"format": "dense"}})
+    apply(recipe, fused_models[arch], tmp_path / "dense", progress=False)
+    dense, original = stored_tensors(tmp_path / "dense"), stored_tensors(fused_models[arch])
+    assert dense.keys() == original.keys()
+    assert all(dense[n].shape == original[n].shape for n in dense)
+    gate_up = next(n for n in dense if n.endswith("layers.1.mlp.experts.gate_up_proj"))
+    expert = quantized.get_submodule(gate_up.replace("gate_up_proj", "2")).projections()
+    halves = dense[gate_up][2].chunk(2)
+    for half, linear in zip(halves, expert[:2]):
+        assert torch.equal(half, linear.stored_weight.dequantize(torch.float32))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens(3)).logits, quantized(tokens(3)).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_routers_are_quantized_only_when_the_recipe_says_so(moe_models, tiny_llama, tmp_path):
+    """``quantize_routers`` rounds every router (Qwen2-MoE's shared_expert_gate too) onto its grid, stored in the
+    checkpoint's dtype, which transformers loads as our loader does; quantizers alone leave routers bit-equal
+    (test_rtn_export_...); a dense model is refused in one line before any work."""
+    from compressor.quant.uniform import quantize_uniform
+
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}, {"quantize_routers": {"bits": 4}}]})
+    report = apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
+    original, exported = stored_tensors(moe_models["qwen2_moe"]), stored_tensors(tmp_path / "out")
+    routers = [n for n in original if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))]
+    assert len(routers) == 2 * 2
+    for name in routers:
+        expected = quantize_uniform(original[name], 4, -1, True, torch.float32).dequantize(torch.float32)
+        assert torch.equal(exported[name], expected) and not torch.equal(exported[name], original[name])
+        assert all(len(row.unique()) <= 2**4 for row in exported[name])
+    assert len([r for r in report.rows if r["step"] == "quantize_routers"]) == 4
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    loads_alike(tmp_path / "out", expert_linear_count(config, "qwen2_moe"))
+    with pytest.raises(UserError, match="steps\\[0\\].quantize_routers: assumes the block of mixtral, qwen2_moe"):
+        apply(Recipe.from_dict({"steps": [{"quantize_routers": {}}]}), tiny_llama, tmp_path / "dense", progress=False)
+    assert not (tmp_path / "dense").exists()
+
+
+def test_quantizing_a_block_of_experts_trims_the_heap_as_it_goes(moe_models, monkeypatch, tmp_path):
+    """The heap is handed back every TRIM_EVERY bytes of replaced weights inside a block, not only when the block
+    is released: hundreds of small expert linears otherwise leave their temporaries' holes resident
+    (benchmarks/memory.py --experts 64: a block held 3-5x its codes)."""
+    import compressor.context
+    import compressor.model
+
+    trims = []
+    monkeypatch.setattr(compressor.context, "TRIM_EVERY", 64 * 2**10)
+    monkeypatch.setattr(compressor.context, "return_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(compressor.model, "return_freed_memory", lambda: None)  # releases of blocks: not counted
+    apply(Recipe.from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 32}}]}), moe_models["mixtral"], tmp_path / "o")
+    # per block, in fp32: 4 experts x 3 linears of 128 x 128 (64 KiB each: a trim after each), then attention's q
+    # (64 KiB: a trim), k and v (32 KiB each: one trim after v) and o (64 KiB: a trim)
+    assert len(trims) == 2 * (12 + 3)
+
+
+def test_calibrated_gptq_from_a_fused_checkpoint_equals_it_from_per_expert_tensors(
+    moe_models, fused_models, calibration_file, tmp_path
+):
+    """A calibrated pass (blocks in fp32, routed Hessians per expert, shared experts and a dense first layer) reads
+    the fused slices as it reads per-expert tensors: the two exports are the same, tensor for tensor."""
+    recipe = calibrated(calibration_file, {"gptq": {"bits": 4, "group_size": 32}})
+    apply(recipe, fused_models["deepseek_v3"], tmp_path / "fused", progress=False)
+    apply(recipe, moe_models["deepseek_v3"], tmp_path / "per_expert", progress=False)
+    ours, theirs = stored_tensors(tmp_path / "fused"), stored_tensors(tmp_path / "per_expert")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)

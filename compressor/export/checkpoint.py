@@ -26,6 +26,7 @@ from compressor.export.output import ExportError
 from compressor.export.shards import ShardWriter
 from compressor.modules.hadamard import OnlineHadamardMLP
 from compressor.modules.linear import QuantizedLinear
+from compressor.moe import RoutedExperts, fused_parts
 
 FORMAT_VERSION = "compressor-export-v1"
 # Travels unchanged from the input model: tokenizer and generation settings.
@@ -43,11 +44,13 @@ COPIED_FILES = (
 
 
 class CheckpointWriter:
-    def __init__(self, directory: Path, export_config, export_dtype: torch.dtype, rename=None):
+    def __init__(self, directory: Path, export_config, export_dtype: torch.dtype, rename=None, fused_experts=False):
         self.directory = Path(directory)
         # in-memory module name -> the checkpoint's (Mixtral's experts: compressor.moe.checkpoint_name)
         self.rename = rename or (lambda name: name)
         self.format = export_config.format
+        # a dense export of a checkpoint that kept its experts fused keeps them fused (compressor/moe.py)
+        self.fuse_experts = fused_experts and self.format == "dense"
         self.dtype = export_dtype
         self.shards = ShardWriter(self.directory, export_config.max_shard_bytes)
         self.codec = None  # the export codec of the quantized modules (export/codecs.py): one per checkpoint
@@ -62,8 +65,16 @@ class CheckpointWriter:
 
     def write_module(self, prefix: str, module: nn.Module) -> None:
         """Write every tensor of ``module`` (a block or any submodule) under ``prefix``."""
+        fused = []  # expert modules written as fused tensors: their own tensors are not written again
+        if self.fuse_experts:
+            for name, child in module.named_modules():
+                if isinstance(child, RoutedExperts):
+                    self.write_fused_experts(f"{prefix}.{name}" if name else prefix, child)
+                    fused.append(f"{name}." if name else "")
         quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
         for name, child in module.named_modules():
+            if any(f"{name}.".startswith(experts) for experts in fused):
+                continue
             full = self.rename(f"{prefix}.{name}" if name else prefix)
             if getattr(child, "activation_quantization", None) is not None:
                 self.attention[full] = child.activation_quantization.to_config()
@@ -75,22 +86,43 @@ class CheckpointWriter:
                 self.dense_linears.append(full)
         for name, tensor in module.state_dict().items():
             owner = name.rpartition(".")[0]
+            if any(name.startswith(experts) for experts in fused):
+                continue
             if owner in quantized and name != f"{owner}.bias":
                 continue
             self.shards.add(
                 self.rename(f"{prefix}.{name}"), tensor.to(self.dtype) if tensor.is_floating_point() else tensor
             )
 
-    def write_quantized(self, name: str, module: QuantizedLinear) -> None:
+    def write_fused_experts(self, name: str, experts: RoutedExperts) -> None:
+        """A layer's experts as the fused tensors the input checkpoint held, streamed expert by expert (a quantized
+        expert dequantized, as a dense export writes every quantized linear)."""
+        for index, expert in enumerate(experts):
+            for linear in expert.projections():
+                if isinstance(linear, QuantizedLinear):
+                    self.count_quantized(f"{name}.{index}", linear)
+
+        def weight(linear):
+            return linear.stored_weight.dequantize(self.dtype) if isinstance(linear, QuantizedLinear) else linear.weight
+
+        for suffix, shape, parts in fused_parts(experts, weight):
+            self.shards.add_parts(f"{name}.{suffix}", shape, self.dtype, parts)
+
+    def count_quantized(self, name: str, module: QuantizedLinear) -> None:
+        """Count a quantized linear's weights for the summary; one whose inputs are quantized cannot be dense."""
         weight = module.stored_weight
         self.quantized_parameters += weight.shape[0] * weight.shape[1]
         self.quantized_bits += weight.shape[0] * weight.shape[1] * weight.bits_per_weight()
+        if self.format == "dense" and module.quantizes_inputs:
+            raise ExportError(
+                f"{name}: its inputs are quantized or channel-mapped, which export format 'dense' cannot record; "
+                "use 'auto'"
+            )
+
+    def write_quantized(self, name: str, module: QuantizedLinear) -> None:
+        self.count_quantized(name, module)
+        weight = module.stored_weight
         if self.format == "dense":
-            if module.quantizes_inputs:
-                raise ExportError(
-                    f"{name}: its inputs are quantized or channel-mapped, which export format 'dense' cannot record; "
-                    "use 'auto'"
-                )
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
         codec = codec_for(weight, self.format, module if module.quantizes_inputs else None)

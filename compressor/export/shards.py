@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -44,18 +46,29 @@ class ShardWriter:
         self._data_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        self.add_parts(name, tuple(tensor.shape), tensor.dtype, [tensor])
+
+    def add_parts(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, parts: Iterable[torch.Tensor]) -> None:
+        """One tensor of ``shape`` whose data is the bytes of ``parts`` in order (cast to ``dtype``): a stacked
+        tensor (a layer's fused experts) written without ever being built."""
         if name in self.weight_map or name in self._entries:
             raise ValueError(f"tensor '{name}' written twice")
-        tensor = tensor.detach().to("cpu").contiguous()
-        size = tensor.numel() * tensor.element_size()
+        size = math.prod(shape) * dtype.itemsize
         if self._entries and self._data_bytes + size > self.max_shard_bytes:
             self.flush()
         if self._data is None:
             self._data = open(self.directory / f"shard-{len(self.shard_files):05d}.data", "wb")
-        self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)  # no copy
+        written = 0
+        for part in parts:
+            part = part.detach().to("cpu", dtype).contiguous()
+            self._data.write(part.reshape(-1).view(torch.uint8).numpy().data)  # no copy
+            written += part.numel() * part.element_size()
+        if written != size:
+            raise ValueError(f"tensor '{name}': its parts hold {written} bytes, its shape {list(shape)} needs {size}")
         self._entries[name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
             "data_offsets": [self._data_bytes, self._data_bytes + size],
         }
         self._data_bytes += size

@@ -172,19 +172,45 @@ class Distributed:
         return tensor
 
     def average_gradients(self, parameters) -> None:
-        """Mean of every gradient over ranks (each rank's loss is a mean over its own micro-batch), flattened into
-        one buffer per dtype so a block's step is one all-reduce."""
+        """Mean of every gradient over ranks (each rank's loss is a mean over its own micro-batch)."""
+        self._reduce_gradients(parameters, self.world_size)
+
+    def sum_gradients(self, parameters) -> None:
+        """Sum of every gradient over ranks: each rank's loss is its rows' part of the whole step's mean (weighted
+        per sample, ``distill.train_end_to_end``), so the sum is the gradient one process would have. A rank
+        without rows in the step (no gradient yet) adds zeros."""
+        self._reduce_gradients(parameters, 1)
+
+    def _reduce_gradients(self, parameters, divisor: int) -> None:
+        """All-reduce every gradient, flattened into one buffer per dtype so a step is one all-reduce."""
         if not self.active:
             return
-        grads = [p.grad for p in parameters if p.grad is not None]
-        for dtype in {g.dtype for g in grads}:
+        parameters = [p for p in parameters if p.requires_grad or p.grad is not None]
+        for p in parameters:
+            if p.grad is None:  # every rank reduces the same buffers, whether or not its rows reached p
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in parameters]
+        for dtype in dict.fromkeys(g.dtype for g in grads):
             same = [g for g in grads if g.dtype == dtype]
             flat = torch.cat([g.reshape(-1) for g in same])
-            self.all_reduce_sum(flat).div_(self.world_size)
+            self.all_reduce_sum(flat)
+            if divisor != 1:
+                flat.div_(divisor)
             offset = 0
             for g in same:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
+
+    def rows_of_everyone(self, count: int) -> tuple[int, int]:
+        """(the rows of every rank together, the index among them of this rank's first) for this rank's share of
+        ``count`` rows: ``shard`` cuts contiguous shares in rank order, so row ``i`` of this rank is row
+        ``first + i`` of the single process."""
+        if not self.active:
+            return count, 0
+        counts = torch.zeros(self.world_size, dtype=torch.int64)
+        counts[self.rank] = count
+        counts = self.all_reduce_sum(counts).tolist()
+        return sum(counts), sum(counts[: self.rank])
 
     def broadcast_object(self, value, source: int, device: torch.device | None = None):
         """``value`` of rank ``source`` on every rank (any picklable object, tensors included: each rank

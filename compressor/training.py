@@ -70,12 +70,10 @@ def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
     return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
 
 
-def warmup_cosine_schedule(samples: int, heldout: float, epochs: int, batch_size: int, warmup_ratio: float):
-    """``lr_at`` for ``distill.train_end_to_end``: linear warmup over ``warmup_ratio`` of the optimizer
-    steps that ``epochs`` passes over the training share of ``samples`` sequences take, then cosine to 0."""
-    steps = epochs * math.ceil((samples - holdout_count(samples, heldout)) / batch_size)
-    warmup = math.ceil(warmup_ratio * steps)
-    return lambda base, step, total: warmup_cosine_lr(base, step, total, warmup)
+def warmup_cosine_schedule(warmup_ratio: float):
+    """``lr_at`` for ``distill.train_end_to_end``: linear warmup over ``warmup_ratio`` of the ``total`` optimizer
+    steps the trainer takes, then cosine to 0."""
+    return lambda base, step, total: warmup_cosine_lr(base, step, total, math.ceil(warmup_ratio * total))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ and a held-out split whose best state is kept (``compressor.training``).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -156,12 +157,27 @@ def train_end_to_end(
     bases = [group["lr"] for group in optimizer.param_groups]
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     best = BestState(parameters, heldout_loss()) if held_count else None
-    total = epochs * math.ceil(train_count / batch_size)
-    losses = []
+    per_epoch = math.ceil(train_count / batch_size)
+    total = epochs * per_epoch
+    losses = resume_training(context, optimizer, parameters, best, total)
+
+    def state() -> dict:
+        """What --resume needs to continue after the last step taken (``compressor/resume.py``)."""
+        return {
+            "losses": list(losses),
+            "parameters": [p.detach().to("cpu", copy=True) for p in parameters],
+            "optimizer": optimizer.state_dict(),
+            "best": None if best is None else (best.curve, best.best_loss, best.best_epoch, best.saved),
+        }
+
+    commits = context.run.commits
     try:
         with context.progress(total, "training", "step") as progress:
             for epoch in range(epochs):
-                for batch in order(epoch, train_count).split(batch_size):
+                moved = False
+                for number, batch in enumerate(order(epoch, train_count).split(batch_size)):
+                    if epoch * per_epoch + number < len(losses):
+                        continue  # taken before the run was interrupted (its order is drawn all the same)
                     if lr_at is not None:
                         for group, base in zip(optimizer.param_groups, bases):
                             group["lr"] = lr_at(base, len(losses), total)
@@ -172,11 +188,37 @@ def train_end_to_end(
                         raise FloatingPointError(f"{name}: the training loss became {loss}")
                     losses.append(loss)
                     progress.update(loss=loss)
-                if best is not None:
+                    moved = True
+                    if commits is not None:
+                        commits.commit_progress(context.step, state)
+                if best is not None and len(best.curve) <= epoch + 1:
                     best.consider(heldout_loss())
                     progress.update(0, heldout=best.curve[-1])
+                    moved = True
+                if commits is not None and moved:
+                    commits.commit_progress(context.step, state, force=True)
         if best is not None:
             best.restore()
     finally:
         optimizer.zero_grad(set_to_none=True)
     return losses, best
+
+
+def resume_training(context, optimizer, parameters: list[torch.Tensor], best: BestState | None, total: int) -> list:
+    """A resumed run (``--resume``): the trained tensors, optimizer state and held-out record the interrupted
+    run committed last, put back, and its losses so far returned (empty: train from the start); one line says
+    where training continues."""
+    commits = context.run.commits
+    saved = commits.committed_progress(context.step, context.device) if commits is not None else None
+    if commits is not None and commits.resuming and context.run.distributed.writes:
+        where = f"continuing after step {len(saved['losses'])} of {total}" if saved else "no step was committed"
+        print(f"resume: {context.step.name}: training {where} (the steps before it ran again)", file=sys.stderr)
+    if saved is None:
+        return []
+    with torch.no_grad():
+        for parameter, value in zip(parameters, saved["parameters"], strict=True):
+            parameter.copy_(value)
+    optimizer.load_state_dict(saved["optimizer"])
+    if best is not None:
+        best.curve, best.best_loss, best.best_epoch, best.saved = saved["best"]
+    return saved["losses"]

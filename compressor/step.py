@@ -243,6 +243,9 @@ class Step(Config):
     # (per-channel sums and maxima all-reduced, every rank computes the same); None
     # refuses --nproc > 1 before any work (data-free steps need nothing: every rank computes the same)
     distributes: ClassVar[str | None] = None
+    # a model step whose training commits its progress for --resume (``distill.train_end_to_end``); the others
+    # start over when a run is resumed
+    commits_progress: ClassVar[bool] = False
     needs_native_export: ClassVar[bool] = False  # leaves what only our native W+A format records (online Hadamard)
 
     @classmethod

@@ -93,6 +93,7 @@ class EfficientQATE2EQP(Step):
 
     kind = "model"
     distributes = "gradients"  # each rank the sequences of every step it holds, gradients summed (distill.py)
+    commits_progress = True  # the trainer commits its state for --resume (distill.train_end_to_end)
 
     def check_config(self, config) -> None:
         check_top_k(self.top_k, config)

@@ -192,6 +192,7 @@ def apply_here(
                 "processes": distributed.world_size,
                 "backend": distributed.backend,
                 "ranks": ranks,
+                "owners": dict(distributed.owners),  # module (or decomposition) -> the rank that solved it
             }
         if session.commits is not None:
             session.commits.finish()

@@ -201,6 +201,16 @@ def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, t
     )
     print(f"KL one process {one:.6g}, two {two:.6g}")
     assert one > 0 and abs(two - one) <= 0.02 * one, (one, two)
+    owners = json.loads((tmp_path / "two" / "report.json").read_text())["summary"]["distributed"]["owners"]
+    blocks = ("model.layers.0", "model.layers.1")
+    expected = {  # what is solved on one owner (a dict: exactly one each), and whether both ranks solve
+        "modegpt": ({f"{b}.{m}" for b in blocks for m in ("self_attn.qk", "self_attn.vo", "mlp")}, {0, 1}),
+        "transmla": ({f"{b}.self_attn" for b in blocks}, {0}),
+        "qllm": ({f"{b}.{point}" for b in blocks for point in ("attn_in", "mlp_in", "down_in")}, {0, 1}),
+    }
+    for name, (modules, ranks) in expected.items():
+        if f"- {name}:" in step:
+            assert set(owners) == modules and set(owners.values()) == ranks, owners
 
 
 @pytest.mark.slow

@@ -532,8 +532,8 @@ class ModeGPT(Step):
                 if "mlp" in modules:
                     correlation = mlp_correlation(context, mlp)
                     gate, up, down, index = context.run.distributed.solve_owned(
-                        {"mlp": [correlation]},
-                        {"mlp": float(correlation.shape[0] ** 3)},
+                        {adapter.mlp: [correlation]},
+                        {adapter.mlp: float(correlation.shape[0] ** 3)},
                         lambda _: nystrom_mlp(
                             mlp.gate_proj.weight,
                             mlp.up_proj.weight,
@@ -542,9 +542,9 @@ class ModeGPT(Step):
                             sizes.intermediate_size,
                             self.ridge,
                         ),
-                        where=f"{context.prefix}.{adapter.mlp}",
+                        where=context.prefix,
                         device=context.device,
-                    )["mlp"]
+                    )[adapter.mlp]
                     write_mlp(mlp, gate, up, down, index, sliced)
                 after = context.forward()
             sums = torch.tensor(

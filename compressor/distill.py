@@ -209,7 +209,7 @@ def resume_training(context, optimizer, parameters: list[torch.Tensor], best: Be
     run committed last, put back, and its losses so far returned (empty: train from the start); one line says
     where training continues."""
     commits = context.run.commits
-    saved = commits.committed_progress(context.step, context.device) if commits is not None else None
+    saved = commits.committed_progress(context.step, "cpu") if commits is not None else None
     if commits is not None and commits.resuming and context.run.distributed.writes:
         where = f"continuing after step {len(saved['losses'])} of {total}" if saved else "no step was committed"
         print(f"resume: {context.step.name}: training {where} (the steps before it ran again)", file=sys.stderr)

@@ -13,16 +13,20 @@ step that declares nothing refuses ``--nproc > 1`` before any work):
 * samples: the calibration sequences are split across ranks (``shard``), so each rank holds only its
   share of every block's inputs and outputs; every rank maps the safetensors and loads only the current
   block, as a single process does;
-* ``"sums"``: statistics that are sums over tokens (GPTQ's Hessians, SqueezeLLM's Fisher diagonals) are
+* ``"sums"``: statistics that are sums over tokens (GPTQ's Hessians, SqueezeLLM's Fisher diagonals, MoDeGPT's
+  correlations, TransMLA's key/value Grams) are
   reduced to the module's owner (``solve_owned``), which solves and broadcasts the result; owners are
   balanced by solve cost (``balance_owners``, longest solve first onto the least loaded rank) so the solves
   run in parallel;
-* ``"gradients"``: a trained block (Block-AP, ``training.train_block``) or the whole model (E2E-QP,
-  ``distill.train_end_to_end``) averages its gradients over ranks after every backward
-  (``average_gradients``) and its held-out losses (``all_reduce_sum``), so all ranks take the same
-  optimizer steps and keep the same state;
+* ``"gradients"``: a trained block (Block-AP, QLLM's error correction: ``training.train_block``) averages its
+  gradients over ranks after every backward (``average_gradients``, each rank a mean over its own micro-batch);
+  whole-model training (E2E-QP, SwiftKV, TransMLA's healing: ``distill.train_end_to_end``) takes the single
+  process's steps over every rank's sequences (``rows_of_everyone``), each rank weighting its rows by their
+  share of the step, and sums the gradients (``sum_gradients``); held-out losses are summed
+  (``all_reduce_sum``), so all ranks take the same optimizer steps and keep the same state;
 * ``"ranges"``: per-channel statistics every rank needs whole (BFP's K-sort: sums of squares and maxima of the
-  keys) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank computes the same result;
+  keys; QLLM's channel magnitudes) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank
+  computes the same result;
 * data-free steps (RTN) need no declaration: every rank computes the same block.
 
 Only rank 0 writes the checkpoint. Every collective counts the bytes it moved (``bytes_moved``).

@@ -239,7 +239,7 @@ class Step(Config):
     declares_kv_cache: ClassVar[bool] = False  # a quantized KV cache, which only our native format records
     families: ClassVar[tuple[str, ...] | None] = None  # the families whose block it assumes (None: any)
     # how a data-dependent step runs on several processes (compressor/distributed.py): "sums" (statistics summed
-    # over tokens, reduced to an owner that solves), "gradients" (training averages gradients over ranks), "ranges"
+    # over tokens, reduced to an owner that solves), "gradients" (training reduces gradients over ranks), "ranges"
     # (per-channel sums and maxima all-reduced, every rank computes the same); None
     # refuses --nproc > 1 before any work (data-free steps need nothing: every rank computes the same)
     distributes: ClassVar[str | None] = None

@@ -182,6 +182,8 @@ def apply_here(
         if resume and one_layer_pass(recipe.steps):  # (a training phase says itself where it continues)
             report_resume(output, session.resume_from, len(handle.blocks))
             session.report.summary["resumed_after_block"] = session.resume_from
+        elif resume and can_resume and not session.commits.resuming:
+            print(f"resume: no interrupted run of {output} to continue; starting from the beginning", file=sys.stderr)
         writer = CheckpointWriter(
             directory, recipe.export, session.export_dtype, functools.partial(checkpoint_name, handle.adapter)
         )

@@ -1,9 +1,10 @@
 """Several processes (torch.distributed, gloo on the CPU) and resuming an interrupted run.
 
 The fast tests check the mechanism's pieces; the slow ones run the command on two processes of this
-machine: the same quality as one process, every module solved by exactly one owner, a rank killed with
-SIGKILL ending the run in one line with nothing left behind, the resumed run's shards byte-identical to an
-uninterrupted run's, and two torchrun launches as two "machines" equal to one launch of two processes."""
+machine: the same quality as one process for every step that distributes, every module solved by exactly one
+owner, a rank killed with SIGKILL ending the run in one line with nothing left behind, the resumed run's shards
+byte-identical to an uninterrupted run's (a layer pass from its committed blocks, E2E-QP's training from its
+committed step), and two torchrun launches as two "machines" equal to one launch of two processes."""
 
 from __future__ import annotations
 
@@ -365,10 +366,22 @@ def test_training_killed_mid_run_resumes_after_its_last_committed_step(tmp_path,
 
 
 def test_a_model_step_that_commits_nothing_says_that_it_runs_again(tmp_path, tiny_llama, calibration_file, capsys):
+    """--resume with SqueezeLLM alone: it starts from the beginning; before E2E-QP (which commits): it runs again,
+    and without an interrupted run to continue, the run says that it starts from the beginning."""
     from compressor.api import apply
 
-    recipe = write_recipe(tmp_path, calibration_file, "  - squeezellm: {bits: 3, iterations: 2, ignore: [lm_head]}\n")
-    apply(recipe, tiny_llama, tmp_path / "out", progress=False, resume=True)
-    assert "resume: model step squeezellm does not commit its progress; starting from the beginning" in (
-        capsys.readouterr().err
+    squeezellm = "  - squeezellm: {bits: 3, iterations: 2, ignore: [lm_head]}\n"
+    apply(
+        write_recipe(tmp_path, calibration_file, squeezellm), tiny_llama, tmp_path / "out", progress=False, resume=True
     )
+    said = capsys.readouterr().err
+    assert "resume: model step squeezellm does not commit its progress; starting from the beginning" in said
+    recipe = write_recipe(
+        tmp_path, calibration_file, squeezellm + "  - efficientqat_e2e_qp: {epochs: 1, batch_size: 4}\n"
+    )
+    apply(recipe, tiny_llama, tmp_path / "both", progress=False, resume=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resume:")]
+    assert said == [
+        "resume: model step squeezellm does not commit its progress; it runs again",
+        f"resume: no interrupted run of {tmp_path / 'both'} to continue; starting from the beginning",
+    ]

@@ -18,11 +18,10 @@ step that declares nothing refuses ``--nproc > 1`` before any work):
   reduced to the module's owner (``solve_owned``), which solves and broadcasts the result; owners are
   balanced by solve cost (``balance_owners``, longest solve first onto the least loaded rank) so the solves
   run in parallel;
-* ``"gradients"``: a trained block (Block-AP, QLLM's error correction: ``training.train_block``) averages its
-  gradients over ranks after every backward (``average_gradients``, each rank a mean over its own micro-batch);
-  whole-model training (E2E-QP, SwiftKV, TransMLA's healing: ``distill.train_end_to_end``) takes the single
-  process's steps over every rank's sequences (``rows_of_everyone``), each rank weighting its rows by their
-  share of the step, and sums the gradients (``sum_gradients``); held-out losses are summed
+* ``"gradients"``: a trained block (Block-AP, QLLM's error correction: ``training.train_block``) and the whole
+  model (E2E-QP, SwiftKV, TransMLA's healing: ``distill.train_end_to_end``) take the single process's steps over
+  every rank's samples (``rows_of_everyone``): each rank runs the samples of a step it holds, weighted by their
+  share of the step, and the gradients are summed (``sum_gradients``), as are the losses and held-out losses
   (``all_reduce_sum``), so all ranks take the same optimizer steps and keep the same state;
 * ``"ranges"``: per-channel statistics every rank needs whole (BFP's K-sort: sums of squares and maxima of the
   keys; QLLM's channel magnitudes) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank
@@ -175,18 +174,11 @@ class Distributed:
             self.bytes_moved += tensor.numel() * tensor.element_size()
         return tensor
 
-    def average_gradients(self, parameters) -> None:
-        """Mean of every gradient over ranks (each rank's loss is a mean over its own micro-batch)."""
-        self._reduce_gradients(parameters, self.world_size)
-
     def sum_gradients(self, parameters) -> None:
         """Sum of every gradient over ranks: each rank's loss is its rows' part of the whole step's mean (weighted
-        per sample, ``distill.train_end_to_end``), so the sum is the gradient one process would have. A rank
-        without rows in the step (no gradient yet) adds zeros."""
-        self._reduce_gradients(parameters, 1)
-
-    def _reduce_gradients(self, parameters, divisor: int) -> None:
-        """All-reduce every gradient, flattened into one buffer per dtype so a step is one all-reduce."""
+        per sample: ``training.train_block``, ``distill.train_end_to_end``), so the sum is the gradient one process
+        would have. A rank without rows in the step (no gradient yet) adds zeros. The gradients travel flattened
+        into one buffer per dtype, so a step is one all-reduce."""
         if not self.active:
             return
         parameters = [p for p in parameters if p.requires_grad or p.grad is not None]
@@ -196,10 +188,7 @@ class Distributed:
         grads = [p.grad for p in parameters]
         for dtype in dict.fromkeys(g.dtype for g in grads):
             same = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in same])
-            self.all_reduce_sum(flat)
-            if divisor != 1:
-                flat.div_(divisor)
+            flat = self.all_reduce_sum(torch.cat([g.reshape(-1) for g in same]))
             offset = 0
             for g in same:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))

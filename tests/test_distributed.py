@@ -175,7 +175,7 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
         "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, scope: token}\n",
         "  - rtn: {bits: 3, group_size: 32, symmetric: false}\n"
         "  - efficientqat_e2e_qp: {epochs: 4, batch_size: 2, micro_batch_size: 2, lr: 5.0e-5, heldout: 0.25}\n",
-        "  - qllm: {bits: 4, epochs: 2, batch_size: 2, feature_samples: 2, search_candidates: 4}\n",
+        "  - qllm: {bits: 4, epochs: 2, batch_size: 1, feature_samples: 2, search_candidates: 4}\n",
         "  - modegpt: {ratio: 0.3, modules: [qk, vo, mlp]}\n",
         "  - transmla: {kv_cache_ratio: 0.25}\n  - transmla_heal: {epochs: 2, lr: 1.0e-3, batch_size: 2}\n",
         "  - swiftkv: {epochs: 2, lr: 1.0e-3, batch_size: 2}\n",

@@ -350,7 +350,7 @@ class QLLM(ActivationQuantization, UniformQuantizer):
 
     activation_grids = ("int",)  # reassembly splits channels against integer ranges
     # several processes: channel ranges all-reduced (max), each point searched by one owner on the first samples'
-    # features (rank 0's, broadcast), error correction with gradients averaged over ranks (compressor/distributed.py)
+    # features (rank 0's, broadcast), error correction in the single process's steps (training.train_block)
     distributes = "gradients"
 
     group_size: int = param(-1, "input columns sharing one weight scale; -1 (the paper's): one per output row")
@@ -567,9 +567,8 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         attention = block.get_submodule(context.adapter.attention)
         if spec is not None and self.quantize_attention:
             install_attention_quantization(attention, spec)
-        distributed = context.run.distributed  # several processes: batch_size / processes samples a rank a step
-        share = max(1, self.batch_size // distributed.world_size)
-        batches = micro_batches(context.inputs, targets, context.block_kwargs, share)
+        distributed = context.run.distributed  # several processes: the single process's steps (training.py)
+        batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
         if context.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(context.device)
         mse_init = block_mse(block, batches, distributed)
@@ -592,6 +591,7 @@ class QLLM(ActivationQuantization, UniformQuantizer):
                     schedule=linear_decay,
                     where="qllm",
                     distributed=distributed,
+                    batch_size=self.batch_size,
                 )
         mse_trained = block_mse(block, batches, distributed)
         return modules, Correction(batches, mse_init, mse_trained, steps, losses, best, peak_memory_mib(context.device))

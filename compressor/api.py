@@ -24,7 +24,7 @@ from compressor.export import CheckpointWriter, atomic_output_dir
 from compressor.export.output import check_free_space
 from compressor.model import ModelHandle, transformers_says
 from compressor.moe import checkpoint_name
-from compressor.pipeline import Session, one_layer_pass
+from compressor.pipeline import Session, one_layer_pass, resumable
 from compressor.recipe import Recipe
 from compressor.report import Report, peak_memory
 from compressor.resume import Commits, fingerprint
@@ -155,20 +155,22 @@ def apply_here(
         session.run(sink=DiscardSink())
         distributed.gather(rank_numbers(session))  # rank 0 puts the output in place after every rank is done
         return session.report
-    resumable = one_layer_pass(recipe.steps)
-    if resume and not resumable:
-        model_step = next(step.name for step in recipe.steps if step.kind == "model")
-        print(
-            f"resume: model step {model_step} does not commit its progress; starting from the beginning",
-            file=sys.stderr,
-        )
+    can_resume = resumable(recipe.steps)
+    if resume:
+        restarting = [step.name for step in recipe.steps if step.kind == "model" and not step.commits_progress]
+        if restarting:
+            print(
+                f"resume: model step {', '.join(restarting)} does not commit its progress; "
+                + ("it runs again" if can_resume else "starting from the beginning"),
+                file=sys.stderr,
+            )
     stack = ExitStack()
     try:
         check_free_space(output, least_export_bytes(handle, recipe, session.export_dtype))
         directory = stack.enter_context(
-            atomic_output_dir(output, overwrite=overwrite, protected=[handle.path], resume=resume and resumable)
+            atomic_output_dir(output, overwrite=overwrite, protected=[handle.path], resume=resume and can_resume)
         )
-        if resumable:
+        if can_resume:
             session.commits = Commits(directory, fingerprint(recipe, handle.path, distributed.world_size), distributed)
             session.resume_from = session.commits.open(Path(output), resume)
     except BaseException as error:
@@ -177,9 +179,11 @@ def apply_here(
         raise
     distributed.broadcast_object((str(directory), session.resume_from), 0)
     with stack:
-        if resume and resumable:
+        if resume and one_layer_pass(recipe.steps):  # (a training phase says itself where it continues)
             report_resume(output, session.resume_from, len(handle.blocks))
             session.report.summary["resumed_after_block"] = session.resume_from
+        elif resume and can_resume and not session.commits.resuming:
+            print(f"resume: no interrupted run of {output} to continue; starting from the beginning", file=sys.stderr)
         # a dense export of a checkpoint with fused experts keeps transformers 5's names and layout (compressor/moe.py)
         fused = handle.fused_experts and recipe.export.format == "dense"
         rename = None if fused else functools.partial(checkpoint_name, handle.adapter)
@@ -191,6 +195,7 @@ def apply_here(
                 "processes": distributed.world_size,
                 "backend": distributed.backend,
                 "ranks": ranks,
+                "owners": dict(distributed.owners),  # module (or decomposition) -> the rank that solved it
             }
         if session.commits is not None:
             session.commits.finish()

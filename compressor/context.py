@@ -92,6 +92,7 @@ class RunState:
     )  # top_k -> (log-probs, token ids)
     export: ExportDeclaration = field(default_factory=ExportDeclaration)  # what the steps declared about the export
     distributed: Distributed = field(default_factory=Distributed)  # this process's rank in the run (one: world size 1)
+    commits: object = None  # a ``compressor.resume.Commits`` where training commits its progress (None: nowhere)
 
     def state_of(self, step: Step) -> dict:
         """The state dict of one step of the recipe (by identity: a recipe may hold two equal steps)."""

@@ -13,6 +13,7 @@ and a held-out split whose best state is kept (``compressor.training``).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -66,18 +67,20 @@ def teacher_top_k(path, tokens: torch.Tensor, device, dtype, offloaded: bool, k:
     return torch.cat(values), torch.cat(indices)
 
 
-def optimizer_step(context, optimizer, tokens, batch, micro_batch_size: int, loss_of, max_grad_norm) -> float:
-    """One step on the sequences ``batch``: gradients accumulated over micro-batches, clipped, applied.
-    Returns the step's loss (the micro-batches' mean); a non-finite loss is the caller's to refuse."""
+def optimizer_step(context, optimizer, tokens, rows, size: int, micro_batch_size: int, loss_of, max_grad_norm) -> float:
+    """One step on the sequences ``rows`` of ``tokens`` (this rank's part of a step of ``size`` sequences):
+    gradients accumulated over micro-batches, each weighted by its share of the step, summed over ranks,
+    clipped, applied. Returns the step's loss (the mean over its sequences); a non-finite loss is the caller's
+    to refuse."""
     optimizer.zero_grad(set_to_none=True)
     loss = 0.0
-    for micro in batch.split(micro_batch_size):
-        loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, len(micro) / len(batch)))
+    for micro in rows.split(micro_batch_size) if len(rows) else ():  # (a rank may hold none of a step's rows)
+        loss += context.forward_backward(tokens[micro].to(context.device), loss_of(micro, len(micro) / size))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     distributed = context.run.distributed
-    if distributed.active:  # several processes: the mean over every rank's share of the step (distributed.py)
-        distributed.average_gradients(parameters)
-        loss = float(distributed.all_reduce_sum(torch.tensor([loss], dtype=torch.float64))) / distributed.world_size
+    if distributed.active:  # several processes: each rank's part of the step's mean, summed (distributed.py)
+        distributed.sum_gradients(parameters)
+        loss = float(distributed.all_reduce_sum(torch.tensor([loss], dtype=torch.float64)))
     if not math.isfinite(loss):
         return loss
     if max_grad_norm is not None:
@@ -112,12 +115,20 @@ def train_end_to_end(
     cross-entropy (``next_token``). ``lr_at(base, step, total)`` sets each group's rate before a step
     (default: constant); ``max_grad_norm`` clips all gradients together. Returns every step's loss
     and the held-out record (None without a held-out part). The caller sets ``requires_grad`` and
-    restores what it changed; gradients are dropped here."""
+    restores what it changed; gradients are dropped here.
+
+    On several processes (compressor/distributed.py) each rank holds a contiguous share of the sequences; the
+    held-out part, the order and the steps are those of the single process over all of them, and each rank
+    runs the sequences of each step that it holds, its loss weighted by their share of the step, so the
+    gradients summed over ranks are the single process's (up to the order of float sums)."""
     tokens = context.calibration_tokens()
-    # several processes (compressor/distributed.py): each rank holds its share of the sequences and takes
-    # batch_size / ranks of them a step, gradients averaged; every rank takes the fewest steps any rank can
     distributed = context.run.distributed
-    batch_size = max(1, batch_size // distributed.world_size)
+    count, first = distributed.rows_of_everyone(len(tokens))
+
+    def mine(rows: torch.Tensor) -> torch.Tensor:
+        """The rows (of all the sequences) this rank holds, as indices into its share."""
+        return rows[(rows >= first) & (rows < first + len(tokens))] - first
+
     if objective == "distill":
         teacher_logp, teacher_index = context.teacher(top_k, micro_batch_size)
 
@@ -127,55 +138,87 @@ def train_end_to_end(
             return lambda logits, ids: coarse_kl(logits, top_logp, top_index) * weight
         return lambda logits, ids: next_token_loss(logits, ids) * weight
 
-    held = holdout_count(len(tokens), heldout)
-    if distributed.active:  # the held-out loss is a collective: every rank holds some out, or none does
-        everyone_holds = -distributed.all_reduce_max(torch.tensor([-1 if held else 0]))
-        held = held if int(everyone_holds) else 0
-    train_count = len(tokens) - held
-    heldout_rows = torch.arange(train_count, len(tokens))
+    train_count = count - holdout_count(count, heldout)
+    held_count = count - train_count
+    heldout_rows = mine(torch.arange(train_count, count))
 
     def heldout_loss() -> float:
         loss = sum(
             float(
-                loss_of(rows, len(rows) / len(heldout_rows))(
+                loss_of(rows, len(rows) / held_count)(
                     context.logits(tokens[rows].to(context.device)), tokens[rows].to(context.device)
                 )
             )
-            for rows in heldout_rows.split(micro_batch_size)
+            for rows in (heldout_rows.split(micro_batch_size) if len(heldout_rows) else ())
         )
-        if not distributed.active:
-            return loss
-        total, count = distributed.all_reduce_sum(
-            torch.tensor([loss * len(heldout_rows), len(heldout_rows)], dtype=torch.float64)
-        ).tolist()
-        return total / max(count, 1)
+        return float(distributed.all_reduce_sum(torch.tensor([loss], dtype=torch.float64)))
 
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bases = [group["lr"] for group in optimizer.param_groups]
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    best = BestState(parameters, heldout_loss()) if len(heldout_rows) else None
-    steps_per_epoch = math.ceil(train_count / batch_size)
-    if distributed.active:
-        steps_per_epoch = -int(distributed.all_reduce_max(torch.tensor([-steps_per_epoch])))
-    total = epochs * steps_per_epoch
-    losses = []
+    best = BestState(parameters, heldout_loss()) if held_count else None
+    per_epoch = math.ceil(train_count / batch_size)
+    total = epochs * per_epoch
+    losses = resume_training(context, optimizer, parameters, best, total)
+
+    def state() -> dict:
+        """What --resume needs to continue after the last step taken (``compressor/resume.py``)."""
+        return {
+            "losses": list(losses),
+            "parameters": [p.detach().to("cpu", copy=True) for p in parameters],
+            "optimizer": optimizer.state_dict(),
+            "best": None if best is None else (best.curve, best.best_loss, best.best_epoch, best.saved),
+        }
+
+    commits = context.run.commits
     try:
         with context.progress(total, "training", "step") as progress:
             for epoch in range(epochs):
-                for batch in order(epoch, train_count).split(batch_size)[:steps_per_epoch]:
+                moved = False
+                for number, batch in enumerate(order(epoch, train_count).split(batch_size)):
+                    if epoch * per_epoch + number < len(losses):
+                        continue  # taken before the run was interrupted (its order is drawn all the same)
                     if lr_at is not None:
                         for group, base in zip(optimizer.param_groups, bases):
                             group["lr"] = lr_at(base, len(losses), total)
-                    loss = optimizer_step(context, optimizer, tokens, batch, micro_batch_size, loss_of, max_grad_norm)
+                    loss = optimizer_step(
+                        context, optimizer, tokens, mine(batch), len(batch), micro_batch_size, loss_of, max_grad_norm
+                    )
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"{name}: the training loss became {loss}")
                     losses.append(loss)
                     progress.update(loss=loss)
-                if best is not None:
+                    moved = True
+                    if commits is not None:
+                        commits.commit_progress(context.step, state)
+                if best is not None and len(best.curve) <= epoch + 1:
                     best.consider(heldout_loss())
                     progress.update(0, heldout=best.curve[-1])
+                    moved = True
+                if commits is not None and moved:
+                    commits.commit_progress(context.step, state, force=True)
         if best is not None:
             best.restore()
     finally:
         optimizer.zero_grad(set_to_none=True)
     return losses, best
+
+
+def resume_training(context, optimizer, parameters: list[torch.Tensor], best: BestState | None, total: int) -> list:
+    """A resumed run (``--resume``): the trained tensors, optimizer state and held-out record the interrupted
+    run committed last, put back, and its losses so far returned (empty: train from the start); one line says
+    where training continues."""
+    commits = context.run.commits
+    saved = commits.committed_progress(context.step, "cpu") if commits is not None else None
+    if commits is not None and commits.resuming and context.run.distributed.writes:
+        where = f"continuing after step {len(saved['losses'])} of {total}" if saved else "no step was committed"
+        print(f"resume: {context.step.name}: training {where} (the steps before it ran again)", file=sys.stderr)
+    if saved is None:
+        return []
+    with torch.no_grad():
+        for parameter, value in zip(parameters, saved["parameters"], strict=True):
+            parameter.copy_(value)
+    optimizer.load_state_dict(saved["optimizer"])
+    if best is not None:
+        best.curve, best.best_loss, best.best_epoch, best.saved = saved["best"]
+    return saved["losses"]

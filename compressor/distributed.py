@@ -13,16 +13,19 @@ step that declares nothing refuses ``--nproc > 1`` before any work):
 * samples: the calibration sequences are split across ranks (``shard``), so each rank holds only its
   share of every block's inputs and outputs; every rank maps the safetensors and loads only the current
   block, as a single process does;
-* ``"sums"``: statistics that are sums over tokens (GPTQ's Hessians, SqueezeLLM's Fisher diagonals) are
+* ``"sums"``: statistics that are sums over tokens (GPTQ's Hessians, SqueezeLLM's Fisher diagonals, MoDeGPT's
+  correlations, TransMLA's key/value Grams) are
   reduced to the module's owner (``solve_owned``), which solves and broadcasts the result; owners are
   balanced by solve cost (``balance_owners``, longest solve first onto the least loaded rank) so the solves
   run in parallel;
-* ``"gradients"``: a trained block (Block-AP, ``training.train_block``) or the whole model (E2E-QP,
-  ``distill.train_end_to_end``) averages its gradients over ranks after every backward
-  (``average_gradients``) and its held-out losses (``all_reduce_sum``), so all ranks take the same
-  optimizer steps and keep the same state;
+* ``"gradients"``: a trained block (Block-AP, QLLM's error correction: ``training.train_block``) and the whole
+  model (E2E-QP, SwiftKV, TransMLA's healing: ``distill.train_end_to_end``) take the single process's steps over
+  every rank's samples (``rows_of_everyone``): each rank runs the samples of a step it holds, weighted by their
+  share of the step, and the gradients are summed (``sum_gradients``), as are the losses and held-out losses
+  (``all_reduce_sum``), so all ranks take the same optimizer steps and keep the same state;
 * ``"ranges"``: per-channel statistics every rank needs whole (BFP's K-sort: sums of squares and maxima of the
-  keys) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank computes the same result;
+  keys; QLLM's channel magnitudes) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank
+  computes the same result;
 * data-free steps (RTN) need no declaration: every rank computes the same block.
 
 Only rank 0 writes the checkpoint. Every collective counts the bytes it moved (``bytes_moved``).
@@ -171,20 +174,36 @@ class Distributed:
             self.bytes_moved += tensor.numel() * tensor.element_size()
         return tensor
 
-    def average_gradients(self, parameters) -> None:
-        """Mean of every gradient over ranks (each rank's loss is a mean over its own micro-batch), flattened into
-        one buffer per dtype so a block's step is one all-reduce."""
+    def sum_gradients(self, parameters) -> None:
+        """Sum of every gradient over ranks: each rank's loss is its rows' part of the whole step's mean (weighted
+        per sample: ``training.train_block``, ``distill.train_end_to_end``), so the sum is the gradient one process
+        would have. A rank without rows in the step (no gradient yet) adds zeros. The gradients travel flattened
+        into one buffer per dtype, so a step is one all-reduce."""
         if not self.active:
             return
-        grads = [p.grad for p in parameters if p.grad is not None]
-        for dtype in {g.dtype for g in grads}:
+        parameters = [p for p in parameters if p.requires_grad or p.grad is not None]
+        for p in parameters:
+            if p.grad is None:  # every rank reduces the same buffers, whether or not its rows reached p
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in parameters]
+        for dtype in dict.fromkeys(g.dtype for g in grads):
             same = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in same])
-            self.all_reduce_sum(flat).div_(self.world_size)
+            flat = self.all_reduce_sum(torch.cat([g.reshape(-1) for g in same]))
             offset = 0
             for g in same:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
+
+    def rows_of_everyone(self, count: int) -> tuple[int, int]:
+        """(the rows of every rank together, the index among them of this rank's first) for this rank's share of
+        ``count`` rows: ``shard`` cuts contiguous shares in rank order, so row ``i`` of this rank is row
+        ``first + i`` of the single process."""
+        if not self.active:
+            return count, 0
+        counts = torch.zeros(self.world_size, dtype=torch.int64)
+        counts[self.rank] = count
+        counts = self.all_reduce_sum(counts).tolist()
+        return sum(counts), sum(counts[: self.rank])
 
     def broadcast_object(self, value, source: int, device: torch.device | None = None):
         """``value`` of rank ``source`` on every rank (any picklable object, tensors included: each rank

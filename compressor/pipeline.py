@@ -80,6 +80,7 @@ class Session:
     def run(self, sink=None) -> Report:
         """Run every step; finished blocks are handed to ``sink.write_module(prefix, block)``."""
         self.check_steps()
+        self.run_state.commits = self.commits  # training phases commit their progress there (--resume)
         self.report.summary["architecture"] = describe_adapter(self.handle.adapter)
         passes = step_passes(self.recipe.steps)
         for number, (kind, steps) in enumerate(passes):
@@ -410,6 +411,12 @@ def step_passes(steps: list[Step]) -> list[tuple[str, list[Step]]]:
         else:
             passes.append((step.kind, [step]))
     return passes
+
+
+def resumable(steps: list[Step]) -> bool:
+    """Whether ``--resume`` can continue an interrupted run of ``steps``: one layer pass (finished blocks are
+    committed), or a model step that commits its training progress (the steps before it run again)."""
+    return one_layer_pass(steps) or any(step.kind == "model" and step.commits_progress for step in steps)
 
 
 def one_layer_pass(steps: list[Step]) -> bool:

@@ -17,8 +17,16 @@ The partial output (``.NAME.partial-PID``, ``export/output.py``) gets a ``resume
 Resuming replays blocks 0..K from their files into a fresh checkpoint writer, so the shards come out
 byte-identical to an uninterrupted run's, and continues at block K+1 with the committed inputs.
 
-Only a recipe that is one layer pass (its steps all ``kind = "layer"``) commits blocks; a recipe with a model
-step (SqueezeLLM's Fisher, E2E-QP, SwiftKV, TransMLA) says that ``--resume`` starts it over.
+Only a recipe that is one layer pass (its steps all ``kind = "layer"``) commits blocks. A model step that trains
+(E2E-QP, SwiftKV, TransMLA's healing: ``distill.train_end_to_end``) commits its own progress instead:
+
+* ``progress-N.pt`` (N: the run's N-th training phase): the optimizer steps taken, their losses, the trained
+  tensors, the optimizer's state and the held-out record, written by the writing rank after an epoch and after
+  any step once ``every_seconds`` have passed since the last commit (every rank's training state is the same).
+
+``--resume`` then runs the steps before the training phase again (the fingerprint guarantees the same recipe,
+model and data, so they give the same model) and the phase continues after its last committed step. SqueezeLLM's
+Fisher pass commits nothing: ``--resume`` says that it runs again.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -95,10 +104,15 @@ def write_atomically(path: Path, save) -> None:
 class Commits:
     """The commit point of one run, in its partial output ``directory`` (shared by every rank)."""
 
+    every_seconds = 600.0  # a training phase commits its progress at most this often (and after every epoch)
+
     def __init__(self, directory: Path, fingerprint: dict, distributed):
         self.folder = Path(directory) / FOLDER
         self.fingerprint = fingerprint
         self.distributed = distributed
+        self.resuming = False  # (known to the writing rank: the one that says where a phase continues)
+        self.phases: list[int] = []  # ids of the training phases' steps, in the order they ran
+        self.last_progress = time.monotonic()
 
     # --- opening (the writing rank) -------------------------------------------------------------
 
@@ -121,6 +135,7 @@ class Commits:
             for path in self.folder.parent.iterdir():  # what the interrupted run wrote besides its commits
                 if path != self.folder:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
+            self.resuming = True
             return self.last_committed()
         self.folder.mkdir(exist_ok=True)
         (self.folder / "fingerprint.json").write_text(json.dumps(self.fingerprint, indent=2))
@@ -161,6 +176,28 @@ class Commits:
         for step, step_state in zip(steps, state["step_states"]):
             run_state.state_of(step).update(step_state)
         return state["inputs"], kwargs
+
+    # --- a training phase's progress ---------------------------------------------------------------
+
+    def progress_path(self, step) -> Path:
+        """Where the training phase of ``step`` commits (numbered by the order the phases run in)."""
+        if id(step) not in self.phases:
+            self.phases.append(id(step))
+        return self.folder / f"progress-{self.phases.index(id(step))}.pt"
+
+    def committed_progress(self, step, device) -> dict | None:
+        """The last progress the training phase of ``step`` committed; None when it has committed none."""
+        path = self.progress_path(step)
+        return torch.load(path, map_location=device, weights_only=False) if path.is_file() else None
+
+    def commit_progress(self, step, state, force: bool = False) -> None:
+        """Commit ``state()`` (every rank's training state: the same) when ``force`` (an epoch ended) or when
+        ``every_seconds`` have passed since the last commit; only the writing rank writes."""
+        if not force and time.monotonic() - self.last_progress < self.every_seconds:
+            return
+        if self.distributed.writes:
+            write_atomically(self.progress_path(step), lambda path: torch.save(state(), path))
+        self.last_progress = time.monotonic()
 
     def committed_block(self, index: int, device):
         return torch.load(self.folder / f"block-{index}.pt", map_location=device, weights_only=False)

@@ -239,10 +239,13 @@ class Step(Config):
     declares_kv_cache: ClassVar[bool] = False  # a quantized KV cache, which only our native format records
     families: ClassVar[tuple[str, ...] | None] = None  # the families whose block it assumes (None: any)
     # how a data-dependent step runs on several processes (compressor/distributed.py): "sums" (statistics summed
-    # over tokens, reduced to an owner that solves), "gradients" (training averages gradients over ranks), "ranges"
+    # over tokens, reduced to an owner that solves), "gradients" (training reduces gradients over ranks), "ranges"
     # (per-channel sums and maxima all-reduced, every rank computes the same); None
     # refuses --nproc > 1 before any work (data-free steps need nothing: every rank computes the same)
     distributes: ClassVar[str | None] = None
+    # a model step whose training commits its progress for --resume (``distill.train_end_to_end``); the others
+    # start over when a run is resumed
+    commits_progress: ClassVar[bool] = False
     needs_native_export: ClassVar[bool] = False  # leaves what only our native W+A format records (online Hadamard)
 
     @classmethod

@@ -70,12 +70,10 @@ def warmup_cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
     return base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2
 
 
-def warmup_cosine_schedule(samples: int, heldout: float, epochs: int, batch_size: int, warmup_ratio: float):
-    """``lr_at`` for ``distill.train_end_to_end``: linear warmup over ``warmup_ratio`` of the optimizer
-    steps that ``epochs`` passes over the training share of ``samples`` sequences take, then cosine to 0."""
-    steps = epochs * math.ceil((samples - holdout_count(samples, heldout)) / batch_size)
-    warmup = math.ceil(warmup_ratio * steps)
-    return lambda base, step, total: warmup_cosine_lr(base, step, total, warmup)
+def warmup_cosine_schedule(warmup_ratio: float):
+    """``lr_at`` for ``distill.train_end_to_end``: linear warmup over ``warmup_ratio`` of the ``total`` optimizer
+    steps the trainer takes, then cosine to 0."""
+    return lambda base, step, total: warmup_cosine_lr(base, step, total, math.ceil(warmup_ratio * total))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +141,28 @@ def block_mse(block: nn.Module, batches: list[tuple], distributed=None) -> float
     return total / max(count, 1)
 
 
+def shared_steps(batches: list[tuple], batch_size: int, distributed=None) -> list[tuple[list[tuple], int]]:
+    """The optimizer steps of ``train_block``: alone, one per micro-batch (``micro_batches`` of ``batch_size``);
+    on several processes (``distributed``), the single process's steps over every rank's samples (consecutive
+    groups of ``batch_size`` in rank order, as one process cuts a calibration batch that holds a multiple of
+    ``batch_size`` samples). Each step is (the pieces of it this rank holds: (input, target, kwargs), possibly
+    none; the step's number of samples)."""
+    if distributed is None or not distributed.active:
+        return [([batch], len(batch[0])) for batch in batches]
+    total, row = distributed.rows_of_everyone(sum(len(x) for x, _, _ in batches))
+    steps = [([], min(batch_size, total - start)) for start in range(0, total, batch_size)]
+    for x, y, kw in batches:
+        start = 0
+        while start < len(x):  # a micro-batch of this rank may straddle two of the single process's steps
+            step = (row + start) // batch_size
+            end = min(len(x), (step + 1) * batch_size - row)
+            rows = slice(start, end)
+            steps[step][0].append((x[rows], y[rows], slice_batch(kw, rows, len(x))))
+            start = end
+        row += len(x)
+    return steps
+
+
 def train_block(
     block: nn.Module,
     batches: list[tuple],
@@ -154,43 +174,51 @@ def train_block(
     schedule=None,
     where: str = "efficientqat_block_ap",
     distributed=None,
+    batch_size: int | None = None,
 ) -> tuple[list[float], BestState | None]:
     """AdamW on the reconstruction MSE, per-group cosine schedules stepped per batch (``schedule(base,
     step, total)`` replaces the cosine towards ``base / min_lr_factor``; ``where`` names the step in errors). The last
     ``heldout`` fraction of ``batches`` is not trained on: its MSE before training and after each epoch
     decides which state the block keeps. Returns the mean training loss per epoch and that record.
 
-    With ``distributed`` (several processes, each with its own share of the samples) every rank takes the same
-    number of steps (the fewest batches any rank has), gradients are averaged over ranks after each backward
-    and the held-out MSE is taken over every rank's held-out batches, so all ranks keep the same state."""
-    if distributed is not None and distributed.active:
-        fewest = -distributed.all_reduce_max(torch.tensor([-len(batches)]))
-        batches = batches[: int(fewest)]
-    held = holdout_count(len(batches), heldout)
-    batches, heldout_batches = batches[: len(batches) - held], batches[len(batches) - held :]
+    With ``distributed`` (several processes, each with its own share of the samples, ``batches`` its
+    ``micro_batches`` of ``batch_size``) every rank takes the single process's steps (``shared_steps``): it runs
+    the samples of each step it holds, each piece's MSE weighted by its share of the step, and the gradients are
+    summed over ranks; the held-out MSE is taken over every rank's held-out samples, so all ranks keep the same
+    state."""
+    steps = shared_steps(batches, batch_size or max(len(x) for x, _, _ in batches), distributed)
+    held = holdout_count(len(steps), heldout)
+    steps, heldout_batches = (
+        steps[: len(steps) - held],
+        [piece for pieces, _ in steps[len(steps) - held :] for piece in pieces],
+    )
     trained = [p for group in groups for p in group["params"]]
-    best = BestState(trained, block_mse(block, heldout_batches, distributed)) if heldout_batches else None
+    best = BestState(trained, block_mse(block, heldout_batches, distributed)) if held else None
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     bases = [group["lr"] for group in optimizer.param_groups]
-    total, step, epoch_losses = epochs * len(batches), 0, []
+    total, step, epoch_losses = epochs * len(steps), 0, []
     with torch.enable_grad():
         for _ in range(epochs):
             losses = []
-            for x, y, kw in batches:
+            for pieces, size in steps:
                 for group, base in zip(optimizer.param_groups, bases):
                     group["lr"] = (
                         schedule(base, step, total) if schedule else cosine_lr(base, base / min_lr_factor, step, total)
                     )
-                out = first_output(block(x.float(), **cast_floating(kw, torch.float32)))
-                loss = F.mse_loss(out, y.float())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{where}: the reconstruction loss became {float(loss)}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if distributed is not None:
-                    distributed.average_gradients(trained)
+                loss = 0.0
+                for x, y, kw in pieces:
+                    out = first_output(block(x.float(), **cast_floating(kw, torch.float32)))
+                    mse = F.mse_loss(out, y.float())
+                    if not torch.isfinite(mse):
+                        raise FloatingPointError(f"{where}: the reconstruction loss became {float(mse)}")
+                    (mse * (len(x) / size)).backward()
+                    loss += mse.item() * (len(x) / size)
+                if distributed is not None and distributed.active:
+                    distributed.sum_gradients(trained)
+                    loss = float(distributed.all_reduce_sum(torch.tensor([loss], dtype=torch.float64)))
                 optimizer.step()
-                losses.append(loss.item())
+                losses.append(loss)
                 step += 1
                 if progress is not None:
                     progress.update(loss=losses[-1])

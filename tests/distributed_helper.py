@@ -1,6 +1,8 @@
 """``python -m tests.distributed_helper apply ...``: the ``compressor`` command with one more step, ``die_at``,
 which SIGKILLs the rank that ``COMPRESSOR_TEST_DIE=RANK:BLOCK`` names when it reaches that block, or hangs the
-one ``COMPRESSOR_TEST_HANG=RANK:BLOCK`` names (test only)."""
+one ``COMPRESSOR_TEST_HANG=RANK:BLOCK`` names; ``COMPRESSOR_TEST_DIE_STEP=RANK:STEP`` SIGKILLs that rank as it
+starts training step STEP (counted from 1) of ``distill.train_end_to_end``, which then commits after every step
+(test only)."""
 
 import os
 import signal
@@ -28,6 +30,27 @@ class DieAt(Step):
 
 
 compressor.recipe.shipped_catalogue = compressor.recipe.catalogue  # the live catalogue knows die_at
+
+
+def die_in_training(rank_and_step: str) -> None:
+    import compressor.distill
+    import compressor.resume
+
+    rank, step = rank_and_step.split(":")
+    compressor.resume.Commits.every_seconds = 0.0
+    taken, calls = compressor.distill.optimizer_step, []
+
+    def optimizer_step(*arguments, **options):
+        calls.append(1)
+        if os.environ.get("RANK", "0") == rank and len(calls) == int(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return taken(*arguments, **options)
+
+    compressor.distill.optimizer_step = optimizer_step
+
+
+if os.environ.get("COMPRESSOR_TEST_DIE_STEP"):
+    die_in_training(os.environ["COMPRESSOR_TEST_DIE_STEP"])
 
 if __name__ == "__main__":
     from compressor.cli import main

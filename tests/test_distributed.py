@@ -1,9 +1,10 @@
 """Several processes (torch.distributed, gloo on the CPU) and resuming an interrupted run.
 
 The fast tests check the mechanism's pieces; the slow ones run the command on two processes of this
-machine: the same quality as one process, every module solved by exactly one owner, a rank killed with
-SIGKILL ending the run in one line with nothing left behind, the resumed run's shards byte-identical to an
-uninterrupted run's, and two torchrun launches as two "machines" equal to one launch of two processes."""
+machine: the same quality as one process for every step that distributes, every module solved by exactly one
+owner, a rank killed with SIGKILL ending the run in one line with nothing left behind, the resumed run's shards
+byte-identical to an uninterrupted run's (a layer pass from its committed blocks, E2E-QP's training from its
+committed step), and two torchrun launches as two "machines" equal to one launch of two processes."""
 
 from __future__ import annotations
 
@@ -117,11 +118,11 @@ def test_a_refused_resume_keeps_the_interrupted_runs_commits(tmp_path, tiny_llam
 
 
 def test_a_step_that_cannot_distribute_refuses_before_any_process_starts(tmp_path, tiny_llama, calibration_file):
-    recipe = write_recipe(tmp_path, calibration_file, "  - qllm: {bits: 4}\n")
+    recipe = write_recipe(tmp_path, calibration_file, "  - awq: {bits: 4}\n")
     result = run("-m", "compressor", "apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out"), "--nproc", "2")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "steps[0].qllm" in lines[0] and "several processes" in lines[0]
+    assert len(lines) == 1 and "steps[0].awq" in lines[0] and "several processes" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -145,7 +146,9 @@ def runs(tmp_path_factory, tiny_llama, calibration_file):
 def kl_from_base(model: Path, base: Path, text: str) -> float:
     from compressor.eval import evaluate_paths
 
-    result = evaluate_paths(str(model), str(base), text, 64, 6, torch.device("cpu"), progress=False)
+    result = evaluate_paths(
+        str(model), str(base), text, 64, 6, torch.device("cpu"), progress=False, trust_remote_code=True
+    )  # SwiftKV and MoDeGPT's sliced layout ship their modeling code
     return result.kl_divergence
 
 
@@ -171,24 +174,44 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
         "  - efficientqat_block_ap: {bits: 2, group_size: 32, epochs: 2, batch_size: 2, heldout: 0.25}\n",
         "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, scope: token}\n",
         "  - rtn: {bits: 3, group_size: 32, symmetric: false}\n"
-        "  - efficientqat_e2e_qp: {epochs: 4, batch_size: 4, micro_batch_size: 2, lr: 5.0e-5, heldout: 0.0}\n",
+        "  - efficientqat_e2e_qp: {epochs: 4, batch_size: 2, micro_batch_size: 2, lr: 5.0e-5, heldout: 0.25}\n",
+        "  - qllm: {bits: 4, epochs: 2, batch_size: 1, feature_samples: 2, search_candidates: 4}\n",
+        "  - modegpt: {ratio: 0.3, modules: [qk, vo, mlp]}\n",
+        "  - transmla: {kv_cache_ratio: 0.25}\n  - transmla_heal: {epochs: 2, lr: 1.0e-3, batch_size: 2}\n",
+        "  - swiftkv: {epochs: 2, lr: 1.0e-3, batch_size: 2}\n",
     ],
-    ids=["squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp"],
+    ids=["squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp", "qllm", "modegpt", "transmla", "swiftkv"],
 )
 def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, tiny_llama, calibration_file, step):
-    """SqueezeLLM (Fisher sums to owners), Block-AP and E2E-QP (averaged gradients) and BFP's K-sort (all-reduced
-    key statistics): two processes, the KL of one."""
+    """SqueezeLLM (Fisher sums to owners), Block-AP, E2E-QP, SwiftKV and TransMLA's healing (gradients over
+    ranks), BFP's K-sort (all-reduced key statistics), QLLM (all-reduced channel ranges, gradients), MoDeGPT and
+    TransMLA (correlations and Grams summed to owners): two processes, the KL of one. E2E-QP at batch 2 (one
+    sequence a rank a step) with a held-out part: the steps and the held-out part are the single process's."""
     from compressor.api import apply
+    from compressor.testing import make_random_model
 
+    model = tiny_llama
+    if "swiftkv" in step:  # 2 layers make M = 1, where SwiftKV is the original model: 4 layers, M = 2
+        model = make_random_model("llama", tmp_path / "deep", num_hidden_layers=4)
     recipe = write_recipe(tmp_path, calibration_file, step)
-    apply(recipe, tiny_llama, tmp_path / "one", progress=False)
-    apply(recipe, tiny_llama, tmp_path / "two", progress=False, nproc=2)
+    apply(recipe, model, tmp_path / "one", progress=False)
+    apply(recipe, model, tmp_path / "two", progress=False, nproc=2)
     one, two = (
-        kl_from_base(tmp_path / "one", tiny_llama, calibration_file),
-        kl_from_base(tmp_path / "two", tiny_llama, calibration_file),
+        kl_from_base(tmp_path / "one", model, calibration_file),
+        kl_from_base(tmp_path / "two", model, calibration_file),
     )
     print(f"KL one process {one:.6g}, two {two:.6g}")
     assert one > 0 and abs(two - one) <= 0.02 * one, (one, two)
+    owners = json.loads((tmp_path / "two" / "report.json").read_text())["summary"]["distributed"]["owners"]
+    blocks = ("model.layers.0", "model.layers.1")
+    expected = {  # what is solved on one owner (a dict: exactly one each), and whether both ranks solve
+        "modegpt": ({f"{b}.{m}" for b in blocks for m in ("self_attn.qk", "self_attn.vo", "mlp")}, {0, 1}),
+        "transmla": ({f"{b}.self_attn" for b in blocks}, {0}),
+        "qllm": ({f"{b}.{point}" for b in blocks for point in ("attn_in", "mlp_in", "down_in")}, {0, 1}),
+    }
+    for name, (modules, ranks) in expected.items():
+        if f"- {name}:" in step:
+            assert set(owners) == modules and set(owners.values()) == ranks, owners
 
 
 @pytest.mark.slow
@@ -305,3 +328,60 @@ def test_two_torchrun_launches_as_two_machines_equal_one_launch_of_two_processes
         _, stderr = node.communicate(timeout=600)
         assert node.returncode == 0, stderr
     assert (output / "model.safetensors").read_bytes() == (runs / "two" / "model.safetensors").read_bytes()
+
+
+E2E = (
+    "  - rtn: {bits: 3, group_size: 32, symmetric: false}\n"
+    "  - efficientqat_e2e_qp: {epochs: 2, batch_size: 2, micro_batch_size: 2, lr: 5.0e-5, heldout: 0.25}\n"
+)
+
+
+@pytest.mark.slow
+def test_training_killed_mid_run_resumes_after_its_last_committed_step(tmp_path, tiny_llama, calibration_file):
+    """E2E-QP on two processes, rank 1 SIGKILLed as it starts training step 5 of 6: ``--resume`` runs RTN again,
+    puts back the trained scales, optimizer state and held-out record of step 4, says so in one line and writes
+    the bytes of an uninterrupted run."""
+    recipe = write_recipe(tmp_path, calibration_file, E2E)
+    launcher = (
+        "import sys; from pathlib import Path; from compressor.distributed import launch; "
+        f"sys.exit(launch(sys.argv[1:], 2, Path({str(tmp_path / 'status')!r}), module='tests.distributed_helper'))"
+    )
+    whole = run("-c", launcher, "apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "whole"), "--quiet")
+    assert whole.returncode == 0, whole.stderr
+    arguments = ["-c", launcher, "apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out"), "--quiet"]
+    killed = run(*arguments, env={"COMPRESSOR_TEST_DIE_STEP": "1:5"})
+    assert killed.returncode == 128 + signal.SIGKILL and "rank 1 was killed by SIGKILL" in killed.stderr
+    (partial,) = tmp_path.glob(".out.partial-*")
+    assert (partial / "resume" / "progress-0.pt").is_file()
+    resumed = run(*arguments, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("resume:")]
+    assert lines == [
+        "resume: efficientqat_e2e_qp: training continuing after step 4 of 6 (the steps before it ran again)"
+    ]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model.safetensors"
+    ).read_bytes()
+    assert not list(tmp_path.glob(".out.partial-*")) and not (tmp_path / "out" / "resume").exists()
+
+
+def test_a_model_step_that_commits_nothing_says_that_it_runs_again(tmp_path, tiny_llama, calibration_file, capsys):
+    """--resume with SqueezeLLM alone: it starts from the beginning; before E2E-QP (which commits): it runs again,
+    and without an interrupted run to continue, the run says that it starts from the beginning."""
+    from compressor.api import apply
+
+    squeezellm = "  - squeezellm: {bits: 3, iterations: 2, ignore: [lm_head]}\n"
+    apply(
+        write_recipe(tmp_path, calibration_file, squeezellm), tiny_llama, tmp_path / "out", progress=False, resume=True
+    )
+    said = capsys.readouterr().err
+    assert "resume: model step squeezellm does not commit its progress; starting from the beginning" in said
+    recipe = write_recipe(
+        tmp_path, calibration_file, squeezellm + "  - efficientqat_e2e_qp: {epochs: 1, batch_size: 4}\n"
+    )
+    apply(recipe, tiny_llama, tmp_path / "both", progress=False, resume=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resume:")]
+    assert said == [
+        "resume: model step squeezellm does not commit its progress; it runs again",
+        f"resume: no interrupted run of {tmp_path / 'both'} to continue; starting from the beginning",
+    ]

@@ -34,8 +34,9 @@ class ExportError(UserError):
 def atomic_output_dir(output: str | Path, overwrite: bool = False, protected: list[Path] = (), resume: bool = False):
     """Yield a temporary folder that becomes ``output`` only if the block completes.
 
-    A temporary folder that holds committed blocks (``compressor/resume.py``) is kept when a signal or a lost rank
-    stops the run; with ``resume`` the latest such folder of a dead run is adopted (renamed to this run's)."""
+    A temporary folder that holds committed blocks or training progress (``compressor/resume.py``) is kept when a
+    signal or a lost rank stops the run; with ``resume`` the latest such folder of a dead run is adopted (renamed to
+    this run's)."""
     output = Path(output).resolve()
     check_target(output, overwrite, protected)
     created = make_parents(output.parent)
@@ -179,8 +180,9 @@ def remove_abandoned_partials(output: Path) -> None:
 
 
 def holds_commits(partial: Path) -> bool:
-    """Whether a temporary folder holds committed blocks that ``--resume`` continues from."""
-    return (partial / "resume" / "committed.json").is_file()
+    """Whether a temporary folder holds committed blocks or training progress that ``--resume`` continues from."""
+    folder = partial / "resume"
+    return (folder / "committed.json").is_file() or any(folder.glob("progress-*.pt"))
 
 
 def stopped_from_outside(error: BaseException) -> bool:

@@ -40,15 +40,17 @@ if TYPE_CHECKING:
 # Global sparsity allocation
 
 
-def block_importance(block_inputs: list[torch.Tensor], block_outputs: list[torch.Tensor]) -> float:
+def block_importance(block_inputs: list[torch.Tensor], block_outputs: list[torch.Tensor], distributed=None) -> float:
     """1 - the mean cosine similarity of each token's residual stream before and after the block
-    (over batches, without concatenating them)."""
+    (over batches, without concatenating them; with ``distributed``, over every rank's tokens)."""
     total, count = 0.0, 0
     for x, y in zip(block_inputs, block_outputs, strict=True):
         total += float(
             torch.nn.functional.cosine_similarity(x.flatten(0, -2).double(), y.flatten(0, -2).double(), dim=-1).sum()
         )
         count += x[..., 0].numel()
+    if distributed is not None:
+        total, count = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return 1 - total / count
 
 
@@ -390,6 +392,8 @@ class ModeGPT(Step):
 
     changes_architecture = True
     families = ("llama", "mistral", "qwen2", "qwen3")  # the Llama block; its sliced export has their rows
+    # correlations and energies are sums over tokens: reduced to each decomposition's owner, which solves
+    distributes = "sums"
 
     ratio: float = param(
         0.25,
@@ -493,7 +497,7 @@ class ModeGPT(Step):
             for index in range(context.num_blocks):
                 block = context.original_block(index)
                 outputs = run_block(block, hidden, context.block_kwargs)
-                scores.append(block_importance(hidden, outputs))
+                scores.append(block_importance(hidden, outputs, context.run.distributed))
                 hidden = outputs
                 del block
                 progress.update(1)
@@ -526,19 +530,32 @@ class ModeGPT(Step):
             with torch.no_grad():
                 before, pairs = self.compress_attention(context, attention, sizes, modules, geometry, sliced)
                 if "mlp" in modules:
-                    gate, up, down, index = nystrom_mlp(
-                        mlp.gate_proj.weight,
-                        mlp.up_proj.weight,
-                        mlp.down_proj.weight,
-                        mlp_correlation(context, mlp),
-                        sizes.intermediate_size,
-                        self.ridge,
-                    )
+                    correlation = mlp_correlation(context, mlp)
+                    gate, up, down, index = context.run.distributed.solve_owned(
+                        {adapter.mlp: [correlation]},
+                        {adapter.mlp: float(correlation.shape[0] ** 3)},
+                        lambda _: nystrom_mlp(
+                            mlp.gate_proj.weight,
+                            mlp.up_proj.weight,
+                            mlp.down_proj.weight,
+                            correlation,
+                            sizes.intermediate_size,
+                            self.ridge,
+                        ),
+                        where=context.prefix,
+                        device=context.device,
+                    )[adapter.mlp]
                     write_mlp(mlp, gate, up, down, index, sliced)
                 after = context.forward()
-            error = sum((a - b).double().pow(2).sum() for a, b in zip(after, before)) / sum(
-                b.double().pow(2).sum() for b in before
+            sums = torch.tensor(
+                [
+                    float(sum((a - b).double().pow(2).sum() for a, b in zip(after, before))),
+                    float(sum(b.double().pow(2).sum() for b in before)),
+                ],
+                dtype=torch.float64,
             )
+            difference, total = context.run.distributed.all_reduce_sum(sums).tolist()  # over every rank's tokens
+            error = difference / total
             hidden, heads, kv_heads = context.config.hidden_size, geometry.num_heads, geometry.num_kv_heads
             context.record(
                 "block",
@@ -574,12 +591,20 @@ class ModeGPT(Step):
         if "qk" not in modules and "vo" not in modules and not sliced:
             return before, None
         q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
-        qk = cr_key_query(q.weight, k.weight, query_energy, key_energy, sizes.qk_pairs, q.bias, k.bias)
-        vo = (
-            whitened_value_output(v.weight, o.weight, correlation, heads, kv_heads, sizes.v_head_dim, v.bias)
-            if "vo" in modules
-            else (v.weight, o.weight, v.bias)
+        hidden = correlation.shape[0]
+
+        def solve(name: str):
+            if name == "qk":
+                return cr_key_query(q.weight, k.weight, query_energy, key_energy, sizes.qk_pairs, q.bias, k.bias)
+            return whitened_value_output(v.weight, o.weight, correlation, heads, kv_heads, sizes.v_head_dim, v.bias)
+
+        # several processes: the sums of every rank meet at each decomposition's owner (compressor/distributed.py)
+        statistics = {"qk": [query_energy, key_energy], **({"vo": [correlation]} if "vo" in modules else {})}
+        costs = {"qk": float(heads * d), "vo": float(hidden**3 + kv_heads * hidden * (heads // kv_heads * d) ** 2)}
+        solved = context.run.distributed.solve_owned(
+            statistics, costs, solve, where=f"{context.prefix}.{context.adapter.attention}", device=context.device
         )
+        qk, vo = solved["qk"], solved.get("vo", (v.weight, o.weight, v.bias))
         module = write_attention(attention, sizes, qk, vo, geometry, sliced)
         if module is not attention:
             context.replace_module(context.adapter.attention, module)

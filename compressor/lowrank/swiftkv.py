@@ -149,6 +149,8 @@ class SwiftKV(Step):
     families = ("llama", "qwen2")  # the shipped SwiftKV modeling code has these
 
     kind = "model"
+    distributes = "gradients"  # each rank the sequences of every step it holds, gradients summed (distill.py)
+    commits_progress = True  # the trainer commits its state for --resume (distill.train_end_to_end)
 
     num_key_value_layers: int | None = param(
         None,
@@ -272,8 +274,7 @@ class SwiftKV(Step):
         per-step KL and the held-out record."""
         for p in parameters:
             p.requires_grad_(True)
-        tokens = context.calibration_tokens()
-        lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, self.batch_size, self.warmup_ratio)
+        lr_at = warmup_cosine_schedule(self.warmup_ratio)
         generator = torch.Generator().manual_seed(self.seed)
         try:
             return train_end_to_end(

@@ -220,19 +220,23 @@ def deepseek_head_rows(
     return q_rows, q_bias_rows, kv_b_rows
 
 
-def linear_range_scale(latents: list[torch.Tensor], eps: float, error: float = 1e-7) -> float:
+def linear_range_scale(latents: list[torch.Tensor], eps: float, error: float = 1e-7, distributed=None) -> float:
     """The factor ``s`` that puts the latents where an RMSNorm is linear: ``s * c / sqrt(s^2 mean(c^2)
     + eps)`` is ``s * c / sqrt(eps)`` to within ``error`` (relative) on every calibration latent, so
     DeepSeek-V3's ``kv_a_layernorm`` with weight ``sqrt(eps) / s`` returns ``c`` itself. The rows of
     ``kv_a_proj_with_mqa`` that make the latent are multiplied by ``s``; float32 and bfloat16 hold
-    such small numbers at full relative precision (float16 does not)."""
+    such small numbers at full relative precision (float16 does not). With ``distributed``: every rank's latents."""
     largest = max(latent.double().pow(2).mean(-1).max().item() for latent in latents)
+    if distributed is not None:
+        largest = float(distributed.all_reduce_max(torch.tensor([largest], dtype=torch.float64)))
     return math.sqrt(2 * error * eps / max(largest, 1e-30))
 
 
-def latent_norm_error(latents: list[torch.Tensor], weight: torch.Tensor, eps: float, scale: float = 1.0) -> float:
+def latent_norm_error(
+    latents: list[torch.Tensor], weight: torch.Tensor, eps: float, scale: float = 1.0, distributed=None
+) -> float:
     """Relative error of the latent norm against the identity: ``|| weight * norm(s c) - c || / || c ||``
-    over the calibration latents (0 for an exact conversion)."""
+    over the calibration latents (0 for an exact conversion; with ``distributed``, every rank's)."""
     error = total = 0.0
     for latent in latents:
         c = latent.reshape(-1, latent.shape[-1]).double()
@@ -240,18 +244,23 @@ def latent_norm_error(latents: list[torch.Tensor], weight: torch.Tensor, eps: fl
         normed = weight.double() * scaled * torch.rsqrt(scaled.pow(2).mean(-1, keepdim=True) + eps)
         error += (normed - c).pow(2).sum().item()
         total += c.pow(2).sum().item()
+    if distributed is not None:
+        error, total = distributed.all_reduce_sum(torch.tensor([error, total], dtype=torch.float64)).tolist()
     return math.sqrt(error / max(total, 1e-30))
 
 
-def least_squares_norm_weight(latents: list[torch.Tensor], eps: float) -> torch.Tensor:
+def least_squares_norm_weight(latents: list[torch.Tensor], eps: float, distributed=None) -> torch.Tensor:
     """Per-dimension ``gamma`` minimising ``sum_t (gamma * c_t / rms(c_t) - c_t)^2``: the weight
-    that makes DeepSeek's ``kv_a_layernorm`` closest to the identity on calibration latents."""
+    that makes DeepSeek's ``kv_a_layernorm`` closest to the identity on calibration latents (with
+    ``distributed``: every rank's, the sums all-reduced)."""
     numerator = denominator = 0.0
     for latent in latents:
         c = latent.reshape(-1, latent.shape[-1]).double()
         inverse_rms = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
         numerator = numerator + (c.pow(2) * inverse_rms).sum(0)
         denominator = denominator + (c.pow(2) * inverse_rms.pow(2)).sum(0)
+    if distributed is not None:
+        numerator, denominator = distributed.all_reduce_sum(torch.stack([numerator, denominator]))
     return (numerator / denominator.clamp_min(1e-30)).float()
 
 
@@ -457,6 +466,7 @@ class TransMLA(Step):
 
     changes_architecture = True
     families = TRANSMLA_FAMILIES
+    distributes = "sums"  # the key/value Gram is a sum over tokens: reduced to the block's owner, which solves
 
     kv_cache_ratio: float = param(
         0.25, "KV cache per token after / before (latent + rotary key vs all keys and values)", min=0.0, max=1.0
@@ -521,25 +531,33 @@ class TransMLA(Step):
             )
         norm = context.block.get_submodule(adapter.norms["input"])
 
+        distributed = context.run.distributed
         with torch.no_grad():
             gram = kv_gram(context.block, attention, norm, context.inputs)
-            weights = transmla_weights(
-                attention.q_proj.weight,
-                attention.q_proj.bias,
-                attention.k_proj.weight,
-                attention.k_proj.bias,
-                attention.v_proj.weight,
-                attention.v_proj.bias,
-                gram,
-                num_heads=geometry.num_heads,
-                num_kv_heads=geometry.num_kv_heads,
-                head_dim=geometry.head_dim,
-                rope_dim=rope_dim,
-                freqfold=freqfold,
-                kv_lora_rank=rank,
-                balance_kv=self.balance_kv,
-                damp=self.damp,
-            )
+            # several processes: every rank's Gram meets at the block's owner, which solves (distributed.py)
+            weights = distributed.solve_owned(
+                {attention_path: [gram]},
+                {attention_path: float(gram.shape[0] ** 3)},
+                lambda _: transmla_weights(
+                    attention.q_proj.weight,
+                    attention.q_proj.bias,
+                    attention.k_proj.weight,
+                    attention.k_proj.bias,
+                    attention.v_proj.weight,
+                    attention.v_proj.bias,
+                    gram,
+                    num_heads=geometry.num_heads,
+                    num_kv_heads=geometry.num_kv_heads,
+                    head_dim=geometry.head_dim,
+                    rope_dim=rope_dim,
+                    freqfold=freqfold,
+                    kv_lora_rank=rank,
+                    balance_kv=self.balance_kv,
+                    damp=self.damp,
+                ),
+                where=context.prefix,
+                device=context.device,
+            )[attention_path]
             mla_config = deepseek_v3_config(
                 config,
                 kv_lora_rank=rank,
@@ -549,16 +567,22 @@ class TransMLA(Step):
                 rope_frequencies=weights.rope_frequencies,
             )
             context.declare_architecture(mla_config)  # the export is a DeepseekV3ForCausalLM
-            gamma, norm_error = self.fit_latent_norm(weights, norm, context.inputs, rank)
+            gamma, norm_error = self.fit_latent_norm(weights, norm, context.inputs, rank, distributed)
             before = context.forward()
             module = build_mla_attention(
                 weights, mla_config, getattr(attention, "layer_idx", context.index), attention.o_proj, gamma
             )
             context.replace_module(attention_path, module)
             after = context.forward()
-        error = sum((a - b).pow(2).sum().item() for a, b in zip(after, before)) / max(
-            sum(b.pow(2).sum().item() for b in before), 1e-30
+        sums = torch.tensor(
+            [
+                sum((a - b).pow(2).sum().item() for a, b in zip(after, before)),
+                sum(b.pow(2).sum().item() for b in before),
+            ],
+            dtype=torch.float64,
         )
+        difference, total = distributed.all_reduce_sum(sums).tolist()  # over every rank's tokens
+        error = difference / max(total, 1e-30)
         context.record(
             attention_path,
             kv_lora_rank=rank,
@@ -572,20 +596,23 @@ class TransMLA(Step):
             block_output_error=math.sqrt(error),
         )
 
-    def fit_latent_norm(self, weights, norm: nn.Module, inputs, rank: int) -> tuple[torch.Tensor, float]:
-        """``kv_a_layernorm``'s weight for the latents of ``inputs`` and its relative error. With ``exact``,
-        the latent is first scaled into the norm's linear range (``kv_a`` rows scaled in place)."""
+    def fit_latent_norm(
+        self, weights, norm: nn.Module, inputs, rank: int, distributed=None
+    ) -> tuple[torch.Tensor, float]:
+        """``kv_a_layernorm``'s weight for the latents of ``inputs`` (every rank's, with ``distributed``) and its
+        relative error. With ``exact``, the latent is first scaled into the norm's linear range (``kv_a`` rows
+        scaled in place)."""
         latents = [nn.functional.linear(norm(h), weights.kv_a_weight, weights.kv_a_bias)[..., :rank] for h in inputs]
         eps = 1e-6  # DeepseekV3RMSNorm's default, which kv_a_layernorm keeps in transformers
         if self.exact:
-            scale = linear_range_scale(latents, eps)
+            scale = linear_range_scale(latents, eps, distributed=distributed)
             weights.kv_a_weight[:rank] *= scale
             if weights.kv_a_bias is not None:
                 weights.kv_a_bias[:rank] *= scale
             gamma = torch.full((rank,), math.sqrt(eps) / scale)
         else:
-            scale, gamma = 1.0, least_squares_norm_weight(latents, eps=eps)
-        return gamma, latent_norm_error(latents, gamma, eps, scale)
+            scale, gamma = 1.0, least_squares_norm_weight(latents, eps=eps, distributed=distributed)
+        return gamma, latent_norm_error(latents, gamma, eps, scale, distributed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,6 +625,8 @@ class TransMLAHeal(Step):
     """Healing after transmla: distil the converted model towards the original's next-token distributions."""
 
     kind = "model"
+    distributes = "gradients"  # each rank the sequences of every step it holds, gradients summed (distill.py)
+    commits_progress = True  # the trainer commits its state for --resume (distill.train_end_to_end)
     families = TRANSMLA_FAMILIES
 
     epochs: int = param(2, "passes over the calibration set", min=1)

@@ -92,7 +92,8 @@ class EfficientQATE2EQP(Step):
     ignore: list[str] = param(["lm_head"], "quantized linears whose scales stay frozen (glob, or re:REGEX)")
 
     kind = "model"
-    distributes = "gradients"  # each rank its share of every step's sequences, gradients averaged (distill.py)
+    distributes = "gradients"  # each rank the sequences of every step it holds, gradients summed (distill.py)
+    commits_progress = True  # the trainer commits its state for --resume (distill.train_end_to_end)
 
     def check_config(self, config) -> None:
         check_top_k(self.top_k, config)
@@ -116,9 +117,7 @@ class EfficientQATE2EQP(Step):
         groups = [{"params": steps_or_codebooks, "lr": self.lr}] + (
             [{"params": zeros, "lr": self.zero_lr}] if zeros else []
         )
-        tokens = context.calibration_tokens()
-        share = max(1, self.batch_size // context.run.distributed.world_size)  # each rank's sequences a step
-        lr_at = warmup_cosine_schedule(len(tokens), self.heldout, self.epochs, share, self.warmup_ratio)
+        lr_at = warmup_cosine_schedule(self.warmup_ratio)
         generator = torch.Generator().manual_seed(self.seed)
         try:
             losses, best = train_end_to_end(

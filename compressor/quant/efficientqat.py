@@ -190,7 +190,7 @@ def trainable_groups(block: nn.Module, quant_lr: float, weight_lr: float, train_
 class EfficientQATBlockAP(UniformQuantizer):
     """EfficientQAT Block-AP: per block, train weights, scales and zero points (STE) to reconstruct its fp outputs."""
 
-    distributes = "gradients"  # every rank trains on its samples; gradients averaged, so the ranks stay equal
+    distributes = "gradients"  # the single process's steps over every rank's samples, gradients summed (training.py)
     grids = ("int", "nvfp4", "mxfp4")  # FP4: trainable block scales on the grid (FakeFloatLinear)
 
     symmetric: bool = param(
@@ -257,12 +257,10 @@ class EfficientQATBlockAP(UniformQuantizer):
         for name, module in fake.items():
             block.set_submodule(name, module)
         block.float()
-        # several processes: each takes batch_size / processes samples a step, gradients averaged (distributed.py)
+        # several processes: the single process's steps, each rank the samples of a step it holds (distributed.py)
         distributed = context.run.distributed
-        batches = micro_batches(
-            context.inputs, targets, context.block_kwargs, max(1, self.batch_size // distributed.world_size)
-        )
-        mse_init = block_mse(block, batches)
+        batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
+        mse_init = block_mse(block, batches, distributed)
         losses, best = [], None
         if self.epochs > 0:
             groups = trainable_groups(block, self.quant_lr, self.learning_rate_of_weights, self.train_norms)
@@ -277,6 +275,7 @@ class EfficientQATBlockAP(UniformQuantizer):
                     self.heldout,
                     progress,
                     distributed=distributed,
+                    batch_size=self.batch_size,
                 )
         quantized = {name: module.freeze(context.scale_dtype) for name, module in fake.items()}
         block.to(dtype)  # the trained norm gains and the biases back to the pass dtype
@@ -286,7 +285,7 @@ class EfficientQATBlockAP(UniformQuantizer):
         context.record(
             "block_ap",
             mse_init=mse_init,
-            mse_final=block_mse(block, batches),
+            mse_final=block_mse(block, batches, distributed),
             loss_first_epoch=losses[0] if losses else None,
             loss_last_epoch=losses[-1] if losses else None,
             steps=self.epochs * (len(batches) - holdout_count(len(batches), self.heldout)),

@@ -349,6 +349,9 @@ class QLLM(ActivationQuantization, UniformQuantizer):
     """QLLM: channel reassembly of activation outliers + low-rank error correction per block (W4A4, W4A8, W4)."""
 
     activation_grids = ("int",)  # reassembly splits channels against integer ranges
+    # several processes: channel ranges all-reduced (max), each point searched by one owner on the first samples'
+    # features (rank 0's, broadcast), error correction in the single process's steps (training.train_block)
+    distributes = "gradients"
 
     group_size: int = param(-1, "input columns sharing one weight scale; -1 (the paper's): one per output row")
     symmetric: bool = param(False, "symmetric weight grid (false: per-row zero points, as the paper)")
@@ -486,8 +489,13 @@ class QLLM(ActivationQuantization, UniformQuantizer):
     ) -> tuple[dict, dict]:
         """Channel reassembly, point by point, on the fp features: each consumer's channel map and
         rewritten weight (path -> tensor), for the points where reassembling beat leaving them."""
-        channel_maps, rewritten = {}, {}
-        for point, names in points.items():
+        distributed = context.run.distributed
+        for point in points:  # several processes: every rank's channel ranges, the first samples' features
+            distributed.all_reduce_max(stats.magnitudes[point])
+        stats.chunks = distributed.broadcast_object(stats.chunks, 0, context.device)
+
+        def search(point: str):
+            names = points[point]
             weights = [linears[name].weight.detach().float() for name in names]
             loss_of = point_loss(
                 point,
@@ -511,9 +519,6 @@ class QLLM(ActivationQuantization, UniformQuantizer):
                 self.merge_score,
                 self.search_candidates,
             )
-            if result.best is not None:
-                for name, weight in zip(names, result.best.weights):
-                    channel_maps[name], rewritten[name] = result.best.channel_map, weight
             context.record(
                 f"reassembly.{point}",
                 extra_channels=0 if result.best is None else result.best.extra,
@@ -523,6 +528,22 @@ class QLLM(ActivationQuantization, UniformQuantizer):
                 loss_without=result.loss_without,
                 candidates=len(result.evaluated),
             )
+            return result.best
+
+        # each point's search on its owner (they are independent), costs by the point's width and consumers
+        found = distributed.solve_owned(
+            {point: [] for point in points},
+            {point: float(stats.magnitudes[point].numel() * len(names)) for point, names in points.items()},
+            search,
+            context.run.report,
+            context.prefix,
+            context.device,
+        )
+        channel_maps, rewritten = {}, {}
+        for point, best in found.items():
+            if best is not None:
+                for name, weight in zip(points[point], best.weights):
+                    channel_maps[name], rewritten[name] = best.channel_map, weight
         stats.release()
         return channel_maps, rewritten
 
@@ -546,10 +567,11 @@ class QLLM(ActivationQuantization, UniformQuantizer):
         attention = block.get_submodule(context.adapter.attention)
         if spec is not None and self.quantize_attention:
             install_attention_quantization(attention, spec)
+        distributed = context.run.distributed  # several processes: the single process's steps (training.py)
         batches = micro_batches(context.inputs, targets, context.block_kwargs, self.batch_size)
         if context.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(context.device)
-        mse_init = block_mse(block, batches)
+        mse_init = block_mse(block, batches, distributed)
         losses, best, steps = [], None, 0
         if self.rank > 0 and self.epochs > 0:
             generator = torch.Generator().manual_seed(self.seed + context.index)
@@ -568,8 +590,10 @@ class QLLM(ActivationQuantization, UniformQuantizer):
                     progress,
                     schedule=linear_decay,
                     where="qllm",
+                    distributed=distributed,
+                    batch_size=self.batch_size,
                 )
-        mse_trained = block_mse(block, batches)
+        mse_trained = block_mse(block, batches, distributed)
         return modules, Correction(batches, mse_init, mse_trained, steps, losses, best, peak_memory_mib(context.device))
 
     def merge_and_quantize(
@@ -604,7 +628,7 @@ class QLLM(ActivationQuantization, UniformQuantizer):
             "error_correction",
             mse_init=correction.mse_init,
             mse_trained=correction.mse_trained,
-            mse_final=block_mse(context.block, correction.batches),
+            mse_final=block_mse(context.block, correction.batches, context.run.distributed),
             steps=correction.steps,
             loss_first_epoch=losses[0] if losses else None,
             loss_last_epoch=losses[-1] if losses else None,

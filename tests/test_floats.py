@@ -163,6 +163,45 @@ def test_nvfp4_w4a4_goes_to_the_native_format_and_loads_back(tiny_llama, tmp_pat
     assert torch.equal(ours, theirs)
 
 
+def test_static_nvfp4_activations_equal_compressed_tensors():
+    """A calibrated input_global_scale: compressed-tensors' NVFP4 preset (dynamic local block scales) with it."""
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4)) * 2
+    global_scale = generate_gparam(x.amin() * 0.7, x.amax() * 0.7)  # calibrated on smaller inputs: some saturate
+    args = preset_name_to_scheme("NVFP4", ["Linear"]).input_activations
+    scale, zero = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=global_scale)
+    reference = fake_quantize(x, scale, zero, args, global_scale=global_scale)
+    assert torch.equal(fake_quantize_float_tokens(x, "nvfp4", global_scale), reference)
+    assert not torch.equal(fake_quantize_float_tokens(x, "nvfp4"), reference)  # per token differs
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nvfp4_w4a4_with_calibrated_global_scales_exports_compressed_tensors(
+    method, tiny_llama, calibration_file, tmp_path
+):
+    """llm-compressor's NVFP4 form: input_global_scale per layer, loaded by transformers with our logits."""
+    step = {"grid": "nvfp4", "activation_grid": "nvfp4", "activation_global_scale": "calibrated"}
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 32},
+            "steps": [{method: {**step, "quantize_attention": False}}],
+        }
+    )
+    apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "nvfp4-pack-quantized"
+    inputs = config["config_groups"]["group_0"]["input_activations"]
+    assert inputs["dynamic"] == "local" and inputs["strategy"] == "tensor_group"
+    x = tokens()
+    ours = load_quantized_model(tmp_path / "out", dtype=torch.bfloat16)
+    scale = ours.model.layers[0].mlp.down_proj.input_global_scale
+    assert scale.shape == (1,) and 0 < float(scale) < float("inf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert torch.equal(theirs.model.layers[0].mlp.down_proj.input_global_scale.float(), scale)
+    assert torch.equal(ours(x).logits, theirs(x).logits)
+    ours.model.layers[0].mlp.down_proj.quantize_inputs(None)  # the activations are quantized on both sides
+    assert not torch.equal(theirs(x).logits, ours(x).logits)
+
+
 @pytest.mark.parametrize(
     "step,key",
     [
@@ -170,6 +209,8 @@ def test_nvfp4_w4a4_goes_to_the_native_format_and_loads_back(tiny_llama, tmp_pat
         ({"rtn": {"grid": "nvfp4", "bits": 3}}, "rtn.bits"),
         ({"rtn": {"activation_grid": "fp8", "activation_bits": 8}}, "rtn.activation_bits"),
         ({"qllm": {"activation_grid": "mxfp4"}}, "qllm.activation_grid"),
+        ({"rtn": {"activation_grid": "mxfp4", "activation_global_scale": "calibrated"}}, "rtn.activation_global_scale"),
+        ({"rtn": {"activation_grid": "nvfp4", "activation_global_scale": "calibrated"}}, "rtn.activation_global_scale"),
     ],
 )
 def test_a_grid_a_method_cannot_use_is_refused_in_one_line(step, key):

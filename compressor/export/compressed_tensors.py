@@ -144,12 +144,13 @@ def grid_of(args: dict) -> str:
 # The codec (see export/codecs.py)
 
 INPUTS = inputs.LAYOUT  # the input side it records: dynamic float activations on float weights, no channel map
-RECORDED_ACTIVATIONS = ("fp8", "mxfp4")  # nvfp4's needs a calibrated static global scale (input_global_scale)
+RECORDED_ACTIVATIONS = ("fp8", "mxfp4")  # and nvfp4 with a calibrated static global scale (input_global_scale)
 
 
 def supports(weight, quantized_inputs=None) -> bool:
-    """Uniform weights of weight-only layers; float weights, also with FP8 or MXFP4 dynamic activations
-    (``quantized_inputs``: the ``QuantizedLinear`` whose inputs are quantized)."""
+    """Uniform weights of weight-only layers; float weights, also with FP8 or MXFP4 dynamic activations or NVFP4
+    ones with a calibrated ``input_global_scale`` (``quantized_inputs``: the ``QuantizedLinear`` whose inputs are
+    quantized)."""
     if weight.kind == "uniform":
         return not quantized_inputs
     if weight.kind != "float":
@@ -157,7 +158,8 @@ def supports(weight, quantized_inputs=None) -> bool:
     if not quantized_inputs:
         return True
     spec = quantized_inputs.input_activations
-    return quantized_inputs.channel_map is None and spec is not None and spec.format in RECORDED_ACTIVATIONS
+    recorded = spec is not None and (spec.format in RECORDED_ACTIVATIONS or spec.static_global_scale)
+    return quantized_inputs.channel_map is None and recorded
 
 
 def module_entry(weight) -> dict:

@@ -610,13 +610,15 @@ def _through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     return x + (rounded - x).detach()
 
 
-def fake_quantize_float_tokens(x: torch.Tensor, format: str) -> torch.Tensor:
+def fake_quantize_float_tokens(x: torch.Tensor, format: str, global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [..., C] through a dynamic float quantizer and back (FP4 computed in fp32):
 
     * ``fp8``: one scale per token ``amax / 448``, elements E4M3 (compressed-tensors' FP8_DYNAMIC);
     * ``mxfp4``: blocks of 32 channels with E8M0 scales (the MXFP4 weight rule), elements E2M1;
-    * ``nvfp4``: blocks of 16 with E4M3 scales under a global scale ``448 * 6 / amax`` taken per token
-      (compressed-tensors calibrates that global scale once per layer instead: see ``serving.py``)."""
+    * ``nvfp4``: blocks of 16 with E4M3 scales under a global scale: ``global_scale`` (fp32 [1], calibrated once
+      per layer as compressed-tensors' NVFP4 ``input_global_scale``, ``448 * 6 / amax`` over the calibration
+      inputs), or without one ``448 * 6 / amax`` taken per token. A block's ``amax / 6`` is taken in ``x``'s
+      dtype, as compressed-tensors takes it (vLLM's kernel: fp32; the same for fp32 inputs)."""
     original = x.dtype
     if format == "fp8":  # in x's dtype, as compressed-tensors computes it (the same logits in bf16)
         scale = x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX
@@ -624,15 +626,22 @@ def fake_quantize_float_tokens(x: torch.Tensor, format: str) -> torch.Tensor:
         scaled = x / scale
         rounded = scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(original)
         return _through(scaled, rounded) * scale
-    x = x.float()
     grid = FLOAT_GRIDS[format]
     channels = x.shape[-1]
     if channels % grid.group_size:
         raise ValueError(f"{format} activations need channels in multiples of {grid.group_size}, not {channels}")
     blocks = x.unflatten(-1, (channels // grid.group_size, grid.group_size))
     amax = blocks.abs().amax(dim=-1)
-    global_scale = None
-    if grid.global_scale:
+    if (
+        grid.global_scale
+    ):  # amax / 6 rounded to x's dtype; times 6 is exact in fp32, and scales_from_amax's / 6 undoes it
+        amax = (amax / E2M1_MAX).float() * E2M1_MAX
+    amax, blocks = amax.float(), blocks.float()
+    if not grid.global_scale:
+        global_scale = None
+    elif global_scale is not None:
+        global_scale = global_scale.float().to(x.device)
+    else:
         token_amax = amax.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
         global_scale = E4M3_MAX * E2M1_MAX / token_amax
     scale = effective_scales(grid, scales_from_amax(grid, amax, torch.float32, global_scale), global_scale)

@@ -19,7 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from compressor.quant.uniform import WEIGHT_GRIDS, ActivationQuantization, UniformQuantizer, relative_error
+from compressor.quant.uniform import (
+    WEIGHT_GRIDS,
+    ActivationQuantization,
+    UniformQuantizer,
+    relative_error,
+    shared_global_scales,
+)
 from compressor.step import register_step
 
 if TYPE_CHECKING:
@@ -37,9 +43,11 @@ class RTN(ActivationQuantization, UniformQuantizer):
     def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
         modules = {}
-        for name, linear in context.linears(self.ignore).items():
+        linears = context.linears(self.ignore)
+        global_scales = shared_global_scales(context.adapter, linears, self.float_grid)  # NVFP4's fused shards
+        for name, linear in linears.items():
             weight = linear.weight.data
-            quantized = self.round_to_nearest(weight, context.scale_dtype)
+            quantized = self.round_to_nearest(weight, context.scale_dtype, global_scales.get(name))
             modules[name] = context.replace_linear(name, quantized)
             context.record(name, error=relative_error(weight, quantized), bits_per_weight=quantized.bits_per_weight())
         self.quantize_block_activations(context, modules)

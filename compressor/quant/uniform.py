@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from compressor.arch import block_linears
+from compressor.arch import block_linears, input_groups
 from compressor.blockwise import InputHooks
 from compressor.modules.activations import ActivationSpec, install_attention_quantization
 from compressor.step import Step, param
@@ -90,10 +90,12 @@ class UniformQuantizer(Step):
         for name, linear in linears.items():
             check_group_size(name, linear.in_features, group_size)
 
-    def round_to_nearest(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> UniformWeight | FloatWeight:
-        """RTN of ``weight`` on this step's grid, integer or float."""
+    def round_to_nearest(
+        self, weight: torch.Tensor, scale_dtype: torch.dtype, global_scale: torch.Tensor | None = None
+    ) -> UniformWeight | FloatWeight:
+        """RTN of ``weight`` on this step's grid, integer or float (NVFP4: under ``global_scale`` when given)."""
         if self.float_grid is not None:
-            return FloatWeight.quantize(weight, self.grid, scale_dtype)
+            return FloatWeight.quantize(weight, self.grid, scale_dtype, global_scale)
         return quantize_uniform(weight, self.bits, self.group_size, self.symmetric, scale_dtype)
 
 
@@ -191,6 +193,24 @@ class ActivationQuantization(Step):
             module.quantize_inputs(spec, (channel_maps or {}).get(name), global_scales.get(name))
         if spec is not None and self.quantize_attention:
             install_attention_quantization(context.block.get_submodule(context.adapter.attention), spec)
+
+
+def shared_global_scales(adapter, linears: dict, grid: FloatGrid | None) -> dict[str, torch.Tensor]:
+    """NVFP4: one weight global scale (``448 * 6 / amax`` over all of them) for the linears of ``linears`` (block
+    paths) that read one same input (q/k/v, gate/up), which engines fuse into one GEMM: vLLM keeps one global
+    scale per fused layer, the largest of its shards' (compressed_tensors_w4a4_nvfp4.py,
+    process_weights_after_loading), so shards under other global scales would be served wrong. llm-compressor
+    shares them the same way (``update_fused_layer_weight_global_scales``). Empty for other grids."""
+    if grid is None or not grid.global_scale:
+        return {}
+    shared = {}
+    for group in input_groups(adapter):
+        members = [name for name in group if name in linears]
+        if members:
+            amax = max(float(linears[name].weight.detach().abs().amax()) for name in members)
+            scale = nvfp4_global_scale(torch.tensor([amax]))
+            shared.update({name: scale for name in members})
+    return shared
 
 
 class InputAmax(InputHooks):

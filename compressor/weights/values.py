@@ -574,11 +574,19 @@ def scales_from_amax(
 
 
 def grid_params(
-    grid: FloatGrid, weight: torch.Tensor, scale_dtype: torch.dtype, clip: torch.Tensor | float = 1.0
+    grid: FloatGrid,
+    weight: torch.Tensor,
+    scale_dtype: torch.dtype,
+    clip: torch.Tensor | float = 1.0,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scales of ``weight`` [N, K] on ``grid`` (``clip`` shrinks each group's range first), and the
-    global scale (NVFP4; None otherwise)."""
-    global_scale = nvfp4_global_scale(weight) if grid.global_scale else None
+    global scale (NVFP4: ``global_scale`` when given, one shared by fused shards, else the weight's own; None
+    otherwise)."""
+    if not grid.global_scale:
+        global_scale = None
+    elif global_scale is None:
+        global_scale = nvfp4_global_scale(weight)
     return scales_from_amax(grid, group_amax(weight, grid) * clip, scale_dtype, global_scale), global_scale
 
 
@@ -691,10 +699,13 @@ class FloatWeight:
         return self.spec.group_size
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, grid: str, scale_dtype: torch.dtype) -> FloatWeight:
-        """Round-to-nearest of an [N, K] weight on ``grid`` with min-max scales."""
+    def quantize(
+        cls, weight: torch.Tensor, grid: str, scale_dtype: torch.dtype, global_scale: torch.Tensor | None = None
+    ) -> FloatWeight:
+        """Round-to-nearest of an [N, K] weight on ``grid`` with min-max scales (NVFP4: under ``global_scale``
+        when given)."""
         spec = FLOAT_GRIDS[grid]
-        scales, global_scale = grid_params(spec, weight, scale_dtype)
+        scales, global_scale = grid_params(spec, weight, scale_dtype, global_scale=global_scale)
         return cls(round_to_grid(spec, weight, scales, global_scale), scales, global_scale, grid)
 
     def rows(self, rows: slice) -> FloatWeight:

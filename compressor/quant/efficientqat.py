@@ -50,6 +50,7 @@ from compressor.training import block_dtype, block_mse, holdout_count, micro_bat
 from compressor.weights.values import (
     E2M1_MAX,
     E4M3_MAX,
+    E4M3_TINY,
     E8M0_BIAS,
     FloatGrid,
     FloatWeight,
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
     from compressor.context import BlockContext
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
-E4M3_TINY = 2.0**-9  # E4M3's smallest subnormal
 
 
 # ----------------------------------------------------------------------------------------------

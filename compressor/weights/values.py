@@ -436,6 +436,7 @@ E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitude of codes 0..7
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 E4M3_EPS = 0.125  # an all-zero block's E4M3 scale (compressed-tensors' choice)
+E4M3_TINY = 2.0**-9  # E4M3's smallest subnormal: the least positive scale a trained NVFP4 block keeps
 E8M0_BIAS = 127
 MX_ELEMENT_EMAX = 2  # floor(log2(6)): the E2M1 offset of an MX scale
 
@@ -529,6 +530,8 @@ def expand_scales(effective: torch.Tensor, grid: FloatGrid, n: int, k: int) -> t
 
 def effective_scales(grid: FloatGrid, scales: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
     """The fp32 multiplier of each scale group: the float scale, E4M3 scale / global scale, or 2**(e - 127)."""
+    if grid.scale == "e8m0" and scales.is_floating_point():  # exponents being trained (E2E-QP): differentiable
+        return torch.exp2(scales.float() - E8M0_BIAS)
     if grid.scale == "e8m0":
         return torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.to(torch.int32) - E8M0_BIAS)
     if grid.scale == "e4m3":

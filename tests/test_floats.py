@@ -233,7 +233,18 @@ def test_nvfp4_w4a4_with_calibrated_global_scales_exports_compressed_tensors(
         ({"efficientqat_block_ap": {"grid": "fp8"}}, "efficientqat_block_ap.grid"),
         ({"rtn": {"grid": "nvfp4", "bits": 3}}, "rtn.bits"),
         ({"rtn": {"activation_grid": "fp8", "activation_bits": 8}}, "rtn.activation_bits"),
-        ({"qllm": {"activation_grid": "mxfp4"}}, "qllm.activation_grid"),
+        ({"qllm": {"activation_grid": "fp8"}}, "qllm.activation_grid"),
+        (
+            {
+                "qllm": {
+                    "activation_grid": "nvfp4",
+                    "activation_global_scale": "calibrated",
+                    "quantize_attention": False,
+                }
+            },
+            "qllm.activation_global_scale",
+        ),
+        ({"qllm": {"activation_grid": "nvfp4", "weight_only": True}}, "qllm.activation_grid"),
         ({"rtn": {"activation_grid": "mxfp4", "activation_global_scale": "calibrated"}}, "rtn.activation_global_scale"),
         ({"rtn": {"activation_grid": "nvfp4", "activation_global_scale": "calibrated"}}, "rtn.activation_global_scale"),
     ],

@@ -136,8 +136,10 @@ class ActivationQuantization(Step):
                 f"activation_grid: {self.name} quantizes activations on {', '.join(self.activation_grids)} only, "
                 f"not {self.activation_grid}"
             )
-        if self.activation_grid != "int" and (self.activation_bits, self.activation_symmetric) != (16, False):
-            key = "activation_bits" if self.activation_bits != 16 else "activation_symmetric"
+        if self.activation_grid != "int" and (
+            self.activation_bits not in (16, None) or self.activation_symmetric  # None: QLLM's default
+        ):
+            key = "activation_bits" if self.activation_bits not in (16, None) else "activation_symmetric"
             raise ValueError(f"{key}: activation_grid {self.activation_grid} fixes the activation grid; drop {key}")
         if self.activation_global_scale == "calibrated":
             if self.activation_grid != "nvfp4":

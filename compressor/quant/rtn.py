@@ -7,7 +7,8 @@ vLLM serves with Marlin, and the one transformers loads (its compressed-tensors 
 packed zero points; the upstream issues: docs/methods/rtn.md). Asymmetric grids (``symmetric: false``) cost
 ``bits/group_size`` more bits per weight and give clearly lower error at 2-3 bits; they export
 in the same format and load through ``compressor.export.load_quantized_model`` and vLLM.
-Data-free: it never runs the model.
+Data-free: it never runs the model, except for NVFP4 activations with ``activation_global_scale: calibrated``,
+whose per-layer input global scales come from the calibration inputs (the one case it reads calibration data).
 
 With ``activation_bits`` < 16 it is also the W+A baseline ("RTN W4A4 / W4A8"): every quantized
 linear fake-quantizes its input per token (dynamic min-max, ``modules/activations.py``) and, with

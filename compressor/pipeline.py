@@ -29,6 +29,7 @@ from compressor.blockwise import BlockwiseModel, catch_block_inputs, run_block
 from compressor.context import BlockContext, ModelContext, RunState, model_dense_linears
 from compressor.distributed import Distributed, refusal
 from compressor.errors import StepError, UserError
+from compressor.export.compressed_tensors import kv_cache_scheme
 from compressor.model import ModelHandle
 from compressor.moe import calibrating, check_expert_schemes, report_census
 from compressor.progress import track
@@ -168,11 +169,12 @@ class Session:
                 )
         if step.writes_plain_uniform and self.recipe.export.format != "dense":
             cache = next((i for i, s in enumerate(self.recipe.steps) if s.declares_kv_cache), None)
-            if cache is not None:
+            if cache is not None and kv_cache_scheme(self.recipe.steps[cache].cache_spec.to_dict()) is None:
                 raise ValueError(
                     f"its weights go to compressed-tensors, which cannot hold steps[{cache}]."
-                    f"{self.recipe.steps[cache].name}'s quantized KV cache (only our native format records one); "
-                    "export 'dense', or quantize the weights with a native-format method"
+                    f"{self.recipe.steps[cache].name}'s quantized KV cache (its kv_cache_scheme is an FP8 cache of "
+                    "keys and values, prompt included; our native format records the others); export 'dense', or "
+                    "quantize the weights with a native-format method"
                 )
         if step.needs_native_export:
             later = self.recipe.steps[index + 1 :]

@@ -76,6 +76,18 @@ VLLM_MXFP4 = (
     "vllm/.../compressed_tensors/compressed_tensors.py (_is_mxfp4 -> CompressedTensorsW4A16Mxfp4, whatever "
     "input_activations; schemes/compressed_tensors_w4a4_mxfp4.py arrived later, min capability 75)"
 )
+VLLM_NVFP4 = (
+    "vllm/model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_w4a4_nvfp4.py "
+    "(process_weights_after_loading, select_nvfp4_linear_backend)"
+)
+VLLM_KV = (
+    "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_kv.py "
+    "(CompressedTensorsKVCacheMethod.validate_kv_cache_scheme)"
+)
+CT_KV_HOOK = (
+    "compressed_tensors/quantization/lifecycle/initialize.py (is_cached_attention_module looks for a "
+    "past_key_values argument; transformers 5.25's attention forward takes `cache`)"
+)
 CT_FP4_BF16 = (
     "compressed_tensors/compressors/nvfp4/helpers.py (unpack_fp4_from_uint8 returns bf16); tests/test_floats.py"
 )
@@ -265,13 +277,24 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "vllm",
         "ct-nvfp4",
-        "CompressedTensorsW4A16Fp4 (FP4 Marlin on Ampere to Hopper, FlashInfer FP4 on Blackwell)",
+        "CompressedTensorsW4A16Fp4 (FP4 Marlin on Ampere to Hopper, FlashInfer FP4 on Blackwell) for weight-only "
+        "NVFP4; with input_activations CompressedTensorsW4A4Fp4 (FP4 GEMMs on Blackwell, compute capability 10.x; "
+        "below it an emulation that dequantizes, from compute capability 7.5)",
         requirements=(
             Rule(
-                "weight-only NVFP4 (W4A4 NVFP4 needs a calibrated static input_global_scale, which our dynamic NVFP4 "
-                "activations do not have: such layers export in our native format)",
-                lambda p: p["activations"] is None,
+                "weight-only NVFP4, or NVFP4 activations with a calibrated static input_global_scale per layer "
+                '(dynamic: "local", activation_global_scale: calibrated; our per-token global scale has no '
+                "compressed-tensors form and exports in our native format)",
+                lambda p: p["activations"] is None or p["activations"].get("dynamic") == "local",
                 VLLM_CT,
+            ),
+        ),
+        caveats=(
+            Rule(
+                "fused shards (q/k/v, gate/up) are served with one weight and one input global scale, the largest of "
+                "theirs: ours share them (uniform.shared_global_scales), a checkpoint from elsewhere may not",
+                lambda p: False,
+                VLLM_NVFP4,
             ),
         ),
     ),
@@ -285,6 +308,19 @@ ROUTES: tuple[Route, ...] = (
                 "input_activations, so they serve this checkpoint as weight-only (outputs differ from ours)",
                 lambda p: p["activations"] is None,
                 VLLM_MXFP4,
+            ),
+        ),
+    ),
+    Route(
+        "vllm",
+        "ct-kv-cache",
+        "CompressedTensorsKVCacheMethod: an FP8 E4M3 KV cache with the checkpoint's per-layer k_scale / v_scale (set "
+        "kv_cache_dtype='fp8', or 'auto' reads it from the config)",
+        requirements=(
+            Rule(
+                "an 8-bit float, per-tensor, symmetric kv_cache_scheme",
+                lambda p: (p["num_bits"], p["type"], p["strategy"], p["symmetric"]) == (8, "float", "tensor", True),
+                VLLM_KV,
             ),
         ),
     ),
@@ -361,6 +397,13 @@ ROUTES: tuple[Route, ...] = (
     Route("transformers", "deepseek-mla", "DeepseekV3ForCausalLM"),
     Route(
         "transformers",
+        "ct-kv-cache",
+        "the weights load; the FP8 KV cache does not run (k_scale / v_scale are reported as unexpected keys and the "
+        "cache stays 16-bit); our loader (compressor.export.load_quantized_model) runs it",
+        caveats=(Rule("outputs differ from the model with its FP8 cache", lambda p: False, CT_KV_HOOK),),
+    ),
+    Route(
+        "transformers",
         "moe-experts",
         "its compressed-tensors loader: the per-expert tensors are dequantized into the fused 3-D expert weights while "
         "loading",
@@ -423,6 +466,12 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                 shape = scheme_words(facts)
                 parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
             parts.extend(expert_parts(config, quantization))
+            kv = quantization.get("kv_cache_scheme")
+            if kv:
+                facts = {key: kv.get(key) for key in ("num_bits", "type", "strategy", "symmetric")}
+                parts.append(
+                    (f"KV cache ({kv.get('type')}{kv.get('num_bits')} per {kv.get('strategy')})", "ct-kv-cache", facts)
+                )
         elif method == "gptq":
             facts = {
                 "bits": quantization.get("bits"),

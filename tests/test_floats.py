@@ -164,12 +164,89 @@ def test_nvfp4_w4a4_goes_to_the_native_format_and_loads_back(tiny_llama, tmp_pat
 
 
 @pytest.mark.parametrize(
+    "step",
+    [
+        {"rtn": {"grid": "nvfp4"}},
+        {"gptq": {"grid": "nvfp4"}},
+        {"efficientqat_block_ap": {"grid": "nvfp4", "epochs": 1, "quant_lr": 1e-4}},
+    ],
+)
+def test_nvfp4_fused_shards_share_one_weight_global_scale(step, tiny_llama, calibration_file, tmp_path):
+    """vLLM serves q/k/v and gate/up as one GEMM with one global scale (the largest of the shards'): ours share
+    it, so every shard dequantizes as we computed it."""
+    recipe = Recipe.from_dict(
+        {"calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 32}, "steps": [step]}
+    )
+    apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    model = load_quantized_model(tmp_path / "out")
+    layer = model.model.layers[0]
+    attention = [getattr(layer.self_attn, p).global_scale for p in ("q_proj", "k_proj", "v_proj")]
+    mlp = [getattr(layer.mlp, p).global_scale for p in ("gate_proj", "up_proj")]
+    assert all(torch.equal(g, attention[0]) for g in attention) and torch.equal(mlp[0], mlp[1])
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).model.layers[0].self_attn
+    amax = max(float(getattr(dense, p).weight.abs().max()) for p in ("q_proj", "k_proj", "v_proj"))
+    assert float(attention[0]) == pytest.approx(448 * 6 / amax, rel=1e-2)  # the largest shard's
+
+
+def test_static_nvfp4_activations_equal_compressed_tensors():
+    """A calibrated input_global_scale: compressed-tensors' NVFP4 preset (dynamic local block scales) with it."""
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4)) * 2
+    global_scale = generate_gparam(x.amin() * 0.7, x.amax() * 0.7)  # calibrated on smaller inputs: some saturate
+    args = preset_name_to_scheme("NVFP4", ["Linear"]).input_activations
+    scale, zero = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=global_scale)
+    reference = fake_quantize(x, scale, zero, args, global_scale=global_scale)
+    assert torch.equal(fake_quantize_float_tokens(x, "nvfp4", global_scale), reference)
+    assert not torch.equal(fake_quantize_float_tokens(x, "nvfp4"), reference)  # per token differs
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nvfp4_w4a4_with_calibrated_global_scales_exports_compressed_tensors(
+    method, tiny_llama, calibration_file, tmp_path
+):
+    """llm-compressor's NVFP4 form: input_global_scale per layer, loaded by transformers with our logits."""
+    step = {"grid": "nvfp4", "activation_grid": "nvfp4", "activation_global_scale": "calibrated"}
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 32},
+            "steps": [{method: {**step, "quantize_attention": False}}],
+        }
+    )
+    apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "nvfp4-pack-quantized"
+    inputs = config["config_groups"]["group_0"]["input_activations"]
+    assert inputs["dynamic"] == "local" and inputs["strategy"] == "tensor_group"
+    x = tokens()
+    ours = load_quantized_model(tmp_path / "out", dtype=torch.bfloat16)
+    scale = ours.model.layers[0].mlp.down_proj.input_global_scale
+    assert scale.shape == (1,) and 0 < float(scale) < float("inf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert torch.equal(theirs.model.layers[0].mlp.down_proj.input_global_scale.float(), scale)
+    assert torch.equal(ours(x).logits, theirs(x).logits)
+    ours.model.layers[0].mlp.down_proj.quantize_inputs(None)  # the activations are quantized on both sides
+    assert not torch.equal(theirs(x).logits, ours(x).logits)
+
+
+@pytest.mark.parametrize(
     "step,key",
     [
         ({"efficientqat_block_ap": {"grid": "fp8"}}, "efficientqat_block_ap.grid"),
         ({"rtn": {"grid": "nvfp4", "bits": 3}}, "rtn.bits"),
         ({"rtn": {"activation_grid": "fp8", "activation_bits": 8}}, "rtn.activation_bits"),
-        ({"qllm": {"activation_grid": "mxfp4"}}, "qllm.activation_grid"),
+        ({"qllm": {"activation_grid": "fp8"}}, "qllm.activation_grid"),
+        (
+            {
+                "qllm": {
+                    "activation_grid": "nvfp4",
+                    "activation_global_scale": "calibrated",
+                    "quantize_attention": False,
+                }
+            },
+            "qllm.activation_global_scale",
+        ),
+        ({"qllm": {"activation_grid": "nvfp4", "weight_only": True}}, "qllm.activation_grid"),
+        ({"rtn": {"activation_grid": "mxfp4", "activation_global_scale": "calibrated"}}, "rtn.activation_global_scale"),
+        ({"rtn": {"activation_grid": "nvfp4", "activation_global_scale": "calibrated"}}, "rtn.activation_global_scale"),
     ],
 )
 def test_a_grid_a_method_cannot_use_is_refused_in_one_line(step, key):
@@ -183,7 +260,7 @@ def test_fp8_kv_cache_calibrates_exports_and_loads_with_equal_logits(tiny_llama,
     recipe = Recipe.from_dict(
         {
             "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 32},
-            "steps": [{"fp8_kv": {}}],  # with compressed-tensors weights it is refused (only the native format has it)
+            "steps": [{"fp8_kv": {}}],
         }
     )
     apply(recipe, tiny_llama, tmp_path / "out", progress=False)
@@ -203,6 +280,41 @@ def test_fp8_kv_cache_calibrates_exports_and_loads_with_equal_logits(tiny_llama,
     kvcache.remove(ours)
     assert not torch.equal(cached, ours(x).logits)  # the FP8 cache is in use, not a no-op
     assert (cached - ours(x).logits).abs().max() < 0.05 * ours(x).logits.abs().max()  # and close to exact
+
+
+def test_fp8_kv_cache_beside_compressed_tensors_weights(tiny_llama, calibration_file, tmp_path):
+    """kv_cache_scheme and self_attn.k_scale / v_scale, as llm-compressor writes them (vLLM's
+    CompressedTensorsKVCacheMethod reads them). Our loader runs the cache. transformers 5.25 with compressed-tensors
+    0.20.1 loads the weights but not the cache: compressed-tensors hooks attention modules whose forward takes
+    ``past_key_values``, and transformers' Llama attention now takes ``cache`` (the scales load as unexpected keys),
+    so its logits are ours without the cache."""
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 32},
+            "steps": [{"rtn": {"grid": "fp8", "activation_grid": "fp8", "quantize_attention": False}}, {"fp8_kv": {}}],
+        }
+    )
+    apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and "kv_cache" not in config
+    assert config["kv_cache_scheme"]["strategy"] == "tensor" and config["kv_cache_scheme"]["type"] == "float"
+    x = tokens()
+    ours = load_quantized_model(tmp_path / "out")
+    assert float(ours.model.layers[1].self_attn.v_scale) > 0
+    with_cache = ours(x).logits
+    from compressor import kvcache
+
+    kvcache.remove(ours)
+    assert not torch.equal(with_cache, ours(x).logits)  # the FP8 cache is in use
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.equal(ours(x).logits, theirs(x).logits)
+
+
+def test_a_kv_cache_compressed_tensors_cannot_hold_is_refused_in_one_line(tiny_llama, tmp_path):
+    recipe = Recipe.from_dict({"steps": [{"rtn": {"grid": "fp8"}}, {"fp8_kv": {"quantize_fresh": False}}]})
+    with pytest.raises(UserError) as error:
+        apply(recipe, tiny_llama, tmp_path / "out", progress=False)
+    assert "kv_cache_scheme" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_gptq_w4a4_on_mxfp4_exports_compressed_tensors_and_beats_rtn_per_layer(tiny_llama, calibration_file, tmp_path):

@@ -214,13 +214,13 @@ def test_each_group_sees_the_groups_before_it_quantized(
     calls, stale = [], []
     original = GPTQ.quantize_linear
 
-    def checked(self, context, name, linear, h):
+    def checked(self, context, name, linear, h, *rest):
         with torch.no_grad(), gptq.HessianCatcher(context.block, [name]) as catcher:
             context.forward()
         calls.append(name)
         if not torch.allclose(catcher.hessian(name), h, rtol=1e-5, atol=1e-7):
             stale.append(name)
-        return original(self, context, name, linear, h)
+        return original(self, context, name, linear, h, *rest)
 
     monkeypatch.setattr(GPTQ, "quantize_linear", checked)
     step = {"gptq": {"bits": 3, "group_size": 32, "true_sequential": true_sequential}}

@@ -129,3 +129,41 @@ def test_nvfp4_w4a4_is_native_and_vllm_says_no():
     config = {"model_type": "llama", "quantization_config": {"quant_method": "compressor", "format": "float"}}
     found = by_engine(config)
     assert not found["vllm"].loads and found["transformers"].loads
+
+
+def test_nvfp4_w4a4_with_input_global_scales_and_an_fp8_kv_cache_get_verdicts():
+    """compressed-tensors' NVFP4 W4A4 (calibrated input_global_scale) and a kv_cache_scheme: vLLM serves both;
+    transformers loads the weights and says it leaves the cache 16-bit, with the source."""
+    activations = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": "local"}
+    weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}
+    kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+    quantization = {
+        "quant_method": "compressed-tensors",
+        "config_groups": {"group_0": {"weights": weights, "input_activations": activations, "targets": ["Linear"]}},
+        "kv_cache_scheme": kv,
+    }
+    found = verdicts({"model_type": "llama", "quantization_config": quantization})
+    lines = {(v.engine, v.part.split(" (")[0]): v for v in found}
+    assert (
+        lines["vllm", "compressed-tensors group_0"].loads
+        and "W4A4Fp4" in lines["vllm", "compressed-tensors group_0"].how
+    )
+    assert lines["vllm", "KV cache"].loads and "k_scale" in lines["vllm", "KV cache"].how
+    assert lines["transformers", "KV cache"].loads and "initialize.py" in " ".join(
+        lines["transformers", "KV cache"].caveats
+    )
+    dynamic = {
+        **quantization,
+        "config_groups": {
+            "group_0": {
+                "weights": weights,
+                "targets": ["Linear"],
+                "input_activations": {**activations, "dynamic": True},
+            }
+        },
+    }
+    refused = [v for v in verdicts({"model_type": "llama", "quantization_config": dynamic}) if v.engine == "vllm"]
+    assert not refused[0].loads and "input_global_scale" in refused[0].how
+    per_head = {**quantization, "kv_cache_scheme": {**kv, "strategy": "attn_head"}}
+    kv_verdict = [v for v in verdicts({"model_type": "llama", "quantization_config": per_head}) if "KV" in v.part]
+    assert not kv_verdict[0].loads and "compressed_tensors_kv.py" in kv_verdict[0].source

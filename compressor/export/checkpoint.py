@@ -20,7 +20,7 @@ from torch import nn
 from compressor.arch import ExportArchitecture
 from compressor.arch.native import native_config
 from compressor.declaration import ExportDeclaration
-from compressor.export import gptq, native
+from compressor.export import compressed_tensors, gptq, native
 from compressor.export.codecs import codec_for
 from compressor.export.output import ExportError
 from compressor.export.shards import ShardWriter
@@ -200,7 +200,7 @@ class CheckpointWriter:
         checkpoint's under its own model type, ``arch/native``), with the modeling files written beside it
         and the ``quantization_config`` of the weights and KV cache."""
         kv_cache = declared.kv_cache_entry()
-        self.settle_codec(kv_cache is not None)
+        self.settle_codec(kv_cache)
         architecture = self.architecture(handle, declared)
         config = copy.deepcopy(architecture.config if architecture is not None else handle.config)
         config.dtype = self.dtype
@@ -219,13 +219,18 @@ class CheckpointWriter:
                     f"export format '{self.codec.QUANT_METHOD}': {error}; use export format 'compressed-tensors' or "
                     "'dense'"
                 ) from None
-            if kv_cache is not None:
+            if kv_cache is not None and self.codec is compressed_tensors:
+                config.quantization_config["kv_cache_scheme"] = compressed_tensors.kv_cache_scheme(kv_cache)
+            elif kv_cache is not None:
                 config.quantization_config["kv_cache"] = kv_cache
         return config
 
-    def settle_codec(self, kv_cache: bool) -> None:
-        """A quantized KV cache or quantized attention operands put the checkpoint in the native format."""
-        if kv_cache:
+    def settle_codec(self, kv_cache: dict | None) -> None:
+        """A quantized KV cache (but an FP8 one beside compressed-tensors weights, ``kv_cache_scheme``) or quantized
+        attention operands put the checkpoint in the native format."""
+        if kv_cache is not None and not (
+            self.codec is compressed_tensors and compressed_tensors.kv_cache_scheme(kv_cache) is not None
+        ):
             if self.codec is not None and self.codec is not native:
                 raise ExportError(
                     f"a quantized KV cache is declared in the native format; {self.codec.QUANT_METHOD} weights cannot "

@@ -141,15 +141,55 @@ def grid_of(args: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# An FP8 KV cache beside the weights: the config's ``kv_cache_scheme`` (llm-compressor's FP8 cache: E4M3, one
+# static symmetric scale per tensor) and each attention module's ``k_scale`` / ``v_scale`` (fp32 [1], written
+# by ``fp8_kv`` as buffers of ``self_attn``), the names vLLM's CompressedTensorsKVCacheMethod and transformers'
+# compressed-tensors loader read. It quantizes every key and value, the prompt's included, so only our FP8
+# cache with ``values`` and ``quantize_fresh`` has this form.
+
+KV_CACHE_SCHEME = {
+    "num_bits": 8,
+    "type": "float",
+    "symmetric": True,
+    "group_size": None,
+    "strategy": "tensor",
+    "block_structure": None,
+    "dynamic": False,
+    "actorder": None,
+    "observer": "minmax",
+    "observer_kwargs": {},
+}
+FP8_CACHE_ENTRY = {"method": "fp8", "values": True, "quantize_fresh": True}
+
+
+def kv_cache_scheme(entry: dict | None) -> dict | None:
+    """compressed-tensors' ``kv_cache_scheme`` of our ``kv_cache`` entry; None when it has no such form (a BFP
+    cache, FP8 keys only, a prompt left exact)."""
+    return dict(KV_CACHE_SCHEME) if entry == FP8_CACHE_ENTRY else None
+
+
+def kv_cache_entry(quantization_config: dict) -> dict | None:
+    """Our ``kv_cache`` entry of a compressed-tensors config's ``kv_cache_scheme`` (None: no quantized cache)."""
+    scheme = quantization_config.get("kv_cache_scheme")
+    if not scheme:
+        return None
+    keys = ("num_bits", "type", "symmetric", "strategy", "dynamic")
+    if any(scheme.get(key) != KV_CACHE_SCHEME[key] for key in keys):
+        raise ValueError(f"kv_cache_scheme {scheme} is not an FP8 per-tensor static cache (the one we run)")
+    return dict(FP8_CACHE_ENTRY)
+
+
+# ----------------------------------------------------------------------------------------------
 # The codec (see export/codecs.py)
 
 INPUTS = inputs.LAYOUT  # the input side it records: dynamic float activations on float weights, no channel map
-RECORDED_ACTIVATIONS = ("fp8", "mxfp4")  # nvfp4's needs a calibrated static global scale (input_global_scale)
+RECORDED_ACTIVATIONS = ("fp8", "mxfp4")  # and nvfp4 with a calibrated static global scale (input_global_scale)
 
 
 def supports(weight, quantized_inputs=None) -> bool:
-    """Uniform weights of weight-only layers; float weights, also with FP8 or MXFP4 dynamic activations
-    (``quantized_inputs``: the ``QuantizedLinear`` whose inputs are quantized)."""
+    """Uniform weights of weight-only layers; float weights, also with FP8 or MXFP4 dynamic activations or NVFP4
+    ones with a calibrated ``input_global_scale`` (``quantized_inputs``: the ``QuantizedLinear`` whose inputs are
+    quantized)."""
     if weight.kind == "uniform":
         return not quantized_inputs
     if weight.kind != "float":
@@ -157,7 +197,8 @@ def supports(weight, quantized_inputs=None) -> bool:
     if not quantized_inputs:
         return True
     spec = quantized_inputs.input_activations
-    return quantized_inputs.channel_map is None and spec is not None and spec.format in RECORDED_ACTIVATIONS
+    recorded = spec is not None and (spec.format in RECORDED_ACTIVATIONS or spec.static_global_scale)
+    return quantized_inputs.channel_map is None and recorded
 
 
 def module_entry(weight) -> dict:

@@ -20,6 +20,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor import kvcache
+from compressor.export import compressed_tensors
 from compressor.export.codecs import FORMATS
 from compressor.model import safetensors_index
 from compressor.modules.hadamard import install_online_hadamard
@@ -46,6 +47,8 @@ def load_quantized_model(
     moe_adapter = unfuse_model_experts(model, config)  # experts as per-expert linears, as the export names them
     codec = FORMATS.get(quantization_config.get("quant_method")) if quantization_config is not None else None
     kv_cache = (quantization_config or {}).get("kv_cache")
+    if codec is compressed_tensors:
+        kv_cache = compressed_tensors.kv_cache_entry(quantization_config)
     if kv_cache:
         kvcache.prepare(model, kv_cache, device)
     install_online_hadamard(model, (quantization_config or {}).get("online_hadamard") or {})

@@ -41,6 +41,9 @@ class ActivationSpec:
     bits: int
     symmetric: bool = False
     format: str = "int"
+    # NVFP4: one calibrated global scale per layer (the module's ``input_global_scale``, compressed-tensors' form)
+    # instead of one per token
+    static_global_scale: bool = False
 
     def __post_init__(self):
         from compressor.weights.values import ACTIVATION_FORMATS, FLOAT_GRIDS
@@ -53,6 +56,8 @@ class ActivationSpec:
                 raise ValueError(f"activation format {self.format!r} is not one of {choices}")
             if (self.bits, self.symmetric) != (FLOAT_GRIDS[self.format].bits, True):
                 raise ValueError(f"{self.format} activations are symmetric {FLOAT_GRIDS[self.format].bits}-bit")
+        if self.static_global_scale and self.format != "nvfp4":
+            raise ValueError(f"a static global scale is NVFP4's; {self.format} activations have none")
 
     def to_config(self) -> dict:
         """The compressed-tensors style description written into a checkpoint's config."""
@@ -64,25 +69,38 @@ class ActivationSpec:
                 "strategy": "token",
                 "dynamic": True,
             }
-        return float_activation_config(self.format)
+        return float_activation_config(self.format, self.static_global_scale)
 
     @classmethod
     def from_config(cls, entry: dict | None) -> ActivationSpec | None:
         if entry is None:
             return None
         if entry.get("type", "int") == "float":
-            format = next((f for f in ("fp8", "nvfp4", "mxfp4") if float_activation_config(f) == entry), None)
-            if format is None:
+            known = [
+                (f, static) for f in ("fp8", "nvfp4", "mxfp4") for static in (False, True) if f == "nvfp4" or not static
+            ]
+            match = next(
+                ((f, static) for f, static in known if _same_float_config(float_activation_config(f, static), entry)),
+                None,
+            )
+            if match is None:
                 raise ValueError(f"float activations {entry} are none of fp8, nvfp4, mxfp4 (dynamic)")
-            return cls(int(entry["num_bits"]), True, format)
+            return cls(int(entry["num_bits"]), True, match[0], match[1])
         if entry.get("strategy", "token") != "token" or not entry.get("dynamic", True):
             raise ValueError(f"only dynamic per-token activation quantization is supported, not {entry}")
         return cls(int(entry["num_bits"]), bool(entry.get("symmetric", False)))
 
 
-def float_activation_config(format: str) -> dict:
-    """compressed-tensors' ``input_activations`` of a dynamic float format (FP8_DYNAMIC's, MXFP4's; NVFP4's
-    with its global scale dynamic too)."""
+def _same_float_config(ours: dict, entry: dict) -> bool:
+    """A config's ``input_activations`` is ours, whatever keys compressed-tensors adds when it writes one back
+    (``observer``, ``zp_dtype``...): every key we write has our value."""
+    return all(entry.get(key) == value for key, value in ours.items())
+
+
+def float_activation_config(format: str, static_global_scale: bool = False) -> dict:
+    """compressed-tensors' ``input_activations`` of a dynamic float format (FP8_DYNAMIC's, MXFP4's; NVFP4's with
+    a global scale per token (ours: ``dynamic: true``), or compressed-tensors' NVFP4 preset: a calibrated static
+    ``input_global_scale`` per layer and dynamic local block scales, ``dynamic: "local"``)."""
     if format == "fp8":
         return {
             "num_bits": 8,
@@ -102,7 +120,7 @@ def float_activation_config(format: str) -> dict:
         "symmetric": True,
         "group_size": group_size,
         "strategy": strategy,
-        "dynamic": True,
+        "dynamic": "local" if static_global_scale else True,
         "scale_dtype": scale_dtype,
     }
 
@@ -128,13 +146,16 @@ def fake_quantize_tokens(x: torch.Tensor, bits: int, symmetric: bool = False) ->
     return ((codes - zero) * scale).to(original)
 
 
-def quantize_activations(x: torch.Tensor, spec: ActivationSpec | None) -> torch.Tensor:
+def quantize_activations(
+    x: torch.Tensor, spec: ActivationSpec | None, global_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` through ``spec`` (None: unchanged); ``global_scale``: a static NVFP4 layer's ``input_global_scale``."""
     if spec is None:
         return x
     if spec.format != "int":
         from compressor.weights.values import fake_quantize_float_tokens
 
-        return fake_quantize_float_tokens(x, spec.format)
+        return fake_quantize_float_tokens(x, spec.format, global_scale)
     return fake_quantize_tokens(x, spec.bits, spec.symmetric)
 
 

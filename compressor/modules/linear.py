@@ -43,9 +43,18 @@ class QuantizedLinear(nn.Module):
         self.input_activations: ActivationSpec | None = None  # per-token fake-quantization of the input
         for part in ("crow", "col", "val"):  # CSR of a channel map applied first (None: none)
             self.register_buffer(f"input_map_{part}", None)
+        self.register_buffer("input_global_scale", None)  # fp32 [1]: a static NVFP4 input's calibrated global scale
 
-    def quantize_inputs(self, spec: ActivationSpec | None, channel_map: ChannelMap | None = None) -> None:
-        """Fake-quantize the input per token at ``spec`` (None: not), after ``channel_map`` (None: none)."""
+    def quantize_inputs(
+        self,
+        spec: ActivationSpec | None,
+        channel_map: ChannelMap | None = None,
+        global_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Fake-quantize the input per token at ``spec`` (None: not), after ``channel_map`` (None: none);
+        ``global_scale`` (fp32 [1]) for a spec with a static global scale (NVFP4 in compressed-tensors' form)."""
+        if spec is not None and spec.static_global_scale and global_scale is None:
+            raise ValueError("static NVFP4 activations need their calibrated input_global_scale")
         if channel_map is not None and (channel_map.channels, channel_map.in_channels) != (
             self.in_features,
             self.in_features,
@@ -57,6 +66,8 @@ class QuantizedLinear(nn.Module):
         self.input_activations = spec
         for part in ("crow", "col", "val"):
             self.register_buffer(f"input_map_{part}", None if channel_map is None else getattr(channel_map, part))
+        static = spec is not None and spec.static_global_scale
+        self.register_buffer("input_global_scale", global_scale.float().reshape(1) if static else None)
 
     @property
     def channel_map(self) -> ChannelMap | None:
@@ -107,7 +118,7 @@ class QuantizedLinear(nn.Module):
         if self.input_map_crow is not None:
             x = apply_channel_map(x, self.input_map_crow, self.input_map_col, self.input_map_val)
         if self.input_activations is not None:
-            x = quantize_activations(x, self.input_activations)
+            x = quantize_activations(x, self.input_activations, self.input_global_scale)
         if self.trained_dtypes and torch.is_grad_enabled():
             return reference_linear(x, self.quantized_weight, self.bias)
         return qlinear(x, self.quantized_weight, self.bias)

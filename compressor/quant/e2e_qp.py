@@ -15,6 +15,14 @@ paper's next-token loss, ``next_token``, fits a small calibration set instead of
 model); it trains on the recipe's calibration windows (``heldout`` of them kept aside to choose the
 best epoch), reshuffled each epoch; warmup starts at lr / (warmup + 1); ``train_zeros: true`` also
 trains zero points (STE-rounded integers). Details and measured numbers: docs/methods/efficientqat.md.
+
+Float weights (``weights/values.py``) train their scales so that the trained model is the exported one: FP8's
+per-channel or block scales as uniform scales (rounded to their 16-bit dtype when frozen); NVFP4's block scales as
+the effective scale ``s`` (what multiplies E2M1 values, so ``lr`` means what it means for uniform scales), stored
+``e4m3(s g)`` under the frozen global scale ``g``: rounded to E4M3 straight-through in every forward, kept in
+[2**-9, 448]. MXFP4 is refused: its E8M0 scales are powers of two, one step of a scale is a factor 2, which the
+small steps of E2E-QP (lr ~1e-5, Adam moves a parameter about lr a step) never reach; Block-AP trains them
+(``efficientqat_block_ap`` with ``grid: mxfp4``, its log2 scales at ``quant_lr`` 1e-3, block by block).
 """
 
 from __future__ import annotations
@@ -33,9 +41,29 @@ from compressor.quant.uniform import clamp_ste, round_ste
 from compressor.report import peak_memory
 from compressor.step import Step, param, register_step
 from compressor.training import warmup_cosine_schedule
+from compressor.weights.values import E4M3_TINY, FLOAT_GRIDS, FloatWeight, e4m3_codes, e4m3_values
 
 if TYPE_CHECKING:
     from compressor.context import ModelContext
+
+
+class E4M3ScaleOnGrid(nn.Module):
+    """Parametrization of NVFP4's trained block scales: the parameter is the effective scale ``s``, the module sees
+    the stored ``e4m3(s g)`` (positive, at most 448), rounded straight-through."""
+
+    def __init__(self, global_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("global_scale", global_scale.detach().float().clone())
+
+    def forward(self, effective: torch.Tensor) -> torch.Tensor:
+        stored = effective * self.global_scale
+        rounded = e4m3_values(e4m3_codes(stored)).clamp(min=E4M3_TINY)
+        return stored + (rounded - stored).detach()
+
+
+def float_scale_format(module: QuantizedLinear) -> str | None:
+    """How a float weight's scales are stored ("float", "e4m3" or "e8m0"); None for other weights."""
+    return FLOAT_GRIDS[module.weight_static["grid"]].scale if module.weight_type is FloatWeight else None
 
 
 class RoundToGrid(nn.Module):
@@ -106,9 +134,19 @@ class EfficientQATE2EQP(Step):
                 f"{self.name}: the model has no quantized linears with scales or codebooks; put a quantizer such as "
                 "efficientqat_block_ap, rtn or squeezellm before it"
             )
+        mxfp4 = next((name for name, m in modules.items() if float_scale_format(m) == "e8m0"), None)
+        if mxfp4 is not None:
+            raise ValueError(
+                f"{self.name}: {mxfp4} holds MXFP4 weights, whose E8M0 scales are powers of two that E2E-QP's small "
+                "steps never move (a step is a factor 2); train them in efficientqat_block_ap, or ignore these linears"
+            )
         steps_or_codebooks, zeros = [], []
         for module in modules.values():
             steps_or_codebooks += module.train_tensors([trained_tensor(module)])
+            if float_scale_format(module) == "e4m3":  # NVFP4: train the effective scale, stored as E4M3
+                with torch.no_grad():
+                    module.scales.div_(module.global_scale.float())
+                parametrize.register_parametrization(module, "scales", E4M3ScaleOnGrid(module.global_scale))
             if self.train_zeros and getattr(module, "zeros", None) is not None:  # lookup tables have none
                 zeros += module.train_tensors(["zeros"])
                 parametrize.register_parametrization(
@@ -136,9 +174,10 @@ class EfficientQATE2EQP(Step):
             )
         finally:
             for module in modules.values():
-                if parametrize.is_parametrized(module, "zeros"):
-                    parametrize.remove_parametrizations(module, "zeros", leave_parametrized=True)
-                if "scales" in module.trained_dtypes:
+                for name in ("zeros", "scales"):
+                    if parametrize.is_parametrized(module, name):
+                        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                if "scales" in module.trained_dtypes and module.trained_dtypes["scales"].itemsize > 1:
                     with torch.no_grad():  # stay positive in the storage dtype (storable_scale's rule)
                         module.scales.clamp_(min=torch.finfo(module.trained_dtypes["scales"]).tiny)
                 module.freeze()

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compressor.arch import input_groups
 from compressor.quant.gptq import GPTQ, sequential_hessians
 from compressor.quant.uniform import (
     UniformQuantizer,
@@ -49,6 +50,7 @@ from compressor.training import block_dtype, block_mse, holdout_count, micro_bat
 from compressor.weights.values import (
     E2M1_MAX,
     E4M3_MAX,
+    E4M3_TINY,
     E8M0_BIAS,
     FloatGrid,
     FloatWeight,
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
     from compressor.context import BlockContext
 
 SCALE_MIN, SCALE_MAX = 1e-8, 1e4
-E4M3_TINY = 2.0**-9  # E4M3's smallest subnormal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,17 +151,35 @@ class FakeFloatLinear(nn.Module):
         weight = (rounded * scale).reshape(n, k)
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def largest_scale(self) -> float:
+        return float(self.scale.detach().clamp(min=SCALE_MIN).max())
+
     @torch.no_grad()
-    def freeze(self, scale_dtype: torch.dtype) -> FloatWeight:
-        """The stored scales (E8M0 exponents, or E4M3 with their global scale) and the codes under them."""
+    def freeze(self, scale_dtype: torch.dtype, largest_scale: float | None = None) -> FloatWeight:
+        """The stored scales (E8M0 exponents, or E4M3 with their global scale) and the codes under them. NVFP4:
+        ``largest_scale``, the largest block scale of the fused shards this one is served with (q/k/v, gate/up),
+        sets the global scale they share (``uniform.shared_global_scales``); their scales are rounded to E4M3 again
+        under it (each within half an E4M3 step of its trained value, as in training)."""
         if self.grid.scale == "e8m0":
             scales, global_scale = (self.scale.round() + E8M0_BIAS).clamp(0, 254).to(torch.uint8), None
         else:
             scale = self.scale.clamp(min=SCALE_MIN)
-            global_scale = (E4M3_MAX / scale.max()).reshape(1).float()
+            global_scale = torch.tensor([E4M3_MAX / (largest_scale or float(scale.max()))], dtype=torch.float32)
             scales = (scale * global_scale).clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
         codes = round_to_grid(self.grid, self.weight, scales, global_scale)
         return FloatWeight(codes, scales, global_scale, self.grid.name)
+
+
+def fused_largest_scales(adapter, fake: dict) -> dict[str, float]:
+    """NVFP4: the largest trained block scale over the linears that read one same input (engines fuse them and
+    keep one global scale), for each of them; empty for other grids."""
+    shared = {}
+    for group in input_groups(adapter):
+        members = [n for n in group if isinstance(fake.get(n), FakeFloatLinear) and fake[n].grid.global_scale]
+        if members:
+            largest = max(fake[n].largest_scale() for n in members)
+            shared.update({n: largest for n in members})
+    return shared
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +296,13 @@ class EfficientQATBlockAP(UniformQuantizer):
                     distributed=distributed,
                     batch_size=self.batch_size,
                 )
-        quantized = {name: module.freeze(context.scale_dtype) for name, module in fake.items()}
+        largest = fused_largest_scales(context.adapter, fake)
+        quantized = {
+            name: module.freeze(context.scale_dtype, largest[name])
+            if name in largest
+            else module.freeze(context.scale_dtype)
+            for name, module in fake.items()
+        }
         block.to(dtype)  # the trained norm gains and the biases back to the pass dtype
         for name, value in quantized.items():
             context.replace_linear(name, value)

@@ -43,6 +43,7 @@ from compressor.quant.uniform import (
     minmax_params,
     quantize_codes,
     relative_error,
+    shared_global_scales,
 )
 from compressor.step import param, register_step
 from compressor.weights.values import (
@@ -128,11 +129,13 @@ def gptq_quantize(
     dampening_frac: float = 0.01,
     actorder: str = "static",
     grid: FloatGrid | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
     on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
     float ``grid`` (``weights/values.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
-    whose scales are RTN's, fixed from the original weights up front whatever ``actorder``."""
+    whose scales are RTN's, fixed from the original weights up front whatever ``actorder`` (NVFP4: under
+    ``global_scale`` when given, one shared by fused shards)."""
     n, k = weight.shape
     w = weight.detach().float().clone()
     h = h.detach().float().clone()
@@ -140,7 +143,7 @@ def gptq_quantize(
     h[dead, dead] = 1
     w[:, dead] = 0
     if grid is not None:
-        return gptq_float(w, h, grid, scale_dtype, block_size, dampening_frac, actorder)
+        return gptq_float(w, h, grid, scale_dtype, block_size, dampening_frac, actorder, global_scale)
     lazy = group_size != -1 and actorder == "none"
     if not lazy:  # per channel, or static groups: min-max of the original weights
         scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype)
@@ -195,11 +198,12 @@ def gptq_float(
     block_size: int,
     dampening_frac: float,
     actorder: str,
+    global_scale: torch.Tensor | None = None,
 ) -> GPTQResult:
     """``gptq_quantize`` on a float grid (dead columns already zeroed): every weight's scale is fixed first,
     so a column is rounded with the elements' own rounding (``floats.element_codes``) on its rows' scales."""
     n, k = w.shape
-    scales, global_scale = grid_params(grid, w, scale_dtype)
+    scales, global_scale = grid_params(grid, w, scale_dtype, global_scale=global_scale)
     scale = expand_scales(effective_scales(grid, scales, global_scale), grid, n, k)
     order = torch.arange(k, device=w.device)
     if actorder == "static":
@@ -330,12 +334,15 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
     def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
         linears = context.linears(self.ignore)
+        global_scales = shared_global_scales(context.adapter, linears, self.float_grid)  # NVFP4's fused shards
         for names, catcher in sequential_hessians(context, linears, self.true_sequential, self.activation_spec):
             # several processes: each linear's Hessian sum is reduced to its owner, which solves (distributed.py)
             context.run.distributed.solve_owned(
                 {name: catcher.statistics(name, linears[name]) for name in names},
                 {name: solve_cost(linears[name]) for name in names},
-                lambda name: self.quantize_linear(context, name, linears[name], catcher.hessian(name)),
+                lambda name: self.quantize_linear(
+                    context, name, linears[name], catcher.hessian(name), global_scales.get(name)
+                ),
                 context.run.report,
                 context.prefix,
                 context.device,
@@ -345,7 +352,12 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
             self.quantize_block_activations(context, {name: context.block.get_submodule(name) for name in names})
 
     def round_linear(
-        self, context: BlockContext, name: str, weight: torch.Tensor, h: torch.Tensor | None
+        self,
+        context: BlockContext,
+        name: str,
+        weight: torch.Tensor,
+        h: torch.Tensor | None,
+        global_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, GPTQResult]:
         """GPTQ of one weight with this step's settings: the Hessian used (I, i.e. RTN, for a linear that saw no
         token) and the result."""
@@ -363,14 +375,20 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
             self.dampening_frac,
             self.actorder,
             self.float_grid,
+            global_scale,
         )
 
     def quantize_linear(
-        self, context: BlockContext, name: str, linear: nn.Linear, h: torch.Tensor | None
+        self,
+        context: BlockContext,
+        name: str,
+        linear: nn.Linear,
+        h: torch.Tensor | None,
+        global_scale: torch.Tensor | None = None,
     ) -> UniformWeight:
         weight = linear.weight.data
-        h, result = self.round_linear(context, name, weight, h)
-        rtn = self.round_to_nearest(weight, context.scale_dtype)
+        h, result = self.round_linear(context, name, weight, h, global_scale)
+        rtn = self.round_to_nearest(weight, context.scale_dtype, global_scale)
         context.record(
             name,
             error=relative_error(weight, result.weight),

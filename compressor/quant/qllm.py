@@ -348,7 +348,9 @@ class Correction:
 class QLLM(ActivationQuantization, UniformQuantizer):
     """QLLM: channel reassembly of activation outliers + low-rank error correction per block (W4A4, W4A8, W4)."""
 
-    activation_grids = ("int",)  # reassembly splits channels against integer ranges
+    # reassembly splits outlier channels against the per-token range; on FP4 grids (blocks of 16/32 channels with
+    # their own scales) it lowers the blocks' maxima the same way. Weights stay on QLLM's integer grid.
+    activation_grids = ("int", "nvfp4", "mxfp4")
     # several processes: channel ranges all-reduced (max), each point searched by one owner on the first samples'
     # features (rank 0's, broadcast), error correction in the single process's steps (training.train_block)
     distributes = "gradients"
@@ -408,6 +410,15 @@ class QLLM(ActivationQuantization, UniformQuantizer):
             raise ValueError(
                 f"activation_bits: {self.activation_bits} contradicts weight_only: true (activations stay 16-bit)"
             )
+        if self.weight_only and self.activation_grid != "int":
+            raise ValueError(
+                f"activation_grid: {self.activation_grid} contradicts weight_only: true (activations stay 16-bit)"
+            )
+        if self.activation_global_scale == "calibrated":
+            raise ValueError(
+                "activation_global_scale: qllm's channel maps are recorded by our native format only, whose NVFP4 "
+                "activations take their global scale per token; drop activation_global_scale"
+            )
         if self.reassembly and self.bits_of_activations == 16:
             raise ValueError(
                 "reassembly: channel reassembly only serves activation quantization; it needs activation_bits below 16"
@@ -424,12 +435,16 @@ class QLLM(ActivationQuantization, UniformQuantizer):
 
     @property
     def bits_of_activations(self) -> int:
+        if self.activation_grid != "int":
+            return 4
         if self.activation_bits is not None:
             return self.activation_bits
         return 16 if self.weight_only else 4
 
     @property
     def activation_spec(self) -> ActivationSpec | None:
+        if self.activation_grid != "int":
+            return super().activation_spec
         bits = self.bits_of_activations
         return None if bits == 16 else ActivationSpec(bits, self.activation_symmetric)
 

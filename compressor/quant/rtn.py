@@ -7,7 +7,8 @@ vLLM serves with Marlin, and the one transformers loads (its compressed-tensors 
 packed zero points; the upstream issues: docs/methods/rtn.md). Asymmetric grids (``symmetric: false``) cost
 ``bits/group_size`` more bits per weight and give clearly lower error at 2-3 bits; they export
 in the same format and load through ``compressor.export.load_quantized_model`` and vLLM.
-Data-free: it never runs the model.
+Data-free: it never runs the model, except for NVFP4 activations with ``activation_global_scale: calibrated``,
+whose per-layer input global scales come from the calibration inputs (the one case it reads calibration data).
 
 With ``activation_bits`` < 16 it is also the W+A baseline ("RTN W4A4 / W4A8"): every quantized
 linear fake-quantizes its input per token (dynamic min-max, ``modules/activations.py``) and, with
@@ -19,7 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from compressor.quant.uniform import WEIGHT_GRIDS, ActivationQuantization, UniformQuantizer, relative_error
+from compressor.quant.uniform import (
+    WEIGHT_GRIDS,
+    ActivationQuantization,
+    UniformQuantizer,
+    relative_error,
+    shared_global_scales,
+)
 from compressor.step import register_step
 
 if TYPE_CHECKING:
@@ -37,9 +44,11 @@ class RTN(ActivationQuantization, UniformQuantizer):
     def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
         modules = {}
-        for name, linear in context.linears(self.ignore).items():
+        linears = context.linears(self.ignore)
+        global_scales = shared_global_scales(context.adapter, linears, self.float_grid)  # NVFP4's fused shards
+        for name, linear in linears.items():
             weight = linear.weight.data
-            quantized = self.round_to_nearest(weight, context.scale_dtype)
+            quantized = self.round_to_nearest(weight, context.scale_dtype, global_scales.get(name))
             modules[name] = context.replace_linear(name, quantized)
             context.record(name, error=relative_error(weight, quantized), bits_per_weight=quantized.bits_per_weight())
         self.quantize_block_activations(context, modules)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from compressor.arch import block_linears
+from compressor.arch import block_linears, input_groups
+from compressor.blockwise import InputHooks
 from compressor.modules.activations import ActivationSpec, install_attention_quantization
 from compressor.step import Step, param
 from compressor.weights.values import (
@@ -29,6 +30,7 @@ from compressor.weights.values import (
     FloatWeight,
     UniformWeight,
     expand_groups,
+    nvfp4_global_scale,
     row_chunks,
 )
 
@@ -88,10 +90,12 @@ class UniformQuantizer(Step):
         for name, linear in linears.items():
             check_group_size(name, linear.in_features, group_size)
 
-    def round_to_nearest(self, weight: torch.Tensor, scale_dtype: torch.dtype) -> UniformWeight | FloatWeight:
-        """RTN of ``weight`` on this step's grid, integer or float."""
+    def round_to_nearest(
+        self, weight: torch.Tensor, scale_dtype: torch.dtype, global_scale: torch.Tensor | None = None
+    ) -> UniformWeight | FloatWeight:
+        """RTN of ``weight`` on this step's grid, integer or float (NVFP4: under ``global_scale`` when given)."""
         if self.float_grid is not None:
-            return FloatWeight.quantize(weight, self.grid, scale_dtype)
+            return FloatWeight.quantize(weight, self.grid, scale_dtype, global_scale)
         return quantize_uniform(weight, self.bits, self.group_size, self.symmetric, scale_dtype)
 
 
@@ -118,6 +122,12 @@ class ActivationQuantization(Step):
     quantize_attention: bool = param(
         True, "with activation_bits < 16, also quantize attention's Q, K (after RoPE) and V per token"
     )
+    activation_global_scale: str = param(
+        "token",
+        "NVFP4 activations' global scale: one per token (our native format), or calibrated: one per layer from the "
+        "calibration inputs' amax (compressed-tensors' input_global_scale, which vLLM and transformers read)",
+        choices=("token", "calibrated"),
+    )
 
     def check(self) -> None:
         super().check()
@@ -126,14 +136,28 @@ class ActivationQuantization(Step):
                 f"activation_grid: {self.name} quantizes activations on {', '.join(self.activation_grids)} only, "
                 f"not {self.activation_grid}"
             )
-        if self.activation_grid != "int" and (self.activation_bits, self.activation_symmetric) != (16, False):
-            key = "activation_bits" if self.activation_bits != 16 else "activation_symmetric"
+        if self.activation_grid != "int" and (
+            self.activation_bits not in (16, None) or self.activation_symmetric  # None: QLLM's default
+        ):
+            key = "activation_bits" if self.activation_bits not in (16, None) else "activation_symmetric"
             raise ValueError(f"{key}: activation_grid {self.activation_grid} fixes the activation grid; drop {key}")
+        if self.activation_global_scale == "calibrated":
+            if self.activation_grid != "nvfp4":
+                raise ValueError(
+                    f"activation_global_scale: calibrated is for activation_grid nvfp4, not {self.activation_grid}"
+                )
+            if self.quantize_attention:
+                raise ValueError(
+                    "activation_global_scale: calibrated (compressed-tensors' NVFP4) has no place for quantized "
+                    "attention operands; set quantize_attention: false"
+                )
+            self.needs_calibration = True  # the input global scales come from the calibration inputs
 
     @property
     def activation_spec(self) -> ActivationSpec | None:
         if self.activation_grid != "int":
-            return ActivationSpec(FLOAT_GRIDS[self.activation_grid].bits, True, self.activation_grid)
+            static = self.activation_global_scale == "calibrated"
+            return ActivationSpec(FLOAT_GRIDS[self.activation_grid].bits, True, self.activation_grid, static)
         return None if self.activation_bits == 16 else ActivationSpec(self.activation_bits, self.activation_symmetric)
 
     @property
@@ -141,7 +165,7 @@ class ActivationQuantization(Step):
         """Weight-only layers export as compressed-tensors; W+A ones in our native format, except the float
         activations compressed-tensors records (FP8 per token, MXFP4)."""
         spec = self.activation_spec
-        return spec is None or spec.format in CT_ACTIVATION_FORMATS
+        return spec is None or spec.format in CT_ACTIVATION_FORMATS or spec.static_global_scale
 
     def refuse_other_weight_kinds(self, context: BlockContext) -> None:
         """Activation quantization here is for uniform weights (the W+A grid our native format records): an
@@ -164,10 +188,56 @@ class ActivationQuantization(Step):
         """Attach the activation spec (and each linear's channel map) to the block's new ``QuantizedLinear``
         modules ``quantized`` (path -> module), and quantize its attention operands."""
         spec = self.activation_spec
+        global_scales = (
+            calibrate_input_global_scales(context, list(quantized)) if spec and spec.static_global_scale else {}
+        )
         for name, module in quantized.items():
-            module.quantize_inputs(spec, (channel_maps or {}).get(name))
+            module.quantize_inputs(spec, (channel_maps or {}).get(name), global_scales.get(name))
         if spec is not None and self.quantize_attention:
             install_attention_quantization(context.block.get_submodule(context.adapter.attention), spec)
+
+
+def shared_global_scales(adapter, linears: dict, grid: FloatGrid | None) -> dict[str, torch.Tensor]:
+    """NVFP4: one weight global scale (``448 * 6 / amax`` over all of them) for the linears of ``linears`` (block
+    paths) that read one same input (q/k/v, gate/up), which engines fuse into one GEMM: vLLM keeps one global
+    scale per fused layer, the largest of its shards' (compressed_tensors_w4a4_nvfp4.py,
+    process_weights_after_loading), so shards under other global scales would be served wrong. llm-compressor
+    shares them the same way (``update_fused_layer_weight_global_scales``). Empty for other grids."""
+    if grid is None or not grid.global_scale:
+        return {}
+    shared = {}
+    for group in input_groups(adapter):
+        members = [name for name in group if name in linears]
+        if members:
+            amax = max(float(linears[name].weight.detach().abs().amax()) for name in members)
+            scale = nvfp4_global_scale(torch.tensor([amax]))
+            shared.update({name: scale for name in members})
+    return shared
+
+
+class InputAmax(InputHooks):
+    """The largest |input| each watched linear sees while the block runs."""
+
+    def __init__(self, block, names: list[str]):
+        super().__init__(block, names)
+        self.amax = {name: torch.zeros((), dtype=torch.float32) for name in names}
+
+    def catch(self, name: str, x: torch.Tensor) -> None:
+        self.amax[name] = torch.maximum(self.amax[name], x.detach().abs().amax().float().cpu())
+
+
+def calibrate_input_global_scales(context: BlockContext, names: list[str]) -> dict[str, torch.Tensor]:
+    """NVFP4 ``input_global_scale`` (fp32 [1]) of each linear ``names`` of the block: ``448 * 6 / amax`` over its
+    calibration inputs, as the block computes now (its earlier linears quantized), compressed-tensors'
+    ``generate_gparam`` on the min-max of its NVFP4 preset's ``static_minmax`` observer; the maxima of all
+    processes."""
+    with torch.no_grad(), InputAmax(context.block, names) as watched:
+        context.forward()
+    scales = {}
+    for name in names:
+        amax = context.run.distributed.all_reduce_max(watched.amax[name].reshape(1).to(context.device)).cpu()
+        scales[name] = nvfp4_global_scale(amax)
+    return scales
 
 
 def check_group_size(name: str, in_features: int, group_size: int) -> None:

@@ -436,6 +436,7 @@ E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitude of codes 0..7
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 E4M3_EPS = 0.125  # an all-zero block's E4M3 scale (compressed-tensors' choice)
+E4M3_TINY = 2.0**-9  # E4M3's smallest subnormal: the least positive scale a trained NVFP4 block keeps
 E8M0_BIAS = 127
 MX_ELEMENT_EMAX = 2  # floor(log2(6)): the E2M1 offset of an MX scale
 
@@ -529,6 +530,8 @@ def expand_scales(effective: torch.Tensor, grid: FloatGrid, n: int, k: int) -> t
 
 def effective_scales(grid: FloatGrid, scales: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
     """The fp32 multiplier of each scale group: the float scale, E4M3 scale / global scale, or 2**(e - 127)."""
+    if grid.scale == "e8m0" and scales.is_floating_point():  # exponents being trained (E2E-QP): differentiable
+        return torch.exp2(scales.float() - E8M0_BIAS)
     if grid.scale == "e8m0":
         return torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.to(torch.int32) - E8M0_BIAS)
     if grid.scale == "e4m3":
@@ -574,11 +577,19 @@ def scales_from_amax(
 
 
 def grid_params(
-    grid: FloatGrid, weight: torch.Tensor, scale_dtype: torch.dtype, clip: torch.Tensor | float = 1.0
+    grid: FloatGrid,
+    weight: torch.Tensor,
+    scale_dtype: torch.dtype,
+    clip: torch.Tensor | float = 1.0,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scales of ``weight`` [N, K] on ``grid`` (``clip`` shrinks each group's range first), and the
-    global scale (NVFP4; None otherwise)."""
-    global_scale = nvfp4_global_scale(weight) if grid.global_scale else None
+    global scale (NVFP4: ``global_scale`` when given, one shared by fused shards, else the weight's own; None
+    otherwise)."""
+    if not grid.global_scale:
+        global_scale = None
+    elif global_scale is None:
+        global_scale = nvfp4_global_scale(weight)
     return scales_from_amax(grid, group_amax(weight, grid) * clip, scale_dtype, global_scale), global_scale
 
 
@@ -610,13 +621,15 @@ def _through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     return x + (rounded - x).detach()
 
 
-def fake_quantize_float_tokens(x: torch.Tensor, format: str) -> torch.Tensor:
+def fake_quantize_float_tokens(x: torch.Tensor, format: str, global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [..., C] through a dynamic float quantizer and back (FP4 computed in fp32):
 
     * ``fp8``: one scale per token ``amax / 448``, elements E4M3 (compressed-tensors' FP8_DYNAMIC);
     * ``mxfp4``: blocks of 32 channels with E8M0 scales (the MXFP4 weight rule), elements E2M1;
-    * ``nvfp4``: blocks of 16 with E4M3 scales under a global scale ``448 * 6 / amax`` taken per token
-      (compressed-tensors calibrates that global scale once per layer instead: see ``serving.py``)."""
+    * ``nvfp4``: blocks of 16 with E4M3 scales under a global scale: ``global_scale`` (fp32 [1], calibrated once
+      per layer as compressed-tensors' NVFP4 ``input_global_scale``, ``448 * 6 / amax`` over the calibration
+      inputs), or without one ``448 * 6 / amax`` taken per token. A block's ``amax / 6`` is taken in ``x``'s
+      dtype, as compressed-tensors takes it (vLLM's kernel: fp32; the same for fp32 inputs)."""
     original = x.dtype
     if format == "fp8":  # in x's dtype, as compressed-tensors computes it (the same logits in bf16)
         scale = x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX
@@ -624,15 +637,22 @@ def fake_quantize_float_tokens(x: torch.Tensor, format: str) -> torch.Tensor:
         scaled = x / scale
         rounded = scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(original)
         return _through(scaled, rounded) * scale
-    x = x.float()
     grid = FLOAT_GRIDS[format]
     channels = x.shape[-1]
     if channels % grid.group_size:
         raise ValueError(f"{format} activations need channels in multiples of {grid.group_size}, not {channels}")
     blocks = x.unflatten(-1, (channels // grid.group_size, grid.group_size))
     amax = blocks.abs().amax(dim=-1)
-    global_scale = None
-    if grid.global_scale:
+    if (
+        grid.global_scale
+    ):  # amax / 6 rounded to x's dtype; times 6 is exact in fp32, and scales_from_amax's / 6 undoes it
+        amax = (amax / E2M1_MAX).float() * E2M1_MAX
+    amax, blocks = amax.float(), blocks.float()
+    if not grid.global_scale:
+        global_scale = None
+    elif global_scale is not None:
+        global_scale = global_scale.float().to(x.device)
+    else:
         token_amax = amax.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
         global_scale = E4M3_MAX * E2M1_MAX / token_amax
     scale = effective_scales(grid, scales_from_amax(grid, amax, torch.float32, global_scale), global_scale)
@@ -682,10 +702,13 @@ class FloatWeight:
         return self.spec.group_size
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, grid: str, scale_dtype: torch.dtype) -> FloatWeight:
-        """Round-to-nearest of an [N, K] weight on ``grid`` with min-max scales."""
+    def quantize(
+        cls, weight: torch.Tensor, grid: str, scale_dtype: torch.dtype, global_scale: torch.Tensor | None = None
+    ) -> FloatWeight:
+        """Round-to-nearest of an [N, K] weight on ``grid`` with min-max scales (NVFP4: under ``global_scale``
+        when given)."""
         spec = FLOAT_GRIDS[grid]
-        scales, global_scale = grid_params(spec, weight, scale_dtype)
+        scales, global_scale = grid_params(spec, weight, scale_dtype, global_scale=global_scale)
         return cls(round_to_grid(spec, weight, scales, global_scale), scales, global_scale, grid)
 
     def rows(self, rows: slice) -> FloatWeight:

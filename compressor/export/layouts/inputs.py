@@ -5,7 +5,9 @@ A layer whose input is quantized per token (``input_activations``, a dynamic spe
 channel-mapped first (QLLM's reassembly: x'' = P x) adds to its entry ``input_activations`` and
 ``input_map`` (the map's nnz, 0 for none), and the tensors ``P.input_map_crow`` int32 [K + 1],
 ``P.input_map_col`` int32 [nnz], ``P.input_map_val`` fp32 [nnz] (CSR, row = new channel). Attention
-modules whose Q, K, V are quantized are listed in the config's ``attention_activations``.
+modules whose Q, K, V are quantized are listed in the config's ``attention_activations``. NVFP4 activations
+with a calibrated global scale (``dynamic: "local"``) add ``P.input_global_scale`` fp32 [1], the name
+compressed-tensors gives it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ class InputLayout:
 
     def tensors(self, module) -> dict[str, torch.Tensor]:
         channel_map = module.channel_map
+        scale = {} if module.input_global_scale is None else {"input_global_scale": module.input_global_scale.float()}
         if channel_map is None:
-            return {}
+            return scale
         return {
+            **scale,
             "input_map_crow": channel_map.crow.to(torch.int32),
             "input_map_col": channel_map.col.to(torch.int32),
             "input_map_val": channel_map.val.to(torch.float32),
@@ -37,10 +41,13 @@ class InputLayout:
 
     def tensor_specs(self, entry: dict, shape: tuple[int, int]) -> dict[str, TensorSpec]:
         nnz = entry.get("input_map", 0)
+        spec = ActivationSpec.from_config(entry.get("input_activations"))
+        scale = {"input_global_scale": TensorSpec((1,), torch.float32)} if spec and spec.static_global_scale else {}
         if not nnz:
-            return {}
+            return scale
         k = shape[1]
         return {
+            **scale,
             "input_map_crow": TensorSpec((k + 1,), torch.int32),
             "input_map_col": TensorSpec((nnz,), torch.int32),
             "input_map_val": TensorSpec((nnz,), torch.float32),
@@ -58,7 +65,7 @@ class InputLayout:
                 module.in_features,
             )
         if spec is not None or channel_map is not None:
-            module.quantize_inputs(spec, channel_map)
+            module.quantize_inputs(spec, channel_map, tensors.get("input_global_scale"))
 
     def config(self, attention: dict[str, dict]) -> dict:
         """The config keys of the quantized attention operands (module name -> spec in config form)."""

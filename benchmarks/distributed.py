@@ -33,9 +33,6 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# this tree's compressor, as the runs it measures (``-m compressor`` from ROOT); not benchmarks/ itself, whose
-# kernels.py would shadow the ``kernels`` package transformers imports
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def run_apply(recipe: Path, model: str, output: Path, nproc: int | None, launcher: bool = False) -> float:

@@ -27,6 +27,7 @@ this is QuaRot's GPTQ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -117,6 +118,60 @@ def round_column(
     return codes[:, 0], UniformWeight(codes, scale, zero, bits, -1).dequantize(torch.float32)[:, 0]
 
 
+def column_sweep(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    block_size: int,
+    quantize: Callable[[int, Callable[[int], torch.Tensor]], torch.Tensor],
+) -> float:
+    """GPTQ's column loop, whatever the grid: columns of ``w`` [N, K] (already in the solve order; modified in
+    place) are quantized left to right by ``quantize(column, upcoming)``, which returns the column's quantized
+    values [N]; ``upcoming(end)`` gives the columns ``column..end`` [N, end - column] as they are now, every
+    earlier rounding error already spread over them (lazy in-block updates included). Each error goes to the
+    later columns through ``hinv``, the upper Cholesky factor of H^-1, in blocks of ``block_size`` columns.
+    Returns the loss: the per-column (w - q)^2 / (2 [H_F^-1]_qq) summed."""
+    k = w.shape[1]
+    loss = torch.zeros((), device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        errors = torch.zeros_like(block)
+        for i in range(i2 - i1):
+            column = i1 + i
+
+            def upcoming(end: int) -> torch.Tensor:
+                current = block[:, i : min(end, i2) - i1]
+                if end > i2:  # past this block: those columns with the updates still pending
+                    current = torch.cat([current, w[:, i2:end] - errors[:, :i] @ hinv[i1:column, i2:end]], dim=1)
+                return current
+
+            q = quantize(column, upcoming)
+            error = (block[:, i] - q) / hinv1[i, i]
+            loss += error.square().sum() / 2
+            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
+            errors[:, i] = error
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    return float(loss)
+
+
+def solve_order(w: torch.Tensor, h: torch.Tensor, actorder: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, w, h) in the solve order: by decreasing diag(H) for ``actorder: static``, else as stored."""
+    if actorder != "static":
+        return torch.arange(w.shape[1], device=w.device), w, h
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    return order, w[:, order], h[order][:, order]
+
+
+def prepare(weight: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies of the weight and Hessian; dead inputs (zero diagonal) get a diagonal of 1 and a zero column."""
+    w = weight.detach().float().clone()
+    h = h.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     h: torch.Tensor,
@@ -133,12 +188,8 @@ def gptq_quantize(
     on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
     float ``grid`` (``weights/values.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
     whose scales are RTN's, fixed from the original weights up front whatever ``actorder``."""
-    n, k = weight.shape
-    w = weight.detach().float().clone()
-    h = h.detach().float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    w, h = prepare(weight, h)
+    n, k = w.shape
     if grid is not None:
         return gptq_float(w, h, grid, scale_dtype, block_size, dampening_frac, actorder)
     lazy = group_size != -1 and actorder == "none"
@@ -148,43 +199,25 @@ def gptq_quantize(
         groups = k // group_size + bool(k % group_size)
         scales = torch.empty(n, groups, dtype=scale_dtype, device=w.device)
         zeros = None if symmetric else torch.empty(n, groups, dtype=torch.int32, device=w.device)
-    order = torch.arange(k, device=w.device)
-    if actorder == "static":
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h = w[:, order], h[order][:, order]
+    order, w, h = solve_order(w, h, actorder)
     group_of = [0] * k if group_size == -1 else (order // group_size).tolist()
     hinv, damping = inverse_cholesky(h, dampening_frac)
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    loss = torch.zeros((), device=w.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        errors = torch.zeros_like(block)
-        for i in range(i2 - i1):
-            column = i1 + i
-            if lazy and column % group_size == 0:
-                end = min(column + group_size, k)
-                current = block[:, i : end - i1]
-                if end > i2:  # the group reaches past this block: its columns there with the pending updates
-                    pending = w[:, i2:end] - errors[:, :i] @ hinv[i1:column, i2:end]
-                    current = torch.cat([current, pending], dim=1)
-                g = column // group_size
-                scale, zero = minmax_params(current, bits, -1, symmetric, scale_dtype)
-                scales[:, g : g + 1] = scale
-                if zeros is not None:
-                    zeros[:, g : g + 1] = zero
-            g = group_of[column]
-            zero = None if zeros is None else zeros[:, g : g + 1]
-            codes[:, column], q = round_column(block[:, i : i + 1], scales[:, g : g + 1], zero, bits)
-            d = hinv1[i, i]
-            error = (block[:, i] - q) / d
-            loss += error.square().sum() / 2
-            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
-            errors[:, i] = error
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    if actorder == "static":
-        codes = codes[:, torch.argsort(order)]
-    return GPTQResult(UniformWeight(codes, scales, zeros, bits, group_size), damping, float(loss))
+
+    def quantize(column: int, upcoming) -> torch.Tensor:
+        g = group_of[column]
+        if lazy and column % group_size == 0:  # the group's grid from its columns as they are now
+            scale, zero = minmax_params(upcoming(min(column + group_size, k)), bits, -1, symmetric, scale_dtype)
+            scales[:, g : g + 1] = scale
+            if zeros is not None:
+                zeros[:, g : g + 1] = zero
+        zero = None if zeros is None else zeros[:, g : g + 1]
+        codes[:, column], q = round_column(upcoming(column + 1), scales[:, g : g + 1], zero, bits)
+        return q
+
+    loss = column_sweep(w, hinv, block_size, quantize)
+    codes = codes[:, torch.argsort(order)]
+    return GPTQResult(UniformWeight(codes, scales, zeros, bits, group_size), damping, loss)
 
 
 def gptq_float(
@@ -201,29 +234,18 @@ def gptq_float(
     n, k = w.shape
     scales, global_scale = grid_params(grid, w, scale_dtype)
     scale = expand_scales(effective_scales(grid, scales, global_scale), grid, n, k)
-    order = torch.arange(k, device=w.device)
-    if actorder == "static":
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h, scale = w[:, order], h[order][:, order], scale[:, order]
+    order, w, h = solve_order(w, h, actorder)
+    scale = scale[:, order]
     hinv, damping = inverse_cholesky(h, dampening_frac)
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    loss = torch.zeros((), device=w.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        errors = torch.zeros_like(block)
-        for i in range(i2 - i1):
-            column_scale = scale[:, i1 + i]
-            codes[:, i1 + i] = element_codes(grid, block[:, i] / column_scale)
-            q = element_values(grid, codes[:, i1 + i]) * column_scale
-            error = (block[:, i] - q) / hinv1[i, i]
-            loss += error.square().sum() / 2
-            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
-            errors[:, i] = error
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    if actorder == "static":
-        codes = codes[:, torch.argsort(order)]
-    return GPTQResult(FloatWeight(codes, scales, global_scale, grid.name), damping, float(loss))
+
+    def quantize(column: int, upcoming) -> torch.Tensor:
+        codes[:, column] = element_codes(grid, upcoming(column + 1)[:, 0] / scale[:, column])
+        return element_values(grid, codes[:, column]) * scale[:, column]
+
+    loss = column_sweep(w, hinv, block_size, quantize)
+    codes = codes[:, torch.argsort(order)]
+    return GPTQResult(FloatWeight(codes, scales, global_scale, grid.name), damping, loss)
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:

@@ -41,6 +41,7 @@ from compressor.quant.uniform import (
     WEIGHT_GRIDS,
     ActivationQuantization,
     UniformQuantizer,
+    grouped,
     minmax_params,
     quantize_codes,
     relative_error,
@@ -172,6 +173,34 @@ def prepare(weight: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.
     return w, h
 
 
+CLIP_FACTORS = tuple(1 - step / 20 for step in range(10))  # range factors 1, 0.95, .., 0.55 (AWQ's clip grid)
+
+
+def group_grid(
+    w: torch.Tensor,
+    importance: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zeros of ``w`` [N, K]'s groups: min-max, or (``importance`` [K] given) per group the min-max
+    range shrunk by the factor of ``CLIP_FACTORS`` whose rounding has the lowest ``sum_k importance_k (w - q)^2``
+    (GPTQModel's ``mse`` grid search and llm-compressor's MSE observer do it unweighted)."""
+    if importance is None:
+        return minmax_params(w, bits, group_size, symmetric, scale_dtype)
+    lowest = best = None
+    for factor in CLIP_FACTORS:
+        scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype, factor)
+        q = UniformWeight(quantize_codes(w, scales, zeros, bits, group_size), scales, zeros, bits, group_size)
+        error = grouped((w - q.dequantize(torch.float32)).square() * importance, group_size).sum(-1)
+        if lowest is None:
+            lowest, best = error, torch.ones_like(error)
+        better = error < lowest
+        lowest, best = torch.where(better, error, lowest), torch.where(better, factor, best)
+    return minmax_params(w, bits, group_size, symmetric, scale_dtype, best)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     h: torch.Tensor,
@@ -183,18 +212,21 @@ def gptq_quantize(
     dampening_frac: float = 0.01,
     actorder: str = "static",
     grid: FloatGrid | None = None,
+    clip: bool = False,
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
     on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
     float ``grid`` (``weights/values.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
-    whose scales are RTN's, fixed from the original weights up front whatever ``actorder``."""
+    whose scales are RTN's, fixed from the original weights up front whatever ``actorder``. ``clip``: each
+    group's range is searched (``group_grid``, weighted by diag(H)) instead of min-max."""
     w, h = prepare(weight, h)
+    importance = torch.diagonal(h).clone() if clip else None
     n, k = w.shape
     if grid is not None:
         return gptq_float(w, h, grid, scale_dtype, block_size, dampening_frac, actorder)
     lazy = group_size != -1 and actorder == "none"
-    if not lazy:  # per channel, or static groups: min-max of the original weights
-        scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype)
+    if not lazy:  # per channel, or static groups: min-max (or clipped) of the original weights
+        scales, zeros = group_grid(w, importance, bits, group_size, symmetric, scale_dtype)
     else:  # filled group by group as the columns are reached
         groups = k // group_size + bool(k % group_size)
         scales = torch.empty(n, groups, dtype=scale_dtype, device=w.device)
@@ -207,7 +239,9 @@ def gptq_quantize(
     def quantize(column: int, upcoming) -> torch.Tensor:
         g = group_of[column]
         if lazy and column % group_size == 0:  # the group's grid from its columns as they are now
-            scale, zero = minmax_params(upcoming(min(column + group_size, k)), bits, -1, symmetric, scale_dtype)
+            end = min(column + group_size, k)
+            part = None if importance is None else importance[column:end]
+            scale, zero = group_grid(upcoming(end), part, bits, -1, symmetric, scale_dtype)
             scales[:, g : g + 1] = scale
             if zeros is not None:
                 zeros[:, g : g + 1] = zero
@@ -345,9 +379,19 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
         "column order: by decreasing Hessian diagonal with static groups (g_idx stays trivial), or as stored",
         choices=ACTORDERS,
     )
+    clip: bool = param(
+        False,
+        "search each group's range (factors 1..0.55 of min-max, lowest diag(H)-weighted rounding error) instead of "
+        "min-max (int grid only)",
+    )
     true_sequential: bool = param(
         True, "take each group's Hessian with the earlier groups of the block already quantized (false: all at once)"
     )
+
+    def check(self) -> None:
+        super().check()
+        if self.clip and self.float_grid is not None:
+            raise ValueError(f"clip: grid {self.grid} takes its scales from min-max; drop clip")
 
     def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
@@ -385,6 +429,7 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
             self.dampening_frac,
             self.actorder,
             self.float_grid,
+            self.clip,
         )
 
     def quantize_linear(

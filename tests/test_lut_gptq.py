@@ -13,8 +13,8 @@ import compressor.api
 from compressor import Recipe, apply
 from compressor.export import load_quantized_model
 from compressor.export.checkpoint import CheckpointWriter
-from compressor.quant.gptq import add_to_hessian, hessian
-from compressor.quant.lut_gptq import lut_gptq_quantize, refit_codebooks, weighted_output_error
+from compressor.quant.gptq import add_to_hessian, hessian, refit_rows, weighted_output_error
+from compressor.quant.lut_gptq import lut_gptq_quantize
 from compressor.quant.squeezellm import assign
 
 
@@ -57,7 +57,7 @@ def test_codebook_update_is_the_least_squares_optimum_for_fixed_codes():
     centroids = torch.linspace(-2, 2, 8).double().repeat(8, 1)
     codes = assign(w.float(), centroids.float())
     before = weighted_output_error(w, centroids.gather(1, codes), h)
-    refit = refit_codebooks(w, h, codes, centroids)
+    refit = refit_rows(w, h, codes, torch.ones_like(w), centroids)
     best = weighted_output_error(w, refit.gather(1, codes), h)
     assert best <= before
     for delta in (1e-3, -1e-3):
@@ -73,7 +73,7 @@ def test_unused_centroid_keeps_its_value():
     centroids = torch.tensor([[-1.0, 0.0, 1.0, 50.0]]).repeat(4, 1)
     codes = assign(w, centroids)
     assert not bool((codes == 3).any())
-    assert torch.equal(refit_codebooks(w, h, codes, centroids)[:, 3], centroids[:, 3])
+    assert torch.equal(refit_rows(w, h, codes, torch.ones_like(w), centroids)[:, 3], centroids[:, 3])
 
 
 def recipe(calibration_file, *steps, export="auto"):

@@ -45,6 +45,7 @@ from compressor.quant.uniform import (
     minmax_params,
     quantize_codes,
     relative_error,
+    storable_scale,
 )
 from compressor.step import param, register_step
 from compressor.weights.values import (
@@ -213,12 +214,16 @@ def gptq_quantize(
     actorder: str = "static",
     grid: FloatGrid | None = None,
     clip: bool = False,
+    refit_rounds: int = 0,
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
     on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
     float ``grid`` (``weights/values.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
     whose scales are RTN's, fixed from the original weights up front whatever ``actorder``. ``clip``: each
-    group's range is searched (``group_grid``, weighted by diag(H)) instead of min-max."""
+    group's range is searched (``group_grid``, weighted by diag(H)) instead of min-max. ``refit_rounds``
+    (static grids only): least-squares scales for the codes, then a new sweep, that many times (``refit_scales``)."""
+    if refit_rounds and group_size != -1 and actorder == "none":
+        raise ValueError("refit_rounds: needs grids fixed up front (actorder static, or group_size -1)")
     w, h = prepare(weight, h)
     importance = torch.diagonal(h).clone() if clip else None
     n, k = w.shape
@@ -249,9 +254,82 @@ def gptq_quantize(
         codes[:, column], q = round_column(upcoming(column + 1), scales[:, g : g + 1], zero, bits)
         return q
 
-    loss = column_sweep(w, hinv, block_size, quantize)
+    loss = column_sweep(w.clone(), hinv, block_size, quantize)
+    if refit_rounds:
+        group = torch.tensor(group_of, device=w.device).expand(n, k)
+        zero_points = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
+        sweep = lambda: column_sweep(w.clone(), hinv, block_size, quantize)  # noqa: E731
+        codes, scales, loss = refit_scales(w, h, hinv, codes, scales, zero_points, group, refit_rounds, sweep)
     codes = codes[:, torch.argsort(order)]
     return GPTQResult(UniformWeight(codes, scales, zeros, bits, group_size), damping, loss)
+
+
+def refit_scales(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    hinv: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    group: torch.Tensor,
+    rounds: int,
+    sweep: Callable[[], None],
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``refit_rounds``: the scales (zeros and codes fixed) that minimise the output error of the codes the sweep
+    chose (``refit_rows``), then a new sweep on them (``sweep()`` re-rounds ``codes`` in place on ``scales``),
+    ``rounds`` times. Returns the (codes, scales) with the lowest ``tr(D H D^T)`` met, and half of it (the
+    sweep's loss). ``w``, ``h``, ``codes`` and ``group`` (each column's group [N, K]) are in the solve order;
+    ``zero_points`` [N, G] (float)."""
+    levels = lambda: codes.float() - zero_points.gather(1, group)  # noqa: E731
+
+    def error() -> float:
+        return weighted_output_error(w, levels() * scales.float().gather(1, group), h)
+
+    best = (error(), codes.clone(), scales.clone())
+    for _ in range(rounds):
+        fitted = refit_rows(w, h, group, levels(), scales.float())
+        scales.copy_(storable_scale(torch.where(fitted > 0, fitted, scales.float()), scales.dtype))
+        for rounded in (False, True):
+            if rounded:
+                sweep()
+            if (current := error()) < best[0]:
+                best = (current, codes.clone(), scales.clone())
+    scales.copy_(best[2])
+    return best[1], scales, best[0] / 2
+
+
+def refit_rows(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    index: torch.Tensor,
+    coefficient: torch.Tensor,
+    current: torch.Tensor,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Per row n, the values theta [P] minimising ``(w - q)^T H (w - q)`` for ``q_k = coefficient[n, k] *
+    theta[index[n, k]]`` (``index`` [N, K] int64 in [0, P), ``current`` [N, P]): the normal equations
+    ``(B^T H B) theta = B^T H w`` of the basis ``B[k, p] = coefficient_k [index_k = p]``. Codebook centroids
+    (coefficient 1, index the code) and group scales (coefficient code - zero, index the group) are both
+    linear in their values this way. A value no column uses (or only with coefficient 0) keeps ``current``."""
+    n, p = current.shape
+    h = h.double()
+    out = torch.empty_like(current)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        basis = torch.nn.functional.one_hot(index[rows], p).double() * coefficient[rows, :, None].double()  # [r, K, P]
+        gram = basis.transpose(1, 2) @ (h @ basis)
+        rhs = (basis.transpose(1, 2) @ (h @ w[rows].double().T).T[..., None])[..., 0]
+        used = torch.diagonal(gram, dim1=1, dim2=2) > 0
+        gram = gram * (used[:, :, None] & used[:, None, :]) + torch.diag_embed((~used).double())
+        rhs = torch.where(used, rhs, current[rows].double())
+        out[rows] = torch.linalg.solve(gram, rhs[..., None])[..., 0].to(out.dtype)
+    return out
+
+
+def weighted_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the layer's squared output error on its calibration inputs (times 2/n)."""
+    d = (w - q).double()
+    return float(((d @ h.double()) * d).sum())
 
 
 def gptq_float(
@@ -384,6 +462,12 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
         "search each group's range (factors 1..0.55 of min-max, lowest diag(H)-weighted rounding error) instead of "
         "min-max (int grid only)",
     )
+    refit_rounds: int = param(
+        0,
+        "rounds of least-squares scales for the chosen codes (zeros fixed) then a new sweep; the best state is kept "
+        "(static grids)",
+        min=0,
+    )
     true_sequential: bool = param(
         True, "take each group's Hessian with the earlier groups of the block already quantized (false: all at once)"
     )
@@ -392,6 +476,8 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
         super().check()
         if self.clip and self.float_grid is not None:
             raise ValueError(f"clip: grid {self.grid} takes its scales from min-max; drop clip")
+        if self.refit_rounds and (self.float_grid is not None or (self.group_size != -1 and self.actorder == "none")):
+            raise ValueError("refit_rounds: needs an int grid fixed up front (actorder static, or group_size -1)")
 
     def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
@@ -430,6 +516,7 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
             self.actorder,
             self.float_grid,
             self.clip,
+            self.refit_rounds,
         )
 
     def quantize_linear(

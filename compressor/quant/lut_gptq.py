@@ -14,9 +14,10 @@ column sweep it reuses, ``quant/gptq.py``):
 2. assignment: GPTQ's sweep (``gptq.column_sweep``), each column rounded to its rows' nearest centroid and
    the error spread over the later columns through U;
 3. codebook update: with the codes fixed, each row's centroids solve the least-squares problem
-   ``min_c (w - A c)^T H (w - A c)`` (A the row's one-hot code matrix), which minimises the layer's output
-   error for those codes exactly (GPTVQ takes gradient steps on the same loss); 2-3 repeat ``rounds``
-   times (the next sweep starts from the updated codebook; the round with the lowest error is kept).
+   ``min_c (w - A c)^T H (w - A c)`` (A the row's one-hot code matrix; ``gptq.refit_rows``), which
+   minimises the layer's output error for those codes exactly (GPTVQ takes gradient steps on the same
+   loss); 2-3 repeat ``rounds`` times (the next sweep starts from the updated codebook; the round with
+   the lowest error is kept).
 
 The codebooks are stored in fp16 (``LUTWeight``: ``bits + 16 * 2**bits / K`` bits per weight, counted in
 the report) and the sweep rounds onto the stored fp16 values. Defaults: 3 bits, 2 rounds, GPTQ's damping
@@ -38,9 +39,11 @@ from compressor.quant.gptq import (
     inverse_cholesky,
     output_error,
     prepare,
+    refit_rows,
     sequential_hessians,
     solve_cost,
     solve_order,
+    weighted_output_error,
 )
 from compressor.quant.squeezellm import LUT_DTYPES, assign, fisher_weighted_kmeans
 from compressor.step import Step, param, register_step
@@ -62,35 +65,6 @@ def nearest_sweep(
         return centroids.gather(1, codes[:, column : column + 1])[:, 0]
 
     return codes, column_sweep(w.clone(), hinv, block_size, quantize)
-
-
-def refit_codebooks(
-    w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor, chunk: int = 64
-) -> torch.Tensor:
-    """Per row, the centroids minimising ``(w - c[codes])^T H (w - c[codes])`` for fixed ``codes``: the normal
-    equations ``(A^T H A) c = A^T H w`` with A the row's one-hot codes [K, m]. A centroid no column uses keeps
-    its value (its equation is replaced by c = old)."""
-    n, k = w.shape
-    m = centroids.shape[1]
-    h = h.double()
-    rhs = torch.zeros(n, m, dtype=torch.float64, device=w.device).scatter_add_(1, codes, w.double() @ h)
-    out = torch.empty_like(centroids)
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
-        onehot = torch.nn.functional.one_hot(codes[rows], m).double()  # [r, K, m]
-        gram = onehot.transpose(1, 2) @ (h @ onehot)  # [r, m, m]
-        used = torch.diagonal(gram, dim1=1, dim2=2) > 0
-        eye = torch.diag_embed((~used).double())
-        gram = gram * (used[:, :, None] & used[:, None, :]) + eye
-        b = torch.where(used, rhs[rows], centroids[rows].double())
-        out[rows] = torch.linalg.solve(gram, b[..., None])[..., 0].to(out.dtype)
-    return out
-
-
-def weighted_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """tr((W - Q) H (W - Q)^T): the layer's squared output error on its calibration inputs (times 2/n)."""
-    d = (w - q).double()
-    return float(((d @ h.double()) * d).sum())
 
 
 @dataclass
@@ -122,7 +96,7 @@ def lut_gptq_quantize(
         centroids = centroids.to(lut_dtype).float().sort(1).values
         codes, _ = nearest_sweep(w, hinv, centroids, block_size)
         errors.append(weighted_output_error(w, centroids.gather(1, codes), h))
-        centroids = refit_codebooks(w, h, codes, centroids).to(lut_dtype).float()
+        centroids = refit_rows(w, h, codes, torch.ones_like(w), centroids).to(lut_dtype).float()
         errors.append(weighted_output_error(w, centroids.gather(1, codes), h))
         if best is None or errors[-1] < best[0]:  # a later sweep may land higher: the best round is kept
             best = (errors[-1], codes, centroids)

@@ -273,37 +273,6 @@ def test_bad_keys_are_one_line_errors(settings, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("actorder", ["static", "none"])
-def test_clipped_grids_lower_the_weighted_rounding_error_and_gptq_error(actorder):
-    """``clip``: each group's searched range rounds with a diag(H)-weighted error no higher than min-max's (the
-    factor 1 is among those searched), and GPTQ on those grids ends with a lower output error at 2 bits."""
-    from compressor.quant.gptq import group_grid
-
-    x = correlated_inputs(512, 128, 7)
-    h = hessian_of(x)
-    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(8))
-    weight[:, 5] *= 8  # an outlier column widens its groups' min-max range
-    importance = torch.diagonal(h)
-
-    def weighted(scales, zeros):
-        q = UniformWeight(quantize_codes(weight, scales, zeros, 2, 32), scales, zeros, 2, 32).dequantize(torch.float32)
-        return float(((weight - q).square() * importance).sum())
-
-    plain = weighted(*minmax_params(weight, 2, 32, False, torch.float32))
-    assert weighted(*group_grid(weight, importance, 2, 32, False, torch.float32)) < plain
-    errors = [
-        gptq.output_error(
-            weight,
-            gptq_quantize(weight, h, 2, 32, False, torch.float32, actorder=actorder, clip=clip).weight.dequantize(
-                torch.float32
-            ),
-            h,
-        )
-        for clip in (False, True)
-    ]
-    assert errors[1] < errors[0]
-
-
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_refit_rounds_lower_the_output_error_and_keep_the_grid_storable(symmetric):
     """``refit_rounds``: least-squares scales for the sweep's codes, then a new sweep; the state kept has a lower

@@ -8,7 +8,11 @@ of ``block_size`` columns with lazy batch updates. Hessians are taken true-seque
 (q,k,v), o, (gate,up), down (from the adapter; any other linear after, alone), each group's inputs caught
 with the group before it already quantized. Defaults (llm-compressor's): 4 bits, group 128, symmetric,
 dampening_frac 0.01 of the mean diagonal, block_size 128, actorder static. Dead inputs (zero diagonal)
-get a diagonal of 1 and a zero weight column. ``actorder: static`` quantizes columns by decreasing
+get a diagonal of 1 and a zero weight column. ``refit_rounds`` (not in the paper; 0 by default, so the step
+is the references' GPTQ): with the codes fixed, each row's group scales that minimise tr(D H D^T) exactly
+(least squares, ``refit_rows``), then a new sweep on them; the best state met is kept. The column sweep
+(``column_sweep``) takes the rounding as a callback: the integer grid, the float grids and ``lut_gptq.py``'s
+codebooks share it. ``actorder: static`` quantizes columns by decreasing
 diag(H) with static groups: every group's scale and zero are min-max of the original weights' group,
 computed before the permutation, so groups stay consecutive columns and g_idx trivial (Marlin serves it).
 Where the references differ: with ``actorder: none`` a group's grid is min-max of its weights as they are
@@ -41,7 +45,6 @@ from compressor.quant.uniform import (
     WEIGHT_GRIDS,
     ActivationQuantization,
     UniformQuantizer,
-    grouped,
     minmax_params,
     quantize_codes,
     relative_error,
@@ -174,34 +177,6 @@ def prepare(weight: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.
     return w, h
 
 
-CLIP_FACTORS = tuple(1 - step / 20 for step in range(10))  # range factors 1, 0.95, .., 0.55 (AWQ's clip grid)
-
-
-def group_grid(
-    w: torch.Tensor,
-    importance: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    symmetric: bool,
-    scale_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and zeros of ``w`` [N, K]'s groups: min-max, or (``importance`` [K] given) per group the min-max
-    range shrunk by the factor of ``CLIP_FACTORS`` whose rounding has the lowest ``sum_k importance_k (w - q)^2``
-    (GPTQModel's ``mse`` grid search and llm-compressor's MSE observer do it unweighted)."""
-    if importance is None:
-        return minmax_params(w, bits, group_size, symmetric, scale_dtype)
-    lowest = best = None
-    for factor in CLIP_FACTORS:
-        scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype, factor)
-        q = UniformWeight(quantize_codes(w, scales, zeros, bits, group_size), scales, zeros, bits, group_size)
-        error = grouped((w - q.dequantize(torch.float32)).square() * importance, group_size).sum(-1)
-        if lowest is None:
-            lowest, best = error, torch.ones_like(error)
-        better = error < lowest
-        lowest, best = torch.where(better, error, lowest), torch.where(better, factor, best)
-    return minmax_params(w, bits, group_size, symmetric, scale_dtype, best)
-
-
 def gptq_quantize(
     weight: torch.Tensor,
     h: torch.Tensor,
@@ -213,25 +188,22 @@ def gptq_quantize(
     dampening_frac: float = 0.01,
     actorder: str = "static",
     grid: FloatGrid | None = None,
-    clip: bool = False,
     refit_rounds: int = 0,
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
     on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
     float ``grid`` (``weights/values.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
-    whose scales are RTN's, fixed from the original weights up front whatever ``actorder``. ``clip``: each
-    group's range is searched (``group_grid``, weighted by diag(H)) instead of min-max. ``refit_rounds``
+    whose scales are RTN's, fixed from the original weights up front whatever ``actorder``. ``refit_rounds``
     (static grids only): least-squares scales for the codes, then a new sweep, that many times (``refit_scales``)."""
     if refit_rounds and group_size != -1 and actorder == "none":
         raise ValueError("refit_rounds: needs grids fixed up front (actorder static, or group_size -1)")
     w, h = prepare(weight, h)
-    importance = torch.diagonal(h).clone() if clip else None
     n, k = w.shape
     if grid is not None:
         return gptq_float(w, h, grid, scale_dtype, block_size, dampening_frac, actorder)
     lazy = group_size != -1 and actorder == "none"
-    if not lazy:  # per channel, or static groups: min-max (or clipped) of the original weights
-        scales, zeros = group_grid(w, importance, bits, group_size, symmetric, scale_dtype)
+    if not lazy:  # per channel, or static groups: min-max of the original weights
+        scales, zeros = minmax_params(w, bits, group_size, symmetric, scale_dtype)
     else:  # filled group by group as the columns are reached
         groups = k // group_size + bool(k % group_size)
         scales = torch.empty(n, groups, dtype=scale_dtype, device=w.device)
@@ -244,9 +216,7 @@ def gptq_quantize(
     def quantize(column: int, upcoming) -> torch.Tensor:
         g = group_of[column]
         if lazy and column % group_size == 0:  # the group's grid from its columns as they are now
-            end = min(column + group_size, k)
-            part = None if importance is None else importance[column:end]
-            scale, zero = group_grid(upcoming(end), part, bits, -1, symmetric, scale_dtype)
+            scale, zero = minmax_params(upcoming(min(column + group_size, k)), bits, -1, symmetric, scale_dtype)
             scales[:, g : g + 1] = scale
             if zeros is not None:
                 zeros[:, g : g + 1] = zero
@@ -457,11 +427,6 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
         "column order: by decreasing Hessian diagonal with static groups (g_idx stays trivial), or as stored",
         choices=ACTORDERS,
     )
-    clip: bool = param(
-        False,
-        "search each group's range (factors 1..0.55 of min-max, lowest diag(H)-weighted rounding error) instead of "
-        "min-max (int grid only)",
-    )
     refit_rounds: int = param(
         0,
         "rounds of least-squares scales for the chosen codes (zeros fixed) then a new sweep; the best state is kept "
@@ -474,8 +439,6 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
 
     def check(self) -> None:
         super().check()
-        if self.clip and self.float_grid is not None:
-            raise ValueError(f"clip: grid {self.grid} takes its scales from min-max; drop clip")
         if self.refit_rounds and (self.float_grid is not None or (self.group_size != -1 and self.actorder == "none")):
             raise ValueError("refit_rounds: needs an int grid fixed up front (actorder static, or group_size -1)")
 
@@ -515,7 +478,6 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
             self.dampening_frac,
             self.actorder,
             self.float_grid,
-            self.clip,
             self.refit_rounds,
         )
 

@@ -111,7 +111,7 @@ def inverse_cholesky(h: torch.Tensor, dampening_frac: float) -> tuple[torch.Tens
 class GPTQResult:
     weight: UniformWeight
     damping: float  # the dampening fraction used
-    loss: float  # the per-column losses (w - q)^2 / (2 [H_F^-1]_qq) summed: 1/2 tr(D (H + lambda I) D^T) reached
+    loss: float  # sum of (w - q)^2 / (2 [H_F^-1]_qq): 1/2 tr(D (H + lambda I) D^T); refit_rounds: 1/2 tr(D H D^T)
 
 
 def round_column(

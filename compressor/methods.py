@@ -22,6 +22,7 @@ METHOD_MODULES = (
     "compressor.lowrank.swiftkv",
     "compressor.quant.qllm",
     "compressor.quant.gptq",
+    "compressor.quant.lut_gptq",
     "compressor.quant.awq",
     "compressor.quant.fp8_kv",
     "compressor.quant.rotate",

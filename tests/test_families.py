@@ -115,6 +115,7 @@ def test_quantized_exports_load_in_transformers_with_the_in_memory_logits(
 NATIVE_STEPS = {
     "gptq": {"gptq": {"bits": 3, "group_size": 32}},
     "squeezellm": {"squeezellm": {"bits": 3}},
+    "lut-gptq": {"lut-gptq": {"bits": 3}},
     "qllm": {"qllm": {"bits": 4, "epochs": 1, "feature_samples": 2, "search_candidates": 4}},
     "bfp": {"bfp": {"k_bits": None, "weight_bits": 6}},
 }

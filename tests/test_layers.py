@@ -182,8 +182,9 @@ def test_methods_import_neither_the_pipeline_nor_the_recipe_nor_export_nor_anoth
     for module, edges in GRAPH.items():
         if module.startswith(METHODS) and module not in METHODS:
             assert not [e for e in edges if e.startswith(above)], module
-            # shared by methods: the uniform grid, and GPTQ's Hessian-aware rounding (Block-AP's ``init: gptq``)
-            shared = ("compressor.quant.uniform", "compressor.quant.gptq")
+            # shared by methods: the uniform grid, weighted codebooks (SqueezeLLM, LUT-GPTQ), and GPTQ's
+            # Hessian-aware rounding (Block-AP's ``init: gptq``, LUT-GPTQ's column sweep)
+            shared = ("compressor.quant.uniform", "compressor.quant.codebook", "compressor.quant.gptq")
             assert not [e for e in edges if e.startswith(METHODS) and e not in shared], module
 
 

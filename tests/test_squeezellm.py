@@ -3,15 +3,8 @@
 import pytest
 import torch
 
-from compressor.quant.squeezellm import (
-    fisher_diagonal,
-    fisher_weighted_kmeans,
-    kmeans_plusplus,
-    lloyd,
-    normalized_fisher,
-    quantize_squeezellm,
-    sparse_mask,
-)
+from compressor.quant.codebook import fisher_weighted_kmeans, kmeans_plusplus, lloyd, normalized_fisher
+from compressor.quant.squeezellm import fisher_diagonal, quantize_squeezellm, sparse_mask
 from compressor.quant.uniform import quantize_uniform
 from compressor.testing import WholeModelContext
 from compressor.weights.values import DenseAndSparseWeight, LUTWeight

@@ -8,7 +8,11 @@ of ``block_size`` columns with lazy batch updates. Hessians are taken true-seque
 (q,k,v), o, (gate,up), down (from the adapter; any other linear after, alone), each group's inputs caught
 with the group before it already quantized. Defaults (llm-compressor's): 4 bits, group 128, symmetric,
 dampening_frac 0.01 of the mean diagonal, block_size 128, actorder static. Dead inputs (zero diagonal)
-get a diagonal of 1 and a zero weight column. ``actorder: static`` quantizes columns by decreasing
+get a diagonal of 1 and a zero weight column. ``refit_rounds`` (not in the paper; 0 by default, so the step
+is the references' GPTQ): with the codes fixed, each row's group scales that minimise tr(D H D^T) exactly
+(least squares, ``refit_rows``), then a new sweep on them; the best state met is kept. The column sweep
+(``column_sweep``) takes the rounding as a callback: the integer grid, the float grids and ``lut_gptq.py``'s
+codebooks share it. ``actorder: static`` quantizes columns by decreasing
 diag(H) with static groups: every group's scale and zero are min-max of the original weights' group,
 computed before the permutation, so groups stay consecutive columns and g_idx trivial (Marlin serves it).
 Where the references differ: with ``actorder: none`` a group's grid is min-max of its weights as they are
@@ -27,6 +31,7 @@ this is QuaRot's GPTQ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +49,7 @@ from compressor.quant.uniform import (
     quantize_codes,
     relative_error,
     shared_global_scales,
+    storable_scale,
 )
 from compressor.step import param, register_step
 from compressor.weights.values import (
@@ -106,7 +112,7 @@ def inverse_cholesky(h: torch.Tensor, dampening_frac: float) -> tuple[torch.Tens
 class GPTQResult:
     weight: UniformWeight
     damping: float  # the dampening fraction used
-    loss: float  # the per-column losses (w - q)^2 / (2 [H_F^-1]_qq) summed: 1/2 tr(D (H + lambda I) D^T) reached
+    loss: float  # sum of (w - q)^2 / (2 [H_F^-1]_qq): 1/2 tr(D (H + lambda I) D^T); refit_rounds: 1/2 tr(D H D^T)
 
 
 def round_column(
@@ -116,6 +122,60 @@ def round_column(
     by RTN's rounding and ``UniformWeight``'s dequantization."""
     codes = quantize_codes(column, scale, zero, bits, -1)
     return codes[:, 0], UniformWeight(codes, scale, zero, bits, -1).dequantize(torch.float32)[:, 0]
+
+
+def column_sweep(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    block_size: int,
+    quantize: Callable[[int, Callable[[int], torch.Tensor]], torch.Tensor],
+) -> float:
+    """GPTQ's column loop, whatever the grid: columns of ``w`` [N, K] (already in the solve order; modified in
+    place) are quantized left to right by ``quantize(column, upcoming)``, which returns the column's quantized
+    values [N]; ``upcoming(end)`` gives the columns ``column..end`` [N, end - column] as they are now, every
+    earlier rounding error already spread over them (lazy in-block updates included). Each error goes to the
+    later columns through ``hinv``, the upper Cholesky factor of H^-1, in blocks of ``block_size`` columns.
+    Returns the loss: the per-column (w - q)^2 / (2 [H_F^-1]_qq) summed."""
+    k = w.shape[1]
+    loss = torch.zeros((), device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        errors = torch.zeros_like(block)
+        for i in range(i2 - i1):
+            column = i1 + i
+
+            def upcoming(end: int) -> torch.Tensor:
+                current = block[:, i : min(end, i2) - i1]
+                if end > i2:  # past this block: those columns with the updates still pending
+                    current = torch.cat([current, w[:, i2:end] - errors[:, :i] @ hinv[i1:column, i2:end]], dim=1)
+                return current
+
+            q = quantize(column, upcoming)
+            error = (block[:, i] - q) / hinv1[i, i]
+            loss += error.square().sum() / 2
+            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
+            errors[:, i] = error
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    return float(loss)
+
+
+def solve_order(w: torch.Tensor, h: torch.Tensor, actorder: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, w, h) in the solve order: by decreasing diag(H) for ``actorder: static``, else as stored."""
+    if actorder != "static":
+        return torch.arange(w.shape[1], device=w.device), w, h
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    return order, w[:, order], h[order][:, order]
+
+
+def prepare(weight: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies of the weight and Hessian; dead inputs (zero diagonal) get a diagonal of 1 and a zero column."""
+    w = weight.detach().float().clone()
+    h = h.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return w, h
 
 
 def gptq_quantize(
@@ -130,18 +190,18 @@ def gptq_quantize(
     actorder: str = "static",
     grid: FloatGrid | None = None,
     global_scale: torch.Tensor | None = None,
+    refit_rounds: int = 0,
 ) -> GPTQResult:
     """GPTQ of ``weight`` [N, K] given its inputs' Hessian ``h`` [K, K] (``hessian``): a ``UniformWeight``
     on RTN's grid whose groups are consecutive columns (the trivial g_idx) whatever the column order. With a
     float ``grid`` (``weights/values.py``; ``bits``, ``group_size`` and ``symmetric`` unused) a ``FloatWeight``
     whose scales are RTN's, fixed from the original weights up front whatever ``actorder`` (NVFP4: under
-    ``global_scale`` when given, one shared by fused shards)."""
-    n, k = weight.shape
-    w = weight.detach().float().clone()
-    h = h.detach().float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    ``global_scale`` when given, one shared by fused shards). ``refit_rounds`` (static grids only): least-squares
+    scales for the codes, then a new sweep, that many times (``refit_scales``)."""
+    if refit_rounds and group_size != -1 and actorder == "none":
+        raise ValueError("refit_rounds: needs grids fixed up front (actorder static, or group_size -1)")
+    w, h = prepare(weight, h)
+    n, k = w.shape
     if grid is not None:
         return gptq_float(w, h, grid, scale_dtype, block_size, dampening_frac, actorder, global_scale)
     lazy = group_size != -1 and actorder == "none"
@@ -151,43 +211,98 @@ def gptq_quantize(
         groups = k // group_size + bool(k % group_size)
         scales = torch.empty(n, groups, dtype=scale_dtype, device=w.device)
         zeros = None if symmetric else torch.empty(n, groups, dtype=torch.int32, device=w.device)
-    order = torch.arange(k, device=w.device)
-    if actorder == "static":
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h = w[:, order], h[order][:, order]
+    order, w, h = solve_order(w, h, actorder)
     group_of = [0] * k if group_size == -1 else (order // group_size).tolist()
     hinv, damping = inverse_cholesky(h, dampening_frac)
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    loss = torch.zeros((), device=w.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        errors = torch.zeros_like(block)
-        for i in range(i2 - i1):
-            column = i1 + i
-            if lazy and column % group_size == 0:
-                end = min(column + group_size, k)
-                current = block[:, i : end - i1]
-                if end > i2:  # the group reaches past this block: its columns there with the pending updates
-                    pending = w[:, i2:end] - errors[:, :i] @ hinv[i1:column, i2:end]
-                    current = torch.cat([current, pending], dim=1)
-                g = column // group_size
-                scale, zero = minmax_params(current, bits, -1, symmetric, scale_dtype)
-                scales[:, g : g + 1] = scale
-                if zeros is not None:
-                    zeros[:, g : g + 1] = zero
-            g = group_of[column]
-            zero = None if zeros is None else zeros[:, g : g + 1]
-            codes[:, column], q = round_column(block[:, i : i + 1], scales[:, g : g + 1], zero, bits)
-            d = hinv1[i, i]
-            error = (block[:, i] - q) / d
-            loss += error.square().sum() / 2
-            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
-            errors[:, i] = error
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    if actorder == "static":
-        codes = codes[:, torch.argsort(order)]
-    return GPTQResult(UniformWeight(codes, scales, zeros, bits, group_size), damping, float(loss))
+
+    def quantize(column: int, upcoming) -> torch.Tensor:
+        g = group_of[column]
+        if lazy and column % group_size == 0:  # the group's grid from its columns as they are now
+            scale, zero = minmax_params(upcoming(min(column + group_size, k)), bits, -1, symmetric, scale_dtype)
+            scales[:, g : g + 1] = scale
+            if zeros is not None:
+                zeros[:, g : g + 1] = zero
+        zero = None if zeros is None else zeros[:, g : g + 1]
+        codes[:, column], q = round_column(upcoming(column + 1), scales[:, g : g + 1], zero, bits)
+        return q
+
+    loss = column_sweep(w.clone(), hinv, block_size, quantize)
+    if refit_rounds:
+        group = torch.tensor(group_of, device=w.device).expand(n, k)
+        zero_points = torch.full_like(scales, 2 ** (bits - 1), dtype=torch.float32) if zeros is None else zeros.float()
+        sweep = lambda: column_sweep(w.clone(), hinv, block_size, quantize)  # noqa: E731
+        codes, scales, loss = refit_scales(w, h, hinv, codes, scales, zero_points, group, refit_rounds, sweep)
+    codes = codes[:, torch.argsort(order)]
+    return GPTQResult(UniformWeight(codes, scales, zeros, bits, group_size), damping, loss)
+
+
+def refit_scales(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    hinv: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    group: torch.Tensor,
+    rounds: int,
+    sweep: Callable[[], None],
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``refit_rounds``: the scales (zeros and codes fixed) that minimise the output error of the codes the sweep
+    chose (``refit_rows``), then a new sweep on them (``sweep()`` re-rounds ``codes`` in place on ``scales``),
+    ``rounds`` times. Returns the (codes, scales) with the lowest ``tr(D H D^T)`` met, and half of it (the
+    sweep's loss). ``w``, ``h``, ``codes`` and ``group`` (each column's group [N, K]) are in the solve order;
+    ``zero_points`` [N, G] (float)."""
+    levels = lambda: codes.float() - zero_points.gather(1, group)  # noqa: E731
+
+    def error() -> float:
+        return weighted_output_error(w, levels() * scales.float().gather(1, group), h)
+
+    best = (error(), codes.clone(), scales.clone())
+    for _ in range(rounds):
+        fitted = refit_rows(w, h, group, levels(), scales.float())
+        scales.copy_(storable_scale(torch.where(fitted > 0, fitted, scales.float()), scales.dtype))
+        for rounded in (False, True):
+            if rounded:
+                sweep()
+            if (current := error()) < best[0]:
+                best = (current, codes.clone(), scales.clone())
+    scales.copy_(best[2])
+    return best[1], scales, best[0] / 2
+
+
+def refit_rows(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    index: torch.Tensor,
+    coefficient: torch.Tensor,
+    current: torch.Tensor,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Per row n, the values theta [P] minimising ``(w - q)^T H (w - q)`` for ``q_k = coefficient[n, k] *
+    theta[index[n, k]]`` (``index`` [N, K] int64 in [0, P), ``current`` [N, P]): the normal equations
+    ``(B^T H B) theta = B^T H w`` of the basis ``B[k, p] = coefficient_k [index_k = p]``. Codebook centroids
+    (coefficient 1, index the code) and group scales (coefficient code - zero, index the group) are both
+    linear in their values this way. A value no column uses (or only with coefficient 0) keeps ``current``."""
+    n, p = current.shape
+    h = h.double()
+    out = torch.empty_like(current)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        basis = torch.nn.functional.one_hot(index[rows], p).double() * coefficient[rows, :, None].double()  # [r, K, P]
+        gram = basis.transpose(1, 2) @ (h @ basis)
+        rhs = (basis.transpose(1, 2) @ (h @ w[rows].double().T).T[..., None])[..., 0]
+        used = torch.diagonal(gram, dim1=1, dim2=2) > 0
+        gram = gram * (used[:, :, None] & used[:, None, :]) + torch.diag_embed((~used).double())
+        rhs = torch.where(used, rhs, current[rows].double())
+        out[rows] = torch.linalg.solve(gram, rhs[..., None])[..., 0].to(out.dtype)
+    return out
+
+
+def weighted_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the layer's squared output error on its calibration inputs (times 2/n)."""
+    d = (w - q).double()
+    return float(((d @ h.double()) * d).sum())
 
 
 def gptq_float(
@@ -205,29 +320,18 @@ def gptq_float(
     n, k = w.shape
     scales, global_scale = grid_params(grid, w, scale_dtype, global_scale=global_scale)
     scale = expand_scales(effective_scales(grid, scales, global_scale), grid, n, k)
-    order = torch.arange(k, device=w.device)
-    if actorder == "static":
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h, scale = w[:, order], h[order][:, order], scale[:, order]
+    order, w, h = solve_order(w, h, actorder)
+    scale = scale[:, order]
     hinv, damping = inverse_cholesky(h, dampening_frac)
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    loss = torch.zeros((), device=w.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        block, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        errors = torch.zeros_like(block)
-        for i in range(i2 - i1):
-            column_scale = scale[:, i1 + i]
-            codes[:, i1 + i] = element_codes(grid, block[:, i] / column_scale)
-            q = element_values(grid, codes[:, i1 + i]) * column_scale
-            error = (block[:, i] - q) / hinv1[i, i]
-            loss += error.square().sum() / 2
-            block[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
-            errors[:, i] = error
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    if actorder == "static":
-        codes = codes[:, torch.argsort(order)]
-    return GPTQResult(FloatWeight(codes, scales, global_scale, grid.name), damping, float(loss))
+
+    def quantize(column: int, upcoming) -> torch.Tensor:
+        codes[:, column] = element_codes(grid, upcoming(column + 1)[:, 0] / scale[:, column])
+        return element_values(grid, codes[:, column]) * scale[:, column]
+
+    loss = column_sweep(w, hinv, block_size, quantize)
+    codes = codes[:, torch.argsort(order)]
+    return GPTQResult(FloatWeight(codes, scales, global_scale, grid.name), damping, loss)
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
@@ -327,9 +431,20 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
         "column order: by decreasing Hessian diagonal with static groups (g_idx stays trivial), or as stored",
         choices=ACTORDERS,
     )
+    refit_rounds: int = param(
+        0,
+        "rounds of least-squares scales for the chosen codes (zeros fixed) then a new sweep; the best state is kept "
+        "(static grids)",
+        min=0,
+    )
     true_sequential: bool = param(
         True, "take each group's Hessian with the earlier groups of the block already quantized (false: all at once)"
     )
+
+    def check(self) -> None:
+        super().check()
+        if self.refit_rounds and (self.float_grid is not None or (self.group_size != -1 and self.actorder == "none")):
+            raise ValueError("refit_rounds: needs an int grid fixed up front (actorder static, or group_size -1)")
 
     def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
@@ -376,6 +491,7 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
             self.actorder,
             self.float_grid,
             global_scale,
+            self.refit_rounds,
         )
 
     def quantize_linear(

@@ -263,6 +263,13 @@ class Session:
             inputs, kwargs = self.capture_block_inputs() if needs_data else (None, None)
         names = "+".join(step.name for step in steps)
         group = max(step.blocks_per_call for step in steps)  # blocks compressed together (check_steps: one size a pass)
+        if start % group:
+            from compressor.resume import ResumeError
+
+            raise ResumeError(
+                f"the interrupted run committed block {start - 1}, inside a group of {group} blocks that "
+                "compress together; run it again without --resume"
+            )
         for first in track(
             range(start, len(self.handle.blocks), group),
             names,

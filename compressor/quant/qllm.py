@@ -9,14 +9,24 @@ per point (threshold grid, quantized output MSE on calibration features). (2) A 
 every linear and the norm gains train so the quantized block fed the quantized stream reproduces the
 fp block on the fp stream; the branch is merged into the weights, which are re-quantized.
 
+Groups (``group_blocks``, official ``--num_layer``, 4 in every script): consecutive blocks go through
+the steps together (the session hands them over at once): the fp group on the fp stream gives each
+block's point statistics and the group's targets; every block is reassembled; the branches and norms
+of the whole group train on the MSE between the quantized group fed the quantized stream and the fp
+group's output. After the last group, ``tune_final_norm`` trains the final norm's gain so that
+norm(quantized stream) matches norm(fp stream) (official ``tune_last_ln``, same optimiser and schedule).
+
 Defaults (official scripts): weights 4-bit per output channel asymmetric min-max, activations
 per-token asymmetric dynamic (Q, K, V too), channel_ratio 0.2, rank 4, alpha 1, AdamW with linear
 decay, lr 5e-4 (paper; scripts use 1e-4 for most W4A4 runs), 10 epochs, batch 1, 4 feature samples.
-Deviations: blocks are corrected one at a time (official groups of 4; the paper's Table 4 runs 1),
-no final-norm tuning; the search scores each candidate with the exact split-then-merge transform it
-will apply (official: a merge-then-split approximation) and also evaluates A = 0; merge scores are
-the code's signed column sums (``merge_score: code``) or the paper's Eq. 5 (``paper``); weight ranges
-include 0 (the compressed-tensors grid); a held-out tenth keeps the best epoch (docs/methods/qllm.md).
+Deviations: ``group_blocks`` defaults to 1 and ``tune_final_norm`` to false (the step's behaviour
+before they existed; the shipped recipes set what was measured, docs/methods/qllm.md); the final norm
+gets no bias (official: a zero-initialised one, which a stock RMSNorm cannot hold); a group that does
+not divide the blocks leaves a shorter last group (official: the remainder is never quantized); the
+search scores each candidate with the exact split-then-merge transform it will apply (official: a
+merge-then-split approximation) and also evaluates A = 0; merge scores are the code's signed column sums
+(``merge_score: code``) or the paper's Eq. 5 (``paper``); weight ranges include 0 (the
+compressed-tensors grid); a held-out tenth keeps the best epoch (docs/methods/qllm.md).
 """
 
 from __future__ import annotations

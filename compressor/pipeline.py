@@ -115,6 +115,18 @@ class Session:
                 step.check_model(linears)
                 self.check_export_format(step, linears)
                 self.check_step_order(index, step, linears, claimed)
+                self.check_block_groups(step)
+
+    def check_block_groups(self, step: Step) -> None:
+        """A step that compresses several blocks together shares its layer pass only with steps that take as many."""
+        for kind, steps in step_passes(self.recipe.steps):
+            other = next((s for s in steps if s.blocks_per_call != step.blocks_per_call), None)
+            if kind == "layer" and step.blocks_per_call > 1 and any(s is step for s in steps) and other is not None:
+                raise ValueError(
+                    f"group_blocks: {step.blocks_per_call} compresses blocks in groups, and {other.name}, in the same "
+                    "pass over the blocks, takes them one at a time; set group_blocks: 1 or give the other step its "
+                    "own recipe"
+                )
 
     def check_calibration_memory(self) -> None:
         """Refuse, before any work, calibration that cannot fit: a layer pass holds the inputs and outputs of one
@@ -253,43 +265,64 @@ class Session:
         else:
             inputs, kwargs = self.capture_block_inputs() if needs_data else (None, None)
         names = "+".join(step.name for step in steps)
-        blocks = range(start, len(self.handle.blocks))
-        for index in track(blocks, names, unit="block", enabled=self.progress):
-            self.distributed.doing(f"{names} on block {index}")
-            prefix = self.handle.block_prefix(index)
+        group = max(step.blocks_per_call for step in steps)  # blocks compressed together (check_steps: one size a pass)
+        if start % group:
+            from compressor.resume import ResumeError
+
+            raise ResumeError(
+                f"the interrupted run committed block {start - 1}, inside a group of {group} blocks that "
+                "compress together; run it again without --resume"
+            )
+        for first in track(
+            range(start, len(self.handle.blocks), group),
+            names,
+            unit="group" if group > 1 else "block",
+            enabled=self.progress,
+        ):
+            indices = range(first, min(first + group, len(self.handle.blocks)))
+            self.distributed.doing(f"{names} on block {first if group == 1 else f'{first}-{indices[-1]}'}")
             # Data-free passes never run the block: keep its weights in the checkpoint dtype.
-            block = self.load_block(index, None if needs_data else self.handle.dtype)
+            blocks = {index: self.load_block(index, None if needs_data else self.handle.dtype) for index in indices}
             if needs_data:
-                self.count_routed_tokens(prefix, block, inputs, kwargs[index])
+                self.count_routed_tokens(self.handle.block_prefix(first), blocks[first], inputs, kwargs[first])
             policy = self.recipe.calibration.expert_calibration if needs_data else "routed"
             for step in steps:
-                with self.blame(step), calibrating(self.handle.adapter, block, policy):
-                    step.compress_block(
-                        BlockContext(
-                            handle=self.handle,
-                            device=self.device,
-                            run=self.run_state,
-                            step=step,
-                            state=self.run_state.state_of(step),
-                            index=index,
-                            block=block,
-                            inputs=inputs,
-                            block_kwargs=kwargs[index] if needs_data else None,
-                        )
+                contexts = [
+                    BlockContext(
+                        handle=self.handle,
+                        device=self.device,
+                        run=self.run_state,
+                        step=step,
+                        state=self.run_state.state_of(step),
+                        index=index,
+                        block=blocks[index],
+                        inputs=inputs if index == first else None,
+                        block_kwargs=kwargs[index] if needs_data else None,
                     )
-            self.report.check_fused_groups(prefix, block, self.handle.adapter)
-            check_expert_schemes(self.report, prefix, self.handle.adapter, block)
-            if needs_data and index + 1 < len(self.handle.blocks):
-                inputs = self.run_block(block, inputs, kwargs[index])
-            if commits is not None:
-                last = index + 1 == len(self.handle.blocks)
-                commits.commit(index, block, None if last else inputs, kwargs, self.run_state, self.recipe.steps)
-            if sink is not None:
-                sink.write_module(prefix, block)
-                self.handle.release(block)
-                self.live_blocks.discard(index)
-            else:
-                block.to("cpu")
+                    for index in indices
+                ]
+                with self.blame(step), ExitStack() as stack:
+                    for context in contexts:
+                        stack.enter_context(calibrating(self.handle.adapter, context.block, policy))
+                    if group > 1:
+                        step.compress_group(contexts)
+                    else:
+                        step.compress_block(contexts[0])
+            for index, block in blocks.items():
+                prefix = self.handle.block_prefix(index)
+                self.report.check_fused_groups(prefix, block, self.handle.adapter)
+                check_expert_schemes(self.report, prefix, self.handle.adapter, block)
+                if needs_data and index + 1 < len(self.handle.blocks):
+                    inputs = self.run_block(block, inputs, kwargs[index])
+                if commits is not None:
+                    last = index + 1 == len(self.handle.blocks)
+                    commits.commit(index, block, None if last else inputs, kwargs, self.run_state, self.recipe.steps)
+                if sink is not None:
+                    sink.write_module(prefix, block)
+                    self.handle.release(block)
+                    self.live_blocks.discard(index)
+                else:
+                    block.to("cpu")
 
     def count_routed_tokens(self, prefix: str, block: nn.Module, inputs, kwargs) -> None:
         """Mixture-of-experts blocks: the calibration tokens the router sends each expert, in the report (and a

@@ -218,7 +218,8 @@ class Step(Config):
 
     * ``"layer"``: ``compress_block(context)`` is called for each decoder block in turn with a
       ``compressor.context.BlockContext``: the block and its calibration inputs, produced by the
-      already-compressed blocks before it;
+      already-compressed blocks before it (``compress_group`` with several blocks' contexts when the
+      step's ``blocks_per_call`` is above 1);
     * ``"model"``: ``compress_model(context)`` is called once with a ``compressor.context.ModelContext``.
 
     ``needs_calibration`` is False for data-free steps (RTN), which then never run a forward pass.
@@ -247,6 +248,17 @@ class Step(Config):
     # start over when a run is resumed
     commits_progress: ClassVar[bool] = False
     needs_native_export: ClassVar[bool] = False  # leaves what only our native W+A format records (online Hadamard)
+
+    @property
+    def blocks_per_call(self) -> int:
+        """Consecutive blocks a layer step compresses together: above 1, the session calls ``compress_group``
+        with that many blocks' contexts (the last group may be shorter) instead of ``compress_block``."""
+        return 1
+
+    def compress_group(self, contexts: list) -> None:
+        """Compress consecutive blocks together: ``contexts[0].inputs`` enter the first, the others' inputs are
+        None (the session runs the group after the step returns)."""
+        raise NotImplementedError(f"{self.name} compresses one block at a time")
 
     @classmethod
     def summary(cls) -> str:

@@ -392,7 +392,18 @@ def test_planted_outliers_reassembly_halves_the_block_error_and_error_correction
     assert rows["error_correction"]["mse_final"] < rows["error_correction"]["mse_init"]  # then error correction, merged
     assert rows["error_correction"]["peak_memory_mib"] > 0
 
-    # the model in memory, exported by the writer apply uses, loaded by us and by transformers
+    config, ours = export_and_load(session, tmp_path / "out")
+    assert config["quant_method"] == "compressor" and config["format"] == "uniform"
+    assert set(config["attention_activations"]) == {"model.layers.0.self_attn"}
+    assert config["modules"]["model.layers.0.mlp.down_proj"]["input_map"] > 0
+    assert config["modules"]["model.layers.0.self_attn.o_proj"]["input_map"] == 0
+    down = ours.get_submodule("model.layers.0.mlp.down_proj")
+    assert down.channel_map is not None and down.input_activations == ActivationSpec(4)
+
+
+def export_and_load(session, out):
+    """The model a session left in memory, exported by the writer ``apply`` uses, loaded by us and by
+    transformers: both give the in-memory logits. Returns the quantization_config and our loaded model."""
     from compressor.export import CheckpointWriter
 
     handle = session.handle
@@ -401,24 +412,107 @@ def test_planted_outliers_reassembly_halves_the_block_error_and_error_correction
     ids = torch.randint(0, 320, (2, 19), generator=gen(21))
     with torch.no_grad():
         in_memory = handle.model(ids).logits
-    chosen = recipe(calibration_file, corrected)
-    (tmp_path / "out").mkdir()
-    writer = CheckpointWriter(tmp_path / "out", chosen.export, torch.float32)
+    out.mkdir()
+    writer = CheckpointWriter(out, session.recipe.export, torch.float32)
     for index in range(len(handle.blocks)):
         writer.write_module(handle.block_prefix(index), handle.blocks[index])
-    writer.finish(handle, chosen, session.report)
-    config = __import__("json").loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert config["quant_method"] == "compressor" and config["format"] == "uniform"
-    assert set(config["attention_activations"]) == {"model.layers.0.self_attn"}
-    assert config["modules"]["model.layers.0.mlp.down_proj"]["input_map"] > 0
-    assert config["modules"]["model.layers.0.self_attn.o_proj"]["input_map"] == 0
-    ours = load_quantized_model(tmp_path / "out")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    writer.finish(handle, session.recipe, session.report)
+    config = __import__("json").loads((out / "config.json").read_text())["quantization_config"]
+    ours = load_quantized_model(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, in_memory, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(theirs(ids).logits, in_memory, rtol=1e-4, atol=1e-4)
-    down = ours.get_submodule("model.layers.0.mlp.down_proj")
-    assert down.channel_map is not None and down.input_activations == ActivationSpec(4)
+    return config, ours
+
+
+# Groups of blocks and the final norm
+
+GROUPED = {"epochs": 2, "lr": 2e-3, "heldout": 0.0, "feature_samples": 2, "search_candidates": 4}
+
+
+def block_weights(session, index):
+    """Block ``index``'s quantized weights as stored (codes and scales), by name."""
+    return {name: tensor.clone() for name, tensor in session.handle.blocks[index].state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def two_block_models(tmp_path_factory):
+    """A random two-block Llama, and the same with block 1's MLP changed (block 0 unchanged)."""
+    from compressor.testing import make_random_model
+
+    root = tmp_path_factory.mktemp("groups")
+    path = make_random_model("llama", root / "model", num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
+    model.save_pretrained(root / "changed")
+    AutoTokenizer.from_pretrained(path).save_pretrained(root / "changed")
+    return path, root / "changed"
+
+
+def test_a_group_trains_against_the_group_output_and_one_block_groups_do_not_look_ahead(
+    two_block_models, calibration_file
+):
+    """Block 0's result depends on block 1 only when both train together against block 1's fp output: with
+    group_blocks 1 changing block 1 leaves block 0 exactly as it was; with 2 it changes it."""
+    path, changed = two_block_models
+    results = {}
+    for groups in (1, 2):
+        for model in (path, changed):
+            session, rows = run_session(model, recipe(calibration_file, {"qllm": {"group_blocks": groups, **GROUPED}}))
+            results[groups, model] = block_weights(session, 0), rows
+    assert same(results[1, path][0], results[1, changed][0])
+    assert not same(results[2, path][0], results[2, changed][0])
+    rows = results[2, path][1]
+    assert rows["error_correction"]["blocks"] == [0, 1] and rows["error_correction"]["steps"] > 0
+    assert rows["error_correction"]["mse_trained"] < rows["error_correction"]["mse_init"]
+    assert results[1, path][1]["error_correction"]["blocks"] == [1]  # one row a block (this is the last's)
+
+
+def test_a_group_longer_than_the_model_is_the_whole_model_and_the_final_norm_tunes_and_exports(
+    two_block_models, calibration_file, tmp_path
+):
+    path, _ = two_block_models
+    whole, _ = run_session(path, recipe(calibration_file, {"qllm": {"group_blocks": 2, **GROUPED}}))
+    longer, _ = run_session(path, recipe(calibration_file, {"qllm": {"group_blocks": 5, **GROUPED}}))
+    for index in (0, 1):
+        assert same(block_weights(whole, index), block_weights(longer, index))
+
+    step = {"qllm": {"group_blocks": 2, "tune_final_norm": True, **GROUPED}}
+    session, _ = run_session(path, recipe(calibration_file, step))
+    (row,) = [r for r in session.report.rows if r["step"] == "qllm" and r["module"] == "model.norm"]
+    assert row["mse_final"] < row["mse_init"]
+    for index in (0, 1):  # the blocks are those of the run without it
+        assert same(block_weights(whole, index), block_weights(session, index))
+    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).model.norm.weight
+    assert not torch.equal(session.handle.model.model.norm.weight.float(), original)
+    tuned = session.handle.model.model.norm.weight.detach().float().clone()
+    _, ours = export_and_load(session, tmp_path / "out")  # the tuned norm is exported: equal logits
+    torch.testing.assert_close(ours.model.norm.weight, tuned)
+
+
+def test_a_grouped_step_does_not_share_its_pass_with_a_one_block_step(tiny_llama, calibration_file):
+    from compressor.errors import StepError
+
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    chosen = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 4, "seq_len": 32, "seed": 0},
+            "steps": [
+                {"qllm": {"group_blocks": 2, "ignore": ["gate_proj", "up_proj", "down_proj"]}},
+                {"rtn": {"ignore": attention}},
+            ],
+        }
+    )
+    with pytest.raises(StepError) as error:
+        Session(ModelHandle.open(tiny_llama), chosen, AutoTokenizer.from_pretrained(tiny_llama), progress=False).run()
+    assert "steps[0].qllm.group_blocks: 2 compresses blocks in groups, and rtn" in str(error.value)
+    assert "\n" not in str(error.value)
 
 
 def test_weight_only_exports_compressed_tensors_that_plain_transformers_loads(tiny_llama, calibration_file, tmp_path):

@@ -289,3 +289,28 @@ def test_refit_rounds_lower_the_output_error_and_keep_the_grid_storable(symmetri
     if not symmetric:
         assert torch.equal(refit.weight.zeros, plain.weight.zeros)
     assert refit.loss == pytest.approx(trace[1] / 2, rel=1e-4)
+
+
+def test_static_nvfp4_hessians_see_the_inputs_under_the_calibrated_global_scale():
+    """activation_global_scale: calibrated: GPTQ's Hessian is that of the inputs as the exported layer quantizes
+    them (one input_global_scale per layer), not under a per-token global scale."""
+    from compressor.modules.activations import ActivationSpec, quantize_activations
+    from compressor.weights.values import nvfp4_global_scale
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    x = torch.randn(3, 16, 64) * torch.logspace(-2, 1, 16)[None, :, None]  # tokens of very different ranges
+    spec = ActivationSpec(4, True, "nvfp4", static_global_scale=True)
+    scale = nvfp4_global_scale(x.abs().amax().reshape(1))
+
+    def hessian_of(spec, scales):
+        with torch.no_grad(), gptq.HessianCatcher(block, ["0"], spec, scales) as catcher:
+            block(x)
+        return catcher.hessian("0")
+
+    with torch.no_grad(), gptq.HessianCatcher(block, ["0"]) as catcher:  # reference: inputs quantized first
+        block[0](quantize_activations(x, spec, scale))
+    expected = catcher.hessian("0")
+    assert torch.allclose(hessian_of(spec, {"0": scale}), expected, rtol=1e-5, atol=1e-7)
+    per_token = ActivationSpec(4, True, "nvfp4")
+    assert not torch.allclose(hessian_of(per_token, None), expected, rtol=1e-3, atol=1e-6)

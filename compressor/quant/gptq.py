@@ -45,6 +45,7 @@ from compressor.quant.uniform import (
     WEIGHT_GRIDS,
     ActivationQuantization,
     UniformQuantizer,
+    calibrate_input_global_scales,
     minmax_params,
     quantize_codes,
     relative_error,
@@ -366,10 +367,14 @@ def sequential_hessians(context: BlockContext, linears: dict, true_sequential: b
     """(names, catcher) for each group of ``linears`` (``sequential_groups``; all at once without
     ``true_sequential``) after one forward of the block, so a group's Hessians see the block as the caller left it
     after the groups yielded before (GPTQ quantizes them in between; Block-AP's GPTQ init rounds them in place).
-    ``input_spec`` (W+A) makes the Hessians those of the inputs as quantized."""
+    ``input_spec`` (W+A) makes the Hessians those of the inputs as quantized; a static NVFP4 ``input_spec``
+    (``activation_global_scale: calibrated``) quantizes them under each linear's calibrated input global scale,
+    taken first from the block as it is then (what ``quantize_block_activations`` attaches after)."""
     groups = sequential_groups(context.adapter, linears) if true_sequential else [list(linears)]
+    static = input_spec is not None and input_spec.static_global_scale
     for names in groups:
-        with torch.no_grad(), HessianCatcher(context.block, names, input_spec) as catcher:
+        global_scales = calibrate_input_global_scales(context, names) if static else {}
+        with torch.no_grad(), HessianCatcher(context.block, names, input_spec, global_scales) as catcher:
             context.forward()
         yield names, catcher
 
@@ -377,14 +382,21 @@ def sequential_hessians(context: BlockContext, linears: dict, true_sequential: b
 class HessianCatcher(InputHooks):
     """Adds each linear's inputs to its Hessian sum while the block runs."""
 
-    def __init__(self, block: nn.Module, names: list[str], input_spec: ActivationSpec | None = None):
+    def __init__(
+        self,
+        block: nn.Module,
+        names: list[str],
+        input_spec: ActivationSpec | None = None,
+        global_scales: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__(block, names)
         self.input_spec = input_spec  # inputs seen through ``input_spec``
+        self.global_scales = global_scales or {}  # static NVFP4: each linear's calibrated input global scale
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
 
     def catch(self, name: str, x: torch.Tensor) -> None:
-        x = quantize_activations(x, self.input_spec)
+        x = quantize_activations(x, self.input_spec, self.global_scales.get(name))
         if name not in self.sums:
             self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
             self.tokens[name] = 0

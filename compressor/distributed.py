@@ -289,6 +289,27 @@ class Distributed:
         return results
 
 
+class RowSample:
+    """Rows ``0, every, 2 every, ..`` (at most ``size``) of every rank's rows together in rank order (``shard``'s
+    order: the single process's), as one [size, C] tensor. Each rank fills the positions of its own rows
+    (``first``: the index among all of its first row, from ``rows_of_everyone``) and leaves zeros elsewhere, so
+    the sum over ranks (``all_reduce_sum``, or ``reduce_sum`` to an owner) is exactly the single process's sample:
+    a sample of tokens that a search is run on (AWQ's clip search, BFP's greedy refinement) travels this way."""
+
+    def __init__(self, first: int, every: int, size: int):
+        self.next, self.every, self.size = first, every, size
+        self.rows: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        """This rank's next rows [n, C], in order."""
+        if self.rows is None:
+            self.rows = torch.zeros(self.size, rows.shape[-1], device=rows.device)
+        index = torch.arange(self.next, self.next + len(rows), device=rows.device)
+        kept = (index % self.every == 0) & (index // self.every < self.size)
+        self.rows[index[kept] // self.every] = rows[kept].float()
+        self.next += len(rows)
+
+
 def balance_owners(costs: dict[str, float], world_size: int) -> dict[str, int]:
     """An owner rank for every module: the costliest solve first, each onto the rank with the least work so
     far (ties: the lower rank). Deterministic, so every rank computes the same owners without talking."""

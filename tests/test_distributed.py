@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.distributed import LOST_CONTACT, Distributed, balance_owners
+from compressor.distributed import LOST_CONTACT, Distributed, RowSample, balance_owners
 from compressor.recipe import Recipe
 from compressor.resume import Commits, ResumeError, fingerprint
 
@@ -81,6 +81,25 @@ def test_the_samples_are_split_into_disjoint_shares_that_cover_them_all():
     assert torch.equal(torch.cat(shares), rows)
     assert [len(s) for s in shares] == [3, 2, 2]
     assert Distributed().shard(rows) is rows
+
+
+def test_the_ranks_row_samples_add_up_to_the_single_process_sample():
+    """Every ``every``-th row of all ranks' rows, at most ``size``: each rank fills its own rows' positions, fed in
+    uneven pieces (calibration batches), and the sum over ranks is the single process's sample exactly."""
+    rows = torch.randn(23, 5)
+    for every, size in ((1, 23), (3, 8), (3, 5), (4, 2)):
+        single = RowSample(0, every, size)
+        single.add(rows)
+        assert torch.equal(single.rows, rows[::every][:size])
+        total = torch.zeros(size, 5)
+        first = 0
+        for share in rows.tensor_split(3):
+            sample = RowSample(first, every, size)
+            for piece in share.tensor_split(2):
+                sample.add(piece)
+            total += sample.rows
+            first += len(share)
+        assert torch.equal(total, single.rows)
 
 
 def test_resume_refuses_a_changed_fingerprint_in_one_line_naming_it(tmp_path, tiny_llama, calibration_file):
@@ -230,6 +249,10 @@ def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, t
             ]
             assert choices[0] and choices[1] == choices[0], choices
     if "refine: greedy" in step:  # the greedy swaps are the single process's
+        refined = [
+            (row["logit_error_sorted"], row["logit_error_refined"]) for row in single if "logit_error_sorted" in row
+        ]
+        assert any(after < before for before, after in refined), refined  # it swapped
         perms = [buffers(tmp_path / run, "k_perm") for run in ("one", "two")]
         assert len(perms[0]) == 2 and all(torch.equal(perms[0][name], perms[1][name]) for name in perms[0])
 

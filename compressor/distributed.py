@@ -17,15 +17,18 @@ step that declares nothing refuses ``--nproc > 1`` before any work):
   correlations, TransMLA's key/value Grams) are
   reduced to the module's owner (``solve_owned``), which solves and broadcasts the result; owners are
   balanced by solve cost (``balance_owners``, longest solve first onto the least loaded rank) so the solves
-  run in parallel;
+  run in parallel; small sums every rank needs (AWQ's mean |x| and per-alpha errors) are all-reduced;
 * ``"gradients"``: a trained block (Block-AP, QLLM's error correction: ``training.train_block``) and the whole
   model (E2E-QP, SwiftKV, TransMLA's healing: ``distill.train_end_to_end``) take the single process's steps over
   every rank's samples (``rows_of_everyone``): each rank runs the samples of a step it holds, weighted by their
   share of the step, and the gradients are summed (``sum_gradients``), as are the losses and held-out losses
   (``all_reduce_sum``), so all ranks take the same optimizer steps and keep the same state;
 * ``"ranges"``: per-channel statistics every rank needs whole (BFP's K-sort: sums of squares and maxima of the
-  keys; QLLM's channel magnitudes) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank
-  computes the same result;
+  keys; QLLM's channel magnitudes; the FP8 KV cache's maxima) are all-reduced (``all_reduce_sum``,
+  ``all_reduce_max``), and every rank computes the same result;
+* a sample of tokens that a search runs on (AWQ's clip search, BFP's greedy refinement) travels as a
+  ``RowSample``: each rank fills its own tokens' rows of a zero buffer, and the sum over ranks (to an owner, or
+  to all) is the single process's sample exactly;
 * data-free steps (RTN) need no declaration: every rank computes the same block.
 
 Only rank 0 writes the checkpoint. Every collective counts the bytes it moved (``bytes_moved``).

@@ -17,15 +17,18 @@ step that declares nothing refuses ``--nproc > 1`` before any work):
   correlations, TransMLA's key/value Grams) are
   reduced to the module's owner (``solve_owned``), which solves and broadcasts the result; owners are
   balanced by solve cost (``balance_owners``, longest solve first onto the least loaded rank) so the solves
-  run in parallel;
+  run in parallel; small sums every rank needs (AWQ's mean |x| and per-alpha errors) are all-reduced;
 * ``"gradients"``: a trained block (Block-AP, QLLM's error correction: ``training.train_block``) and the whole
   model (E2E-QP, SwiftKV, TransMLA's healing: ``distill.train_end_to_end``) take the single process's steps over
   every rank's samples (``rows_of_everyone``): each rank runs the samples of a step it holds, weighted by their
   share of the step, and the gradients are summed (``sum_gradients``), as are the losses and held-out losses
   (``all_reduce_sum``), so all ranks take the same optimizer steps and keep the same state;
 * ``"ranges"``: per-channel statistics every rank needs whole (BFP's K-sort: sums of squares and maxima of the
-  keys; QLLM's channel magnitudes) are all-reduced (``all_reduce_sum``, ``all_reduce_max``), and every rank
-  computes the same result;
+  keys; QLLM's channel magnitudes; the FP8 KV cache's maxima) are all-reduced (``all_reduce_sum``,
+  ``all_reduce_max``), and every rank computes the same result;
+* a sample of tokens that a search runs on (AWQ's clip search, BFP's greedy refinement) travels as a
+  ``RowSample``: each rank fills its own tokens' rows of a zero buffer, and the sum over ranks (to an owner, or
+  to all) is the single process's sample exactly;
 * data-free steps (RTN) need no declaration: every rank computes the same block.
 
 Only rank 0 writes the checkpoint. Every collective counts the bytes it moved (``bytes_moved``).
@@ -287,6 +290,27 @@ class Distributed:
                         row.setdefault("owner", owners[name])
                 report.rows.extend(added)
         return results
+
+
+class RowSample:
+    """Rows ``0, every, 2 every, ..`` (at most ``size``) of every rank's rows together in rank order (``shard``'s
+    order: the single process's), as one [size, C] tensor. Each rank fills the positions of its own rows
+    (``first``: the index among all of its first row, from ``rows_of_everyone``) and leaves zeros elsewhere, so
+    the sum over ranks (``all_reduce_sum``, or ``reduce_sum`` to an owner) is exactly the single process's sample:
+    a sample of tokens that a search is run on (AWQ's clip search, BFP's greedy refinement) travels this way."""
+
+    def __init__(self, first: int, every: int, size: int):
+        self.next, self.every, self.size = first, every, size
+        self.rows: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        """This rank's next rows [n, C], in order."""
+        if self.rows is None:
+            self.rows = torch.zeros(self.size, rows.shape[-1], device=rows.device)
+        index = torch.arange(self.next, self.next + len(rows), device=rows.device)
+        kept = (index % self.every == 0) & (index // self.every < self.size)
+        self.rows[index[kept] // self.every] = rows[kept].float()
+        self.next += len(rows)
 
 
 def balance_owners(costs: dict[str, float], world_size: int) -> dict[str, int]:

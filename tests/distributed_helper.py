@@ -1,6 +1,7 @@
-"""``python -m tests.distributed_helper apply ...``: the ``compressor`` command with one more step, ``die_at``,
-which SIGKILLs the rank that ``COMPRESSOR_TEST_DIE=RANK:BLOCK`` names when it reaches that block, or hangs the
-one ``COMPRESSOR_TEST_HANG=RANK:BLOCK`` names; ``COMPRESSOR_TEST_DIE_STEP=RANK:STEP`` SIGKILLs that rank as it
+"""``python -m tests.distributed_helper apply ...``: the ``compressor`` command with two more steps:
+``undistributed`` (a data-dependent step without ``distributes``) and ``die_at``, which SIGKILLs the rank
+that ``COMPRESSOR_TEST_DIE=RANK:BLOCK`` names when it reaches that block, or hangs the one
+``COMPRESSOR_TEST_HANG=RANK:BLOCK`` names; ``COMPRESSOR_TEST_DIE_STEP=RANK:STEP`` SIGKILLs that rank as it
 starts training step STEP (counted from 1) of ``distill.train_end_to_end``, which then commits after every step
 (test only)."""
 
@@ -29,7 +30,18 @@ class DieAt(Step):
             time.sleep(3600)
 
 
-compressor.recipe.shipped_catalogue = compressor.recipe.catalogue  # the live catalogue knows die_at
+@register_step("undistributed")
+@dataclass
+class Undistributed(Step):
+    """Test only: a data-dependent step that declares no way to distribute, so it refuses --nproc > 1."""
+
+    note: str = param("", "unused")
+
+    def compress_block(self, context) -> None:
+        pass
+
+
+compressor.recipe.shipped_catalogue = compressor.recipe.catalogue  # the live catalogue knows die_at, undistributed
 
 
 def die_in_training(rank_and_step: str) -> None:

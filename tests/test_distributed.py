@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.distributed import LOST_CONTACT, Distributed, balance_owners
+from compressor.distributed import LOST_CONTACT, Distributed, RowSample, balance_owners
 from compressor.recipe import Recipe
 from compressor.resume import Commits, ResumeError, fingerprint
 
@@ -83,6 +83,25 @@ def test_the_samples_are_split_into_disjoint_shares_that_cover_them_all():
     assert Distributed().shard(rows) is rows
 
 
+def test_the_ranks_row_samples_add_up_to_the_single_process_sample():
+    """Every ``every``-th row of all ranks' rows, at most ``size``: each rank fills its own rows' positions, fed in
+    uneven pieces (calibration batches), and the sum over ranks is the single process's sample exactly."""
+    rows = torch.randn(23, 5)
+    for every, size in ((1, 23), (3, 8), (3, 5), (4, 2)):
+        single = RowSample(0, every, size)
+        single.add(rows)
+        assert torch.equal(single.rows, rows[::every][:size])
+        total = torch.zeros(size, 5)
+        first = 0
+        for share in rows.tensor_split(3):
+            sample = RowSample(first, every, size)
+            for piece in share.tensor_split(2):
+                sample.add(piece)
+            total += sample.rows
+            first += len(share)
+        assert torch.equal(total, single.rows)
+
+
 def test_resume_refuses_a_changed_fingerprint_in_one_line_naming_it(tmp_path, tiny_llama, calibration_file):
     recipe = Recipe.from_yaml(write_recipe(tmp_path, calibration_file, GPTQ))
     first = Commits(tmp_path, fingerprint(recipe, tiny_llama, 2), Distributed())
@@ -118,11 +137,13 @@ def test_a_refused_resume_keeps_the_interrupted_runs_commits(tmp_path, tiny_llam
 
 
 def test_a_step_that_cannot_distribute_refuses_before_any_process_starts(tmp_path, tiny_llama, calibration_file):
-    recipe = write_recipe(tmp_path, calibration_file, "  - awq: {bits: 4}\n")
-    result = run("-m", "compressor", "apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out"), "--nproc", "2")
+    """Every shipped data-dependent step distributes; the test helper's ``undistributed`` step declares nothing."""
+    recipe = write_recipe(tmp_path, calibration_file, "  - undistributed: {}\n")
+    arguments = ["-m", "tests.distributed_helper", "apply", str(recipe), str(tiny_llama), "-o", str(tmp_path / "out")]
+    result = run(*arguments, "--nproc", "2")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "steps[0].awq" in lines[0] and "several processes" in lines[0]
+    assert len(lines) == 1 and "steps[0].undistributed" in lines[0] and "several processes" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -179,9 +200,15 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
         "  - modegpt: {ratio: 0.3, modules: [qk, vo, mlp]}\n",
         "  - transmla: {kv_cache_ratio: 0.25}\n  - transmla_heal: {epochs: 2, lr: 1.0e-3, batch_size: 2}\n",
         "  - swiftkv: {epochs: 2, lr: 1.0e-3, batch_size: 2}\n",
+        "  - awq: {bits: 3, group_size: 32, alphas: 10}\n  - rtn: {bits: 3, group_size: 32}\n",
+        "  - fp8_kv: {}\n",
+        "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, refine: greedy, refine_trials: 200}\n",
     ],
-    ids=["squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp", "qllm", "modegpt", "transmla", "swiftkv"],
-)
+    ids=[
+        "squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp", "qllm", "modegpt", "transmla", "swiftkv",
+        "awq", "fp8_kv", "bfp_greedy",
+    ],
+)  # fmt: skip
 def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, tiny_llama, calibration_file, step):
     """SqueezeLLM (Fisher sums to owners), Block-AP, E2E-QP, SwiftKV and TransMLA's healing (gradients over
     ranks), BFP's K-sort (all-reduced key statistics), QLLM (all-reduced channel ranges, gradients), MoDeGPT and
@@ -212,6 +239,33 @@ def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, t
     for name, (modules, ranks) in expected.items():
         if f"- {name}:" in step:
             assert set(owners) == modules and set(owners.values()) == ranks, owners
+    single, double = (json.loads((tmp_path / run / "report.json").read_text())["modules"] for run in ("one", "two"))
+    chosen = {"awq": ("alpha", "mean_clip"), "fp8_kv": ("k_scale", "v_scale")}  # every rank chooses as one process
+    for name, keys in chosen.items():
+        if f"- {name}:" in step:
+            choices = [
+                [(row["module"], key, row[key]) for row in rows for key in keys if key in row]
+                for rows in (single, double)
+            ]
+            assert choices[0] and choices[1] == choices[0], choices
+    if "refine: greedy" in step:  # the greedy swaps are the single process's
+        refined = [
+            (row["logit_error_sorted"], row["logit_error_refined"]) for row in single if "logit_error_sorted" in row
+        ]
+        assert any(after < before for before, after in refined), refined  # it swapped
+        perms = [buffers(tmp_path / run, "k_perm") for run in ("one", "two")]
+        assert len(perms[0]) == 2 and all(torch.equal(perms[0][name], perms[1][name]) for name in perms[0])
+
+
+def buffers(model: Path, suffix: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {
+        name: tensor
+        for shard in model.glob("*.safetensors")
+        for name, tensor in load_file(shard).items()
+        if name.endswith(suffix)
+    }
 
 
 @pytest.mark.slow

@@ -15,7 +15,10 @@ norm's gain and bias (or the previous linear's rows and bias) divided by s, the 
 multiplied by s, so the block in full precision computes the same function. Then (``clip``) every linear
 but q and k (their error passes through the softmax; the official code skips them too) gets per-group
 ranges shrunk by the factor of ``1, 0.95, .., 0.55`` that minimises the group's output error on 512
-tokens sampled evenly from the calibration inputs, and its weights are clamped to that range.
+tokens sampled evenly from the calibration inputs (every ``tokens // 512``-th of them all, in order), and its
+weights are clamped to that range. On several processes every rank runs the block on its share of the samples:
+mean |x| and each alpha's error are all-reduced sums, and the 512 tokens meet at each linear's owner, so the
+choices are the single process's (up to the order of float sums).
 
 The step only changes fp weights and norms: the quantizer after it in the recipe (``rtn``, ``gptq``,
 ``efficientqat_block_ap``, ...) does the rounding, and rounds clamped weights onto exactly the ranges
@@ -39,6 +42,7 @@ from torch import nn
 
 from compressor.arch import attention_geometry, linear_channel_links, norm_linear_groups
 from compressor.blockwise import InputHooks, first_output
+from compressor.distributed import RowSample
 from compressor.quant.uniform import check_group_size, grouped, minmax_params, quantize_codes
 from compressor.step import Step, param, register_step
 from compressor.weights.values import UniformWeight
@@ -264,6 +268,12 @@ class PointRecorder:
 
         return catch
 
+    def reduce(self, distributed) -> None:
+        """Every rank's sums and token counts added (several processes): the means are over all the tokens."""
+        for path in dict.fromkeys(point.linears[0] for point in self.points):
+            distributed.all_reduce_sum(self.sums[path])
+            self.tokens[path] = int(distributed.all_reduce_sum(torch.tensor([self.tokens[path]], dtype=torch.float64)))
+
     def mean_abs(self, point: ScalePoint) -> torch.Tensor:
         first = point.linears[0]
         return point.before_statistic(self.sums[first] / self.tokens[first])
@@ -274,18 +284,16 @@ class PointRecorder:
 
 
 class InputSampler(InputHooks):
-    """While the block runs: every ``every``-th token of each named linear's input."""
+    """While the block runs: tokens ``0, every, 2 every, ..`` (at most ``CLIP_TOKENS``) of each named linear's input
+    over all the calibration tokens, as ``distributed.RowSample``s (this rank's positions filled: summed over ranks,
+    the single process's sample)."""
 
-    def __init__(self, block: nn.Module, names: list[str], every: int):
+    def __init__(self, block: nn.Module, names: list[str], make_sample):
         super().__init__(block, names)
-        self.every = every
-        self.samples: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        self.samples = {name: make_sample() for name in names}
 
     def catch(self, name: str, x: torch.Tensor) -> None:
-        self.samples[name].append(x.reshape(-1, x.shape[-1])[:: self.every].float())
-
-    def tokens(self, name: str) -> torch.Tensor:
-        return torch.cat(self.samples[name])[:CLIP_TOKENS]
+        self.samples[name].add(x.reshape(-1, x.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,6 +309,9 @@ class AWQ(Step):
     # the families whose norms are plain per-channel gains and whose v_proj / up_proj feed o_proj / down_proj
     # channel for channel (tested on each); Gemma's (1 + w) norms, fused and MoE projections are not folded yet
     families = ("llama", "mistral", "qwen2", "qwen3")
+    # several processes: mean |x| and each alpha's output error are sums over tokens, all-reduced (every rank keeps
+    # the same alpha); each linear's clip-search tokens are summed to its owner, which searches (distributed.py)
+    distributes = "sums"
 
     bits: int = param(4, "bits of the quantizer that follows (the search rounds on its grid)", choices=range(2, 9))
     group_size: int = param(128, "group size of the quantizer that follows; -1 for one per output row")
@@ -333,6 +344,7 @@ class AWQ(Step):
         rounded = context.linears(self.ignore)  # the linears the quantizer after will round
         with torch.no_grad(), PointRecorder(block, points) as recorder:
             context.forward()
+        recorder.reduce(context.run.distributed)
         for point in points:
             self.search_and_fold(context, recorder, point, [name for name in point.linears if name in rounded])
         del recorder
@@ -348,16 +360,20 @@ class AWQ(Step):
         statistic = recorder.mean_abs(point)
         with torch.no_grad():
             reference = recorder.replay(point)
-            losses = []
+            errors = []  # per alpha: squared error summed over this rank's tokens
             for step in range(self.alphas):
                 columns = point.consumer_scale(awq_scale(statistic, step / self.alphas))
                 for name, linear in linears.items():
                     scaled = originals[name].float() * columns
                     quantized = fake_quantize(scaled, self.bits, self.group_size, self.symmetric, context.scale_dtype)
                     linear.weight.copy_(quantized / columns)
-                losses.append(mean_squared_error(recorder.replay(point), reference))
+                errors.append(squared_error(recorder.replay(point), reference))
             for name, linear in linears.items():
                 linear.weight.copy_(originals[name])
+        # several processes: the sums over every rank's tokens, so every rank keeps the same alpha
+        errors.append(sum(target.numel() for target in reference))
+        errors = context.run.distributed.all_reduce_sum(torch.tensor(errors, dtype=torch.float64)).tolist()
+        losses = [error / errors[-1] for error in errors[:-1]]
         best = min(range(self.alphas), key=losses.__getitem__)
         fold_scale(block, point, awq_scale(statistic, best / self.alphas))
         context.record(point.before, alpha=best / self.alphas, mse_unscaled=losses[0], mse_scaled=losses[best])
@@ -369,20 +385,38 @@ class AWQ(Step):
     def clip_ranges(self, context: BlockContext, names: list[str]) -> None:
         if not names:
             return
-        total = sum(x.shape[:-1].numel() for x in context.inputs)
-        with torch.no_grad(), InputSampler(context.block, names, max(1, total // CLIP_TOKENS)) as sampler:
+        distributed = context.run.distributed
+        total, first = distributed.rows_of_everyone(sum(x.shape[:-1].numel() for x in context.inputs))
+        every = max(1, total // CLIP_TOKENS)
+        size = min(CLIP_TOKENS, -(-total // every))
+        with torch.no_grad(), InputSampler(context.block, names, lambda: RowSample(first, every, size)) as sampler:
             context.forward()
-        for name in names:
-            linear = context.block.get_submodule(name)
-            weight = linear.weight.detach()
+
+        def search(name: str) -> torch.Tensor:
+            weight = context.block.get_submodule(name).weight.detach()
             clip = search_clip(
-                weight, sampler.tokens(name), self.bits, self.group_size, self.symmetric, context.scale_dtype
+                weight, sampler.samples[name].rows, self.bits, self.group_size, self.symmetric, context.scale_dtype
             )
-            with torch.no_grad():
-                linear.weight.copy_(clamp_to_clipped_range(weight, clip, self.group_size, self.symmetric))
             context.record(name, mean_clip=float(clip.mean()), clipped_groups=float((clip < 1).float().mean()))
+            return clip
+
+        @torch.no_grad()
+        def clamp(name: str, clip: torch.Tensor) -> None:
+            weight = context.block.get_submodule(name).weight
+            weight.copy_(clamp_to_clipped_range(weight.detach(), clip, self.group_size, self.symmetric))
+
+        # several processes: each linear's token sample is summed to its owner (each rank filled its own tokens'
+        # rows), which searches the ranges; every rank clamps with them
+        distributed.solve_owned(
+            {name: [sampler.samples[name].rows] for name in names},
+            {name: context.block.get_submodule(name).weight.numel() for name in names},
+            search,
+            context.run.report,
+            context.prefix,
+            context.device,
+            install=clamp,
+        )
 
 
-def mean_squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    total = sum(float((output - target).square().sum()) for output, target in zip(outputs, reference))
-    return total / sum(target.numel() for target in reference)
+def squared_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return sum(float((output - target).square().sum()) for output, target in zip(outputs, reference))

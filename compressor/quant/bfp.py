@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from compressor.arch import attention_geometry, projection_weight
+from compressor.distributed import RowSample
 from compressor.kvcache.bfp import SCOPES, BFPCacheSpec
 from compressor.step import Step, param, register_step
 from compressor.weights.values import BFP_BLOCK_SIZES, BFP_MANTISSA_BITS, BFP_ROUNDING, BFPWeight, bfp_quantize
@@ -181,7 +182,16 @@ class KeyRecorder:
 
     def reduce(self, distributed) -> None:
         """Every rank's statistics (several processes, ``compressor/distributed.py``): sums add, maxima take the
-        largest, so each rank sorts the channels as one process over all the tokens would."""
+        largest, so each rank sorts the channels as one process over all the tokens would. With the queries
+        recorded (``refine: greedy``), their sums of squares add too, and the key sample becomes the single
+        process's (the first ``sample_tokens`` of all the tokens, each rank's rows in place), so every rank's
+        greedy search makes the single process's swaps."""
+        if self.query_squares is not None:
+            total, first = distributed.rows_of_everyone(self.tokens)
+            sample = RowSample(first, 1, min(self.sample_tokens, total))
+            sample.add(torch.cat(self.sample))
+            self.sample = [distributed.all_reduce_sum(sample.rows)]
+            distributed.all_reduce_sum(self.query_squares)
         distributed.all_reduce_sum(self.sum_squares)
         distributed.all_reduce_max(self.absmax)
         self.tokens = int(distributed.all_reduce_sum(torch.tensor([self.tokens], dtype=torch.float64)))
@@ -246,6 +256,10 @@ def record_calibration_keys(
 class BFP(Step):
     """Block floating point: a BFP KV cache with K-sort (keys grouped by channel magnitude), and/or BFP weights."""
 
+    # several processes: key-channel sums and maxima (and, for refine: greedy, the query energies and the key
+    # sample the search runs on) are all-reduced (KeyRecorder.reduce); every rank computes the same order
+    distributes = "ranges"
+
     k_bits: int | None = param(
         4,
         "key mantissa bits (sign included) of the BFP KV cache; null: the cache stays unquantized",
@@ -283,9 +297,6 @@ class BFP(Step):
 
     def __post_init__(self):
         self.needs_calibration = self.k_bits is not None and (self.ksort.startswith("act") or self.refine == "greedy")
-        # several processes: key-channel sums and maxima are all-reduced (KeyRecorder.reduce); the greedy
-        # refinement searches each rank's own sample of keys, so it does not distribute
-        self.distributes = None if self.refine == "greedy" else "ranges"
 
     def check(self) -> None:
         if self.k_bits is None and self.weight_bits is None:

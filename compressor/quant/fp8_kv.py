@@ -62,6 +62,7 @@ class FP8KVCache(Step):
     quantize_fresh: bool = param(True, "tokens of the current forward (the prompt) attend to their own FP8 entries")
 
     declares_kv_cache = True
+    distributes = "ranges"  # several processes: the key and value maxima are all-reduced (max)
 
     @property
     def cache_spec(self) -> FP8CacheSpec:
@@ -78,6 +79,10 @@ class FP8KVCache(Step):
         if context.index == 0:
             context.declare_kv_cache(self.cache_spec)
         recorder = record_kv(context.block, context.inputs, context.block_kwargs)
+        amax = context.run.distributed.all_reduce_max(
+            torch.tensor([recorder.amax["k"], recorder.amax["v"]], dtype=torch.float64)
+        )
+        recorder.amax = dict(zip(("k", "v"), amax.tolist()))
         numbers = {}
         for name in ("k", "v"):
             scale = torch.tensor([max(recorder.amax[name], 1e-12) / E4M3_MAX], dtype=torch.float32)

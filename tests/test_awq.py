@@ -23,13 +23,7 @@ from compressor.quant.awq import (
 from compressor.quant.uniform import minmax_params, quantize_codes, quantize_uniform
 from compressor.testing import ARCHITECTURES
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe(calibration_file, *steps):

@@ -19,15 +19,7 @@ from compressor.quant.uniform import minmax_params, quantize_codes, quantize_uni
 from compressor.recipe import RecipeError
 from compressor.weights.values import UniformWeight
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-threaded: these matrices are too small to gain from threads, and on two shared cores two threads
-    made this file ~20x slower (80 s against 4 s); the setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(tokens: int, k: int, seed: int) -> torch.Tensor:

@@ -17,13 +17,7 @@ from compressor.quant.codebook import assign
 from compressor.quant.gptq import add_to_hessian, hessian, refit_rows, weighted_output_error
 from compressor.quant.lut_gptq import lut_gptq_quantize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_hessian(k: int, seed: int) -> torch.Tensor:

@@ -130,7 +130,7 @@ def test_all_policy_shows_every_token_to_every_expert_without_changing_outputs(m
     assert seen == [9] * 4 and sum(routed_seen) == 9 * 2 and counts.sum() == 9 * 2
 
 
-@pytest.mark.parametrize("step", [{"modegpt": {}}, {"swiftkv": {}}, {"transmla": {}}])
+@pytest.mark.parametrize("step", [{"swiftkv": {}}, {"transmla": {}}])
 def test_structural_methods_refuse_moe_before_any_work(moe_models, step, tmp_path):
     recipe = Recipe.from_dict({"steps": [step]})
     with pytest.raises(UserError, match="is not one of them \\(mixture-of-experts MLPs"):

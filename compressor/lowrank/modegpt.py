@@ -11,6 +11,11 @@ scores every block of the original model first (``context.original_block``), all
 each block on the inputs of the already-compressed blocks before it. Exports ``sliced`` (per-layer
 widths, ``arch/modegpt/modeling_modegpt.py`` shipped) or ``masked`` (zero-padded stock shapes).
 
+Mixture-of-experts models (Mixtral, Qwen2/3-MoE, DeepSeek-V3): Type I on every gated MLP of a block, each
+routed expert on exactly its routed tokens (``moe.RoutedExperts``), shared experts and dense MLPs alike;
+attention left whole; ``masked`` only (a MoE config has one expert width); an expert no calibration token
+reached is left whole and named in a warning. A natural extension, not in the paper.
+
 Defaults: ``modules: [vo, mlp]``, i.e. query-key compression off, a deviation from the paper (it
 measured worse than plain truncated SVD on the demo; ``[qk, vo, mlp]`` is the paper). Other choices:
 ridge ``1e-2 * mean diag`` (scale-free); the refit ``W_S + W_R C[R,S] C[S,S]^-1`` (exact at full keep);

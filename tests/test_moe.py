@@ -506,6 +506,10 @@ def test_modegpt_names_experts_no_token_reached_and_leaves_them_whole(moe_models
     )
     (block,) = [row for row in report.rows if row["module"] == "model.layers.1.block"]
     assert block["left_whole"] == len(unseen)
+    recipe.calibration.expert_calibration = "all"  # every expert sees every token, for statistics
+    report = apply(recipe, moe_models["deepseek_v3"], tmp_path / "all", progress=False)
+    assert not [w for w in report.warnings if "modegpt left" in w]
+    assert [row["left_whole"] for row in report.rows if row["module"].endswith(".block")] == [0, 0]
 
 
 def test_modegpt_sliced_export_of_a_moe_is_refused_in_one_line(moe_models, calibration_file, tmp_path):

@@ -512,8 +512,14 @@ def test_modegpt_names_experts_no_token_reached_and_leaves_them_whole(moe_models
     assert [row["left_whole"] for row in report.rows if row["module"].endswith(".block")] == [0, 0]
 
 
-def test_modegpt_sliced_export_of_a_moe_is_refused_in_one_line(moe_models, calibration_file, tmp_path):
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"export": "sliced"}, "moe_intermediate_size"), ({"modules": ["vo"]}, "steps[0].modegpt.modules: ['vo'] leaves")],
+)
+def test_modegpt_sliced_export_of_a_moe_is_refused_in_one_line(
+    moe_models, calibration_file, settings, message, tmp_path
+):
     with pytest.raises(UserError) as error:
-        apply(modegpt_on(calibration_file, export="sliced"), moe_models["qwen3_moe"], tmp_path / "out", progress=False)
-    assert "steps[0].modegpt" in str(error.value) and "moe_intermediate_size" in str(error.value)
+        apply(modegpt_on(calibration_file, **settings), moe_models["qwen3_moe"], tmp_path / "out", progress=False)
+    assert "steps[0].modegpt" in str(error.value) and message in str(error.value)
     assert "\n" not in str(error.value) and not (tmp_path / "out").exists()

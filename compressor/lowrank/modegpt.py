@@ -493,6 +493,8 @@ class ModeGPT(Step):
                     f"({experts.intermediate_size}), so per-expert widths cannot load in stock transformers; use "
                     "export: masked"
                 )
+            if "mlp" not in self.modules:
+                raise ValueError(f"modules: {self.modules} leaves nothing of a mixture-of-experts model (add mlp)")
             width = getattr(config, experts.intermediate_size)
             if self.round_to > width:
                 raise ValueError(f"round_to: {self.round_to} does not fit this model (expert width {width})")
@@ -687,8 +689,6 @@ class ModeGPT(Step):
         if bad:
             raise ValueError(f"skip_layers: {bad} are not blocks of this model (0..{context.num_blocks - 1})")
         notes = ["mixture-of-experts model: attention left whole, every expert, shared expert and dense MLP by Type I"]
-        if "mlp" not in self.modules:
-            raise ValueError(f"modules: {self.modules} leaves nothing of a mixture-of-experts model (add mlp)")
         survey = []
         importance = self.block_importances(context, survey)
         hidden = context.config.hidden_size

@@ -523,3 +523,14 @@ def test_modegpt_sliced_export_of_a_moe_is_refused_in_one_line(
         apply(modegpt_on(calibration_file, **settings), moe_models["qwen3_moe"], tmp_path / "out", progress=False)
     assert "steps[0].modegpt" in str(error.value) and message in str(error.value)
     assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_modegpt_then_rtn_on_experts_exports_compressed_tensors_that_load_alike(moe_models, calibration_file, tmp_path):
+    """The masked experts keep stock shapes, so a quantizer after modegpt quantizes every expert linear and the
+    compressed-tensors export loads in transformers with our loader's logits."""
+    recipe = calibrated(
+        calibration_file, {"modegpt": {"export": "masked", "ratio": 0.3}}, {"rtn": {"bits": 4, "group_size": 32}}
+    )
+    apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    loads_alike(tmp_path / "out", expert_linear_count(config, "qwen2_moe"))

@@ -5,7 +5,7 @@ intermediate activations over the tokens routed to it (calibration text, the ori
 keeps ``--keep`` of its neurons three ways: MoDeGPT's Type I (``compressor.lowrank.modegpt.nystrom_mlp``: ridge
 leverage scores, ``down`` refitted in closed form), the same neurons without the refit, and the neurons of most
 energy (``diag C``) without the refit. Scored as ``benchmarks/quality.py`` scores (held-out windows, mean
-per-token KL from the original model). The ``modegpt`` step refuses MoE models today (one line, before any work).
+per-token KL from the original model). The ``modegpt`` step does the first (``export: masked``) on MoE models.
 
     PYTHONPATH=. python -P benchmarks/modegpt_experts_probe.py --model demo-moe --keep 96 --keep 64
     PYTHONPATH=. python -P benchmarks/modegpt_experts_probe.py --model /work/second-moe/model \
@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from compressor.calibration import calibration_tokens
 from compressor.eval import evaluate, heldout_stream, make_windows
-from compressor.lowrank.modegpt import nystrom_mlp, ridge_leverage_scores
+from compressor.lowrank.modegpt import down_correlations, nystrom_mlp, ridge_leverage_scores
 from compressor.model import ModelHandle
 from compressor.moe import RoutedExperts
 from compressor.recipe import Recipe
@@ -36,20 +36,11 @@ from compressor.recipe import Recipe
 
 def expert_correlations(model, tokens: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
     """(layer, expert) -> the sum of z z^T over the tokens routed to the expert (z: its down projection's input)."""
-    stats, hooks = {}, []
-    for li, layer in enumerate(m for m in model.modules() if isinstance(m, RoutedExperts)):
-        for ei, expert in enumerate(layer):
-
-            def hook(module, args, key=(li, ei)):
-                z = args[0].reshape(-1, args[0].shape[-1]).double()
-                stats[key] = stats.get(key, 0) + z.T @ z
-
-            hooks.append(expert.projections()[2].register_forward_pre_hook(hook))
-    with torch.no_grad():
+    layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    downs = {(li, ei): expert.projections()[2] for li, layer in enumerate(layers) for ei, expert in enumerate(layer)}
+    with torch.no_grad(), down_correlations(downs) as stats:
         for batch in tokens.split(4):
             model(batch)
-    for hook in hooks:
-        hook.remove()
     return stats
 
 

@@ -130,7 +130,7 @@ def test_all_policy_shows_every_token_to_every_expert_without_changing_outputs(m
     assert seen == [9] * 4 and sum(routed_seen) == 9 * 2 and counts.sum() == 9 * 2
 
 
-@pytest.mark.parametrize("step", [{"modegpt": {}}, {"swiftkv": {}}, {"transmla": {}}])
+@pytest.mark.parametrize("step", [{"swiftkv": {}}, {"transmla": {}}])
 def test_structural_methods_refuse_moe_before_any_work(moe_models, step, tmp_path):
     recipe = Recipe.from_dict({"steps": [step]})
     with pytest.raises(UserError, match="is not one of them \\(mixture-of-experts MLPs"):
@@ -392,3 +392,145 @@ def test_calibrated_gptq_from_a_fused_checkpoint_equals_it_from_per_expert_tenso
     apply(recipe, moe_models["deepseek_v3"], tmp_path / "per_expert", progress=False)
     ours, theirs = stored_tensors(tmp_path / "fused"), stored_tensors(tmp_path / "per_expert")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+# MoDeGPT per expert (Type I on each expert's routed tokens; masked export)
+
+CALIBRATION = {"dataset": "demo", "samples": 16, "seq_len": 128, "seed": 0}
+
+
+def modegpt_on(calibration_file, samples=8, **settings):
+    return Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": samples, "seq_len": 32},
+            "steps": [{"modegpt": {"export": "masked", **settings}}],
+        }
+    )
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_modegpt_on_experts_is_exact_at_full_width_and_its_masked_export_loads_alike(
+    moe_models, arch, calibration_file, tmp_path
+):
+    """Ratio 0: every expert, shared expert and dense MLP goes through the Nystrom refit keeping every neuron, which
+    is exact. Ratio 0.3: stock transformers loads the masked export (stock shapes) with our loader's logits."""
+    original = AutoModelForCausalLM.from_pretrained(moe_models[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = original(tokens(3)).logits
+    if arch in ("mixtral", "deepseek_v3"):
+        apply(modegpt_on(calibration_file, ratio=0.0), moe_models[arch], tmp_path / "zero", progress=False)
+        whole = AutoModelForCausalLM.from_pretrained(tmp_path / "zero", dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(whole(tokens(3)).logits, expected, rtol=0, atol=1e-5)
+    report = apply(modegpt_on(calibration_file, ratio=0.3), moe_models[arch], tmp_path / "out", progress=False)
+    (total,) = [row for row in report.rows if row["module"].endswith(".blocks")]
+    assert abs(total["removed"] - 0.3) < 0.02
+    compressed = loads_alike(tmp_path / "out", expected_quantized=0)
+    with torch.no_grad():
+        assert (compressed(tokens(3)).logits - expected).abs().max() > 1e-3  # neurons went
+    stored = stored_tensors(tmp_path / "out")
+    gates = {n: t for n, t in stored.items() if ".experts." in n and n.endswith((".w1.weight", ".gate_proj.weight"))}
+    assert gates and all(bool((t == 0).all(dim=-1).any()) for t in gates.values())  # dropped neurons: zero rows
+
+
+def test_modegpt_plan_counts_experts_shared_experts_and_dense_layers(moe_models, calibration_file, tmp_path):
+    report = apply(modegpt_on(calibration_file, ratio=0.2), moe_models["deepseek_v3"], tmp_path / "out", progress=False)
+    (total,) = [row for row in report.rows if row["module"].endswith(".blocks")]
+    config = MOE_ARCHITECTURES["deepseek_v3"]  # 2 layers: the first dense, the second 8 routed + 1 shared
+    assert (total["moe_layers"], total["dense_layers"]) == (1, 1)
+    assert (total["experts"], total["shared_experts"]) == (config["n_routed_experts"], 1)
+    blocks = [row for row in report.rows if row["module"].endswith(".block")]
+    assert [row["mlps"] for row in blocks] == [1, config["n_routed_experts"] + 1]
+    assert "attention left whole" in total["note"]
+
+
+def test_modegpt_at_half_width_beats_dropping_the_same_neurons_per_expert():
+    """demo-moe (trained): half of every expert's neurons, chosen by ridge leverage on the expert's routed
+    calibration tokens; the refit of ``down`` gives a lower KL from the original model on held-out text than
+    dropping the same neurons (the probe, benchmarks/results/moe/modegpt-experts-probe.md: 29x at 32 x 512)."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from compressor.calibration import calibration_tokens
+    from compressor.eval import heldout_stream, make_windows
+    from compressor.lowrank.modegpt import down_correlations, mask_neurons, mlp_units, nystrom_mlp
+
+    handle = ModelHandle.open("demo-moe")
+    model = handle.materialize_all("cpu", torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(handle.path)
+    blocks = model.get_submodule(handle.adapter.blocks)
+    units = {(i, p): linears for i, b in enumerate(blocks) for p, (_, linears) in mlp_units(handle.adapter, b).items()}
+    calibration = calibration_tokens(
+        tokenizer, Recipe.from_dict({"calibration": CALIBRATION, "steps": [{"rtn": {}}]}).calibration
+    )
+    with torch.no_grad(), down_correlations({key: linears[2] for key, linears in units.items()}) as stats:
+        for batch in calibration.split(8):
+            model(batch)
+    heldout = make_windows(heldout_stream(tokenizer, "demo"), 128, 4)
+    with torch.no_grad():
+        p = model(heldout).logits.log_softmax(-1)
+
+    def kl(refit: bool) -> float:
+        compressed = copy.deepcopy(model)
+        blocks = compressed.get_submodule(handle.adapter.blocks)
+        for i, path in units:
+            linears = mlp_units(handle.adapter, blocks[i])[path][1]
+            width = linears[0].out_features
+            gate, up, down, index = nystrom_mlp(*(linear.weight for linear in linears), stats[(i, path)], width // 2)
+            mask_neurons(linears, gate, up, down if refit else linears[2].weight[:, index], index)
+        with torch.no_grad():
+            q = compressed(heldout).logits.log_softmax(-1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    assert all(key in stats for key in units)  # every expert was routed calibration tokens
+    ours, dropped = kl(refit=True), kl(refit=False)
+    assert ours < 0.25 * dropped, (ours, dropped)
+
+
+def test_modegpt_names_experts_no_token_reached_and_leaves_them_whole(moe_models, calibration_file, tmp_path):
+    recipe = Recipe.from_dict(
+        {
+            "calibration": {"dataset": calibration_file, "samples": 1, "seq_len": 8},
+            "steps": [{"modegpt": {"export": "masked", "ratio": 0.2}}],
+        }
+    )
+    report = apply(recipe, moe_models["deepseek_v3"], tmp_path / "out", progress=False)
+    (census,) = [row["tokens_per_expert"] for row in report.rows if "tokens_per_expert" in row]
+    unseen = [f"mlp.experts.{e}" for e, n in enumerate(census) if n == 0]
+    assert unseen  # 8 tokens, top-2 of 8 experts
+    (warning,) = [w for w in report.warnings if "modegpt left" in w]
+    assert warning == (
+        f"model.layers.1: modegpt left {', '.join(unseen)} whole: no calibration token reached them "
+        "(use more calibration samples, or calibration.expert_calibration: all)"
+    )
+    (block,) = [row for row in report.rows if row["module"] == "model.layers.1.block"]
+    assert block["left_whole"] == len(unseen)
+    recipe.calibration.expert_calibration = "all"  # every expert sees every token, for statistics
+    report = apply(recipe, moe_models["deepseek_v3"], tmp_path / "all", progress=False)
+    assert not [w for w in report.warnings if "modegpt left" in w]
+    assert [row["left_whole"] for row in report.rows if row["module"].endswith(".block")] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"export": "sliced"}, "moe_intermediate_size"), ({"modules": ["vo"]}, "steps[0].modegpt.modules: ['vo'] leaves")],
+)
+def test_modegpt_sliced_export_of_a_moe_is_refused_in_one_line(
+    moe_models, calibration_file, settings, message, tmp_path
+):
+    with pytest.raises(UserError) as error:
+        apply(modegpt_on(calibration_file, **settings), moe_models["qwen3_moe"], tmp_path / "out", progress=False)
+    assert "steps[0].modegpt" in str(error.value) and message in str(error.value)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+def test_modegpt_then_rtn_on_experts_exports_compressed_tensors_that_load_alike(moe_models, calibration_file, tmp_path):
+    """The masked experts keep stock shapes, so a quantizer after modegpt quantizes every expert linear and the
+    compressed-tensors export loads in transformers with our loader's logits."""
+    recipe = calibrated(
+        calibration_file, {"modegpt": {"export": "masked", "ratio": 0.3}}, {"rtn": {"bits": 4, "group_size": 32}}
+    )
+    apply(recipe, moe_models["qwen2_moe"], tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    loads_alike(tmp_path / "out", expert_linear_count(config, "qwen2_moe"))

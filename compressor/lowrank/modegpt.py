@@ -11,6 +11,11 @@ scores every block of the original model first (``context.original_block``), all
 each block on the inputs of the already-compressed blocks before it. Exports ``sliced`` (per-layer
 widths, ``arch/modegpt/modeling_modegpt.py`` shipped) or ``masked`` (zero-padded stock shapes).
 
+Mixture-of-experts models (Mixtral, Qwen2/3-MoE, DeepSeek-V3): Type I on every gated MLP of a block, each
+routed expert on exactly its routed tokens (``moe.RoutedExperts``), shared experts and dense MLPs alike;
+attention left whole; ``masked`` only (a MoE config has one expert width); an expert no calibration token
+reached is left whole and named in a warning. A natural extension, not in the paper.
+
 Defaults: ``modules: [vo, mlp]``, i.e. query-key compression off, a deviation from the paper (it
 measured worse than plain truncated SVD on the demo; ``[qk, vo, mlp]`` is the paper). Other choices:
 ridge ``1e-2 * mean diag`` (scale-free); the refit ``W_S + W_R C[R,S] C[S,S]^-1`` (exact at full keep);
@@ -21,15 +26,17 @@ ridge); softmax scale of the original head dim. Reasons and measured numbers: do
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from compressor.arch import attention_geometry
+from compressor.arch import adapter_for, attention_geometry
 from compressor.arch.modegpt import modeling_modegpt, sliced_config
 from compressor.blockwise import run_block
+from compressor.moe import Expert
 from compressor.step import Step, param, register_step
 
 if TYPE_CHECKING:
@@ -285,20 +292,34 @@ def attention_statistics(context: BlockContext, attention: nn.Module, heads: int
     return stats["x"], stats["q"], stats["k"], outputs
 
 
+@contextmanager
+def down_correlations(downs: dict):
+    """While the body runs the model, ``stats[name]`` (yielded) adds ``z z^T`` over the inputs ``z`` of each
+    ``down`` linear of ``downs`` (name -> linear), in float64: ``C_sigma`` of each gated MLP, or of each
+    expert over exactly the tokens routed to it (``moe.RoutedExperts`` calls an expert on its own tokens).
+    A linear no token reached has no entry."""
+    stats = {}
+
+    def hook(name):
+        def on_down(module, args):
+            z = args[0].reshape(-1, args[0].shape[-1]).double()
+            stats[name] = stats.get(name, 0) + z.T @ z
+
+        return on_down
+
+    hooks = [down.register_forward_pre_hook(hook(name)) for name, down in downs.items()]
+    try:
+        yield stats
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 @torch.no_grad()
 def mlp_correlation(context: BlockContext, mlp: nn.Module) -> torch.Tensor:
     """``C_sigma = sum z z^T`` of the MLP's intermediate activations (``down_proj``'s inputs)."""
-    stats = {}
-
-    def on_down(module, args):
-        z = args[0].reshape(-1, args[0].shape[-1]).double()
-        stats["z"] = stats.get("z", 0) + z.T @ z
-
-    hook = mlp.down_proj.register_forward_pre_hook(on_down)
-    try:
+    with down_correlations({"z": mlp.down_proj}) as stats:
         context.forward()
-    finally:
-        hook.remove()
     return stats["z"]
 
 
@@ -373,10 +394,47 @@ def write_mlp(mlp: nn.Module, gate, up, down, index: torch.Tensor, sliced: bool)
         set_linear(mlp.up_proj, up, None if biases[1] is None else biases[1][index])
         set_linear(mlp.down_proj, down, biases[2])
         return
-    width = mlp.gate_proj.out_features
-    set_linear(mlp.gate_proj, padded_rows(gate, index, width), mlp.gate_proj.bias)
-    set_linear(mlp.up_proj, padded_rows(up, index, width), mlp.up_proj.bias)
-    set_linear(mlp.down_proj, padded_rows(down.T, index, width).T, mlp.down_proj.bias)
+    mask_neurons((mlp.gate_proj, mlp.up_proj, mlp.down_proj), gate, up, down, index)
+
+
+def mask_neurons(linears, gate, up, down, index: torch.Tensor) -> None:
+    """The Type I solution into a gated MLP's ``(gate, up, down)`` linears at their own shapes: the kept neurons'
+    rows (and refitted ``down`` columns) at ``index``, zeros at the dropped neurons."""
+    gate_linear, up_linear, down_linear = linears
+    width = gate_linear.out_features
+    set_linear(gate_linear, padded_rows(gate, index, width), gate_linear.bias)
+    set_linear(up_linear, padded_rows(up, index, width), up_linear.bias)
+    set_linear(down_linear, padded_rows(down.T, index, width).T, down_linear.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture-of-experts blocks: Type I on every gated MLP of the block
+
+GATED = ("gate_proj", "up_proj", "down_proj")
+
+
+def mlp_units(adapter, block: nn.Module) -> dict[str, tuple[str, tuple[nn.Module, nn.Module, nn.Module]]]:
+    """The gated MLPs of a block of a MoE model, path in the block -> (kind, its gate, up and down linears):
+    each routed expert (``expert``: ``mlp.experts.{e}``, under the checkpoint's projection names), each shared
+    expert (``shared``: Qwen2-MoE's ``mlp.shared_expert``, DeepSeek's ``mlp.shared_experts``) or the block's
+    dense MLP (``dense``: DeepSeek's first layers, Qwen-MoE's ``mlp_only_layers``)."""
+    units = {}
+    for name, module in block.get_submodule(adapter.mlp).named_modules():
+        path = f"{adapter.mlp}.{name}" if name else adapter.mlp
+        if isinstance(module, Expert):
+            units[path] = ("expert", module.projections())
+        elif all(isinstance(getattr(module, n, None), nn.Module) for n in GATED):
+            units[path] = ("shared" if name else "dense", tuple(getattr(module, n) for n in GATED))
+    return units
+
+
+def block_survey(adapter, block: nn.Module) -> dict:
+    """What the plan of a MoE model counts in one (original) block: its projection weights (every
+    ``nn.Linear``), and the kind and width of each gated MLP."""
+    return {
+        "weights": sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear)),
+        "units": {path: (kind, linears[0].out_features) for path, (kind, linears) in mlp_units(adapter, block).items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +449,8 @@ class ModeGPT(Step):
     """MoDeGPT: training-free compression by module (Nystrom MLP, CR query-key, whitened-SVD value-output)."""
 
     changes_architecture = True
-    families = ("llama", "mistral", "qwen2", "qwen3")  # the Llama block; its sliced export has their rows
+    # the Llama block (its sliced export has their rows); MoE families: the MLPs only, masked (compress_experts_block)
+    families = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
     # correlations and energies are sums over tokens: reduced to each decomposition's owner, which solves
     distributes = "sums"
 
@@ -430,6 +489,20 @@ class ModeGPT(Step):
     skip_layers: list[int] = param([], "blocks left whole (their share goes to the others)")
 
     def check_config(self, config) -> None:
+        experts = adapter_for(config).experts
+        if experts is not None:
+            if self.export == "sliced":
+                raise ValueError(
+                    "sliced: a mixture-of-experts config holds one expert width for every layer and expert "
+                    f"({experts.intermediate_size}), so per-expert widths cannot load in stock transformers; use "
+                    "export: masked"
+                )
+            if "mlp" not in self.modules:
+                raise ValueError(f"modules: {self.modules} leaves nothing of a mixture-of-experts model (add mlp)")
+            width = getattr(config, experts.intermediate_size)
+            if self.round_to > width:
+                raise ValueError(f"round_to: {self.round_to} does not fit this model (expert width {width})")
+            return
         geometry = attention_geometry(config)
         v_step = self.round_to // math.gcd(self.round_to, geometry.num_heads)
         if self.round_to > config.intermediate_size or v_step > geometry.head_dim:
@@ -490,14 +563,17 @@ class ModeGPT(Step):
             "parameters": (whole * context.num_blocks, sum(s.parameters(hidden, heads, kv_heads) for s in sizes)),
         }
 
-    def block_importances(self, context: BlockContext) -> torch.Tensor:
-        """1 - cos(input, output) of every block of the original model on the calibration inputs."""
+    def block_importances(self, context: BlockContext, survey: list | None = None) -> torch.Tensor:
+        """1 - cos(input, output) of every block of the original model on the calibration inputs (and, into
+        ``survey``, each original block's ``block_survey``)."""
         hidden, scores = context.inputs, []
         with context.progress(context.num_blocks, "block importance (original model)", "block") as progress:
             for index in range(context.num_blocks):
                 block = context.original_block(index)
                 outputs = run_block(block, hidden, context.block_kwargs)
                 scores.append(block_importance(hidden, outputs, context.run.distributed))
+                if survey is not None:
+                    survey.append(block_survey(context.adapter, block))
                 hidden = outputs
                 del block
                 progress.update(1)
@@ -506,6 +582,8 @@ class ModeGPT(Step):
     # --- one block ------------------------------------------------------------------------------
 
     def compress_block(self, context: BlockContext) -> None:
+        if context.adapter.experts is not None:
+            return self.compress_experts_block(context)
         if "plan" not in context.state:
             context.state["plan"] = self.plan(context)
             geometry = attention_geometry(context.config)
@@ -572,15 +650,19 @@ class ModeGPT(Step):
         if sliced:
             context.declare_architecture(sliced_config(context.config, context.state["layers"]))
         if context.index == context.num_blocks - 1:
-            before_count, after_count = plan["parameters"]
-            context.record(
-                "blocks",
-                removed=round(1 - after_count / before_count, 5),
-                target=self.ratio,
-                parameters=after_count,
-                parameters_before=before_count,
-                **({"note": "; ".join(plan["notes"])} if plan["notes"] else {}),
-            )
+            self.record_totals(context, plan)
+
+    def record_totals(self, context: BlockContext, plan: dict, **counts) -> None:
+        before_count, after_count = plan["parameters"]
+        context.record(
+            "blocks",
+            removed=round(1 - after_count / before_count, 5),
+            target=self.ratio,
+            parameters=after_count,
+            parameters_before=before_count,
+            **counts,
+            **({"note": "; ".join(plan["notes"])} if plan["notes"] else {}),
+        )
 
     def compress_attention(
         self, context: BlockContext, attention, sizes: BlockSizes, modules: list[str], geometry, sliced: bool
@@ -619,3 +701,139 @@ class ModeGPT(Step):
             "v_head_dim": sizes.v_head_dim,
             "rope_pairs": pairs,
         }
+
+    # --- mixture-of-experts models: Type I on each expert, shared expert and dense MLP; masked ------------
+
+    def plan_experts(self, context: BlockContext) -> dict:
+        """The plan of a MoE model, counted from its original blocks (``block_survey``): every block's
+        projection weights, its gated MLPs (routed experts, shared experts, or a dense MLP) and their
+        widths. The allocation spreads the sparsity over the blocks as for dense ones; within a block, every
+        gated MLP keeps the same share of its neurons. Attention is left whole (MLA has no q/k/v heads, and
+        one method for every family is the simpler truth), said in the report's note."""
+        bad = [i for i in self.skip_layers if not 0 <= i < context.num_blocks]
+        if bad:
+            raise ValueError(f"skip_layers: {bad} are not blocks of this model (0..{context.num_blocks - 1})")
+        notes = ["mixture-of-experts model: attention left whole, every expert, shared expert and dense MLP by Type I"]
+        survey = []
+        importance = self.block_importances(context, survey)
+        hidden = context.config.hidden_size
+        whole = [s["weights"] for s in survey]
+        compressible = [3 * hidden * sum(width for _, width in s["units"].values()) for s in survey]
+        active = [i for i in range(context.num_blocks) if i not in self.skip_layers]
+        target = self.ratio * sum(whole) / max(sum(compressible[i] for i in active), 1)
+        if self.ratio > 0 and (not active or target > self.max_sparsity):
+            raise ValueError(
+                f"ratio: {self.ratio} of the blocks' weights cannot be removed from the MLPs of {len(active)} blocks "
+                f"with at most {self.max_sparsity} of each removed"
+            )
+        sparsity = torch.zeros(context.num_blocks, dtype=torch.float64)
+        weights = torch.tensor([compressible[i] for i in active], dtype=torch.float64)
+        for _ in range(50 if active and target > 0 else 0):  # blocks of unequal MLPs: rescale to remove ``ratio``
+            sparsity[active] = allocate_sparsity(importance[active], target, self.smoothing, self.max_sparsity)
+            achieved = float((sparsity[active] * weights).sum())
+            if abs(achieved - self.ratio * sum(whole)) < 1e-9 * sum(whole):
+                break
+            target = min(target * self.ratio * sum(whole) / achieved, self.max_sparsity)
+        sizes = [
+            {
+                path: round_to_multiple((1 - float(sparsity[i])) * width, self.round_to, self.round_to, width)
+                if i in active
+                else width
+                for path, (_, width) in s["units"].items()
+            }
+            for i, s in enumerate(survey)
+        ]
+        kinds = [kind for s in survey for kind, _ in s["units"].values()]
+        removed = [3 * hidden * sum(w - sizes[i][p] for p, (_, w) in s["units"].items()) for i, s in enumerate(survey)]
+        return {
+            "importance": importance,
+            "sparsity": sparsity,
+            "sizes": sizes,
+            "notes": notes,
+            "parameters": (sum(whole), sum(whole) - sum(removed)),
+            "counts": {
+                "experts": kinds.count("expert"),
+                "shared_experts": kinds.count("shared"),
+                "moe_layers": sum(any(k == "expert" for k, _ in s["units"].values()) for s in survey),
+                "dense_layers": sum(all(k == "dense" for k, _ in s["units"].values()) for s in survey),
+            },
+            "weights": whole,
+        }
+
+    def compress_experts_block(self, context: BlockContext) -> None:
+        """Type I on every gated MLP of the block, each on its own tokens: an expert's ``C_sigma`` sums over
+        the tokens routed to it (or every token, ``calibration.expert_calibration: all``); the pipeline names
+        experts below ``calibration.min_expert_tokens`` in a warning, and an expert no token reached is left
+        whole and named in a warning of its own."""
+        if "plan" not in context.state:
+            context.state["plan"] = self.plan_experts(context)
+        plan = context.state["plan"]
+        units = mlp_units(context.adapter, context.block)
+        if not all(type(linear) is nn.Linear for _, linears in units.values() for linear in linears):
+            raise ValueError(
+                f"modegpt: block {context.index}'s MLPs are not dense linears (put modegpt before quantizers)"
+            )
+        sizes = plan["sizes"][context.index]
+        if context.index not in self.skip_layers:
+            with torch.no_grad():
+                with down_correlations({path: linears[2] for path, (_, linears) in units.items()}) as stats:
+                    before = context.forward()
+                # several processes: each MLP's C_sigma (zeros where this rank's tokens never reached it) is summed
+                # at its owner, which solves (None: no token of any rank reached it); owners balanced by width^3
+                correlations = {}
+                for path, (_, linears) in units.items():
+                    width, device = linears[0].out_features, linears[2].weight.device
+                    correlations[path] = [
+                        stats.get(path, torch.zeros(width, width, dtype=torch.float64, device=device))
+                    ]
+
+                def solve(path: str):
+                    correlation = correlations[path][0]
+                    if not bool(correlation.diagonal().any()):
+                        return None
+                    gate, up, down = (linear.weight for linear in units[path][1])
+                    return nystrom_mlp(gate, up, down, correlation, sizes[path], self.ridge)
+
+                solutions = context.run.distributed.solve_owned(
+                    correlations,
+                    {path: float(linears[0].out_features ** 3) for path, (_, linears) in units.items()},
+                    solve,
+                    where=context.prefix,
+                    device=context.device,
+                )
+                unseen = []
+                for path, (_, linears) in units.items():
+                    if solutions[path] is None:
+                        unseen.append(path)
+                        before_count, after_count = plan["parameters"]  # the plan counted it compressed
+                        width = linears[0].out_features
+                        plan["parameters"] = (
+                            before_count,
+                            after_count + 3 * linears[0].in_features * (width - sizes[path]),
+                        )
+                        continue
+                    mask_neurons(linears, *solutions[path])
+                after = context.forward()
+            if unseen:
+                context.run.report.warn(
+                    f"{context.prefix}: modegpt left {', '.join(unseen)} whole: no calibration token reached them "
+                    "(use more calibration samples, or calibration.expert_calibration: all)"
+                )
+            error = sum((a - b).double().pow(2).sum() for a, b in zip(after, before)) / sum(
+                b.double().pow(2).sum() for b in before
+            )
+            hidden = context.config.hidden_size
+            kept = {path: sizes[path] for path in units if path not in unseen}
+            context.record(
+                "block",
+                importance=float(plan["importance"][context.index]),
+                sparsity=round(float(plan["sparsity"][context.index]), 5),
+                intermediate_sizes=sorted(set(kept.values())),
+                mlps=len(units),
+                left_whole=len(unseen),
+                parameters=plan["weights"][context.index]
+                - 3 * hidden * sum(linears[0].out_features - kept[p] for p, (_, linears) in units.items() if p in kept),
+                block_output_error=math.sqrt(float(error)),
+            )
+        if context.index == context.num_blocks - 1:
+            self.record_totals(context, plan, **plan["counts"])

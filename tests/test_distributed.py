@@ -198,6 +198,7 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
         "  - efficientqat_e2e_qp: {epochs: 4, batch_size: 2, micro_batch_size: 2, lr: 5.0e-5, heldout: 0.25}\n",
         "  - qllm: {bits: 4, epochs: 2, batch_size: 1, feature_samples: 2, search_candidates: 4}\n",
         "  - modegpt: {ratio: 0.3, modules: [qk, vo, mlp]}\n",
+        "  - modegpt: {ratio: 0.3, modules: [mlp], export: masked}\n",
         "  - transmla: {kv_cache_ratio: 0.25}\n  - transmla_heal: {epochs: 2, lr: 1.0e-3, batch_size: 2}\n",
         "  - swiftkv: {epochs: 2, lr: 1.0e-3, batch_size: 2}\n",
         "  - awq: {bits: 3, group_size: 32, alphas: 10}\n  - rtn: {bits: 3, group_size: 32}\n",
@@ -205,7 +206,8 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
         "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, refine: greedy, refine_trials: 200}\n",
     ],
     ids=[
-        "squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp", "qllm", "modegpt", "transmla", "swiftkv",
+        "squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp", "qllm", "modegpt", "modegpt_experts", "transmla",
+        "swiftkv",
         "awq", "fp8_kv", "bfp_greedy",
     ],
 )  # fmt: skip
@@ -220,6 +222,9 @@ def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, t
     model = tiny_llama
     if "swiftkv" in step:  # 2 layers make M = 1, where SwiftKV is the original model: 4 layers, M = 2
         model = make_random_model("llama", tmp_path / "deep", num_hidden_layers=4)
+    experts = "export: masked" in step  # MoDeGPT per expert: each expert's C_sigma summed at its owner
+    if experts:
+        model = make_random_model("mixtral", tmp_path / "moe")
     recipe = write_recipe(tmp_path, calibration_file, step)
     apply(recipe, model, tmp_path / "one", progress=False)
     apply(recipe, model, tmp_path / "two", progress=False, nproc=2)
@@ -236,8 +241,11 @@ def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, t
         "transmla": ({f"{b}.self_attn" for b in blocks}, {0}),
         "qllm": ({f"{b}.{point}" for b in blocks for point in ("attn_in", "mlp_in", "down_in")}, {0, 1}),
     }
+    if experts:
+        every_expert = {f"{b}.mlp.experts.{e}" for b in blocks for e in range(4)}  # each solved once, both ranks solve
+        assert set(owners) == every_expert and set(owners.values()) == {0, 1}, owners
     for name, (modules, ranks) in expected.items():
-        if f"- {name}:" in step:
+        if f"- {name}:" in step and not experts:
             assert set(owners) == modules and set(owners.values()) == ranks, owners
     single, double = (json.loads((tmp_path / run / "report.json").read_text())["modules"] for run in ("one", "two"))
     chosen = {"awq": ("alpha", "mean_clip"), "fp8_kv": ("k_scale", "v_scale")}  # every rank chooses as one process

@@ -200,7 +200,7 @@ class Rotate(Step):
     learned_steps: int = param(
         0, "Cayley SGD steps learning the residual rotation from the random Hadamard (SpinQuant's R1; 0: off)", min=0
     )
-    learning_rate: float = param(1.0, "Cayley SGD step size of the learned rotation", min=0.0)
+    learning_rate: float = param(8.0, "Cayley SGD step size of the learned rotation", min=0.0)
     learned_bits: int = param(4, "weight and activation bits of the learned rotation's W+A proxy loss", min=2, max=8)
     learned_tokens: int = param(2048, "calibration tokens per norm in the learned rotation's proxy loss", min=1)
 

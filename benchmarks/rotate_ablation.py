@@ -31,6 +31,7 @@ VARIANTS = {
     "rotate, heads: false, seed: 1": {"heads": False, "seed": 1},
     # SpinQuant-style: R1 learned from the seed's Hadamard by Cayley SGD on the layer-wise W4A4 proxy loss
     "rotate (all), learned_steps: 100": {"learned_steps": 100},
+    "rotate (all), learned_steps: 100, seed: 1": {"learned_steps": 100, "seed": 1},
 }
 
 

@@ -2,7 +2,7 @@
 rotation and the online Hadamard before down_proj each switched off, scored as benchmarks/quality.py
 scores its rows (same windows, same eval), on any model:
 
-    PYTHONPATH=. python benchmarks/rotate_ablation.py --quick [--model PATH --text FILE]
+    PYTHONPATH=. python benchmarks/rotate_ablation.py --quick [--model PATH --text FILE --calibration FILE]
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ VARIANTS = {
     # another draw of the residual stream's signs: how much of a difference is the draw's
     "rotate (all), seed: 1": {"seed": 1},
     "rotate, heads: false, seed: 1": {"heads": False, "seed": 1},
+    # SpinQuant-style: R1 learned from the seed's Hadamard by Cayley SGD on the layer-wise W4A4 proxy loss
+    "rotate (all), learned_steps: 100": {"learned_steps": 100},
+    "rotate (all), learned_steps: 100, seed: 1": {"learned_steps": 100, "seed": 1},
 }
 
 
@@ -36,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--text", default="demo")
+    parser.add_argument("--calibration", help="calibration text of the learned rotation (default: the recipe's)")
     parser.add_argument("--quick", action="store_true", help="32 held-out windows")
     parser.add_argument("--output", type=Path, required=True, help="a .json file; the .md goes beside it")
     parser.add_argument("--only", action="append", help="run only the variants containing this text; repeatable")
@@ -45,7 +49,7 @@ def main() -> None:
     from compressor.eval import heldout_stream, make_windows
     from compressor.model import resolve_model_path
 
-    settings = quality.Settings(text=args.text, max_windows=32 if args.quick else None)
+    settings = quality.Settings(text=args.text, max_windows=32 if args.quick else None, calibration=args.calibration)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     windows = make_windows(heldout_stream(tokenizer, settings.text), settings.seq_len, settings.max_windows)
     base = Recipe.from_yaml(quality.ROOT / "recipes" / "rotate-rtn-w4a4.yaml")

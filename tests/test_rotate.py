@@ -187,3 +187,32 @@ def test_rotate_then_qllm_runs_through_the_online_hadamard(tmp_path, calibration
     rows = [row for row in report.rows if row["step"] == "qllm" and row["module"].endswith("error_correction")]
     assert len(rows) == 2 and all(row["mse_final"] <= row["mse_init"] for row in rows)
     assert isinstance(session.handle.blocks[0].mlp, OnlineHadamardMLP)
+
+
+def test_cayley_steps_stay_orthogonal_and_lower_the_proxy_loss():
+    """SpinQuant's learned R1: from a random Hadamard, Cayley SGD keeps R orthogonal and lowers the W4A4 proxy
+    loss on inputs with outlier channels."""
+    from compressor.quant.rotate import learn_rotation, proxy_loss
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 64, generator=generator)
+    x[:, [3, 40]] *= 20
+    groups = [(x, torch.randn(96, 64, generator=generator))]
+    start = residual_rotation(64, generator)
+    rotation, first, last = learn_rotation(start, groups, steps=30, lr=1.0, bits=4)
+    torch.testing.assert_close(rotation.t() @ rotation, torch.eye(64, dtype=torch.float64), rtol=0, atol=1e-5)
+    assert first == pytest.approx(float(proxy_loss(start.float(), groups, 4)), rel=1e-5)
+    assert last < 0.9 * first
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_learned_rotation_keeps_the_logits(tmp_path, architecture, calibration_file):
+    path = make_random_model(architecture, tmp_path / "model")
+    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 320, (2, 23), generator=torch.Generator().manual_seed(3))
+    session = session_of(path, [{"rotate": {"learned_steps": 5, "learned_tokens": 64}}], calibration_file)
+    session.run_model_step(session.recipe.steps[0])
+    rows = [row for row in session.report.rows if row.get("module") == "residual_rotation"]
+    assert rows and rows[0]["proxy_loss_end"] != rows[0]["proxy_loss_start"]
+    with torch.no_grad():
+        torch.testing.assert_close(materialized(session)(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-4)

@@ -27,6 +27,22 @@ per-head rotation of V/O); QuaRot also rotates Q/K online for a 4-bit KV cache a
 heads online, which we leave out (our W4A4 quantizes Q/K/V per head and token, not a cache).
 Measured (docs/methods/rotate.md, two trained Llamas): the online Hadamard carries the W4A4 gain (RTN's
 KL 0.37x with it, 1.0x without); the per-head rotation is neutral within the spread of the random draw.
+
+Learned residual rotation (``learned_steps`` > 0, SpinQuant's R1; default off): the random Hadamard is
+the starting point, then Cayley SGD on the Stiefel manifold (SpinQuant Sec. 3.2, after Li et al., arXiv
+2002.01113): with the Euclidean gradient ``G``, ``A = G R^T - R G^T`` (skew) and the Cayley transform
+``R <- (I + lr/2 A)^{-1} (I - lr/2 A) R``, which stays orthogonal exactly (solved in fp64; the paper's
+iterative approximation of the inverse is not needed at our sizes). SpinQuant minimises the network's
+cross-entropy under W4A4 fake quantization with straight-through rounding; we minimise a layer-wise proxy
+of it, which costs a few matrix products a step instead of a forward and backward of the whole model (our
+CPU budget): for each norm of each block, on the calibration tokens' normalized residual stream ``X``
+(captured once, before rotating) and the linears reading it (gains folded, ``W``), the relative output
+error ``|Q_a(X R) Q_w(W R)^T - X W^T|^2 / |X W^T|^2`` with ``Q_a`` 4-bit per-token and ``Q_w`` 4-bit
+per-channel asymmetric min-max (RTN W4A4's grids; ``learned_bits``), rounding straight-through and the
+ranges differentiable, averaged over the norms. The linears writing the stream (o_proj, down_proj) and
+lm_head (unquantized by default) are not in the proxy. Measured (rotate+RTN W4A4, 100 steps,
+benchmarks/results/rotate/learned-summary-2026-12-05.md): KL 0.88-0.92x the random Hadamard's on the demo,
+0.99x / 1.07x on the second model with a worse perplexity gap: it does not pay at this scale, so it stays off.
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ import torch
 from torch import nn
 
 from compressor.arch import attention_geometry, norm_linear_groups
+from compressor.modules.activations import fake_quantize_tokens
 from compressor.modules.hadamard import OnlineHadamardMLP, dense_hadamard, hadamard_factor
 from compressor.step import Step, param, register_step
 
@@ -54,6 +71,75 @@ def residual_rotation(n: int, generator: torch.Generator) -> torch.Tensor:
         return q * torch.sign(torch.diagonal(r))
     signs = torch.randint(0, 2, (n,), generator=generator).double() * 2 - 1
     return signs[:, None] * dense_hadamard(n, factor)
+
+
+def cayley_step(rotation: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """One Cayley SGD step (fp64): ``(I + lr/2 A)^{-1} (I - lr/2 A) R`` with ``A = G R^T - R G^T``."""
+    skew = grad @ rotation.t() - rotation @ grad.t()
+    eye = torch.eye(rotation.shape[0], dtype=rotation.dtype)
+    return torch.linalg.solve(eye + lr / 2 * skew, (eye - lr / 2 * skew) @ rotation)
+
+
+def proxy_loss(rotation: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]], bits: int) -> torch.Tensor:
+    """Mean over ``groups`` (inputs X [T, n], weights W [N, n]) of W-and-A fake-quantized relative output error."""
+    total = rotation.new_zeros(())
+    for x, weight in groups:
+        reference = x @ weight.t()
+        out = fake_quantize_tokens(x @ rotation, bits) @ fake_quantize_tokens(weight @ rotation, bits).t()
+        total = total + (out - reference).square().sum() / reference.square().sum()
+    return total / len(groups)
+
+
+def learn_rotation(
+    rotation: torch.Tensor, groups: list, steps: int, lr: float, bits: int
+) -> tuple[torch.Tensor, float, float]:
+    """``steps`` Cayley SGD steps on ``proxy_loss`` from ``rotation`` (fp64): the rotation, first and last loss."""
+    losses = []
+    for _ in range(steps):
+        current = rotation.float().requires_grad_(True)
+        loss = proxy_loss(current, groups, bits)
+        (grad,) = torch.autograd.grad(loss, current)
+        losses.append(float(loss.detach()))
+        rotation = cayley_step(rotation, grad.double(), lr)
+    with torch.no_grad():
+        final = float(proxy_loss(rotation.float(), groups, bits))
+    return rotation, losses[0], final
+
+
+def stream_groups(context: ModelContext, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per norm of each block: ``tokens`` random calibration positions of its RMS-normalized input (fp32, gain
+    left out) and the stacked weights of the linears reading it with the gain folded in (the rotation's inputs)."""
+    adapter = context.adapter
+    captured: dict[str, list[torch.Tensor]] = {}
+    hooks, groups = [], []
+    for index, block in enumerate(context.blocks):
+        for norm_path, readers in norm_linear_groups(adapter).items():
+            norm = block.get_submodule(norm_path)
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+            key = f"{index}.{norm_path}"
+
+            def hook(module, args, key=key, eps=eps):
+                h = args[0].detach().float().flatten(0, -2)
+                captured.setdefault(key, []).append((h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)).cpu())
+
+            hooks.append(norm.register_forward_pre_hook(hook))
+            weight = torch.cat([block.get_submodule(path).weight.detach().float().cpu() for path in readers])
+            groups.append((key, weight * norm.weight.detach().float().cpu()))
+    ids = context.calibration_tokens()
+    rows = max(1, min(len(ids), -(-tokens // ids.shape[1])))
+    try:
+        for batch in ids[:rows].split(1):
+            context.logits(batch.to(context.device))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    generator = torch.Generator().manual_seed(seed)
+    result = []
+    for key, weight in groups:
+        x = torch.cat(captured[key])
+        pick = torch.randperm(len(x), generator=generator)[:tokens]
+        result.append((x[pick], weight))
+    return result
 
 
 def set_weight(linear: nn.Linear, weight: torch.Tensor) -> None:
@@ -113,6 +199,17 @@ class Rotate(Step):
         True, "rotate down_proj's input online (a Hadamard per token; needs the native format and our loaders)"
     )
     heads: bool = param(True, "rotate V and o_proj's input per attention head (offline, free at inference)")
+    learned_steps: int = param(
+        0, "Cayley SGD steps learning the residual rotation from the random Hadamard (SpinQuant's R1; 0: off)", min=0
+    )
+    learning_rate: float = param(8.0, "Cayley SGD step size of the learned rotation", min=0.0)
+    learned_bits: int = param(4, "weight and activation bits of the learned rotation's W+A proxy loss", min=2, max=8)
+    learned_tokens: int = param(2048, "calibration tokens per norm in the learned rotation's proxy loss", min=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.learned_steps:
+            self.needs_calibration = True  # the proxy loss reads the calibration tokens' residual stream
 
     @property
     def needs_native_export(self) -> bool:
@@ -123,6 +220,12 @@ class Rotate(Step):
         model, adapter, config = context.model, context.adapter, context.config
         generator = torch.Generator().manual_seed(self.seed)
         rotation = residual_rotation(config.hidden_size, generator)
+        if self.learned_steps:
+            groups = stream_groups(context, self.learned_tokens, self.seed)
+            rotation, first, last = learn_rotation(
+                rotation, groups, self.learned_steps, self.learning_rate, self.learned_bits
+            )
+            context.record("residual_rotation", proxy_loss_start=first, proxy_loss_end=last)
         head = model.get_submodule(adapter.lm_head)
         if context.handle.tied_embeddings:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)

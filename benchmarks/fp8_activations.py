@@ -9,7 +9,8 @@ amax / 448 per token); the mean per-token KL to the unquantized model is measure
 at a time; scales per group of 128 channels (FP8 block W8A8's activations); SmoothQuant smoothing
 ``s_j = max|x_j|^a / max|W_j|^(1-a)`` (x / s quantized, s folded back exactly, so only the activation error
 changes); QuaRot rotations (``rotate``: residual stream, per-head V/O, with and without the online Hadamard before
-down_proj, two seeds), exact before quantization.
+down_proj, two seeds), exact before quantization; the best linear compensation of the activation error on the
+weight side, ``W' = W E[x q^T] (E[q q^T] + ridge)^-1`` with ``q`` the FP8 input (fp weights, calibration text).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.arch import adapter_for, attention_geometry
+from compressor.demo import demo_text_path
 from compressor.eval import heldout_stream, load_causal_lm, logits_of, make_windows
 from compressor.quant.rotate import Rotate, fold_gain, read_stream, residual_rotation
 from compressor.weights.values import E4M3_MAX, fake_quantize_float_tokens
@@ -80,11 +82,40 @@ def rotated(model, online: bool, seed: int):
     return model
 
 
+def noise_compensated(model, windows, ridge: float):
+    """A copy whose block linears minimise ``E|W x - W' q(x)|^2`` over the windows' tokens (each linear's fp inputs
+    ``x`` and their FP8 rounding ``q``): ``W' = W C_xq (C_qq + ridge mean(diag) I)^-1``, the Wiener solve."""
+    linears = block_linears(model)
+    xq = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    qq = {n: torch.zeros_like(xq[n]) for n in linears}
+
+    def observe(name):
+        def hook(module, args):
+            x, q = args[0].flatten(0, -2).double(), per_token(args[0]).flatten(0, -2).double()
+            xq[name] += x.T @ q
+            qq[name] += q.T @ q
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(observe(n)) for n, m in linears.items()]
+    with torch.no_grad():
+        for batch in windows.split(4):
+            logits_of(model, batch)
+    for h in hooks:
+        h.remove()
+    compensated = copy.deepcopy(model)
+    for name, module in block_linears(compensated).items():
+        c = qq[name] + ridge * qq[name].diagonal().mean() * torch.eye(qq[name].shape[0], dtype=torch.float64)
+        module.weight.data = (module.weight.double() @ torch.linalg.solve(c, xq[name].T).T).to(module.weight.dtype)
+    return compensated
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--text", default="demo")
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--calibration", default=None, help="text for the weight compensation (default: the demo's)")
     args = parser.parse_args()
     model, tokenizer = load_causal_lm(args.model)
     windows = make_windows(heldout_stream(tokenizer, args.text), 512, args.windows)
@@ -118,6 +149,13 @@ def main():
                     mean_kl(rotated(model, online, seed), windows, base, per_token),
                 )
             )
+    calibration = args.calibration or str(demo_text_path("calibration"))
+    calibration_windows = make_windows(heldout_stream(tokenizer, calibration), 512, 32)
+    for ridge in (1e-6, 1e-4, 1e-2):
+        compensated = noise_compensated(model, calibration_windows, ridge)
+        rows.append(
+            (f"weights compensating the FP8 error (ridge {ridge})", mean_kl(compensated, windows, base, per_token))
+        )
     print(f"model {args.model}, {len(windows)} windows of 512 tokens; mean per-token KL (nats), weights exact")
     print("| activations | KL |\n|---|---|")
     for name, kl in rows:

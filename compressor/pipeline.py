@@ -88,6 +88,10 @@ class Session:
             last = number == len(passes) - 1
             started = time.perf_counter()
             if kind == "layer":
+                for step in steps:  # a layer step that first decides something on the whole model (bit allocation)
+                    if step.prepares_model:
+                        with self.blame(step):
+                            self.run_model_step(step, prepare=True)
                 self.run_layer_pass(steps, sink if last else None)
             else:
                 with self.blame(steps[0]):
@@ -352,7 +356,8 @@ class Session:
             if block_counts is not None:
                 report_census(self.report, self.handle.block_prefix(index), adapter, block_counts, threshold)
 
-    def run_model_step(self, step: Step) -> None:
+    def run_model_step(self, step: Step, prepare: bool = False) -> None:
+        """A model step's ``compress_model``, or (``prepare``) a layer step's ``prepare_model``, on the whole model."""
         offloaded = self.should_offload() if self.offload is None else self.offload
         for name in self.handle.outside_block_modules():
             self.handle.materialize(name, self.device, self.compute_dtype)
@@ -365,7 +370,8 @@ class Session:
         runner = BlockwiseModel(self.handle, self.device, offloaded)
         if step.needs_calibration:
             self.count_routed_tokens_of_model(runner)
-        step.compress_model(
+        run = step.prepare_model if prepare else step.compress_model
+        run(
             ModelContext(
                 handle=self.handle,
                 device=self.device,

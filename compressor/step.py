@@ -255,6 +255,15 @@ class Step(Config):
         with that many blocks' contexts (the last group may be shorter) instead of ``compress_block``."""
         return 1
 
+    @property
+    def prepares_model(self) -> bool:
+        """A layer step that first needs the whole model (GPTQ's bit allocation): the session calls
+        ``prepare_model(context)`` with a ``ModelContext`` before the step's layer pass."""
+        return False
+
+    def prepare_model(self, context) -> None:
+        raise NotImplementedError(f"{self.name} prepares nothing on the whole model")
+
     def compress_group(self, contexts: list) -> None:
         """Compress consecutive blocks together: ``contexts[0].inputs`` enter the first, the others' inputs are
         None (the session runs the group after the step returns)."""

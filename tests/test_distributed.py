@@ -204,17 +204,19 @@ def test_two_processes_give_the_quality_of_one_and_each_module_one_owner(runs, t
         "  - awq: {bits: 3, group_size: 32, alphas: 10}\n  - rtn: {bits: 3, group_size: 32}\n",
         "  - fp8_kv: {}\n",
         "  - bfp: {k_bits: 4, block_size: 32, ksort: act_rms, refine: greedy, refine_trials: 200}\n",
+        "  - gptq: {bits: 2, group_size: 32, symmetric: false, bits_per_weight: 3.0, schemes: [w4g32, w8g32]}\n",
     ],
     ids=[
         "squeezellm", "efficientqat_block_ap", "bfp_ksort", "e2e_qp", "qllm", "modegpt", "modegpt_experts", "transmla",
         "swiftkv",
-        "awq", "fp8_kv", "bfp_greedy",
+        "awq", "fp8_kv", "bfp_greedy", "gptq_allocation",
     ],
 )  # fmt: skip
 def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, tiny_llama, calibration_file, step):
     """SqueezeLLM (Fisher sums to owners), Block-AP, E2E-QP, SwiftKV and TransMLA's healing (gradients over
     ranks), BFP's K-sort (all-reduced key statistics), QLLM (all-reduced channel ranges, gradients), MoDeGPT and
-    TransMLA (correlations and Grams summed to owners): two processes, the KL of one. E2E-QP at batch 2 (one
+    TransMLA (correlations and Grams summed to owners), GPTQ's bit allocation (output Fisher all-reduced, Hessians
+    summed to owners that score the candidates): two processes, the KL of one. E2E-QP at batch 2 (one
     sequence a rank a step) with a held-out part: the steps and the held-out part are the single process's."""
     from compressor.api import apply
     from compressor.testing import make_random_model
@@ -248,7 +250,11 @@ def test_the_other_distributed_steps_give_the_quality_of_one_process(tmp_path, t
         if f"- {name}:" in step and not experts:
             assert set(owners) == modules and set(owners.values()) == ranks, owners
     single, double = (json.loads((tmp_path / run / "report.json").read_text())["modules"] for run in ("one", "two"))
-    chosen = {"awq": ("alpha", "mean_clip"), "fp8_kv": ("k_scale", "v_scale")}  # every rank chooses as one process
+    chosen = {  # every rank chooses as one process
+        "awq": ("alpha", "mean_clip"),
+        "fp8_kv": ("k_scale", "v_scale"),
+        "gptq": ("scheme",),
+    }
     for name, keys in chosen.items():
         if f"- {name}:" in step:
             choices = [

@@ -184,7 +184,12 @@ def test_methods_import_neither_the_pipeline_nor_the_recipe_nor_export_nor_anoth
             assert not [e for e in edges if e.startswith(above)], module
             # shared by methods: the uniform grid, weighted codebooks (SqueezeLLM, LUT-GPTQ), and GPTQ's
             # Hessian-aware rounding (Block-AP's ``init: gptq``, LUT-GPTQ's column sweep)
-            shared = ("compressor.quant.uniform", "compressor.quant.codebook", "compressor.quant.gptq")
+            shared = (
+                "compressor.quant.uniform",
+                "compressor.quant.codebook",
+                "compressor.quant.gptq",
+                "compressor.quant.allocation",
+            )
             assert not [e for e in edges if e.startswith(METHODS) and e not in shared], module
 
 

@@ -12,9 +12,11 @@ get a diagonal of 1 and a zero weight column. ``refit_rounds`` (not in the paper
 is the references' GPTQ): with the codes fixed, each row's group scales that minimise tr(D H D^T) exactly
 (least squares, ``refit_rows``), then a new sweep on them; the best state met is kept. The column sweep
 (``column_sweep``) takes the rounding as a callback: the integer grid, the float grids and ``lut_gptq.py``'s
-codebooks share it. ``actorder: static`` quantizes columns by decreasing
-diag(H) with static groups: every group's scale and zero are min-max of the original weights' group,
-computed before the permutation, so groups stay consecutive columns and g_idx trivial (Marlin serves it).
+codebooks share it. ``bits_per_weight`` (0 by default: off; ``quant/allocation.py``): each serving-fused group
+of linears at its own scheme, chosen on the whole model before the pass under that average.
+``actorder: static`` quantizes columns by decreasing diag(H) with static groups: every group's scale and
+zero are min-max of the original weights' group, computed before the permutation, so groups stay consecutive
+columns and g_idx trivial (Marlin serves it).
 Where the references differ: with ``actorder: none`` a group's grid is min-max of its weights as they are
 when its first column is reached (IST-DASLab's and GPTQModel's code; they miss pending in-block updates when
 a group starts mid-block, we include them; llm-compressor fixes all grids up front); per-channel grids come
@@ -41,6 +43,7 @@ from torch import nn
 from compressor.arch import input_groups
 from compressor.blockwise import InputHooks
 from compressor.modules.activations import ActivationSpec, quantize_activations
+from compressor.quant.allocation import BitAllocation
 from compressor.quant.uniform import (
     WEIGHT_GRIDS,
     ActivationQuantization,
@@ -428,7 +431,7 @@ def solve_cost(linear: nn.Linear) -> float:
 
 @register_step("gptq")
 @dataclass
-class GPTQ(ActivationQuantization, UniformQuantizer):
+class GPTQ(ActivationQuantization, BitAllocation, UniformQuantizer):
     """GPTQ: Hessian-aware rounding of every block linear onto RTN's grid (Frantar et al. 2022)."""
 
     distributes = "sums"  # the Hessian sums of all processes meet at each linear's owner, which solves
@@ -457,6 +460,25 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
         super().check()
         if self.refit_rounds and (self.float_grid is not None or (self.group_size != -1 and self.actorder == "none")):
             raise ValueError("refit_rounds: needs an int grid fixed up front (actorder static, or group_size -1)")
+
+    def check_model(self, linears: dict) -> None:
+        super().check_model(linears)
+        self.check_budget(linears)
+
+    def candidate_weight(self, weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, scale_dtype):
+        """GPTQ with this step's settings at another (bits, group_size): what bit allocation scores."""
+        return gptq_quantize(
+            weight,
+            h,
+            bits,
+            group_size,
+            self.symmetric,
+            scale_dtype,
+            self.block_size,
+            self.dampening_frac,
+            self.actorder,
+            refit_rounds=self.refit_rounds,
+        ).weight
 
     def compress_block(self, context: BlockContext) -> None:
         self.refuse_other_weight_kinds(context)
@@ -491,11 +513,12 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
         if h is None:  # never called on the calibration data: H = I, which makes GPTQ RTN
             context.run.report.warn(f"gptq: {context.prefix}.{name} saw no calibration token; rounded to nearest")
             h = torch.eye(weight.shape[1], device=weight.device)
+        bits, group_size = self.scheme_for(context.state, f"{context.prefix}.{name}")
         return h, gptq_quantize(
             weight,
             h,
-            self.bits,
-            self.group_size,
+            bits,
+            group_size,
             self.symmetric,
             context.scale_dtype,
             self.block_size,
@@ -516,7 +539,9 @@ class GPTQ(ActivationQuantization, UniformQuantizer):
     ) -> UniformWeight:
         weight = linear.weight.data
         h, result = self.round_linear(context, name, weight, h, global_scale)
-        rtn = self.round_to_nearest(weight, context.scale_dtype, global_scale)
+        rtn = self.round_to_nearest(
+            weight, context.scale_dtype, global_scale, self.scheme_for(context.state, f"{context.prefix}.{name}")
+        )
         context.record(
             name,
             error=relative_error(weight, result.weight),

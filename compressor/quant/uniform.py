@@ -91,12 +91,18 @@ class UniformQuantizer(Step):
             check_group_size(name, linear.in_features, group_size)
 
     def round_to_nearest(
-        self, weight: torch.Tensor, scale_dtype: torch.dtype, global_scale: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        scale_dtype: torch.dtype,
+        global_scale: torch.Tensor | None = None,
+        scheme: tuple[int, int] | None = None,
     ) -> UniformWeight | FloatWeight:
-        """RTN of ``weight`` on this step's grid, integer or float (NVFP4: under ``global_scale`` when given)."""
+        """RTN of ``weight`` on this step's grid, integer or float (NVFP4: under ``global_scale`` when given);
+        ``scheme`` (bits, group_size) in place of the step's own (a linear's allocated scheme)."""
         if self.float_grid is not None:
             return FloatWeight.quantize(weight, self.grid, scale_dtype, global_scale)
-        return quantize_uniform(weight, self.bits, self.group_size, self.symmetric, scale_dtype)
+        bits, group_size = scheme or (self.bits, self.group_size)
+        return quantize_uniform(weight, bits, group_size, self.symmetric, scale_dtype)
 
 
 @dataclass

@@ -375,6 +375,12 @@ ROUTES: tuple[Route, ...] = (
         "its GPTQ quantizer with optimum and gptqmodel (gptqmodel's torch kernels on a CPU)",
         requirements=(
             Rule(
+                "one scheme for every module: transformers' GPTQConfig drops the config's `dynamic` per-module "
+                "overrides, so optimum would build every layer at the config's own bits and group size",
+                lambda p: not p["override"],
+                "transformers/utils/quantization_config.py (GPTQConfig has no `dynamic`; checked in 5.25)",
+            ),
+            Rule(
                 "the optimum and gptqmodel packages, which are not installed here (pip install optimum gptqmodel; "
                 "checked on the CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which "
                 "wants torch >= 2.14)",
@@ -473,15 +479,7 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                     (f"KV cache ({kv.get('type')}{kv.get('num_bits')} per {kv.get('strategy')})", "ct-kv-cache", facts)
                 )
         elif method == "gptq":
-            facts = {
-                "bits": quantization.get("bits"),
-                "symmetric": quantization.get("sym", True),
-                "group_size": quantization.get("group_size", -1),
-                "format": quantization.get("checkpoint_format", "gptq"),
-                "gptq_stack": gptq_stack_installed(),
-            }
-            shape = f"{scheme_words(facts)}, {facts['format']}"
-            parts.append((f"GPTQ ({shape})", "gptq", facts))
+            parts.extend(gptq_parts(quantization))
         elif method == "compressor":
             parts.append((f"compressor native format ({quantization.get('format', 'lut')})", "compressor", {}))
             rotated = quantization.get("online_hadamard") or {}
@@ -527,6 +525,30 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
         )
     if not parts:
         parts.append((f"{config.get('model_type', 'unknown')} weights", "dense", {}))
+    return parts
+
+
+def gptq_parts(quantization: dict) -> list[tuple[str, str, dict]]:
+    """A GPTQ checkpoint's own scheme, then each other scheme its positive ``dynamic`` rules give some layers
+    (per-module overrides, ``export/gptq.py``): every one must be servable."""
+    own = {
+        "bits": quantization.get("bits"),
+        "symmetric": quantization.get("sym", True),
+        "group_size": quantization.get("group_size", -1),
+        "format": quantization.get("checkpoint_format", "gptq"),
+        "gptq_stack": gptq_stack_installed(),
+        "override": False,
+    }
+    parts = [(f"GPTQ ({scheme_words(own)}, {own['format']})", "gptq", own)]
+    overrides: dict[tuple, list] = {}
+    for pattern, rule in (quantization.get("dynamic") or {}).items():
+        if pattern.startswith("-:") or not {"bits", "group_size", "sym"} & set(rule):
+            continue  # a dense module, or a rule that changes no scheme
+        facts = own | {"bits": rule.get("bits", own["bits"]), "group_size": rule.get("group_size", own["group_size"])}
+        facts |= {"symmetric": rule.get("sym", own["symmetric"]), "override": True}
+        overrides.setdefault((facts["bits"], facts["group_size"], facts["symmetric"]), [facts, 0])[1] += 1
+    for facts, rules in overrides.values():
+        parts.append((f"GPTQ dynamic override ({scheme_words(facts)}, {rules} rules)", "gptq", facts))
     return parts
 
 

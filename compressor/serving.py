@@ -14,6 +14,7 @@ November 2026 (vLLM main, transformers 5.24).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,8 +228,8 @@ ROUTES: tuple[Route, ...] = (
         "FusedMoE's CompressedTensorsWNA16MarlinMoEMethod (or its Triton CompressedTensorsWNA16MoEMethod fallback)",
         requirements=(
             Rule(
-                "one scheme for every expert projection (FusedMoE stacks them; 'All MoE projections need to have same "
-                "quantization scheme')",
+                "one scheme for every expert projection of a layer (FusedMoE stacks them; 'All MoE projections need to "
+                "have same quantization scheme')",
                 lambda p: p["schemes"] == 1,
                 VLLM_MOE,
             ),
@@ -556,31 +557,41 @@ MOE_WIDTHS = {"mixtral": "intermediate_size"}  # config key of an expert's width
 
 
 def expert_parts(config: dict, quantization: dict) -> list[tuple[str, str, dict]]:
-    """The quantized routed experts of a MoE model (compressed-tensors): serving engines fuse them, so every expert
-    projection must share one scheme, which the config groups covering ``.experts.`` modules say."""
+    """The quantized routed experts of a MoE model (compressed-tensors), one part per scheme: serving engines fuse a
+    layer's experts, so every expert projection of a layer must share one scheme (layers may differ: vLLM resolves
+    each FusedMoE layer's own, ``get_moe_method``), which the config groups covering ``.experts.`` modules say."""
     width = config.get(MOE_WIDTHS.get(config.get("model_type"), "moe_intermediate_size"))
     if not width or not any(config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
         return []
-    groups = [
-        group
-        for group in quantization.get("config_groups", {}).values()
-        if any(t == "Linear" or ".experts." in t for t in group.get("targets", []))
-    ]
+    by_layer: dict[str, set[str]] = {}  # experts module ("*": every one, a "Linear" target) -> its schemes
+    groups: dict[str, dict] = {}
+    for group in quantization.get("config_groups", {}).values():
+        scheme = json.dumps(group.get("weights"), sort_keys=True)
+        for target in group.get("targets", []):
+            name = re.sub(r"\\(.)", r"\1", target.removeprefix("re:"))  # a regex of one module name, unescaped
+            expert = re.match(r"^\^?(.*\.experts)\.\d+\.", name)
+            if target == "Linear" or expert is not None:
+                by_layer.setdefault("*" if expert is None else expert[1], set()).add(scheme)
+                groups[scheme] = group
     if not groups:
         return []
-    weights = groups[0].get("weights") or {}
-    facts = {
-        "schemes": len({json.dumps(g.get("weights"), sort_keys=True) for g in groups}),
-        "type": weights.get("type", "int"),
-        "bits": weights.get("num_bits"),
-        "symmetric": weights.get("symmetric", True),
-        "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
-        "activations": any(g.get("input_activations") is not None for g in groups),
-        "hidden_size": config.get("hidden_size", 0),
-        "intermediate_size": width,
-    }
-    shape = scheme_words(facts) if facts["schemes"] == 1 else f"{facts['schemes']} schemes"
-    return [(f"routed experts ({shape}, width {width})", "moe-experts", facts)]
+    most = max(len(schemes | by_layer.get("*", set())) for schemes in by_layer.values())
+    parts = []
+    for group in groups.values():
+        weights = group.get("weights") or {}
+        facts = {
+            "schemes": most,
+            "type": weights.get("type", "int"),
+            "bits": weights.get("num_bits"),
+            "symmetric": weights.get("symmetric", True),
+            "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
+            "activations": group.get("input_activations") is not None,
+            "hidden_size": config.get("hidden_size", 0),
+            "intermediate_size": width,
+        }
+        mixed = f", {most} schemes in one layer" if most > 1 else ""
+        parts.append((f"routed experts ({scheme_words(facts)}, width {width}{mixed})", "moe-experts", facts))
+    return parts
 
 
 def float_group_part(name: str, group: dict) -> tuple[str, str, dict]:

@@ -178,6 +178,39 @@ def test_a_moe_layers_experts_take_their_own_scheme_through_gptq(tmp_path, regis
     torch.testing.assert_close(loaded(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_symmetric_experts_of_one_layer_at_another_scheme_export_as_compressed_tensors(
+    tmp_path, registered, monkeypatch
+):
+    """vLLM resolves each MoE layer's scheme from ``{experts}.0.gate_proj`` (``get_moe_method``): Mixtral's ``w1``
+    targets name that too, and layers of different schemes are servable, two schemes in one layer are not."""
+    from compressor.testing import make_random_model
+
+    source = make_random_model("mixtral", tmp_path / "mixtral")
+    register_mixed(registered, "moe_rtn", ((r"model\.layers\.0\.mlp\.experts\.\d+\.w[123]", (8, 64)),))
+    steps = [{"moe_rtn": {"bits": 4, "group_size": 64, "symmetric": True}}]
+    memory = export_and_in_memory(Recipe.from_dict({"steps": steps}), source, tmp_path / "out", monkeypatch)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"].values()
+
+    def vllm_bits(layer_name):  # the group whose targets match the name vLLM looks the scheme up by
+        (bits,) = [g["weights"]["num_bits"] for g in groups if any(re.match(t[3:], layer_name) for t in g["targets"])]
+        return bits
+
+    for layer, bits in ((0, 8), (1, 4)):
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            assert vllm_bits(f"model.layers.{layer}.block_sparse_moe.experts.0.{projection}") == bits
+    experts = [v for v in verdicts(config, ("vllm",)) if v.part.startswith("routed experts")]
+    assert len(experts) == 2 and all(v.loads for v in experts)
+    x = tokens()
+    torch.testing.assert_close(load_quantized_model(tmp_path / "out")(x).logits, memory(x).logits, rtol=1e-5, atol=1e-5)
+
+    one_layer = next(g for g in groups if g["weights"]["num_bits"] == 8)
+    one_layer["targets"].append(r"re:^model\.layers\.1\.block_sparse_moe\.experts\.0\.(?:w2|down_proj)$")
+    refused = [v for v in verdicts(config, ("vllm",)) if v.part.startswith("routed experts")]
+    assert not any(v.loads for v in refused) and "of a layer" in refused[0].how
+
+
 def entry(bits, group_size, symmetric=False, weights=128 * 128):
     return {
         "bits": bits,

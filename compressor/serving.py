@@ -325,6 +325,21 @@ ROUTES: tuple[Route, ...] = (
             ),
         ),
     ),
+    Route(
+        "vllm",
+        "ct-fused",
+        "one scheme for each layer it fuses",
+        requirements=(
+            Rule(
+                "every layer it fuses (qkv_proj, gate_up_proj) in one config group, none of its members ignored "
+                "('Detected some but not all shards ... are quantized', 'All shards of fused layers to have the same "
+                "precision')",
+                lambda p: p["split"] is None,
+                "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py "
+                "(find_matched_target, _match_fused_layer), quantization/utils/quant_utils.py (is_layer_skipped)",
+            ),
+        ),
+    ),
     Route("vllm", "dense", "the model's own architecture, unquantized"),
     Route(
         "transformers",
@@ -441,6 +456,7 @@ ROUTES: tuple[Route, ...] = (
         "the modeling code shipped with the checkpoint (trust_remote_code=True), or without it after `import "
         "compressor`",
     ),
+    Route("transformers", "ct-fused", "each linear by its own config group (transformers fuses none of them)"),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )
 
@@ -473,6 +489,7 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                 shape = scheme_words(facts)
                 parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
             parts.extend(expert_parts(config, quantization))
+            parts.extend(fused_parts(quantization))
             kv = quantization.get("kv_cache_scheme")
             if kv:
                 facts = {key: kv.get(key) for key in ("num_bits", "type", "strategy", "symmetric")}
@@ -551,6 +568,35 @@ def gptq_parts(quantization: dict) -> list[tuple[str, str, dict]]:
     for facts, rules in overrides.values():
         parts.append((f"GPTQ dynamic override ({scheme_words(facts)}, {rules} rules)", "gptq", facts))
     return parts
+
+
+def fused_parts(quantization: dict) -> list[tuple[str, str, dict]]:
+    """The linears vLLM fuses into one layer (``export/vllm_layers.py``: qkv_proj, gate_up_proj) among those a
+    compressed-tensors config names one by one (per-module targets, ``ignore``): one group each, or a split."""
+    from compressor.export.vllm_layers import vllm_layer
+
+    group_of = {name: "ignore" for name in quantization.get("ignore") or []}
+    for group_name, group in quantization.get("config_groups", {}).items():
+        for target in group.get("targets", []):
+            if target.startswith("re:"):
+                group_of[re.sub(r"\\(.)", r"\1", target[3:]).strip("^$")] = group_name
+    layers: dict[str, dict[str, str]] = {}
+    for name, group_name in sorted(group_of.items()):
+        layer = vllm_layer(name)
+        if layer != name and not layer.endswith(".experts"):  # (the experts: ``expert_parts``)
+            layers.setdefault(layer, {})[name.rpartition(".")[2]] = group_name
+    if not any(len(members) > 1 for members in layers.values()):
+        return []
+    split = next(
+        (
+            f"{layer}: {', '.join(f'{member} in {group}' for member, group in members.items())}"
+            for layer, members in layers.items()
+            if len(set(members.values())) > 1
+        ),
+        None,
+    )
+    words = f"; {split}" if split is not None else ""
+    return [(f"compressed-tensors layers vLLM fuses ({len(layers)}{words})", "ct-fused", {"split": split})]
 
 
 MOE_WIDTHS = {"mixtral": "intermediate_size"}  # config key of an expert's width (else moe_intermediate_size)

@@ -136,6 +136,16 @@ def test_symmetric_mixed_schemes_export_as_compressed_tensors_and_load_in_transf
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     torch.testing.assert_close(theirs(x).logits, expected, rtol=1e-5, atol=1e-5)
 
+    checkpoint = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert all(v.loads for v in verdicts(checkpoint))  # 2-bit: vLLM's newest releases (a caveat)
+    groups = checkpoint["quantization_config"]["config_groups"]
+    eight = next(g for g in groups.values() if g["weights"]["num_bits"] == 8)
+    moved = r"re:^model\.layers\.0\.self_attn\.k_proj$"
+    eight["targets"].remove(moved)
+    next(g for g in groups.values() if g["weights"]["num_bits"] == 2)["targets"].append(moved)
+    split = [v for v in verdicts(checkpoint, ("vllm",)) if "layers vLLM fuses" in v.part]
+    assert len(split) == 1 and not split[0].loads and "model.layers.0.self_attn.qkv_proj: k_proj in" in split[0].part
+
 
 def test_a_fused_layer_with_two_schemes_is_refused_in_one_line(tiny_llama, tmp_path, registered):
     register_mixed(registered, "split_rtn", ((r"model\.layers\.1\.mlp\.gate_proj", (8, 64)),))

@@ -52,6 +52,7 @@ import re
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
+from compressor.export.vllm_layers import EXPERT, vllm_layer
 from compressor.weights.values import UniformWeight, row_chunks
 
 QUANT_METHOD = "gptq"  # the export format's name and the config's quant_method
@@ -247,30 +248,6 @@ def read_module(
 
 # ----------------------------------------------------------------------------------------------
 # The config: one scheme, per-module overrides in ``dynamic``
-
-# The layers vLLM builds from several checkpoint linears, from its models' ``packed_modules_mapping``
-# (vllm/model_executor/models/llama.py and the families built like it: qkv_proj, gate_up_proj; deepseek_v2.py:
-# fused_qkv_a_proj), and the one MoE layer (``FusedMoE``) holding every expert of a block, named after the
-# checkpoint's experts module (``model.layers.3.mlp.experts``, Mixtral's ``...block_sparse_moe.experts``).
-# vLLM matches ``dynamic`` rules against these names, GPTQModel against the checkpoint's.
-VLLM_FUSED = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
-}
-EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.\d+\.[^.]+$")
-
-
-def vllm_layer(name: str) -> str:
-    """The vLLM layer serving the checkpoint's linear ``name``: ``model.layers.0.self_attn.k_proj`` ->
-    ``model.layers.0.self_attn.qkv_proj``, ``model.layers.0.mlp.experts.3.up_proj`` -> ``model.layers.0.mlp.experts``;
-    a linear vLLM does not fuse is its own layer."""
-    expert = EXPERT.match(name)
-    if expert:
-        return expert["layer"]
-    parent, _, leaf = name.rpartition(".")
-    fused = next((layer for layer, parts in VLLM_FUSED.items() if leaf in parts), None)
-    return f"{parent}.{fused}" if fused is not None and parent else name
 
 
 def layer_pattern(layer: str, members: list[str]) -> str:

@@ -187,7 +187,9 @@ def apply_here(
         # a dense export of a checkpoint with fused experts keeps transformers 5's names and layout (compressor/moe.py)
         fused = handle.fused_experts and recipe.export.format == "dense"
         rename = None if fused else functools.partial(checkpoint_name, handle.adapter)
-        writer = CheckpointWriter(directory, recipe.export, session.export_dtype, rename, fused_experts=fused)
+        writer = CheckpointWriter(
+            directory, recipe.export, session.export_dtype, rename, fused_experts=fused, gptq_first=session.gptq_first()
+        )
         report = session.run(sink=writer)
         ranks = distributed.gather(rank_numbers(session))
         if distributed.active:

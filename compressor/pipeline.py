@@ -214,13 +214,26 @@ class Session:
 
     def check_export_format(self, step: Step, linears: dict) -> None:
         """Refuse, before any work, weights the chosen export format cannot hold (GPTQ: 2/3/4/8-bit
-        uniform weights whose layers pack whole words)."""
+        uniform weights whose layers pack whole words, of one symmetry)."""
         if self.recipe.export.format == "gptq":
             from compressor.export import gptq
 
             problem = gptq.step_problem(step, linears)
+            other = next((s for s in self.recipe.steps if gptq.symmetry_differs(s, step)), None)
+            if problem is None and other is not None:
+                problem = f"symmetric: {step.symmetric}, and {other.name}'s is {other.symmetric}: a GPTQ config has one"
             if problem is not None:
                 raise ValueError(f"{problem}; export format 'gptq' cannot write it (use compressed-tensors, or dense)")
+
+    def gptq_first(self) -> bool:
+        """Whether export 'auto' writes every asymmetric uniform weight as GPTQ: some step may make asymmetric
+        weights below 4 bits, which go there (``export/codecs.py``), and the others must share their checkpoint."""
+        from compressor.export import gptq
+
+        return self.recipe.export.format == "auto" and any(
+            gptq.writes_low_asymmetric(step, model_dense_linears(self.handle, getattr(step, "ignore", [])))
+            for step in self.recipe.steps
+        )
 
     @contextmanager
     def blame(self, step: Step):

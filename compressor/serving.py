@@ -14,6 +14,7 @@ November 2026 (vLLM main, transformers 5.24).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,8 +228,8 @@ ROUTES: tuple[Route, ...] = (
         "FusedMoE's CompressedTensorsWNA16MarlinMoEMethod (or its Triton CompressedTensorsWNA16MoEMethod fallback)",
         requirements=(
             Rule(
-                "one scheme for every expert projection (FusedMoE stacks them; 'All MoE projections need to have same "
-                "quantization scheme')",
+                "one scheme for every expert projection of a layer (FusedMoE stacks them; 'All MoE projections need to "
+                "have same quantization scheme')",
                 lambda p: p["schemes"] == 1,
                 VLLM_MOE,
             ),
@@ -324,6 +325,21 @@ ROUTES: tuple[Route, ...] = (
             ),
         ),
     ),
+    Route(
+        "vllm",
+        "ct-fused",
+        "one scheme for each layer it fuses",
+        requirements=(
+            Rule(
+                "every layer it fuses (qkv_proj, gate_up_proj) in one config group, none of its members ignored "
+                "('Detected some but not all shards ... are quantized', 'All shards of fused layers to have the same "
+                "precision')",
+                lambda p: p["split"] is None,
+                "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py "
+                "(find_matched_target, _match_fused_layer), quantization/utils/quant_utils.py (is_layer_skipped)",
+            ),
+        ),
+    ),
     Route("vllm", "dense", "the model's own architecture, unquantized"),
     Route(
         "transformers",
@@ -374,6 +390,12 @@ ROUTES: tuple[Route, ...] = (
         "gptq",
         "its GPTQ quantizer with optimum and gptqmodel (gptqmodel's torch kernels on a CPU)",
         requirements=(
+            Rule(
+                "one scheme for every module: transformers' GPTQConfig drops the config's `dynamic` per-module "
+                "overrides, so optimum would build every layer at the config's own bits and group size",
+                lambda p: not p["override"],
+                "transformers/utils/quantization_config.py (GPTQConfig has no `dynamic`; checked in 5.25)",
+            ),
             Rule(
                 "the optimum and gptqmodel packages, which are not installed here (pip install optimum gptqmodel; "
                 "checked on the CPU with optimum 2.2.0 and gptqmodel 5.8.0: optimum 2.3 wants gptqmodel >= 7, which "
@@ -434,6 +456,7 @@ ROUTES: tuple[Route, ...] = (
         "the modeling code shipped with the checkpoint (trust_remote_code=True), or without it after `import "
         "compressor`",
     ),
+    Route("transformers", "ct-fused", "each linear by its own config group (transformers fuses none of them)"),
     Route("transformers", "dense", "the model's own architecture, unquantized"),
 )
 
@@ -466,6 +489,7 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                 shape = scheme_words(facts)
                 parts.append((f"compressed-tensors {name} ({shape})", "compressed-tensors", facts))
             parts.extend(expert_parts(config, quantization))
+            parts.extend(fused_parts(quantization))
             kv = quantization.get("kv_cache_scheme")
             if kv:
                 facts = {key: kv.get(key) for key in ("num_bits", "type", "strategy", "symmetric")}
@@ -473,15 +497,7 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
                     (f"KV cache ({kv.get('type')}{kv.get('num_bits')} per {kv.get('strategy')})", "ct-kv-cache", facts)
                 )
         elif method == "gptq":
-            facts = {
-                "bits": quantization.get("bits"),
-                "symmetric": quantization.get("sym", True),
-                "group_size": quantization.get("group_size", -1),
-                "format": quantization.get("checkpoint_format", "gptq"),
-                "gptq_stack": gptq_stack_installed(),
-            }
-            shape = f"{scheme_words(facts)}, {facts['format']}"
-            parts.append((f"GPTQ ({shape})", "gptq", facts))
+            parts.extend(gptq_parts(quantization))
         elif method == "compressor":
             parts.append((f"compressor native format ({quantization.get('format', 'lut')})", "compressor", {}))
             rotated = quantization.get("online_hadamard") or {}
@@ -530,35 +546,98 @@ def checkpoint_parts(config: dict) -> list[tuple[str, str, dict]]:
     return parts
 
 
+def gptq_parts(quantization: dict) -> list[tuple[str, str, dict]]:
+    """A GPTQ checkpoint's own scheme, then each other scheme its positive ``dynamic`` rules give some layers
+    (per-module overrides, ``export/gptq.py``): every one must be servable."""
+    own = {
+        "bits": quantization.get("bits"),
+        "symmetric": quantization.get("sym", True),
+        "group_size": quantization.get("group_size", -1),
+        "format": quantization.get("checkpoint_format", "gptq"),
+        "gptq_stack": gptq_stack_installed(),
+        "override": False,
+    }
+    parts = [(f"GPTQ ({scheme_words(own)}, {own['format']})", "gptq", own)]
+    overrides: dict[tuple, list] = {}
+    for pattern, rule in (quantization.get("dynamic") or {}).items():
+        if pattern.startswith("-:") or not {"bits", "group_size", "sym"} & set(rule):
+            continue  # a dense module, or a rule that changes no scheme
+        facts = own | {"bits": rule.get("bits", own["bits"]), "group_size": rule.get("group_size", own["group_size"])}
+        facts |= {"symmetric": rule.get("sym", own["symmetric"]), "override": True}
+        overrides.setdefault((facts["bits"], facts["group_size"], facts["symmetric"]), [facts, 0])[1] += 1
+    for facts, rules in overrides.values():
+        parts.append((f"GPTQ dynamic override ({scheme_words(facts)}, {rules} rules)", "gptq", facts))
+    return parts
+
+
+def fused_parts(quantization: dict) -> list[tuple[str, str, dict]]:
+    """The linears vLLM fuses into one layer (``export/vllm_layers.py``: qkv_proj, gate_up_proj) among those a
+    compressed-tensors config names one by one (per-module targets, ``ignore``): one group each, or a split."""
+    from compressor.export.vllm_layers import vllm_layer
+
+    group_of = {name: "ignore" for name in quantization.get("ignore") or []}
+    for group_name, group in quantization.get("config_groups", {}).items():
+        for target in group.get("targets", []):
+            if target.startswith("re:"):
+                group_of[re.sub(r"\\(.)", r"\1", target[3:]).strip("^$")] = group_name
+    layers: dict[str, dict[str, str]] = {}
+    for name, group_name in sorted(group_of.items()):
+        layer = vllm_layer(name)
+        if layer != name and not layer.endswith(".experts"):  # (the experts: ``expert_parts``)
+            layers.setdefault(layer, {})[name.rpartition(".")[2]] = group_name
+    if not any(len(members) > 1 for members in layers.values()):
+        return []
+    split = next(
+        (
+            f"{layer}: {', '.join(f'{member} in {group}' for member, group in members.items())}"
+            for layer, members in layers.items()
+            if len(set(members.values())) > 1
+        ),
+        None,
+    )
+    words = f"; {split}" if split is not None else ""
+    return [(f"compressed-tensors layers vLLM fuses ({len(layers)}{words})", "ct-fused", {"split": split})]
+
+
 MOE_WIDTHS = {"mixtral": "intermediate_size"}  # config key of an expert's width (else moe_intermediate_size)
 
 
 def expert_parts(config: dict, quantization: dict) -> list[tuple[str, str, dict]]:
-    """The quantized routed experts of a MoE model (compressed-tensors): serving engines fuse them, so every expert
-    projection must share one scheme, which the config groups covering ``.experts.`` modules say."""
+    """The quantized routed experts of a MoE model (compressed-tensors), one part per scheme: serving engines fuse a
+    layer's experts, so every expert projection of a layer must share one scheme (layers may differ: vLLM resolves
+    each FusedMoE layer's own, ``get_moe_method``), which the config groups covering ``.experts.`` modules say."""
     width = config.get(MOE_WIDTHS.get(config.get("model_type"), "moe_intermediate_size"))
     if not width or not any(config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
         return []
-    groups = [
-        group
-        for group in quantization.get("config_groups", {}).values()
-        if any(t == "Linear" or ".experts." in t for t in group.get("targets", []))
-    ]
+    by_layer: dict[str, set[str]] = {}  # experts module ("*": every one, a "Linear" target) -> its schemes
+    groups: dict[str, dict] = {}
+    for group in quantization.get("config_groups", {}).values():
+        scheme = json.dumps(group.get("weights"), sort_keys=True)
+        for target in group.get("targets", []):
+            name = re.sub(r"\\(.)", r"\1", target.removeprefix("re:"))  # a regex of one module name, unescaped
+            expert = re.match(r"^\^?(.*\.experts)\.\d+\.", name)
+            if target == "Linear" or expert is not None:
+                by_layer.setdefault("*" if expert is None else expert[1], set()).add(scheme)
+                groups[scheme] = group
     if not groups:
         return []
-    weights = groups[0].get("weights") or {}
-    facts = {
-        "schemes": len({json.dumps(g.get("weights"), sort_keys=True) for g in groups}),
-        "type": weights.get("type", "int"),
-        "bits": weights.get("num_bits"),
-        "symmetric": weights.get("symmetric", True),
-        "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
-        "activations": any(g.get("input_activations") is not None for g in groups),
-        "hidden_size": config.get("hidden_size", 0),
-        "intermediate_size": width,
-    }
-    shape = scheme_words(facts) if facts["schemes"] == 1 else f"{facts['schemes']} schemes"
-    return [(f"routed experts ({shape}, width {width})", "moe-experts", facts)]
+    most = max(len(schemes | by_layer.get("*", set())) for schemes in by_layer.values())
+    parts = []
+    for group in groups.values():
+        weights = group.get("weights") or {}
+        facts = {
+            "schemes": most,
+            "type": weights.get("type", "int"),
+            "bits": weights.get("num_bits"),
+            "symmetric": weights.get("symmetric", True),
+            "group_size": weights.get("group_size") if weights.get("strategy") == "group" else -1,
+            "activations": group.get("input_activations") is not None,
+            "hidden_size": config.get("hidden_size", 0),
+            "intermediate_size": width,
+        }
+        mixed = f", {most} schemes in one layer" if most > 1 else ""
+        parts.append((f"routed experts ({scheme_words(facts)}, width {width}{mixed})", "moe-experts", facts))
+    return parts
 
 
 def float_group_part(name: str, group: dict) -> tuple[str, str, dict]:

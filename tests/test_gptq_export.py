@@ -129,14 +129,25 @@ def test_bad_gptq_exports_are_refused_in_one_line(tiny_llama, tmp_path):
         {
             "steps": [
                 {"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*self_attn*"]}},
-                {"rtn": {"bits": 8, "group_size": 32, "ignore": ["lm_head", "*mlp*"]}},
+                {"rtn": {"bits": 4, "group_size": 32, "symmetric": False, "ignore": ["lm_head", "*mlp*"]}},
             ],
             "export": {"format": "gptq"},
         }
     )
-    with pytest.raises(ExportError, match="one bit width"):
+    with pytest.raises(StepError, match=r"steps\[0\]\.rtn\.symmetric: True, and rtn's is False: a GPTQ config has one"):
         apply(mixed, tiny_llama, tmp_path / "mixed", progress=False)
-    assert not (tmp_path / "w5").exists() and not (tmp_path / "mixed").exists()
+    split = Recipe.from_dict(  # q_proj at 8 bits, k_proj and v_proj at 4: vLLM's qkv_proj takes one scheme
+        {
+            "steps": [
+                {"rtn": {"bits": 4, "group_size": 32, "ignore": ["lm_head", "*q_proj"]}},
+                {"rtn": {"bits": 8, "group_size": 32, "ignore": ["lm_head", "*[!q]_proj"]}},
+            ],
+            "export": {"format": "gptq"},
+        }
+    )
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.qkv_proj: vLLM serves .* as one layer"):
+        apply(split, tiny_llama, tmp_path / "split", progress=False)
+    assert not any((tmp_path / name).exists() for name in ("w5", "mixed", "split"))
 
 
 def test_the_serving_check_knows_gptq():

@@ -44,8 +44,17 @@ COPIED_FILES = (
 
 
 class CheckpointWriter:
-    def __init__(self, directory: Path, export_config, export_dtype: torch.dtype, rename=None, fused_experts=False):
+    def __init__(
+        self,
+        directory: Path,
+        export_config,
+        export_dtype: torch.dtype,
+        rename=None,
+        fused_experts=False,
+        gptq_first=False,
+    ):
         self.directory = Path(directory)
+        self.gptq_first = gptq_first  # export 'auto' writes asymmetric uniform weights as GPTQ (codecs.codec_for)
         # in-memory module name -> the checkpoint's (Mixtral's experts: compressor.moe.checkpoint_name)
         self.rename = rename or (lambda name: name)
         self.format = export_config.format
@@ -125,7 +134,7 @@ class CheckpointWriter:
         if self.format == "dense":
             self.shards.add(f"{name}.weight", weight.dequantize(self.dtype))
             return
-        codec = codec_for(weight, self.format, module if module.quantizes_inputs else None)
+        codec = codec_for(weight, self.format, module if module.quantizes_inputs else None, self.gptq_first)
         if codec is None:
             why = (
                 f" ({gptq.shape_problem(weight)})"

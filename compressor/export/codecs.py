@@ -21,7 +21,8 @@ up by the checkpoint's ``quant_method``.
 ``auto`` picks, per value, the first format of ``AUTO`` that stores it (compressed-tensors, which engines
 serve, before ours), except asymmetric 2- and 3-bit uniform weights, which no compressed-tensors reader
 serves (vLLM's WNA16 takes zero points at 4/8 bits only, transformers' loader none) and which go to GPTQ
-first (when their shape packs).
+first (when their shape packs), and with them every asymmetric uniform weight of a run that may make such
+weights (a bit allocation mixing 2- and 8-bit layers: ``gptq_first``).
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ AUTO = (compressed_tensors, native)  # the formats ``auto`` tries, in order
 FORMATS = {codec.QUANT_METHOD: codec for codec in (compressed_tensors, gptq, native)}
 
 
-def codec_for(weight, format: str = "auto", quantized_inputs: bool = False):
+def codec_for(weight, format: str = "auto", quantized_inputs: bool = False, gptq_first: bool = False):
     """The codec that writes ``weight`` in export ``format``, or None when that format cannot store it.
-    A layer whose inputs are quantized or channel-mapped (W+A) goes to a format with an input side."""
+    A layer whose inputs are quantized or channel-mapped (W+A) goes to a format with an input side.
+    ``gptq_first``: the run may make asymmetric weights below 4 bits (``gptq.writes_low_asymmetric``), so under
+    ``auto`` every asymmetric uniform weight goes to GPTQ with them (one checkpoint, one format: a bit
+    allocation's 8-bit layers beside its 2-bit ones)."""
+    low = weight.kind == "uniform" and not weight.symmetric and (weight.bits < 4 or gptq_first)
     if format != "auto":
         candidates = (FORMATS.get(format),)
-    elif not quantized_inputs and weight.kind == "uniform" and not weight.symmetric and weight.bits < 4:
+    elif not quantized_inputs and low:
         candidates = (gptq, *AUTO)
     else:
         candidates = AUTO

@@ -272,6 +272,20 @@ def scheme_of(entry: dict) -> tuple[str, dict, dict | None]:
     return (*scheme, entry.get("input_activations"))
 
 
+# vLLM resolves a MoE layer's scheme from the names ``{experts}.0.gate_proj`` / ``.0.up_proj`` / ``.0.down_proj``
+# (compressed_tensors_moe.py ``get_moe_method``) whatever the checkpoint calls them: Mixtral's w1 / w3 / w2
+VLLM_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def target(name: str) -> str:
+    """The config group target of module ``name``: its name, and for a Mixtral expert projection also the name vLLM
+    looks its scheme up by."""
+    expert = re.match(r"^(.*\.experts\.\d+)\.(w[123])$", name)
+    if expert is None:
+        return f"re:^{re.escape(name)}$"
+    return f"re:^{re.escape(expert[1])}\\.(?:{expert[2]}|{VLLM_EXPERT_NAMES[expert[2]]})$"
+
+
 def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
     """``modules`` maps each quantized linear's name to its ``module_entry`` (and input side); one group per
     scheme, each with its format (the config's ``format`` is theirs, or "mixed-precision")."""
@@ -286,7 +300,7 @@ def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
         format, weights, input_activations = json.loads(key)
         formats.add(format)
         groups[f"group_{number}"] = {
-            "targets": ["Linear"] if single else [f"re:^{re.escape(name)}$" for name in sorted(names)],
+            "targets": ["Linear"] if single else [target(name) for name in sorted(names)],
             "weights": weights,
             "input_activations": input_activations,
             "output_activations": None,

@@ -31,16 +31,28 @@ Which vLLM serves what (see ``compressor/serving.py``): vLLM's GPTQ went to Marl
 vllm-project/vllm#38288 (2026), which take 4- and 8-bit symmetric weights; 2/3-bit and asymmetric
 GPTQ checkpoints load in the releases before it (``gptq.py``'s ``gptq_gemm``) and in transformers.
 
-One checkpoint holds one (bits, group size, symmetry): the config has one of each. Shapes must
-pack whole words: K and N multiples of 32 (of 32/b is enough at 2/4/8 bits) and K a multiple of
-the group size; weights that do not fit are refused before anything is written (``supports``).
+Mixed precision (per-module bits and group sizes, one symmetry) is written the way vLLM and GPTQModel
+read it: the config's ``bits``/``group_size`` are the scheme covering the most weights, and every other
+module gets a positive ``dynamic`` rule ``"+:REGEX": {"bits": b, "group_size": g}``; a dense linear inside
+the blocks gets a negative one ``"-:REGEX": {}``. Both readers take the first rule whose regex
+``re.match``es the layer's name (vllm ``quantization/utils/gptq_utils.py`` ``get_dynamic_override``,
+GPTQModel ``quantization/config.py`` ``dynamic_get``), but vLLM names its fused layers (``qkv_proj``,
+``gate_up_proj``, a MoE layer's ``experts``) while GPTQModel names the checkpoint's modules: each rule
+matches both (``vllm_layer``), so the members of a fused layer must share one scheme (else the export is
+refused). transformers' ``GPTQConfig`` drops ``dynamic`` (5.25), so it loads single-scheme checkpoints only.
+The config has one ``sym``: mixed symmetry is refused. Shapes must pack whole words: K and N multiples of
+32 (of 32/b is enough at 2/4/8 bits) and K a multiple of the group size; weights that do not fit are
+refused before anything is written (``supports``).
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
+from compressor.export.vllm_layers import EXPERT, vllm_layer
 from compressor.weights.values import UniformWeight, row_chunks
 
 QUANT_METHOD = "gptq"  # the export format's name and the config's quant_method
@@ -69,22 +81,49 @@ def shape_problem(weight) -> str | None:
     return None
 
 
+def step_schemes(step, in_features: int) -> list[tuple[int, int]]:
+    """The (bits, group size) schemes a uniform quantizer step may give a linear of this input width: its own, or
+    with a bit allocation (``allocates``) every candidate it chooses from (``candidate_schemes``)."""
+    if getattr(step, "allocates", False):
+        return list(step.candidate_schemes(in_features))
+    return [(step.bits, step.group_size)]
+
+
 def step_problem(step, linears: dict) -> str | None:
     """Why the weights a recipe step makes cannot be written as GPTQ, from its settings and the
     linears it will see (weights on meta), before any work; None when they can (or it makes none)."""
-    bits = getattr(step, "bits", None)
-    if bits is None:
+    if getattr(step, "bits", None) is None:
         return None
     if not hasattr(step, "symmetric"):
         return f"{step.name} makes non-uniform weights, which GPTQ cannot hold"
-    if bits not in BITS:
-        return f"bits: {bits}-bit weights have no GPTQ layout ({', '.join(map(str, BITS))} bits)"
-    unit = words_multiple(bits)
+    if getattr(step, "float_grid", None) is not None:
+        return f"grid: {step.grid} weights are floats, which GPTQ cannot hold"
+    widths = ", ".join(map(str, BITS))
+    if step.bits not in BITS:
+        return f"bits: {step.bits}-bit weights have no GPTQ layout ({widths} bits)"
     for name, module in linears.items():
-        if module.in_features % unit or module.out_features % unit:
-            size = f"{module.out_features}x{module.in_features}"
-            return f"{name} is {size}: GPTQ packs {unit} values at a time along both dimensions"
+        for bits, _ in step_schemes(step, module.in_features):
+            if bits not in BITS:
+                return f"schemes: {bits}-bit weights have no GPTQ layout ({widths} bits)"
+            unit = words_multiple(bits)
+            if module.in_features % unit or module.out_features % unit:
+                size = f"{module.out_features}x{module.in_features}"
+                return f"{name} is {size}: GPTQ packs {unit} values at a time along both dimensions ({bits} bits)"
     return None
+
+
+def symmetry_differs(step, other) -> bool:
+    """Whether two uniform quantizer steps make weights of different symmetry (one GPTQ config has one ``sym``)."""
+    uniform = [getattr(s, "bits", None) is not None and hasattr(s, "symmetric") for s in (step, other)]
+    return all(uniform) and step.symmetric != other.symmetric
+
+
+def writes_low_asymmetric(step, linears: dict) -> bool:
+    """Whether a step may make asymmetric weights below 4 bits, which export ``auto`` writes as GPTQ (and with
+    them every other asymmetric uniform weight of the checkpoint, which has one format)."""
+    if getattr(step, "bits", None) is None or getattr(step, "symmetric", True):
+        return False
+    return any(bits < 4 for module in linears.values() for bits, _ in step_schemes(step, module.in_features))
 
 
 def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -163,11 +202,13 @@ def supports(weight, quantized_inputs: bool = False) -> bool:
 
 
 def module_entry(weight: UniformWeight) -> dict:
+    n, k = weight.shape
     return {
         "bits": weight.bits,
         "group_size": weight.group_size,
         "symmetric": weight.symmetric,
         "checkpoint_format": checkpoint_format_for(weight),
+        "weights": n * k,  # (which scheme covers the most weights becomes the config's own)
     }
 
 
@@ -175,39 +216,99 @@ def to_tensors(weight: UniformWeight, scale_dtype: torch.dtype) -> dict[str, tor
     return to_gptq_tensors(weight, checkpoint_format_for(weight), scale_dtype)
 
 
+def module_scheme(quantization_config: dict, name: str) -> tuple[int, int, bool] | None:
+    """(bits, group size, symmetric) of the checkpoint's module ``name``: the config's, overridden by the first
+    ``dynamic`` rule whose regex ``re.match``es the name, as vLLM and GPTQModel read it; None when that rule is
+    negative (the module is dense)."""
+    scheme = {"bits": quantization_config["bits"], "group_size": quantization_config["group_size"]}
+    scheme["sym"] = quantization_config.get("sym", True)
+    for pattern, overrides in (quantization_config.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return None
+        elif re.match(pattern.removeprefix("+:"), name):
+            scheme.update({key: value for key, value in overrides.items() if key in scheme})
+            break
+    return scheme["bits"], scheme["group_size"], scheme["sym"]
+
+
 def read_module(
     tensors: dict[str, torch.Tensor], quantization_config: dict, name: str, dtype: torch.dtype
 ) -> UniformWeight:
+    scheme = module_scheme(quantization_config, name)
+    if scheme is None:
+        raise ValueError(f"{name}: has packed GPTQ tensors, but a negative dynamic rule says it is dense")
+    bits, group_size, symmetric = scheme
     weight = from_gptq_tensors(
-        tensors,
-        quantization_config["bits"],
-        quantization_config["group_size"],
-        quantization_config["sym"],
-        quantization_config.get("checkpoint_format", "gptq"),
+        tensors, bits, group_size, symmetric, quantization_config.get("checkpoint_format", "gptq")
     )
     weight.scales = weight.scales.to(dtype)
     return weight
 
 
-def scheme_problem(modules: dict[str, dict]) -> str | None:
-    """Why these module entries cannot share one GPTQ config, or None."""
-    schemes = {(e["bits"], e["group_size"], e["symmetric"]) for e in modules.values()}
-    if len(schemes) > 1:
-        listed = "; ".join(f"{b}-bit group {g} {'symmetric' if s else 'asymmetric'}" for b, g, s in sorted(schemes))
-        return f"a GPTQ checkpoint has one bit width, group size and symmetry, these modules have several ({listed})"
+# ----------------------------------------------------------------------------------------------
+# The config: one scheme, per-module overrides in ``dynamic``
+
+
+def layer_pattern(layer: str, members: list[str]) -> str:
+    """The regex of a ``dynamic`` rule for vLLM layer ``layer`` and its checkpoint linears ``members``: it
+    ``re.match``es the layer's name and each member's, and nothing else of the model."""
+    if EXPERT.match(members[0]):
+        projections = "|".join(sorted({re.escape(m.rpartition(".")[2]) for m in members}))
+        return rf"^{re.escape(layer)}(?:\.\d+\.(?:{projections}))?$"
+    if members == [layer]:
+        return rf"^{re.escape(layer)}$"
+    leaves = "|".join(sorted({re.escape(name.rpartition(".")[2]) for name in [layer, *members]}))
+    return rf"^{re.escape(layer.rpartition('.')[0])}\.(?:{leaves})$"
+
+
+def scheme_words(bits: int, group_size: int) -> str:
+    return f"{bits}-bit group {group_size}"
+
+
+def scheme_problem(modules: dict[str, dict], dense: list[str] = ()) -> str | None:
+    """Why these module entries (and the dense linears ``dense`` inside the blocks) cannot share one GPTQ
+    config, or None: the config has one ``sym``, and every vLLM layer takes one scheme (or stays dense)."""
+    symmetry = {name: e["symmetric"] for name, e in modules.items()}
+    if len(set(symmetry.values())) > 1:
+        sym = next(n for n, s in symmetry.items() if s)
+        asym = next(n for n, s in symmetry.items() if not s)
+        return f"a GPTQ config has one `sym`, and {sym} is symmetric while {asym} is asymmetric"
+    for layer, members in layers_of([*modules, *dense]).items():
+        schemes: dict[str, list[str]] = {}
+        for name in members:
+            entry = modules.get(name)
+            words = "dense" if entry is None else scheme_words(entry["bits"], entry["group_size"])
+            schemes.setdefault(words, []).append(name.rpartition(".")[2])
+        if len(schemes) > 1:
+            listed = "; ".join(f"{words}: {', '.join(names)}" for words, names in sorted(schemes.items()))
+            return f"{layer}: vLLM serves {', '.join(members)} as one layer, which takes one scheme ({listed})"
     return None
 
 
-def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
-    """The config of a GPTQ checkpoint. ``ignore`` lists the dense linears; those inside the blocks
-    are left out of ``modules_in_block_to_quantize`` (optimum, transformers) and named by negative
-    ``dynamic`` rules (vLLM's and gptqmodel's per-module overrides)."""
-    import re
+def layers_of(names) -> dict[str, list[str]]:
+    """vLLM layer -> the checkpoint linears it serves (``vllm_layer``), sorted."""
+    layers: dict[str, list[str]] = {}
+    for name in sorted(names):
+        layers.setdefault(vllm_layer(name), []).append(name)
+    return layers
 
-    problem = scheme_problem(modules)
+
+def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
+    """The config of a GPTQ checkpoint. Its ``bits`` and ``group_size`` are the scheme covering the most weights;
+    every vLLM layer of another scheme gets a positive ``dynamic`` rule with its own. ``ignore`` lists the dense
+    linears; those inside the blocks are left out of ``modules_in_block_to_quantize`` (optimum, transformers)
+    and named by negative ``dynamic`` rules (vLLM's and gptqmodel's per-module overrides)."""
+    dense_in_blocks = sorted(name for name in ignore if block_suffix(name) != name)
+    problem = scheme_problem(modules, dense_in_blocks)
     if problem is not None:
         raise ValueError(problem)
-    bits, group_size, symmetric = next((e["bits"], e["group_size"], e["symmetric"]) for e in modules.values())
+    weights: dict[tuple[int, int], int] = {}
+    for entry in modules.values():
+        scheme = (entry["bits"], entry["group_size"])
+        weights[scheme] = weights.get(scheme, 0) + entry.get("weights", 1)
+    bits, group_size = max(sorted(weights), key=lambda scheme: weights[scheme])
+    symmetric = next(iter(modules.values()))["symmetric"]
     checkpoint_format = "gptq" if all(e["checkpoint_format"] == "gptq" for e in modules.values()) else "gptq_v2"
     config = {
         "quant_method": QUANT_METHOD,
@@ -223,9 +324,9 @@ def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
         "pack_dtype": "int32",
         "lm_head": False,
     }
-    suffixes = sorted({block_suffix(name) for name in modules})
-    dense_in_blocks = [name for name in ignore if block_suffix(name) != name]
+    dynamic = {}
     if dense_in_blocks:
+        suffixes = sorted({block_suffix(name) for name in modules})
         mixed = sorted({block_suffix(name) for name in dense_in_blocks} & set(suffixes))
         if mixed:
             raise ValueError(
@@ -233,13 +334,17 @@ def quantization_config(modules: dict[str, dict], ignore: list[str]) -> dict:
                 "modules_in_block_to_quantize cannot say"
             )
         config["modules_in_block_to_quantize"] = [suffixes]
-        config["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in sorted(dense_in_blocks)}
+        dynamic.update({f"-:{layer_pattern(layer, names)}": {} for layer, names in layers_of(dense_in_blocks).items()})
+    for layer, names in layers_of(modules).items():
+        entry = modules[names[0]]
+        if (entry["bits"], entry["group_size"]) != (bits, group_size):
+            dynamic[f"+:{layer_pattern(layer, names)}"] = {"bits": entry["bits"], "group_size": entry["group_size"]}
+    if dynamic:
+        config["dynamic"] = dynamic
     return config
 
 
 def block_suffix(name: str) -> str:
     """``model.layers.3.mlp.up_proj`` -> ``mlp.up_proj`` (a name outside the blocks is returned as is)."""
-    import re
-
     match = re.match(r"^.*?\.\d+\.(.+)$", name)
     return match.group(1) if match else name

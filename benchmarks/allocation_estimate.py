@@ -145,7 +145,7 @@ def main() -> None:
             f"{sum(r['kl'] for r in units):.4g}, all together {rows[-1]['kl']:.4g}; largest unit layer "
             f"{top['layer']} {top['unit']}: {top['kl'] / sum(r['kl'] for r in units):.1%} of the sum"
         )
-    Path(args.output).write_text(json.dumps(rows, indent=1))
+        Path(args.output).write_text(json.dumps(rows, indent=1))  # after each scheme
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def markdown_table(record: dict) -> str:
                 number(row["size_bytes"] / 2**20, ".2f"),
                 number(row["perplexity"], ".3f"),
                 number(row["gap"], "+.3f"),
-                number(row["kl"], ".4f"),
+                number(row["kl"], ".2g"),  # two significant digits: the small KLs (mixed precision) stay visible
                 number(row.get("seconds"), ".1f"),
                 number(row.get("peak_memory_gib"), ".2f"),
                 "; ".join([*(row.get("notes") or []), *measured(row)]),

@@ -152,3 +152,18 @@ def test_a_layers_experts_share_one_scheme(tmp_path, calibration_file):
     for layer in range(2):
         experts = {value for name, value in bits.items() if f"layers.{layer}." in name and ".experts." in name}
         assert len(experts) == 1, (layer, experts)
+
+
+@pytest.mark.slow
+def test_rtn_takes_the_same_keys_and_its_allocation_beats_rtn_everywhere(tmp_path):
+    """RTN with ``bits_per_weight`` (the allocation scores RTN's own error): on the demo at w2g64's bits, exported
+    and read back, a KL at most 0.7x RTN-w2g64's everywhere, within the budget."""
+    step = "bits: 2, group_size: 64, symmetric: false, ignore: [lm_head]"
+    for name, keys in (("uniform", step), ("mixed", f"{step}, bits_per_weight: 2.28125")):
+        (tmp_path / f"{name}.yaml").write_text(recipe_text("demo", keys).replace("gptq:", "rtn:"))
+        apply(tmp_path / f"{name}.yaml", "demo", tmp_path / name, progress=False)
+    uniform, mixed = kl_on_demo(tmp_path / "uniform"), kl_on_demo(tmp_path / "mixed")
+    summary = json.loads((tmp_path / "mixed" / "report.json").read_text())["summary"]
+    print(f"RTN w2g64 KL {uniform:.6g}, allocated {mixed:.6g} at {summary['bits_per_weight']} bits/weight")
+    assert summary["bits_per_weight"] <= 2.28125 and "rtn_allocation" in summary
+    assert mixed <= 0.7 * uniform

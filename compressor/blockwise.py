@@ -37,7 +37,15 @@ from torch.nn import functional as F
 from compressor.arch import final_logits
 from compressor.arch.blocks import catch_block_inputs, first_output
 
-__all__ = ["BlockwiseModel", "InputHooks", "catch_block_inputs", "first_output", "next_token_loss", "run_block"]
+__all__ = [
+    "BlockwiseModel",
+    "InputHooks",
+    "catch_block_inputs",
+    "first_output",
+    "next_token_loss",
+    "run_block",
+    "weight_gradients",
+]
 
 
 class InputHooks:
@@ -62,6 +70,34 @@ class InputHooks:
         for handle in self.hooks:
             handle.remove()
         self.hooks = []
+
+
+@contextmanager
+def weight_gradients(modules: dict[str, nn.Module], take=None):
+    """While ``with`` lasts, each module's weight takes gradients (so ``BlockwiseModel.forward_backward`` runs the
+    backward through its block), each handed to ``take(name, grad)`` as soon as it is accumulated, then dropped:
+    no gradient outlives its hook. Afterwards the weights are frozen again."""
+
+    def hook(name):
+        def arrived(parameter):
+            if take is not None:
+                take(name, parameter.grad.detach())
+            parameter.grad = None
+
+        return arrived
+
+    handles = []
+    try:
+        for name, module in modules.items():
+            module.weight.requires_grad_(True)
+            handles.append(module.weight.register_post_accumulate_grad_hook(hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in modules.values():
+            module.weight.requires_grad_(False)
+            module.weight.grad = None
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from compressor.blockwise import InputHooks, run_block
+from compressor.blockwise import InputHooks, run_block, weight_gradients
 from compressor.moe import calibrating
 from compressor.step import Step, param
 from compressor.weights.values import SCALE_BITS, num_groups
@@ -103,7 +103,6 @@ def output_fisher(context: ModelContext, linears: dict[str, nn.Linear], batch_si
     sequence's loss). Gradients arrive block by block (``context.forward_backward``); weight gradients are
     dropped as they come."""
     sums = {name: torch.zeros(linear.out_features) for name, linear in linears.items()}
-    handles = []
 
     def watch(name):
         def hook(module, args, output):
@@ -115,30 +114,22 @@ def output_fisher(context: ModelContext, linears: dict[str, nn.Linear], batch_si
     def add_squares(total, grad):  # returns None: the gradient flows on unchanged
         total.add_(grad.detach().float().square().flatten(0, -2).sum(0).cpu())
 
-    def drop(parameter):
-        parameter.grad = None
-
     def summed_loss(logits, input_ids):
         return nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum"
         )
 
+    handles = [linear.register_forward_hook(watch(name)) for name, linear in linears.items()]
     try:
-        for name, linear in linears.items():
-            linear.weight.requires_grad_(True)  # so the backward reaches every block
-            handles.append(linear.weight.register_post_accumulate_grad_hook(drop))
-            handles.append(linear.register_forward_hook(watch(name)))
-        tokens = context.calibration_tokens()
-        with context.progress(len(tokens), "output Fisher", "sequence") as progress:
-            for batch in tokens.split(batch_size):
-                context.forward_backward(batch, summed_loss)
-                progress.update(len(batch))
+        with weight_gradients(linears):  # the backward reaches every block; weight gradients dropped as they come
+            tokens = context.calibration_tokens()
+            with context.progress(len(tokens), "output Fisher", "sequence") as progress:
+                for batch in tokens.split(batch_size):
+                    context.forward_backward(batch, summed_loss)
+                    progress.update(len(batch))
     finally:
         for handle in handles:
             handle.remove()
-        for linear in linears.values():
-            linear.weight.requires_grad_(False)
-            linear.weight.grad = None
     for total in sums.values():
         context.run.distributed.all_reduce_sum(total)
     return sums

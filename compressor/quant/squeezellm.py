@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from compressor.blockwise import weight_gradients
 from compressor.modules.linear import QuantizedLinear
 from compressor.quant.codebook import INITS, LUT_DTYPES, assign, fisher_weighted_kmeans
 from compressor.step import Step, param, register_step
@@ -138,29 +139,15 @@ def fisher_diagonal(
     layer). Each square is formed in fp32; a bf16 accumulator rounds every partial sum. ``progress``
     (a ``Progress``) counts the sequences with their loss."""
     fisher = {name: torch.zeros(module.weight.shape, dtype=dtype, device=store) for name, module in modules.items()}
-    handles = []
 
-    def accumulate(name):
-        def hook(parameter):
-            fisher[name].add_(parameter.grad.detach().float().square().to(store))
-            parameter.grad = None
+    def accumulate(name, grad):
+        fisher[name].add_(grad.float().square().to(store))
 
-        return hook
-
-    try:
-        for name, module in modules.items():
-            module.weight.requires_grad_(True)
-            handles.append(module.weight.register_post_accumulate_grad_hook(accumulate(name)))
+    with weight_gradients(modules, accumulate):
         for sample in tokens.split(1):
             loss = context.forward_backward(sample)
             if progress is not None:
                 progress.update(loss=loss)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module in modules.values():
-            module.weight.requires_grad_(False)
-            module.weight.grad = None
     return fisher
 
 

@@ -82,13 +82,16 @@ def fits(in_features: int, group_size: int) -> bool:
 
 
 def unit_of(adapter, path: str) -> str:
-    """The unit (path in the block) of a linear: its serving-fused group (``adapter.fused_groups``: q/k/v ->
-    ``q_proj+k_proj+v_proj``), the experts module for any expert projection, else the linear itself."""
+    """The unit (its name in the block) of a linear: its serving-fused group (``adapter.fused_groups``: q/k/v ->
+    ``self_attn.q_proj+k_proj+v_proj``), the experts module for any expert projection, else the linear itself."""
     if adapter.experts is not None and path.startswith(adapter.experts.experts + "."):
         return adapter.experts.experts
     for group in adapter.fused_groups:
         paths = [adapter.linears[role] for role in group if role in adapter.linears]
         if path in paths:
+            parents = {p.rpartition(".")[0] for p in paths}
+            if len(parents) == 1:  # one module holds them all: name it once
+                return f"{parents.pop()}.{'+'.join(p.rpartition('.')[2] for p in paths)}".lstrip(".")
             return "+".join(paths)
     return path
 
@@ -318,7 +321,13 @@ class BitAllocation(Step):
             schemes.update({name: scheme for name in names})
             bits, cost = table[unit][chosen[unit]]
             numel = sum(linears[n].weight.numel() for n in names)
-            context.record(unit, scheme=scheme_name(*scheme), bits_per_weight=bits / numel, estimated_kl=cost)
+            context.run.report.add_row(  # its own step name: the report's table shows units apart from the linears
+                step=f"{self.name} allocation",
+                module=unit,
+                scheme=scheme_name(*scheme),
+                bits_per_weight=bits / numel,
+                estimated_kl=cost,
+            )
         context.state["schemes"] = schemes
         spent = sum(table[u][chosen[u]][0] for u in units)
         estimated = sum(table[u][chosen[u]][1] for u in units)

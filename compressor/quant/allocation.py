@@ -15,8 +15,11 @@ the KL's Hessian, with the true next tokens: the empirical Fisher, as SqueezeLLM
 ``E[dy_j^2] = (D H D^T)_jj / tokens`` with ``D = Q - W`` the candidate's weight error and ``H = sum x x^T``
 the linear's input Hessian: the very error GPTQ minimises, weighted per output channel by how much the
 model's prediction depends on it. Each candidate (``schemes``, plus the step's own ``bits``/``group_size``)
-is solved by the step itself (GPTQ with its settings) on the original model's inputs, so the estimate
-sees GPTQ's error, which differs from RTN's by a factor of 2 to 150 from layer to layer on our models.
+is solved by the step itself (GPTQ with its settings, or RTN) on the original model's inputs, so the estimate
+sees GPTQ's error, which differs from RTN's by a factor of 2 to 150 from layer to layer on our models. An
+expert sees only the tokens routed to it: its Fisher and Hessian sums run over those, ``T_e`` tokens.
+Defaults: ``bits_per_weight`` 0 (off); ``schemes`` w2g128, w2g64, w3g128, w3g64, w4g128, w4g64, w8g128 (group
+sizes every serving kernel takes; 5-7 bits left out: no engine serves them).
 Measured on two trained models (benchmarks/results/beat-gptq/): per-group estimates within 0.5-1.2x of
 the KL measured by quantizing that group alone, log-correlation 0.997, and the KLs add up (sum of the
 groups alone = the whole model quantized, within 1 %).

@@ -453,3 +453,28 @@ def test_a_model_step_that_commits_nothing_says_that_it_runs_again(tmp_path, tin
         "resume: model step squeezellm does not commit its progress; it runs again",
         f"resume: no interrupted run of {tmp_path / 'both'} to continue; starting from the beginning",
     ]
+
+
+@pytest.mark.slow
+def test_a_resumed_bit_allocation_writes_identical_shards(tmp_path, tiny_llama, calibration_file):
+    """GPTQ with ``bits_per_weight``: the allocation runs before the layer pass and again on --resume (nothing in
+    it is random), so a run killed in block 1 and resumed writes the uninterrupted run's bytes."""
+    allocated = "  - gptq: {bits: 2, group_size: 32, symmetric: false, bits_per_weight: 3.0, schemes: [w4g32, w8g32]}\n"
+    whole = write_recipe(tmp_path, calibration_file, allocated, "whole.yaml")
+    result = run("-m", "compressor", "apply", str(whole), str(tiny_llama), "-o", str(tmp_path / "whole"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    recipe = write_recipe(tmp_path, calibration_file, allocated + "  - die_at: {}\n")
+    output = tmp_path / "out"
+    arguments = ["-m", "tests.distributed_helper", "apply", str(recipe), str(tiny_llama), "-o", str(output), "--quiet"]
+    killed = run(*arguments, env={"COMPRESSOR_TEST_DIE": "0:1"})
+    assert killed.returncode == -signal.SIGKILL and not output.exists()
+    resumed = run(*arguments, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing at block 1 of 2" in resumed.stderr
+    assert (output / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    schemes = [
+        [(row["module"], row["scheme"]) for row in json.loads((folder / "report.json").read_text())["modules"]
+         if "scheme" in row]
+        for folder in (tmp_path / "whole", output)
+    ]  # fmt: skip
+    assert schemes[0] and schemes[1] == schemes[0]

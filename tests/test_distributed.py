@@ -319,14 +319,19 @@ def test_one_process_killed_after_block_0_resumes_to_identical_shards(runs, tiny
     folder = runs / "single"
     folder.mkdir()
     recipe = write_recipe(folder, calibration_file, GPTQ + "  - die_at: {}\n")
-    output = folder / "out"
-    arguments = ["-m", "tests.distributed_helper", "apply", str(recipe), str(tiny_llama), "-o", str(output), "--quiet"]
+    output = kill_in_block_1_and_resume(recipe, tiny_llama, folder / "out")
+    assert (output / "model.safetensors").read_bytes() == (runs / "one" / "model.safetensors").read_bytes()
+
+
+def kill_in_block_1_and_resume(recipe: Path, model: Path, output: Path) -> Path:
+    """One process SIGKILLed in block 1 (``die_at``), then the same command with --resume; returns ``output``."""
+    arguments = ["-m", "tests.distributed_helper", "apply", str(recipe), str(model), "-o", str(output), "--quiet"]
     killed = run(*arguments, env={"COMPRESSOR_TEST_DIE": "0:1"})
     assert killed.returncode == -signal.SIGKILL and not output.exists()
     resumed = run(*arguments, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "blocks 0..0 were committed; continuing at block 1 of 2" in resumed.stderr
-    assert (output / "model.safetensors").read_bytes() == (runs / "one" / "model.safetensors").read_bytes()
+    return output
 
 
 @pytest.mark.slow
@@ -464,13 +469,7 @@ def test_a_resumed_bit_allocation_writes_identical_shards(tmp_path, tiny_llama, 
     result = run("-m", "compressor", "apply", str(whole), str(tiny_llama), "-o", str(tmp_path / "whole"), "--quiet")
     assert result.returncode == 0, result.stderr
     recipe = write_recipe(tmp_path, calibration_file, allocated + "  - die_at: {}\n")
-    output = tmp_path / "out"
-    arguments = ["-m", "tests.distributed_helper", "apply", str(recipe), str(tiny_llama), "-o", str(output), "--quiet"]
-    killed = run(*arguments, env={"COMPRESSOR_TEST_DIE": "0:1"})
-    assert killed.returncode == -signal.SIGKILL and not output.exists()
-    resumed = run(*arguments, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "continuing at block 1 of 2" in resumed.stderr
+    output = kill_in_block_1_and_resume(recipe, tiny_llama, tmp_path / "out")
     assert (output / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     schemes = [
         [(row["module"], row["scheme"]) for row in json.loads((folder / "report.json").read_text())["modules"]
